@@ -1,0 +1,129 @@
+"""The digits example's site trainer: local training and validation on this site's shard of sklearn digits."""
+
+import re
+from collections.abc import Callable
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from model import DigitsNet
+from sklearn.datasets import load_digits
+from torch import nn
+
+# The split must be the same at every site, whatever each site's training seed, or shards would overlap.
+SPLIT_SEED = 20240601
+TRAIN_FRACTION = 0.8
+PIXEL_MAX = 16.0
+
+
+@lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    data = load_digits()
+    return (data.data / PIXEL_MAX).astype(np.float32), data.target.astype(np.int64)
+
+
+def site_index(site_name: str, num_sites: int) -> int:
+    """The 0-based shard of "site-<k>" (k = 1..num_sites); ValueError otherwise."""
+    match = re.fullmatch(r"site-(\d+)", site_name)
+    if match is None or not 1 <= int(match.group(1)) <= num_sites:
+        raise ValueError(
+            f"site name {site_name!r} does not name a shard: expected 'site-<k>' with k in 1..{num_sites} "
+            f"(num_sites={num_sites})"
+        )
+    return int(match.group(1)) - 1
+
+
+def split(labels: np.ndarray, index: int, num_sites: int) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (train, held-out) of shard `index`: disjoint stratified shards, each split 80/20 per class."""
+    rng = np.random.default_rng(SPLIT_SEED)
+    train, held_out = [], []
+    for label in np.unique(labels):
+        members = rng.permutation(np.flatnonzero(labels == label))
+        # Rotating the first shard per class spreads the remainders evenly over the sites.
+        shard = members[(index - label) % num_sites :: num_sites]
+        cut = int(round(TRAIN_FRACTION * len(shard)))
+        train.append(shard[:cut])
+        held_out.append(shard[cut:])
+    return np.sort(np.concatenate(train)), np.sort(np.concatenate(held_out))
+
+
+class DigitsTrainer:
+    """Trains and validates DigitsNet on one site's shard of the digits data."""
+
+    def __init__(
+        self,
+        site_name: str,
+        run_dir: str,
+        num_sites: int = 2,
+        epochs_per_round: int = 3,
+        learning_rate: float = 0.05,
+        batch_size: int = 32,
+        seed: int = 0,
+        hidden: int = 64,
+    ) -> None:
+        if not isinstance(num_sites, int) or num_sites < 1:
+            raise ValueError(f"num_sites must be an integer >= 1, got {num_sites!r}")
+        if epochs_per_round < 1 or batch_size < 1 or learning_rate <= 0:
+            raise ValueError("epochs_per_round and batch_size must be >= 1 and learning_rate > 0")
+        self.site_name = site_name
+        self.run_dir = Path(run_dir)
+        self.epochs_per_round = epochs_per_round
+        self.learning_rate = learning_rate
+        self.batch_size = batch_size
+        index = site_index(site_name, num_sites)
+        features, labels = _digits()
+        self.train_index, self.held_out_index = split(labels, index, num_sites)
+        if len(self.train_index) == 0 or len(self.held_out_index) == 0:
+            raise ValueError(f"{site_name}: num_sites={num_sites} leaves this site without data")
+        self._x_train = torch.from_numpy(features[self.train_index])
+        self._y_train = torch.from_numpy(labels[self.train_index])
+        self._x_valid = torch.from_numpy(features[self.held_out_index])
+        self._y_valid = torch.from_numpy(labels[self.held_out_index])
+        torch.manual_seed(seed)
+        self.model = DigitsNet(hidden=hidden)
+        self._batches = torch.Generator().manual_seed(seed * 1000 + index)
+        self._loss = nn.CrossEntropyLoss()
+        self._steps = 0
+
+    def train(self, progress: Callable[[int, float], None] | None = None) -> dict:
+        """One local phase of epochs_per_round epochs; progress(epoch from 1, mean loss) after each."""
+        self.model.train()
+        # A fresh optimizer each phase: the model's weights were just replaced by the global ones.
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=self.learning_rate, momentum=0.9)
+        steps, loss_sum, count = 0, 0.0, 0
+        for epoch in range(1, self.epochs_per_round + 1):
+            order = torch.randperm(len(self._y_train), generator=self._batches)
+            loss_sum, count = 0.0, 0
+            for start in range(0, len(order), self.batch_size):
+                batch = order[start : start + self.batch_size]
+                optimizer.zero_grad()
+                loss = self._loss(self.model(self._x_train[batch]), self._y_train[batch])
+                loss.backward()
+                optimizer.step()
+                steps += 1
+                loss_sum += loss.item() * len(batch)
+                count += len(batch)
+            if progress is not None:
+                progress(epoch, loss_sum / count)
+        self._steps = steps
+        return {"loss": loss_sum / count, "steps": steps}
+
+    def validate(self) -> dict[str, float]:
+        """Accuracy and mean cross-entropy of the current model on this site's held-out split."""
+        was_training = self.model.training
+        self.model.eval()
+        with torch.no_grad():
+            logits = self.model(self._x_valid)
+            loss = self._loss(logits, self._y_valid).item()
+            accuracy = (logits.argmax(dim=1) == self._y_valid).float().mean().item()
+        self.model.train(was_training)
+        return {"accuracy": accuracy, "loss": loss}
+
+    def num_local_iterations(self) -> int:
+        """Optimizer steps taken by the last train() (0 before any)."""
+        return self._steps
+
+    def num_samples(self) -> int:
+        """Number of samples in this site's training split."""
+        return len(self._y_train)

@@ -1,0 +1,1 @@
+"""The site: admin agent, executors, communicator, federated clients, model manager, training worker."""

@@ -1,0 +1,241 @@
+"""Communicator: the site's gRPC calls to the server's training plane, with retries and clear errors."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+
+from fedclient.data_assembler import DataAssembler
+from fedcommon.model_meta import FLContext, FLContextKey
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
+from fedcommon.wire import training_pb2 as pb
+from fedcommon.wire import training_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "fl-token"
+LONG_POLL_S = 20.0
+# Deadline for moving one model either way; large models on slow links need minutes.
+TRANSFER_DEADLINE_S = 900.0
+SHORT_DEADLINE_S = 30.0
+_RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+T = TypeVar("T")
+
+
+class CommunicationError(Exception):
+    """A call to the server failed in a way retrying will not fix; the message names the call and cause."""
+
+
+class RegistrationRequired(CommunicationError):
+    """The server no longer knows this site's token: register again."""
+
+
+@dataclass
+class RemoteModel:
+    """What GetModel returned: a round to train, the end of the run (both with the model), or wait."""
+
+    status: str  # "train", "wait" or "end"
+    run_number: int
+    round: int
+    start_round: int
+    num_rounds: int
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    message: str = ""
+
+
+_STATUS_NAMES = {pb.TRAIN: "train", pb.WAIT: "wait", pb.END: "end"}
+
+
+def server_target(server: dict[str, Any]) -> str:
+    """The host:port of a server entry ({"target": ...} or Clara's {"service": {"target": ...}})."""
+    target = server.get("target") or server.get("service", {}).get("target")
+    if not target:
+        raise ValueError(f"server entry {server!r} has no target (host:port)")
+    return target
+
+
+class Communicator:
+    """Makes the training-plane calls; retries transient failures for up to retry_timeout seconds."""
+
+    def __init__(self, model_manager, ssl_args: dict[str, str] | None = None, secure_train: bool = False,
+                 retry_timeout: float = 30, pre_processors: list | None = None,
+                 post_processors: list | None = None, client_state_processors: list | None = None,
+                 compression: grpc.Compression | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        if not secure_train or not ssl_args:
+            raise ValueError("the server accepts only mutual TLS: secure_train must be True and ssl_args "
+                             "must name ssl_root_cert, ssl_cert and ssl_private_key")
+        self.model_manager = model_manager
+        self.ssl_args = ssl_args
+        self.secure_train = secure_train
+        self.retry_timeout = retry_timeout
+        self.pre_processors = list(pre_processors or [])
+        self.post_processors = list(post_processors or [])
+        self.client_state_processors = list(client_state_processors or [])
+        self.compression = compression
+        self.chunk_bytes = chunk_bytes
+        self._credentials = self._load_credentials(ssl_args)
+        self._channels: dict[str, grpc.Channel] = {}
+
+    @staticmethod
+    def _load_credentials(ssl_args: dict[str, str]) -> grpc.ChannelCredentials:
+        files = {}
+        for key in ("ssl_root_cert", "ssl_cert", "ssl_private_key"):
+            path = ssl_args.get(key)
+            if not path:
+                raise ValueError(f"ssl_args is missing {key!r}")
+            try:
+                files[key] = Path(path).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read {key} {path}: {e.strerror}") from e
+        return grpc.ssl_channel_credentials(files["ssl_root_cert"], files["ssl_private_key"], files["ssl_cert"])
+
+    # ---- channels -------------------------------------------------------------------------------
+
+    def set_up_channel(self, channel_dict: dict[str, Any], token: str | None = None) -> grpc.Channel:
+        """A mutual-TLS channel to the server entry `channel_dict` (one per target, reused)."""
+        target = server_target(channel_dict)
+        channel = self._channels.get(target)
+        if channel is None:
+            options = [
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ]
+            channel = grpc.secure_channel(target, self._credentials, options=options, compression=self.compression)
+            self._channels[target] = channel
+        return channel
+
+    def close(self) -> None:
+        for channel in self._channels.values():
+            channel.close()
+        self._channels.clear()
+
+    def _stub(self, servers: dict, task_name: str) -> pb_grpc.FederatedTrainingStub:
+        if task_name not in servers:
+            raise CommunicationError(f"no server configured for task {task_name!r}")
+        return pb_grpc.FederatedTrainingStub(self.set_up_channel(servers[task_name]))
+
+    # ---- error handling -------------------------------------------------------------------------
+
+    def grpc_error_handler(self, service: str, grpc_error: grpc.RpcError, action: str, start_time: float,
+                           retry: bool, verbose: bool = False) -> None:
+        """Return when the call should be retried; raise a CommunicationError otherwise."""
+        code = grpc_error.code() if hasattr(grpc_error, "code") else grpc.StatusCode.UNKNOWN
+        details = grpc_error.details() if hasattr(grpc_error, "details") else str(grpc_error)
+        elapsed = time.monotonic() - start_time
+        if code in _RETRYABLE and retry and elapsed < self.retry_timeout:
+            (log.info if verbose else log.debug)("%s to %s: %s (%s); retrying", action, service, code.name, details)
+            return
+        if code == grpc.StatusCode.UNAUTHENTICATED:
+            raise RegistrationRequired(f"{action} refused by {service}: {details}")
+        if code in _RETRYABLE:
+            raise CommunicationError(
+                f"{action}: server {service} not reachable for {elapsed:.0f}s ({code.name}: {details})"
+            )
+        raise CommunicationError(f"{action} refused by {service}: {code.name}: {details}")
+
+    def _call(self, servers: dict, task_name: str, action: str, fn: Callable[[], T], retry: bool = True) -> T:
+        service = server_target(servers[task_name]) if task_name in servers else task_name
+        start, pause = time.monotonic(), 0.2
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                self.grpc_error_handler(service, e, action, start, retry)
+                time.sleep(pause)
+                pause = min(pause * 2, 5.0)
+
+    @staticmethod
+    def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
+        return ((TOKEN_KEY, token),) if token else ()
+
+    # ---- calls ----------------------------------------------------------------------------------
+
+    def client_registration(self, uid: str, servers: dict, task_name: str) -> pb.RegisterReply:
+        """Register site `uid` with the task's server; the reply carries the session token."""
+        stub = self._stub(servers, task_name)
+        return self._call(servers, task_name, "register",
+                          lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S))
+
+    def getModel(self, servers: dict, task_name: str, token: str, app_ctx=None,
+                 wait_seconds: float = LONG_POLL_S) -> RemoteModel:
+        """Fetch the global model for the next round (long-poll: returns status "wait" when there is none)."""
+        stub = self._stub(servers, task_name)
+
+        def fetch() -> RemoteModel:
+            stream = stub.GetModel(pb.GetModelRequest(wait_seconds=wait_seconds),
+                                   metadata=self._metadata(token), timeout=wait_seconds + TRANSFER_DEADLINE_S)
+            return self._read_model_stream(stream)
+
+        remote = self._call(servers, task_name, "get model", fetch)
+        for processor in self.post_processors:
+            remote.tensors = processor(remote.tensors, app_ctx)
+        return remote
+
+    @staticmethod
+    def _read_model_stream(stream: Iterator[pb.ModelChunk]) -> RemoteModel:
+        first = next(stream, None)
+        if first is None or first.WhichOneof("part") != "header":
+            raise CommunicationError("get model: the server's reply did not start with a header")
+        h = first.header
+        remote = RemoteModel(_STATUS_NAMES.get(h.status, "wait"), h.run_number, h.round, h.start_round,
+                             h.num_rounds, message=h.message)
+        remote.tensors = decode_tensors(stream)
+        if remote.status != "wait" and len(remote.tensors) != h.num_tensors:
+            raise CommunicationError(
+                f"get model: the server announced {h.num_tensors} tensors but sent {len(remote.tensors)}"
+            )
+        return remote
+
+    def submitUpdate(self, servers: dict, task_name: str, token: str, fl_ctx: FLContext, app_ctx,
+                     uid: str) -> pb.SubmitReply:
+        """Send this round's update (delta_w) with its weight and the metrics of the global model."""
+        contribution = DataAssembler.get_contribution_data(
+            self.model_manager, task_name, {"client_name": uid}, self.pre_processors, fl_ctx, app_ctx
+        )
+        header = pb.ModelHeader(
+            run_number=int(fl_ctx.get_prop(FLContextKey.RUN_NUMBER, 0)),
+            round=int(fl_ctx.get_prop(FLContextKey.ROUND, 0)),
+            kind="delta_w",
+            weight=float(fl_ctx.get_prop(FLContextKey.WEIGHT, 1.0)),
+            metrics=dict(fl_ctx.get_prop(FLContextKey.METRICS, {}) or {}),
+            num_tensors=len(contribution),
+        )
+        stub = self._stub(servers, task_name)
+
+        def chunks() -> Iterator[pb.ModelChunk]:
+            yield pb.ModelChunk(header=header)
+            yield from encode_tensors(contribution, self.chunk_bytes)
+
+        return self._call(servers, task_name, "submit update",
+                          lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(token),
+                                                    timeout=TRANSFER_DEADLINE_S))
+
+    def send_heartbeat(self, servers: dict, task_name: str, token: str) -> pb.HeartbeatReply:
+        stub = self._stub(servers, task_name)
+        return self._call(servers, task_name, "heartbeat",
+                          lambda: stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata(token),
+                                                 timeout=SHORT_DEADLINE_S))
+
+    def report_metrics(self, servers: dict, task_name: str, token: str, round_number: int,
+                       metrics: dict[str, float]) -> pb.Ack:
+        """Report what this site measured on the run's final global model."""
+        stub = self._stub(servers, task_name)
+        request = pb.MetricsReport(round=round_number, metrics=metrics)
+        return self._call(servers, task_name, "report metrics",
+                          lambda: stub.ReportMetrics(request, metadata=self._metadata(token),
+                                                     timeout=SHORT_DEADLINE_S))
+
+    def quit_remote(self, servers: dict, task_name: str, token: str) -> pb.Ack:
+        """Tell the server this site leaves; no retries (the server drops silent sites anyway)."""
+        stub = self._stub(servers, task_name)
+        return self._call(servers, task_name, "quit",
+                          lambda: stub.Quit(pb.QuitRequest(reason="done"), metadata=self._metadata(token),
+                                            timeout=SHORT_DEADLINE_S), retry=False)

@@ -1,0 +1,126 @@
+"""FederatedClient: runs a site's federated rounds around a trainer ("fitter")."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+from fedclient.client_status import ClientStatus
+from fedclient.fed_client_base import FederatedClientBase
+from fedcommon.model_meta import FLContext, FLContextKey
+
+log = logging.getLogger(__name__)
+
+WEIGHT_BY = ("iterations", "samples", "uniform")
+
+
+class FederatedClient(FederatedClientBase):
+    """Federated client-side implementation: pull, validate, train, push, until the server ends the run."""
+
+    def __init__(self, client_id, client_args, secure_train, server_args=None, exclude_vars=None, privacy=None,
+                 retry_timeout=30, cross_site_validate=False, model_reader_writer=None, model_validator=None,
+                 pre_processors=None, post_processors=None, client_state_processors=None, req_processors=None,
+                 handlers=None, compression=None, *, weight_by: str = "iterations",
+                 run_dir: Path | None = None,
+                 on_progress: Callable[[dict], None] | None = None):
+        super().__init__(client_id, client_args, secure_train, server_args, exclude_vars, privacy,
+                         retry_timeout, cross_site_validate, model_reader_writer, model_validator,
+                         pre_processors, post_processors, client_state_processors, req_processors,
+                         handlers, compression)
+        if weight_by not in WEIGHT_BY:
+            raise ValueError(f"weight_by must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}")
+        self.weight_by = weight_by
+        self.run_dir = run_dir
+        self.on_progress = on_progress
+        self.final_metrics: dict[str, float] | None = None
+        self._abort = threading.Event()
+
+    def abort(self) -> None:
+        """Stop after the current step."""
+        self._abort.set()
+
+    def _emit(self, **event) -> None:
+        if self.on_progress is not None:
+            try:
+                self.on_progress(event)
+            except Exception:
+                log.exception("progress callback failed")
+
+    def _weight(self, fitter) -> float:
+        if self.weight_by == "samples":
+            return float(fitter.num_samples())
+        if self.weight_by == "uniform":
+            return 1.0
+        return float(self.model_manager.num_local_iterations())
+
+    def federated_step(self, fitter) -> bool:
+        """Run a federated step; False once the server has ended the run."""
+        remotes = self.pull_models()
+        task, remote = next(iter(remotes.items()))
+        if remote.status == "wait":
+            return True
+        self.current_round = remote.round
+        self.run_number = remote.run_number or self.run_number
+        metrics = self.model_manager.validate()
+        best_path = self.run_dir / "models" / "best_local_model.fl" if self.run_dir else None
+        self.model_manager.update_best_model(metrics, best_path)
+        if remote.status == "end":
+            self.final_metrics = metrics
+            log.info("%s: run %d ended; final global model: %s", self.client_name, remote.run_number,
+                     _fmt(metrics))
+            self._with_session(task, lambda: self.communicator.report_metrics(
+                self.servers, task, self.token, remote.round, metrics))
+            self._emit(kind="end", round=remote.round, metrics=metrics)
+            return False
+        log.info("%s: round %d: global model %s; training", self.client_name, remote.round, _fmt(metrics))
+        self._emit(kind="round", round=remote.round, metrics=metrics)
+        result = self.model_manager.train(
+            lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss))
+        fl_ctx = FLContext({
+            FLContextKey.RUN_NUMBER: remote.run_number, FLContextKey.ROUND: remote.round,
+            FLContextKey.WEIGHT: self._weight(fitter), FLContextKey.METRICS: metrics,
+            FLContextKey.TASK_NAME: task,
+        })
+        reply = self.push_remote_model(task, fl_ctx)
+        if reply.accepted:
+            log.info("%s: round %d: update accepted (local loss %.4f)", self.client_name, remote.round,
+                     float(result.get("loss", float("nan"))) if isinstance(result, dict) else float("nan"))
+        else:
+            log.warning("%s: round %d: update refused: %s", self.client_name, remote.round, reply.reason)
+        return True
+
+    def run_federated_steps(self, fitter) -> None:
+        """Keep running federated steps until the run ends or abort() is called."""
+        self.model_manager.set_fitter(fitter)
+        if self.token is None:
+            self.register()
+        self.start_heartbeat()
+        self.status = ClientStatus.TRAINING_STARTED
+        while not self._abort.is_set():
+            if not self.federated_step(fitter):
+                break
+        self.status = ClientStatus.TRAINING_STOPPED
+
+    def admin_run(self, fitter) -> None:
+        """Run in the calling thread until the run ends; always closes the session."""
+        self.status = ClientStatus.TRAINING_STARTING
+        try:
+            self.run_federated_steps(fitter)
+        except BaseException:
+            self.status = ClientStatus.TRAINING_EXCEPTION
+            raise
+        finally:
+            self.close()
+
+    def run(self, fitter) -> threading.Thread:
+        """Run the client-side as a thread; returns the started thread."""
+        thread = threading.Thread(target=self.admin_run, args=(fitter,), name=f"fl-{self.client_name}",
+                                  daemon=True)
+        thread.start()
+        return thread
+
+
+def _fmt(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k}={v:.4f}" for k, v in metrics.items())

@@ -1,0 +1,183 @@
+"""FederatedClientBase: registration, model pull/push and heartbeats shared by every federated client."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from fedclient.client_status import ClientStatus
+from fedclient.communicator import Communicator, RegistrationRequired, RemoteModel
+from fedclient.model_manager import ClientModelManager
+from fedcommon.model_meta import FLContext
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+def servers_by_task(server_args) -> dict[str, dict[str, Any]]:
+    """{task_name: server entry} from a list of entries with "name" (or an already keyed dict)."""
+    if not server_args:
+        raise ValueError("server_args must name at least one server: [{'name': TASK, 'target': 'host:port'}]")
+    if isinstance(server_args, dict):
+        return dict(server_args)
+    servers = {}
+    for entry in server_args:
+        if "name" not in entry:
+            raise ValueError(f"server entry {entry!r} has no 'name' (the task name)")
+        servers[entry["name"]] = entry
+    return servers
+
+
+class FederatedClientBase:
+    """Federated client-side base: the tools used by FederatedClient and DirectFederatedClient."""
+
+    def __init__(self, client_id: str, client_args: dict, secure_train: bool, server_args=None,
+                 exclude_vars=None, privacy=None, retry_timeout: float = 30, cross_site_validate: bool = False,
+                 model_reader_writer=None, model_validator=None, pre_processors=None, post_processors=None,
+                 client_state_processors=None, req_processors=None, handlers=None, compression=None):
+        self.client_name = client_id
+        self.uid = client_id
+        self.client_args = client_args
+        self.servers = servers_by_task(server_args)
+        self.cross_site_validate = cross_site_validate
+        self.req_processors = list(req_processors or [])
+        self.handlers = list(handlers or [])
+        self.model_manager = ClientModelManager(
+            task_names=list(self.servers), exclude_vars=exclude_vars, privacy=privacy,
+            model_reader_writer=model_reader_writer, model_validator=model_validator,
+        )
+        self.communicator = Communicator(
+            self.model_manager, ssl_args=client_args, secure_train=secure_train, retry_timeout=retry_timeout,
+            pre_processors=pre_processors, post_processors=post_processors,
+            client_state_processors=client_state_processors, compression=compression,
+        )
+        self.token: str | None = None
+        self.run_number = 0
+        self.heartbeat_interval = 10.0
+        self.status = ClientStatus.TRAINING_NOT_STARTED
+        self.current_round: int | None = None
+        self.remote_models: dict[str, RemoteModel] = {}
+        self._heartbeat_stop = threading.Event()
+        self._heartbeat_thread: threading.Thread | None = None
+        self._session_lock = threading.Lock()
+
+    @property
+    def app_context(self) -> dict[str, Any]:
+        return {"client_name": self.client_name, "run_number": self.run_number, "round": self.current_round,
+                "status": self.status}
+
+    # ---- session --------------------------------------------------------------------------------
+
+    def client_register(self, task_name: str) -> str:
+        """Register with the task's server; returns (and keeps) the session token."""
+        reply = self.communicator.client_registration(self.client_name, self.servers, task_name)
+        with self._session_lock:
+            self.token = reply.token
+            self.run_number = reply.run_number
+            if reply.heartbeat_interval > 0:
+                self.heartbeat_interval = reply.heartbeat_interval
+        log.info("%s registered with %s (run %d)", self.client_name, task_name, reply.run_number)
+        return reply.token
+
+    def register(self) -> None:
+        """Register with every configured server."""
+        for task_name in self.servers:
+            self.client_register(task_name)
+
+    def _with_session(self, task_name: str, call: Callable[[], T]) -> T:
+        if self.token is None:
+            self.client_register(task_name)
+        try:
+            return call()
+        except RegistrationRequired:
+            log.warning("%s: the server no longer knows this site; registering again", self.client_name)
+            self.client_register(task_name)
+            return call()
+
+    # ---- models ---------------------------------------------------------------------------------
+
+    def fetch_remote_model(self, task_name: str) -> RemoteModel:
+        """The server's model for the next round (status "wait" when there is none yet)."""
+        return self._with_session(task_name, lambda: self.communicator.getModel(
+            self.servers, task_name, self.token, self.app_context))
+
+    def pull_models(self) -> dict[str, RemoteModel]:
+        """Fetch each task's model and load those that came into the local model."""
+        remotes = {task: self.fetch_remote_model(task) for task in self.servers}
+        with_model = {t: r for t, r in remotes.items() if r.status != "wait"}
+        if with_model:
+            self.model_manager.assign_current_model(
+                {t: r.tensors for t, r in with_model.items()},
+                {t: {"run_number": r.run_number, "round": r.round} for t, r in with_model.items()},
+            )
+            for r in with_model.values():
+                r.tensors = {}  # the model manager keeps its own copy; free this one
+        self.remote_models = remotes
+        return remotes
+
+    def check_progress(self, remote_models: dict[str, RemoteModel]) -> bool:
+        """True while training goes on; False once every task's run has ended."""
+        return not all(r.status == "end" for r in remote_models.values())
+
+    def push_remote_model(self, task_name: str, fl_ctx: FLContext | None = None):
+        """Send this round's update to the task's server; returns its SubmitReply."""
+        ctx = fl_ctx or FLContext()
+        return self._with_session(task_name, lambda: self.communicator.submitUpdate(
+            self.servers, task_name, self.token, ctx, self.app_context, self.uid))
+
+    def push_models(self, fl_ctx: FLContext | None = None) -> dict[str, Any]:
+        """Send the update to every server."""
+        return {task: self.push_remote_model(task, fl_ctx) for task in self.servers}
+
+    # ---- heartbeat ------------------------------------------------------------------------------
+
+    def send_heartbeat(self, task_name: str):
+        reply = self.communicator.send_heartbeat(self.servers, task_name, self.token)
+        if not reply.known:
+            log.warning("%s: heartbeat not recognised by the server; registering again", self.client_name)
+            self.client_register(task_name)
+        elif reply.run_number:
+            self.run_number = reply.run_number
+        return reply
+
+    def heartbeat(self) -> None:
+        """Sends a heartbeat to every server."""
+        for task_name in self.servers:
+            self.send_heartbeat(task_name)
+
+    def run_heartbeat(self) -> None:
+        """Send heartbeats until close(); failures are logged, never fatal."""
+        while not self._heartbeat_stop.wait(self.heartbeat_interval):
+            try:
+                self.heartbeat()
+            except Exception as e:
+                log.warning("%s: heartbeat failed: %s", self.client_name, e)
+
+    def start_heartbeat(self) -> None:
+        if self._heartbeat_thread is None:
+            self._heartbeat_thread = threading.Thread(target=self.run_heartbeat, name="heartbeat", daemon=True)
+            self._heartbeat_thread.start()
+
+    # ---- leaving --------------------------------------------------------------------------------
+
+    def quit_remote(self, task_name: str):
+        """Tell the task's server this site leaves."""
+        return self.communicator.quit_remote(self.servers, task_name, self.token)
+
+    def close(self) -> None:
+        """Quit the remote servers (best effort) and close the local session."""
+        self._heartbeat_stop.set()
+        if self._heartbeat_thread is not None:
+            self._heartbeat_thread.join(timeout=5)
+            self._heartbeat_thread = None
+        if self.token is not None:
+            for task_name in self.servers:
+                try:
+                    self.quit_remote(task_name)
+                except Exception as e:
+                    log.info("%s: quit not acknowledged: %s", self.client_name, e)
+            self.token = None
+        self.communicator.close()

@@ -1,0 +1,160 @@
+"""ClientModelManager: the site's view of the global model, its local model, updates and the best model."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedclient.components.model_reader_writer import ModelProcessor
+from fedclient.components.model_validator import ModelValidator
+from fedcommon.dtypes import accumulator_dtype, is_float
+from fedcommon.mmar import excluded
+from fedcommon.model_file import save_model
+
+log = logging.getLogger(__name__)
+
+
+class ClientModelManager:
+    """Client-side model manager living on the site's machine."""
+
+    def __init__(self, task_names=None, exclude_vars=None, privacy=None,
+                 model_reader_writer: ModelProcessor | None = None,
+                 model_validator: ModelValidator | None = None, visualizer=None):
+        self.task_names = list(task_names or [])
+        self.exclude_vars: tuple[str, ...] | str = exclude_vars or ()
+        self.privacy = privacy
+        self.model_reader_writer = model_reader_writer or ModelProcessor()
+        self.model_validator = model_validator or ModelValidator()
+        self.visualizer = visualizer
+        self._fitter = None
+        self._global: dict[str, dict[str, np.ndarray]] = {}
+        self._meta: dict[str, dict[str, Any]] = {}
+        self._best: dict[str, np.ndarray] | None = None
+        self._best_score: float | None = None
+        self.best_metrics: dict[str, float] | None = None
+
+    # ---- fitter ---------------------------------------------------------------------------------
+
+    def set_fitter(self, fitter) -> None:
+        self._fitter = fitter
+
+    def get_fitter(self):
+        return self._fitter
+
+    def _require_fitter(self):
+        if self._fitter is None:
+            raise RuntimeError("no fitter set: call set_fitter() first")
+        return self._fitter
+
+    def num_local_iterations(self) -> int:
+        """Number of local training iterations per federated round (1 if no fitter is set)."""
+        if self._fitter is None:
+            return 1
+        return int(self._fitter.num_local_iterations())
+
+    def train(self, progress: Callable[[int, float], None] | None = None) -> dict:
+        """Run the fitter's local training phase."""
+        return self._require_fitter().train(progress)
+
+    def validate(self) -> dict[str, float]:
+        """Metrics of the fitter's current model on local held-out data."""
+        return self.model_validator.validate(self._require_fitter())
+
+    # ---- global model ---------------------------------------------------------------------------
+
+    def assign_current_model(self, remote_models: Mapping[str, Mapping[str, np.ndarray]],
+                             meta: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+        """Keep each task's global model and load it into the local model; True if the local model changed."""
+        changed = False
+        for task, tensors in remote_models.items():
+            kept = {k: v for k, v in tensors.items() if not excluded(k, self.exclude_vars)}
+            self._global[task] = kept
+            self._meta[task] = dict((meta or {}).get(task, {}))
+            changed |= self.model_reader_writer.apply_model(self._require_fitter(), kept)
+        return changed
+
+    def model_vars(self, task_name: str) -> list[str]:
+        """Variables of the task's global model, as last received."""
+        return list(self._global.get(task_name, {}))
+
+    def model_meta(self, task_name: str) -> dict[str, Any]:
+        """Metadata of the task's last received global model (run, round)."""
+        return dict(self._meta.get(task_name, {}))
+
+    # ---- local model ----------------------------------------------------------------------------
+
+    def get_current_model_data(self, local_model_params: Mapping[str, np.ndarray] | None = None) -> dict:
+        """The local model's variables (or `local_model_params` if given), excluded ones left out."""
+        params = local_model_params if local_model_params is not None else (
+            self.model_reader_writer.extract_model(self._require_fitter())
+        )
+        return {k: v for k, v in params.items() if not excluded(k, self.exclude_vars)}
+
+    def update_current_model(self, local_model_params: Mapping[str, np.ndarray]) -> bool:
+        """Load `local_model_params` into the local model."""
+        return self.model_reader_writer.apply_model(self._require_fitter(), local_model_params, self.exclude_vars)
+
+    def read_current_model(self, task_name: str, type_str: str = "delta_w", train_ctx=None) -> dict:
+        """What to send the server: the update (local minus global) or, with type_str "model", the weights."""
+        local = self.get_current_model_data()
+        if type_str == "model":
+            return local
+        if type_str != "delta_w":
+            raise ValueError(f"type_str must be 'delta_w' or 'model', got {type_str!r}")
+        base = self._global.get(task_name)
+        if base is None:
+            raise RuntimeError(f"no global model received yet for task {task_name!r}")
+        delta = {}
+        for name, w in local.items():
+            if name not in base:
+                continue  # a purely local variable is never sent
+            delta[name] = _difference(w, base[name])
+        if self.privacy is not None:
+            delta = self.privacy.apply(delta, train_ctx)
+        return delta
+
+    # ---- best model -----------------------------------------------------------------------------
+
+    def update_best_model(self, metrics: Mapping[str, float], path: Path | None = None) -> bool:
+        """Keep the local model as the best one if `metrics` beat the best so far; save it to `path`."""
+        score = _score(metrics)
+        if self._best_score is not None and score <= self._best_score:
+            return False
+        self._best_score = score
+        self._best = self.model_reader_writer.extract_model(self._require_fitter())
+        self.best_metrics = dict(metrics)
+        if path is not None:
+            save_model(path, self._best, {"metrics": self.best_metrics})
+        return True
+
+    def get_best_model(self) -> dict[str, np.ndarray] | None:
+        return self._best
+
+    def close(self) -> None:
+        """Drop every model held."""
+        self._global.clear()
+        self._best = None
+        self._fitter = None
+
+
+def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
+    if local.shape != base.shape or local.dtype != base.dtype:
+        raise ValueError(f"local variable {local.dtype}{list(local.shape)} does not match the global "
+                         f"{base.dtype}{list(base.shape)}")
+    if is_float(local.dtype) and local.dtype != accumulator_dtype(local.dtype):
+        # half precision: subtract in float32, round once
+        return (local.astype(np.float32) - base.astype(np.float32)).astype(local.dtype)
+    return local - base
+
+
+def _score(metrics: Mapping[str, float]) -> float:
+    # accuracy-like metrics: higher is better; a lone loss: lower is better
+    if "accuracy" in metrics:
+        return float(metrics["accuracy"])
+    if "loss" in metrics:
+        return -float(metrics["loss"])
+    return float(next(iter(metrics.values())))

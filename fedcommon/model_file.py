@@ -1,0 +1,176 @@
+"""The .fl model file: a JSON index then raw little-endian tensors, 64-byte aligned; never pickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import IO, Any
+
+import numpy as np
+
+from fedcommon.atomic import atomic_writer
+from fedcommon.dtypes import dtype_from_name, dtype_name
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, as_wire_array
+from fedcommon.wire import training_pb2 as pb
+
+MAGIC = b"FLMODEL1"
+_ALIGN = 64
+
+
+class ModelFileError(ValueError):
+    """A model file that cannot be read."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lies in a model file."""
+
+    name: str
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    offset: int  # absolute, in bytes
+    nbytes: int
+
+
+@dataclass(frozen=True)
+class ModelIndex:
+    """A model file's index: its tensors in order, and free-form metadata."""
+
+    entries: tuple[TensorEntry, ...]
+    meta: dict[str, Any]
+
+    def by_name(self) -> dict[str, TensorEntry]:
+        return {e.name: e for e in self.entries}
+
+
+def _pad(n: int) -> int:
+    return (-n) % _ALIGN
+
+
+def _layout(specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]) -> tuple[bytes, list[int]]:
+    """The header bytes (magic, length, JSON, padding) and each tensor's absolute offset."""
+    rel, pos = [], 0
+    for _, dtype, shape in specs:
+        rel.append(pos)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        pos += nbytes + _pad(nbytes)
+    index = {
+        "format": 1,
+        "meta": dict(meta),
+        "tensors": [
+            {"name": n, "dtype": dtype_name(d), "shape": list(s), "offset": o}
+            for (n, d, s), o in zip(specs, rel, strict=True)
+        ],
+    }
+    body = json.dumps(index, separators=(",", ":")).encode()
+    head = MAGIC + struct.pack("<Q", len(body)) + body
+    head += b"\0" * _pad(len(head))
+    return head, [len(head) + o for o in rel]
+
+
+class ModelFileWriter:
+    """Writes a model file tensor by tensor (atomically), so a model never needs to be in memory twice."""
+
+    def __init__(self, f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]):
+        self._f = f
+        self._specs = specs
+        head, self._offsets = _layout(specs, meta)
+        f.write(head)
+        self._next = 0
+
+    def write(self, name: str, arr: np.ndarray) -> None:
+        """Write the next tensor; it must match the announced name, dtype and shape."""
+        exp_name, exp_dtype, exp_shape = self._specs[self._next]
+        arr = as_wire_array(arr)
+        if name != exp_name or arr.dtype != exp_dtype or tuple(arr.shape) != tuple(exp_shape):
+            raise ModelFileError(
+                f"writing {name!r} {arr.dtype}{list(arr.shape)} where {exp_name!r} "
+                f"{exp_dtype}{list(exp_shape)} was announced"
+            )
+        self._f.write(memoryview(arr.reshape(-1).view(np.uint8)))
+        self._f.write(b"\0" * _pad(arr.nbytes))
+        self._next += 1
+
+    def check_complete(self) -> None:
+        if self._next != len(self._specs):
+            raise ModelFileError(f"model file incomplete: {self._next} of {len(self._specs)} tensors written")
+
+
+def save_model(
+    path: str | os.PathLike, tensors: Mapping[str, np.ndarray], meta: Mapping[str, Any] | None = None
+) -> None:
+    """Write `tensors` to `path` atomically."""
+    arrays = {k: as_wire_array(v) for k, v in tensors.items()}
+    specs = [(k, a.dtype, tuple(a.shape)) for k, a in arrays.items()]
+    with atomic_writer(path) as f:
+        w = ModelFileWriter(f, specs, meta or {})
+        for k, a in arrays.items():
+            w.write(k, a)
+        w.check_complete()
+
+
+def read_index(f: IO[bytes], path: str | os.PathLike = "<model>") -> ModelIndex:
+    """Read and check the index at the start of an open model file."""
+    f.seek(0)
+    head = f.read(16)
+    if len(head) < 16 or head[:8] != MAGIC:
+        raise ModelFileError(f"{path}: not a fedlearn model file (bad magic)")
+    (length,) = struct.unpack("<Q", head[8:16])
+    if length > 64 * 1024 * 1024:
+        raise ModelFileError(f"{path}: index of {length} bytes is implausibly large")
+    try:
+        index = json.loads(f.read(length))
+        data_start = 16 + length + _pad(16 + length)
+        entries = []
+        for t in index["tensors"]:
+            dtype = dtype_from_name(t["dtype"])
+            shape = tuple(int(d) for d in t["shape"])
+            nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+            entries.append(TensorEntry(t["name"], dtype, shape, data_start + int(t["offset"]), nbytes))
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelFileError(f"{path}: bad index: {e}") from e
+    size = os.fstat(f.fileno()).st_size
+    for e in entries:
+        if e.offset + e.nbytes > size:
+            raise ModelFileError(f"{path}: truncated: tensor {e.name!r} ends past the end of the file")
+    return ModelIndex(tuple(entries), dict(index.get("meta", {})))
+
+
+def read_tensor(f: IO[bytes], entry: TensorEntry) -> np.ndarray:
+    """One tensor from an open model file, in a fresh writable array."""
+    buf = np.empty(entry.nbytes, dtype=np.uint8)
+    f.seek(entry.offset)
+    if f.readinto(memoryview(buf)) != entry.nbytes:
+        raise ModelFileError(f"tensor {entry.name!r}: short read")
+    return buf.view(entry.dtype).reshape(entry.shape)
+
+
+def load_model(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Every tensor of a model file, and its metadata."""
+    with open(path, "rb") as f:
+        index = read_index(f, path)
+        return {e.name: read_tensor(f, e) for e in index.entries}, index.meta
+
+
+def iter_model_chunks(
+    f: IO[bytes], index: ModelIndex, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.ModelChunk]:
+    """Stream an open model file as wire chunks, straight from disk (no decoding)."""
+    buf = bytearray(chunk_bytes)
+    view = memoryview(buf)
+    for e in index.entries:
+        yield pb.ModelChunk(
+            tensor=pb.TensorHeader(name=e.name, dtype=dtype_name(e.dtype), shape=list(e.shape), nbytes=e.nbytes)
+        )
+        f.seek(e.offset)
+        left = e.nbytes
+        while left:
+            n = f.readinto(view[: min(left, chunk_bytes)])
+            if not n:
+                raise ModelFileError(f"tensor {e.name!r}: file ended early")
+            yield pb.ModelChunk(data=bytes(view[:n]))
+            left -= n
+

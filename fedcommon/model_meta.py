@@ -1,0 +1,35 @@
+"""FLContext: properties that travel with one federated step (seed: fed_learn.model_meta)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class FLContextKey:
+    """Well-known property names."""
+
+    RUN_NUMBER = "run_number"
+    ROUND = "round"
+    NUM_ROUNDS = "num_rounds"
+    WEIGHT = "weight"
+    METRICS = "metrics"
+    TASK_NAME = "task_name"
+
+
+class FLContext:
+    """A property bag for one federated step: round, weight, metrics and what components add."""
+
+    def __init__(self, props: dict[str, Any] | None = None):
+        self._props: dict[str, Any] = dict(props or {})
+
+    def set_prop(self, key: str, value: Any) -> None:
+        self._props[key] = value
+
+    def get_prop(self, key: str, default: Any = None) -> Any:
+        return self._props.get(key, default)
+
+    def get_props(self) -> dict[str, Any]:
+        return dict(self._props)
+
+    def __repr__(self) -> str:
+        return f"FLContext({self._props!r})"

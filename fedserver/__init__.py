@@ -1,0 +1,1 @@
+"""The federation server: rounds and aggregation, client registry, persistence."""

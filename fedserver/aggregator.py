@@ -1,0 +1,92 @@
+"""Streamed weighted aggregation of model updates: w[v] += sum(a_i n_i d_i[v]) / sum(a_i n_i) (DESIGN §7)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedcommon.dtypes import accumulator_dtype, is_float
+from fedcommon.model_file import ModelFileWriter, ModelIndex, read_tensor
+from fedcommon.tensor_codec import TensorSpec
+
+
+class ContributionError(ValueError):
+    """A contribution that is refused; the message says why."""
+
+
+@dataclass(frozen=True)
+class VarSpec:
+    """A variable of the global model."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+
+
+class UpdateAccumulator:
+    """Running weighted sums of updates per variable; memory O(model), never O(clients x model)."""
+
+    def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
+        self.specs = specs
+        self.excluded = excluded
+        self._sums: dict[str, np.ndarray] = {}
+        self._weights: dict[str, float] = {}
+
+    def check_tensor(self, spec: TensorSpec) -> bool:
+        """Refuse an unknown variable or a wrong shape or dtype; False when the variable is excluded."""
+        expected = self.specs.get(spec.name)
+        if expected is None:
+            raise ContributionError(f"unknown variable {spec.name!r} (not in the global model)")
+        if spec.dtype != expected.dtype:
+            raise ContributionError(
+                f"variable {spec.name!r}: dtype {spec.dtype.name}, the global model has {expected.dtype.name}"
+            )
+        if spec.shape != expected.shape:
+            raise ContributionError(
+                f"variable {spec.name!r}: shape {list(spec.shape)}, the global model has {list(expected.shape)}"
+            )
+        return spec.name not in self.excluded
+
+    @staticmethod
+    def check_finite(name: str, arr: np.ndarray) -> None:
+        """Refuse NaN and Inf."""
+        if is_float(arr.dtype) and not np.isfinite(arr).all():
+            raise ContributionError(f"variable {name!r} holds NaN or Inf")
+
+    def add(self, update: dict[str, np.ndarray], weight: float) -> None:
+        """Add weight * update to the sums; consumes the arrays of `update` (they may be reused in place)."""
+        if weight <= 0 or not np.isfinite(weight):
+            raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
+        for name, arr in update.items():
+            acc_dtype = accumulator_dtype(arr.dtype)
+            if arr.dtype == acc_dtype and arr.flags.writeable:
+                x = arr
+            else:
+                x = arr.astype(acc_dtype)
+            total = self._sums.get(name)
+            np.multiply(x, weight, out=x)
+            if total is None:
+                # The first contribution's buffer becomes the sum: no extra copy of the model.
+                self._sums[name] = x
+                self._weights[name] = weight
+            else:
+                np.add(total, x, out=total)
+                self._weights[name] += weight
+
+    @property
+    def empty(self) -> bool:
+        return not self._sums
+
+    def apply_to(self, current: ModelIndex, source, writer: ModelFileWriter) -> None:
+        """Write current + sums / weights for each variable into `writer`, one tensor at a time."""
+        for entry in current.entries:
+            w = read_tensor(source, entry)
+            total = self._sums.pop(entry.name, None)
+            if total is not None:
+                step = total / self._weights[entry.name]
+                if is_float(entry.dtype):
+                    w = (w.astype(step.dtype) + step).astype(entry.dtype)
+                else:
+                    w = np.rint(w.astype(np.float64) + step).astype(entry.dtype)
+            writer.write(entry.name, w)
+        writer.check_complete()

@@ -1,0 +1,47 @@
+"""Build a run's initial global model file from its MMAR (run in a child process of the server)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+
+def build_initial_model(mmar_dir: Path, out: Path) -> None:
+    """Write the initial global model named by config_fed_server.json to `out` (a .fl file)."""
+    from fedcommon.components import build_component
+    from fedcommon.mmar import load_mmar
+    from fedcommon.model_file import load_model, save_model
+
+    mmar = load_mmar(mmar_dir)
+    cfg = mmar.server
+    if cfg.initial_model_file is not None:
+        load_model(cfg.initial_model_file)  # refuses a file that is not a readable model
+        shutil.copyfile(cfg.initial_model_file, out)
+        return
+    import torch
+
+    from fedcommon.torch_state import state_dict_to_numpy
+
+    torch.manual_seed(mmar.train.seed)
+    module = build_component(cfg.initial_model, [mmar.custom_dir])
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"initial_model {cfg.initial_model.path!r} is not a torch.nn.Module")
+    save_model(out, state_dict_to_numpy(module.state_dict()), {"source": cfg.initial_model.path})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mmar", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    try:
+        build_initial_model(args.mmar, args.out)
+    except Exception as e:  # the parent shows the last line to the operator
+        print(f"{type(e).__name__}: {e}", file=sys.stderr)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,269 @@
+"""One federated run: the round state machine, aggregation, the global model file and summary.json."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+
+from fedcommon.atomic import atomic_write_json, atomic_writer
+from fedcommon.mmar import ServerConfig, excluded
+from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
+from fedcommon.tensor_codec import TensorSpec
+from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
+
+log = logging.getLogger(__name__)
+
+GLOBAL_MODEL = "global_model.fl"
+
+
+class Phase(Enum):
+    TRAINING = "training"
+    COMPLETED = "completed"
+    ABORTED = "aborted"
+
+
+@dataclass
+class Offer:
+    """What a site gets when it asks for work: a round to train, an end, or nothing yet."""
+
+    phase: str  # "train", "end" or "wait"
+    round: int
+    model: IO[bytes] | None = None  # open file of the global model to send; caller closes it
+    index: ModelIndex | None = None
+
+
+@dataclass
+class _RoundState:
+    number: int
+    opened_at: float
+    accumulator: UpdateAccumulator
+    contributors: dict[str, float] = field(default_factory=dict)  # site -> a_i * n_i
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+    receiving: set[str] = field(default_factory=set)
+    min_reached_at: float | None = None
+
+
+class FederatedRun:
+    """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
+
+    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig):
+        self.run_number = run_number
+        self.run_dir = run_dir
+        self.config = config
+        self.model_path = run_dir / "models" / GLOBAL_MODEL
+        self.summary_path = run_dir / "summary.json"
+        self.state_path = run_dir / "state.json"
+        self._cond = threading.Condition()
+        with open(self.model_path, "rb") as f:
+            index = read_index(f, self.model_path)
+        self._specs = {e.name: VarSpec(e.dtype, e.shape) for e in index.entries}
+        self._excluded = frozenset(n for n in self._specs if excluded(n, config.exclude_vars))
+        self.phase = Phase.TRAINING
+        self._rounds: list[dict[str, Any]] = []
+        self._final_metrics: dict[str, dict[str, float]] = {}
+        self._round = self._new_round(config.start_round)
+        self._write_summary()
+
+    # ---- what sites see -------------------------------------------------------------------------
+
+    @property
+    def current_round(self) -> int:
+        return self._round.number
+
+    @property
+    def end_round(self) -> int:
+        return self.config.start_round + self.config.num_rounds
+
+    def offer(self, site: str, wait_seconds: float) -> Offer:
+        """Hold until there is something new for `site` or `wait_seconds` pass (the long-poll)."""
+        deadline = time.monotonic() + wait_seconds
+        with self._cond:
+            while True:
+                if self.phase is not Phase.TRAINING:
+                    return self._open_offer("end")
+                if site not in self._round.contributors and site not in self._round.receiving:
+                    return self._open_offer("train")
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return Offer("wait", self._round.number)
+                self._cond.wait(left)
+
+    def _open_offer(self, phase: str) -> Offer:
+        # Opened under the lock: a later atomic rename cannot swap the model under a reader.
+        f = open(self.model_path, "rb")
+        try:
+            return Offer(phase, self._round.number, f, read_index(f, self.model_path))
+        except BaseException:
+            f.close()
+            raise
+
+    # ---- contributions --------------------------------------------------------------------------
+
+    def begin_contribution(self, site: str, round_number: int) -> None:
+        """Claim the open round for `site`'s upload, or refuse it as stale, duplicate or late."""
+        with self._cond:
+            self._check_open(site, round_number)
+            self._round.receiving.add(site)
+
+    def _check_open(self, site: str, round_number: int) -> None:
+        if self.phase is not Phase.TRAINING:
+            raise ContributionError(f"run {self.run_number} is {self.phase.value}; no round is open")
+        if round_number != self._round.number:
+            raise ContributionError(
+                f"stale contribution: it is for round {round_number}, the open round is {self._round.number}"
+            )
+        if site in self._round.contributors or site in self._round.receiving:
+            raise ContributionError(f"duplicate contribution: {site} already contributed to round {round_number}")
+
+    def check_tensor(self, spec: TensorSpec) -> bool:
+        """Refuse a tensor that does not fit the global model; False when it is excluded from aggregation."""
+        return self._round.accumulator.check_tensor(spec)
+
+    def abandon_contribution(self, site: str, round_number: int, reason: str) -> None:
+        """Release `site`'s claim after a refused or broken upload, and note why."""
+        with self._cond:
+            if round_number == self._round.number:
+                self._round.receiving.discard(site)
+            self._round.rejected.append({"site": site, "reason": reason})
+            self._cond.notify_all()
+
+    def note_refusal(self, site: str, reason: str) -> None:
+        """Record a refused contribution in the open round's summary."""
+        with self._cond:
+            self._round.rejected.append({"site": site, "reason": reason})
+
+    def commit_contribution(
+        self,
+        site: str,
+        round_number: int,
+        update: dict[str, np.ndarray],
+        weight: float,
+        metrics: dict[str, float],
+        active_sites: Callable[[], set[str]],
+    ) -> None:
+        """Add a complete, checked update to the open round's sums; may close the round."""
+        if not update:
+            raise ContributionError("contribution holds no variables")
+        a = self.config.aggregation_weights.get(site, 1.0)
+        with self._cond:
+            self._round.receiving.discard(site)
+            self._check_open(site, round_number)
+            self._round.accumulator.add(update, a * weight)
+            self._round.contributors[site] = a * weight
+            self._round.metrics[site] = dict(metrics)
+            n = len(self._round.contributors)
+            if n >= self.config.min_num_clients and self._round.min_reached_at is None:
+                self._round.min_reached_at = time.monotonic()
+            log.info("run %d round %d: accepted %s (weight %g), %d contribution(s)",
+                     self.run_number, round_number, site, a * weight, n)
+            self._maybe_close(active_sites())
+            self._cond.notify_all()
+
+    def report_final_metrics(self, site: str, metrics: dict[str, float]) -> None:
+        """Record what a site measured on the final global model."""
+        with self._cond:
+            self._final_metrics[site] = dict(metrics)
+            self._write_summary()
+
+    def tick(self, active_sites: set[str]) -> None:
+        """Close the round when its wait has run out or dropped sites leave it complete."""
+        with self._cond:
+            self._maybe_close(active_sites)
+
+    def abort(self) -> None:
+        with self._cond:
+            if self.phase is Phase.TRAINING:
+                self.phase = Phase.ABORTED
+                self._write_summary()
+                self._cond.notify_all()
+
+    # ---- round closing --------------------------------------------------------------------------
+
+    def _maybe_close(self, active: set[str]) -> None:
+        if self.phase is not Phase.TRAINING:
+            return
+        r = self._round
+        n = len(r.contributors)
+        if n < self.config.min_num_clients:
+            return
+        waiting_on = (active - set(r.contributors)) | r.receiving
+        waited = r.min_reached_at is not None and (
+            time.monotonic() - r.min_reached_at >= self.config.wait_after_min_clients
+        )
+        if n >= self.config.max_num_clients or not waiting_on or waited:
+            self._close_round()
+
+    def _close_round(self) -> None:
+        r = self._round
+        started = time.monotonic()
+        with open(self.model_path, "rb") as src:
+            index = read_index(src, self.model_path)
+            meta = {"run_number": self.run_number, "round": r.number + 1}
+            with atomic_writer(self.model_path) as dst:
+                writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
+                r.accumulator.apply_to(index, src, writer)
+        self._rounds.append(
+            {
+                "round": r.number,
+                "contributors": sorted(r.contributors),
+                "weights": dict(sorted(r.contributors.items())),
+                "metrics": dict(sorted(r.metrics.items())),
+                "rejected": r.rejected,
+                "duration_s": round(time.monotonic() - r.opened_at, 3),
+            }
+        )
+        log.info("run %d round %d closed with %s (aggregated in %.2fs)", self.run_number, r.number,
+                 ", ".join(sorted(r.contributors)), time.monotonic() - started)
+        if r.number + 1 >= self.end_round:
+            self.phase = Phase.COMPLETED
+            log.info("run %d completed after round %d", self.run_number, r.number)
+        else:
+            self._round = self._new_round(r.number + 1)
+        self._write_summary()
+        self._cond.notify_all()
+
+    def _new_round(self, number: int) -> _RoundState:
+        return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded))
+
+    def _write_summary(self) -> None:
+        atomic_write_json(
+            self.summary_path,
+            {
+                "run_number": self.run_number,
+                "task_name": self.config.task_name,
+                "status": self.phase.value,
+                "start_round": self.config.start_round,
+                "num_rounds": self.config.num_rounds,
+                "current_round": self._round.number,
+                "rounds": self._rounds,
+                "final_metrics": dict(sorted(self._final_metrics.items())),
+            },
+        )
+        atomic_write_json(
+            self.state_path,
+            {"run_number": self.run_number, "status": self.phase.value, "next_round": self._next_round()},
+        )
+
+    def _next_round(self) -> int:
+        return self._round.number + 1 if self.phase is Phase.COMPLETED else self._round.number
+
+    def status(self) -> dict[str, Any]:
+        """A snapshot for operators."""
+        with self._cond:
+            return {
+                "run_number": self.run_number,
+                "status": self.phase.value,
+                "current_round": self._round.number,
+                "start_round": self.config.start_round,
+                "num_rounds": self.config.num_rounds,
+                "contributors": sorted(self._round.contributors),
+            }

@@ -1,0 +1,188 @@
+"""The training-plane gRPC service: register, heartbeat, model download, update upload, quit."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import grpc
+
+from fedcommon.dtypes import DTypeError
+from fedcommon.kit import peer_name
+from fedcommon.model_file import iter_model_chunks
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, spec_from_header
+from fedcommon.wire import training_pb2 as pb
+from fedcommon.wire import training_pb2_grpc as pb_grpc
+from fedserver.aggregator import ContributionError, UpdateAccumulator
+from fedserver.registry import RegistryError, SiteSession
+
+if TYPE_CHECKING:
+    from fedserver.server import FederationServer
+
+log = logging.getLogger(__name__)
+
+TOKEN_KEY = "fl-token"
+MAX_LONG_POLL_S = 20.0
+
+_STATUS = {
+    "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
+    "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+class TrainingService(pb_grpc.FederatedTrainingServicer):
+    """Maps training-plane RPCs onto the server's registry and current run."""
+
+    def __init__(self, server: FederationServer, max_concurrent_uploads: int = 2,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        self._server = server
+        # Each upload in flight holds one model-sized buffer: this bounds server memory.
+        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._chunk_bytes = chunk_bytes
+
+    def _session(self, context: grpc.ServicerContext) -> SiteSession:
+        token = dict(context.invocation_metadata()).get(TOKEN_KEY)
+        try:
+            return self._server.registry.authenticate(token, peer_name(context))
+        except RegistryError as e:
+            context.abort(_STATUS[e.code], str(e))
+            raise  # unreachable: abort raises
+
+    def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
+        run = self._server.run
+        try:
+            session = self._server.registry.register(
+                request.client_name, peer_name(context), run.config.max_num_clients if run else None
+            )
+        except RegistryError as e:
+            log.warning("registration refused: %s", e)
+            context.abort(_STATUS[e.code], str(e))
+        return pb.RegisterReply(
+            token=session.token,
+            run_number=run.run_number if run else 0,
+            heartbeat_interval=self._server.heartbeat_interval(),
+            task_name=run.config.task_name if run else "",
+        )
+
+    def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
+        token = dict(context.invocation_metadata()).get(TOKEN_KEY)
+        try:
+            self._server.registry.authenticate(token, peer_name(context))
+        except RegistryError as e:
+            if e.code == "unauthenticated":
+                return pb.HeartbeatReply(known=False)
+            context.abort(_STATUS[e.code], str(e))
+        run = self._server.run
+        return pb.HeartbeatReply(
+            known=True, run_number=run.run_number if run else 0, current_round=run.current_round if run else 0
+        )
+
+    def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        session = self._session(context)
+        wait = min(max(request.wait_seconds, 0.0), MAX_LONG_POLL_S)
+        run = self._server.wait_for_run(wait)
+        if run is None:
+            yield pb.ModelChunk(header=pb.ModelHeader(status=pb.WAIT, message="no run is deployed yet"))
+            return
+        offer = run.offer(session.name, wait)
+        header = pb.ModelHeader(
+            run_number=run.run_number, round=offer.round, start_round=run.config.start_round,
+            num_rounds=run.config.num_rounds, kind="model",
+        )
+        if offer.phase == "wait":
+            header.status = pb.WAIT
+            header.message = f"round {offer.round} already has this site's contribution"
+            yield pb.ModelChunk(header=header)
+            return
+        assert offer.model is not None and offer.index is not None
+        with offer.model:
+            header.status = pb.TRAIN if offer.phase == "train" else pb.END
+            header.num_tensors = len(offer.index.entries)
+            yield pb.ModelChunk(header=header)
+            yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
+
+    def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
+        session = self._session(context)
+        run = self._server.run
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            return self._refuse(session.name, 0, "a contribution must start with its header")
+        head = first.header
+        if run is None:
+            return self._refuse(session.name, head.round, "no run is active")
+        if head.run_number != run.run_number:
+            return self._refuse(
+                session.name, head.round,
+                f"contribution is for run {head.run_number}, the active run is {run.run_number}",
+            )
+        if head.kind != "delta_w":
+            return self._refuse(session.name, head.round, f"contribution kind must be 'delta_w', got {head.kind!r}")
+        try:
+            run.begin_contribution(session.name, head.round)
+        except ContributionError as e:
+            return self._refuse(session.name, head.round, str(e))
+        try:
+            with self._upload_slots:
+                update = self._receive(request_iterator, run, head.num_tensors)
+            run.commit_contribution(
+                session.name, head.round, update, head.weight, dict(head.metrics), self._server.active_sites
+            )
+        except (ContributionError, CodecError, DTypeError) as e:
+            run.abandon_contribution(session.name, head.round, str(e))
+            return self._refuse(session.name, head.round, str(e), noted=True)
+        except BaseException:
+            run.abandon_contribution(session.name, head.round, "upload broke off")
+            raise
+        return pb.SubmitReply(accepted=True, round=head.round)
+
+    @staticmethod
+    def _receive(chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
+        update = {}
+        seen: set[str] = set()
+        keep = True
+        asm = TensorAssembler()
+        for chunk in chunks:
+            part = chunk.WhichOneof("part")
+            if part == "tensor":
+                spec = spec_from_header(chunk.tensor)
+                if spec.name in seen:
+                    raise ContributionError(f"variable {spec.name!r} appears twice")
+                seen.add(spec.name)
+                keep = run.check_tensor(spec)
+                done = asm.start(chunk.tensor, spec)
+            elif part == "data":
+                done = asm.feed(chunk.data)
+            else:
+                raise ContributionError("a second header inside a contribution")
+            if done is not None:
+                UpdateAccumulator.check_finite(*done)
+                if keep:
+                    update[done[0]] = done[1]
+        if asm.in_tensor:
+            raise ContributionError(f"contribution ended early: {asm.pending_description()}")
+        if len(seen) != num_tensors:
+            raise ContributionError(f"contribution announced {num_tensors} variables but carried {len(seen)}")
+        return update
+
+    def _refuse(self, site: str, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
+        log.warning("refused contribution from %s for round %d: %s", site, round_number, reason)
+        run = self._server.run
+        if run is not None and not noted:
+            run.note_refusal(site, reason)
+        return pb.SubmitReply(accepted=False, reason=reason, round=round_number)
+
+    def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.Ack:
+        session = self._session(context)
+        run = self._server.run
+        if run is None:
+            return pb.Ack(ok=False, message="no run is active")
+        run.report_final_metrics(session.name, dict(request.metrics))
+        return pb.Ack(ok=True)
+
+    def Quit(self, request: pb.QuitRequest, context: grpc.ServicerContext) -> pb.Ack:
+        session = self._session(context)
+        self._server.registry.remove(session.name)
+        return pb.Ack(ok=True, message=f"{session.name} removed")
