@@ -1,0 +1,132 @@
+"""Shared fixtures: free ports, POC workspaces, MMAR copies and real server processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+DIGITS = ROOT / "examples" / "digits"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def prepare_workspace(path: Path, clients: int = 2) -> Path:
+    from fedcommon.pki import prepare_poc
+
+    prepare_poc(path, clients, "127.0.0.1", free_port(), free_port(), "test", False)
+    return path
+
+
+def copy_mmar(dst: Path, server: dict | None = None, client: dict | None = None, train_args: dict | None = None,
+              src: Path = DIGITS) -> Path:
+    """A copy of an MMAR with some config keys replaced."""
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+    for name, changes in (("config_fed_server.json", server), ("config_fed_client.json", client)):
+        if changes:
+            path = dst / "config" / name
+            cfg = json.loads(path.read_text())
+            cfg.update(changes)
+            path.write_text(json.dumps(cfg))
+    if train_args:
+        path = dst / "config" / "config_train.json"
+        cfg = json.loads(path.read_text())
+        cfg["trainer"]["args"].update(train_args)
+        path.write_text(json.dumps(cfg))
+    return dst
+
+
+def python_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, wait, then SIGKILL: by PID, for a process this test started."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+@contextlib.contextmanager
+def server_process(workspace: Path, *args: str, timeout: float = 60) -> Iterator[subprocess.Popen]:
+    """`fedserver start` as a real process; yields once it listens; always stopped afterwards."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env(), cwd=ROOT,
+    )
+    lines: list[str] = []
+    ready = threading.Event()
+
+    def pump() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("fedserver ready"):
+                ready.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.is_set():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                reader.join(2)
+                raise AssertionError("fedserver did not start:\n" + "".join(lines))
+            ready.wait(0.1)
+        proc.output_lines = lines  # type: ignore[attr-defined]
+        yield proc
+    finally:
+        stop_process(proc)
+        reader.join(5)
+
+
+def start_site(workspace: Path, mmar: Path) -> subprocess.Popen:
+    """`fedclient train` for one site, as a real process."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "fedclient.cli", "train", "--workspace", str(workspace), "--mmar", str(mmar)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env(), cwd=ROOT,
+    )
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen]]:
+    """Processes a test starts; each is stopped at teardown, pass or fail."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for proc in started:
+        stop_process(proc, grace=5)
+
+
+def wait_json(path: Path, predicate, timeout: float) -> dict:
+    """Poll a JSON file until predicate(content) holds; returns the content."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError, json.JSONDecodeError):
+            last = json.loads(path.read_text())
+            if predicate(last):
+                return last
+        time.sleep(0.1)
+    raise AssertionError(f"{path} never reached the expected state; last: {json.dumps(last, indent=1)[:3000]}")

@@ -1,0 +1,102 @@
+"""End to end: a real server process and real site processes train the digits example over mutual TLS."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, server_process, start_site, wait_json
+
+pytestmark = pytest.mark.e2e
+
+
+def test_two_sites_train_three_rounds_and_the_global_model_improves(tmp_path, processes):
+    ws = prepare_workspace(tmp_path / "ws", clients=2)
+    with server_process(ws / "server", "--mmar", str(DIGITS)):
+        sites = [start_site(ws / f"site-{k}", DIGITS) for k in (1, 2)]
+        processes.extend(sites)
+        outputs = [p.communicate(timeout=240)[0] for p in sites]
+        for proc, out in zip(sites, outputs, strict=True):
+            assert proc.returncode == 0, out
+        summary = wait_json(ws / "server" / "run_1" / "summary.json",
+                            lambda s: len(s["final_metrics"]) == 2, timeout=10)
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    for record in summary["rounds"]:
+        assert record["contributors"] == ["site-1", "site-2"]
+        assert set(record["metrics"]) == {"site-1", "site-2"}
+        assert record["rejected"] == []
+    first = [summary["rounds"][0]["metrics"][s]["accuracy"] for s in ("site-1", "site-2")]
+    last_round = [summary["rounds"][-1]["metrics"][s]["accuracy"] for s in ("site-1", "site-2")]
+    final = [summary["final_metrics"][s]["accuracy"] for s in ("site-1", "site-2")]
+    assert max(first) < 0.3, "the initial global model should be near chance"
+    assert min(final) > 0.85
+    assert min(final) >= min(last_round) - 0.02
+    assert (ws / "server" / "run_1" / "models" / "global_model.fl").exists()
+    assert (ws / "site-1" / "run_1" / "models" / "best_local_model.fl").exists()
+
+
+def test_a_site_that_dies_mid_round_is_dropped_and_the_round_closes_without_it(tmp_path, processes):
+    ws = prepare_workspace(tmp_path / "ws", clients=2)
+    server_cfg = {"min_num_clients": 1, "num_rounds": 2, "heart_beat_timeout": 3, "wait_after_min_clients": 300}
+    fast = copy_mmar(tmp_path / "fast", server=server_cfg)
+    slow = copy_mmar(tmp_path / "slow", server=server_cfg, train_args={"epochs_per_round": 100000})
+    with server_process(ws / "server", "--mmar", str(fast)) as server:
+        site2 = start_site(ws / "site-2", slow)
+        processes.append(site2)
+        _wait_line(server, "site site-2 registered", 60)
+        site1 = start_site(ws / "site-1", fast)
+        processes.append(site1)
+        _wait_line(server, "round 0: accepted site-1", 120)
+        time.sleep(1.0)
+        assert site2.poll() is None, "site-2 should still be training"
+        site2.send_signal(signal.SIGKILL)
+        site2.wait(10)
+        summary = wait_json(ws / "server" / "run_1" / "summary.json", lambda s: len(s["rounds"]) >= 1, timeout=30)
+        assert summary["rounds"][0]["contributors"] == ["site-1"]
+        assert any("site site-2 dropped" in line for line in server.output_lines)
+        out = site1.communicate(timeout=120)[0]
+        assert site1.returncode == 0, out
+        summary = wait_json(ws / "server" / "run_1" / "summary.json",
+                            lambda s: s["status"] == "completed", timeout=10)
+    assert [r["contributors"] for r in summary["rounds"]] == [["site-1"], ["site-1"]]
+
+
+def _wait_line(server, text, timeout):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(text in line for line in server.output_lines):
+            return
+        if server.poll() is not None:
+            break
+        time.sleep(0.1)
+    raise AssertionError(f"server never logged {text!r}:\n" + "".join(server.output_lines[-40:]))
+
+
+def test_server_refuses_a_bad_mmar_naming_the_file_and_key(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    bad = copy_mmar(tmp_path / "bad", server={"num_rounds": "three"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "server"), "--mmar", str(bad)],
+        capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 1
+    assert "config_fed_server.json" in proc.stderr and "num_rounds" in proc.stderr
+    assert not (ws / "server" / "run_1").exists(), "nothing may be written for a refused MMAR"
+
+
+def test_site_with_a_broken_kit_exits_3_naming_the_file(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    (ws / "site-1" / "startup" / "fed.json").write_text("{not json")
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedclient.cli", "train", "--workspace", str(ws / "site-1"), "--mmar", str(DIGITS)],
+        capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60,
+    )
+    assert proc.returncode == 3
+    assert "fed.json" in proc.stderr
+    assert json.loads((ws / "server" / "startup" / "fed.json").read_text())["name"] == "server"
