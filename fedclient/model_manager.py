@@ -110,8 +110,8 @@ class ClientModelManager:
             raise RuntimeError(f"no global model received yet for task {task_name!r}")
         delta = {}
         for name, w in local.items():
-            if name not in base:
-                continue  # a purely local variable is never sent
+            if name not in base or w.dtype == np.bool_:
+                continue  # purely local variables and flags (no meaningful difference) are never sent
             delta[name] = _difference(w, base[name])
         if self.privacy is not None:
             delta = self.privacy.apply(delta, train_ctx)
@@ -152,9 +152,10 @@ def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
 
 
 def _score(metrics: Mapping[str, float]) -> float:
-    # accuracy-like metrics: higher is better; a lone loss: lower is better
+    # accuracy-like metrics: higher is better; a loss ("loss", "val_loss", ...): lower is better
     if "accuracy" in metrics:
         return float(metrics["accuracy"])
-    if "loss" in metrics:
-        return -float(metrics["loss"])
+    losses = [k for k in metrics if k.endswith("loss")]
+    if losses:
+        return -float(metrics[losses[0]])
     return float(next(iter(metrics.values())))

@@ -19,6 +19,7 @@ def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
 
 def numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """A torch tensor with the same values and dtype as `arr` (bfloat16 included)."""
+    arr = np.asarray(arr)  # a numpy scalar (from arithmetic on a 0-d array) becomes a 0-d array
     arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
     if arr.dtype == np.dtype(ml_dtypes.bfloat16):
         return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
@@ -36,18 +37,22 @@ def load_numpy_into_module(module: torch.nn.Module, arrays: Mapping[str, np.ndar
     Raises ValueError naming the variable when a name is unknown or a shape or dtype differs.
     """
     state = module.state_dict()
+    sources = {}
+    for name, arr in arrays.items():  # check everything first: a refused load changes nothing
+        if name not in state:
+            raise ValueError(f"variable {name!r} is not in the local model")
+        target = state[name]
+        src = numpy_to_tensor(arr)
+        if tuple(src.shape) != tuple(target.shape) or src.dtype != target.dtype:
+            raise ValueError(
+                f"variable {name!r}: received {src.dtype}{list(src.shape)}, "
+                f"local model has {target.dtype}{list(target.shape)}"
+            )
+        sources[name] = src
     changed = []
     with torch.no_grad():
-        for name, arr in arrays.items():
-            if name not in state:
-                raise ValueError(f"variable {name!r} is not in the local model")
+        for name, src in sources.items():
             target = state[name]
-            src = numpy_to_tensor(arr)
-            if tuple(src.shape) != tuple(target.shape) or src.dtype != target.dtype:
-                raise ValueError(
-                    f"variable {name!r}: received {src.dtype}{list(src.shape)}, "
-                    f"local model has {target.dtype}{list(target.shape)}"
-                )
             if not torch.equal(src, target):
                 changed.append(name)
             target.copy_(src)

@@ -58,6 +58,11 @@ class UpdateAccumulator:
         if weight <= 0 or not np.isfinite(weight):
             raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
         for name, arr in update.items():
+            if name in self.excluded:
+                continue
+            if arr.dtype.kind == "u":
+                # an unsigned update that went down wrapped around on the site: read it as signed
+                arr = arr.view(arr.dtype.str.replace("u", "i"))
             acc_dtype = accumulator_dtype(arr.dtype)
             if arr.dtype == acc_dtype and arr.flags.writeable:
                 x = arr

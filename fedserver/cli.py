@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import threading
@@ -24,12 +25,14 @@ def main() -> None:
 @click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The server's participant folder (holds startup/).")
 @click.option("--mmar", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Start run 1 from this MMAR at once.")
+              help="Deploy and start this MMAR as run --run-number at once.")
 @click.option("--run-number", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override fl_port from the kit.")
+@click.option("--admin-port", type=click.IntRange(0, 65535), default=None, help="Override admin_port from the kit.")
 @click.option("--debug", is_flag=True, help="Verbose logs.")
-def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None, debug: bool) -> None:
-    """Serve the training plane until SIGINT or SIGTERM."""
+def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None, admin_port: int | None,
+          debug: bool) -> None:
+    """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
     from fedserver.server import FederationServer, ServerError
@@ -37,7 +40,7 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     configure_logging(workspace / "log.txt", debug)
     try:
         kit = load_kit(workspace)
-        server = FederationServer(workspace, kit, fl_port=port)
+        server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port)
         if mmar is not None:
             # The run exists before the port opens, so an early site never sees "no run yet".
             server.start_run(mmar, run_number)
@@ -52,11 +55,21 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    click.echo(f"fedserver ready on {server.bind_host}:{bound}")
+    host = server.bind_host
+    click.echo(f"fedserver ready on {host}:{bound} admin {host}:{server.admin_port}")
     sys.stdout.flush()
-    stop.wait()
-    log.info("shutting down")
+    while not stop.wait(0.2) and not server.exit_requested.is_set():
+        pass
+    restart = server.exit_requested.is_set() and server.restart_requested
+    log.info("restarting" if restart else "shutting down")
     server.stop()
+    if restart:
+        # The same ports, without --mmar: the new process picks up the run state from the workspace.
+        argv = [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace),
+                "--port", str(bound), "--admin-port", str(server.admin_port), *(["--debug"] if debug else [])]
+        logging.shutdown()
+        sys.stdout.flush()
+        os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

@@ -155,7 +155,8 @@ class FederatedRun:
             raise ContributionError("contribution holds no variables")
         a = self.config.aggregation_weights.get(site, 1.0)
         with self._cond:
-            self._round.receiving.discard(site)
+            if round_number == self._round.number:
+                self._round.receiving.discard(site)
             self._check_open(site, round_number)
             self._round.accumulator.add(update, a * weight)
             self._round.contributors[site] = a * weight

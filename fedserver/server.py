@@ -1,24 +1,36 @@
-"""The federation server: gRPC on fl_port with mutual TLS, the site registry, and the current run."""
+"""The federation server: fl_port (training plane + site agents) and admin_port (operators), the current run."""
 
 from __future__ import annotations
 
+import json
 import logging
+import math
+import os
+import secrets
 import shutil
 import subprocess
 import sys
 import tempfile
 import threading
+import zipfile
 from concurrent import futures
 from pathlib import Path
+from typing import Any
 
 import grpc
 
+from fedcommon.atomic import atomic_write_json
 from fedcommon.kit import Kit, server_credentials
 from fedcommon.mmar import load_mmar
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
+from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedcommon.wire import training_pb2_grpc as pb_grpc
+from fedserver.admin_hub import DEFAULT_TIMEOUT_S, AdminHub
+from fedserver.admin_service import AdminService
+from fedserver.agent_service import SiteAgentService
+from fedserver.blob_store import BlobStore
 from fedserver.registry import ClientRegistry
-from fedserver.run import GLOBAL_MODEL, FederatedRun
+from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
 from fedserver.training_service import TrainingService
 
 log = logging.getLogger(__name__)
@@ -29,6 +41,9 @@ GRPC_OPTIONS = [
 ]
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 INIT_MODEL_TIMEOUT_S = 600
+STATE_FILE = "state.json"
+UPLOADS_DIR = "uploads"
+ADMIN_WORKERS = 16
 
 
 class ServerError(Exception):
@@ -36,76 +51,276 @@ class ServerError(Exception):
 
 
 class FederationServer:
-    """Owns the gRPC server, the registry of sites and the active run."""
+    """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
     def __init__(self, workspace: Path, kit: Kit, bind_host: str | None = None, fl_port: int | None = None,
-                 max_workers: int = 64, tick_seconds: float = 0.25):
+                 max_workers: int = 256, tick_seconds: float = 0.25, admin_port: int | None = None):
         self.workspace = Path(workspace)
         self.kit = kit
         self.bind_host = bind_host or kit.server_host
         self.fl_port = kit.fl_port if fl_port is None else fl_port
+        self.admin_port = kit.admin_port if admin_port is None else admin_port
         self.registry = ClientRegistry()
         self.run: FederatedRun | None = None
         self._run_cond = threading.Condition()
+        # Serialises changes of the run state (set-run, deploy, start, abort, delete-run) between operators.
+        self._admin_lock = threading.RLock()
+        self._run_number, self.admin_timeout = self._load_state()
+        self.blobs = BlobStore(self.workspace / UPLOADS_DIR)
+        self.hub = AdminHub(self)
+        self.exit_requested = threading.Event()
+        self.restart_requested = False
+        # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
         self._max_workers = max_workers
         self._tick_seconds = tick_seconds
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
+        self._admin_grpc: grpc.Server | None = None
         self._ticker: threading.Thread | None = None
 
     def start(self) -> int:
-        """Start serving; returns the bound port."""
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers), options=GRPC_OPTIONS)
-        pb_grpc.add_FederatedTrainingServicer_to_server(TrainingService(self), server)
-        port = server.add_secure_port(f"{self.bind_host}:{self.fl_port}", server_credentials(self.kit))
-        if port == 0:
-            raise ServerError(f"cannot listen on {self.bind_host}:{self.fl_port} (in use, or not a local address)")
-        server.start()
-        self._grpc, self.fl_port = server, port
+        """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
+        creds = server_credentials(self.kit)
+        fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
+                         options=GRPC_OPTIONS)
+        pb_grpc.add_FederatedTrainingServicer_to_server(TrainingService(self), fl)
+        admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.hub, self.blobs), fl)
+        port = self._bind(fl, self.fl_port, creds, "fl_port")
+        admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
+                            options=GRPC_OPTIONS)
+        admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
+        admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
+        fl.start()
+        admin.start()
+        self._grpc, self.fl_port = fl, port
+        self._admin_grpc, self.admin_port = admin, admin_port
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
         self._ticker.start()
-        log.info("training plane listening on %s:%d (mutual TLS)", self.bind_host, port)
+        log.info("training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
+                 self.bind_host, port, self.bind_host, admin_port)
         return port
 
+    def _bind(self, server: grpc.Server, port: int, creds: grpc.ServerCredentials, what: str) -> int:
+        address = f"{self.bind_host}:{port}"
+        try:
+            bound = server.add_secure_port(address, creds)
+        except RuntimeError:
+            bound = 0
+        if bound == 0:
+            raise ServerError(f"cannot listen on {address} for {what} (in use, or not a local address)")
+        return bound
+
     def stop(self, grace: float = 2.0) -> None:
+        """Stop serving: long-polls are released at once, other calls get `grace` seconds."""
         self._stop.set()
-        if self._grpc is not None:
-            self._grpc.stop(grace).wait()
+        self.hub.close()
+        events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
+        for event in events:
+            event.wait()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
 
     def wait(self) -> None:
+        """Block until the training-plane server terminates."""
         if self._grpc is not None:
             self._grpc.wait_for_termination()
 
+    def request_exit(self, restart: bool) -> None:
+        """Ask the process that owns this server to stop it (and start it again when `restart`)."""
+        self.restart_requested = restart
+        self.exit_requested.set()
+        log.info("%s requested by an operator", "restart" if restart else "shutdown")
+
+    def check_shutdown(self, leaving: set[str]) -> None:
+        """Refuse to shut down while sites other than `leaving` are registered in the training plane."""
+        staying = sorted(self.registry.names() - leaving)
+        if staying:
+            raise ServerError(
+                f"{len(staying)} site{'s are' if len(staying) != 1 else ' is'} registered "
+                f"({', '.join(staying)}); shut them down first"
+            )
+
+    # ---- the current run number (set-run), persisted in <ws>/state.json ---------------------------
+
+    @property
+    def run_number(self) -> int | None:
+        """The run that deploy, start and abort act on; None until set-run."""
+        return self._run_number
+
+    def set_run_number(self, run_number: int) -> None:
+        """Make `run_number` current; refused while a run is training."""
+        if isinstance(run_number, bool) or not isinstance(run_number, int) or run_number < 1:
+            raise ServerError(f"run number must be a whole number >= 1, got {run_number!r}")
+        with self._admin_lock:
+            active = self.training_run()
+            if active is not None:
+                raise ServerError(f"run {active.run_number} is training; abort it before setting another run number")
+            self._run_number = run_number
+            self._save_state()
+        log.info("current run number set to %d", run_number)
+
+    def set_admin_timeout(self, seconds: float) -> None:
+        """Change how long the server waits for sites' replies by default; persisted."""
+        with self._admin_lock:
+            self.admin_timeout = float(seconds)
+            self._save_state()
+
+    def _load_state(self) -> tuple[int | None, float]:
+        path = self.workspace / STATE_FILE
+        try:
+            state = json.loads(path.read_text())
+        except FileNotFoundError:
+            return None, DEFAULT_TIMEOUT_S
+        except (OSError, ValueError) as e:
+            raise ServerError(f"{path}: unreadable ({e}); fix or remove it") from None
+        number = state.get("run_number") if isinstance(state, dict) else None
+        timeout = state.get("admin_timeout", DEFAULT_TIMEOUT_S) if isinstance(state, dict) else None
+        valid_number = number is None or (isinstance(number, int) and not isinstance(number, bool) and number >= 1)
+        valid_timeout = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and \
+            math.isfinite(timeout) and timeout > 0
+        if not (valid_number and valid_timeout):
+            raise ServerError(f"{path}: expected {{\"run_number\": N or null, \"admin_timeout\": seconds}}; "
+                              "fix or remove it")
+        return number, float(timeout)
+
+    def _save_state(self) -> None:
+        atomic_write_json(self.workspace / STATE_FILE,
+                          {"run_number": self._run_number, "admin_timeout": self.admin_timeout})
+
     # ---- runs -----------------------------------------------------------------------------------
 
-    def start_run(self, mmar_source: Path, run_number: int = 1) -> FederatedRun:
-        """Deploy an MMAR as run `run_number` and open its first round; refuses a bad MMAR before writing."""
-        mmar = load_mmar(mmar_source)  # validates everything before anything is written
-        run_dir = self.workspace / f"run_{run_number}"
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise ServerError(f"run {run_number} already exists at {run_dir}; delete it or use another run number")
-        staging = Path(tempfile.mkdtemp(prefix=f".run_{run_number}.", dir=self.workspace))
+    def run_dir(self, run_number: int) -> Path:
+        """Where run `run_number` lives on disk."""
+        return self.workspace / f"run_{run_number}"
+
+    def training_run(self) -> FederatedRun | None:
+        """The run that is training now, if any."""
+        run = self.run
+        return run if run is not None and run.phase is Phase.TRAINING else None
+
+    def run_status(self, run_number: int) -> str:
+        """"none", "deployed", "training", "completed" or "aborted"."""
+        run = self.run
+        if run is not None and run.run_number == run_number:
+            return run.phase.value
+        run_dir = self.run_dir(run_number)
         try:
-            shutil.copytree(mmar.root, staging / "mmar", symlinks=False)
-            (staging / "models").mkdir()
-            self._build_initial_model(staging / "mmar", staging / "models" / GLOBAL_MODEL)
-            if run_dir.exists():
-                run_dir.rmdir()
-            staging.rename(run_dir)
-        except BaseException:
+            status = json.loads((run_dir / "summary.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            status = None
+        if status in (Phase.COMPLETED.value, Phase.ABORTED.value):
+            return status
+        if status == Phase.TRAINING.value:
+            return Phase.ABORTED.value  # it was training when an earlier server process stopped
+        return "deployed" if (run_dir / "mmar").is_dir() else "none"
+
+    def run_report(self) -> dict[str, Any]:
+        """The current run for `status`: number, status and rounds."""
+        number = self._run_number
+        run = self.run
+        live = run if run is not None and run.run_number == number else None
+        snapshot = live.status() if live is not None else {}
+        return {
+            "run_number": number,
+            "run_status": self.run_status(number) if number is not None else "none",
+            "current_round": snapshot.get("current_round"),
+            "start_round": snapshot.get("start_round"),
+            "num_rounds": snapshot.get("num_rounds"),
+        }
+
+    def _require_run_number(self, run_number: int | None) -> int:
+        number = self._run_number if run_number is None else run_number
+        if number is None:
+            raise ServerError("no run number set: run `fedadmin set-run N` first")
+        return number
+
+    def _refuse_finished(self, number: int) -> None:
+        status = self.run_status(number)
+        if status in (Phase.COMPLETED.value, Phase.ABORTED.value):
+            raise ServerError(f"run {number} has already run ({status}); delete-run {number} or set another run number")
+
+    def deploy(self, source: Path, run_number: int | None = None) -> Path:
+        """Validate an MMAR (folder or zip) and install it as run_N/mmar; refused while run N is training."""
+        number = self._require_run_number(run_number)
+        source = Path(source)
+        staging = Path(tempfile.mkdtemp(prefix=f".deploy-run_{number}.", dir=self.workspace))
+        try:
+            mmar_dir = staging / "mmar"
+            if source.is_file():
+                mmar_dir = self._extract(source, mmar_dir)
+            else:
+                shutil.copytree(load_mmar(source).root, mmar_dir, symlinks=False)
+            load_mmar(mmar_dir)  # validates everything before the run sees it
+            with self._admin_lock:
+                active = self.training_run()
+                if active is not None and active.run_number == number:
+                    raise ServerError(f"run {number} is training; abort it before deploying again")
+                self._refuse_finished(number)
+                target = self.run_dir(number) / "mmar"
+                target.parent.mkdir(exist_ok=True)
+                if target.exists():
+                    target.rename(staging / "replaced")
+                mmar_dir.rename(target)
+        finally:
             shutil.rmtree(staging, ignore_errors=True)
-            raise
-        run = FederatedRun(run_number, run_dir, load_mmar(run_dir / "mmar").server)
-        with self._run_cond:
-            if self.run is not None:
-                self.run.abort()
-            self.run = run
-            self._run_cond.notify_all()
-        log.info("run %d started: task %s, rounds %d..%d, min %d site(s)", run_number, run.config.task_name,
+        log.info("run %d deployed from %s", number, source.name)
+        return target
+
+    @staticmethod
+    def _extract(zip_path: Path, dest: Path) -> Path:
+        from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
+
+        try:
+            return extract_zip_safely(zip_path, dest)
+        except UnsafeArchiveError as e:
+            raise ServerError(f"deploy refused: {e}") from None
+        except zipfile.BadZipFile as e:
+            raise ServerError(f"deploy refused: {zip_path.name} is not a readable zip file ({e})") from None
+
+    def start_training(self, run_number: int | None = None) -> FederatedRun:
+        """Build run N's initial model and open its first round; refused when not deployed or already training."""
+        number = self._require_run_number(run_number)
+        with self._admin_lock:
+            active = self.training_run()
+            if active is not None:
+                if active.run_number == number:
+                    raise ServerError(f"run {number} is already training")
+                raise ServerError(f"run {active.run_number} is training; abort it first")
+            if self.run_status(number) == "none":
+                raise ServerError(f"run {number} is not deployed")
+            self._refuse_finished(number)
+            run_dir = self.run_dir(number)
+            mmar = load_mmar(run_dir / "mmar")
+            models = run_dir / "models"
+            models.mkdir(exist_ok=True)
+            building = models / f".{GLOBAL_MODEL}.building"
+            try:
+                self._build_initial_model(mmar.root, building)
+                os.replace(building, models / GLOBAL_MODEL)
+            finally:
+                building.unlink(missing_ok=True)
+            run = FederatedRun(number, run_dir, mmar.server)
+            with self._run_cond:
+                self.run = run
+                self._run_cond.notify_all()
+        log.info("run %d started: task %s, rounds %d..%d, min %d site(s)", number, run.config.task_name,
                  run.config.start_round, run.end_round - 1, run.config.min_num_clients)
         return run
+
+    def start_run(self, mmar_source: Path, run_number: int = 1) -> FederatedRun:
+        """Set run `run_number`, deploy the MMAR and start it (`fedserver start --mmar`); leaves nothing on failure."""
+        load_mmar(mmar_source)  # refuses a bad MMAR before anything is written
+        run_dir = self.run_dir(run_number)
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise ServerError(f"run {run_number} already exists at {run_dir}; delete it or use another run number")
+        with self._admin_lock:
+            self.set_run_number(run_number)
+            try:
+                self.deploy(mmar_source, run_number)
+                return self.start_training(run_number)
+            except BaseException:
+                shutil.rmtree(run_dir, ignore_errors=True)
+                raise
 
     @staticmethod
     def _build_initial_model(mmar_dir: Path, out: Path) -> None:
@@ -118,7 +333,41 @@ class FederationServer:
             detail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise ServerError(f"building the initial model failed: {detail}")
 
+    def abort_training(self) -> int:
+        """Abort the training run; returns its number."""
+        with self._admin_lock:
+            run = self.training_run()
+            if run is None:
+                raise ServerError("no run is training")
+            run.abort()
+        log.info("run %d aborted by an operator", run.run_number)
+        return run.run_number
+
+    def delete_run(self, run_number: int) -> Path:
+        """Delete run_N from disk; refused while it is training."""
+        with self._admin_lock:
+            active = self.training_run()
+            if active is not None and active.run_number == run_number:
+                raise ServerError(f"run {run_number} is active; abort it first")
+            run_dir = self.run_dir(run_number)
+            if not run_dir.exists():
+                raise ServerError(f"run {run_number} does not exist ({run_dir})")
+            trash = self.workspace / f".deleted-run_{run_number}.{secrets.token_hex(4)}"
+            run_dir.rename(trash)  # gone at once for everyone; the slow removal follows
+            if self.run is not None and self.run.run_number == run_number:
+                with self._run_cond:
+                    self.run = None
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("run %d deleted by an operator", run_number)
+        return run_dir
+
+    def remove_site(self, name: str) -> None:
+        """Drop `name` from the training plane's registry."""
+        if not self.registry.remove(name):
+            raise ServerError(f"{name} is not registered")
+
     def wait_for_run(self, timeout: float) -> FederatedRun | None:
+        """The run, waiting up to `timeout` seconds for one to start."""
         with self._run_cond:
             if self.run is None:
                 self._run_cond.wait(timeout)
@@ -127,6 +376,7 @@ class FederationServer:
     # ---- liveness -------------------------------------------------------------------------------
 
     def heartbeat_timeout(self) -> float:
+        """Seconds of silence after which a registered site is dropped."""
         return self.run.config.heart_beat_timeout if self.run else DEFAULT_HEARTBEAT_TIMEOUT
 
     def heartbeat_interval(self) -> float:
@@ -134,6 +384,7 @@ class FederationServer:
         return max(0.5, min(30.0, self.heartbeat_timeout() / 4))
 
     def active_sites(self) -> set[str]:
+        """Sites registered in the training plane."""
         return self.registry.names()
 
     def _tick_loop(self) -> None:

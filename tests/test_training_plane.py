@@ -8,8 +8,8 @@ import time
 import grpc
 import numpy as np
 import pytest
-
 from conftest import copy_mmar, prepare_workspace
+
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import load_model, save_model
 from fedcommon.tensor_codec import encode_tensors

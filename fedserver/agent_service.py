@@ -1,0 +1,91 @@
+"""The agent-plane gRPC service on fl_port: a site's long-poll for requests, its replies, results and blobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+
+import grpc
+
+from fedcommon.admin_defs import Message
+from fedcommon.kit import peer_admin_role, peer_name
+from fedcommon.wire import admin_pb2 as pb
+from fedcommon.wire import admin_pb2_grpc as pb_grpc
+from fedcommon.wire import training_pb2 as tpb
+from fedserver.admin_hub import SERVER, AdminHub
+from fedserver.blob_store import BlobError, BlobStore
+
+log = logging.getLogger(__name__)
+
+MAX_RETRIEVE_WAIT_S = 20.0
+
+
+def message_from_wire(wire: pb.AdminMessage) -> Message:
+    """The seed's Message for a wire AdminMessage, id included."""
+    msg = Message(wire.topic, wire.body)
+    msg.id = wire.id
+    msg.set_headers(dict(wire.headers))
+    return msg
+
+
+def message_to_wire(msg: Message) -> pb.AdminMessage:
+    """The wire AdminMessage for a seed Message."""
+    body = msg.body.encode("utf-8") if isinstance(msg.body, str) else msg.body
+    return pb.AdminMessage(id=msg.id, topic=msg.topic, body=body, headers=msg.headers)
+
+
+class SiteAgentService(pb_grpc.SiteAgentServicer):
+    """Serves site agents; the caller is the site named in its certificate."""
+
+    def __init__(self, hub: AdminHub, blobs: BlobStore):
+        self._hub = hub
+        self._blobs = blobs
+
+    @staticmethod
+    def _site(context: grpc.ServicerContext) -> str:
+        name = peer_name(context)
+        if peer_admin_role(context) is not None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{name!r} holds an admin certificate; the agent plane takes site certificates only")
+        if not name or name == SERVER:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{name!r} is not a site certificate; the agent plane takes site certificates only")
+        return name
+
+    def Retrieve(self, request: pb.RetrieveRequest, context: grpc.ServicerContext) -> pb.RetrieveReply:
+        """Hold until requests for the calling site are queued or wait_seconds (at most 20) pass."""
+        site = self._site(context)
+        wait = min(max(request.wait_seconds, 0.0), MAX_RETRIEVE_WAIT_S)
+        context.add_callback(self._hub.wake)  # a site that hangs up frees its long-poll at once
+        requests = self._hub.retrieve(site, wait, context.is_active)
+        if requests:
+            log.debug("%s retrieved %s", site, ", ".join(m.topic for m in requests))
+        return pb.RetrieveReply(requests=[message_to_wire(m) for m in requests])
+
+    def SendReply(self, request: pb.AdminMessage, context: grpc.ServicerContext) -> tpb.Ack:
+        """Hand a site's reply to the command waiting for it."""
+        site = self._site(context)
+        refused = self._hub.post_reply(site, message_from_wire(request))
+        if refused:
+            log.info("reply from %s not taken: %s", site, refused)
+            return tpb.Ack(ok=False, message=refused)
+        return tpb.Ack(ok=True)
+
+    def SendResult(self, request: pb.AdminMessage, context: grpc.ServicerContext) -> tpb.Ack:
+        """Keep a site's progress or training_ended report."""
+        site = self._site(context)
+        refused = self._hub.post_result(site, message_from_wire(request))
+        if refused:
+            log.warning("result from %s refused: %s", site, refused)
+            return tpb.Ack(ok=False, message=refused)
+        return tpb.Ack(ok=True)
+
+    def FetchBlob(self, request: pb.BlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+        """Stream an uploaded blob: its header, then 1 MiB chunks."""
+        site = self._site(context)
+        try:
+            self._blobs.get(request.blob_id)
+        except BlobError as e:
+            context.abort(e.status, str(e))
+        log.info("%s fetches blob %s", site, request.blob_id)
+        yield from self._blobs.iter_chunks(request.blob_id)

@@ -1,0 +1,588 @@
+"""The admin and agent planes over real gRPC with mutual TLS on 127.0.0.1: fan-out, replies, refusals, runs."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import threading
+import time
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from conftest import copy_mmar, free_port, prepare_workspace, server_process
+
+from fedcommon.kit import channel_credentials, load_kit
+from fedcommon.model_file import save_model
+from fedcommon.wire import admin_pb2 as apb
+from fedcommon.wire import admin_pb2_grpc as admin_grpc
+from fedcommon.wire import training_pb2 as tpb
+from fedcommon.wire import training_pb2_grpc as training_grpc
+from fedserver.run import Phase
+from fedserver.server import FederationServer
+
+Handler = Callable[[apb.AdminMessage], "tuple[str, dict | str] | None"]
+
+
+def _ok(msg: apb.AdminMessage) -> tuple[str, dict]:
+    return "_ok", {"topic": msg.topic}
+
+
+class FakeAgent:
+    """A site agent made of a raw SiteAgent stub: long-polls, records requests, answers with `handler`."""
+
+    def __init__(self, ws: Path, site: str, target: str, handler: Handler = _ok):
+        self.site = site
+        self.channel = grpc.secure_channel(target, channel_credentials(load_kit(ws / site)))
+        self.stub = admin_grpc.SiteAgentStub(self.channel)
+        self.handler = handler
+        self.received: list[apb.AdminMessage] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                reply = self.stub.Retrieve(apb.RetrieveRequest(wait_seconds=0.5), timeout=5)
+            except grpc.RpcError:
+                time.sleep(0.1)
+                continue
+            for msg in reply.requests:
+                self.received.append(msg)
+                answer = self.handler(msg)
+                if answer is None:
+                    continue  # this site never answers
+                code, body = answer
+                text = body if isinstance(body, str) else json.dumps(body)
+                self.stub.SendReply(
+                    apb.AdminMessage(topic="reply", body=text.encode(),
+                                     headers={"_refMsgId": msg.id, "_rtnCode": code}),
+                    timeout=5,
+                )
+
+    def topics(self) -> list[str]:
+        return [m.topic for m in self.received]
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.channel.close()
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A running in-process server (no run yet), its POC workspace and an MMAR with a ready initial model."""
+    ws = prepare_workspace(tmp_path / "ws", clients=3)
+    mmar = copy_mmar(tmp_path / "mmar", server={
+        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 2,
+        "heart_beat_timeout": 30,
+    })
+    save_model(mmar / "models" / "initial.fl", {"w": np.zeros((2, 3), np.float32)})
+    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
+    server.start()
+    agents: list[FakeAgent] = []
+    yield Federation(server, ws, mmar, agents)
+    for agent in agents:
+        agent.close()
+    server.stop(0)
+
+
+class Federation:
+    """The server under test and ways to reach it as an operator or as a site."""
+
+    def __init__(self, server: FederationServer, ws: Path, mmar: Path, agents: list[FakeAgent]):
+        self.server, self.ws, self.mmar, self.agents = server, ws, mmar, agents
+        self.fl_target = f"127.0.0.1:{server.fl_port}"
+        self.admin_target = f"127.0.0.1:{server.admin_port}"
+        self._admin = admin_grpc.AdminServiceStub(
+            grpc.secure_channel(self.admin_target, channel_credentials(load_kit(ws / "admin")))
+        )
+
+    def agent(self, site: str, handler: Handler = _ok) -> FakeAgent:
+        """Start a fake agent for `site` and wait until the server counts it as connected."""
+        agent = FakeAgent(self.ws, site, self.fl_target, handler)
+        self.agents.append(agent)
+        deadline = time.monotonic() + 5
+        while site not in self.server.hub.connected_sites():
+            assert time.monotonic() < deadline, f"{site} never connected"
+            time.sleep(0.02)
+        return agent
+
+    def execute(self, command: str, targets: list[str] | None = None, args: dict | None = None,
+                timeout: float = 0) -> apb.CommandReply:
+        return self._admin.Execute(
+            apb.CommandRequest(command=command, targets=targets or [], args_json=json.dumps(args or {}),
+                               timeout=timeout),
+            timeout=30,
+        )
+
+    def server_reply(self, command: str, args: dict | None = None) -> apb.TargetReply:
+        reply = self.execute(command, ["server"], args)
+        assert [r.target for r in reply.replies] == ["server"], reply
+        return reply.replies[0]
+
+    def upload(self, data: bytes, sha256: str | None = None, name: str = "mmar.zip") -> apb.UploadReply:
+        header = apb.BlobHeader(name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest())
+        chunks = [apb.BlobChunk(header=header)]
+        chunks += [apb.BlobChunk(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+        return self._admin.Upload(iter(chunks), timeout=30)
+
+
+def _data(reply: apb.TargetReply) -> dict:
+    assert reply.ok, reply.error
+    return json.loads(reply.data_json)
+
+
+def _zip_folder(folder: Path, top: str = "") -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                zf.write(path, f"{top}{path.relative_to(folder).as_posix()}")
+    return buf.getvalue()
+
+
+def _start_training(fed: Federation) -> None:
+    assert fed.server_reply("set-run", {"run_number": 1}).ok
+    fed.server.deploy(fed.mmar)
+    assert fed.server_reply("start").ok
+    assert fed.server.run is not None and fed.server.run.phase is Phase.TRAINING
+
+
+# ---- fan-out and replies ------------------------------------------------------------------------
+
+
+def test_status_fans_out_to_client_all_and_named_sites_with_one_reply_per_target(federation):
+    site1, site2 = federation.agent("site-1"), federation.agent("site-2")
+
+    reply = federation.execute("status", ["client"])
+    assert reply.ok, reply
+    assert [r.target for r in reply.replies] == ["site-1", "site-2"]
+    assert all(_data(r) == {"topic": "check_status"} for r in reply.replies)
+
+    reply = federation.execute("status", ["all"])
+    assert [r.target for r in reply.replies] == ["server", "site-1", "site-2"]
+    server = _data(reply.replies[0])
+    assert server["run_number"] is None and server["run_status"] == "none"
+    assert server["connected_sites"] == ["site-1", "site-2"]
+    assert server["registered_sites"] == []
+
+    reply = federation.execute("status", ["site-2"])
+    assert [r.target for r in reply.replies] == ["site-2"]
+    assert site1.topics() == ["check_status", "check_status"]
+    assert site2.topics() == ["check_status", "check_status", "check_status"]
+
+
+def test_status_defaults_to_all(federation):
+    federation.agent("site-1")
+    reply = federation.execute("status")
+    assert [r.target for r in reply.replies] == ["server", "site-1"]
+
+
+def test_a_connected_site_that_never_replies_is_reported_after_the_timeout(federation):
+    federation.agent("site-1")
+    silent = federation.agent("site-3", handler=lambda msg: None)
+    reply = federation.execute("status", ["site-1", "site-3"], timeout=0.5)
+    assert not reply.ok
+    by_target = {r.target: r for r in reply.replies}
+    assert by_target["site-1"].ok
+    assert not by_target["site-3"].ok
+    assert by_target["site-3"].error == "no reply within 0.5s"
+    assert silent.topics() == ["check_status"]
+
+
+def test_the_servers_timeout_setting_applies_when_the_command_names_none(federation):
+    federation.agent("site-3", handler=lambda msg: None)
+    assert _data(federation.server_reply("set-timeout", {"seconds": 0.3})) == {"timeout": 0.3}
+    started = time.monotonic()
+    reply = federation.execute("status", ["site-3"])
+    assert reply.replies[0].error == "no reply within 0.3s"
+    assert time.monotonic() - started < 5
+
+
+def test_an_unknown_target_is_reported_as_not_connected(federation):
+    federation.agent("site-1")
+    reply = federation.execute("status", ["site-1", "site-9"])
+    assert not reply.ok
+    assert [(r.target, r.ok, r.error) for r in reply.replies] == [
+        ("site-1", True, ""), ("site-9", False, "site-9 is not connected")
+    ]
+
+
+def test_an_unknown_command_is_refused_whole(federation):
+    reply = federation.execute("frobnicate", ["server"])
+    assert not reply.ok
+    assert reply.error == "unknown command 'frobnicate'"
+    assert list(reply.replies) == []
+
+
+def test_a_sites_error_reply_reaches_the_operator(federation):
+    federation.agent("site-1", handler=lambda msg: ("_error", "start refused: run 3 is not deployed"))
+    reply = federation.execute("status", ["site-1"])
+    assert not reply.ok
+    assert reply.replies[0].error == "start refused: run 3 is not deployed"
+
+
+def test_a_site_cannot_answer_a_request_sent_to_another_site(federation):
+    federation.agent("site-1", handler=lambda msg: None)
+    impostor = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-2")))
+    )
+    outcome: dict = {}
+    runner = threading.Thread(target=lambda: outcome.update(reply=federation.execute("status", ["site-1"],
+                                                                                       timeout=1)))
+    runner.start()
+    deadline = time.monotonic() + 5
+    while not federation.agents[0].received:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    request = federation.agents[0].received[0]
+    ack = impostor.SendReply(apb.AdminMessage(topic="reply", body=b"{}",
+                                              headers={"_refMsgId": request.id, "_rtnCode": "_ok"}), timeout=5)
+    runner.join(10)
+    assert not ack.ok and "was sent to site-1, not to site-2" in ack.message
+    assert outcome["reply"].replies[0].error == "no reply within 1s"
+
+
+def test_progress_and_training_ended_reports_show_in_server_status(federation):
+    stub = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    progress = {"run_number": 1, "round": 2, "epoch": 1, "loss": 0.25, "metrics": {"accuracy": 0.9}}
+    assert stub.SendResult(apb.AdminMessage(topic="progress", body=json.dumps(progress).encode()), timeout=5).ok
+    refused = stub.SendResult(apb.AdminMessage(topic="gossip", body=b"{}"), timeout=5)
+    assert not refused.ok and "unknown result topic 'gossip'" in refused.message
+    server = _data(federation.server_reply("status"))
+    assert server["site_progress"] == {"site-1": progress}
+    assert server["training_ended"] == {}
+
+
+# ---- who may call what --------------------------------------------------------------------------
+
+
+def test_a_site_certificate_is_refused_by_the_admin_service(federation):
+    stub = admin_grpc.AdminServiceStub(
+        grpc.secure_channel(federation.admin_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert err.value.details() == "'site-1' is not an admin certificate"
+
+
+def test_an_admin_certificate_is_refused_by_the_site_agent_service(federation):
+    stub = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "admin")))
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Retrieve(apb.RetrieveRequest(wait_seconds=0), timeout=5)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "admin certificate" in err.value.details()
+    assert federation.server.hub.connected_sites() == []
+
+
+def test_the_admin_service_is_only_on_the_admin_port(federation):
+    stub = admin_grpc.AdminServiceStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "admin")))
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=5)
+    assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+# ---- the long-poll ------------------------------------------------------------------------------
+
+
+def test_retrieve_returns_as_soon_as_a_request_is_queued(federation):
+    stub = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    stub.Retrieve(apb.RetrieveRequest(wait_seconds=0), timeout=5)  # now connected
+    polled: dict = {}
+
+    def poll() -> None:
+        started = time.monotonic()
+        polled["reply"] = stub.Retrieve(apb.RetrieveRequest(wait_seconds=15), timeout=30)
+        polled["held"] = time.monotonic() - started
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    time.sleep(0.3)
+    federation.execute("status", ["site-1"], timeout=0.5)
+    poller.join(20)
+    assert [m.topic for m in polled["reply"].requests] == ["check_status"]
+    assert polled["held"] < 5, "Retrieve should return when the request is queued, not after its 15 s wait"
+
+
+# ---- uploads and blobs --------------------------------------------------------------------------
+
+
+def test_an_upload_is_stored_under_its_sha256_and_a_site_can_fetch_it(federation):
+    data = bytes(range(256)) * 9000  # a little over 2 MiB: several chunks
+    reply = federation.upload(data)
+    digest = hashlib.sha256(data).hexdigest()
+    assert (reply.blob_id, reply.size, reply.sha256) == (digest, len(data), digest)
+    uploads = federation.ws / "server" / "uploads"
+    assert [p.name for p in uploads.iterdir()] == [f"{digest}.zip"]
+
+    site = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    chunks = list(site.FetchBlob(apb.BlobRequest(blob_id=digest), timeout=10))
+    assert chunks[0].header.size == len(data) and chunks[0].header.sha256 == digest
+    assert b"".join(c.data for c in chunks[1:]) == data
+    assert max(len(c.data) for c in chunks[1:]) == 1 << 20
+    with pytest.raises(grpc.RpcError) as err:
+        list(site.FetchBlob(apb.BlobRequest(blob_id="0" * 64), timeout=10))
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_an_upload_with_a_wrong_sha256_is_invalid_and_leaves_nothing(federation):
+    with pytest.raises(grpc.RpcError) as err:
+        federation.upload(b"the real content", sha256=hashlib.sha256(b"something else").hexdigest())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "sha256" in err.value.details() and "differs" in err.value.details()
+    assert list((federation.ws / "server" / "uploads").iterdir()) == []
+
+
+def test_an_upload_over_the_cap_is_refused_before_it_is_sent(federation):
+    big = apb.BlobHeader(name="huge.zip", size=3 << 30, sha256="0" * 64)
+    with pytest.raises(grpc.RpcError) as err:
+        federation._admin.Upload(iter([apb.BlobChunk(header=big)]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# ---- runs: set-run, deploy, start, abort, delete-run --------------------------------------------
+
+
+def test_deploy_before_set_run_is_refused_at_every_target(federation):
+    site = federation.agent("site-1")
+    blob = federation.upload(_zip_folder(federation.mmar)).blob_id
+    reply = federation.execute("deploy", ["all"], {"blob_id": blob})
+    assert not reply.ok
+    assert [(r.target, r.error) for r in reply.replies] == [
+        ("server", "no run number set: run `fedadmin set-run N` first"),
+        ("site-1", "no run number set: run `fedadmin set-run N` first"),
+    ]
+    assert site.topics() == []
+
+
+def test_deploy_of_a_blob_that_was_never_uploaded_is_refused(federation):
+    reply = federation.execute("deploy", ["server"], {"blob_id": "a" * 64})
+    assert not reply.ok and "is not uploaded" in reply.error
+
+
+def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites(federation):
+    pytest.importorskip("fedcommon.safe_zip")
+    site = federation.agent("site-1")
+    data = _zip_folder(federation.mmar, top="digits/")
+    blob = federation.upload(data).blob_id
+    assert federation.server_reply("set-run", {"run_number": 3}).ok
+    reply = federation.execute("deploy", ["all"], {"blob_id": blob})
+    assert reply.ok, reply
+    assert _data(reply.replies[0]) == {"run_number": 3, "path": str(federation.ws / "server" / "run_3" / "mmar")}
+    assert (federation.ws / "server" / "run_3" / "mmar" / "config" / "config_fed_server.json").is_file()
+    assert dict(site.received[0].headers) == {"run_number": "3", "blob_id": blob, "sha256": blob,
+                                              "size": str(len(data))}
+    assert _data(federation.server_reply("status"))["run_status"] == "deployed"
+
+
+def test_deploy_of_a_hostile_zip_is_refused_and_writes_nothing(federation):
+    pytest.importorskip("fedcommon.safe_zip")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("config/config_fed_server.json", "{}")
+        zf.writestr("../../escaped.txt", "pwned")
+    blob = federation.upload(buf.getvalue()).blob_id
+    assert federation.server_reply("set-run", {"run_number": 1}).ok
+    reply = federation.server_reply("deploy", {"blob_id": blob})
+    assert not reply.ok
+    assert reply.error.startswith("deploy refused:")
+    assert not (federation.ws / "server" / "run_1" / "mmar").exists()
+    assert not any(p.name == "escaped.txt" for p in federation.ws.parent.rglob("escaped.txt"))
+
+
+def test_deploy_of_an_invalid_mmar_names_the_problem(federation):
+    pytest.importorskip("fedcommon.safe_zip")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("config/config_train.json", "{}")
+    blob = federation.upload(buf.getvalue()).blob_id
+    assert federation.server_reply("set-run", {"run_number": 1}).ok
+    reply = federation.server_reply("deploy", {"blob_id": blob})
+    assert not reply.ok and "config/config_fed_server.json" in reply.error
+
+
+def test_server_start_is_refused_before_deploy_and_when_already_training(federation):
+    assert federation.server_reply("start").error == "no run number set: run `fedadmin set-run N` first"
+    assert federation.server_reply("set-run", {"run_number": 1}).ok
+    assert federation.server_reply("start").error == "run 1 is not deployed"
+    federation.server.deploy(federation.mmar)
+    assert _data(federation.server_reply("status"))["run_status"] == "deployed"
+    assert _data(federation.server_reply("start")) == {"run_number": 1}
+    status = _data(federation.server_reply("status"))
+    assert (status["run_status"], status["current_round"], status["num_rounds"]) == ("training", 0, 2)
+    assert federation.server_reply("start").error == "run 1 is already training"
+
+
+def test_set_run_is_refused_while_training_and_persisted_otherwise(federation):
+    _start_training(federation)
+    reply = federation.server_reply("set-run", {"run_number": 2})
+    assert not reply.ok and reply.error.startswith("run 1 is training")
+    assert _data(federation.server_reply("abort"))["run_number"] == 1
+    assert _data(federation.server_reply("set-run", {"run_number": 2})) == {"run_number": 2}
+    state = json.loads((federation.ws / "server" / "state.json").read_text())
+    assert state["run_number"] == 2
+    again = FederationServer(federation.ws / "server", load_kit(federation.ws / "server"))
+    assert again.run_number == 2
+    assert again.run_status(1) == "aborted"
+
+
+def test_set_run_refuses_a_bad_run_number(federation):
+    reply = federation.execute("set-run", args={"run_number": 0})
+    assert not reply.ok and reply.error == "run_number must be a whole number >= 1, got 0"
+
+
+def test_delete_run_of_the_active_run_is_refused(federation):
+    _start_training(federation)
+    reply = federation.server_reply("delete-run", {"run_number": 1})
+    assert reply.error == "run 1 is active; abort it first"
+    assert (federation.ws / "server" / "run_1").is_dir()
+    assert federation.server_reply("abort").ok
+    assert _data(federation.server_reply("delete-run", {"run_number": 1})) == {
+        "deleted": str(federation.ws / "server" / "run_1")
+    }
+    assert not (federation.ws / "server" / "run_1").exists()
+    assert federation.server.run is None
+
+
+def test_abort_server_aborts_the_sites_first_then_the_run(federation):
+    _start_training(federation)
+    phase_when_site_aborted: list[Phase] = []
+
+    def site_handler(msg):
+        phase_when_site_aborted.append(federation.server.run.phase)
+        return "_ok", {"status": "training stopped"}
+
+    site = federation.agent("site-1", site_handler)
+    reply = federation.execute("abort", ["server"])
+    assert reply.ok, reply
+    assert _data(reply.replies[0]) == {"run_number": 1, "aborted_sites": ["site-1"]}
+    assert site.topics() == ["abort"]
+    assert phase_when_site_aborted == [Phase.TRAINING]
+    assert federation.server.run.phase is Phase.ABORTED
+    assert _data(federation.server_reply("status"))["run_status"] == "aborted"
+
+
+def test_abort_when_nothing_trains_is_refused(federation):
+    assert federation.server_reply("abort").error == "no run is training"
+
+
+# ---- shutdown, restart, remove-client -----------------------------------------------------------
+
+
+def test_shutdown_server_is_refused_while_sites_are_registered(federation):
+    stub = training_grpc.FederatedTrainingStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    stub.Register(tpb.RegisterRequest(client_name="site-1"), timeout=10)
+    reply = federation.server_reply("shutdown")
+    assert reply.error == "1 site is registered (site-1); shut them down first"
+    assert not federation.server.exit_requested.is_set()
+    assert _data(federation.server_reply("remove-client", {"site": "site-1"})) == {"removed": "site-1"}
+    assert _data(federation.server_reply("shutdown")) == {"shutting_down": True}
+    assert federation.server.exit_requested.is_set() and not federation.server.restart_requested
+
+
+def test_remove_client_of_an_unknown_site_is_refused(federation):
+    assert federation.execute("remove-client", args={"site": "site-9"}).replies[0].error == "site-9 is not registered"
+
+
+def test_restart_needs_a_target_and_asks_the_process_to_restart(federation):
+    reply = federation.execute("restart")
+    assert reply.error == "restart needs targets: server, client, all or site names"
+    assert _data(federation.server_reply("restart")) == {"restarting": True}
+    assert federation.server.exit_requested.is_set() and federation.server.restart_requested
+
+
+# ---- shell and sysinfo on the server ------------------------------------------------------------
+
+
+def test_shell_on_the_server_runs_allowed_commands_and_refuses_keys_and_escapes(federation):
+    listing = _data(federation.server_reply("shell", {"argv": ["ls", "startup"]}))
+    assert "key.pem" in listing["stdout"] and listing["exit_code"] == 0 and not listing["truncated"]
+    refused = federation.server_reply("shell", {"argv": ["cat", "startup/key.pem"]})
+    assert not refused.ok and "is a key or certificate" in refused.error
+    escape = federation.server_reply("shell", {"argv": ["cat", "../site-1/startup/fed.json"]})
+    assert escape.error == "shell: path '../site-1/startup/fed.json' is outside the workspace"
+    assert federation.server_reply("shell", {"argv": ["rm", "-rf", "."]}).error.startswith("shell: 'rm' is not allowed")
+
+
+def test_shell_takes_exactly_one_target(federation):
+    reply = federation.execute("shell", ["all"], {"argv": ["pwd"]})
+    assert not reply.ok and reply.error.startswith("shell takes one target")
+
+
+def test_shell_on_a_site_carries_the_argv_in_the_body(federation):
+    site = federation.agent("site-1", lambda msg: ("_ok", {"stdout": "x\n", "truncated": False, "exit_code": 0}))
+    reply = federation.execute("shell", ["site-1"], {"argv": ["ls", "-l"]})
+    assert reply.ok
+    assert json.loads(site.received[0].body) == {"argv": ["ls", "-l"]}
+
+
+def test_sysinfo_of_the_server(federation):
+    data = _data(federation.server_reply("sysinfo"))
+    assert data["training_status"] == "none"
+    assert {"hostname", "cpu_count", "memory_total", "gpus"} <= set(data)
+
+
+# ---- audit --------------------------------------------------------------------------------------
+
+
+def test_every_admin_command_is_audited(federation):
+    federation.server_reply("set-run", {"run_number": 4})
+    federation.execute("frobnicate", ["server"])
+    with pytest.raises(grpc.RpcError):
+        federation.upload(b"x", sha256="0" * 64)
+    lines = [json.loads(line) for line in (federation.ws / "server" / "audit.log").read_text().splitlines()]
+    assert [(e["admin"], e["command"], e["targets"], e["ok"]) for e in lines] == [
+        ("admin", "set-run", ["server"], True),
+        ("admin", "frobnicate", ["server"], False),
+        ("admin", "upload", [], False),
+    ]
+    assert lines[0]["args"] == {"run_number": 4}
+    assert all("time" in e for e in lines)
+
+
+# ---- the process ------------------------------------------------------------------------------
+
+
+def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    port, admin_port = free_port(), free_port()
+    with server_process(ws / "server", "--port", str(port), "--admin-port", str(admin_port)) as proc:
+        ready = next(line for line in proc.output_lines if line.startswith("fedserver ready"))
+        assert ready.strip() == f"fedserver ready on 127.0.0.1:{port} admin 127.0.0.1:{admin_port}"
+        admin = admin_grpc.AdminServiceStub(
+            grpc.secure_channel(f"127.0.0.1:{admin_port}", channel_credentials(load_kit(ws / "admin")))
+        )
+
+        def execute(command: str, args: dict | None = None) -> apb.CommandReply:
+            request = apb.CommandRequest(command=command, targets=["server"], args_json=json.dumps(args or {}))
+            return admin.Execute(request, timeout=10, wait_for_ready=True)
+
+        assert execute("set-run", {"run_number": 5}).ok
+        ready_lines = len(proc.output_lines)
+        assert execute("restart").ok
+        deadline = time.monotonic() + 60
+        while sum(line.startswith("fedserver ready") for line in proc.output_lines[ready_lines:]) == 0:
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(proc.output_lines)
+            time.sleep(0.1)
+        assert json.loads(execute("status").replies[0].data_json)["run_number"] == 5
+        assert execute("shutdown").ok
+        assert proc.wait(30) == 0

@@ -1,0 +1,354 @@
+"""ClientModelManager with a small torch fitter: global model in, exact updates out, best model kept and saved."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from fedclient.components.model_reader_writer import ModelProcessor
+from fedclient.components.model_validator import ModelValidator
+from fedclient.model_manager import ClientModelManager
+from fedcommon.model_file import load_model
+from fedcommon.model_meta import FLContext
+from fedcommon.torch_state import state_dict_to_numpy
+
+TASK = "task"
+_ACCURACY = {"accuracy": 0.5}
+
+
+class TinyFitter:
+    """A fitter with a two-layer model; train() moves every parameter by 0.25 and counts 3 batches."""
+
+    def __init__(self, metrics=_ACCURACY, iterations: int = 7, samples: int = 40):
+        self.model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+        with torch.no_grad():  # eighths: every difference the tests take is exact
+            for i, p in enumerate(self.model.parameters()):
+                p.copy_(torch.arange(p.numel(), dtype=p.dtype).reshape(p.shape) / 8 + i)
+        self.metrics = metrics
+        self.iterations = iterations
+        self.samples = samples
+
+    def train(self, progress):
+        with torch.no_grad():
+            for p in self.model.parameters():
+                p.add_(0.25)
+        self.model[1].num_batches_tracked += 3
+        if progress is not None:
+            progress(1, 0.1)
+        return {"steps": self.iterations}
+
+    def validate(self):
+        return self.metrics
+
+    def num_local_iterations(self) -> int:
+        return self.iterations
+
+    def num_samples(self) -> int:
+        return self.samples
+
+
+def _global_model(fitter: TinyFitter, offset: float = 1.0) -> dict[str, np.ndarray]:
+    """A global model of the fitter's layout whose float variables differ from the fitter's by `offset`."""
+    arrays = state_dict_to_numpy(fitter.model.state_dict())
+    out = {}
+    for k, v in arrays.items():
+        out[k] = np.asarray(v + np.asarray(offset, v.dtype) if v.dtype.kind == "f" else v + 5, v.dtype)
+    return out
+
+
+def _manager(fitter=None, **kwargs) -> ClientModelManager:
+    mm = ClientModelManager(task_names=[TASK], **kwargs)
+    if fitter is not None:
+        mm.set_fitter(fitter)
+    return mm
+
+
+def _module_arrays(fitter: TinyFitter) -> dict[str, np.ndarray]:
+    return state_dict_to_numpy(fitter.model.state_dict())
+
+
+def test_assign_current_model_loads_the_global_weights_and_reports_the_change():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter)
+    assert mm.assign_current_model({TASK: glob}, {TASK: {"run_number": 2, "round": 4}}) is True
+    for name, arr in _module_arrays(fitter).items():
+        np.testing.assert_array_equal(arr, glob[name], err_msg=name)
+    assert mm.model_vars(TASK) == list(glob)
+    assert mm.model_meta(TASK) == {"run_number": 2, "round": 4}
+
+
+def test_assigning_the_same_global_model_again_reports_no_change():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter)
+    mm.assign_current_model({TASK: glob})
+    assert mm.assign_current_model({TASK: glob}) is False
+
+
+def test_assign_current_model_without_a_fitter_raises():
+    with pytest.raises(RuntimeError, match="set_fitter"):
+        _manager().assign_current_model({TASK: {"w": np.zeros(2, np.float32)}})
+
+
+def test_delta_w_is_local_minus_global_exactly():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter, offset=0.5)
+    mm.assign_current_model({TASK: glob})
+    fitter.train(None)
+    local = _module_arrays(fitter)
+    delta = mm.read_current_model(TASK, "delta_w")
+    assert list(delta) == list(glob)
+    params = {name for name, _ in fitter.model.named_parameters()}
+    for name, d in delta.items():
+        assert d.dtype == glob[name].dtype and d.shape == glob[name].shape, name
+        np.testing.assert_array_equal(d, local[name] - glob[name], err_msg=name)
+        np.testing.assert_array_equal(glob[name] + d, local[name], err_msg=name)
+        if name in params:
+            assert (d == np.float32(0.25)).all(), name
+    np.testing.assert_array_equal(delta["1.running_mean"], np.zeros(2, np.float32))
+    assert delta["1.num_batches_tracked"].dtype == np.int64 and int(delta["1.num_batches_tracked"]) == 3
+
+
+def test_delta_w_is_the_default_type():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    fitter.train(None)
+    np.testing.assert_array_equal(mm.read_current_model(TASK)["0.bias"], np.full(2, 0.25, np.float32))
+
+
+def test_delta_w_of_float16_is_rounded_once_from_the_exact_difference():
+    fitter = TinyFitter()
+    fitter.model.half()
+    mm = _manager(fitter)
+    glob = _global_model(fitter, offset=0.125)
+    mm.assign_current_model({TASK: glob})
+    fitter.train(None)
+    local = _module_arrays(fitter)
+    d = mm.read_current_model(TASK, "delta_w")["0.weight"]
+    assert d.dtype == np.float16
+    expected = (local["0.weight"].astype(np.float32) - glob["0.weight"].astype(np.float32)).astype(np.float16)
+    np.testing.assert_array_equal(d, expected)
+
+
+@pytest.mark.parametrize("exclude_vars", [["1.running_mean", "1.running_var"], r"^1\.running_"],
+                         ids=["list", "regex"])
+def test_excluded_variables_are_neither_loaded_nor_sent(exclude_vars):
+    fitter = TinyFitter()
+    mm = _manager(fitter, exclude_vars=exclude_vars)
+    before = _module_arrays(fitter)
+    glob = _global_model(fitter)
+    mm.assign_current_model({TASK: glob})
+    after = _module_arrays(fitter)
+    for name in ("1.running_mean", "1.running_var"):
+        np.testing.assert_array_equal(after[name], before[name], err_msg=f"{name} was loaded")
+    np.testing.assert_array_equal(after["0.weight"], glob["0.weight"])
+    fitter.train(None)
+    for type_str in ("delta_w", "model"):
+        sent = mm.read_current_model(TASK, type_str)
+        assert "1.running_mean" not in sent and "1.running_var" not in sent, type_str
+        assert {"0.weight", "0.bias", "1.weight", "1.bias", "1.num_batches_tracked"} <= set(sent), type_str
+
+
+def test_type_model_returns_the_local_weights():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    fitter.train(None)
+    local = _module_arrays(fitter)
+    sent = mm.read_current_model(TASK, "model")
+    assert list(sent) == list(local)
+    for name, arr in sent.items():
+        np.testing.assert_array_equal(arr, local[name], err_msg=name)
+
+
+def test_unknown_type_str_raises_naming_it():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    with pytest.raises(ValueError, match="'weights'"):
+        mm.read_current_model(TASK, "weights")
+
+
+def test_delta_w_before_any_global_model_raises():
+    with pytest.raises(RuntimeError, match="no global model"):
+        _manager(TinyFitter()).read_current_model(TASK, "delta_w")
+
+
+def test_privacy_filter_result_is_what_is_sent():
+    class HalveAndRecord:
+        def __init__(self):
+            self.calls = []
+
+        def apply(self, delta, ctx):
+            self.calls.append((dict(delta), ctx))
+            return {"0.bias": delta["0.bias"] * np.float32(0.5)}
+
+    fitter = TinyFitter()
+    privacy = HalveAndRecord()
+    mm = _manager(fitter, privacy=privacy)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    fitter.train(None)
+    ctx = FLContext({"round": 3})
+    sent = mm.read_current_model(TASK, "delta_w", train_ctx=ctx)
+    assert list(sent) == ["0.bias"]
+    np.testing.assert_array_equal(sent["0.bias"], np.full(2, 0.125, np.float32))
+    (seen_delta, seen_ctx), = privacy.calls
+    assert seen_ctx is ctx
+    np.testing.assert_array_equal(seen_delta["0.bias"], np.full(2, 0.25, np.float32))
+
+
+def test_privacy_filter_does_not_touch_type_model():
+    class Refuse:
+        def apply(self, delta, ctx):
+            raise AssertionError("privacy applied to full weights")
+
+    fitter = TinyFitter()
+    mm = _manager(fitter, privacy=Refuse())
+    assert "0.weight" in mm.read_current_model(TASK, "model")
+
+
+def test_num_local_iterations_is_one_without_a_fitter_and_the_fitters_count_with_one():
+    assert _manager().num_local_iterations() == 1
+    assert _manager(TinyFitter(iterations=7)).num_local_iterations() == 7
+
+
+def test_train_forwards_progress_to_the_fitter():
+    fitter = TinyFitter()
+    seen = []
+    assert _manager(fitter).train(lambda epoch, loss: seen.append((epoch, loss))) == {"steps": 7}
+    assert seen == [(1, 0.1)]
+
+
+def test_update_current_model_loads_weights_except_excluded():
+    fitter = TinyFitter()
+    mm = _manager(fitter, exclude_vars=["0.bias"])
+    bias = _module_arrays(fitter)["0.bias"]
+    mm.update_current_model({"0.weight": np.ones((2, 3), np.float32), "0.bias": np.ones(2, np.float32)})
+    local = _module_arrays(fitter)
+    np.testing.assert_array_equal(local["0.weight"], np.ones((2, 3), np.float32))
+    np.testing.assert_array_equal(local["0.bias"], bias)
+
+
+def _set_weight(fitter: TinyFitter, value: float) -> None:
+    with torch.no_grad():
+        fitter.model[0].weight.fill_(value)
+
+
+def test_best_model_by_accuracy_keeps_the_highest_and_writes_it(tmp_path):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    path = tmp_path / "best_local_model.fl"
+    _set_weight(fitter, 1.0)
+    assert mm.update_best_model({"accuracy": 0.6, "loss": 0.9}, path) is True
+    _set_weight(fitter, 2.0)
+    assert mm.update_best_model({"accuracy": 0.5, "loss": 0.1}, path) is False
+    _set_weight(fitter, 3.0)
+    assert mm.update_best_model({"accuracy": 0.6, "loss": 0.1}, path) is False  # a tie is no improvement
+    tensors, meta = load_model(path)
+    np.testing.assert_array_equal(tensors["0.weight"], np.full((2, 3), 1.0, np.float32))
+    assert meta["metrics"] == {"accuracy": 0.6, "loss": 0.9}
+    assert mm.best_metrics == {"accuracy": 0.6, "loss": 0.9}
+    _set_weight(fitter, 4.0)
+    assert mm.update_best_model({"accuracy": 0.7}, path) is True
+    tensors, meta = load_model(path)
+    np.testing.assert_array_equal(tensors["0.weight"], np.full((2, 3), 4.0, np.float32))
+    assert meta["metrics"] == {"accuracy": 0.7}
+    np.testing.assert_array_equal(mm.get_best_model()["0.weight"], np.full((2, 3), 4.0, np.float32))
+    assert set(tensors) == set(fitter.model.state_dict())
+
+
+def test_best_model_by_loss_keeps_the_lowest(tmp_path):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    path = tmp_path / "best.fl"
+    _set_weight(fitter, 1.0)
+    assert mm.update_best_model({"loss": 0.5}, path) is True
+    _set_weight(fitter, 2.0)
+    assert mm.update_best_model({"loss": 0.8}, path) is False
+    _set_weight(fitter, 3.0)
+    assert mm.update_best_model({"loss": 0.2}, path) is True
+    tensors, meta = load_model(path)
+    np.testing.assert_array_equal(tensors["0.weight"], np.full((2, 3), 3.0, np.float32))
+    assert meta["metrics"] == {"loss": 0.2}
+
+
+def test_best_model_is_a_snapshot_not_the_live_module(tmp_path):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    _set_weight(fitter, 1.0)
+    mm.update_best_model({"accuracy": 0.9})
+    _set_weight(fitter, 5.0)
+    np.testing.assert_array_equal(mm.get_best_model()["0.weight"], np.full((2, 3), 1.0, np.float32))
+
+
+def test_best_model_without_a_path_writes_nothing(tmp_path):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    assert mm.update_best_model({"accuracy": 0.9}) is True
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_best_model_by_a_named_loss_keeps_the_lowest():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    assert mm.update_best_model({"val_loss": 0.5}) is True
+    assert mm.update_best_model({"val_loss": 0.9}) is False
+
+
+def test_validate_returns_the_fitters_metrics_as_floats():
+    fitter = TinyFitter(metrics={"accuracy": 1, "loss": np.float32(0.25)})
+    metrics = _manager(fitter).validate()
+    assert metrics == {"accuracy": 1.0, "loss": 0.25}
+    assert all(type(v) is float for v in metrics.values())
+
+
+@pytest.mark.parametrize("raw, message", [
+    ([0.5], "non-empty dict"),
+    ({}, "non-empty dict"),
+    (None, "non-empty dict"),
+    ({"accuracy": "high"}, "metric 'accuracy' is not a number"),
+    ({"accuracy": None}, "metric 'accuracy' is not a number"),
+    ({"loss": float("nan")}, "metric 'loss' is not finite"),
+    ({"loss": math.inf}, "metric 'loss' is not finite"),
+], ids=["list", "empty", "none", "string", "none-value", "nan", "inf"])
+def test_validator_refuses_unusable_metrics(raw, message):
+    with pytest.raises(ValueError, match=message):
+        ModelValidator().validate(TinyFitter(metrics=raw))
+
+
+def test_model_processor_extracts_copies_and_applies_minus_excluded():
+    fitter = TinyFitter()
+    proc = ModelProcessor()
+    arrays = proc.extract_model(fitter)
+    arrays["0.bias"][:] = 42.0
+    assert not torch.equal(fitter.model[0].bias, torch.full((2,), 42.0))
+    assert proc.apply_model(fitter, {"0.bias": np.full(2, 3.0, np.float32),
+                                     "0.weight": np.full((2, 3), 3.0, np.float32)}, exclude_vars=r"bias") is True
+    assert torch.equal(fitter.model[0].weight, torch.full((2, 3), 3.0))
+    assert not torch.equal(fitter.model[0].bias, torch.full((2,), 3.0))
+    assert proc.apply_model(fitter, {"0.weight": np.full((2, 3), 3.0, np.float32)}) is False
+
+
+def test_close_drops_models_and_fitter():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    mm.update_best_model({"accuracy": 1.0})
+    mm.close()
+    assert mm.get_best_model() is None and mm.get_fitter() is None and mm.model_vars(TASK) == []
+
+
+def test_delta_w_of_a_model_with_a_bool_buffer_is_built():
+    fitter = TinyFitter()
+    fitter.model[0].register_buffer("mask", torch.tensor([True, False]))
+    mm = _manager(fitter)
+    mm.assign_current_model({TASK: _module_arrays(fitter)})
+    fitter.train(None)
+    delta = mm.read_current_model(TASK, "delta_w")
+    np.testing.assert_array_equal(delta["0.bias"], np.full(2, 0.25, np.float32))
