@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/python scripts/demo.py --workspace $(DEMO_WS) --mmar examples/digits
+	$(BIN)/fedadmin poc run examples/digits --clients 2 --workspace $(DEMO_WS)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
+import os
+import signal
 import sys
+import threading
 from pathlib import Path
 
 import click
+
+log = logging.getLogger("fedclient")
 
 
 @click.group()
@@ -24,6 +31,69 @@ def train(workspace: Path, mmar: Path, debug: bool) -> None:
     from fedclient.worker import run_worker
 
     sys.exit(run_worker(workspace, mmar, debug))
+
+
+@main.command()
+@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The site's participant folder (holds startup/).")
+@click.option("--debug", is_flag=True, help="Verbose logs.")
+def start(workspace: Path, debug: bool) -> None:
+    """Run this site's admin agent until SIGTERM, SIGINT or an operator's shutdown or restart."""
+    from fedclient.admin import FedAdminAgent
+    from fedclient.admin_commands import seed_processors
+    from fedclient.admin_interface import ClientAdminInterface
+    from fedcommon.kit import KitError, load_kit
+    from fedcommon.logs import configure_logging
+
+    try:
+        kit = load_kit(workspace)
+    except KitError as e:
+        click.echo(f"fedclient: {e}", err=True)
+        sys.exit(3)
+    if kit.role != "client":
+        click.echo(f"fedclient: {kit.folder} holds the kit of {kit.name} ({kit.role}); "
+                   "`fedclient start` needs a site's kit", err=True)
+        sys.exit(3)
+    workspace = kit.folder
+    configure_logging(workspace / "log.txt", debug)
+    from fedclient.admin import AdminMessageSender
+
+    startup = workspace / "startup"
+    sender = AdminMessageSender(kit.name, root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
+                                private_key=str(startup / "key.pem"), server_args={"target": kit.fl_target},
+                                secure=True)
+    interface = ClientAdminInterface(kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug),
+                                     rank=0)
+    agent = FedAdminAgent(kit.name, sender, interface, workers=interface.workers,
+                          audit_log=workspace / "audit.log")
+    interface.set_agent(agent)
+    for processor in seed_processors():
+        agent.register_processor(processor)
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    agent.start()
+    log.info("%s: connecting to the server at %s", kit.name, kit.fl_target)
+    announced = False
+    while not stop.is_set() and not interface.exit_requested.is_set():
+        if not announced and sender.wait_connected(0.2):
+            log.info("%s: connected to the server at %s", kit.name, kit.fl_target)
+            click.echo(f"fedclient agent {kit.name} started")
+            sys.stdout.flush()
+            announced = True
+        elif announced:
+            stop.wait(0.2)
+    restart = not stop.is_set() and interface.restart_requested
+    log.info("%s", "restarting" if restart else "shutting down")
+    interface.close()
+    agent.shutdown()
+    if restart:
+        argv = [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace),
+                *(["--debug"] if debug else [])]
+        logging.shutdown()
+        sys.stdout.flush()
+        os.execv(sys.executable, argv)
 
 
 if __name__ == "__main__":

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
-import time
+import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("fedclient.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
+RUN_WAIT_POLL_S = 1.0
+
+
+class WorkerSetupError(Exception):
+    """The kit, the MMAR or one of its components cannot be used; the message names the file and the fault."""
 
 
 def kit_ssl_args(kit) -> dict[str, str]:
@@ -21,61 +29,150 @@ def kit_ssl_args(kit) -> dict[str, str]:
             "ssl_private_key": str(startup / "key.pem")}
 
 
-def run_worker(workspace: Path, mmar_path: Path, debug: bool = False) -> int:
-    """Train this site in the run the server offers until it ends; returns the exit code."""
-    from fedcommon.components import ComponentError, build_component
-    from fedcommon.kit import KitError, load_kit
-    from fedcommon.logs import configure_logging
-    from fedcommon.mmar import MMARError, load_mmar
+class SiteTraining:
+    """One site's training of one MMAR: built from the kit and the MMAR, run with run(), stopped with abort()."""
 
-    configure_logging(workspace / "log.txt", debug)
-    try:
-        kit = load_kit(workspace)
-        mmar = load_mmar(mmar_path)
-    except (KitError, MMARError) as e:
-        log.error("%s", e)
-        return EXIT_CONFIG
+    def __init__(self, workspace: Path, mmar_path: Path, run_number: int | None = None,
+                 on_event: Callable[[dict[str, Any]], None] | None = None):
+        from fedcommon.components import ComponentError, build_component
+        from fedcommon.kit import KitError, load_kit
+        from fedcommon.mmar import MMARError, load_mmar
 
-    import torch
-
-    from fedclient.fed_client import FederatedClient
-
-    privacy = None
-    if mmar.client.privacy is not None:
         try:
-            privacy = build_component(mmar.client.privacy, [mmar.custom_dir])
-        except ComponentError as e:
-            log.error("config_fed_client.json: privacy: %s", e)
-            return EXIT_CONFIG
-    client = FederatedClient(
-        kit.name, kit_ssl_args(kit), True,
-        server_args=[{"name": mmar.client.task_name, "target": kit.fl_target}],
-        exclude_vars=mmar.client.exclude_vars, privacy=privacy, retry_timeout=mmar.client.retry_timeout,
-        weight_by=mmar.client.weight_by,
-    )
-    signal.signal(signal.SIGTERM, lambda *_: client.abort())
-    try:
-        client.register()
-        while client.run_number == 0:  # the server has no run yet
-            time.sleep(1.0)
-            client.heartbeat()
-        if mmar.client.heartbeat_interval:
-            client.heartbeat_interval = mmar.client.heartbeat_interval
-        run_dir = workspace / f"run_{client.run_number}"
-        (run_dir / "models").mkdir(parents=True, exist_ok=True)
-        client.run_dir = run_dir
-        torch.manual_seed(mmar.train.seed)
-        fitter = build_component(mmar.train.trainer, [mmar.custom_dir], site_name=kit.name, run_dir=str(run_dir))
+            self.kit = load_kit(workspace)
+            self.mmar = load_mmar(mmar_path)
+        except (KitError, MMARError) as e:
+            raise WorkerSetupError(str(e)) from None
+        from fedclient.fed_client import FederatedClient
+
+        privacy = None
+        if self.mmar.client.privacy is not None:
+            try:
+                privacy = build_component(self.mmar.client.privacy, [self.mmar.custom_dir])
+            except ComponentError as e:
+                raise WorkerSetupError(f"config_fed_client.json: privacy: {e}") from None
+        self.workspace = Path(workspace)
+        self.run_number = run_number
+        self.on_event = on_event
+        self._stop = threading.Event()
+        self.client = FederatedClient(
+            self.kit.name, kit_ssl_args(self.kit), True,
+            server_args=[{"name": self.mmar.client.task_name, "target": self.kit.fl_target}],
+            exclude_vars=self.mmar.client.exclude_vars, privacy=privacy,
+            retry_timeout=self.mmar.client.retry_timeout, weight_by=self.mmar.client.weight_by,
+            on_progress=on_event,
+        )
+
+    @property
+    def aborted(self) -> bool:
+        """Whether abort() was called."""
+        return self._stop.is_set()
+
+    def abort(self) -> None:
+        """Stop waiting for the run, or stop training after the current step."""
+        self._stop.set()
+        self.client.abort()
+
+    def run(self) -> None:
+        """Register, wait for the run (run_number, or any), build the trainer and train until the run ends."""
+        import torch
+
+        from fedclient.client_executor import update_client_properties
+        from fedclient.client_status import ClientStatus
+        from fedcommon.components import ComponentError, build_component
+
+        client, mmar = self.client, self.mmar
+        try:
+            client.register()
+            self._wait_for_run()
+            if self.aborted:
+                client.close()
+                return
+            if mmar.client.heartbeat_interval:
+                client.heartbeat_interval = mmar.client.heartbeat_interval
+            run_dir = self.workspace / f"run_{client.run_number}"
+            (run_dir / "models").mkdir(parents=True, exist_ok=True)
+            client.run_dir = run_dir
+            torch.manual_seed(mmar.train.seed)
+            try:
+                fitter = build_component(mmar.train.trainer, [mmar.custom_dir], site_name=self.kit.name,
+                                         run_dir=str(run_dir))
+            except ComponentError as e:
+                raise WorkerSetupError(f"config_train.json: trainer: {e}") from None
+            update_client_properties(client, fitter)
+        except BaseException:
+            client.close()
+            raise
+        if self.on_event is not None:
+            self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": client.run_number})
         client.admin_run(fitter)
-    except ComponentError as e:
-        log.error("config_train.json: trainer: %s", e)
-        client.close()
+
+    def _wait_for_run(self) -> None:
+        client, wanted = self.client, self.run_number
+        told = False
+        while not self.aborted and (client.run_number == 0 if wanted is None else client.run_number != wanted):
+            if not told:
+                log.info("waiting for the server to start run %s (the server's run: %s)", wanted or "",
+                         client.run_number or "none")
+                told = True
+            self._stop.wait(RUN_WAIT_POLL_S)
+            client.heartbeat()
+
+
+def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
+               parent: str | None = None) -> int:
+    """Train this site in the run the server offers (or run `run_number`) until it ends; returns the exit code.
+
+    With `parent` (HOST:PORT of the agent that started it) the worker reports status and progress there,
+    obeys its abort, and exits when the agent goes away.
+    """
+    from fedclient.client_executor import connect_parent, send_event, start_command_listener
+    from fedclient.client_status import ClientStatus
+    from fedcommon.logs import configure_logging
+
+    parent_pid = os.getppid()
+    # Under an agent, stderr is the run's log.txt; standalone, the site's log.txt as before.
+    configure_logging(None if parent else workspace / "log.txt", debug)
+    conn = None
+    if parent:
+        try:
+            conn = connect_parent(parent)
+        except Exception as e:  # bad address, refused, or authentication failed
+            log.error("cannot connect to the agent at %s: %s", parent, e)
+            return EXIT_CONFIG
+    lock = threading.Lock()
+
+    def report(event: dict[str, Any]) -> None:
+        if conn is None:
+            return
+        try:
+            with lock:
+                send_event(conn, **event)
+        except (OSError, ValueError) as e:
+            log.debug("cannot report %s to the agent: %s", event.get("kind"), e)
+
+    report({"kind": "status", "status": ClientStatus.TRAINING_STARTING})
+    try:
+        training = SiteTraining(workspace, mmar_path, run_number, on_event=report)
+    except WorkerSetupError as e:
+        log.error("%s", e)
+        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
+        return EXIT_CONFIG
+    if conn is not None:
+        start_command_listener(training, conn, parent_pid)
+    signal.signal(signal.SIGTERM, lambda *_: training.abort())
+    try:
+        training.run()
+    except WorkerSetupError as e:
+        log.error("%s", e)
+        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
         return EXIT_CONFIG
     except Exception as e:
         log.error("training failed: %s", e, exc_info=debug)
-        client.close()
+        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": f"training failed: {e}"})
         return EXIT_FAILED
-    log.info("%s: run %d finished", kit.name, client.run_number)
+    name, number = training.kit.name, training.client.run_number
+    log.info("%s: run %s %s", name, number or run_number, "aborted" if training.aborted else "finished")
     return EXIT_OK
 
 
@@ -83,9 +180,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workspace", type=Path, required=True, help="the site's participant folder")
     parser.add_argument("--mmar", type=Path, required=True)
+    parser.add_argument("--run-number", type=int, default=None,
+                        help="train only this run (its folder is <workspace>/run_N)")
+    parser.add_argument("--parent", default=None,
+                        help="HOST:PORT of the agent that started this worker (key in FEDLEARN_PARENT_AUTHKEY)")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
-    sys.exit(run_worker(args.workspace, args.mmar, args.debug))
+    if args.run_number is not None and args.run_number < 1:
+        parser.error("--run-number must be >= 1")
+    sys.exit(run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent))
 
 
 if __name__ == "__main__":

@@ -1,20 +1,34 @@
-"""What every fedadmin command shares: the global options, failures as exit codes, and rendering.
+"""What every fedadmin command shares: the global options, targets, confirmation, rendering and exit codes.
 
-A command computes a result object with a `command` name, `to_json()` and Rich's `__rich__()`, and
-hands it to `emit`; groups use `ConsoleGroup` so any exception leaves as a one-line error (exit 1),
-with the traceback only under --debug.
+A command computes a result object with a `command` name, `ok`, `to_json()` and Rich's `__rich__()`,
+and hands it to `emit`, which prints it and exits 1 when it is not ok. Groups use `ConsoleGroup`, so
+any exception leaves as a one-line error (exit 1, or the exception's `exit_code`, e.g. 3 for a
+connection failure), usage errors exit 2, and tracebacks appear only under --debug.
 """
 
 from __future__ import annotations
 
 import json
+import re
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 
+if TYPE_CHECKING:
+    from fedadmin.connection import AdminConnection
+    from fedadmin.replies import CommandOutcome
+
 _PATH_KEY = "fedadmin.command_path"
+_TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_CONNECT = 3
 
 
 @dataclass(frozen=True)
@@ -24,12 +38,23 @@ class ConsoleOptions:
     kit: Path | None = None
     json: bool = False
     yes: bool = False
-    timeout: float = 30.0
+    timeout: float | None = None
     debug: bool = False
+
+    def as_args(self) -> list[str]:
+        """The command-line arguments that reproduce these options (for batch and console lines)."""
+        args = ["--kit", str(self.kit)] if self.kit is not None else []
+        args += ["--json"] if self.json else []
+        args += ["--yes"] if self.yes else []
+        args += ["--timeout", repr(self.timeout)] if self.timeout is not None else []
+        return args + (["--debug"] if self.debug else [])
 
 
 class Result(Protocol):
-    """What a command computes: rendered as one JSON object or by Rich, never printed by the command."""
+    """What a command computes: rendered as one JSON object or by Rich, never printed by the command.
+
+    A result may also have `ok` (default true); emit exits 1 after printing one that is not ok.
+    """
 
     command: str
 
@@ -39,35 +64,41 @@ class Result(Protocol):
 
 
 def emit(options: ConsoleOptions, result: Result) -> None:
-    """Print result as one JSON object (with command and ok=true) under --json, else through Rich."""
+    """Print result as one JSON object (command, ok, fields) under --json, else through Rich; exit 1 if not ok."""
+    ok = bool(getattr(result, "ok", True))
     if options.json:
-        click.echo(json.dumps({"command": result.command, "ok": True, **result.to_json()}))
-        return
-    from rich.console import Console  # only the human output pays for importing Rich
+        click.echo(json.dumps({"command": result.command, "ok": ok, **result.to_json()}))
+    else:
+        from rich.console import Console  # only the human output pays for importing Rich
 
-    Console().print(result)
+        Console().print(result)
+    if not ok:
+        raise click.exceptions.Exit(EXIT_FAILED)
 
 
 class CommandFailed(click.ClickException):
-    """A command failed (exit 1); shown as "Error: ..." on stderr, or as a JSON object under --json."""
+    """A command failed (exit 1, or 3 for connection failures); shown on stderr, or as JSON under --json."""
 
-    exit_code = 1
-
-    def __init__(self, command: str, message: str, as_json: bool) -> None:
+    def __init__(self, command: str, message: str, as_json: bool, exit_code: int = EXIT_FAILED) -> None:
         super().__init__(message)
         self.command = command
         self.as_json = as_json
+        self.exit_code = exit_code
 
     def show(self, file: Any = None) -> None:
         """Print the failure for the operator."""
         if self.as_json:
-            click.echo(json.dumps({"command": self.command, "ok": False, "error": self.message}), file=file)
+            click.echo(json.dumps(_failure_json(self.command, self.message)), file=file)
         else:
             click.echo(f"Error: {self.message}", err=file is None, file=file)
 
 
+def _failure_json(command: str, message: str) -> dict[str, Any]:
+    return {"command": command, "ok": False, "error": message, "replies": []}
+
+
 class ConsoleGroup(click.Group):
-    """A command group that records which command runs and, at the root, maps exceptions to exit 1."""
+    """A command group that records which command runs and, at the root, maps exceptions to exit codes."""
 
     group_class = type
 
@@ -84,11 +115,86 @@ class ConsoleGroup(click.Group):
             return super().invoke(ctx)
         try:
             return super().invoke(ctx)
-        except (click.ClickException, click.exceptions.Exit, click.Abort):
+        except click.UsageError as exc:
+            if _wants_json(ctx):
+                click.echo(json.dumps(_failure_json(command_path(ctx), exc.format_message())))
+            raise
+        except click.Abort:
+            if _wants_json(ctx):
+                click.echo(json.dumps(_failure_json(command_path(ctx), "cancelled")))
+            raise
+        except KeyboardInterrupt:
+            if _wants_json(ctx):
+                click.echo(json.dumps(_failure_json(command_path(ctx), "interrupted")))
+            raise click.Abort() from None
+        except (click.ClickException, click.exceptions.Exit):
             raise
         except Exception as exc:
             options = ctx.find_object(ConsoleOptions) or ConsoleOptions()
             if options.debug:
                 raise
-            command = " ".join(ctx.meta.get(_PATH_KEY, []))
-            raise CommandFailed(command, str(exc) or type(exc).__name__, options.json) from exc
+            code = getattr(exc, "exit_code", EXIT_FAILED)
+            code = code if isinstance(code, int) else EXIT_FAILED
+            raise CommandFailed(command_path(ctx), str(exc) or type(exc).__name__, options.json, code) from exc
+
+
+def command_path(ctx: click.Context) -> str:
+    """The running command as typed after `fedadmin`, e.g. "poc prepare"."""
+    return " ".join(ctx.find_root().meta.get(_PATH_KEY, []))
+
+
+def _wants_json(ctx: click.Context) -> bool:
+    options = ctx.find_object(ConsoleOptions)
+    return options.json if options is not None else bool(ctx.params.get("as_json"))
+
+
+def _check_targets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+    for target in value:
+        if not _TARGET_RE.fullmatch(target):
+            raise click.BadParameter(
+                f"{target!r} is not a target: use server, client, all or a site name", ctx=ctx, param=param
+            )
+    return value
+
+
+def targets_argument(required: bool) -> Callable[[F], F]:
+    """The TARGET... argument: server, client (every site), all (server and every site) or site names."""
+    return click.argument("targets", nargs=-1, required=required, metavar="TARGET...", callback=_check_targets)
+
+
+def confirm(options: ConsoleOptions, question: str) -> None:
+    """Ask before a destructive command; --yes skips it; without a terminal, refuse (exit 2) rather than hang."""
+    if options.yes:
+        return
+    if not sys.stdin.isatty():
+        raise click.UsageError(f"{question} Not asked without a terminal: pass --yes to proceed.")
+    click.confirm(question, abort=True, err=True)
+
+
+def connect(options: ConsoleOptions) -> AdminConnection:
+    """A connection to the server's admin port with the --kit (or FEDADMIN_KIT) admin kit."""
+    if options.kit is None:
+        raise click.UsageError("no admin kit: pass --kit DIR (the admin's participant folder) or set FEDADMIN_KIT")
+    from fedadmin.connection import AdminConnection
+
+    return AdminConnection(options.kit, options.timeout)
+
+
+def run_remote(
+    options: ConsoleOptions, command: str, targets: tuple[str, ...] | list[str], args: dict[str, Any] | None = None
+) -> CommandOutcome:
+    """Execute one command on the server for targets; returns every target's reply."""
+    with connect(options) as conn:
+        return conn.execute(command, list(targets), args or {})
+
+
+def emit_remote(
+    options: ConsoleOptions,
+    command: str,
+    targets: tuple[str, ...] | list[str],
+    args: dict[str, Any] | None = None,
+) -> None:
+    """Execute a command and print its per-target replies as a table or JSON; exit 1 if any failed."""
+    from fedadmin.replies import RepliesResult
+
+    emit(options, RepliesResult(run_remote(options, command, targets, args)))
