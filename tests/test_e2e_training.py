@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-
 from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, server_process, start_site, wait_json
 
 pytestmark = pytest.mark.e2e

@@ -1,0 +1,214 @@
+"""`fedadmin poc run MMAR`: a whole local run: fresh kits, start, set-run 1, deploy, start, follow, results, stop."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import click
+
+from fedadmin.commands import ConsoleOptions, emit
+from fedadmin.commands.poc.start import READY_TIMEOUT
+from fedadmin.replies import CommandOutcome
+
+MARKER = ".fedlearn-poc"
+# Workspaces that scripts/demo.py made before `make demo` became `poc run`: also safe to replace.
+OLD_MARKERS = (".fedlearn-demo",)
+RUN_NUMBER = 1
+SETTLE_TIMEOUT = 30.0
+
+
+class StepFailed(Exception):
+    """A step of the run was refused by a target (exit 1)."""
+
+
+@dataclass(frozen=True)
+class PocRunResult:
+    """The run's outcome and summary.json (per round: sites and their metrics; final metrics)."""
+
+    workspace: Path
+    ok: bool
+    message: str
+    summary: dict[str, Any]
+    summary_path: Path
+    stopped: list[dict[str, Any]] = field(default_factory=list)
+    command: ClassVar[str] = "poc run"
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workspace": str(self.workspace),
+            "result": self.message,
+            "run_number": RUN_NUMBER,
+            "status": self.summary.get("status"),
+            "rounds": self.summary.get("rounds", []),
+            "final_metrics": self.summary.get("final_metrics", {}),
+            "summary": str(self.summary_path),
+            "processes": self.stopped,
+        }
+
+    def __rich__(self) -> Any:
+        from rich.console import Group
+        from rich.text import Text
+
+        from fedadmin import render
+
+        parts: list[Any] = [render.summary_view(self.summary)] if self.summary.get("rounds") else []
+        parts.append(Text(self.message, style="bold green" if self.ok else "bold red"))
+        parts.append(Text(f"summary: {self.summary_path}; logs: {self.workspace}/*/log.txt"))
+        return Group(*parts)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fresh_workspace(workspace: Path) -> None:
+    """Make workspace empty and marked as ours; refuse (exit 2) a non-empty one this command did not make."""
+    from fedadmin import local_federation
+
+    if workspace.exists():
+        if not workspace.is_dir():
+            raise click.UsageError(f"{workspace} exists and is not a folder; choose another --workspace")
+        if any(workspace.iterdir()):
+            if not any((workspace / m).exists() for m in (MARKER, *OLD_MARKERS)):
+                raise click.UsageError(
+                    f"{workspace} is not empty and was not made by `fedadmin poc run`; choose another --workspace"
+                )
+            if local_federation.running(workspace):
+                raise click.UsageError(
+                    f"a POC federation from {workspace} is still running: "
+                    f"`fedadmin poc stop --workspace {workspace}` first"
+                )
+            shutil.rmtree(workspace)
+    workspace.mkdir(parents=True, exist_ok=True)
+    (workspace / MARKER).write_text("made by `fedadmin poc run`; replaced by the next one\n")
+
+
+def _check(outcome: CommandOutcome, step: str) -> CommandOutcome:
+    if not outcome.ok:
+        raise StepFailed(f"{step} failed: " + "; ".join(outcome.failures()))
+    return outcome
+
+
+@contextlib.contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Ignore Ctrl-C while the federation is stopped, so that a second one cannot leave processes behind."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+class _Rounds:
+    """Prints each round of summary.json once, as it closes (the demo's per-round metrics)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.shown = 0
+
+    def read(self) -> dict[str, Any]:
+        try:
+            content = json.loads(self.path.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return {}
+        return content if isinstance(content, dict) else {}
+
+    def show_new(self, _outcome: CommandOutcome, say: Any) -> None:
+        from fedadmin import render
+
+        rounds = self.read().get("rounds") or []
+        for record in rounds[self.shown :]:
+            for line in render.round_lines(record):
+                say(line)
+        self.shown = max(self.shown, len(rounds))
+
+
+@click.command("run")
+@click.argument("mmar", type=click.Path(exists=True, path_type=Path))
+@click.option("--clients", "-n", default=2, show_default=True, type=click.IntRange(min=1), help="Number of sites.")
+@click.option(
+    "--workspace",
+    "-w",
+    default=Path("workspace/poc"),
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for kits, logs and results; replaced if an earlier `poc run` made it.",
+)
+@click.option(
+    "--ready-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=READY_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait until every site is connected.",
+)
+@click.pass_obj
+def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float) -> None:
+    """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it."""
+    from rich.console import Console
+
+    from fedadmin import local_federation
+    from fedadmin.commands.poc.start import start_federation
+    from fedadmin.connection import AdminConnection
+    from fedadmin.upload import check_mmar, upload_mmar
+    from fedadmin.watch import display_mode, follow, run_end, sites_idle
+    from fedcommon.pki import prepare_poc
+
+    check_mmar(mmar)
+    workspace = workspace.resolve()
+    fresh_workspace(workspace)
+    console = Console(quiet=options.json, highlight=False)
+
+    def say(text: str) -> None:
+        console.print(text, markup=False)
+
+    prepare_poc(workspace, clients, "127.0.0.1", _free_port(), _free_port(), "poc", False)
+    say(f"poc: kits for server, site-1..site-{clients} and admin in {workspace}")
+    rounds = _Rounds(workspace / "server" / f"run_{RUN_NUMBER}" / "summary.json")
+    mode = display_mode(options.json)
+    try:
+        kit, _ = start_federation(workspace, ready_timeout)
+        say(f"poc: server and {clients} sites running, all connected; logs: {workspace}/*/log.txt")
+        with AdminConnection(kit, options.timeout) as conn:
+            _check(conn.execute("set-run", ["server"], {"run_number": RUN_NUMBER}), "set-run")
+            uploaded = upload_mmar(conn, mmar, show_progress=not options.json)
+            _check(conn.execute("deploy", ["all"], {"blob_id": uploaded.blob_id}), "deploy")
+            say(f"poc: run {RUN_NUMBER} deployed from {mmar} ({uploaded.size} bytes)")
+            _check(conn.execute("start", ["all"]), "start")
+            say(f"poc: run {RUN_NUMBER} started")
+
+            def poll() -> CommandOutcome:
+                return conn.execute("status", ["all"])
+
+            outcome, _ = follow(
+                poll, lambda o: run_end(o) is not None, mode=mode, on_poll=rounds.show_new,
+                hint="Ctrl-C stops the run and the federation",
+            )
+            end = run_end(outcome)
+            assert end is not None
+            if end.ok:
+                # Sites send their metrics on the final model as their workers end.
+                follow(poll, sites_idle, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT)
+        rounds.show_new(outcome, say)
+        summary = rounds.read()
+    finally:
+        with _uninterrupted():
+            stopped = [
+                {"name": s.name, "pid": s.pid, "outcome": s.outcome} for s in local_federation.stop(workspace)
+            ]
+        say(f"poc: stopped {len(stopped)} processes")
+    emit(options, PocRunResult(workspace, end.ok, end.message, summary, rounds.path, stopped))

@@ -1,0 +1,40 @@
+"""`fedadmin status`: the run, its rounds and every site's state; `--watch` follows training live."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from fedadmin.commands import ConsoleOptions, connect, emit, run_remote, targets_argument
+from fedadmin.replies import RepliesResult
+
+
+class StatusResult(RepliesResult):
+    """Status replies: the server's run and rounds, then one row per site."""
+
+    def __rich__(self) -> Any:
+        from fedadmin import render
+
+        return render.status_view(self.outcome)
+
+
+@click.command("status")
+@targets_argument(required=False)
+@click.option("--watch", "-w", is_flag=True, help="Refresh about once a second until Ctrl-C.")
+@click.pass_obj
+def status(options: ConsoleOptions, targets: tuple[str, ...], watch: bool) -> None:
+    """Show the server's run and each site's status and training progress (default target: all)."""
+    targets = targets or ("all",)
+    if not watch:
+        emit(options, StatusResult(run_remote(options, "status", targets)))
+        return
+    if options.json:
+        raise click.UsageError("--watch draws a live view; under --json run `status` repeatedly, or `wait`")
+    from fedadmin.watch import display_mode, follow
+
+    with connect(options) as conn:
+        try:
+            follow(lambda: conn.execute("status", list(targets)), lambda _: False, mode=display_mode(False))
+        except KeyboardInterrupt:
+            pass

@@ -1,0 +1,198 @@
+"""The console's mutual-TLS connection to the server's admin port: Execute, Upload, and errors as exit codes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fedadmin.replies import CommandOutcome, TargetReply
+from fedcommon.kit import Kit, KitError, channel_credentials, load_kit
+from fedcommon.wire import admin_pb2, admin_pb2_grpc
+
+CHUNK_SIZE = 1 << 20
+# Seconds the server may take beyond the time it waits for the sites' replies.
+DEADLINE_MARGIN = 5.0
+# The sites' reply wait assumed when the console leaves it to the server's setting (set-timeout).
+UNKNOWN_SERVER_WAIT = 60.0
+# Uploads get this long plus one second per MiB (a link slower than 1 MiB/s needs --timeout).
+UPLOAD_BASE_DEADLINE = 60.0
+_MAX_REPLY = 64 << 20
+# Short reconnect backoff: polling loops (poc start, wait) see a restarted server within a second or two.
+_RECONNECT = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+]
+
+
+class ConnectionFailed(Exception):
+    """The console cannot reach or authenticate to the server's admin port (exit 3)."""
+
+    exit_code = 3
+
+
+class RemoteError(Exception):
+    """The server refused a call or did not answer in time (exit 1)."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Uploaded:
+    """A file the server holds now, under blob_id (its sha256)."""
+
+    blob_id: str
+    size: int
+    sha256: str
+
+
+def file_digest(path: Path) -> tuple[int, str]:
+    """(size, hex sha256) of a file, read in chunks."""
+    digest = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK_SIZE):
+            digest.update(data)
+            size += len(data)
+    return size, digest.hexdigest()
+
+
+class AdminConnection:
+    """A channel to the admin port of the server named in an admin kit; use as a context manager."""
+
+    def __init__(self, kit_folder: Path, timeout: float | None = None) -> None:
+        """Load and check the admin kit (ConnectionFailed if unusable); connect lazily on the first call."""
+        self.kit = _load_admin_kit(kit_folder)
+        self.timeout = timeout
+        self.target = self.kit.admin_target
+        self._channel = grpc.secure_channel(
+            self.target,
+            channel_credentials(self.kit),
+            options=[("grpc.max_receive_message_length", _MAX_REPLY), *_RECONNECT],
+        )
+        self._stub = admin_pb2_grpc.AdminServiceStub(self._channel)
+
+    def __enter__(self) -> AdminConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Close the channel."""
+        self._channel.close()
+
+    def execute(self, command: str, targets: list[str], args: dict[str, Any] | None = None) -> CommandOutcome:
+        """Run one command at targets; one reply per target (a named target the server left out is a failure)."""
+        request = admin_pb2.CommandRequest(
+            command=command, targets=targets, args_json=json.dumps(args or {}), timeout=self.timeout or 0.0
+        )
+        deadline = (self.timeout if self.timeout is not None else UNKNOWN_SERVER_WAIT) + DEADLINE_MARGIN
+        try:
+            reply = self._stub.Execute(request, timeout=deadline)
+        except grpc.RpcError as err:
+            raise self._failure(err, command, deadline) from None
+        return outcome_from_reply(reply, command).expecting(targets)
+
+    def upload(self, path: Path, name: str, progress: Callable[[int], None] | None = None) -> Uploaded:
+        """Stream a file to the server (header, then 1 MiB chunks); progress(n) after each chunk is sent."""
+        size, sha256 = file_digest(path)
+
+        def chunks() -> Iterator[admin_pb2.BlobChunk]:
+            yield admin_pb2.BlobChunk(header=admin_pb2.BlobHeader(name=name, size=size, sha256=sha256))
+            with open(path, "rb") as f:
+                while data := f.read(CHUNK_SIZE):
+                    yield admin_pb2.BlobChunk(data=data)
+                    if progress is not None:
+                        progress(len(data))
+
+        deadline = UPLOAD_BASE_DEADLINE + size / CHUNK_SIZE + (self.timeout or 0.0)
+        try:
+            reply = self._stub.Upload(chunks(), timeout=deadline)
+        except grpc.RpcError as err:
+            raise self._failure(err, f"upload of {name}", deadline) from None
+        if reply.sha256 != sha256 or reply.size != size:
+            raise RemoteError(
+                f"upload of {name}: the server stored {reply.size} bytes with sha256 {reply.sha256[:12]}…, "
+                f"sent {size} bytes with sha256 {sha256[:12]}…"
+            )
+        return Uploaded(reply.blob_id or sha256, size, sha256)
+
+    def _failure(self, err: grpc.RpcError, what: str, deadline: float) -> Exception:
+        code = err.code() if callable(getattr(err, "code", None)) else grpc.StatusCode.UNKNOWN
+        details = (err.details() if callable(getattr(err, "details", None)) else "") or code.name
+        where = f"the server's admin port at {self.target}"
+        if code is grpc.StatusCode.UNAVAILABLE:
+            return ConnectionFailed(f"cannot connect to {where}: {_why_unavailable(details)}")
+        if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+            return ConnectionFailed(f"{where} refused admin {self.kit.name!r} ({self.kit.folder}): {details}")
+        if code is grpc.StatusCode.UNIMPLEMENTED:
+            return ConnectionFailed(
+                f"{self.target} does not serve the admin plane ({details}): is server.admin_port in "
+                f"{self.kit.folder}/startup/fed.json the server's admin port?"
+            )
+        if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+            if not self._connected():
+                return ConnectionFailed(f"cannot connect to {where}: no TLS connection within {deadline:.0f}s")
+            return RemoteError(f"{what}: no answer from {where} within {deadline:.0f}s")
+        return RemoteError(f"{what} refused by the server at {self.target}: {details}")
+
+
+    def _connected(self) -> bool:
+        """Whether the channel has (or gets within a moment) a TLS connection; only asked after a failure."""
+        ready = grpc.channel_ready_future(self._channel)
+        try:
+            ready.result(timeout=1.0)
+            return True
+        except grpc.FutureTimeoutError:
+            return False
+        finally:
+            ready.cancel()
+
+
+def _why_unavailable(details: str) -> str:
+    lowered = details.lower()
+    if "connection refused" in lowered:
+        return "connection refused (is fedserver running, and is server.admin_port in the kit its admin port?)"
+    if "handshake" in lowered or "certificate" in lowered or "ssl" in lowered or "tls" in lowered:
+        return (
+            "the TLS handshake failed: the server and this kit are not from the same project CA, "
+            f"or the server refused the kit's certificate ({details})"
+        )
+    return details
+
+
+def _load_admin_kit(folder: Path) -> Kit:
+    try:
+        kit = load_kit(folder)
+    except KitError as exc:
+        raise ConnectionFailed(f"cannot use the admin kit: {exc}") from None
+    if kit.role != "admin":
+        raise ConnectionFailed(
+            f"{kit.folder} is the kit of {kit.name!r} ({kit.role}), not an admin's: "
+            "pass the admin's participant folder with --kit or FEDADMIN_KIT"
+        )
+    return kit
+
+
+def outcome_from_reply(reply: admin_pb2.CommandReply, command: str) -> CommandOutcome:
+    """The typed outcome of a CommandReply; a reply whose data is not a JSON object counts as failed."""
+    replies = []
+    for r in reply.replies:
+        try:
+            data = json.loads(r.data_json) if r.data_json else {}
+        except json.JSONDecodeError as exc:
+            replies.append(TargetReply(r.target, False, error=f"unreadable reply data ({exc.msg})"))
+            continue
+        if not isinstance(data, dict):
+            replies.append(TargetReply(r.target, False, error="reply data is not a JSON object"))
+            continue
+        replies.append(TargetReply(r.target, r.ok, data, r.error))
+    ok = reply.ok and all(r.ok for r in replies) and not reply.error
+    return CommandOutcome(reply.command or command, ok, replies, reply.error)

@@ -1,0 +1,270 @@
+"""Start and stop the processes of a local POC federation; their PIDs are recorded in <workspace>/poc.json.
+
+Each participant runs in its own session (so its process group can be signalled as a whole), writes its
+log to <folder>/log.txt itself, and its stdout/stderr go to <folder>/console.txt.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import psutil
+
+from fedcommon.atomic import atomic_write_json
+
+RECORD = "poc.json"
+STARTUP_CONFIG = Path("startup") / "fed.json"
+STOP_GRACE = 15.0
+KILL_WAIT = 5.0
+_SAME_START = 0.05  # seconds: a PID with another start time is another process
+
+
+class FederationError(Exception):
+    """The local federation cannot be started or stopped; the message names the logs to read."""
+
+
+@dataclass(frozen=True)
+class Participant:
+    """A participant folder holding a startup kit."""
+
+    name: str
+    role: str
+    folder: Path
+
+
+@dataclass(frozen=True)
+class ProcessRecord:
+    """A started participant process, as recorded in poc.json."""
+
+    name: str
+    pid: int
+    create_time: float
+    argv: list[str]
+    log: str
+    console: str
+
+
+@dataclass(frozen=True)
+class Stopped:
+    """What stopping one recorded process took: "stopped" (SIGTERM), "killed" (SIGKILL) or "not running"."""
+
+    name: str
+    pid: int
+    outcome: str
+
+
+def participants(workspace: Path) -> list[Participant]:
+    """The server, the sites (in name order) and the admins whose kits are in workspace."""
+    found = []
+    for folder in sorted(p for p in workspace.iterdir() if (p / STARTUP_CONFIG).is_file()):
+        try:
+            config = json.loads((folder / STARTUP_CONFIG).read_text())
+        except (OSError, ValueError) as exc:
+            raise FederationError(f"{folder / STARTUP_CONFIG}: unreadable ({exc})") from None
+        found.append(Participant(str(config.get("name", folder.name)), str(config.get("role")), folder))
+    order = {"server": 0, "client": 1, "admin": 2}
+    found.sort(key=lambda p: (order.get(p.role, 3), _natural(p.name)))
+    if not any(p.role == "server" for p in found) or not any(p.role == "client" for p in found):
+        raise FederationError(f"{workspace} holds no server and site kits: run `fedadmin poc prepare` first")
+    return found
+
+
+def _natural(name: str) -> tuple:
+    head, _, tail = name.rpartition("-")
+    return (head, int(tail), "") if tail.isdigit() else (name, 0, name)
+
+
+def participant_argv(participant: Participant) -> list[str]:
+    """`fedserver start` or `fedclient start` for the participant's folder, with this Python."""
+    module = "fedserver.cli" if participant.role == "server" else "fedclient.cli"
+    return [sys.executable, "-m", module, "start", "--workspace", str(participant.folder)]
+
+
+def launch(workspace: Path, name: str, argv: list[str]) -> ProcessRecord:
+    """Start argv for participant `name` in its own session, output to <name>/console.txt; record it."""
+    folder = workspace / name
+    console = folder / "console.txt"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(console, "ab") as out:
+        proc = subprocess.Popen(
+            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+        )
+    try:
+        create_time = psutil.Process(proc.pid).create_time()
+    except psutil.NoSuchProcess:
+        create_time = time.time()
+    record = ProcessRecord(name, proc.pid, create_time, argv, str(folder / "log.txt"), str(console))
+    write_records(workspace, [*read_records(workspace), record])
+    return record
+
+
+def read_records(workspace: Path) -> list[ProcessRecord]:
+    """The processes recorded in workspace/poc.json (none when it is missing)."""
+    path = workspace / RECORD
+    try:
+        content = json.loads(path.read_text())
+        return [ProcessRecord(**p) for p in content["processes"]]
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise FederationError(f"{path}: unreadable ({exc}); stop the processes by hand and remove it") from None
+
+
+def write_records(workspace: Path, records: list[ProcessRecord]) -> None:
+    """Replace workspace/poc.json atomically."""
+    atomic_write_json(workspace / RECORD, {"workspace": str(workspace), "processes": [asdict(r) for r in records]})
+
+
+def recorded_process(record: ProcessRecord) -> psutil.Process | None:
+    """The live process a record names, or None if it ended (a reused PID is not it)."""
+    try:
+        proc = psutil.Process(record.pid)
+        if abs(proc.create_time() - record.create_time) > _SAME_START or _gone(proc):
+            return None
+        return proc
+    except psutil.Error:
+        return None
+
+
+def running(workspace: Path) -> list[ProcessRecord]:
+    """The recorded processes that still run."""
+    return [r for r in read_records(workspace) if recorded_process(r) is not None]
+
+
+def _gone(proc: psutil.Process) -> bool:
+    try:
+        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return True
+
+
+def _wait_gone(procs: list[psutil.Process], timeout: float) -> list[psutil.Process]:
+    """Wait until every process ended (a zombie counts as ended; ours are reaped); returns those left."""
+    deadline = time.monotonic() + timeout
+    while True:
+        alive = []
+        for proc in procs:
+            if _gone(proc):
+                with contextlib.suppress(psutil.Error, ChildProcessError):
+                    proc.wait(0)  # reaps it if it is our own child
+            else:
+                alive.append(proc)
+        if not alive or time.monotonic() >= deadline:
+            return alive
+        time.sleep(0.1)
+
+
+def _group_members(pgid: int, since: float) -> list[psutil.Process]:
+    """Live processes in process group pgid that started no earlier than its leader did."""
+    members = []
+    for proc in psutil.process_iter(["create_time"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["create_time"] >= since - _SAME_START and not _gone(proc):
+                members.append(proc)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
+
+
+def stop(workspace: Path, grace: float = STOP_GRACE) -> list[Stopped]:
+    """SIGTERM every recorded process group, wait up to grace, SIGKILL what is left; verify none is left.
+
+    The processes' descendants are collected first, so a child in a group of its own (a training
+    worker) is killed too if its parent did not stop it. Removes poc.json once nothing is left.
+    """
+    records = read_records(workspace)
+    tracked: dict[int, psutil.Process] = {}
+    leaders: dict[int, psutil.Process] = {}
+    for record in records:
+        leader = recorded_process(record)
+        members = _group_members(record.pid, record.create_time)
+        if leader is not None:
+            leaders[record.pid] = leader
+            with contextlib.suppress(psutil.Error):
+                members += leader.children(recursive=True)
+        for proc in ([leader] if leader is not None else []) + members:
+            tracked[proc.pid] = proc
+        if leader is not None or members:
+            _signal_group(record.pid, signal.SIGTERM)
+    alive = _wait_gone(list(tracked.values()), grace)
+    killed = set()
+    if alive:
+        for record in records:
+            if _group_members(record.pid, record.create_time):
+                _signal_group(record.pid, signal.SIGKILL)
+        for proc in alive:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+            killed.add(proc.pid)
+        _wait_gone(alive, KILL_WAIT)
+    left = [p for p in tracked.values() if not _gone(p)]
+    left += [p for r in records for p in _group_members(r.pid, r.create_time) if p.pid not in tracked]
+    if left:
+        shown = ", ".join(f"{p.pid}" for p in left)
+        raise FederationError(f"processes still running after SIGKILL: {shown}; {workspace / RECORD} is kept")
+    with contextlib.suppress(FileNotFoundError):
+        (workspace / RECORD).unlink()
+    return [
+        Stopped(r.name, r.pid, "not running" if r.pid not in leaders else "killed" if r.pid in killed else "stopped")
+        for r in records
+    ]
+
+
+def start(
+    workspace: Path,
+    ready: Callable[[list[str]], str | None],
+    timeout: float,
+    argv_for: Callable[[Participant], list[str]] = participant_argv,
+) -> list[ProcessRecord]:
+    """Start the server and every site of workspace; return once ready(sites) says nothing is missing.
+
+    ready(sites) returns what is not ready yet in words ("site-2 not connected"), or None.
+    On a failure or timeout every started process is stopped and FederationError names the logs.
+    """
+    workspace = workspace.resolve()
+    if running(workspace):
+        raise FederationError(
+            f"a POC federation from {workspace} is already running: `fedadmin poc stop --workspace {workspace}`"
+        )
+    with contextlib.suppress(FileNotFoundError):
+        (workspace / RECORD).unlink()
+    found = [p for p in participants(workspace) if p.role in ("server", "client")]
+    sites = [p.name for p in found if p.role == "client"]
+    records: list[ProcessRecord] = []
+    try:
+        for participant in found:
+            records.append(launch(workspace, participant.folder.name, argv_for(participant)))
+        deadline = time.monotonic() + timeout
+        while True:
+            for record in records:
+                if recorded_process(record) is None:
+                    raise FederationError(
+                        f"{record.name} exited during start-up; see {record.console} and {record.log}"
+                    )
+            missing = ready(sites)
+            if missing is None:
+                return records
+            if time.monotonic() >= deadline:
+                raise FederationError(
+                    f"not ready within {timeout:g}s: {missing}; "
+                    f"logs: {', '.join(r.log for r in records)} (stdout/stderr beside them in console.txt)"
+                )
+            time.sleep(0.25)
+    except BaseException:
+        with contextlib.suppress(FederationError):
+            stop(workspace, grace=5.0)
+        raise

@@ -1,0 +1,272 @@
+"""Rich views and plain-text lines of the console's results; the only module that builds tables."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.console import Group, RenderableType
+from rich.table import Table
+from rich.text import Text
+
+from fedadmin.replies import CommandOutcome, TargetReply
+
+_NONE = "–"
+_TRAINING_CODES = (1, 2)
+
+
+def value_text(value: Any) -> str:
+    """A reply value as short text: lists joined, floats to 4 significant digits, None as a dash."""
+    if value is None:
+        return _NONE
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return ", ".join(value_text(v) for v in value) if value else _NONE
+    if isinstance(value, dict):
+        return json.dumps(value, separators=(",", ":"))
+    return str(value)
+
+
+def metrics_text(metrics: dict[str, Any] | None) -> str:
+    """{"accuracy": 0.9, "loss": 0.2} as "accuracy=0.9000  loss=0.2000" (the demo's format)."""
+    if not metrics:
+        return ""
+    return "  ".join(
+        f"{k}={v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else f"{k}={v}"
+        for k, v in sorted(metrics.items())
+    )
+
+
+def size_text(n: Any) -> str:
+    """Bytes as KiB/MiB/GiB/TiB."""
+    if not isinstance(n, (int, float)) or isinstance(n, bool):
+        return _NONE
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024:
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size:.1f} TiB"
+
+
+def _error(reply: TargetReply) -> Text:
+    return Text(reply.error or "failed", style="red")
+
+
+def _refusal(outcome: CommandOutcome) -> list[RenderableType]:
+    return [Text(f"{outcome.command} refused: {outcome.error}", style="bold red")] if outcome.error else []
+
+
+def replies_view(outcome: CommandOutcome, extra: dict[str, Any] | None = None) -> RenderableType:
+    """One row per target: ok or failed, and the reply's fields or its error."""
+    table = Table(title=f"{outcome.command}", title_justify="left")
+    table.add_column("target")
+    table.add_column("result")
+    table.add_column("details", overflow="fold")
+    for r in outcome.replies:
+        if r.ok:
+            details = Text("  ".join(f"{k}: {value_text(v)}" for k, v in r.data.items()))
+            table.add_row(Text(r.target), Text("ok", style="green"), details)
+        else:
+            table.add_row(Text(r.target), Text("failed", style="bold red"), _error(r))
+    parts: list[RenderableType] = [Text(f"{k}: {value_text(v)}") for k, v in (extra or {}).items()]
+    parts += _refusal(outcome)
+    if outcome.replies:
+        parts.append(table)
+    return Group(*parts)
+
+
+def _progress_cells(progress: dict[str, Any]) -> tuple[str, str, str, str]:
+    loss = progress.get("loss")
+    return (
+        value_text(progress.get("round")),
+        value_text(progress.get("epoch")),
+        f"{loss:.4f}" if isinstance(loss, (int, float)) and not isinstance(loss, bool) else value_text(loss),
+        metrics_text(progress.get("metrics")),
+    )
+
+
+def server_line(server: TargetReply | None) -> Text:
+    """"server: run 1 training, round 2 of rounds 0..4" from the server's status data."""
+    if server is None:
+        return Text("server: not asked")
+    if not server.ok:
+        return Text.assemble("server: ", _error(server))
+    d = server.data
+    if d.get("run_number") is None:
+        return Text("server: no run number set (fedadmin set-run N)")
+    text = f"server: run {d['run_number']} {d.get('run_status', _NONE)}"
+    if d.get("current_round") is not None:
+        text += f", round {d['current_round']}"
+        if isinstance(d.get("num_rounds"), int):
+            first = d.get("start_round") or 0
+            text += f" of rounds {first}..{first + d['num_rounds'] - 1}"
+    return Text(text)
+
+
+def status_view(outcome: CommandOutcome) -> RenderableType:
+    """The server's run, rounds and sites, then one row per site with its status and training progress."""
+    parts: list[RenderableType] = [*_refusal(outcome)]
+    server = outcome.server
+    if server is not None:
+        parts.append(server_line(server))
+        if server.ok:
+            parts.append(Text(f"registered sites: {value_text(server.data.get('registered_sites'))}"))
+            parts.append(Text(f"connected sites:  {value_text(server.data.get('connected_sites'))}"))
+    if outcome.sites:
+        parts.append(sites_table(outcome))
+    return Group(*parts)
+
+
+def sites_table(outcome: CommandOutcome) -> Table:
+    """One row per site: status, run, and the latest round, epoch, loss and metrics it reported."""
+    from fedadmin.watch import site_failure, site_progress
+
+    table = Table()
+    for name in ("site", "status", "run", "round", "epoch", "loss"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("metrics or error", overflow="fold")
+    for r in outcome.sites:
+        if not r.ok:
+            table.add_row(Text(r.target), Text("failed", style="bold red"), "", "", "", "", _error(r))
+            continue
+        code = r.data.get("status_code")
+        style = "red" if code == 4 else "green" if code in _TRAINING_CODES else ""
+        *cells, metrics = _progress_cells(site_progress(outcome, r))
+        failure = site_failure(outcome, r)
+        table.add_row(
+            Text(r.target),
+            Text(value_text(r.data.get("status")), style=style),
+            Text(value_text(r.data.get("run_number"))),
+            *(Text(c) for c in cells),
+            Text(failure, style="red") if failure else Text(metrics),
+        )
+    return table
+
+
+def progress_lines(outcome: CommandOutcome) -> list[str]:
+    """The same as status_view, one plain line per participant (for logs and pipes)."""
+    from fedadmin.watch import site_failure, site_progress
+
+    lines = [str(server_line(outcome.server))] if outcome.server is not None else []
+    for r in outcome.sites:
+        if not r.ok:
+            lines.append(f"{r.target}: {r.error or 'failed'}")
+            continue
+        progress = site_progress(outcome, r)
+        rnd, epoch, loss, metrics = _progress_cells(progress)
+        line = f"{r.target}: {value_text(r.data.get('status'))}, run {value_text(r.data.get('run_number'))}"
+        if progress:
+            line += f", round {rnd}, epoch {epoch}, loss {loss}"
+            line += f", {metrics}" if metrics else ""
+        failure = site_failure(outcome, r)
+        lines.append(f"{line}: {failure}" if failure else line)
+    return lines
+
+
+_SYSINFO_ROWS = (
+    ("host", lambda d: value_text(d.get("hostname"))),
+    ("platform", lambda d: value_text(d.get("platform"))),
+    ("python", lambda d: value_text(d.get("python"))),
+    ("torch", lambda d: value_text(d.get("torch"))),
+    ("cpus", lambda d: f"{value_text(d.get('cpu_count'))} ({value_text(d.get('cpu_percent'))}% busy)"),
+    ("load 1/5/15 min", lambda d: " / ".join(value_text(x) for x in d.get("load_avg") or []) or _NONE),
+    ("memory free", lambda d: f"{size_text(d.get('memory_available'))} of {size_text(d.get('memory_total'))}"),
+    ("disk free", lambda d: f"{size_text(d.get('disk_free'))} of {size_text(d.get('disk_total'))}"),
+    ("gpus", lambda d: _gpus_text(d.get("gpus"))),
+    ("training", lambda d: value_text(d.get("training_status"))),
+)
+
+
+def _gpus_text(gpus: Any) -> str:
+    if not isinstance(gpus, list) or not gpus:
+        return "none"
+    lines = []
+    for g in gpus:
+        if not isinstance(g, dict):
+            continue
+        used, total = (_mib(g.get(k)) for k in ("memory_used_mib", "memory_total_mib"))
+        lines.append(
+            f"{value_text(g.get('index'))}: {value_text(g.get('name'))}, {size_text(used)} of {size_text(total)} "
+            f"used, {value_text(g.get('utilization_percent'))}% busy"
+        )
+    return "\n".join(lines)
+
+
+def _mib(n: Any) -> Any:
+    return n * (1 << 20) if isinstance(n, (int, float)) and not isinstance(n, bool) else None
+
+
+def sysinfo_view(outcome: CommandOutcome) -> RenderableType:
+    """One column per target, one row per resource."""
+    table = Table(title="sysinfo", title_justify="left")
+    table.add_column("")
+    for r in outcome.replies:
+        table.add_column(r.target, overflow="fold")
+    for label, get in _SYSINFO_ROWS:
+        table.add_row(Text(label, style="bold"), *(Text(get(r.data)) if r.ok else Text("") for r in outcome.replies))
+    if any(not r.ok for r in outcome.replies):
+        table.add_row(Text("error", style="bold"), *(Text("") if r.ok else _error(r) for r in outcome.replies))
+    return Group(*_refusal(outcome), table)
+
+
+def shell_view(outcome: CommandOutcome) -> RenderableType:
+    """Each target's output, under a line naming it and the command's exit code."""
+    from rich.rule import Rule
+
+    parts: list[RenderableType] = [*_refusal(outcome)]
+    for r in outcome.replies:
+        if not r.ok:
+            parts.append(Text.assemble(f"{r.target}: ", _error(r)))
+            continue
+        parts.append(Rule(f"{r.target} (exit {value_text(r.data.get('exit_code'))})", align="left"))
+        parts.append(Text(str(r.data.get("stdout", "")).rstrip("\n")))
+        if r.data.get("truncated"):
+            parts.append(Text("[output truncated by the site]", style="yellow"))
+    return Group(*parts)
+
+
+def round_lines(record: dict[str, Any]) -> list[str]:
+    """A summary.json round as the demo prints it: contributors, duration, then each site's metrics."""
+    lines = [
+        f"round {record.get('round')}: contributors {', '.join(record.get('contributors', []))} "
+        f"({float(record.get('duration_s', 0.0)):.1f}s); global model as each site measured it:"
+    ]
+    lines += [f"    {site}: {metrics_text(m)}" for site, m in (record.get("metrics") or {}).items()]
+    lines += [f"    refused {x.get('site')}: {x.get('reason')}" for x in record.get("rejected") or []]
+    return lines
+
+
+def summary_view(summary: dict[str, Any]) -> RenderableType:
+    """A run's summary.json: per round the sites and the metrics each reported; then the final metrics."""
+    rounds = summary.get("rounds") or []
+    final = summary.get("final_metrics") or {}
+    names = sorted(
+        {k for r in rounds for m in (r.get("metrics") or {}).values() for k in m}
+        | {k for m in final.values() for k in m}
+    )
+    table = Table(title=f"run {summary.get('run_number')}: {summary.get('status')}", title_justify="left")
+    for col in ("round", "site", *names, "weight", "seconds"):
+        table.add_column(col, justify="left" if col in ("round", "site") else "right")
+    for r in rounds:
+        weights = r.get("weights") or {}
+        for i, site in enumerate(r.get("contributors") or []):
+            m = (r.get("metrics") or {}).get(site, {})
+            table.add_row(
+                str(r.get("round")) if i == 0 else "",
+                site,
+                *(_metric(m.get(n)) for n in names),
+                value_text(weights.get(site)),
+                f"{float(r.get('duration_s', 0.0)):.1f}" if i == 0 else "",
+            )
+        table.add_section()
+    for i, (site, m) in enumerate(sorted(final.items())):
+        table.add_row("final" if i == 0 else "", site, *(_metric(m.get(n)) for n in names), "", "")
+    return table
+
+
+def _metric(v: Any) -> str:
+    return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else value_text(v)

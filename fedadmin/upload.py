@@ -1,0 +1,52 @@
+"""Send an MMAR to the server: a folder is zipped first; a progress bar shows on a terminal."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import click
+
+from fedadmin.connection import AdminConnection, Uploaded
+
+
+def check_mmar(mmar: Path) -> None:
+    """Refuse (exit 2) what cannot be an MMAR: a folder without config/, or a file that is not a zip."""
+    if mmar.is_dir():
+        if not (mmar / "config").is_dir():
+            raise click.BadParameter(f"{mmar} has no config/ folder, so it is not an MMAR", param_hint="'MMAR'")
+    elif not zipfile.is_zipfile(mmar):
+        raise click.BadParameter(f"{mmar} is neither an MMAR folder nor a .zip", param_hint="'MMAR'")
+
+
+def upload_mmar(conn: AdminConnection, mmar: Path, show_progress: bool) -> Uploaded:
+    """Upload an MMAR folder (zipped into a temporary file) or .zip; returns what the server stored."""
+    mmar = mmar.resolve()
+    if not mmar.is_dir():
+        return _upload(conn, mmar, mmar.name, show_progress)
+    from fedcommon.safe_zip import zip_folder
+
+    with tempfile.TemporaryDirectory(prefix="fedadmin-") as tmp:
+        name = f"{mmar.name}.zip"
+        archive = zip_folder(mmar, Path(tmp) / name)
+        return _upload(conn, archive, name, show_progress)
+
+
+def _upload(conn: AdminConnection, path: Path, name: str, show_progress: bool) -> Uploaded:
+    if not (show_progress and sys.stderr.isatty()):
+        return conn.upload(path, name)
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+
+    columns = (
+        TextColumn("uploading {task.description}"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(name, total=path.stat().st_size)
+        return conn.upload(path, name, lambda n: progress.advance(task, n))

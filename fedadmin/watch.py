@@ -1,0 +1,174 @@
+"""Follow a run by polling `status` about once a second: a live view on a terminal, changed lines otherwise."""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from fedadmin.replies import CommandOutcome, TargetReply
+
+POLL_INTERVAL = 1.0
+EXCEPTION_STATUS = "training exception"
+_EXCEPTION_CODE = 4
+_TRAINING_CODES = (1, 2)
+
+Printer = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class RunEnd:
+    """How a run ended: completed (ok), aborted, or a site's training exception."""
+
+    ok: bool
+    message: str
+
+
+def run_number(outcome: CommandOutcome) -> int | None:
+    """The server's current run number in a status outcome."""
+    server = outcome.server
+    return server.data.get("run_number") if server is not None and server.ok else None
+
+
+def run_status(outcome: CommandOutcome) -> str | None:
+    """The server's run_status ("none", "deployed", "training", "completed", "aborted") in a status outcome."""
+    server = outcome.server
+    return server.data.get("run_status") if server is not None and server.ok else None
+
+
+def _server_record(outcome: CommandOutcome, key: str, site: str) -> dict[str, Any]:
+    """What the server keeps about a site under key ("site_progress", "training_ended") for the current run."""
+    server = outcome.server
+    if server is None or not server.ok:
+        return {}
+    record = (server.data.get(key) or {}).get(site)
+    if not isinstance(record, dict) or record.get("run_number") not in (None, server.data.get("run_number")):
+        return {}
+    return record
+
+
+def site_progress(outcome: CommandOutcome, site: TargetReply) -> dict[str, Any]:
+    """A site's latest progress (round, epoch, loss, metrics): from its own reply, else the server's record."""
+    own = site.data.get("progress") if site.ok else None
+    return own if isinstance(own, dict) and own else _server_record(outcome, "site_progress", site.target)
+
+
+def site_failure(outcome: CommandOutcome, site: TargetReply) -> str | None:
+    """Why a site's training failed in the current run ("training exception: ..."), or None."""
+    data = site.data if site.ok else {}
+    ended = _server_record(outcome, "training_ended", site.target)
+    failed = data.get("status") == EXCEPTION_STATUS or data.get("status_code") == _EXCEPTION_CODE
+    if failed and data.get("run_number") not in (None, run_number(outcome)):
+        failed = False
+    if not failed and ended.get("status") != EXCEPTION_STATUS:
+        return None
+    detail = data.get("error") or ended.get("error")
+    return f"{EXCEPTION_STATUS}: {detail}" if detail else EXCEPTION_STATUS
+
+
+def run_end(outcome: CommandOutcome) -> RunEnd | None:
+    """The end of the current run as a status outcome shows it, or None while it goes on."""
+    run = run_number(outcome)
+    status = run_status(outcome)
+    if status == "completed":
+        return RunEnd(True, f"run {run} completed")
+    if status == "aborted":
+        return RunEnd(False, f"run {run} was aborted")
+    server = outcome.server
+    ended = (server.data.get("training_ended") or {}) if server is not None and server.ok else {}
+    names = [s.target for s in outcome.sites] + [n for n in ended if outcome.reply(n) is None]
+    for name in names:
+        failure = site_failure(outcome, outcome.reply(name) or TargetReply(name, False))
+        if failure:
+            return RunEnd(False, f"{name}: {failure} in run {run}")
+    return None
+
+
+def sites_idle(outcome: CommandOutcome) -> bool:
+    """True when no site that replied is still starting or training."""
+    return all(not s.ok or s.data.get("status_code") not in _TRAINING_CODES for s in outcome.sites)
+
+
+def display_mode(as_json: bool) -> str:
+    """"quiet" under --json, "live" on a terminal, "lines" (plain text) otherwise."""
+    if as_json:
+        return "quiet"
+    return "live" if sys.stdout.isatty() else "lines"
+
+
+def follow(
+    poll: Callable[[], CommandOutcome],
+    stop: Callable[[CommandOutcome], bool],
+    *,
+    mode: str,
+    deadline: float | None = None,
+    on_poll: Callable[[CommandOutcome, Printer], None] | None = None,
+    interval: float = POLL_INTERVAL,
+    hint: str = "Ctrl-C stops watching",
+) -> tuple[CommandOutcome, bool]:
+    """Poll until stop(outcome) or the monotonic deadline; returns the last outcome and whether stop held.
+
+    mode "live" redraws a status view in place (with hint below it), "lines" prints each participant's
+    line when it changes, "quiet" prints nothing; on_poll may print notes (above the live view).
+    """
+    if mode == "live":
+        return _follow_live(poll, stop, deadline, on_poll, interval, hint)
+    shown: dict[str, str] = {}
+
+    def show_changes(outcome: CommandOutcome) -> None:
+        from fedadmin import render
+
+        for line in render.progress_lines(outcome):
+            who = line.split(":", 1)[0]
+            if shown.get(who) != line:
+                print(line, flush=True)
+                shown[who] = line
+
+    def note(text: str) -> None:
+        if mode != "quiet":
+            print(text, flush=True)
+
+    while True:
+        started = time.monotonic()
+        outcome = poll()
+        if mode == "lines":
+            show_changes(outcome)
+        if on_poll is not None:
+            on_poll(outcome, note)
+        if stop(outcome):
+            return outcome, True
+        if deadline is not None and time.monotonic() >= deadline:
+            return outcome, False
+        time.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+
+def _follow_live(
+    poll: Callable[[], CommandOutcome],
+    stop: Callable[[CommandOutcome], bool],
+    deadline: float | None,
+    on_poll: Callable[[CommandOutcome, Printer], None] | None,
+    interval: float,
+    hint: str,
+) -> tuple[CommandOutcome, bool]:
+    from rich.console import Console, Group
+    from rich.live import Live
+    from rich.text import Text
+
+    from fedadmin import render
+
+    console = Console()
+    with Live(Text("asking the server…"), console=console, refresh_per_second=4) as live:
+        while True:
+            started = time.monotonic()
+            outcome = poll()
+            footer = Text(f"updated {time.strftime('%H:%M:%S')} · {hint}", style="dim")
+            live.update(Group(render.status_view(outcome), footer))
+            if on_poll is not None:
+                on_poll(outcome, lambda text: live.console.print(Text(text)))
+            if stop(outcome):
+                return outcome, True
+            if deadline is not None and time.monotonic() >= deadline:
+                return outcome, False
+            time.sleep(max(0.0, interval - (time.monotonic() - started)))

@@ -1,0 +1,156 @@
+"""The site's request processors: one small class per admin topic, replying per docs/admin-protocol.md."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from fedclient.admin import RequestProcessor
+from fedclient.admin_interface import NOT_SUPPORTED_MGPU, NOT_SUPPORTED_VALIDATE, RequestRefused
+from fedcommon.admin_defs import Message, error_reply, ok_reply
+
+
+def _answer(req: Message, action: Callable[[], dict[str, Any]]) -> Message:
+    """The ok reply with action()'s data as JSON, or the error reply with a refusal's text."""
+    try:
+        data = action()
+    except RequestRefused as e:
+        return error_reply(str(e), req)
+    return ok_reply(json.dumps(data), req)
+
+
+def _body_text(req: Message) -> str:
+    return req.body.decode("utf-8", errors="replace") if isinstance(req.body, bytes) else req.body
+
+
+class ClientStatusProcessor(RequestProcessor):
+    """check_status: the training status, run number and latest progress."""
+
+    def get_topics(self) -> list[str]:
+        return ["check_status"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, app_ctx.client_status)
+
+
+class DeployProcessor(RequestProcessor):
+    """deploy: fetch the uploaded MMAR zip named in the headers and extract it safely into run_N/mmar."""
+
+    def get_topics(self) -> list[str]:
+        return ["deploy"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, lambda: app_ctx.deploy_mmar(req.headers))
+
+
+class StartClientProcessor(RequestProcessor):
+    """start: train the run in the run_number header in a worker process."""
+
+    def get_topics(self) -> list[str]:
+        return ["start"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, lambda: app_ctx.start_client(req.get_header("run_number")))
+
+
+class StartClientMGpuProcessor(RequestProcessor):
+    """start_mgpu: multi-GPU training (not supported yet)."""
+
+    def get_topics(self) -> list[str]:
+        return ["start_mgpu"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return error_reply(NOT_SUPPORTED_MGPU, req)
+
+
+class AbortClientProcessor(RequestProcessor):
+    """abort: stop the training; no process of it is left."""
+
+    def get_topics(self) -> list[str]:
+        return ["abort"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, app_ctx.abort_client)
+
+
+class DeleteRunNumberProcessor(RequestProcessor):
+    """delete_run_number: delete run_N (refused while it trains)."""
+
+    def get_topics(self) -> list[str]:
+        return ["delete_run_number"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, lambda: app_ctx.delete_run_number(req.get_header("run_number")))
+
+
+class ShellCommandProcessor(RequestProcessor):
+    """shell: one read-only command (ls, cat, head, tail, grep, pwd) inside the site's workspace."""
+
+    def get_topics(self) -> list[str]:
+        return ["shell"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        from fedcommon.safe_shell import ShellRefused, run_shell
+
+        try:
+            argv = json.loads(_body_text(req) or "{}").get("argv")
+        except (ValueError, AttributeError):
+            return error_reply('shell: the request body must be JSON {"argv": [...]}', req)
+        try:
+            result = run_shell(argv, app_ctx.workspace)
+        except ShellRefused as e:
+            return error_reply(str(e), req)
+        return ok_reply(json.dumps({"stdout": result.stdout, "truncated": result.truncated,
+                                    "exit_code": result.exit_code}), req)
+
+
+class SysInfoProcessor(RequestProcessor):
+    """sys_info: host, Python, torch, CPU, memory, disk, GPUs and the training status."""
+
+    def get_topics(self) -> list[str]:
+        return ["sys_info"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        from fedcommon.sysinfo import collect_sysinfo
+
+        return ok_reply(json.dumps(collect_sysinfo(app_ctx.training_status(), app_ctx.workspace)), req)
+
+
+class RestartClientProcessor(RequestProcessor):
+    """restart: the agent aborts training and starts itself again after replying."""
+
+    def get_topics(self) -> list[str]:
+        return ["restart"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, app_ctx.restart_client)
+
+
+class ShutdownClientProcessor(RequestProcessor):
+    """shutdown: the agent aborts training and exits after replying."""
+
+    def get_topics(self) -> list[str]:
+        return ["shutdown"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return _answer(req, app_ctx.shutdown_client)
+
+
+class ValidateRequestProcessor(RequestProcessor):
+    """validate: cross-site validation (not supported yet)."""
+
+    def get_topics(self) -> list[str]:
+        return ["validate"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        return error_reply(NOT_SUPPORTED_VALIDATE, req)
+
+
+def seed_processors() -> list[RequestProcessor]:
+    """One instance of each of the seed's eleven processors."""
+    return [
+        ClientStatusProcessor(), DeployProcessor(), StartClientProcessor(), StartClientMGpuProcessor(),
+        AbortClientProcessor(), DeleteRunNumberProcessor(), ShellCommandProcessor(), SysInfoProcessor(),
+        RestartClientProcessor(), ShutdownClientProcessor(), ValidateRequestProcessor(),
+    ]

@@ -1,0 +1,321 @@
+"""What a site does for each admin request: deploy, start, abort, status, delete a run, restart, shut down."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import zipfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
+from fedclient.client_status import ClientStatus, get_status_message
+from fedcommon.admin_defs import Message
+
+log = logging.getLogger(__name__)
+
+NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
+NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
+NOT_SUPPORTED_VALIDATE = "not supported yet: cross-site validation comes with its own issue"
+PROGRESS_INTERVAL_S = 0.5
+# Written into run_N when this site's worker saw the server end run N: finished results are not overwritten.
+COMPLETED_FILE = "completed.json"
+
+
+class RequestRefused(Exception):
+    """A request the site refuses; the message is what the operator reads."""
+
+
+class ClientAdminInterface:
+    """The site's side of every admin command; the processors' app_ctx. One training at a time, in a worker process."""
+
+    def __init__(self, client, client_name: str, sender, args, rank: int, workers: int = 5):
+        self.client = client
+        self.client_name = client_name
+        self.sender = sender
+        self.args = args
+        self.rank = rank
+        self.workers = workers
+        self.workspace = Path(args.workspace).resolve()
+        self.debug = bool(getattr(args, "debug", False))
+        self.admin_agent = None
+        self.client_executor = ProcessExecutor(on_event=self._on_training_event)
+        self.exit_requested = threading.Event()
+        self.restart_requested = False
+        self._lock = threading.RLock()  # start, deploy's install and delete-run see one state
+        self._results = ResultForwarder(sender, PROGRESS_INTERVAL_S)
+        self._run_ended: int | None = None
+
+    def set_agent(self, admin_agent) -> None:
+        """The FedAdminAgent that serves this interface."""
+        self.admin_agent = admin_agent
+
+    def run_dir(self, run_number: int) -> Path:
+        """Where run N lives on this site."""
+        return self.workspace / f"run_{run_number}"
+
+    def _training_run(self) -> int | None:
+        return self.client_executor.run_number if self.client_executor.is_training() else None
+
+    # ---- status ---------------------------------------------------------------------------------
+
+    def training_status(self) -> str:
+        """The training status in words ("training started", ...)."""
+        return get_status_message(self.client_executor.check_status(self.client))
+
+    def client_status(self) -> dict[str, Any]:
+        """The contract's site status: status words and code, run number, latest progress (and error)."""
+        executor = self.client_executor
+        code = executor.check_status(self.client)
+        data: dict[str, Any] = {"status": get_status_message(code), "status_code": code,
+                                "run_number": executor.run_number, "progress": dict(executor.progress)}
+        if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
+            data["error"] = executor.error
+        return data
+
+    # ---- runs -----------------------------------------------------------------------------------
+
+    def deploy_mmar(self, data: Mapping[str, str]) -> dict[str, Any]:
+        """Fetch the deployed zip the request names, check and extract it into run_N/mmar."""
+        from fedcommon.mmar import MMARError, load_mmar
+        from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
+
+        number = _run_number(data.get("run_number"))
+        blob_id, sha256, size = data.get("blob_id"), data.get("sha256"), data.get("size")
+        if not blob_id or not sha256 or not str(size or "").isdigit():
+            raise RequestRefused("deploy request is missing blob_id, sha256 or size")
+        self._refuse_deploy_while_training(number)
+        self._refuse_finished(number)
+        self.workspace.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".deploy-", suffix=".zip", dir=self.workspace)
+        os.close(fd)
+        archive = Path(tmp)
+        try:
+            from fedclient.admin import BlobFetchError
+
+            try:
+                self.sender.fetch_blob(blob_id, archive, sha256, int(size))
+            except BlobFetchError as e:
+                raise RequestRefused(f"deploy refused: {e}") from None
+            target = self.run_dir(number) / "mmar"
+            with self._lock:
+                self._refuse_deploy_while_training(number)
+                self._refuse_finished(number)
+                try:
+                    extract_zip_safely(archive, target, check=load_mmar)
+                except UnsafeArchiveError as e:
+                    raise RequestRefused(f"deploy refused: {e}") from None
+                except MMARError as e:
+                    raise RequestRefused(f"deploy refused: not a valid MMAR:\n{e}") from None
+                except zipfile.BadZipFile as e:
+                    raise RequestRefused(f"deploy refused: not a readable zip file ({e})") from None
+        finally:
+            archive.unlink(missing_ok=True)
+        log.info("run %d deployed to %s", number, target)
+        return {"run_number": number, "path": str(target)}
+
+    def _refuse_deploy_while_training(self, number: int) -> None:
+        if self._training_run() == number:
+            raise RequestRefused(f"run {number} is training; abort it before deploying again")
+
+    def _refuse_finished(self, number: int) -> None:
+        if (self.run_dir(number) / COMPLETED_FILE).exists():
+            raise RequestRefused(f"run {number} has already run (completed); "
+                                 f"delete-run {number} or set another run number")
+
+    def start_client(self, run_number) -> dict[str, Any]:
+        """Start training run N from run_N/mmar; refused when not deployed or already training."""
+        number = _run_number(run_number)
+        with self._lock:
+            active = self._training_run()
+            if active == number:
+                raise RequestRefused(f"run {number} is already training")
+            if active is not None:
+                raise RequestRefused(f"run {active} is training; abort it first")
+            mmar = self.run_dir(number) / "mmar"
+            if not (mmar / "config").is_dir():
+                raise RequestRefused(f"run {number} is not deployed")
+            self._refuse_finished(number)
+            self._run_ended = None
+            try:
+                pid = self.client_executor.start_train(self.client, TrainArgs(self.workspace, number, self.debug),
+                                                       mmar)
+            except TrainingError as e:
+                raise RequestRefused(str(e)) from None
+        return {"run_number": number, "pid": pid}
+
+    def start_mgpu_client(self, run_number, gpu_number) -> dict[str, Any]:
+        """Start training on several GPUs (not supported yet)."""
+        raise RequestRefused(NOT_SUPPORTED_MGPU)
+
+    def abort_client(self) -> dict[str, Any]:
+        """Abort the training (nothing of it is left afterwards); fine when nothing trains."""
+        self.client_executor.abort_train(self.client)
+        return {"status": self.training_status()}
+
+    def delete_run_number(self, num) -> dict[str, Any]:
+        """Delete run_N from this site; refused while it trains."""
+        number = _run_number(num, missing="delete-run needs a run_number")
+        with self._lock:
+            if self._training_run() == number:
+                raise RequestRefused(f"run {number} is active; abort it first")
+            run_dir = self.run_dir(number)
+            if not run_dir.exists():
+                raise RequestRefused(f"run {number} does not exist ({run_dir})")
+            trash = self.workspace / f".deleted-run_{number}.{secrets.token_hex(4)}"
+            run_dir.rename(trash)  # gone at once; the slow removal follows outside the lock
+        shutil.rmtree(trash, ignore_errors=True)
+        log.info("run %d deleted", number)
+        return {"deleted": str(run_dir)}
+
+    def do_validate(self, req: Message) -> dict[str, Any]:
+        """Cross-site validation (not supported yet)."""
+        raise RequestRefused(NOT_SUPPORTED_VALIDATE)
+
+    def remove_custom_path(self) -> None:
+        """Forget site code imported from deployed MMARs (custom/ folders) in this process."""
+        custom_roots = [str(p) for p in self.workspace.glob("run_*/mmar/custom")]
+        sys.path[:] = [p for p in sys.path if not any(p.startswith(root) for root in custom_roots)]
+        for name, module in list(sys.modules.items()):
+            file = getattr(module, "__file__", None) or ""
+            if any(file.startswith(root + os.sep) for root in custom_roots):
+                del sys.modules[name]
+
+    # ---- the agent's own life -------------------------------------------------------------------
+
+    def restart_client(self) -> dict[str, Any]:
+        """Ask the agent process to abort training and start itself again."""
+        self.restart_requested = True
+        self.exit_requested.set()
+        log.info("restart requested by an operator")
+        return {"restarting": True}
+
+    def shutdown_client(self) -> dict[str, Any]:
+        """Ask the agent process to abort training and exit."""
+        self.restart_requested = False
+        self.exit_requested.set()
+        log.info("shutdown requested by an operator")
+        return {"shutting_down": True}
+
+    def wait_training_process_finish(self, timeout: float | None = None) -> bool:
+        """Wait until the training process has exited; False on timeout."""
+        return self.client_executor.wait_training_process_finish(self.client, timeout)
+
+    def wait_process_complete(self, timeout: float | None = None) -> int:
+        """Wait until the training has ended and been cleaned up; returns the final status code."""
+        return self.client_executor.wait_process_complete(self.client, timeout)
+
+    def close(self) -> None:
+        """Abort any training (leaving no process) and send what is left to send."""
+        self.client_executor.close()
+        self._results.close()
+
+    # ---- training events → server ---------------------------------------------------------------
+
+    def _on_training_event(self, event: dict[str, Any]) -> None:
+        kind = event.get("kind")
+        if kind == "exit":
+            ended = {
+                "run_number": event.get("run_number"),
+                "status": get_status_message(event.get("status")),
+                "exit_code": event.get("exit_code"),
+                "error": event.get("error") or "",
+            }
+            if event.get("exit_code") == 0 and self._run_ended == event.get("run_number"):
+                self._mark_completed(ended)
+            self._results.ended(ended)
+            return
+        if kind not in ("progress", "round", "epoch", "end"):
+            return
+        if kind == "end":
+            self._run_ended = event.get("run_number")
+        progress = self.client_executor.progress
+        self._results.progress({"run_number": event.get("run_number"), "round": progress.get("round"),
+                                "epoch": progress.get("epoch"), "loss": progress.get("loss"),
+                                "metrics": progress.get("metrics") or {}})
+
+    def _mark_completed(self, ended: dict[str, Any]) -> None:
+        from fedcommon.atomic import atomic_write_json
+
+        try:
+            atomic_write_json(self.run_dir(ended["run_number"]) / COMPLETED_FILE, ended)
+        except OSError as e:
+            log.error("cannot record that run %s completed: %s", ended["run_number"], e)
+
+
+class ResultForwarder:
+    """Sends progress (the latest, at most every `interval` seconds) and training_ended to the server, in order."""
+
+    def __init__(self, sender, interval: float = PROGRESS_INTERVAL_S):
+        self.sender = sender
+        self.interval = interval
+        self._cond = threading.Condition()
+        self._progress: dict[str, Any] | None = None
+        self._ended: list[dict[str, Any]] = []
+        self._closed = False
+        self._last = -float("inf")
+        self._thread = threading.Thread(target=self._run, name="result-forwarder", daemon=True)
+        self._thread.start()
+
+    def progress(self, data: dict[str, Any]) -> None:
+        """Queue a progress report; an unsent earlier one is replaced."""
+        with self._cond:
+            self._progress = data
+            self._cond.notify()
+
+    def ended(self, data: dict[str, Any]) -> None:
+        """Queue a training_ended report (sent after any pending progress)."""
+        with self._cond:
+            self._ended.append(data)
+            self._cond.notify()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Send what is pending, then stop."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while self._progress is None and not self._ended and not self._closed:
+                    self._cond.wait()
+                if self._progress is None and not self._ended:
+                    return
+                wait = self._last + self.interval - time.monotonic()
+                if self._progress is not None and wait > 0 and not self._closed:
+                    self._cond.wait(wait)
+                    continue
+                progress, self._progress = self._progress, None
+                ended, self._ended = self._ended, []
+            if progress is not None:
+                self._last = time.monotonic()
+                self._send("progress", progress)
+            for data in ended:
+                self._send("training_ended", data)
+
+    def _send(self, topic: str, data: dict[str, Any]) -> None:
+        with contextlib.suppress(Exception):  # the Sender logs its own failures
+            self.sender.send_result(Message(topic, json.dumps(data)))
+
+
+def _run_number(value, missing: str = NO_RUN_NUMBER) -> int:
+    if value is None or value == "":
+        raise RequestRefused(missing)
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise RequestRefused(f"run_number must be a whole number >= 1, got {value!r}") from None
+    if number < 1:
+        raise RequestRefused(f"run_number must be a whole number >= 1, got {value!r}")
+    return number

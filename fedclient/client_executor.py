@@ -1,0 +1,482 @@
+"""How a site runs its training: a worker process in its own process group (or a thread), watched and aborted."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor, Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
+from multiprocessing.connection import Client, Connection, Listener
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from fedclient.client_status import ClientStatus, get_status_message
+
+log = logging.getLogger(__name__)
+
+AUTHKEY_ENV = "FEDLEARN_PARENT_AUTHKEY"
+ABORT_GRACE_S = 3.0
+ABORT_MESSAGE_WAIT_S = 1.0
+GROUP_EXIT_WAIT_S = 5.0
+PARENT_POLL_S = 0.5
+MAX_EVENT_BYTES = 1 << 20
+WORKER_MODULE = "fedclient.worker"
+PROGRESS_KINDS = ("progress", "round", "epoch", "end")
+PROGRESS_KEYS = ("round", "epoch", "loss", "metrics")
+NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
+
+EventHandler = Callable[[dict[str, Any]], None]
+
+
+class TrainingError(Exception):
+    """Training cannot be started; the message says why in words an operator can act on."""
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """What one training launch needs: the site's workspace, the run number and whether to log verbosely."""
+
+    workspace: Path
+    run_number: int
+    debug: bool = False
+
+
+# ---- the parent protocol: JSON objects over multiprocessing.connection bytes, never pickle ----------------
+
+
+def send_event(conn: Connection, kind: str, **fields: Any) -> None:
+    """Send one event {"kind": kind, ...} as JSON bytes."""
+    conn.send_bytes(json.dumps({"kind": kind, **fields}).encode("utf-8"))
+
+
+def read_event(conn: Connection) -> dict[str, Any]:
+    """Receive one JSON event; EOFError/OSError when the peer is gone; ValueError for a malformed one."""
+    event = json.loads(conn.recv_bytes(MAX_EVENT_BYTES).decode("utf-8"))
+    if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
+        raise ValueError(f"not an event object: {str(event)[:200]}")
+    return event
+
+
+def connect_parent(address: str) -> Connection:
+    """The worker's connection to the agent at "host:port", authenticated with the key in FEDLEARN_PARENT_AUTHKEY.
+
+    The key is removed from the environment so that the MMAR's code and its children never see it.
+    """
+    key_hex = os.environ.pop(AUTHKEY_ENV, None)
+    if not key_hex:
+        raise ValueError(f"--parent needs the authentication key in the environment variable {AUTHKEY_ENV}")
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--parent must be HOST:PORT, got {address!r}")
+    return Client((host, int(port)), authkey=bytes.fromhex(key_hex))
+
+
+def listen_command(client, conn: Connection, parent_pid: int | None = None) -> str:
+    """Worker side: abort `client` when the parent says so; return "parent gone" (after aborting) once it is."""
+    while True:
+        try:
+            if not conn.poll(PARENT_POLL_S):
+                if parent_pid is not None and os.getppid() != parent_pid:
+                    break
+                continue
+            event = read_event(conn)
+        except (EOFError, OSError):
+            break
+        except ValueError as e:
+            log.warning("ignoring a malformed message from the agent: %s", e)
+            continue
+        if event["kind"] == "abort":
+            log.info("abort requested by the agent")
+            client.abort()
+        else:
+            log.warning("ignoring an unknown message kind %r from the agent", event["kind"])
+    client.abort()
+    return "parent gone"
+
+
+def start_command_listener(client, conn: Connection, parent_pid: int | None = None,
+                           grace: float = 2.0) -> threading.Thread:
+    """Run listen_command in a thread; when the parent dies, give `client` `grace` seconds, then kill this group."""
+
+    def run() -> None:
+        listen_command(client, conn, parent_pid)
+        log.error("the agent that started this worker is gone; stopping the training")
+        time.sleep(grace)
+        logging.shutdown()
+        if os.getpgrp() == os.getpid():
+            # The worker leads its own process group: this takes every process the training started with it.
+            os.killpg(os.getpgrp(), signal.SIGKILL)
+        os._exit(1)  # not a group leader (started by hand): never signal someone else's group
+
+    thread = threading.Thread(target=run, name="parent-listener", daemon=True)
+    thread.start()
+    return thread
+
+
+# ---- executors ---------------------------------------------------------------------------------------------
+
+
+class ClientExecutor:
+    """Starts, watches and aborts a site's training; `on_event` gets each worker event and a final "exit"."""
+
+    def __init__(self, on_event: EventHandler | None = None):
+        self.on_event = on_event
+        self._lock = threading.RLock()
+        self.status = ClientStatus.TRAINING_NOT_STARTED
+        self.run_number: int | None = None
+        self.progress: dict[str, Any] = {}
+        self.error = ""
+        self.exit_code: int | None = None
+
+    def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
+        """Start training run args.run_number from the MMAR at mmar_root; returns the process id."""
+        raise NotImplementedError
+
+    def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
+        """Start training on gpu_number GPUs (not supported yet)."""
+        raise TrainingError(NOT_SUPPORTED_MGPU)
+
+    def check_status(self, client) -> int:
+        """The training's ClientStatus code."""
+        return self.status
+
+    def is_training(self) -> bool:
+        """Whether a training is starting or running."""
+        return self.status in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED)
+
+    def abort_train(self, client) -> None:
+        """Stop the training; returns once nothing of it runs any more."""
+        raise NotImplementedError
+
+    def wait_training_process_finish(self, client, timeout: float | None = None) -> bool:
+        """Wait until the training has ended; False on timeout."""
+        raise NotImplementedError
+
+    def wait_process_complete(self, client, timeout: float | None = None) -> int:
+        """Wait until the training has ended and been cleaned up; returns the final status code."""
+        self.wait_training_process_finish(client, timeout)
+        return self.status
+
+    def close(self) -> None:
+        """Abort any training and release what the executor holds."""
+        if self.is_training():
+            self.abort_train(None)
+
+    def _reset(self, run_number: int) -> None:
+        self.status = ClientStatus.TRAINING_STARTING
+        self.run_number = run_number
+        self.progress = {}
+        self.error = ""
+        self.exit_code = None
+
+    def _handle(self, event: dict[str, Any]) -> None:
+        """Fold one worker event into the status and progress, then pass it on."""
+        kind = event.get("kind")
+        with self._lock:
+            if kind == "status":
+                code = event.get("status")
+                if code in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED) and self.is_training():
+                    self.status = code
+                if isinstance(event.get("error"), str) and event["error"]:
+                    self.error = event["error"]
+            elif kind in PROGRESS_KINDS:
+                self.progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
+            else:
+                log.debug("unknown worker event %r", kind)
+                return
+            event = {**event, "run_number": self.run_number}
+        self._emit(event)
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if self.on_event is None:
+            return
+        try:
+            self.on_event(event)
+        except Exception:
+            log.exception("training event handler failed on %s", event.get("kind"))
+
+
+@dataclass
+class _Launch:
+    proc: subprocess.Popen
+    listener: Listener
+    authkey: bytes
+    exited: threading.Event
+    done: threading.Event
+    conn: Connection | None = None
+    accepted: bool = False
+    aborting: bool = False
+
+
+class ProcessExecutor(ClientExecutor):
+    """Runs `python -m fedclient.worker` in its own process group and talks to it over an authenticated socket."""
+
+    def __init__(self, on_event: EventHandler | None = None, grace: float = ABORT_GRACE_S,
+                 python: str = sys.executable, worker_module: str = WORKER_MODULE):
+        super().__init__(on_event)
+        self.grace = grace
+        self.python = python
+        self.worker_module = worker_module
+        self._launch: _Launch | None = None
+        self.pid: int | None = None
+
+    def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
+        """Launch the worker for run args.run_number; output goes to <ws>/run_N/log.txt; returns its pid."""
+        with self._lock:
+            if self.is_training():
+                raise TrainingError(f"run {self.run_number} is already training")
+            workspace = Path(args.workspace).resolve()
+            run_dir = workspace / f"run_{args.run_number}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            authkey = secrets.token_bytes(32)
+            listener = Listener(("127.0.0.1", 0), authkey=authkey)
+            host, port = listener.address
+            argv = [self.python, "-m", self.worker_module, "--workspace", str(workspace),
+                    "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
+                    "--parent", f"{host}:{port}", *(["--debug"] if args.debug else [])]
+            try:
+                with open(run_dir / "log.txt", "ab") as out:
+                    proc = subprocess.Popen(
+                        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
+                        env=self._child_env(Path(mmar_root), authkey), start_new_session=True,
+                    )
+            except OSError as e:
+                listener.close()
+                raise TrainingError(f"cannot start the training worker: {e}") from None
+            launch = _Launch(proc, listener, authkey, threading.Event(), threading.Event())
+            self._launch = launch
+            self.pid = proc.pid
+            self._reset(args.run_number)
+        log.info("run %d: training worker started (pid %d, log %s)", args.run_number, proc.pid, run_dir / "log.txt")
+        reader = threading.Thread(target=self._read_events, args=(launch,), name=f"worker-{proc.pid}-events",
+                                  daemon=True)
+        reader.start()
+        threading.Thread(target=self._watch, args=(launch, reader), name=f"worker-{proc.pid}-watch",
+                         daemon=True).start()
+        return proc.pid
+
+    @staticmethod
+    def _child_env(mmar_root: Path, authkey: bytes) -> dict[str, str]:
+        env = dict(os.environ)
+        custom = str(Path(mmar_root).resolve() / "custom")
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (custom, env.get("PYTHONPATH", "")) if p)
+        env["PYTHONUNBUFFERED"] = "1"
+        env[AUTHKEY_ENV] = authkey.hex()
+        return env
+
+    def _read_events(self, launch: _Launch) -> None:
+        while True:
+            try:
+                conn = launch.listener.accept()
+            except OSError:
+                return
+            except Exception as e:  # AuthenticationError: another local process knocked; keep waiting
+                log.warning("refused a connection to the worker's socket: %s", e)
+                continue
+            break
+        with self._lock:
+            launch.conn, launch.accepted = conn, True
+        launch.listener.close()
+        while True:
+            try:
+                event = read_event(conn)
+            except (EOFError, OSError):
+                return
+            except ValueError as e:
+                log.warning("ignoring a malformed event from the worker: %s", e)
+                continue
+            self._handle(event)
+
+    def _watch(self, launch: _Launch, reader: threading.Thread) -> None:
+        pid = launch.proc.pid
+        try:
+            # Wait without reaping: while the leader is a zombie its group id cannot be reused by another process.
+            os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        except ChildProcessError:
+            pass
+        launch.exited.set()
+        _signal_group(pid, signal.SIGKILL)  # whatever the worker left behind
+        code = launch.proc.wait()
+        left = wait_group_empty(pid, GROUP_EXIT_WAIT_S)
+        if left:
+            log.error("run %s: processes %s of the training survived SIGKILL", self.run_number, left)
+        if not launch.accepted:
+            # The worker died before connecting: wake the accept() with a connection of our own.
+            threading.Thread(target=_knock, args=(launch.listener.address, launch.authkey), daemon=True).start()
+        reader.join(5)
+        launch.listener.close()
+        if launch.conn is not None:
+            launch.conn.close()
+        with self._lock:
+            self.exit_code = code
+            if code == 0 or launch.aborting:
+                self.status = ClientStatus.TRAINING_STOPPED
+            else:
+                self.status = ClientStatus.TRAINING_EXCEPTION
+                self.error = self.error or _describe_exit(code)
+            final = {"kind": "exit", "run_number": self.run_number, "status": self.status,
+                     "exit_code": code, "error": self.error if self.status == ClientStatus.TRAINING_EXCEPTION else ""}
+        launch.done.set()
+        log.info("run %s: training worker %d ended: %s (exit code %d)", self.run_number, pid,
+                 get_status_message(self.status), code)
+        self._emit(final)
+
+    def abort_train(self, client) -> None:
+        """Ask the worker to stop, then SIGTERM its group, then SIGKILL it; returns once the group is empty."""
+        with self._lock:
+            launch = self._launch
+            if launch is None or launch.done.is_set():
+                return
+            launch.aborting = True
+            conn = launch.conn
+        pgid = launch.proc.pid
+        log.info("run %s: aborting the training (pid %d)", self.run_number, pgid)
+        if conn is not None:
+            try:
+                send_event(conn, "abort")
+            except OSError:
+                pass
+        if not launch.exited.wait(ABORT_MESSAGE_WAIT_S):
+            _signal_group(pgid, signal.SIGTERM)
+            if not launch.exited.wait(self.grace):
+                log.warning("run %s: the worker ignored SIGTERM for %gs; killing its process group",
+                            self.run_number, self.grace)
+                _signal_group(pgid, signal.SIGKILL)
+        launch.done.wait(GROUP_EXIT_WAIT_S + 10)
+
+    def wait_training_process_finish(self, client, timeout: float | None = None) -> bool:
+        """Wait until the worker has exited and its group is empty; False on timeout."""
+        launch = self._launch
+        return True if launch is None else launch.done.wait(timeout)
+
+    def close(self) -> None:
+        """Abort any training; nothing of it is left afterwards."""
+        self.abort_train(None)
+
+
+class ThreadExecutor(ClientExecutor):
+    """Runs the training in this process on `executor` (for debugging: no isolation, abort after the current step)."""
+
+    def __init__(self, client, executor: Executor, on_event: EventHandler | None = None):
+        super().__init__(on_event)
+        self.client = client
+        self.executor = executor
+        self.training = None
+        self._future: Future | None = None
+
+    def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
+        """Build the site's FederatedClient and trainer for run args.run_number and train on the executor."""
+        from fedclient.worker import SiteTraining, WorkerSetupError
+
+        with self._lock:
+            if self.is_training():
+                raise TrainingError(f"run {self.run_number} is already training")
+            self._reset(args.run_number)
+            try:
+                self.training = SiteTraining(Path(args.workspace), Path(mmar_root), args.run_number,
+                                             on_event=self._handle)
+            except WorkerSetupError as e:
+                self.status, self.error = ClientStatus.TRAINING_EXCEPTION, str(e)
+                raise TrainingError(str(e)) from None
+            self._future = self.executor.submit(self._train, self.training)
+        return os.getpid()
+
+    def _train(self, training) -> None:
+        code = 0
+        try:
+            training.run()
+        except Exception as e:
+            log.exception("run %s: training failed", self.run_number)
+            code = 1
+            with self._lock:
+                self.error = f"training failed: {e}"
+        with self._lock:
+            self.exit_code = code
+            self.status = ClientStatus.TRAINING_EXCEPTION if code else ClientStatus.TRAINING_STOPPED
+            final = {"kind": "exit", "run_number": self.run_number, "status": self.status, "exit_code": code,
+                     "error": self.error if code else ""}
+        self._emit(final)
+
+    def abort_train(self, client) -> None:
+        """Ask the client to stop after its current step and wait for that."""
+        if self.training is not None and self.is_training():
+            self.training.abort()
+            self.wait_training_process_finish(client)
+
+    def wait_training_process_finish(self, client, timeout: float | None = None) -> bool:
+        """Wait for the training thread; False on timeout."""
+        future = self._future
+        if future is None:
+            return True
+        try:
+            future.exception(timeout)
+        except FutureTimeout:
+            return False
+        return True
+
+
+def update_client_properties(client, trainer, cross_site_val_conf=None) -> None:
+    """Attach the trainer (the "fitter") and the cross-site validation settings to a FederatedClient."""
+    client.model_manager.set_fitter(trainer)
+    if cross_site_val_conf is not None:
+        client.cross_site_val_conf = cross_site_val_conf
+        client.cross_site_validate = True
+
+
+# ---- process groups ----------------------------------------------------------------------------------------
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live (not zombie) processes in process group pgid."""
+    members = []
+    for proc in psutil.process_iter(["status"]):
+        try:
+            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
+                members.append(proc.pid)
+        except (OSError, psutil.Error):
+            continue
+    return members
+
+
+def wait_group_empty(pgid: int, timeout: float) -> list[int]:
+    """Wait until process group pgid has no live member; returns those left at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = group_members(pgid)
+        if not left or time.monotonic() >= deadline:
+            return left
+        time.sleep(0.05)
+
+
+def _knock(address: tuple[str, int], authkey: bytes) -> None:
+    try:
+        Client(address, authkey=authkey).close()
+    except Exception:  # the listener closed first: nothing to wake
+        pass
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"the training worker was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"the training worker was killed by signal {-code}"
+    return f"the training worker exited with code {code}; see its log.txt"

@@ -1,0 +1,583 @@
+"""The site agent: requests in, replies out; refusals per docs/admin-protocol.md; it never dies of a request."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+import zipfile
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, server_process
+
+from fedclient.admin import AdminMessageSender, BlobFetchError, FedAdminAgent, RequestProcessor, Sender
+from fedclient.admin_commands import seed_processors
+from fedclient.admin_interface import ClientAdminInterface
+from fedclient.client_executor import ClientExecutor
+from fedclient.client_status import ClientStatus
+from fedcommon.admin_defs import Message, ok_reply
+from fedcommon.kit import channel_credentials, load_kit
+from fedcommon.safe_zip import zip_folder
+from fedcommon.wire import admin_pb2 as apb
+from fedcommon.wire import admin_pb2_grpc as admin_grpc
+
+
+class FakeSender(Sender):
+    """An in-memory agent plane: requests are put in, replies and results collected, blobs served from a dict."""
+
+    def __init__(self):
+        self.inbox: queue.Queue[Message] = queue.Queue()
+        self.replies: dict[str, Message] = {}
+        self.results: list[Message] = []
+        self.blobs: dict[str, bytes] = {}
+        self._cond = threading.Condition()
+        self._closed = threading.Event()
+
+    def retrieve_requests(self) -> list[Message]:
+        try:  # a long-poll of at most 1 s
+            first = self.inbox.get(timeout=1.0)
+        except queue.Empty:
+            return []
+        if first is None:
+            return []
+        out = [first]
+        while not self.inbox.empty():
+            out.append(self.inbox.get_nowait())
+        return [m for m in out if m is not None]
+
+    def send_reply(self, reply: Message) -> None:
+        with self._cond:
+            self.replies[reply.get_ref_id()] = reply
+            self._cond.notify_all()
+
+    def send_result(self, message: Message) -> None:
+        with self._cond:
+            self.results.append(message)
+            self._cond.notify_all()
+
+    def close(self) -> None:
+        self._closed.set()
+        self.inbox.put(None)
+
+    def fetch_blob(self, blob_id: str, dest_path: Path, expected_sha256: str, expected_size: int) -> Path:
+        if blob_id not in self.blobs:
+            raise BlobFetchError(f"fetching blob {blob_id} failed: NOT_FOUND")
+        Path(dest_path).write_bytes(self.blobs[blob_id])
+        return Path(dest_path)
+
+    def send(self, topic: str, headers: dict | None = None, body: str = "") -> Message:
+        msg = Message(topic, body.encode()).set_headers(headers or {})
+        self.inbox.put(msg)
+        return msg
+
+    def reply_to(self, msg: Message, timeout: float = 10.0) -> Message:
+        with self._cond:
+            assert self._cond.wait_for(lambda: msg.id in self.replies, timeout), f"no reply to {msg.topic}"
+            return self.replies[msg.id]
+
+    def ask(self, topic: str, headers: dict | None = None, body: str = "") -> tuple[bool, dict | str]:
+        """Send a request and wait for its reply: (ok, data) or (False, error text)."""
+        reply = self.reply_to(self.send(topic, headers, body))
+        text = reply.body.decode() if isinstance(reply.body, bytes) else reply.body
+        if reply.get_header("_rtnCode") == "_ok":
+            return True, json.loads(text)
+        assert reply.get_header("_rtnCode") == "_error"
+        return False, text
+
+    def wait_results(self, predicate, timeout: float = 10.0) -> list[Message]:
+        with self._cond:
+            assert self._cond.wait_for(lambda: predicate(self.results), timeout), self.results
+            return list(self.results)
+
+
+class FakeExecutor(ClientExecutor):
+    """Training that starts and stops at once, without processes."""
+
+    def start_train(self, client, args, mmar_root) -> int:
+        with self._lock:
+            self._reset(args.run_number)
+            self.status = ClientStatus.TRAINING_STARTED
+        self.mmar_root = mmar_root
+        return 4242
+
+    def report(self, **event) -> None:
+        self._handle(event)
+
+    def abort_train(self, client) -> None:
+        if self.is_training():
+            self.finish(0)
+
+    def finish(self, exit_code: int) -> None:
+        self.status = ClientStatus.TRAINING_STOPPED if exit_code == 0 else ClientStatus.TRAINING_EXCEPTION
+        self._emit({"kind": "exit", "run_number": self.run_number, "status": self.status, "exit_code": exit_code,
+                    "error": ""})
+
+    def wait_training_process_finish(self, client, timeout=None) -> bool:
+        return True
+
+
+class SlowProcessor(RequestProcessor):
+    def __init__(self):
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def get_topics(self) -> list[str]:
+        return ["slow"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        self.entered.set()
+        self.release.wait(20)
+        return ok_reply("{}", req)
+
+
+class RaisingProcessor(RequestProcessor):
+    def get_topics(self) -> list[str]:
+        return ["explode"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        raise RuntimeError("the processor blew up")
+
+
+@pytest.fixture
+def site(tmp_path):
+    """(sender, interface, agent, executor) for site-1 in tmp_path/site-1, with the seed processors."""
+    workspace = tmp_path / "site-1"
+    workspace.mkdir()
+    sender = FakeSender()
+    interface = ClientAdminInterface(None, "site-1", sender, argparse.Namespace(workspace=workspace, debug=False), 0)
+    executor = FakeExecutor(on_event=interface._on_training_event)
+    interface.client_executor = executor
+    agent = FedAdminAgent("site-1", sender, interface, req_poll_interval=0.05, audit_log=workspace / "audit.log")
+    interface.set_agent(agent)
+    for processor in seed_processors():
+        agent.register_processor(processor)
+    yield sender, interface, agent, executor
+    agent.shutdown()
+    interface.close()
+
+
+def _deploy(sender: FakeSender, mmar: Path, run_number: int | None, tmp_path: Path) -> tuple[bool, dict | str]:
+    archive = zip_folder(mmar, tmp_path / f"upload-{time.monotonic_ns()}.zip")
+    data = archive.read_bytes()
+    blob_id = hashlib.sha256(data).hexdigest()
+    sender.blobs[blob_id] = data
+    headers = {"blob_id": blob_id, "sha256": blob_id, "size": len(data)}
+    if run_number is not None:
+        headers["run_number"] = run_number
+    return sender.ask("deploy", headers)
+
+
+# ---- the agent --------------------------------------------------------------------------------------------
+
+
+def test_unknown_topic_gets_an_error_reply_and_the_agent_keeps_running(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    ok, error = sender.ask("make_coffee")
+    assert not ok and error == "site-1: unknown topic 'make_coffee'"
+    ok, data = sender.ask("check_status")
+    assert ok and data["status"] == "training not started"
+    assert agent.is_running()
+
+
+def test_a_raising_processor_gets_an_error_reply_and_the_agent_keeps_running(site):
+    sender, interface, agent, _ = site
+    agent.register_processor(RaisingProcessor())
+    agent.start()
+    ok, error = sender.ask("explode")
+    assert not ok
+    assert error == "site-1: explode failed: RuntimeError: the processor blew up"
+    assert sender.ask("check_status")[0]
+
+
+def test_a_topic_cannot_have_two_processors(site):
+    _, _, agent, _ = site
+    with pytest.raises(ValueError, match="'check_status' already has the processor ClientStatusProcessor"):
+        agent.register_processor(seed_processors()[0])
+
+
+def test_a_slow_request_does_not_block_a_status_request(site):
+    sender, interface, agent, _ = site
+    slow = SlowProcessor()
+    agent.register_processor(slow)
+    agent.start()
+    slow_request = sender.send("slow")
+    assert slow.entered.wait(5)
+    started = time.monotonic()
+    ok, data = sender.ask("check_status")
+    assert ok and time.monotonic() - started < 2
+    assert slow_request.id not in sender.replies
+    slow.release.set()
+    assert sender.reply_to(slow_request).get_header("_rtnCode") == "_ok"
+
+
+def test_every_request_is_audited_as_one_json_line(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    sender.ask("check_status")
+    sender.ask("start", {"run_number": 3})
+    sender.ask("shell", body=json.dumps({"argv": ["ls"]}))
+    lines = [json.loads(line) for line in (interface.workspace / "audit.log").read_text().splitlines()]
+    assert [(e["topic"], e["ok"]) for e in lines] == [("check_status", True), ("start", False), ("shell", True)]
+    assert lines[1]["error"] == "run 3 is not deployed" and lines[1]["run_number"] == "3"
+    assert lines[2]["argv"] == ["ls"]
+    assert all("time" in e for e in lines)
+
+
+# ---- the processors' refusals, per the contract ------------------------------------------------------------
+
+
+def test_start_before_deploy_is_refused(site):
+    sender, _, agent, _ = site
+    agent.start()
+    assert sender.ask("start", {"run_number": 3}) == (False, "run 3 is not deployed")
+
+
+def test_start_without_a_run_number_is_refused(site):
+    sender, _, agent, _ = site
+    agent.start()
+    assert sender.ask("start") == (False, "no run number set: run `fedadmin set-run N` first")
+
+
+def test_deploy_without_a_run_number_is_refused(site, tmp_path):
+    sender, _, agent, _ = site
+    agent.start()
+    assert _deploy(sender, DIGITS, None, tmp_path) == (False, "no run number set: run `fedadmin set-run N` first")
+
+
+def test_deploy_then_start_then_start_twice_is_refused(site, tmp_path):
+    sender, interface, agent, executor = site
+    agent.start()
+    ok, data = _deploy(sender, DIGITS, 1, tmp_path)
+    assert ok, data
+    mmar = interface.workspace / "run_1" / "mmar"
+    assert data == {"run_number": 1, "path": str(mmar)}
+    assert (mmar / "custom" / "trainer.py").is_file()
+    assert not list(interface.workspace.glob(".deploy-*")), "the downloaded zip is removed"
+    assert sender.ask("start", {"run_number": 1}) == (True, {"run_number": 1, "pid": 4242})
+    assert executor.mmar_root == mmar
+    assert sender.ask("start", {"run_number": 1}) == (False, "run 1 is already training")
+    assert _deploy(sender, DIGITS, 1, tmp_path) == (False, "run 1 is training; abort it before deploying again")
+    ok, status = sender.ask("check_status")
+    assert status == {"status": "training started", "status_code": 2, "run_number": 1, "progress": {}}
+
+
+def test_delete_of_the_active_run_is_refused_and_of_an_idle_one_done(site, tmp_path):
+    sender, interface, agent, _ = site
+    agent.start()
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+    assert sender.ask("delete_run_number", {"run_number": 1}) == (False, "run 1 is active; abort it first")
+    assert sender.ask("abort") == (True, {"status": "training stopped"})
+    run_dir = interface.workspace / "run_1"
+    assert sender.ask("delete_run_number", {"run_number": 1}) == (True, {"deleted": str(run_dir)})
+    assert not run_dir.exists()
+    ok, error = sender.ask("delete_run_number", {"run_number": 1})
+    assert not ok and error.startswith("run 1 does not exist")
+
+
+def test_a_completed_run_is_not_started_or_deployed_again_until_deleted(site, tmp_path):
+    sender, interface, agent, executor = site
+    agent.start()
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+    executor.report(kind="end", round=2, metrics={"accuracy": 0.9})
+    executor.finish(0)
+    refusal = "run 1 has already run (completed); delete-run 1 or set another run number"
+    assert sender.ask("start", {"run_number": 1}) == (False, refusal)
+    assert _deploy(sender, DIGITS, 1, tmp_path) == (False, refusal)
+    assert sender.ask("delete_run_number", {"run_number": 1})[0]
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+
+
+def test_an_aborted_or_crashed_run_can_be_started_again(site, tmp_path):
+    sender, interface, agent, executor = site
+    agent.start()
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+    assert sender.ask("abort")[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+    executor.finish(1)
+    ok, status = sender.ask("check_status")
+    assert status["status_code"] == ClientStatus.TRAINING_EXCEPTION
+    assert sender.ask("start", {"run_number": 1})[0]
+
+
+def test_deploy_of_a_hostile_zip_is_refused_and_writes_nothing(site, tmp_path):
+    sender, interface, agent, _ = site
+    agent.start()
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("config/config_train.json", "{}")
+        zf.writestr("../../escape.txt", "pwned")
+    data = archive.read_bytes()
+    blob_id = hashlib.sha256(data).hexdigest()
+    sender.blobs[blob_id] = data
+    ok, error = sender.ask("deploy", {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)})
+    assert not ok and error.startswith("deploy refused:") and "'../../escape.txt'" in error
+    assert not (interface.workspace / "run_1" / "mmar").exists()
+    assert not list(interface.workspace.rglob("escape.txt")) and not (tmp_path / "escape.txt").exists()
+
+
+def test_deploy_of_an_invalid_mmar_names_the_file_and_key(site, tmp_path):
+    sender, interface, agent, _ = site
+    agent.start()
+    bad = copy_mmar(tmp_path / "bad", server={"num_rounds": "three"})
+    ok, error = _deploy(sender, bad, 1, tmp_path)
+    assert not ok and "config_fed_server.json" in error and "num_rounds" in error
+    assert not (interface.workspace / "run_1" / "mmar").exists()
+
+
+def test_shell_outside_the_whitelist_is_refused(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    ok, error = sender.ask("shell", body=json.dumps({"argv": ["rm", "-rf", "/"]}))
+    assert not ok and "'rm' is not allowed" in error
+    ok, error = sender.ask("shell", body=json.dumps({"argv": ["cat", "../../etc/passwd"]}))
+    assert not ok and "outside the workspace" in error
+    ok, error = sender.ask("shell", body="not json")
+    assert not ok and "argv" in error
+
+
+def test_shell_runs_in_the_sites_workspace(site):
+    sender, interface, agent, _ = site
+    (interface.workspace / "notes.txt").write_text("hello\n")
+    agent.start()
+    ok, data = sender.ask("shell", body=json.dumps({"argv": ["cat", "notes.txt"]}))
+    assert ok and data == {"stdout": "hello\n", "truncated": False, "exit_code": 0}
+
+
+def test_multi_gpu_and_validate_are_not_supported_yet(site):
+    sender, _, agent, _ = site
+    agent.start()
+    ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
+    assert not ok and error.startswith("not supported yet: multi-GPU")
+    ok, error = sender.ask("validate")
+    assert not ok and error.startswith("not supported yet")
+
+
+def test_sysinfo_reports_the_training_status(site):
+    sender, _, agent, _ = site
+    agent.start()
+    ok, data = sender.ask("sys_info")
+    assert ok and data["training_status"] == "training not started" and data["hostname"]
+
+
+def test_shutdown_and_restart_reply_first_and_ask_the_process_to_exit(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    assert sender.ask("restart") == (True, {"restarting": True})
+    assert interface.exit_requested.is_set() and interface.restart_requested
+    assert sender.ask("shutdown") == (True, {"shutting_down": True})
+    assert not interface.restart_requested
+
+
+def test_progress_is_forwarded_at_most_every_half_second_and_the_end_is_reported(site, tmp_path):
+    sender, interface, agent, executor = site
+    agent.start()
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    assert sender.ask("start", {"run_number": 1})[0]
+    started = time.monotonic()
+    for epoch in range(1, 21):
+        executor.report(kind="epoch", round=2, epoch=epoch, loss=1.0 / epoch)
+        time.sleep(0.05)
+    executor.report(kind="end", round=2, metrics={"accuracy": 0.9})
+    ok, status = sender.ask("check_status")
+    assert status["progress"] == {"round": 2, "epoch": 20, "loss": 0.05, "metrics": {"accuracy": 0.9}}
+    sender.ask("abort")
+    results = sender.wait_results(lambda r: any(m.topic == "training_ended" for m in r))
+    elapsed = time.monotonic() - started
+    progress = [json.loads(m.body) for m in results if m.topic == "progress"]
+    assert 1 <= len(progress) <= elapsed / 0.5 + 1
+    assert progress[-1] == {"run_number": 1, "round": 2, "epoch": 20, "loss": 0.05, "metrics": {"accuracy": 0.9}}
+    assert results[-1].topic == "training_ended"
+    assert json.loads(results[-1].body) == {"run_number": 1, "status": "training stopped", "exit_code": 0,
+                                            "error": ""}
+
+
+def test_the_admin_message_sender_refuses_plaintext(tmp_path):
+    with pytest.raises(ValueError, match="only mutual TLS"):
+        AdminMessageSender("site-1", server_args={"target": "127.0.0.1:1"}, secure=False)
+
+
+# ---- over real gRPC with mutual TLS -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def plane(tmp_path):
+    """A real in-process server, an operator's AdminService stub, and site-1's real agent over mutual TLS."""
+    from fedserver.server import FederationServer
+
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
+    server.start()
+    startup = ws / "site-1" / "startup"
+    sender = AdminMessageSender("site-1", root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
+                                private_key=str(startup / "key.pem"),
+                                server_args={"target": f"127.0.0.1:{server.fl_port}"}, secure=True)
+    interface = ClientAdminInterface(None, "site-1", sender, argparse.Namespace(workspace=ws / "site-1"), 0)
+    interface.client_executor = FakeExecutor(on_event=interface._on_training_event)
+    agent = FedAdminAgent("site-1", sender, interface)
+    for processor in seed_processors():
+        agent.register_processor(processor)
+    agent.start()
+    admin = admin_grpc.AdminServiceStub(
+        grpc.secure_channel(f"127.0.0.1:{server.admin_port}", channel_credentials(load_kit(ws / "admin"))))
+    deadline = time.monotonic() + 10
+    while "site-1" not in server.hub.connected_sites():
+        assert time.monotonic() < deadline, "site-1 never connected"
+        time.sleep(0.02)
+    yield server, admin, interface, sender
+    agent.shutdown()
+    interface.close()
+    server.stop(0)
+
+
+def _execute(admin, command: str, targets: list[str], args: dict | None = None) -> apb.CommandReply:
+    return admin.Execute(apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args or {}),
+                                            timeout=10), timeout=30)
+
+
+def test_a_request_reaches_an_idle_site_at_once_over_the_long_poll(plane):
+    server, admin, interface, sender = plane
+    assert sender.wait_connected(5)
+    time.sleep(1.0)  # the site's Retrieve is now held by the server
+    started = time.monotonic()
+    reply = _execute(admin, "status", ["site-1"])
+    assert time.monotonic() - started < 1.0
+    assert reply.ok, reply
+    assert json.loads(reply.replies[0].data_json)["status"] == "training not started"
+
+
+def test_deploy_and_start_through_the_server_reach_the_site(plane, tmp_path):
+    server, admin, interface, sender = plane
+    archive = zip_folder(DIGITS, tmp_path / "digits.zip").read_bytes()
+    sha = hashlib.sha256(archive).hexdigest()
+    header = apb.BlobHeader(name="digits.zip", size=len(archive), sha256=sha)
+    upload = admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=archive)]), timeout=30)
+    reply = _execute(admin, "deploy", ["site-1"], {"blob_id": upload.blob_id})
+    assert not reply.ok and reply.replies[0].error == "no run number set: run `fedadmin set-run N` first"
+    assert _execute(admin, "set-run", ["server"], {"run_number": 2}).ok
+    reply = _execute(admin, "deploy", ["site-1"], {"blob_id": upload.blob_id})
+    assert reply.ok, reply
+    assert json.loads(reply.replies[0].data_json)["path"] == str(interface.workspace / "run_2" / "mmar")
+    assert (interface.workspace / "run_2" / "mmar" / "config" / "config_train.json").is_file()
+    reply = _execute(admin, "start", ["site-1"])
+    assert json.loads(reply.replies[0].data_json) == {"run_number": 2, "pid": 4242}
+    interface.client_executor.report(kind="epoch", round=0, epoch=1, loss=0.5)
+    deadline = time.monotonic() + 10
+    while "site-1" not in server.hub.site_results()["site_progress"]:
+        assert time.monotonic() < deadline, "progress never reached the server"
+        time.sleep(0.05)
+    assert server.hub.site_results()["site_progress"]["site-1"]["epoch"] == 1
+
+
+def test_a_fetch_with_a_wrong_size_is_refused(plane, tmp_path):
+    server, admin, interface, sender = plane
+    data = b"not much"
+    sha = hashlib.sha256(data).hexdigest()
+    header = apb.BlobHeader(name="x.zip", size=len(data), sha256=sha)
+    admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
+    with pytest.raises(BlobFetchError, match="the deploy request announced 9"):
+        sender.fetch_blob(sha, tmp_path / "x.zip", sha, 9)
+    assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x.zip.part").exists()
+
+
+# ---- `fedclient start` as a real process ------------------------------------------------------------------
+
+
+def _agent_process(workspace: Path) -> tuple[subprocess.Popen, list[str]]:
+    proc = subprocess.Popen([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace)],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=python_env(), cwd=ROOT)
+    lines: list[str] = []
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
+    return proc, lines
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.05)
+
+
+@pytest.mark.e2e
+def test_fedclient_start_serves_requests_restarts_and_shuts_down_on_command(tmp_path, processes):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    with server_process(ws / "server"):
+        admin = admin_grpc.AdminServiceStub(grpc.secure_channel(
+            load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin"))))
+        proc, lines = _agent_process(ws / "site-1")
+        processes.append(proc)
+        _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
+        _wait_for(lambda: _execute(admin, "status", ["site-1"]).ok, 10, "site-1 never answered status")
+        reply = _execute(admin, "restart", ["site-1"])
+        assert json.loads(reply.replies[0].data_json) == {"restarting": True}
+        _wait_for(lambda: lines.count("fedclient agent site-1 started\n") == 2, 60, "no restart")
+        assert proc.poll() is None, "a restart re-executes the same process"
+        _wait_for(lambda: _execute(admin, "status", ["site-1"]).ok, 10, "site-1 never answered after the restart")
+        reply = _execute(admin, "shutdown", ["site-1"])
+        assert json.loads(reply.replies[0].data_json) == {"shutting_down": True}
+        assert proc.wait(20) == 0
+    log_text = (ws / "site-1" / "log.txt").read_text()
+    assert "restarting" in log_text and "shutting down" in log_text
+
+
+@pytest.mark.e2e
+def test_fedclient_start_exits_cleanly_on_sigterm_and_refuses_a_server_kit(tmp_path, processes):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    with server_process(ws / "server"):
+        proc, lines = _agent_process(ws / "site-1")
+        processes.append(proc)
+        _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
+        proc.terminate()
+        assert proc.wait(20) == 0
+    refused = subprocess.run([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "server")],
+                             capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60)
+    assert refused.returncode == 3 and "needs a site's kit" in refused.stderr
+    shutil.rmtree(ws / "site-1" / "startup")
+    refused = subprocess.run([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "site-1")],
+                             capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60)
+    assert refused.returncode == 3 and "startup" in refused.stderr
+
+
+@pytest.mark.e2e
+def test_sigterm_during_training_aborts_it_and_leaves_no_process(tmp_path, processes):
+    from fedclient.client_executor import group_members
+
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    slow = copy_mmar(tmp_path / "slow", server={"min_num_clients": 1, "num_rounds": 1},
+                     train_args={"num_sites": 1, "epochs_per_round": 100000})
+    with server_process(ws / "server"):
+        admin = admin_grpc.AdminServiceStub(grpc.secure_channel(
+            load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin"))))
+        proc, lines = _agent_process(ws / "site-1")
+        processes.append(proc)
+        _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
+        archive = zip_folder(slow, tmp_path / "slow.zip").read_bytes()
+        header = apb.BlobHeader(name="slow.zip", size=len(archive), sha256=hashlib.sha256(archive).hexdigest())
+        upload = admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=archive)]), timeout=30)
+        assert _execute(admin, "set-run", ["server"], {"run_number": 1}).ok
+        assert _execute(admin, "deploy", ["all"], {"blob_id": upload.blob_id}).ok
+        reply = _execute(admin, "start", ["all"])
+        assert reply.ok, reply
+        worker = json.loads(next(r for r in reply.replies if r.target == "site-1").data_json)["pid"]
+
+        def training() -> bool:
+            data = json.loads(_execute(admin, "status", ["site-1"]).replies[0].data_json)
+            return data["status_code"] == ClientStatus.TRAINING_STARTED and data["progress"].get("epoch")
+
+        _wait_for(training, 120, "site-1 never trained")
+        assert group_members(worker) == [worker]
+        proc.terminate()
+        assert proc.wait(30) == 0
+        assert group_members(worker) == [], "no process of the training may outlive the agent"

@@ -1,0 +1,348 @@
+"""ProcessExecutor with real processes: progress over the authenticated socket, abort and crash leave nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import copy_mmar, prepare_workspace
+
+from fedclient.client_executor import (
+    ProcessExecutor,
+    ThreadExecutor,
+    TrainArgs,
+    TrainingError,
+    group_members,
+)
+from fedclient.client_status import ClientStatus
+
+# A stand-in for fedclient.worker: same arguments, same parent protocol; <mmar>/mode picks its behaviour.
+CHILD = '''
+"""Test-only training worker."""
+import argparse, json, os, signal, subprocess, sys, threading, time
+from pathlib import Path
+
+from fedclient.client_executor import AUTHKEY_ENV, connect_parent, send_event, start_command_listener
+
+
+class Client:
+    def __init__(self):
+        self.stop = threading.Event()
+
+    def abort(self):
+        self.stop.set()
+
+
+parser = argparse.ArgumentParser()
+for flag in ("--workspace", "--mmar", "--parent"):
+    parser.add_argument(flag)
+parser.add_argument("--run-number", type=int)
+parser.add_argument("--debug", action="store_true")
+args = parser.parse_args()
+mode = Path(args.mmar, "mode").read_text().strip()
+run_dir = Path(args.workspace) / f"run_{args.run_number}"
+info = {"pid": os.getpid(), "pgid": os.getpgrp(), "argv": sys.argv, "cwd": os.getcwd(),
+        "key": os.environ.get(AUTHKEY_ENV, ""), "pythonpath": os.environ.get("PYTHONPATH", "")}
+conn = connect_parent(args.parent)
+info["key_left_in_env"] = AUTHKEY_ENV in os.environ
+client = Client()
+if mode in ("hang", "crash"):
+    ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    info["grandchild"] = subprocess.Popen([sys.executable, "-c", ignore_term]).pid
+if mode == "hang":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    start_command_listener(Client(), conn, os.getppid(), grace=0.2)  # its abort does nothing
+tmp = run_dir / "child.json.tmp"
+tmp.write_text(json.dumps(info))
+tmp.rename(run_dir / "child.json")
+send_event(conn, "status", status=2)
+print("child started", flush=True)
+if mode == "train":
+    for epoch in range(1, 6):
+        send_event(conn, "epoch", round=0, epoch=epoch, loss=1.0 / epoch)
+        time.sleep(0.02)
+    send_event(conn, "end", round=0, metrics={"accuracy": 0.9})
+    sys.exit(0)
+if mode == "crash":
+    send_event(conn, "status", status=4, error="boom: the trainer exploded")
+    sys.exit(3)
+if mode == "obedient":
+    start_command_listener(client, conn, os.getppid())
+    client.stop.wait(60)
+    sys.exit(0)
+while True:
+    time.sleep(1)
+'''
+
+PARENT = '''
+import sys, time
+from pathlib import Path
+from fedclient.client_executor import ProcessExecutor, TrainArgs
+
+executor = ProcessExecutor(worker_module="child_worker")
+print(executor.start_train(None, TrainArgs(Path(sys.argv[1]), 1), Path(sys.argv[2])), flush=True)
+time.sleep(600)
+'''
+
+
+@pytest.fixture
+def child(tmp_path, monkeypatch):
+    """(workspace, make_mmar(mode)): the test worker on PYTHONPATH, a site workspace for it."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "child_worker.py").write_text(textwrap.dedent(CHILD))
+    monkeypatch.setenv("PYTHONPATH", str(code) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    workspace = tmp_path / "site-1"
+    workspace.mkdir()
+
+    def make_mmar(mode: str) -> Path:
+        mmar = workspace / "run_1" / "mmar"
+        (mmar / "custom").mkdir(parents=True, exist_ok=True)
+        (mmar / "mode").write_text(mode)
+        return mmar
+
+    return workspace, make_mmar
+
+
+@pytest.fixture
+def executors():
+    """Executors a test made; each is closed at teardown so no child outlives a failing test."""
+    made: list[ProcessExecutor] = []
+    yield made
+    for executor in made:
+        executor.close()
+
+
+def _executor(executors, events=None, grace: float = 3.0) -> ProcessExecutor:
+    executor = ProcessExecutor(on_event=None if events is None else events.append, grace=grace,
+                               worker_module="child_worker")
+    executors.append(executor)
+    return executor
+
+
+def _child_info(workspace: Path, timeout: float = 30) -> dict:
+    path = workspace / "run_1" / "child.json"
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    return json.loads(path.read_text())
+
+
+def _gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def _wait_gone(pids: list[int], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(_gone(p) for p in pids):
+        assert time.monotonic() < deadline, f"still running: {[p for p in pids if not _gone(p)]}"
+        time.sleep(0.05)
+
+
+def test_progress_messages_arrive_and_a_clean_exit_is_training_stopped(child, executors):
+    workspace, make_mmar = child
+    events: list[dict] = []
+    executor = _executor(executors, events)
+    executor.start_train(None, TrainArgs(workspace, 1), make_mmar("train"))
+    assert executor.check_status(None) in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED)
+    assert executor.wait_process_complete(None, timeout=30) == ClientStatus.TRAINING_STOPPED
+    kinds = [e["kind"] for e in events]
+    assert kinds.count("epoch") == 5 and "end" in kinds and kinds[-1] == "exit"
+    assert all(e["run_number"] == 1 for e in events)
+    assert executor.progress == {"round": 0, "epoch": 5, "loss": 0.2, "metrics": {"accuracy": 0.9}}
+    assert events[-1] == {"kind": "exit", "run_number": 1, "status": ClientStatus.TRAINING_STOPPED,
+                          "exit_code": 0, "error": ""}
+    info = _child_info(workspace)
+    assert info["pythonpath"].split(os.pathsep)[0] == str((workspace / "run_1" / "mmar" / "custom").resolve())
+    assert info["cwd"] == str((workspace / "run_1").resolve())
+    assert "child started" in (workspace / "run_1" / "log.txt").read_text()
+
+
+def test_the_authkey_never_appears_on_argv_and_leaves_the_environment(child, executors):
+    workspace, make_mmar = child
+    executor = _executor(executors, grace=0.5)
+    pid = executor.start_train(None, TrainArgs(workspace, 1), make_mmar("hang"))
+    info = _child_info(workspace)
+    key = info["key"]
+    assert len(key) == 64, "a 32-byte key, hex"
+    assert key not in " ".join(info["argv"]) and key not in " ".join(psutil.Process(pid).cmdline())
+    assert not info["key_left_in_env"]
+    assert psutil.Process(info["grandchild"]).environ().get("FEDLEARN_PARENT_AUTHKEY") is None
+    executor.abort_train(None)
+
+
+def test_abort_kills_whole_process_group_including_a_grandchild(child, executors):
+    workspace, make_mmar = child
+    executor = _executor(executors)
+    pid = executor.start_train(None, TrainArgs(workspace, 1), make_mmar("hang"))
+    info = _child_info(workspace)
+    assert info["pgid"] == pid, "the worker leads its own process group"
+    assert psutil.Process(info["grandchild"]).is_running()
+    started = time.monotonic()
+    executor.abort_train(None)  # the child and grandchild ignore the message and SIGTERM: only SIGKILL works
+    assert time.monotonic() - started < 8
+    assert _gone(pid) and _gone(info["grandchild"])
+    assert group_members(pid) == []
+    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+
+
+def test_the_abort_message_stops_an_obedient_worker_without_signals(child, executors):
+    workspace, make_mmar = child
+    executor = _executor(executors)
+    executor.start_train(None, TrainArgs(workspace, 1), make_mmar("obedient"))
+    _child_info(workspace)
+    started = time.monotonic()
+    executor.abort_train(None)
+    assert time.monotonic() - started < 2
+    assert executor.exit_code == 0
+    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+
+
+def test_a_crash_is_a_training_exception_with_the_workers_error_and_leaves_no_process(child, executors):
+    workspace, make_mmar = child
+    events: list[dict] = []
+    executor = _executor(executors, events)
+    pid = executor.start_train(None, TrainArgs(workspace, 1), make_mmar("crash"))
+    assert executor.wait_process_complete(None, timeout=30) == ClientStatus.TRAINING_EXCEPTION
+    info = _child_info(workspace)
+    _wait_gone([info["grandchild"]], 5)
+    assert group_members(pid) == []
+    assert executor.error == "boom: the trainer exploded"
+    assert events[-1]["exit_code"] == 3 and events[-1]["error"] == "boom: the trainer exploded"
+
+
+def test_a_worker_that_dies_before_connecting_is_reported(child, executors):
+    workspace, make_mmar = child
+    executor = ProcessExecutor(worker_module="no_such_worker_module")
+    executors.append(executor)
+    executor.start_train(None, TrainArgs(workspace, 1), make_mmar("train"))
+    assert executor.wait_process_complete(None, timeout=30) == ClientStatus.TRAINING_EXCEPTION
+    assert "exited with code 1" in executor.error
+    assert "No module named no_such_worker_module" in (workspace / "run_1" / "log.txt").read_text()
+
+
+def test_start_is_refused_while_training(child, executors):
+    workspace, make_mmar = child
+    executor = _executor(executors, grace=0.5)
+    executor.start_train(None, TrainArgs(workspace, 1), make_mmar("hang"))
+    with pytest.raises(TrainingError, match="run 1 is already training"):
+        executor.start_train(None, TrainArgs(workspace, 1), make_mmar("hang"))
+    executor.abort_train(None)
+    executor.start_train(None, TrainArgs(workspace, 1), make_mmar("obedient"))
+    executor.abort_train(None)
+
+
+def test_the_worker_and_its_children_exit_when_the_parent_dies(child, tmp_path):
+    workspace, make_mmar = child
+    mmar = make_mmar("hang")
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(workspace), str(mmar)], stdout=subprocess.PIPE,
+                              text=True, env=dict(os.environ))
+    worker_pid = None
+    try:
+        worker_pid = int(parent.stdout.readline())
+        info = _child_info(workspace)
+        assert info["pid"] == worker_pid
+        parent.send_signal(signal.SIGKILL)
+        parent.wait(10)
+        _wait_gone([worker_pid, info["grandchild"]], 10)
+        assert group_members(worker_pid) == []
+    finally:
+        if parent.poll() is None:
+            parent.kill()
+            parent.wait(10)
+        if worker_pid is not None and group_members(worker_pid):
+            os.killpg(worker_pid, signal.SIGKILL)  # only on failure: the group this test started
+
+
+# ---- the real worker against a real in-process server ------------------------------------------------------
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A running in-process server with run 1 of the digits example (one site needed, one round)."""
+    from fedcommon.kit import load_kit
+    from fedserver.server import FederationServer
+
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    mmar = copy_mmar(tmp_path / "mmar", server={"min_num_clients": 1, "num_rounds": 1, "wait_after_min_clients": 0},
+                     train_args={"num_sites": 1, "epochs_per_round": 2})
+    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
+    server.start_run(mmar)
+    server.start()
+    site = ws / "site-1"
+    _point_kit_at(site, server.fl_port)
+    deployed = copy_mmar(site / "run_1" / "mmar", src=mmar)
+    yield server, site, deployed
+    server.stop(0)
+
+
+def _point_kit_at(site: Path, fl_port: int) -> None:
+    config_path = site / "startup" / "fed.json"
+    config = json.loads(config_path.read_text())
+    config["server"]["fl_port"] = fl_port
+    config_path.write_text(json.dumps(config))
+
+
+@pytest.mark.e2e
+def test_the_real_worker_trains_the_run_and_reports_progress(federation, executors):
+    server, site, mmar = federation
+    events: list[dict] = []
+    executor = ProcessExecutor(on_event=events.append)
+    executors.append(executor)
+    executor.start_train(None, TrainArgs(site, 1), mmar)
+    assert executor.wait_process_complete(None, timeout=180) == ClientStatus.TRAINING_STOPPED, \
+        (site / "run_1" / "log.txt").read_text()
+    kinds = [e["kind"] for e in events]
+    assert {"status", "round", "epoch", "end"} <= set(kinds) and kinds[-1] == "exit"
+    assert executor.progress["epoch"] == 2 and "accuracy" in executor.progress["metrics"]
+    log_text = (site / "run_1" / "log.txt").read_text()
+    assert "site-1: run 1 finished" in log_text
+    assert not (site / "log.txt").exists(), "under an agent the worker logs to run_N/log.txt only"
+
+
+@pytest.mark.e2e
+def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
+    server, site, mmar = federation
+    config = mmar / "config" / "config_train.json"
+    train = json.loads(config.read_text())
+    train["trainer"]["args"]["epochs_per_round"] = 100000
+    config.write_text(json.dumps(train))
+    executor = ProcessExecutor()
+    executors.append(executor)
+    pid = executor.start_train(None, TrainArgs(site, 1), mmar)
+    deadline = time.monotonic() + 120
+    while "epoch" not in executor.progress:
+        assert time.monotonic() < deadline and executor.is_training(), (site / "run_1" / "log.txt").read_text()
+        time.sleep(0.1)
+    started = time.monotonic()
+    executor.abort_train(None)
+    assert time.monotonic() - started < 10
+    assert _gone(pid) and group_members(pid) == []
+    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+
+
+@pytest.mark.e2e
+def test_the_thread_executor_trains_the_run_in_this_process(federation):
+    server, site, mmar = federation
+    done = threading.Event()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        executor = ThreadExecutor(None, pool, on_event=lambda e: e["kind"] == "exit" and done.set())
+        assert executor.start_train(None, TrainArgs(site, 1), mmar) == os.getpid()
+        assert executor.wait_training_process_finish(None, timeout=180)
+    assert done.is_set()
+    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED, executor.error
+    assert executor.progress["epoch"] == 2 and "accuracy" in executor.progress["metrics"]

@@ -1,0 +1,186 @@
+"""`fedadmin poc start|stop|run` without a real federation: process groups, poc.json, workspace refusals."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import click
+import psutil
+import pytest
+from conftest import ROOT, copy_mmar, prepare_workspace, python_env
+
+from fedadmin import local_federation
+from fedadmin.commands.poc.run import MARKER, fresh_workspace
+from fedadmin.local_federation import FederationError, Participant
+
+SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+# Ignores SIGTERM and starts a child in a session of its own (as an agent starts a training worker),
+# which ignores SIGTERM too: only SIGKILL, to the parent and to the child found through it, ends both.
+STUBBORN = [
+    sys.executable,
+    "-c",
+    textwrap.dedent(
+        """
+        import signal, subprocess, sys, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+        child = subprocess.Popen([sys.executable, "-c", code], start_new_session=True)
+        print(child.pid, flush=True)
+        time.sleep(600)
+        """
+    ),
+]
+
+
+def fedadmin(*args: str) -> subprocess.CompletedProcess[str]:
+    env = python_env()
+    env.pop("FEDADMIN_KIT", None)
+    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+
+
+def launch_detached(ws: Path, argv_by_name: dict[str, list[str]]) -> None:
+    """Launch from a short-lived process, as `poc start` does, so the processes outlive their launcher."""
+    code = (
+        "import json, sys\nfrom pathlib import Path\nfrom fedadmin.local_federation import launch\n"
+        "for name, argv in json.loads(sys.argv[2]).items():\n    launch(Path(sys.argv[1]), name, argv)\n"
+    )
+    subprocess.run([sys.executable, "-c", code, str(ws), json.dumps(argv_by_name)], cwd=ROOT, env=python_env(),
+                   check=True, timeout=60)
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_for_line(path: Path, timeout: float = 30) -> str:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = path.read_text() if path.exists() else ""
+        if text.endswith("\n"):
+            return text.strip()
+        time.sleep(0.05)
+    raise AssertionError(f"nothing in {path}")
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return prepare_workspace(tmp_path / "ws", clients=2)
+
+
+def test_poc_stop_kills_every_recorded_group_and_a_worker_in_its_own_group(ws):
+    launch_detached(ws, {"server": SLEEPER, "site-1": STUBBORN, "site-2": SLEEPER})
+    records = {r.name: r for r in local_federation.read_records(ws)}
+    assert list(records) == ["server", "site-1", "site-2"]
+    worker = int(wait_for_line(ws / "site-1" / "console.txt"))
+    assert all(alive(r.pid) for r in records.values()) and alive(worker)
+
+    result = fedadmin("--json", "poc", "stop", "--workspace", str(ws), "--grace", "1")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    outcomes = {p["name"]: p["outcome"] for p in report["processes"]}
+    assert outcomes == {"server": "stopped", "site-1": "killed", "site-2": "stopped"}
+    assert not any(alive(r.pid) for r in records.values())
+    assert not alive(worker)
+    assert not (ws / "poc.json").exists()
+
+
+def test_poc_stop_without_a_record_says_so(ws):
+    result = fedadmin("poc", "stop", "--workspace", str(ws))
+    assert result.returncode == 1
+    assert "poc.json is missing" in result.stderr
+
+
+def test_start_returns_once_ready_and_refuses_to_start_twice(ws):
+    calls = []
+
+    def ready(sites: list[str]) -> str | None:
+        calls.append(sites)
+        return None if len(calls) >= 3 else "site-2 not connected"
+
+    records = local_federation.start(ws, ready, timeout=30, argv_for=lambda p: SLEEPER)
+    try:
+        assert [r.name for r in records] == ["server", "site-1", "site-2"]
+        assert calls[-1] == ["site-1", "site-2"]
+        for r in records:
+            assert os.getpgid(r.pid) == r.pid  # its own process group
+            assert Path(r.console).parent == ws / r.name
+        with pytest.raises(FederationError, match="already running"):
+            local_federation.start(ws, ready, timeout=30, argv_for=lambda p: SLEEPER)
+    finally:
+        stopped = local_federation.stop(ws, grace=5)
+    assert {s.outcome for s in stopped} == {"stopped"}
+    assert not any(alive(r.pid) for r in records)
+
+
+def test_start_stops_everything_when_a_participant_exits_during_start_up(ws):
+    def argv_for(p: Participant) -> list[str]:
+        return [sys.executable, "-c", "import sys; print('bad kit'); sys.exit(3)"] if p.name == "site-2" else SLEEPER
+
+    with pytest.raises(FederationError, match=r"site-2 exited during start-up; see .*site-2/console.txt") as info:
+        local_federation.start(ws, lambda sites: "not yet", timeout=30, argv_for=argv_for)
+    assert "log.txt" in str(info.value)
+    assert "bad kit" in (ws / "site-2" / "console.txt").read_text()
+    assert not (ws / "poc.json").exists()
+
+
+def test_start_times_out_with_the_reason_and_the_log_paths(ws):
+    with pytest.raises(FederationError, match=r"not ready within 1s: site-2 not connected; logs: .*server/log.txt"):
+        local_federation.start(ws, lambda sites: "site-2 not connected", timeout=1, argv_for=lambda p: SLEEPER)
+    assert not (ws / "poc.json").exists()
+
+
+def test_poc_run_refuses_a_non_empty_workspace_it_did_not_make(tmp_path):
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    result = fedadmin("poc", "run", str(ROOT / "examples" / "digits"), "--workspace", str(foreign))
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "not made by `fedadmin poc run`" in result.stderr
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+def test_poc_run_refuses_a_folder_that_is_no_mmar(tmp_path):
+    result = fedadmin("poc", "run", str(tmp_path), "--workspace", str(tmp_path / "ws"))
+    assert result.returncode == 2
+    assert not (tmp_path / "ws").exists()
+
+
+def test_fresh_workspace_replaces_one_an_earlier_poc_run_made(tmp_path):
+    ws = tmp_path / "ws"
+    fresh_workspace(ws)
+    (ws / "server").mkdir()
+    fresh_workspace(ws)
+    assert sorted(p.name for p in ws.iterdir()) == [MARKER]
+    (ws / "poc.json").write_text("not json")
+    with pytest.raises(FederationError):
+        fresh_workspace(ws)
+    (ws / MARKER).unlink()
+    with pytest.raises(click.UsageError):
+        fresh_workspace(ws)
+
+
+@pytest.mark.e2e
+def test_poc_run_trains_an_mmar_reports_every_round_and_leaves_no_process(tmp_path):
+    mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 2})
+    ws = tmp_path / "ws"
+    result = fedadmin("--json", "poc", "run", str(mmar), "--clients", "2", "--workspace", str(ws))
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = json.loads(result.stdout)
+    assert (report["command"], report["ok"], report["status"]) == ("poc run", True, "completed")
+    assert [r["round"] for r in report["rounds"]] == [0, 1]
+    assert all(r["contributors"] == ["site-1", "site-2"] for r in report["rounds"])
+    assert sorted(report["final_metrics"]) == ["site-1", "site-2"]
+    assert {p["name"] for p in report["processes"]} == {"server", "site-1", "site-2"}
+    assert not (ws / "poc.json").exists()
+    leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(ws) in " ".join(p.info["cmdline"] or [])]
+    assert [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE] == []

@@ -1,0 +1,598 @@
+"""The console against a fake AdminService over real mutual TLS: JSON shape, exit codes, local refusals, uploads."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import zipfile
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from conftest import ROOT, prepare_workspace, python_env
+
+from fedcommon.kit import load_kit, peer_admin_role, peer_name, server_credentials
+from fedcommon.wire import admin_pb2, admin_pb2_grpc
+
+SITES = ["site-1", "site-2"]
+SERVER_STATUS = {
+    "run_number": 1,
+    "run_status": "training",
+    "current_round": 1,
+    "start_round": 0,
+    "num_rounds": 3,
+    "registered_sites": SITES,
+    "connected_sites": SITES,
+}
+SITE_STATUS = {
+    "status": "training started",
+    "status_code": 2,
+    "run_number": 1,
+    "progress": {"round": 1, "epoch": 2, "loss": 0.5, "metrics": {"accuracy": 0.9}},
+}
+
+Handler = Callable[[admin_pb2.CommandRequest, grpc.ServicerContext], admin_pb2.CommandReply]
+
+
+def expand(targets: list[str]) -> list[str]:
+    out: list[str] = []
+    for t in targets:
+        out += ["server", *SITES] if t == "all" else SITES if t == "client" else [t]
+    return out
+
+
+def reply(request: admin_pb2.CommandRequest, data: Callable[[str], dict] | None = None,
+          errors: dict[str, str] | None = None) -> admin_pb2.CommandReply:
+    """One TargetReply per target: errors[target] fails it, an unknown site is "not connected"."""
+    errors = dict(errors or {})
+    replies = []
+    for target in expand(list(request.targets)):
+        if target not in ("server", *SITES):
+            errors.setdefault(target, f"{target} is not connected")
+        if target in errors:
+            replies.append(admin_pb2.TargetReply(target=target, ok=False, error=errors[target]))
+        else:
+            payload = data(target) if data else {}
+            replies.append(admin_pb2.TargetReply(target=target, ok=True, data_json=json.dumps(payload)))
+    return admin_pb2.CommandReply(command=request.command, ok=all(r.ok for r in replies), replies=replies)
+
+
+def status_data(target: str) -> dict:
+    return dict(SERVER_STATUS) if target == "server" else dict(SITE_STATUS)
+
+
+@dataclass
+class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
+    """Records every request; answers Execute from handlers (canned ok replies by default)."""
+
+    requests: list[admin_pb2.CommandRequest] = field(default_factory=list)
+    uploads: list[tuple[admin_pb2.BlobHeader, bytes]] = field(default_factory=list)
+    handlers: dict[str, Handler] = field(default_factory=dict)
+    callers: list[str] = field(default_factory=list)
+
+    def Execute(self, request, context):  # noqa: N802 (gRPC method name)
+        if peer_admin_role(context) is None:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer_name(context)} is not an admin certificate")
+        self.callers.append(peer_name(context))
+        self.requests.append(request)
+        handler = self.handlers.get(request.command)
+        if handler is not None:
+            return handler(request, context)
+        return reply(request, status_data if request.command == "status" else None)
+
+    def Upload(self, request_iterator, context):  # noqa: N802 (gRPC method name)
+        first = next(request_iterator)
+        data = b"".join(chunk.data for chunk in request_iterator)
+        header = first.header
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != header.sha256 or len(data) != header.size:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, "sha256 or size differs from the header")
+        self.uploads.append((header, data))
+        return admin_pb2.UploadReply(blob_id=digest, size=len(data), sha256=digest)
+
+    def commands(self) -> list[str]:
+        return [r.command for r in self.requests]
+
+
+@pytest.fixture
+def ws(tmp_path) -> Path:
+    return prepare_workspace(tmp_path / "ws", clients=2)
+
+
+@pytest.fixture
+def fake(ws) -> Iterator[FakeAdmin]:
+    kit = load_kit(ws / "server")
+    servicer = FakeAdmin()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+    admin_pb2_grpc.add_AdminServiceServicer_to_server(servicer, server)
+    server.add_secure_port(f"127.0.0.1:{kit.admin_port}", server_credentials(kit))
+    server.start()
+    try:
+        yield servicer
+    finally:
+        server.stop(grace=None)
+
+
+def fedadmin(*args: str, kit: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """`python -m fedadmin.cli` with no terminal on stdin, so nothing can prompt."""
+    env = {**python_env(), "COLUMNS": "200"}
+    env.pop("FEDADMIN_KIT", None)
+    kit_args = ["--kit", str(kit)] if kit is not None else []
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *kit_args, *args],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def one_json(result: subprocess.CompletedProcess[str]) -> dict:
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 1, result.stdout + result.stderr
+    return json.loads(lines[0])
+
+
+# ---- JSON shape and exit codes -------------------------------------------------------------------
+
+
+def test_status_json_has_one_reply_per_target_and_exits_0(ws, fake):
+    result = fedadmin("--json", "status", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    report = one_json(result)
+    assert (report["command"], report["ok"]) == ("status", True)
+    replies = {r["target"]: r for r in report["replies"]}
+    assert list(replies) == ["server", *SITES]
+    assert replies["server"]["run_number"] == 1
+    assert replies["server"]["registered_sites"] == SITES
+    assert replies["site-1"]["status"] == "training started"
+    assert replies["site-1"]["run_number"] == 1
+    assert all(r["ok"] for r in replies.values())
+    assert fake.requests[0].targets == ["all"]
+    assert fake.callers == ["admin"]
+
+
+def test_kit_can_come_from_the_environment(ws, fake):
+    env = {**python_env(), "FEDADMIN_KIT": str(ws / "admin")}
+    result = subprocess.run([sys.executable, "-m", "fedadmin.cli", "--json", "status", "site-1"], cwd=ROOT, env=env,
+                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert [r["target"] for r in one_json(result)["replies"]] == ["site-1"]
+
+
+def test_a_site_that_did_not_reply_fails_the_command_with_exit_1(ws, fake):
+    fake.handlers["status"] = lambda req, ctx: reply(req, status_data, {"site-2": "no reply within 10s"})
+    result = fedadmin("--json", "status", kit=ws / "admin")
+    assert result.returncode == 1, result.stderr
+    report = one_json(result)
+    assert report["ok"] is False
+    site2 = next(r for r in report["replies"] if r["target"] == "site-2")
+    assert site2 == {"target": "site-2", "ok": False, "error": "no reply within 10s"}
+
+
+def test_status_table_shows_each_site_and_its_error(ws, fake):
+    fake.handlers["status"] = lambda req, ctx: reply(req, status_data, {"site-2": "no reply within 10s"})
+    result = fedadmin("status", kit=ws / "admin")
+    assert result.returncode == 1
+    assert "site-1" in result.stdout and "training started" in result.stdout
+    assert "no reply within 10s" in result.stdout
+    assert "run 1 training" in result.stdout
+
+
+def test_a_named_target_the_server_leaves_out_counts_as_no_reply(ws, fake):
+    fake.handlers["status"] = lambda req, ctx: admin_pb2.CommandReply(command="status", ok=True)
+    result = fedadmin("--json", "status", "site-1", kit=ws / "admin")
+    assert result.returncode == 1
+    assert one_json(result)["replies"] == [
+        {"target": "site-1", "ok": False, "error": "no reply from the server for this target"}
+    ]
+
+
+def test_a_refused_command_is_reported_with_exit_1(ws, fake):
+    fake.handlers["sysinfo"] = lambda req, ctx: admin_pb2.CommandReply(command="sysinfo", ok=False,
+                                                                        error="unknown command 'sysinfo'")
+    result = fedadmin("--json", "sysinfo", kit=ws / "admin")
+    assert result.returncode == 1
+    report = one_json(result)
+    assert (report["ok"], report["error"], report["replies"]) == (False, "unknown command 'sysinfo'", [])
+
+
+def test_server_rules_come_back_as_per_target_errors(ws, fake):
+    refusal = "no run number set: run `fedadmin set-run N` first"
+    fake.handlers["deploy"] = lambda req, ctx: reply(req, errors={t: refusal for t in expand(list(req.targets))})
+    result = fedadmin("deploy", str(make_zip(ws.parent / "mmar.zip")), "all", kit=ws / "admin")
+    assert result.returncode == 1
+    assert refusal in " ".join(result.stdout.split())
+    assert "site-2" in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv, command, targets, args",
+    [
+        (["set-run", "3"], "set-run", ["server"], {"run_number": 3}),
+        (["set-timeout", "2.5"], "set-timeout", ["server"], {"seconds": 2.5}),
+        (["start", "site-1", "site-2"], "start", ["site-1", "site-2"], {}),
+        (["sysinfo"], "sysinfo", ["all"], {}),
+        (["--yes", "delete-run", "2"], "delete-run", ["all"], {"run_number": 2}),
+        (["--yes", "remove-client", "site-2"], "remove-client", ["server"], {"site": "site-2"}),
+        (["--yes", "shutdown", "client"], "shutdown", ["client"], {}),
+        (["--yes", "restart", "server"], "restart", ["server"], {}),
+    ],
+)
+def test_commands_send_the_contract_names_targets_and_arguments(ws, fake, argv, command, targets, args):
+    result = fedadmin("--json", *argv, kit=ws / "admin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert one_json(result)["command"] == command
+    (request,) = fake.requests
+    assert (request.command, list(request.targets), json.loads(request.args_json)) == (command, targets, args)
+    assert request.timeout == 0  # the server's own setting
+
+
+def test_timeout_option_is_sent_to_the_server(ws, fake):
+    assert fedadmin("--timeout", "7", "--json", "status", kit=ws / "admin").returncode == 0
+    assert fake.requests[0].timeout == 7
+
+
+def test_sysinfo_table_shows_resources_per_target(ws, fake):
+    info = {"hostname": "h1", "platform": "Linux", "python": "3.12", "torch": None, "cpu_count": 16,
+            "cpu_percent": 3.0, "load_avg": [0.1, 0.2, 0.3], "memory_total": 2 << 30, "memory_available": 1 << 30,
+            "disk_total": 8 << 30, "disk_free": 4 << 30, "training_status": "not started",
+            "gpus": [{"index": 0, "name": "H200", "memory_total_mib": 143771, "memory_used_mib": 10,
+                      "utilization_percent": 0}]}
+    fake.handlers["sysinfo"] = lambda req, ctx: reply(req, lambda t: info)
+    result = fedadmin("sysinfo", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    for text in ("server", "site-2", "h1", "H200", "1.0 GiB of 2.0 GiB"):
+        assert text in result.stdout
+
+
+# ---- usage errors (exit 2) ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["start"],
+        ["abort"],
+        ["deploy", "."],
+        ["restart"],
+        ["shutdown"],
+        ["set-run", "0"],
+        ["set-timeout", "0"],
+        ["status", "no/such/site"],
+        ["no-such-command"],
+    ],
+)
+def test_usage_errors_exit_2_without_contacting_the_server(ws, fake, argv):
+    result = fedadmin(*argv, kit=ws / "admin")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+    assert fake.requests == []
+
+
+def test_usage_error_under_json_prints_one_json_object(ws, fake):
+    result = fedadmin("--json", "start", kit=ws / "admin")
+    assert result.returncode == 2
+    report = one_json(result)
+    assert (report["command"], report["ok"]) == ("start", False)
+    assert "TARGET" in report["error"]
+
+
+def test_missing_kit_is_a_usage_error_naming_the_option_and_variable():
+    result = fedadmin("status")
+    assert result.returncode == 2
+    assert "--kit" in result.stderr and "FEDADMIN_KIT" in result.stderr
+
+
+def test_shell_refuses_other_commands_before_connecting(tmp_path):
+    result = fedadmin("shell", "site-1", "rm", "-rf", "run_1", kit=tmp_path / "no-kit-here")
+    assert result.returncode == 2
+    assert "'rm' is not allowed" in result.stderr
+    assert "ls, cat, head, tail, grep, pwd" in result.stderr
+
+
+def test_shell_sends_the_argv_with_its_options_and_prints_the_output(ws, fake):
+    output = {"stdout": "config\nmodels\n", "truncated": False, "exit_code": 0}
+    fake.handlers["shell"] = lambda req, ctx: reply(req, lambda t: output)
+    result = fedadmin("shell", "site-1", "ls", "-l", "run_1", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    (request,) = fake.requests
+    assert list(request.targets) == ["site-1"]
+    assert json.loads(request.args_json) == {"argv": ["ls", "-l", "run_1"]}
+    assert "config\nmodels" in result.stdout
+    assert "exit 0" in result.stdout
+
+
+def test_shell_refuses_a_group_target(ws, fake):
+    result = fedadmin("shell", "all", "pwd", kit=ws / "admin")
+    assert result.returncode == 2
+    assert fake.requests == []
+
+
+# ---- connection and authentication failures (exit 3) --------------------------------------------
+
+
+def test_unreachable_server_exits_3_naming_the_address(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    target = load_kit(ws / "admin").admin_target
+    result = fedadmin("status", kit=ws / "admin")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert target in result.stderr
+    assert "connection refused" in result.stderr.lower()
+    assert "Traceback" not in result.stderr
+    report = one_json(fedadmin("--json", "status", kit=ws / "admin"))
+    assert report["ok"] is False and target in report["error"]
+
+
+def test_admin_kit_of_another_project_fails_the_handshake_with_exit_3(ws, fake, tmp_path):
+    other = prepare_workspace(tmp_path / "other", clients=1)
+    config_path = other / "admin" / "startup" / "fed.json"
+    config = json.loads(config_path.read_text())
+    config["server"] = json.loads((ws / "admin" / "startup" / "fed.json").read_text())["server"]
+    config_path.write_text(json.dumps(config))
+    result = fedadmin("status", kit=other / "admin")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "TLS handshake failed" in result.stderr
+    assert fake.requests == []
+
+
+def test_a_site_kit_is_refused_as_an_admin_kit_with_exit_3(ws, fake):
+    result = fedadmin("status", kit=ws / "site-1")
+    assert result.returncode == 3
+    assert "not an admin's" in result.stderr
+    assert fake.requests == []
+
+
+def test_a_missing_kit_folder_exits_3(tmp_path):
+    result = fedadmin("--json", "status", kit=tmp_path / "nowhere")
+    assert result.returncode == 3
+    assert "no such folder" in one_json(result)["error"]
+
+
+def test_permission_denied_by_the_server_exits_3(ws, fake):
+    def deny(request, context):
+        context.abort(grpc.StatusCode.PERMISSION_DENIED, "admin 'admin' (member) may not run set-run")
+
+    fake.handlers["set-run"] = deny
+    result = fedadmin("set-run", "2", kit=ws / "admin")
+    assert result.returncode == 3
+    assert "may not run set-run" in result.stderr
+
+
+def test_a_port_that_never_completes_the_handshake_exits_3(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    kit = load_kit(ws / "admin")
+    with socket.socket() as listener:  # accepts TCP connections (backlog), never speaks TLS
+        listener.bind(("127.0.0.1", kit.admin_port))
+        listener.listen(8)
+        result = fedadmin("--timeout", "0.5", "status", kit=ws / "admin")
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert f"cannot connect to the server's admin port at {kit.admin_target}" in result.stderr
+
+
+def test_a_server_that_answers_too_late_exits_1(ws, fake):
+    def slow(request, context):
+        time.sleep(8)
+        return reply(request)
+
+    fake.handlers["status"] = slow
+    result = fedadmin("--timeout", "0.5", "status", "server", kit=ws / "admin")
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "no answer from the server's admin port" in result.stderr
+
+
+# ---- destructive commands ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["abort", "all"], ["delete-run", "1"], ["restart", "site-1"], ["shutdown", "server"], ["remove-client", "site-1"]],
+)
+def test_destructive_command_without_terminal_or_yes_is_refused(ws, fake, argv):
+    result = fedadmin(*argv, kit=ws / "admin")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert "--yes" in result.stderr
+    assert fake.requests == []
+
+
+def test_destructive_command_with_yes_proceeds(ws, fake):
+    result = fedadmin("--yes", "--json", "abort", "all", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    assert fake.commands() == ["abort"]
+    assert [r["target"] for r in one_json(result)["replies"]] == ["server", *SITES]
+
+
+# ---- deploy --------------------------------------------------------------------------------------
+
+
+def make_mmar(folder: Path) -> Path:
+    (folder / "config").mkdir(parents=True)
+    (folder / "custom").mkdir()
+    (folder / "config" / "config_fed_client.json").write_text('{"x": 1}')
+    (folder / "custom" / "trainer.py").write_text("print('hi')\n" * 1000)
+    return folder
+
+
+def test_deploy_of_a_folder_uploads_a_zip_whose_sha256_matches_then_deploys_it(ws, fake):
+    mmar = make_mmar(ws.parent / "mmar")
+    result = fedadmin("--json", "deploy", str(mmar), "all", kit=ws / "admin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    (header, data), = fake.uploads
+    digest = hashlib.sha256(data).hexdigest()
+    assert (header.sha256, header.size, header.name) == (digest, len(data), "mmar.zip")
+    names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
+    assert {"config/config_fed_client.json", "custom/trainer.py"} <= names
+    (request,) = fake.requests
+    assert request.command == "deploy" and list(request.targets) == ["all"]
+    assert json.loads(request.args_json) == {"blob_id": digest}
+    report = one_json(result)
+    assert (report["blob_id"], report["size"]) == (digest, len(data))
+
+
+def make_zip(archive: Path) -> Path:
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("config/config_fed_client.json", "{}")
+    return archive
+
+
+def test_deploy_of_a_zip_uploads_it_unchanged(ws, fake):
+    archive = make_zip(ws.parent / "mmar.zip")
+    result = fedadmin("--json", "deploy", str(archive), "site-1", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    assert fake.uploads[0][1] == archive.read_bytes()
+
+
+def test_deploy_refuses_a_folder_that_is_no_mmar(ws, fake, tmp_path):
+    (tmp_path / "empty").mkdir()
+    result = fedadmin("deploy", str(tmp_path / "empty"), "all", kit=ws / "admin")
+    assert result.returncode == 2
+    assert "config/" in result.stderr
+    assert fake.uploads == []
+
+
+# ---- wait and watch ------------------------------------------------------------------------------
+
+
+def status_sequence(*server_states: dict, site: dict | None = None) -> Handler:
+    """Status replies that step through server_states (the last one repeats)."""
+    calls = iter(range(10**6))
+
+    def handler(request, context):
+        n = next(calls)
+        state = server_states[min(n, len(server_states) - 1)]
+        return reply(request, lambda t: {**SERVER_STATUS, **state} if t == "server" else (site or SITE_STATUS))
+
+    return handler
+
+
+def test_wait_exits_0_when_the_run_completes(ws, fake):
+    fake.handlers["status"] = status_sequence({}, {}, {"run_status": "completed"})
+    result = fedadmin("--json", "wait", "--timeout", "30", kit=ws / "admin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = one_json(result)
+    assert (report["command"], report["ok"], report["run_status"]) == ("wait", True, "completed")
+    assert report["result"] == "run 1 completed"
+    assert len(fake.requests) == 3
+
+
+def test_wait_exits_1_when_the_run_is_aborted(ws, fake):
+    fake.handlers["status"] = status_sequence({}, {"run_status": "aborted"})
+    result = fedadmin("--json", "wait", kit=ws / "admin")
+    assert result.returncode == 1
+    assert one_json(result)["result"] == "run 1 was aborted"
+
+
+def test_wait_exits_1_when_a_site_reports_a_training_exception(ws, fake):
+    failed = {"status": "training exception", "status_code": 4, "run_number": 1, "progress": {}}
+    fake.handlers["status"] = status_sequence({}, site=failed)
+    result = fedadmin("wait", kit=ws / "admin")
+    assert result.returncode == 1
+    assert "site-1: training exception in run 1" in result.stdout
+
+
+def test_wait_exits_1_when_the_server_recorded_a_sites_training_exception(ws, fake):
+    ended = {"site-2": {"run_number": 1, "status": "training exception", "exit_code": 1, "error": "CUDA OOM"}}
+    fake.handlers["status"] = status_sequence({}, {"training_ended": ended})
+    result = fedadmin("--json", "wait", kit=ws / "admin")
+    assert result.returncode == 1
+    assert one_json(result)["result"] == "site-2: training exception: CUDA OOM in run 1"
+
+
+def test_status_shows_the_progress_the_server_kept_when_a_site_reply_has_none(ws, fake):
+    kept = {"site-1": {"run_number": 1, "round": 2, "epoch": 7, "loss": 0.25, "metrics": {}}}
+    site = {"status": "training started", "status_code": 2, "run_number": 1, "progress": {}}
+    fake.handlers["status"] = status_sequence({"site_progress": kept}, site=site)
+    result = fedadmin("status", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    row = next(line for line in result.stdout.splitlines() if "site-1" in line and "training started" in line)
+    assert row.split("│")[4:7] == [" 2     ", " 7     ", " 0.2500 "]
+
+
+def test_wait_gives_up_after_its_timeout_with_exit_1(ws, fake):
+    started = time.monotonic()
+    result = fedadmin("--json", "wait", "--timeout", "1.5", kit=ws / "admin")
+    assert result.returncode == 1
+    assert "gave up after 1.5s" in one_json(result)["result"]
+    assert time.monotonic() - started < 20
+
+
+def test_watch_prints_progress_lines_when_stdout_is_not_a_terminal(ws, fake):
+    env = python_env()
+    env.pop("FEDADMIN_KIT", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedadmin.cli", "--kit", str(ws / "admin"), "status", "--watch"],
+        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 30
+    while len(fake.requests) < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert "site-1: training started, run 1, round 1, epoch 2, loss 0.5000, accuracy=0.9000" in out
+    assert out.count("site-1:") == 1  # unchanged lines are not repeated
+    assert "server: run 1 training, round 1 of rounds 0..2" in out
+
+
+# ---- batch ---------------------------------------------------------------------------------------
+
+
+def test_batch_stops_at_the_first_failure_with_its_exit_code_and_one_json_per_line(ws, fake, tmp_path):
+    script = tmp_path / "ops.txt"
+    script.write_text("# a comment\n\nstatus\nset-run 2  # trailing comment\nstart site-9\nstatus\n")
+    result = fedadmin("--json", "batch", str(script), kit=ws / "admin")
+    assert result.returncode == 1, result.stdout + result.stderr
+    reports = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(r["command"], r["ok"]) for r in reports] == [("status", True), ("set-run", True), ("start", False)]
+    assert reports[2]["replies"] == [{"target": "site-9", "ok": False, "error": "site-9 is not connected"}]
+    assert fake.commands() == ["status", "set-run", "start"]
+
+
+def test_batch_passes_yes_and_stops_at_a_usage_error_with_exit_2(ws, fake, tmp_path):
+    script = tmp_path / "ops.txt"
+    script.write_text("abort all\nstart\nstatus\n")
+    result = fedadmin("--yes", "batch", str(script), kit=ws / "admin")
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert fake.commands() == ["abort"]
+    assert "ops.txt:2" in result.stderr
+
+
+def test_batch_without_yes_refuses_a_destructive_line(ws, fake, tmp_path):
+    script = tmp_path / "ops.txt"
+    script.write_text("status\nabort all\n")
+    result = fedadmin("batch", str(script), kit=ws / "admin")
+    assert result.returncode == 2
+    assert fake.commands() == ["status"]
+
+
+# ---- what the console imports --------------------------------------------------------------------
+
+
+def test_status_imports_neither_numpy_nor_torch(ws, fake):
+    code = (
+        "import sys\n"
+        "from fedadmin.cli import main\n"
+        f"code = main(['--kit', {str(ws / 'admin')!r}, '--json', 'status'], standalone_mode=False)\n"
+        "print([m for m in ('numpy', 'torch') if m in sys.modules], code)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                         timeout=60, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert json.loads(lines[0])["ok"] is True
+    assert lines[-1] == "[] None"
+
+
+def test_the_fake_server_is_really_mutual_tls(ws, fake):
+    """A plaintext client cannot talk to it: the console's successes above are over TLS."""
+    target = load_kit(ws / "admin").admin_target
+    with grpc.insecure_channel(target) as channel:
+        stub = admin_pb2_grpc.AdminServiceStub(channel)
+        with pytest.raises(grpc.RpcError):
+            stub.Execute(admin_pb2.CommandRequest(command="status"), timeout=5)
+    assert fake.requests == []
