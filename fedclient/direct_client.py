@@ -20,11 +20,14 @@ class _Weights:
 
 
 class _DictReaderWriter:
+    # The working weights are handed out and taken back without copies: a model may be GiBs.
     def extract_model(self, fitter: _Weights) -> dict[str, np.ndarray]:
-        return {k: v.copy() for k, v in fitter.weights.items()}
+        return dict(fitter.weights)
 
     def apply_model(self, fitter: _Weights, model_params, exclude_vars=()) -> bool:
-        fitter.weights.update({k: np.array(v, copy=True) for k, v in model_params.items()})
+        for k, v in model_params.items():
+            if fitter.weights.get(k) is not v:
+                fitter.weights[k] = np.array(v, copy=True)
         return True
 
 

@@ -54,10 +54,11 @@ class UpdateAccumulator:
             raise ContributionError(f"variable {name!r} holds NaN or Inf")
 
     def add(self, update: dict[str, np.ndarray], weight: float) -> None:
-        """Add weight * update to the sums; consumes the arrays of `update` (they may be reused in place)."""
+        """Add weight * update to the sums; empties `update` (its arrays may be reused in place)."""
         if weight <= 0 or not np.isfinite(weight):
             raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
-        for name, arr in update.items():
+        for name in list(update):
+            arr = update.pop(name)  # released as soon as it is summed, not when the upload ends
             if name in self.excluded:
                 continue
             if arr.dtype.kind == "u":
@@ -88,10 +89,12 @@ class UpdateAccumulator:
             w = read_tensor(source, entry)
             total = self._sums.pop(entry.name, None)
             if total is not None:
-                step = total / self._weights[entry.name]
-                if is_float(entry.dtype):
-                    w = (w.astype(step.dtype) + step).astype(entry.dtype)
+                step = np.divide(total, self._weights[entry.name], out=total)  # in place: no temporaries
+                if w.dtype == step.dtype:
+                    np.add(w, step, out=w)
+                elif is_float(entry.dtype):
+                    w = np.add(w.astype(step.dtype), step, out=step).astype(entry.dtype)
                 else:
-                    w = np.rint(w.astype(np.float64) + step).astype(entry.dtype)
+                    w = np.rint(np.add(w.astype(np.float64), step, out=step)).astype(entry.dtype)
             writer.write(entry.name, w)
         writer.check_complete()
