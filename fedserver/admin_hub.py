@@ -292,6 +292,11 @@ class AdminHub:
         gathered = self.gather(waiters, deadline)
         for site in live:
             results[site] = gathered[site] or TargetResult(site, False, error=f"no reply within {wait:g}s")
+        if command == "shutdown":
+            with self._cond:  # a site that agreed to shut down is no longer connected
+                for site, reply in gathered.items():
+                    if reply is not None and reply.ok:
+                        self._agents.pop(site, None)
         if on_server and spec.after_sites:
             results[SERVER] = self._on_server(command, spec, args, gathered)
         replies = [results[n] for n in names]
@@ -395,7 +400,7 @@ class AdminHub:
 
     def _shutdown(self, args: dict, gathered: dict) -> dict[str, Any]:
         leaving = {site for site, reply in gathered.items() if reply is not None and reply.ok}
-        self._server.check_shutdown(leaving)
+        self._server.check_shutdown(leaving, set(self.connected_sites()))
         self._server.request_exit(restart=False)
         return {"shutting_down": True}
 

@@ -131,9 +131,9 @@ class FederationServer:
         self.exit_requested.set()
         log.info("%s requested by an operator", "restart" if restart else "shutdown")
 
-    def check_shutdown(self, leaving: set[str]) -> None:
-        """Refuse to shut down while sites other than `leaving` are registered in the training plane."""
-        staying = sorted(self.registry.names() - leaving)
+    def check_shutdown(self, leaving: set[str], connected: set[str] = frozenset()) -> None:
+        """Refuse to shut down while sites other than `leaving` are registered or have a connected agent."""
+        staying = sorted((self.registry.names() | connected) - leaving)
         if staying:
             raise ServerError(
                 f"{len(staying)} site{'s are' if len(staying) != 1 else ' is'} registered "

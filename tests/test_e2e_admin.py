@@ -1,0 +1,132 @@
+"""End to end through the console: a real server and two real site agents driven by `fedadmin` subprocesses."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import ROOT, copy_mmar, prepare_workspace, python_env
+
+from fedcommon.safe_zip import zip_folder
+
+pytestmark = pytest.mark.e2e
+
+
+def fedadmin(ws: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    env = python_env()
+    env["FEDADMIN_KIT"] = str(ws / "admin")
+    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+
+
+def ok_json(ws: Path, *args: str, timeout: float = 300) -> dict:
+    result = fedadmin(ws, "--json", *args, timeout=timeout)
+    assert result.returncode == 0, f"fedadmin {' '.join(args)}: {result.stdout}{result.stderr}"
+    out = json.loads(result.stdout)
+    assert out["ok"] is True
+    return out
+
+
+def replies(out: dict) -> dict[str, dict]:
+    return {r["target"]: r for r in out["replies"]}
+
+
+def workers_of(ws: Path) -> list[psutil.Process]:
+    found = []
+    for p in psutil.process_iter(["cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or [])
+        if "fedclient.worker" in cmd and str(ws) in cmd:
+            try:
+                if p.status() != psutil.STATUS_ZOMBIE:
+                    found.append(p)
+            except psutil.NoSuchProcess:
+                pass
+    return found
+
+
+@pytest.fixture
+def federation(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=2)
+    started = fedadmin(ws, "poc", "start", "--workspace", str(ws), timeout=120)
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        yield ws
+    finally:
+        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
+
+
+def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federation, tmp_path):
+    ws = federation
+    status = replies(ok_json(ws, "status"))
+    assert set(status) == {"server", "site-1", "site-2"}
+    assert status["site-1"]["status"] == "training not started"
+
+    refused = fedadmin(ws, "--json", "deploy", str(ROOT / "examples" / "digits"), "all")
+    assert refused.returncode == 1
+    assert "set-run" in refused.stdout
+
+    mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 2})
+    archive = zip_folder(mmar, tmp_path / "digits.zip")
+    ok_json(ws, "set-run", "1")
+    deployed = replies(ok_json(ws, "deploy", str(archive), "all"))
+    assert deployed["site-2"]["run_number"] == 1
+    ok_json(ws, "start", "all")
+    twice = fedadmin(ws, "--json", "start", "site-1")
+    assert twice.returncode == 1 and "already" in twice.stdout
+    ok_json(ws, "wait", "--timeout", "240", timeout=300)
+    status = replies(ok_json(ws, "status"))
+    assert status["server"]["run_status"] == "completed"
+    assert status["site-1"]["run_number"] == 1
+    summary = json.loads((ws / "server" / "run_1" / "summary.json").read_text())
+    assert [r["contributors"] for r in summary["rounds"]] == [["site-1", "site-2"]] * 2
+
+    info = replies(ok_json(ws, "sysinfo"))
+    assert info["site-1"]["cpu_count"] >= 1 and "memory_total" in info["server"]
+    listing = replies(ok_json(ws, "shell", "site-1", "ls", "run_1"))["site-1"]
+    assert "mmar" in listing["stdout"]
+    key = fedadmin(ws, "--json", "shell", "site-1", "cat", "startup/key.pem")
+    assert key.returncode == 1 and "PRIVATE KEY" not in key.stdout
+    escape = fedadmin(ws, "--json", "shell", "site-1", "cat", "../server/startup/fed.json")
+    assert escape.returncode == 1 and "outside" in escape.stdout
+
+    slow = copy_mmar(tmp_path / "slow", server={"num_rounds": 50}, train_args={"epochs_per_round": 100000})
+    ok_json(ws, "set-run", "2")
+    ok_json(ws, "deploy", str(slow), "all")
+    ok_json(ws, "start", "all")
+    deadline = time.monotonic() + 60
+    while len(workers_of(ws)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(workers_of(ws)) == 2, "both sites should be training run 2"
+    no_tty = fedadmin(ws, "--json", "abort", "server")
+    assert no_tty.returncode == 2 and "--yes" in no_tty.stdout + no_tty.stderr
+    aborted = replies(ok_json(ws, "--yes", "abort", "server"))
+    assert sorted(aborted["server"]["aborted_sites"]) == ["site-1", "site-2"]
+    deadline = time.monotonic() + 10
+    while workers_of(ws) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert workers_of(ws) == [], "abort must leave no training process"
+
+    ok_json(ws, "--yes", "delete-run", "2")
+    assert not (ws / "server" / "run_2").exists() and not (ws / "site-1" / "run_2").exists()
+    assert (ws / "server" / "run_1" / "summary.json").exists()
+
+    batch = tmp_path / "cmds.txt"
+    batch.write_text("# a scripted check\nstatus server\n\nsysinfo site-1\n")
+    lines = fedadmin(ws, "--json", "batch", str(batch))
+    assert lines.returncode == 0, lines.stdout + lines.stderr
+    assert [json.loads(line)["command"] for line in lines.stdout.splitlines()] == ["status", "sysinfo"]
+
+    refused = fedadmin(ws, "--json", "--yes", "shutdown", "server")
+    assert refused.returncode == 1 and "registered" in refused.stdout
+    ok_json(ws, "--yes", "shutdown", "client")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if replies(ok_json(ws, "status", "server"))["server"]["registered_sites"] == []:
+            break
+        time.sleep(0.5)
+    ok_json(ws, "--yes", "shutdown", "server")
