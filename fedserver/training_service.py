@@ -36,7 +36,7 @@ _STATUS = {
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and current run."""
 
-    def __init__(self, server: FederationServer, max_concurrent_uploads: int = 2,
+    def __init__(self, server: FederationServer, max_concurrent_uploads: int = 1,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._server = server
         # Each upload in flight holds one model-sized buffer: this bounds server memory.
