@@ -20,6 +20,7 @@ import grpc
 
 from fedclient.communicator import server_target
 from fedcommon.admin_defs import Message, MsgHeader, ReturnCode, error_reply
+from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 
@@ -401,18 +402,6 @@ class AdminMessageSender(Sender):
         return dest_path
 
 
-def message_from_wire(wire: pb.AdminMessage) -> Message:
-    """The seed's Message for a wire AdminMessage, id and headers included."""
-    msg = Message(wire.topic, wire.body)
-    msg.id = wire.id
-    msg.set_headers(dict(wire.headers))
-    return msg
-
-
-def message_to_wire(msg: Message) -> pb.AdminMessage:
-    """The wire AdminMessage for a seed Message."""
-    body = msg.body.encode("utf-8") if isinstance(msg.body, str) else bytes(msg.body)
-    return pb.AdminMessage(id=msg.id, topic=msg.topic, body=body, headers=msg.headers)
 
 
 def _text(body: str | bytes) -> str:

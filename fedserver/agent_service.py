@@ -7,7 +7,7 @@ from collections.abc import Iterator
 
 import grpc
 
-from fedcommon.admin_defs import Message
+from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.kit import peer_admin_role, peer_name
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
@@ -20,18 +20,6 @@ log = logging.getLogger(__name__)
 MAX_RETRIEVE_WAIT_S = 20.0
 
 
-def message_from_wire(wire: pb.AdminMessage) -> Message:
-    """The seed's Message for a wire AdminMessage, id included."""
-    msg = Message(wire.topic, wire.body)
-    msg.id = wire.id
-    msg.set_headers(dict(wire.headers))
-    return msg
-
-
-def message_to_wire(msg: Message) -> pb.AdminMessage:
-    """The wire AdminMessage for a seed Message."""
-    body = msg.body.encode("utf-8") if isinstance(msg.body, str) else msg.body
-    return pb.AdminMessage(id=msg.id, topic=msg.topic, body=body, headers=msg.headers)
 
 
 class SiteAgentService(pb_grpc.SiteAgentServicer):
