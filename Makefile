@@ -25,6 +25,7 @@ proto: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_bench.py
+	$(BIN)/python benchmarks/admin_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

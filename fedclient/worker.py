@@ -18,6 +18,10 @@ EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
 RUN_WAIT_POLL_S = 1.0
 
 
+class TrainingAborted(BaseException):
+    """Raised in the main thread by SIGTERM: unwinds whatever the trainer is doing (not an Exception)."""
+
+
 class WorkerSetupError(Exception):
     """The kit, the MMAR or one of its components cannot be used; the message names the file and the fault."""
 
@@ -160,9 +164,19 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         return EXIT_CONFIG
     if conn is not None:
         start_command_listener(training, conn, parent_pid)
-    signal.signal(signal.SIGTERM, lambda *_: training.abort())
+    def on_sigterm(*_) -> None:
+        training.abort()
+        raise TrainingAborted  # interrupts a long local training phase at once
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     try:
         training.run()
+    except TrainingAborted:
+        log.info("%s: training aborted (SIGTERM)", training.kit.name)
+        training.client.close()
+        logging.shutdown()
+        # skip the interpreter's slow teardown of torch: an abort should leave within a second
+        os._exit(EXIT_OK)
     except WorkerSetupError as e:
         log.error("%s", e)
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
