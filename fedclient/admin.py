@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import datetime
 import hashlib
 import json
 import logging
@@ -21,6 +20,7 @@ import grpc
 from fedclient.communicator import server_target
 from fedcommon.admin_defs import Message, MsgHeader, ReturnCode, error_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
+from fedcommon.audit import JsonLinesLog
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 
@@ -89,7 +89,7 @@ class FedAdminAgent:
         self._pool: ThreadPoolExecutor | None = None
         self._in_flight: set[Future] = set()
         self._in_flight_lock = threading.Lock()
-        self._audit_lock = threading.Lock()
+        self._audit_writer = JsonLinesLog(self.audit_log) if self.audit_log is not None else None
         self._threads: list[threading.Thread] = []
 
     def register_processor(self, processor: RequestProcessor) -> None:
@@ -206,12 +206,9 @@ class FedAdminAgent:
         return reply
 
     def _audit(self, req: Message, ok: bool, error: str) -> None:
-        if self.audit_log is None:
+        if self._audit_writer is None:
             return
-        entry: dict[str, Any] = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "id": req.id, "topic": req.topic, "ok": ok,
-        }
+        entry: dict[str, Any] = {"id": req.id, "topic": req.topic, "ok": ok}
         if req.get_header("run_number") is not None:
             entry["run_number"] = req.get_header("run_number")
         if req.topic == "shell":
@@ -219,16 +216,7 @@ class FedAdminAgent:
                 entry["argv"] = json.loads(_text(req.body)).get("argv")
         if error:
             entry["error"] = error[:500]
-        line = (json.dumps(entry) + "\n").encode("utf-8")
-        try:
-            with self._audit_lock:
-                fd = os.open(self.audit_log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
-        except OSError as e:
-            log.error("cannot append to the audit log %s: %s", self.audit_log, e)
+        self._audit_writer.append(entry)
 
 
 class BlobFetchError(Exception):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
-import os
 import threading
 import time
 from collections import deque
@@ -16,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fedcommon.admin_defs import Message, MsgHeader, ReturnCode
+from fedcommon.audit import JsonLinesLog
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
 from fedserver.blob_store import BlobError, check_blob_id
@@ -79,30 +78,18 @@ class AuditLog:
     """Append-only JSON lines: who ran what on which targets, and whether it worked (DESIGN §10)."""
 
     def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
+        self._log = JsonLinesLog(path)
+        self.path = self._log.path
 
     def record(self, admin: str, command: str, targets: list[str], ok: bool, args: Any = None,
                error: str = "") -> None:
         """Append one entry; a failure to write is logged, never raised at the operator."""
-        entry: dict[str, Any] = {
-            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "admin": admin, "command": command, "targets": targets, "ok": ok,
-        }
+        entry: dict[str, Any] = {"admin": admin, "command": command, "targets": targets, "ok": ok}
         if args:
             entry["args"] = args
         if error:
             entry["error"] = error
-        line = (json.dumps(entry) + "\n").encode("utf-8")
-        try:
-            with self._lock:
-                fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-                try:
-                    os.write(fd, line)
-                finally:
-                    os.close(fd)
-        except OSError as e:
-            log.error("cannot append to the audit log %s: %s", self.path, e)
+        self._log.append(entry)
 
 
 class AdminHub:
