@@ -39,6 +39,12 @@ GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
+# Operators send commands and 1 MiB upload chunks: anything far larger on the admin port is hostile.
+ADMIN_MAX_MESSAGE_BYTES = 8 << 20
+ADMIN_GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", ADMIN_MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", 64 << 20),
+]
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 INIT_MODEL_TIMEOUT_S = 600
 STATE_FILE = "state.json"
@@ -87,7 +93,7 @@ class FederationServer:
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.hub, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-                            options=GRPC_OPTIONS)
+                            options=ADMIN_GRPC_OPTIONS)
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
