@@ -111,7 +111,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    from fedcommon.pki import prepare_poc
+    from fedcommon.provision import prepare_poc
 
     tmp = Path(tempfile.mkdtemp(prefix="fedadmin-bench-"))
     ws = tmp / "ws"

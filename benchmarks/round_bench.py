@@ -34,7 +34,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from fedcommon.model_file import ModelFileWriter  # noqa: E402
-from fedcommon.pki import prepare_poc  # noqa: E402
+from fedcommon.provision import prepare_poc  # noqa: E402
 
 MIB = 1024 * 1024
 TASK = "bench"

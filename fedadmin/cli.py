@@ -14,6 +14,7 @@ from fedadmin.commands.console import console
 from fedadmin.commands.delete_run import delete_run
 from fedadmin.commands.deploy import deploy
 from fedadmin.commands.poc import poc
+from fedadmin.commands.provision import provision
 from fedadmin.commands.remove_client import remove_client
 from fedadmin.commands.restart import restart
 from fedadmin.commands.set_run import set_run
@@ -42,6 +43,7 @@ COMMANDS = (
     batch,
     console,
     poc,
+    provision,
 )
 
 

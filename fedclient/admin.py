@@ -18,6 +18,7 @@ from typing import Any
 import grpc
 
 from fedclient.communicator import server_target
+from fedclient.local_policy import AdminIdentity, LocalPolicy
 from fedcommon.admin_defs import Message, MsgHeader, ReturnCode, error_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.audit import JsonLinesLog
@@ -75,7 +76,7 @@ class FedAdminAgent:
 
     def __init__(self, client_name: str, sender: Sender, app_ctx, req_poll_interval: float = 0.5,
                  process_poll_interval: float = 0.1, *, workers: int = DEFAULT_WORKERS,
-                 audit_log: Path | None = None):
+                 audit_log: Path | None = None, policy: LocalPolicy | None = None):
         self.client_name = client_name
         self.sender = sender
         self.app_ctx = app_ctx
@@ -83,6 +84,7 @@ class FedAdminAgent:
         self.process_poll_interval = process_poll_interval
         self.processors: dict[str, RequestProcessor] = {}
         self.audit_log = Path(audit_log) if audit_log is not None else None
+        self.policy = policy
         self._workers = workers
         self._incoming: queue.Queue[Message] = queue.Queue()
         self._stop = threading.Event()
@@ -193,6 +195,11 @@ class FedAdminAgent:
                 time.monotonic() - started, f": {error}" if error else "")
 
     def _process(self, req: Message) -> Message:
+        if self.policy is not None:
+            refused = self.policy.refusal(_sender(req), req.get_header(MsgHeader.COMMAND) or req.topic)
+            if refused:
+                log.warning("request %s (%s) from %s: %s", req.topic, req.id, req.get_header(MsgHeader.ADMIN), refused)
+                return error_reply(f"{self.client_name}: {refused}", req)
         processor = self.processors.get(req.topic)
         if processor is None:
             return error_reply(f"{self.client_name}: unknown topic {req.topic!r}", req)
@@ -208,7 +215,10 @@ class FedAdminAgent:
     def _audit(self, req: Message, ok: bool, error: str) -> None:
         if self._audit_writer is None:
             return
-        entry: dict[str, Any] = {"id": req.id, "topic": req.topic, "ok": ok}
+        sender = _sender(req)
+        entry: dict[str, Any] = {"admin": sender.name, "role": sender.role, "org": sender.org,
+                                 "command": req.get_header(MsgHeader.COMMAND) or req.topic, "site": self.client_name,
+                                 "topic": req.topic, "id": req.id, "ok": ok}
         if req.get_header("run_number") is not None:
             entry["run_number"] = req.get_header("run_number")
         if req.topic == "shell":
@@ -390,6 +400,12 @@ class AdminMessageSender(Sender):
         return dest_path
 
 
+
+
+def _sender(req: Message) -> AdminIdentity:
+    """Who sent a request, as the server stated it (empty when it did not)."""
+    return AdminIdentity(req.get_header(MsgHeader.ADMIN) or "", req.get_header(MsgHeader.ADMIN_ROLE) or "",
+                        req.get_header(MsgHeader.ADMIN_ORG) or "")
 
 
 def _text(body: str | bytes) -> str:

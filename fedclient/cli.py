@@ -42,6 +42,7 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.admin import FedAdminAgent
     from fedclient.admin_commands import seed_processors
     from fedclient.admin_interface import ClientAdminInterface
+    from fedclient.local_policy import LocalPolicy
     from fedcommon.kit import KitError, load_kit
     from fedcommon.logs import configure_logging
 
@@ -64,8 +65,11 @@ def start(workspace: Path, debug: bool) -> None:
                                 secure=True)
     interface = ClientAdminInterface(kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug),
                                      rank=0)
+    policy = LocalPolicy(workspace)
+    if policy.error:
+        click.echo(f"fedclient: {policy.error}; every command will be refused until it is fixed", err=True)
     agent = FedAdminAgent(kit.name, sender, interface, workers=interface.workers,
-                          audit_log=workspace / "audit.log")
+                          audit_log=workspace / "audit.log", policy=policy)
     interface.set_agent(agent)
     for processor in seed_processors():
         agent.register_processor(processor)

@@ -11,6 +11,11 @@ class MsgHeader:
 
     REF_MSG_ID = "_refMsgId"
     RETURN_CODE = "_rtnCode"
+    # Who sent a request (from the admin's certificate, set by the server), for a site's policy and audit.
+    ADMIN = "admin"
+    ADMIN_ROLE = "admin_role"
+    ADMIN_ORG = "admin_org"
+    COMMAND = "command"
 
 
 class ReturnCode:

@@ -40,6 +40,7 @@ class Kit:
     name: str
     role: str
     project: str
+    org: str
     server_host: str
     fl_port: int
     admin_port: int
@@ -111,6 +112,7 @@ def _load_config(path: Path) -> dict[str, Any]:
     out: dict[str, Any] = {key: _get(config, key, str, path) for key in ("name", "role", "project")}
     if out["role"] not in ROLES:
         raise KitError(f"{path}: key 'role' must be one of {', '.join(ROLES)}, got {out['role']!r}")
+    out["org"] = _get(config, "org", str, path) if "org" in config else None
     server = _get(config, "server", dict, path)
     out["server_host"] = _get(server, "host", str, path, "server.")
     for key in ("fl_port", "admin_port"):
@@ -156,7 +158,8 @@ def load_kit(folder: str | os.PathLike) -> Kit:
     """Load and check the kit in a participant folder or its startup/ folder; raise KitError if unusable.
 
     Checks that fed.json is complete, the key matches the certificate, the certificate is issued by the
-    kit's CA, is in its validity period, and names the participant (CN, and OU for an admin's role).
+    kit's CA, is in its validity period, and names the participant: CN its name, O its org (fed.json's
+    "org", else taken from the certificate), OU "server", "client" or an admin's role.
     """
     participant, startup = _locate(Path(folder).resolve())
     config_path, cert_path, key_path, ca_path = (
@@ -199,13 +202,27 @@ def load_kit(folder: str | os.PathLike) -> Kit:
         raise KitError(
             f"{cert_path}: certificate is for {common_name!r} but {config_path} names {config['name']!r}"
         )
+    cert_role = _subject(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if config["admin_role"] is not None:
-        cert_role = _subject(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
         if cert_role != config["admin_role"]:
             raise KitError(
                 f"{cert_path}: certificate grants admin role {cert_role!r} "
                 f"but {config_path} says {config['admin_role']!r}"
             )
+    elif cert_role != config["role"]:
+        hint = " (a kit from before every certificate carried its role: issue it again)" if cert_role is None else ""
+        raise KitError(
+            f"{cert_path}: certificate is for role (OU) {cert_role!r} but {config_path} says {config['role']!r}{hint}"
+        )
+    cert_org = _subject(cert, NameOID.ORGANIZATION_NAME)
+    if cert_org is None:
+        raise KitError(f"{cert_path}: certificate names no organization (O)")
+    if config["org"] is None:
+        config["org"] = cert_org
+    elif config["org"] != cert_org:
+        raise KitError(
+            f"{cert_path}: certificate is for organization {cert_org!r} but {config_path} says {config['org']!r}"
+        )
     return Kit(folder=participant, cert_pem=cert_pem, key_pem=key_pem, ca_pem=ca_pem, **config)
 
 
@@ -234,8 +251,9 @@ def peer_name(context: grpc.ServicerContext) -> str | None:
 
 
 def peer_admin_role(context: grpc.ServicerContext) -> str | None:
-    """The admin role (subject OU) in the peer's authenticated certificate, or None if it has none."""
+    """The admin role (subject OU) in the peer's authenticated certificate, or None if it is not an admin's."""
     values = context.auth_context().get("x509_pem_cert")
     if not values:
         return None
-    return _subject(x509.load_pem_x509_certificate(values[0]), NameOID.ORGANIZATIONAL_UNIT_NAME)
+    role = _subject(x509.load_pem_x509_certificate(values[0]), NameOID.ORGANIZATIONAL_UNIT_NAME)
+    return role if role in ADMIN_ROLES else None

@@ -1,14 +1,12 @@
-"""Issue a project CA and participant certificates, and lay out proof-of-concept startup kits."""
+"""Issue a project CA, participant certificates and its revocation list; write them as PEM files."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
-import json
 import os
 import re
-import shutil
-import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from cryptography import x509
@@ -16,11 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedcommon.atomic import atomic_write_bytes
+
 ROLES = ("server", "client", "admin")
 ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
 CA_VALID_DAYS = 3650
 CERT_VALID_DAYS = 365
-DEFAULT_ADMIN_NAME = "admin"
+
 
 # Backdating absorbs small clock differences between the machine that issues and those that verify.
 _CLOCK_SKEW = datetime.timedelta(minutes=5)
@@ -51,6 +51,16 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def check_org(org: str) -> str:
+    """Return org unchanged if usable as an organization (certificate O), else raise PkiError."""
+    if not isinstance(org, str) or not _NAME_RE.fullmatch(org):
+        raise PkiError(
+            f"organization {org!r} is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
+            "starting with a letter or digit"
+        )
+    return org
 
 
 def check_host(host: str) -> str:
@@ -155,11 +165,15 @@ def issue_cert(
     host: str | None = None,
     admin_role: str | None = None,
     valid_days: int = CERT_VALID_DAYS,
+    org: str | None = None,
+    not_before: datetime.datetime | None = None,
 ) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """Return a certificate (CN=name, signed by the CA) and its new key for a server, client or admin.
+    """Return a certificate (signed by the CA) and its new key for a server, client or admin.
 
-    A server certificate gets serverAuth and SANs for localhost, 127.0.0.1 and host; client and admin
-    certificates get clientAuth; an admin's admin_role goes in the subject's OrganizationalUnit.
+    The subject is CN=name, O=org (default: the CA's O, the project) and OU=role, where an admin's OU is
+    its admin_role. A server certificate gets serverAuth and SANs for localhost, 127.0.0.1 and host;
+    client and admin certificates get clientAuth. Valid from not_before (default: now, backdated a few
+    minutes) for valid_days, and never beyond the CA.
     """
     check_name(name)
     if role not in ROLES:
@@ -173,13 +187,20 @@ def issue_cert(
         raise PkiError(f"{name!r}: host is only for the server certificate, not {role}")
 
     attributes = [x509.NameAttribute(NameOID.COMMON_NAME, name)]
-    organization = ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
-    attributes += organization
-    if admin_role is not None:
-        attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, admin_role))
+    if org is None:
+        attributes += ca_cert.subject.get_attributes_for_oid(NameOID.ORGANIZATION_NAME)
+    else:
+        attributes.append(x509.NameAttribute(NameOID.ORGANIZATION_NAME, check_org(org)))
+    attributes.append(x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, admin_role or role))
 
     key = new_private_key()
     now = datetime.datetime.now(datetime.timezone.utc)
+    if not_before is None:
+        start, not_after = now - _CLOCK_SKEW, now + datetime.timedelta(days=valid_days)
+    else:
+        if not_before.tzinfo is None:
+            not_before = not_before.replace(tzinfo=datetime.timezone.utc)
+        start, not_after = not_before, not_before + datetime.timedelta(days=valid_days)
     usage = ExtendedKeyUsageOID.SERVER_AUTH if role == "server" else ExtendedKeyUsageOID.CLIENT_AUTH
     builder = (
         x509.CertificateBuilder()
@@ -187,8 +208,8 @@ def issue_cert(
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - _CLOCK_SKEW)
-        .not_valid_after(min(now + datetime.timedelta(days=valid_days), ca_cert.not_valid_after_utc))
+        .not_valid_before(start)
+        .not_valid_after(min(not_after, ca_cert.not_valid_after_utc))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -231,96 +252,29 @@ def write_private_key(path: str | os.PathLike, key: ec.EllipticCurvePrivateKey) 
         f.write(data)
 
 
-def existing_kits(workspace: Path) -> list[Path]:
-    """Return the CA folder and participant startup/ folders already present under workspace."""
-    workspace = Path(workspace)
-    if not workspace.is_dir():
-        return []
-    found = [workspace / "ca"] if (workspace / "ca").exists() else []
-    found += sorted(p / "startup" for p in workspace.iterdir() if (p / "startup").is_dir())
-    return found
-
-
-def _write_kit(
-    folder: Path,
-    cert: x509.Certificate,
-    key: ec.EllipticCurvePrivateKey,
+def write_crl(
+    path: str | os.PathLike,
     ca_cert: x509.Certificate,
-    config: dict,
+    ca_key: ec.EllipticCurvePrivateKey,
+    revoked_serials: Iterable[int],
 ) -> None:
-    folder.mkdir(mode=0o700)
-    write_pem_cert(folder / "cert.pem", cert)
-    write_private_key(folder / "key.pem", key)
-    write_pem_cert(folder / "rootCA.pem", ca_cert)
-    (folder / "fed.json").write_text(json.dumps(config, indent=2) + "\n")
+    """Write a PEM X.509 CRL, signed by the CA, listing revoked_serials; replaces path atomically.
 
-
-def prepare_poc(
-    workspace: Path,
-    clients: int,
-    host: str,
-    fl_port: int,
-    admin_port: int,
-    project: str,
-    force: bool,
-) -> list[str]:
-    """Create a CA and startup kits for server, site-1..site-N and admin under workspace.
-
-    Returns the participant names. Refuses (PkiError, nothing written) when workspace already holds a
-    CA or a startup kit, unless force, which replaces the CA and every existing startup/ folder and
-    leaves everything else in the workspace alone.
+    The CRL is valid until the CA expires; an empty list gives a CRL that revokes nothing.
     """
-    workspace = Path(workspace)
-    if isinstance(clients, bool) or not isinstance(clients, int) or clients < 1:
-        raise PkiError(f"clients must be a whole number >= 1, got {clients!r}")
-    check_port(fl_port, "fl_port")
-    check_port(admin_port, "admin_port")
-    if fl_port == admin_port:
-        raise PkiError(f"fl_port and admin_port must differ (both are {fl_port})")
-    check_host(host)
-    check_project(project)
-    if workspace.exists() and not workspace.is_dir():
-        raise PkiError(f"workspace {workspace} exists and is not a folder")
-    present = existing_kits(workspace)
-    if present and not force:
-        shown = ", ".join(str(p) for p in present[:3]) + (" ..." if len(present) > 3 else "")
-        raise PkiError(f"{workspace} already holds startup kits ({shown}); use --force to replace them")
-
-    sites = [f"site-{i}" for i in range(1, clients + 1)]
-    participants = ["server", *sites, DEFAULT_ADMIN_NAME]
-    server = {"host": host, "fl_port": fl_port, "admin_port": admin_port}
-    ca_cert, ca_key = create_ca(project)
-    issued = [("server", "server", *issue_cert(ca_cert, ca_key, "server", "server", host=host), None)]
-    issued += [(site, "client", *issue_cert(ca_cert, ca_key, site, "client"), None) for site in sites]
-    issued.append(
-        (
-            DEFAULT_ADMIN_NAME,
-            "admin",
-            *issue_cert(ca_cert, ca_key, DEFAULT_ADMIN_NAME, "admin", admin_role="project_admin"),
-            "project_admin",
-        )
+    now = datetime.datetime.now(datetime.timezone.utc)
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now - _CLOCK_SKEW)
+        .next_update(ca_cert.not_valid_after_utc)
+        # A CRL number must grow with every CRL the CA issues; microseconds since the epoch do.
+        .add_extension(x509.CRLNumber(int(now.timestamp() * 1_000_000)), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
     )
-
-    workspace.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # Everything is written into a private staging folder first, so a failure part-way leaves no
-    # half-written kit behind, and only complete folders are moved into place.
-    staging = Path(tempfile.mkdtemp(prefix=".poc-", dir=workspace))
-    try:
-        (staging / "ca").mkdir(mode=0o700)
-        write_pem_cert(staging / "ca" / "rootCA.pem", ca_cert)
-        write_private_key(staging / "ca" / "rootCA.key", ca_key)
-        for name, role, cert, key, admin_role in issued:
-            config: dict = {"name": name, "role": role, "project": project, "server": server}
-            if admin_role is not None:
-                config["admin_role"] = admin_role
-            (staging / name).mkdir(mode=0o700)
-            _write_kit(staging / name / "startup", cert, key, ca_cert, config)
-        for old in present:
-            shutil.rmtree(old)
-        (staging / "ca").rename(workspace / "ca")
-        for name in participants:
-            (workspace / name).mkdir(mode=0o700, exist_ok=True)
-            (staging / name / "startup").rename(workspace / name / "startup")
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return participants
+    for serial in sorted(set(revoked_serials)):
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(now - _CLOCK_SKEW).build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    atomic_write_bytes(path, crl.public_bytes(serialization.Encoding.PEM))

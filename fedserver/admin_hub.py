@@ -17,6 +17,7 @@ from fedcommon.admin_defs import Message, MsgHeader, ReturnCode
 from fedcommon.audit import JsonLinesLog
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
+from fedserver.authorization import DEFAULT_POLICY, Caller, Policy, Refused
 from fedserver.blob_store import BlobError, check_blob_id
 
 if TYPE_CHECKING:
@@ -30,9 +31,6 @@ MAX_TIMEOUT_S = 3600.0
 CONNECTED_WINDOW_S = 45.0
 AUDIT_FILE = "audit.log"
 RESULT_TOPICS = ("progress", "training_ended")
-# DESIGN §10: the server authorizes by role; a member may look, not act.
-READ_ONLY_COMMANDS = ("status", "sysinfo")
-READ_ONLY_ROLES = ("member",)
 
 
 class AdminError(Exception):
@@ -63,6 +61,7 @@ class CommandResult:
 class _Agent:
     polls: int = 0  # Retrieve calls in flight
     last_poll: float = -math.inf
+    org: str | None = None  # from the site's certificate
     queue: deque[Message] = field(default_factory=deque)
 
 
@@ -81,22 +80,29 @@ class AuditLog:
         self._log = JsonLinesLog(path)
         self.path = self._log.path
 
-    def record(self, admin: str, command: str, targets: list[str], ok: bool, args: Any = None,
+    def record(self, caller: Caller, command: str, targets: list[str], ok: bool, args: Any = None,
                error: str = "") -> None:
         """Append one entry; a failure to write is logged, never raised at the operator."""
-        entry: dict[str, Any] = {"admin": admin, "command": command, "targets": targets, "ok": ok}
+        entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command,
+                                 "targets": targets, "ok": ok}
         if args:
             entry["args"] = args
         if error:
             entry["error"] = error
         self._log.append(entry)
 
+    def record_refused_peer(self, peer: str, kind: str, org: str, port: str, method: str, reason: str) -> None:
+        """Append a call refused before any command ran (revoked or wrong kind of certificate)."""
+        self._log.append({"event": "refused_connection", "peer": peer, "kind": kind, "org": org, "port": port,
+                          "method": method, "ok": False, "error": reason})
+
 
 class AdminHub:
     """Queues requests per site, hands them to the site's Retrieve long-poll, and matches the replies."""
 
-    def __init__(self, server: FederationServer):
+    def __init__(self, server: FederationServer, policy: Policy | None = None):
         self._server = server
+        self.policy = policy or Policy(DEFAULT_POLICY)
         self._cond = threading.Condition()
         self._agents: dict[str, _Agent] = {}
         self._waiting: dict[str, _Waiter] = {}
@@ -107,12 +113,18 @@ class AdminHub:
 
     # ---- agent plane ----------------------------------------------------------------------------
 
-    def retrieve(self, site: str, wait: float, active: Callable[[], bool] = lambda: True) -> list[Message]:
-        """Hold until requests for `site` are queued, `wait` seconds pass or the caller goes away."""
+    def retrieve(self, site: str, wait: float, active: Callable[[], bool] = lambda: True,
+                 org: str | None = None) -> list[Message]:
+        """Hold until requests for `site` are queued, `wait` seconds pass or the caller goes away.
+
+        `org` is the organisation in the site's certificate, which org-scoped rights are checked against.
+        """
         deadline = time.monotonic() + wait
         with self._cond:
             agent = self._agents.setdefault(site, _Agent())
             agent.polls += 1
+            if org is not None:
+                agent.org = org
             try:
                 while not self._closed and active():
                     if agent.queue:
@@ -197,6 +209,11 @@ class AdminHub:
             self._waiting.clear()
             self._cond.notify_all()
 
+    def site_orgs(self) -> dict[str, str]:
+        """The organisation of each site that has connected, from its certificate."""
+        with self._cond:
+            return {name: a.org for name, a in self._agents.items() if a.org is not None}
+
     def send(self, sites: list[str], topic: str, headers: dict[str, Any], body: str) -> list[_Waiter]:
         """Queue one request per site; each gets its own id so a reply names exactly one of them."""
         waiters = []
@@ -227,9 +244,9 @@ class AdminHub:
 
     # ---- admin plane ----------------------------------------------------------------------------
 
-    def execute(self, admin: str, role: str | None, command: str, targets: list[str], args_json: str,
+    def execute(self, caller: Caller, command: str, targets: list[str], args_json: str,
                 timeout: float) -> CommandResult:
-        """Run one operator command on its targets; every command is audited."""
+        """Run one operator command on its targets, if the policy allows it; every command is audited."""
         started = time.monotonic()
         try:
             args = _parse_args(args_json)
@@ -237,28 +254,30 @@ class AdminHub:
             args, result = args_json, CommandResult(command, False, [], str(e))
         else:
             try:
-                result = self._execute(role, command, list(targets), args, timeout)
-            except AdminError as e:
+                result = self._execute(caller, command, list(targets), args, timeout)
+            except (AdminError, Refused) as e:
                 result = CommandResult(command, False, [], str(e))
             except Exception as e:
                 log.exception("command %s failed", command)
                 result = CommandResult(command, False, [], f"internal error: {type(e).__name__}: {e}")
-        self.audit.record(admin, command, [r.target for r in result.replies] or list(targets), result.ok, args,
+        self.audit.record(caller, command, [r.target for r in result.replies] or list(targets), result.ok, args,
                           result.error)
-        log.info("admin %s: %s %s -> %s (%.2fs)", admin, command, ",".join(targets) or "-",
+        log.info("admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command, ",".join(targets) or "-",
                  "ok" if result.ok else result.error or "failed", time.monotonic() - started)
         return result
 
-    def _execute(self, role: str | None, command: str, targets: list[str], args: dict[str, Any],
+    def _execute(self, caller: Caller, command: str, targets: list[str], args: dict[str, Any],
                  timeout: float) -> CommandResult:
         spec = _COMMANDS.get(command)
         if spec is None:
             raise AdminError(f"unknown command {command!r}")
-        if role in READ_ONLY_ROLES and command not in READ_ONLY_COMMANDS:
-            raise AdminError(f"admin role {role!r} may not run {command!r} (allowed: {', '.join(READ_ONLY_COMMANDS)})")
+        self.policy.precheck(caller, command)
         args = spec.check(self, args)
         wait = self._timeout(timeout)
         names = self._resolve(command, spec.targets, targets)
+        # remove-client acts on the server's registry, but what it touches is the named site.
+        self.policy.check(caller, command, [args["site"]] if command == "remove-client" else names,
+                          self.site_orgs())
         connected = set(self.connected_sites())
         results = {n: TargetResult(n, False, error=f"{n} is not connected")
                    for n in names if n != SERVER and n not in connected}
@@ -269,6 +288,8 @@ class AdminHub:
         except (AdminError, BlobError) as e:  # a precondition every target shares, e.g. no run number
             replies = [results.get(n) or TargetResult(n, False, error=str(e)) for n in names]
             return CommandResult(command, False, replies)
+        headers = {**headers, MsgHeader.ADMIN: caller.name, MsgHeader.ADMIN_ROLE: caller.role,
+                   MsgHeader.ADMIN_ORG: caller.org, MsgHeader.COMMAND: command}
         extra: list[str] = []
         if command == "abort" and on_server and self._server.training_run() is not None:
             extra = sorted(connected - set(live))  # `abort server` aborts every site first

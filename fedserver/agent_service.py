@@ -8,18 +8,16 @@ from collections.abc import Iterator
 import grpc
 
 from fedcommon.admin_serde import message_from_wire, message_to_wire
-from fedcommon.kit import peer_admin_role, peer_name
+from fedcommon.identity import PeerIdentity, peer_identity
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 from fedcommon.wire import training_pb2 as tpb
-from fedserver.admin_hub import SERVER, AdminHub
+from fedserver.admin_hub import AdminHub
 from fedserver.blob_store import BlobError, BlobStore
 
 log = logging.getLogger(__name__)
 
 MAX_RETRIEVE_WAIT_S = 20.0
-
-
 
 
 class SiteAgentService(pb_grpc.SiteAgentServicer):
@@ -30,22 +28,26 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         self._blobs = blobs
 
     @staticmethod
-    def _site(context: grpc.ServicerContext) -> str:
-        name = peer_name(context)
-        if peer_admin_role(context) is not None:
+    def _peer(context: grpc.ServicerContext) -> PeerIdentity:
+        peer = peer_identity(context)
+        if peer is None or peer.kind != "client" or not peer.name:
+            # The port's identity gate refuses these first; this guards a server set up without it.
+            shown = peer.describe() if peer else "a caller without a certificate"
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{name!r} holds an admin certificate; the agent plane takes site certificates only")
-        if not name or name == SERVER:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{name!r} is not a site certificate; the agent plane takes site certificates only")
-        return name
+                          f"{shown} is not a site certificate; the agent plane takes site certificates only")
+        return peer
+
+    @classmethod
+    def _site(cls, context: grpc.ServicerContext) -> str:
+        return cls._peer(context).name
 
     def Retrieve(self, request: pb.RetrieveRequest, context: grpc.ServicerContext) -> pb.RetrieveReply:
         """Hold until requests for the calling site are queued or wait_seconds (at most 20) pass."""
-        site = self._site(context)
+        peer = self._peer(context)
+        site = peer.name
         wait = min(max(request.wait_seconds, 0.0), MAX_RETRIEVE_WAIT_S)
         context.add_callback(self._hub.wake)  # a site that hangs up frees its long-poll at once
-        requests = self._hub.retrieve(site, wait, context.is_active)
+        requests = self._hub.retrieve(site, wait, context.is_active, org=peer.org)
         if requests:
             log.debug("%s retrieved %s", site, ", ".join(m.topic for m in requests))
         return pb.RetrieveReply(requests=[message_to_wire(m) for m in requests])

@@ -1,4 +1,4 @@
-"""Registered sites: session tokens bound to certificate names, liveness by last contact."""
+"""Registered sites: session tokens bound to the certificate they were issued to, liveness by last contact."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ class SiteSession:
     token: str
     registered_at: float
     last_seen: float
+    fingerprint: str | None = None  # of the certificate the token was issued to
 
 
 class ClientRegistry:
@@ -35,8 +36,13 @@ class ClientRegistry:
         self._by_token: dict[str, SiteSession] = {}
         self._by_name: dict[str, SiteSession] = {}
 
-    def register(self, name: str, cert_name: str | None, max_sites: int | None = None) -> SiteSession:
-        """Open a session for `name`, which must be the caller's certificate name; replaces an older one."""
+    def register(self, name: str, cert_name: str | None, max_sites: int | None = None,
+                 cert_fingerprint: str | None = None) -> SiteSession:
+        """Open a session for `name`, which must be the caller's certificate name; replaces an older one.
+
+        The token is bound to the certificate (its fingerprint), so even another certificate issued
+        to the same name cannot use it.
+        """
         if not name:
             raise RegistryError("permission_denied", "registration without a site name")
         if cert_name != name:
@@ -53,14 +59,15 @@ class ClientRegistry:
                 raise RegistryError(
                     "resource_exhausted", f"registration refused: the run takes at most {max_sites} sites"
                 )
-            session = SiteSession(name, secrets.token_urlsafe(32), now, now)
+            session = SiteSession(name, secrets.token_urlsafe(32), now, now, cert_fingerprint)
             self._by_name[name] = session
             self._by_token[session.token] = session
         log.info("site %s registered", name)
         return session
 
-    def authenticate(self, token: str | None, cert_name: str | None) -> SiteSession:
-        """The session of `token`, checked against the caller's certificate name; refreshes liveness."""
+    def authenticate(self, token: str | None, cert_name: str | None,
+                     cert_fingerprint: str | None = None) -> SiteSession:
+        """The session of `token`, checked against the caller's certificate; refreshes liveness."""
         with self._lock:
             session = self._by_token.get(token or "")
             if session is None:
@@ -69,6 +76,11 @@ class ClientRegistry:
                 raise RegistryError(
                     "permission_denied",
                     f"session token belongs to {session.name!r}, the certificate is {cert_name!r}",
+                )
+            if session.fingerprint is not None and session.fingerprint != cert_fingerprint:
+                raise RegistryError(
+                    "permission_denied",
+                    f"session token of {session.name!r} was issued to another certificate: register again",
                 )
             session.last_seen = time.monotonic()
             return session

@@ -20,15 +20,19 @@ from typing import Any
 import grpc
 
 from fedcommon.atomic import atomic_write_json
+from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
 from fedcommon.mmar import load_mmar
+from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.admin_hub import DEFAULT_TIMEOUT_S, AdminHub
 from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
+from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
+from fedserver.identity_gate import IdentityGate
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
 from fedserver.training_service import TrainingService
@@ -73,7 +77,12 @@ class FederationServer:
         self._admin_lock = threading.RLock()
         self._run_number, self.admin_timeout = self._load_state()
         self.blobs = BlobStore(self.workspace / UPLOADS_DIR)
-        self.hub = AdminHub(self)
+        try:
+            self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
+            policy = load_policy(self.workspace)
+        except (RevocationError, PolicyError) as e:
+            raise ServerError(str(e)) from None
+        self.hub = AdminHub(self, policy)
         self.exit_requested = threading.Event()
         self.restart_requested = False
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
@@ -88,12 +97,12 @@ class FederationServer:
         """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
         creds = server_credentials(self.kit)
         fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
-                         options=GRPC_OPTIONS)
+                         options=GRPC_OPTIONS, interceptors=[self._gate("fl_port", ("client",))])
         pb_grpc.add_FederatedTrainingServicer_to_server(TrainingService(self), fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.hub, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-                            options=ADMIN_GRPC_OPTIONS)
+                            options=ADMIN_GRPC_OPTIONS, interceptors=[self._gate("admin_port", ("admin",))])
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
@@ -105,6 +114,13 @@ class FederationServer:
         log.info("training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
                  self.bind_host, port, self.bind_host, admin_port)
         return port
+
+    def _gate(self, port_name: str, kinds: tuple[str, ...]) -> IdentityGate:
+        def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
+            self.hub.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
+                                               peer.org if peer else "", port_name, method, reason)
+
+        return IdentityGate(port_name, kinds, self.revocations, record)
 
     def _bind(self, server: grpc.Server, port: int, creds: grpc.ServerCredentials, what: str) -> int:
         address = f"{self.bind_host}:{port}"

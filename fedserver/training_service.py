@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 import grpc
 
 from fedcommon.dtypes import DTypeError
-from fedcommon.kit import peer_name
+from fedcommon.identity import PeerIdentity, peer_identity
 from fedcommon.model_file import iter_model_chunks
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, spec_from_header
 from fedcommon.wire import training_pb2 as pb
@@ -43,19 +43,34 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._chunk_bytes = chunk_bytes
 
-    def _session(self, context: grpc.ServicerContext) -> SiteSession:
+    @staticmethod
+    def _peer(context: grpc.ServicerContext) -> PeerIdentity:
+        peer = peer_identity(context)
+        if peer is None or peer.kind != "client":
+            # The port's identity gate refuses these first; this guards a server set up without it.
+            shown = peer.describe() if peer else "a caller without a certificate"
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"{shown} is not a site certificate; the training plane takes site certificates only")
+        return peer
+
+    def _authenticate(self, context: grpc.ServicerContext) -> SiteSession:
         token = dict(context.invocation_metadata()).get(TOKEN_KEY)
+        peer = self._peer(context)
+        return self._server.registry.authenticate(token, peer.name, peer.fingerprint)
+
+    def _session(self, context: grpc.ServicerContext) -> SiteSession:
         try:
-            return self._server.registry.authenticate(token, peer_name(context))
+            return self._authenticate(context)
         except RegistryError as e:
             context.abort(_STATUS[e.code], str(e))
             raise  # unreachable: abort raises
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
         run = self._server.run
+        peer = self._peer(context)
         try:
             session = self._server.registry.register(
-                request.client_name, peer_name(context), run.config.max_num_clients if run else None
+                request.client_name, peer.name, run.config.max_num_clients if run else None, peer.fingerprint
             )
         except RegistryError as e:
             log.warning("registration refused: %s", e)
@@ -68,9 +83,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         )
 
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
-        token = dict(context.invocation_metadata()).get(TOKEN_KEY)
         try:
-            self._server.registry.authenticate(token, peer_name(context))
+            self._authenticate(context)
         except RegistryError as e:
             if e.code == "unauthenticated":
                 return pb.HeartbeatReply(known=False)

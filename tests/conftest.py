@@ -28,7 +28,7 @@ def free_port() -> int:
 
 
 def prepare_workspace(path: Path, clients: int = 2) -> Path:
-    from fedcommon.pki import prepare_poc
+    from fedcommon.provision import prepare_poc
 
     prepare_poc(path, clients, "127.0.0.1", free_port(), free_port(), "test", False)
     return path

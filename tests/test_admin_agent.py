@@ -23,6 +23,7 @@ from fedclient.admin_commands import seed_processors
 from fedclient.admin_interface import ClientAdminInterface
 from fedclient.client_executor import ClientExecutor
 from fedclient.client_status import ClientStatus
+from fedclient.local_policy import LocalPolicy
 from fedcommon.admin_defs import Message, ok_reply
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.safe_zip import zip_folder
@@ -230,6 +231,33 @@ def test_every_request_is_audited_as_one_json_line(site):
     assert lines[1]["error"] == "run 3 is not deployed" and lines[1]["run_number"] == "3"
     assert lines[2]["argv"] == ["ls"]
     assert all("time" in e for e in lines)
+
+
+def test_the_audit_names_the_admin_role_org_and_command_the_server_stated(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    sender.ask("sys_info", {"admin": "bob", "admin_role": "lead", "admin_org": "org-b", "command": "sysinfo"})
+    entry = json.loads((interface.workspace / "audit.log").read_text().splitlines()[-1])
+    assert {k: entry[k] for k in ("admin", "role", "org", "command", "site", "topic", "ok")} == {
+        "admin": "bob", "role": "lead", "org": "org-b", "command": "sysinfo", "site": "site-1", "topic": "sys_info",
+        "ok": True}
+
+
+def test_the_sites_local_policy_refuses_before_the_processor_runs_and_is_audited(site):
+    sender, interface, agent, _ = site
+    (interface.workspace / "local").mkdir()
+    (interface.workspace / "local" / "authorization.json").write_text(json.dumps(
+        {"rules": [{"name": "no-shell-from-b", "deny": ["shell"], "orgs": ["org-b"]}]}))
+    agent.policy = LocalPolicy(interface.workspace)
+    agent.start()
+    from_b = {"admin": "bob", "admin_role": "lead", "admin_org": "org-b", "command": "shell"}
+    ok, error = sender.ask("shell", from_b, body=json.dumps({"argv": ["pwd"]}))
+    assert not ok and error == "site-1: refused by local/authorization.json rule 'no-shell-from-b'"
+    ok, _ = sender.ask("shell", {**from_b, "admin": "alice", "admin_org": "org-a"}, body=json.dumps({"argv": ["pwd"]}))
+    assert ok
+    entries = [json.loads(line) for line in (interface.workspace / "audit.log").read_text().splitlines()]
+    assert [(e["admin"], e["ok"]) for e in entries] == [("bob", False), ("alice", True)]
+    assert "no-shell-from-b" in entries[0]["error"]
 
 
 # ---- the processors' refusals, per the contract ------------------------------------------------------------

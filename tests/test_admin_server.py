@@ -272,7 +272,8 @@ def test_a_site_certificate_is_refused_by_the_admin_service(federation):
     with pytest.raises(grpc.RpcError) as err:
         stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert err.value.details() == "'site-1' is not an admin certificate"
+    assert err.value.details() == (
+        "'site-1' (site of test) may not use the admin_port: it serves admin certificates only")
 
 
 def test_an_admin_certificate_is_refused_by_the_site_agent_service(federation):
@@ -282,7 +283,7 @@ def test_an_admin_certificate_is_refused_by_the_site_agent_service(federation):
     with pytest.raises(grpc.RpcError) as err:
         stub.Retrieve(apb.RetrieveRequest(wait_seconds=0), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
-    assert "admin certificate" in err.value.details()
+    assert "(project_admin of test) may not use the fl_port: it serves site certificates" in err.value.details()
     assert federation.server.hub.connected_sites() == []
 
 
@@ -388,7 +389,9 @@ def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites
     assert _data(reply.replies[0]) == {"run_number": 3, "path": str(federation.ws / "server" / "run_3" / "mmar")}
     assert (federation.ws / "server" / "run_3" / "mmar" / "config" / "config_fed_server.json").is_file()
     assert dict(site.received[0].headers) == {"run_number": "3", "blob_id": blob, "sha256": blob,
-                                              "size": str(len(data))}
+                                              "size": str(len(data)), "admin": "admin",
+                                              "admin_role": "project_admin", "admin_org": "test",
+                                              "command": "deploy"}
     assert _data(federation.server_reply("status"))["run_status"] == "deployed"
 
 
@@ -556,7 +559,7 @@ def test_every_admin_command_is_audited(federation):
         ("admin", "upload", [], False),
     ]
     assert lines[0]["args"] == {"run_number": 4}
-    assert all("time" in e for e in lines)
+    assert all("time" in e and e["role"] == "project_admin" and e["org"] == "test" for e in lines)
 
 
 # ---- the process ------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from fedclient.communicator import CommunicationError, Communicator, Registratio
 from fedclient.model_manager import ClientModelManager
 from fedclient.worker import kit_ssl_args
 from fedcommon.kit import load_kit
-from fedcommon.pki import prepare_poc
+from fedcommon.provision import prepare_poc
 
 SERVICE = "fl.example.org:8002"
 

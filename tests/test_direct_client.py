@@ -5,10 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import copy_mmar, prepare_workspace
+from cryptography import x509
 
 from fedclient.direct_client import DirectFederatedClient
 from fedclient.test_client import TestFederatedClient
 from fedclient.worker import kit_ssl_args
+from fedcommon.identity import identity_of
 from fedcommon.kit import load_kit
 from fedcommon.model_file import load_model, save_model
 from fedserver.server import FederationServer
@@ -150,4 +152,6 @@ def test_test_client_login_returns_a_token_the_server_accepts(federation):
     token = client.client_login(TASK)
     assert isinstance(token, str) and len(token) >= 32
     assert client.token == token
-    assert server.registry.authenticate(token, "site-2").name == "site-2"
+    kit = load_kit(ws / "site-2")
+    fingerprint = identity_of(x509.load_pem_x509_certificate(kit.cert_pem)).fingerprint
+    assert server.registry.authenticate(token, "site-2", fingerprint).name == "site-2"

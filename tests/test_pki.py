@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fedcommon import pki
+from fedcommon import provision as provisioning
 
 KIT_FILES = {"cert.pem", "key.pem", "rootCA.pem", "fed.json"}
 
@@ -90,6 +91,52 @@ def test_admin_cert_carries_its_role_in_organizational_unit(ca):
     assert [a.value for a in ou] == ["project_admin"]
 
 
+def _subject(cert: x509.Certificate) -> tuple[list[str], list[str], list[str]]:
+    return tuple(
+        [a.value for a in cert.subject.get_attributes_for_oid(oid)]
+        for oid in (NameOID.COMMON_NAME, NameOID.ORGANIZATION_NAME, NameOID.ORGANIZATIONAL_UNIT_NAME)
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "role", "kwargs", "org", "ou"),
+    [
+        ("server", "server", {}, "trial", "server"),
+        ("site-1", "client", {}, "trial", "client"),
+        ("site-1", "client", {"org": "hospital-a"}, "hospital-a", "client"),
+        ("bob@b", "admin", {"org": "hospital-b", "admin_role": "lead"}, "hospital-b", "lead"),
+    ],
+)
+def test_every_cert_names_its_org_and_role_defaulting_org_to_the_project(ca, name, role, kwargs, org, ou):
+    cert, _ = pki.issue_cert(*ca, name, role, **kwargs)
+    assert _subject(cert) == ([name], [org], [ou])
+
+
+def test_issue_cert_honours_not_before_and_valid_days(ca):
+    start = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    cert, _ = pki.issue_cert(*ca, "site-1", "client", valid_days=2, not_before=start)
+    assert cert.not_valid_before_utc == start
+    assert cert.not_valid_after_utc == start + datetime.timedelta(days=2)
+
+
+def test_issue_cert_never_outlives_its_ca(ca):
+    cert, _ = pki.issue_cert(*ca, "site-1", "client", valid_days=5000)
+    assert cert.not_valid_after_utc == ca[0].not_valid_after_utc
+
+
+def test_write_crl_lists_the_revoked_serials_signed_by_the_ca(tmp_path, ca):
+    path = tmp_path / "crl.pem"
+    pki.write_crl(path, *ca, [17, 5, 17])
+    crl = x509.load_pem_x509_crl(path.read_bytes())
+    assert crl.is_signature_valid(ca[0].public_key())
+    assert crl.issuer == ca[0].subject
+    assert sorted(r.serial_number for r in crl) == [5, 17]
+    assert crl.next_update_utc == ca[0].not_valid_after_utc
+    pki.write_crl(path, *ca, [])
+    assert len(x509.load_pem_x509_crl(path.read_bytes())) == 0
+    assert [p.name for p in tmp_path.iterdir()] == ["crl.pem"]
+
+
 def test_cert_from_another_ca_does_not_verify(ca):
     other_cert, other_key = pki.create_ca("trial")
     cert, _ = pki.issue_cert(other_cert, other_key, "site-1", "client")
@@ -105,6 +152,7 @@ def test_cert_from_another_ca_does_not_verify(ca):
         ("site-1", "client", {"admin_role": "member"}, "only for admin"),
         ("site-1", "client", {"host": "x.org"}, "only for the server"),
         ("site-1", "worker", {}, "role 'worker'"),
+        ("site-1", "client", {"org": "a b"}, "organization"),
         ("site 1", "client", {}, "participant name"),
         ("server", "server", {"host": "https://x.org:8002"}, "neither an IP address nor a DNS name"),
     ],
@@ -135,7 +183,7 @@ def test_write_private_key_never_overwrites(tmp_path, ca):
 def _prepare(workspace: Path, clients: int = 2, **overrides) -> list[str]:
     args = {"host": "127.0.0.1", "fl_port": 8002, "admin_port": 8003, "project": "trial", "force": False}
     args.update(overrides)
-    return pki.prepare_poc(workspace, clients, **args)
+    return provisioning.prepare_poc(workspace, clients, **args)
 
 
 def _snapshot(root: Path) -> dict[str, bytes]:
@@ -147,13 +195,21 @@ def test_prepare_poc_lays_out_ca_and_one_private_kit_per_participant(tmp_path):
     names = _prepare(ws, clients=3)
     assert names == ["server", "site-1", "site-2", "site-3", "admin"]
     assert sorted(p.name for p in ws.iterdir()) == sorted([*names, "ca"])
-    assert {p.name for p in (ws / "ca").iterdir()} == {"rootCA.pem", "rootCA.key"}
+    assert {p.name for p in (ws / "ca").iterdir()} == {"rootCA.pem", "rootCA.key", "state.json", "crl.pem"}
     assert _mode(ws / "ca") == 0o700
     assert _mode(ws / "ca" / "rootCA.key") == 0o600
+    state = json.loads((ws / "ca" / "state.json").read_text())
+    assert [(p["name"], p["kind"], p["org"], p["role"]) for p in state["participants"]] == [
+        ("server", "server", "trial", "server"),
+        ("site-1", "client", "trial", "client"),
+        ("site-2", "client", "trial", "client"),
+        ("site-3", "client", "trial", "client"),
+        ("admin", "admin", "trial", "project_admin"),
+    ]
     ca_cert = x509.load_pem_x509_certificate((ws / "ca" / "rootCA.pem").read_bytes())
     for name in names:
         startup = ws / name / "startup"
-        assert {p.name for p in startup.iterdir()} == KIT_FILES
+        assert {p.name for p in startup.iterdir()} == (KIT_FILES | {"crl.pem"} if name == "server" else KIT_FILES)
         assert _mode(ws / name) == 0o700
         assert _mode(startup) == 0o700
         assert _mode(startup / "key.pem") == 0o600
@@ -171,6 +227,7 @@ def test_prepare_poc_writes_fed_json_with_role_project_and_server_address(tmp_pa
         "name": "site-1",
         "role": "client",
         "project": "trial",
+        "org": "trial",
         "server": server,
     }
     assert json.loads((ws / "server" / "startup" / "fed.json").read_text())["role"] == "server"

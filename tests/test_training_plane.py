@@ -9,9 +9,12 @@ import grpc
 import numpy as np
 import pytest
 from conftest import copy_mmar, prepare_workspace
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
 
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import load_model, save_model
+from fedcommon.pki import issue_cert
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
@@ -116,6 +119,25 @@ def test_token_used_with_another_sites_certificate_is_refused(federation):
         _fetch(stub2, md1)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "belongs to 'site-1'" in err.value.details()
+
+
+def test_token_replayed_from_another_certificate_of_the_same_site_is_refused(federation):
+    server, ws, target = federation
+    _, md, _ = _register(ws, "site-1", target)
+    ca_cert = x509.load_pem_x509_certificate((ws / "ca" / "rootCA.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ws / "ca" / "rootCA.key").read_bytes(), None)
+    cert, key = issue_cert(ca_cert, ca_key, "site-1", "client")
+    pem = serialization.Encoding.PEM
+    twin = grpc.ssl_channel_credentials(
+        ca_cert.public_bytes(pem),
+        key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        cert.public_bytes(pem),
+    )
+    stub, _ = _stub(ws, "site-1", target, twin)
+    with pytest.raises(grpc.RpcError) as err:
+        _fetch(stub, md)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "issued to another certificate" in err.value.details()
 
 
 def test_model_download_streams_the_initial_global_model(federation):

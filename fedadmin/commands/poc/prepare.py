@@ -86,6 +86,7 @@ def prepare(
 ) -> None:
     """Issue a CA and startup kits for server, site-1..site-N and admin."""
     from fedcommon import pki  # cryptography loads only for the commands that need it
+    from fedcommon import provision as provisioning
 
     if fl_port == admin_port:
         raise click.BadParameter(
@@ -99,5 +100,5 @@ def prepare(
             check(value)
         except pki.PkiError as exc:
             raise click.BadParameter(str(exc), param_hint=hint) from None
-    participants = pki.prepare_poc(workspace, clients, host, fl_port, admin_port, project, force)
+    participants = provisioning.prepare_poc(workspace, clients, host, fl_port, admin_port, project, force)
     emit(options, PocPrepared(workspace.resolve(), project, host, fl_port, admin_port, participants))

@@ -166,7 +166,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     from fedadmin.connection import AdminConnection
     from fedadmin.upload import check_mmar, upload_mmar
     from fedadmin.watch import display_mode, follow, run_end, sites_idle
-    from fedcommon.pki import prepare_poc
+    from fedcommon.provision import prepare_poc
 
     check_mmar(mmar)
     workspace = workspace.resolve()

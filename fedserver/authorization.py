@@ -1,0 +1,139 @@
+"""The server's authorization policy: what each admin role may run, and on whose sites (DESIGN §10)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedcommon.identity import ADMIN_ROLES
+
+POLICY_FILE = Path("local") / "authorization.json"
+RIGHTS = ("view", "train", "operate", "shell")
+SCOPES = ("any", "own_org", "none")
+SERVER_TARGET = "server"
+
+# A command is allowed when any one of its rights allows it on every target.
+COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {
+    "status": ("view",),
+    "sysinfo": ("view",),
+    "validate": ("view",),
+    "set-run": ("train",),
+    "upload": ("train",),
+    "deploy": ("train",),
+    "start": ("train",),
+    "start-mgpu": ("train",),
+    "abort": ("train", "operate"),
+    "delete-run": ("operate",),
+    "restart": ("operate",),
+    "shutdown": ("operate",),
+    "remove-client": ("operate",),
+    "set-timeout": ("operate",),
+    "shell": ("shell",),
+}
+
+# member looks; lead runs training and reads its own org's sites; org_admin operates its own org's
+# sites; project_admin does everything. "own_org" never covers the server, which belongs to no org.
+DEFAULT_POLICY: dict[str, dict[str, str]] = {
+    "project_admin": {"view": "any", "train": "any", "operate": "any", "shell": "any"},
+    "org_admin": {"view": "any", "train": "none", "operate": "own_org", "shell": "own_org"},
+    "lead": {"view": "any", "train": "any", "operate": "none", "shell": "own_org"},
+    "member": {"view": "any", "train": "none", "operate": "none", "shell": "none"},
+}
+
+
+class PolicyError(ValueError):
+    """A policy file that cannot be used; the message names the file and the key."""
+
+
+class Refused(Exception):
+    """A command the policy does not allow; the message names the rule."""
+
+
+@dataclass(frozen=True)
+class Caller:
+    """The admin behind a command, as its certificate states."""
+
+    name: str
+    role: str
+    org: str
+
+
+class Policy:
+    """role → right → scope; checks one command of one caller on its targets."""
+
+    def __init__(self, rules: Mapping[str, Mapping[str, str]], source: str = "the server's default policy"):
+        self.rules = {role: dict(rights) for role, rights in rules.items()}
+        self.source = source
+
+    def scope(self, role: str, right: str) -> str:
+        """The scope `role` has for `right` ("none" for an unknown role)."""
+        return self.rules.get(role, {}).get(right, "none")
+
+    def precheck(self, caller: Caller, command: str) -> None:
+        """Refuse at once when no right of the command is granted to the caller's role at all."""
+        rights = COMMAND_RIGHTS.get(command)
+        if rights is None:
+            return  # an unknown command is refused by the hub, naming the command
+        if all(self.scope(caller.role, r) == "none" for r in rights):
+            rule = " and ".join(f"{caller.role}.{r} = none" for r in rights)
+            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} "
+                          f"(rule {rule})")
+
+    def check(self, caller: Caller, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
+        """Refuse (Refused, naming the rule) unless one right of the command covers every target."""
+        self.precheck(caller, command)
+        reasons = []
+        for right in COMMAND_RIGHTS.get(command, ()):
+            scope = self.scope(caller.role, right)
+            if scope == "any":
+                return
+            if scope == "none":
+                continue
+            outside = [t for t in targets if t == SERVER_TARGET or site_orgs.get(t) != caller.org]
+            if not outside:
+                return
+            shown = ", ".join(
+                "the server" if t == SERVER_TARGET
+                else f"{t} (org {site_orgs[t]})" if t in site_orgs else f"{t} (org unknown: not connected)"
+                for t in outside
+            )
+            reasons.append(f"rule {caller.role}.{right} = own_org allows only sites of org {caller.org!r}, "
+                           f"not {shown}")
+        raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} here: "
+                      + "; ".join(reasons))
+
+
+def load_policy(workspace: Path) -> Policy:
+    """The default policy, with the overrides of `workspace`/local/authorization.json if it exists.
+
+    The file is {"roles": {ROLE: {RIGHT: SCOPE}}}; what it does not name keeps its default.
+    """
+    path = Path(workspace) / POLICY_FILE
+    if not path.exists():
+        return Policy(DEFAULT_POLICY)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise PolicyError(f"{path}: cannot be read as JSON: {e}") from None
+    if not isinstance(data, dict) or set(data) - {"roles"}:
+        raise PolicyError(f'{path}: expected {{"roles": {{ROLE: {{RIGHT: SCOPE}}}}}}, got keys {sorted(data)}'
+                          if isinstance(data, dict) else f"{path}: expected a JSON object")
+    roles = data.get("roles", {})
+    if not isinstance(roles, dict):
+        raise PolicyError(f"{path}: key 'roles' must be an object")
+    rules = {role: dict(rights) for role, rights in DEFAULT_POLICY.items()}
+    for role, rights in roles.items():
+        if role not in ADMIN_ROLES:
+            raise PolicyError(f"{path}: roles.{role}: unknown role (one of {', '.join(ADMIN_ROLES)})")
+        if not isinstance(rights, dict):
+            raise PolicyError(f"{path}: roles.{role} must be an object of RIGHT: SCOPE")
+        for right, scope in rights.items():
+            if right not in RIGHTS:
+                raise PolicyError(f"{path}: roles.{role}.{right}: unknown right (one of {', '.join(RIGHTS)})")
+            if scope not in SCOPES:
+                raise PolicyError(f"{path}: roles.{role}.{right}: scope must be one of {', '.join(SCOPES)}, "
+                                  f"got {scope!r}")
+            rules[role][right] = scope
+    return Policy(rules, source=f"server policy {path}")
