@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import ast
 import difflib
-import importlib.util
 import json
 import math
 import os
@@ -23,12 +22,17 @@ CUSTOM_DIR = "custom"
 FORMAT_VERSION = 1
 WEIGHT_BY = ("iterations", "samples", "uniform")
 DEFAULT_MAX_NUM_CLIENTS = 100
+# Components come from the MMAR's custom/ or from these packages, never from any other installed module.
+FEDLEARN_PACKAGES = ("fedclient", "fedcommon", "fedserver")
+FEDLEARN_ROOT = Path(__file__).resolve().parent.parent
 
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _MISSING = object()
 _BAD = object()
 _DEFAULT_MAX = object()
 _COMPONENT_SHAPE = '{"path": "module.Class", "args": {...}}'
+# Every character str.splitlines() breaks at: a key or value holding one must not split a problem in two.
+_ONE_LINE = str.maketrans({c: repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"})
 
 Report = Callable[[str, str], None]
 
@@ -137,7 +141,7 @@ def load_mmar(root: str | os.PathLike) -> MMAR:
             f"{SERVER_CONFIG} task_name {server_task!r}"
         )
     if problems:
-        raise MMARError("\n".join(problems))
+        raise MMARError("\n".join(problem.translate(_ONE_LINE) for problem in problems))
     return MMAR(root=path, server=server, client=client, train=train, environment=environment)
 
 
@@ -202,6 +206,9 @@ def _read_json(root: Path, rel: str, problems: list[str], required: bool) -> dic
     except UnicodeDecodeError:
         problems.append(f"{rel}: not UTF-8 text")
         return None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting too deep
+        problems.append(f"{rel}: cannot be read as JSON: {e}")
+        return None
     except OSError as e:
         problems.append(f"{rel}: cannot be read: {e.strerror or e}")
         return None
@@ -230,7 +237,10 @@ def _is_int(value: Any) -> bool:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    """A finite JSON number that fits a float (an integer of 400 digits does not)."""
+    if _is_int(value):
+        return abs(value) <= sys.float_info.max
+    return isinstance(value, float) and math.isfinite(value)
 
 
 def _integer(minimum: int) -> Callable[[Any, str, Report], Any]:
@@ -293,7 +303,7 @@ def _exclude_vars(value: Any, key: str, report: Report) -> Any:
             return ()
         try:
             re.compile(value)
-        except re.error as e:
+        except (re.error, RecursionError, OverflowError) as e:
             report(key, f"invalid regular expression {value!r}: {e}")
             return _BAD
         return value
@@ -390,6 +400,9 @@ def _model_file(root: Path, value: Any, key: str, report: Report) -> Any:
     if not isinstance(value, str) or not value:
         report(key, f"must be a path relative to the MMAR root, got {_describe(value)}")
         return _BAD
+    if "\0" in value:
+        report(key, f"must be a path inside the MMAR, got {value!r}")
+        return _BAD
     rel = PurePosixPath(value.replace("\\", "/"))
     if rel.is_absolute() or ".." in rel.parts:
         report(key, f"must be a path inside the MMAR (relative, without '..'), got {value!r}")
@@ -411,29 +424,77 @@ def _is_component_path(path: Any) -> bool:
 
 
 def _locate(path: str, custom_dir: Path) -> str | None:
-    """Why "module.Class" cannot be found without importing it, or None when it looks right."""
+    """Why "module.Class" is not allowed or not there (read from source, never imported), or None.
+
+    Allowed are modules of the MMAR's custom/ (its own files, no symlinks) and of fedlearn's packages;
+    naming any other installed module ("os.system", "subprocess.Popen") would let a config run anything.
+    """
     module, _, name = path.rpartition(".")
     parts = module.split(".")
     top = parts[0]
-    if custom_dir.is_dir() and ((custom_dir / f"{top}.py").is_file() or (custom_dir / top).is_dir()):
-        base = custom_dir.joinpath(*parts)
-        candidates = (base.parent / f"{base.name}.py", base / "__init__.py")
-        source = next((f for f in candidates if f.is_file()), None)
-        if source is None:
-            return f"module '{module}' not found in {CUSTOM_DIR}/"
-        shown = source.relative_to(custom_dir.parent).as_posix()
-        try:
-            tree = ast.parse(source.read_bytes(), filename=str(source))
-        except SyntaxError as e:
-            return f"{shown}: syntax error at line {e.lineno}: {e.msg}"
-        except (OSError, ValueError) as e:
-            return f"{shown}: cannot be read: {e}"
-        return None if _binds(tree.body, name) else f"{shown} defines no '{name}'"
+    in_custom = _custom_provides(custom_dir, top)
+    if top in FEDLEARN_PACKAGES:
+        if in_custom:
+            return f"{CUSTOM_DIR}/ has a module '{top}' that would hide fedlearn's package of that name; rename it"
+        return _check_source(FEDLEARN_ROOT, parts, name, "fedlearn's packages", FEDLEARN_ROOT)
+    if not in_custom:
+        allowed = ", ".join(FEDLEARN_PACKAGES)
+        hint = _suggestion(top, _custom_names(custom_dir))
+        return f"{path!r} is outside the MMAR's {CUSTOM_DIR}/ and fedlearn's packages ({allowed}){hint}"
+    if top in sys.stdlib_module_names:
+        return f"{CUSTOM_DIR}/ has a module '{top}' named like the standard library's; rename it"
+    problem = _outside_custom(custom_dir, parts)
+    return problem or _check_source(custom_dir, parts, name, f"{CUSTOM_DIR}/", custom_dir.parent)
+
+
+def _custom_provides(custom_dir: Path, top: str) -> bool:
+    """Whether custom/ holds something importable as `top` (a symlink counts, to be refused)."""
+    return os.path.lexists(custom_dir / f"{top}.py") or os.path.lexists(custom_dir / top)
+
+
+def _custom_names(custom_dir: Path) -> set[str]:
+    if not custom_dir.is_dir() or custom_dir.is_symlink():
+        return set()
+    return {p.stem for p in custom_dir.iterdir() if p.suffix == ".py" or p.is_dir()}
+
+
+def _outside_custom(custom_dir: Path, parts: list[str]) -> str | None:
+    """Why the module's files are not the MMAR's own (a symlink, or resolving outside custom/), or None."""
+    root = custom_dir.parent
+    if custom_dir.is_symlink() or not _inside(custom_dir, root):
+        return f"{CUSTOM_DIR}/ is a symbolic link or leads outside the MMAR; site code must be the MMAR's own files"
+    chain = [custom_dir.joinpath(*parts[:i]) for i in range(1, len(parts) + 1)]
+    chain += [c.parent / f"{c.name}.py" for c in chain] + [c / "__init__.py" for c in chain]
+    for link in chain:
+        if link.is_symlink():
+            return f"{link.relative_to(root).as_posix()} is a symbolic link; site code must be the MMAR's own files"
+        if os.path.lexists(link) and not _inside(link, custom_dir):
+            return f"{link.relative_to(root).as_posix()} leads outside {CUSTOM_DIR}/"
+    return None
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    """Whether `path` resolves (symlinks followed) to `folder` or below it."""
+    return Path(os.path.realpath(path)).is_relative_to(os.path.realpath(folder))
+
+
+def _check_source(base: Path, parts: list[str], name: str, where: str, shown_from: Path) -> str | None:
+    """Why module `parts` under `base` is missing or binds no `name` at its top level, or None."""
+    module = ".".join(parts)
+    package = base.joinpath(*parts)
+    # The import system prefers a package folder to a module file of the same name.
+    candidates = (package / "__init__.py", package.parent / f"{package.name}.py")
+    source = next((f for f in candidates if f.is_file()), None)
+    if source is None:
+        return f"module '{module}' not found in {where}"
+    shown = source.relative_to(shown_from).as_posix()
     try:
-        found = top in sys.modules or importlib.util.find_spec(top) is not None
-    except (ImportError, ValueError):
-        found = True
-    return None if found else f"module '{top}' not found in {CUSTOM_DIR}/ or the installed packages"
+        tree = ast.parse(source.read_bytes(), filename=str(source))
+    except SyntaxError as e:
+        return f"{shown}: syntax error at line {e.lineno}: {e.msg}"
+    except (OSError, ValueError, RecursionError, MemoryError) as e:
+        return f"{shown}: cannot be read: {e}"
+    return None if _binds(tree.body, name) else f"{shown} defines no '{name}'"
 
 
 def _binds(body: list[ast.stmt], name: str) -> bool:

@@ -21,6 +21,13 @@ _COUNT = re.compile(r"\+?\d{1,9}")
 _SECRET_SUFFIXES = (".key", ".pem")
 _SECRET_DIR = "startup"
 _READ_CHUNK = 65536
+_SHELL_SYNTAX = frozenset(";|&$`<>\n")
+_KEY_BEGIN = re.compile(r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----")
+_KEY_END = re.compile(r"-----END [A-Z0-9 ]*PRIVATE KEY-----")
+_BASE64 = re.compile(r"[A-Za-z0-9+/]+={0,2}")
+# PEM wraps at 64 characters (OpenSSH at 70); a 64-character hex digest has no upper case and is kept.
+_WIDE_BASE64 = 60
+REDACTED = "[private key redacted]"
 
 
 class ShellRefused(ValueError):
@@ -120,6 +127,14 @@ def _parse_count(command: str, args: list[str], i: int, flags: list[str]) -> int
 
 
 def _check_path(given: str, root: Path, readable: bool) -> None:
+    # Arguments never meet a shell, so these are harmless here; a path holding them is still an attempt
+    # at chaining, piping or substitution, and the operator should hear so rather than "no such file".
+    syntax = sorted(set(given) & _SHELL_SYNTAX)
+    if syntax:
+        raise ShellRefused(
+            f"shell: path {given!r} holds shell syntax ({' '.join(syntax)!s}): shell runs one command with plain "
+            "arguments; no chaining, pipes, redirection or substitution"
+        )
     resolved = Path(os.path.realpath(os.path.join(root, given)))
     if resolved != root and root not in resolved.parents:
         raise ShellRefused(f"shell: path {given!r} is outside the workspace")
@@ -163,7 +178,7 @@ def _execute(argv: list[str], cwd: Path, command: str, timeout: float, max_outpu
         _kill(proc)
         code = proc.wait()
     truncated = over.is_set()
-    text = bytes(out[:max_output]).decode("utf-8", errors="replace")
+    text = _redact_private_keys(bytes(out[:max_output]).decode("utf-8", errors="replace"))
     if timed_out:
         log.warning("shell %s timed out after %gs; killed", command, timeout)
         text += f"\nshell: {command!r} timed out after {timeout:g}s and was killed\n"
@@ -171,6 +186,67 @@ def _execute(argv: list[str], cwd: Path, command: str, timeout: float, max_outpu
     elif truncated:
         code = 0 if code < 0 else code  # killed by us for its size, not failed
     return ShellResult(stdout=text, truncated=truncated, exit_code=code)
+
+
+def _redact_private_keys(text: str) -> str:
+    """`text` with private-key material replaced by REDACTED lines, whatever the command cut out of it.
+
+    Defence in depth behind the path rules, for a key copied under another name: a PEM block (or its
+    start when the output cap cut it, or its end after `tail`), and runs of base64 lines that hold a
+    PEM-wide line (`grep -v -- -----` drops the markers but prints the body).
+    """
+    lines = text.split("\n")
+    hide = _pem_blocks(lines)
+    _hide_base64_runs(lines, hide)
+    # One REDACTED line stands for each block of hidden lines.
+    kept = [REDACTED if hide[i] else line for i, line in enumerate(lines) if not (hide[i] and i and hide[i - 1])]
+    redacted = "\n".join(kept)
+    return redacted + "\n" if text.endswith("\n") and not redacted.endswith("\n") else redacted
+
+
+def _pem_blocks(lines: list[str]) -> list[bool]:
+    """Per line, whether it belongs to a private-key block: BEGIN to END, to the end, or body lines to END."""
+    hide = [False] * len(lines)
+    in_key = False
+    for i, line in enumerate(lines):
+        begins = [m.start() for m in _KEY_BEGIN.finditer(line)]
+        ends = [m.start() for m in _KEY_END.finditer(line)]
+        hide[i] = in_key or bool(begins or ends)
+        if ends and not in_key and (not begins or ends[0] < begins[0]):
+            j = i - 1  # an END whose BEGIN was cut off: its body lines are just above
+            while j >= 0 and not hide[j] and _base64_content(lines[j]) is not None:
+                hide[j], j = True, j - 1
+        if begins or ends:
+            in_key = bool(begins) and (not ends or begins[-1] > ends[-1])
+    return hide
+
+
+def _hide_base64_runs(lines: list[str], hide: list[bool]) -> None:
+    """Hide each run of consecutive base64 lines that holds one as wide as a PEM body line."""
+    run: list[str] = []
+    for i in range(len(lines) + 1):
+        content = _base64_content(lines[i]) if i < len(lines) and not hide[i] else None
+        if content is not None:
+            run.append(content)
+            continue
+        if any(_looks_like_key_line(c) for c in run):
+            hide[i - len(run):i] = [True] * len(run)
+        run = []
+
+
+def _base64_content(line: str) -> str | None:
+    """The line's text after any "name:" prefix (grep's), when it is all base64; else None."""
+    content = line.rpartition(":")[2].strip()
+    return content if content and _BASE64.fullmatch(content) else None
+
+
+def _looks_like_key_line(content: str) -> bool:
+    return (
+        len(content) >= _WIDE_BASE64
+        and any(c.isupper() for c in content)
+        and any(c.islower() for c in content)
+        and any(c.isdigit() for c in content)
+    )
 
 
 def _kill(proc: subprocess.Popen) -> None:

@@ -125,10 +125,90 @@ def test_module_raising_on_import_is_reported(site: Path) -> None:
         build_component(Component("fedtest_raises.Thing", {}), [site])
 
 
-def test_installed_classes_build_without_search_paths() -> None:
-    counter = build_component(Component("collections.Counter", {}), a=2)
+def test_fedlearn_classes_build_without_search_paths() -> None:
+    validator = build_component(Component("fedclient.components.model_validator.ModelValidator", {}))
 
-    assert counter == {"a": 2}
+    assert type(validator).__name__ == "ModelValidator"
+
+
+@pytest.mark.parametrize(
+    ("path", "args"),
+    [
+        ("subprocess.Popen", {"args": ["touch", "{marker}"]}),
+        ("os.system", {"command": "touch {marker}"}),
+        ("shutil.rmtree", {"path": "{victim}"}),
+        ("builtins.eval", {"source": "open('{marker}', 'w')"}),
+        ("collections.Counter", {}),
+    ],
+)
+def test_installed_modules_outside_site_code_and_fedlearn_are_refused_unbuilt(
+    tmp_path: Path, site: Path, path: str, args: dict
+) -> None:
+    marker, victim = tmp_path / "marker", tmp_path / "victim"
+    victim.mkdir()
+    args = {k: _fill(v, marker=marker, victim=victim) for k, v in args.items()}
+
+    with pytest.raises(ComponentError) as info:
+        build_component(Component(path, args), [site])
+
+    module = path.split(".")[0]
+    assert str(info.value).startswith(f"component {path!r}: module {module!r} (")
+    assert "is outside the search folders" in str(info.value) and "fedlearn's packages" in str(info.value)
+    assert not marker.exists() and victim.is_dir()
+
+
+def _fill(value: object, **names: Path) -> object:
+    if isinstance(value, list):
+        return [_fill(v, **names) for v in value]
+    return value.format(**names) if isinstance(value, str) else value
+
+
+def test_a_class_that_site_code_imports_from_elsewhere_is_refused(tmp_path: Path, site: Path) -> None:
+    (site / "fedtest_reexport.py").write_text("from subprocess import Popen\n")
+    marker = tmp_path / "marker"
+
+    with pytest.raises(ComponentError) as info:
+        build_component(Component("fedtest_reexport.Popen", {"args": ["touch", str(marker)]}), [site])
+
+    message = str(info.value)
+    assert message.startswith("component 'fedtest_reexport.Popen': class 'Popen' is defined in module 'subprocess' (")
+    assert "outside the search folders" in message
+    assert not marker.exists()
+
+
+def test_a_site_module_that_links_outside_the_search_folder_is_not_imported(tmp_path: Path, site: Path) -> None:
+    marker = tmp_path / "imported"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "fedtest_linked.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Thing:\n    pass\n")
+    (site / "fedtest_linked.py").symlink_to(elsewhere / "fedtest_linked.py")
+
+    with pytest.raises(ComponentError, match=r"module 'fedtest_linked' \(.*\) is outside the search folders"):
+        build_component(Component("fedtest_linked.Thing", {}), [site])
+
+    assert not marker.exists()
+
+
+def test_a_site_module_named_like_an_imported_standard_module_is_refused(site: Path) -> None:
+    (site / "os.py").write_text("class system:\n    pass\n")
+
+    with pytest.raises(ComponentError, match=r"module 'os' \(.*\) is outside the search folders"):
+        build_component(Component("os.system", {"command": "true"}), [site])
+
+
+def test_a_search_folder_that_is_a_symlink_is_refused(tmp_path: Path, site: Path) -> None:
+    link = tmp_path / "linked_custom"
+    link.symlink_to(site, target_is_directory=True)
+
+    with pytest.raises(ComponentError, match=r"search folder .*linked_custom is a symbolic link"):
+        build_component(Component("fedtest_widgets.Widget", {"size": 1}), [link])
+
+
+def test_a_function_is_not_a_component(site: Path) -> None:
+    (site / "fedtest_factory.py").write_text("def make():\n    return 1\n")
+
+    with pytest.raises(ComponentError, match=r"'make' is a function, not a class"):
+        build_component(Component("fedtest_factory.make", {}), [site])
 
 
 def test_a_second_folder_with_the_same_module_name_gets_its_own_code(tmp_path: Path, site: Path) -> None:

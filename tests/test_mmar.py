@@ -93,7 +93,8 @@ def test_absent_optional_keys_take_their_defaults(mmar: Path) -> None:
 
 def test_optional_values_are_read_when_given(mmar: Path) -> None:
     edit(mmar, SERVER_CONFIG, lambda d: d.update(exclude_vars="^out\\.", aggregation_weights={"site-1": 2}))
-    privacy = {"path": "fedclient.fed_privacy.PercentileProtocol", "args": {"percentile": 10}}
+    (mmar / "custom" / "privacy.py").write_text("class Clip:\n    def __init__(self, percentile):\n        pass\n")
+    privacy = {"path": "privacy.Clip", "args": {"percentile": 10}}
     client_changes = {"heartbeat_interval": 5, "privacy": privacy, "cross_site_validate": True}
     edit(mmar, CLIENT_CONFIG, lambda d: d.update(client_changes))
     edit(mmar, ENVIRONMENT, lambda d: d.update(DATA_ROOT="/data", THREADS=4, FAST=True))
@@ -216,7 +217,8 @@ def test_task_name_mismatch_names_both_files(mmar: Path) -> None:
         ({"args": {}}, "trainer.path", "required"),
         ({"path": "trainer.NoSuchTrainer"}, "trainer.path", "custom/trainer.py defines no 'NoSuchTrainer'"),
         ({"path": "trainer.sub.Thing"}, "trainer.path", "module 'trainer.sub' not found in custom/"),
-        ({"path": "no_such_module_xyz.Net"}, "trainer.path", "module 'no_such_module_xyz' not found"),
+        ({"path": "no_such_module_xyz.Net"}, "trainer.path", "'no_such_module_xyz.Net' is outside the MMAR's custom/"),
+        ({"path": "trainr.DigitsTrainer"}, "trainer.path", "(did you mean 'trainer'?)"),
         ({"path": "trainer.DigitsTrainer", "arg": {}}, "trainer.arg", "unknown key (did you mean 'args'?)"),
         ({"path": "trainer.DigitsTrainer", "args": [1]}, "trainer.args", "must be an object"),
         ({"path": "trainer.DigitsTrainer", "args": {"a-b": 1}}, "trainer.args", "'a-b' is not a Python"),
@@ -230,6 +232,94 @@ def test_bad_component_names_file_and_key(mmar: Path, component: object, key: st
 
     assert problem.startswith(f"{TRAIN_CONFIG}: key '{key}': ")
     assert says in problem
+
+
+OUTSIDE = "is outside the MMAR's custom/ and fedlearn's packages (fedclient, fedcommon, fedserver)"
+
+
+@pytest.mark.parametrize(
+    "path", ["os.system", "subprocess.Popen", "shutil.rmtree", "builtins.eval", "collections.Counter", "numpy.load"]
+)
+def test_installed_modules_outside_custom_and_fedlearn_are_refused(mmar: Path, path: str) -> None:
+    edit(mmar, TRAIN_CONFIG, lambda d: d.update(trainer={"path": path, "args": {"command": "touch /tmp/x"}}))
+    edit(mmar, SERVER_CONFIG, lambda d: d.update(initial_model={"path": path}))
+    edit(mmar, CLIENT_CONFIG, lambda d: d.update(privacy={"path": path}))
+
+    assert sorted(problems_of(mmar)) == [
+        f"{CLIENT_CONFIG}: key 'privacy.path': {path!r} {OUTSIDE}",
+        f"{SERVER_CONFIG}: key 'initial_model.path': {path!r} {OUTSIDE}",
+        f"{TRAIN_CONFIG}: key 'trainer.path': {path!r} {OUTSIDE}",
+    ]
+
+
+def test_components_of_fedlearns_own_packages_are_checked_without_importing(mmar: Path) -> None:
+    validator = {"path": "fedclient.components.model_validator.ModelValidator"}
+    edit(mmar, CLIENT_CONFIG, lambda d: d.update(privacy=validator))
+
+    assert load_mmar(mmar).client.privacy == Component(validator["path"], {})
+
+    edit(mmar, CLIENT_CONFIG, lambda d: d.update(privacy={"path": "fedclient.no_such_module.Protocol"}))
+    assert problems_of(mmar) == [
+        f"{CLIENT_CONFIG}: key 'privacy.path': module 'fedclient.no_such_module' not found in fedlearn's packages"
+    ]
+    edit(mmar, CLIENT_CONFIG, lambda d: d.update(privacy={"path": "fedcommon.mmar.NoSuchClass"}))
+    assert problems_of(mmar) == [f"{CLIENT_CONFIG}: key 'privacy.path': fedcommon/mmar.py defines no 'NoSuchClass'"]
+
+
+@pytest.mark.parametrize(
+    ("module", "says"),
+    [
+        ("os", "custom/ has a module 'os' named like the standard library's; rename it"),
+        ("fedcommon", "custom/ has a module 'fedcommon' that would hide fedlearn's package of that name; rename it"),
+    ],
+)
+def test_custom_module_may_not_take_the_name_of_a_standard_or_fedlearn_module(
+    mmar: Path, module: str, says: str
+) -> None:
+    (mmar / "custom" / f"{module}.py").write_text("class system:\n    pass\n")
+    edit(mmar, TRAIN_CONFIG, lambda d: d.update(trainer={"path": f"{module}.system"}))
+
+    assert problems_of(mmar) == [f"{TRAIN_CONFIG}: key 'trainer.path': {says}"]
+
+
+def test_custom_module_that_is_a_symlink_is_refused(mmar: Path, tmp_path: Path) -> None:
+    (tmp_path / "elsewhere.py").write_text("class Thing:\n    pass\n")
+    (mmar / "custom" / "linked.py").symlink_to(tmp_path / "elsewhere.py")
+    (mmar / "custom" / "alias.py").symlink_to(mmar / "custom" / "trainer.py")
+    edit(mmar, TRAIN_CONFIG, lambda d: d.update(trainer={"path": "linked.Thing"}))
+    edit(mmar, SERVER_CONFIG, lambda d: d.update(initial_model={"path": "alias.DigitsTrainer"}))
+
+    assert sorted(problems_of(mmar)) == [
+        f"{SERVER_CONFIG}: key 'initial_model.path': custom/alias.py is a symbolic link; "
+        "site code must be the MMAR's own files",
+        f"{TRAIN_CONFIG}: key 'trainer.path': custom/linked.py is a symbolic link; "
+        "site code must be the MMAR's own files",
+    ]
+
+
+def test_custom_package_folder_that_is_a_symlink_is_refused(mmar: Path, tmp_path: Path) -> None:
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "__init__.py").write_text("class Thing:\n    pass\n")
+    (mmar / "custom" / "pkg").symlink_to(tmp_path / "pkg", target_is_directory=True)
+    edit(mmar, TRAIN_CONFIG, lambda d: d.update(trainer={"path": "pkg.Thing"}))
+
+    (problem,) = problems_of(mmar)
+
+    assert problem == f"{TRAIN_CONFIG}: key 'trainer.path': custom/pkg is a symbolic link; " \
+        "site code must be the MMAR's own files"
+
+
+def test_custom_folder_that_is_a_symlink_is_refused(mmar: Path, tmp_path: Path) -> None:
+    shutil.move(mmar / "custom", tmp_path / "real_custom")
+    (mmar / "custom").symlink_to(tmp_path / "real_custom", target_is_directory=True)
+
+    problems = problems_of(mmar)
+
+    says = "custom/ is a symbolic link or leads outside the MMAR; site code must be the MMAR's own files"
+    assert sorted(problems) == [
+        f"{SERVER_CONFIG}: key 'initial_model.path': {says}",
+        f"{TRAIN_CONFIG}: key 'trainer.path': {says}",
+    ]
 
 
 def test_component_with_a_syntax_error_is_reported(mmar: Path) -> None:
@@ -318,6 +408,43 @@ def test_environment_values_must_be_scalars(mmar: Path) -> None:
     ]
 
 
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ('{"seed": 1' + "0" * 5000 + "}", "cannot be read as JSON"),
+        ('{"seed": ' + "[" * 100_000 + "]" * 100_000 + "}", "cannot be read as JSON"),
+    ],
+)
+def test_json_too_large_or_too_deep_to_read_is_reported(mmar: Path, text: str, says: str) -> None:
+    (mmar / TRAIN_CONFIG).write_text(text)
+
+    (problem,) = problems_of(mmar)
+
+    assert problem.startswith(f"{TRAIN_CONFIG}: {says}")
+
+
+def test_numbers_beyond_float_range_are_reported_not_raised(mmar: Path) -> None:
+    huge = 10**400
+    edit(mmar, SERVER_CONFIG, lambda d: d.update(wait_after_min_clients=huge, aggregation_weights={"site-1": huge}))
+    edit(mmar, ENVIRONMENT, lambda d: d.update(BIG=huge))
+
+    problems = sorted(problems_of(mmar))
+
+    assert [problem.partition(", got ")[0] for problem in problems] == [
+        f"{SERVER_CONFIG}: key 'aggregation_weights.site-1': must be a number > 0",
+        f"{SERVER_CONFIG}: key 'wait_after_min_clients': must be a number >= 0",
+        f"{ENVIRONMENT}: key 'BIG': must be a string, number or boolean",
+    ]
+
+
+def test_initial_model_file_with_a_nul_is_reported(mmar: Path) -> None:
+    edit(mmar, SERVER_CONFIG, lambda d: d.update(initial_model={"file": "models/a\u0000b.fl"}))
+
+    (problem,) = problems_of(mmar)
+
+    assert problem.startswith(f"{SERVER_CONFIG}: key 'initial_model.file': must be a path inside the MMAR")
+
+
 def test_duplicate_keys_are_reported(mmar: Path) -> None:
     (mmar / TRAIN_CONFIG).write_text('{"seed": 1, "seed": 2, "trainer": {"path": "trainer.DigitsTrainer"}}')
 
@@ -357,3 +484,12 @@ def test_importing_the_mmar_modules_does_not_import_numpy_or_torch() -> None:
     )
 
     assert result.returncode == 0, result.stderr
+
+
+def test_a_key_holding_line_breaks_stays_on_its_problems_line(mmar: Path) -> None:
+    edit(mmar, ENVIRONMENT, lambda d: d.update({"A\nconfig/config_train.json: forged\u2028x": None}))
+
+    assert problems_of(mmar) == [
+        f"{ENVIRONMENT}: key 'A\\nconfig/config_train.json: forged\\u2028x': "
+        "must be a string, number or boolean, got null"
+    ]

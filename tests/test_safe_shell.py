@@ -148,3 +148,85 @@ def test_argv_must_be_a_list_of_strings(ws):
         run_shell("ls -l", ws)  # type: ignore[arg-type]
     with pytest.raises(ShellRefused, match="list of strings"):
         run_shell([], ws)
+
+
+@pytest.fixture(scope="module")
+def private_key_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+
+
+def _key_fragments(pem: str) -> list[str]:
+    """Every 16-character piece of the key's body: none may appear in any output."""
+    body = "".join(pem.strip().splitlines()[1:-1])
+    return [body[i:i + 16] for i in range(0, len(body) - 15, 8)]
+
+
+def _assert_no_key_material(output: str, pem: str) -> None:
+    leaked = [piece for piece in _key_fragments(pem) if piece in output]
+    assert not leaked, f"key material in the output: {leaked[:3]}"
+
+
+@pytest.mark.parametrize("argv", [
+    ["cat", "notes.txt"],
+    ["grep", "-r", "PRIVATE", "."],
+    ["grep", "-rv", "nothing-matches-this", "."],
+    ["grep", "-v", "--", "-----", "notes.txt"],
+    ["head", "-n", "4", "notes.txt"],
+    ["tail", "-n", "4", "notes.txt"],
+    ["tail", "-n", "+4", "notes.txt"],
+])
+def test_a_private_key_copied_into_the_workspace_never_shows(ws, private_key_pem, argv):
+    (ws / "notes.txt").write_text("before the key\n" + private_key_pem + "after the key\n")
+
+    result = run_shell(argv, ws)
+
+    _assert_no_key_material(result.stdout, private_key_pem)
+    assert "[private key redacted]" in result.stdout
+
+
+def test_grep_for_a_piece_of_the_key_body_shows_no_key_line(ws, private_key_pem):
+    (ws / "notes.txt").write_text(private_key_pem)
+    piece = private_key_pem.splitlines()[5][10:20]
+
+    result = run_shell(["grep", "-rF", piece, "."], ws)
+
+    _assert_no_key_material(result.stdout, private_key_pem)
+    assert result.stdout == "[private key redacted]\n"
+
+
+def test_a_key_cut_by_the_output_cap_is_redacted_from_its_begin_line(ws, private_key_pem):
+    (ws / "notes.txt").write_text("before the key\n" + private_key_pem)
+
+    result = run_shell(["cat", "notes.txt"], ws, max_output=len(private_key_pem) // 2)
+
+    assert result.truncated
+    assert result.stdout == "before the key\n[private key redacted]"
+
+
+def test_text_around_a_key_and_ordinary_output_are_kept(ws, private_key_pem):
+    digest = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    (ws / "notes.txt").write_text(f"before\n{private_key_pem}after\nsha256 {digest}\n{digest}\nok\n")
+
+    result = run_shell(["cat", "notes.txt"], ws)
+
+    assert result.stdout == f"before\n[private key redacted]\nafter\nsha256 {digest}\n{digest}\nok\n"
+
+
+@pytest.mark.parametrize("path", ["log.txt; touch PWNED", "a|b", "$(touch PWNED)", "`touch PWNED`", "a && b",
+                                  "x > y", "a\nb"])
+def test_a_path_holding_shell_syntax_is_refused_naming_it(ws, path):
+    with pytest.raises(ShellRefused, match="holds shell syntax"):
+        run_shell(["cat", path], ws)
+    assert not (ws / "PWNED").exists()
+
+
+def test_a_grep_pattern_may_hold_shell_syntax_and_is_searched_literally(ws):
+    (ws / "notes.txt").write_text("a|b\n$HOME\n")
+    result = run_shell(["grep", "-F", "a|b", "notes.txt"], ws)
+    assert result.stdout == "a|b\n"

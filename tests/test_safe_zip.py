@@ -183,3 +183,34 @@ def test_zip_folder_refuses_a_symlink(tmp_path):
     with pytest.raises(UnsafeArchiveError, match="custom is a symbolic link"):
         zip_folder(folder, tmp_path / "out.zip")
     assert not (tmp_path / "out.zip").exists()
+
+
+def test_a_symlink_already_in_the_destination_is_not_followed(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("untouched")
+    dest = tmp_path / "out" / "mmar"
+    dest.mkdir(parents=True)
+    (dest / "custom").symlink_to(outside, target_is_directory=True)
+    archive = _zip(tmp_path / "a.zip", [*GOOD, ("custom/evil.py", b"pwned = 1\n")])
+
+    extract_zip_safely(archive, dest)
+
+    assert _listing(outside) == {"keep.txt"} and (outside / "keep.txt").read_text() == "untouched"
+    assert not (dest / "custom").is_symlink()
+    assert (dest / "custom" / "evil.py").read_bytes() == b"pwned = 1\n"
+
+
+def test_a_destination_that_is_a_symlink_is_replaced_not_written_through(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "keep.txt").write_text("untouched")
+    dest = tmp_path / "out" / "mmar"
+    dest.parent.mkdir()
+    dest.symlink_to(outside, target_is_directory=True)
+
+    extract_zip_safely(_zip(tmp_path / "a.zip", GOOD), dest)
+
+    assert _listing(outside) == {"keep.txt"} and (outside / "keep.txt").read_text() == "untouched"
+    assert not dest.is_symlink() and (dest / "custom" / "model.py").is_file()
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["mmar"]
