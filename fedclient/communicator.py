@@ -207,6 +207,8 @@ class Communicator:
             weight=float(fl_ctx.get_prop(FLContextKey.WEIGHT, 1.0)),
             metrics=dict(fl_ctx.get_prop(FLContextKey.METRICS, {}) or {}),
             num_tensors=len(contribution),
+            privacy_protocol=str(fl_ctx.get_prop(FLContextKey.PRIVACY_PROTOCOL, "") or ""),
+            privacy_epsilon=float(fl_ctx.get_prop(FLContextKey.PRIVACY_EPSILON, 0.0) or 0.0),
         )
         stub = self._stub(servers, task_name)
 

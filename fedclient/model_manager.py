@@ -14,6 +14,7 @@ from fedclient.components.model_validator import ModelValidator
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.mmar import excluded
 from fedcommon.model_file import save_model
+from fedcommon.model_meta import FLContext, FLContextKey
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,13 @@ class ClientModelManager:
                 continue  # purely local variables and flags (no meaningful difference) are never sent
             delta[name] = _difference(w, base[name])
         if self.privacy is not None:
-            delta = self.privacy.apply(delta, train_ctx)
+            ctx = train_ctx if isinstance(train_ctx, FLContext) else FLContext(dict(train_ctx or {}))
+            if ctx.get_prop(FLContextKey.LOCAL_STEPS) is None:
+                ctx.set_prop(FLContextKey.LOCAL_STEPS, self.num_local_iterations())
+            delta = self.privacy.apply(delta, ctx)
+            # What was applied travels with the update, so the server can account for it.
+            ctx.set_prop(FLContextKey.PRIVACY_PROTOCOL, type(self.privacy).__name__)
+            ctx.set_prop(FLContextKey.PRIVACY_EPSILON, getattr(self.privacy, "last_epsilon", None) or 0.0)
         return delta
 
     # ---- best model -----------------------------------------------------------------------------

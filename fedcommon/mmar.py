@@ -366,9 +366,30 @@ def _component(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
     return check
 
 
-def _optional_component(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
-    inner = _component(custom_dir)
-    return lambda value, key, report: None if value is None else inner(value, key, report)
+PRIVACY_PROTOCOLS = ("LaplacianProtocol", "PercentileProtocol", "SVTProtocol")
+PRIVACY_MODULE = "fedclient.fed_privacy"
+
+
+def _privacy(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
+    """A privacy filter: {"name": "SVTProtocol", "args": {...}} for a built-in one, or a component by "path"."""
+    component = _component(custom_dir)
+
+    def check(value: Any, key: str, report: Report) -> Any:
+        if value is None:
+            return None
+        if isinstance(value, dict) and "name" in value:
+            if "path" in value:
+                report(key, "give either 'name' (a built-in protocol) or 'path' (a component), not both")
+                return _BAD
+            name = value["name"]
+            if name not in PRIVACY_PROTOCOLS:
+                report(f"{key}.name", f"must be one of {', '.join(PRIVACY_PROTOCOLS)}, got {_describe(name)}"
+                       + _suggestion(str(name), set(PRIVACY_PROTOCOLS)))
+                return _BAD
+            value = {"path": f"{PRIVACY_MODULE}.{name}", **{k: v for k, v in value.items() if k != "name"}}
+        return component(value, key, report)
+
+    return check
 
 
 def _initial_model(root: Path, custom_dir: Path) -> Callable[[Any, str, Report], Any]:
@@ -560,7 +581,7 @@ def _client_config(reader: _Reader, custom_dir: Path) -> ClientConfig | None:
         "weight_by": reader.take("weight_by", _weight_by, "iterations"),
         "retry_timeout": reader.take("retry_timeout", _number(0, exclusive=True), 30.0),
         "heartbeat_interval": reader.take("heartbeat_interval", _optional_number(0, exclusive=True), None),
-        "privacy": reader.take("privacy", _optional_component(custom_dir), None),
+        "privacy": reader.take("privacy", _privacy(custom_dir), None),
         "cross_site_validate": reader.take("cross_site_validate", _boolean, False),
     }
     return ClientConfig(**values) if reader.finish() else None

@@ -14,6 +14,9 @@ class FLContextKey:
     WEIGHT = "weight"
     METRICS = "metrics"
     TASK_NAME = "task_name"
+    LOCAL_STEPS = "local_steps"  # S: local iterations behind this update (privacy filters divide by it)
+    PRIVACY_PROTOCOL = "privacy_protocol"  # the filter applied to the update, set by the model manager
+    PRIVACY_EPSILON = "privacy_epsilon"  # the epsilon that filtering spent
 
 
 class FLContext:
@@ -26,6 +29,10 @@ class FLContext:
         self._props[key] = value
 
     def get_prop(self, key: str, default: Any = None) -> Any:
+        return self._props.get(key, default)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        """get_prop under the Mapping name, so filters can take an FLContext or a dict."""
         return self._props.get(key, default)
 
     def get_props(self) -> dict[str, Any]:

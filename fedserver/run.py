@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -47,6 +48,7 @@ class _RoundState:
     accumulator: UpdateAccumulator
     contributors: dict[str, float] = field(default_factory=dict)  # site -> a_i * n_i
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"protocol", "epsilon"}
     rejected: list[dict[str, str]] = field(default_factory=list)
     receiving: set[str] = field(default_factory=set)
     min_reached_at: float | None = None
@@ -70,6 +72,7 @@ class FederatedRun:
         self.phase = Phase.TRAINING
         self._rounds: list[dict[str, Any]] = []
         self._final_metrics: dict[str, dict[str, float]] = {}
+        self._epsilon_spent: dict[str, float] = {}  # site -> epsilon its accepted contributions spent
         self._round = self._new_round(config.start_round)
         self._write_summary()
 
@@ -149,10 +152,20 @@ class FederatedRun:
         weight: float,
         metrics: dict[str, float],
         active_sites: Callable[[], set[str]],
+        privacy_protocol: str = "",
+        privacy_epsilon: float = 0.0,
     ) -> None:
-        """Add a complete, checked update to the open round's sums; may close the round."""
+        """Add a complete, checked update to the open round's sums; may close the round.
+
+        privacy_protocol / privacy_epsilon: the filter the site applied and the epsilon it spent, as the
+        site reports them; recorded per round and totalled per site for the run.
+        """
         if not update:
             raise ContributionError("contribution holds no variables")
+        if not math.isfinite(privacy_epsilon) or privacy_epsilon < 0:
+            raise ContributionError(f"privacy_epsilon must be a finite number >= 0, got {privacy_epsilon}")
+        if len(privacy_protocol) > 200:
+            raise ContributionError("privacy_protocol names more than 200 characters")
         a = self.config.aggregation_weights.get(site, 1.0)
         with self._cond:
             if round_number == self._round.number:
@@ -161,6 +174,9 @@ class FederatedRun:
             self._round.accumulator.add(update, a * weight)
             self._round.contributors[site] = a * weight
             self._round.metrics[site] = dict(metrics)
+            if privacy_protocol:
+                self._round.privacy[site] = {"protocol": privacy_protocol, "epsilon": privacy_epsilon}
+                self._epsilon_spent[site] = self._epsilon_spent.get(site, 0.0) + privacy_epsilon
             n = len(self._round.contributors)
             if n >= self.config.min_num_clients and self._round.min_reached_at is None:
                 self._round.min_reached_at = time.monotonic()
@@ -218,6 +234,7 @@ class FederatedRun:
                 "contributors": sorted(r.contributors),
                 "weights": dict(sorted(r.contributors.items())),
                 "metrics": dict(sorted(r.metrics.items())),
+                "privacy": dict(sorted(r.privacy.items())),
                 "rejected": r.rejected,
                 "duration_s": round(time.monotonic() - r.opened_at, 3),
             }
@@ -247,6 +264,8 @@ class FederatedRun:
                 "current_round": self._round.number,
                 "rounds": self._rounds,
                 "final_metrics": dict(sorted(self._final_metrics.items())),
+                # Summed as sequential composition: an upper bound on what each site's data gave away.
+                "privacy_epsilon_total": dict(sorted(self._epsilon_spent.items())),
             },
         )
         atomic_write_json(

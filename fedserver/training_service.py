@@ -142,7 +142,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             with self._upload_slots:
                 update = self._receive(request_iterator, run, head.num_tensors)
             run.commit_contribution(
-                session.name, head.round, update, head.weight, dict(head.metrics), self._server.active_sites
+                session.name, head.round, update, head.weight, dict(head.metrics), self._server.active_sites,
+                head.privacy_protocol, head.privacy_epsilon,
             )
         except (ContributionError, CodecError, DTypeError) as e:
             run.abandon_contribution(session.name, head.round, str(e))

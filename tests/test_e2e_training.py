@@ -99,3 +99,26 @@ def test_site_with_a_broken_kit_exits_3_naming_the_file(tmp_path):
     assert proc.returncode == 3
     assert "fed.json" in proc.stderr
     assert json.loads((ws / "server" / "startup" / "fed.json").read_text())["name"] == "server"
+
+
+def test_each_privacy_protocol_filters_a_sites_updates_through_a_whole_run(tmp_path, processes):
+    protocols = {"site-1": ("LaplacianProtocol", 1000.0), "site-2": ("PercentileProtocol", 0.0),
+                 "site-3": ("SVTProtocol", 0.1)}
+    ws = prepare_workspace(tmp_path / "ws", clients=3)
+    server_cfg = {"min_num_clients": 3, "num_rounds": 2}
+    with server_process(ws / "server", "--mmar", str(copy_mmar(tmp_path / "server-mmar", server=server_cfg))):
+        sites = []
+        for site, (name, _) in protocols.items():
+            mmar = copy_mmar(tmp_path / f"{site}-mmar", server=server_cfg, client={"privacy": {"name": name}})
+            sites.append(start_site(ws / site, mmar))
+        processes.extend(sites)
+        for proc in sites:
+            out = proc.communicate(timeout=240)[0]
+            assert proc.returncode == 0, out
+        summary = wait_json(ws / "server" / "run_1" / "summary.json",
+                            lambda s: len(s["final_metrics"]) == 3, timeout=10)
+    assert summary["status"] == "completed"
+    for record in summary["rounds"]:
+        assert record["privacy"] == {site: {"protocol": name, "epsilon": eps}
+                                     for site, (name, eps) in protocols.items()}
+    assert summary["privacy_epsilon_total"] == {site: 2 * eps for site, (_, eps) in protocols.items()}

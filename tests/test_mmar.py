@@ -493,3 +493,19 @@ def test_a_key_holding_line_breaks_stays_on_its_problems_line(mmar: Path) -> Non
         f"{ENVIRONMENT}: key 'A\\nconfig/config_train.json: forged\\u2028x': "
         "must be a string, number or boolean, got null"
     ]
+
+
+def test_a_built_in_privacy_protocol_is_named_by_name(mmar: Path) -> None:
+    edit(mmar, CLIENT_CONFIG, lambda c: c.update(privacy={"name": "SVTProtocol", "args": {"fraction": 0.2}}))
+    privacy = load_mmar(mmar).client.privacy
+    assert privacy == Component(path="fedclient.fed_privacy.SVTProtocol", args={"fraction": 0.2})
+
+
+@pytest.mark.parametrize("privacy, says", [
+    ({"name": "SVTProtocl"}, "'privacy.name': must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
+    ({"name": "SVTProtocol", "path": "x.Y"}, "either 'name'"),
+    ({"name": "SVTProtocol", "arg": {}}, "privacy.arg"),
+])
+def test_a_bad_privacy_setting_names_the_key(mmar: Path, privacy: dict, says: str) -> None:
+    edit(mmar, CLIENT_CONFIG, lambda c: c.update(privacy=privacy))
+    assert any("config_fed_client.json" in line and says in line for line in problems_of(mmar))

@@ -203,6 +203,25 @@ def test_privacy_filter_result_is_what_is_sent():
     np.testing.assert_array_equal(seen_delta["0.bias"], np.full(2, 0.25, np.float32))
 
 
+def test_the_filter_sees_the_local_steps_and_what_it_spent_travels_in_the_context():
+    class Spend:
+        last_epsilon = None
+
+        def apply(self, delta, ctx):
+            self.steps = ctx.get("local_steps")
+            self.last_epsilon = 0.5
+            return delta
+
+    fitter = TinyFitter(iterations=7)
+    privacy = Spend()
+    mm = _manager(fitter, privacy=privacy)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    ctx = FLContext()
+    mm.read_current_model(TASK, "delta_w", train_ctx=ctx)
+    assert privacy.steps == 7
+    assert ctx.get_prop("privacy_protocol") == "Spend" and ctx.get_prop("privacy_epsilon") == 0.5
+
+
 def test_privacy_filter_does_not_touch_type_model():
     class Refuse:
         def apply(self, delta, ctx):

@@ -46,12 +46,12 @@ def _scaled(k: float) -> dict[str, np.ndarray]:
 
 
 def _contribute(run: FederatedRun, site: str, update: dict[str, np.ndarray], active: set[str],
-                weight: float = 1.0, metrics: dict | None = None) -> None:
+                weight: float = 1.0, metrics: dict | None = None, privacy: tuple[str, float] = ("", 0.0)) -> None:
     """What the training service does for one accepted upload (the run consumes the arrays: pass copies)."""
     r = run.current_round
     run.begin_contribution(site, r)
     run.commit_contribution(site, r, {k: np.array(v, copy=True) for k, v in update.items()}, weight,
-                            metrics or {}, lambda: set(active))
+                            metrics or {}, lambda: set(active), *privacy)
 
 
 def _model(run: FederatedRun) -> dict[str, np.ndarray]:
@@ -196,7 +196,7 @@ def test_summary_and_state_record_each_round_until_completed(tmp_path):
     run = _run(tmp_path, start_round=3, num_rounds=2, aggregation_weights={"site-2": 0.5})
     assert _summary(run) == {
         "run_number": 1, "task_name": "t", "status": "training", "start_round": 3, "num_rounds": 2,
-        "current_round": 3, "rounds": [], "final_metrics": {},
+        "current_round": 3, "rounds": [], "final_metrics": {}, "privacy_epsilon_total": {},
     }
     assert _state(run) == {"run_number": 1, "status": "training", "next_round": 3}
 
@@ -225,6 +225,24 @@ def test_summary_and_state_record_each_round_until_completed(tmp_path):
     assert _state(run) == {"run_number": 1, "status": "completed", "next_round": 5}
     assert run.status()["status"] == "completed"
     np.testing.assert_array_equal(_model(run)["w"], W0["w"] + 2)
+
+
+def test_the_privacy_each_contribution_reports_is_recorded_per_round_and_totalled_per_site(tmp_path):
+    run = _run(tmp_path, num_rounds=2)
+    for _ in range(2):
+        _contribute(run, "site-1", _scaled(1), ACTIVE2, privacy=("SVTProtocol", 0.1))
+        _contribute(run, "site-2", _scaled(1), ACTIVE2, privacy=("PercentileProtocol", 0.0))
+    summary = _summary(run)
+    assert summary["rounds"][0]["privacy"] == {"site-1": {"protocol": "SVTProtocol", "epsilon": 0.1},
+                                               "site-2": {"protocol": "PercentileProtocol", "epsilon": 0.0}}
+    assert summary["privacy_epsilon_total"] == {"site-1": pytest.approx(0.2), "site-2": 0.0}
+
+
+@pytest.mark.parametrize("epsilon", [float("nan"), float("inf"), -1.0])
+def test_a_contribution_reporting_an_impossible_epsilon_is_refused(tmp_path, epsilon):
+    run = _run(tmp_path)
+    with pytest.raises(ContributionError, match="privacy_epsilon must be a finite number >= 0"):
+        _contribute(run, "site-1", _scaled(1), ACTIVE2, privacy=("SVTProtocol", epsilon))
 
 
 def test_final_metrics_are_kept_per_site(tmp_path):
