@@ -26,6 +26,7 @@ proto: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/round_bench.py
 	$(BIN)/python benchmarks/admin_bench.py
+	$(BIN)/python benchmarks/privacy_bench.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

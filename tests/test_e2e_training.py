@@ -106,10 +106,13 @@ def test_each_privacy_protocol_filters_a_sites_updates_through_a_whole_run(tmp_p
                  "site-3": ("SVTProtocol", 0.1)}
     ws = prepare_workspace(tmp_path / "ws", clients=3)
     server_cfg = {"min_num_clients": 3, "num_rounds": 2}
-    with server_process(ws / "server", "--mmar", str(copy_mmar(tmp_path / "server-mmar", server=server_cfg))):
+    three = {"num_sites": 3}
+    server_mmar = copy_mmar(tmp_path / "server-mmar", server=server_cfg, train_args=three)
+    with server_process(ws / "server", "--mmar", str(server_mmar)):
         sites = []
         for site, (name, _) in protocols.items():
-            mmar = copy_mmar(tmp_path / f"{site}-mmar", server=server_cfg, client={"privacy": {"name": name}})
+            mmar = copy_mmar(tmp_path / f"{site}-mmar", server=server_cfg, client={"privacy": {"name": name}},
+                             train_args=three)
             sites.append(start_site(ws / site, mmar))
         processes.extend(sites)
         for proc in sites:
