@@ -16,6 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedcommon.admin_defs import ADMIN_ROLES, SITE_COMMANDS
+
 log = logging.getLogger(__name__)
 
 POLICY_FILE = Path("local") / "authorization.json"
@@ -83,6 +85,12 @@ def parse_rules(data: object, path: Path) -> list[Rule]:
             lists[key] = frozenset(value)
         if "deny" not in lists:
             raise LocalPolicyError(f'{where}.deny: required, the commands refused (or ["*"])')
+        # A misspelt name would never match and leave open what the owner meant to close.
+        for key, known in (("deny", (*SITE_COMMANDS, "*")), ("roles", ADMIN_ROLES)):
+            for j, value in enumerate(raw.get(key, [])):
+                if value not in known:
+                    raise LocalPolicyError(f"{where}.{key}[{j}]: unknown {'command' if key == 'deny' else 'role'} "
+                                           f"{value!r} (one of {', '.join(known)})")
         rules.append(Rule(name, lists.pop("deny"), lists))
     return rules
 
@@ -113,6 +121,10 @@ class LocalPolicy:
             stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
         except FileNotFoundError:
             stamp = None
+        except OSError as e:
+            self._stamp, self._rules = _UNREAD, []
+            self._error = f"{self.path}: cannot be read ({e.strerror})"
+            return
         if stamp == self._stamp:
             return
         self._stamp = stamp

@@ -18,6 +18,12 @@ class MsgHeader:
     COMMAND = "command"
 
 
+# The console's command names that reach sites (the "command" header); a site's policy names these.
+SITE_COMMANDS = ("status", "sysinfo", "validate", "deploy", "start", "start-mgpu", "abort", "delete-run", "restart",
+                 "shutdown", "shell")
+ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
+
+
 class ReturnCode:
     """Values of the RETURN_CODE header."""
 

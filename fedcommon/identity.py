@@ -11,9 +11,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
 
+from fedcommon.admin_defs import ADMIN_ROLES
+
 # Every certificate this project issues carries its kind in the subject's OU: "server", "client"
 # (a site) or the admin role. The O is the participant's organisation.
-ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
 SERVER_OU = "server"
 CLIENT_OU = "client"
 

@@ -14,10 +14,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedcommon.admin_defs import ADMIN_ROLES
 from fedcommon.atomic import atomic_write_bytes
 
 ROLES = ("server", "client", "admin")
-ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
 CA_VALID_DAYS = 3650
 CERT_VALID_DAYS = 365
 

@@ -6,6 +6,7 @@ import dataclasses
 import datetime
 import json
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterable
@@ -657,6 +658,21 @@ def _provision(
     )
 
 
+def _refuse_to_replace_a_provisioned_federation(workspace: Path) -> None:
+    """--force may replace a POC, never a federation `provision` made: its CA cannot be had back."""
+    state = _read_state(workspace)
+    if state is None:
+        return
+    poc_name = re.compile(rf"({DEFAULT_SERVER_NAME}|{DEFAULT_ADMIN_NAME}|site-[0-9]+)")
+    others = sorted(name for name in state.participants if not poc_name.fullmatch(name))
+    if others:
+        shown = ", ".join(others[:3]) + (" ..." if len(others) > 3 else "")
+        raise PkiError(
+            f"{workspace} holds a federation made by `fedadmin provision` (participants {shown}); "
+            "--force would destroy its CA: use another workspace"
+        )
+
+
 def prepare_poc(
     workspace: Path,
     clients: int,
@@ -687,6 +703,8 @@ def prepare_poc(
     if present and not force:
         shown = ", ".join(str(p) for p in present[:3]) + (" ..." if len(present) > 3 else "")
         raise PkiError(f"{workspace} already holds startup kits ({shown}); use --force to replace them")
+    if present:
+        _refuse_to_replace_a_provisioned_federation(workspace)
 
     participants = (
         Participant(DEFAULT_SERVER_NAME, "server", project, "server"),

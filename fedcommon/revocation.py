@@ -15,11 +15,11 @@ CRL_FILE = "crl.pem"
 
 
 class RevocationError(ValueError):
-    """A CRL that cannot be trusted: unreadable, not a CRL, or not signed by the project's CA."""
+    """A CRL that cannot be trusted: missing, unreadable, not a CRL, or not signed by the project's CA."""
 
 
-def load_revoked_serials(path: Path, ca_pem: bytes) -> frozenset[int]:
-    """The serials a CRL file revokes, after checking it is signed by the CA; raise RevocationError if not."""
+def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
+    """(CRL number, revoked serials) of a CRL file signed by the CA; raise RevocationError if not."""
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -31,23 +31,42 @@ def load_revoked_serials(path: Path, ca_pem: bytes) -> frozenset[int]:
     ca = x509.load_pem_x509_certificate(ca_pem)
     if crl.issuer != ca.subject or not crl.is_signature_valid(ca.public_key()):
         raise RevocationError(f"{path}: not signed by this project's CA (a CRL from another project?)")
-    return frozenset(entry.serial_number for entry in crl)
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return number, frozenset(entry.serial_number for entry in crl)
+
+
+def load_revoked_serials(path: Path, ca_pem: bytes) -> frozenset[int]:
+    """The serials a CRL file revokes, after checking it is signed by the CA; raise RevocationError if not."""
+    return load_crl(path, ca_pem)[1]
 
 
 class RevocationList:
     """Revoked serials from `path`; a changed file is picked up on the next check, without a restart.
 
-    No file at start revokes nothing. A file that later vanishes, or becomes unreadable or untrustworthy,
-    keeps the last good list in force (and says so in the log), so a bad copy never lifts a revocation.
+    The file must exist at start (provisioning writes it, empty when nothing is revoked): a server
+    without it would silently honour no revocation. Afterwards a file that vanishes, becomes
+    unreadable or untrustworthy, or is older than the list in force (a lower CRL number: a stale copy
+    or a restored backup) keeps the list in force and says so in the log, so no bad copy lifts a
+    revocation.
     """
 
     def __init__(self, path: Path, ca_pem: bytes):
         self.path = Path(path)
         self._ca_pem = ca_pem
         self._lock = threading.Lock()
-        self._stamp: tuple[int, int, int] | None = None
-        self._revoked: frozenset[int] = frozenset()
-        self._reload(raise_errors=True)
+        try:
+            self._stamp: tuple[int, int, int] | None = self._current_stamp()
+        except OSError as e:
+            raise RevocationError(f"{self.path}: cannot read ({e.strerror})") from None
+        if self._stamp is None:
+            raise RevocationError(
+                f"{self.path}: missing; the server needs the project's revocation list: run `fedadmin provision` "
+                "(or `poc prepare`) again, or copy ca/crl.pem from the provisioning folder here"
+            )
+        self._number, self._revoked = load_crl(self.path, ca_pem)
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -56,28 +75,33 @@ class RevocationList:
             return None
         return st.st_mtime_ns, st.st_size, st.st_ino
 
-    def _reload(self, raise_errors: bool = False) -> None:
-        stamp = self._current_stamp()
+    def _reload(self) -> None:
+        try:
+            stamp = self._current_stamp()
+        except OSError as e:
+            stamp = (-1, -1, -1)
+            problem: str | None = f"{self.path}: cannot read ({e.strerror})"
+        else:
+            problem = None
         if stamp == self._stamp:
             return
-        if stamp is None:
-            if self._stamp is not None:
-                log.error("%s: removed; keeping the %d revocations already in force", self.path, len(self._revoked))
-                self._stamp = None
-                return
-            revoked: frozenset[int] = frozenset()
-        else:
+        self._stamp = stamp
+        if problem is None and stamp is None:
+            problem = f"{self.path}: removed"
+        if problem is None:
             try:
-                revoked = load_revoked_serials(self.path, self._ca_pem)
+                number, revoked = load_crl(self.path, self._ca_pem)
             except RevocationError as e:
-                if raise_errors:
-                    raise
-                log.error("%s; keeping the %d revocations already in force", e, len(self._revoked))
-                self._stamp = stamp
-                return
+                problem = str(e)
+            else:
+                if number < self._number:
+                    problem = f"{self.path}: CRL number {number} is older than the one in force ({self._number})"
+        if problem is not None:
+            log.error("%s; keeping the %d revocations already in force", problem, len(self._revoked))
+            return
         if revoked != self._revoked:
             log.info("%s: %d certificate(s) revoked", self.path, len(revoked))
-        self._stamp, self._revoked = stamp, revoked
+        self._number, self._revoked = number, revoked
 
     def is_revoked(self, serial: int) -> bool:
         """Whether the certificate with this serial is revoked (re-reads the file if it changed)."""

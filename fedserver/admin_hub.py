@@ -30,6 +30,8 @@ DEFAULT_TIMEOUT_S = 10.0
 MAX_TIMEOUT_S = 3600.0
 CONNECTED_WINDOW_S = 45.0
 AUDIT_FILE = "audit.log"
+MAX_AUDITED_ARGS = 4096
+MAX_AUDITED_TARGETS = 64
 RESULT_TOPICS = ("progress", "training_ended")
 
 
@@ -83,12 +85,15 @@ class AuditLog:
     def record(self, caller: Caller, command: str, targets: list[str], ok: bool, args: Any = None,
                error: str = "") -> None:
         """Append one entry; a failure to write is logged, never raised at the operator."""
-        entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command,
-                                 "targets": targets, "ok": ok}
+        entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command[:200],
+                                 "targets": [t[:200] for t in targets[:MAX_AUDITED_TARGETS]], "ok": ok}
         if args:
-            entry["args"] = args
+            shown = json.dumps(args)
+            # An admin must not be able to fill the server's disk through the audit log.
+            entry["args"] = args if len(shown) <= MAX_AUDITED_ARGS else {
+                "truncated": shown[:MAX_AUDITED_ARGS], "length": len(shown)}
         if error:
-            entry["error"] = error
+            entry["error"] = error[:MAX_AUDITED_ARGS]
         self._log.append(entry)
 
     def record_refused_peer(self, peer: str, kind: str, org: str, port: str, method: str, reason: str) -> None:
@@ -270,7 +275,7 @@ class AdminHub:
                  timeout: float) -> CommandResult:
         spec = _COMMANDS.get(command)
         if spec is None:
-            raise AdminError(f"unknown command {command!r}")
+            raise AdminError(f"unknown command {command[:100]!r}")
         self.policy.precheck(caller, command)
         args = spec.check(self, args)
         wait = self._timeout(timeout)
@@ -293,6 +298,7 @@ class AdminHub:
         extra: list[str] = []
         if command == "abort" and on_server and self._server.training_run() is not None:
             extra = sorted(connected - set(live))  # `abort server` aborts every site first
+            self.policy.check(caller, command, names + extra, self.site_orgs())
         waiters = self.send(live + extra, spec.topic, headers, body) if spec.topic else []
         deadline = time.monotonic() + wait
         if on_server and not spec.after_sites:
@@ -300,10 +306,14 @@ class AdminHub:
         gathered = self.gather(waiters, deadline)
         for site in live:
             results[site] = gathered[site] or TargetResult(site, False, error=f"no reply within {wait:g}s")
-        if command == "shutdown":
-            with self._cond:  # a site that agreed to shut down is no longer connected
-                for site, reply in gathered.items():
-                    if reply is not None and reply.ok:
+        if command in ("shutdown", "abort"):
+            stopped = [site for site, reply in gathered.items() if reply is not None and reply.ok]
+            # Its training was stopped: the session it held is over now, not after heart_beat_timeout.
+            for site in stopped:
+                self._server.registry.remove(site)
+            if command == "shutdown":
+                with self._cond:  # a site that agreed to shut down is no longer connected
+                    for site in stopped:
                         self._agents.pop(site, None)
         if on_server and spec.after_sites:
             results[SERVER] = self._on_server(command, spec, args, gathered)

@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcommon.identity import ADMIN_ROLES
+from fedcommon.admin_defs import ADMIN_ROLES
 
 POLICY_FILE = Path("local") / "authorization.json"
 RIGHTS = ("view", "train", "operate", "shell")

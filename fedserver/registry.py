@@ -25,7 +25,7 @@ class SiteSession:
     token: str
     registered_at: float
     last_seen: float
-    fingerprint: str | None = None  # of the certificate the token was issued to
+    fingerprint: str = ""  # of the certificate the token was issued to
 
 
 class ClientRegistry:
@@ -36,8 +36,8 @@ class ClientRegistry:
         self._by_token: dict[str, SiteSession] = {}
         self._by_name: dict[str, SiteSession] = {}
 
-    def register(self, name: str, cert_name: str | None, max_sites: int | None = None,
-                 cert_fingerprint: str | None = None) -> SiteSession:
+    def register(self, name: str, cert_name: str | None, max_sites: int | None,
+                 cert_fingerprint: str) -> SiteSession:
         """Open a session for `name`, which must be the caller's certificate name; replaces an older one.
 
         The token is bound to the certificate (its fingerprint), so even another certificate issued
@@ -65,8 +65,7 @@ class ClientRegistry:
         log.info("site %s registered", name)
         return session
 
-    def authenticate(self, token: str | None, cert_name: str | None,
-                     cert_fingerprint: str | None = None) -> SiteSession:
+    def authenticate(self, token: str | None, cert_name: str | None, cert_fingerprint: str) -> SiteSession:
         """The session of `token`, checked against the caller's certificate; refreshes liveness."""
         with self._lock:
             session = self._by_token.get(token or "")
@@ -77,7 +76,7 @@ class ClientRegistry:
                     "permission_denied",
                     f"session token belongs to {session.name!r}, the certificate is {cert_name!r}",
                 )
-            if session.fingerprint is not None and session.fingerprint != cert_fingerprint:
+            if session.fingerprint != cert_fingerprint:
                 raise RegistryError(
                     "permission_denied",
                     f"session token of {session.name!r} was issued to another certificate: register again",

@@ -589,3 +589,12 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
         assert json.loads(execute("status").replies[0].data_json)["run_number"] == 5
         assert execute("shutdown").ok
         assert proc.wait(30) == 0
+
+
+def test_an_oversized_command_is_audited_in_bounded_size(federation):
+    federation.execute("x" * 100_000, ["server"], {"blob": "y" * 1_000_000})
+    federation.execute("set-run", ["server"], {"run_number": 2, "pad": "z" * 1_000_000})
+    audit = federation.ws / "server" / "audit.log"
+    assert audit.stat().st_size < 40_000
+    entries = [json.loads(line) for line in audit.read_text().splitlines()]
+    assert entries[-1]["args"]["length"] > 1_000_000

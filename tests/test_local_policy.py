@@ -51,6 +51,12 @@ def test_the_first_rule_that_applies_is_named(tmp_path):
     assert "'never'" in policy.refusal(ALICE, "deploy")
 
 
+def test_a_local_path_that_cannot_be_read_refuses_every_command(tmp_path):
+    (tmp_path / "local").write_text("a file where a folder should be")
+    policy = LocalPolicy(tmp_path)
+    assert "cannot be read" in policy.refusal(ALICE, "status")
+
+
 def test_a_changed_file_takes_effect_without_a_restart(tmp_path):
     policy = LocalPolicy(tmp_path)
     assert policy.refusal(BOB, "start") is None
@@ -67,6 +73,9 @@ def test_a_changed_file_takes_effect_without_a_restart(tmp_path):
     ('{"rules": [{"name": "x"}]}', "rules[0].deny: required"),
     ('{"rules": [{"name": "x", "deny": "shell"}]}', "rules[0].deny: must be a non-empty list"),
     ('{"rules": [{"name": "x", "deny": ["shell"], "org": ["a"]}]}', "rules[0].org: unknown key"),
+    ('{"rules": [{"name": "x", "deny": ["shel"]}]}', "rules[0].deny[0]: unknown command 'shel'"),
+    ('{"rules": [{"name": "x", "deny": ["delete_run_number"]}]}', "rules[0].deny[0]: unknown command"),
+    ('{"rules": [{"name": "x", "deny": ["*"], "roles": ["Lead"]}]}', "rules[0].roles[0]: unknown role 'Lead'"),
 ])
 def test_a_broken_file_refuses_every_command_naming_the_fault(tmp_path, content, says):
     write(tmp_path, content)

@@ -542,3 +542,11 @@ def test_running_provision_leaves_numpy_and_torch_unloaded(tmp_path):
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_poc_prepare_force_refuses_to_destroy_a_provisioned_federation(tmp_path):
+    provisioning.provision(provisioning.load_project(ROOT / "examples" / "project.yml"), tmp_path / "out")
+    before = (tmp_path / "out" / "ca" / "rootCA.key").read_bytes()
+    with pytest.raises(pki.PkiError, match="made by `fedadmin provision`.*would destroy its CA"):
+        provisioning.prepare_poc(tmp_path / "out", 2, "127.0.0.1", 8002, 8003, "consortium", True)
+    assert (tmp_path / "out" / "ca" / "rootCA.key").read_bytes() == before

@@ -10,6 +10,11 @@ import fedserver.registry as registry_module
 from fedserver.registry import ClientRegistry, RegistryError
 
 
+def fp(cert_name: str) -> str:
+    """A stand-in certificate fingerprint, one per certificate name."""
+    return f"fingerprint-of-{cert_name}"
+
+
 class FakeClock:
     def __init__(self, now: float = 1000.0):
         self.now = now
@@ -28,15 +33,16 @@ def clock(monkeypatch) -> FakeClock:
 
 def test_register_returns_a_session_whose_token_authenticates_its_site():
     reg = ClientRegistry()
-    session = reg.register("site-1", "site-1")
+    session = reg.register("site-1", "site-1", None, fp("site-1"))
     assert session.name == "site-1" and len(session.token) >= 32
-    assert reg.authenticate(session.token, "site-1") is session
+    assert reg.authenticate(session.token, "site-1", fp("site-1")) is session
     assert reg.names() == {"site-1"}
 
 
 def test_tokens_differ_between_sites():
     reg = ClientRegistry()
-    assert reg.register("site-1", "site-1").token != reg.register("site-2", "site-2").token
+    first = reg.register("site-1", "site-1", None, fp("site-1"))
+    assert first.token != reg.register("site-2", "site-2", None, fp("site-2")).token
 
 
 @pytest.mark.parametrize("name, cert_name", [("site-2", "site-1"), ("site-1", None), ("", "")],
@@ -44,102 +50,102 @@ def test_tokens_differ_between_sites():
 def test_register_requires_the_name_of_the_certificate(name, cert_name):
     reg = ClientRegistry()
     with pytest.raises(RegistryError) as err:
-        reg.register(name, cert_name)
+        reg.register(name, cert_name, None, fp(cert_name))
     assert err.value.code == "permission_denied"
     assert reg.names() == set()
 
 
 def test_register_under_another_name_says_which_names_differ():
     with pytest.raises(RegistryError, match="'site-2' does not match the certificate's name 'site-1'"):
-        ClientRegistry().register("site-2", "site-1")
+        ClientRegistry().register("site-2", "site-1", None, fp("site-1"))
 
 
 def test_re_register_replaces_the_old_token():
     reg = ClientRegistry()
-    old = reg.register("site-1", "site-1")
-    new = reg.register("site-1", "site-1")
+    old = reg.register("site-1", "site-1", None, fp("site-1"))
+    new = reg.register("site-1", "site-1", None, fp("site-1"))
     assert new.token != old.token
     with pytest.raises(RegistryError, match="register again") as err:
-        reg.authenticate(old.token, "site-1")
+        reg.authenticate(old.token, "site-1", fp("site-1"))
     assert err.value.code == "unauthenticated"
-    assert reg.authenticate(new.token, "site-1") is new
+    assert reg.authenticate(new.token, "site-1", fp("site-1")) is new
     assert reg.names() == {"site-1"}
 
 
 @pytest.mark.parametrize("token", [None, "", "forged"])
 def test_unknown_token_is_unauthenticated(token):
     reg = ClientRegistry()
-    reg.register("site-1", "site-1")
+    reg.register("site-1", "site-1", None, fp("site-1"))
     with pytest.raises(RegistryError) as err:
-        reg.authenticate(token, "site-1")
+        reg.authenticate(token, "site-1", fp("site-1"))
     assert err.value.code == "unauthenticated"
 
 
 def test_max_sites_refuses_a_new_site_at_the_cap():
     reg = ClientRegistry()
-    reg.register("site-1", "site-1", max_sites=2)
-    reg.register("site-2", "site-2", max_sites=2)
+    reg.register("site-1", "site-1", 2, fp("site-1"))
+    reg.register("site-2", "site-2", 2, fp("site-2"))
     with pytest.raises(RegistryError, match="at most 2 sites") as err:
-        reg.register("site-3", "site-3", max_sites=2)
+        reg.register("site-3", "site-3", 2, fp("site-3"))
     assert err.value.code == "resource_exhausted"
     assert reg.names() == {"site-1", "site-2"}
 
 
 def test_re_registering_an_existing_site_is_allowed_at_the_cap():
     reg = ClientRegistry()
-    reg.register("site-1", "site-1", max_sites=2)
-    reg.register("site-2", "site-2", max_sites=2)
-    again = reg.register("site-2", "site-2", max_sites=2)
-    assert reg.authenticate(again.token, "site-2") is again
+    reg.register("site-1", "site-1", 2, fp("site-1"))
+    reg.register("site-2", "site-2", 2, fp("site-2"))
+    again = reg.register("site-2", "site-2", 2, fp("site-2"))
+    assert reg.authenticate(again.token, "site-2", fp("site-2")) is again
     assert reg.names() == {"site-1", "site-2"}
 
 
 def test_a_removed_site_frees_its_place_under_the_cap():
     reg = ClientRegistry()
-    reg.register("site-1", "site-1", max_sites=1)
+    reg.register("site-1", "site-1", 1, fp("site-1"))
     assert reg.remove("site-1") is True
-    reg.register("site-2", "site-2", max_sites=1)
+    reg.register("site-2", "site-2", 1, fp("site-2"))
     assert reg.names() == {"site-2"}
 
 
 def test_token_presented_with_another_sites_certificate_is_permission_denied():
     reg = ClientRegistry()
-    s1 = reg.register("site-1", "site-1")
-    reg.register("site-2", "site-2")
+    s1 = reg.register("site-1", "site-1", None, fp("site-1"))
+    reg.register("site-2", "site-2", None, fp("site-2"))
     with pytest.raises(RegistryError, match="belongs to 'site-1', the certificate is 'site-2'") as err:
-        reg.authenticate(s1.token, "site-2")
+        reg.authenticate(s1.token, "site-2", fp("site-2"))
     assert err.value.code == "permission_denied"
 
 
 def test_remove_invalidates_the_token():
     reg = ClientRegistry()
-    s1 = reg.register("site-1", "site-1")
+    s1 = reg.register("site-1", "site-1", None, fp("site-1"))
     assert reg.remove("site-1") is True
     assert reg.remove("site-1") is False
     with pytest.raises(RegistryError) as err:
-        reg.authenticate(s1.token, "site-1")
+        reg.authenticate(s1.token, "site-1", fp("site-1"))
     assert err.value.code == "unauthenticated"
 
 
 def test_drop_silent_drops_only_sites_silent_longer_than_the_timeout(clock):
     reg = ClientRegistry()
-    quiet = reg.register("site-1", "site-1")
+    quiet = reg.register("site-1", "site-1", None, fp("site-1"))
     clock.now += 5
-    chatty = reg.register("site-2", "site-2")
+    chatty = reg.register("site-2", "site-2", None, fp("site-2"))
     clock.now += 5
-    reg.authenticate(chatty.token, "site-2")  # contact refreshes liveness
+    reg.authenticate(chatty.token, "site-2", fp("site-2"))  # contact refreshes liveness
     clock.now += 6  # site-1 silent for 16 s, site-2 for 6 s
     assert reg.drop_silent(10) == ["site-1"]
     assert reg.names() == {"site-2"}
     with pytest.raises(RegistryError) as err:
-        reg.authenticate(quiet.token, "site-1")
+        reg.authenticate(quiet.token, "site-1", fp("site-1"))
     assert err.value.code == "unauthenticated"
-    assert reg.authenticate(chatty.token, "site-2") is chatty
+    assert reg.authenticate(chatty.token, "site-2", fp("site-2")) is chatty
 
 
 def test_drop_silent_keeps_a_site_silent_exactly_the_timeout(clock):
     reg = ClientRegistry()
-    reg.register("site-1", "site-1")
+    reg.register("site-1", "site-1", None, fp("site-1"))
     clock.now += 10
     assert reg.drop_silent(10) == []
     clock.now += 0.001
@@ -148,8 +154,8 @@ def test_drop_silent_keeps_a_site_silent_exactly_the_timeout(clock):
 
 def test_drop_silent_with_nothing_silent_drops_nothing(clock):
     reg = ClientRegistry()
-    reg.register("site-1", "site-1")
-    reg.register("site-2", "site-2")
+    reg.register("site-1", "site-1", None, fp("site-1"))
+    reg.register("site-2", "site-2", None, fp("site-2"))
     clock.now += 1
     assert reg.drop_silent(30) == []
     assert reg.names() == {"site-1", "site-2"}
@@ -157,8 +163,16 @@ def test_drop_silent_with_nothing_silent_drops_nothing(clock):
 
 def test_a_failed_authentication_does_not_refresh_liveness(clock):
     reg = ClientRegistry()
-    s1 = reg.register("site-1", "site-1")
+    s1 = reg.register("site-1", "site-1", None, fp("site-1"))
     clock.now += 20
     with pytest.raises(RegistryError):
-        reg.authenticate(s1.token, "site-2")
+        reg.authenticate(s1.token, "site-2", fp("site-2"))
     assert reg.drop_silent(10) == ["site-1"]
+
+
+def test_a_token_is_refused_with_another_certificate_of_the_same_name():
+    reg = ClientRegistry()
+    session = reg.register("site-1", "site-1", None, fp("site-1"))
+    with pytest.raises(RegistryError, match="issued to another certificate") as e:
+        reg.authenticate(session.token, "site-1", "fingerprint-of-a-reissued-site-1")
+    assert e.value.code == "permission_denied"

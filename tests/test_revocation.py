@@ -22,8 +22,20 @@ def bump(path) -> None:
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
 
 
-def test_no_file_revokes_nothing(tmp_path, ca):
-    assert not RevocationList(tmp_path / "crl.pem", ca[2]).is_revoked(7)
+def test_a_missing_file_at_start_is_refused_naming_what_to_do(tmp_path, ca):
+    with pytest.raises(RevocationError, match=r"crl\.pem: missing.*fedadmin provision"):
+        RevocationList(tmp_path / "crl.pem", ca[2])
+
+
+def test_an_older_crl_put_back_does_not_lift_a_revocation(tmp_path, ca):
+    cert, key, pem = ca
+    path = tmp_path / "crl.pem"
+    write_crl(tmp_path / "old.pem", cert, key, [])
+    write_crl(path, cert, key, [7])
+    revocations = RevocationList(path, pem)
+    (tmp_path / "old.pem").replace(path)
+    bump(path)
+    assert revocations.is_revoked(7)
 
 
 def test_a_written_crl_revokes_its_serials_and_a_change_is_seen_without_a_restart(tmp_path, ca):
