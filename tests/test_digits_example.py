@@ -124,3 +124,12 @@ def test_site_name_outside_the_shards_is_refused(mmar: MMAR, tmp_path: Path, sit
     assert "ValueError" in message
     assert repr(site_name) in message
     assert "num_sites=2" in message
+
+
+def test_the_example_projects_hospitals_get_the_shards_the_config_maps_them_to(mmar: MMAR, tmp_path: Path) -> None:
+    for hospital, site in (("hospital-a", "site-1"), ("hospital-b", "site-2")):
+        by_name = make_trainer(mmar, hospital, tmp_path)
+        by_number = make_trainer(mmar, site, tmp_path)
+        np.testing.assert_array_equal(by_name.train_index, by_number.train_index)
+    with pytest.raises(ComponentError, match="hospital-a, hospital-b"):
+        make_trainer(mmar, "hospital-c", tmp_path)

@@ -23,15 +23,20 @@ def _digits() -> tuple[np.ndarray, np.ndarray]:
     return (data.data / PIXEL_MAX).astype(np.float32), data.target.astype(np.int64)
 
 
-def site_index(site_name: str, num_sites: int) -> int:
-    """The 0-based shard of "site-<k>" (k = 1..num_sites); ValueError otherwise."""
-    match = re.fullmatch(r"site-(\d+)", site_name)
-    if match is None or not 1 <= int(match.group(1)) <= num_sites:
+def site_index(site_name: str, num_sites: int, shards: dict[str, int] | None = None) -> int:
+    """The 0-based shard of a site: shards[site_name] (k = 1..num_sites) if given, else k of "site-<k>"."""
+    if shards and site_name in shards:
+        k = shards[site_name]
+    else:
+        match = re.fullmatch(r"site-(\d+)", site_name)
+        k = int(match.group(1)) if match else None
+    if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= num_sites:
+        named = f" or one of {', '.join(sorted(shards))} (the trainer's 'shards')" if shards else ""
         raise ValueError(
-            f"site name {site_name!r} does not name a shard: expected 'site-<k>' with k in 1..{num_sites} "
+            f"site name {site_name!r} does not name a shard: expected 'site-<k>' with k in 1..{num_sites}{named} "
             f"(num_sites={num_sites})"
         )
-    return int(match.group(1)) - 1
+    return k - 1
 
 
 def split(labels: np.ndarray, index: int, num_sites: int) -> tuple[np.ndarray, np.ndarray]:
@@ -61,6 +66,7 @@ class DigitsTrainer:
         batch_size: int = 32,
         seed: int = 0,
         hidden: int = 64,
+        shards: dict[str, int] | None = None,
     ) -> None:
         if not isinstance(num_sites, int) or num_sites < 1:
             raise ValueError(f"num_sites must be an integer >= 1, got {num_sites!r}")
@@ -71,7 +77,7 @@ class DigitsTrainer:
         self.epochs_per_round = epochs_per_round
         self.learning_rate = learning_rate
         self.batch_size = batch_size
-        index = site_index(site_name, num_sites)
+        index = site_index(site_name, num_sites, shards)
         features, labels = _digits()
         self.train_index, self.held_out_index = split(labels, index, num_sites)
         if len(self.train_index) == 0 or len(self.held_out_index) == 0:
