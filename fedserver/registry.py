@@ -93,6 +93,17 @@ class ClientRegistry:
             log.info("site %s left", name)
         return session is not None
 
+    def remove_certificate(self, fingerprint: str) -> str | None:
+        """End the session opened with this certificate (it was revoked); returns the site's name, or None."""
+        with self._lock:
+            session = next((s for s in self._by_name.values() if s.fingerprint == fingerprint), None)
+            if session is not None:
+                del self._by_name[session.name]
+                del self._by_token[session.token]
+        if session is not None:
+            log.warning("site %s dropped: its certificate is revoked", session.name)
+        return session.name if session is not None else None
+
     def drop_silent(self, timeout: float) -> list[str]:
         """Drop sites not heard from for `timeout` seconds; returns their names."""
         cutoff = time.monotonic() - timeout

@@ -119,6 +119,9 @@ class FederationServer:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
             self.hub.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
                                                peer.org if peer else "", port_name, method, reason)
+            if peer is not None and self.revocations.is_revoked(peer.serial):
+                # A revoked site must not hold a place in the run until heart_beat_timeout.
+                self.registry.remove_certificate(peer.fingerprint)
 
         return IdentityGate(port_name, kinds, self.revocations, record)
 

@@ -176,3 +176,14 @@ def test_a_token_is_refused_with_another_certificate_of_the_same_name():
     with pytest.raises(RegistryError, match="issued to another certificate") as e:
         reg.authenticate(session.token, "site-1", "fingerprint-of-a-reissued-site-1")
     assert e.value.code == "permission_denied"
+
+
+def test_removing_a_certificate_ends_only_the_session_opened_with_it():
+    reg = ClientRegistry()
+    revoked = reg.register("site-1", "site-1", None, fp("site-1"))
+    reg.register("site-2", "site-2", None, fp("site-2"))
+    assert reg.remove_certificate(fp("site-1")) == "site-1"
+    assert reg.names() == {"site-2"}
+    with pytest.raises(RegistryError, match="register again"):
+        reg.authenticate(revoked.token, "site-1", fp("site-1"))
+    assert reg.remove_certificate("unknown") is None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 
 import grpc
@@ -14,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import load_model, save_model
-from fedcommon.pki import issue_cert
+from fedcommon.pki import issue_cert, write_crl
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
@@ -230,3 +231,21 @@ def _wait_round_closed(server, round_number, timeout=10.0):
             return summary
         time.sleep(0.05)
     raise AssertionError(f"round {round_number} did not close: {_summary(server)}")
+
+
+def test_a_site_revoked_mid_run_is_refused_and_leaves_the_run_at_once(federation):
+    server, ws, target = federation
+    stub, md, _ = _register(ws, "site-1", target)
+    assert "site-1" in server.registry.names()
+    ca_cert = x509.load_pem_x509_certificate((ws / "ca" / "rootCA.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ws / "ca" / "rootCA.key").read_bytes(), None)
+    site_cert = x509.load_pem_x509_certificate((ws / "site-1" / "startup" / "cert.pem").read_bytes())
+    crl = ws / "server" / "startup" / "crl.pem"
+    write_crl(crl, ca_cert, ca_key, [site_cert.serial_number])
+    st = crl.stat()
+    os.utime(crl, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(grpc.RpcError) as err:
+        _fetch(stub, md)
+    assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "revoked" in err.value.details()
+    assert "site-1" not in server.registry.names()
