@@ -39,6 +39,7 @@ class Participant:
     name: str
     role: str
     folder: Path
+    admin_role: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,7 +71,9 @@ def participants(workspace: Path) -> list[Participant]:
             config = json.loads((folder / STARTUP_CONFIG).read_text())
         except (OSError, ValueError) as exc:
             raise FederationError(f"{folder / STARTUP_CONFIG}: unreadable ({exc})") from None
-        found.append(Participant(str(config.get("name", folder.name)), str(config.get("role")), folder))
+        admin_role = config.get("admin_role")
+        found.append(Participant(str(config.get("name", folder.name)), str(config.get("role")), folder,
+                                 admin_role if isinstance(admin_role, str) else None))
     order = {"server": 0, "client": 1, "admin": 2}
     found.sort(key=lambda p: (order.get(p.role, 3), _natural(p.name)))
     if not any(p.role == "server" for p in found) or not any(p.role == "client" for p in found):

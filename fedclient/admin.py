@@ -18,8 +18,8 @@ from typing import Any
 import grpc
 
 from fedclient.communicator import server_target
-from fedclient.local_policy import AdminIdentity, LocalPolicy
-from fedcommon.admin_defs import Message, MsgHeader, ReturnCode, error_reply
+from fedclient.local_policy import LocalPolicy
+from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode, error_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.audit import JsonLinesLog
 from fedcommon.wire import admin_pb2 as pb

@@ -16,7 +16,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcommon.admin_defs import ADMIN_ROLES, SITE_COMMANDS
+from fedcommon.admin_defs import ADMIN_ROLES, SITE_COMMANDS, AdminIdentity
 
 log = logging.getLogger(__name__)
 
@@ -28,15 +28,6 @@ _UNREAD = object()
 
 class LocalPolicyError(ValueError):
     """A local/authorization.json that cannot be used; the message names the file and the key."""
-
-
-@dataclass(frozen=True)
-class AdminIdentity:
-    """The admin behind a request, as the server states it from the admin's certificate."""
-
-    name: str
-    role: str
-    org: str
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 
@@ -22,6 +23,15 @@ class MsgHeader:
 SITE_COMMANDS = ("status", "sysinfo", "validate", "deploy", "start", "start-mgpu", "abort", "delete-run", "restart",
                  "shutdown", "shell")
 ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
+
+
+@dataclass(frozen=True)
+class AdminIdentity:
+    """The admin behind a command, as its certificate states (CN, OU, O); the server passes it on to sites."""
+
+    name: str
+    role: str
+    org: str
 
 
 class ReturnCode:

@@ -242,18 +242,3 @@ def channel_credentials(kit: Kit) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=kit.ca_pem, private_key=kit.key_pem, certificate_chain=kit.cert_pem
     )
-
-
-def peer_name(context: grpc.ServicerContext) -> str | None:
-    """The CN of the peer's authenticated client certificate, or None on a connection without one."""
-    values = context.auth_context().get("x509_common_name")
-    return values[0].decode("utf-8") if values else None
-
-
-def peer_admin_role(context: grpc.ServicerContext) -> str | None:
-    """The admin role (subject OU) in the peer's authenticated certificate, or None if it is not an admin's."""
-    values = context.auth_context().get("x509_pem_cert")
-    if not values:
-        return None
-    role = _subject(x509.load_pem_x509_certificate(values[0]), NameOID.ORGANIZATIONAL_UNIT_NAME)
-    return role if role in ADMIN_ROLES else None

@@ -13,11 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fedcommon.admin_defs import Message, MsgHeader, ReturnCode
+from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode
 from fedcommon.audit import JsonLinesLog
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
-from fedserver.authorization import DEFAULT_POLICY, Caller, Policy, Refused
+from fedserver.authorization import DEFAULT_POLICY, Policy, Refused
 from fedserver.blob_store import BlobError, check_blob_id
 
 if TYPE_CHECKING:
@@ -82,7 +82,7 @@ class AuditLog:
         self._log = JsonLinesLog(path)
         self.path = self._log.path
 
-    def record(self, caller: Caller, command: str, targets: list[str], ok: bool, args: Any = None,
+    def record(self, caller: AdminIdentity, command: str, targets: list[str], ok: bool, args: Any = None,
                error: str = "") -> None:
         """Append one entry; a failure to write is logged, never raised at the operator."""
         entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command[:200],
@@ -249,7 +249,7 @@ class AdminHub:
 
     # ---- admin plane ----------------------------------------------------------------------------
 
-    def execute(self, caller: Caller, command: str, targets: list[str], args_json: str,
+    def execute(self, caller: AdminIdentity, command: str, targets: list[str], args_json: str,
                 timeout: float) -> CommandResult:
         """Run one operator command on its targets, if the policy allows it; every command is audited."""
         started = time.monotonic()
@@ -271,7 +271,7 @@ class AdminHub:
                  "ok" if result.ok else result.error or "failed", time.monotonic() - started)
         return result
 
-    def _execute(self, caller: Caller, command: str, targets: list[str], args: dict[str, Any],
+    def _execute(self, caller: AdminIdentity, command: str, targets: list[str], args: dict[str, Any],
                  timeout: float) -> CommandResult:
         spec = _COMMANDS.get(command)
         if spec is None:

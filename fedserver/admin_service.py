@@ -8,11 +8,12 @@ from collections.abc import Iterator
 
 import grpc
 
+from fedcommon.admin_defs import AdminIdentity
 from fedcommon.identity import peer_identity
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 from fedserver.admin_hub import AdminHub, CommandResult
-from fedserver.authorization import Caller, Refused
+from fedserver.authorization import Refused
 from fedserver.blob_store import BlobError, BlobStore
 
 log = logging.getLogger(__name__)
@@ -37,13 +38,13 @@ class AdminService(pb_grpc.AdminServiceServicer):
         self._blobs = blobs
 
     @staticmethod
-    def _caller(context: grpc.ServicerContext) -> Caller:
+    def _caller(context: grpc.ServicerContext) -> AdminIdentity:
         peer = peer_identity(context)
         if peer is None or peer.kind != "admin" or peer.role is None:
             # The port's identity gate refuses these first; this guards a server set up without it.
             shown = peer.describe() if peer else "a caller without a certificate"
             context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{shown} is not an admin certificate")
-        return Caller(peer.name, peer.role, peer.org)
+        return AdminIdentity(peer.name, peer.role, peer.org)
 
     def Execute(self, request: pb.CommandRequest, context: grpc.ServicerContext) -> pb.CommandReply:
         """Run one command on its targets; one reply per target."""

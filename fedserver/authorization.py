@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
-from fedcommon.admin_defs import ADMIN_ROLES
+from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
 
 POLICY_FILE = Path("local") / "authorization.json"
 RIGHTS = ("view", "train", "operate", "shell")
@@ -51,15 +50,6 @@ class Refused(Exception):
     """A command the policy does not allow; the message names the rule."""
 
 
-@dataclass(frozen=True)
-class Caller:
-    """The admin behind a command, as its certificate states."""
-
-    name: str
-    role: str
-    org: str
-
-
 class Policy:
     """role → right → scope; checks one command of one caller on its targets."""
 
@@ -71,7 +61,7 @@ class Policy:
         """The scope `role` has for `right` ("none" for an unknown role)."""
         return self.rules.get(role, {}).get(right, "none")
 
-    def precheck(self, caller: Caller, command: str) -> None:
+    def precheck(self, caller: AdminIdentity, command: str) -> None:
         """Refuse at once when no right of the command is granted to the caller's role at all."""
         rights = COMMAND_RIGHTS.get(command)
         if rights is None:
@@ -81,7 +71,7 @@ class Policy:
             raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} "
                           f"(rule {rule})")
 
-    def check(self, caller: Caller, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
+    def check(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
         """Refuse (Refused, naming the rule) unless one right of the command covers every target."""
         self.precheck(caller, command)
         reasons = []

@@ -6,14 +6,15 @@ import json
 
 import pytest
 
-from fedserver.authorization import COMMAND_RIGHTS, DEFAULT_POLICY, Caller, Policy, PolicyError, Refused, load_policy
+from fedcommon.admin_defs import AdminIdentity
+from fedserver.authorization import COMMAND_RIGHTS, DEFAULT_POLICY, Policy, PolicyError, Refused, load_policy
 
 ORGS = {"hospital-a": "org-a", "hospital-b": "org-b"}
 POLICY = Policy(DEFAULT_POLICY)
 
 
-def caller(role: str, org: str = "org-a") -> Caller:
-    return Caller(f"{role}@{org}", role, org)
+def caller(role: str, org: str = "org-a") -> AdminIdentity:
+    return AdminIdentity(f"{role}@{org}", role, org)
 
 
 @pytest.mark.parametrize("command", ["status", "sysinfo", "validate"])
@@ -70,7 +71,7 @@ def test_a_project_admin_may_do_everything():
 
 def test_an_unknown_role_may_do_nothing():
     with pytest.raises(Refused):
-        POLICY.check(Caller("x", "superuser", "org-a"), "status", ["server"], ORGS)
+        POLICY.check(AdminIdentity("x", "superuser", "org-a"), "status", ["server"], ORGS)
 
 
 def test_the_policy_file_overrides_only_what_it_names(tmp_path):

@@ -20,7 +20,8 @@ import grpc
 import pytest
 from conftest import ROOT, prepare_workspace, python_env
 
-from fedcommon.kit import load_kit, peer_admin_role, peer_name, server_credentials
+from fedcommon.identity import peer_identity
+from fedcommon.kit import load_kit, server_credentials
 from fedcommon.wire import admin_pb2, admin_pb2_grpc
 
 SITES = ["site-1", "site-2"]
@@ -80,9 +81,10 @@ class FakeAdmin(admin_pb2_grpc.AdminServiceServicer):
     callers: list[str] = field(default_factory=list)
 
     def Execute(self, request, context):  # noqa: N802 (gRPC method name)
-        if peer_admin_role(context) is None:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer_name(context)} is not an admin certificate")
-        self.callers.append(peer_name(context))
+        peer = peer_identity(context)
+        if peer is None or peer.kind != "admin":
+            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{peer and peer.name} is not an admin certificate")
+        self.callers.append(peer.name)
         self.requests.append(request)
         handler = self.handlers.get(request.command)
         if handler is not None:

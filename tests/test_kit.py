@@ -17,13 +17,12 @@ import pytest
 
 from fedcommon import pki
 from fedcommon import provision as provisioning
+from fedcommon.identity import peer_identity
 from fedcommon.kit import (
     Kit,
     KitError,
     channel_credentials,
     load_kit,
-    peer_admin_role,
-    peer_name,
     server_credentials,
 )
 
@@ -184,7 +183,8 @@ def test_importing_kit_leaves_numpy_and_torch_unloaded():
 
 
 def _who_am_i(request: bytes, context: grpc.ServicerContext) -> bytes:
-    return json.dumps({"name": peer_name(context), "role": peer_admin_role(context)}).encode()
+    peer = peer_identity(context)
+    return json.dumps({"name": peer.name, "role": peer.role} if peer else {"name": None, "role": None}).encode()
 
 
 @contextmanager

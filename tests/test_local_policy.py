@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from fedclient.local_policy import AdminIdentity, LocalPolicy
+from fedclient.local_policy import LocalPolicy
+from fedcommon.admin_defs import AdminIdentity
 
 ALICE = AdminIdentity("alice", "org_admin", "hospital-a")
 BOB = AdminIdentity("bob", "lead", "hospital-b")

@@ -51,21 +51,12 @@ class PocStarted:
 
 def admin_kit(workspace: Path) -> Path:
     """The folder of the admin kit to operate a POC workspace with: a project_admin's if there is one."""
-    import json
-
     from fedadmin.local_federation import FederationError, participants
 
-    admins = [p.folder for p in participants(workspace) if p.role == "admin"]
+    admins = [p for p in participants(workspace) if p.role == "admin"]
     if not admins:
         raise FederationError(f"{workspace} holds no admin kit: run `fedadmin poc prepare` first")
-
-    def is_project_admin(folder: Path) -> bool:
-        try:
-            return json.loads((folder / "startup" / "fed.json").read_text()).get("admin_role") == "project_admin"
-        except (OSError, ValueError):
-            return False
-
-    return next((folder for folder in admins if is_project_admin(folder)), admins[0])
+    return next((p for p in admins if p.admin_role == "project_admin"), admins[0]).folder
 
 
 def start_federation(workspace: Path, timeout: float) -> tuple[Path, list[ProcessRecord]]:
