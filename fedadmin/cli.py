@@ -24,6 +24,7 @@ from fedadmin.commands.shutdown import shutdown
 from fedadmin.commands.start import start
 from fedadmin.commands.status import status
 from fedadmin.commands.sysinfo import sysinfo
+from fedadmin.commands.validate import validate
 from fedadmin.commands.wait import wait
 
 COMMANDS = (
@@ -33,6 +34,7 @@ COMMANDS = (
     start,
     abort,
     sysinfo,
+    validate,
     shell,
     delete_run,
     restart,

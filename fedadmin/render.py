@@ -12,6 +12,7 @@ from rich.text import Text
 from fedadmin.replies import CommandOutcome, TargetReply
 
 _NONE = "–"
+_NOT_VALIDATED = "—"
 _TRAINING_CODES = (1, 2)
 
 
@@ -227,6 +228,58 @@ def shell_view(outcome: CommandOutcome) -> RenderableType:
         if r.data.get("truncated"):
             parts.append(Text("[output truncated by the site]", style="yellow"))
     return Group(*parts)
+
+
+def failure_line(command: str, error: str) -> Text:
+    """"validate: run 7 does not exist" in red: a command that has nothing else to show."""
+    return Text(f"{command}: {error}", style="bold red")
+
+
+def validation_view(data: dict[str, Any], metric: str | None) -> RenderableType:
+    """The cross-site matrix: one row per validating site, one column per model owner, each cell one metric."""
+    title = f"Cross-site validation, run {value_text(data.get('run_number'))}"
+    table = Table()
+    owners = data.get("owners") or []
+    table.add_column(Text("site \\ owner"), no_wrap=True)
+    for owner in owners:
+        table.add_column(Text(owner), justify="right", no_wrap=True)
+    results = data.get("results") or {}
+    for site in data.get("validating_sites") or []:
+        row = results.get(site) or {}
+        table.add_row(Text(site), *(_cell_text(row.get(owner), metric) for owner in owners))
+    notes = [
+        f"run status: {value_text(data.get('run_status'))}; rows validate the columns' models; "
+        f"{_NOT_VALIDATED} not validated yet"
+    ]
+    if data.get("declined"):
+        notes.append(f"did not share their model: {value_text(data['declined'])}")
+    if data.get("pending_owners"):
+        notes.append(f"models not arrived yet: {value_text(data['pending_owners'])}")
+    heading = Text(f"{title} ({metric})" if metric else title, style="bold")
+    return Group(heading, table, *(Text(n, style="dim") for n in notes))
+
+
+def _cell_text(metrics: dict[str, Any] | None, metric: str | None) -> Text:
+    if metrics is None:
+        return Text(_NOT_VALIDATED, style="dim")
+    if metric is not None and metric in metrics:
+        return Text(_metric(metrics[metric]))
+    return Text(metrics_text(metrics) or "no metrics", style="yellow")
+
+
+def validation_cell_view(run_number: Any, cell: dict[str, Any]) -> RenderableType:
+    """One cell of the matrix: every metric the site measured on the owner's model."""
+    heading = Text(
+        f"Cross-site validation, run {value_text(run_number)}: "
+        f"{value_text(cell.get('site'))} on {value_text(cell.get('owner'))}'s model",
+        style="bold",
+    )
+    table = Table()
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in (cell.get("metrics") or {}).items():
+        table.add_row(Text(name), Text(_metric(value)))
+    return Group(heading, table)
 
 
 def round_lines(record: dict[str, Any]) -> list[str]:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedclient.admin import RequestProcessor
-from fedclient.admin_interface import NOT_SUPPORTED_MGPU, NOT_SUPPORTED_VALIDATE, RequestRefused
+from fedclient.admin_interface import NOT_SUPPORTED_MGPU, RequestRefused
 from fedcommon.admin_defs import Message, error_reply, ok_reply
 
 
@@ -138,13 +138,13 @@ class ShutdownClientProcessor(RequestProcessor):
 
 
 class ValidateRequestProcessor(RequestProcessor):
-    """validate: cross-site validation (not supported yet)."""
+    """validate: cross-site validation of a run already trained (`fedadmin validate --run`)."""
 
     def get_topics(self) -> list[str]:
         return ["validate"]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return error_reply(NOT_SUPPORTED_VALIDATE, req)
+        return _answer(req, lambda: app_ctx.do_validate(req))
 
 
 def seed_processors() -> list[RequestProcessor]:

@@ -25,8 +25,8 @@ log = logging.getLogger(__name__)
 
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
 NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
-NOT_SUPPORTED_VALIDATE = "not supported yet: cross-site validation comes with its own issue"
 PROGRESS_INTERVAL_S = 0.5
+FINISHING_WAIT_S = 15.0
 # Written into run_N when this site's worker saw the server end run N: finished results are not overwritten.
 COMPLETED_FILE = "completed.json"
 
@@ -178,8 +178,25 @@ class ClientAdminInterface:
         return {"deleted": str(run_dir)}
 
     def do_validate(self, req: Message) -> dict[str, Any]:
-        """Cross-site validation (not supported yet)."""
-        raise RequestRefused(NOT_SUPPORTED_VALIDATE)
+        """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
+        number = _run_number(req.get_header("run_number"))
+        if self._training_run() == number and self._run_ended == number:
+            # The server ended this run and the worker is on its way out: let it finish rather than refuse.
+            self.client_executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
+        with self._lock:
+            active = self._training_run()
+            if active is not None:
+                raise RequestRefused(f"run {active} is training; cross-site validation waits until it ends")
+            mmar = self.run_dir(number) / "mmar"
+            if not (mmar / "config").is_dir():
+                raise RequestRefused(f"run {number} is not deployed at {self.client_name}")
+            self._run_ended = None
+            try:
+                pid = self.client_executor.start_train(
+                    self.client, TrainArgs(self.workspace, number, self.debug, validate=True), mmar)
+            except TrainingError as e:
+                raise RequestRefused(str(e)) from None
+        return {"run_number": number, "pid": pid, "validating": True}
 
     def remove_custom_path(self) -> None:
         """Forget site code imported from deployed MMARs (custom/ folders) in this process."""
@@ -234,14 +251,17 @@ class ClientAdminInterface:
                 self._mark_completed(ended)
             self._results.ended(ended)
             return
-        if kind not in ("progress", "round", "epoch", "end"):
+        if kind not in ("progress", "round", "epoch", "end", "validation"):
             return
         if kind == "end":
             self._run_ended = event.get("run_number")
         progress = self.client_executor.progress
-        self._results.progress({"run_number": event.get("run_number"), "round": progress.get("round"),
-                                "epoch": progress.get("epoch"), "loss": progress.get("loss"),
-                                "metrics": progress.get("metrics") or {}})
+        report = {"run_number": event.get("run_number"), "round": progress.get("round"),
+                  "epoch": progress.get("epoch"), "loss": progress.get("loss"),
+                  "metrics": progress.get("metrics") or {}}
+        if "validation" in progress:
+            report["validation"] = progress["validation"]
+        self._results.progress(report)
 
     def _mark_completed(self, ended: dict[str, Any]) -> None:
         from fedcommon.atomic import atomic_write_json

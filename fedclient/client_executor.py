@@ -34,6 +34,7 @@ MAX_EVENT_BYTES = 1 << 20
 WORKER_MODULE = "fedclient.worker"
 PROGRESS_KINDS = ("progress", "round", "epoch", "end")
 PROGRESS_KEYS = ("round", "epoch", "loss", "metrics")
+VALIDATION_KEYS = ("owner", "metrics", "validated", "error")
 NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
 
 EventHandler = Callable[[dict[str, Any]], None]
@@ -50,6 +51,7 @@ class TrainArgs:
     workspace: Path
     run_number: int
     debug: bool = False
+    validate: bool = False  # cross-site validation of the run, already trained, instead of training
 
 
 # ---- the parent protocol: JSON objects over multiprocessing.connection bytes, never pickle ----------------
@@ -192,6 +194,9 @@ class ClientExecutor:
                     self.error = event["error"]
             elif kind in PROGRESS_KINDS:
                 self.progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
+            elif kind == "validation":
+                shown = {k: event[k] for k in VALIDATION_KEYS if k in event}
+                self.progress["validation"] = {**self.progress.get("validation", {}), **shown}
             else:
                 log.debug("unknown worker event %r", kind)
                 return
@@ -244,7 +249,8 @@ class ProcessExecutor(ClientExecutor):
             host, port = listener.address
             argv = [self.python, "-m", self.worker_module, "--workspace", str(workspace),
                     "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
-                    "--parent", f"{host}:{port}", *(["--debug"] if args.debug else [])]
+                    "--parent", f"{host}:{port}", *(["--debug"] if args.debug else []),
+                    *(["--validate"] if args.validate else [])]
             try:
                 with open(run_dir / "log.txt", "ab") as out:
                     proc = subprocess.Popen(
@@ -385,7 +391,7 @@ class ThreadExecutor(ClientExecutor):
             self._reset(args.run_number)
             try:
                 self.training = SiteTraining(Path(args.workspace), Path(mmar_root), args.run_number,
-                                             on_event=self._handle)
+                                             on_event=self._handle, validate_only=args.validate)
             except WorkerSetupError as e:
                 self.status, self.error = ClientStatus.TRAINING_EXCEPTION, str(e)
                 raise TrainingError(str(e)) from None

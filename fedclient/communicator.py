@@ -51,6 +51,18 @@ class RemoteModel:
     message: str = ""
 
 
+@dataclass
+class ValidationModel:
+    """What GetValidationModels returned: a model to validate ("validate"), nothing yet ("wait") or "end"."""
+
+    status: str
+    owner: str = ""
+    tensors: dict[str, np.ndarray] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)  # the owner's own scores of its model
+    more: bool = False
+    message: str = ""
+
+
 _STATUS_NAMES = {pb.TRAIN: "train", pb.WAIT: "wait", pb.END: "end"}
 
 
@@ -219,6 +231,64 @@ class Communicator:
         return self._call(servers, task_name, "submit update",
                           lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(token),
                                                     timeout=TRANSFER_DEADLINE_S))
+
+    # ---- cross-site validation ----------------------------------------------------------------------
+
+    def submit_best_local_model(self, uid: str, servers: dict, task_name: str, token: str, disable: bool = False,
+                                *, run_number: int) -> pb.SubmitReply:
+        """Share this site's best local model of run `run_number`; with `disable`, say it is not shared."""
+        tensors, metrics = DataAssembler.get_best_local_model(self.model_manager, task_name, {"client_name": uid},
+                                                              disable)
+        header = pb.ModelHeader(run_number=run_number, kind="not_participating" if disable else "best_model",
+                                num_tensors=len(tensors), metrics=metrics)
+        stub = self._stub(servers, task_name)
+
+        def chunks() -> Iterator[pb.ModelChunk]:
+            yield pb.ModelChunk(header=header)
+            yield from encode_tensors(tensors, self.chunk_bytes)
+
+        return self._call(servers, task_name, "submit best model",
+                          lambda: stub.SubmitBestModel(chunks(), metadata=self._metadata(token),
+                                                       timeout=TRANSFER_DEADLINE_S))
+
+    def get_validation_models(self, uid: str, servers: dict, task_name: str, token: str, *, run_number: int,
+                              validated: set[str] | None = None, wait_seconds: float = LONG_POLL_S
+                              ) -> ValidationModel:
+        """The next model of run `run_number` this site has not validated (long-poll: "wait" while none is ready)."""
+        stub = self._stub(servers, task_name)
+        request = pb.ValidationModelsRequest(run_number=run_number, validated=sorted(validated or ()),
+                                             wait_seconds=wait_seconds)
+
+        def fetch() -> ValidationModel:
+            stream = stub.GetValidationModels(request, metadata=self._metadata(token),
+                                              timeout=wait_seconds + TRANSFER_DEADLINE_S)
+            first = next(stream, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise CommunicationError("get validation models: the server's reply did not start with a header")
+            h = first.header
+            status = {pb.VALIDATE: "validate", pb.END: "end"}.get(h.status, "wait")
+            model = ValidationModel(status, h.owner, metrics=dict(h.metrics), more=h.more_models, message=h.message)
+            model.tensors = decode_tensors(stream)
+            if status == "validate" and len(model.tensors) != h.num_tensors:
+                raise CommunicationError(f"get validation models: {h.owner}'s model announced {h.num_tensors} "
+                                         f"tensors but {len(model.tensors)} came")
+            return model
+
+        return self._call(servers, task_name, "get validation models", fetch)
+
+    def submit_cross_site_validation_results(self, uid: str, servers: dict, task_name: str, token: str,
+                                             client_names: list[str], client_metrics: list[dict[str, float]],
+                                             *, run_number: int) -> pb.Ack:
+        """Report this site's metrics of each named owner's model (client_names[i] scored client_metrics[i])."""
+        if len(client_names) != len(client_metrics):
+            raise ValueError("client_names and client_metrics must have the same length")
+        request = pb.ValidationResults(run_number=run_number, results=[
+            pb.ValidationResult(model_owner=name, metrics=metrics)
+            for name, metrics in zip(client_names, client_metrics, strict=True)])
+        stub = self._stub(servers, task_name)
+        return self._call(servers, task_name, "submit validation results",
+                          lambda: stub.SubmitValidationResults(request, metadata=self._metadata(token),
+                                                               timeout=SHORT_DEADLINE_S))
 
     def send_heartbeat(self, servers: dict, task_name: str, token: str) -> pb.HeartbeatReply:
         stub = self._stub(servers, task_name)

@@ -21,3 +21,14 @@ class DataAssembler:
         for processor in pre_processors or []:
             tensors = processor(tensors, fl_ctx)
         return tensors
+
+    @staticmethod
+    def get_best_local_model(model_manager, task_name: str, client_state: dict, disable: bool = False
+                             ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+        """The best local model's tensors and metrics; empty when `disable` (the site does not share it)."""
+        if disable:
+            return {}, {}
+        best = model_manager.get_best_model()
+        if best is None:
+            raise RuntimeError("no best local model: this site has not validated a model in this run")
+        return best, dict(model_manager.best_metrics or {})

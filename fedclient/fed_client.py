@@ -8,12 +8,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from fedclient.client_status import ClientStatus
-from fedclient.fed_client_base import FederatedClientBase
+from fedclient.communicator import CommunicationError
+from fedclient.fed_client_base import CrossSiteValidationTimeout, FederatedClientBase
 from fedcommon.model_meta import FLContext, FLContextKey
 
 log = logging.getLogger(__name__)
 
 WEIGHT_BY = ("iterations", "samples", "uniform")
+BEST_LOCAL_MODEL = "best_local_model.fl"
 
 
 class FederatedClient(FederatedClientBase):
@@ -35,11 +37,11 @@ class FederatedClient(FederatedClientBase):
         self.run_dir = run_dir
         self.on_progress = on_progress
         self.final_metrics: dict[str, float] | None = None
-        self._abort = threading.Event()
+        self.on_validation = lambda event: self._emit(**event)
 
     def abort(self) -> None:
         """Stop after the current step."""
-        self._abort.set()
+        self._stop.set()
 
     def _emit(self, **event) -> None:
         if self.on_progress is not None:
@@ -47,6 +49,11 @@ class FederatedClient(FederatedClientBase):
                 self.on_progress(event)
             except Exception:
                 log.exception("progress callback failed")
+
+    @property
+    def best_model_path(self) -> Path | None:
+        """Where the best local model of this run is saved (run_N/models/best_local_model.fl)."""
+        return self.run_dir / "models" / BEST_LOCAL_MODEL if self.run_dir else None
 
     def _weight(self, fitter) -> float:
         if self.weight_by == "samples":
@@ -64,8 +71,6 @@ class FederatedClient(FederatedClientBase):
         self.current_round = remote.round
         self.run_number = remote.run_number or self.run_number
         metrics = self.model_manager.validate()
-        best_path = self.run_dir / "models" / "best_local_model.fl" if self.run_dir else None
-        self.model_manager.update_best_model(metrics, best_path)
         if remote.status == "end":
             self.final_metrics = metrics
             log.info("%s: run %d ended; final global model: %s", self.client_name, remote.run_number,
@@ -73,11 +78,16 @@ class FederatedClient(FederatedClientBase):
             self._with_session(task, lambda: self.communicator.report_metrics(
                 self.servers, task, self.token, remote.round, metrics))
             self._emit(kind="end", round=remote.round, metrics=metrics)
+            if self.cross_site_validate:
+                self._validate_after_training()
             return False
         log.info("%s: round %d: global model %s; training", self.client_name, remote.round, _fmt(metrics))
         self._emit(kind="round", round=remote.round, metrics=metrics)
         result = self.model_manager.train(
             lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss))
+        # The best local model (shared in cross-site validation) is the locally trained one that scored best here.
+        local_metrics = self.model_manager.validate()
+        self.model_manager.update_best_model(local_metrics, self.best_model_path)
         fl_ctx = FLContext({
             FLContextKey.RUN_NUMBER: remote.run_number, FLContextKey.ROUND: remote.round,
             FLContextKey.WEIGHT: self._weight(fitter), FLContextKey.METRICS: metrics,
@@ -91,6 +101,18 @@ class FederatedClient(FederatedClientBase):
             log.warning("%s: round %d: update refused: %s", self.client_name, remote.round, reply.reason)
         return True
 
+    def _validate_after_training(self) -> None:
+        # The training itself succeeded: a validation that cannot finish is reported, not a training failure.
+        try:
+            self.run_cross_site_validation()
+        except (CrossSiteValidationTimeout, CommunicationError) as e:
+            log.error("%s: %s", self.client_name, e)
+            self._report_validation(error=str(e))
+
+    def cross_validation(self, client_local_rank: int = 0) -> dict[str, dict[str, float]]:
+        """Cross-site validation of this client's run; only local rank 0 talks to the server."""
+        return self.run_cross_site_validation() if client_local_rank == 0 else {}
+
     def run_federated_steps(self, fitter) -> None:
         """Keep running federated steps until the run ends or abort() is called."""
         self.model_manager.set_fitter(fitter)
@@ -98,7 +120,7 @@ class FederatedClient(FederatedClientBase):
             self.register()
         self.start_heartbeat()
         self.status = ClientStatus.TRAINING_STARTED
-        while not self._abort.is_set():
+        while not self._stop.is_set():
             if not self.federated_step(fitter):
                 break
         self.status = ClientStatus.TRAINING_STOPPED

@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fedclient.client_status import ClientStatus
-from fedclient.communicator import Communicator, RegistrationRequired, RemoteModel
+from fedclient.communicator import Communicator, RegistrationRequired, RemoteModel, ValidationModel
 from fedclient.model_manager import ClientModelManager
 from fedcommon.model_meta import FLContext
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+CROSS_SITE_TIMEOUT_S = 600.0
+VALIDATION_POLL_S = 20.0
+
+
+class CrossSiteValidationTimeout(Exception):
+    """Models this site was to validate did not arrive in time; the message names them."""
 
 
 def servers_by_task(server_args) -> dict[str, dict[str, Any]]:
@@ -43,6 +50,13 @@ class FederatedClientBase:
         self.client_args = client_args
         self.servers = servers_by_task(server_args)
         self.cross_site_validate = cross_site_validate
+        self.cross_site_val_conf = None
+        # Cross-site validation: share the best local model (or only validate the others), and how long to wait.
+        self.is_participating = True
+        self.cross_site_validation_timeout = CROSS_SITE_TIMEOUT_S
+        self.on_validation: Callable[[dict[str, Any]], None] | None = None
+        self._validation_run: int | None = None  # fixed for a validation: heartbeats may report a newer run
+        self._stop = threading.Event()
         self.req_processors = list(req_processors or [])
         self.handlers = list(handlers or [])
         self.model_manager = ClientModelManager(
@@ -131,6 +145,98 @@ class FederatedClientBase:
     def push_models(self, fl_ctx: FLContext | None = None) -> dict[str, Any]:
         """Send the update to every server."""
         return {task: self.push_remote_model(task, fl_ctx) for task in self.servers}
+
+    # ---- cross-site validation (DESIGN §9) -------------------------------------------------------
+
+    def push_best_model(self, task_name: str):
+        """Share the best local model with the task's server (or, when not participating, say it is not shared)."""
+        return self._with_session(task_name, lambda: self.communicator.submit_best_local_model(
+            self.uid, self.servers, task_name, self.token, disable=not self.is_participating,
+            run_number=self._validation_run or self.run_number))
+
+    def push_best_models(self) -> dict[str, Any]:
+        """push_best_model to every server."""
+        return {task: self.push_best_model(task) for task in self.servers}
+
+    def get_validation_models(self, task_name: str, validated: set[str] | None = None,
+                              wait_seconds: float = VALIDATION_POLL_S) -> ValidationModel:
+        """The next model of this run this site has not validated ("wait" while none is ready, "end" when done)."""
+        return self._with_session(task_name, lambda: self.communicator.get_validation_models(
+            self.uid, self.servers, task_name, self.token, run_number=self._validation_run or self.run_number,
+            validated=validated, wait_seconds=wait_seconds))
+
+    def submit_cross_site_validation_results(self, params: dict[str, dict[str, float]], task_name: str | None = None):
+        """Report {model owner: metrics} to the task's server (the first server by default)."""
+        task = task_name or next(iter(self.servers))
+        names = list(params)
+        return self._with_session(task, lambda: self.communicator.submit_cross_site_validation_results(
+            self.uid, self.servers, task, self.token, names, [params[n] for n in names],
+            run_number=self._validation_run or self.run_number))
+
+    def run_cross_site_validation(self, run_number: int | None = None) -> dict[str, dict[str, float]]:
+        """Share the best local model, then validate every model offered and report each result.
+
+        For run `run_number` (default: this client's run). Returns {owner: metrics}.
+        Raises CrossSiteValidationTimeout naming what never came.
+        """
+        self._validation_run = run_number or self.run_number
+        try:
+            return self._cross_site_validation()
+        finally:
+            self._validation_run = None
+
+    def _cross_site_validation(self) -> dict[str, dict[str, float]]:
+        for task, reply in self.push_best_models().items():
+            (log.info if reply.accepted else log.warning)("%s: best model for %s: %s", self.client_name, task,
+                                                          reply.reason or "shared")
+        results: dict[str, dict[str, float]] = {}
+        deadline = time.monotonic() + self.cross_site_validation_timeout
+        waiting = ""
+        for task in self.servers:
+            validated: set[str] = set()
+            while not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CrossSiteValidationTimeout(
+                        f"cross-site validation of run {self._validation_run}: gave up after "
+                        f"{self.cross_site_validation_timeout:g}s {waiting or 'waiting for the server'}")
+                offered = self.get_validation_models(task, validated, min(VALIDATION_POLL_S, left))
+                if offered.status == "end":
+                    break
+                waiting = offered.message
+                if offered.status == "wait":
+                    continue
+                validated.add(offered.owner)
+                metrics = self._validate_offered(offered)
+                if metrics is None:
+                    continue
+                ack = self.submit_cross_site_validation_results({offered.owner: metrics}, task)
+                if not ack.ok:
+                    log.warning("%s: result for %s's model refused: %s", self.client_name, offered.owner, ack.message)
+                    continue
+                results[offered.owner] = metrics
+                self._report_validation(owner=offered.owner, metrics=metrics, validated=sorted(results))
+        return results
+
+    def _validate_offered(self, offered: ValidationModel) -> dict[str, float] | None:
+        try:
+            metrics = self.model_manager.validate_model(self.cross_site_val_conf, offered.tensors)
+        except Exception as e:  # the owner's model, not this site, is at fault: go on with the others
+            log.error("%s: cannot validate %s's model: %s", self.client_name, offered.owner, e)
+            self._report_validation(owner=offered.owner, error=f"cannot validate {offered.owner}'s model: {e}")
+            return None
+        finally:
+            offered.tensors = {}
+        log.info("%s: validated %s's model: %s", self.client_name, offered.owner,
+                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        return metrics
+
+    def _report_validation(self, **event: Any) -> None:
+        if self.on_validation is not None:
+            try:
+                self.on_validation({"kind": "validation", "run_number": self._validation_run, **event})
+            except Exception:
+                log.exception("validation progress callback failed")
 
     # ---- heartbeat ------------------------------------------------------------------------------
 

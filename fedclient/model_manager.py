@@ -12,6 +12,7 @@ import numpy as np
 from fedclient.components.model_reader_writer import ModelProcessor
 from fedclient.components.model_validator import ModelValidator
 from fedcommon.dtypes import accumulator_dtype, is_float
+from fedcommon.metrics import metric_score
 from fedcommon.mmar import excluded
 from fedcommon.model_file import save_model
 from fedcommon.model_meta import FLContext, FLContextKey
@@ -128,7 +129,7 @@ class ClientModelManager:
 
     def update_best_model(self, metrics: Mapping[str, float], path: Path | None = None) -> bool:
         """Keep the local model as the best one if `metrics` beat the best so far; save it to `path`."""
-        score = _score(metrics)
+        score = metric_score(metrics)
         if self._best_score is not None and score <= self._best_score:
             return False
         self._best_score = score
@@ -140,6 +141,37 @@ class ClientModelManager:
 
     def get_best_model(self) -> dict[str, np.ndarray] | None:
         return self._best
+
+    def load_best_model(self, path: Path) -> bool:
+        """Take the best model saved by an earlier training of this run; False when there is none."""
+        from fedcommon.model_file import load_model
+
+        if not path.exists():
+            return False
+        tensors, meta = load_model(path)
+        metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
+        self._best, self.best_metrics = tensors, dict(metrics)
+        self._best_score = metric_score(metrics) if metrics else None
+        return True
+
+    def validate_model(self, cross_site_val_configer=None, checkpoint: Mapping[str, np.ndarray] | None = None
+                       ) -> dict[str, float]:
+        """Metrics of the model `checkpoint` (name -> array) on local data; the local model is left as it was.
+
+        Raises ValueError naming the variable when `checkpoint` does not fit the local model.
+        """
+        if checkpoint is None:
+            return self.validate()
+        fitter = self._require_fitter()
+        saved = self.model_reader_writer.extract_model(fitter)
+        missing = sorted(set(saved) - set(checkpoint))
+        if missing:
+            raise ValueError(f"the model lacks {len(missing)} variable(s) of the local model, e.g. {missing[0]!r}")
+        try:
+            self.model_reader_writer.apply_model(fitter, checkpoint)
+            return self.model_validator.validate(fitter)
+        finally:
+            self.model_reader_writer.apply_model(fitter, saved)
 
     def close(self) -> None:
         """Drop every model held."""
@@ -157,12 +189,3 @@ def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
         return (local.astype(np.float32) - base.astype(np.float32)).astype(local.dtype)
     return local - base
 
-
-def _score(metrics: Mapping[str, float]) -> float:
-    # accuracy-like metrics: higher is better; a loss ("loss", "val_loss", ...): lower is better
-    if "accuracy" in metrics:
-        return float(metrics["accuracy"])
-    losses = [k for k in metrics if k.endswith("loss")]
-    if losses:
-        return -float(metrics[losses[0]])
-    return float(next(iter(metrics.values())))

@@ -37,7 +37,7 @@ class SiteTraining:
     """One site's training of one MMAR: built from the kit and the MMAR, run with run(), stopped with abort()."""
 
     def __init__(self, workspace: Path, mmar_path: Path, run_number: int | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None):
+                 on_event: Callable[[dict[str, Any]], None] | None = None, validate_only: bool = False):
         from fedcommon.components import ComponentError, build_component
         from fedcommon.kit import KitError, load_kit
         from fedcommon.mmar import MMARError, load_mmar
@@ -66,6 +66,12 @@ class SiteTraining:
             retry_timeout=self.mmar.client.retry_timeout, weight_by=self.mmar.client.weight_by,
             on_progress=on_event,
         )
+        self.client.cross_site_validate = self.mmar.client.cross_site_validate
+        self.client.is_participating = self.mmar.client.is_participating
+        self.client.cross_site_validation_timeout = self.mmar.client.cross_site_validation_timeout
+        if validate_only and run_number is None:
+            raise WorkerSetupError("cross-site validation needs the run number (--run-number)")
+        self.validate_only = validate_only
 
     @property
     def aborted(self) -> bool:
@@ -83,9 +89,11 @@ class SiteTraining:
 
         from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
-        from fedcommon.components import ComponentError, build_component
 
         client, mmar = self.client, self.mmar
+        if self.validate_only:
+            self._validate_only()
+            return
         try:
             client.register()
             self._wait_for_run()
@@ -98,11 +106,7 @@ class SiteTraining:
             (run_dir / "models").mkdir(parents=True, exist_ok=True)
             client.run_dir = run_dir
             torch.manual_seed(mmar.train.seed)
-            try:
-                fitter = build_component(mmar.train.trainer, [mmar.custom_dir], site_name=self.kit.name,
-                                         run_dir=str(run_dir))
-            except ComponentError as e:
-                raise WorkerSetupError(f"config_train.json: trainer: {e}") from None
+            fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
         except BaseException:
             client.close()
@@ -110,6 +114,43 @@ class SiteTraining:
         if self.on_event is not None:
             self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": client.run_number})
         client.admin_run(fitter)
+
+    def _build_fitter(self, run_dir: Path):
+        from fedcommon.components import ComponentError, build_component
+
+        try:
+            return build_component(self.mmar.train.trainer, [self.mmar.custom_dir], site_name=self.kit.name,
+                                   run_dir=str(run_dir))
+        except ComponentError as e:
+            raise WorkerSetupError(f"config_train.json: trainer: {e}") from None
+
+    def _validate_only(self) -> None:
+        """Cross-site validation of run N, already trained: share its best local model, validate the others."""
+        import torch
+
+        from fedclient.client_executor import update_client_properties
+        from fedclient.client_status import ClientStatus
+
+        client, number = self.client, self.run_number
+        assert number is not None
+        run_dir = self.workspace / f"run_{number}"
+        client.run_dir = run_dir
+        try:
+            torch.manual_seed(self.mmar.train.seed)
+            update_client_properties(client, self._build_fitter(run_dir))
+            if client.is_participating and not client.model_manager.load_best_model(client.best_model_path):
+                log.warning("%s: run %d left no best local model (%s); validating the others only",
+                            self.kit.name, number, client.best_model_path)
+                client.is_participating = False
+            client.register()
+            client.start_heartbeat()
+            if self.on_event is not None:
+                self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": number})
+            results = client.run_cross_site_validation(number)
+            log.info("%s: cross-site validation of run %d: validated %s", self.kit.name, number,
+                     ", ".join(sorted(results)) or "nothing new")
+        finally:
+            client.close()
 
     def _wait_for_run(self) -> None:
         client, wanted = self.client, self.run_number
@@ -124,7 +165,7 @@ class SiteTraining:
 
 
 def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
-               parent: str | None = None) -> int:
+               parent: str | None = None, validate_only: bool = False) -> int:
     """Train this site in the run the server offers (or run `run_number`) until it ends; returns the exit code.
 
     With `parent` (HOST:PORT of the agent that started it) the worker reports status and progress there,
@@ -157,7 +198,7 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
 
     report({"kind": "status", "status": ClientStatus.TRAINING_STARTING})
     try:
-        training = SiteTraining(workspace, mmar_path, run_number, on_event=report)
+        training = SiteTraining(workspace, mmar_path, run_number, on_event=report, validate_only=validate_only)
     except WorkerSetupError as e:
         log.error("%s", e)
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
@@ -198,11 +239,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="train only this run (its folder is <workspace>/run_N)")
     parser.add_argument("--parent", default=None,
                         help="HOST:PORT of the agent that started this worker (key in FEDLEARN_PARENT_AUTHKEY)")
+    parser.add_argument("--validate", action="store_true",
+                        help="cross-site validation of run --run-number, already trained, instead of training")
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.run_number is not None and args.run_number < 1:
         parser.error("--run-number must be >= 1")
-    sys.exit(run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent))
+    if args.validate and args.run_number is None:
+        parser.error("--validate needs --run-number")
+    sys.exit(run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent, args.validate))
 
 
 if __name__ == "__main__":

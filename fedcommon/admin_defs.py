@@ -20,8 +20,8 @@ class MsgHeader:
 
 
 # The console's command names that reach sites (the "command" header); a site's policy names these.
-SITE_COMMANDS = ("status", "sysinfo", "validate", "deploy", "start", "start-mgpu", "abort", "delete-run", "restart",
-                 "shutdown", "shell")
+SITE_COMMANDS = ("status", "sysinfo", "run-validation", "deploy", "start", "start-mgpu", "abort", "delete-run",
+                 "restart", "shutdown", "shell")
 ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
 
 

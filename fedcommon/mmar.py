@@ -77,6 +77,10 @@ class ClientConfig:
     heartbeat_interval: float | None
     privacy: Component | None
     cross_site_validate: bool
+    # Cross-site validation: whether this site shares its best model (it validates the others either way),
+    # and how long it waits for models that have not arrived.
+    is_participating: bool = True
+    cross_site_validation_timeout: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -583,6 +587,9 @@ def _client_config(reader: _Reader, custom_dir: Path) -> ClientConfig | None:
         "heartbeat_interval": reader.take("heartbeat_interval", _optional_number(0, exclusive=True), None),
         "privacy": reader.take("privacy", _privacy(custom_dir), None),
         "cross_site_validate": reader.take("cross_site_validate", _boolean, False),
+        "is_participating": reader.take("is_participating", _boolean, True),
+        "cross_site_validation_timeout": reader.take("cross_site_validation_timeout", _number(0, exclusive=True),
+                                                     600.0),
     }
     return ClientConfig(**values) if reader.finish() else None
 

@@ -72,31 +72,51 @@ def _layout(specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[st
 
 
 class ModelFileWriter:
-    """Writes a model file tensor by tensor (atomically), so a model never needs to be in memory twice."""
+    """Writes a model file tensor by tensor (atomically), so a model never needs to be in memory twice.
+
+    Tensors may come in any order (each is written at its place in the announced layout), each once.
+    """
 
     def __init__(self, f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]):
         self._f = f
-        self._specs = specs
-        head, self._offsets = _layout(specs, meta)
+        head, offsets = _layout(specs, meta)
+        self._slots = {name: (dtype, tuple(shape), off)
+                       for (name, dtype, shape), off in zip(specs, offsets, strict=True)}
+        self._order = [name for name, _, _ in specs]
+        self._written: set[str] = set()
         f.write(head)
-        self._next = 0
+        self._pos = len(head)
 
     def write(self, name: str, arr: np.ndarray) -> None:
-        """Write the next tensor; it must match the announced name, dtype and shape."""
-        exp_name, exp_dtype, exp_shape = self._specs[self._next]
+        """Write tensor `name`; it must be announced, not yet written, and match its dtype and shape."""
         arr = as_wire_array(arr)
-        if name != exp_name or arr.dtype != exp_dtype or tuple(arr.shape) != tuple(exp_shape):
+        slot = self._slots.get(name)
+        if slot is None:
+            raise ModelFileError(f"writing {name!r}, which was not announced")
+        if name in self._written:
+            raise ModelFileError(f"writing {name!r} twice")
+        dtype, shape, offset = slot
+        if arr.dtype != dtype or tuple(arr.shape) != shape:
             raise ModelFileError(
-                f"writing {name!r} {arr.dtype}{list(arr.shape)} where {exp_name!r} "
-                f"{exp_dtype}{list(exp_shape)} was announced"
+                f"writing {name!r} {arr.dtype}{list(arr.shape)} where {dtype}{list(shape)} was announced"
             )
+        if offset != self._pos:
+            self._f.seek(offset)
         self._f.write(memoryview(arr.reshape(-1).view(np.uint8)))
         self._f.write(b"\0" * _pad(arr.nbytes))
-        self._next += 1
+        self._pos = offset + arr.nbytes + _pad(arr.nbytes)
+        self._written.add(name)
+
+    def missing(self) -> list[str]:
+        """Announced tensors not written yet, in layout order."""
+        return [n for n in self._order if n not in self._written]
 
     def check_complete(self) -> None:
-        if self._next != len(self._specs):
-            raise ModelFileError(f"model file incomplete: {self._next} of {len(self._specs)} tensors written")
+        missing = self.missing()
+        if missing:
+            shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
+            raise ModelFileError(
+                f"model file incomplete: {len(missing)} of {len(self._order)} tensors missing ({shown})")
 
 
 def save_model(

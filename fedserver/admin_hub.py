@@ -19,6 +19,7 @@ from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
 from fedserver.authorization import DEFAULT_POLICY, Policy, Refused
 from fedserver.blob_store import BlobError, check_blob_id
+from fedserver.cross_site import CrossSiteError
 
 if TYPE_CHECKING:
     from fedserver.server import FederationServer
@@ -290,7 +291,7 @@ class AdminHub:
         on_server = SERVER in names
         try:
             headers, body = spec.request(self, args)
-        except (AdminError, BlobError) as e:  # a precondition every target shares, e.g. no run number
+        except (AdminError, BlobError, CrossSiteError) as e:  # a precondition every target shares, e.g. no run number
             replies = [results.get(n) or TargetResult(n, False, error=str(e)) for n in names]
             return CommandResult(command, False, replies)
         headers = {**headers, MsgHeader.ADMIN: caller.name, MsgHeader.ADMIN_ROLE: caller.role,
@@ -359,7 +360,7 @@ class AdminHub:
 
         try:
             return TargetResult(SERVER, True, spec.server(self, args, gathered))
-        except (AdminError, ServerError, BlobError, ValueError, OSError) as e:
+        except (AdminError, ServerError, BlobError, CrossSiteError, ValueError, OSError) as e:
             log.warning("server: %s refused: %s", command, e)
             return TargetResult(SERVER, False, error=str(e))
         except Exception as e:
@@ -427,6 +428,26 @@ class AdminHub:
         self.forget(args["site"])
         return {"removed": args["site"]}
 
+    def _validate(self, args: dict, gathered: dict) -> dict[str, Any]:
+        number = args.get("run_number") or self._run_number()
+        data = {**self._server.cross_site(number).matrix(), "run_status": self._server.run_status(number)}
+        site, owner = args.get("site"), args.get("owner")
+        if site is not None and site not in data["validating_sites"]:
+            raise AdminError(f"{site} did not take part in run {number}; "
+                             f"its sites are {', '.join(data['validating_sites']) or 'none'}")
+        if owner is not None:
+            if owner not in data["owners"]:
+                shown = ", ".join(data["owners"]) or "none yet"
+                raise AdminError(f"no model of {owner!r} is offered in run {number} (offered: {shown})")
+            metrics = data["results"].get(site, {}).get(owner)
+            if metrics is None:
+                raise AdminError(f"{site} has not validated {owner}'s model of run {number} yet")
+            data["cell"] = {"site": site, "owner": owner, "metrics": metrics}
+        return data
+
+    def _run_validation(self, args: dict, gathered: dict) -> dict[str, Any]:
+        raise AdminError("run-validation runs at sites: name sites or `client`, not the server")
+
     def _set_timeout(self, args: dict, gathered: dict) -> dict[str, Any]:
         self._server.set_admin_timeout(args["seconds"])
         return {"timeout": args["seconds"]}
@@ -447,6 +468,11 @@ class AdminHub:
     def _shell_request(self, args: dict) -> tuple[dict[str, Any], str]:
         return {}, json.dumps({"argv": args["argv"]})
 
+    def _run_validation_request(self, args: dict) -> tuple[dict[str, Any], str]:
+        number = args.get("run_number") or self._run_number()
+        self._server.cross_site(number)  # refuses a run that does not exist or has not completed
+        return {"run_number": number}, ""
+
     def _delete_run_request(self, args: dict) -> tuple[dict[str, Any], str]:
         return {"run_number": args["run_number"]}, ""
 
@@ -460,6 +486,22 @@ class AdminHub:
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise AdminError(f"run_number must be a whole number >= 1, got {number!r}")
         return {"run_number": number}
+
+    def _optional_run_number_arg(self, args: dict) -> dict[str, Any]:
+        return self._run_number_arg(args) if args.get("run_number") is not None else {}
+
+    def _validate_args(self, args: dict) -> dict[str, Any]:
+        checked = self._optional_run_number_arg(args)
+        for key in ("site", "owner"):
+            value = args.get(key)
+            if value is None:
+                continue
+            if not isinstance(value, str) or not value.strip() or len(value) > 200:
+                raise AdminError(f"{key} must be a name, got {value!r}")
+            checked[key] = value.strip()
+        if "owner" in checked and "site" not in checked:
+            raise AdminError("owner needs site: validate SITE OWNER shows one cell")
+        return checked
 
     def _blob_arg(self, args: dict) -> dict[str, Any]:
         try:
@@ -504,6 +546,9 @@ _COMMANDS: dict[str, _Spec] = {
     "deploy": _Spec("required", "deploy", AdminHub._blob_arg, AdminHub._deploy_request, AdminHub._deploy),
     "start": _Spec("required", "start", AdminHub._no_args, AdminHub._start_request, AdminHub._start),
     "abort": _Spec("required", "abort", AdminHub._no_args, AdminHub._no_request, AdminHub._abort, after_sites=True),
+    "validate": _Spec("server", None, AdminHub._validate_args, AdminHub._no_request, AdminHub._validate),
+    "run-validation": _Spec("required", "validate", AdminHub._optional_run_number_arg,
+                            AdminHub._run_validation_request, AdminHub._run_validation),
     "sysinfo": _Spec("all", "sys_info", AdminHub._no_args, AdminHub._no_request, AdminHub._sysinfo),
     "shell": _Spec("one", "shell", AdminHub._argv_arg, AdminHub._shell_request, AdminHub._shell),
     "delete-run": _Spec("all", "delete_run_number", AdminHub._run_number_arg, AdminHub._delete_run_request,

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
 
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_tensor
-from fedcommon.tensor_codec import TensorSpec
+from fedcommon.tensor_codec import TensorAssembler, TensorSpec, spec_from_header
+from fedcommon.wire import training_pb2 as pb
 
 
 class ContributionError(ValueError):
@@ -98,3 +100,31 @@ class UpdateAccumulator:
                     w = np.rint(np.add(w.astype(np.float64), step, out=step)).astype(entry.dtype)
             writer.write(entry.name, w)
         writer.check_complete()
+
+
+def receive_tensors(chunks: Iterable[pb.ModelChunk], check: Callable[[TensorSpec], None], what: str
+                    ) -> Iterator[tuple[str, np.ndarray]]:
+    """The tensors of an upload, one at a time: `check` sees each header first, NaN/Inf are refused.
+
+    Raises ContributionError for a variable sent twice, a second header, or an upload that ends mid-tensor.
+    """
+    seen: set[str] = set()
+    asm = TensorAssembler()
+    for chunk in chunks:
+        part = chunk.WhichOneof("part")
+        if part == "tensor":
+            spec = spec_from_header(chunk.tensor)
+            if spec.name in seen:
+                raise ContributionError(f"variable {spec.name!r} appears twice")
+            seen.add(spec.name)
+            check(spec)
+            done = asm.start(chunk.tensor, spec)
+        elif part == "data":
+            done = asm.feed(chunk.data)
+        else:
+            raise ContributionError(f"a second header inside {what}")
+        if done is not None:
+            UpdateAccumulator.check_finite(*done)
+            yield done
+    if asm.in_tensor:
+        raise ContributionError(f"{what} ended early: {asm.pending_description()}")

@@ -18,6 +18,7 @@ COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {
     "status": ("view",),
     "sysinfo": ("view",),
     "validate": ("view",),
+    "run-validation": ("train",),
     "set-run": ("train",),
     "upload": ("train",),
     "deploy": ("train",),

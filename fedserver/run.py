@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from typing import IO, Any
 import numpy as np
 
 from fedcommon.atomic import atomic_write_json, atomic_writer
+from fedcommon.metrics import MetricsError, check_metrics, mean_score
 from fedcommon.mmar import ServerConfig, excluded
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
@@ -23,6 +25,8 @@ from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
 log = logging.getLogger(__name__)
 
 GLOBAL_MODEL = "global_model.fl"
+# The global model the sites scored best, as they measured it at the start of a round (DESIGN §9).
+BEST_GLOBAL_MODEL = "best_global_model.fl"
 
 
 class Phase(Enum):
@@ -62,6 +66,7 @@ class FederatedRun:
         self.run_dir = run_dir
         self.config = config
         self.model_path = run_dir / "models" / GLOBAL_MODEL
+        self.best_model_path = run_dir / "models" / BEST_GLOBAL_MODEL
         self.summary_path = run_dir / "summary.json"
         self.state_path = run_dir / "state.json"
         self._cond = threading.Condition()
@@ -73,6 +78,7 @@ class FederatedRun:
         self._rounds: list[dict[str, Any]] = []
         self._final_metrics: dict[str, dict[str, float]] = {}
         self._epsilon_spent: dict[str, float] = {}  # site -> epsilon its accepted contributions spent
+        self._best_global: dict[str, Any] | None = None  # {"round", "score"} of best_global_model.fl
         self._round = self._new_round(config.start_round)
         self._write_summary()
 
@@ -166,6 +172,11 @@ class FederatedRun:
             raise ContributionError(f"privacy_epsilon must be a finite number >= 0, got {privacy_epsilon}")
         if len(privacy_protocol) > 200:
             raise ContributionError("privacy_protocol names more than 200 characters")
+        if metrics:
+            try:
+                metrics = check_metrics(metrics, f"{site}'s contribution")
+            except MetricsError as e:
+                raise ContributionError(str(e)) from None
         a = self.config.aggregation_weights.get(site, 1.0)
         with self._cond:
             if round_number == self._round.number:
@@ -186,7 +197,8 @@ class FederatedRun:
             self._cond.notify_all()
 
     def report_final_metrics(self, site: str, metrics: dict[str, float]) -> None:
-        """Record what a site measured on the final global model."""
+        """Record what a site measured on the final global model; MetricsError for metrics that are not numbers."""
+        metrics = check_metrics(metrics, f"{site}'s final metrics")
         with self._cond:
             self._final_metrics[site] = dict(metrics)
             self._write_summary()
@@ -222,6 +234,7 @@ class FederatedRun:
     def _close_round(self) -> None:
         r = self._round
         started = time.monotonic()
+        self._keep_if_best(r)
         with open(self.model_path, "rb") as src:
             index = read_index(src, self.model_path)
             meta = {"run_number": self.run_number, "round": r.number + 1}
@@ -249,6 +262,18 @@ class FederatedRun:
         self._write_summary()
         self._cond.notify_all()
 
+    def _keep_if_best(self, r: _RoundState) -> None:
+        # The contributions' metrics score the global model the round started from, which is the file about
+        # to be replaced: a hard link keeps it (no copy) when it scores best so far.
+        score = mean_score(r.metrics)
+        if score is None or (self._best_global is not None and score <= self._best_global["score"]):
+            return
+        tmp = self.best_model_path.with_name(f".{BEST_GLOBAL_MODEL}.{r.number}.tmp")
+        tmp.unlink(missing_ok=True)
+        os.link(self.model_path, tmp)
+        os.replace(tmp, self.best_model_path)
+        self._best_global = {"round": r.number, "score": score}
+
     def _new_round(self, number: int) -> _RoundState:
         return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded))
 
@@ -264,6 +289,7 @@ class FederatedRun:
                 "current_round": self._round.number,
                 "rounds": self._rounds,
                 "final_metrics": dict(sorted(self._final_metrics.items())),
+                "best_global": self._best_global,
                 # Summed as sequential composition: an upper bound on what each site's data gave away.
                 "privacy_epsilon_total": dict(sorted(self._epsilon_spent.items())),
             },

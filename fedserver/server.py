@@ -32,6 +32,7 @@ from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
 from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
+from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.identity_gate import IdentityGate
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
@@ -73,6 +74,8 @@ class FederationServer:
         self.registry = ClientRegistry()
         self.run: FederatedRun | None = None
         self._run_cond = threading.Condition()
+        self._cross_site: dict[int, CrossSiteValidation] = {}
+        self._cross_site_lock = threading.Lock()
         # Serialises changes of the run state (set-run, deploy, start, abort, delete-run) between operators.
         self._admin_lock = threading.RLock()
         self._run_number, self.admin_timeout = self._load_state()
@@ -379,12 +382,31 @@ class FederationServer:
                 raise ServerError(f"run {run_number} does not exist ({run_dir})")
             trash = self.workspace / f".deleted-run_{run_number}.{secrets.token_hex(4)}"
             run_dir.rename(trash)  # gone at once for everyone; the slow removal follows
+            with self._cross_site_lock:
+                self._cross_site.pop(run_number, None)
             if self.run is not None and self.run.run_number == run_number:
                 with self._run_cond:
                     self.run = None
         shutil.rmtree(trash, ignore_errors=True)
         log.info("run %d deleted by an operator", run_number)
         return run_dir
+
+    def cross_site(self, run_number: int) -> CrossSiteValidation:
+        """Run N's cross-site validation (loaded from disk on first use); CrossSiteError unless N has completed."""
+        with self._cross_site_lock:
+            store = self._cross_site.get(run_number)
+            if store is not None and store.run_dir.is_dir():
+                return store
+            status = self.run_status(run_number)
+            if status == "none":
+                raise CrossSiteError(f"run {run_number} does not exist")
+            if status != Phase.COMPLETED.value:
+                detail = {"deployed": "has not been trained yet", "training": "is still training",
+                          "aborted": "was aborted"}.get(status, f"is {status}")
+                raise CrossSiteError(f"run {run_number} {detail}; cross-site validation needs a completed run")
+            store = CrossSiteValidation(run_number, self.run_dir(run_number), self.registry.names)
+            self._cross_site[run_number] = store
+            return store
 
     def remove_site(self, name: str) -> None:
         """Drop `name` from the training plane's registry."""

@@ -11,11 +11,13 @@ import grpc
 
 from fedcommon.dtypes import DTypeError
 from fedcommon.identity import PeerIdentity, peer_identity
-from fedcommon.model_file import iter_model_chunks
-from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, TensorAssembler, spec_from_header
+from fedcommon.metrics import MetricsError
+from fedcommon.model_file import iter_model_chunks, read_index
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
-from fedserver.aggregator import ContributionError, UpdateAccumulator
+from fedserver.aggregator import ContributionError, receive_tensors
+from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.registry import RegistryError, SiteSession
 
 if TYPE_CHECKING:
@@ -155,31 +157,19 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
 
     @staticmethod
     def _receive(chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
-        update = {}
-        seen: set[str] = set()
-        keep = True
-        asm = TensorAssembler()
-        for chunk in chunks:
-            part = chunk.WhichOneof("part")
-            if part == "tensor":
-                spec = spec_from_header(chunk.tensor)
-                if spec.name in seen:
-                    raise ContributionError(f"variable {spec.name!r} appears twice")
-                seen.add(spec.name)
-                keep = run.check_tensor(spec)
-                done = asm.start(chunk.tensor, spec)
-            elif part == "data":
-                done = asm.feed(chunk.data)
-            else:
-                raise ContributionError("a second header inside a contribution")
-            if done is not None:
-                UpdateAccumulator.check_finite(*done)
-                if keep:
-                    update[done[0]] = done[1]
-        if asm.in_tensor:
-            raise ContributionError(f"contribution ended early: {asm.pending_description()}")
-        if len(seen) != num_tensors:
-            raise ContributionError(f"contribution announced {num_tensors} variables but carried {len(seen)}")
+        kept: set[str] = set()  # excluded variables are checked, then dropped
+
+        def check(spec) -> None:
+            if run.check_tensor(spec):
+                kept.add(spec.name)
+
+        update, received = {}, 0
+        for name, arr in receive_tensors(chunks, check, "a contribution"):
+            received += 1
+            if name in kept:
+                update[name] = arr
+        if received != num_tensors:
+            raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
         return update
 
     def _refuse(self, site: str, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
@@ -194,8 +184,81 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         run = self._server.run
         if run is None:
             return pb.Ack(ok=False, message="no run is active")
-        run.report_final_metrics(session.name, dict(request.metrics))
+        try:
+            run.report_final_metrics(session.name, dict(request.metrics))
+        except MetricsError as e:
+            return pb.Ack(ok=False, message=str(e))
         return pb.Ack(ok=True)
+
+    # ---- cross-site validation (DESIGN §9) -----------------------------------------------------------
+
+    def _cross_site(self, run_number: int, context: grpc.ServicerContext) -> CrossSiteValidation:
+        try:
+            return self._server.cross_site(run_number)
+        except CrossSiteError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+            raise  # unreachable: abort raises
+
+    def SubmitBestModel(self, request_iterator: Iterator[pb.ModelChunk],
+                        context: grpc.ServicerContext) -> pb.SubmitReply:
+        session = self._session(context)
+        first = next(request_iterator, None)
+        if first is None or first.WhichOneof("part") != "header":
+            return pb.SubmitReply(accepted=False, reason="a best model must start with its header")
+        head = first.header
+        store = self._cross_site(head.run_number, context)
+        try:
+            if head.kind == "not_participating":
+                message = store.decline(session.name)
+            elif head.kind == "best_model":
+                with self._upload_slots:
+                    message = store.submit_best_model(session.name, dict(head.metrics), request_iterator,
+                                                      head.num_tensors)
+            else:
+                raise CrossSiteError(f"kind must be 'best_model' or 'not_participating', got {head.kind!r}")
+        except CrossSiteError as e:
+            log.warning("refused the best model of %s for run %d: %s", session.name, head.run_number, e)
+            return pb.SubmitReply(accepted=False, reason=str(e))
+        return pb.SubmitReply(accepted=True, reason=message)
+
+    def GetValidationModels(self, request: pb.ValidationModelsRequest,
+                            context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+        session = self._session(context)
+        store = self._cross_site(request.run_number, context)
+        wait = min(max(request.wait_seconds, 0.0), MAX_LONG_POLL_S)
+        try:
+            offer = store.next_model(session.name, set(request.validated), wait)
+        except CrossSiteError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        header = pb.ModelHeader(run_number=request.run_number, more_models=offer.more, message=offer.message)
+        if offer.status != "model":
+            header.status = pb.WAIT if offer.status == "wait" else pb.END
+            yield pb.ModelChunk(header=header)
+            return
+        assert offer.path is not None
+        with open(offer.path, "rb") as f:
+            index = read_index(f, offer.path)
+            header.status, header.kind, header.owner = pb.VALIDATE, "best_model", offer.owner
+            header.num_tensors = len(index.entries)
+            header.metrics.update({k: v for k, v in index.meta.get("metrics", {}).items()
+                                   if isinstance(v, (int, float))})
+            yield pb.ModelChunk(header=header)
+            yield from iter_model_chunks(f, index, self._chunk_bytes)
+
+    def SubmitValidationResults(self, request: pb.ValidationResults, context: grpc.ServicerContext) -> pb.Ack:
+        session = self._session(context)
+        store = self._cross_site(request.run_number, context)
+        results: dict[str, dict[str, float]] = {}
+        for result in request.results:
+            if result.model_owner in results:
+                return pb.Ack(ok=False, message=f"two results for {result.model_owner!r}'s model")
+            results[result.model_owner] = dict(result.metrics)
+        try:
+            n = store.record_results(session.name, results)
+        except CrossSiteError as e:
+            log.warning("refused validation results of %s for run %d: %s", session.name, request.run_number, e)
+            return pb.Ack(ok=False, message=str(e))
+        return pb.Ack(ok=True, message=f"{n} result(s) recorded")
 
     def Quit(self, request: pb.QuitRequest, context: grpc.ServicerContext) -> pb.Ack:
         session = self._session(context)

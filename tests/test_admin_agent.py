@@ -384,13 +384,20 @@ def test_shell_runs_in_the_sites_workspace(site):
     assert ok and data == {"stdout": "hello\n", "truncated": False, "exit_code": 0}
 
 
-def test_multi_gpu_and_validate_are_not_supported_yet(site):
+def test_multi_gpu_is_not_supported_yet(site):
     sender, _, agent, _ = site
     agent.start()
     ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
     assert not ok and error.startswith("not supported yet: multi-GPU")
+
+
+def test_validate_refuses_a_run_that_is_not_deployed_or_while_training(site):
+    sender, _, agent, _ = site
+    agent.start()
     ok, error = sender.ask("validate")
-    assert not ok and error.startswith("not supported yet")
+    assert not ok and "set-run" in error
+    ok, error = sender.ask("validate", {"run_number": 4})
+    assert not ok and error == "run 4 is not deployed at site-1"
 
 
 def test_sysinfo_reports_the_training_status(site):

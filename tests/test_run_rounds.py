@@ -196,7 +196,7 @@ def test_summary_and_state_record_each_round_until_completed(tmp_path):
     run = _run(tmp_path, start_round=3, num_rounds=2, aggregation_weights={"site-2": 0.5})
     assert _summary(run) == {
         "run_number": 1, "task_name": "t", "status": "training", "start_round": 3, "num_rounds": 2,
-        "current_round": 3, "rounds": [], "final_metrics": {}, "privacy_epsilon_total": {},
+        "current_round": 3, "rounds": [], "final_metrics": {}, "best_global": None, "privacy_epsilon_total": {},
     }
     assert _state(run) == {"run_number": 1, "status": "training", "next_round": 3}
 
@@ -215,6 +215,7 @@ def test_summary_and_state_record_each_round_until_completed(tmp_path):
     assert record["duration_s"] >= 0
     assert _state(run) == {"run_number": 1, "status": "training", "next_round": 4}
     assert load_model(run.model_path)[1] == {"run_number": 1, "round": 4}
+    assert summary["best_global"] == {"round": 3, "score": 0.375}
 
     _contribute(run, "site-1", _scaled(1), ACTIVE2)
     _contribute(run, "site-2", _scaled(1), ACTIVE2)
@@ -225,6 +226,22 @@ def test_summary_and_state_record_each_round_until_completed(tmp_path):
     assert _state(run) == {"run_number": 1, "status": "completed", "next_round": 5}
     assert run.status()["status"] == "completed"
     np.testing.assert_array_equal(_model(run)["w"], W0["w"] + 2)
+
+
+def test_the_global_model_the_sites_scored_best_is_kept_beside_the_latest(tmp_path):
+    run = _run(tmp_path, num_rounds=3)
+    _contribute(run, "site-1", _scaled(1), ACTIVE2, metrics={"accuracy": 0.5})
+    _contribute(run, "site-2", _scaled(1), ACTIVE2, metrics={"accuracy": 0.7})
+    round1_model = _model(run)
+    _contribute(run, "site-1", _scaled(1), ACTIVE2, metrics={"accuracy": 0.9})
+    _contribute(run, "site-2", _scaled(1), ACTIVE2, metrics={"accuracy": 0.8})
+    _contribute(run, "site-1", _scaled(1), ACTIVE2, metrics={"accuracy": 0.4})
+    _contribute(run, "site-2", _scaled(1), ACTIVE2, metrics={"accuracy": 0.4})
+    summary = _summary(run)
+    assert summary["best_global"]["round"] == 1 and summary["best_global"]["score"] == pytest.approx(0.85)
+    best, _ = load_model(run.best_model_path)
+    np.testing.assert_array_equal(best["w"], round1_model["w"])
+    assert not np.array_equal(best["w"], _model(run)["w"])
 
 
 def test_the_privacy_each_contribution_reports_is_recorded_per_round_and_totalled_per_site(tmp_path):

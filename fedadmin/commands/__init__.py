@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from fedadmin.replies import CommandOutcome
 
 _PATH_KEY = "fedadmin.command_path"
-_TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILED = 1
@@ -148,9 +148,9 @@ def _wants_json(ctx: click.Context) -> bool:
     return options.json if options is not None else bool(ctx.params.get("as_json"))
 
 
-def _check_targets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
+def check_targets(ctx: click.Context, param: click.Parameter, value: tuple[str, ...]) -> tuple[str, ...]:
     for target in value:
-        if not _TARGET_RE.fullmatch(target):
+        if not TARGET_RE.fullmatch(target):
             raise click.BadParameter(
                 f"{target!r} is not a target: use server, client, all or a site name", ctx=ctx, param=param
             )
@@ -159,7 +159,7 @@ def _check_targets(ctx: click.Context, param: click.Parameter, value: tuple[str,
 
 def targets_argument(required: bool) -> Callable[[F], F]:
     """The TARGET... argument: server, client (every site), all (server and every site) or site names."""
-    return click.argument("targets", nargs=-1, required=required, metavar="TARGET...", callback=_check_targets)
+    return click.argument("targets", nargs=-1, required=required, metavar="TARGET...", callback=check_targets)
 
 
 def confirm(options: ConsoleOptions, question: str) -> None:

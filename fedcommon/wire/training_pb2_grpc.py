@@ -64,6 +64,21 @@ class FederatedTrainingStub:
                 request_serializer=fedcommon_dot_wire_dot_training__pb2.QuitRequest.SerializeToString,
                 response_deserializer=fedcommon_dot_wire_dot_training__pb2.Ack.FromString,
                 _registered_method=True)
+        self.SubmitBestModel = channel.stream_unary(
+                '/fedlearn.v1.FederatedTraining/SubmitBestModel',
+                request_serializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.SerializeToString,
+                response_deserializer=fedcommon_dot_wire_dot_training__pb2.SubmitReply.FromString,
+                _registered_method=True)
+        self.GetValidationModels = channel.unary_stream(
+                '/fedlearn.v1.FederatedTraining/GetValidationModels',
+                request_serializer=fedcommon_dot_wire_dot_training__pb2.ValidationModelsRequest.SerializeToString,
+                response_deserializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.FromString,
+                _registered_method=True)
+        self.SubmitValidationResults = channel.unary_unary(
+                '/fedlearn.v1.FederatedTraining/SubmitValidationResults',
+                request_serializer=fedcommon_dot_wire_dot_training__pb2.ValidationResults.SerializeToString,
+                response_deserializer=fedcommon_dot_wire_dot_training__pb2.Ack.FromString,
+                _registered_method=True)
 
 
 class FederatedTrainingServicer:
@@ -110,6 +125,30 @@ class FederatedTrainingServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitBestModel(self, request_iterator, context):
+        """Cross-site validation (DESIGN §9), for a completed run.
+        Stream: one header (kind "best_model" with the site's best local model's tensors, or kind
+        "not_participating" with none: the site validates the others but does not share its model).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetValidationModels(self, request, context):
+        """One model this site has not validated yet: a header (kind "best_model", owner, num_tensors), then its
+        tensors. Held up to wait_seconds while none is ready; then status WAIT with more_models set and the
+        message naming what is awaited. Status END when nothing is left for this site.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SubmitValidationResults(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FederatedTrainingServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -141,6 +180,21 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
             'Quit': grpc.unary_unary_rpc_method_handler(
                     servicer.Quit,
                     request_deserializer=fedcommon_dot_wire_dot_training__pb2.QuitRequest.FromString,
+                    response_serializer=fedcommon_dot_wire_dot_training__pb2.Ack.SerializeToString,
+            ),
+            'SubmitBestModel': grpc.stream_unary_rpc_method_handler(
+                    servicer.SubmitBestModel,
+                    request_deserializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.FromString,
+                    response_serializer=fedcommon_dot_wire_dot_training__pb2.SubmitReply.SerializeToString,
+            ),
+            'GetValidationModels': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetValidationModels,
+                    request_deserializer=fedcommon_dot_wire_dot_training__pb2.ValidationModelsRequest.FromString,
+                    response_serializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.SerializeToString,
+            ),
+            'SubmitValidationResults': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitValidationResults,
+                    request_deserializer=fedcommon_dot_wire_dot_training__pb2.ValidationResults.FromString,
                     response_serializer=fedcommon_dot_wire_dot_training__pb2.Ack.SerializeToString,
             ),
     }
@@ -305,6 +359,87 @@ class FederatedTraining:
             target,
             '/fedlearn.v1.FederatedTraining/Quit',
             fedcommon_dot_wire_dot_training__pb2.QuitRequest.SerializeToString,
+            fedcommon_dot_wire_dot_training__pb2.Ack.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitBestModel(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fedlearn.v1.FederatedTraining/SubmitBestModel',
+            fedcommon_dot_wire_dot_training__pb2.ModelChunk.SerializeToString,
+            fedcommon_dot_wire_dot_training__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetValidationModels(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedlearn.v1.FederatedTraining/GetValidationModels',
+            fedcommon_dot_wire_dot_training__pb2.ValidationModelsRequest.SerializeToString,
+            fedcommon_dot_wire_dot_training__pb2.ModelChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitValidationResults(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlearn.v1.FederatedTraining/SubmitValidationResults',
+            fedcommon_dot_wire_dot_training__pb2.ValidationResults.SerializeToString,
             fedcommon_dot_wire_dot_training__pb2.Ack.FromString,
             options,
             channel_credentials,
