@@ -22,6 +22,7 @@ from fedadmin.commands.set_timeout import set_timeout
 from fedadmin.commands.shell import shell
 from fedadmin.commands.shutdown import shutdown
 from fedadmin.commands.start import start
+from fedadmin.commands.start_mgpu import start_mgpu
 from fedadmin.commands.status import status
 from fedadmin.commands.sysinfo import sysinfo
 from fedadmin.commands.validate import validate
@@ -32,6 +33,7 @@ COMMANDS = (
     set_run,
     deploy,
     start,
+    start_mgpu,
     abort,
     sysinfo,
     validate,

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from typing import Any
 
 from fedclient.admin import RequestProcessor
-from fedclient.admin_interface import NOT_SUPPORTED_MGPU, RequestRefused
+from fedclient.admin_interface import RequestRefused
 from fedcommon.admin_defs import Message, error_reply, ok_reply
 
 
@@ -55,13 +55,14 @@ class StartClientProcessor(RequestProcessor):
 
 
 class StartClientMGpuProcessor(RequestProcessor):
-    """start_mgpu: multi-GPU training (not supported yet)."""
+    """start_mgpu: train the run with one rank per GPU (headers run_number, gpu_number)."""
 
     def get_topics(self) -> list[str]:
         return ["start_mgpu"]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return error_reply(NOT_SUPPORTED_MGPU, req)
+        return _answer(req, lambda: app_ctx.start_mgpu_client(req.get_header("run_number"),
+                                                              req.get_header("gpu_number")))
 
 
 class AbortClientProcessor(RequestProcessor):

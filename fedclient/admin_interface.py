@@ -24,7 +24,6 @@ from fedcommon.admin_defs import Message
 log = logging.getLogger(__name__)
 
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
-NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
 PROGRESS_INTERVAL_S = 0.5
 FINISHING_WAIT_S = 15.0
 # Written into run_N when this site's worker saw the server end run N: finished results are not overwritten.
@@ -78,6 +77,8 @@ class ClientAdminInterface:
         code = executor.check_status(self.client)
         data: dict[str, Any] = {"status": get_status_message(code), "status_code": code,
                                 "run_number": executor.run_number, "progress": dict(executor.progress)}
+        if executor.ranks > 1:
+            data["ranks"] = executor.ranks
         if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
             data["error"] = executor.error
         return data
@@ -135,6 +136,16 @@ class ClientAdminInterface:
     def start_client(self, run_number) -> dict[str, Any]:
         """Start training run N from run_N/mmar; refused when not deployed or already training."""
         number = _run_number(run_number)
+        return self._start(number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar))
+
+    def _let_finishing_run_end(self) -> None:
+        active = self._training_run()
+        if active is not None and self._run_ended == active:
+            # The server has ended that run and its worker is on its way out: wait for it rather than refuse.
+            self.client_executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
+
+    def _start(self, number: int, launch) -> dict[str, Any]:
+        self._let_finishing_run_end()
         with self._lock:
             active = self._training_run()
             if active == number:
@@ -147,15 +158,34 @@ class ClientAdminInterface:
             self._refuse_finished(number)
             self._run_ended = None
             try:
-                pid = self.client_executor.start_train(self.client, TrainArgs(self.workspace, number, self.debug),
-                                                       mmar)
+                pid = launch(TrainArgs(self.workspace, number, self.debug), mmar)
             except TrainingError as e:
                 raise RequestRefused(str(e)) from None
         return {"run_number": number, "pid": pid}
 
     def start_mgpu_client(self, run_number, gpu_number) -> dict[str, Any]:
-        """Start training on several GPUs (not supported yet)."""
-        raise RequestRefused(NOT_SUPPORTED_MGPU)
+        """Start training run N with one rank per GPU (torchrun); refused when the site has fewer GPUs.
+
+        A site without GPUs runs that many CPU ranks (gloo), at most one per CPU: for trying DDP anywhere.
+        """
+        number = _run_number(run_number)
+        try:
+            gpus = int(gpu_number)
+        except (TypeError, ValueError):
+            raise RequestRefused(f"gpu_number must be a whole number >= 1, got {gpu_number!r}") from None
+        if gpus < 1:
+            raise RequestRefused(f"gpu_number must be a whole number >= 1, got {gpu_number!r}")
+        have, where = available_gpus()
+        if have and gpus > have:
+            raise RequestRefused(f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); "
+                                 f"start-mgpu asked for {gpus}")
+        cpus = os.cpu_count() or 1
+        if not have and gpus > cpus:
+            raise RequestRefused(f"{self.client_name} has no GPU ({where}) and {cpus} CPUs; start-mgpu {gpus} "
+                                 f"would run {gpus} CPU ranks")
+        data = self._start(number, lambda args, mmar: self.client_executor.start_mgpu_train(
+            self.client, args, mmar, gpus))
+        return {**data, "gpus": gpus, "backend": "nccl" if have else "gloo"}
 
     def abort_client(self) -> dict[str, Any]:
         """Abort the training (nothing of it is left afterwards); fine when nothing trains."""
@@ -180,9 +210,7 @@ class ClientAdminInterface:
     def do_validate(self, req: Message) -> dict[str, Any]:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
         number = _run_number(req.get_header("run_number"))
-        if self._training_run() == number and self._run_ended == number:
-            # The server ended this run and the worker is on its way out: let it finish rather than refuse.
-            self.client_executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
+        self._let_finishing_run_end()
         with self._lock:
             active = self._training_run()
             if active is not None:
@@ -339,3 +367,21 @@ def _run_number(value, missing: str = NO_RUN_NUMBER) -> int:
     if number < 1:
         raise RequestRefused(f"run_number must be a whole number >= 1, got {value!r}")
     return number
+
+
+def available_gpus(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
+    """How many GPUs training here may use, and where that count comes from (CUDA_VISIBLE_DEVICES respected)."""
+    env = os.environ if environ is None else environ
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        # CUDA stops at the first invalid entry ("-1" hides every GPU).
+        ids = []
+        for item in visible.split(","):
+            item = item.strip()
+            if not item or item.startswith("-"):
+                break
+            ids.append(item)
+        return len(ids), f"CUDA_VISIBLE_DEVICES={visible!r}"
+    from fedcommon.sysinfo import gpu_info
+
+    return len(gpu_info()), "nvidia-smi"

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
@@ -29,13 +29,13 @@ AUTHKEY_ENV = "FEDLEARN_PARENT_AUTHKEY"
 ABORT_GRACE_S = 3.0
 ABORT_MESSAGE_WAIT_S = 1.0
 GROUP_EXIT_WAIT_S = 5.0
+GROUP_SCAN_S = 0.5
 PARENT_POLL_S = 0.5
 MAX_EVENT_BYTES = 1 << 20
 WORKER_MODULE = "fedclient.worker"
 PROGRESS_KINDS = ("progress", "round", "epoch", "end")
 PROGRESS_KEYS = ("round", "epoch", "loss", "metrics")
 VALIDATION_KEYS = ("owner", "metrics", "validated", "error")
-NOT_SUPPORTED_MGPU = "not supported yet: multi-GPU comes with its own issue"
 
 EventHandler = Callable[[dict[str, Any]], None]
 
@@ -140,14 +140,15 @@ class ClientExecutor:
         self.progress: dict[str, Any] = {}
         self.error = ""
         self.exit_code: int | None = None
+        self.ranks = 1  # processes of the current training (GPUs with start-mgpu)
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
         """Start training run args.run_number from the MMAR at mmar_root; returns the process id."""
         raise NotImplementedError
 
     def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
-        """Start training on gpu_number GPUs (not supported yet)."""
-        raise TrainingError(NOT_SUPPORTED_MGPU)
+        """Start training on gpu_number GPUs (one rank each); only a process executor can."""
+        raise TrainingError(f"{type(self).__name__} trains in one process; multi-GPU needs the process executor")
 
     def check_status(self, client) -> int:
         """The training's ClientStatus code."""
@@ -176,6 +177,7 @@ class ClientExecutor:
             self.abort_train(None)
 
     def _reset(self, run_number: int) -> None:
+        self.ranks = 1
         self.status = ClientStatus.TRAINING_STARTING
         self.run_number = run_number
         self.progress = {}
@@ -190,8 +192,10 @@ class ClientExecutor:
                 code = event.get("status")
                 if code in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED) and self.is_training():
                     self.status = code
-                if isinstance(event.get("error"), str) and event["error"]:
-                    self.error = event["error"]
+                if isinstance(event.get("error"), str) and event["error"] and not self.error:
+                    # The first failure is the cause; other ranks fail after it, of it.
+                    rank = event.get("rank")
+                    self.error = f"rank {rank}: {event['error']}" if isinstance(rank, int) else event["error"]
             elif kind in PROGRESS_KINDS:
                 self.progress.update({k: event[k] for k in PROGRESS_KEYS if k in event})
             elif kind == "validation":
@@ -219,8 +223,11 @@ class _Launch:
     authkey: bytes
     exited: threading.Event
     done: threading.Event
-    conn: Connection | None = None
-    accepted: bool = False
+    ranks: int = 1  # worker processes that connect back (torchrun's ranks)
+    conns: list[Connection] = field(default_factory=list)
+    readers: list[threading.Thread] = field(default_factory=list)
+    # Process groups of the launch: the leader's, and the ranks' (torchrun starts each in a session of its own).
+    groups: set[int] = field(default_factory=set)
     aborting: bool = False
 
 
@@ -238,6 +245,20 @@ class ProcessExecutor(ClientExecutor):
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
         """Launch the worker for run args.run_number; output goes to <ws>/run_N/log.txt; returns its pid."""
+        return self._start([self.python, "-m", self.worker_module], args, mmar_root, 1)
+
+    def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
+        """Launch gpu_number ranks of the worker through torchrun on this node; returns torchrun's pid.
+
+        `--standalone` makes torchrun rendezvous on a port it picks free, so sites on one host never collide.
+        """
+        if isinstance(gpu_number, bool) or not isinstance(gpu_number, int) or gpu_number < 1:
+            raise TrainingError(f"the number of GPUs must be a whole number >= 1, got {gpu_number!r}")
+        launcher = [self.python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
+                    "--nproc-per-node", str(gpu_number), "--max-restarts", "0", "-m", self.worker_module]
+        return self._start(launcher, args, mmar_root, gpu_number)
+
+    def _start(self, launcher: list[str], args: TrainArgs, mmar_root: Path, ranks: int) -> int:
         with self._lock:
             if self.is_training():
                 raise TrainingError(f"run {self.run_number} is already training")
@@ -247,7 +268,7 @@ class ProcessExecutor(ClientExecutor):
             authkey = secrets.token_bytes(32)
             listener = Listener(("127.0.0.1", 0), authkey=authkey)
             host, port = listener.address
-            argv = [self.python, "-m", self.worker_module, "--workspace", str(workspace),
+            argv = [*launcher, "--workspace", str(workspace),
                     "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
                     "--parent", f"{host}:{port}", *(["--debug"] if args.debug else []),
                     *(["--validate"] if args.validate else [])]
@@ -260,16 +281,22 @@ class ProcessExecutor(ClientExecutor):
             except OSError as e:
                 listener.close()
                 raise TrainingError(f"cannot start the training worker: {e}") from None
-            launch = _Launch(proc, listener, authkey, threading.Event(), threading.Event())
+            launch = _Launch(proc, listener, authkey, threading.Event(), threading.Event(), ranks,
+                             groups={proc.pid})
             self._launch = launch
             self.pid = proc.pid
             self._reset(args.run_number)
-        log.info("run %d: training worker started (pid %d, log %s)", args.run_number, proc.pid, run_dir / "log.txt")
-        reader = threading.Thread(target=self._read_events, args=(launch,), name=f"worker-{proc.pid}-events",
-                                  daemon=True)
-        reader.start()
-        threading.Thread(target=self._watch, args=(launch, reader), name=f"worker-{proc.pid}-watch",
+            self.ranks = ranks
+        log.info("run %d: training worker started (pid %d, %d rank%s, log %s)", args.run_number, proc.pid, ranks,
+                 "" if ranks == 1 else "s", run_dir / "log.txt")
+        acceptor = threading.Thread(target=self._accept_workers, args=(launch,), name=f"worker-{proc.pid}-accept",
+                                    daemon=True)
+        acceptor.start()
+        threading.Thread(target=self._watch, args=(launch, acceptor), name=f"worker-{proc.pid}-watch",
                          daemon=True).start()
+        if ranks > 1:
+            threading.Thread(target=self._track_groups, args=(launch,), name=f"worker-{proc.pid}-groups",
+                             daemon=True).start()
         return proc.pid
 
     @staticmethod
@@ -281,8 +308,8 @@ class ProcessExecutor(ClientExecutor):
         env[AUTHKEY_ENV] = authkey.hex()
         return env
 
-    def _read_events(self, launch: _Launch) -> None:
-        while True:
+    def _accept_workers(self, launch: _Launch) -> None:
+        while len(launch.conns) < launch.ranks:
             try:
                 conn = launch.listener.accept()
             except OSError:
@@ -290,10 +317,18 @@ class ProcessExecutor(ClientExecutor):
             except Exception as e:  # AuthenticationError: another local process knocked; keep waiting
                 log.warning("refused a connection to the worker's socket: %s", e)
                 continue
-            break
-        with self._lock:
-            launch.conn, launch.accepted = conn, True
+            if launch.exited.is_set():  # our own knock after the worker died
+                conn.close()
+                return
+            reader = threading.Thread(target=self._read_events, args=(conn,), daemon=True,
+                                      name=f"worker-{launch.proc.pid}-events-{len(launch.conns)}")
+            with self._lock:
+                launch.conns.append(conn)
+                launch.readers.append(reader)
+            reader.start()
         launch.listener.close()
+
+    def _read_events(self, conn: Connection) -> None:
         while True:
             try:
                 event = read_event(conn)
@@ -304,26 +339,42 @@ class ProcessExecutor(ClientExecutor):
                 continue
             self._handle(event)
 
-    def _watch(self, launch: _Launch, reader: threading.Thread) -> None:
+    def _track_groups(self, launch: _Launch) -> None:
+        # Snapshots while torchrun lives: once it is gone, its ranks can no longer be found through it.
+        while not launch.exited.wait(GROUP_SCAN_S):
+            launch.groups |= descendant_groups(launch.proc.pid)
+
+    def _signal_launch(self, launch: _Launch, sig: signal.Signals) -> None:
+        if not launch.exited.is_set() and launch.ranks > 1:
+            launch.groups |= descendant_groups(launch.proc.pid)
+        for pgid in sorted(launch.groups):
+            _signal_group(pgid, sig)
+
+    def _watch(self, launch: _Launch, acceptor: threading.Thread) -> None:
         pid = launch.proc.pid
         try:
             # Wait without reaping: while the leader is a zombie its group id cannot be reused by another process.
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         except ChildProcessError:
             pass
+        if launch.ranks > 1:
+            launch.groups |= descendant_groups(pid)
         launch.exited.set()
-        _signal_group(pid, signal.SIGKILL)  # whatever the worker left behind
+        self._signal_launch(launch, signal.SIGKILL)  # whatever the worker left behind
         code = launch.proc.wait()
-        left = wait_group_empty(pid, GROUP_EXIT_WAIT_S)
+        left = [p for pgid in sorted(launch.groups) for p in wait_group_empty(pgid, GROUP_EXIT_WAIT_S)]
         if left:
             log.error("run %s: processes %s of the training survived SIGKILL", self.run_number, left)
-        if not launch.accepted:
-            # The worker died before connecting: wake the accept() with a connection of our own.
-            threading.Thread(target=_knock, args=(launch.listener.address, launch.authkey), daemon=True).start()
-        reader.join(5)
+        if acceptor.is_alive():
+            # Some worker died before connecting: wake the accept() with connections of our own.
+            for _ in range(launch.ranks - len(launch.conns)):
+                threading.Thread(target=_knock, args=(launch.listener.address, launch.authkey), daemon=True).start()
+        acceptor.join(5)
+        for reader in list(launch.readers):
+            reader.join(5)
         launch.listener.close()
-        if launch.conn is not None:
-            launch.conn.close()
+        for conn in launch.conns:
+            conn.close()
         with self._lock:
             self.exit_code = code
             if code == 0 or launch.aborting:
@@ -339,26 +390,25 @@ class ProcessExecutor(ClientExecutor):
         self._emit(final)
 
     def abort_train(self, client) -> None:
-        """Ask the worker to stop, then SIGTERM its group, then SIGKILL it; returns once the group is empty."""
+        """Ask the worker to stop, then SIGTERM its groups, then SIGKILL them; returns once they are empty."""
         with self._lock:
             launch = self._launch
             if launch is None or launch.done.is_set():
                 return
             launch.aborting = True
-            conn = launch.conn
-        pgid = launch.proc.pid
-        log.info("run %s: aborting the training (pid %d)", self.run_number, pgid)
-        if conn is not None:
+            conns = list(launch.conns)
+        log.info("run %s: aborting the training (pid %d)", self.run_number, launch.proc.pid)
+        for conn in conns:
             try:
                 send_event(conn, "abort")
             except OSError:
                 pass
         if not launch.exited.wait(ABORT_MESSAGE_WAIT_S):
-            _signal_group(pgid, signal.SIGTERM)
+            self._signal_launch(launch, signal.SIGTERM)
             if not launch.exited.wait(self.grace):
-                log.warning("run %s: the worker ignored SIGTERM for %gs; killing its process group",
+                log.warning("run %s: the worker ignored SIGTERM for %gs; killing its process groups",
                             self.run_number, self.grace)
-                _signal_group(pgid, signal.SIGKILL)
+                self._signal_launch(launch, signal.SIGKILL)
         launch.done.wait(GROUP_EXIT_WAIT_S + 10)
 
     def wait_training_process_finish(self, client, timeout: float | None = None) -> bool:
@@ -448,6 +498,21 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def descendant_groups(pid: int) -> set[int]:
+    """Process groups of pid's descendants (empty once pid is gone)."""
+    groups = set()
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        return groups
+    for child in children:
+        try:
+            groups.add(os.getpgid(child.pid))
+        except OSError:
+            continue
+    return groups
 
 
 def group_members(pgid: int) -> list[int]:

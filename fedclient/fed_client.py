@@ -38,6 +38,9 @@ class FederatedClient(FederatedClientBase):
         self.on_progress = on_progress
         self.final_metrics: dict[str, float] | None = None
         self.on_validation = lambda event: self._emit(**event)
+        # Multi-GPU: rank 0's link to the site's other ranks (fedclient.distributed.RankSync); None on one process.
+        self.ranks = None
+        self._ranks_training = False
 
     def abort(self) -> None:
         """Stop after the current step."""
@@ -83,8 +86,14 @@ class FederatedClient(FederatedClientBase):
             return False
         log.info("%s: round %d: global model %s; training", self.client_name, remote.round, _fmt(metrics))
         self._emit(kind="round", round=remote.round, metrics=metrics)
+        if self.ranks is not None:
+            self._ranks_training = True
+            self.ranks.begin_local_training(fitter)
         result = self.model_manager.train(
             lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss))
+        if self.ranks is not None:
+            self.ranks.end_local_training()  # rank 0 submits what every rank agrees on
+            self._ranks_training = False
         # The best local model (shared in cross-site validation) is the locally trained one that scored best here.
         local_metrics = self.model_manager.validate()
         self.model_manager.update_best_model(local_metrics, self.best_model_path)
@@ -130,11 +139,24 @@ class FederatedClient(FederatedClientBase):
         self.status = ClientStatus.TRAINING_STARTING
         try:
             self.run_federated_steps(fitter)
-        except BaseException:
+            self._release_ranks()
+        except Exception:
+            self.status = ClientStatus.TRAINING_EXCEPTION
+            self._release_ranks()
+            raise
+        except BaseException:  # a signal: every rank is being stopped the same way
             self.status = ClientStatus.TRAINING_EXCEPTION
             raise
         finally:
             self.close()
+
+    def _release_ranks(self) -> None:
+        # Outside a training phase the other ranks wait for rank 0's word; inside one, they fail with it.
+        if self.ranks is not None and not self._ranks_training:
+            try:
+                self.ranks.stop()
+            except Exception as e:
+                log.warning("%s: could not tell the other ranks to stop: %s", self.client_name, e)
 
     def run(self, fitter) -> threading.Thread:
         """Run the client-side as a thread; returns the started thread."""

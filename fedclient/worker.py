@@ -12,6 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from fedclient.distributed import RankInfo, rank_info
+
 log = logging.getLogger("fedclient.worker")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
@@ -37,7 +39,8 @@ class SiteTraining:
     """One site's training of one MMAR: built from the kit and the MMAR, run with run(), stopped with abort()."""
 
     def __init__(self, workspace: Path, mmar_path: Path, run_number: int | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, validate_only: bool = False):
+                 on_event: Callable[[dict[str, Any]], None] | None = None, validate_only: bool = False,
+                 ranks: RankInfo | None = None):
         from fedcommon.components import ComponentError, build_component
         from fedcommon.kit import KitError, load_kit
         from fedcommon.mmar import MMARError, load_mmar
@@ -72,6 +75,9 @@ class SiteTraining:
         if validate_only and run_number is None:
             raise WorkerSetupError("cross-site validation needs the run number (--run-number)")
         self.validate_only = validate_only
+        self.ranks = ranks or RankInfo()
+        if self.ranks.distributed and (validate_only or run_number is None):
+            raise WorkerSetupError("several ranks train one given run (--run-number); validation runs on one")
 
     @property
     def aborted(self) -> bool:
@@ -84,16 +90,50 @@ class SiteTraining:
         self.client.abort()
 
     def run(self) -> None:
-        """Register, wait for the run (run_number, or any), build the trainer and train until the run ends."""
+        """Register, wait for the run (run_number, or any), build the trainer and train until the run ends.
+
+        Under torchrun with several ranks, rank 0 does that and the other ranks train in step with it.
+        """
+        if self.validate_only:
+            self._validate_only()
+            return
+        sync = None
+        if self.ranks.distributed:
+            from fedclient.distributed import RankSync
+
+            sync = RankSync(self.ranks)  # waits until every rank has joined
+        try:
+            if not self.ranks.is_main:
+                self._follow(sync)
+                return
+            self._train(sync)
+        except Exception as e:
+            if sync is not None and self.on_event is not None:
+                # Before leaving the group, which makes the other ranks fail too: the cause is reported first.
+                from fedclient.client_status import ClientStatus
+
+                self.on_event({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
+                               "error": failure_message(e)})
+            raise
+        finally:
+            if sync is not None:
+                sync.close()
+
+    def _follow(self, sync) -> None:
+        """A rank other than 0: build the trainer and train each phase rank 0 starts; never talks to the server."""
+        import torch
+
+        run_dir = self.workspace / f"run_{self.run_number}"
+        torch.manual_seed(self.mmar.train.seed)
+        sync.follow(self._build_fitter(run_dir))
+
+    def _train(self, sync) -> None:
         import torch
 
         from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
 
         client, mmar = self.client, self.mmar
-        if self.validate_only:
-            self._validate_only()
-            return
         try:
             client.register()
             self._wait_for_run()
@@ -108,6 +148,7 @@ class SiteTraining:
             torch.manual_seed(mmar.train.seed)
             fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
+            client.ranks = sync
         except BaseException:
             client.close()
             raise
@@ -164,6 +205,11 @@ class SiteTraining:
             client.heartbeat()
 
 
+def failure_message(e: Exception) -> str:
+    """How a failed training is reported to the agent."""
+    return str(e) if isinstance(e, WorkerSetupError) else f"training failed: {e}"
+
+
 def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
                parent: str | None = None, validate_only: bool = False) -> int:
     """Train this site in the run the server offers (or run `run_number`) until it ends; returns the exit code.
@@ -176,8 +222,14 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
     from fedcommon.logs import configure_logging
 
     parent_pid = os.getppid()
+    try:
+        ranks = rank_info()
+    except ValueError as e:
+        print(f"fedclient.worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     # Under an agent, stderr is the run's log.txt; standalone, the site's log.txt as before.
-    configure_logging(None if parent else workspace / "log.txt", debug)
+    configure_logging(None if parent else workspace / "log.txt", debug,
+                      f"rank {ranks.rank}" if ranks.distributed else "")
     conn = None
     if parent:
         try:
@@ -190,6 +242,11 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
     def report(event: dict[str, Any]) -> None:
         if conn is None:
             return
+        if ranks.distributed:
+            # Progress and status come from rank 0; the other ranks report only what went wrong.
+            if not ranks.is_main and not event.get("error"):
+                return
+            event = {**event, "rank": ranks.rank}
         try:
             with lock:
                 send_event(conn, **event)
@@ -198,7 +255,8 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
 
     report({"kind": "status", "status": ClientStatus.TRAINING_STARTING})
     try:
-        training = SiteTraining(workspace, mmar_path, run_number, on_event=report, validate_only=validate_only)
+        training = SiteTraining(workspace, mmar_path, run_number, on_event=report, validate_only=validate_only,
+                                ranks=ranks)
     except WorkerSetupError as e:
         log.error("%s", e)
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
@@ -224,7 +282,7 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         return EXIT_CONFIG
     except Exception as e:
         log.error("training failed: %s", e, exc_info=debug)
-        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": f"training failed: {e}"})
+        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": failure_message(e)})
         return EXIT_FAILED
     name, number = training.kit.name, training.client.run_number
     log.info("%s: run %s %s", name, number or run_number, "aborted" if training.aborted else "finished")

@@ -34,6 +34,7 @@ AUDIT_FILE = "audit.log"
 MAX_AUDITED_ARGS = 4096
 MAX_AUDITED_TARGETS = 64
 RESULT_TOPICS = ("progress", "training_ended")
+MAX_GPUS = 64  # ranks on one node
 
 
 class AdminError(Exception):
@@ -465,6 +466,9 @@ class AdminHub:
     def _start_request(self, args: dict) -> tuple[dict[str, Any], str]:
         return {"run_number": self._run_number()}, ""
 
+    def _start_mgpu_request(self, args: dict) -> tuple[dict[str, Any], str]:
+        return {"run_number": self._run_number(), "gpu_number": args["gpu_number"]}, ""
+
     def _shell_request(self, args: dict) -> tuple[dict[str, Any], str]:
         return {}, json.dumps({"argv": args["argv"]})
 
@@ -486,6 +490,12 @@ class AdminHub:
         if isinstance(number, bool) or not isinstance(number, int) or number < 1:
             raise AdminError(f"run_number must be a whole number >= 1, got {number!r}")
         return {"run_number": number}
+
+    def _gpus_arg(self, args: dict) -> dict[str, Any]:
+        gpus = args.get("gpu_number")
+        if isinstance(gpus, bool) or not isinstance(gpus, int) or not 1 <= gpus <= MAX_GPUS:
+            raise AdminError(f"gpu_number must be a whole number from 1 to {MAX_GPUS}, got {gpus!r}")
+        return {"gpu_number": gpus}
 
     def _optional_run_number_arg(self, args: dict) -> dict[str, Any]:
         return self._run_number_arg(args) if args.get("run_number") is not None else {}
@@ -545,6 +555,8 @@ _COMMANDS: dict[str, _Spec] = {
     "set-run": _Spec("server", None, AdminHub._run_number_arg, AdminHub._no_request, AdminHub._set_run),
     "deploy": _Spec("required", "deploy", AdminHub._blob_arg, AdminHub._deploy_request, AdminHub._deploy),
     "start": _Spec("required", "start", AdminHub._no_args, AdminHub._start_request, AdminHub._start),
+    "start-mgpu": _Spec("required", "start_mgpu", AdminHub._gpus_arg, AdminHub._start_mgpu_request,
+                        AdminHub._start),
     "abort": _Spec("required", "abort", AdminHub._no_args, AdminHub._no_request, AdminHub._abort, after_sites=True),
     "validate": _Spec("server", None, AdminHub._validate_args, AdminHub._no_request, AdminHub._validate),
     "run-validation": _Spec("required", "validate", AdminHub._optional_run_number_arg,
