@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import queue
 import shutil
 import subprocess
@@ -20,7 +21,7 @@ from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, ser
 
 from fedclient.admin import AdminMessageSender, BlobFetchError, FedAdminAgent, RequestProcessor, Sender
 from fedclient.admin_commands import seed_processors
-from fedclient.admin_interface import ClientAdminInterface
+from fedclient.admin_interface import ClientAdminInterface, available_gpus
 from fedclient.client_executor import ClientExecutor
 from fedclient.client_status import ClientStatus
 from fedclient.local_policy import LocalPolicy
@@ -108,6 +109,11 @@ class FakeExecutor(ClientExecutor):
             self.status = ClientStatus.TRAINING_STARTED
         self.mmar_root = mmar_root
         return 4242
+
+    def start_mgpu_train(self, client, args, mmar_root, gpu_number) -> int:
+        pid = self.start_train(client, args, mmar_root)
+        self.ranks = gpu_number
+        return pid
 
     def report(self, **event) -> None:
         self._handle(event)
@@ -384,11 +390,38 @@ def test_shell_runs_in_the_sites_workspace(site):
     assert ok and data == {"stdout": "hello\n", "truncated": False, "exit_code": 0}
 
 
-def test_multi_gpu_is_not_supported_yet(site):
+def test_start_mgpu_refuses_more_ranks_than_gpus_or_cpus_and_bad_counts(site, tmp_path, monkeypatch):
+    sender, _, agent, executor = site
+    agent.start()
+    assert _deploy(sender, copy_mmar(tmp_path / "mmar"), 1, tmp_path)[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 4})
+    assert not ok and error == "site-1 has 2 GPUs (CUDA_VISIBLE_DEVICES='0,1'); start-mgpu asked for 4"
+    for bad in (0, "two"):
+        ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": bad})
+        assert not ok and error.startswith("gpu_number must be a whole number >= 1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 3})
+    assert not ok and error == ("site-1 has no GPU (CUDA_VISIBLE_DEVICES='') and 2 CPUs; "
+                                "start-mgpu 3 would run 3 CPU ranks")
+    assert executor.status == ClientStatus.TRAINING_NOT_STARTED
+
+
+def test_start_mgpu_on_a_cpu_site_starts_gloo_ranks_and_status_shows_them(site, tmp_path, monkeypatch):
     sender, _, agent, _ = site
     agent.start()
-    ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
-    assert not ok and error.startswith("not supported yet: multi-GPU")
+    assert _deploy(sender, copy_mmar(tmp_path / "mmar"), 1, tmp_path)[0]
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    ok, data = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
+    assert ok and data == {"run_number": 1, "pid": 4242, "gpus": 2, "backend": "gloo"}
+    ok, status = sender.ask("check_status")
+    assert ok and status["ranks"] == 2 and status["status"] == "training started"
+
+
+@pytest.mark.parametrize(("visible", "count"), [("0,1,2", 3), ("", 0), ("-1", 0), ("1,-1,0", 1), ("GPU-3f2a", 1)])
+def test_available_gpus_follow_cuda_visible_devices(visible, count):
+    assert available_gpus({"CUDA_VISIBLE_DEVICES": visible}) == (count, f"CUDA_VISIBLE_DEVICES={visible!r}")
 
 
 def test_validate_refuses_a_run_that_is_not_deployed_or_while_training(site):

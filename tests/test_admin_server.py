@@ -433,6 +433,16 @@ def test_server_start_is_refused_before_deploy_and_when_already_training(federat
     assert federation.server_reply("start").error == "run 1 is already training"
 
 
+def test_start_mgpu_starts_the_servers_run_and_refuses_a_bad_gpu_count(federation):
+    for bad in (0, 65, "2", True):
+        reply = federation.execute("start-mgpu", ["server"], args={"gpu_number": bad})
+        assert not reply.ok and reply.error == f"gpu_number must be a whole number from 1 to 64, got {bad!r}"
+    assert federation.server_reply("set-run", {"run_number": 1}).ok
+    federation.server.deploy(federation.mmar)
+    reply = federation.execute("start-mgpu", ["server"], args={"gpu_number": 2})
+    assert reply.ok and _data(reply.replies[0]) == {"run_number": 1}
+
+
 def test_set_run_is_refused_while_training_and_persisted_otherwise(federation):
     _start_training(federation)
     reply = federation.server_reply("set-run", {"run_number": 2})
