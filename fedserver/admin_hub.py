@@ -67,6 +67,7 @@ class _Agent:
     last_poll: float = -math.inf
     org: str | None = None  # from the site's certificate
     queue: deque[Message] = field(default_factory=deque)
+    gone: bool = False  # shut out (revoked): a long-poll in flight returns empty
 
 
 @dataclass
@@ -133,7 +134,7 @@ class AdminHub:
             if org is not None:
                 agent.org = org
             try:
-                while not self._closed and active():
+                while not self._closed and not agent.gone and active():
                     if agent.queue:
                         out = list(agent.queue)
                         agent.queue.clear()
@@ -214,6 +215,23 @@ class AdminHub:
             for waiter in self._waiting.values():
                 waiter.done.set()
             self._waiting.clear()
+            self._cond.notify_all()
+
+    def shut_out(self, site: str, reason: str) -> None:
+        """`site` may no longer take requests (its certificate was revoked): it is not connected from now on.
+
+        Requests queued for it are answered at once with `reason` instead of waiting for a reply that cannot come.
+        """
+        with self._cond:
+            agent = self._agents.pop(site, None)
+            if agent is not None:
+                agent.gone = True
+                agent.queue.clear()
+            for ref, waiter in list(self._waiting.items()):
+                if waiter.site == site:
+                    del self._waiting[ref]
+                    waiter.reply = TargetResult(site, False, error=f"{site} was refused: {reason}")
+                    waiter.done.set()
             self._cond.notify_all()
 
     def site_orgs(self) -> dict[str, str]:

@@ -123,8 +123,11 @@ class FederationServer:
             self.hub.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
                                                peer.org if peer else "", port_name, method, reason)
             if peer is not None and self.revocations.is_revoked(peer.serial):
-                # A revoked site must not hold a place in the run until heart_beat_timeout.
+                # A revoked site must not hold a place in the run until heart_beat_timeout, nor count as
+                # connected (commands would wait for its reply until their timeout).
                 self.registry.remove_certificate(peer.fingerprint)
+                if peer.kind == "client":
+                    self.hub.shut_out(peer.name, reason)
 
         return IdentityGate(port_name, kinds, self.revocations, record)
 

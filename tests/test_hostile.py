@@ -277,6 +277,9 @@ def test_a_revoked_admin_and_site_are_refused_at_once_and_no_other_kit_changes(f
         time.sleep(0.5)
     assert ("mallory@org-b", "admin_port") in refused
     assert ("hospital-c", "fl_port") in refused
+    # Shut out at once: not connected, so commands do not wait out their timeout for its reply.
+    server = json.loads(fed.run("root@consortium", "status", "server").stdout)["replies"][0]
+    assert "hospital-c" not in server["connected_sites"] and "hospital-a" in server["connected_sites"]
     fed.assert_alive()
 
 
