@@ -24,8 +24,7 @@ proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/round_bench.py
-	$(BIN)/python benchmarks/admin_bench.py
+	$(BIN)/python benchmarks/suite.py
 	$(BIN)/python benchmarks/privacy_bench.py
 
 lint: $(STAMP)

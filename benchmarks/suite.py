@@ -1,0 +1,155 @@
+"""`make bench`: every performance figure of issue 8 in one table, also written as JSON.
+
+Runs each benchmark of this folder in its own process (`--json`), takes medians over its runs, sets each
+figure beside its target and, where one fits, beside a baseline measured in this same run (numpy copying
+the bytes a round moves). Prints the table and writes it to benchmarks/results.json (or --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+MiB = 2**20
+
+
+def run_json(script: str, *args: str, timeout: float = 3600) -> Any:
+    """The JSON a benchmark prints under --json; its stderr passes through."""
+    proc = subprocess.run([sys.executable, str(HERE / script), *args, "--json"], stdout=subprocess.PIPE,
+                          text=True, timeout=timeout, cwd=HERE.parent)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout)
+
+
+def copy_seconds(nbytes: int, repeat: int = 3) -> float:
+    """Median time numpy takes to copy `nbytes` (the baseline a round's data movement is set against)."""
+    src = np.ones(nbytes // 4, np.float32)
+    dst = np.empty_like(src)
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def machine() -> dict[str, Any]:
+    mem = None
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    cpu = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu, "memory_bytes": mem,
+            "python": platform.python_version(), "system": platform.platform()}
+
+
+def figure(name: str, runs: list[float], unit: str, target: float | None = None, higher_is_better: bool = False,
+           baseline: float | None = None, baseline_name: str = "") -> dict[str, Any]:
+    value = statistics.median(runs) if runs else None
+    met = None
+    if value is not None and target is not None:
+        met = value >= target if higher_is_better else value <= target
+    return {"figure": name, "median": value, "unit": unit, "runs": runs, "target": target,
+            "higher_is_better": higher_is_better, "met": met, "baseline": baseline, "baseline_name": baseline_name,
+            "ratio_to_baseline": value / baseline if value is not None and baseline else None}
+
+
+def not_measured(name: str, unit: str, target: float, why: str) -> dict[str, Any]:
+    return {**figure(name, [], unit, target), "not_measured": why}
+
+
+def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
+    figures = []
+    rounds = run_json("round_bench.py", "--sizes-mib", *map(str, args.sizes_mib), "--repeat", str(args.repeat))
+    for size in args.sizes_mib:
+        runs = [r for r in rounds["runs"] if r["size_mib"] == size and r.get("completed")]
+        model = size * MiB
+        copy = copy_seconds(int(model)) * 4  # a round moves the model 4 times: 2 downloads, 2 uploads
+        target = {1024: 10.0}.get(int(size))
+        figures.append(figure(f"round {size:g} MiB, 2 sites: wall", [r["round_wall_s"] for r in runs], "s", target,
+                              baseline=copy, baseline_name="numpy copying the 4x model bytes it moves"))
+        figures.append(figure(f"round {size:g} MiB: throughput", [r["throughput_mib_s"] for r in runs], "MiB/s",
+                              higher_is_better=True))
+        figures.append(figure(f"round {size:g} MiB: server peak RSS / model",
+                              [r["server_peak_rss_bytes"] / model for r in runs if r.get("server_peak_rss_bytes")],
+                              "x", 2.5 if int(size) == 1024 else None))
+        site_x = [max(s.get("peak_rss_bytes") or 0 for s in r["sites"].values()) / model for r in runs]
+        figures.append(figure(f"round {size:g} MiB: site peak RSS / model", site_x, "x",
+                              3.0 if int(size) == 1024 else None))
+    aggregation = [run_json("aggregation_bench.py", "--repeat", "3") for _ in range(args.repeat)]
+    figures.append(figure("aggregation 256 MiB: throughput", [a["ours_gb_s"] for a in aggregation], "GB/s",
+                          higher_is_better=True, baseline=statistics.median(a["numpy_gb_s"] for a in aggregation),
+                          baseline_name="numpy a += w*b on the same arrays"))
+    figures.append(figure("aggregation: ours / numpy", [a["ratio"] for a in aggregation], "x", 0.5,
+                          higher_is_better=True))
+    overhead = [run_json("round_overhead_bench.py", "--rounds", "30") for _ in range(args.repeat)]
+    figures.append(figure("round overhead, tiny model", [o["median_ms"] for o in overhead], "ms", 50.0))
+    admin = run_json("admin_bench.py", "--repeat", str(max(5, args.repeat)))
+    figures.append(figure("one-shot `fedadmin status`", [admin["status_wall_s_median"] * 1000], "ms", 200.0))
+    figures.append(figure("command round trip in one process, p50", [admin["site_round_trip_ms_p50"]], "ms", 5.0))
+    why = "needs a load generator of N sites in one process (issue 8, not built yet)"
+    figures.append(not_measured("1000 sites: server idle CPU", "% of a core", 5.0, why))
+    figures.append(not_measured("1000 sites: server RSS", "MiB", 1024.0, why))
+    figures.append(not_measured("1000 sites: `status client`", "s", 2.0, why))
+    figures.append(not_measured("100 sites: 10 MiB round", "s", 15.0, why))
+    return figures
+
+
+def render(figures: list[dict[str, Any]]) -> str:
+    rows = [["figure", "median", "runs", "target", "", "vs baseline"]]
+    for f in figures:
+        value = "-" if f["median"] is None else f"{f['median']:.3g} {f['unit']}"
+        target = "" if f["target"] is None else f"{'>=' if f['higher_is_better'] else '<='} {f['target']:g}"
+        verdict = {True: "met", False: "MISSED", None: ""}[f["met"]]
+        if f.get("not_measured"):
+            verdict = "not measured"
+        ratio = "" if f["ratio_to_baseline"] is None else f"{f['ratio_to_baseline']:.2f}x {f['baseline_name']}"
+        rows.append([f["figure"], value, str(len(f["runs"])), target, verdict, ratio])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes-mib", type=float, nargs="+", default=[10, 100, 1024])
+    parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are shown (default 3)")
+    parser.add_argument("--out", type=Path, default=HERE / "results.json")
+    args = parser.parse_args(argv)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    figures = collect(args)
+    report = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "repeat": args.repeat,
+              "figures": figures}
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    info = report["machine"]
+    print(f"fedlearn benchmarks, {report['date']}, {info['cpus']} CPUs ({info['cpu']}), "
+          f"{(info['memory_bytes'] or 0) / 2**30:.0f} GiB")
+    print(render(figures))
+    print(f"written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
