@@ -74,6 +74,9 @@ class FederatedClient(FederatedClientBase):
         self.current_round = remote.round
         self.run_number = remote.run_number or self.run_number
         metrics = self.model_manager.validate()
+        if not self.cross_site_validate:
+            # Without cross-site validation no extra validation runs: the best model is the best global one.
+            self.model_manager.update_best_model(metrics, self.best_model_path)
         if remote.status == "end":
             self.final_metrics = metrics
             log.info("%s: run %d ended; final global model: %s", self.client_name, remote.run_number,
@@ -94,9 +97,9 @@ class FederatedClient(FederatedClientBase):
         if self.ranks is not None:
             self.ranks.end_local_training()  # rank 0 submits what every rank agrees on
             self._ranks_training = False
-        # The best local model (shared in cross-site validation) is the locally trained one that scored best here.
-        local_metrics = self.model_manager.validate()
-        self.model_manager.update_best_model(local_metrics, self.best_model_path)
+        if self.cross_site_validate:
+            # The best model this site shares is the locally trained one that scored best on its own data.
+            self._keep_if_best_local()
         fl_ctx = FLContext({
             FLContextKey.RUN_NUMBER: remote.run_number, FLContextKey.ROUND: remote.round,
             FLContextKey.WEIGHT: self._weight(fitter), FLContextKey.METRICS: metrics,
@@ -110,11 +113,17 @@ class FederatedClient(FederatedClientBase):
             log.warning("%s: round %d: update refused: %s", self.client_name, remote.round, reply.reason)
         return True
 
+    def _keep_if_best_local(self) -> None:
+        try:
+            self.model_manager.update_best_model(self.model_manager.validate(), self.best_model_path)
+        except ValueError as e:  # unusable metrics of the local model: it is not a candidate, training goes on
+            log.warning("%s: the locally trained model was not scored: %s", self.client_name, e)
+
     def _validate_after_training(self) -> None:
         # The training itself succeeded: a validation that cannot finish is reported, not a training failure.
         try:
             self.run_cross_site_validation()
-        except (CrossSiteValidationTimeout, CommunicationError) as e:
+        except (CrossSiteValidationTimeout, CommunicationError, RuntimeError) as e:  # RuntimeError: no best model
             log.error("%s: %s", self.client_name, e)
             self._report_validation(error=str(e))
 

@@ -82,7 +82,9 @@ def parse_rules(data: object, path: Path) -> list[Rule]:
                 if value not in known:
                     raise LocalPolicyError(f"{where}.{key}[{j}]: unknown {'command' if key == 'deny' else 'role'} "
                                            f"{value!r} (one of {', '.join(known)})")
-        rules.append(Rule(name, lists.pop("deny"), lists))
+        # "validate" was run-validation's name: a rule written with it keeps meaning what its owner meant.
+        denied = frozenset("run-validation" if c == "validate" else c for c in lists.pop("deny"))
+        rules.append(Rule(name, denied, lists))
     return rules
 
 

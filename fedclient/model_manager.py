@@ -14,7 +14,7 @@ from fedclient.components.model_validator import ModelValidator
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.metrics import metric_score
 from fedcommon.mmar import excluded
-from fedcommon.model_file import save_model
+from fedcommon.model_file import load_model, save_model
 from fedcommon.model_meta import FLContext, FLContextKey
 
 log = logging.getLogger(__name__)
@@ -144,8 +144,6 @@ class ClientModelManager:
 
     def load_best_model(self, path: Path) -> bool:
         """Take the best model saved by an earlier training of this run; False when there is none."""
-        from fedcommon.model_file import load_model
-
         if not path.exists():
             return False
         tensors, meta = load_model(path)

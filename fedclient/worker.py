@@ -205,9 +205,11 @@ class SiteTraining:
             client.heartbeat()
 
 
-def failure_message(e: Exception) -> str:
-    """How a failed training is reported to the agent."""
-    return str(e) if isinstance(e, WorkerSetupError) else f"training failed: {e}"
+def failure_message(e: Exception, validating: bool = False) -> str:
+    """How a failed training (or cross-site validation) is reported to the agent."""
+    if isinstance(e, WorkerSetupError):
+        return str(e)
+    return f"cross-site validation failed: {e}" if validating else f"training failed: {e}"
 
 
 def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
@@ -282,7 +284,8 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         return EXIT_CONFIG
     except Exception as e:
         log.error("training failed: %s", e, exc_info=debug)
-        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": failure_message(e)})
+        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
+                "error": failure_message(e, validate_only)})
         return EXIT_FAILED
     name, number = training.kit.name, training.client.run_number
     log.info("%s: run %s %s", name, number or run_number, "aborted" if training.aborted else "finished")

@@ -492,6 +492,10 @@ class AdminHub:
 
     def _run_validation_request(self, args: dict) -> tuple[dict[str, Any], str]:
         number = args.get("run_number") or self._run_number()
+        training = self._server.training_run()
+        if training is not None:
+            # A validating site registers like a training one: it would hold up the training run's rounds.
+            raise AdminError(f"run {training.run_number} is training; validate --run waits until it ends")
         self._server.cross_site(number)  # refuses a run that does not exist or has not completed
         return {"run_number": number}, ""
 

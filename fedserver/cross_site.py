@@ -67,6 +67,7 @@ class CrossSiteValidation:
         self._grace_until = time.monotonic() + grace_s
         self._waiting_since: dict[str, float] = {}  # site -> when it was first told to wait
         self._receiving: set[str] = set()  # sites whose best model is being uploaded
+        self._closed = False  # the run was deleted: nothing may be written for it any more
         self._cond = threading.Condition()
         summary = self._summary()
         if summary.get("status") != "completed":
@@ -92,7 +93,8 @@ class CrossSiteValidation:
         return summary if isinstance(summary, dict) else {}
 
     def _load(self) -> dict[str, Any]:
-        empty = {"run_number": self.run_number, "owners": {}, "declined": [], "offered": {}, "results": {}}
+        empty = {"run_number": self.run_number, "owners": {}, "declined": [], "refused": {}, "offered": {},
+                 "results": {}}
         try:
             state = json.loads(self.path.read_text())
         except FileNotFoundError:
@@ -106,7 +108,21 @@ class CrossSiteValidation:
         return {**empty, **state}
 
     def _save(self) -> None:
+        self._writable()
         atomic_write_json(self.path, self._state)
+
+    def _writable(self) -> None:
+        """Refuse writes once the run is gone; never create the run folder again."""
+        if self._closed or not self.run_dir.is_dir():
+            raise CrossSiteError(f"run {self.run_number} was deleted")
+        self.folder.mkdir(exist_ok=True)  # no parents: a deleted run folder is not made again
+        self.models.mkdir(exist_ok=True)
+
+    def close(self) -> None:
+        """The run is being deleted: every later call is refused and nothing is written."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
 
     # ---- what sites call ------------------------------------------------------------------------
 
@@ -144,19 +160,18 @@ class CrossSiteValidation:
         except MetricsError as e:
             raise CrossSiteError(str(e)) from None
         with self._cond:
-            if site in self._state["declined"]:
-                raise CrossSiteError(f"{site} chose not to share its model for run {self.run_number}")
             if site in self._state["owners"]:
                 return f"{site} already shared its best model for run {self.run_number}; the first one is kept"
             if site in self._receiving:
                 raise CrossSiteError(f"{site} is already uploading its best model for run {self.run_number}")
             self._receiving.add(site)  # until it is recorded: no decline or second upload in between
         try:
-            if num_tensors != len(self._specs):
-                raise CrossSiteError(
-                    f"best model announces {num_tensors} variables; the global model has {len(self._specs)}")
-            self.models.mkdir(parents=True, exist_ok=True)
+            with self._cond:
+                self._writable()
             try:
+                if num_tensors != len(self._specs):
+                    raise ContributionError(
+                        f"best model announces {num_tensors} variables; the global model has {len(self._specs)}")
                 with atomic_writer(self.models / f"{site}.fl") as f:
                     writer = ModelFileWriter(f, [(e.name, e.dtype, e.shape) for e in self._index.entries],
                                              {"owner": site, "run_number": self.run_number, "metrics": own})
@@ -164,9 +179,16 @@ class CrossSiteValidation:
                         writer.write(name, arr)
                     writer.check_complete()
             except (ContributionError, CodecError, DTypeError, ModelFileError) as e:
+                with self._cond:  # the others do not wait for a model that was refused; a later share may come
+                    self._state["refused"][site] = str(e)[:500]
+                    self._save()
+                    self._cond.notify_all()
                 raise CrossSiteError(f"best model refused: {e}") from None
             with self._cond:
                 self._state["owners"][site] = {"metrics": own}
+                if site in self._state["declined"]:
+                    self._state["declined"].remove(site)  # it changed its mind: the model is offered
+                self._state["refused"].pop(site, None)
                 self._save()
                 self._cond.notify_all()
         finally:
@@ -189,10 +211,12 @@ class CrossSiteValidation:
         with self._cond:
             self._require_participant(site)
             while True:
+                if self._closed:
+                    raise CrossSiteError(f"run {self.run_number} was deleted")
                 self._choose_server_model()
                 done = validated | set(self._state["results"].get(site, {}))
                 ready = [o for o in self._offered_owners() if o not in done]
-                pending = [o for o in self._pending_owners() if o not in done]
+                pending = [o for o in self._pending_owners() if o not in done and o != site]
                 if ready:
                     self._waiting_since.pop(site, None)
                     owner = ready[0]
@@ -254,8 +278,8 @@ class CrossSiteValidation:
         return sites + ([SERVER_OWNER] if SERVER_OWNER in self._state["owners"] else [])
 
     def _pending_owners(self) -> list[str]:
-        owners, declined = self._state["owners"], set(self._state["declined"])
-        pending = [s for s in self.participants if s not in owners and s not in declined]
+        owners, skipped = self._state["owners"], set(self._state["declined"]) | set(self._state["refused"])
+        pending = [s for s in self.participants if s not in owners and s not in skipped]
         return pending + ([] if SERVER_OWNER in owners else [SERVER_OWNER])
 
     def _choose_server_model(self) -> None:
@@ -277,7 +301,7 @@ class CrossSiteValidation:
                 (self.run_dir / "models" / BEST_GLOBAL_MODEL).exists():
             source = self.run_dir / "models" / BEST_GLOBAL_MODEL
             chosen = {"model": f"round {best['round']}", "score": best["score"]}
-        self.models.mkdir(parents=True, exist_ok=True)
+        self._writable()
         target = self.models / f"{SERVER_OWNER}.fl"
         tmp = target.with_name(f".{SERVER_OWNER}.fl.tmp")
         tmp.unlink(missing_ok=True)
@@ -293,12 +317,12 @@ class CrossSiteValidation:
     def matrix(self) -> dict[str, Any]:
         """Everything `fedadmin validate` shows: rows, columns, results, who declined, what is still awaited."""
         with self._cond:
-            self._choose_server_model()
             return {
                 "run_number": self.run_number,
                 "validating_sites": list(self.participants),
                 "owners": self._offered_owners(),
                 "declined": sorted(self._state["declined"]),
+                "refused": dict(sorted(self._state["refused"].items())),
                 "pending_owners": self._pending_owners(),
                 "server_model": self._state["owners"].get(SERVER_OWNER),
                 "results": {site: dict(sorted(row.items())) for site, row in sorted(self._state["results"].items())},

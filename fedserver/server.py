@@ -386,7 +386,9 @@ class FederationServer:
             trash = self.workspace / f".deleted-run_{run_number}.{secrets.token_hex(4)}"
             run_dir.rename(trash)  # gone at once for everyone; the slow removal follows
             with self._cross_site_lock:
-                self._cross_site.pop(run_number, None)
+                store = self._cross_site.pop(run_number, None)
+            if store is not None:
+                store.close()  # a call still in flight must not write the deleted run back
             if self.run is not None and self.run.run_number == run_number:
                 with self._run_cond:
                     self.run = None
@@ -407,7 +409,10 @@ class FederationServer:
                 detail = {"deployed": "has not been trained yet", "training": "is still training",
                           "aborted": "was aborted"}.get(status, f"is {status}")
                 raise CrossSiteError(f"run {run_number} {detail}; cross-site validation needs a completed run")
-            store = CrossSiteValidation(run_number, self.run_dir(run_number), self.registry.names)
+            try:
+                store = CrossSiteValidation(run_number, self.run_dir(run_number), self.registry.names)
+            except OSError as e:
+                raise CrossSiteError(f"run {run_number}: cannot read its files ({e})") from None
             self._cross_site[run_number] = store
             return store
 

@@ -211,12 +211,12 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             if head.kind == "not_participating":
                 message = store.decline(session.name)
             elif head.kind == "best_model":
-                with self._upload_slots:
-                    message = store.submit_best_model(session.name, dict(head.metrics), request_iterator,
-                                                      head.num_tensors)
+                # Streamed to disk a tensor at a time: no model-sized buffer, so no upload slot is taken.
+                message = store.submit_best_model(session.name, dict(head.metrics), request_iterator,
+                                                  head.num_tensors)
             else:
                 raise CrossSiteError(f"kind must be 'best_model' or 'not_participating', got {head.kind!r}")
-        except CrossSiteError as e:
+        except (CrossSiteError, OSError) as e:
             log.warning("refused the best model of %s for run %d: %s", session.name, head.run_number, e)
             return pb.SubmitReply(accepted=False, reason=str(e))
         return pb.SubmitReply(accepted=True, reason=message)
@@ -235,8 +235,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             header.status = pb.WAIT if offer.status == "wait" else pb.END
             yield pb.ModelChunk(header=header)
             return
-        assert offer.path is not None
-        with open(offer.path, "rb") as f:
+        with open(offer.path or "", "rb") as f:
             index = read_index(f, offer.path)
             header.status, header.kind, header.owner = pb.VALIDATE, "best_model", offer.owner
             header.num_tensors = len(index.entries)

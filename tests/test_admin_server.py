@@ -492,6 +492,14 @@ def test_abort_server_aborts_the_sites_first_then_the_run(federation):
     assert _data(federation.server_reply("status"))["run_status"] == "aborted"
 
 
+def test_validation_on_demand_is_refused_while_a_run_trains_and_never_reaches_the_site(federation):
+    _start_training(federation)
+    site = federation.agent("site-1", lambda msg: ("_ok", {}))
+    reply = federation.execute("run-validation", ["site-1"], args={"run_number": 1})
+    assert not reply.ok and reply.replies[0].error == "run 1 is training; validate --run waits until it ends"
+    assert site.topics() == []
+
+
 def test_abort_when_nothing_trains_is_refused(federation):
     assert federation.server_reply("abort").error == "no run is training"
 

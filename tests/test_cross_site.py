@@ -185,7 +185,7 @@ def test_a_best_model_with_non_finite_metrics_is_refused(run_dir, metrics, probl
     assert "site-1" not in _owners_on_disk(store)
 
 
-def test_the_first_shared_model_is_kept_and_sharing_and_declining_exclude_each_other(run_dir):
+def test_the_first_shared_model_is_kept_and_a_later_share_replaces_a_decline(run_dir):
     store = _store(run_dir)
     _share(store, "site-1", _plus(1))
     assert "the first one is kept" in _share(store, "site-1", _plus(7))
@@ -194,9 +194,53 @@ def test_the_first_shared_model_is_kept_and_sharing_and_declining_exclude_each_o
     assert store.matrix()["declined"] == []
 
     store.decline("site-2")
-    with pytest.raises(CrossSiteError, match="site-2 chose not to share its model for run 1"):
-        _share(store, "site-2", _plus(2))
-    assert not (store.models / "site-2.fl").exists()
+    assert store.matrix()["declined"] == ["site-2"]
+    _share(store, "site-2", _plus(2))
+    matrix = store.matrix()
+    assert matrix["declined"] == [] and "site-2" in matrix["owners"]
+    _assert_same_model(store.models / "site-2.fl", _plus(2))
+
+
+def test_a_refused_share_is_not_waited_for_and_a_good_one_later_is_offered(run_dir):
+    store = _store(run_dir, active_sites=lambda: {"site-1", "site-2"})
+    _share(store, "site-2", _plus(2))
+    with pytest.raises(CrossSiteError, match="best model refused"):
+        _share(store, "site-1", {"w": W0["w"], "b": W0["b"], "oops": W0["steps"]})
+    assert "not in the global model" in store.matrix()["refused"]["site-1"]
+    assert _offer(store, "site-2", validated={"site-2"}) == ("model", "server")
+    assert _offer(store, "site-2", validated={"site-2", "server"}) == ("end", "")
+    _share(store, "site-1", _plus(1))
+    assert store.matrix()["refused"] == {}
+    assert _offer(store, "site-2", validated={"site-2", "server"}) == ("model", "site-1")
+
+
+def test_a_site_never_waits_for_its_own_model(run_dir):
+    store = _store(run_dir, active_sites=lambda: {"site-1", "site-2"})
+    _share(store, "site-2", _plus(2))
+    # site-1 has not shared (nor declined) yet: site-2 waits for it, site-1 does not wait for itself.
+    assert _offer(store, "site-2", validated={"site-2", "server"}) == ("wait", "")
+    assert _offer(store, "site-1", validated={"site-2", "server"}) == ("end", "")
+
+
+def test_a_deleted_run_refuses_every_call_and_is_not_written_back(run_dir):
+    import shutil
+
+    store = _store(run_dir)
+    _share(store, "site-1", _plus(1))
+    store.close()
+    shutil.rmtree(run_dir)
+    for call in (lambda: store.next_model("site-1", set(), 0), lambda: _share(store, "site-2", _plus(2)),
+                 lambda: store.decline("site-2")):
+        with pytest.raises(CrossSiteError, match="run 1 was deleted"):
+            call()
+    assert not run_dir.exists()
+
+
+def test_looking_at_the_matrix_writes_nothing(run_dir):
+    store = _store(run_dir, grace_s=0)
+    matrix = store.matrix()
+    assert matrix["server_model"] is None and "server" in matrix["pending_owners"]
+    assert not (run_dir / "cross_site").exists()
 
 
 # ---- results: only for models offered, all or nothing ------------------------------------------------------

@@ -36,6 +36,12 @@ def test_a_rule_refuses_its_commands_for_the_admins_it_names_and_says_which_rule
     assert policy.refusal(BOB, "status") is None
 
 
+def test_a_rule_naming_validate_still_refuses_validation_run_on_demand(tmp_path):
+    write(tmp_path, [{"name": "no-validation", "deny": ["validate"]}])
+    assert LocalPolicy(tmp_path).refusal(BOB, "run-validation") == (
+        "refused by local/authorization.json rule 'no-validation'")
+
+
 def test_all_conditions_of_a_rule_must_hold(tmp_path):
     write(tmp_path, [{"name": "leads-of-b", "deny": ["*"], "roles": ["lead"], "orgs": ["hospital-b"]}])
     policy = LocalPolicy(tmp_path)
