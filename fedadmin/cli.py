@@ -8,50 +8,32 @@ from pathlib import Path
 import click
 
 from fedadmin.commands import ConsoleGroup, ConsoleOptions
-from fedadmin.commands.abort import abort
-from fedadmin.commands.batch import batch
-from fedadmin.commands.console import console
-from fedadmin.commands.delete_run import delete_run
-from fedadmin.commands.deploy import deploy
-from fedadmin.commands.poc import poc
-from fedadmin.commands.provision import provision
-from fedadmin.commands.remove_client import remove_client
-from fedadmin.commands.restart import restart
-from fedadmin.commands.set_run import set_run
-from fedadmin.commands.set_timeout import set_timeout
-from fedadmin.commands.shell import shell
-from fedadmin.commands.shutdown import shutdown
-from fedadmin.commands.start import start
-from fedadmin.commands.start_mgpu import start_mgpu
-from fedadmin.commands.status import status
-from fedadmin.commands.sysinfo import sysinfo
-from fedadmin.commands.validate import validate
-from fedadmin.commands.wait import wait
 
-COMMANDS = (
-    status,
-    set_run,
-    deploy,
-    start,
-    start_mgpu,
-    abort,
-    sysinfo,
-    validate,
-    shell,
-    delete_run,
-    restart,
-    shutdown,
-    remove_client,
-    set_timeout,
-    wait,
-    batch,
-    console,
-    poc,
-    provision,
-)
+# Each command's module is imported only when that command runs (see ConsoleGroup).
+COMMANDS = {
+    "status": "fedadmin.commands.status:status",
+    "set-run": "fedadmin.commands.set_run:set_run",
+    "deploy": "fedadmin.commands.deploy:deploy",
+    "start": "fedadmin.commands.start:start",
+    "start-mgpu": "fedadmin.commands.start_mgpu:start_mgpu",
+    "abort": "fedadmin.commands.abort:abort",
+    "sysinfo": "fedadmin.commands.sysinfo:sysinfo",
+    "validate": "fedadmin.commands.validate:validate",
+    "shell": "fedadmin.commands.shell:shell",
+    "delete-run": "fedadmin.commands.delete_run:delete_run",
+    "restart": "fedadmin.commands.restart:restart",
+    "shutdown": "fedadmin.commands.shutdown:shutdown",
+    "remove-client": "fedadmin.commands.remove_client:remove_client",
+    "set-timeout": "fedadmin.commands.set_timeout:set_timeout",
+    "wait": "fedadmin.commands.wait:wait",
+    "batch": "fedadmin.commands.batch:batch",
+    "console": "fedadmin.commands.console:console",
+    "poc": "fedadmin.commands.poc:poc",
+    "provision": "fedadmin.commands.provision:provision",
+}
 
 
-@click.group(cls=ConsoleGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=ConsoleGroup, lazy_commands=COMMANDS, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--kit",
     type=click.Path(file_okay=False, path_type=Path),
@@ -78,9 +60,6 @@ def main(ctx: click.Context, kit: Path | None, as_json: bool, yes: bool, timeout
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
     ctx.obj = ConsoleOptions(kit=kit, json=as_json, yes=yes, timeout=timeout, debug=debug)
 
-
-for _command in COMMANDS:
-    main.add_command(_command)
 
 if __name__ == "__main__":
     main(prog_name="fedadmin")

@@ -98,9 +98,28 @@ def _failure_json(command: str, message: str) -> dict[str, Any]:
 
 
 class ConsoleGroup(click.Group):
-    """A command group that records which command runs and, at the root, maps exceptions to exit codes."""
+    """A command group that records which command runs and, at the root, maps exceptions to exit codes.
+
+    `lazy_commands` maps a command name to "module:attribute": the module is imported only when that command
+    runs (or help lists it), so a one-shot call does not pay for every other command's imports.
+    """
 
     group_class = type
+
+    def __init__(self, *args: Any, lazy_commands: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lazy_commands = dict(lazy_commands or {})
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *self.lazy_commands})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in self.commands and cmd_name in self.lazy_commands:
+            import importlib
+
+            module, _, attribute = self.lazy_commands[cmd_name].partition(":")
+            self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
+        return super().get_command(ctx, cmd_name)
 
     def resolve_command(
         self, ctx: click.Context, args: list[str]

@@ -81,8 +81,8 @@ def _set_up_readline(commands: list[str], options: ConsoleOptions) -> Callable[[
 def console(ctx: click.Context) -> None:
     """An interactive prompt: type commands as after `fedadmin`; exit, quit or Ctrl-D leaves."""
     options: ConsoleOptions = ctx.obj
-    root = ctx.find_root().command
-    commands = sorted(n for n in getattr(root, "commands", {}) if n != "console")
+    root = ctx.find_root()
+    commands = [n for n in root.command.list_commands(root) if n != "console"]
     save = _set_up_readline(commands, options)
     click.echo("fedadmin console: type a command (e.g. status), `help`, or exit.", err=True)
     try:
