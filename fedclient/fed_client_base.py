@@ -180,6 +180,7 @@ class FederatedClientBase:
         Raises CrossSiteValidationTimeout naming what never came.
         """
         self._validation_run = run_number or self.run_number
+        self.model_manager.release_global_models()  # the run is over: one model copy fewer while validating
         try:
             return self._cross_site_validation()
         finally:

@@ -14,7 +14,7 @@ from fedclient.components.model_validator import ModelValidator
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.metrics import metric_score
 from fedcommon.mmar import excluded
-from fedcommon.model_file import load_model, save_model
+from fedcommon.model_file import load_model, read_index, save_model
 from fedcommon.model_meta import FLContext, FLContextKey
 
 log = logging.getLogger(__name__)
@@ -36,6 +36,7 @@ class ClientModelManager:
         self._global: dict[str, dict[str, np.ndarray]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._best: dict[str, np.ndarray] | None = None
+        self._best_path: Path | None = None
         self._best_score: float | None = None
         self.best_metrics: dict[str, float] | None = None
 
@@ -133,24 +134,36 @@ class ClientModelManager:
         if self._best_score is not None and score <= self._best_score:
             return False
         self._best_score = score
-        self._best = self.model_reader_writer.extract_model(self._require_fitter())
+        best = self.model_reader_writer.extract_model(self._require_fitter())
         self.best_metrics = dict(metrics)
-        if path is not None:
-            save_model(path, self._best, {"metrics": self.best_metrics})
+        if path is None:
+            self._best, self._best_path = best, None
+        else:
+            # On disk only: a site does not hold one more copy of the model for the rest of the run.
+            save_model(path, best, {"metrics": self.best_metrics})
+            self._best, self._best_path = None, path
         return True
 
     def get_best_model(self) -> dict[str, np.ndarray] | None:
+        """The best model so far (read back from its file when it was saved to one); None before any."""
+        if self._best is None and self._best_path is not None:
+            return load_model(self._best_path)[0]
         return self._best
 
     def load_best_model(self, path: Path) -> bool:
         """Take the best model saved by an earlier training of this run; False when there is none."""
         if not path.exists():
             return False
-        tensors, meta = load_model(path)
+        with open(path, "rb") as f:
+            meta = read_index(f, path).meta
         metrics = meta.get("metrics") if isinstance(meta.get("metrics"), dict) else {}
-        self._best, self.best_metrics = tensors, dict(metrics)
+        self._best, self._best_path, self.best_metrics = None, path, dict(metrics)
         self._best_score = metric_score(metrics) if metrics else None
         return True
+
+    def release_global_models(self) -> None:
+        """Drop the received global models (after the run's end: nothing is computed from them any more)."""
+        self._global.clear()
 
     def validate_model(self, cross_site_val_configer=None, checkpoint: Mapping[str, np.ndarray] | None = None
                        ) -> dict[str, float]:
@@ -174,7 +187,7 @@ class ClientModelManager:
     def close(self) -> None:
         """Drop every model held."""
         self._global.clear()
-        self._best = None
+        self._best = self._best_path = None
         self._fitter = None
 
 
