@@ -144,21 +144,25 @@ class ClientAdminInterface:
             # The server has ended that run and its worker is on its way out: wait for it rather than refuse.
             self.client_executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
 
-    def _start(self, number: int, launch) -> dict[str, Any]:
+    def _start(self, number: int, launch, validate: bool = False) -> dict[str, Any]:
+        """Launch a worker for run N (training, or with `validate` cross-site validation of the finished run)."""
         self._let_finishing_run_end()
         with self._lock:
             active = self._training_run()
+            if active is not None and validate:
+                raise RequestRefused(f"run {active} is training; cross-site validation waits until it ends")
             if active == number:
                 raise RequestRefused(f"run {number} is already training")
             if active is not None:
                 raise RequestRefused(f"run {active} is training; abort it first")
             mmar = self.run_dir(number) / "mmar"
             if not (mmar / "config").is_dir():
-                raise RequestRefused(f"run {number} is not deployed")
-            self._refuse_finished(number)
+                raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
+            if not validate:
+                self._refuse_finished(number)
             self._run_ended = None
             try:
-                pid = launch(TrainArgs(self.workspace, number, self.debug), mmar)
+                pid = launch(TrainArgs(self.workspace, number, self.debug, validate=validate), mmar)
             except TrainingError as e:
                 raise RequestRefused(str(e)) from None
         return {"run_number": number, "pid": pid}
@@ -169,12 +173,7 @@ class ClientAdminInterface:
         A site without GPUs runs that many CPU ranks (gloo), at most one per CPU: for trying DDP anywhere.
         """
         number = _run_number(run_number)
-        try:
-            gpus = int(gpu_number)
-        except (TypeError, ValueError):
-            raise RequestRefused(f"gpu_number must be a whole number >= 1, got {gpu_number!r}") from None
-        if gpus < 1:
-            raise RequestRefused(f"gpu_number must be a whole number >= 1, got {gpu_number!r}")
+        gpus = _whole_number(gpu_number, "gpu_number", "start-mgpu needs a gpu_number")
         have, where = available_gpus()
         if have and gpus > have:
             raise RequestRefused(f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); "
@@ -210,21 +209,9 @@ class ClientAdminInterface:
     def do_validate(self, req: Message) -> dict[str, Any]:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
         number = _run_number(req.get_header("run_number"))
-        self._let_finishing_run_end()
-        with self._lock:
-            active = self._training_run()
-            if active is not None:
-                raise RequestRefused(f"run {active} is training; cross-site validation waits until it ends")
-            mmar = self.run_dir(number) / "mmar"
-            if not (mmar / "config").is_dir():
-                raise RequestRefused(f"run {number} is not deployed at {self.client_name}")
-            self._run_ended = None
-            try:
-                pid = self.client_executor.start_train(
-                    self.client, TrainArgs(self.workspace, number, self.debug, validate=True), mmar)
-            except TrainingError as e:
-                raise RequestRefused(str(e)) from None
-        return {"run_number": number, "pid": pid, "validating": True}
+        data = self._start(number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar),
+                           validate=True)
+        return {**data, "validating": True}
 
     def remove_custom_path(self) -> None:
         """Forget site code imported from deployed MMARs (custom/ folders) in this process."""
@@ -358,14 +345,19 @@ class ResultForwarder:
 
 
 def _run_number(value, missing: str = NO_RUN_NUMBER) -> int:
+    return _whole_number(value, "run_number", missing)
+
+
+def _whole_number(value, name: str, missing: str) -> int:
+    """A header's value as a whole number >= 1; RequestRefused naming `name` otherwise."""
     if value is None or value == "":
         raise RequestRefused(missing)
     try:
         number = int(value)
     except (TypeError, ValueError):
-        raise RequestRefused(f"run_number must be a whole number >= 1, got {value!r}") from None
+        raise RequestRefused(f"{name} must be a whole number >= 1, got {value!r}") from None
     if number < 1:
-        raise RequestRefused(f"run_number must be a whole number >= 1, got {value!r}")
+        raise RequestRefused(f"{name} must be a whole number >= 1, got {value!r}")
     return number
 
 

@@ -357,8 +357,6 @@ class ProcessExecutor(ClientExecutor):
             os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
         except ChildProcessError:
             pass
-        if launch.ranks > 1:
-            launch.groups |= descendant_groups(pid)
         launch.exited.set()
         self._signal_launch(launch, signal.SIGKILL)  # whatever the worker left behind
         code = launch.proc.wait()

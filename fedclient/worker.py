@@ -121,15 +121,9 @@ class SiteTraining:
 
     def _follow(self, sync) -> None:
         """A rank other than 0: build the trainer and train each phase rank 0 starts; never talks to the server."""
-        import torch
-
-        run_dir = self.workspace / f"run_{self.run_number}"
-        torch.manual_seed(self.mmar.train.seed)
-        sync.follow(self._build_fitter(run_dir))
+        sync.follow(self._build_fitter(self.workspace / f"run_{self.run_number}"))
 
     def _train(self, sync) -> None:
-        import torch
-
         from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
 
@@ -145,7 +139,6 @@ class SiteTraining:
             run_dir = self.workspace / f"run_{client.run_number}"
             (run_dir / "models").mkdir(parents=True, exist_ok=True)
             client.run_dir = run_dir
-            torch.manual_seed(mmar.train.seed)
             fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
             client.ranks = sync
@@ -157,8 +150,12 @@ class SiteTraining:
         client.admin_run(fitter)
 
     def _build_fitter(self, run_dir: Path):
+        """The MMAR's trainer for run_dir, built after seeding torch with config_train.json's seed."""
+        import torch
+
         from fedcommon.components import ComponentError, build_component
 
+        torch.manual_seed(self.mmar.train.seed)
         try:
             return build_component(self.mmar.train.trainer, [self.mmar.custom_dir], site_name=self.kit.name,
                                    run_dir=str(run_dir))
@@ -167,8 +164,6 @@ class SiteTraining:
 
     def _validate_only(self) -> None:
         """Cross-site validation of run N, already trained: share its best local model, validate the others."""
-        import torch
-
         from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
 
@@ -177,7 +172,6 @@ class SiteTraining:
         run_dir = self.workspace / f"run_{number}"
         client.run_dir = run_dir
         try:
-            torch.manual_seed(self.mmar.train.seed)
             update_client_properties(client, self._build_fitter(run_dir))
             if client.is_participating and not client.model_manager.load_best_model(client.best_model_path):
                 log.warning("%s: run %d left no best local model (%s); validating the others only",

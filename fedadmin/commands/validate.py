@@ -12,14 +12,14 @@ from fedadmin.replies import CommandOutcome, RepliesResult
 
 
 def primary_metric(results: dict[str, dict[str, dict[str, Any]]]) -> str | None:
-    """The metric the matrix shows: accuracy if any cell has it, else the first key ending in loss, else the first."""
+    """The metric the matrix shows: the one that ranks models (fedcommon.metrics) among all cells' metrics."""
+    from fedcommon.metrics import primary_metric as ranking_metric
+
     keys: dict[str, None] = {}
     for row in results.values():
         for metrics in row.values():
             keys.update(dict.fromkeys(metrics))
-    if "accuracy" in keys:
-        return "accuracy"
-    return next((k for k in keys if k.endswith("loss")), next(iter(keys), None))
+    return ranking_metric(keys) if keys else None
 
 
 @dataclass(frozen=True)
