@@ -26,11 +26,11 @@ import grpc  # noqa: E402
 import numpy as np  # noqa: E402
 from round_bench import Child, free_ports, write_mmar  # noqa: E402
 
+from fedcommon.chunk_wire import TrainingStub  # noqa: E402
 from fedcommon.kit import channel_credentials, load_kit  # noqa: E402
 from fedcommon.provision import prepare_poc  # noqa: E402
 from fedcommon.tensor_codec import decode_tensors, encode_tensors  # noqa: E402
 from fedcommon.wire import training_pb2 as pb  # noqa: E402
-from fedcommon.wire import training_pb2_grpc as pb_grpc  # noqa: E402
 
 TARGET_MS = 50.0
 
@@ -39,7 +39,7 @@ def site_loop(ws: Path, site: str, target: str, rounds: int, submitted: dict, av
               errors: list[str]) -> None:
     channel = grpc.secure_channel(target, channel_credentials(load_kit(ws / site)))
     try:
-        stub = pb_grpc.FederatedTrainingStub(channel)
+        stub = TrainingStub(channel)
         token = stub.Register(pb.RegisterRequest(client_name=site), timeout=30).token
         md = (("fl-token", token),)
         done = 0

@@ -27,13 +27,19 @@ from fedcommon.wire import admin_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-LONG_POLL_S = 20.0
-RETRIEVE_DEADLINE_S = 30.0
+# A held Retrieve costs the server nothing, a returned one about a millisecond of CPU: at 60 s, a thousand idle
+# sites cost it ~2.5% of a core (20 s: ~6%; benchmarks/scale_bench.py). The server's keepalive pings find a
+# dead site's connection in under a minute either way.
+LONG_POLL_S = 60.0
+RETRIEVE_DEADLINE_S = 75.0
 SEND_DEADLINE_S = 30.0
 SEND_ATTEMPTS = 3
 FETCH_DEADLINE_S = 1800.0
 DEFAULT_WORKERS = 5
 SHUTDOWN_WAIT_S = 10.0
+# How long the retrieve loop waits for the replies of the batch it just took, to carry them with its next
+# long-poll instead of a SendReply call each; a slower request's reply is sent on its own when ready.
+PIGGYBACK_WAIT_S = 0.1
 MAX_MESSAGE_BYTES = 16 << 20
 # Polled every second while an operator follows a run: logged only at debug level when they succeed.
 QUIET_TOPICS = ("check_status", "sys_info")
@@ -62,6 +68,12 @@ class Sender:
     def send_reply(self, reply: Message) -> None:
         """Send the reply to a request."""
         raise NotImplementedError
+
+    def retrieve_requests_with_replies(self, replies: list[Message]) -> list[Message]:
+        """Deliver `replies`, then long-poll as retrieve_requests; a Sender may carry both in one call."""
+        for reply in replies:
+            self.send_reply(reply)
+        return self.retrieve_requests()
 
     def send_result(self, message: Message) -> None:
         """Send a message the site sends on its own (progress, training_ended)."""
@@ -93,6 +105,10 @@ class FedAdminAgent:
         self._in_flight_lock = threading.Lock()
         self._audit_writer = JsonLinesLog(self.audit_log) if self.audit_log is not None else None
         self._threads: list[threading.Thread] = []
+        # Replies to the last retrieved batch that are ready before the next long-poll travel with it.
+        self._batch_lock = threading.Condition()
+        self._batch: set[str] = set()  # ids of the last batch's requests still being handled
+        self._outbox: list[Message] = []
 
     def register_processor(self, processor: RequestProcessor) -> None:
         """Route the processor's topics to it; a topic may have one processor only."""
@@ -140,10 +156,14 @@ class FedAdminAgent:
     # ---- loops ----------------------------------------------------------------------------------
 
     def _retrieve_loop(self) -> None:
+        replies: list[Message] = []
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                requests = self.sender.retrieve_requests()
+                if replies:
+                    requests = self.sender.retrieve_requests_with_replies(replies)
+                else:
+                    requests = self.sender.retrieve_requests()
             except Exception:  # a Sender should not raise; the agent survives one that does
                 log.exception("retrieving requests failed")
                 requests = []
@@ -151,11 +171,27 @@ class FedAdminAgent:
                 if requests:
                     log.warning("shutting down: %d retrieved request(s) dropped", len(requests))
                 return
+            with self._batch_lock:
+                self._batch = {request.id for request in requests}
             for request in requests:
                 self._incoming.put(request)
+            replies = self._batch_replies() if requests else []
             # An empty answer long before the long-poll's end means the call failed: space the retries.
             if not requests and time.monotonic() - started < self.req_poll_interval:
                 self._stop.wait(self.req_poll_interval)
+
+    def _batch_replies(self) -> list[Message]:
+        """The replies to the batch just retrieved that are ready within PIGGYBACK_WAIT_S; later ones are sent."""
+        deadline = time.monotonic() + PIGGYBACK_WAIT_S
+        with self._batch_lock:
+            while self._batch and not self._stop.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._batch_lock.wait(left)
+            self._batch = set()
+            replies, self._outbox = self._outbox, []
+        return replies
 
     def _dispatch_loop(self) -> None:
         while not self._stop.is_set():
@@ -186,8 +222,15 @@ class FedAdminAgent:
         ok = reply.get_header(MsgHeader.RETURN_CODE) == ReturnCode.OK
         error = "" if ok else _text(reply.body)
         self._audit(req, ok, error)
+        with self._batch_lock:
+            if req.id in self._batch:  # the retrieve loop is waiting for it: it goes with the next long-poll
+                self._batch.discard(req.id)
+                self._outbox.append(reply)
+                self._batch_lock.notify_all()
+                reply = None
         try:
-            self.sender.send_reply(reply)
+            if reply is not None:
+                self.sender.send_reply(reply)
         except Exception:
             log.exception("sending the reply to %s (%s) failed", req.topic, req.id)
         level = logging.DEBUG if ok and req.topic in QUIET_TOPICS else logging.INFO
@@ -285,19 +328,27 @@ class AdminMessageSender(Sender):
 
     # ---- the seed's calls ------------------------------------------------------------------------
 
-    def retrieve_client_requests(self, taskname: str, wait_seconds: float = LONG_POLL_S) -> list[Message]:
-        """Long-poll the server for this site's requests (raises grpc.RpcError)."""
+    def retrieve_client_requests(self, taskname: str, wait_seconds: float = LONG_POLL_S,
+                                 replies: list[Message] = ()) -> list[Message]:
+        """Long-poll the server for this site's requests, delivering `replies` with the call (raises grpc.RpcError)."""
         if self.rank != 0:
             return []
-        reply = self._stub.Retrieve(pb.RetrieveRequest(wait_seconds=wait_seconds), timeout=RETRIEVE_DEADLINE_S)
+        request = pb.RetrieveRequest(wait_seconds=wait_seconds, replies=[message_to_wire(m) for m in replies])
+        reply = self._stub.Retrieve(request, timeout=RETRIEVE_DEADLINE_S)
         return [message_from_wire(m) for m in reply.requests]
 
     def retrieve_requests(self) -> list[Message]:
         """Long-poll for requests; [] on any error (logged once per kind of failure)."""
+        return self.retrieve_requests_with_replies([])
+
+    def retrieve_requests_with_replies(self, replies: list[Message]) -> list[Message]:
+        """Long-poll for requests, carrying `replies`; on an error they are sent one by one, and [] is returned."""
         try:
-            requests = self.retrieve_client_requests(self.task_name)
+            requests = self.retrieve_client_requests(self.task_name, replies=replies)
         except grpc.RpcError as e:
             self._failed("retrieving requests", e)
+            for reply in replies:  # the server may not have them: SendReply retries; a duplicate is refused
+                self.send_reply(reply)
             return []
         except Exception:
             log.exception("retrieving requests failed")

@@ -13,10 +13,10 @@ import grpc
 import numpy as np
 
 from fedclient.data_assembler import DataAssembler
+from fedcommon.chunk_wire import TrainingStub
 from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
 from fedcommon.wire import training_pb2 as pb
-from fedcommon.wire import training_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +129,10 @@ class Communicator:
             channel.close()
         self._channels.clear()
 
-    def _stub(self, servers: dict, task_name: str) -> pb_grpc.FederatedTrainingStub:
+    def _stub(self, servers: dict, task_name: str) -> TrainingStub:
         if task_name not in servers:
             raise CommunicationError(f"no server configured for task {task_name!r}")
-        return pb_grpc.FederatedTrainingStub(self.set_up_channel(servers[task_name]))
+        return TrainingStub(self.set_up_channel(servers[task_name]))
 
     # ---- error handling -------------------------------------------------------------------------
 

@@ -61,7 +61,8 @@ def identity_of(cert: x509.Certificate) -> PeerIdentity:
     )
 
 
-@functools.lru_cache(maxsize=1024)
+# Parsed once per certificate, not per call: every long-poll of every site passes through here.
+@functools.lru_cache(maxsize=1 << 16)
 def _identity_of_pem(pem: bytes) -> PeerIdentity:
     return identity_of(x509.load_pem_x509_certificate(pem))
 

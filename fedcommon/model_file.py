@@ -12,6 +12,7 @@ from typing import IO, Any
 import numpy as np
 
 from fedcommon.atomic import atomic_writer
+from fedcommon.chunk_wire import DataChunk
 from fedcommon.dtypes import dtype_from_name, dtype_name
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, as_wire_array
 from fedcommon.wire import training_pb2 as pb
@@ -177,8 +178,12 @@ def load_model(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str
 
 def iter_model_chunks(
     f: IO[bytes], index: ModelIndex, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[pb.ModelChunk]:
-    """Stream an open model file as wire chunks, straight from disk (no decoding)."""
+) -> Iterator[pb.ModelChunk | DataChunk]:
+    """Stream an open model file as wire chunks, straight from disk (no decoding).
+
+    Each data chunk is a view of one buffer that the next chunk refills: send or copy it before taking the next
+    (gRPC serializes each chunk before it asks for the next one).
+    """
     buf = bytearray(chunk_bytes)
     view = memoryview(buf)
     for e in index.entries:
@@ -191,6 +196,6 @@ def iter_model_chunks(
             n = f.readinto(view[: min(left, chunk_bytes)])
             if not n:
                 raise ModelFileError(f"tensor {e.name!r}: file ended early")
-            yield pb.ModelChunk(data=bytes(view[:n]))
+            yield DataChunk(view[:n])
             left -= n
 

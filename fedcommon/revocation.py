@@ -103,6 +103,12 @@ class RevocationList:
             log.info("%s: %d certificate(s) revoked", self.path, len(revoked))
         self._number, self._revoked = number, revoked
 
+    def revoked(self) -> frozenset[int]:
+        """The serials revoked now (re-reads the file if it changed)."""
+        with self._lock:
+            self._reload()
+            return frozenset(self._revoked)
+
     def is_revoked(self, serial: int) -> bool:
         """Whether the certificate with this serial is revoked (re-reads the file if it changed)."""
         with self._lock:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fedcommon.chunk_wire import DataChunk
 from fedcommon.dtypes import dtype_from_name, dtype_name
 from fedcommon.wire import training_pb2 as pb
 
@@ -42,20 +43,22 @@ def as_wire_array(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def encode_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> Iterator[pb.ModelChunk]:
-    """One tensor as a TensorHeader chunk followed by its data chunks."""
+def encode_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+                  ) -> Iterator[pb.ModelChunk | DataChunk]:
+    """One tensor as a TensorHeader chunk followed by its data chunks (views of the array: keep it unchanged
+    until they are sent)."""
     arr = as_wire_array(arr)
     raw = memoryview(arr.reshape(-1).view(np.uint8)) if arr.size else memoryview(b"")
     yield pb.ModelChunk(
         tensor=pb.TensorHeader(name=name, dtype=dtype_name(arr.dtype), shape=list(arr.shape), nbytes=raw.nbytes)
     )
     for start in range(0, raw.nbytes, chunk_bytes):
-        yield pb.ModelChunk(data=raw[start : start + chunk_bytes].tobytes())
+        yield DataChunk(raw[start : start + chunk_bytes])
 
 
 def encode_tensors(
     tensors: Mapping[str, np.ndarray] | Iterable[tuple[str, np.ndarray]], chunk_bytes: int = DEFAULT_CHUNK_BYTES
-) -> Iterator[pb.ModelChunk]:
+) -> Iterator[pb.ModelChunk | DataChunk]:
     """Every tensor of a model, in order, as chunks."""
     items = tensors.items() if isinstance(tensors, Mapping) else tensors
     for name, arr in items:
@@ -104,7 +107,7 @@ class TensorAssembler:
         self._buf = np.empty(spec.nbytes, dtype=np.uint8)
         return self._finish() if spec.nbytes == 0 else None
 
-    def feed(self, data: bytes) -> tuple[str, np.ndarray] | None:
+    def feed(self, data: bytes | memoryview) -> tuple[str, np.ndarray] | None:
         """Add a data chunk; returns (name, array) when the tensor is complete."""
         if self._spec is None or self._buf is None:
             raise CodecError("data chunk outside a tensor (no tensor header before it)")
@@ -129,7 +132,7 @@ class TensorAssembler:
         return f"tensor {self._spec.name!r} has {self._filled} of {self._spec.nbytes} bytes"
 
 
-def decode_tensors(chunks: Iterable[pb.ModelChunk]) -> dict[str, np.ndarray]:
+def decode_tensors(chunks: Iterable[pb.ModelChunk | DataChunk]) -> dict[str, np.ndarray]:
     """Tensors from a stream of TensorHeader/data chunks (header chunks are refused here)."""
     out: dict[str, np.ndarray] = {}
     asm = TensorAssembler()

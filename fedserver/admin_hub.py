@@ -63,9 +63,13 @@ class CommandResult:
 
 @dataclass
 class _Agent:
+    # One condition per site over the hub's lock: a request for one site wakes that site's long-poll only,
+    # not every site's (with a thousand sites, notify_all on a shared condition costs a thousand wake-ups).
+    wakeup: threading.Condition
     polls: int = 0  # Retrieve calls in flight
     last_poll: float = -math.inf
     org: str | None = None  # from the site's certificate
+    serial: int | None = None  # of the certificate its last Retrieve came with
     queue: deque[Message] = field(default_factory=deque)
     gone: bool = False  # shut out (revoked): a long-poll in flight returns empty
 
@@ -111,7 +115,7 @@ class AdminHub:
     def __init__(self, server: FederationServer, policy: Policy | None = None):
         self._server = server
         self.policy = policy or Policy(DEFAULT_POLICY)
-        self._cond = threading.Condition()
+        self._lock = threading.RLock()
         self._agents: dict[str, _Agent] = {}
         self._waiting: dict[str, _Waiter] = {}
         self._progress: dict[str, dict[str, Any]] = {}
@@ -122,17 +126,20 @@ class AdminHub:
     # ---- agent plane ----------------------------------------------------------------------------
 
     def retrieve(self, site: str, wait: float, active: Callable[[], bool] = lambda: True,
-                 org: str | None = None) -> list[Message]:
+                 org: str | None = None, serial: int | None = None) -> list[Message]:
         """Hold until requests for `site` are queued, `wait` seconds pass or the caller goes away.
 
-        `org` is the organisation in the site's certificate, which org-scoped rights are checked against.
+        `org` is the organisation in the site's certificate, which org-scoped rights are checked against;
+        `serial` the certificate's serial, which a revocation is matched against (see revoked_sites).
         """
         deadline = time.monotonic() + wait
-        with self._cond:
-            agent = self._agents.setdefault(site, _Agent())
+        with self._lock:
+            agent = self._agent(site)
             agent.polls += 1
             if org is not None:
                 agent.org = org
+            if serial is not None:
+                agent.serial = serial
             try:
                 while not self._closed and not agent.gone and active():
                     if agent.queue:
@@ -142,21 +149,34 @@ class AdminHub:
                     left = deadline - time.monotonic()
                     if left <= 0:
                         break
-                    self._cond.wait(left)
+                    agent.wakeup.wait(left)
                 return []
             finally:
                 agent.polls -= 1
                 agent.last_poll = time.monotonic()
 
-    def wake(self) -> None:
-        """Let every long-poll re-check its state (a caller went away)."""
-        with self._cond:
-            self._cond.notify_all()
+    def _agent(self, site: str) -> _Agent:
+        """`site`'s record, created on first sight; call with the lock held."""
+        agent = self._agents.get(site)
+        if agent is None:
+            agent = self._agents[site] = _Agent(threading.Condition(self._lock))
+        return agent
+
+    def wake(self, site: str) -> None:
+        """Let `site`'s long-polls re-check their state (a caller went away)."""
+        with self._lock:
+            agent = self._agents.get(site)
+            if agent is not None:
+                agent.wakeup.notify_all()
+
+    def _wake_all(self) -> None:
+        for agent in self._agents.values():
+            agent.wakeup.notify_all()
 
     def connected_sites(self) -> list[str]:
         """Sites with a Retrieve in flight or one in the last 45 s."""
         now = time.monotonic()
-        with self._cond:
+        with self._lock:
             return sorted(
                 name for name, a in self._agents.items() if a.polls > 0 or now - a.last_poll <= CONNECTED_WINDOW_S
             )
@@ -164,7 +184,7 @@ class AdminHub:
     def post_reply(self, site: str, msg: Message) -> str | None:
         """Deliver `site`'s reply to the command waiting for it; returns why it was not taken, or None."""
         ref = msg.get_ref_id() or ""
-        with self._cond:
+        with self._lock:
             waiter = self._waiting.get(ref)
             if waiter is None:
                 return f"no request {ref!r} is waiting for a reply (it may have timed out)"
@@ -187,7 +207,7 @@ class AdminHub:
             return f"{msg.topic} body is not JSON: {e}"
         if not isinstance(data, dict):
             return f"{msg.topic} body must be a JSON object"
-        with self._cond:
+        with self._lock:
             (self._progress if msg.topic == "progress" else self._ended)[site] = data
             if msg.topic == "progress":
                 self._ended.pop(site, None)  # training again
@@ -198,65 +218,71 @@ class AdminHub:
 
     def site_results(self) -> dict[str, dict[str, Any]]:
         """The latest progress and training_ended report per site."""
-        with self._cond:
+        with self._lock:
             return {"site_progress": dict(sorted(self._progress.items())),
                     "training_ended": dict(sorted(self._ended.items()))}
 
     def forget(self, site: str) -> None:
         """Drop what is kept about `site`'s training (remove-client)."""
-        with self._cond:
+        with self._lock:
             self._progress.pop(site, None)
             self._ended.pop(site, None)
 
     def close(self) -> None:
         """Release every long-poll and every command waiting for replies (server stopping)."""
-        with self._cond:
+        with self._lock:
             self._closed = True
             for waiter in self._waiting.values():
                 waiter.done.set()
             self._waiting.clear()
-            self._cond.notify_all()
+            self._wake_all()
 
     def shut_out(self, site: str, reason: str) -> None:
         """`site` may no longer take requests (its certificate was revoked): it is not connected from now on.
 
         Requests queued for it are answered at once with `reason` instead of waiting for a reply that cannot come.
         """
-        with self._cond:
+        with self._lock:
             agent = self._agents.pop(site, None)
             if agent is not None:
                 agent.gone = True
                 agent.queue.clear()
+                agent.wakeup.notify_all()
             for ref, waiter in list(self._waiting.items()):
                 if waiter.site == site:
                     del self._waiting[ref]
                     waiter.reply = TargetResult(site, False, error=f"{site} was refused: {reason}")
                     waiter.done.set()
-            self._cond.notify_all()
+
+    def revoked_sites(self, revoked: frozenset[int]) -> list[str]:
+        """Sites whose last long-poll came with a certificate whose serial is in `revoked`."""
+        with self._lock:
+            return sorted(name for name, a in self._agents.items() if a.serial is not None and a.serial in revoked)
 
     def site_orgs(self) -> dict[str, str]:
         """The organisation of each site that has connected, from its certificate."""
-        with self._cond:
+        with self._lock:
             return {name: a.org for name, a in self._agents.items() if a.org is not None}
 
     def send(self, sites: list[str], topic: str, headers: dict[str, Any], body: str) -> list[_Waiter]:
         """Queue one request per site; each gets its own id so a reply names exactly one of them."""
         waiters = []
-        with self._cond:
+        with self._lock:
             for site in sites:
                 msg = Message(topic, body).set_headers(headers)
                 waiter = _Waiter(site, msg)
                 self._waiting[msg.id] = waiter
-                self._agents.setdefault(site, _Agent()).queue.append(msg)
+                agent = self._agent(site)
+                agent.queue.append(msg)
+                agent.wakeup.notify_all()
                 waiters.append(waiter)
-            self._cond.notify_all()
         return waiters
 
     def gather(self, waiters: list[_Waiter], deadline: float) -> dict[str, TargetResult | None]:
         """Wait for the replies until `deadline` (monotonic); a site that did not reply maps to None."""
         for waiter in waiters:
             waiter.done.wait(max(0.0, deadline - time.monotonic()))
-        with self._cond:
+        with self._lock:
             for waiter in waiters:
                 if waiter.done.is_set():
                     continue
@@ -332,7 +358,7 @@ class AdminHub:
             for site in stopped:
                 self._server.registry.remove(site)
             if command == "shutdown":
-                with self._cond:  # a site that agreed to shut down is no longer connected
+                with self._lock:  # a site that agreed to shut down is no longer connected
                     for site in stopped:
                         self._agents.pop(site, None)
         if on_server and spec.after_sites:

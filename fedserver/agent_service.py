@@ -17,7 +17,7 @@ from fedserver.blob_store import BlobError, BlobStore
 
 log = logging.getLogger(__name__)
 
-MAX_RETRIEVE_WAIT_S = 20.0
+MAX_RETRIEVE_WAIT_S = 60.0  # fedclient.admin.LONG_POLL_S says why 60
 
 
 class SiteAgentService(pb_grpc.SiteAgentServicer):
@@ -42,12 +42,16 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         return cls._peer(context).name
 
     def Retrieve(self, request: pb.RetrieveRequest, context: grpc.ServicerContext) -> pb.RetrieveReply:
-        """Hold until requests for the calling site are queued or wait_seconds (at most 20) pass."""
+        """Hold until requests for the calling site are queued or wait_seconds (at most 60) pass."""
         peer = self._peer(context)
         site = peer.name
+        for wire in request.replies:  # replies that came with this call rather than by SendReply
+            refused = self._hub.post_reply(site, message_from_wire(wire))
+            if refused:
+                log.info("reply from %s not taken: %s", site, refused)
         wait = min(max(request.wait_seconds, 0.0), MAX_RETRIEVE_WAIT_S)
-        context.add_callback(self._hub.wake)  # a site that hangs up frees its long-poll at once
-        requests = self._hub.retrieve(site, wait, context.is_active, org=peer.org)
+        context.add_callback(lambda: self._hub.wake(site))  # a site that hangs up frees its long-poll at once
+        requests = self._hub.retrieve(site, wait, context.is_active, org=peer.org, serial=peer.serial)
         if requests:
             log.debug("%s retrieved %s", site, ", ".join(m.topic for m in requests))
         return pb.RetrieveReply(requests=[message_to_wire(m) for m in requests])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import resource
 import signal
 import sys
 import threading
@@ -19,6 +20,17 @@ log = logging.getLogger("fedserver")
 @click.group()
 def main() -> None:
     """The fedlearn federation server."""
+
+
+def _raise_open_file_limit() -> None:
+    """Lift the soft limit on open files to the hard one: each connected site holds a socket (1024 is common)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == hard:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("could not raise the open-file limit (%s): more than ~%d sites may be refused", e, soft // 2)
 
 
 @main.command()
@@ -38,6 +50,7 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     from fedserver.server import FederationServer, ServerError
 
     configure_logging(workspace / "log.txt", debug)
+    _raise_open_file_limit()
     try:
         kit = load_kit(workspace)
         server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port)

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 import zipfile
 from concurrent import futures
 from pathlib import Path
@@ -20,13 +21,13 @@ from typing import Any
 import grpc
 
 from fedcommon.atomic import atomic_write_json
+from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
 from fedcommon.mmar import load_mmar
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
-from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.admin_hub import DEFAULT_TIMEOUT_S, AdminHub
 from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
@@ -43,6 +44,13 @@ log = logging.getLogger(__name__)
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    # Sites hold long-polls of up to 60 s: a ping every 30 s (answered in 10 s, or the connection and its calls
+    # are dropped) finds a site whose machine or network died, so it stops counting as connected.
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    ("grpc.http2.bdp_probe", 0),
 ]
 # Operators send commands and 1 MiB upload chunks: anything far larger on the admin port is hostile.
 ADMIN_MAX_MESSAGE_BYTES = 8 << 20
@@ -55,6 +63,11 @@ INIT_MODEL_TIMEOUT_S = 600
 STATE_FILE = "state.json"
 UPLOADS_DIR = "uploads"
 ADMIN_WORKERS = 16
+# Each site holds up to two long-polls on fl_port (its agent's Retrieve, its worker's GetModel), and the sync
+# gRPC server gives every call in flight a thread; threads are created only when needed, so a high cap costs
+# nothing until sites connect (an idle thread blocked on a condition uses no CPU and ~100 KiB of memory).
+FL_WORKERS = 4096
+REVOCATION_CHECK_S = 1.0
 
 
 class ServerError(Exception):
@@ -65,7 +78,7 @@ class FederationServer:
     """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
     def __init__(self, workspace: Path, kit: Kit, bind_host: str | None = None, fl_port: int | None = None,
-                 max_workers: int = 256, tick_seconds: float = 0.25, admin_port: int | None = None):
+                 max_workers: int = FL_WORKERS, tick_seconds: float = 0.25, admin_port: int | None = None):
         self.workspace = Path(workspace)
         self.kit = kit
         self.bind_host = bind_host or kit.server_host
@@ -99,9 +112,12 @@ class FederationServer:
     def start(self) -> int:
         """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
         creds = server_credentials(self.kit)
+        # Past max_workers a call is refused with RESOURCE_EXHAUSTED (the site retries) instead of queueing
+        # behind long-polls that hold every thread for up to 20 s.
         fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
-                         options=GRPC_OPTIONS, interceptors=[self._gate("fl_port", ("client",))])
-        pb_grpc.add_FederatedTrainingServicer_to_server(TrainingService(self), fl)
+                         options=GRPC_OPTIONS, interceptors=[self._gate("fl_port", ("client",))],
+                         maximum_concurrent_rpcs=self._max_workers)
+        add_training_servicer(TrainingService(self), fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.hub, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
@@ -442,9 +458,24 @@ class FederationServer:
         """Sites registered in the training plane."""
         return self.registry.names()
 
+    def _shut_out_revoked(self) -> None:
+        """Release the long-polls of sites whose certificate was revoked since they connected.
+
+        A Retrieve is held up to a minute; without this a revoked site would count as connected until it ends.
+        """
+        revoked = self.revocations.revoked()
+        if revoked:
+            for site in self.hub.revoked_sites(revoked):
+                log.warning("%s: its certificate was revoked; its long-poll is released", site)
+                self.hub.shut_out(site, "its certificate was revoked")
+
     def _tick_loop(self) -> None:
+        last_revocation_check = 0.0
         while not self._stop.wait(self._tick_seconds):
             try:
+                if time.monotonic() - last_revocation_check >= REVOCATION_CHECK_S:
+                    last_revocation_check = time.monotonic()
+                    self._shut_out_revoked()
                 self.registry.drop_silent(self.heartbeat_timeout())
                 if self.run is not None:
                     self.run.tick(self.registry.names())

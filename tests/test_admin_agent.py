@@ -39,6 +39,7 @@ class FakeSender(Sender):
         self.inbox: queue.Queue[Message] = queue.Queue()
         self.replies: dict[str, Message] = {}
         self.results: list[Message] = []
+        self.carried: list[str] = []  # ids of the requests whose replies came with a long-poll
         self.blobs: dict[str, bytes] = {}
         self._cond = threading.Condition()
         self._closed = threading.Event()
@@ -59,6 +60,13 @@ class FakeSender(Sender):
         with self._cond:
             self.replies[reply.get_ref_id()] = reply
             self._cond.notify_all()
+
+    def retrieve_requests_with_replies(self, replies: list[Message]) -> list[Message]:
+        with self._cond:
+            self.carried += [r.get_ref_id() for r in replies]
+        for reply in replies:
+            self.send_reply(reply)
+        return self.retrieve_requests()
 
     def send_result(self, message: Message) -> None:
         with self._cond:
@@ -224,6 +232,21 @@ def test_a_slow_request_does_not_block_a_status_request(site):
     assert slow_request.id not in sender.replies
     slow.release.set()
     assert sender.reply_to(slow_request).get_header("_rtnCode") == "_ok"
+
+
+def test_replies_ready_in_time_go_with_the_next_long_poll_and_a_slow_one_on_its_own(site):
+    sender, interface, agent, _ = site
+    slow = SlowProcessor()
+    agent.register_processor(slow)
+    agent.start()
+    slow_request = sender.send("slow")
+    assert slow.entered.wait(5)
+    status = sender.send("check_status")
+    assert sender.reply_to(status).get_header("_rtnCode") == "_ok"
+    slow.release.set()
+    assert sender.reply_to(slow_request).get_header("_rtnCode") == "_ok"
+    assert status.id in sender.carried
+    assert slow_request.id not in sender.carried
 
 
 def test_every_request_is_audited_as_one_json_line(site):

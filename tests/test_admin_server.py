@@ -16,12 +16,14 @@ import numpy as np
 import pytest
 from conftest import copy_mmar, free_port, prepare_workspace, server_process
 
+from fedcommon.admin_defs import ok_reply
+from fedcommon.admin_serde import message_from_wire, message_to_wire
+from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import save_model
 from fedcommon.wire import admin_pb2 as apb
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedcommon.wire import training_pb2 as tpb
-from fedcommon.wire import training_pb2_grpc as training_grpc
 from fedserver.run import Phase
 from fedserver.server import FederationServer
 
@@ -320,6 +322,36 @@ def test_retrieve_returns_as_soon_as_a_request_is_queued(federation):
     assert polled["held"] < 5, "Retrieve should return when the request is queued, not after its 15 s wait"
 
 
+def test_a_reply_carried_by_the_next_retrieve_answers_the_command(federation):
+    stub = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    stub.Retrieve(apb.RetrieveRequest(wait_seconds=0), timeout=5)  # now connected
+    answered: dict = {}
+
+    def agent() -> None:
+        request = stub.Retrieve(apb.RetrieveRequest(wait_seconds=15), timeout=30).requests[0]
+        reply = ok_reply(json.dumps({"status": "carried"}), message_from_wire(request)).set_ref_id(request.id)
+        answered["next"] = stub.Retrieve(apb.RetrieveRequest(wait_seconds=0, replies=[message_to_wire(reply)]),
+                                         timeout=5)
+
+    thread = threading.Thread(target=agent)
+    thread.start()
+    time.sleep(0.3)
+    outcome = federation.execute("status", ["site-1"], timeout=5)
+    thread.join(10)
+    assert "next" in answered
+    assert outcome.replies[0].ok and json.loads(outcome.replies[0].data_json)["status"] == "carried"
+
+
+def test_the_hub_names_the_sites_whose_long_poll_came_with_a_revoked_certificate(federation):
+    hub = federation.server.hub
+    hub.retrieve("site-1", 0, serial=11)
+    hub.retrieve("site-2", 0, serial=12)
+    assert hub.revoked_sites(frozenset({12, 99})) == ["site-2"]
+    assert hub.revoked_sites(frozenset()) == []
+
+
 # ---- uploads and blobs --------------------------------------------------------------------------
 
 
@@ -508,7 +540,7 @@ def test_abort_when_nothing_trains_is_refused(federation):
 
 
 def test_shutdown_server_is_refused_while_sites_are_registered(federation):
-    stub = training_grpc.FederatedTrainingStub(
+    stub = TrainingStub(
         grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
     )
     stub.Register(tpb.RegisterRequest(client_name="site-1"), timeout=10)

@@ -17,11 +17,11 @@ from test_run_rounds import _config
 from fedclient.communicator import CommunicationError, Communicator
 from fedclient.model_manager import ClientModelManager
 from fedclient.worker import kit_ssl_args
+from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import load_kit
 from fedcommon.model_file import load_model, save_model
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
-from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.aggregator import ContributionError
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.run import BEST_GLOBAL_MODEL, GLOBAL_MODEL, FederatedRun, Phase
@@ -107,7 +107,7 @@ def _chunks(*tensors: tuple[str, np.ndarray]) -> list[pb.ModelChunk]:
 
 def _cut_mid_tensor() -> list[pb.ModelChunk]:
     header, data = _chunks(("w", W0["w"]))
-    return [header, pb.ModelChunk(data=data.data[:12])]
+    return [header, pb.ModelChunk(data=bytes(data.data[:12]))]
 
 
 _NAN_B = np.array([0.0, np.nan, 1.0], np.float32)
@@ -657,7 +657,7 @@ def _contribute_over_grpc(comm: Communicator, servers: dict, token: str, update:
                           metrics: dict[str, float]) -> None:
     header = pb.ModelHeader(run_number=1, round=0, kind="delta_w", weight=1.0, metrics=metrics,
                             num_tensors=len(update))
-    stub = pb_grpc.FederatedTrainingStub(comm.set_up_channel(servers[TASK]))
+    stub = TrainingStub(comm.set_up_channel(servers[TASK]))
     reply = stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *encode_tensors(update)]),
                               metadata=(("fl-token", token),), timeout=10)
     assert reply.accepted, reply.reason

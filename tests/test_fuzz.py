@@ -112,7 +112,7 @@ def _mutate(chunks: list[pb.ModelChunk], change: tuple) -> list[pb.ModelChunk]:
     elif kind == "truncate stream":
         del chunks[at:]
     elif kind in ("truncate data", "extra bytes") and at < len(chunks) and chunks[at].WhichOneof("part") == "data":
-        data = chunks[at].data
+        data = bytes(chunks[at].data)
         chunks[at] = pb.ModelChunk(data=data[: change[2]] if kind == "truncate data" else data + change[2])
     elif kind == "insert data":
         chunks.insert(at, pb.ModelChunk(data=change[2]))

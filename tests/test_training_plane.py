@@ -13,12 +13,12 @@ from conftest import copy_mmar, prepare_workspace
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
+from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import load_model, save_model
 from fedcommon.pki import issue_cert, write_crl
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
-from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.server import FederationServer
 
 W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
@@ -42,7 +42,7 @@ def federation(tmp_path):
 
 def _stub(ws, site, target, creds=None):
     channel = grpc.secure_channel(target, creds or channel_credentials(load_kit(ws / site)))
-    return pb_grpc.FederatedTrainingStub(channel), channel
+    return TrainingStub(channel), channel
 
 
 def _register(ws, site, target):
