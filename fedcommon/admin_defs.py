@@ -24,6 +24,7 @@ class MsgHeader:
 SITE_COMMANDS = ("status", "sysinfo", "run-validation", "validate", "deploy", "start", "start-mgpu", "abort",
                  "delete-run", "restart", "shutdown", "shell")
 ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
+PARTICIPANT_ROLES = ("server", "client", "admin")
 
 
 @dataclass(frozen=True)

@@ -14,10 +14,9 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from fedcommon.admin_defs import ADMIN_ROLES
+from fedcommon.admin_defs import ADMIN_ROLES, PARTICIPANT_ROLES
 from fedcommon.atomic import atomic_write_bytes
 
-ROLES = ("server", "client", "admin")
 CA_VALID_DAYS = 3650
 CERT_VALID_DAYS = 365
 
@@ -176,8 +175,8 @@ def issue_cert(
     minutes) for valid_days, and never beyond the CA.
     """
     check_name(name)
-    if role not in ROLES:
-        raise PkiError(f"role {role!r} is not one of {', '.join(ROLES)}")
+    if role not in PARTICIPANT_ROLES:
+        raise PkiError(f"role {role!r} is not one of {', '.join(PARTICIPANT_ROLES)}")
     if role == "admin":
         if admin_role not in ADMIN_ROLES:
             raise PkiError(f"admin {name!r} needs admin_role, one of {', '.join(ADMIN_ROLES)}")

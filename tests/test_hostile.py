@@ -10,6 +10,7 @@ import datetime
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -157,6 +158,17 @@ def _expired_admin_kit(fed: Federation, dest: Path) -> Path:
     write_pem_cert(startup / "cert.pem", cert)
     write_private_key(startup / "key.pem", key)
     return dest
+
+
+def test_a_kit_whose_key_is_not_its_certificates_is_named_when_the_connection_fails(fed, tmp_path):
+    kit_dir = tmp_path / "swapped"
+    shutil.copytree(fed.kit("root@consortium"), kit_dir)
+    (kit_dir / "startup" / "key.pem").write_bytes((fed.kit("hospital-a") / "startup" / "key.pem").read_bytes())
+    done = fedadmin("status", kit=kit_dir)
+    assert done.returncode == 3
+    assert "cannot use the admin kit" in done.stderr and "private key does not match the certificate" in done.stderr
+    assert "Traceback" not in done.stderr
+    fed.assert_alive()
 
 
 def test_an_expired_certificate_is_refused_by_the_console_and_by_the_server(fed, tmp_path):
