@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import queue
+import random
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,6 +41,7 @@ SHUTDOWN_WAIT_S = 10.0
 # How long the retrieve loop waits for the replies of the batch it just took, to carry them with its next
 # long-poll instead of a SendReply call each; a slower request's reply is sent on its own when ready.
 PIGGYBACK_WAIT_S = 0.1
+MAX_RETRY_PAUSE_S = 2.0
 MAX_MESSAGE_BYTES = 16 << 20
 # Polled every second while an operator follows a run: logged only at debug level when they succeed.
 QUIET_TOPICS = ("check_status", "sys_info")
@@ -157,6 +159,7 @@ class FedAdminAgent:
 
     def _retrieve_loop(self) -> None:
         replies: list[Message] = []
+        failures = 0  # long-polls in a row that failed at once: the server is away
         while not self._stop.is_set():
             started = time.monotonic()
             try:
@@ -176,9 +179,14 @@ class FedAdminAgent:
             for request in requests:
                 self._incoming.put(request)
             replies = self._batch_replies() if requests else []
-            # An empty answer long before the long-poll's end means the call failed: space the retries.
+            # An empty answer long before the long-poll's end means the call failed: space the retries, doubling
+            # the pause up to MAX_RETRY_PAUSE_S, with jitter so that sites do not all return in the same instant.
             if not requests and time.monotonic() - started < self.req_poll_interval:
-                self._stop.wait(self.req_poll_interval)
+                failures += 1
+                pause = min(self.req_poll_interval * 2 ** min(failures - 1, 16), MAX_RETRY_PAUSE_S)
+                self._stop.wait(pause * random.uniform(0.5, 1.0))
+            else:
+                failures = 0
 
     def _batch_replies(self) -> list[Message]:
         """The replies to the batch just retrieved that are ready within PIGGYBACK_WAIT_S; later ones are sent."""

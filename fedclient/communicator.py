@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -161,7 +162,9 @@ class Communicator:
                 return fn()
             except grpc.RpcError as e:
                 self.grpc_error_handler(service, e, action, start, retry)
-                time.sleep(pause)
+                # Capped exponential backoff with jitter: sites that lost the server together do not all
+                # come back in the same instant when it returns.
+                time.sleep(pause * random.uniform(0.5, 1.0))
                 pause = min(pause * 2, 5.0)
 
     @staticmethod

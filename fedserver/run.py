@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -27,6 +28,10 @@ log = logging.getLogger(__name__)
 GLOBAL_MODEL = "global_model.fl"
 # The global model the sites scored best, as they measured it at the start of a round (DESIGN §9).
 BEST_GLOBAL_MODEL = "best_global_model.fl"
+
+
+class RunStateError(Exception):
+    """A run's files on disk do not allow it to be resumed."""
 
 
 class Phase(Enum):
@@ -61,7 +66,9 @@ class _RoundState:
 class FederatedRun:
     """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
 
-    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig):
+    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig, resume: bool = False):
+        """A new run whose initial model is in models/; with `resume`, the run summary.json and the global model
+        say where it stood (a server that stopped mid-run carries on at the round that was open)."""
         self.run_number = run_number
         self.run_dir = run_dir
         self.config = config
@@ -79,8 +86,36 @@ class FederatedRun:
         self._final_metrics: dict[str, dict[str, float]] = {}
         self._epsilon_spent: dict[str, float] = {}  # site -> epsilon its accepted contributions spent
         self._best_global: dict[str, Any] | None = None  # {"round", "score"} of best_global_model.fl
-        self._round = self._new_round(config.start_round)
+        first = self._restore(index) if resume else config.start_round
+        if first >= self.end_round:  # its last round closed as the server stopped
+            self.phase, first = Phase.COMPLETED, self.end_round - 1
+        self._round = self._new_round(first)
         self._write_summary()
+
+    def _restore(self, index: ModelIndex) -> int:
+        """Take back what summary.json kept; returns the round to open (the global model's own round)."""
+        try:
+            summary = json.loads(self.summary_path.read_text())
+        except (OSError, ValueError) as e:
+            raise RunStateError(f"{self.summary_path}: cannot resume run {self.run_number}: {e}") from None
+        if not isinstance(summary, dict) or summary.get("run_number") != self.run_number:
+            raise RunStateError(f"{self.summary_path}: not the summary of run {self.run_number}")
+        self._rounds = [r for r in summary.get("rounds") or [] if isinstance(r, dict)]
+        self._final_metrics = dict(summary.get("final_metrics") or {})
+        self._epsilon_spent = dict(summary.get("privacy_epsilon_total") or {})
+        best = summary.get("best_global")
+        self._best_global = best if isinstance(best, dict) and self.best_model_path.exists() else None
+        # The model file is replaced before summary.json is written: its round is the one to open, even when
+        # the server stopped between the two writes (that round's record is then lost, its result is not).
+        model_round = index.meta.get("round", self.config.start_round)
+        recorded = [r.get("round") for r in self._rounds]
+        if not isinstance(model_round, int) or isinstance(model_round, bool) or model_round < self.config.start_round:
+            raise RunStateError(f"{self.model_path}: its round {model_round!r} is not one of run {self.run_number}")
+        if model_round - 1 >= self.config.start_round and model_round - 1 not in recorded:
+            self._rounds.append({"round": model_round - 1, "recovered": True,
+                                 "note": "closed as the server stopped; its record was not written"})
+        self._rounds = [r for r in self._rounds if isinstance(r.get("round"), int) and r["round"] < model_round]
+        return model_round
 
     # ---- what sites see -------------------------------------------------------------------------
 

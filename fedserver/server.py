@@ -24,7 +24,8 @@ from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
-from fedcommon.mmar import load_mmar
+from fedcommon.mmar import MMARError, load_mmar
+from fedcommon.model_file import ModelFileError
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
@@ -36,7 +37,7 @@ from fedserver.blob_store import BlobStore
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.identity_gate import IdentityGate
 from fedserver.registry import ClientRegistry
-from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
+from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 from fedserver.training_service import TrainingService
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class FederationServer:
         except (RevocationError, PolicyError) as e:
             raise ServerError(str(e)) from None
         self.hub = AdminHub(self, policy)
+        self._resume()
         self.exit_requested = threading.Event()
         self.restart_requested = False
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
@@ -323,6 +325,27 @@ class FederationServer:
             raise ServerError(f"deploy refused: {e}") from None
         except zipfile.BadZipFile as e:
             raise ServerError(f"deploy refused: {zip_path.name} is not a readable zip file ({e})") from None
+
+    def _resume(self) -> None:
+        """Carry on the current run if the server stopped while it trained (at the round that was open)."""
+        number = self._run_number
+        if number is None:
+            return
+        run_dir = self.run_dir(number)
+        try:
+            status = json.loads((run_dir / "summary.json").read_text()).get("status")
+        except (OSError, ValueError, AttributeError):
+            return
+        if status != Phase.TRAINING.value:
+            return
+        try:
+            run = FederatedRun(number, run_dir, load_mmar(run_dir / "mmar").server, resume=True)
+        except (OSError, MMARError, ModelFileError, RunStateError) as e:
+            raise ServerError(f"run {number} was training when the server stopped and cannot be resumed: {e}; "
+                              f"delete-run {number} (or move {run_dir} away) to start afresh") from None
+        self.run = run
+        log.info("run %d resumed at round %d of %d..%d (%d round(s) were complete)", number, run.current_round,
+                 run.config.start_round, run.end_round - 1, run.current_round - run.config.start_round)
 
     def start_training(self, run_number: int | None = None) -> FederatedRun:
         """Build run N's initial model and open its first round; refused when not deployed or already training."""

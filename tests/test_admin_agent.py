@@ -19,7 +19,14 @@ import grpc
 import pytest
 from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, server_process
 
-from fedclient.admin import AdminMessageSender, BlobFetchError, FedAdminAgent, RequestProcessor, Sender
+from fedclient.admin import (
+    MAX_RETRY_PAUSE_S,
+    AdminMessageSender,
+    BlobFetchError,
+    FedAdminAgent,
+    RequestProcessor,
+    Sender,
+)
 from fedclient.admin_commands import seed_processors
 from fedclient.admin_interface import ClientAdminInterface, available_gpus
 from fedclient.client_executor import ClientExecutor
@@ -247,6 +254,33 @@ def test_replies_ready_in_time_go_with_the_next_long_poll_and_a_slow_one_on_its_
     assert sender.reply_to(slow_request).get_header("_rtnCode") == "_ok"
     assert status.id in sender.carried
     assert slow_request.id not in sender.carried
+
+
+class UnreachableSender(FakeSender):
+    """A server that is away: every long-poll fails at once."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[float] = []
+
+    def retrieve_requests(self) -> list[Message]:
+        self.calls.append(time.monotonic())
+        return []
+
+
+def test_an_agent_that_cannot_reach_the_server_backs_off_up_to_a_cap_and_keeps_trying(tmp_path):
+    sender = UnreachableSender()
+    agent = FedAdminAgent("site-1", sender, None, req_poll_interval=0.05)
+    agent.start()
+    try:
+        time.sleep(4.0)
+    finally:
+        agent.shutdown()
+    gaps = [b - a for a, b in zip(sender.calls, sender.calls[1:], strict=False)]
+    # Constant 0.05 s retries would make ~80 calls; doubling pauses (with jitter) make about ten.
+    assert 5 <= len(sender.calls) <= 20, sender.calls
+    assert max(gaps) <= MAX_RETRY_PAUSE_S + 0.5
+    assert max(gaps[-3:]) > 4 * min(gaps[:3]), gaps
 
 
 def test_every_request_is_audited_as_one_json_line(site):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -12,6 +13,13 @@ from test_e2e_admin import fedadmin, ok_json, replies
 pytestmark = pytest.mark.e2e
 
 SITES = ["site-1", "site-2"]
+
+
+def _sites_connected(ws: Path) -> bool:
+    done = fedadmin(ws, "--json", "status", "server")
+    if done.returncode != 0:
+        return False
+    return set(SITES) <= set(json.loads(done.stdout)["replies"][0].get("connected_sites", []))
 
 
 def _matrix(ws: Path, *args: str) -> dict:
@@ -60,7 +68,7 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         # The matrix is on disk in the run folder: a restarted server shows it unchanged.
         ok_json(ws, "--yes", "restart", "server")
         deadline = time.monotonic() + 60
-        while fedadmin(ws, "--json", "status", "server").returncode != 0 and time.monotonic() < deadline:
+        while not _sites_connected(ws) and time.monotonic() < deadline:  # the agents come back by themselves
             time.sleep(0.5)
         assert _matrix(ws, "--run-number", "1")["results"] == out["results"]
 

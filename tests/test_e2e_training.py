@@ -66,6 +66,28 @@ def test_a_site_that_dies_mid_round_is_dropped_and_the_round_closes_without_it(t
     assert [r["contributors"] for r in summary["rounds"]] == [["site-1"], ["site-1"]]
 
 
+def test_a_server_killed_mid_run_resumes_at_the_open_round_and_no_round_is_lost_or_repeated(tmp_path, processes):
+    ws = prepare_workspace(tmp_path / "ws", clients=2)
+    mmar = copy_mmar(tmp_path / "mmar", server={"min_num_clients": 2, "num_rounds": 3})
+    summary_path = ws / "server" / "run_1" / "summary.json"
+    with server_process(ws / "server", "--mmar", str(mmar)) as server:
+        sites = [start_site(ws / f"site-{k}", mmar) for k in (1, 2)]
+        processes.extend(sites)
+        wait_json(summary_path, lambda s: len(s["rounds"]) >= 1, timeout=180)
+        server.send_signal(signal.SIGKILL)
+        server.wait(10)
+    time.sleep(1.0)
+    assert all(p.poll() is None for p in sites), "the sites should wait for the server, not give up"
+    with server_process(ws / "server") as server:
+        for proc in sites:
+            out = proc.communicate(timeout=240)[0]
+            assert proc.returncode == 0, out
+        summary = wait_json(summary_path, lambda s: s["status"] == "completed", timeout=30)
+        assert any("run 1 resumed at round" in line for line in server.output_lines)
+    assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
+    assert all(r["contributors"] == ["site-1", "site-2"] for r in summary["rounds"])
+
+
 def _wait_line(server, text, timeout):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -15,7 +15,7 @@ from fedcommon.mmar import ServerConfig
 from fedcommon.model_file import load_model, save_model
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregator import ContributionError
-from fedserver.run import GLOBAL_MODEL, FederatedRun
+from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 
 W0 = {
     "w": np.arange(6, dtype=np.float32).reshape(2, 3) / 4,
@@ -422,3 +422,59 @@ def test_unsigned_variable_averages_updates_that_went_down(tmp_path):
         run.begin_contribution(site, 0)
         run.commit_contribution(site, 0, {"level": delta}, 1.0, {}, lambda: ACTIVE2)
     assert _model(run)["level"].tolist() == [5]  # (-1 + 1) / 2 = 0
+
+
+# ---- resuming after the server stopped ---------------------------------------------------------------
+
+
+def test_a_resumed_run_opens_the_round_that_was_open_and_keeps_the_closed_ones(tmp_path):
+    run = _run(tmp_path, num_rounds=3)
+    _contribute(run, "site-1", ONES, ACTIVE2)
+    _contribute(run, "site-2", ONES, ACTIVE2)
+    _contribute(run, "site-1", _scaled(5), ACTIVE2)  # accepted in round 1, then lost with the server
+    after_round_0 = _model(run)
+
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=3), resume=True)
+    assert (resumed.current_round, resumed.phase) == (1, Phase.TRAINING)
+    assert [r["round"] for r in _summary(resumed)["rounds"]] == [0]
+    assert _summary(resumed)["rounds"][0]["contributors"] == ["site-1", "site-2"]
+    assert _offer(resumed, "site-1", 0) == ("train", 1)
+    for name, arr in after_round_0.items():
+        np.testing.assert_array_equal(_model(resumed)[name], arr)
+    _contribute(resumed, "site-1", ONES, ACTIVE2)
+    _contribute(resumed, "site-2", ONES, ACTIVE2)
+    assert [r["round"] for r in _summary(resumed)["rounds"]] == [0, 1]
+    assert resumed.current_round == 2
+
+
+def test_a_round_closed_as_the_server_stopped_is_not_run_again(tmp_path):
+    run = _run(tmp_path, num_rounds=3)
+    _contribute(run, "site-1", ONES, ACTIVE2)
+    _contribute(run, "site-2", ONES, ACTIVE2)
+    # The server stopped after replacing the global model but before writing summary.json.
+    summary = _summary(run)
+    summary.update(rounds=[], current_round=0)
+    run.summary_path.write_text(json.dumps(summary))
+
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=3), resume=True)
+    assert resumed.current_round == 1
+    assert [(r["round"], r.get("recovered")) for r in _summary(resumed)["rounds"]] == [(0, True)]
+
+
+def test_a_run_whose_last_round_closed_as_the_server_stopped_resumes_completed(tmp_path):
+    run = _run(tmp_path, num_rounds=1)
+    summary = _summary(run)
+    _contribute(run, "site-1", ONES, ACTIVE2)
+    _contribute(run, "site-2", ONES, ACTIVE2)
+    run.summary_path.write_text(json.dumps(summary))  # still "training", round 0 open
+
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=1), resume=True)
+    assert resumed.phase is Phase.COMPLETED and _summary(resumed)["status"] == "completed"
+    assert _offer(resumed, "site-1", 0)[0] == "end"
+
+
+def test_resuming_without_the_runs_summary_names_the_file(tmp_path):
+    run = _run(tmp_path)
+    run.summary_path.unlink()
+    with pytest.raises(RunStateError, match=r"summary.json: cannot resume run 1"):
+        FederatedRun(1, run.run_dir, _config(), resume=True)
