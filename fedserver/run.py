@@ -59,6 +59,7 @@ class _RoundState:
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"protocol", "epsilon"}
     rejected: list[dict[str, str]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)  # sites dropped for silence while the round was open
     receiving: set[str] = field(default_factory=set)
     min_reached_at: float | None = None
 
@@ -238,9 +239,15 @@ class FederatedRun:
             self._final_metrics[site] = dict(metrics)
             self._write_summary()
 
-    def tick(self, active_sites: set[str]) -> None:
-        """Close the round when its wait has run out or dropped sites leave it complete."""
+    def tick(self, active_sites: set[str], dropped: list[str] = ()) -> None:
+        """Close the round when its wait has run out or dropped sites leave it complete.
+
+        `dropped`: sites the server just dropped for silence; the open round records them (DESIGN §7).
+        """
         with self._cond:
+            if dropped and self.phase is Phase.TRAINING:
+                self._round.dropped += [s for s in dropped if s not in self._round.dropped]
+                self._write_summary()
             self._maybe_close(active_sites)
 
     def abort(self) -> None:
@@ -284,6 +291,7 @@ class FederatedRun:
                 "metrics": dict(sorted(r.metrics.items())),
                 "privacy": dict(sorted(r.privacy.items())),
                 "rejected": r.rejected,
+                "dropped": sorted(r.dropped),
                 "duration_s": round(time.monotonic() - r.opened_at, 3),
             }
         )

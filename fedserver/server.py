@@ -499,8 +499,8 @@ class FederationServer:
                 if time.monotonic() - last_revocation_check >= REVOCATION_CHECK_S:
                     last_revocation_check = time.monotonic()
                     self._shut_out_revoked()
-                self.registry.drop_silent(self.heartbeat_timeout())
+                dropped = self.registry.drop_silent(self.heartbeat_timeout())
                 if self.run is not None:
-                    self.run.tick(self.registry.names())
+                    self.run.tick(self.registry.names(), dropped)
             except Exception:
                 log.exception("round ticker failed; continuing")

@@ -58,6 +58,7 @@ def test_a_site_that_dies_mid_round_is_dropped_and_the_round_closes_without_it(t
         site2.wait(10)
         summary = wait_json(ws / "server" / "run_1" / "summary.json", lambda s: len(s["rounds"]) >= 1, timeout=30)
         assert summary["rounds"][0]["contributors"] == ["site-1"]
+        assert summary["rounds"][0]["dropped"] == ["site-2"]
         assert any("site site-2 dropped" in line for line in server.output_lines)
         out = site1.communicate(timeout=120)[0]
         assert site1.returncode == 0, out

@@ -135,8 +135,10 @@ def test_dropped_site_no_longer_holds_the_round(tmp_path):
     _contribute(run, "site-2", _scaled(3), ACTIVE3)
     run.tick(ACTIVE3)
     assert run.current_round == 0
-    run.tick(ACTIVE2)  # site-3 missed its heartbeats and left the registry
+    run.tick(ACTIVE2, ["site-3"])  # site-3 missed its heartbeats and left the registry
     assert run.current_round == 1
+    record = _summary(run)["rounds"][0]
+    assert record["contributors"] == ["site-1", "site-2"] and record["dropped"] == ["site-3"]
 
 
 def test_site_mid_upload_holds_the_round(tmp_path):
