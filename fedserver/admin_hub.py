@@ -254,6 +254,16 @@ class AdminHub:
                     waiter.reply = TargetResult(site, False, error=f"{site} was refused: {reason}")
                     waiter.done.set()
 
+    def not_connected(self, site: str) -> str:
+        """Why `site` cannot take a request: never seen, or how long ago its last long-poll ended."""
+        with self._lock:
+            agent = self._agents.get(site)
+            last = None if agent is None or agent.last_poll == -math.inf else time.monotonic() - agent.last_poll
+        if last is None:
+            return f"{site} is not connected"
+        return (f"{site} is not connected: its last long-poll ended {last:.0f}s ago "
+                "(the site is reconnecting, or stopped)")
+
     def revoked_sites(self, revoked: frozenset[int]) -> list[str]:
         """Sites whose last long-poll came with a certificate whose serial is in `revoked`."""
         with self._lock:
@@ -330,7 +340,7 @@ class AdminHub:
         self.policy.check(caller, command, [args["site"]] if command == "remove-client" else names,
                           self.site_orgs())
         connected = set(self.connected_sites())
-        results = {n: TargetResult(n, False, error=f"{n} is not connected")
+        results = {n: TargetResult(n, False, error=self.not_connected(n))
                    for n in names if n != SERVER and n not in connected}
         live = [n for n in names if n != SERVER and n in connected]
         on_server = SERVER in names

@@ -344,6 +344,16 @@ def test_a_reply_carried_by_the_next_retrieve_answers_the_command(federation):
     assert outcome.replies[0].ok and json.loads(outcome.replies[0].data_json)["status"] == "carried"
 
 
+def test_a_site_that_went_away_is_reported_with_how_long_ago_it_was_last_heard(federation):
+    hub = federation.server.hub
+    hub.retrieve("site-3", 0)
+    hub._agents["site-3"].last_poll -= 100  # as if its last long-poll ended 100 s ago
+    reply = federation.execute("status", ["site-3"], timeout=1)
+    assert not reply.replies[0].ok
+    assert reply.replies[0].error == ("site-3 is not connected: its last long-poll ended 100s ago "
+                                      "(the site is reconnecting, or stopped)")
+
+
 def test_the_hub_names_the_sites_whose_long_poll_came_with_a_revoked_certificate(federation):
     hub = federation.server.hub
     hub.retrieve("site-1", 0, serial=11)
