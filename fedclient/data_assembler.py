@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 
 import numpy as np
 
@@ -15,9 +15,14 @@ class DataAssembler:
     @staticmethod
     def get_contribution_data(model_manager, task_name: str, client_state: dict,
                               pre_processors: list[Callable] | None, fl_ctx: FLContext,
-                              app_ctx=None) -> dict[str, np.ndarray]:
-        """The update (delta_w, privacy filter applied) passed through each pre_processor(tensors, fl_ctx)."""
+                              app_ctx=None) -> Mapping[str, np.ndarray]:
+        """The update (delta_w, privacy filter applied) passed through each pre_processor(tensors, fl_ctx).
+
+        Without processors it may be a Mapping whose differences are computed as they are read.
+        """
         tensors = model_manager.read_current_model(task_name, "delta_w", train_ctx=fl_ctx)
+        if pre_processors:
+            tensors = dict(tensors)  # a processor gets a dict, as the seed's API promises
         for processor in pre_processors or []:
             tensors = processor(tensors, fl_ctx)
         return tensors

@@ -101,8 +101,12 @@ class ClientModelManager:
         """Load `local_model_params` into the local model."""
         return self.model_reader_writer.apply_model(self._require_fitter(), local_model_params, self.exclude_vars)
 
-    def read_current_model(self, task_name: str, type_str: str = "delta_w", train_ctx=None) -> dict:
-        """What to send the server: the update (local minus global) or, with type_str "model", the weights."""
+    def read_current_model(self, task_name: str, type_str: str = "delta_w", train_ctx=None) -> Mapping:
+        """What to send the server: the update (local minus global) or, with type_str "model", the weights.
+
+        Without a privacy filter the update is computed a variable at a time as it is read (a Mapping, not a
+        dict): keep the local and global models unchanged until it is sent.
+        """
         local = self.get_current_model_data()
         if type_str == "model":
             return local
@@ -111,19 +115,20 @@ class ClientModelManager:
         base = self._global.get(task_name)
         if base is None:
             raise RuntimeError(f"no global model received yet for task {task_name!r}")
-        delta = {}
-        for name, w in local.items():
-            if name not in base or w.dtype == np.bool_:
-                continue  # purely local variables and flags (no meaningful difference) are never sent
-            delta[name] = _difference(w, base[name])
-        if self.privacy is not None:
-            ctx = train_ctx if isinstance(train_ctx, FLContext) else FLContext(dict(train_ctx or {}))
-            if ctx.get_prop(FLContextKey.LOCAL_STEPS) is None:
-                ctx.set_prop(FLContextKey.LOCAL_STEPS, self.num_local_iterations())
-            delta = self.privacy.apply(delta, ctx)
-            # What was applied travels with the update, so the server can account for it.
-            ctx.set_prop(FLContextKey.PRIVACY_PROTOCOL, type(self.privacy).__name__)
-            ctx.set_prop(FLContextKey.PRIVACY_EPSILON, getattr(self.privacy, "last_epsilon", None) or 0.0)
+        # Purely local variables and flags (no meaningful difference) are never sent.
+        names = [name for name, w in local.items() if name in base and w.dtype != np.bool_]
+        for name in names:
+            _check_same(local[name], base[name])
+        if self.privacy is None:
+            return _LazyDelta(local, base, names)
+        delta = {name: _difference(local[name], base[name]) for name in names}
+        ctx = train_ctx if isinstance(train_ctx, FLContext) else FLContext(dict(train_ctx or {}))
+        if ctx.get_prop(FLContextKey.LOCAL_STEPS) is None:
+            ctx.set_prop(FLContextKey.LOCAL_STEPS, self.num_local_iterations())
+        delta = self.privacy.apply(delta, ctx)
+        # What was applied travels with the update, so the server can account for it.
+        ctx.set_prop(FLContextKey.PRIVACY_PROTOCOL, type(self.privacy).__name__)
+        ctx.set_prop(FLContextKey.PRIVACY_EPSILON, getattr(self.privacy, "last_epsilon", None) or 0.0)
         return delta
 
     # ---- best model -----------------------------------------------------------------------------
@@ -191,10 +196,34 @@ class ClientModelManager:
         self._fitter = None
 
 
-def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
+class _LazyDelta(Mapping[str, np.ndarray]):
+    """local - global for each variable, computed when it is read: streaming an update then holds one tensor's
+    difference at a time, not a whole model's (benchmarks/README.md: a site's peak memory)."""
+
+    def __init__(self, local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], names: list[str]):
+        self._local, self._base, self._names = local, base, names
+        self._known = frozenset(names)
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._known:
+            raise KeyError(name)
+        return _difference(self._local[name], self._base[name])
+
+    def __iter__(self):
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
+def _check_same(local: np.ndarray, base: np.ndarray) -> None:
     if local.shape != base.shape or local.dtype != base.dtype:
         raise ValueError(f"local variable {local.dtype}{list(local.shape)} does not match the global "
                          f"{base.dtype}{list(base.shape)}")
+
+
+def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
+    _check_same(local, base)
     if is_float(local.dtype) and local.dtype != accumulator_dtype(local.dtype):
         # half precision: subtract in float32, round once
         return (local.astype(np.float32) - base.astype(np.float32)).astype(local.dtype)

@@ -371,3 +371,18 @@ def test_delta_w_of_a_model_with_a_bool_buffer_is_built():
     fitter.train(None)
     delta = mm.read_current_model(TASK, "delta_w")
     np.testing.assert_array_equal(delta["0.bias"], np.full(2, 0.25, np.float32))
+
+
+def test_an_update_without_a_privacy_filter_is_computed_a_variable_at_a_time_as_it_is_read():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter, offset=0.5)
+    mm.assign_current_model({TASK: glob})
+    fitter.train(None)
+    delta = mm.read_current_model(TASK, "delta_w")
+    assert not isinstance(delta, dict) and len(delta) == len(glob) and list(delta) == list(glob)
+    first, again = delta["0.weight"], delta["0.weight"]
+    assert first is not again  # nothing is kept: each read computes the difference anew
+    np.testing.assert_array_equal(first, again)
+    with pytest.raises(KeyError):
+        delta["not-a-variable"]
