@@ -18,7 +18,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 demo: $(STAMP)
-	$(BIN)/fedadmin poc run examples/digits --clients 2 --workspace $(DEMO_WS)
+	$(BIN)/fedadmin poc run examples/digits --clients 2 --workspace $(DEMO_WS) $(if $(DEMO_KEEP),--keep)
 
 proto: $(STAMP)
 	$(BIN)/python scripts/gen_proto.py

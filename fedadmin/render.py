@@ -105,6 +105,12 @@ def server_line(server: TargetReply | None) -> Text:
         if isinstance(d.get("num_rounds"), int):
             first = d.get("start_round") or 0
             text += f" of rounds {first}..{first + d['num_rounds'] - 1}"
+    last = d.get("last_global_metrics")
+    if isinstance(last, dict) and isinstance(last.get("mean"), dict) and last["mean"]:
+        from fedcommon.metrics import primary_metric
+
+        name = primary_metric(last["mean"])
+        text += f"; global model at round {value_text(last.get('round'))}: mean {name} {value_text(last['mean'][name])}"
     return Text(text)
 
 
@@ -323,3 +329,57 @@ def summary_view(summary: dict[str, Any]) -> RenderableType:
 
 def _metric(v: Any) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) and not isinstance(v, bool) else value_text(v)
+
+
+def line_chart(points: list[tuple[int, float]], height: int = 8, width: int = 60) -> Text:
+    """A small chart of (round, value) points in text: one column per round (thinned past `width`)."""
+    if not points:
+        return Text("")
+    step = max(1, -(-len(points) // width))
+    shown = points[::step]
+    if shown[-1] != points[-1]:
+        shown.append(points[-1])
+    low, high = min(v for _, v in shown), max(v for _, v in shown)
+    span = high - low or 1.0
+    gap = max(1, min(3, width // len(shown)))  # columns per point: few rounds are spread out
+    rows = [[" "] * (len(shown) * gap) for _ in range(height)]
+    for col, (_, value) in enumerate(shown):
+        level = round((value - low) / span * (height - 1))
+        rows[height - 1 - level][col * gap] = "●"
+    label = max(len(f"{high:.4g}"), len(f"{low:.4g}"))
+    lines = []
+    for i, row in enumerate(rows):
+        tick = f"{high:.4g}" if i == 0 else f"{low:.4g}" if i == height - 1 else ""
+        lines.append(f"{tick:>{label}} ┤{''.join(row)}")
+    lines.append(" " * label + " └" + "─" * (len(shown) * gap))
+    first, last = str(shown[0][0]), str(shown[-1][0])
+    room = (len(shown) - 1) * gap + 1 - len(first) - len(last) + (len(last) - 1)
+    lines.append(" " * (label + 2) + first + " " * max(1, room) + last + "  (round)")
+    return Text("\n".join(lines))
+
+
+def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]], metric: str | None,
+                 png: Any = None) -> RenderableType:
+    """Per round: each site's value of `metric` for the global model it received, their mean; then a chart."""
+    title = f"Run {value_text(run_number)} ({value_text(run_status)}): {metric or 'no metrics'}"
+    if not records:
+        return Text(f"{title}: no round has closed yet", style="yellow")
+    sites = sorted({s for r in records for s in (r.get("sites") or {})})
+    table = Table(title=title, title_justify="left")
+    table.add_column("round", justify="right")
+    for site in sites:
+        table.add_column(site, justify="right")
+    table.add_column("mean", justify="right", style="bold")
+    for r in records:
+        cells = [value_text((r.get("sites") or {}).get(s, {}).get(metric)) for s in sites]
+        table.add_row(str(r.get("round")), *cells, value_text((r.get("mean") or {}).get(metric)))
+    parts: list[RenderableType] = [table]
+    curve = [(r["round"], r["mean"][metric]) for r in records
+             if isinstance(r.get("round"), int) and metric in (r.get("mean") or {})]
+    if len(curve) > 1:
+        parts += [Text(f"mean {metric} by round", style="bold"), line_chart(curve)]
+    parts.append(Text("Each round's row scores the global model the sites received at its start; final: the model "
+                      "after the last round.", style="dim"))
+    if png is not None:
+        parts.append(Text(f"learning curves written to {png}"))
+    return Group(*parts)

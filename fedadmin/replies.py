@@ -50,6 +50,15 @@ class CommandOutcome:
         """The sites' replies, in the server's order."""
         return [r for r in self.replies if r.target != "server"]
 
+    def server_failure(self) -> str:
+        """Why there is no usable server reply (the whole command's refusal first); "" when it is ok."""
+        if self.error:
+            return self.error
+        server = self.server
+        if server is None:
+            return "no reply from the server"
+        return "" if server.ok else server.error or "failed"
+
     def failures(self) -> list[str]:
         """"target: error" for every failed target, the whole command's refusal first."""
         out = [self.error] if self.error else []
@@ -94,3 +103,27 @@ class RepliesResult:
         from fedadmin import render
 
         return render.replies_view(self.outcome, self.extra)
+
+
+class ServerAnswer:
+    """For results the server alone answers (validate, metrics): ok when its reply is, its data, its failure."""
+
+    outcome: CommandOutcome
+
+    @property
+    def error(self) -> str:
+        """Why the result cannot be shown; empty when it can."""
+        return self.outcome.server_failure()
+
+    @property
+    def ok(self) -> bool:
+        return not self.error
+
+    @property
+    def server_data(self) -> dict[str, Any]:
+        server = self.outcome.server
+        return dict(server.data) if server is not None and server.ok else {}
+
+    def failure_json(self) -> dict[str, Any]:
+        """The error and the replies, like the other commands' failures."""
+        return {"error": self.error, "replies": [r.to_json() for r in self.outcome.replies]}

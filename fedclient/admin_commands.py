@@ -148,6 +148,38 @@ class ValidateRequestProcessor(RequestProcessor):
         return _answer(req, lambda: app_ctx.do_validate(req))
 
 
+class LogsProcessor(RequestProcessor):
+    """logs: the last lines of the agent's log, or of a run's worker log, or what was appended since a cursor.
+
+    Only the site picks the file: the request names a run number at most, never a path.
+    """
+
+    def get_topics(self) -> list[str]:
+        return ["logs"]
+
+    def process(self, req: Message, app_ctx) -> Message:
+        from fedcommon.logs import PROCESS_LOG, WORKER_LOG, LogQuery, LogRequestError, read_log
+
+        try:
+            args = json.loads(_body_text(req) or "{}")
+            if not isinstance(args, dict):
+                raise LogRequestError("logs: the request body must be a JSON object")
+            query = LogQuery.from_args(args)
+            number = args.get("run_number")
+            if number is None:
+                name = PROCESS_LOG
+            elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
+                raise LogRequestError(f"run_number must be a whole number >= 1, got {number!r}")
+            else:
+                name = f"run_{number}/logs/{WORKER_LOG}"
+                if not (app_ctx.workspace / f"run_{number}").is_dir():
+                    raise LogRequestError(f"this site has no run {number}")
+        except ValueError as e:  # LogRequestError, or a body that is not JSON
+            return error_reply(f"logs: {e}", req)
+        data = read_log(app_ctx.workspace / name, query)
+        return ok_reply(json.dumps({"file": name, **data}), req)
+
+
 def seed_processors() -> list[RequestProcessor]:
     """One instance of each of the seed's eleven processors."""
     return [
@@ -155,3 +187,8 @@ def seed_processors() -> list[RequestProcessor]:
         AbortClientProcessor(), DeleteRunNumberProcessor(), ShellCommandProcessor(), SysInfoProcessor(),
         RestartClientProcessor(), ShutdownClientProcessor(), ValidateRequestProcessor(),
     ]
+
+
+def site_processors() -> list[RequestProcessor]:
+    """What an agent serves: the seed's eleven, and logs."""
+    return [*seed_processors(), LogsProcessor()]

@@ -225,7 +225,13 @@ class ClientAdminInterface:
     # ---- the agent's own life -------------------------------------------------------------------
 
     def restart_client(self) -> dict[str, Any]:
-        """Ask the agent process to abort training and start itself again."""
+        """Ask the agent process to abort training and start itself again (refused in a restart loop)."""
+        from fedcommon.restart_guard import RestartRefused, check_restart
+
+        try:
+            check_restart(self.workspace)
+        except RestartRefused as e:
+            raise RequestRefused(str(e)) from None
         self.restart_requested = True
         self.exit_requested.set()
         log.info("restart requested by an operator")

@@ -40,7 +40,7 @@ def train(workspace: Path, mmar: Path, debug: bool) -> None:
 def start(workspace: Path, debug: bool) -> None:
     """Run this site's admin agent until SIGTERM, SIGINT or an operator's shutdown or restart."""
     from fedclient.admin import FedAdminAgent
-    from fedclient.admin_commands import seed_processors
+    from fedclient.admin_commands import site_processors
     from fedclient.admin_interface import ClientAdminInterface
     from fedclient.local_policy import LocalPolicy
     from fedcommon.kit import KitError, load_kit
@@ -71,7 +71,7 @@ def start(workspace: Path, debug: bool) -> None:
     agent = FedAdminAgent(kit.name, sender, interface, workers=interface.workers,
                           audit_log=workspace / "audit.log", policy=policy)
     interface.set_agent(agent)
-    for processor in seed_processors():
+    for processor in site_processors():
         agent.register_processor(processor)
 
     stop = threading.Event()

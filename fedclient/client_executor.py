@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from fedclient.client_status import ClientStatus, get_status_message
+from fedcommon.logs import WORKER_LOG, RotatingWriter, pump_lines
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,7 @@ class _Launch:
     # Process groups of the launch: the leader's, and the ranks' (torchrun starts each in a session of its own).
     groups: set[int] = field(default_factory=set)
     aborting: bool = False
+    pump: threading.Thread | None = None  # copies the worker's output into run_N/logs/worker.log
 
 
 class ProcessExecutor(ClientExecutor):
@@ -244,7 +246,7 @@ class ProcessExecutor(ClientExecutor):
         self.pid: int | None = None
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
-        """Launch the worker for run args.run_number; output goes to <ws>/run_N/log.txt; returns its pid."""
+        """Launch the worker for run args.run_number; output goes to <ws>/run_N/logs/worker.log; returns its pid."""
         return self._start([self.python, "-m", self.worker_module], args, mmar_root, 1)
 
     def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
@@ -272,23 +274,32 @@ class ProcessExecutor(ClientExecutor):
                     "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
                     "--parent", f"{host}:{port}", *(["--debug"] if args.debug else []),
                     *(["--validate"] if args.validate else [])]
+            log_path = run_dir / "logs" / WORKER_LOG
+            writer = None
             try:
-                with open(run_dir / "log.txt", "ab") as out:
-                    proc = subprocess.Popen(
-                        argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, cwd=run_dir,
-                        env=self._child_env(Path(mmar_root), authkey), start_new_session=True,
-                    )
+                # Every rank's output, and whatever the interpreter prints outside logging, passes through
+                # the agent, so one writer rotates the run's log.
+                writer = RotatingWriter(log_path)
+                proc = subprocess.Popen(
+                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=run_dir,
+                    env=self._child_env(Path(mmar_root), authkey), start_new_session=True,
+                )
             except OSError as e:
                 listener.close()
+                if writer is not None:
+                    writer.close()
                 raise TrainingError(f"cannot start the training worker: {e}") from None
+            pump = threading.Thread(target=pump_lines, args=(proc.stdout, writer), daemon=True,
+                                    name=f"worker-{proc.pid}-log")
+            pump.start()
             launch = _Launch(proc, listener, authkey, threading.Event(), threading.Event(), ranks,
-                             groups={proc.pid})
+                             groups={proc.pid}, pump=pump)
             self._launch = launch
             self.pid = proc.pid
             self._reset(args.run_number)
             self.ranks = ranks
         log.info("run %d: training worker started (pid %d, %d rank%s, log %s)", args.run_number, proc.pid, ranks,
-                 "" if ranks == 1 else "s", run_dir / "log.txt")
+                 "" if ranks == 1 else "s", log_path)
         acceptor = threading.Thread(target=self._accept_workers, args=(launch,), name=f"worker-{proc.pid}-accept",
                                     daemon=True)
         acceptor.start()
@@ -370,6 +381,8 @@ class ProcessExecutor(ClientExecutor):
         acceptor.join(5)
         for reader in list(launch.readers):
             reader.join(5)
+        if launch.pump is not None:
+            launch.pump.join(5)  # the log holds the worker's last words before its end is reported
         launch.listener.close()
         for conn in launch.conns:
             conn.close()
@@ -548,4 +561,4 @@ def _describe_exit(code: int) -> str:
             return f"the training worker was killed by {signal.Signals(-code).name}"
         except ValueError:
             return f"the training worker was killed by signal {-code}"
-    return f"the training worker exited with code {code}; see its log.txt"
+    return f"the training worker exited with code {code}; its output is in run_N/logs/{WORKER_LOG}"

@@ -223,7 +223,7 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
     except ValueError as e:
         print(f"fedclient.worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    # Under an agent, stderr is the run's log.txt; standalone, the site's log.txt as before.
+    # Under an agent, stderr goes through the agent to run_N/logs/worker.log; standalone, the site's log.txt.
     configure_logging(None if parent else workspace / "log.txt", debug,
                       f"rank {ranks.rank}" if ranks.distributed else "")
     conn = None
@@ -277,7 +277,7 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
         return EXIT_CONFIG
     except Exception as e:
-        log.error("training failed: %s", e, exc_info=debug)
+        log.error("training failed: %s", e, exc_info=True)  # the traceback is what `fedadmin logs` shows
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
                 "error": failure_message(e, validate_only)})
         return EXIT_FAILED

@@ -35,6 +35,20 @@ def mean_score(reports: Mapping[str, Mapping[str, float]]) -> float | None:
     return sum(scores) / len(scores) if scores else None
 
 
+def mean_metrics(reports: Mapping[str, Mapping[str, Any]]) -> dict[str, float]:
+    """The mean of each numeric metric over the sites' reports that hold it."""
+    sums: dict[str, float] = {}
+    counts: dict[str, int] = {}
+    for metrics in reports.values():
+        if not isinstance(metrics, Mapping):
+            continue
+        for name, value in metrics.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                sums[name] = sums.get(name, 0.0) + float(value)
+                counts[name] = counts.get(name, 0) + 1
+    return {name: sums[name] / counts[name] for name in sorted(sums)}
+
+
 def check_metrics(metrics: Any, what: str) -> dict[str, float]:
     """`metrics` as {name: finite float}, or MetricsError naming what is wrong with `what`'s metrics."""
     if not isinstance(metrics, Mapping) or not metrics:

@@ -64,6 +64,9 @@ class ServerConfig:
     aggregation_weights: dict[str, float]
     initial_model: Component | None
     initial_model_file: Path | None
+    # Keep the open round's accepted contributions on disk (one model-sized write per contribution that
+    # leaves the round open), so a server that restarts mid-round does not ask those sites to train again.
+    persist_open_round: bool = True
 
 
 @dataclass(frozen=True)
@@ -560,6 +563,7 @@ def _server_config(reader: _Reader, root: Path, custom_dir: Path) -> ServerConfi
         "heart_beat_timeout": reader.take("heart_beat_timeout", _number(0, exclusive=True), 60.0),
         "exclude_vars": reader.take("exclude_vars", _exclude_vars, ()),
         "aggregation_weights": reader.take("aggregation_weights", _aggregation_weights, {}),
+        "persist_open_round": reader.take("persist_open_round", _boolean, True),
     }
     initial = reader.take("initial_model", _initial_model(root, custom_dir))
     low, high = values["min_num_clients"], values["max_num_clients"]

@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 
 from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode
 from fedcommon.audit import JsonLinesLog
+from fedcommon.logs import PROCESS_LOG, LogQuery, LogRequestError, read_log
+from fedcommon.restart_guard import RestartRefused, check_restart
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
 from fedserver.authorization import DEFAULT_POLICY, Policy, Refused
@@ -243,16 +245,21 @@ class AdminHub:
         Requests queued for it are answered at once with `reason` instead of waiting for a reply that cannot come.
         """
         with self._lock:
-            agent = self._agents.pop(site, None)
-            if agent is not None:
-                agent.gone = True
-                agent.queue.clear()
-                agent.wakeup.notify_all()
+            self._drop_agent(site)
             for ref, waiter in list(self._waiting.items()):
                 if waiter.site == site:
                     del self._waiting[ref]
                     waiter.reply = TargetResult(site, False, error=f"{site} was refused: {reason}")
                     waiter.done.set()
+
+    def _drop_agent(self, site: str) -> None:
+        """Forget `site`'s agent and release its long-polls now (a dropped record can no longer be woken);
+        call with the lock held."""
+        agent = self._agents.pop(site, None)
+        if agent is not None:
+            agent.gone = True
+            agent.queue.clear()
+            agent.wakeup.notify_all()
 
     def not_connected(self, site: str) -> str:
         """Why `site` cannot take a request: never seen, or how long ago its last long-poll ended."""
@@ -323,6 +330,8 @@ class AdminHub:
                 result = CommandResult(command, False, [], f"internal error: {type(e).__name__}: {e}")
         self.audit.record(caller, command, [r.target for r in result.replies] or list(targets), result.ok, args,
                           result.error)
+        self._server.telemetry.command(command if command in _COMMANDS else "unknown", result.ok,
+                                       time.monotonic() - started)
         log.info("admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command, ",".join(targets) or "-",
                  "ok" if result.ok else result.error or "failed", time.monotonic() - started)
         return result
@@ -370,7 +379,7 @@ class AdminHub:
             if command == "shutdown":
                 with self._lock:  # a site that agreed to shut down is no longer connected
                     for site in stopped:
-                        self._agents.pop(site, None)
+                        self._drop_agent(site)
         if on_server and spec.after_sites:
             results[SERVER] = self._on_server(command, spec, args, gathered)
         replies = [results[n] for n in names]
@@ -469,6 +478,10 @@ class AdminHub:
         return {"deleted": str(self._server.delete_run(args["run_number"]))}
 
     def _restart(self, args: dict, gathered: dict) -> dict[str, Any]:
+        try:
+            check_restart(self._server.workspace)
+        except RestartRefused as e:
+            raise AdminError(str(e)) from None
         self._server.request_exit(restart=True)
         return {"restarting": True}
 
@@ -500,8 +513,17 @@ class AdminHub:
             data["cell"] = {"site": site, "owner": owner, "metrics": metrics}
         return data
 
+    def _metrics(self, args: dict, gathered: dict) -> dict[str, Any]:
+        return self._server.run_metrics(args.get("run_number"))
+
     def _run_validation(self, args: dict, gathered: dict) -> dict[str, Any]:
         raise AdminError("run-validation runs at sites: name sites or `client`, not the server")
+
+    def _logs(self, args: dict, gathered: dict) -> dict[str, Any]:
+        if args.get("run_number") is not None:
+            raise AdminError(f"the server keeps one log ({PROCESS_LOG}), not one per run: drop the run number "
+                             "(a site keeps one per run)")
+        return {"file": PROCESS_LOG, **read_log(self._server.workspace / PROCESS_LOG, LogQuery.from_args(args))}
 
     def _set_timeout(self, args: dict, gathered: dict) -> dict[str, Any]:
         self._server.set_admin_timeout(args["seconds"])
@@ -534,6 +556,9 @@ class AdminHub:
             raise AdminError(f"run {training.run_number} is training; validate --run waits until it ends")
         self._server.cross_site(number)  # refuses a run that does not exist or has not completed
         return {"run_number": number}, ""
+
+    def _logs_request(self, args: dict) -> tuple[dict[str, Any], str]:
+        return {}, json.dumps(args)
 
     def _delete_run_request(self, args: dict) -> tuple[dict[str, Any], str]:
         return {"run_number": args["run_number"]}, ""
@@ -584,6 +609,18 @@ class AdminHub:
             raise AdminError(f"argv must be a non-empty list of strings, got {argv!r}")
         return {"argv": argv}
 
+    def _logs_args(self, args: dict) -> dict[str, Any]:
+        try:
+            query = LogQuery.from_args(args)
+        except LogRequestError as e:
+            raise AdminError(str(e)) from None
+        checked: dict[str, Any] = {"lines": query.lines}
+        if query.level is not None:
+            checked["level"] = query.level
+        if query.cursor is not None:
+            checked["cursor"] = query.cursor
+        return {**checked, **self._optional_run_number_arg(args)}
+
     def _site_arg(self, args: dict) -> dict[str, Any]:
         site = args.get("site")
         if not isinstance(site, str) or not site.strip():
@@ -628,6 +665,8 @@ _COMMANDS: dict[str, _Spec] = {
     "shutdown": _Spec("required", "shutdown", AdminHub._no_args, AdminHub._no_request, AdminHub._shutdown,
                       after_sites=True),
     "remove-client": _Spec("server", None, AdminHub._site_arg, AdminHub._no_request, AdminHub._remove_client),
+    "metrics": _Spec("server", None, AdminHub._optional_run_number_arg, AdminHub._no_request, AdminHub._metrics),
+    "logs": _Spec("one", "logs", AdminHub._logs_args, AdminHub._logs_request, AdminHub._logs),
     "set-timeout": _Spec("server", None, AdminHub._seconds_arg, AdminHub._no_request, AdminHub._set_timeout),
 }
 COMMANDS = tuple(_COMMANDS)

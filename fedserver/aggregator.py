@@ -85,6 +85,35 @@ class UpdateAccumulator:
     def empty(self) -> bool:
         return not self._sums
 
+    def save(self, f, meta: dict) -> None:
+        """Write the sums and their weights into an open file, as a model file (a snapshot of the open round)."""
+        names = sorted(self._sums)
+        meta = {**meta, "weights": {n: self._weights[n] for n in names}}
+        writer = ModelFileWriter(f, [(n, self._sums[n].dtype, self._sums[n].shape) for n in names], meta)
+        for name in names:
+            writer.write(name, self._sums[name])
+        writer.check_complete()
+
+    def load(self, f, index: ModelIndex) -> None:
+        """Take back sums that `save` wrote; ValueError when they do not fit this model."""
+        weights = index.meta.get("weights")
+        if not isinstance(weights, dict):
+            raise ValueError("no weights recorded beside the sums")
+        sums: dict[str, np.ndarray] = {}
+        for entry in index.entries:
+            spec = self.specs.get(entry.name)
+            if spec is None or entry.name in self.excluded:
+                raise ValueError(f"variable {entry.name!r} is not aggregated in this model")
+            if entry.shape != spec.shape or entry.dtype != accumulator_dtype(spec.dtype):
+                raise ValueError(f"variable {entry.name!r}: the sum does not fit the model's {spec.dtype.name} "
+                                 f"{list(spec.shape)}")
+            w = weights.get(entry.name)
+            if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not np.isfinite(w):
+                raise ValueError(f"variable {entry.name!r}: weight {w!r}")
+            sums[entry.name] = read_tensor(f, entry)
+        self._sums = sums
+        self._weights = {n: float(weights[n]) for n in sums}
+
     def apply_to(self, current: ModelIndex, source, writer: ModelFileWriter) -> None:
         """Write current + sums / weights for each variable into `writer`, one tensor at a time."""
         for entry in current.entries:

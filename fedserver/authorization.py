@@ -18,6 +18,7 @@ COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {
     "status": ("view",),
     "sysinfo": ("view",),
     "validate": ("view",),
+    "metrics": ("view",),
     "run-validation": ("train",),
     "set-run": ("train",),
     "upload": ("train",),
@@ -31,6 +32,8 @@ COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {
     "remove-client": ("operate",),
     "set-timeout": ("operate",),
     "shell": ("shell",),
+    # A participant's own log files: what `shell tail` would show, without a path from the operator.
+    "logs": ("shell",),
 }
 
 # member looks; lead runs training and reads its own org's sites; org_admin operates its own org's

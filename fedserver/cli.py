@@ -41,13 +41,18 @@ def _raise_open_file_limit() -> None:
 @click.option("--run-number", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override fl_port from the kit.")
 @click.option("--admin-port", type=click.IntRange(0, 65535), default=None, help="Override admin_port from the kit.")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="Serve Prometheus metrics over HTTP on this port (0: a free one; needs prometheus-client).")
+@click.option("--metrics-host", default="127.0.0.1", show_default=True,
+              help="Where the metrics port listens; plain HTTP, so keep it local unless a proxy guards it.")
 @click.option("--debug", is_flag=True, help="Verbose logs.")
 def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None, admin_port: int | None,
-          debug: bool) -> None:
+          metrics_port: int | None, metrics_host: str, debug: bool) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
     from fedserver.server import FederationServer, ServerError
+    from fedserver.telemetry import ExporterError
 
     configure_logging(workspace / "log.txt", debug)
     _raise_open_file_limit()
@@ -57,11 +62,12 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
         if mmar is not None:
             # The run exists before the port opens, so an early site never sees "no run yet".
             server.start_run(mmar, run_number)
+        metrics_bound = server.serve_metrics(metrics_host, metrics_port) if metrics_port is not None else None
         bound = server.start()
     except KitError as e:
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)
-    except (MMARError, ServerError) as e:
+    except (MMARError, ServerError, ExporterError) as e:
         log.error("%s", e)
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(1)
@@ -69,7 +75,8 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     host = server.bind_host
-    click.echo(f"fedserver ready on {host}:{bound} admin {host}:{server.admin_port}")
+    metrics = f" metrics http://{metrics_host}:{metrics_bound}/metrics" if metrics_bound is not None else ""
+    click.echo(f"fedserver ready on {host}:{bound} admin {host}:{server.admin_port}{metrics}")
     sys.stdout.flush()
     while not stop.wait(0.2) and not server.exit_requested.is_set():
         pass
@@ -79,7 +86,8 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     if restart:
         # The same ports, without --mmar: the new process picks up the run state from the workspace.
         argv = [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace),
-                "--port", str(bound), "--admin-port", str(server.admin_port), *(["--debug"] if debug else [])]
+                "--port", str(bound), "--admin-port", str(server.admin_port), *(["--debug"] if debug else []),
+                *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else [])]
         logging.shutdown()
         sys.stdout.flush()
         os.execv(sys.executable, argv)

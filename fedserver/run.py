@@ -17,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from fedcommon.atomic import atomic_write_json, atomic_writer
-from fedcommon.metrics import MetricsError, check_metrics, mean_score
+from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_score
 from fedcommon.mmar import ServerConfig, excluded
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 GLOBAL_MODEL = "global_model.fl"
 # The global model the sites scored best, as they measured it at the start of a round (DESIGN §9).
 BEST_GLOBAL_MODEL = "best_global_model.fl"
+# The open round's running sums and who they hold, rewritten after each contribution that leaves it open.
+OPEN_ROUND = "open_round.fl"
 
 
 class RunStateError(Exception):
@@ -75,6 +77,7 @@ class FederatedRun:
         self.config = config
         self.model_path = run_dir / "models" / GLOBAL_MODEL
         self.best_model_path = run_dir / "models" / BEST_GLOBAL_MODEL
+        self.open_round_path = run_dir / "models" / OPEN_ROUND
         self.summary_path = run_dir / "summary.json"
         self.state_path = run_dir / "state.json"
         self._cond = threading.Condition()
@@ -91,6 +94,8 @@ class FederatedRun:
         if first >= self.end_round:  # its last round closed as the server stopped
             self.phase, first = Phase.COMPLETED, self.end_round - 1
         self._round = self._new_round(first)
+        if not (resume and self.phase is Phase.TRAINING and self._restore_open_round()):
+            self.open_round_path.unlink(missing_ok=True)
         self._write_summary()
 
     def _restore(self, index: ModelIndex) -> int:
@@ -117,6 +122,46 @@ class FederatedRun:
                                  "note": "closed as the server stopped; its record was not written"})
         self._rounds = [r for r in self._rounds if isinstance(r.get("round"), int) and r["round"] < model_round]
         return model_round
+
+    def _restore_open_round(self) -> bool:
+        """Take back the open round's accepted contributions, when the snapshot is of this round."""
+        r = self._round
+        try:
+            with open(self.open_round_path, "rb") as f:
+                index = read_index(f, self.open_round_path)
+                meta = index.meta
+                if meta.get("run_number") != self.run_number or meta.get("round") != r.number:
+                    return False
+                contributors = {str(k): float(v) for k, v in (meta.get("contributors") or {}).items()}
+                kept = (dict(meta.get("metrics") or {}), dict(meta.get("privacy") or {}),
+                        list(meta.get("rejected") or []), list(meta.get("dropped") or []),
+                        dict(meta.get("epsilon_total") or self._epsilon_spent))
+                r.accumulator.load(f, index)
+        except FileNotFoundError:
+            return False
+        except (OSError, ValueError, TypeError, AttributeError) as e:  # torn or foreign: the round starts empty
+            log.warning("run %d round %d: the accepted contributions in %s are not usable (%s); the round "
+                        "starts empty", self.run_number, r.number, self.open_round_path, e)
+            return False
+        r.contributors = contributors
+        r.metrics, r.privacy, r.rejected, r.dropped, self._epsilon_spent = kept
+        if len(r.contributors) >= self.config.min_num_clients:
+            r.min_reached_at = time.monotonic()
+        log.info("run %d round %d: resumed with the contributions of %s", self.run_number, r.number,
+                 ", ".join(sorted(r.contributors)))
+        return True
+
+    def _save_open_round(self) -> None:
+        r = self._round
+        meta = {"run_number": self.run_number, "round": r.number, "contributors": r.contributors,
+                "metrics": r.metrics, "privacy": r.privacy, "rejected": r.rejected, "dropped": r.dropped,
+                "epsilon_total": self._epsilon_spent}
+        try:
+            with atomic_writer(self.open_round_path) as f:
+                r.accumulator.save(f, meta)
+        except OSError as e:  # the contribution stands; only a restart before the round closes would lose it
+            log.warning("run %d round %d: could not keep the accepted contributions in %s: %s",
+                        self.run_number, r.number, self.open_round_path, e)
 
     # ---- what sites see -------------------------------------------------------------------------
 
@@ -230,6 +275,9 @@ class FederatedRun:
             log.info("run %d round %d: accepted %s (weight %g), %d contribution(s)",
                      self.run_number, round_number, site, a * weight, n)
             self._maybe_close(active_sites())
+            if self.config.persist_open_round and self._round.number == round_number and (
+                    self.phase is Phase.TRAINING):
+                self._save_open_round()
             self._cond.notify_all()
 
     def report_final_metrics(self, site: str, metrics: dict[str, float]) -> None:
@@ -303,6 +351,7 @@ class FederatedRun:
         else:
             self._round = self._new_round(r.number + 1)
         self._write_summary()
+        self.open_round_path.unlink(missing_ok=True)
         self._cond.notify_all()
 
     def _keep_if_best(self, r: _RoundState) -> None:
@@ -355,4 +404,13 @@ class FederatedRun:
                 "start_round": self.config.start_round,
                 "num_rounds": self.config.num_rounds,
                 "contributors": sorted(self._round.contributors),
+                "last_global_metrics": self._last_global_metrics(),
             }
+
+    def _last_global_metrics(self) -> dict[str, Any] | None:
+        """The mean metrics the sites reported of the newest global model they scored: {"round", "mean"}."""
+        for record in reversed(self._rounds):
+            means = mean_metrics(record.get("metrics") or {})
+            if means:
+                return {"round": record.get("round"), "mean": means}
+        return None

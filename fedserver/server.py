@@ -24,6 +24,7 @@ from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
+from fedcommon.metrics import mean_metrics
 from fedcommon.mmar import MMARError, load_mmar
 from fedcommon.model_file import ModelFileError
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
@@ -38,6 +39,7 @@ from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.identity_gate import IdentityGate
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
+from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,8 @@ class FederationServer:
         self.fl_port = kit.fl_port if fl_port is None else fl_port
         self.admin_port = kit.admin_port if admin_port is None else admin_port
         self.registry = ClientRegistry()
+        self.telemetry = Telemetry(gauges=self._gauges)
+        self._exporter = None
         self.run: FederatedRun | None = None
         self._run_cond = threading.Condition()
         self._cross_site: dict[int, CrossSiteValidation] = {}
@@ -136,6 +140,21 @@ class FederationServer:
                  self.bind_host, port, self.bind_host, admin_port)
         return port
 
+    def serve_metrics(self, host: str, port: int) -> int:
+        """Expose the telemetry for Prometheus on http://host:port/metrics; returns the bound port."""
+        self._exporter, bound = start_exporter(self.telemetry, host, port)
+        log.info("Prometheus metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def _gauges(self) -> dict[str, float]:
+        run = self.run
+        training = run is not None and run.phase is Phase.TRAINING
+        gauges = {"registered_sites": len(self.registry.names()), "connected_sites": len(self.hub.connected_sites()),
+                  "run_number": self._run_number or 0, "training": int(training)}
+        if training:
+            gauges["round"] = run.current_round
+        return gauges
+
     def _gate(self, port_name: str, kinds: tuple[str, ...]) -> IdentityGate:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
             self.hub.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
@@ -168,6 +187,10 @@ class FederationServer:
             event.wait()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
+        if self._exporter is not None:
+            self._exporter.shutdown()
+            self._exporter.server_close()
+            self._exporter = None
 
     def wait(self) -> None:
         """Block until the training-plane server terminates."""
@@ -275,7 +298,30 @@ class FederationServer:
             "current_round": snapshot.get("current_round"),
             "start_round": snapshot.get("start_round"),
             "num_rounds": snapshot.get("num_rounds"),
+            "last_global_metrics": snapshot.get("last_global_metrics"),
         }
+
+    def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
+        """Per round, the metrics each site measured of the global model it received, and their mean per metric;
+        then the same for the final model (what `fedadmin metrics` shows)."""
+        number = self._require_run_number(run_number)
+        path = self.run_dir(number) / "summary.json"
+        try:
+            summary = json.loads(path.read_text())
+        except FileNotFoundError:
+            status = self.run_status(number)
+            raise ServerError(f"run {number} has no metrics: it has not started ({status})") from None
+        except (OSError, ValueError) as e:
+            raise ServerError(f"run {number}: {path} cannot be read: {e}") from None
+        rounds = []
+        for r in summary.get("rounds") or []:
+            if isinstance(r, dict) and isinstance(r.get("round"), int):
+                sites = _numeric(r.get("metrics"))
+                rounds.append({"round": r["round"], "sites": sites, "mean": mean_metrics(sites)})
+        final = _numeric(summary.get("final_metrics"))
+        return {"run_number": number, "run_status": self.run_status(number), "rounds": rounds,
+                "final": {"sites": final, "mean": mean_metrics(final)} if final else None,
+                "best_global": summary.get("best_global")}
 
     def _require_run_number(self, run_number: int | None) -> int:
         number = self._run_number if run_number is None else run_number
@@ -504,3 +550,17 @@ class FederationServer:
                     self.run.tick(self.registry.names(), dropped)
             except Exception:
                 log.exception("round ticker failed; continuing")
+
+
+
+def _numeric(reports: Any) -> dict[str, dict[str, float]]:
+    """{site: {metric: number}} from a summary's record, skipping anything else."""
+    if not isinstance(reports, dict):
+        return {}
+    out = {}
+    for site, metrics in reports.items():
+        if isinstance(metrics, dict):
+            kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if kept:
+                out[str(site)] = kept
+    return out

@@ -119,6 +119,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             header.num_tensors = len(offer.index.entries)
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
+            self._server.telemetry.sent(sum(e.nbytes for e in offer.index.entries))
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         session = self._session(context)
@@ -153,27 +154,32 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         except BaseException:
             run.abandon_contribution(session.name, head.round, "upload broke off")
             raise
+        self._server.telemetry.contribution(accepted=True)
         return pb.SubmitReply(accepted=True, round=head.round)
 
-    @staticmethod
-    def _receive(chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
+    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
         kept: set[str] = set()  # excluded variables are checked, then dropped
 
         def check(spec) -> None:
             if run.check_tensor(spec):
                 kept.add(spec.name)
 
-        update, received = {}, 0
-        for name, arr in receive_tensors(chunks, check, "a contribution"):
-            received += 1
-            if name in kept:
-                update[name] = arr
+        update, received, size = {}, 0, 0
+        try:
+            for name, arr in receive_tensors(chunks, check, "a contribution"):
+                received += 1
+                size += arr.nbytes
+                if name in kept:
+                    update[name] = arr
+        finally:
+            self._server.telemetry.received(size)
         if received != num_tensors:
             raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
         return update
 
     def _refuse(self, site: str, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
         log.warning("refused contribution from %s for round %d: %s", site, round_number, reason)
+        self._server.telemetry.contribution(accepted=False)
         run = self._server.run
         if run is not None and not noted:
             run.note_refusal(site, reason)
@@ -243,6 +249,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                                    if isinstance(v, (int, float))})
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(f, index, self._chunk_bytes)
+            self._server.telemetry.sent(sum(e.nbytes for e in index.entries))
 
     def SubmitValidationResults(self, request: pb.ValidationResults, context: grpc.ServicerContext) -> pb.Ack:
         session = self._session(context)

@@ -16,9 +16,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from orphans import TAG_VAR, new_tag, reap_leftovers
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
+
+
+# How long a test's processes may take to exit after its own teardown before they count as orphans.
+ORPHAN_GRACE_S = 15.0
+
+
+@pytest.fixture(autouse=True)
+def no_orphans(monkeypatch) -> Iterator[None]:
+    """After each test (pass or fail), no process it started may be left: fail naming them, and kill them.
+
+    Autouse, so it is set up before and torn down after the test's other function fixtures.
+    """
+    tag = new_tag()
+    monkeypatch.setenv(TAG_VAR, tag)
+    yield
+    left = reap_leftovers(tag, ORPHAN_GRACE_S)
+    if left:
+        pytest.fail("processes left behind by this test (now killed):\n"
+                    + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())), pytrace=False)
 
 
 def free_port() -> int:

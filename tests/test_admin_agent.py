@@ -27,7 +27,7 @@ from fedclient.admin import (
     RequestProcessor,
     Sender,
 )
-from fedclient.admin_commands import seed_processors
+from fedclient.admin_commands import seed_processors, site_processors
 from fedclient.admin_interface import ClientAdminInterface, available_gpus
 from fedclient.client_executor import ClientExecutor
 from fedclient.client_status import ClientStatus
@@ -179,7 +179,7 @@ def site(tmp_path):
     interface.client_executor = executor
     agent = FedAdminAgent("site-1", sender, interface, req_poll_interval=0.05, audit_log=workspace / "audit.log")
     interface.set_agent(agent)
-    for processor in seed_processors():
+    for processor in site_processors():
         agent.register_processor(processor)
     yield sender, interface, agent, executor
     agent.shutdown()
@@ -447,6 +447,26 @@ def test_shell_runs_in_the_sites_workspace(site):
     assert ok and data == {"stdout": "hello\n", "truncated": False, "exit_code": 0}
 
 
+def test_logs_reads_the_agents_log_or_a_runs_worker_log_and_never_a_path(site):
+    sender, interface, agent, _ = site
+    ws = interface.workspace
+    (ws / "log.txt").write_text("".join(f"2026-11-29 10:00:0{i},000 INFO agent: line {i}\n" for i in range(5)))
+    (ws / "run_2" / "logs").mkdir(parents=True)
+    (ws / "run_2" / "logs" / "worker.log").write_text(
+        "2026-11-29 10:00:00,000 INFO w: starting\n2026-11-29 10:00:01,000 ERROR w: training failed: boom\n"
+        "Traceback (most recent call last):\nValueError: boom\n")
+    agent.start()
+    ok, data = sender.ask("logs", body=json.dumps({"lines": 2}))
+    assert ok and data["file"] == "log.txt" and [line[-6:] for line in data["lines"]] == ["line 3", "line 4"]
+    ok, data = sender.ask("logs", body=json.dumps({"run_number": 2, "level": "error"}))
+    assert ok and data["file"] == "run_2/logs/worker.log" and data["lines"][-1] == "ValueError: boom"
+    assert len(data["lines"]) == 3
+    for body, reason in (({"path": "startup/key.pem"}, "logs takes no 'path'"), ({"run_number": 7}, "no run 7"),
+                         ({"run_number": "../startup"}, "run_number must be"), ([1], "JSON object")):
+        ok, error = sender.ask("logs", body=json.dumps(body))
+        assert not ok and reason in error, error
+
+
 def test_start_mgpu_refuses_more_ranks_than_gpus_or_cpus_and_bad_counts(site, tmp_path, monkeypatch):
     sender, _, agent, executor = site
     agent.start()
@@ -504,6 +524,18 @@ def test_shutdown_and_restart_reply_first_and_ask_the_process_to_exit(site):
     assert interface.exit_requested.is_set() and interface.restart_requested
     assert sender.ask("shutdown") == (True, {"shutting_down": True})
     assert not interface.restart_requested
+
+
+def test_a_restart_loop_is_refused_with_a_message_and_the_agent_stays_up(site):
+    sender, interface, agent, _ = site
+    agent.start()
+    for _ in range(5):
+        assert sender.ask("restart") == (True, {"restarting": True})
+    interface.restart_requested = False
+    ok, error = sender.ask("restart")
+    assert not ok and "restart refused: 5 restarts in the last 5 min" in error
+    assert not interface.restart_requested
+    assert sender.ask("check_status")[0]
 
 
 def test_progress_is_forwarded_at_most_every_half_second_and_the_end_is_reported(site, tmp_path):

@@ -7,6 +7,7 @@ import io
 import json
 import threading
 import time
+import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -571,6 +572,10 @@ def test_restart_needs_a_target_and_asks_the_process_to_restart(federation):
     assert reply.error == "restart needs targets: server, client, all or site names"
     assert _data(federation.server_reply("restart")) == {"restarting": True}
     assert federation.server.exit_requested.is_set() and federation.server.restart_requested
+    for _ in range(4):
+        assert federation.server_reply("restart").ok
+    looping = federation.server_reply("restart")
+    assert not looping.ok and "restart refused: 5 restarts" in looping.error and "fedadmin logs" in looping.error
 
 
 # ---- shell and sysinfo on the server ------------------------------------------------------------
@@ -625,12 +630,27 @@ def test_every_admin_command_is_audited(federation):
 # ---- the process ------------------------------------------------------------------------------
 
 
+def _scrape(url: str) -> dict[str, float]:
+    """Prometheus' text format as {"name{labels}": value}."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_path):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
-    port, admin_port = free_port(), free_port()
-    with server_process(ws / "server", "--port", str(port), "--admin-port", str(admin_port)) as proc:
+    port, admin_port, metrics_port = free_port(), free_port(), free_port()
+    with server_process(ws / "server", "--port", str(port), "--admin-port", str(admin_port),
+                        "--metrics-port", str(metrics_port)) as proc:
         ready = next(line for line in proc.output_lines if line.startswith("fedserver ready"))
-        assert ready.strip() == f"fedserver ready on 127.0.0.1:{port} admin 127.0.0.1:{admin_port}"
+        metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
+        assert ready.split() == ["fedserver", "ready", "on", f"127.0.0.1:{port}", "admin", f"127.0.0.1:{admin_port}",
+                                 "metrics", metrics_url]
         admin = admin_grpc.AdminServiceStub(
             grpc.secure_channel(f"127.0.0.1:{admin_port}", channel_credentials(load_kit(ws / "admin")))
         )
@@ -640,6 +660,15 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
             return admin.Execute(request, timeout=10, wait_for_ready=True)
 
         assert execute("set-run", {"run_number": 5}).ok
+        assert not execute("set-run", {"run_number": 0}).ok
+        samples = _scrape(metrics_url)
+        for name in ("fedlearn_registered_sites", "fedlearn_connected_sites", "fedlearn_training",
+                     "fedlearn_training_bytes_received_total", "fedlearn_training_bytes_sent_total",
+                     "fedlearn_contributions_accepted_total", "fedlearn_contributions_refused_total"):
+            assert name in samples, sorted(samples)
+        assert samples["fedlearn_run_number"] == 5
+        assert samples['fedlearn_admin_command_seconds_count{command="set-run"}'] == 2
+        assert samples['fedlearn_admin_commands_failed_total{command="set-run"}'] == 1
         ready_lines = len(proc.output_lines)
         assert execute("restart").ok
         deadline = time.monotonic() + 60
@@ -647,8 +676,23 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, "".join(proc.output_lines)
             time.sleep(0.1)
         assert json.loads(execute("status").replies[0].data_json)["run_number"] == 5
+        assert _scrape(metrics_url)["fedlearn_run_number"] == 5  # the restarted server serves metrics again
         assert execute("shutdown").ok
         assert proc.wait(30) == 0
+
+
+def test_logs_and_metrics_refuse_what_they_cannot_serve(federation):
+    for args, reason in (({"file": "/etc/passwd"}, "logs takes no 'file'"), ({"lines": -5}, "lines must be"),
+                         ({"cursor": {"path": "startup/key.pem"}}, "cursor must be")):
+        refused = federation.execute("logs", ["server"], args)
+        assert not refused.ok and reason in refused.error and not refused.replies
+    assert "not one per run" in federation.server_reply("logs", {"run_number": 1}).error
+    assert "no run number set" in federation.server_reply("metrics").error
+    assert "run 3 has no metrics" in federation.server_reply("metrics", {"run_number": 3}).error
+    two = federation.execute("logs", ["server", "site-1"])
+    assert not two.ok and "takes one target" in two.error
+    own = federation.server_reply("logs", {"lines": 5, "level": "info"})
+    assert own.ok and json.loads(own.data_json)["file"] == "log.txt"
 
 
 def test_an_oversized_command_is_audited_in_bounded_size(federation):

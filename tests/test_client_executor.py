@@ -169,7 +169,7 @@ def test_progress_messages_arrive_and_a_clean_exit_is_training_stopped(child, ex
     info = _child_info(workspace)
     assert info["pythonpath"].split(os.pathsep)[0] == str((workspace / "run_1" / "mmar" / "custom").resolve())
     assert info["cwd"] == str((workspace / "run_1").resolve())
-    assert "child started" in (workspace / "run_1" / "log.txt").read_text()
+    assert "child started" in (workspace / "run_1" / "logs" / "worker.log").read_text()
 
 
 def test_the_authkey_never_appears_on_argv_and_leaves_the_environment(child, executors):
@@ -232,7 +232,7 @@ def test_a_worker_that_dies_before_connecting_is_reported(child, executors):
     executor.start_train(None, TrainArgs(workspace, 1), make_mmar("train"))
     assert executor.wait_process_complete(None, timeout=30) == ClientStatus.TRAINING_EXCEPTION
     assert "exited with code 1" in executor.error
-    assert "No module named no_such_worker_module" in (workspace / "run_1" / "log.txt").read_text()
+    assert "No module named no_such_worker_module" in (workspace / "run_1" / "logs" / "worker.log").read_text()
 
 
 def test_start_is_refused_while_training(child, executors):
@@ -305,13 +305,13 @@ def test_the_real_worker_trains_the_run_and_reports_progress(federation, executo
     executors.append(executor)
     executor.start_train(None, TrainArgs(site, 1), mmar)
     assert executor.wait_process_complete(None, timeout=180) == ClientStatus.TRAINING_STOPPED, \
-        (site / "run_1" / "log.txt").read_text()
+        (site / "run_1" / "logs" / "worker.log").read_text()
     kinds = [e["kind"] for e in events]
     assert {"status", "round", "epoch", "end"} <= set(kinds) and kinds[-1] == "exit"
     assert executor.progress["epoch"] == 2 and "accuracy" in executor.progress["metrics"]
-    log_text = (site / "run_1" / "log.txt").read_text()
+    log_text = (site / "run_1" / "logs" / "worker.log").read_text()
     assert "site-1: run 1 finished" in log_text
-    assert not (site / "log.txt").exists(), "under an agent the worker logs to run_N/log.txt only"
+    assert not (site / "log.txt").exists(), "under an agent the worker logs to run_N/logs/worker.log only"
 
 
 @pytest.mark.e2e
@@ -326,7 +326,8 @@ def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
     pid = executor.start_train(None, TrainArgs(site, 1), mmar)
     deadline = time.monotonic() + 120
     while "epoch" not in executor.progress:
-        assert time.monotonic() < deadline and executor.is_training(), (site / "run_1" / "log.txt").read_text()
+        worker_log = site / "run_1" / "logs" / "worker.log"
+        assert time.monotonic() < deadline and executor.is_training(), worker_log.read_text()
         time.sleep(0.1)
     started = time.monotonic()
     executor.abort_train(None)

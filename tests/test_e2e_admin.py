@@ -101,6 +101,36 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
     escape = fedadmin(ws, "--json", "shell", "site-1", "cat", "../server/startup/fed.json")
     assert escape.returncode == 1 and "outside" in escape.stdout
 
+    # What happened, from the console: the site's own log, its worker's log of the run, the learning curves.
+    agent_log = ok_json(ws, "logs", "site-1", "--lines", "20")
+    assert agent_log["file"] == "log.txt" and 0 < len(agent_log["lines"]) <= 20
+    assert any("training worker" in line for line in agent_log["lines"]), agent_log["lines"]
+    worker_log = ok_json(ws, "logs", "site-1", "--run", "1", "--lines", "2000")
+    assert any("run 1 finished" in line for line in worker_log["lines"]), worker_log["lines"][-5:]
+    server_log = ok_json(ws, "logs", "server", "--level", "info", "--lines", "50")
+    assert any("round 1 closed" in line for line in server_log["lines"])
+    for bad in (["logs", "site-1", "../server/log.txt"], ["logs", "../../etc/passwd"], ["logs", "all"]):
+        refused = fedadmin(ws, "--json", *bad)
+        assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
+    no_run = fedadmin(ws, "--json", "logs", "site-1", "--run", "9")
+    assert no_run.returncode == 1 and "no run 9" in no_run.stdout
+    per_round = ok_json(ws, "metrics")
+    assert per_round["metric"] == "accuracy" and [r["round"] for r in per_round["records"]] == [0, 1, "final"]
+    for record in per_round["records"]:
+        assert set(record["sites"]) == {"site-1", "site-2"}, record
+        values = [record["sites"][s]["accuracy"] for s in ("site-1", "site-2")]
+        assert record["mean"]["accuracy"] == pytest.approx(sum(values) / 2)
+    assert per_round["records"][-1]["mean"]["accuracy"] > per_round["records"][0]["mean"]["accuracy"]
+    png = tmp_path / "curves.png"
+    ok_json(ws, "metrics", "--png", str(png))
+    from PIL import Image
+
+    with Image.open(png) as picture:
+        picture.verify()
+        assert picture.format == "PNG" and picture.size[0] >= 300
+    table = fedadmin(ws, "metrics")
+    assert table.returncode == 0 and "mean accuracy by round" in table.stdout and "●" in table.stdout
+
     slow = copy_mmar(tmp_path / "slow", server={"num_rounds": 50}, train_args={"epochs_per_round": 100000})
     ok_json(ws, "set-run", "2")
     ok_json(ws, "deploy", str(slow), "all")
@@ -144,4 +174,11 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
     # Sites that shut down leave the registry at once, not after heart_beat_timeout.
     assert replies(ok_json(ws, "status", "server"))["server"]["registered_sites"] == []
     ok_json(ws, "--yes", "shutdown", "server")
+    # The server leaves at once: the long-polls of the sites that shut down are released, not left to time out.
+    from fedadmin.local_federation import read_records
+
+    try:
+        psutil.Process(next(r.pid for r in read_records(ws) if r.name == "server")).wait(10)
+    except psutil.NoSuchProcess:
+        pass  # already gone
 

@@ -54,7 +54,7 @@ def test_two_ranks_train_like_one_process_register_once_abort_cleanly_and_report
         _run(ws, 1, mmar, "start-mgpu", "2", "all")
         ok_json(ws, "wait", "--timeout", "240", timeout=300)
         assert _registrations(ws) == before + 1, "only rank 0 registers with the server"
-        log = (ws / "site-1" / "run_1" / "log.txt").read_text()
+        log = (ws / "site-1" / "run_1" / "logs" / "worker.log").read_text()
         assert "rank 1 of 2 joined the site's process group (gloo)" in log
         _run(ws, 2, mmar, "start", "all")
         ok_json(ws, "wait", "--timeout", "240", timeout=300)
@@ -89,6 +89,12 @@ def test_two_ranks_train_like_one_process_register_once_abort_cleanly_and_report
             time.sleep(0.5)
         assert status["status"] == "training exception", status
         assert status["error"].startswith("rank 1: training failed: rank 1 lost its data volume"), status["error"]
+        # The operator reads the failing rank's traceback without opening a file: only error records.
+        errors = ok_json(ws, "logs", "site-1", "--run", "4", "--level", "error", "--lines", "400")
+        assert errors["file"] == "run_4/logs/worker.log"
+        assert any("RuntimeError: rank 1 lost its data volume" in line for line in errors["lines"]), errors["lines"]
+        assert any(line.startswith("Traceback") for line in errors["lines"])
+        assert not any(" INFO " in line[:40] for line in errors["lines"])
         deadline = time.monotonic() + 15
         while workers_of(ws) and time.monotonic() < deadline:
             time.sleep(0.2)

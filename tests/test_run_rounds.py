@@ -430,13 +430,14 @@ def test_unsigned_variable_averages_updates_that_went_down(tmp_path):
 
 
 def test_a_resumed_run_opens_the_round_that_was_open_and_keeps_the_closed_ones(tmp_path):
-    run = _run(tmp_path, num_rounds=3)
+    run = _run(tmp_path, num_rounds=3, persist_open_round=False)
     _contribute(run, "site-1", ONES, ACTIVE2)
     _contribute(run, "site-2", ONES, ACTIVE2)
     _contribute(run, "site-1", _scaled(5), ACTIVE2)  # accepted in round 1, then lost with the server
     after_round_0 = _model(run)
+    assert not run.open_round_path.exists()
 
-    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=3), resume=True)
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=3, persist_open_round=False), resume=True)
     assert (resumed.current_round, resumed.phase) == (1, Phase.TRAINING)
     assert [r["round"] for r in _summary(resumed)["rounds"]] == [0]
     assert _summary(resumed)["rounds"][0]["contributors"] == ["site-1", "site-2"]
@@ -447,6 +448,44 @@ def test_a_resumed_run_opens_the_round_that_was_open_and_keeps_the_closed_ones(t
     _contribute(resumed, "site-2", ONES, ACTIVE2)
     assert [r["round"] for r in _summary(resumed)["rounds"]] == [0, 1]
     assert resumed.current_round == 2
+
+
+def test_a_resumed_run_keeps_the_contributions_the_open_round_had_accepted(tmp_path):
+    uninterrupted = _run(tmp_path / "a", num_rounds=2)
+    run = _run(tmp_path / "b", num_rounds=2)
+    for r in (uninterrupted, run):
+        _contribute(r, "site-1", ONES, ACTIVE2)
+        _contribute(r, "site-2", ONES, ACTIVE2)
+        _contribute(r, "site-1", _scaled(3), ACTIVE2, weight=2.0, metrics={"accuracy": 0.5},
+                    privacy=("SVTProtocol", 0.25))
+    assert run.open_round_path.exists()
+
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=2), resume=True)
+    assert resumed.current_round == 1 and resumed.status()["contributors"] == ["site-1"]
+    assert _offer(resumed, "site-1", 0) == ("wait", 1)  # not asked to train round 1 again
+    assert _offer(resumed, "site-2", 0) == ("train", 1)
+    with pytest.raises(ContributionError, match="duplicate contribution: site-1"):
+        resumed.begin_contribution("site-1", 1)
+    for r in (uninterrupted, resumed):
+        _contribute(r, "site-2", _scaled(7), ACTIVE2)
+    assert resumed.phase is Phase.COMPLETED and not resumed.open_round_path.exists()
+    for name, arr in _model(uninterrupted).items():
+        np.testing.assert_array_equal(_model(resumed)[name], arr)
+    last = _summary(resumed)["rounds"][-1]
+    assert last["weights"] == {"site-1": 2.0, "site-2": 1.0} and last["metrics"]["site-1"] == {"accuracy": 0.5}
+    assert _summary(resumed)["privacy_epsilon_total"] == {"site-1": 0.25}
+
+
+def test_a_torn_open_round_file_is_set_aside_and_the_round_starts_empty(tmp_path):
+    run = _run(tmp_path, num_rounds=2)
+    _contribute(run, "site-1", ONES, ACTIVE2)
+    data = run.open_round_path.read_bytes()
+    run.open_round_path.write_bytes(data[: len(data) // 2])
+
+    resumed = FederatedRun(1, run.run_dir, _config(num_rounds=2), resume=True)
+    assert resumed.current_round == 0 and resumed.status()["contributors"] == []
+    assert _offer(resumed, "site-1", 0) == ("train", 0)
+    assert not resumed.open_round_path.exists()
 
 
 def test_a_round_closed_as_the_server_stopped_is_not_run_again(tmp_path):

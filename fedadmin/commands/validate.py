@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import click
 
 from fedadmin.commands import TARGET_RE, ConsoleOptions, check_targets, emit, run_remote
-from fedadmin.replies import CommandOutcome, RepliesResult
+from fedadmin.replies import CommandOutcome, RepliesResult, ServerAnswer
 
 
 def primary_metric(results: dict[str, dict[str, dict[str, Any]]]) -> str | None:
@@ -23,7 +23,7 @@ def primary_metric(results: dict[str, dict[str, dict[str, Any]]]) -> str | None:
 
 
 @dataclass(frozen=True)
-class ValidationResult:
+class ValidationResult(ServerAnswer):
     """The server's answer to `validate`: its matrix (rows limited to site when given) or why it has none."""
 
     outcome: CommandOutcome
@@ -31,24 +31,9 @@ class ValidationResult:
     command: ClassVar[str] = "validate"
 
     @property
-    def error(self) -> str:
-        """Why the matrix could not be shown; empty when it can."""
-        server = self.outcome.server
-        if self.outcome.error:
-            return self.outcome.error
-        if server is None:
-            return "no reply from the server"
-        return "" if server.ok else server.error or "failed"
-
-    @property
-    def ok(self) -> bool:
-        return not self.error
-
-    @property
     def data(self) -> dict[str, Any]:
         """The server's data, with only the asked site's row when a site was named."""
-        server = self.outcome.server
-        data = dict(server.data) if server is not None and self.ok else {}
+        data = self.server_data
         if self.site is not None:
             data["validating_sites"] = [s for s in data.get("validating_sites") or [] if s == self.site]
             data["results"] = {s: row for s, row in (data.get("results") or {}).items() if s == self.site}
@@ -57,7 +42,7 @@ class ValidationResult:
     def to_json(self) -> dict[str, Any]:
         """The server's data at top level; on failure the error and the replies, like the other commands."""
         if not self.ok:
-            return {"error": self.error, "replies": [r.to_json() for r in self.outcome.replies]}
+            return self.failure_json()
         return self.data
 
     def __rich__(self) -> Any:

@@ -41,6 +41,7 @@ class PocRunResult:
     summary: dict[str, Any]
     summary_path: Path
     stopped: list[dict[str, Any]] = field(default_factory=list)
+    kept: bool = False  # --keep: the federation is still running
     command: ClassVar[str] = "poc run"
 
     def to_json(self) -> dict[str, Any]:
@@ -53,6 +54,7 @@ class PocRunResult:
             "final_metrics": self.summary.get("final_metrics", {}),
             "summary": str(self.summary_path),
             "processes": self.stopped,
+            "running": self.kept,
         }
 
     def __rich__(self) -> Any:
@@ -64,6 +66,16 @@ class PocRunResult:
         parts: list[Any] = [render.summary_view(self.summary)] if self.summary.get("rounds") else []
         parts.append(Text(self.message, style="bold green" if self.ok else "bold red"))
         parts.append(Text(f"summary: {self.summary_path}; logs: {self.workspace}/*/log.txt"))
+        ws = self.workspace
+        look = [f"export FEDADMIN_KIT={ws}/admin"]
+        if not self.kept:
+            look.append(f"fedadmin poc start --workspace {ws}      # the same federation again, run {RUN_NUMBER} kept")
+        look += ["fedadmin metrics                  # per round: each site's metrics of the global model, and a chart",
+                 f"fedadmin logs site-1 --run {RUN_NUMBER}       # the training worker's log at site-1 (--level error)",
+                 "fedadmin logs server",
+                 f"fedadmin poc stop --workspace {ws}"]
+        parts.append(Text("The federation is still running. " if self.kept else "", style="bold"))
+        parts.append(Text("To look around:\n" + "\n".join(f"  {line}" for line in look), style="dim"))
         return Group(*parts)
 
 
@@ -156,9 +168,12 @@ class _Rounds:
     show_default=True,
     help="Seconds to wait until every site is connected.",
 )
+@click.option("--keep", is_flag=True,
+              help="Leave the federation running at the end, to look around with fedadmin; `poc stop` ends it.")
 @click.pass_obj
-def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float) -> None:
-    """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it."""
+def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float,
+        keep: bool) -> None:
+    """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it (unless --keep)."""
     from rich.console import Console
 
     from fedadmin import local_federation
@@ -180,6 +195,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     say(f"poc: kits for server, site-1..site-{clients} and admin in {workspace}")
     rounds = _Rounds(workspace / "server" / f"run_{RUN_NUMBER}" / "summary.json")
     mode = display_mode(options.json)
+    finished = False
     try:
         kit, _ = start_federation(workspace, ready_timeout)
         say(f"poc: server and {clients} sites running, all connected; logs: {workspace}/*/log.txt")
@@ -205,10 +221,14 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                 follow(poll, sites_idle, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT)
         rounds.show_new(outcome, say)
         summary = rounds.read()
+        finished = True
     finally:
-        with _uninterrupted():
-            stopped = [
-                {"name": s.name, "pid": s.pid, "outcome": s.outcome} for s in local_federation.stop(workspace)
-            ]
-        say(f"poc: stopped {len(stopped)} processes")
-    emit(options, PocRunResult(workspace, end.ok, end.message, summary, rounds.path, stopped))
+        if not (keep and finished):  # a failure or Ctrl-C stops it even with --keep
+            with _uninterrupted():
+                stopped = [
+                    {"name": s.name, "pid": s.pid, "outcome": s.outcome} for s in local_federation.stop(workspace)
+                ]
+            say(f"poc: stopped {len(stopped)} processes")
+    kept = keep and finished
+    emit(options, PocRunResult(workspace, end.ok, end.message, summary, rounds.path, [] if kept else stopped,
+                               kept))
