@@ -163,7 +163,7 @@ class LogsProcessor(RequestProcessor):
         try:
             args = json.loads(_body_text(req) or "{}")
             if not isinstance(args, dict):
-                raise LogRequestError("logs: the request body must be a JSON object")
+                raise LogRequestError("the logs request body must be a JSON object")
             query = LogQuery.from_args(args)
             number = args.get("run_number")
             if number is None:
@@ -175,7 +175,7 @@ class LogsProcessor(RequestProcessor):
                 if not (app_ctx.workspace / f"run_{number}").is_dir():
                     raise LogRequestError(f"this site has no run {number}")
         except ValueError as e:  # LogRequestError, or a body that is not JSON
-            return error_reply(f"logs: {e}", req)
+            return error_reply(str(e), req)
         data = read_log(app_ctx.workspace / name, query)
         return ok_reply(json.dumps({"file": name, **data}), req)
 

@@ -332,8 +332,10 @@ class AdminHub:
                           result.error)
         self._server.telemetry.command(command if command in _COMMANDS else "unknown", result.ok,
                                        time.monotonic() - started)
-        log.info("admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command, ",".join(targets) or "-",
-                 "ok" if result.ok else result.error or "failed", time.monotonic() - started)
+        # Commands that consoles poll (status --watch, wait, logs --follow) would fill the log: debug level when ok.
+        level = logging.DEBUG if result.ok and command in _POLLED else logging.INFO
+        log.log(level, "admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command,
+                ",".join(targets) or "-", "ok" if result.ok else result.error or "failed", time.monotonic() - started)
         return result
 
     def _execute(self, caller: AdminIdentity, command: str, targets: list[str], args: dict[str, Any],
@@ -670,6 +672,7 @@ _COMMANDS: dict[str, _Spec] = {
     "set-timeout": _Spec("server", None, AdminHub._seconds_arg, AdminHub._no_request, AdminHub._set_timeout),
 }
 COMMANDS = tuple(_COMMANDS)
+_POLLED = frozenset({"status", "logs", "metrics"})
 
 
 def _parse_args(args_json: str) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import TARGET_RE, ConsoleOptions, connect, emit
+from fedadmin.commands import EXIT_FAILED, TARGET_RE, ConsoleOptions, connect, emit
 from fedadmin.replies import GROUP_TARGETS, CommandOutcome, TargetReply
 from fedcommon.logs import LEVELS, MAX_LINES
 
@@ -67,7 +67,7 @@ class LogsResult:
         if r.data.get("missing"):
             return Text(f"{self.target} has no {name} (yet)", style="bold red")
         lines = r.data.get("lines") or []
-        what = f"last {len(lines)} line{'s' if len(lines) != 1 else ''}"
+        what = f"last {len(lines)} line{'s' if len(lines) != 1 else ''}" if lines else "no lines"
         what += f" at {self.level} or above" if self.level else ""
         header = Text(f"{self.target}: {name}, {what}" + (" (older lines left out)" if r.data.get("truncated")
                                                              else ""), style="dim")
@@ -103,9 +103,21 @@ def logs(options: ConsoleOptions, target: str, run_number: int | None, lines: in
     with connect(options) as conn:
         result = LogsResult(conn.execute("logs", [target], args), target, level)
         if not follow or not result.ok and not result.reply.data.get("missing"):
-            emit(options, result)
+            _emit(options, result)
             return
         _follow(options, conn, result, args)
+
+
+def _emit(options: ConsoleOptions, result: LogsResult) -> None:
+    """Like `emit`, but log lines are printed whole, never wrapped or cut at the terminal's width."""
+    if options.json:
+        emit(options, result)
+        return
+    from rich.console import Console
+
+    Console(soft_wrap=True, highlight=False).print(result)
+    if not result.ok:
+        raise click.exceptions.Exit(EXIT_FAILED)
 
 
 def _follow(options: ConsoleOptions, conn, first: LogsResult, args: dict[str, Any]) -> None:

@@ -67,16 +67,23 @@ class PocRunResult:
         parts.append(Text(self.message, style="bold green" if self.ok else "bold red"))
         parts.append(Text(f"summary: {self.summary_path}; logs: {self.workspace}/*/log.txt"))
         ws = self.workspace
+        prog = _program()
         look = [f"export FEDADMIN_KIT={ws}/admin"]
-        if not self.kept:
-            look.append(f"fedadmin poc start --workspace {ws}      # the same federation again, run {RUN_NUMBER} kept")
-        look += ["fedadmin metrics                  # per round: each site's metrics of the global model, and a chart",
-                 f"fedadmin logs site-1 --run {RUN_NUMBER}       # the training worker's log at site-1 (--level error)",
-                 "fedadmin logs server",
-                 f"fedadmin poc stop --workspace {ws}"]
-        parts.append(Text("The federation is still running. " if self.kept else "", style="bold"))
-        parts.append(Text("To look around:\n" + "\n".join(f"  {line}" for line in look), style="dim"))
+        look += [] if self.kept else [f"{prog} poc start --workspace {ws}"]
+        look += [f"{prog} metrics", f"{prog} logs site-1 --run {RUN_NUMBER}", f"{prog} logs server",
+                 f"{prog} poc stop --workspace {ws}"]
+        head = ("The federation is still running; to look around:" if self.kept else
+                f"To look around (`poc start` brings the same federation back, run {RUN_NUMBER} kept):")
+        parts.append(Text(head + "\n" + "\n".join(f"  {line}" for line in look), style="dim"))
         return Group(*parts)
+
+
+def _program() -> str:
+    """How the operator runs this console: `fedadmin` when it is on PATH, else the path they typed."""
+    import sys
+
+    typed = sys.argv[0] if sys.argv and sys.argv[0].endswith("fedadmin") else "fedadmin"
+    return "fedadmin" if shutil.which("fedadmin") else typed
 
 
 def _free_port() -> int:
