@@ -8,6 +8,7 @@ import os
 import signal
 import sys
 import threading
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -113,7 +114,7 @@ class SiteTraining:
                 from fedclient.client_status import ClientStatus
 
                 self.on_event({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
-                               "error": failure_message(e)})
+                               "error": failure_message(e, self.validate_only, self.kit.name, self.run_number)})
             raise
         finally:
             if sync is not None:
@@ -199,11 +200,22 @@ class SiteTraining:
             client.heartbeat()
 
 
-def failure_message(e: Exception, validating: bool = False) -> str:
+def failure_message(e: Exception, validating: bool = False, site: str = "SITE", run_number: int | None = None) -> str:
     """How a failed training (or cross-site validation) is reported to the agent."""
     if isinstance(e, WorkerSetupError):
         return str(e)
-    return f"cross-site validation failed: {e}" if validating else f"training failed: {e}"
+    what = "cross-site validation failed" if validating else "training failed"
+    run = run_number if run_number is not None else "N"
+    return f"{what}: {e} ({_raised_where(e)}; traceback: `fedadmin logs {site} --run {run} --level error`)"
+
+
+def _raised_where(e: BaseException) -> str:
+    """"ValueError at trainer.py:42, in train": the exception's type and the last frame of its traceback."""
+    frames = traceback.extract_tb(e.__traceback__)
+    if not frames:
+        return type(e).__name__
+    last = frames[-1]
+    return f"{type(e).__name__} at {Path(last.filename).name}:{last.lineno}, in {last.name}"
 
 
 def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
@@ -279,7 +291,7 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
     except Exception as e:
         log.error("training failed: %s", e, exc_info=True)  # the traceback is what `fedadmin logs` shows
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
-                "error": failure_message(e, validate_only)})
+                "error": failure_message(e, validate_only, training.kit.name, run_number)})
         return EXIT_FAILED
     name, number = training.kit.name, training.client.run_number
     log.info("%s: run %s %s", name, number or run_number, "aborted" if training.aborted else "finished")

@@ -89,6 +89,8 @@ def test_two_ranks_train_like_one_process_register_once_abort_cleanly_and_report
             time.sleep(0.5)
         assert status["status"] == "training exception", status
         assert status["error"].startswith("rank 1: training failed: rank 1 lost its data volume"), status["error"]
+        assert "RuntimeError at failing.py:" in status["error"] and "in train" in status["error"]
+        assert "`fedadmin logs site-1 --run 4 --level error`" in status["error"]
         # The operator reads the failing rank's traceback without opening a file: only error records.
         errors = ok_json(ws, "logs", "site-1", "--run", "4", "--level", "error", "--lines", "400")
         assert errors["file"] == "run_4/logs/worker.log"
