@@ -110,7 +110,8 @@ def server_line(server: TargetReply | None) -> Text:
         from fedcommon.metrics import primary_metric
 
         name = primary_metric(last["mean"])
-        text += f"; global model at round {value_text(last.get('round'))}: mean {name} {value_text(last['mean'][name])}"
+        which = "final global model" if last.get("round") == "final" else f"global model of round {last.get('round')}"
+        text += f"; {which}: mean {name} {value_text(last['mean'][name])}"
     return Text(text)
 
 

@@ -298,8 +298,22 @@ class FederationServer:
             "current_round": snapshot.get("current_round"),
             "start_round": snapshot.get("start_round"),
             "num_rounds": snapshot.get("num_rounds"),
-            "last_global_metrics": snapshot.get("last_global_metrics"),
+            "last_global_metrics": snapshot.get("last_global_metrics") if live is not None else (
+                self._recorded_global_metrics(number)),
         }
+
+    def _recorded_global_metrics(self, number: int | None) -> dict[str, Any] | None:
+        """For a run that is not live: the mean metrics of its final model, else of its newest scored round."""
+        if number is None:
+            return None
+        try:
+            data = self.run_metrics(number)
+        except ServerError:
+            return None
+        if data["final"] and data["final"]["mean"]:
+            return {"round": "final", "mean": data["final"]["mean"]}
+        scored = [r for r in data["rounds"] if r["mean"]]
+        return {"round": scored[-1]["round"], "mean": scored[-1]["mean"]} if scored else None
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
         """Per round, the metrics each site measured of the global model it received, and their mean per metric;

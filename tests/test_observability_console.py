@@ -96,3 +96,15 @@ def test_metrics_png_without_matplotlib_is_a_usage_error_naming_the_extra(tmp_pa
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
     result = CliRunner().invoke(main, ["--kit", str(tmp_path), "metrics", "--png", str(tmp_path / "x.png")])
     assert result.exit_code == 2 and "fedlearn[plot]" in result.output
+
+
+def test_the_status_line_shows_the_last_global_metric_of_a_live_or_finished_run():
+    from fedadmin.render import server_line
+
+    live = {"run_number": 1, "run_status": "training", "current_round": 3, "start_round": 0, "num_rounds": 5,
+            "last_global_metrics": {"round": 2, "mean": {"accuracy": 0.8731, "loss": 0.3}}}
+    assert str(server_line(TargetReply("server", True, live))) == (
+        "server: run 1 training, round 3 of rounds 0..4; global model of round 2: mean accuracy 0.8731")
+    done = {"run_number": 1, "run_status": "completed", "last_global_metrics": {"round": "final",
+                                                                                "mean": {"loss": 0.25}}}
+    assert str(server_line(TargetReply("server", True, done))).endswith("final global model: mean loss 0.25")

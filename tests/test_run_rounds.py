@@ -264,6 +264,17 @@ def test_a_contribution_reporting_an_impossible_epsilon_is_refused(tmp_path, eps
         _contribute(run, "site-1", _scaled(1), ACTIVE2, privacy=("SVTProtocol", epsilon))
 
 
+def test_status_carries_the_mean_metrics_of_the_newest_scored_global_model(tmp_path):
+    run = _run(tmp_path, num_rounds=3)
+    assert run.status()["last_global_metrics"] is None
+    _contribute(run, "site-1", ONES, ACTIVE2, metrics={"accuracy": 0.5, "loss": 2.0})
+    _contribute(run, "site-2", ONES, ACTIVE2, metrics={"accuracy": 0.7})
+    assert run.status()["last_global_metrics"] == {"round": 0, "mean": {"accuracy": 0.6, "loss": 2.0}}
+    _contribute(run, "site-1", ONES, ACTIVE2)
+    _contribute(run, "site-2", ONES, ACTIVE2)  # round 1 reported no metrics: round 0's stay the newest
+    assert run.status()["last_global_metrics"]["round"] == 0
+
+
 def test_final_metrics_are_kept_per_site(tmp_path):
     run = _run(tmp_path)
     run.report_final_metrics("site-2", {"accuracy": 0.75})
