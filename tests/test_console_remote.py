@@ -590,6 +590,23 @@ def test_status_imports_neither_numpy_nor_torch(ws, fake):
     assert lines[-1] == "[] None"
 
 
+def test_metrics_and_logs_import_neither_numpy_torch_nor_the_optional_extras(ws, fake):
+    heavy = ("numpy", "torch", "matplotlib", "prometheus_client", "logging.handlers")
+    code = (
+        "import sys\n"
+        "from fedadmin.cli import main\n"
+        f"for args in (['metrics'], ['logs', 'site-1', '-n', '5']):\n"
+        f"    main(['--kit', {str(ws / 'admin')!r}, '--json', *args], standalone_mode=False)\n"
+        f"print([m for m in {heavy!r} if m in sys.modules])\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True,
+                         timeout=60, check=True)
+    lines = out.stdout.strip().splitlines()
+    assert [json.loads(line)["command"] for line in lines[:-1]] == ["metrics", "logs"]
+    assert lines[-1] == "[]"
+    assert fake.commands() == ["metrics", "logs"]
+
+
 def test_the_fake_server_is_really_mutual_tls(ws, fake):
     """A plaintext client cannot talk to it: the console's successes above are over TLS."""
     target = load_kit(ws / "admin").admin_target

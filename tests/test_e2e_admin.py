@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -114,6 +115,25 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
         assert refused.returncode == 2, (bad, refused.stdout, refused.stderr)
     no_run = fedadmin(ws, "--json", "logs", "site-1", "--run", "9")
     assert no_run.returncode == 1 and "no run 9" in no_run.stdout
+    # --follow: the lines appended after it started, as JSON lines, until Ctrl-C (exit 0).
+    env = dict(python_env(), FEDADMIN_KIT=str(ws / "admin"))
+    follower = subprocess.Popen([sys.executable, "-m", "fedadmin.cli", "--json", "logs", "server", "-n", "1",
+                                 "--follow"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        first = json.loads(follower.stdout.readline())
+        assert first["ok"] and len(first["lines"]) == 1
+        ok_json(ws, "set-timeout", "12")  # the server logs it
+        seen: list[str] = []
+        deadline = time.monotonic() + 20
+        while not any("set-timeout" in line for line in seen) and time.monotonic() < deadline:
+            seen += json.loads(follower.stdout.readline())["lines"]
+        assert any("admin admin (project_admin): set-timeout server -> ok" in line for line in seen), seen
+        follower.send_signal(signal.SIGINT)
+        assert follower.wait(10) == 0
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+            follower.wait(5)
     per_round = ok_json(ws, "metrics")
     assert per_round["metric"] == "accuracy" and [r["round"] for r in per_round["records"]] == [0, 1, "final"]
     for record in per_round["records"]:
