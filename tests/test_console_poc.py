@@ -184,3 +184,15 @@ def test_poc_run_trains_an_mmar_reports_every_round_and_leaves_no_process(tmp_pa
     assert not (ws / "poc.json").exists()
     leftovers = [p for p in psutil.process_iter(["cmdline"]) if str(ws) in " ".join(p.info["cmdline"] or [])]
     assert [p for p in leftovers if p.status() != psutil.STATUS_ZOMBIE] == []
+
+    # Afterwards, as the run's closing lines suggest: the same federation again, and what happened, from the console.
+    assert fedadmin("poc", "start", "--workspace", str(ws)).returncode == 0
+    try:
+        kit = ["--json", "--kit", str(ws / "admin")]
+        per_round = json.loads(fedadmin(*kit, "metrics").stdout)
+        assert per_round["ok"] and [r["round"] for r in per_round["records"]] == [0, 1, "final"]
+        assert all(set(r["sites"]) == {"site-1", "site-2"} for r in per_round["records"])
+        worker = json.loads(fedadmin(*kit, "logs", "site-1", "--run", "1").stdout)
+        assert worker["ok"] and any("site-1: run 1 finished" in line for line in worker["lines"])
+    finally:
+        assert fedadmin("poc", "stop", "--workspace", str(ws)).returncode == 0
