@@ -3,9 +3,11 @@ behind `fedadmin logs` (the last lines of a log, filtered by level, and what was
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import stat
 import sys
 import threading
 from collections.abc import Iterable
@@ -27,10 +29,14 @@ _LEVEL_RANK = {name.upper(): i for i, name in enumerate(LEVELS)}
 _RECORD_HEAD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 # What the interpreter prints for an uncaught exception, outside logging: it starts an error record.
 _TRACEBACK_HEAD = b"Traceback (most recent call last):"
+_INFO = _LEVEL_RANK["INFO"]
 
 MAX_LINES = 10_000
 MAX_REPLY_BYTES = 512 * 1024  # the newest lines that fit are kept
 MAX_FOLLOW_READ = 1024 * 1024  # read per follow step; the rest comes with the next one
+MAX_LINE_BYTES = 64 * 1024  # a worker's output line longer than this is written in pieces
+MAX_LINE_CHARS = 16 * 1024  # a longer line is shown cut, with how much was left out
+MAX_LOG_BYTES = 2 * LOG_MAX_BYTES  # read at most this much of one file (rotation keeps them far smaller)
 
 
 def configure_logging(log_file: Path | None = None, debug: bool = False, tag: str = "") -> None:
@@ -84,15 +90,28 @@ class RotatingWriter:
 
 
 def pump_lines(stream: IO[bytes], writer: RotatingWriter) -> None:
-    """Copy a process's output into writer until it ends, a line at a time; closes both."""
+    """Copy a process's output into writer until it ends, a line (at most MAX_LINE_BYTES) at a time.
+
+    The stream is read to its end whatever happens to the file: a writer that fails (disk full) costs log
+    lines, never the process a broken pipe. Closes both at the end.
+    """
+    failed = False
     try:
-        for line in stream:
-            writer.write(line)
+        while line := stream.readline(MAX_LINE_BYTES):
+            if failed:
+                continue
+            try:
+                writer.write(line)
+            except (OSError, ValueError) as e:
+                failed = True
+                logging.getLogger(__name__).error("cannot write %s (%s): the worker's output is dropped from now on",
+                                                  writer.path, e)
     except (OSError, ValueError):
         pass
     finally:
         stream.close()
-        writer.close()
+        with contextlib.suppress(OSError, ValueError):
+            writer.close()
 
 
 # ---- reading ------------------------------------------------------------------------------------
@@ -126,8 +145,8 @@ class LogQuery:
         cursor = args.get("cursor")
         if cursor is not None:
             ok = isinstance(cursor, dict) and set(cursor) <= {"inode", "offset", "keep"} and all(
-                isinstance(cursor.get(k), int) and not isinstance(cursor.get(k), bool) and cursor[k] >= 0
-                for k in ("inode", "offset"))
+                isinstance(cursor.get(k), int) and not isinstance(cursor.get(k), bool) and 0 <= cursor[k] < 2**63
+                for k in ("inode", "offset")) and cursor["offset"] <= MAX_LOG_BYTES
             if not ok:
                 raise LogRequestError(f"cursor must be what an earlier logs reply returned, got {cursor!r}")
             cursor = {"inode": cursor["inode"], "offset": cursor["offset"], "keep": int(bool(cursor.get("keep")))}
@@ -153,31 +172,80 @@ def _records(lines: Iterable[bytes], keep_first: bool, minimum: int) -> tuple[li
     return kept, keep
 
 
-def _decode(lines: list[bytes]) -> list[str]:
-    return [line.rstrip(b"\r\n").decode("utf-8", errors="replace") for line in lines]
+def _take(raw: list[bytes], keep_first: bool, minimum: int) -> tuple[list[str], bool, int]:
+    """The kept lines of `raw` from its start while they fit in one reply (MAX_LINES, MAX_REPLY_BYTES);
+    returns them, whether the last record was kept, and how many bytes of `raw` they account for."""
+    out: list[str] = []
+    keep, used, size = keep_first, 0, 0
+    for line in raw:
+        _, record_keep = _records([line], keep, minimum)
+        if record_keep:
+            text = _shown(line)
+            if len(out) == MAX_LINES or size + len(text) + 1 > MAX_REPLY_BYTES:
+                break
+            out.append(text)
+            size += len(text) + 1
+        keep = record_keep
+        used += len(line)
+    return out, keep, used
 
 
-def _fit(lines: list[str], count: int) -> tuple[list[str], bool]:
-    """The last `count` lines that fit in MAX_REPLY_BYTES; True when some were left out for size."""
+def _shown(line: bytes) -> str:
+    text = line.rstrip(b"\r\n").decode("utf-8", errors="replace")
+    if len(text) > MAX_LINE_CHARS:
+        text = f"{text[:MAX_LINE_CHARS]}… [{len(text) - MAX_LINE_CHARS} more characters]"
+    return text
+
+
+def _fit(lines: list[bytes], count: int) -> tuple[list[str], bool]:
+    """The last `count` lines (each cut to MAX_LINE_CHARS) that fit in MAX_REPLY_BYTES; True when some were left
+    out for size."""
     out: list[str] = []
     size = 0
     for line in reversed(lines[-count:]):
-        size += len(line) + 1
+        text = _shown(line)
+        size += len(text) + 1
         if size > MAX_REPLY_BYTES:
             return out[::-1], True
-        out.append(line)
+        out.append(text)
     return out[::-1], False
 
 
-def _cursor(f: IO[bytes], offset: int, keep: bool) -> dict[str, int]:
-    return {"inode": os.fstat(f.fileno()).st_ino, "offset": offset, "keep": int(keep)}
+def _open(path: Path) -> IO[bytes] | None:
+    """A log file opened for reading, or None when it does not exist; a link or anything but a regular file is
+    refused (a worker cannot point the reader elsewhere)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise LogRequestError(f"{path.name} cannot be read: {e.strerror or e}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LogRequestError(f"{path.name} is not a regular file")
+    return os.fdopen(fd, "rb")
+
+
+def _backup(path: Path, i: int) -> Path:
+    return path.with_name(f"{path.name}.{i}")
+
+
+def _last_bytes(f: IO[bytes], limit: int) -> bytes:
+    """About the last `limit` bytes of the file, from a line's start; the file's position is left after them."""
+    size = os.fstat(f.fileno()).st_size
+    if size <= limit:
+        f.seek(0)
+        return f.read(limit)
+    f.seek(size - limit)
+    data = f.read(limit)
+    return data[data.find(b"\n") + 1:]
 
 
 def read_log(path: Path, query: LogQuery) -> dict[str, Any]:
     """The reply to a logs request for the log at `path` (with its rotated backups path.1, path.2, …).
 
     Without a cursor: the last `lines` lines at the level or above (older backups are read when the current
-    file holds too few). With one: the complete lines appended since, across a rotation. The reply's
+    file holds too few). With one: the complete lines appended since, across rotations. The reply's
     `cursor` continues from where this one ended.
     """
     minimum = _LEVEL_RANK[(query.level or "debug").upper()]
@@ -187,54 +255,70 @@ def read_log(path: Path, query: LogQuery) -> dict[str, Any]:
 
 
 def _tail(path: Path, count: int, minimum: int) -> dict[str, Any]:
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+    f = _open(path)
+    if f is None:
         return {"lines": [], "cursor": None, "truncated": False, "missing": True}
     with f:
-        data = f.read()
+        data = _last_bytes(f, MAX_LOG_BYTES)
         end = data.rfind(b"\n") + 1  # an unfinished last line comes with the next follow step
-        kept, keep = _records(data[:end].splitlines(keepends=True), False, minimum)
-        older: list[bytes] = []
-        for i in range(1, LOG_BACKUPS + 1):
-            if len(older) + len(kept) >= count:
+        cursor_offset = f.tell() - (len(data) - end)
+        chunks = [data[:end]]  # newest first
+        # Lines without a record head (a print) count as info; older files are read while too few lines match.
+        while len(_records(b"".join(reversed(chunks)).splitlines(keepends=True), True, minimum)[0]) < count:
+            if len(chunks) > LOG_BACKUPS:
                 break
-            try:
-                backup = Path(f"{path}.{i}").read_bytes()
-            except FileNotFoundError:
+            older = _open(_backup(path, len(chunks)))
+            if older is None:
                 break
-            older = _records(backup.splitlines(keepends=True), False, minimum)[0] + older
-        lines, truncated = _fit(_decode(older + kept), count)
-        return {"lines": lines, "cursor": _cursor(f, end, keep), "truncated": truncated or len(older + kept) > count}
+            with older:
+                chunks.append(_last_bytes(older, MAX_LOG_BYTES))
+        kept, keep = _records(b"".join(reversed(chunks)).splitlines(keepends=True), minimum <= _INFO, minimum)
+        lines, truncated = _fit(kept, count)
+        return {"lines": lines, "cursor": _cursor(f, cursor_offset, keep),
+                "truncated": truncated or len(kept) > count}
+
+
+def _cursor(f: IO[bytes], offset: int, keep: bool) -> dict[str, int]:
+    return {"inode": os.fstat(f.fileno()).st_ino, "offset": offset, "keep": int(keep)}
 
 
 def _since(path: Path, cursor: dict[str, int], minimum: int) -> dict[str, Any]:
-    chunks: list[bytes] = []
-    inode, offset = cursor["inode"], cursor["offset"]
-    try:
-        f = open(path, "rb")
-    except FileNotFoundError:
+    """Complete lines after the cursor: from the file the cursor is in (the current one, or a backup it was
+    rotated to, oldest first), at most MAX_FOLLOW_READ bytes per call."""
+    current = _open(path)
+    if current is None:
         return {"lines": [], "cursor": cursor, "truncated": False, "missing": True}
-    with f:
-        if os.fstat(f.fileno()).st_ino != inode:
-            # Rotated since: the rest of the file the cursor was in (now a backup), then this one from its start.
+    files = [current]  # current, .1, .2, …: newest first
+    try:
+        if os.fstat(current.fileno()).st_ino != cursor["inode"]:
             for i in range(1, LOG_BACKUPS + 1):
-                backup = Path(f"{path}.{i}")
-                try:
-                    if backup.stat().st_ino == inode:
-                        with open(backup, "rb") as b:
-                            b.seek(offset)
-                            chunks.append(b.read(MAX_FOLLOW_READ))
-                        break
-                except FileNotFoundError:
+                backup = _open(_backup(path, i))
+                if backup is None:
                     break
-            offset = 0
-        elif os.fstat(f.fileno()).st_size < offset:  # truncated or replaced in place
+                files.append(backup)
+                if os.fstat(backup.fileno()).st_ino == cursor["inode"]:
+                    break
+        found = os.fstat(files[-1].fileno()).st_ino == cursor["inode"]
+        # The cursor's file rotated out of reach: carry on from the oldest file there is.
+        f, offset = files[-1], cursor["offset"] if found else 0
+        size = os.fstat(f.fileno()).st_size
+        if offset > size:  # truncated or replaced in place
             offset = 0
         f.seek(offset)
         data = f.read(MAX_FOLLOW_READ)
-        end = data.rfind(b"\n") + 1
-        chunks.append(data[:end])
-        kept, keep = _records(b"".join(chunks).splitlines(keepends=True), bool(cursor.get("keep")), minimum)
-        lines, truncated = _fit(_decode(kept), MAX_LINES)
-        return {"lines": lines, "cursor": _cursor(f, offset + end, keep), "truncated": truncated}
+        finished = f is not current and offset + len(data) >= size  # a backup no longer grows: take it all
+        end = len(data) if finished else data.rfind(b"\n") + 1
+        if end == 0 and len(data) == MAX_FOLLOW_READ:
+            end = len(data)  # one line longer than a whole step: take it as it is rather than stall
+        keep_first = bool(cursor.get("keep")) if found else minimum <= _INFO
+        lines, keep, used = _take(data[:end].splitlines(keepends=True), keep_first, minimum)
+        if used < end:  # the reply is full: the rest comes with the next step
+            end, finished = used, False
+        if finished:
+            # That file is done: the next step starts at the top of the next newer one.
+            newer = files[-2]
+            return {"lines": lines, "cursor": _cursor(newer, 0, keep), "truncated": False}
+        return {"lines": lines, "cursor": _cursor(f, offset + end, keep), "truncated": False}
+    finally:
+        for f in files:
+            f.close()

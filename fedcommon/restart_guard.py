@@ -35,4 +35,7 @@ def check_restart(workspace: Path, now: float | None = None, limit: int = LIMIT,
         raise RestartRefused(
             f"restart refused: {len(recent)} restarts in the last {window / 60:g} min, a restart loop? "
             f"Look at log.txt (fedadmin logs); a restart is allowed again after {again}")
-    atomic_write_json(path, [*recent, now])
+    try:
+        atomic_write_json(path, [*recent, now])
+    except OSError:  # a workspace that cannot be written: the restart goes ahead, uncounted
+        pass

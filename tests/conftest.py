@@ -24,6 +24,17 @@ DIGITS = ROOT / "examples" / "digits"
 
 # How long a test's processes may take to exit after its own teardown before they count as orphans.
 ORPHAN_GRACE_S = 15.0
+# Processes started outside a test's own scope (module fixtures) carry the session's tag: checked at the end.
+SESSION_TAG = new_tag()
+os.environ[TAG_VAR] = SESSION_TAG
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    left = reap_leftovers(SESSION_TAG, ORPHAN_GRACE_S)
+    if left:
+        shown = "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items()))
+        print(f"\nprocesses left behind by module or session fixtures (now killed):\n{shown}", file=sys.stderr)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(autouse=True)

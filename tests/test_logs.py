@@ -115,7 +115,106 @@ def test_a_missing_log_is_reported_not_raised(tmp_path):
     ({"cursor": {"inode": -1, "offset": 0}}, "cursor must be"),
     ({"cursor": {"inode": 1, "offset": 0, "path": "x"}}, "cursor must be"),
     ({"cursor": "start"}, "cursor must be"),
+    ({"cursor": {"inode": 1, "offset": 2**63}}, "cursor must be"),
 ])
 def test_bad_arguments_are_refused_naming_them(args, match):
     with pytest.raises(LogRequestError, match=match):
         LogQuery.from_args(args)
+
+
+def _follow_all(log: Path, cursor: dict, steps: int = 200) -> list[str]:
+    seen: list[str] = []
+    for _ in range(steps):
+        reply = read_log(log, LogQuery(cursor=cursor))
+        if not reply["lines"] and reply["cursor"] == cursor:
+            break
+        seen += reply["lines"]
+        cursor = reply["cursor"]
+    return seen
+
+
+def test_following_through_two_rotations_with_more_than_a_step_left_in_the_backup(tmp_path):
+    log = tmp_path / "worker.log"
+    writer = RotatingWriter(log, max_bytes=3 * 1024 * 1024, backups=3)
+    writer.write(_record("INFO", "before").encode())
+    cursor = read_log(log, LogQuery(lines=1))["cursor"]
+    n = 0
+    while not Path(f"{log}.2").exists():  # two rotations, each file ~3 MiB: more than one follow step
+        writer.write(_record("INFO", f"step {n} " + "x" * 60).encode())
+        n += 1
+    writer.write(_record("INFO", f"step {n} " + "x" * 60).encode())
+    writer.close()
+    seen = _follow_all(log, cursor)
+    assert [int(line.split("step ")[1].split()[0]) for line in seen] == list(range(n + 1))
+
+
+def test_a_line_longer_than_a_follow_step_does_not_stall_the_follower(tmp_path):
+    log = tmp_path / "log.txt"
+    _write(log, _record("INFO", "start"))
+    cursor = read_log(log, LogQuery())["cursor"]
+    _write(log, "\r" + "progress 50%" * 200_000, "\n", _record("INFO", "after"))  # ~2.4 MB without a newline
+    seen = _follow_all(log, cursor)
+    assert seen[-1].endswith("fed.test: after") and any("more characters]" in line for line in seen)
+
+
+def test_a_huge_newest_line_is_cut_not_hiding_the_lines_before_it(tmp_path):
+    log = tmp_path / "log.txt"
+    _write(log, _record("ERROR", "the cause"), _record("INFO", "y" * 600_000))
+    lines = read_log(log, LogQuery(lines=5))["lines"]
+    assert lines[0].endswith("the cause") and len(lines[1]) < 20_000 and lines[1].endswith("more characters]")
+
+
+def test_lines_without_a_record_head_count_as_info(tmp_path):
+    log = tmp_path / "worker.log"
+    _write(log, "fedclient.worker: bad rank environment\n", "a print from the trainer\n")
+    assert read_log(log, LogQuery())["lines"] == ["fedclient.worker: bad rank environment",
+                                                   "a print from the trainer"]
+    assert read_log(log, LogQuery(level="warning"))["lines"] == []
+
+
+def test_a_traceback_split_by_a_rotation_keeps_its_end_under_an_error_filter(tmp_path):
+    log = tmp_path / "log.txt"
+    Path(f"{log}.1").write_text(_record("ERROR", "failed") + "Traceback (most recent call last):\n")
+    _write(log, '  File "x.py", line 1\n', "ValueError: the end\n", _record("INFO", "later"))
+    assert read_log(log, LogQuery(level="error"))["lines"][-1] == "ValueError: the end"
+
+
+def test_a_log_that_is_a_link_or_not_a_file_is_refused(tmp_path):
+    secret = tmp_path / "key.pem"
+    secret.write_text("PRIVATE\n")
+    (tmp_path / "log.txt").symlink_to(secret)
+    with pytest.raises(LogRequestError, match="cannot be read"):
+        read_log(tmp_path / "log.txt", LogQuery())
+    (tmp_path / "dir.log").mkdir()
+    with pytest.raises(LogRequestError, match="not a regular file|cannot be read"):
+        read_log(tmp_path / "dir.log", LogQuery())
+
+
+def test_the_output_pump_drains_the_pipe_when_the_file_cannot_be_written(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    from fedcommon.logs import pump_lines
+
+    class FullDisk(RotatingWriter):
+        def write(self, data: bytes) -> None:
+            raise OSError(28, "No space left on device")
+
+    proc = subprocess.Popen([sys.executable, "-c", "for i in range(2000): print('line', i, flush=True)"],
+                            stdout=subprocess.PIPE)
+    pump = threading.Thread(target=pump_lines, args=(proc.stdout, FullDisk(tmp_path / "w.log")))
+    pump.start()
+    assert proc.wait(30) == 0  # no broken pipe for the worker
+    pump.join(10)
+    assert not pump.is_alive()
+
+
+def test_a_long_line_from_a_worker_is_written_in_pieces(tmp_path):
+    import io
+
+    from fedcommon.logs import MAX_LINE_BYTES, pump_lines
+
+    writer = RotatingWriter(tmp_path / "w.log")
+    pump_lines(io.BytesIO(b"z" * (3 * MAX_LINE_BYTES) + b"\nend\n"), writer)
+    assert (tmp_path / "w.log").read_bytes() == b"z" * (3 * MAX_LINE_BYTES) + b"\nend\n"

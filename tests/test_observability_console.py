@@ -108,3 +108,10 @@ def test_the_status_line_shows_the_last_global_metric_of_a_live_or_finished_run(
     done = {"run_number": 1, "run_status": "completed", "last_global_metrics": {"round": "final",
                                                                                 "mean": {"loss": 0.25}}}
     assert str(server_line(TargetReply("server", True, done))).endswith("final global model: mean loss 0.25")
+
+
+def test_control_characters_in_log_lines_never_reach_the_terminal():
+    ok = CommandOutcome("logs", True, [TargetReply("site-1", True, {
+        "file": "log.txt", "lines": ["evil \x1b]52;c;cGF5bG9hZA==\x07 title \x1b[2J bell\x07"]})])
+    text = _render(LogsResult(ok, "site-1", None))
+    assert "\x1b" not in text and "\x07" not in text and "\\x1b]52;c;" in text

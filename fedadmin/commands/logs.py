@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -23,11 +24,19 @@ def _level_style(line: str) -> str:
     return next((style for key, style in _LEVEL_STYLES.items() if key in head), "")
 
 
+# Control characters (ESC above all) would reach the operator's terminal: shown as escapes instead.
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def _visible(line: str) -> str:
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
+
+
 def _log_lines(lines: list[str]) -> Any:
     from rich.console import Group
     from rich.text import Text
 
-    return Group(*(Text(line, style=_level_style(line)) for line in lines))
+    return Group(*(Text(_visible(line), style=_level_style(line)) for line in lines))
 
 
 @dataclass(frozen=True)
