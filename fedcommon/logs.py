@@ -152,6 +152,15 @@ class LogQuery:
             cursor = {"inode": cursor["inode"], "offset": cursor["offset"], "keep": int(bool(cursor.get("keep")))}
         return cls(lines, level.lower() if level else None, cursor)
 
+    def to_args(self) -> dict[str, Any]:
+        """The checked query as request arguments (what a site is sent)."""
+        args: dict[str, Any] = {"lines": self.lines}
+        if self.level is not None:
+            args["level"] = self.level
+        if self.cursor is not None:
+            args["cursor"] = self.cursor
+        return args
+
 
 def _records(lines: Iterable[bytes], keep_first: bool, minimum: int) -> tuple[list[bytes], bool]:
     """The lines of the records at `minimum` rank or above; continuation lines follow their record.
@@ -162,14 +171,20 @@ def _records(lines: Iterable[bytes], keep_first: bool, minimum: int) -> tuple[li
     kept: list[bytes] = []
     keep = keep_first
     for line in lines:
-        head = _RECORD_HEAD.match(line)
-        if head:
-            keep = _LEVEL_RANK[head.group(1).decode()] >= minimum
-        elif line.startswith(_TRACEBACK_HEAD):
-            keep = _LEVEL_RANK["ERROR"] >= minimum
+        keep = _kept(line, keep, minimum)
         if keep:
             kept.append(line)
     return kept, keep
+
+
+def _kept(line: bytes, keep: bool, minimum: int) -> bool:
+    """Whether `line` is shown: a record head (or a bare traceback) decides by its level, others follow `keep`."""
+    head = _RECORD_HEAD.match(line)
+    if head:
+        return _LEVEL_RANK[head.group(1).decode()] >= minimum
+    if line.startswith(_TRACEBACK_HEAD):
+        return _LEVEL_RANK["ERROR"] >= minimum
+    return keep
 
 
 def _take(raw: list[bytes], keep_first: bool, minimum: int) -> tuple[list[str], bool, int]:
@@ -178,7 +193,7 @@ def _take(raw: list[bytes], keep_first: bool, minimum: int) -> tuple[list[str], 
     out: list[str] = []
     keep, used, size = keep_first, 0, 0
     for line in raw:
-        _, record_keep = _records([line], keep, minimum)
+        record_keep = _kept(line, keep, minimum)
         if record_keep:
             text = _shown(line)
             if len(out) == MAX_LINES or size + len(text) + 1 > MAX_REPLY_BYTES:

@@ -616,12 +616,7 @@ class AdminHub:
             query = LogQuery.from_args(args)
         except LogRequestError as e:
             raise AdminError(str(e)) from None
-        checked: dict[str, Any] = {"lines": query.lines}
-        if query.level is not None:
-            checked["level"] = query.level
-        if query.cursor is not None:
-            checked["cursor"] = query.cursor
-        return {**checked, **self._optional_run_number_arg(args)}
+        return {**query.to_args(), **self._optional_run_number_arg(args)}
 
     def _site_arg(self, args: dict) -> dict[str, Any]:
         site = args.get("site")

@@ -77,6 +77,9 @@ class ServerError(Exception):
     """An operator-facing failure of the server (bad MMAR, run already present, ...)."""
 
 
+_UNREAD = object()  # run_status: the caller has not read the run's summary
+
+
 class FederationServer:
     """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
@@ -270,50 +273,53 @@ class FederationServer:
         run = self.run
         return run if run is not None and run.phase is Phase.TRAINING else None
 
-    def run_status(self, run_number: int) -> str:
-        """"none", "deployed", "training", "completed" or "aborted"."""
+    def run_status(self, run_number: int, summary: Any = _UNREAD) -> str:
+        """"none", "deployed", "training", "completed" or "aborted".
+
+        summary: the run's summary.json when the caller has read it already (None: there is none).
+        """
         run = self.run
         if run is not None and run.run_number == run_number:
             return run.phase.value
-        run_dir = self.run_dir(run_number)
-        try:
-            status = json.loads((run_dir / "summary.json").read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
-            status = None
+        if summary is _UNREAD:
+            summary = self._read_summary(run_number)
+        status = summary.get("status") if summary is not None else None
         if status in (Phase.COMPLETED.value, Phase.ABORTED.value):
             return status
         if status == Phase.TRAINING.value:
             return Phase.ABORTED.value  # it was training when an earlier server process stopped
-        return "deployed" if (run_dir / "mmar").is_dir() else "none"
+        return "deployed" if (self.run_dir(run_number) / "mmar").is_dir() else "none"
+
+    def _read_summary(self, run_number: int) -> dict[str, Any] | None:
+        """Run `run_number`'s summary.json, or None when there is none (or it cannot be read)."""
+        try:
+            summary = json.loads((self.run_dir(run_number) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
 
     def run_report(self) -> dict[str, Any]:
         """The current run for `status`: number, status and rounds."""
         number = self._run_number
         run = self.run
         live = run if run is not None and run.run_number == number else None
-        snapshot = live.status() if live is not None else {}
+        if live is not None:
+            snapshot = live.status()
+            status, last = live.phase.value, snapshot.get("last_global_metrics")
+        elif number is not None:  # a run that is not live: its summary, read once
+            snapshot, summary = {}, self._read_summary(number)
+            status = self.run_status(number, summary)
+            last = _last_recorded_metrics(summary) if summary is not None else None
+        else:
+            snapshot, status, last = {}, "none", None
         return {
             "run_number": number,
-            "run_status": self.run_status(number) if number is not None else "none",
+            "run_status": status,
             "current_round": snapshot.get("current_round"),
             "start_round": snapshot.get("start_round"),
             "num_rounds": snapshot.get("num_rounds"),
-            "last_global_metrics": snapshot.get("last_global_metrics") if live is not None else (
-                self._recorded_global_metrics(number)),
+            "last_global_metrics": last,
         }
-
-    def _recorded_global_metrics(self, number: int | None) -> dict[str, Any] | None:
-        """For a run that is not live: the mean metrics of its final model, else of its newest scored round."""
-        if number is None:
-            return None
-        try:
-            data = self.run_metrics(number)
-        except ServerError:
-            return None
-        if data["final"] and data["final"]["mean"]:
-            return {"round": "final", "mean": data["final"]["mean"]}
-        scored = [r for r in data["rounds"] if r["mean"]]
-        return {"round": scored[-1]["round"], "mean": scored[-1]["mean"]} if scored else None
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
         """Per round, the metrics each site measured of the global model it received, and their mean per metric;
@@ -323,19 +329,15 @@ class FederationServer:
         try:
             summary = json.loads(path.read_text())
         except FileNotFoundError:
-            status = self.run_status(number)
+            status = self.run_status(number, None)
             raise ServerError(f"run {number} has no metrics: it has not started ({status})") from None
         except (OSError, ValueError) as e:
             raise ServerError(f"run {number}: {path} cannot be read: {e}") from None
-        rounds = []
-        for r in summary.get("rounds") or []:
-            if isinstance(r, dict) and isinstance(r.get("round"), int):
-                sites = _numeric(r.get("metrics"))
-                rounds.append({"round": r["round"], "sites": sites, "mean": mean_metrics(sites)})
-        final = _numeric(summary.get("final_metrics"))
-        return {"run_number": number, "run_status": self.run_status(number), "rounds": rounds,
-                "final": {"sites": final, "mean": mean_metrics(final)} if final else None,
-                "best_global": summary.get("best_global")}
+        if not isinstance(summary, dict):
+            raise ServerError(f"run {number}: {path} is not a run summary")
+        rounds, final = _metric_records(summary)
+        return {"run_number": number, "run_status": self.run_status(number, summary), "rounds": rounds,
+                "final": final, "best_global": summary.get("best_global")}
 
     def _require_run_number(self, run_number: int | None) -> int:
         number = self._run_number if run_number is None else run_number
@@ -565,6 +567,26 @@ class FederationServer:
             except Exception:
                 log.exception("round ticker failed; continuing")
 
+
+
+def _metric_records(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """From a run summary: per round {"round", "sites", "mean"}, and {"sites", "mean"} of the final model."""
+    rounds = []
+    for r in summary.get("rounds") or []:
+        if isinstance(r, dict) and isinstance(r.get("round"), int):
+            sites = _numeric(r.get("metrics"))
+            rounds.append({"round": r["round"], "sites": sites, "mean": mean_metrics(sites)})
+    final = _numeric(summary.get("final_metrics"))
+    return rounds, {"sites": final, "mean": mean_metrics(final)} if final else None
+
+
+def _last_recorded_metrics(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The mean metrics of a finished run's final model, else of its newest scored round."""
+    rounds, final = _metric_records(summary)
+    if final is not None and final["mean"]:
+        return {"round": "final", "mean": final["mean"]}
+    scored = [r for r in rounds if r["mean"]]
+    return {"round": scored[-1]["round"], "mean": scored[-1]["mean"]} if scored else None
 
 
 def _numeric(reports: Any) -> dict[str, dict[str, float]]:

@@ -94,12 +94,18 @@ def test_assign_current_model_without_a_fitter_raises():
         _manager().assign_current_model({TASK: {"w": np.zeros(2, np.float32)}})
 
 
-def test_delta_w_is_local_minus_global_exactly():
+def _trained_round() -> tuple[TinyFitter, ClientModelManager, dict[str, np.ndarray]]:
+    """A manager that received a global model (the fitter's weights + 0.5) and then trained once."""
     fitter = TinyFitter()
     mm = _manager(fitter)
     glob = _global_model(fitter, offset=0.5)
     mm.assign_current_model({TASK: glob})
     fitter.train(None)
+    return fitter, mm, glob
+
+
+def test_delta_w_is_local_minus_global_exactly():
+    fitter, mm, glob = _trained_round()
     local = _module_arrays(fitter)
     delta = mm.read_current_model(TASK, "delta_w")
     assert list(delta) == list(glob)
@@ -374,11 +380,7 @@ def test_delta_w_of_a_model_with_a_bool_buffer_is_built():
 
 
 def test_an_update_without_a_privacy_filter_is_computed_a_variable_at_a_time_as_it_is_read():
-    fitter = TinyFitter()
-    mm = _manager(fitter)
-    glob = _global_model(fitter, offset=0.5)
-    mm.assign_current_model({TASK: glob})
-    fitter.train(None)
+    _, mm, glob = _trained_round()
     delta = mm.read_current_model(TASK, "delta_w")
     assert not isinstance(delta, dict) and len(delta) == len(glob) and list(delta) == list(glob)
     first, again = delta["0.weight"], delta["0.weight"]
