@@ -74,6 +74,11 @@ class Message:
         return f"Message(topic={self.topic!r}, id={self.id!r}, headers={self.headers!r})"
 
 
+def body_text(body: str | bytes) -> str:
+    """A message body as text (bytes read as UTF-8, what is not UTF-8 replaced)."""
+    return body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body
+
+
 def new_message(topic: str, body: str | bytes = "", ref: Message | None = None) -> Message:
     """A message, optionally marked as the reply to `ref`."""
     msg = Message(topic, body)

@@ -1,0 +1,331 @@
+"""Every admin command, declared once: targets, site topic, rights, arguments (docs/admin-protocol.md).
+
+The console checks a command's arguments with `Command.check_args` before it sends them, the server
+checks them again (it trusts no console), and a site decodes and checks what it is sent with
+`Command.decode_request`. The server's catalogue, its authorization policy, a site's local policy and
+the console's command list all read `COMMANDS`; nothing else lists command names.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fedcommon.admin_defs import body_text
+
+# ---- the vocabulary the console, the server and the sites share -------------------------------------
+
+SERVER = "server"
+# Targets that stand for a set of participants; any other target is one participant's name.
+GROUP_TARGETS = ("server", "client", "all")
+TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
+
+# Seconds the server waits for sites' replies by default, and at most (set-timeout, --timeout).
+DEFAULT_TIMEOUT_S = 10.0
+MAX_TIMEOUT_S = 3600.0
+# A site's Retrieve is held up to this long (a command reaches an idle site in milliseconds, and an idle
+# site costs one call a minute); the server holds no Retrieve longer, whatever a site asks.
+LONG_POLL_S = 60.0
+# A site is connected while a Retrieve of its is in flight or one ended this recently.
+CONNECTED_WINDOW_S = 45.0
+MAX_GPUS = 64  # ranks on one node
+MAX_NAME = 200
+
+
+class Topic:
+    """The seed's admin topics: what a site's request processors subscribe to."""
+
+    CHECK_STATUS = "check_status"
+    DEPLOY = "deploy"
+    START = "start"
+    START_MGPU = "start_mgpu"
+    ABORT = "abort"
+    SYS_INFO = "sys_info"
+    SHELL = "shell"
+    DELETE_RUN = "delete_run_number"
+    RESTART = "restart"
+    SHUTDOWN = "shutdown"
+    VALIDATE = "validate"
+    LOGS = "logs"
+
+
+class ResultTopic:
+    """What a site sends on its own (SendResult)."""
+
+    PROGRESS = "progress"
+    TRAINING_ENDED = "training_ended"
+    ALL = (PROGRESS, TRAINING_ENDED)
+
+
+class Right:
+    """The rights of the server's authorization policy; a command needs any one of its rights."""
+
+    VIEW = "view"
+    TRAIN = "train"
+    OPERATE = "operate"
+    SHELL = "shell"
+    ALL = (VIEW, TRAIN, OPERATE, SHELL)
+
+
+class Targets:
+    """Which targets a command takes."""
+
+    ALL = "all"  # any; none given means all (the server and every connected site)
+    SERVER = "server"  # the server alone; implied
+    REQUIRED = "required"  # any, at least one
+    ONE = "one"  # one: the server or a site's name
+
+
+class ClientStatus:
+    """A site's training status codes and their words, as in the seed (fed_learn.client.client_status)."""
+
+    TRAINING_NOT_STARTED = 0
+    TRAINING_STARTING = 1
+    TRAINING_STARTED = 2
+    TRAINING_STOPPED = 3
+    TRAINING_EXCEPTION = 4
+
+    status_messages = {
+        TRAINING_NOT_STARTED: "training not started",
+        TRAINING_STARTING: "training starting",
+        TRAINING_STARTED: "training started",
+        TRAINING_STOPPED: "training stopped",
+        TRAINING_EXCEPTION: "training exception",
+    }
+
+
+def get_status_message(status: int) -> str:
+    """The words for a status code; unknown codes are named as such."""
+    return ClientStatus.status_messages.get(status, f"unknown status {status}")
+
+
+# ---- argument checks: each returns the value to use, or raises ArgumentError naming the argument ----
+
+
+class ArgumentError(ValueError):
+    """An argument that is missing, of the wrong kind or out of range; the message names it."""
+
+
+def _whole(name: str, value: Any, low: int, high: int | None = None) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        wanted = f"a whole number >= {low}" if high is None else f"a whole number from {low} to {high}"
+        raise ArgumentError(f"{name} must be {wanted}, got {value!r}")
+    return value
+
+
+def run_number(value: Any, name: str = "run_number") -> int:
+    """A run number: a whole number >= 1."""
+    return _whole(name, value, 1)
+
+
+def gpu_number(value: Any, name: str = "gpu_number") -> int:
+    """Ranks on one node: 1 to MAX_GPUS."""
+    return _whole(name, value, 1, MAX_GPUS)
+
+
+def seconds(value: Any, name: str = "seconds") -> float:
+    """A finite number of seconds in (0, MAX_TIMEOUT_S]."""
+    valid = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not valid or not 0 < value <= MAX_TIMEOUT_S:
+        raise ArgumentError(f"{name} must be a number in (0, {MAX_TIMEOUT_S:g}], got {value!r}")
+    return float(value)
+
+
+def participant_name(value: Any, name: str = "site") -> str:
+    """A participant's name: a non-empty string of at most MAX_NAME characters, surrounding blanks dropped."""
+    if not isinstance(value, str) or not value.strip() or len(value) > MAX_NAME:
+        raise ArgumentError(f"{name} must be a name, got {value!r}")
+    return value.strip()
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def blob_id(value: Any, name: str = "blob_id") -> str:
+    """An uploaded blob's id: a lowercase sha256 hex digest."""
+    if not isinstance(value, str) or not _SHA256.fullmatch(value):
+        raise ArgumentError(f"{name} {value!r} is not a sha256 hex digest (64 of 0-9a-f)")
+    return value
+
+
+def byte_size(value: Any, name: str = "size") -> int:
+    """A size in bytes: a whole number >= 0."""
+    return _whole(name, value, 0)
+
+
+def argv(value: Any, name: str = "argv") -> list[str]:
+    """A command line as a non-empty list of strings (never a shell string)."""
+    if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
+        raise ArgumentError(f"{name} must be a non-empty list of strings, got {value!r}")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class Arg:
+    """One argument: its name, its check, and whether it must be given."""
+
+    name: str
+    check: Callable[[Any, str], Any]
+    required: bool = True
+    whole: bool = False  # a whole number: a header's text is read as one
+
+
+def _log_query(args: dict[str, Any]) -> dict[str, Any]:
+    from fedcommon.logs import LogQuery, LogRequestError
+
+    try:
+        return LogQuery.from_args(args).to_args()
+    except LogRequestError as e:
+        raise ArgumentError(str(e)) from None
+
+
+def _owner_needs_site(args: dict[str, Any]) -> dict[str, Any]:
+    if "owner" in args and "site" not in args:
+        raise ArgumentError("owner needs site: validate SITE OWNER shows one cell")
+    return args
+
+
+@dataclass(frozen=True)
+class Command:
+    """One admin command as every role sees it.
+
+    args: what the operator passes (console → server); site_args: what a site's request carries, in
+    headers, or as one JSON object in the body when `site_body` is set. `check` is a check over the
+    whole argument object that runs after the per-argument ones (arguments that depend on each other).
+    """
+
+    name: str
+    summary: str
+    targets: str
+    rights: tuple[str, ...]
+    topic: str | None = None
+    args: tuple[Arg, ...] = ()
+    site_args: tuple[Arg, ...] = ()
+    site_body: bool = False
+    check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    polled: bool = False  # consoles poll it (status --watch, wait, logs --follow): logged at debug when ok
+    console: bool = True  # a `fedadmin` command of the same name (upload is an RPC the console's deploy makes)
+
+    def check_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """The operator's arguments, checked; ArgumentError names the first that is wrong."""
+        return self._checked(self.args, args, self.check)
+
+    def check_site_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
+        """What a site is sent, checked the same way on the server before it leaves and at the site."""
+        return self._checked(self.site_args, args, None)
+
+    def encode_request(self, site_args: Mapping[str, Any]) -> tuple[dict[str, str], str]:
+        """(headers, body) of a site's request carrying `site_args` (checked here)."""
+        checked = self.check_site_args(site_args)
+        if self.site_body:
+            return {}, json.dumps(checked)
+        return {k: str(v) for k, v in checked.items()}, ""
+
+    def decode_request(self, headers: Mapping[str, str], body: str | bytes) -> dict[str, Any]:
+        """The checked site_args of a request as a site receives it; ArgumentError names what is wrong."""
+        if self.site_body:
+            try:
+                data = json.loads(body_text(body) or "{}")
+            except ValueError:
+                raise ArgumentError(f"{self.topic}: the request body must be a JSON object") from None
+            if not isinstance(data, dict):
+                raise ArgumentError(f"{self.topic}: the request body must be a JSON object")
+            return self.check_site_args(data)
+        values: dict[str, Any] = {}
+        for arg in self.site_args:
+            raw = headers.get(arg.name)
+            if raw is not None:
+                values[arg.name] = int(raw) if arg.whole and re.fullmatch(r"-?[0-9]{1,20}", raw) else raw
+        return self.check_site_args(values)
+
+    def _checked(self, declared: tuple[Arg, ...], args: Mapping[str, Any],
+                 check: Callable[[dict[str, Any]], dict[str, Any]] | None) -> dict[str, Any]:
+        if not isinstance(args, Mapping):
+            raise ArgumentError(f"{self.name}: arguments must be an object, got {type(args).__name__}")
+        if declared and declared[0].name == "*":  # one check over the whole object
+            return declared[0].check(dict(args), self.name)
+        known = {a.name for a in declared}
+        unknown = sorted(str(k) for k in args if k not in known)
+        if unknown:
+            takes = ", ".join(sorted(known)) or "no arguments"
+            raise ArgumentError(f"{self.name} takes no {', '.join(map(repr, unknown))} (it takes {takes})")
+        out: dict[str, Any] = {}
+        for arg in declared:
+            value = args.get(arg.name)
+            if value is None:
+                if arg.required:
+                    raise ArgumentError(f"{self.name} needs {arg.name}")
+                continue
+            out[arg.name] = arg.check(value, arg.name)
+        return check(out) if check is not None else out
+
+
+def _logs_args(args: dict[str, Any], name: str) -> dict[str, Any]:
+    number = args.get("run_number")
+    query = _log_query({k: v for k, v in args.items() if k != "run_number"})
+    return {**query, "run_number": run_number(number)} if number is not None else query
+
+
+_RUN = Arg("run_number", run_number, whole=True)
+_OPTIONAL_RUN = Arg("run_number", run_number, required=False, whole=True)
+_LOGS = (Arg("*", _logs_args),)
+
+_DECLARED = (
+    Command("status", "the server's run and every site's training status", Targets.ALL, (Right.VIEW,),
+            Topic.CHECK_STATUS, polled=True),
+    Command("set-run", "choose the run number that deploy, start and abort act on", Targets.SERVER,
+            (Right.TRAIN,), args=(_RUN,)),
+    Command("upload", "store an MMAR archive at the server (the console's deploy sends it)", Targets.SERVER,
+            (Right.TRAIN,), console=False),
+    Command("deploy", "install an uploaded MMAR as the current run", Targets.REQUIRED, (Right.TRAIN,),
+            Topic.DEPLOY, args=(Arg("blob_id", blob_id),),
+            site_args=(_RUN, Arg("blob_id", blob_id), Arg("sha256", blob_id), Arg("size", byte_size, whole=True))),
+    Command("start", "start training the current run", Targets.REQUIRED, (Right.TRAIN,), Topic.START,
+            site_args=(_RUN,)),
+    Command("start-mgpu", "start training the current run with one rank per GPU", Targets.REQUIRED,
+            (Right.TRAIN,), Topic.START_MGPU, args=(Arg("gpu_number", gpu_number),),
+            site_args=(_RUN, Arg("gpu_number", gpu_number, whole=True))),
+    Command("abort", "stop training; `abort server` aborts the sites first", Targets.REQUIRED,
+            (Right.TRAIN, Right.OPERATE), Topic.ABORT),
+    Command("validate", "the cross-site validation matrix, or one cell of it", Targets.SERVER, (Right.VIEW,),
+            args=(_OPTIONAL_RUN, Arg("site", participant_name, required=False),
+                  Arg("owner", participant_name, required=False)),
+            check=_owner_needs_site),
+    Command("run-validation", "cross-site validation of a completed run, at sites", Targets.REQUIRED,
+            (Right.TRAIN,), Topic.VALIDATE, args=(_OPTIONAL_RUN,), site_args=(_RUN,)),
+    Command("sysinfo", "host, CPU, memory, disk and GPUs", Targets.ALL, (Right.VIEW,), Topic.SYS_INFO),
+    Command("shell", "one read-only command in a participant's workspace", Targets.ONE, (Right.SHELL,),
+            Topic.SHELL, args=(Arg("argv", argv),), site_args=(Arg("argv", argv),), site_body=True),
+    Command("delete-run", "delete a run's folder (refused while it trains)", Targets.ALL, (Right.OPERATE,),
+            Topic.DELETE_RUN, args=(_RUN,), site_args=(_RUN,)),
+    Command("restart", "restart the participant's process", Targets.REQUIRED, (Right.OPERATE,), Topic.RESTART),
+    Command("shutdown", "stop the participant's process", Targets.REQUIRED, (Right.OPERATE,), Topic.SHUTDOWN),
+    Command("remove-client", "forget a site's registration", Targets.SERVER, (Right.OPERATE,),
+            args=(Arg("site", participant_name),)),
+    Command("metrics", "a run's metrics per round and site", Targets.SERVER, (Right.VIEW,),
+            args=(_OPTIONAL_RUN,), polled=True),
+    # A participant's own log files: what `shell tail` would show, without a path from the operator.
+    Command("logs", "a participant's log lines", Targets.ONE, (Right.SHELL,), Topic.LOGS, args=_LOGS,
+            site_args=_LOGS, site_body=True, polled=True),
+    Command("set-timeout", "how long the server waits for the sites' replies", Targets.SERVER,
+            (Right.OPERATE,), args=(Arg("seconds", seconds),)),
+)
+
+COMMANDS: dict[str, Command] = {c.name: c for c in _DECLARED}
+# The earlier name of run-validation in site policies, kept so that existing local policies stay valid.
+SITE_COMMAND_ALIASES = {"validate": "run-validation"}
+# What a site's local policy may name: every command a site executes, and its aliases.
+SITE_COMMANDS = tuple(c.name for c in _DECLARED if c.topic is not None) + tuple(SITE_COMMAND_ALIASES)
+BY_TOPIC: dict[str, Command] = {c.topic: c for c in _DECLARED if c.topic is not None}
+
+
+def command(name: str) -> Command:
+    """The declaration of `name`; ArgumentError names the command when there is none."""
+    try:
+        return COMMANDS[name]
+    except KeyError:
+        raise ArgumentError(f"unknown command {name[:100]!r}") from None
