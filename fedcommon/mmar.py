@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fedcommon.safe_regex import UnsafePattern, compile_safe
+
 SERVER_CONFIG = "config/config_fed_server.json"
 CLIENT_CONFIG = "config/config_fed_client.json"
 TRAIN_CONFIG = "config/config_train.json"
@@ -111,9 +113,12 @@ class MMAR:
 
 
 def excluded(name: str, exclude_vars: tuple[str, ...] | str) -> bool:
-    """Whether variable `name` is excluded: a tuple lists exact names, a string is a re.search pattern."""
+    """Whether variable `name` is excluded: a tuple lists exact names, a string is a pattern searched in the name.
+
+    The pattern comes from a deployed archive: it is matched in linear time (fedcommon.safe_regex), never by `re`.
+    """
     if isinstance(exclude_vars, str):
-        return bool(exclude_vars) and re.search(exclude_vars, name) is not None
+        return bool(exclude_vars) and compile_safe(exclude_vars).search(name)
     return name in exclude_vars
 
 
@@ -309,9 +314,9 @@ def _exclude_vars(value: Any, key: str, report: Report) -> Any:
         if not value:
             return ()
         try:
-            re.compile(value)
-        except (re.error, RecursionError, OverflowError) as e:
-            report(key, f"invalid regular expression {value!r}: {e}")
+            compile_safe(value)
+        except UnsafePattern as e:
+            report(key, str(e))
             return _BAD
         return value
     if not isinstance(value, list):
