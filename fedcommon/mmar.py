@@ -69,6 +69,8 @@ class ServerConfig:
     # Keep the open round's accepted contributions on disk (one model-sized write per contribution that
     # leaves the round open), so a server that restarts mid-round does not ask those sites to train again.
     persist_open_round: bool = True
+    # The largest weight (samples or iterations) a site may claim for one contribution.
+    max_contribution_weight: float = 1e9
 
 
 @dataclass(frozen=True)
@@ -569,6 +571,7 @@ def _server_config(reader: _Reader, root: Path, custom_dir: Path) -> ServerConfi
         "exclude_vars": reader.take("exclude_vars", _exclude_vars, ()),
         "aggregation_weights": reader.take("aggregation_weights", _aggregation_weights, {}),
         "persist_open_round": reader.take("persist_open_round", _boolean, True),
+        "max_contribution_weight": reader.take("max_contribution_weight", _number(0, exclusive=True), 1e9),
     }
     initial = reader.take("initial_model", _initial_model(root, custom_dir))
     low, high = values["min_num_clients"], values["max_num_clients"]

@@ -12,9 +12,24 @@ from fedcommon.model_file import ModelFileWriter, ModelIndex, read_tensor
 from fedcommon.tensor_codec import TensorAssembler, TensorSpec, spec_from_header
 from fedcommon.wire import training_pb2 as pb
 
+# The weighted sum of one round can never overflow its accumulator (DESIGN §7): a site's claimed weight is at
+# most the run's max_contribution_weight and enters the sum divided by it (a factor <= 1), every value of an
+# update is at most value_bound() in magnitude, and a round sums at most MAX_CONTRIBUTORS updates; so every
+# partial sum stays below the accumulator dtype's largest finite value.
+MAX_CONTRIBUTORS = 1 << 20
+
+
+def value_bound(dtype: np.dtype) -> float:
+    """The largest magnitude a value of an update of this dtype may have."""
+    return float(np.finfo(accumulator_dtype(dtype)).max) / MAX_CONTRIBUTORS
+
 
 class ContributionError(ValueError):
     """A contribution that is refused; the message says why."""
+
+
+class AggregateError(ValueError):
+    """A round's aggregate that is not finite: nothing is written, the last good model stays."""
 
 
 @dataclass(frozen=True)
@@ -28,11 +43,14 @@ class VarSpec:
 class UpdateAccumulator:
     """Running weighted sums of updates per variable; memory O(model), never O(clients x model)."""
 
-    def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
+    def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset(),
+                 max_weight: float = 1e9):
         self.specs = specs
         self.excluded = excluded
+        self.max_weight = max_weight
         self._sums: dict[str, np.ndarray] = {}
         self._weights: dict[str, float] = {}
+        self._count = 0
 
     def check_tensor(self, spec: TensorSpec) -> bool:
         """Refuse an unknown variable or a wrong shape or dtype; False when the variable is excluded."""
@@ -51,14 +69,31 @@ class UpdateAccumulator:
 
     @staticmethod
     def check_finite(name: str, arr: np.ndarray) -> None:
-        """Refuse NaN and Inf."""
-        if is_float(arr.dtype) and not np.isfinite(arr).all():
+        """Refuse NaN and Inf, and values beyond value_bound() (two reductions, no temporary array)."""
+        if not is_float(arr.dtype) or not arr.size:
+            return
+        high, low = float(arr.max()), float(arr.min())
+        if not (np.isfinite(high) and np.isfinite(low)):
             raise ContributionError(f"variable {name!r} holds NaN or Inf")
+        bound = value_bound(arr.dtype)
+        if max(high, -low) > bound:
+            raise ContributionError(f"variable {name!r} holds {max(high, -low):.3g}, beyond the {bound:.3g} "
+                                    "an update's value may have")
 
     def add(self, update: dict[str, np.ndarray], weight: float) -> None:
-        """Add weight * update to the sums; empties `update` (its arrays may be reused in place)."""
-        if weight <= 0 or not np.isfinite(weight):
+        """Add weight * update to the sums; empties `update` (its arrays may be reused in place).
+
+        The update's values must have passed check_finite; the weight is checked here.
+        """
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
             raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
+        if weight > self.max_weight:
+            raise ContributionError(f"aggregation weight {weight:g} is more than max_contribution_weight "
+                                    f"{self.max_weight:g} (config_fed_server.json)")
+        if self._count >= MAX_CONTRIBUTORS:
+            raise ContributionError(f"the round already sums {MAX_CONTRIBUTORS} contributions")
+        self._count += 1
+        weight = weight / self.max_weight  # <= 1: see MAX_CONTRIBUTORS
         for name in list(update):
             arr = update.pop(name)  # released as soon as it is summed, not when the upload ends
             if name in self.excluded:
@@ -115,7 +150,10 @@ class UpdateAccumulator:
         self._weights = {n: float(weights[n]) for n in sums}
 
     def apply_to(self, current: ModelIndex, source, writer: ModelFileWriter) -> None:
-        """Write current + sums / weights for each variable into `writer`, one tensor at a time."""
+        """Write current + sums / weights for each variable into `writer`, one tensor at a time.
+
+        AggregateError when a variable of the new model would not be finite; `writer` is then incomplete.
+        """
         for entry in current.entries:
             w = read_tensor(source, entry)
             total = self._sums.pop(entry.name, None)
@@ -127,6 +165,8 @@ class UpdateAccumulator:
                     w = np.add(w.astype(step.dtype), step, out=step).astype(entry.dtype)
                 else:
                     w = np.rint(np.add(w.astype(np.float64), step, out=step)).astype(entry.dtype)
+                if is_float(entry.dtype) and w.size and not (np.isfinite(w.max()) and np.isfinite(w.min())):
+                    raise AggregateError(f"variable {entry.name!r} of the aggregate is not finite")
             writer.write(entry.name, w)
         writer.check_complete()
 

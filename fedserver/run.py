@@ -21,7 +21,7 @@ from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_sc
 from fedcommon.mmar import ServerConfig, excluded
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
-from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
+from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
 
 log = logging.getLogger(__name__)
 
@@ -258,6 +258,11 @@ class FederatedRun:
                 metrics = check_metrics(metrics, f"{site}'s contribution")
             except MetricsError as e:
                 raise ContributionError(str(e)) from None
+        cap = self.config.max_contribution_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or (
+                not 0 < weight <= cap):
+            raise ContributionError(f"weight {weight!r}: a contribution's weight must be a positive number of at "
+                                    f"most max_contribution_weight {cap:g} (config_fed_server.json)")
         a = self.config.aggregation_weights.get(site, 1.0)
         with self._cond:
             if round_number == self._round.number:
@@ -325,12 +330,16 @@ class FederatedRun:
         r = self._round
         started = time.monotonic()
         self._keep_if_best(r)
-        with open(self.model_path, "rb") as src:
-            index = read_index(src, self.model_path)
-            meta = {"run_number": self.run_number, "round": r.number + 1}
-            with atomic_writer(self.model_path) as dst:
-                writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
-                r.accumulator.apply_to(index, src, writer)
+        try:
+            with open(self.model_path, "rb") as src:
+                index = read_index(src, self.model_path)
+                meta = {"run_number": self.run_number, "round": r.number + 1}
+                with atomic_writer(self.model_path) as dst:
+                    writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
+                    r.accumulator.apply_to(index, src, writer)
+        except AggregateError as e:
+            self._refuse_round(r, str(e))
+            return
         self._rounds.append(
             {
                 "round": r.number,
@@ -366,8 +375,25 @@ class FederatedRun:
         os.replace(tmp, self.best_model_path)
         self._best_global = {"round": r.number, "score": score}
 
+    def _refuse_round(self, r: _RoundState, why: str) -> None:
+        """No non-finite model is ever written: the round's contributions are refused by name, the last good
+        model stays, and the round opens again."""
+        names = sorted(r.contributors)
+        log.error("run %d round %d: %s; refused the contributions of %s, the global model is kept",
+                  self.run_number, r.number, why, ", ".join(names))
+        fresh = self._new_round(r.number)
+        fresh.rejected = [*r.rejected, *({"site": s, "reason": f"refused with the round: {why}; the model the "
+                                          "round started from is kept"} for s in names)]
+        fresh.dropped = list(r.dropped)
+        self._round = fresh
+        self._write_summary()
+        self.open_round_path.unlink(missing_ok=True)
+        self._cond.notify_all()
+
     def _new_round(self, number: int) -> _RoundState:
-        return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded))
+        # Weights enter the sums divided by the largest weight a contribution can have (see fedserver.aggregator).
+        largest = self.config.max_contribution_weight * max([1.0, *self.config.aggregation_weights.values()])
+        return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded, largest))
 
     def _write_summary(self) -> None:
         atomic_write_json(

@@ -530,3 +530,36 @@ def test_resuming_without_the_runs_summary_names_the_file(tmp_path):
     run.summary_path.unlink()
     with pytest.raises(RunStateError, match=r"summary.json: cannot resume run 1"):
         FederatedRun(1, run.run_dir, _config(), resume=True)
+
+
+def test_a_round_whose_aggregate_is_not_finite_is_refused_by_name_and_the_model_kept(tmp_path):
+    """Hardening item 3: no non-finite global model is ever written; the round's contributions are refused by
+    name, the last good model stays, and the round opens again for new contributions."""
+    run_dir = tmp_path / "run_1"
+    near_max = {"w": np.full((2, 3), np.finfo(np.float32).max, np.float32), "b": np.zeros(3, np.float32),
+                "steps": np.array(1, np.int64)}
+    save_model(run_dir / "models" / GLOBAL_MODEL, near_max)
+    run = FederatedRun(1, run_dir, _config())
+    big = {"w": np.full((2, 3), 3e32, np.float32), "b": np.ones(3, np.float32), "steps": np.array(1, np.int64)}
+    _contribute(run, "site-1", big, ACTIVE2)
+    _contribute(run, "site-2", big, ACTIVE2)
+    assert run.current_round == 0 and run.phase is Phase.TRAINING
+    np.testing.assert_array_equal(_model(run)["w"], near_max["w"])
+    assert _summary(run)["rounds"] == []
+    _contribute(run, "site-1", _scaled(-1), ACTIVE2)  # the round is open again: honest updates are taken
+    _contribute(run, "site-2", _scaled(-1), ACTIVE2)
+    assert run.current_round == 1
+    refused = {r["site"]: r["reason"] for r in _summary(run)["rounds"][0]["rejected"]}
+    assert set(refused) == {"site-1", "site-2"}
+    assert all("variable 'w' of the aggregate is not finite" in why for why in refused.values())
+    assert np.isfinite(_model(run)["w"]).all()
+
+
+@pytest.mark.parametrize("weight", [1e39, 1e30, float("inf"), float("nan"), 0.0, True])
+def test_a_claimed_weight_beyond_the_cap_is_refused(tmp_path, weight):
+    """Hardening item 3: the server config caps a site's claimed weight (max_contribution_weight)."""
+    run = _run(tmp_path, max_contribution_weight=1e6)
+    with pytest.raises(ContributionError, match="max_contribution_weight 1e\\+06"):
+        _contribute(run, "site-1", ONES, ACTIVE2, weight=weight)
+    run.abandon_contribution("site-1", 0, "refused")
+    _contribute(run, "site-1", ONES, ACTIVE2, weight=1e6)

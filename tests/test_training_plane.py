@@ -249,3 +249,28 @@ def test_a_site_revoked_mid_run_is_refused_and_leaves_the_run_at_once(federation
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "revoked" in err.value.details()
     assert "site-1" not in server.registry.names()
+
+
+def test_a_huge_claimed_weight_cannot_turn_the_global_model_into_nan(federation):
+    """Hardening item 3: an all-1.0 update claiming weight 1e39 (finite) overflowed the float32 sum, the next
+    global model was NaN and every honest update after it was refused; 1e30 replaced the model outright."""
+    server, ws, target = federation
+    stub1, md1, _ = _register(ws, "site-1", target)
+    stub2, md2, _ = _register(ws, "site-2", target)
+    stub3, md3, _ = _register(ws, "site-3", target)
+    for stub, md in ((stub1, md1), (stub2, md2), (stub3, md3)):
+        _fetch(stub, md)
+    ones = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
+    for weight in (1e39, 1e30):
+        reply = _submit(stub3, md3, ones, weight=weight)
+        assert not reply.accepted and "max_contribution_weight" in reply.reason
+    huge = {"w": np.full((2, 3), 1e35, np.float32), "b": np.ones(3, np.float32)}
+    reply = _submit(stub3, md3, huge, weight=1.0)
+    assert not reply.accepted and "variable 'w' holds 1e+35" in reply.reason
+    # The largest weight a site may claim, with the largest values an update may hold, still sums finitely.
+    assert _submit(stub1, md1, {k: v * 3e32 for k, v in ones.items()}, weight=1e9).accepted
+    assert _submit(stub2, md2, {k: v * 3e32 for k, v in ones.items()}, weight=1e9).accepted
+    server.registry.remove("site-3")
+    _wait_round_closed(server, 0)
+    model, _ = load_model(server.run.model_path)
+    assert all(np.isfinite(v).all() for v in model.values())
