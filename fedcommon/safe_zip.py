@@ -7,6 +7,7 @@ import re
 import secrets
 import shutil
 import stat
+import struct
 import tempfile
 import zipfile
 from collections.abc import Callable
@@ -105,12 +106,35 @@ def _checked_entries(archive: zipfile.ZipFile, shown: str, max_total_bytes: int,
                 f"(reached at entry {name!r})"
             )
         entries.append((info, rel))
+    _refuse_overlaps(archive, shown)
     if total >= RATIO_MIN_BYTES and total > max_ratio * max(compressed, 1):
         raise UnsafeArchiveError(
             f"{shown}: total compression ratio {total / max(compressed, 1):.0f}:1 exceeds the limit of "
             f"{max_ratio:g}:1 (zip bomb?)"
         )
     return entries
+
+
+def _refuse_overlaps(archive: zipfile.ZipFile, shown: str) -> None:
+    """Refuse entries whose stored bytes overlap another's: several entries sharing one deflate stream is how a
+    small archive expands to gigabytes while each entry's own ratio looks harmless (Fifield, "A better zip bomb")."""
+    end_of_data = archive.start_dir  # where the central directory begins
+    spans = []
+    fp = archive.fp
+    for info in archive.infolist():
+        fp.seek(info.header_offset)
+        header = fp.read(30)
+        if len(header) < 30 or header[:4] != b"PK\x03\x04":
+            raise UnsafeArchiveError(f"{shown}: entry {info.filename!r}: no local header where the directory says")
+        name_len, extra_len = struct.unpack("<HH", header[26:30])
+        spans.append((info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size,
+                      info.filename))
+    spans.sort()
+    for (_start, end, name), following in zip(spans, [*spans[1:], (end_of_data, end_of_data, None)], strict=True):
+        if end > following[0]:
+            what = f"entry {following[2]!r}" if following[2] is not None else "the central directory"
+            raise UnsafeArchiveError(f"{shown}: entry {name!r} overlaps {what} (entries sharing their data: "
+                                     "a zip bomb?)")
 
 
 def _extract(archive: zipfile.ZipFile, entries: list[tuple[zipfile.ZipInfo, str]], staging: Path,

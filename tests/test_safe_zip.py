@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import struct
 import zipfile
 from pathlib import Path
 
@@ -214,3 +215,36 @@ def test_a_destination_that_is_a_symlink_is_replaced_not_written_through(tmp_pat
     assert _listing(outside) == {"keep.txt"} and (outside / "keep.txt").read_text() == "untouched"
     assert not dest.is_symlink() and (dest / "custom" / "model.py").is_file()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mmar"]
+
+
+def _point_entry_at(archive: Path, index: int, offset: int) -> None:
+    """Rewrite the central directory so entry `index` claims the local header (and data) at `offset`."""
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as z:
+        at = z.start_dir
+    for _ in range(index):
+        assert data[at:at + 4] == b"PK\x01\x02"
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[at + 28:at + 34])
+        at += 46 + name_len + extra_len + comment_len
+    data[at + 42:at + 46] = struct.pack("<I", offset)
+    archive.write_bytes(bytes(data))
+
+
+def test_entries_that_share_their_data_are_refused(tmp_path):
+    """Hardening (degraded): overlapping entries sharing one deflate stream passed the 200:1 ratio check, and
+    19.8 KB uploaded became 67 MB at a site."""
+    archive = _zip(tmp_path / "overlap.zip", [("config/a.bin", b"\0" * 4096), ("config/b.bin", b"\0" * 4096),
+                                              ("config/c.bin", b"\0" * 4096)])
+    _point_entry_at(archive, 1, 0)
+    _point_entry_at(archive, 2, 0)
+    _assert_refused(tmp_path, archive, "overlaps", "zip bomb")
+
+
+def test_an_entry_running_into_the_central_directory_is_refused(tmp_path):
+    archive = _zip(tmp_path / "tail.zip", [("config/a.bin", b"x" * 100)])
+    data = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as z:
+        at = z.start_dir
+    data[at + 20:at + 24] = struct.pack("<I", 100_000)  # the directory's compressed size of the entry
+    archive.write_bytes(bytes(data))
+    _assert_refused(tmp_path, archive, "overlaps the central directory")
