@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fedcommon.escape import for_log
+
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # A log file is moved aside (log.txt -> log.txt.1 -> ... .N) once it would pass this size.
 LOG_MAX_BYTES = 10 * 1024 * 1024
@@ -53,8 +55,17 @@ def configure_logging(log_file: Path | None = None, debug: bool = False, tag: st
         handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES,
                                                              backupCount=LOG_BACKUPS))
     for h in handlers:
-        h.setFormatter(logging.Formatter(FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else FORMAT))
+        h.setFormatter(OneLineFormatter(FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else FORMAT))
         root.addHandler(h)
+
+
+class OneLineFormatter(logging.Formatter):
+    """A record's message on one line, whatever remote text it carries (a newline in a site's error text would
+    otherwise start a genuine-looking record); a traceback, written by the formatter itself, keeps its lines."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
+        record.message = for_log(record.message)
+        return super().formatMessage(record)
 
 
 class RotatingWriter:

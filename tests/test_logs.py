@@ -218,3 +218,30 @@ def test_a_long_line_from_a_worker_is_written_in_pieces(tmp_path):
     writer = RotatingWriter(tmp_path / "w.log")
     pump_lines(io.BytesIO(b"z" * (3 * MAX_LINE_BYTES) + b"\nend\n"), writer)
     assert (tmp_path / "w.log").read_bytes() == b"z" * (3 * MAX_LINE_BYTES) + b"\nend\n"
+
+
+def test_a_logged_remote_string_stays_on_its_own_record(tmp_path):
+    """Hardening item 12: one escaping formatter for every role's log; tracebacks keep their lines."""
+    import logging
+
+    from fedcommon.logs import configure_logging
+
+    log_file = tmp_path / "log.txt"
+    configure_logging(log_file)
+    try:
+        logger = logging.getLogger("test.remote")
+        logger.warning("site said: %s", "bad\n2026-01-01 00:00:00,000 ERROR x: forged\x1b[2J\u202e")
+        try:
+            raise RuntimeError("boom")
+        except RuntimeError:
+            logger.exception("failed")
+    finally:
+        for h in list(logging.getLogger().handlers):
+            h.close()
+            logging.getLogger().removeHandler(h)
+    lines = log_file.read_text().splitlines()
+    said = next(line for line in lines if "site said" in line)
+    assert said.endswith("bad\\n2026-01-01 00:00:00,000 ERROR x: forged\\x1b[2J\\u202e")
+    assert not any(line.startswith("2026-01-01") for line in lines)
+    assert "Traceback (most recent call last):" in lines
+    assert any(line.startswith("RuntimeError: boom") for line in lines)
