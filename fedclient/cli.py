@@ -45,6 +45,7 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.local_policy import LocalPolicy
     from fedcommon.kit import KitError, load_kit
     from fedcommon.logs import configure_logging
+    from fedcommon.private import make_private
 
     try:
         kit = load_kit(workspace)
@@ -56,6 +57,7 @@ def start(workspace: Path, debug: bool) -> None:
                    "`fedclient start` needs a site's kit", err=True)
         sys.exit(3)
     workspace = kit.folder
+    make_private(workspace)
     configure_logging(workspace / "log.txt", debug)
     from fedclient.admin import AdminMessageSender
 

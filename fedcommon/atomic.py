@@ -12,7 +12,7 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: int = 0o644) -> Iterator[IO[bytes]]:
+def atomic_writer(path: str | os.PathLike, mode: int = 0o600) -> Iterator[IO[bytes]]:
     """Yield a binary file that replaces `path` only if the block completes; readers see old or new."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -31,13 +31,13 @@ def atomic_writer(path: str | os.PathLike, mode: int = 0o644) -> Iterator[IO[byt
     _fsync_dir(target.parent)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o644) -> None:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int = 0o600) -> None:
     """Replace `path` with `data` atomically."""
     with atomic_writer(path, mode) as f:
         f.write(data)
 
 
-def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int = 0o644) -> None:
+def atomic_write_json(path: str | os.PathLike, obj: Any, mode: int = 0o600) -> None:
     """Replace `path` with `obj` as indented JSON, atomically."""
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode(), mode)
 

@@ -51,9 +51,11 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
+    from fedcommon.private import make_private
     from fedserver.server import FederationServer, ServerError
     from fedserver.telemetry import ExporterError
 
+    make_private(workspace)
     configure_logging(workspace / "log.txt", debug)
     _raise_open_file_limit()
     try:

@@ -42,3 +42,20 @@ def test_remote_strings_cannot_forge_records_in_the_servers_log(fed):
     done = fed.run("root@consortium", "logs", "server", "--level", "error", "-n", "200")
     assert "forged record" not in done.stdout
     fed.assert_alive()
+
+
+def test_participant_workspaces_are_private_whatever_the_kits_folder_mode(fed):
+    """Hardening (degraded): logs, run folders, models and state.json were 0644/0755; a participant's workspace is
+    private (0700/0600) whatever mode its folder was made with."""
+    import os
+    import stat
+
+    done = fed.run("root@consortium", "sysinfo")  # the participants write as they answer
+    assert done.returncode in (0, 1), done.stderr
+    for participant in ("server", "hospital-a", "hospital-b"):
+        folder = fed.out / participant
+        shared = [f"{p.relative_to(fed.out)} {stat.filemode(p.lstat().st_mode)}"
+                  for p in (folder, *folder.rglob("*"))
+                  if not p.is_symlink() and os.lstat(p).st_mode & (stat.S_IRWXG | stat.S_IRWXO)]
+        assert shared == [], f"{participant}: readable by others: {shared}"
+    fed.assert_alive()
