@@ -35,7 +35,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--mmar", type=Path, required=True)
     parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--run-as", help="UID:GID to become before the MMAR's code is imported (server as root)")
     args = parser.parse_args()
+    if args.run_as:
+        # Everything of fedlearn's and torch's is imported while the child may still read the installation;
+        # then it becomes the unprivileged user for good, and only then imports the archive's code.
+        import torch  # noqa: F401
+
+        import fedcommon.components  # noqa: F401
+        import fedcommon.torch_state  # noqa: F401
+        from fedserver.untrusted_code import drop_privileges
+
+        drop_privileges(args.run_as)
     try:
         build_initial_model(args.mmar, args.out)
     except Exception as e:  # the parent shows the last line to the operator
