@@ -51,7 +51,8 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
-    from fedserver.server import FederationServer, ServerError
+    from fedserver.errors import ServerError
+    from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
     configure_logging(workspace / "log.txt", debug)
