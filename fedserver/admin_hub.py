@@ -72,9 +72,7 @@ class AdminHub:
             spec.verify(self._server, args)
         wait = self._timeout(timeout)
         names = self._resolve(command, declared.targets, targets)
-        # remove-client acts on the server's registry, but what it touches is the named site.
-        self.policy.check(caller, command, [args["site"]] if command == "remove-client" else names,
-                          self._sites.site_orgs())
+        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs())
         connected = set(self._sites.connected_sites())
         results = {n: TargetReply(n, False, error=self._sites.not_connected(n))
                    for n in names if n != SERVER and n not in connected}
@@ -89,8 +87,8 @@ class AdminHub:
         headers = {**headers, MsgHeader.ADMIN: caller.name, MsgHeader.ADMIN_ROLE: caller.role,
                    MsgHeader.ADMIN_ORG: caller.org, MsgHeader.COMMAND: command}
         extra: list[str] = []
-        if command == "abort" and on_server and self._server.training_run() is not None:
-            extra = sorted(connected - set(live))  # `abort server` aborts every site first
+        if spec.sites_first and on_server and self._server.training_run() is not None:
+            extra = sorted(connected - set(live))
             self.policy.check(caller, command, names + extra, self._sites.site_orgs())
         waiters = self._sites.send(live + extra, declared.topic, headers, body) if declared.topic else []
         deadline = time.monotonic() + wait
@@ -99,13 +97,13 @@ class AdminHub:
         gathered = self._sites.gather(waiters, deadline)
         for site in live:
             results[site] = gathered[site] or TargetReply(site, False, error=f"no reply within {wait:g}s")
-        if command in ("shutdown", "abort"):
-            stopped = [site for site, reply in gathered.items() if reply is not None and reply.ok]
+        stopped = [site for site, reply in gathered.items() if reply is not None and reply.ok]
+        if spec.ends_session:
             # Its training was stopped: the session it held is over now, not after heart_beat_timeout.
             for site in stopped:
                 self._server.registry.remove(site)
-            if command == "shutdown":
-                self._sites.drop(stopped)  # a site that agreed to shut down is no longer connected
+        if spec.disconnects:
+            self._sites.drop(stopped)
         if on_server and spec.after_sites:
             results[SERVER] = self._on_server(command, spec, args, gathered)
         replies = [results[n] for n in names]

@@ -70,12 +70,20 @@ class ServerCommand:
     request carries (checked against the declaration before it leaves); raising refuses every target.
     verify: a check of the arguments only the server can make, before any target is resolved.
     after_sites: the server acts once the sites have answered (act sees their replies).
+    touches: what the policy checks the caller's rights on, when not the targets (a site named in the args).
+    sites_first: addressed to the server while a run trains, it goes to every connected site as well.
+    ends_session: a site that answered ok has stopped training: its training-plane session is over now.
+    disconnects: a site that answered ok is no longer connected.
     """
 
     act: Callable[[Federation, Args, Gathered], dict[str, Any]]
     site_args: Callable[[Federation, Args], Args] = _no_site_args
     verify: Callable[[Federation, Args], None] | None = None
     after_sites: bool = False
+    touches: Callable[[Args], list[str]] | None = None
+    sites_first: bool = False
+    ends_session: bool = False
+    disconnects: bool = False
 
 
 def _current_run(fed: Federation) -> int:
@@ -241,15 +249,15 @@ CATALOGUE: dict[str, ServerCommand] = {
     "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded),
     "start": ServerCommand(act=_start, site_args=_start_request),
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
-    "abort": ServerCommand(act=_abort, after_sites=True),
+    "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),
     "validate": ServerCommand(act=_validate),
     "run-validation": ServerCommand(act=_run_validation, site_args=_run_validation_request),
     "sysinfo": ServerCommand(act=_sysinfo),
     "shell": ServerCommand(act=_shell, site_args=_as_given),
     "delete-run": ServerCommand(act=_delete_run, site_args=_as_given),
     "restart": ServerCommand(act=_restart, after_sites=True),
-    "shutdown": ServerCommand(act=_shutdown, after_sites=True),
-    "remove-client": ServerCommand(act=_remove_client),
+    "shutdown": ServerCommand(act=_shutdown, after_sites=True, ends_session=True, disconnects=True),
+    "remove-client": ServerCommand(act=_remove_client, touches=lambda args: [args["site"]]),
     "metrics": ServerCommand(act=_metrics),
     "logs": ServerCommand(act=_logs, site_args=_as_given),
     "set-timeout": ServerCommand(act=_set_timeout),

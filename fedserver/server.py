@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -22,7 +21,7 @@ import grpc
 
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
-from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError
+from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
 from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
@@ -256,13 +255,11 @@ class FederationServer:
             raise ServerError(f"{path}: unreadable ({e}); fix or remove it") from None
         number = state.get("run_number") if isinstance(state, dict) else None
         timeout = state.get("admin_timeout", DEFAULT_TIMEOUT_S) if isinstance(state, dict) else None
-        valid_number = number is None or (isinstance(number, int) and not isinstance(number, bool) and number >= 1)
-        valid_timeout = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and \
-            math.isfinite(timeout) and timeout > 0
-        if not (valid_number and valid_timeout):
+        try:
+            return (None if number is None else checked_run_number(number)), seconds(timeout)
+        except ArgumentError:
             raise ServerError(f"{path}: expected {{\"run_number\": N or null, \"admin_timeout\": seconds}}; "
-                              "fix or remove it")
-        return number, float(timeout)
+                              "fix or remove it") from None
 
     def _save_state(self) -> None:
         atomic_write_json(self.workspace / STATE_FILE,
