@@ -164,7 +164,7 @@ class FederationServer:
     def _gate(self, port_name: str, kinds: tuple[str, ...]) -> IdentityGate:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
             self.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
-                                               peer.org if peer else "", port_name, method, reason)
+                                           peer.org if peer else "", port_name, method, reason)
             if peer is not None and self.revocations.is_revoked(peer.serial):
                 # A revoked site must not hold a place in the run until heart_beat_timeout, nor count as
                 # connected (commands would wait for its reply until their timeout).
