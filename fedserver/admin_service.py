@@ -2,32 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 
 import grpc
 
 from fedcommon.admin_defs import AdminIdentity
-from fedcommon.identity import peer_identity
+from fedcommon.admin_serde import outcome_to_wire
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
-from fedserver.admin_hub import AdminHub, CommandResult
+from fedserver.admin_hub import AdminHub
 from fedserver.authorization import Refused
 from fedserver.blob_store import BlobError, BlobStore
+from fedserver.identity_gate import require_peer
 
 log = logging.getLogger(__name__)
-
-
-def command_reply(result: CommandResult) -> pb.CommandReply:
-    """The wire CommandReply for a CommandResult."""
-    return pb.CommandReply(
-        command=result.command, ok=result.ok, error=result.error,
-        replies=[
-            pb.TargetReply(target=r.target, ok=r.ok, data_json=json.dumps(r.data) if r.ok else "", error=r.error)
-            for r in result.replies
-        ],
-    )
 
 
 class AdminService(pb_grpc.AdminServiceServicer):
@@ -39,19 +28,15 @@ class AdminService(pb_grpc.AdminServiceServicer):
 
     @staticmethod
     def _caller(context: grpc.ServicerContext) -> AdminIdentity:
-        peer = peer_identity(context)
-        if peer is None or peer.kind != "admin" or peer.role is None:
-            # The port's identity gate refuses these first; this guards a server set up without it.
-            shown = peer.describe() if peer else "a caller without a certificate"
-            context.abort(grpc.StatusCode.PERMISSION_DENIED, f"{shown} is not an admin certificate")
+        peer = require_peer(context, "admin", "admin plane")
         return AdminIdentity(peer.name, peer.role, peer.org)
 
     def Execute(self, request: pb.CommandRequest, context: grpc.ServicerContext) -> pb.CommandReply:
         """Run one command on its targets; one reply per target."""
         caller = self._caller(context)
-        result = self._hub.execute(caller, request.command, list(request.targets), request.args_json,
-                                   request.timeout)
-        return command_reply(result)
+        outcome = self._hub.execute(caller, request.command, list(request.targets), request.args_json,
+                                    request.timeout)
+        return outcome_to_wire(outcome)
 
     def Upload(self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext) -> pb.UploadReply:
         """Store a BlobHeader and its data chunks; the id is the content's sha256."""

@@ -8,34 +8,28 @@ from collections.abc import Iterator
 import grpc
 
 from fedcommon.admin_serde import message_from_wire, message_to_wire
-from fedcommon.identity import PeerIdentity, peer_identity
+from fedcommon.commands import LONG_POLL_S
+from fedcommon.identity import PeerIdentity
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 from fedcommon.wire import training_pb2 as tpb
-from fedserver.admin_hub import AdminHub
 from fedserver.blob_store import BlobError, BlobStore
+from fedserver.identity_gate import require_peer
+from fedserver.mailbox import SiteMailbox
 
 log = logging.getLogger(__name__)
-
-MAX_RETRIEVE_WAIT_S = 60.0  # fedclient.admin.LONG_POLL_S says why 60
 
 
 class SiteAgentService(pb_grpc.SiteAgentServicer):
     """Serves site agents; the caller is the site named in its certificate."""
 
-    def __init__(self, hub: AdminHub, blobs: BlobStore):
-        self._hub = hub
+    def __init__(self, mailbox: SiteMailbox, blobs: BlobStore):
+        self._mailbox = mailbox
         self._blobs = blobs
 
     @staticmethod
     def _peer(context: grpc.ServicerContext) -> PeerIdentity:
-        peer = peer_identity(context)
-        if peer is None or peer.kind != "client" or not peer.name:
-            # The port's identity gate refuses these first; this guards a server set up without it.
-            shown = peer.describe() if peer else "a caller without a certificate"
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{shown} is not a site certificate; the agent plane takes site certificates only")
-        return peer
+        return require_peer(context, "client", "agent plane")
 
     @classmethod
     def _site(cls, context: grpc.ServicerContext) -> str:
@@ -46,12 +40,12 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         peer = self._peer(context)
         site = peer.name
         for wire in request.replies:  # replies that came with this call rather than by SendReply
-            refused = self._hub.post_reply(site, message_from_wire(wire))
+            refused = self._mailbox.post_reply(site, message_from_wire(wire))
             if refused:
                 log.info("reply from %s not taken: %s", site, refused)
-        wait = min(max(request.wait_seconds, 0.0), MAX_RETRIEVE_WAIT_S)
-        context.add_callback(lambda: self._hub.wake(site))  # a site that hangs up frees its long-poll at once
-        requests = self._hub.retrieve(site, wait, context.is_active, org=peer.org, serial=peer.serial)
+        wait = min(max(request.wait_seconds, 0.0), LONG_POLL_S)
+        context.add_callback(lambda: self._mailbox.wake(site))  # a site that hangs up frees its long-poll at once
+        requests = self._mailbox.retrieve(site, wait, context.is_active, org=peer.org, serial=peer.serial)
         if requests:
             log.debug("%s retrieved %s", site, ", ".join(m.topic for m in requests))
         return pb.RetrieveReply(requests=[message_to_wire(m) for m in requests])
@@ -59,7 +53,7 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
     def SendReply(self, request: pb.AdminMessage, context: grpc.ServicerContext) -> tpb.Ack:
         """Hand a site's reply to the command waiting for it."""
         site = self._site(context)
-        refused = self._hub.post_reply(site, message_from_wire(request))
+        refused = self._mailbox.post_reply(site, message_from_wire(request))
         if refused:
             log.info("reply from %s not taken: %s", site, refused)
             return tpb.Ack(ok=False, message=refused)
@@ -68,7 +62,7 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
     def SendResult(self, request: pb.AdminMessage, context: grpc.ServicerContext) -> tpb.Ack:
         """Keep a site's progress or training_ended report."""
         site = self._site(context)
-        refused = self._hub.post_result(site, message_from_wire(request))
+        refused = self._mailbox.post_result(site, message_from_wire(request))
         if refused:
             log.warning("result from %s refused: %s", site, refused)
             return tpb.Ack(ok=False, message=refused)

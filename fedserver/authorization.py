@@ -7,34 +7,14 @@ from collections.abc import Mapping
 from pathlib import Path
 
 from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
+from fedcommon.commands import COMMANDS, SERVER, Right
 
 POLICY_FILE = Path("local") / "authorization.json"
-RIGHTS = ("view", "train", "operate", "shell")
+RIGHTS = Right.ALL
 SCOPES = ("any", "own_org", "none")
-SERVER_TARGET = "server"
 
-# A command is allowed when any one of its rights allows it on every target.
-COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {
-    "status": ("view",),
-    "sysinfo": ("view",),
-    "validate": ("view",),
-    "metrics": ("view",),
-    "run-validation": ("train",),
-    "set-run": ("train",),
-    "upload": ("train",),
-    "deploy": ("train",),
-    "start": ("train",),
-    "start-mgpu": ("train",),
-    "abort": ("train", "operate"),
-    "delete-run": ("operate",),
-    "restart": ("operate",),
-    "shutdown": ("operate",),
-    "remove-client": ("operate",),
-    "set-timeout": ("operate",),
-    "shell": ("shell",),
-    # A participant's own log files: what `shell tail` would show, without a path from the operator.
-    "logs": ("shell",),
-}
+# A command is allowed when any one of its rights allows it on every target (its declaration names them).
+COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {name: c.rights for name, c in COMMANDS.items()}
 
 # member looks; lead runs training and reads its own org's sites; org_admin operates its own org's
 # sites; project_admin does everything. "own_org" never covers the server, which belongs to no org.
@@ -85,11 +65,11 @@ class Policy:
                 return
             if scope == "none":
                 continue
-            outside = [t for t in targets if t == SERVER_TARGET or site_orgs.get(t) != caller.org]
+            outside = [t for t in targets if t == SERVER or site_orgs.get(t) != caller.org]
             if not outside:
                 return
             shown = ", ".join(
-                "the server" if t == SERVER_TARGET
+                "the server" if t == SERVER
                 else f"{t} (org {site_orgs[t]})" if t in site_orgs else f"{t} (org unknown: not connected)"
                 for t in outside
             )

@@ -6,7 +6,6 @@ import contextlib
 import hashlib
 import logging
 import os
-import re
 import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -14,13 +13,13 @@ from pathlib import Path
 
 import grpc
 
+from fedcommon import commands
 from fedcommon.wire import admin_pb2 as pb
 
 log = logging.getLogger(__name__)
 
 MAX_BLOB_BYTES = 2 << 30
 CHUNK_BYTES = 1 << 20
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
 class BlobError(Exception):
@@ -52,11 +51,12 @@ class BlobInfo:
     path: Path
 
 
-def check_blob_id(blob_id: str) -> str:
+def check_blob_id(value: str) -> str:
     """The id if it is a lowercase sha256 hex digest, else BlobError (ids become file names)."""
-    if not isinstance(blob_id, str) or not _SHA256.fullmatch(blob_id):
-        raise BlobError("invalid_argument", f"blob id {blob_id!r} is not a sha256 hex digest (64 of 0-9a-f)")
-    return blob_id
+    try:
+        return commands.blob_id(value, "blob id")
+    except commands.ArgumentError as e:
+        raise BlobError("invalid_argument", str(e)) from None
 
 
 class BlobStore:

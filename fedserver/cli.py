@@ -52,7 +52,8 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
     from fedcommon.private import make_private
-    from fedserver.server import FederationServer, ServerError
+    from fedserver.errors import ServerError
+    from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
     make_private(workspace)

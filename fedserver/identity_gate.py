@@ -18,6 +18,21 @@ log = logging.getLogger(__name__)
 _REPEAT_S = 60.0
 
 RefusalRecorder = Callable[[PeerIdentity | None, str, str], None]  # (peer, method, reason)
+_CERTIFICATE = {"client": "a site", "admin": "an admin"}
+
+
+def require_peer(context: grpc.ServicerContext, kind: str, plane: str) -> PeerIdentity:
+    """The caller's identity if its certificate is of `kind` ("client" or "admin"); else the call is aborted.
+
+    The port's identity gate refuses these first; this guards a servicer set up without it.
+    """
+    peer = peer_identity(context)
+    if peer is None or peer.kind != kind or not peer.name or (kind == "admin" and peer.role is None):
+        shown = peer.describe() if peer else "a caller without a certificate"
+        what = _CERTIFICATE[kind]
+        context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                      f"{shown} is not {what} certificate; the {plane} takes {what.split()[-1]} certificates only")
+    return peer
 
 
 class IdentityGate(grpc.ServerInterceptor):

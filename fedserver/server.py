@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import secrets
 import shutil
@@ -22,6 +21,8 @@ import grpc
 
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
+from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
+from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
 from fedcommon.metrics import mean_metrics
@@ -30,13 +31,16 @@ from fedcommon.model_file import ModelFileError
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
-from fedserver.admin_hub import DEFAULT_TIMEOUT_S, AdminHub
+from fedserver.admin_hub import AdminHub
 from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
+from fedserver.audit import AUDIT_FILE, AuditLog
 from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
+from fedserver.errors import ServerError
 from fedserver.identity_gate import IdentityGate
+from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 from fedserver.telemetry import Telemetry, start_exporter
@@ -73,10 +77,6 @@ FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
 
 
-class ServerError(Exception):
-    """An operator-facing failure of the server (bad MMAR, run already present, ...)."""
-
-
 _UNREAD = object()  # run_status: the caller has not read the run's summary
 
 
@@ -106,7 +106,9 @@ class FederationServer:
             policy = load_policy(self.workspace)
         except (RevocationError, PolicyError) as e:
             raise ServerError(str(e)) from None
-        self.hub = AdminHub(self, policy)
+        self.mailbox = SiteMailbox()
+        self.audit = AuditLog(self.workspace / AUDIT_FILE)
+        self.hub = AdminHub(self, policy, self.audit)
         self._resume()
         self.exit_requested = threading.Event()
         self.restart_requested = False
@@ -127,7 +129,7 @@ class FederationServer:
                          options=GRPC_OPTIONS, interceptors=[self._gate("fl_port", ("client",))],
                          maximum_concurrent_rpcs=self._max_workers)
         add_training_servicer(TrainingService(self), fl)
-        admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.hub, self.blobs), fl)
+        admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
                             options=ADMIN_GRPC_OPTIONS, interceptors=[self._gate("admin_port", ("admin",))])
@@ -152,7 +154,8 @@ class FederationServer:
     def _gauges(self) -> dict[str, float]:
         run = self.run
         training = run is not None and run.phase is Phase.TRAINING
-        gauges = {"registered_sites": len(self.registry.names()), "connected_sites": len(self.hub.connected_sites()),
+        gauges = {"registered_sites": len(self.registry.names()),
+                  "connected_sites": len(self.mailbox.connected_sites()),
                   "run_number": self._run_number or 0, "training": int(training)}
         if training:
             gauges["round"] = run.current_round
@@ -160,14 +163,14 @@ class FederationServer:
 
     def _gate(self, port_name: str, kinds: tuple[str, ...]) -> IdentityGate:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
-            self.hub.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
-                                               peer.org if peer else "", port_name, method, reason)
+            self.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
+                                           peer.org if peer else "", port_name, method, reason)
             if peer is not None and self.revocations.is_revoked(peer.serial):
                 # A revoked site must not hold a place in the run until heart_beat_timeout, nor count as
                 # connected (commands would wait for its reply until their timeout).
                 self.registry.remove_certificate(peer.fingerprint)
                 if peer.kind == "client":
-                    self.hub.shut_out(peer.name, reason)
+                    self.mailbox.shut_out(peer.name, reason)
 
         return IdentityGate(port_name, kinds, self.revocations, record)
 
@@ -184,7 +187,7 @@ class FederationServer:
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving: long-polls are released at once, other calls get `grace` seconds."""
         self._stop.set()
-        self.hub.close()
+        self.mailbox.close()
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
             event.wait()
@@ -224,8 +227,10 @@ class FederationServer:
 
     def set_run_number(self, run_number: int) -> None:
         """Make `run_number` current; refused while a run is training."""
-        if isinstance(run_number, bool) or not isinstance(run_number, int) or run_number < 1:
-            raise ServerError(f"run number must be a whole number >= 1, got {run_number!r}")
+        try:
+            checked_run_number(run_number, "run number")
+        except ArgumentError as e:
+            raise ServerError(str(e)) from None
         with self._admin_lock:
             active = self.training_run()
             if active is not None:
@@ -250,13 +255,11 @@ class FederationServer:
             raise ServerError(f"{path}: unreadable ({e}); fix or remove it") from None
         number = state.get("run_number") if isinstance(state, dict) else None
         timeout = state.get("admin_timeout", DEFAULT_TIMEOUT_S) if isinstance(state, dict) else None
-        valid_number = number is None or (isinstance(number, int) and not isinstance(number, bool) and number >= 1)
-        valid_timeout = isinstance(timeout, (int, float)) and not isinstance(timeout, bool) and \
-            math.isfinite(timeout) and timeout > 0
-        if not (valid_number and valid_timeout):
+        try:
+            return (None if number is None else checked_run_number(number)), seconds(timeout)
+        except ArgumentError:
             raise ServerError(f"{path}: expected {{\"run_number\": N or null, \"admin_timeout\": seconds}}; "
-                              "fix or remove it")
-        return number, float(timeout)
+                              "fix or remove it") from None
 
     def _save_state(self) -> None:
         atomic_write_json(self.workspace / STATE_FILE,
@@ -550,9 +553,9 @@ class FederationServer:
         """
         revoked = self.revocations.revoked()
         if revoked:
-            for site in self.hub.revoked_sites(revoked):
+            for site in self.mailbox.revoked_sites(revoked):
                 log.warning("%s: its certificate was revoked; its long-poll is released", site)
-                self.hub.shut_out(site, "its certificate was revoked")
+                self.mailbox.shut_out(site, "its certificate was revoked")
 
     def _tick_loop(self) -> None:
         last_revocation_check = 0.0

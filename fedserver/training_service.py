@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 
 from fedcommon.dtypes import DTypeError
-from fedcommon.identity import PeerIdentity, peer_identity
+from fedcommon.identity import PeerIdentity
 from fedcommon.metrics import MetricsError
 from fedcommon.model_file import iter_model_chunks, read_index
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError
@@ -18,10 +18,10 @@ from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.aggregator import ContributionError, receive_tensors
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
-from fedserver.registry import RegistryError, SiteSession
-
-if TYPE_CHECKING:
-    from fedserver.server import FederationServer
+from fedserver.identity_gate import require_peer
+from fedserver.registry import ClientRegistry, RegistryError, SiteSession
+from fedserver.run import FederatedRun
+from fedserver.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
@@ -35,10 +35,23 @@ _STATUS = {
 }
 
 
+class TrainingHost(Protocol):
+    """What the training plane needs of the server (FederationServer is one)."""
+
+    registry: ClientRegistry
+    telemetry: Telemetry
+    run: FederatedRun | None
+
+    def heartbeat_interval(self) -> float: ...
+    def wait_for_run(self, timeout: float) -> FederatedRun | None: ...
+    def active_sites(self) -> set[str]: ...
+    def cross_site(self, run_number: int) -> CrossSiteValidation: ...
+
+
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and current run."""
 
-    def __init__(self, server: FederationServer, max_concurrent_uploads: int = 1,
+    def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._server = server
         # Each upload in flight holds one model-sized buffer: this bounds server memory.
@@ -47,13 +60,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
 
     @staticmethod
     def _peer(context: grpc.ServicerContext) -> PeerIdentity:
-        peer = peer_identity(context)
-        if peer is None or peer.kind != "client":
-            # The port's identity gate refuses these first; this guards a server set up without it.
-            shown = peer.describe() if peer else "a caller without a certificate"
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"{shown} is not a site certificate; the training plane takes site certificates only")
-        return peer
+        return require_peer(context, "client", "training plane")
 
     def _authenticate(self, context: grpc.ServicerContext) -> SiteSession:
         token = dict(context.invocation_metadata()).get(TOKEN_KEY)

@@ -590,7 +590,7 @@ def plane(tmp_path):
     admin = admin_grpc.AdminServiceStub(
         grpc.secure_channel(f"127.0.0.1:{server.admin_port}", channel_credentials(load_kit(ws / "admin"))))
     deadline = time.monotonic() + 10
-    while "site-1" not in server.hub.connected_sites():
+    while "site-1" not in server.mailbox.connected_sites():
         assert time.monotonic() < deadline, "site-1 never connected"
         time.sleep(0.02)
     yield server, admin, interface, sender
@@ -632,10 +632,10 @@ def test_deploy_and_start_through_the_server_reach_the_site(plane, tmp_path):
     assert json.loads(reply.replies[0].data_json) == {"run_number": 2, "pid": 4242}
     interface.client_executor.report(kind="epoch", round=0, epoch=1, loss=0.5)
     deadline = time.monotonic() + 10
-    while "site-1" not in server.hub.site_results()["site_progress"]:
+    while "site-1" not in server.mailbox.site_results()["site_progress"]:
         assert time.monotonic() < deadline, "progress never reached the server"
         time.sleep(0.05)
-    assert server.hub.site_results()["site_progress"]["site-1"]["epoch"] == 1
+    assert server.mailbox.site_results()["site_progress"]["site-1"]["epoch"] == 1
 
 
 def test_a_fetch_with_a_wrong_size_is_refused(plane, tmp_path):

@@ -111,7 +111,7 @@ class Federation:
         agent = FakeAgent(self.ws, site, self.fl_target, handler)
         self.agents.append(agent)
         deadline = time.monotonic() + 5
-        while site not in self.server.hub.connected_sites():
+        while site not in self.server.mailbox.connected_sites():
             assert time.monotonic() < deadline, f"{site} never connected"
             time.sleep(0.02)
         return agent
@@ -287,7 +287,7 @@ def test_an_admin_certificate_is_refused_by_the_site_agent_service(federation):
         stub.Retrieve(apb.RetrieveRequest(wait_seconds=0), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "(project_admin of test) may not use the fl_port: it serves site certificates" in err.value.details()
-    assert federation.server.hub.connected_sites() == []
+    assert federation.server.mailbox.connected_sites() == []
 
 
 def test_the_admin_service_is_only_on_the_admin_port(federation):
@@ -346,7 +346,7 @@ def test_a_reply_carried_by_the_next_retrieve_answers_the_command(federation):
 
 
 def test_a_site_that_went_away_is_reported_with_how_long_ago_it_was_last_heard(federation):
-    hub = federation.server.hub
+    hub = federation.server.mailbox
     hub.retrieve("site-3", 0)
     hub._agents["site-3"].last_poll -= 100  # as if its last long-poll ended 100 s ago
     reply = federation.execute("status", ["site-3"], timeout=1)
@@ -356,7 +356,7 @@ def test_a_site_that_went_away_is_reported_with_how_long_ago_it_was_last_heard(f
 
 
 def test_the_hub_names_the_sites_whose_long_poll_came_with_a_revoked_certificate(federation):
-    hub = federation.server.hub
+    hub = federation.server.mailbox
     hub.retrieve("site-1", 0, serial=11)
     hub.retrieve("site-2", 0, serial=12)
     assert hub.revoked_sites(frozenset({12, 99})) == ["site-2"]

@@ -1,0 +1,264 @@
+"""The server's side of each admin command: what the server does, and what each site is sent.
+
+Targets, site topic, rights and argument checks are the command's declaration in fedcommon.commands; an entry
+here holds only what the server adds to it. Every declared command the server executes has one entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
+from fedcommon.outcome import TargetReply
+from fedcommon.restart_guard import RestartRefused, check_restart
+from fedcommon.safe_shell import run_shell
+from fedcommon.sysinfo import collect_sysinfo
+from fedserver.blob_store import BlobError, BlobStore
+from fedserver.errors import AdminError
+from fedserver.mailbox import SiteMailbox
+from fedserver.registry import ClientRegistry
+from fedserver.telemetry import Telemetry
+
+if TYPE_CHECKING:
+    from fedserver.cross_site import CrossSiteValidation
+    from fedserver.run import FederatedRun
+
+Args = dict[str, Any]
+Gathered = dict[str, TargetReply | None]  # each site's reply, None when it did not answer in time
+
+
+class Federation(Protocol):
+    """What the commands need of the server (FederationServer is one)."""
+
+    workspace: Path
+    blobs: BlobStore
+    registry: ClientRegistry
+    mailbox: SiteMailbox
+    telemetry: Telemetry
+    admin_timeout: float
+
+    @property
+    def run_number(self) -> int | None: ...
+    def set_run_number(self, run_number: int) -> None: ...
+    def set_admin_timeout(self, seconds: float) -> None: ...
+    def run_report(self) -> dict[str, Any]: ...
+    def run_status(self, run_number: int) -> str: ...
+    def run_metrics(self, run_number: int | None = None) -> dict[str, Any]: ...
+    def deploy(self, source: Path, run_number: int | None = None) -> Path: ...
+    def start_training(self, run_number: int | None = None) -> FederatedRun: ...
+    def training_run(self) -> FederatedRun | None: ...
+    def abort_training(self) -> int: ...
+    def delete_run(self, run_number: int) -> Path: ...
+    def cross_site(self, run_number: int) -> CrossSiteValidation: ...
+    def remove_site(self, name: str) -> None: ...
+    def check_shutdown(self, leaving: set[str], connected: set[str] = ...) -> None: ...
+    def request_exit(self, restart: bool) -> None: ...
+
+
+def _no_site_args(fed: Federation, args: Args) -> Args:
+    return {}
+
+
+@dataclass(frozen=True, kw_only=True)
+class ServerCommand:
+    """The server's side of one declared command.
+
+    act: the server's own action, returning its reply data (raises to refuse). site_args: what each site's
+    request carries (checked against the declaration before it leaves); raising refuses every target.
+    verify: a check of the arguments only the server can make, before any target is resolved.
+    after_sites: the server acts once the sites have answered (act sees their replies).
+    touches: what the policy checks the caller's rights on, when not the targets (a site named in the args).
+    sites_first: addressed to the server while a run trains, it goes to every connected site as well.
+    ends_session: a site that answered ok has stopped training: its training-plane session is over now.
+    disconnects: a site that answered ok is no longer connected.
+    """
+
+    act: Callable[[Federation, Args, Gathered], dict[str, Any]]
+    site_args: Callable[[Federation, Args], Args] = _no_site_args
+    verify: Callable[[Federation, Args], None] | None = None
+    after_sites: bool = False
+    touches: Callable[[Args], list[str]] | None = None
+    sites_first: bool = False
+    ends_session: bool = False
+    disconnects: bool = False
+
+
+def _current_run(fed: Federation) -> int:
+    number = fed.run_number
+    if number is None:
+        raise AdminError("no run number set: run `fedadmin set-run N` first")
+    return number
+
+
+def _answered(gathered: Gathered) -> list[str]:
+    """The sites that answered ok, sorted."""
+    return sorted(site for site, reply in gathered.items() if reply is not None and reply.ok)
+
+
+# ---- what the server does ---------------------------------------------------------------------------
+
+
+def _status(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    data = fed.run_report()
+    data["registered_sites"] = sorted(fed.registry.names())
+    data["connected_sites"] = fed.mailbox.connected_sites()
+    data.update(fed.mailbox.site_results())
+    return data
+
+
+def _set_run(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    fed.set_run_number(args["run_number"])
+    return {"run_number": args["run_number"]}
+
+
+def _uploaded(fed: Federation, args: Args) -> None:
+    try:
+        fed.blobs.get(args["blob_id"])
+    except BlobError as e:
+        raise AdminError(str(e)) from None
+
+
+def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    number = _current_run(fed)
+    blob = fed.blobs.get(args["blob_id"])
+    return {"run_number": number, "path": str(fed.deploy(blob.path, number))}
+
+
+def _start(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    number = _current_run(fed)
+    fed.start_training(number)
+    return {"run_number": number}
+
+
+def _abort(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    number = fed.abort_training()
+    return {"run_number": number, "aborted_sites": _answered(gathered)}
+
+
+def _validate(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    number = args.get("run_number") or _current_run(fed)
+    data = {**fed.cross_site(number).matrix(), "run_status": fed.run_status(number)}
+    site, owner = args.get("site"), args.get("owner")
+    if site is not None and site not in data["validating_sites"]:
+        raise AdminError(f"{site} did not take part in run {number}; "
+                         f"its sites are {', '.join(data['validating_sites']) or 'none'}")
+    if owner is not None:
+        if owner not in data["owners"]:
+            shown = ", ".join(data["owners"]) or "none yet"
+            raise AdminError(f"no model of {owner!r} is offered in run {number} (offered: {shown})")
+        metrics = data["results"].get(site, {}).get(owner)
+        if metrics is None:
+            raise AdminError(f"{site} has not validated {owner}'s model of run {number} yet")
+        data["cell"] = {"site": site, "owner": owner, "metrics": metrics}
+    return data
+
+
+def _run_validation(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    raise AdminError("run-validation runs at sites: name sites or `client`, not the server")
+
+
+def _sysinfo(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    number = fed.run_number
+    status = fed.run_status(number) if number is not None else "none"
+    return collect_sysinfo(status, fed.workspace)
+
+
+def _shell(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    result = run_shell(args["argv"], fed.workspace)
+    return {"stdout": result.stdout, "truncated": result.truncated, "exit_code": result.exit_code}
+
+
+def _delete_run(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    return {"deleted": str(fed.delete_run(args["run_number"]))}
+
+
+def _restart(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    try:
+        check_restart(fed.workspace)
+    except RestartRefused as e:
+        raise AdminError(str(e)) from None
+    fed.request_exit(restart=True)
+    return {"restarting": True}
+
+
+def _shutdown(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    fed.check_shutdown(set(_answered(gathered)), set(fed.mailbox.connected_sites()))
+    fed.request_exit(restart=False)
+    return {"shutting_down": True}
+
+
+def _remove_client(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    fed.remove_site(args["site"])
+    fed.mailbox.forget(args["site"])
+    return {"removed": args["site"]}
+
+
+def _metrics(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    return fed.run_metrics(args.get("run_number"))
+
+
+def _logs(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    if args.get("run_number") is not None:
+        raise AdminError(f"the server keeps one log ({PROCESS_LOG}), not one per run: drop the run number "
+                         "(a site keeps one per run)")
+    return {"file": PROCESS_LOG, **read_log(fed.workspace / PROCESS_LOG, LogQuery.from_args(args))}
+
+
+def _set_timeout(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+    fed.set_admin_timeout(args["seconds"])
+    return {"timeout": args["seconds"]}
+
+
+# ---- what the sites are sent ------------------------------------------------------------------------
+
+
+def _deploy_request(fed: Federation, args: Args) -> Args:
+    blob = fed.blobs.get(args["blob_id"])
+    number = _current_run(fed)
+    return {"run_number": number, "blob_id": blob.blob_id, "sha256": blob.blob_id, "size": blob.size}
+
+
+def _start_request(fed: Federation, args: Args) -> Args:
+    return {"run_number": _current_run(fed)}
+
+
+def _start_mgpu_request(fed: Federation, args: Args) -> Args:
+    return {"run_number": _current_run(fed), "gpu_number": args["gpu_number"]}
+
+
+def _run_validation_request(fed: Federation, args: Args) -> Args:
+    number = args.get("run_number") or _current_run(fed)
+    training = fed.training_run()
+    if training is not None:
+        # A validating site registers like a training one: it would hold up the training run's rounds.
+        raise AdminError(f"run {training.run_number} is training; validate --run waits until it ends")
+    fed.cross_site(number)  # refuses a run that does not exist or has not completed
+    return {"run_number": number}
+
+
+def _as_given(fed: Federation, args: Args) -> Args:
+    return args
+
+
+CATALOGUE: dict[str, ServerCommand] = {
+    "status": ServerCommand(act=_status),
+    "set-run": ServerCommand(act=_set_run),
+    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded),
+    "start": ServerCommand(act=_start, site_args=_start_request),
+    "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
+    "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),
+    "validate": ServerCommand(act=_validate),
+    "run-validation": ServerCommand(act=_run_validation, site_args=_run_validation_request),
+    "sysinfo": ServerCommand(act=_sysinfo),
+    "shell": ServerCommand(act=_shell, site_args=_as_given),
+    "delete-run": ServerCommand(act=_delete_run, site_args=_as_given),
+    "restart": ServerCommand(act=_restart, after_sites=True),
+    "shutdown": ServerCommand(act=_shutdown, after_sites=True, ends_session=True, disconnects=True),
+    "remove-client": ServerCommand(act=_remove_client, touches=lambda args: [args["site"]]),
+    "metrics": ServerCommand(act=_metrics),
+    "logs": ServerCommand(act=_logs, site_args=_as_given),
+    "set-timeout": ServerCommand(act=_set_timeout),
+}
