@@ -20,9 +20,8 @@ from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_sc
 from fedcommon.mmar import ServerConfig, excluded
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
-from fedserver import run_record
 from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
-from fedserver.run_record import RunRecord, RunRecordError
+from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
 
 log = logging.getLogger(__name__)
 
@@ -38,9 +37,9 @@ class RunStateError(Exception):
 
 
 class Phase(Enum):
-    TRAINING = run_record.TRAINING
-    COMPLETED = run_record.COMPLETED
-    ABORTED = run_record.ABORTED
+    TRAINING = TRAINING
+    COMPLETED = COMPLETED
+    ABORTED = ABORTED
 
 
 @dataclass

@@ -17,7 +17,7 @@ DEPLOYED = "deployed"
 NONE = "none"
 # What a closed round's record tells besides the metrics (the sites, their weights, who was refused or dropped).
 _ROUND_FACTS = ("contributors", "weights", "duration_s", "privacy", "rejected", "dropped")
-_UNREAD = object()  # status(): the caller has not read the summary
+UNREAD = object()  # status(): the caller has not read the summary
 
 
 class RunRecordError(Exception):
@@ -64,12 +64,12 @@ class RunRecord:
         atomic_write_json(self.folder.summary, summary)
         atomic_write_json(self.folder.state, state)
 
-    def status(self, summary: Any = _UNREAD) -> str:
+    def status(self, summary: Any = UNREAD) -> str:
         """"none", "deployed", "completed" or "aborted", for a run that no live run holds.
 
         summary: the run's summary when the caller has read it already (None: there is none).
         """
-        if summary is _UNREAD:
+        if summary is UNREAD:
             summary = self.read()
         status = summary.get("status") if isinstance(summary, dict) else None
         if status in (COMPLETED, ABORTED):

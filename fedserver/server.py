@@ -19,6 +19,7 @@ from typing import Any
 
 import grpc
 
+from fedcommon import run_folder
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.identity import PeerIdentity
@@ -26,7 +27,6 @@ from fedcommon.kit import Kit, server_credentials
 from fedcommon.mmar import MMARError, load_mmar
 from fedcommon.model_file import ModelFileError
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
-from fedcommon.run_folder import RunFolder, RunFolderError, remove, run_dir, set_aside
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedserver.admin_hub import DEFAULT_TIMEOUT_S, AdminHub
@@ -38,7 +38,7 @@ from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.identity_gate import IdentityGate
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
-from fedserver.run_record import RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
+from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
 
@@ -75,9 +75,6 @@ REVOCATION_CHECK_S = 1.0
 
 class ServerError(Exception):
     """An operator-facing failure of the server (bad MMAR, run already present, ...)."""
-
-
-_UNREAD = object()  # run_status: the caller has not read the run's summary
 
 
 class FederationServer:
@@ -266,7 +263,7 @@ class FederationServer:
 
     def run_dir(self, run_number: int) -> Path:
         """Where run `run_number` lives on disk."""
-        return run_dir(self.workspace, run_number)
+        return run_folder.run_dir(self.workspace, run_number)
 
     def run_record(self, run_number: int) -> RunRecord:
         """Run `run_number`'s record (its folder, summary and state)."""
@@ -277,7 +274,7 @@ class FederationServer:
         run = self.run
         return run if run is not None and run.phase is Phase.TRAINING else None
 
-    def run_status(self, run_number: int, summary: Any = _UNREAD) -> str:
+    def run_status(self, run_number: int, summary: Any = UNREAD) -> str:
         """"none", "deployed", "training", "completed" or "aborted".
 
         summary: the run's summary.json when the caller has read it already (None: there is none).
@@ -285,8 +282,7 @@ class FederationServer:
         run = self.run
         if run is not None and run.run_number == run_number:
             return run.phase.value
-        record = self.run_record(run_number)
-        return record.status() if summary is _UNREAD else record.status(summary)
+        return self.run_record(run_number).status(summary)
 
     def run_report(self) -> dict[str, Any]:
         """The current run for `status`: number, status and rounds."""
@@ -352,7 +348,7 @@ class FederationServer:
                 if active is not None and active.run_number == number:
                     raise ServerError(f"run {number} is training; abort it before deploying again")
                 self._refuse_finished(number)
-                target = RunFolder.of(self.workspace, number).mmar
+                target = run_folder.RunFolder.of(self.workspace, number).mmar
                 target.parent.mkdir(exist_ok=True)
                 if target.exists():
                     target.rename(staging / "replaced")
@@ -403,7 +399,7 @@ class FederationServer:
             if self.run_status(number) == "none":
                 raise ServerError(f"run {number} is not deployed")
             self._refuse_finished(number)
-            folder = RunFolder.of(self.workspace, number)
+            folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
             models = folder.models
             models.mkdir(exist_ok=True)
@@ -462,8 +458,9 @@ class FederationServer:
         with self._admin_lock:
             active = self.training_run()
             try:
-                trash = set_aside(self.workspace, run_number, active.run_number if active is not None else None)
-            except RunFolderError as e:
+                trash = run_folder.set_aside(self.workspace, run_number,
+                                             active.run_number if active is not None else None)
+            except run_folder.RunFolderError as e:
                 raise ServerError(str(e)) from None
             with self._cross_site_lock:
                 store = self._cross_site.pop(run_number, None)
@@ -472,7 +469,7 @@ class FederationServer:
             if self.run is not None and self.run.run_number == run_number:
                 with self._run_cond:
                     self.run = None
-        remove(trash)
+        run_folder.remove(trash)
         log.info("run %d deleted by an operator", run_number)
         return self.run_dir(run_number)
 
