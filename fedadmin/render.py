@@ -290,31 +290,31 @@ def validation_cell_view(run_number: Any, cell: dict[str, Any]) -> RenderableTyp
 
 
 def round_lines(record: dict[str, Any]) -> list[str]:
-    """A summary.json round as the demo prints it: contributors, duration, then each site's metrics."""
+    """A round as `metrics` answers it, as the demo prints it: contributors, duration, then each site's metrics."""
     lines = [
         f"round {record.get('round')}: contributors {', '.join(record.get('contributors', []))} "
         f"({float(record.get('duration_s', 0.0)):.1f}s); global model as each site measured it:"
     ]
-    lines += [f"    {site}: {metrics_text(m)}" for site, m in (record.get("metrics") or {}).items()]
+    lines += [f"    {site}: {metrics_text(m)}" for site, m in (record.get("sites") or {}).items()]
     lines += [f"    refused {x.get('site')}: {x.get('reason')}" for x in record.get("rejected") or []]
     return lines
 
 
-def summary_view(summary: dict[str, Any]) -> RenderableType:
-    """A run's summary.json: per round the sites and the metrics each reported; then the final metrics."""
-    rounds = summary.get("rounds") or []
-    final = summary.get("final_metrics") or {}
+def summary_view(record: dict[str, Any]) -> RenderableType:
+    """A run as `metrics` answers it: per round the sites and the metrics each reported; then the final metrics."""
+    rounds = record.get("rounds") or []
+    final = (record.get("final") or {}).get("sites") or {}
     names = sorted(
-        {k for r in rounds for m in (r.get("metrics") or {}).values() for k in m}
+        {k for r in rounds for m in (r.get("sites") or {}).values() for k in m}
         | {k for m in final.values() for k in m}
     )
-    table = Table(title=f"run {summary.get('run_number')}: {summary.get('status')}", title_justify="left")
+    table = Table(title=f"run {record.get('run_number')}: {record.get('run_status')}", title_justify="left")
     for col in ("round", "site", *names, "weight", "seconds"):
         table.add_column(col, justify="left" if col in ("round", "site") else "right")
     for r in rounds:
         weights = r.get("weights") or {}
         for i, site in enumerate(r.get("contributors") or []):
-            m = (r.get("metrics") or {}).get(site, {})
+            m = (r.get("sites") or {}).get(site, {})
             table.add_row(
                 str(r.get("round")) if i == 0 else "",
                 site,

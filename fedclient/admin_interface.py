@@ -6,8 +6,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
-import shutil
 import sys
 import tempfile
 import threading
@@ -19,6 +17,7 @@ from typing import Any
 
 from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus, get_status_message
+from fedcommon import run_folder
 from fedcommon.admin_defs import Message
 
 log = logging.getLogger(__name__)
@@ -26,8 +25,6 @@ log = logging.getLogger(__name__)
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
 PROGRESS_INTERVAL_S = 0.5
 FINISHING_WAIT_S = 15.0
-# Written into run_N when this site's worker saw the server end run N: finished results are not overwritten.
-COMPLETED_FILE = "completed.json"
 
 
 class RequestRefused(Exception):
@@ -60,7 +57,7 @@ class ClientAdminInterface:
 
     def run_dir(self, run_number: int) -> Path:
         """Where run N lives on this site."""
-        return self.workspace / f"run_{run_number}"
+        return run_folder.run_dir(self.workspace, run_number)
 
     def _training_run(self) -> int | None:
         return self.client_executor.run_number if self.client_executor.is_training() else None
@@ -107,7 +104,7 @@ class ClientAdminInterface:
                 self.sender.fetch_blob(blob_id, archive, sha256, int(size))
             except BlobFetchError as e:
                 raise RequestRefused(f"deploy refused: {e}") from None
-            target = self.run_dir(number) / "mmar"
+            target = run_folder.RunFolder(self.run_dir(number)).mmar
             with self._lock:
                 self._refuse_deploy_while_training(number)
                 self._refuse_finished(number)
@@ -129,7 +126,8 @@ class ClientAdminInterface:
             raise RequestRefused(f"run {number} is training; abort it before deploying again")
 
     def _refuse_finished(self, number: int) -> None:
-        if (self.run_dir(number) / COMPLETED_FILE).exists():
+        # Written when this site's worker saw the server end run N: finished results are not overwritten.
+        if run_folder.RunFolder(self.run_dir(number)).completed.exists():
             raise RequestRefused(f"run {number} has already run (completed); "
                                  f"delete-run {number} or set another run number")
 
@@ -155,7 +153,7 @@ class ClientAdminInterface:
                 raise RequestRefused(f"run {number} is already training")
             if active is not None:
                 raise RequestRefused(f"run {active} is training; abort it first")
-            mmar = self.run_dir(number) / "mmar"
+            mmar = run_folder.RunFolder(self.run_dir(number)).mmar
             if not (mmar / "config").is_dir():
                 raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
             if not validate:
@@ -195,16 +193,13 @@ class ClientAdminInterface:
         """Delete run_N from this site; refused while it trains."""
         number = _run_number(num, missing="delete-run needs a run_number")
         with self._lock:
-            if self._training_run() == number:
-                raise RequestRefused(f"run {number} is active; abort it first")
-            run_dir = self.run_dir(number)
-            if not run_dir.exists():
-                raise RequestRefused(f"run {number} does not exist ({run_dir})")
-            trash = self.workspace / f".deleted-run_{number}.{secrets.token_hex(4)}"
-            run_dir.rename(trash)  # gone at once; the slow removal follows outside the lock
-        shutil.rmtree(trash, ignore_errors=True)
+            try:
+                trash = run_folder.set_aside(self.workspace, number, self._training_run())
+            except run_folder.RunFolderError as e:
+                raise RequestRefused(str(e)) from None
+        run_folder.remove(trash)
         log.info("run %d deleted", number)
-        return {"deleted": str(run_dir)}
+        return {"deleted": str(self.run_dir(number))}
 
     def do_validate(self, req: Message) -> dict[str, Any]:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
@@ -288,7 +283,7 @@ class ClientAdminInterface:
         from fedcommon.atomic import atomic_write_json
 
         try:
-            atomic_write_json(self.run_dir(ended["run_number"]) / COMPLETED_FILE, ended)
+            atomic_write_json(run_folder.RunFolder.of(self.workspace, ended["run_number"]).completed, ended)
         except OSError as e:
             log.error("cannot record that run %s completed: %s", ended["run_number"], e)
 

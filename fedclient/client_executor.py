@@ -22,6 +22,7 @@ from typing import Any
 import psutil
 
 from fedclient.client_status import ClientStatus, get_status_message
+from fedcommon import run_folder
 from fedcommon.logs import WORKER_LOG, RotatingWriter, pump_lines
 
 log = logging.getLogger(__name__)
@@ -265,7 +266,7 @@ class ProcessExecutor(ClientExecutor):
             if self.is_training():
                 raise TrainingError(f"run {self.run_number} is already training")
             workspace = Path(args.workspace).resolve()
-            run_dir = workspace / f"run_{args.run_number}"
+            run_dir = run_folder.run_dir(workspace, args.run_number)
             run_dir.mkdir(parents=True, exist_ok=True)
             authkey = secrets.token_bytes(32)
             listener = Listener(("127.0.0.1", 0), authkey=authkey)
@@ -274,7 +275,7 @@ class ProcessExecutor(ClientExecutor):
                     "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
                     "--parent", f"{host}:{port}", *(["--debug"] if args.debug else []),
                     *(["--validate"] if args.validate else [])]
-            log_path = run_dir / "logs" / WORKER_LOG
+            log_path = run_folder.RunFolder(run_dir).worker_log
             writer = None
             try:
                 # Every rank's output, and whatever the interpreter prints outside logging, passes through

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclient.distributed import RankInfo, rank_info
+from fedcommon import run_folder
 
 log = logging.getLogger("fedclient.worker")
 
@@ -122,7 +123,7 @@ class SiteTraining:
 
     def _follow(self, sync) -> None:
         """A rank other than 0: build the trainer and train each phase rank 0 starts; never talks to the server."""
-        sync.follow(self._build_fitter(self.workspace / f"run_{self.run_number}"))
+        sync.follow(self._build_fitter(run_folder.run_dir(self.workspace, self.run_number)))
 
     def _train(self, sync) -> None:
         from fedclient.client_executor import update_client_properties
@@ -137,8 +138,8 @@ class SiteTraining:
                 return
             if mmar.client.heartbeat_interval:
                 client.heartbeat_interval = mmar.client.heartbeat_interval
-            run_dir = self.workspace / f"run_{client.run_number}"
-            (run_dir / "models").mkdir(parents=True, exist_ok=True)
+            run_dir = run_folder.run_dir(self.workspace, client.run_number)
+            run_folder.RunFolder(run_dir).models.mkdir(parents=True, exist_ok=True)
             client.run_dir = run_dir
             fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
@@ -170,7 +171,7 @@ class SiteTraining:
 
         client, number = self.client, self.run_number
         assert number is not None
-        run_dir = self.workspace / f"run_{number}"
+        run_dir = run_folder.run_dir(self.workspace, number)
         client.run_dir = run_dir
         try:
             update_client_properties(client, self._build_fitter(run_dir))

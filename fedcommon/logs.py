@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fedcommon import run_folder
 from fedcommon.escape import for_log
 
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -23,7 +24,7 @@ LOG_MAX_BYTES = 10 * 1024 * 1024
 LOG_BACKUPS = 5
 # Each participant's own log files, relative to its workspace: the process's, and a run's training worker's.
 PROCESS_LOG = "log.txt"
-WORKER_LOG = "worker.log"  # in run_<N>/logs/
+WORKER_LOG = run_folder.WORKER_LOG  # in a run's logs/ folder
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _LEVEL_RANK = {name.upper(): i for i, name in enumerate(LEVELS)}

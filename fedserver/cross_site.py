@@ -25,11 +25,11 @@ from fedcommon.tensor_codec import CodecError, TensorSpec
 from fedcommon.wire import training_pb2 as pb
 from fedserver.aggregator import ContributionError, receive_tensors
 from fedserver.run import BEST_GLOBAL_MODEL, GLOBAL_MODEL
+from fedserver.run_record import COMPLETED, RecordMissing, RunRecord, RunRecordError
 
 log = logging.getLogger(__name__)
 
 SERVER_OWNER = "server"
-CROSS_SITE_DIR = "cross_site"
 RESULTS_FILE = "results.json"
 # After a run completes, how long the choice of the server's best model waits for the sites' final metrics,
 # and how long a site waits for a participant that is not connected to share its model.
@@ -59,7 +59,9 @@ class CrossSiteValidation:
                  grace_s: float = FINAL_METRICS_GRACE_S):
         self.run_number = run_number
         self.run_dir = run_dir
-        self.folder = run_dir / CROSS_SITE_DIR
+        self._record = RunRecord(run_dir, run_number)
+        self._run_models = self._record.folder.models
+        self.folder = self._record.folder.cross_site
         self.models = self.folder / "models"
         self.path = self.folder / RESULTS_FILE
         self._active_sites = active_sites
@@ -70,14 +72,14 @@ class CrossSiteValidation:
         self._closed = False  # the run was deleted: nothing may be written for it any more
         self._cond = threading.Condition()
         summary = self._summary()
-        if summary.get("status") != "completed":
+        if summary.get("status") != COMPLETED:
             raise CrossSiteError(f"run {run_number} has not completed; cross-site validation needs a completed run")
         rounds = summary.get("rounds") or []
         # The sites that took part in the run validate, and each may share its best model.
         self.participants = sorted({s for r in rounds for s in r.get("contributors", [])})
         self._last_contributors = set(rounds[-1].get("contributors", [])) if rounds else set()
-        with open(run_dir / "models" / GLOBAL_MODEL, "rb") as f:
-            self._index = read_index(f, run_dir / "models" / GLOBAL_MODEL)
+        with open(self._run_models / GLOBAL_MODEL, "rb") as f:
+            self._index = read_index(f, self._run_models / GLOBAL_MODEL)
         self._specs = {e.name: (e.dtype, e.shape) for e in self._index.entries}
         self._state = self._load()
 
@@ -85,12 +87,11 @@ class CrossSiteValidation:
 
     def _summary(self) -> dict[str, Any]:
         try:
-            summary = json.loads((self.run_dir / "summary.json").read_text())
-        except FileNotFoundError:
-            raise CrossSiteError(f"run {self.run_number} has no summary.json: it was never trained") from None
-        except (OSError, ValueError) as e:
-            raise CrossSiteError(f"run {self.run_number}: summary.json is unreadable ({e})") from None
-        return summary if isinstance(summary, dict) else {}
+            return self._record.load()
+        except RecordMissing as e:
+            raise CrossSiteError(f"{e}: it was never trained") from None
+        except RunRecordError as e:
+            raise CrossSiteError(str(e)) from None
 
     def _load(self) -> dict[str, Any]:
         empty = {"run_number": self.run_number, "owners": {}, "declined": [], "refused": {}, "offered": {},
@@ -295,11 +296,11 @@ class CrossSiteValidation:
             return
         best = summary.get("best_global") or None
         final_score = mean_score(final)
-        source = self.run_dir / "models" / GLOBAL_MODEL
+        source = self._run_models / GLOBAL_MODEL
         chosen = {"model": "final", "score": final_score}
         if best and (final_score is None or best["score"] > final_score) and \
-                (self.run_dir / "models" / BEST_GLOBAL_MODEL).exists():
-            source = self.run_dir / "models" / BEST_GLOBAL_MODEL
+                (self._run_models / BEST_GLOBAL_MODEL).exists():
+            source = self._run_models / BEST_GLOBAL_MODEL
             chosen = {"model": f"round {best['round']}", "score": best["score"]}
         self._writable()
         target = self.models / f"{SERVER_OWNER}.fl"

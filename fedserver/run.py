@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -16,12 +15,13 @@ from typing import IO, Any
 
 import numpy as np
 
-from fedcommon.atomic import atomic_write_json, atomic_writer
+from fedcommon.atomic import atomic_writer
 from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_score
 from fedcommon.mmar import ServerConfig, excluded
 from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
+from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
 
 log = logging.getLogger(__name__)
 
@@ -37,9 +37,9 @@ class RunStateError(Exception):
 
 
 class Phase(Enum):
-    TRAINING = "training"
-    COMPLETED = "completed"
-    ABORTED = "aborted"
+    TRAINING = TRAINING
+    COMPLETED = COMPLETED
+    ABORTED = ABORTED
 
 
 @dataclass
@@ -75,11 +75,13 @@ class FederatedRun:
         self.run_number = run_number
         self.run_dir = run_dir
         self.config = config
-        self.model_path = run_dir / "models" / GLOBAL_MODEL
-        self.best_model_path = run_dir / "models" / BEST_GLOBAL_MODEL
-        self.open_round_path = run_dir / "models" / OPEN_ROUND
-        self.summary_path = run_dir / "summary.json"
-        self.state_path = run_dir / "state.json"
+        self.record = RunRecord(run_dir, run_number)
+        models = self.record.folder.models
+        self.model_path = models / GLOBAL_MODEL
+        self.best_model_path = models / BEST_GLOBAL_MODEL
+        self.open_round_path = models / OPEN_ROUND
+        self.summary_path = self.record.folder.summary
+        self.state_path = self.record.folder.state
         self._cond = threading.Condition()
         with open(self.model_path, "rb") as f:
             index = read_index(f, self.model_path)
@@ -101,10 +103,10 @@ class FederatedRun:
     def _restore(self, index: ModelIndex) -> int:
         """Take back what summary.json kept; returns the round to open (the global model's own round)."""
         try:
-            summary = json.loads(self.summary_path.read_text())
-        except (OSError, ValueError) as e:
+            summary = self.record.load()
+        except RunRecordError as e:
             raise RunStateError(f"{self.summary_path}: cannot resume run {self.run_number}: {e}") from None
-        if not isinstance(summary, dict) or summary.get("run_number") != self.run_number:
+        if summary.get("run_number") != self.run_number:
             raise RunStateError(f"{self.summary_path}: not the summary of run {self.run_number}")
         self._rounds = [r for r in summary.get("rounds") or [] if isinstance(r, dict)]
         self._final_metrics = dict(summary.get("final_metrics") or {})
@@ -396,8 +398,7 @@ class FederatedRun:
         return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded, largest))
 
     def _write_summary(self) -> None:
-        atomic_write_json(
-            self.summary_path,
+        self.record.write(
             {
                 "run_number": self.run_number,
                 "task_name": self.config.task_name,
@@ -411,9 +412,6 @@ class FederatedRun:
                 # Summed as sequential composition: an upper bound on what each site's data gave away.
                 "privacy_epsilon_total": dict(sorted(self._epsilon_spent.items())),
             },
-        )
-        atomic_write_json(
-            self.state_path,
             {"run_number": self.run_number, "status": self.phase.value, "next_round": self._next_round()},
         )
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -19,13 +18,13 @@ from typing import Any
 
 import grpc
 
+from fedcommon import run_folder
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
 from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
-from fedcommon.metrics import mean_metrics
 from fedcommon.mmar import MMARError, load_mmar
 from fedcommon.model_file import ModelFileError
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
@@ -43,6 +42,7 @@ from fedserver.identity_gate import IdentityGate
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
+from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
 
@@ -76,8 +76,6 @@ ADMIN_WORKERS = 16
 FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
 
-
-_UNREAD = object()  # run_status: the caller has not read the run's summary
 
 
 class FederationServer:
@@ -269,14 +267,18 @@ class FederationServer:
 
     def run_dir(self, run_number: int) -> Path:
         """Where run `run_number` lives on disk."""
-        return self.workspace / f"run_{run_number}"
+        return run_folder.run_dir(self.workspace, run_number)
+
+    def run_record(self, run_number: int) -> RunRecord:
+        """Run `run_number`'s record (its folder, summary and state)."""
+        return RunRecord.of(self.workspace, run_number)
 
     def training_run(self) -> FederatedRun | None:
         """The run that is training now, if any."""
         run = self.run
         return run if run is not None and run.phase is Phase.TRAINING else None
 
-    def run_status(self, run_number: int, summary: Any = _UNREAD) -> str:
+    def run_status(self, run_number: int, summary: Any = UNREAD) -> str:
         """"none", "deployed", "training", "completed" or "aborted".
 
         summary: the run's summary.json when the caller has read it already (None: there is none).
@@ -284,22 +286,7 @@ class FederationServer:
         run = self.run
         if run is not None and run.run_number == run_number:
             return run.phase.value
-        if summary is _UNREAD:
-            summary = self._read_summary(run_number)
-        status = summary.get("status") if summary is not None else None
-        if status in (Phase.COMPLETED.value, Phase.ABORTED.value):
-            return status
-        if status == Phase.TRAINING.value:
-            return Phase.ABORTED.value  # it was training when an earlier server process stopped
-        return "deployed" if (self.run_dir(run_number) / "mmar").is_dir() else "none"
-
-    def _read_summary(self, run_number: int) -> dict[str, Any] | None:
-        """Run `run_number`'s summary.json, or None when there is none (or it cannot be read)."""
-        try:
-            summary = json.loads((self.run_dir(run_number) / "summary.json").read_text())
-        except (OSError, ValueError):
-            return None
-        return summary if isinstance(summary, dict) else None
+        return self.run_record(run_number).status(summary)
 
     def run_report(self) -> dict[str, Any]:
         """The current run for `status`: number, status and rounds."""
@@ -310,9 +297,9 @@ class FederationServer:
             snapshot = live.status()
             status, last = live.phase.value, snapshot.get("last_global_metrics")
         elif number is not None:  # a run that is not live: its summary, read once
-            snapshot, summary = {}, self._read_summary(number)
+            snapshot, summary = {}, self.run_record(number).read()
             status = self.run_status(number, summary)
-            last = _last_recorded_metrics(summary) if summary is not None else None
+            last = last_recorded_metrics(summary) if summary is not None else None
         else:
             snapshot, status, last = {}, "none", None
         return {
@@ -328,19 +315,14 @@ class FederationServer:
         """Per round, the metrics each site measured of the global model it received, and their mean per metric;
         then the same for the final model (what `fedadmin metrics` shows)."""
         number = self._require_run_number(run_number)
-        path = self.run_dir(number) / "summary.json"
         try:
-            summary = json.loads(path.read_text())
-        except FileNotFoundError:
+            summary = self.run_record(number).load()
+        except RecordMissing:
             status = self.run_status(number, None)
             raise ServerError(f"run {number} has no metrics: it has not started ({status})") from None
-        except (OSError, ValueError) as e:
-            raise ServerError(f"run {number}: {path} cannot be read: {e}") from None
-        if not isinstance(summary, dict):
-            raise ServerError(f"run {number}: {path} is not a run summary")
-        rounds, final = _metric_records(summary)
-        return {"run_number": number, "run_status": self.run_status(number, summary), "rounds": rounds,
-                "final": final, "best_global": summary.get("best_global")}
+        except RunRecordError as e:
+            raise ServerError(str(e)) from None
+        return metrics_answer(number, self.run_status(number, summary), summary)
 
     def _require_run_number(self, run_number: int | None) -> int:
         number = self._run_number if run_number is None else run_number
@@ -357,7 +339,7 @@ class FederationServer:
         """Validate an MMAR (folder or zip) and install it as run_N/mmar; refused while run N is training."""
         number = self._require_run_number(run_number)
         source = Path(source)
-        staging = Path(tempfile.mkdtemp(prefix=f".deploy-run_{number}.", dir=self.workspace))
+        staging = Path(tempfile.mkdtemp(prefix=f".deploy-{self.run_dir(number).name}.", dir=self.workspace))
         try:
             mmar_dir = staging / "mmar"
             if source.is_file():
@@ -370,7 +352,7 @@ class FederationServer:
                 if active is not None and active.run_number == number:
                     raise ServerError(f"run {number} is training; abort it before deploying again")
                 self._refuse_finished(number)
-                target = self.run_dir(number) / "mmar"
+                target = run_folder.RunFolder.of(self.workspace, number).mmar
                 target.parent.mkdir(exist_ok=True)
                 if target.exists():
                     target.rename(staging / "replaced")
@@ -396,15 +378,12 @@ class FederationServer:
         number = self._run_number
         if number is None:
             return
-        run_dir = self.run_dir(number)
-        try:
-            status = json.loads((run_dir / "summary.json").read_text()).get("status")
-        except (OSError, ValueError, AttributeError):
+        record = self.run_record(number)
+        if not record.was_training():
             return
-        if status != Phase.TRAINING.value:
-            return
+        run_dir = record.folder.root
         try:
-            run = FederatedRun(number, run_dir, load_mmar(run_dir / "mmar").server, resume=True)
+            run = FederatedRun(number, run_dir, load_mmar(record.folder.mmar).server, resume=True)
         except (OSError, MMARError, ModelFileError, RunStateError) as e:
             raise ServerError(f"run {number} was training when the server stopped and cannot be resumed: {e}; "
                               f"delete-run {number} (or move {run_dir} away) to start afresh") from None
@@ -424,9 +403,9 @@ class FederationServer:
             if self.run_status(number) == "none":
                 raise ServerError(f"run {number} is not deployed")
             self._refuse_finished(number)
-            run_dir = self.run_dir(number)
-            mmar = load_mmar(run_dir / "mmar")
-            models = run_dir / "models"
+            folder = run_folder.RunFolder.of(self.workspace, number)
+            mmar = load_mmar(folder.mmar)
+            models = folder.models
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
             try:
@@ -434,7 +413,7 @@ class FederationServer:
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
-            run = FederatedRun(number, run_dir, mmar.server)
+            run = FederatedRun(number, folder.root, mmar.server)
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()
@@ -482,13 +461,11 @@ class FederationServer:
         """Delete run_N from disk; refused while it is training."""
         with self._admin_lock:
             active = self.training_run()
-            if active is not None and active.run_number == run_number:
-                raise ServerError(f"run {run_number} is active; abort it first")
-            run_dir = self.run_dir(run_number)
-            if not run_dir.exists():
-                raise ServerError(f"run {run_number} does not exist ({run_dir})")
-            trash = self.workspace / f".deleted-run_{run_number}.{secrets.token_hex(4)}"
-            run_dir.rename(trash)  # gone at once for everyone; the slow removal follows
+            try:
+                trash = run_folder.set_aside(self.workspace, run_number,
+                                             active.run_number if active is not None else None)
+            except run_folder.RunFolderError as e:
+                raise ServerError(str(e)) from None
             with self._cross_site_lock:
                 store = self._cross_site.pop(run_number, None)
             if store is not None:
@@ -496,9 +473,9 @@ class FederationServer:
             if self.run is not None and self.run.run_number == run_number:
                 with self._run_cond:
                     self.run = None
-        shutil.rmtree(trash, ignore_errors=True)
+        run_folder.remove(trash)
         log.info("run %d deleted by an operator", run_number)
-        return run_dir
+        return self.run_dir(run_number)
 
     def cross_site(self, run_number: int) -> CrossSiteValidation:
         """Run N's cross-site validation (loaded from disk on first use); CrossSiteError unless N has completed."""
@@ -569,37 +546,3 @@ class FederationServer:
                     self.run.tick(self.registry.names(), dropped)
             except Exception:
                 log.exception("round ticker failed; continuing")
-
-
-
-def _metric_records(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
-    """From a run summary: per round {"round", "sites", "mean"}, and {"sites", "mean"} of the final model."""
-    rounds = []
-    for r in summary.get("rounds") or []:
-        if isinstance(r, dict) and isinstance(r.get("round"), int):
-            sites = _numeric(r.get("metrics"))
-            rounds.append({"round": r["round"], "sites": sites, "mean": mean_metrics(sites)})
-    final = _numeric(summary.get("final_metrics"))
-    return rounds, {"sites": final, "mean": mean_metrics(final)} if final else None
-
-
-def _last_recorded_metrics(summary: dict[str, Any]) -> dict[str, Any] | None:
-    """The mean metrics of a finished run's final model, else of its newest scored round."""
-    rounds, final = _metric_records(summary)
-    if final is not None and final["mean"]:
-        return {"round": "final", "mean": final["mean"]}
-    scored = [r for r in rounds if r["mean"]]
-    return {"round": scored[-1]["round"], "mean": scored[-1]["mean"]} if scored else None
-
-
-def _numeric(reports: Any) -> dict[str, dict[str, float]]:
-    """{site: {metric: number}} from a summary's record, skipping anything else."""
-    if not isinstance(reports, dict):
-        return {}
-    out = {}
-    for site, metrics in reports.items():
-        if isinstance(metrics, dict):
-            kept = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            if kept:
-                out[str(site)] = kept
-    return out

@@ -196,3 +196,39 @@ def test_poc_run_trains_an_mmar_reports_every_round_and_leaves_no_process(tmp_pa
         assert worker["ok"] and any("site-1: run 1 finished" in line for line in worker["lines"])
     finally:
         assert fedadmin("poc", "stop", "--workspace", str(ws)).returncode == 0
+
+
+class _MetricsServer:
+    """A connection whose server answers `metrics` with the rounds closed so far (none: the run has not started)."""
+
+    def __init__(self) -> None:
+        self.rounds: list[dict] | None = None
+        self.asked: list[tuple] = []
+
+    def execute(self, command, targets, args=None):
+        from fedadmin.replies import CommandOutcome, TargetReply
+
+        self.asked.append((command, targets, args))
+        if self.rounds is None:
+            return CommandOutcome(command, True, [TargetReply("server", False, error="run 1 has no metrics")])
+        data = {"run_number": 1, "run_status": "training", "rounds": self.rounds, "final": None}
+        return CommandOutcome(command, True, [TargetReply("server", True, data)])
+
+
+def test_poc_run_prints_each_round_once_as_the_servers_metrics_show_it_closed():
+    from fedadmin.commands.poc.run import _Rounds
+
+    server, lines, rounds = _MetricsServer(), [], _Rounds()
+    rounds.show_new(server, lines.append)
+    assert lines == [] and rounds.record == {}
+    server.rounds = [{"round": 0, "contributors": ["site-1", "site-2"], "duration_s": 2.0,
+                      "sites": {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.75}},
+                      "rejected": [{"site": "site-3", "reason": "stale"}]}]
+    rounds.show_new(server, lines.append)
+    rounds.show_new(server, lines.append)
+    assert lines == ["round 0: contributors site-1, site-2 (2.0s); global model as each site measured it:",
+                     "    site-1: accuracy=0.5000", "    site-2: accuracy=0.7500", "    refused site-3: stale"]
+    assert server.asked[-1] == ("metrics", ["server"], {"run_number": 1})
+    server.rounds = [*server.rounds, {"round": 1, "contributors": ["site-1"], "duration_s": 1.0, "sites": {}}]
+    rounds.show_new(server, lines.append)
+    assert lines[4:] == ["round 1: contributors site-1 (1.0s); global model as each site measured it:"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import shutil
 import signal
 import socket
@@ -19,6 +18,7 @@ import click
 from fedadmin.commands import ConsoleOptions, emit
 from fedadmin.commands.poc.start import READY_TIMEOUT
 from fedadmin.replies import CommandOutcome
+from fedcommon.run_folder import RunFolder
 
 MARKER = ".fedlearn-poc"
 # Workspaces that scripts/demo.py made before `make demo` became `poc run`: also safe to replace.
@@ -33,12 +33,13 @@ class StepFailed(Exception):
 
 @dataclass(frozen=True)
 class PocRunResult:
-    """The run's outcome and summary.json (per round: sites and their metrics; final metrics)."""
+    """The run's outcome and its record as the server's `metrics` answers it (per round: sites and their metrics;
+    final metrics)."""
 
     workspace: Path
     ok: bool
     message: str
-    summary: dict[str, Any]
+    record: dict[str, Any]
     summary_path: Path
     stopped: list[dict[str, Any]] = field(default_factory=list)
     kept: bool = False  # --keep: the federation is still running
@@ -49,9 +50,9 @@ class PocRunResult:
             "workspace": str(self.workspace),
             "result": self.message,
             "run_number": RUN_NUMBER,
-            "status": self.summary.get("status"),
-            "rounds": self.summary.get("rounds", []),
-            "final_metrics": self.summary.get("final_metrics", {}),
+            "status": self.record.get("run_status"),
+            "rounds": self.record.get("rounds", []),
+            "final_metrics": (self.record.get("final") or {}).get("sites", {}),
             "summary": str(self.summary_path),
             "processes": self.stopped,
             "running": self.kept,
@@ -63,7 +64,7 @@ class PocRunResult:
 
         from fedadmin import render
 
-        parts: list[Any] = [render.summary_view(self.summary)] if self.summary.get("rounds") else []
+        parts: list[Any] = [render.summary_view(self.record)] if self.record.get("rounds") else []
         parts.append(Text(self.message, style="bold green" if self.ok else "bold red"))
         parts.append(Text(f"summary: {self.summary_path}; logs: {self.workspace}/*/log.txt"))
         ws = self.workspace
@@ -134,23 +135,23 @@ def _uninterrupted() -> Iterator[None]:
 
 
 class _Rounds:
-    """Prints each round of summary.json once, as it closes (the demo's per-round metrics)."""
+    """Prints each round once, as it closes (the demo's per-round metrics), from the server's `metrics` answer."""
 
-    def __init__(self, path: Path) -> None:
-        self.path = path
+    def __init__(self) -> None:
+        self.record: dict[str, Any] = {}  # the latest answer; kept when one fails (the run has not started)
         self.shown = 0
 
-    def read(self) -> dict[str, Any]:
-        try:
-            content = json.loads(self.path.read_text())
-        except (FileNotFoundError, json.JSONDecodeError):
-            return {}
-        return content if isinstance(content, dict) else {}
+    def fetch(self, conn: Any) -> dict[str, Any]:
+        outcome = conn.execute("metrics", ["server"], {"run_number": RUN_NUMBER})
+        server = outcome.server
+        if not outcome.error and server is not None and server.ok:
+            self.record = dict(server.data)
+        return self.record
 
-    def show_new(self, _outcome: CommandOutcome, say: Any) -> None:
+    def show_new(self, conn: Any, say: Any) -> None:
         from fedadmin import render
 
-        rounds = self.read().get("rounds") or []
+        rounds = self.fetch(conn).get("rounds") or []
         for record in rounds[self.shown :]:
             for line in render.round_lines(record):
                 say(line)
@@ -200,7 +201,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
 
     prepare_poc(workspace, clients, "127.0.0.1", _free_port(), _free_port(), "poc", False)
     say(f"poc: kits for server, site-1..site-{clients} and admin in {workspace}")
-    rounds = _Rounds(workspace / "server" / f"run_{RUN_NUMBER}" / "summary.json")
+    rounds = _Rounds()
     mode = display_mode(options.json)
     finished = False
     try:
@@ -218,7 +219,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                 return conn.execute("status", ["all"])
 
             outcome, _ = follow(
-                poll, lambda o: run_end(o) is not None, mode=mode, on_poll=rounds.show_new,
+                poll, lambda o: run_end(o) is not None, mode=mode, on_poll=lambda _o, note: rounds.show_new(conn, note),
                 hint="Ctrl-C stops the run and the federation",
             )
             end = run_end(outcome)
@@ -226,8 +227,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
             if end.ok:
                 # Sites send their metrics on the final model as their workers end.
                 follow(poll, sites_idle, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT)
-        rounds.show_new(outcome, say)
-        summary = rounds.read()
+            rounds.show_new(conn, say)
         finished = True
     finally:
         if not (keep and finished):  # a failure or Ctrl-C stops it even with --keep
@@ -237,5 +237,6 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                 ]
             say(f"poc: stopped {len(stopped)} processes")
     kept = keep and finished
-    emit(options, PocRunResult(workspace, end.ok, end.message, summary, rounds.path, [] if kept else stopped,
-                               kept))
+    summary_path = RunFolder.of(workspace / "server", RUN_NUMBER).summary
+    emit(options, PocRunResult(workspace, end.ok, end.message, rounds.record, summary_path,
+                               [] if kept else stopped, kept))
