@@ -20,7 +20,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from fedclient.executor_channel import AUTHKEY_ENV, listen_command, read_event, send_event
+from fedclient.executor_channel import AUTHKEY_ENV, listen_command, send_event, serve_events
 from fedclient.process_group import descendant_groups, signal_group, wait_group_empty
 from fedclient.worker import SiteTraining, WorkerSetupError, update_client_properties
 from fedcommon.commands import ClientStatus, get_status_message
@@ -269,15 +269,7 @@ class ProcessExecutor(ClientExecutor):
         launch.listener.close()
 
     def _read_events(self, conn: Connection) -> None:
-        while True:
-            try:
-                event = read_event(conn)
-            except (EOFError, OSError):
-                return
-            except ValueError as e:
-                log.warning("ignoring a malformed event from the worker: %s", e)
-                continue
-            self._handle(event)
+        serve_events(conn, self._handle, "worker")
 
     def _track_groups(self, launch: _Launch) -> None:
         # Snapshots while torchrun lives: once it is gone, its ranks can no longer be found through it.

@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
 from multiprocessing.connection import Client, Connection
 from typing import Any
 
@@ -36,6 +37,25 @@ def read_event(conn: Connection) -> dict[str, Any]:
     return event
 
 
+def serve_events(conn: Connection, handle: Callable[[dict[str, Any]], None], peer: str,
+                 keep_going: Callable[[], bool] | None = None) -> None:
+    """Pass each event from `conn` to `handle` until the peer is gone, or until keep_going(), asked between polls,
+    says no; a malformed event is logged and skipped."""
+    while True:
+        try:
+            if keep_going is not None and not conn.poll(PARENT_POLL_S):
+                if not keep_going():
+                    return
+                continue
+            event = read_event(conn)
+        except (EOFError, OSError):
+            return
+        except ValueError as e:
+            log.warning("ignoring a malformed message from the %s: %s", peer, e)
+            continue
+        handle(event)
+
+
 def connect_parent(address: str) -> Connection:
     """The worker's connection to the agent at "host:port", authenticated with the key in FEDLEARN_PARENT_AUTHKEY.
 
@@ -52,23 +72,16 @@ def connect_parent(address: str) -> Connection:
 
 def listen_command(client, conn: Connection, parent_pid: int | None = None) -> str:
     """Worker side: abort `client` when the parent says so; return "parent gone" (after aborting) once it is."""
-    while True:
-        try:
-            if not conn.poll(PARENT_POLL_S):
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    break
-                continue
-            event = read_event(conn)
-        except (EOFError, OSError):
-            break
-        except ValueError as e:
-            log.warning("ignoring a malformed message from the agent: %s", e)
-            continue
+
+    def obey(event: dict[str, Any]) -> None:
         if event["kind"] == "abort":
             log.info("abort requested by the agent")
             client.abort()
         else:
             log.warning("ignoring an unknown message kind %r from the agent", event["kind"])
+
+    # The parent may be torchrun rather than the agent: its end does not close the connection, so it is watched.
+    serve_events(conn, obey, "agent", lambda: parent_pid is None or os.getppid() == parent_pid)
     client.abort()
     return "parent gone"
 
