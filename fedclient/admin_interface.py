@@ -88,7 +88,7 @@ class ClientAdminInterface:
         from fedcommon.mmar import MMARError, load_mmar
         from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
 
-        checked = _checked(commands.COMMANDS["deploy"].check_site_args, data)
+        checked = _checked(commands.BY_TOPIC[Topic.DEPLOY].check_site_args, data)
         number, blob_id, sha256, size = (checked[k] for k in ("run_number", "blob_id", "sha256", "size"))
         self._refuse_deploy_while_training(number)
         self._refuse_finished(number)
