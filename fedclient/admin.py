@@ -20,19 +20,20 @@ import grpc
 
 from fedclient.communicator import server_target
 from fedclient.local_policy import LocalPolicy
-from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode, error_reply
+from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode, body_text, error_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.audit import JsonLinesLog
+from fedcommon.commands import LONG_POLL_S, Topic
+from fedcommon.kit import tls_channel_credentials
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
 
-# A held Retrieve costs the server nothing, a returned one about a millisecond of CPU: at 60 s, a thousand idle
-# sites cost it ~2.5% of a core (20 s: ~6%; benchmarks/scale_bench.py). The server's keepalive pings find a
-# dead site's connection in under a minute either way.
-LONG_POLL_S = 60.0
-RETRIEVE_DEADLINE_S = 75.0
+# The Retrieve's hold is fedcommon.commands.LONG_POLL_S (60 s): a held Retrieve costs the server nothing, a
+# returned one about a millisecond of CPU, so a thousand idle sites cost it ~2.5% of a core (20 s: ~6%;
+# benchmarks/scale_bench.py). The server's keepalive pings find a dead site's connection in under a minute either way.
+RETRIEVE_DEADLINE_S = LONG_POLL_S + 15
 SEND_DEADLINE_S = 30.0
 SEND_ATTEMPTS = 3
 FETCH_DEADLINE_S = 1800.0
@@ -44,7 +45,7 @@ PIGGYBACK_WAIT_S = 0.1
 MAX_RETRY_PAUSE_S = 2.0
 MAX_MESSAGE_BYTES = 16 << 20
 # Polled every second while an operator follows a run: logged only at debug level when they succeed.
-QUIET_TOPICS = ("check_status", "sys_info")
+QUIET_TOPICS = (Topic.CHECK_STATUS, Topic.SYS_INFO)
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
@@ -228,7 +229,7 @@ class FedAdminAgent:
         if reply.get_header(MsgHeader.RETURN_CODE) not in (ReturnCode.OK, ReturnCode.ERROR):
             reply.set_header(MsgHeader.RETURN_CODE, ReturnCode.OK)
         ok = reply.get_header(MsgHeader.RETURN_CODE) == ReturnCode.OK
-        error = "" if ok else _text(reply.body)
+        error = "" if ok else body_text(reply.body)
         self._audit(req, ok, error)
         with self._batch_lock:
             if req.id in self._batch:  # the retrieve loop is waiting for it: it goes with the next long-poll
@@ -272,9 +273,9 @@ class FedAdminAgent:
                                  "topic": req.topic, "id": req.id, "ok": ok}
         if req.get_header("run_number") is not None:
             entry["run_number"] = req.get_header("run_number")
-        if req.topic == "shell":
+        if req.topic == Topic.SHELL:
             with contextlib.suppress(ValueError, AttributeError):
-                entry["argv"] = json.loads(_text(req.body)).get("argv")
+                entry["argv"] = json.loads(body_text(req.body)).get("argv")
         if error:
             entry["error"] = error[:500]
         self._audit_writer.append(entry)
@@ -293,14 +294,8 @@ class AdminMessageSender(Sender):
         if not secure:
             raise ValueError("AdminMessageSender: the server accepts only mutual TLS; pass secure=True "
                              "with root_cert, ssl_cert and private_key")
-        files = {}
-        for key, path in (("root_cert", root_cert), ("ssl_cert", ssl_cert), ("private_key", private_key)):
-            if not path:
-                raise ValueError(f"AdminMessageSender: {key} is required for mutual TLS")
-            try:
-                files[key] = Path(path).read_bytes()
-            except OSError as e:
-                raise ValueError(f"AdminMessageSender: cannot read {key} {path}: {e.strerror}") from None
+        credentials = tls_channel_credentials({"root_cert": root_cert, "ssl_cert": ssl_cert,
+                                               "private_key": private_key}, "AdminMessageSender (mutual TLS)")
         if server_args is None:
             raise ValueError("AdminMessageSender: server_args must name the server: {'target': 'host:fl_port'}")
         entry = server_args[0] if isinstance(server_args, (list, tuple)) else server_args
@@ -309,7 +304,6 @@ class AdminMessageSender(Sender):
         self.task_name = entry.get("name", "admin") if isinstance(entry, dict) else "admin"
         self.is_multi_gpu = is_multi_gpu
         self.rank = rank
-        credentials = grpc.ssl_channel_credentials(files["root_cert"], files["private_key"], files["ssl_cert"])
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._channel = grpc.secure_channel(self.target, credentials, options=options)
@@ -459,13 +453,7 @@ class AdminMessageSender(Sender):
         return dest_path
 
 
-
-
 def _sender(req: Message) -> AdminIdentity:
     """Who sent a request, as the server stated it (empty when it did not)."""
     return AdminIdentity(req.get_header(MsgHeader.ADMIN) or "", req.get_header(MsgHeader.ADMIN_ROLE) or "",
                         req.get_header(MsgHeader.ADMIN_ORG) or "")
-
-
-def _text(body: str | bytes) -> str:
-    return body.decode("utf-8", errors="replace") if isinstance(body, bytes) else body

@@ -7,8 +7,9 @@ from collections.abc import Callable
 from typing import Any
 
 from fedclient.admin import RequestProcessor
-from fedclient.admin_interface import RequestRefused
+from fedclient.admin_interface import RequestRefused, request_args
 from fedcommon.admin_defs import Message, error_reply, ok_reply
+from fedcommon.commands import Topic
 
 
 def _answer(req: Message, action: Callable[[], dict[str, Any]]) -> Message:
@@ -20,15 +21,11 @@ def _answer(req: Message, action: Callable[[], dict[str, Any]]) -> Message:
     return ok_reply(json.dumps(data), req)
 
 
-def _body_text(req: Message) -> str:
-    return req.body.decode("utf-8", errors="replace") if isinstance(req.body, bytes) else req.body
-
-
 class ClientStatusProcessor(RequestProcessor):
     """check_status: the training status, run number and latest progress."""
 
     def get_topics(self) -> list[str]:
-        return ["check_status"]
+        return [Topic.CHECK_STATUS]
 
     def process(self, req: Message, app_ctx) -> Message:
         return _answer(req, app_ctx.client_status)
@@ -38,38 +35,41 @@ class DeployProcessor(RequestProcessor):
     """deploy: fetch the uploaded MMAR zip named in the headers and extract it safely into run_N/mmar."""
 
     def get_topics(self) -> list[str]:
-        return ["deploy"]
+        return [Topic.DEPLOY]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return _answer(req, lambda: app_ctx.deploy_mmar(req.headers))
+        return _answer(req, lambda: app_ctx.deploy_mmar(request_args(req, Topic.DEPLOY)))
 
 
 class StartClientProcessor(RequestProcessor):
     """start: train the run in the run_number header in a worker process."""
 
     def get_topics(self) -> list[str]:
-        return ["start"]
+        return [Topic.START]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return _answer(req, lambda: app_ctx.start_client(req.get_header("run_number")))
+        return _answer(req, lambda: app_ctx.start_client(request_args(req, Topic.START)["run_number"]))
 
 
 class StartClientMGpuProcessor(RequestProcessor):
     """start_mgpu: train the run with one rank per GPU (headers run_number, gpu_number)."""
 
     def get_topics(self) -> list[str]:
-        return ["start_mgpu"]
+        return [Topic.START_MGPU]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return _answer(req, lambda: app_ctx.start_mgpu_client(req.get_header("run_number"),
-                                                              req.get_header("gpu_number")))
+        def start() -> dict[str, Any]:
+            args = request_args(req, Topic.START_MGPU)
+            return app_ctx.start_mgpu_client(args["run_number"], args["gpu_number"])
+
+        return _answer(req, start)
 
 
 class AbortClientProcessor(RequestProcessor):
     """abort: stop the training; no process of it is left."""
 
     def get_topics(self) -> list[str]:
-        return ["abort"]
+        return [Topic.ABORT]
 
     def process(self, req: Message, app_ctx) -> Message:
         return _answer(req, app_ctx.abort_client)
@@ -79,38 +79,37 @@ class DeleteRunNumberProcessor(RequestProcessor):
     """delete_run_number: delete run_N (refused while it trains)."""
 
     def get_topics(self) -> list[str]:
-        return ["delete_run_number"]
+        return [Topic.DELETE_RUN]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return _answer(req, lambda: app_ctx.delete_run_number(req.get_header("run_number")))
+        return _answer(req, lambda: app_ctx.delete_run_number(request_args(req, Topic.DELETE_RUN)["run_number"]))
 
 
 class ShellCommandProcessor(RequestProcessor):
     """shell: one read-only command (ls, cat, head, tail, grep, pwd) inside the site's workspace."""
 
     def get_topics(self) -> list[str]:
-        return ["shell"]
+        return [Topic.SHELL]
 
     def process(self, req: Message, app_ctx) -> Message:
         from fedcommon.safe_shell import ShellRefused, run_shell
 
-        try:
-            argv = json.loads(_body_text(req) or "{}").get("argv")
-        except (ValueError, AttributeError):
-            return error_reply('shell: the request body must be JSON {"argv": [...]}', req)
-        try:
-            result = run_shell(argv, app_ctx.workspace)
-        except ShellRefused as e:
-            return error_reply(str(e), req)
-        return ok_reply(json.dumps({"stdout": result.stdout, "truncated": result.truncated,
-                                    "exit_code": result.exit_code}), req)
+        def shell() -> dict[str, Any]:
+            argv = request_args(req, Topic.SHELL)["argv"]
+            try:
+                result = run_shell(argv, app_ctx.workspace)
+            except ShellRefused as e:
+                raise RequestRefused(str(e)) from None
+            return {"stdout": result.stdout, "truncated": result.truncated, "exit_code": result.exit_code}
+
+        return _answer(req, shell)
 
 
 class SysInfoProcessor(RequestProcessor):
     """sys_info: host, Python, torch, CPU, memory, disk, GPUs and the training status."""
 
     def get_topics(self) -> list[str]:
-        return ["sys_info"]
+        return [Topic.SYS_INFO]
 
     def process(self, req: Message, app_ctx) -> Message:
         from fedcommon.sysinfo import collect_sysinfo
@@ -122,7 +121,7 @@ class RestartClientProcessor(RequestProcessor):
     """restart: the agent aborts training and starts itself again after replying."""
 
     def get_topics(self) -> list[str]:
-        return ["restart"]
+        return [Topic.RESTART]
 
     def process(self, req: Message, app_ctx) -> Message:
         return _answer(req, app_ctx.restart_client)
@@ -132,7 +131,7 @@ class ShutdownClientProcessor(RequestProcessor):
     """shutdown: the agent aborts training and exits after replying."""
 
     def get_topics(self) -> list[str]:
-        return ["shutdown"]
+        return [Topic.SHUTDOWN]
 
     def process(self, req: Message, app_ctx) -> Message:
         return _answer(req, app_ctx.shutdown_client)
@@ -142,7 +141,7 @@ class ValidateRequestProcessor(RequestProcessor):
     """validate: cross-site validation of a run already trained (`fedadmin validate --run`)."""
 
     def get_topics(self) -> list[str]:
-        return ["validate"]
+        return [Topic.VALIDATE]
 
     def process(self, req: Message, app_ctx) -> Message:
         return _answer(req, lambda: app_ctx.do_validate(req))
@@ -155,29 +154,23 @@ class LogsProcessor(RequestProcessor):
     """
 
     def get_topics(self) -> list[str]:
-        return ["logs"]
+        return [Topic.LOGS]
 
     def process(self, req: Message, app_ctx) -> Message:
-        from fedcommon.logs import PROCESS_LOG, WORKER_LOG, LogQuery, LogRequestError, read_log
+        from fedcommon.logs import PROCESS_LOG, WORKER_LOG, LogQuery, read_log
 
-        try:
-            args = json.loads(_body_text(req) or "{}")
-            if not isinstance(args, dict):
-                raise LogRequestError("the logs request body must be a JSON object")
-            query = LogQuery.from_args(args)
+        def logs() -> dict[str, Any]:
+            args = request_args(req, Topic.LOGS)
             number = args.get("run_number")
             if number is None:
                 name = PROCESS_LOG
-            elif isinstance(number, bool) or not isinstance(number, int) or number < 1:
-                raise LogRequestError(f"run_number must be a whole number >= 1, got {number!r}")
             else:
                 name = f"run_{number}/logs/{WORKER_LOG}"
                 if not (app_ctx.workspace / f"run_{number}").is_dir():
-                    raise LogRequestError(f"this site has no run {number}")
-        except ValueError as e:  # LogRequestError, or a body that is not JSON
-            return error_reply(str(e), req)
-        data = read_log(app_ctx.workspace / name, query)
-        return ok_reply(json.dumps({"file": name, **data}), req)
+                    raise RequestRefused(f"this site has no run {number}")
+            return {"file": name, **read_log(app_ctx.workspace / name, LogQuery.from_args(args))}
+
+        return _answer(req, logs)
 
 
 def seed_processors() -> list[RequestProcessor]:

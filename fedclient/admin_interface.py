@@ -6,19 +6,18 @@ import contextlib
 import json
 import logging
 import os
-import sys
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
-from fedclient.client_status import ClientStatus, get_status_message
-from fedcommon import run_folder
+from fedcommon import commands, run_folder
 from fedcommon.admin_defs import Message
+from fedcommon.commands import ClientStatus, Topic, get_status_message
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +42,6 @@ class ClientAdminInterface:
         self.workers = workers
         self.workspace = Path(args.workspace).resolve()
         self.debug = bool(getattr(args, "debug", False))
-        self.admin_agent = None
         self.client_executor = ProcessExecutor(on_event=self._on_training_event)
         self.exit_requested = threading.Event()
         self.restart_requested = False
@@ -52,8 +50,7 @@ class ClientAdminInterface:
         self._run_ended: int | None = None
 
     def set_agent(self, admin_agent) -> None:
-        """The FedAdminAgent that serves this interface."""
-        self.admin_agent = admin_agent
+        """The seed's hook for the FedAdminAgent that serves this interface; the interface needs nothing of it."""
 
     def run_dir(self, run_number: int) -> Path:
         """Where run N lives on this site."""
@@ -87,10 +84,8 @@ class ClientAdminInterface:
         from fedcommon.mmar import MMARError, load_mmar
         from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
 
-        number = _run_number(data.get("run_number"))
-        blob_id, sha256, size = data.get("blob_id"), data.get("sha256"), data.get("size")
-        if not blob_id or not sha256 or not str(size or "").isdigit():
-            raise RequestRefused("deploy request is missing blob_id, sha256 or size")
+        checked = _checked(commands.BY_TOPIC[Topic.DEPLOY].check_site_args, data)
+        number, blob_id, sha256, size = (checked[k] for k in ("run_number", "blob_id", "sha256", "size"))
         self._refuse_deploy_while_training(number)
         self._refuse_finished(number)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -101,7 +96,7 @@ class ClientAdminInterface:
             from fedclient.admin import BlobFetchError
 
             try:
-                self.sender.fetch_blob(blob_id, archive, sha256, int(size))
+                self.sender.fetch_blob(blob_id, archive, sha256, size)
             except BlobFetchError as e:
                 raise RequestRefused(f"deploy refused: {e}") from None
             target = run_folder.RunFolder(self.run_dir(number)).mmar
@@ -171,7 +166,7 @@ class ClientAdminInterface:
         A site without GPUs runs that many CPU ranks (gloo), at most one per CPU: for trying DDP anywhere.
         """
         number = _run_number(run_number)
-        gpus = _whole_number(gpu_number, "gpu_number", "start-mgpu needs a gpu_number")
+        gpus = _checked(commands.count, gpu_number, "gpu_number")
         have, where = available_gpus()
         if have and gpus > have:
             raise RequestRefused(f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); "
@@ -203,19 +198,10 @@ class ClientAdminInterface:
 
     def do_validate(self, req: Message) -> dict[str, Any]:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
-        number = _run_number(req.get_header("run_number"))
+        number = request_args(req, Topic.VALIDATE)["run_number"]
         data = self._start(number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar),
                            validate=True)
         return {**data, "validating": True}
-
-    def remove_custom_path(self) -> None:
-        """Forget site code imported from deployed MMARs (custom/ folders) in this process."""
-        custom_roots = [str(p) for p in self.workspace.glob("run_*/mmar/custom")]
-        sys.path[:] = [p for p in sys.path if not any(p.startswith(root) for root in custom_roots)]
-        for name, module in list(sys.modules.items()):
-            file = getattr(module, "__file__", None) or ""
-            if any(file.startswith(root + os.sep) for root in custom_roots):
-                del sys.modules[name]
 
     # ---- the agent's own life -------------------------------------------------------------------
 
@@ -345,21 +331,29 @@ class ResultForwarder:
             self.sender.send_result(Message(topic, json.dumps(data)))
 
 
-def _run_number(value, missing: str = NO_RUN_NUMBER) -> int:
-    return _whole_number(value, "run_number", missing)
+# Topics whose run number is the server's current one (set-run): a request without it says so.
+_CURRENT_RUN_TOPICS = (Topic.DEPLOY, Topic.START, Topic.START_MGPU, Topic.VALIDATE)
 
 
-def _whole_number(value, name: str, missing: str) -> int:
-    """A header's value as a whole number >= 1; RequestRefused naming `name` otherwise."""
-    if value is None or value == "":
-        raise RequestRefused(missing)
+def request_args(req: Message, topic: str) -> dict[str, Any]:
+    """A request's arguments, decoded and checked by its command's declaration; RequestRefused names what is wrong."""
+    if topic in _CURRENT_RUN_TOPICS and not req.get_header("run_number"):
+        raise RequestRefused(NO_RUN_NUMBER)
+    return _checked(commands.BY_TOPIC[topic].decode_request, req.headers, req.body)
+
+
+def _checked(check: Callable[..., Any], *args: Any) -> Any:
+    """check(*args), with its ArgumentError refused in the same words."""
     try:
-        number = int(value)
-    except (TypeError, ValueError):
-        raise RequestRefused(f"{name} must be a whole number >= 1, got {value!r}") from None
-    if number < 1:
-        raise RequestRefused(f"{name} must be a whole number >= 1, got {value!r}")
-    return number
+        return check(*args)
+    except commands.ArgumentError as e:
+        raise RequestRefused(str(e)) from None
+
+
+def _run_number(value: Any, missing: str = NO_RUN_NUMBER) -> int:
+    if value is None:
+        raise RequestRefused(missing)
+    return _checked(commands.run_number, value)
 
 
 def available_gpus(environ: Mapping[str, str] | None = None) -> tuple[int, str]:

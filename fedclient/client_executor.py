@@ -1,8 +1,10 @@
-"""How a site runs its training: a worker process in its own process group (or a thread), watched and aborted."""
+"""How a site runs its training: a worker process in its own process group (or a thread), watched and aborted.
+
+The worker's side of the channel is fedclient.executor_channel; the process-group helpers, fedclient.process_group.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import secrets
@@ -10,7 +12,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -19,21 +20,24 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from fedclient.client_status import ClientStatus, get_status_message
+from fedclient.executor_channel import AUTHKEY_ENV, listen_command, send_event, serve_events
+from fedclient.process_group import descendant_groups, signal_group, wait_group_empty
+from fedclient.worker import SiteTraining, WorkerSetupError, update_client_properties
 from fedcommon import run_folder
+from fedcommon.commands import ClientStatus, get_status_message
 from fedcommon.logs import WORKER_LOG, RotatingWriter, pump_lines
 
 log = logging.getLogger(__name__)
 
-AUTHKEY_ENV = "FEDLEARN_PARENT_AUTHKEY"
+# The seed's names: listen_command (the worker's side) and update_client_properties (what the worker does to its
+# client) live beside the worker; they are importable from here as in fed_learn.client.client_executor.
+__all__ = ["ClientExecutor", "ProcessExecutor", "ThreadExecutor", "TrainArgs", "TrainingError", "listen_command",
+           "update_client_properties"]
+
 ABORT_GRACE_S = 3.0
 ABORT_MESSAGE_WAIT_S = 1.0
 GROUP_EXIT_WAIT_S = 5.0
 GROUP_SCAN_S = 0.5
-PARENT_POLL_S = 0.5
-MAX_EVENT_BYTES = 1 << 20
 WORKER_MODULE = "fedclient.worker"
 PROGRESS_KINDS = ("progress", "round", "epoch", "end")
 PROGRESS_KEYS = ("round", "epoch", "loss", "metrics")
@@ -54,81 +58,6 @@ class TrainArgs:
     run_number: int
     debug: bool = False
     validate: bool = False  # cross-site validation of the run, already trained, instead of training
-
-
-# ---- the parent protocol: JSON objects over multiprocessing.connection bytes, never pickle ----------------
-
-
-def send_event(conn: Connection, kind: str, **fields: Any) -> None:
-    """Send one event {"kind": kind, ...} as JSON bytes."""
-    conn.send_bytes(json.dumps({"kind": kind, **fields}).encode("utf-8"))
-
-
-def read_event(conn: Connection) -> dict[str, Any]:
-    """Receive one JSON event; EOFError/OSError when the peer is gone; ValueError for a malformed one."""
-    event = json.loads(conn.recv_bytes(MAX_EVENT_BYTES).decode("utf-8"))
-    if not isinstance(event, dict) or not isinstance(event.get("kind"), str):
-        raise ValueError(f"not an event object: {str(event)[:200]}")
-    return event
-
-
-def connect_parent(address: str) -> Connection:
-    """The worker's connection to the agent at "host:port", authenticated with the key in FEDLEARN_PARENT_AUTHKEY.
-
-    The key is removed from the environment so that the MMAR's code and its children never see it.
-    """
-    key_hex = os.environ.pop(AUTHKEY_ENV, None)
-    if not key_hex:
-        raise ValueError(f"--parent needs the authentication key in the environment variable {AUTHKEY_ENV}")
-    host, _, port = address.rpartition(":")
-    if not host or not port.isdigit():
-        raise ValueError(f"--parent must be HOST:PORT, got {address!r}")
-    return Client((host, int(port)), authkey=bytes.fromhex(key_hex))
-
-
-def listen_command(client, conn: Connection, parent_pid: int | None = None) -> str:
-    """Worker side: abort `client` when the parent says so; return "parent gone" (after aborting) once it is."""
-    while True:
-        try:
-            if not conn.poll(PARENT_POLL_S):
-                if parent_pid is not None and os.getppid() != parent_pid:
-                    break
-                continue
-            event = read_event(conn)
-        except (EOFError, OSError):
-            break
-        except ValueError as e:
-            log.warning("ignoring a malformed message from the agent: %s", e)
-            continue
-        if event["kind"] == "abort":
-            log.info("abort requested by the agent")
-            client.abort()
-        else:
-            log.warning("ignoring an unknown message kind %r from the agent", event["kind"])
-    client.abort()
-    return "parent gone"
-
-
-def start_command_listener(client, conn: Connection, parent_pid: int | None = None,
-                           grace: float = 2.0) -> threading.Thread:
-    """Run listen_command in a thread; when the parent dies, give `client` `grace` seconds, then kill this group."""
-
-    def run() -> None:
-        listen_command(client, conn, parent_pid)
-        log.error("the agent that started this worker is gone; stopping the training")
-        time.sleep(grace)
-        logging.shutdown()
-        if os.getpgrp() == os.getpid():
-            # The worker leads its own process group: this takes every process the training started with it.
-            os.killpg(os.getpgrp(), signal.SIGKILL)
-        os._exit(1)  # not a group leader (started by hand): never signal someone else's group
-
-    thread = threading.Thread(target=run, name="parent-listener", daemon=True)
-    thread.start()
-    return thread
-
-
-# ---- executors ---------------------------------------------------------------------------------------------
 
 
 class ClientExecutor:
@@ -341,15 +270,7 @@ class ProcessExecutor(ClientExecutor):
         launch.listener.close()
 
     def _read_events(self, conn: Connection) -> None:
-        while True:
-            try:
-                event = read_event(conn)
-            except (EOFError, OSError):
-                return
-            except ValueError as e:
-                log.warning("ignoring a malformed event from the worker: %s", e)
-                continue
-            self._handle(event)
+        serve_events(conn, self._handle, "worker")
 
     def _track_groups(self, launch: _Launch) -> None:
         # Snapshots while torchrun lives: once it is gone, its ranks can no longer be found through it.
@@ -360,7 +281,7 @@ class ProcessExecutor(ClientExecutor):
         if not launch.exited.is_set() and launch.ranks > 1:
             launch.groups |= descendant_groups(launch.proc.pid)
         for pgid in sorted(launch.groups):
-            _signal_group(pgid, sig)
+            signal_group(pgid, sig)
 
     def _watch(self, launch: _Launch, acceptor: threading.Thread) -> None:
         pid = launch.proc.pid
@@ -445,8 +366,6 @@ class ThreadExecutor(ClientExecutor):
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
         """Build the site's FederatedClient and trainer for run args.run_number and train on the executor."""
-        from fedclient.worker import SiteTraining, WorkerSetupError
-
         with self._lock:
             if self.is_training():
                 raise TrainingError(f"run {self.run_number} is already training")
@@ -492,61 +411,6 @@ class ThreadExecutor(ClientExecutor):
         except FutureTimeout:
             return False
         return True
-
-
-def update_client_properties(client, trainer, cross_site_val_conf=None) -> None:
-    """Attach the trainer (the "fitter") and the cross-site validation settings to a FederatedClient."""
-    client.model_manager.set_fitter(trainer)
-    if cross_site_val_conf is not None:
-        client.cross_site_val_conf = cross_site_val_conf
-        client.cross_site_validate = True
-
-
-# ---- process groups ----------------------------------------------------------------------------------------
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def descendant_groups(pid: int) -> set[int]:
-    """Process groups of pid's descendants (empty once pid is gone)."""
-    groups = set()
-    try:
-        children = psutil.Process(pid).children(recursive=True)
-    except psutil.Error:
-        return groups
-    for child in children:
-        try:
-            groups.add(os.getpgid(child.pid))
-        except OSError:
-            continue
-    return groups
-
-
-def group_members(pgid: int) -> list[int]:
-    """Live (not zombie) processes in process group pgid."""
-    members = []
-    for proc in psutil.process_iter(["status"]):
-        try:
-            if proc.info["status"] != psutil.STATUS_ZOMBIE and os.getpgid(proc.pid) == pgid:
-                members.append(proc.pid)
-        except (OSError, psutil.Error):
-            continue
-    return members
-
-
-def wait_group_empty(pgid: int, timeout: float) -> list[int]:
-    """Wait until process group pgid has no live member; returns those left at the timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        left = group_members(pgid)
-        if not left or time.monotonic() >= deadline:
-            return left
-        time.sleep(0.05)
 
 
 def _knock(address: tuple[str, int], authkey: bytes) -> None:

@@ -7,7 +7,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
@@ -15,6 +14,7 @@ import numpy as np
 
 from fedclient.data_assembler import DataAssembler
 from fedcommon.chunk_wire import TrainingStub
+from fedcommon.kit import tls_channel_credentials
 from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
 from fedcommon.wire import training_pb2 as pb
@@ -94,21 +94,9 @@ class Communicator:
         self.client_state_processors = list(client_state_processors or [])
         self.compression = compression
         self.chunk_bytes = chunk_bytes
-        self._credentials = self._load_credentials(ssl_args)
+        files = {key: ssl_args.get(key) for key in ("ssl_root_cert", "ssl_cert", "ssl_private_key")}
+        self._credentials = tls_channel_credentials(files, "ssl_args")
         self._channels: dict[str, grpc.Channel] = {}
-
-    @staticmethod
-    def _load_credentials(ssl_args: dict[str, str]) -> grpc.ChannelCredentials:
-        files = {}
-        for key in ("ssl_root_cert", "ssl_cert", "ssl_private_key"):
-            path = ssl_args.get(key)
-            if not path:
-                raise ValueError(f"ssl_args is missing {key!r}")
-            try:
-                files[key] = Path(path).read_bytes()
-            except OSError as e:
-                raise ValueError(f"cannot read {key} {path}: {e.strerror}") from e
-        return grpc.ssl_channel_credentials(files["ssl_root_cert"], files["ssl_private_key"], files["ssl_cert"])
 
     # ---- channels -------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedcommon.admin_defs import ADMIN_ROLES, SITE_COMMANDS, AdminIdentity
+from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
+from fedcommon.commands import SITE_COMMAND_ALIASES, SITE_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +83,8 @@ def parse_rules(data: object, path: Path) -> list[Rule]:
                 if value not in known:
                     raise LocalPolicyError(f"{where}.{key}[{j}]: unknown {'command' if key == 'deny' else 'role'} "
                                            f"{value!r} (one of {', '.join(known)})")
-        # "validate" was run-validation's name: a rule written with it keeps meaning what its owner meant.
-        denied = frozenset("run-validation" if c == "validate" else c for c in lists.pop("deny"))
+        # An earlier name ("validate" for run-validation): a rule written with it keeps meaning what its owner meant.
+        denied = frozenset(SITE_COMMAND_ALIASES.get(c, c) for c in lists.pop("deny"))
         rules.append(Rule(name, denied, lists))
     return rules
 

@@ -126,7 +126,6 @@ class SiteTraining:
         sync.follow(self._build_fitter(run_folder.run_dir(self.workspace, self.run_number)))
 
     def _train(self, sync) -> None:
-        from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
 
         client, mmar = self.client, self.mmar
@@ -166,7 +165,6 @@ class SiteTraining:
 
     def _validate_only(self) -> None:
         """Cross-site validation of run N, already trained: share its best local model, validate the others."""
-        from fedclient.client_executor import update_client_properties
         from fedclient.client_status import ClientStatus
 
         client, number = self.client, self.run_number
@@ -201,6 +199,14 @@ class SiteTraining:
             client.heartbeat()
 
 
+def update_client_properties(client, trainer, cross_site_val_conf=None) -> None:
+    """Attach the trainer (the "fitter") and the cross-site validation settings to a FederatedClient."""
+    client.model_manager.set_fitter(trainer)
+    if cross_site_val_conf is not None:
+        client.cross_site_val_conf = cross_site_val_conf
+        client.cross_site_validate = True
+
+
 def failure_message(e: Exception, validating: bool = False, site: str = "SITE", run_number: int | None = None) -> str:
     """How a failed training (or cross-site validation) is reported to the agent."""
     if isinstance(e, WorkerSetupError):
@@ -226,8 +232,8 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
     With `parent` (HOST:PORT of the agent that started it) the worker reports status and progress there,
     obeys its abort, and exits when the agent goes away.
     """
-    from fedclient.client_executor import connect_parent, send_event, start_command_listener
     from fedclient.client_status import ClientStatus
+    from fedclient.executor_channel import connect_parent, send_event, start_command_listener
     from fedcommon.logs import configure_logging
 
     parent_pid = os.getppid()

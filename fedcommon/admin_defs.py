@@ -19,10 +19,6 @@ class MsgHeader:
     COMMAND = "command"
 
 
-# The console's command names that reach sites (the "command" header); a site's policy names these.
-# "validate" is the earlier name of run-validation, kept so that existing site policies stay valid.
-SITE_COMMANDS = ("status", "sysinfo", "run-validation", "validate", "deploy", "start", "start-mgpu", "abort",
-                 "delete-run", "restart", "shutdown", "shell")
 ADMIN_ROLES = ("project_admin", "org_admin", "lead", "member")
 PARTICIPANT_ROLES = ("server", "client", "admin")
 

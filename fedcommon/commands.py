@@ -122,6 +122,11 @@ def run_number(value: Any, name: str = "run_number") -> int:
     return _whole(name, value, 1)
 
 
+def count(value: Any, name: str = "count") -> int:
+    """A count of something: a whole number >= 1."""
+    return _whole(name, value, 1)
+
+
 def gpu_number(value: Any, name: str = "gpu_number") -> int:
     """Ranks on one node: 1 to MAX_GPUS."""
     return _whole(name, value, 1, MAX_GPUS)
@@ -231,9 +236,11 @@ class Command:
             try:
                 data = json.loads(body_text(body) or "{}")
             except ValueError:
-                raise ArgumentError(f"{self.topic}: the request body must be a JSON object") from None
+                data = None
             if not isinstance(data, dict):
-                raise ArgumentError(f"{self.topic}: the request body must be a JSON object")
+                names = [a.name for a in self.site_args if a.name != "*"]
+                holding = f" with {', '.join(names)}" if names else ""
+                raise ArgumentError(f"{self.topic}: the request body must be a JSON object{holding}")
             return self.check_site_args(data)
         values: dict[str, Any] = {}
         for arg in self.site_args:
@@ -286,9 +293,10 @@ _DECLARED = (
             site_args=(_RUN, Arg("blob_id", blob_id), Arg("sha256", blob_id), Arg("size", byte_size, whole=True))),
     Command("start", "start training the current run", Targets.REQUIRED, (Right.TRAIN,), Topic.START,
             site_args=(_RUN,)),
+    # A site bounds the ranks it is sent by its own GPUs (or CPUs), not by MAX_GPUS.
     Command("start-mgpu", "start training the current run with one rank per GPU", Targets.REQUIRED,
             (Right.TRAIN,), Topic.START_MGPU, args=(Arg("gpu_number", gpu_number),),
-            site_args=(_RUN, Arg("gpu_number", gpu_number, whole=True))),
+            site_args=(_RUN, Arg("gpu_number", count, whole=True))),
     Command("abort", "stop training; `abort server` aborts the sites first", Targets.REQUIRED,
             (Right.TRAIN, Right.OPERATE), Topic.ABORT),
     Command("validate", "the cross-site validation matrix, or one cell of it", Targets.SERVER, (Right.VIEW,),

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -249,6 +250,24 @@ def server_credentials(kit: Kit) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
     )
+
+
+def tls_channel_credentials(files: Mapping[str, str | os.PathLike | None], where: str) -> grpc.ChannelCredentials:
+    """Mutual-TLS channel credentials from PEM files outside a kit.
+
+    `files` maps the names of the root certificate, the participant's certificate and its private key, in that
+    order, to their paths; ValueError, starting with `where`, names one that is not given or cannot be read.
+    """
+    pems = []
+    for name, path in files.items():
+        if not path:
+            raise ValueError(f"{where} is missing {name!r}")
+        try:
+            pems.append(Path(path).read_bytes())
+        except OSError as e:
+            raise ValueError(f"{where}: cannot read {name} {path}: {e.strerror}") from None
+    root_cert, cert, private_key = pems
+    return grpc.ssl_channel_credentials(root_cert, private_key, cert)
 
 
 def channel_credentials(kit: Kit) -> grpc.ChannelCredentials:

@@ -42,24 +42,23 @@ def check_project(project: str) -> str:
     return project
 
 
-def check_name(name: str) -> str:
-    """Return name unchanged if usable as a participant name (certificate CN), else raise PkiError."""
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+def _check_certificate_name(value: str, what: str) -> str:
+    if not isinstance(value, str) or not _NAME_RE.fullmatch(value):
         raise PkiError(
-            f"participant name {name!r} is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
+            f"{what} {value!r} is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
             "starting with a letter or digit"
         )
-    return name
+    return value
+
+
+def check_name(name: str) -> str:
+    """Return name unchanged if usable as a participant name (certificate CN), else raise PkiError."""
+    return _check_certificate_name(name, "participant name")
 
 
 def check_org(org: str) -> str:
     """Return org unchanged if usable as an organization (certificate O), else raise PkiError."""
-    if not isinstance(org, str) or not _NAME_RE.fullmatch(org):
-        raise PkiError(
-            f"organization {org!r} is not valid: use 1-64 letters, digits, '.', '_', '@' or '-', "
-            "starting with a letter or digit"
-        )
-    return org
+    return _check_certificate_name(org, "organization")
 
 
 def check_host(host: str) -> str:

@@ -709,7 +709,7 @@ def test_fedclient_start_exits_cleanly_on_sigterm_and_refuses_a_server_kit(tmp_p
 
 @pytest.mark.e2e
 def test_sigterm_during_training_aborts_it_and_leaves_no_process(tmp_path, processes):
-    from fedclient.client_executor import group_members
+    from fedclient.process_group import group_members
 
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     slow = copy_mmar(tmp_path / "slow", server={"min_num_clients": 1, "num_rounds": 1},

@@ -17,14 +17,9 @@ import psutil
 import pytest
 from conftest import copy_mmar, prepare_workspace
 
-from fedclient.client_executor import (
-    ProcessExecutor,
-    ThreadExecutor,
-    TrainArgs,
-    TrainingError,
-    group_members,
-)
+from fedclient.client_executor import ProcessExecutor, ThreadExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus
+from fedclient.process_group import group_members
 
 # A stand-in for fedclient.worker: same arguments, same parent protocol; <mmar>/mode picks its behaviour.
 CHILD = '''
@@ -32,7 +27,7 @@ CHILD = '''
 import argparse, json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 
-from fedclient.client_executor import AUTHKEY_ENV, connect_parent, send_event, start_command_listener
+from fedclient.executor_channel import AUTHKEY_ENV, connect_parent, send_event, start_command_listener
 
 
 class Client:
