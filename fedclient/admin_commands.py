@@ -157,7 +157,8 @@ class LogsProcessor(RequestProcessor):
         return [Topic.LOGS]
 
     def process(self, req: Message, app_ctx) -> Message:
-        from fedcommon.logs import PROCESS_LOG, WORKER_LOG, LogQuery, read_log
+        from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
+        from fedcommon.run_folder import RunFolder
 
         def logs() -> dict[str, Any]:
             args = request_args(req, Topic.LOGS)
@@ -165,9 +166,10 @@ class LogsProcessor(RequestProcessor):
             if number is None:
                 name = PROCESS_LOG
             else:
-                name = f"run_{number}/logs/{WORKER_LOG}"
-                if not (app_ctx.workspace / f"run_{number}").is_dir():
+                folder = RunFolder.of(app_ctx.workspace, number)
+                if not folder.root.is_dir():
                     raise RequestRefused(f"this site has no run {number}")
+                name = str(folder.worker_log.relative_to(app_ctx.workspace))
             return {"file": name, **read_log(app_ctx.workspace / name, LogQuery.from_args(args))}
 
         return _answer(req, logs)

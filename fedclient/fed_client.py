@@ -11,6 +11,7 @@ from fedclient.client_status import ClientStatus
 from fedclient.communicator import CommunicationError
 from fedclient.fed_client_base import CrossSiteValidationTimeout, FederatedClientBase
 from fedcommon.model_meta import FLContext, FLContextKey
+from fedcommon.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class FederatedClient(FederatedClientBase):
     @property
     def best_model_path(self) -> Path | None:
         """Where the best local model of this run is saved (run_N/models/best_local_model.fl)."""
-        return self.run_dir / "models" / BEST_LOCAL_MODEL if self.run_dir else None
+        return RunFolder(self.run_dir).models / BEST_LOCAL_MODEL if self.run_dir else None
 
     def _weight(self, fitter) -> float:
         if self.weight_by == "samples":
