@@ -13,8 +13,12 @@ import sys
 import textwrap
 from pathlib import Path
 
+import click
 import test_console_remote as remote
 from conftest import ROOT, python_env
+
+from fedadmin.cli import CONSOLE_ONLY, main
+from fedcommon.commands import COMMANDS
 
 # The fake admin server over real mutual TLS, and the workspace it serves.
 ws = remote.ws
@@ -112,3 +116,12 @@ def test_a_new_commands_arguments_are_checked_with_its_declaration_before_sendin
     assert sent.returncode == 0, sent.stderr
     assert fake.commands() == ["echo-n"]
     assert json.loads(fake.requests[0].args_json) == {"count": 3}
+
+
+def test_every_declared_console_command_and_no_other_is_found_by_its_name():
+    ctx = click.Context(main)
+    for name in main.list_commands(ctx):
+        assert main.get_command(ctx, name).name == name
+    declared = {name for name, c in COMMANDS.items() if c.console}
+    assert set(main.list_commands(ctx)) == declared | set(CONSOLE_ONLY)
+    assert not declared & set(CONSOLE_ONLY)
