@@ -8,30 +8,22 @@ from pathlib import Path
 import click
 
 from fedadmin.commands import ConsoleGroup, ConsoleOptions
+from fedcommon.commands import COMMANDS as DECLARED
+
+# The console's own commands; every other one is declared in fedcommon.commands (those with console=True).
+CONSOLE_ONLY = ("wait", "batch", "console", "poc", "provision")
+
+
+def _module_of(name: str) -> str:
+    """Where a command lives by convention: fedadmin.commands.<name, - as _>:<the same>."""
+    module = name.replace("-", "_")
+    return f"fedadmin.commands.{module}:{module}"
+
 
 # Each command's module is imported only when that command runs (see ConsoleGroup).
 COMMANDS = {
-    "status": "fedadmin.commands.status:status",
-    "set-run": "fedadmin.commands.set_run:set_run",
-    "deploy": "fedadmin.commands.deploy:deploy",
-    "start": "fedadmin.commands.start:start",
-    "start-mgpu": "fedadmin.commands.start_mgpu:start_mgpu",
-    "abort": "fedadmin.commands.abort:abort",
-    "sysinfo": "fedadmin.commands.sysinfo:sysinfo",
-    "validate": "fedadmin.commands.validate:validate",
-    "metrics": "fedadmin.commands.metrics:metrics",
-    "shell": "fedadmin.commands.shell:shell",
-    "logs": "fedadmin.commands.logs:logs",
-    "delete-run": "fedadmin.commands.delete_run:delete_run",
-    "restart": "fedadmin.commands.restart:restart",
-    "shutdown": "fedadmin.commands.shutdown:shutdown",
-    "remove-client": "fedadmin.commands.remove_client:remove_client",
-    "set-timeout": "fedadmin.commands.set_timeout:set_timeout",
-    "wait": "fedadmin.commands.wait:wait",
-    "batch": "fedadmin.commands.batch:batch",
-    "console": "fedadmin.commands.console:console",
-    "poc": "fedadmin.commands.poc:poc",
-    "provision": "fedadmin.commands.provision:provision",
+    **{name: _module_of(name) for name, declaration in DECLARED.items() if declaration.console},
+    **{name: _module_of(name) for name in CONSOLE_ONLY},
 }
 
 

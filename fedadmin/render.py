@@ -9,11 +9,12 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fedadmin.replies import CommandOutcome, TargetReply
+from fedadmin.run_state import TRAINING_CODES, site_failure, site_progress
+from fedcommon.commands import ClientStatus
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 _NONE = "–"
 _NOT_VALIDATED = "—"
-_TRAINING_CODES = (1, 2)
 
 
 def value_text(value: Any) -> str:
@@ -131,8 +132,6 @@ def status_view(outcome: CommandOutcome) -> RenderableType:
 
 def sites_table(outcome: CommandOutcome) -> Table:
     """One row per site: status, run, and the latest round, epoch, loss and metrics it reported."""
-    from fedadmin.watch import site_failure, site_progress
-
     table = Table()
     for name in ("site", "status", "run", "round", "epoch", "loss"):
         table.add_column(name, no_wrap=True)
@@ -142,7 +141,7 @@ def sites_table(outcome: CommandOutcome) -> Table:
             table.add_row(Text(r.target), Text("failed", style="bold red"), "", "", "", "", _error(r))
             continue
         code = r.data.get("status_code")
-        style = "red" if code == 4 else "green" if code in _TRAINING_CODES else ""
+        style = "red" if code == ClientStatus.TRAINING_EXCEPTION else "green" if code in TRAINING_CODES else ""
         *cells, metrics = _progress_cells(site_progress(outcome, r))
         failure = site_failure(outcome, r)
         table.add_row(
@@ -157,8 +156,6 @@ def sites_table(outcome: CommandOutcome) -> Table:
 
 def progress_lines(outcome: CommandOutcome) -> list[str]:
     """The same as status_view, one plain line per participant (for logs and pipes)."""
-    from fedadmin.watch import site_failure, site_progress
-
     lines = [str(server_line(outcome.server))] if outcome.server is not None else []
     for r in outcome.sites:
         if not r.ok:

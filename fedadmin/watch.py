@@ -6,14 +6,11 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
-from fedadmin.replies import CommandOutcome, TargetReply
+from fedadmin.run_state import TRAINING_CODES, run_number, run_status, site_failure
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 POLL_INTERVAL = 1.0
-EXCEPTION_STATUS = "training exception"
-_EXCEPTION_CODE = 4
-_TRAINING_CODES = (1, 2)
 
 Printer = Callable[[str], None]
 
@@ -24,48 +21,6 @@ class RunEnd:
 
     ok: bool
     message: str
-
-
-def run_number(outcome: CommandOutcome) -> int | None:
-    """The server's current run number in a status outcome."""
-    server = outcome.server
-    return server.data.get("run_number") if server is not None and server.ok else None
-
-
-def run_status(outcome: CommandOutcome) -> str | None:
-    """The server's run_status ("none", "deployed", "training", "completed", "aborted") in a status outcome."""
-    server = outcome.server
-    return server.data.get("run_status") if server is not None and server.ok else None
-
-
-def _server_record(outcome: CommandOutcome, key: str, site: str) -> dict[str, Any]:
-    """What the server keeps about a site under key ("site_progress", "training_ended") for the current run."""
-    server = outcome.server
-    if server is None or not server.ok:
-        return {}
-    record = (server.data.get(key) or {}).get(site)
-    if not isinstance(record, dict) or record.get("run_number") not in (None, server.data.get("run_number")):
-        return {}
-    return record
-
-
-def site_progress(outcome: CommandOutcome, site: TargetReply) -> dict[str, Any]:
-    """A site's latest progress (round, epoch, loss, metrics): from its own reply, else the server's record."""
-    own = site.data.get("progress") if site.ok else None
-    return own if isinstance(own, dict) and own else _server_record(outcome, "site_progress", site.target)
-
-
-def site_failure(outcome: CommandOutcome, site: TargetReply) -> str | None:
-    """Why a site's training failed in the current run ("training exception: ..."), or None."""
-    data = site.data if site.ok else {}
-    ended = _server_record(outcome, "training_ended", site.target)
-    failed = data.get("status") == EXCEPTION_STATUS or data.get("status_code") == _EXCEPTION_CODE
-    if failed and data.get("run_number") not in (None, run_number(outcome)):
-        failed = False
-    if not failed and ended.get("status") != EXCEPTION_STATUS:
-        return None
-    detail = data.get("error") or ended.get("error")
-    return f"{EXCEPTION_STATUS}: {detail}" if detail else EXCEPTION_STATUS
 
 
 def run_end(outcome: CommandOutcome) -> RunEnd | None:
@@ -88,7 +43,7 @@ def run_end(outcome: CommandOutcome) -> RunEnd | None:
 
 def sites_idle(outcome: CommandOutcome) -> bool:
     """True when no site that replied is still starting or training."""
-    return all(not s.ok or s.data.get("status_code") not in _TRAINING_CODES for s in outcome.sites)
+    return all(not s.ok or s.data.get("status_code") not in TRAINING_CODES for s in outcome.sites)
 
 
 def display_mode(as_json: bool) -> str:

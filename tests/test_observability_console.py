@@ -11,7 +11,7 @@ from fedadmin.cli import main
 from fedadmin.commands.logs import LogsResult
 from fedadmin.commands.metrics import MetricsResult
 from fedadmin.render import line_chart
-from fedadmin.replies import CommandOutcome, TargetReply
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 
 def _metrics_outcome(rounds: int = 3) -> CommandOutcome:

@@ -12,7 +12,7 @@ from rich.console import Console
 import fedadmin.commands.validate as validate_module
 from fedadmin.cli import main
 from fedadmin.commands.validate import ValidationResult, primary_metric
-from fedadmin.replies import CommandOutcome, TargetReply
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 MATRIX = {
     "run_number": 1,

@@ -3,13 +3,13 @@
 A command computes a result object with a `command` name, `ok`, `to_json()` and Rich's `__rich__()`,
 and hands it to `emit`, which prints it and exits 1 when it is not ok. Groups use `ConsoleGroup`, so
 any exception leaves as a one-line error (exit 1, or the exception's `exit_code`, e.g. 3 for a
-connection failure), usage errors exit 2, and tracebacks appear only under --debug.
+connection failure), usage errors exit 2 (arguments the command's declaration in fedcommon.commands
+refuses included), and tracebacks appear only under --debug.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,12 +18,14 @@ from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import click
 
+from fedcommon.commands import TARGET_RE, ArgumentError
+from fedcommon.commands import command as declared
+
 if TYPE_CHECKING:
     from fedadmin.connection import AdminConnection
-    from fedadmin.replies import CommandOutcome
+    from fedcommon.outcome import CommandOutcome
 
 _PATH_KEY = "fedadmin.command_path"
-TARGET_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@-]{0,63}")
 F = TypeVar("F", bound=Callable[..., Any])
 
 EXIT_FAILED = 1
@@ -134,10 +136,14 @@ class ConsoleGroup(click.Group):
             return super().invoke(ctx)
         try:
             return super().invoke(ctx)
-        except click.UsageError as exc:
+        except (click.UsageError, ArgumentError) as exc:
+            # An argument the command's declaration refuses is a usage error, wherever it was checked.
+            usage = exc if isinstance(exc, click.UsageError) else click.UsageError(str(exc), ctx)
             if _wants_json(ctx):
-                click.echo(json.dumps(_failure_json(command_path(ctx), exc.format_message())))
-            raise
+                click.echo(json.dumps(_failure_json(command_path(ctx), usage.format_message())))
+            if usage is exc:
+                raise
+            raise usage from None
         except click.Abort:
             if _wants_json(ctx):
                 click.echo(json.dumps(_failure_json(command_path(ctx), "cancelled")))
@@ -202,7 +208,12 @@ def connect(options: ConsoleOptions) -> AdminConnection:
 def run_remote(
     options: ConsoleOptions, command: str, targets: tuple[str, ...] | list[str], args: dict[str, Any] | None = None
 ) -> CommandOutcome:
-    """Execute one command on the server for targets; returns every target's reply."""
+    """Execute one command on the server for targets; returns every target's reply.
+
+    The arguments are checked with the command's declaration (fedcommon.commands) before anything else:
+    one it refuses is a usage error (exit 2), and nothing is sent.
+    """
+    declared(command).check_args(args or {})
     with connect(options) as conn:
         return conn.execute(command, list(targets), args or {})
 

@@ -11,7 +11,7 @@ import click
 
 from fedadmin.commands import ConsoleOptions
 from fedadmin.commands.batch import run_line
-from fedadmin.replies import GROUP_TARGETS
+from fedcommon.commands import GROUP_TARGETS
 
 HISTORY = Path("~/.fedadmin_history")
 _LEAVE = ("exit", "quit")

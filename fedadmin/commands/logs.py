@@ -11,9 +11,10 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import EXIT_FAILED, TARGET_RE, ConsoleOptions, connect, emit
-from fedadmin.replies import GROUP_TARGETS, CommandOutcome, TargetReply
+from fedadmin.commands import EXIT_FAILED, ConsoleOptions, connect, emit
+from fedcommon.commands import GROUP_TARGETS, TARGET_RE
 from fedcommon.logs import LEVELS, MAX_LINES
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 FOLLOW_INTERVAL_S = 1.0
 _LEVEL_STYLES = {" CRITICAL ": "bold red", " ERROR ": "red", " WARNING ": "yellow", " DEBUG ": "dim"}

@@ -9,7 +9,8 @@ from typing import Any, ClassVar
 import click
 
 from fedadmin.commands import ConsoleOptions, emit, run_remote
-from fedadmin.replies import CommandOutcome, ServerAnswer
+from fedadmin.replies import ServerAnswer
+from fedcommon.outcome import CommandOutcome
 
 CHART_HEIGHT = 8
 CHART_WIDTH = 60

@@ -7,7 +7,8 @@ from typing import Any
 import click
 
 from fedadmin.commands import ConsoleOptions, emit, run_remote
-from fedadmin.replies import GROUP_TARGETS, RepliesResult
+from fedadmin.replies import RepliesResult
+from fedcommon.commands import GROUP_TARGETS
 
 ALLOWED = ("ls", "cat", "head", "tail", "grep", "pwd")
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import click
 
 from fedadmin.commands import ConsoleOptions, emit_remote, targets_argument
+from fedcommon.commands import MAX_GPUS
 
 
 @click.command("start-mgpu")
-@click.argument("gpus", type=click.IntRange(min=1, max=64), metavar="GPUS")
+@click.argument("gpus", type=click.IntRange(min=1, max=MAX_GPUS), metavar="GPUS")
 @targets_argument(required=False)
 @click.pass_obj
 def start_mgpu(options: ConsoleOptions, gpus: int, targets: tuple[str, ...]) -> None:

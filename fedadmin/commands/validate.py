@@ -7,8 +7,10 @@ from typing import Any, ClassVar
 
 import click
 
-from fedadmin.commands import TARGET_RE, ConsoleOptions, check_targets, emit, run_remote
-from fedadmin.replies import CommandOutcome, RepliesResult, ServerAnswer
+from fedadmin.commands import ConsoleOptions, check_targets, emit, run_remote
+from fedadmin.replies import RepliesResult, ServerAnswer
+from fedcommon.commands import TARGET_RE
+from fedcommon.outcome import CommandOutcome
 
 
 def primary_metric(results: dict[str, dict[str, dict[str, Any]]]) -> str | None:

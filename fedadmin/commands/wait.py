@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from fedadmin.commands import ConsoleOptions, connect, emit
-from fedadmin.replies import CommandOutcome
+from fedcommon.outcome import CommandOutcome
 
 
 @dataclass(frozen=True)
@@ -22,7 +22,7 @@ class WaitResult:
     command: str = "wait"
 
     def to_json(self) -> dict[str, Any]:
-        from fedadmin.watch import run_number, run_status
+        from fedadmin.run_state import run_number, run_status
 
         return {
             "result": self.message,
@@ -48,7 +48,8 @@ class WaitResult:
 @click.pass_obj
 def wait(options: ConsoleOptions, limit: float | None) -> None:
     """Show live progress until the server's run completes (exit 0), is aborted or a site fails (exit 1)."""
-    from fedadmin.watch import display_mode, follow, run_end, run_status
+    from fedadmin.run_state import run_status
+    from fedadmin.watch import display_mode, follow, run_end
 
     deadline = None if limit is None else time.monotonic() + limit
     with connect(options) as conn:

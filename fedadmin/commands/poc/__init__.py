@@ -5,16 +5,11 @@ from __future__ import annotations
 import click
 
 from fedadmin.commands import ConsoleGroup
-from fedadmin.commands.poc.prepare import prepare
-from fedadmin.commands.poc.run import run
-from fedadmin.commands.poc.start import start
-from fedadmin.commands.poc.stop import stop
+
+# Each subcommand's module is imported only when it runs (or `poc --help` lists it): `fedadmin --help` pays for none.
+_SUBCOMMANDS = {name: f"fedadmin.commands.poc.{name}:{name}" for name in ("prepare", "start", "stop", "run")}
 
 
-@click.group("poc", cls=ConsoleGroup)
+@click.group("poc", cls=ConsoleGroup, lazy_commands=_SUBCOMMANDS)
 def poc() -> None:
     """Set up a local federation to try things out (proof of concept)."""
-
-
-for _command in (prepare, start, stop, run):
-    poc.add_command(_command)
