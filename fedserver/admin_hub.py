@@ -14,7 +14,7 @@ from fedcommon.outcome import CommandOutcome, TargetReply
 from fedserver.audit import AuditLog
 from fedserver.authorization import Policy, Refused
 from fedserver.blob_store import BlobError
-from fedserver.catalogue import CATALOGUE, Federation, Gathered, ServerCommand
+from fedserver.catalogue import Federation, Gathered, ServerCommand, server_side
 from fedserver.cross_site import CrossSiteError
 from fedserver.errors import AdminError, ServerError
 
@@ -48,7 +48,7 @@ class AdminHub:
                 outcome = CommandOutcome(command, False, [], f"internal error: {type(e).__name__}: {e}")
         self.audit.record(caller, command, [r.target for r in outcome.replies] or list(targets), outcome.ok, args,
                           outcome.error)
-        known = command in CATALOGUE
+        known = server_side(command) is not None
         self._server.telemetry.command(command if known else "unknown", outcome.ok, time.monotonic() - started)
         # Commands that consoles poll (status --watch, wait, logs --follow) would fill the log: debug level when ok.
         level = logging.DEBUG if outcome.ok and known and COMMANDS[command].polled else logging.INFO
@@ -59,7 +59,7 @@ class AdminHub:
 
     def _execute(self, caller: AdminIdentity, command: str, targets: list[str], args: dict[str, Any],
                  timeout: float) -> CommandOutcome:
-        spec = CATALOGUE.get(command)
+        spec = server_side(command)
         if spec is None:
             raise AdminError(f"unknown command {command[:100]!r}")
         declared = COMMANDS[command]

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedcommon.commands import COMMANDS
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
 from fedcommon.outcome import TargetReply
 from fedcommon.restart_guard import RestartRefused, check_restart
@@ -156,8 +157,11 @@ def _validate(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]
     return data
 
 
-def _run_validation(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    raise AdminError("run-validation runs at sites: name sites or `client`, not the server")
+def _sites_only(name: str) -> Callable[[Federation, Args, Gathered], dict[str, Any]]:
+    def act(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
+        raise AdminError(f"{name} runs at sites: name sites or `client`, not the server")
+
+    return act
 
 
 def _sysinfo(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
@@ -251,7 +255,7 @@ CATALOGUE: dict[str, ServerCommand] = {
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
     "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),
     "validate": ServerCommand(act=_validate),
-    "run-validation": ServerCommand(act=_run_validation, site_args=_run_validation_request),
+    "run-validation": ServerCommand(act=_sites_only("run-validation"), site_args=_run_validation_request),
     "sysinfo": ServerCommand(act=_sysinfo),
     "shell": ServerCommand(act=_shell, site_args=_as_given),
     "delete-run": ServerCommand(act=_delete_run, site_args=_as_given),
@@ -262,3 +266,13 @@ CATALOGUE: dict[str, ServerCommand] = {
     "logs": ServerCommand(act=_logs, site_args=_as_given),
     "set-timeout": ServerCommand(act=_set_timeout),
 }
+
+
+def server_side(name: str) -> ServerCommand | None:
+    """The server's side of declared command `name`: its catalogue entry; a command the server adds nothing to
+    (a site topic and no entry) goes to its sites with its arguments as given; None for no such command."""
+    declared = COMMANDS.get(name)
+    entry = CATALOGUE.get(name)
+    if entry is None and declared is not None and declared.topic is not None:
+        return ServerCommand(act=_sites_only(name), site_args=_as_given)
+    return entry

@@ -9,13 +9,28 @@ from fedcommon.admin_serde import outcome_to_wire
 from fedcommon.commands import COMMANDS
 from fedcommon.outcome import CommandOutcome
 from fedserver.authorization import COMMAND_RIGHTS
-from fedserver.catalogue import CATALOGUE, ServerCommand
+from fedserver.catalogue import CATALOGUE, ServerCommand, server_side
 from fedserver.mailbox import SiteMailbox
 
 
 def test_the_catalogue_serves_every_declared_command_but_the_upload_rpc():
-    assert set(CATALOGUE) == {name for name, c in COMMANDS.items() if c.console}
-    assert set(COMMANDS) - set(CATALOGUE) == {"upload"}
+    assert set(CATALOGUE) <= set(COMMANDS)
+    assert {name for name in COMMANDS if server_side(name) is None} == {"upload"}
+    assert server_side("no-such-command") is None
+
+
+def test_a_declared_site_command_without_an_entry_goes_to_its_sites_as_given():
+    from fedcommon.commands import Command, Right, Targets
+
+    ping = Command("ping", "answer", Targets.REQUIRED, (Right.VIEW,), "ping")
+    saved = dict(COMMANDS)
+    COMMANDS["ping"] = ping
+    try:
+        spec = server_side("ping")
+        assert spec is not None and spec.site_args(None, {}) == {}
+    finally:
+        COMMANDS.clear()
+        COMMANDS.update(saved)
 
 
 def test_only_commands_with_a_site_topic_send_sites_anything_or_wait_for_them():
