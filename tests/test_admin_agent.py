@@ -610,7 +610,9 @@ def test_a_request_reaches_an_idle_site_at_once_over_the_long_poll(plane):
     time.sleep(1.0)  # the site's Retrieve is now held by the server
     started = time.monotonic()
     reply = _execute(admin, "status", ["site-1"])
-    assert time.monotonic() - started < 1.0
+    # The server holds a Retrieve up to LONG_POLL_S (60 s): an answer well inside that came by waking the held
+    # call, not by the site's next poll; the margin is wide so a loaded machine does not fail it.
+    assert time.monotonic() - started < 20.0
     assert reply.ok, reply
     assert json.loads(reply.replies[0].data_json)["status"] == "training not started"
 
