@@ -25,6 +25,7 @@ from fedclient.admin import (
     FedAdminAgent,
     RequestProcessor,
     Sender,
+    retry_pause,
 )
 from fedclient.admin_commands import seed_processors, site_processors
 from fedclient.admin_interface import ClientAdminInterface, available_gpus
@@ -739,3 +740,12 @@ def test_sigterm_during_training_aborts_it_and_leaves_no_process(tmp_path, proce
         proc.terminate()
         assert proc.wait(30) == 0
         assert group_members(worker) == [], "no process of the training may outlive the agent"
+
+
+def test_the_agents_retry_pause_doubles_and_is_capped_at_two_seconds():
+    # Uncapped, a long outage would pause up to interval * 2**16 (55 min at 0.05 s) before the site tries again.
+    for interval in (0.05, 0.5, 5.0):
+        pauses = [retry_pause(failures, interval) for failures in range(1, 1000)]
+        assert max(pauses) <= 2.0, (interval, max(pauses))
+        assert pauses == sorted(pauses)
+    assert [retry_pause(k, 0.5) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 2.0]
