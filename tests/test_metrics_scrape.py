@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 import urllib.request
 
+import psutil
 import pytest
 from conftest import DIGITS, prepare_workspace, server_process, start_site, wait_json
 
@@ -73,3 +74,14 @@ def test_the_metrics_count_the_rounds_bytes_and_contributions_of_a_real_run(tmp_
     assert final["fedlearn_training_bytes_received_total"] == contributions * model_bytes
     assert final["fedlearn_training_bytes_sent_total"] >= contributions * model_bytes
 
+
+def test_the_metrics_port_listens_on_the_host_asked_for_not_on_every_interface(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    with server_process(ws / "server", "--metrics-port", "0", "--metrics-host", "127.0.0.1") as server:
+        url = metrics_url(server)
+        port = int(url.rsplit(":", 1)[1].split("/")[0])
+        assert "fedlearn_run_number" in scrape(url)
+        # The socket itself, not the ready line (which is built from the option).
+        listening = [c.laddr for c in psutil.Process(server.pid).net_connections(kind="tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        assert [addr.ip for addr in listening] == ["127.0.0.1"], listening
