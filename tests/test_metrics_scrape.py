@@ -82,6 +82,7 @@ def test_the_metrics_port_listens_on_the_host_asked_for_not_on_every_interface(t
         port = int(url.rsplit(":", 1)[1].split("/")[0])
         assert "fedlearn_run_number" in scrape(url)
         # The socket itself, not the ready line (which is built from the option).
-        listening = [c.laddr for c in psutil.Process(server.pid).net_connections(kind="tcp")
-                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
+        proc = psutil.Process(server.pid)
+        sockets = getattr(proc, "net_connections", proc.connections)(kind="tcp")  # psutil < 6: connections
+        listening = [c.laddr for c in sockets if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert [addr.ip for addr in listening] == ["127.0.0.1"], listening
