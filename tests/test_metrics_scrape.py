@@ -83,6 +83,6 @@ def test_the_metrics_port_listens_on_the_host_asked_for_not_on_every_interface(t
         assert "fedlearn_run_number" in scrape(url)
         # The socket itself, not the ready line (which is built from the option).
         proc = psutil.Process(server.pid)
-        sockets = getattr(proc, "net_connections", proc.connections)(kind="tcp")  # psutil < 6: connections
+        sockets = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")  # psutil < 6
         listening = [c.laddr for c in sockets if c.status == psutil.CONN_LISTEN and c.laddr.port == port]
         assert [addr.ip for addr in listening] == ["127.0.0.1"], listening
