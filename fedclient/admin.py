@@ -184,8 +184,7 @@ class FedAdminAgent:
             # the pause up to MAX_RETRY_PAUSE_S, with jitter so that sites do not all return in the same instant.
             if not requests and time.monotonic() - started < self.req_poll_interval:
                 failures += 1
-                pause = min(self.req_poll_interval * 2 ** min(failures - 1, 16), MAX_RETRY_PAUSE_S)
-                self._stop.wait(pause * random.uniform(0.5, 1.0))
+                self._stop.wait(retry_pause(failures, self.req_poll_interval) * random.uniform(0.5, 1.0))
             else:
                 failures = 0
 
@@ -451,6 +450,11 @@ class AdminMessageSender(Sender):
             raise
         log.info("fetched blob %s (%d bytes)", blob_id, size)
         return dest_path
+
+
+def retry_pause(failures: int, interval: float) -> float:
+    """Seconds before the next long-poll after `failures` in a row failed at once (before jitter): doubling, capped."""
+    return min(interval * 2 ** min(failures - 1, 16), MAX_RETRY_PAUSE_S)
 
 
 def _sender(req: Message) -> AdminIdentity:

@@ -422,7 +422,6 @@ def test_deploy_of_a_blob_that_was_never_uploaded_is_refused(federation):
 
 
 def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites(federation):
-    pytest.importorskip("fedcommon.safe_zip")
     site = federation.agent("site-1")
     data = _zip_folder(federation.mmar, top="digits/")
     blob = federation.upload(data).blob_id
@@ -439,7 +438,6 @@ def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites
 
 
 def test_deploy_of_a_hostile_zip_is_refused_and_writes_nothing(federation):
-    pytest.importorskip("fedcommon.safe_zip")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("config/config_fed_server.json", "{}")
@@ -454,7 +452,6 @@ def test_deploy_of_a_hostile_zip_is_refused_and_writes_nothing(federation):
 
 
 def test_deploy_of_an_invalid_mmar_names_the_problem(federation):
-    pytest.importorskip("fedcommon.safe_zip")
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("config/config_train.json", "{}")

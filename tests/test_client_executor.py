@@ -17,6 +17,7 @@ import psutil
 import pytest
 from conftest import copy_mmar, prepare_workspace
 
+from fedclient import client_executor
 from fedclient.client_executor import ProcessExecutor, ThreadExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus
 from fedclient.process_group import group_members
@@ -195,14 +196,14 @@ def test_abort_kills_whole_process_group_including_a_grandchild(child, executors
     assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
 
 
-def test_the_abort_message_stops_an_obedient_worker_without_signals(child, executors):
+def test_the_abort_message_stops_an_obedient_worker_without_signals(child, executors, monkeypatch):
+    # Time enough for a loaded machine to deliver the message before SIGTERM; exit code 0 shows no signal ended it.
+    monkeypatch.setattr(client_executor, "ABORT_MESSAGE_WAIT_S", 30.0)
     workspace, make_mmar = child
     executor = _executor(executors)
     executor.start_train(None, TrainArgs(workspace, 1), make_mmar("obedient"))
     _child_info(workspace)
-    started = time.monotonic()
     executor.abort_train(None)
-    assert time.monotonic() - started < 2
     assert executor.exit_code == 0
     assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
 

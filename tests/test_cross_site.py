@@ -433,7 +433,8 @@ def test_the_server_offers_the_global_model_its_sites_scored_best(tmp_path, roun
 def test_the_servers_model_waits_for_final_metrics_of_connected_sites_until_the_grace(tmp_path):
     # An earlier round scored 0.9; the final model is scored only by site-1 so far (0.95).
     run_dir = _completed_run(tmp_path / "run_1", (0.9, 0.5), {"site-1": 0.95})
-    store = _store(run_dir, active_sites=lambda: set(SITES), grace_s=0.4)
+    # A grace far longer than two declines take, even with their fsyncs on a loaded machine.
+    store = _store(run_dir, active_sites=lambda: set(SITES), grace_s=3.0)
     store.decline("site-1")
     store.decline("site-2")
     offer = store.next_model("site-1", set(), 0)
@@ -441,7 +442,7 @@ def test_the_servers_model_waits_for_final_metrics_of_connected_sites_until_the_
     assert store.matrix()["server_model"] is None
     assert not (store.models / "server.fl").exists()
 
-    offer = store.next_model("site-1", set(), 2.0)
+    offer = store.next_model("site-1", set(), 60.0)  # returns once the grace has passed
     assert offer.status == "model" and offer.owner == "server"
     _assert_same_model(offer.path, _plus(3))  # once the grace passed: site-1's final score is all there is
     assert store.matrix()["server_model"] == {"model": "final", "score": 0.95}

@@ -246,11 +246,22 @@ def test_invalid_parameters_are_refused_naming_parameter_value_and_range(cls, pa
     assert allowed in message and repr(value) in message
 
 
-def test_boundary_parameters_are_accepted():
-    LaplacianProtocol(fraction=1, tau=0)
-    SVTProtocol(fraction=1.0, tau=0.0, epsilon=1e-9, noise_var=1e-12)
-    PercentileProtocol(percentile=0)
-    PercentileProtocol(percentile=100)
+def test_boundary_parameters_are_accepted_and_act_as_their_limits():
+    m = model(np.float64)
+    names = filtered_names(m)
+    d = flat(m)
+    n = d.size
+    # fraction 1 and tau 0: every coordinate is released (with noise, clipped to ±gamma).
+    released = flat(LaplacianProtocol(fraction=1, tau=0, seed=0).apply(m))
+    assert np.count_nonzero(released) == n and np.all(np.abs(released) <= 0.001)
+    # SVT at its smallest epsilon and noise: nothing leaves outside ±gamma, and no more than n values.
+    svt = flat(SVTProtocol(fraction=1.0, tau=0.0, epsilon=1e-9, noise_var=1e-12, seed=0).apply(m))
+    assert np.all(np.isfinite(svt)) and np.all(np.abs(svt) <= 1e-5)
+    # Percentile 0 drops nothing (only clips); percentile 100 keeps only the largest |d|.
+    kept = flat(PercentileProtocol(percentile=0, gamma=1.0).apply(m), names)
+    np.testing.assert_allclose(kept, d)
+    top = flat(PercentileProtocol(percentile=100, gamma=1.0).apply(m), names)
+    assert np.count_nonzero(top) == 1 and np.abs(top).argmax() == np.abs(d).argmax()
 
 
 @pytest.mark.parametrize(("fraction", "n", "c"), [(0.1, 30, 3), (0.1, 25, 3), (0.3, 10, 3), (1.0, 7, 7),

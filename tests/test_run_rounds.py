@@ -106,14 +106,21 @@ def test_round_stays_open_below_min_even_after_the_wait(tmp_path):
 
 
 def test_with_min_reached_and_an_active_site_missing_tick_closes_after_the_wait(tmp_path):
-    run = _run(tmp_path, min_num_clients=2, wait_after_min_clients=0.2)
+    # A wait far longer than two contributions take, even with their fsyncs on a loaded machine.
+    wait = 3.0
+    run = _run(tmp_path, min_num_clients=2, wait_after_min_clients=wait)
     _contribute(run, "site-1", _scaled(1), ACTIVE3)
+    before_min = time.monotonic()
     _contribute(run, "site-2", _scaled(3), ACTIVE3)
     assert run.current_round == 0, "site-3 is active: the round waits for it"
     run.tick(ACTIVE3)
     assert run.current_round == 0, "the wait has not run out yet"
-    time.sleep(0.25)
-    run.tick(ACTIVE3)
+    deadline = time.monotonic() + 60
+    while run.current_round == 0:
+        assert time.monotonic() < deadline, "the round never closed after the wait"
+        time.sleep(0.05)
+        run.tick(ACTIVE3)
+    assert time.monotonic() - before_min >= wait, "the round closed before the wait ran out"
     assert run.current_round == 1
     assert _summary(run)["rounds"][0]["contributors"] == ["site-1", "site-2"]
     np.testing.assert_array_equal(_model(run)["w"], W0["w"] + 2)
