@@ -34,6 +34,16 @@ LONG_POLL_S = 60.0
 CONNECTED_WINDOW_S = 45.0
 MAX_GPUS = 64  # ranks on one node
 MAX_NAME = 200
+# What one command may name: more targets than this are refused before any is resolved.
+MAX_TARGETS = 1000
+# The longest a command may keep the server waiting for sites' replies, per role: a member's status to a silent
+# site cannot hold a server thread for an hour.
+MAX_TIMEOUT_BY_ROLE = {"project_admin": MAX_TIMEOUT_S, "org_admin": 600.0, "lead": 600.0, "member": 60.0}
+# Bounds on what the admin and agent planes take in (bytes of JSON text).
+MAX_ARGS_BYTES = 256 << 10
+MAX_SITE_REPLY_BYTES = 8 << 20
+MAX_RESULT_BYTES = 64 << 10
+MAX_ERROR_CHARS = 16 << 10
 
 
 class Topic:
@@ -96,6 +106,11 @@ class ClientStatus:
         TRAINING_STOPPED: "training stopped",
         TRAINING_EXCEPTION: "training exception",
     }
+
+
+def wait_seconds(value: float, longest: float) -> float:
+    """A wait asked for over the wire, as seconds in [0, longest]: NaN, negative or infinite ask for none."""
+    return min(value, longest) if math.isfinite(value) and value > 0 else 0.0
 
 
 def get_status_message(status: int) -> str:

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedcommon.admin_serde import message_from_wire, message_to_wire
-from fedcommon.commands import LONG_POLL_S
+from fedcommon.commands import LONG_POLL_S, wait_seconds
 from fedcommon.identity import PeerIdentity
 from fedcommon.wire import admin_pb2 as pb
 from fedcommon.wire import admin_pb2_grpc as pb_grpc
@@ -43,7 +43,7 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
             refused = self._mailbox.post_reply(site, message_from_wire(wire))
             if refused:
                 log.info("reply from %s not taken: %s", site, refused)
-        wait = min(max(request.wait_seconds, 0.0), LONG_POLL_S)
+        wait = wait_seconds(request.wait_seconds, LONG_POLL_S)
         context.add_callback(lambda: self._mailbox.wake(site))  # a site that hangs up frees its long-poll at once
         requests = self._mailbox.retrieve(site, wait, context.is_active, org=peer.org, serial=peer.serial)
         if requests:

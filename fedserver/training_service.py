@@ -9,6 +9,7 @@ from typing import Protocol
 
 import grpc
 
+from fedcommon.commands import wait_seconds
 from fedcommon.dtypes import DTypeError
 from fedcommon.identity import PeerIdentity
 from fedcommon.metrics import MetricsError
@@ -105,7 +106,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         session = self._session(context)
-        wait = min(max(request.wait_seconds, 0.0), MAX_LONG_POLL_S)
+        wait = wait_seconds(request.wait_seconds, MAX_LONG_POLL_S)
         run = self._server.wait_for_run(wait)
         if run is None:
             yield pb.ModelChunk(header=pb.ModelHeader(status=pb.WAIT, message="no run is deployed yet"))
@@ -238,7 +239,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                             context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         session = self._session(context)
         store = self._cross_site(request.run_number, context)
-        wait = min(max(request.wait_seconds, 0.0), MAX_LONG_POLL_S)
+        wait = wait_seconds(request.wait_seconds, MAX_LONG_POLL_S)
         try:
             offer = store.next_model(session.name, set(request.validated), wait)
         except CrossSiteError as e:
