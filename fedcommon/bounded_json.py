@@ -12,6 +12,10 @@ class JsonBoundsError(ValueError):
     """JSON refused at intake; the message names what was sent and which bound it broke."""
 
 
+class NotJsonError(JsonBoundsError):
+    """Text that is not JSON at all (as opposed to JSON beyond a bound)."""
+
+
 def _no_constant(name: str) -> Any:
     raise JsonBoundsError(f"{name} is not a finite number")
 
@@ -28,7 +32,7 @@ def loads_bounded(text: str | bytes, what: str, max_bytes: int, max_depth: int =
     except RecursionError:
         raise JsonBoundsError(f"{what} is nested deeper than {max_depth} levels") from None
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an integer of too many digits
-        raise JsonBoundsError(f"{what} is not valid JSON: {e}") from None
+        raise NotJsonError(f"{what} is not valid JSON: {e}") from None
     _check_depth(value, what, max_depth)
     return value
 

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fedcommon.admin_defs import AdminIdentity, MsgHeader
-from fedcommon.commands import COMMANDS, MAX_TIMEOUT_S, SERVER, ArgumentError, Command, Targets
+from fedcommon.audit import RefusalLimiter
+from fedcommon.bounded_json import JsonBoundsError, loads_object
+from fedcommon.commands import (
+    COMMANDS,
+    MAX_ARGS_BYTES,
+    MAX_NAME,
+    MAX_TARGETS,
+    MAX_TIMEOUT_BY_ROLE,
+    SERVER,
+    ArgumentError,
+    Command,
+    Right,
+    Targets,
+)
 from fedcommon.outcome import CommandOutcome, TargetReply
 from fedserver.audit import AuditLog
 from fedserver.authorization import Policy, Refused
@@ -20,6 +33,9 @@ from fedserver.errors import AdminError, ServerError
 
 log = logging.getLogger(__name__)
 
+MAX_LOGGED_TARGETS = 20
+MAX_AUDITED_ARGS = 4096  # of arguments refused at intake, this much is kept in the audit log
+
 
 class AdminHub:
     """Checks, authorizes and fans out one command at a time; one reply per target, every command audited."""
@@ -29,36 +45,47 @@ class AdminHub:
         self._sites = server.mailbox
         self.policy = policy
         self.audit = audit
+        self._refusals = RefusalLimiter()
 
     def execute(self, caller: AdminIdentity, command: str, targets: list[str], args_json: str,
-                timeout: float) -> CommandOutcome:
-        """Run one operator command on its targets, if the policy allows it; every command is audited."""
+                timeout: float, active: Callable[[], bool] = lambda: True) -> CommandOutcome:
+        """Run one operator command on its targets, if the policy allows it; every command is audited.
+
+        `active` tells whether the caller is still there: a command waiting for sites stops when it is not.
+        """
         started = time.monotonic()
         try:
             args = _parse_args(args_json)
+            _check_targets(targets)
         except AdminError as e:
-            args, outcome = args_json, CommandOutcome(command, False, [], str(e))
+            args = {"truncated": args_json[:MAX_AUDITED_ARGS], "length": len(args_json)}
+            outcome = CommandOutcome(command, False, [], str(e))
         else:
             try:
-                outcome = self._execute(caller, command, list(targets), args, timeout)
+                outcome = self._execute(caller, command, list(targets), args, timeout, active)
             except (AdminError, Refused) as e:
                 outcome = CommandOutcome(command, False, [], str(e))
             except Exception as e:
                 log.exception("command %s failed", command)
                 outcome = CommandOutcome(command, False, [], f"internal error: {type(e).__name__}: {e}")
-        self.audit.record(caller, command, [r.target for r in outcome.replies] or list(targets), outcome.ok, args,
-                          outcome.error)
         known = server_side(command) is not None
         self._server.telemetry.command(command if known else "unknown", outcome.ok, time.monotonic() - started)
+        suppressed = 0
+        if outcome.error and not outcome.replies:  # the whole command refused: a flood of these is rate-limited
+            audited, suppressed = self._refusals.admit(caller.name)
+            if not audited:
+                return outcome
+        self.audit.record(caller, command, [r.target for r in outcome.replies] or list(targets), outcome.ok, args,
+                          outcome.error, suppressed_refusals=suppressed)
         # Commands that consoles poll (status --watch, wait, logs --follow) would fill the log: debug level when ok.
         level = logging.DEBUG if outcome.ok and known and COMMANDS[command].polled else logging.INFO
         log.log(level, "admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command,
-                ",".join(targets) or "-", "ok" if outcome.ok else outcome.error or "failed",
+                ",".join(targets[:MAX_LOGGED_TARGETS]) or "-", "ok" if outcome.ok else outcome.error or "failed",
                 time.monotonic() - started)
         return outcome
 
     def _execute(self, caller: AdminIdentity, command: str, targets: list[str], args: dict[str, Any],
-                 timeout: float) -> CommandOutcome:
+                 timeout: float, active: Callable[[], bool]) -> CommandOutcome:
         spec = server_side(command)
         if spec is None:
             raise AdminError(f"unknown command {command[:100]!r}")
@@ -70,9 +97,13 @@ class AdminHub:
             raise AdminError(str(e)) from None
         if spec.verify is not None:
             spec.verify(self._server, args)
-        wait = self._timeout(timeout)
+        wait = self._timeout(timeout, caller.role)
         names = self._resolve(command, declared.targets, targets)
         self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs())
+        if not (declared.polled or declared.rights == (Right.VIEW,)):
+            # Written before the command acts, so a command that changes something is on record even if what
+            # follows fails; its outcome is the second entry.
+            self.audit.record(caller, command, names, None, args, phase="intent")
         connected = set(self._sites.connected_sites())
         results = {n: TargetReply(n, False, error=self._sites.not_connected(n))
                    for n in names if n != SERVER and n not in connected}
@@ -94,7 +125,7 @@ class AdminHub:
         deadline = time.monotonic() + wait
         if on_server and not spec.after_sites:
             results[SERVER] = self._on_server(command, spec, args, {})
-        gathered = self._sites.gather(waiters, deadline)
+        gathered = self._sites.gather(waiters, deadline, active)
         for site in live:
             results[site] = gathered[site] or TargetReply(site, False, error=f"no reply within {wait:g}s")
         stopped = [site for site, reply in gathered.items() if reply is not None and reply.ok]
@@ -114,12 +145,12 @@ class AdminHub:
         site_args = spec.site_args(self._server, args)
         return declared.encode_request(site_args) if declared.topic else ({}, "")
 
-    def _timeout(self, requested: float) -> float:
-        if requested == 0:
-            return self._server.admin_timeout
+    def _timeout(self, requested: float, role: str) -> float:
+        """The seconds to wait for sites: what the caller asked (0: the server's setting), at most its role's cap."""
         if not math.isfinite(requested) or requested < 0:
             raise AdminError(f"timeout must be a number of seconds >= 0, got {requested}")
-        return min(requested, MAX_TIMEOUT_S)
+        cap = MAX_TIMEOUT_BY_ROLE.get(role, min(MAX_TIMEOUT_BY_ROLE.values()))
+        return min(requested or self._server.admin_timeout, cap)
 
     def _resolve(self, command: str, kind: str, targets: list[str]) -> list[str]:
         requested = [t.strip() for t in targets if t.strip()]
@@ -159,12 +190,16 @@ class AdminHub:
 
 
 def _parse_args(args_json: str) -> dict[str, Any]:
-    if not args_json.strip():
-        return {}
     try:
-        args = json.loads(args_json)
-    except ValueError as e:
-        raise AdminError(f"args_json is not valid JSON: {e}") from None
-    if not isinstance(args, dict):
-        raise AdminError("args_json must be a JSON object")
-    return args
+        return loads_object(args_json, "args_json", MAX_ARGS_BYTES)
+    except JsonBoundsError as e:
+        raise AdminError(str(e)) from None
+
+
+def _check_targets(targets: list[str]) -> None:
+    """Refuse, before any is resolved, more targets than a command may name or a name no participant can have."""
+    if len(targets) > MAX_TARGETS:
+        raise AdminError(f"{len(targets)} targets; a command may name at most {MAX_TARGETS}")
+    long = next((t for t in targets if len(t) > MAX_NAME), None)
+    if long is not None:
+        raise AdminError(f"target {long[:40]!r}… is {len(long)} characters long; a name has at most {MAX_NAME}")

@@ -35,7 +35,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
         """Run one command on its targets; one reply per target."""
         caller = self._caller(context)
         outcome = self._hub.execute(caller, request.command, list(request.targets), request.args_json,
-                                    request.timeout)
+                                    request.timeout, context.is_active)
         return outcome_to_wire(outcome)
 
     def Upload(self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext) -> pb.UploadReply:

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 import grpc
 
 from fedcommon.admin_serde import message_from_wire, message_to_wire
+from fedcommon.audit import RefusalLimiter
 from fedcommon.commands import LONG_POLL_S, wait_seconds
 from fedcommon.identity import PeerIdentity
 from fedcommon.wire import admin_pb2 as pb
@@ -19,6 +20,12 @@ from fedserver.mailbox import SiteMailbox
 
 log = logging.getLogger(__name__)
 
+MAX_REPLIES_PER_CALL = 256  # a site has replies to at most the requests it was sent, a few at a time
+
+
+def _suppressed(count: int) -> str:
+    return f" ({count} more such lines left out)" if count else ""
+
 
 class SiteAgentService(pb_grpc.SiteAgentServicer):
     """Serves site agents; the caller is the site named in its certificate."""
@@ -26,6 +33,17 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
     def __init__(self, mailbox: SiteMailbox, blobs: BlobStore):
         self._mailbox = mailbox
         self._blobs = blobs
+        self._log_limit = RefusalLimiter(burst=10, per_second=0.2)
+
+    def _not_taken(self, site: str, reasons: list[str], dropped: int) -> None:
+        """One log line for the replies of one call the server did not take, if the site's share allows it."""
+        if not reasons and dropped <= 0:
+            return
+        logged, suppressed = self._log_limit.admit(site)
+        if logged:
+            extra = f"; {dropped} more past the {MAX_REPLIES_PER_CALL} one call may carry" if dropped > 0 else ""
+            log.info("%d replies from %s not taken (first: %s)%s%s", len(reasons), site,
+                     reasons[0] if reasons else "-", extra, _suppressed(suppressed))
 
     @staticmethod
     def _peer(context: grpc.ServicerContext) -> PeerIdentity:
@@ -39,10 +57,12 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         """Hold until requests for the calling site are queued or wait_seconds (at most 60) pass."""
         peer = self._peer(context)
         site = peer.name
-        for wire in request.replies:  # replies that came with this call rather than by SendReply
-            refused = self._mailbox.post_reply(site, message_from_wire(wire))
-            if refused:
-                log.info("reply from %s not taken: %s", site, refused)
+        # Replies that came with this call rather than by SendReply: at most MAX_REPLIES_PER_CALL are looked at,
+        # and what was not taken is one log line per call at most (rate-limited per site), so no site can flood
+        # the server's log and rotate its history away.
+        refused = [self._mailbox.post_reply(site, message_from_wire(wire))
+                   for wire in request.replies[:MAX_REPLIES_PER_CALL]]
+        self._not_taken(site, [r for r in refused if r], len(request.replies) - MAX_REPLIES_PER_CALL)
         wait = wait_seconds(request.wait_seconds, LONG_POLL_S)
         context.add_callback(lambda: self._mailbox.wake(site))  # a site that hangs up frees its long-poll at once
         requests = self._mailbox.retrieve(site, wait, context.is_active, org=peer.org, serial=peer.serial)
@@ -55,7 +75,7 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         site = self._site(context)
         refused = self._mailbox.post_reply(site, message_from_wire(request))
         if refused:
-            log.info("reply from %s not taken: %s", site, refused)
+            self._not_taken(site, [refused], 0)
             return tpb.Ack(ok=False, message=refused)
         return tpb.Ack(ok=True)
 
@@ -64,7 +84,9 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         site = self._site(context)
         refused = self._mailbox.post_result(site, message_from_wire(request))
         if refused:
-            log.warning("result from %s refused: %s", site, refused)
+            logged, suppressed = self._log_limit.admit(site)
+            if logged:
+                log.warning("result from %s refused: %s%s", site, refused, _suppressed(suppressed))
             return tpb.Ack(ok=False, message=refused)
         return tpb.Ack(ok=True)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +9,6 @@ from fedcommon.admin_defs import AdminIdentity
 from fedcommon.audit import JsonLinesLog
 
 AUDIT_FILE = "audit.log"
-MAX_AUDITED_ARGS = 4096
-MAX_AUDITED_TARGETS = 64
 
 
 class AuditLog:
@@ -21,18 +18,23 @@ class AuditLog:
         self._log = JsonLinesLog(path)
         self.path = self._log.path
 
-    def record(self, caller: AdminIdentity, command: str, targets: list[str], ok: bool, args: Any = None,
-               error: str = "") -> None:
-        """Append one entry; a failure to write is logged, never raised at the operator."""
-        entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command[:200],
-                                 "targets": [t[:200] for t in targets[:MAX_AUDITED_TARGETS]], "ok": ok}
+    def record(self, caller: AdminIdentity, command: str, targets: list[str], ok: bool | None, args: Any = None,
+               error: str = "", phase: str = "", suppressed_refusals: int = 0) -> None:
+        """Append one entry (bounded whatever the caller sent); a failure to write is logged, never raised.
+
+        phase "intent": written before the command acts (ok is None then); the outcome is a second entry.
+        suppressed_refusals: refusals of this caller left out since its last audited one (rate limit).
+        """
+        entry: dict[str, Any] = {"admin": caller.name, "role": caller.role, "org": caller.org, "command": command,
+                                 "targets": targets, "ok": ok}
+        if phase:
+            entry["phase"] = phase
         if args:
-            shown = json.dumps(args)
-            # An admin must not be able to fill the server's disk through the audit log.
-            entry["args"] = args if len(shown) <= MAX_AUDITED_ARGS else {
-                "truncated": shown[:MAX_AUDITED_ARGS], "length": len(shown)}
+            entry["args"] = args
         if error:
-            entry["error"] = error[:MAX_AUDITED_ARGS]
+            entry["error"] = error
+        if suppressed_refusals:
+            entry["suppressed_refusals"] = suppressed_refusals
         self._log.append(entry)
 
     def record_refused_peer(self, peer: str, kind: str, org: str, port: str, method: str, reason: str) -> None:

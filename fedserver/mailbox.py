@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import threading
@@ -13,10 +12,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fedcommon.admin_defs import Message, MsgHeader, ReturnCode, body_text
-from fedcommon.commands import CONNECTED_WINDOW_S, ResultTopic
+from fedcommon.bounded_json import JsonBoundsError, NotJsonError, loads_bounded, loads_object
+from fedcommon.commands import CONNECTED_WINDOW_S, MAX_ERROR_CHARS, MAX_RESULT_BYTES, MAX_SITE_REPLY_BYTES, ResultTopic
 from fedcommon.outcome import TargetReply
 
 log = logging.getLogger(__name__)
+
+GATHER_CHECK_S = 0.5  # how often a command waiting for sites' replies checks that its caller is still there
 
 
 @dataclass
@@ -120,11 +122,9 @@ class SiteMailbox:
         if msg.topic not in ResultTopic.ALL:
             return f"unknown result topic {msg.topic!r} (expected {' or '.join(ResultTopic.ALL)})"
         try:
-            data = json.loads(body_text(msg.body) or "{}")
-        except ValueError as e:
-            return f"{msg.topic} body is not JSON: {e}"
-        if not isinstance(data, dict):
-            return f"{msg.topic} body must be a JSON object"
+            data = loads_object(body_text(msg.body), f"{msg.topic} body", MAX_RESULT_BYTES)
+        except JsonBoundsError as e:
+            return str(e)
         progress = msg.topic == ResultTopic.PROGRESS
         with self._lock:
             (self._progress if progress else self._ended)[site] = data
@@ -193,10 +193,15 @@ class SiteMailbox:
                 waiters.append(waiter)
         return waiters
 
-    def gather(self, waiters: list[Waiter], deadline: float) -> dict[str, TargetReply | None]:
-        """Wait for the replies until `deadline` (monotonic); a site that did not reply maps to None."""
+    def gather(self, waiters: list[Waiter], deadline: float,
+               active: Callable[[], bool] = lambda: True) -> dict[str, TargetReply | None]:
+        """Wait for the replies until `deadline` (monotonic) or until `active()` turns false (the caller went
+        away: what it waits for is dropped now, not when its timeout ends); a site that did not reply maps to None."""
         for waiter in waiters:
-            waiter.done.wait(max(0.0, deadline - time.monotonic()))
+            while active():
+                left = deadline - time.monotonic()
+                if left <= 0 or waiter.done.wait(min(left, GATHER_CHECK_S)):
+                    break
         with self._lock:
             for waiter in waiters:
                 if waiter.done.is_set():
@@ -248,18 +253,26 @@ class SiteMailbox:
 
 
 def _site_reply(site: str, msg: Message) -> TargetReply:
-    """A site's reply as a TargetReply; a JSON object body is kept as it came, to be passed on as is."""
+    """A site's reply as a TargetReply; a JSON object body is kept as it came, to be passed on as is.
+
+    Bounded at intake: a failure's text is cut, and a body too large or nested too deep is refused here, so no
+    command's caller (status, wait, the console) ever has to take it in.
+    """
     body = body_text(msg.body)
     if msg.get_header(MsgHeader.RETURN_CODE) != ReturnCode.OK:
+        if len(body) > MAX_ERROR_CHARS:
+            body = f"{body[:MAX_ERROR_CHARS]}… ({len(body)} characters)"
         return TargetReply(site, False, error=body or f"{site} reported a failure without a message")
     if not body.strip():
         return TargetReply(site, True)
     try:
-        data = json.loads(body)
-    except ValueError:
+        data = loads_bounded(body, f"{site}'s reply", MAX_SITE_REPLY_BYTES)
+    except NotJsonError:
         data = None
+    except JsonBoundsError as e:
+        log.warning("reply of %s to %s refused: %s", site, msg.get_ref_id(), e)
+        return TargetReply(site, False, error=f"the server refused the reply: {e}")
     if not isinstance(data, dict):
         log.warning("%s replied to %s with a body that is not a JSON object", site, msg.get_ref_id())
         return TargetReply(site, True, {"message": body})
     return TargetReply(site, True, data, data_json=body)
-

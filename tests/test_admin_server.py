@@ -614,7 +614,11 @@ def test_every_admin_command_is_audited(federation):
     federation.execute("frobnicate", ["server"])
     with pytest.raises(grpc.RpcError):
         federation.upload(b"x", sha256="0" * 64)
-    lines = [json.loads(line) for line in (federation.ws / "server" / "audit.log").read_text().splitlines()]
+    entries = [json.loads(line) for line in (federation.ws / "server" / "audit.log").read_text().splitlines()]
+    # A command that changes something is on record before it acts (hardening item 2), then with its outcome.
+    assert [(e["command"], e["ok"], e.get("phase")) for e in entries[:2]] == [
+        ("set-run", None, "intent"), ("set-run", True, None)]
+    lines = [e for e in entries if e.get("phase") != "intent"]
     assert [(e["admin"], e["command"], e["targets"], e["ok"]) for e in lines] == [
         ("admin", "set-run", ["server"], True),
         ("admin", "frobnicate", ["server"], False),
@@ -699,3 +703,34 @@ def test_an_oversized_command_is_audited_in_bounded_size(federation):
     assert audit.stat().st_size < 40_000
     entries = [json.loads(line) for line in audit.read_text().splitlines()]
     assert entries[-1]["args"]["length"] > 1_000_000
+
+
+def test_a_command_whose_caller_went_away_stops_waiting_for_its_sites(federation):
+    """Hardening item 7: 20 `status` calls with timeout=3600 to a silent site held the server's threads for an hour
+    even after the caller disconnected. A waiting command stops when its caller cancels."""
+    federation.agent("site-3", handler=lambda msg: None)
+    with pytest.raises(grpc.RpcError) as e:
+        federation._admin.Execute(apb.CommandRequest(command="status", targets=["site-3"], timeout=3600), timeout=1)
+    assert e.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    audit = federation.ws / "server" / "audit.log"
+    deadline = time.monotonic() + 30
+    while True:  # the command's outcome is written once it stops waiting: seconds after, not an hour
+        entries = [json.loads(line) for line in audit.read_text().splitlines()] if audit.exists() else []
+        if any(e["command"] == "status" and e["targets"] == ["site-3"] for e in entries):
+            break
+        assert time.monotonic() < deadline, "the command still waits for its silent site"
+        time.sleep(0.1)
+
+
+def test_a_roles_cap_bounds_how_long_a_command_may_wait_for_sites():
+    """Hardening item 7: a server-side cap on command timeouts per role (a member's status to a silent site cannot
+    hold a thread for an hour)."""
+    from types import SimpleNamespace
+
+    from fedserver.admin_hub import AdminHub
+    from fedserver.authorization import DEFAULT_POLICY, Policy
+
+    hub = AdminHub(SimpleNamespace(mailbox=None, admin_timeout=10.0), Policy(DEFAULT_POLICY), audit=None)
+    assert hub._timeout(3600, "member") == 60 and hub._timeout(3600, "lead") == 600
+    assert hub._timeout(3600, "project_admin") == 3600 and hub._timeout(0, "member") == 10
+    assert hub._timeout(3600, "no-such-role") == 60
