@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedcommon.logs import rotate_files
+
 log = logging.getLogger(__name__)
 
 AUDIT_MAX_BYTES = 10 << 20
@@ -73,24 +75,13 @@ class JsonLinesLog:
                 try:
                     if os.fstat(fd).st_size and os.fstat(fd).st_size + len(line) > self.max_bytes:
                         os.close(fd)
-                        self._rotate()
+                        rotate_files(self.path, self.backups)
                         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
                     os.write(fd, line)
                 finally:
                     os.close(fd)
         except OSError as e:
             log.error("cannot append to the audit log %s: %s", self.path, e)
-
-    def _rotate(self) -> None:
-        """audit.log → audit.log.1 → … → audit.log.<backups>; the oldest goes."""
-        for i in range(self.backups, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if i == self.backups:
-                older.unlink(missing_ok=True)
-            newer = self.path.with_name(f"{self.path.name}.{i - 1}") if i > 1 else self.path
-            if newer.exists():
-                os.replace(newer, older)
-
 
 class RefusalLimiter:
     """At most `burst` audited refusals per caller, refilled at `per_second`; the rest are counted, and the count

@@ -69,6 +69,16 @@ class OneLineFormatter(logging.Formatter):
         return super().formatMessage(record)
 
 
+def rotate_files(path: Path, backups: int) -> None:
+    """Move `path` aside as path.1, path.1 to path.2, … ; what would become path.<backups + 1> is dropped."""
+    for i in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{i}")
+        if older.exists():
+            os.replace(older, path.with_name(f"{path.name}.{i + 1}"))
+    if path.exists():
+        os.replace(path, path.with_name(f"{path.name}.1"))
+
+
 class RotatingWriter:
     """Appends bytes to a file, moving it aside (.1 … .N) before it would pass max_bytes; thread-safe."""
 
@@ -89,11 +99,7 @@ class RotatingWriter:
 
     def _rotate(self) -> None:
         self._f.close()
-        for i in range(self.backups - 1, 0, -1):
-            older = self.path.with_name(f"{self.path.name}.{i}")
-            if older.exists():
-                os.replace(older, self.path.with_name(f"{self.path.name}.{i + 1}"))
-        os.replace(self.path, self.path.with_name(f"{self.path.name}.1"))
+        rotate_files(self.path, self.backups)
         self._f = open(self.path, "ab")
 
     def close(self) -> None:

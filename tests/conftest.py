@@ -161,3 +161,17 @@ def wait_json(path: Path, predicate, timeout: float) -> dict:
                 return last
         time.sleep(0.1)
     raise AssertionError(f"{path} never reached the expected state; last: {json.dumps(last, indent=1)[:3000]}")
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's text format as {"name{labels}": value}."""
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples

@@ -7,7 +7,6 @@ import io
 import json
 import threading
 import time
-import urllib.request
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, free_port, prepare_workspace, server_process
+from conftest import copy_mmar, free_port, prepare_workspace, scrape, server_process
 
 from fedcommon.admin_defs import ok_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
@@ -631,18 +630,6 @@ def test_every_admin_command_is_audited(federation):
 # ---- the process ------------------------------------------------------------------------------
 
 
-def _scrape(url: str) -> dict[str, float]:
-    """Prometheus' text format as {"name{labels}": value}."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
-
-
 def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_path):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     port, admin_port, metrics_port = free_port(), free_port(), free_port()
@@ -662,7 +649,7 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
 
         assert execute("set-run", {"run_number": 5}).ok
         assert not execute("set-run", {"run_number": 0}).ok
-        samples = _scrape(metrics_url)
+        samples = scrape(metrics_url)
         for name in ("fedlearn_registered_sites", "fedlearn_connected_sites", "fedlearn_training",
                      "fedlearn_training_bytes_received_total", "fedlearn_training_bytes_sent_total",
                      "fedlearn_contributions_accepted_total", "fedlearn_contributions_refused_total"):
@@ -677,7 +664,7 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
             assert proc.poll() is None and time.monotonic() < deadline, "".join(proc.output_lines)
             time.sleep(0.1)
         assert json.loads(execute("status").replies[0].data_json)["run_number"] == 5
-        assert _scrape(metrics_url)["fedlearn_run_number"] == 5  # the restarted server serves metrics again
+        assert scrape(metrics_url)["fedlearn_run_number"] == 5  # the restarted server serves metrics again
         assert execute("shutdown").ok
         assert proc.wait(30) == 0
 

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import psutil
 import pytest
-from conftest import DIGITS, prepare_workspace, server_process, start_site, wait_json
+from conftest import DIGITS, prepare_workspace, scrape, server_process, start_site, wait_json
 
 from fedcommon.model_file import load_model
 
 pytestmark = pytest.mark.e2e
-
-
-def scrape(url: str) -> dict[str, float]:
-    """Prometheus' text format as {"name{labels}": value}."""
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, value = line.rsplit(" ", 1)
-            samples[name] = float(value)
-    return samples
 
 
 def metrics_url(server) -> str:
