@@ -52,10 +52,19 @@ def no_orphans(monkeypatch) -> Iterator[None]:
                     + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())), pytrace=False)
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free now on 127.0.0.1 and not handed out before in this session (the OS may offer one twice in a
+    row once it is closed again: a server's fl_port and admin_port would then be the same)."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def prepare_workspace(path: Path, clients: int = 2) -> Path:
