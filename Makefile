@@ -10,8 +10,10 @@ DEMO_WS ?= workspace/demo
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# torch is pinned to 2.13.0 in pyproject.toml: that release is the CPU wheel here (an unpinned torch pulls CUDA).
-	$(BIN)/pip install -q -e '.[test,examples]'
+	# Pinned here, not in pyproject.toml: torch 2.13.0 is the CPU wheel on this registry (an unpinned torch pulls
+	# CUDA), and the generated wire code must match grpcio-tools exactly (tests/test_wire_drift.py).
+	$(BIN)/pip install -q torch==2.13.0 grpcio-tools==1.85.1
+	$(BIN)/pip install -q -e '.[server,site,test,examples]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from fedadmin.commands import ConsoleGroup, ConsoleOptions
+from fedcommon import __version__
 from fedcommon.commands import COMMANDS as DECLARED
 
 # The console's own commands; every other one is declared in fedcommon.commands (those with console=True).
@@ -43,6 +44,7 @@ COMMANDS = {
     help="Seconds the server waits for the sites' replies.  [default: the server's setting, see set-timeout]",
 )
 @click.option("--debug", is_flag=True, help="Log details and show tracebacks on errors.")
+@click.version_option(__version__, prog_name="fedadmin", message="%(prog)s %(version)s")
 @click.pass_context
 def main(ctx: click.Context, kit: Path | None, as_json: bool, yes: bool, timeout: float | None, debug: bool) -> None:
     """Operate a federation: deploy, start and watch training across sites.

@@ -227,6 +227,22 @@ def stop(workspace: Path, grace: float = STOP_GRACE) -> list[Stopped]:
     ]
 
 
+def _require_roles() -> None:
+    """A POC runs the server and the sites here: refuse with the install line when their extras are missing."""
+    import importlib.util
+
+    def absent(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:
+            return True
+
+    missing = [m for m in ("numpy", "torch") if absent(m)]
+    if missing:
+        raise FederationError(f"a POC federation runs the server and its sites on this machine, which needs "
+                              f"{' and '.join(missing)}: pip install 'fedlearn[server,site]'")
+
+
 def start(
     workspace: Path,
     ready: Callable[[list[str]], str | None],
@@ -239,6 +255,7 @@ def start(
     On a failure or timeout every started process is stopped and FederationError names the logs.
     """
     workspace = workspace.resolve()
+    _require_roles()
     if running(workspace):
         raise FederationError(
             f"a POC federation from {workspace} is already running: `fedadmin poc stop --workspace {workspace}`"

@@ -12,10 +12,13 @@ from pathlib import Path
 
 import click
 
+from fedcommon import __version__
+
 log = logging.getLogger("fedclient")
 
 
 @click.group()
+@click.version_option(__version__, prog_name="fedclient", message="%(prog)s %(version)s")
 def main() -> None:
     """The fedlearn site client."""
 

@@ -12,12 +12,14 @@ from pathlib import Path
 
 import click
 
+from fedcommon import __version__
 from fedcommon.logs import configure_logging
 
 log = logging.getLogger("fedserver")
 
 
 @click.group()
+@click.version_option(__version__, prog_name="fedserver", message="%(prog)s %(version)s")
 def main() -> None:
     """The fedlearn federation server."""
 

@@ -13,9 +13,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from model import DigitsNet
-from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+try:
+    from sklearn.datasets import load_digits
+except ImportError as e:  # a plain `pip install fedlearn[site]` has no scikit-learn
+    raise ImportError("the digits example reads scikit-learn's bundled digits: pip install 'fedlearn[examples]'") from e
 
 # The split must be the same at every site, whatever each site's training seed, or shards would overlap.
 SPLIT_SEED = 20240601
