@@ -123,8 +123,7 @@ class ClientAdminInterface:
     def _refuse_finished(self, number: int) -> None:
         # Written when this site's worker saw the server end run N: finished results are not overwritten.
         if run_folder.RunFolder(self.run_dir(number)).completed.exists():
-            raise RequestRefused(f"run {number} has already run (completed); "
-                                 f"delete-run {number} or set another run number")
+            raise RequestRefused(run_folder.already_ran(number, "completed"))
 
     def start_client(self, run_number) -> dict[str, Any]:
         """Start training run N from run_N/mmar; refused when not deployed or already training."""

@@ -99,3 +99,11 @@ def remove(trash: Path) -> None:
         trash.unlink(missing_ok=True)
     else:
         shutil.rmtree(trash, ignore_errors=True)
+
+
+def already_ran(run_number: int, how: str) -> str:
+    """Why run N may not start again: the one rule, in the same words at the server and at its sites.
+
+    A finished run's results are never overwritten; `how` says how it ended (completed, aborted).
+    """
+    return f"run {run_number} has already run ({how}); delete-run {run_number} or set another run number"

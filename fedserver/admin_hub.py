@@ -111,8 +111,8 @@ class AdminHub:
         on_server = SERVER in names
         try:
             headers, body = self._request(declared, spec, args)
-        except (AdminError, ArgumentError, BlobError, CrossSiteError) as e:
-            # A precondition every target shares, e.g. no run number.
+        except (AdminError, ArgumentError, BlobError, CrossSiteError, ServerError) as e:
+            # A precondition every target shares, e.g. no run number, or a run that has already run.
             replies = [results.get(n) or TargetReply(n, False, error=str(e)) for n in names]
             return CommandOutcome(command, False, replies)
         headers = {**headers, MsgHeader.ADMIN: caller.name, MsgHeader.ADMIN_ROLE: caller.role,

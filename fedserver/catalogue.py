@@ -56,6 +56,7 @@ class Federation(Protocol):
     def cross_site(self, run_number: int) -> CrossSiteValidation: ...
     def remove_site(self, name: str) -> None: ...
     def check_shutdown(self, leaving: set[str], connected: set[str] = ...) -> None: ...
+    def refuse_finished(self, run_number: int) -> None: ...
     def request_exit(self, restart: bool) -> None: ...
 
 
@@ -226,11 +227,15 @@ def _deploy_request(fed: Federation, args: Args) -> Args:
 
 
 def _start_request(fed: Federation, args: Args) -> Args:
-    return {"run_number": _current_run(fed)}
+    # The server's rule for what may start holds for every target: a run the server ended (completed or aborted)
+    # starts nowhere, whether or not the server is among the targets.
+    number = _current_run(fed)
+    fed.refuse_finished(number)
+    return {"run_number": number}
 
 
 def _start_mgpu_request(fed: Federation, args: Args) -> Args:
-    return {"run_number": _current_run(fed), "gpu_number": args["gpu_number"]}
+    return {**_start_request(fed, args), "gpu_number": args["gpu_number"]}
 
 
 def _run_validation_request(fed: Federation, args: Args) -> Args:

@@ -151,9 +151,15 @@ class SiteMailbox:
             agent = self._agents.get(site)
             last = None if agent is None or agent.last_poll == -math.inf else time.monotonic() - agent.last_poll
         if last is None:
-            return f"{site} is not connected"
+            known = ", ".join(self.known_sites()) or "none yet"
+            return f"{site} is not connected: no site of that name has connected to this server (known sites: {known})"
         return (f"{site} is not connected: its last long-poll ended {last:.0f}s ago "
                 "(the site is reconnecting, or stopped)")
+
+    def known_sites(self) -> list[str]:
+        """Every site whose agent has reached this server since it started (and was not dropped)."""
+        with self._lock:
+            return sorted(self._agents)
 
     def site_orgs(self) -> dict[str, str]:
         """The organisation of each site that has connected, from its certificate."""

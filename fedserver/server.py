@@ -330,10 +330,11 @@ class FederationServer:
             raise ServerError("no run number set: run `fedadmin set-run N` first")
         return number
 
-    def _refuse_finished(self, number: int) -> None:
+    def refuse_finished(self, number: int) -> None:
+        """ServerError when run N has already run here (completed or aborted): it may not start again, anywhere."""
         status = self.run_status(number)
         if status in (Phase.COMPLETED.value, Phase.ABORTED.value):
-            raise ServerError(f"run {number} has already run ({status}); delete-run {number} or set another run number")
+            raise ServerError(run_folder.already_ran(number, status))
 
     def deploy(self, source: Path, run_number: int | None = None) -> Path:
         """Validate an MMAR (folder or zip) and install it as run_N/mmar; refused while run N is training."""
@@ -351,7 +352,7 @@ class FederationServer:
                 active = self.training_run()
                 if active is not None and active.run_number == number:
                     raise ServerError(f"run {number} is training; abort it before deploying again")
-                self._refuse_finished(number)
+                self.refuse_finished(number)
                 target = run_folder.RunFolder.of(self.workspace, number).mmar
                 target.parent.mkdir(exist_ok=True)
                 if target.exists():
@@ -402,7 +403,7 @@ class FederationServer:
                 raise ServerError(f"run {active.run_number} is training; abort it first")
             if self.run_status(number) == "none":
                 raise ServerError(f"run {number} is not deployed")
-            self._refuse_finished(number)
+            self.refuse_finished(number)
             folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
             models = folder.models

@@ -207,12 +207,16 @@ def test_the_servers_timeout_setting_applies_when_the_command_names_none(federat
     assert time.monotonic() - started < 5
 
 
-def test_an_unknown_target_is_reported_as_not_connected(federation):
+def test_an_unknown_target_is_reported_as_unknown_with_the_known_sites(federation):
+    """Issue 19 item 7: `status site-9` for an unknown site said "not connected"; it says it is unknown and
+    lists the known ones."""
     federation.agent("site-1")
     reply = federation.execute("status", ["site-1", "site-9"])
     assert not reply.ok
     assert [(r.target, r.ok, r.error) for r in reply.replies] == [
-        ("site-1", True, ""), ("site-9", False, "site-9 is not connected")
+        ("site-1", True, ""),
+        ("site-9", False, "site-9 is not connected: no site of that name has connected to this server "
+                          "(known sites: site-1)"),
     ]
 
 
@@ -721,3 +725,18 @@ def test_a_roles_cap_bounds_how_long_a_command_may_wait_for_sites():
     assert hub._timeout(3600, "member") == 60 and hub._timeout(3600, "lead") == 600
     assert hub._timeout(3600, "project_admin") == 3600 and hub._timeout(0, "member") == 10
     assert hub._timeout(3600, "no-such-role") == 60
+
+
+def test_a_run_the_server_ended_starts_at_no_site(federation):
+    """Issue 19 item 2: after `abort all`, `start all` was refused by the server ("run 1 has already run
+    (aborted)") but both sites started workers for run 1 anyway. The server's rule holds for every target."""
+    site1 = federation.agent("site-1")
+    _start_training(federation)
+    assert federation.execute("abort", ["server"]).replies[0].ok
+    for targets in (["all"], ["site-1"]):
+        reply = federation.execute("start", targets)
+        assert not reply.ok and reply.replies
+        assert all("run 1 has already run (aborted); delete-run 1" in r.error for r in reply.replies), reply
+    mgpu = federation.execute("start-mgpu", ["site-1"], {"gpu_number": 2})
+    assert not mgpu.ok and "has already run (aborted)" in mgpu.replies[0].error
+    assert "start" not in site1.topics() and "start_mgpu" not in site1.topics()
