@@ -350,6 +350,7 @@ def test_the_real_worker_trains_the_run_and_reports_progress(federation, executo
 
 @pytest.mark.e2e
 def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
+    """Also hardening issue 18 (degraded): the real worker's /proc/PID/environ does not hold its key."""
     server, site, mmar = federation
     config = mmar / "config" / "config_train.json"
     train = json.loads(config.read_text())
@@ -363,6 +364,7 @@ def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
         worker_log = site / "run_1" / "logs" / "worker.log"
         assert time.monotonic() < deadline and executor.is_training(), worker_log.read_text()
         time.sleep(0.1)
+    _key_nowhere(executor._launch.authkey, [pid])
     started = time.monotonic()
     executor.abort_train(None)
     assert time.monotonic() - started < 10
