@@ -33,6 +33,8 @@ def shown(value: T) -> T:
         return for_terminal(value)  # type: ignore[return-value]
     if isinstance(value, dict):
         return {shown(k): shown(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple takes its fields one by one
+        return type(value)(*(shown(v) for v in value))
     if isinstance(value, (list, tuple)):
         return type(value)(shown(v) for v in value)  # type: ignore[return-value]
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
