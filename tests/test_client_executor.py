@@ -20,6 +20,7 @@ from conftest import copy_mmar, prepare_workspace
 from fedclient import client_executor
 from fedclient.client_executor import ProcessExecutor, ThreadExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus
+from fedclient.executor_channel import KEY_SOURCE_ENV
 from fedclient.process_group import group_members
 
 # A stand-in for fedclient.worker: same arguments, same parent protocol; <mmar>/mode picks its behaviour.
@@ -195,6 +196,23 @@ def test_the_authkey_is_in_no_environment_nor_command_line_of_the_worker_or_its_
     fd = int(info["key_source"][3:])
     assert not os.path.exists(f"/proc/{pid}/fd/{fd}"), "the worker closed the pipe once it read the key"
     executor.abort_train(None)
+
+
+def test_the_key_file_for_ranks_is_private_and_gone_once_closed(monkeypatch):
+    """Hardening issue 18 (degraded): the file torchrun's ranks read the key from is 0600 in a 0700 folder."""
+    from fedclient.executor_channel import KeyHandoff, read_parent_key
+
+    key = os.urandom(32)
+    handoff = KeyHandoff(key, by_file=True)
+    path = Path(handoff.env[KEY_SOURCE_ENV])
+    assert handoff.pass_fds == () and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv(KEY_SOURCE_ENV, str(path))
+    assert read_parent_key() == key and KEY_SOURCE_ENV not in os.environ
+    handoff.close()
+    assert not path.parent.exists()
+    with pytest.raises(ValueError, match=KEY_SOURCE_ENV):
+        read_parent_key()
 
 
 @pytest.mark.e2e
