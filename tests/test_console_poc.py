@@ -206,7 +206,7 @@ class _MetricsServer:
         self.asked: list[tuple] = []
 
     def execute(self, command, targets, args=None):
-        from fedadmin.replies import CommandOutcome, TargetReply
+        from fedcommon.outcome import CommandOutcome, TargetReply
 
         self.asked.append((command, targets, args))
         if self.rounds is None:
