@@ -1,20 +1,56 @@
-"""Rich views and plain-text lines of the console's results; the only module that builds tables."""
+"""Rich views and plain-text lines of the console's results; the only module that builds tables.
+
+Remote text (a site's metric names, errors, shell output and log lines) enters rendering through `shown`,
+which escapes its control characters, and is printed by a `terminal()` console, which reads no markup or
+emoji codes in it: nothing a site sends can move the cursor, set the title, write the clipboard or style itself.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
-from typing import Any
+from typing import Any, TypeVar
 
-from rich.console import Group, RenderableType
+from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from fedadmin.run_state import TRAINING_CODES, site_failure, site_progress
 from fedcommon.commands import ClientStatus
+from fedcommon.escape import for_terminal
 from fedcommon.outcome import CommandOutcome, TargetReply
+
+T = TypeVar("T")
 
 _NONE = "–"
 _NOT_VALIDATED = "—"
+
+
+def shown(value: T) -> T:
+    """A copy of `value` (a result, an outcome, reply data) with every string in it, keys included, escaped for a
+    terminal: what the console renders of it can carry no control character from the wire."""
+    if isinstance(value, str):
+        return for_terminal(value)  # type: ignore[return-value]
+    if isinstance(value, dict):
+        return {shown(k): shown(v) for k, v in value.items()}  # type: ignore[return-value]
+    if isinstance(value, tuple) and hasattr(value, "_fields"):  # a named tuple takes its fields one by one
+        return type(value)(*(shown(v) for v in value))
+    if isinstance(value, (list, tuple)):
+        return type(value)(shown(v) for v in value)  # type: ignore[return-value]
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        fields = {f.name: shown(getattr(value, f.name)) for f in dataclasses.fields(value) if f.init}
+        return dataclasses.replace(value, **fields)
+    return value
+
+
+def terminal(**options: Any) -> Console:
+    """A Console for the console's human output: `[bold]` or `:smile:` in a string it prints stays as written."""
+    return Console(markup=False, emoji=False, **options)
+
+
+def show(result: Any, **options: Any) -> None:
+    """Print a result (anything with __rich__) for the operator: its remote text escaped, no markup read."""
+    terminal(**options).print(shown(result))
 
 
 def value_text(value: Any) -> str:

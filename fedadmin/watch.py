@@ -75,7 +75,7 @@ def follow(
     def show_changes(outcome: CommandOutcome) -> None:
         from fedadmin import render
 
-        for line in render.progress_lines(outcome):
+        for line in render.progress_lines(render.shown(outcome)):
             who = line.split(":", 1)[0]
             if shown.get(who) != line:
                 print(line, flush=True)
@@ -83,7 +83,9 @@ def follow(
 
     def note(text: str) -> None:
         if mode != "quiet":
-            print(text, flush=True)
+            from fedadmin import render
+
+            print(render.shown(text), flush=True)
 
     while True:
         started = time.monotonic()
@@ -107,21 +109,21 @@ def _follow_live(
     interval: float,
     hint: str,
 ) -> tuple[CommandOutcome, bool]:
-    from rich.console import Console, Group
+    from rich.console import Group
     from rich.live import Live
     from rich.text import Text
 
     from fedadmin import render
 
-    console = Console()
+    console = render.terminal()
     with Live(Text("asking the server…"), console=console, refresh_per_second=4) as live:
         while True:
             started = time.monotonic()
             outcome = poll()
             footer = Text(f"updated {time.strftime('%H:%M:%S')} · {hint}", style="dim")
-            live.update(Group(render.status_view(outcome), footer))
+            live.update(Group(render.status_view(render.shown(outcome)), footer))
             if on_poll is not None:
-                on_poll(outcome, lambda text: live.console.print(Text(text)))
+                on_poll(outcome, lambda text: live.console.print(Text(render.shown(text))))
             if stop(outcome):
                 return outcome, True
             if deadline is not None and time.monotonic() >= deadline:

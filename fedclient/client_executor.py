@@ -20,7 +20,7 @@ from multiprocessing.connection import Client, Connection, Listener
 from pathlib import Path
 from typing import Any
 
-from fedclient.executor_channel import AUTHKEY_ENV, listen_command, send_event, serve_events
+from fedclient.executor_channel import KeyHandoff, listen_command, send_event, serve_events
 from fedclient.process_group import descendant_groups, signal_group, wait_group_empty
 from fedclient.worker import SiteTraining, WorkerSetupError, update_client_properties
 from fedcommon import run_folder
@@ -152,6 +152,7 @@ class _Launch:
     proc: subprocess.Popen
     listener: Listener
     authkey: bytes
+    handoff: KeyHandoff
     exited: threading.Event
     done: threading.Event
     ranks: int = 1  # worker processes that connect back (torchrun's ranks)
@@ -177,7 +178,7 @@ class ProcessExecutor(ClientExecutor):
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
         """Launch the worker for run args.run_number; output goes to <ws>/run_N/logs/worker.log; returns its pid."""
-        return self._start([self.python, "-m", self.worker_module], args, mmar_root, 1)
+        return self._start([self.python, "-m", self.worker_module], args, mmar_root, 1, key_by_file=False)
 
     def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
         """Launch gpu_number ranks of the worker through torchrun on this node; returns torchrun's pid.
@@ -188,9 +189,10 @@ class ProcessExecutor(ClientExecutor):
             raise TrainingError(f"the number of GPUs must be a whole number >= 1, got {gpu_number!r}")
         launcher = [self.python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
                     "--nproc-per-node", str(gpu_number), "--max-restarts", "0", "-m", self.worker_module]
-        return self._start(launcher, args, mmar_root, gpu_number)
+        # torchrun starts its ranks with close_fds: they inherit no pipe, so they read the key from a private file.
+        return self._start(launcher, args, mmar_root, gpu_number, key_by_file=True)
 
-    def _start(self, launcher: list[str], args: TrainArgs, mmar_root: Path, ranks: int) -> int:
+    def _start(self, launcher: list[str], args: TrainArgs, mmar_root: Path, ranks: int, key_by_file: bool) -> int:
         with self._lock:
             if self.is_training():
                 raise TrainingError(f"run {self.run_number} is already training")
@@ -206,23 +208,29 @@ class ProcessExecutor(ClientExecutor):
                     *(["--validate"] if args.validate else [])]
             log_path = run_folder.RunFolder(run_dir).worker_log
             writer = None
+            handoff = None
             try:
                 # Every rank's output, and whatever the interpreter prints outside logging, passes through
                 # the agent, so one writer rotates the run's log.
                 writer = RotatingWriter(log_path)
+                handoff = KeyHandoff(authkey, by_file=key_by_file)
                 proc = subprocess.Popen(
                     argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=run_dir,
-                    env=self._child_env(Path(mmar_root), authkey), start_new_session=True,
+                    env={**self._child_env(Path(mmar_root)), **handoff.env}, pass_fds=handoff.pass_fds,
+                    start_new_session=True,
                 )
             except OSError as e:
                 listener.close()
                 if writer is not None:
                     writer.close()
+                if handoff is not None:
+                    handoff.close()
                 raise TrainingError(f"cannot start the training worker: {e}") from None
+            handoff.launched()
             pump = threading.Thread(target=pump_lines, args=(proc.stdout, writer), daemon=True,
                                     name=f"worker-{proc.pid}-log")
             pump.start()
-            launch = _Launch(proc, listener, authkey, threading.Event(), threading.Event(), ranks,
+            launch = _Launch(proc, listener, authkey, handoff, threading.Event(), threading.Event(), ranks,
                              groups={proc.pid}, pump=pump)
             self._launch = launch
             self.pid = proc.pid
@@ -241,12 +249,11 @@ class ProcessExecutor(ClientExecutor):
         return proc.pid
 
     @staticmethod
-    def _child_env(mmar_root: Path, authkey: bytes) -> dict[str, str]:
+    def _child_env(mmar_root: Path) -> dict[str, str]:
         env = dict(os.environ)
         custom = str(Path(mmar_root).resolve() / "custom")
         env["PYTHONPATH"] = os.pathsep.join(p for p in (custom, env.get("PYTHONPATH", "")) if p)
         env["PYTHONUNBUFFERED"] = "1"
-        env[AUTHKEY_ENV] = authkey.hex()
         return env
 
     def _accept_workers(self, launch: _Launch) -> None:
@@ -267,6 +274,7 @@ class ProcessExecutor(ClientExecutor):
                 launch.conns.append(conn)
                 launch.readers.append(reader)
             reader.start()
+        launch.handoff.close()  # every rank has read the key
         launch.listener.close()
 
     def _read_events(self, conn: Connection) -> None:
@@ -301,6 +309,7 @@ class ProcessExecutor(ClientExecutor):
             for _ in range(launch.ranks - len(launch.conns)):
                 threading.Thread(target=_knock, args=(launch.listener.address, launch.authkey), daemon=True).start()
         acceptor.join(5)
+        launch.handoff.close()  # some rank never connected
         for reader in list(launch.readers):
             reader.join(5)
         if launch.pump is not None:

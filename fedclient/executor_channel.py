@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import threading
 import time
 from collections.abc import Callable
@@ -18,8 +20,11 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-# The per-launch key travels to the worker in this environment variable (never on its command line).
-AUTHKEY_ENV = "FEDLEARN_PARENT_AUTHKEY"
+# Where the worker reads the per-launch key: "fd:N", a pipe the agent wrote it to, or the path of a 0600 file in a
+# private folder (torchrun's ranks inherit no descriptor: it starts them with close_fds). The key itself is never in
+# an environment, which /proc/PID/environ shows for the process's life, nor on a command line.
+KEY_SOURCE_ENV = "FEDLEARN_PARENT_KEY_FROM"
+_MAX_KEY_TEXT = 1024
 MAX_EVENT_BYTES = 1 << 20
 PARENT_POLL_S = 0.5
 
@@ -56,18 +61,68 @@ def serve_events(conn: Connection, handle: Callable[[dict[str, Any]], None], pee
         handle(event)
 
 
-def connect_parent(address: str) -> Connection:
-    """The worker's connection to the agent at "host:port", authenticated with the key in FEDLEARN_PARENT_AUTHKEY.
+class KeyHandoff:
+    """The agent's side of passing a per-launch key to a worker: a pipe it inherits, or a private file for ranks.
 
-    The key is removed from the environment so that the MMAR's code and its children never see it.
+    `env` goes into the worker's environment and `pass_fds` to Popen; call `launched()` once Popen returned and
+    `close()` once every rank has connected or the launch ended (it deletes the file).
     """
-    key_hex = os.environ.pop(AUTHKEY_ENV, None)
-    if not key_hex:
-        raise ValueError(f"--parent needs the authentication key in the environment variable {AUTHKEY_ENV}")
+
+    def __init__(self, key: bytes, by_file: bool):
+        self._fd: int | None = None
+        self._folder: str | None = None
+        if by_file:
+            self._folder = tempfile.mkdtemp(prefix="fedlearn-worker-key-")  # 0700, outside any workspace
+            path = os.path.join(self._folder, "key")
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(key.hex())
+            self.env, self.pass_fds = {KEY_SOURCE_ENV: path}, ()
+        else:
+            read, write = os.pipe()
+            os.write(write, key.hex().encode())  # 64 bytes: far below a pipe's buffer
+            os.close(write)
+            self._fd = read
+            self.env, self.pass_fds = {KEY_SOURCE_ENV: f"fd:{read}"}, (read,)
+
+    def launched(self) -> None:
+        """The worker holds its copy of the pipe now: the agent's end is closed."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def close(self) -> None:
+        """Nothing of the key is left outside the agent (idempotent)."""
+        self.launched()
+        if self._folder is not None:
+            shutil.rmtree(self._folder, ignore_errors=True)
+            self._folder = None
+
+
+def read_parent_key() -> bytes:
+    """The worker's per-launch key from where KEY_SOURCE_ENV says; the descriptor is closed, the variable removed."""
+    source = os.environ.pop(KEY_SOURCE_ENV, None)
+    if not source:
+        raise ValueError(f"--parent needs the agent's key: {KEY_SOURCE_ENV} names a descriptor (fd:N) or a file")
+    try:
+        if source.startswith("fd:") and source[3:].isdigit():
+            with os.fdopen(int(source[3:]), "rb") as f:
+                text = f.read(_MAX_KEY_TEXT)
+        else:
+            with open(source, "rb") as f:
+                text = f.read(_MAX_KEY_TEXT)
+        return bytes.fromhex(text.decode("ascii").strip())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the agent's key from {source}: {e}") from None
+
+
+def connect_parent(address: str) -> Connection:
+    """The worker's connection to the agent at "host:port", authenticated with the per-launch key (read_parent_key)."""
+    key = read_parent_key()
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():
         raise ValueError(f"--parent must be HOST:PORT, got {address!r}")
-    return Client((host, int(port)), authkey=bytes.fromhex(key_hex))
+    return Client((host, int(port)), authkey=key)
 
 
 def listen_command(client, conn: Connection, parent_pid: int | None = None) -> str:

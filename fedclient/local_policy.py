@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
-from fedcommon.commands import SITE_COMMAND_ALIASES, SITE_COMMANDS
+from fedcommon.commands import COMMANDS, SITE_COMMAND_ALIASES, SITE_COMMANDS
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ def parse_rules(data: object, path: Path) -> list[Rule]:
                                            f"{value!r} (one of {', '.join(known)})")
         # An earlier name ("validate" for run-validation): a rule written with it keeps meaning what its owner meant.
         denied = frozenset(SITE_COMMAND_ALIASES.get(c, c) for c in lists.pop("deny"))
+        denied |= {c.name for c in COMMANDS.values() if c.follows in denied}  # logs follows shell
         rules.append(Rule(name, denied, lists))
     return rules
 

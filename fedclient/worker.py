@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--run-number", type=int, default=None,
                         help="train only this run (its folder is <workspace>/run_N)")
     parser.add_argument("--parent", default=None,
-                        help="HOST:PORT of the agent that started this worker (key in FEDLEARN_PARENT_AUTHKEY)")
+                        help="HOST:PORT of the agent that started this worker (its key: see FEDLEARN_PARENT_KEY_FROM)")
     parser.add_argument("--validate", action="store_true",
                         help="cross-site validation of run --run-number, already trained, instead of training")
     parser.add_argument("--debug", action="store_true")

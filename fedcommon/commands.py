@@ -229,6 +229,7 @@ class Command:
     check: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     polled: bool = False  # consoles poll it (status --watch, wait, logs --follow): logged at debug when ok
     console: bool = True  # a `fedadmin` command of the same name (upload is an RPC the console's deploy makes)
+    follows: str | None = None  # a site's local policy that denies this other command denies this one too
 
     def check_args(self, args: Mapping[str, Any]) -> dict[str, Any]:
         """The operator's arguments, checked; ArgumentError names the first that is wrong."""
@@ -334,7 +335,7 @@ _DECLARED = (
             args=(_OPTIONAL_RUN,), polled=True),
     # A participant's own log files: what `shell tail` would show, without a path from the operator.
     Command("logs", "a participant's log lines", Targets.ONE, (Right.SHELL,), Topic.LOGS, args=_LOGS,
-            site_args=_LOGS, site_body=True, polled=True),
+            site_args=_LOGS, site_body=True, polled=True, follows="shell"),
     Command("set-timeout", "how long the server waits for the sites' replies", Targets.SERVER,
             (Right.OPERATE,), args=(Arg("seconds", seconds),)),
 )

@@ -20,6 +20,7 @@ from conftest import copy_mmar, prepare_workspace
 from fedclient import client_executor
 from fedclient.client_executor import ProcessExecutor, ThreadExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus
+from fedclient.executor_channel import KEY_SOURCE_ENV
 from fedclient.process_group import group_members
 
 # A stand-in for fedclient.worker: same arguments, same parent protocol; <mmar>/mode picks its behaviour.
@@ -28,7 +29,7 @@ CHILD = '''
 import argparse, json, os, signal, subprocess, sys, threading, time
 from pathlib import Path
 
-from fedclient.executor_channel import AUTHKEY_ENV, connect_parent, send_event, start_command_listener
+from fedclient.executor_channel import KEY_SOURCE_ENV, connect_parent, send_event, start_command_listener
 
 
 class Client:
@@ -48,9 +49,9 @@ args = parser.parse_args()
 mode = Path(args.mmar, "mode").read_text().strip()
 run_dir = Path(args.workspace) / f"run_{args.run_number}"
 info = {"pid": os.getpid(), "pgid": os.getpgrp(), "argv": sys.argv, "cwd": os.getcwd(),
-        "key": os.environ.get(AUTHKEY_ENV, ""), "pythonpath": os.environ.get("PYTHONPATH", "")}
+        "key_source": os.environ.get(KEY_SOURCE_ENV, ""), "pythonpath": os.environ.get("PYTHONPATH", "")}
 conn = connect_parent(args.parent)
-info["key_left_in_env"] = AUTHKEY_ENV in os.environ
+info["key_left_in_env"] = KEY_SOURCE_ENV in os.environ
 client = Client()
 if mode in ("hang", "crash"):
     ignore_term = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
@@ -58,9 +59,10 @@ if mode in ("hang", "crash"):
 if mode == "hang":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     start_command_listener(Client(), conn, os.getppid(), grace=0.2)  # its abort does nothing
-tmp = run_dir / "child.json.tmp"
+name = f"child{os.environ.get('LOCAL_RANK', '')}.json"  # a torchrun rank's: child0.json, child1.json
+tmp = run_dir / f"{name}.tmp"
 tmp.write_text(json.dumps(info))
-tmp.rename(run_dir / "child.json")
+tmp.rename(run_dir / name)
 send_event(conn, "status", status=2)
 print("child started", flush=True)
 if mode == "train":
@@ -126,8 +128,8 @@ def _executor(executors, events=None, grace: float = 3.0) -> ProcessExecutor:
     return executor
 
 
-def _child_info(workspace: Path, timeout: float = 30) -> dict:
-    path = workspace / "run_1" / "child.json"
+def _child_info(workspace: Path, timeout: float = 30, name: str = "child.json") -> dict:
+    path = workspace / "run_1" / name
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, "the child never started"
@@ -168,17 +170,71 @@ def test_progress_messages_arrive_and_a_clean_exit_is_training_stopped(child, ex
     assert "child started" in (workspace / "run_1" / "logs" / "worker.log").read_text()
 
 
-def test_the_authkey_never_appears_on_argv_and_leaves_the_environment(child, executors):
+def _environ(pid: int) -> bytes:
+    with open(f"/proc/{pid}/environ", "rb") as f:
+        return f.read()
+
+
+def _key_nowhere(key: bytes, pids: list[int]) -> None:
+    """Neither the key nor its hex is in these processes' environments (as /proc shows them) or command lines."""
+    for pid in pids:
+        seen = _environ(pid) + b"\0".join(a.encode() for a in psutil.Process(pid).cmdline())
+        assert key.hex().encode() not in seen and key not in seen, f"the key is readable in /proc/{pid}"
+
+
+def test_the_authkey_is_in_no_environment_nor_command_line_of_the_worker_or_its_children(child, executors):
+    """Hardening issue 18 (degraded): the worker's auth key was popped from os.environ but stayed readable in
+    /proc/PID/environ; it reaches the worker on an inherited pipe now."""
     workspace, make_mmar = child
     executor = _executor(executors, grace=0.5)
     pid = executor.start_train(None, TrainArgs(workspace, 1), make_mmar("hang"))
     info = _child_info(workspace)
-    key = info["key"]
-    assert len(key) == 64, "a 32-byte key, hex"
-    assert key not in " ".join(info["argv"]) and key not in " ".join(psutil.Process(pid).cmdline())
-    assert not info["key_left_in_env"]
-    assert psutil.Process(info["grandchild"]).environ().get("FEDLEARN_PARENT_AUTHKEY") is None
+    key = executor._launch.authkey
+    assert len(key) == 32
+    _key_nowhere(key, [pid, info["grandchild"]])
+    assert info["key_source"].startswith("fd:") and not info["key_left_in_env"]
+    fd = int(info["key_source"][3:])
+    assert not os.path.exists(f"/proc/{pid}/fd/{fd}"), "the worker closed the pipe once it read the key"
     executor.abort_train(None)
+
+
+def test_the_key_file_for_ranks_is_private_and_gone_once_closed(monkeypatch):
+    """Hardening issue 18 (degraded): the file torchrun's ranks read the key from is 0600 in a 0700 folder."""
+    from fedclient.executor_channel import KeyHandoff, read_parent_key
+
+    key = os.urandom(32)
+    handoff = KeyHandoff(key, by_file=True)
+    path = Path(handoff.env[KEY_SOURCE_ENV])
+    assert handoff.pass_fds == () and path.stat().st_mode & 0o777 == 0o600
+    assert path.parent.stat().st_mode & 0o777 == 0o700
+    monkeypatch.setenv(KEY_SOURCE_ENV, str(path))
+    assert read_parent_key() == key and KEY_SOURCE_ENV not in os.environ
+    handoff.close()
+    assert not path.parent.exists()
+    with pytest.raises(ValueError, match=KEY_SOURCE_ENV):
+        read_parent_key()
+
+
+@pytest.mark.e2e
+def test_torchrun_ranks_read_the_key_from_a_private_file_that_is_gone_once_they_connected(child, executors):
+    """Hardening issue 18 (degraded), for torchrun launches: its ranks inherit no pipe (torchrun starts them with
+    close_fds), so they read the key from a 0600 file in a private folder, deleted once every rank connected."""
+    workspace, make_mmar = child
+    executor = _executor(executors, grace=0.5)
+    pid = executor.start_mgpu_train(None, TrainArgs(workspace, 1), make_mmar("hang"), 2)
+    ranks = [_child_info(workspace, 90, f"child{rank}.json") for rank in (0, 1)]
+    deadline = time.monotonic() + 30
+    while len(executor._launch.conns) < 2 or os.path.exists(ranks[0]["key_source"]):
+        assert time.monotonic() < deadline, "the ranks never connected, or the key file stayed"
+        time.sleep(0.05)
+    source = Path(ranks[0]["key_source"])
+    assert all(r["key_source"] == str(source) for r in ranks) and not source.parent.exists()
+    assert not str(source).startswith(str(workspace)), "never in the workspace, where `shell cat` reads"
+    launch = [pid, *(p.pid for p in psutil.Process(pid).children(recursive=True))]
+    assert {r["pid"] for r in ranks} <= set(launch)
+    _key_nowhere(executor._launch.authkey, launch)
+    executor.abort_train(None)
+    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
 
 
 def test_abort_kills_whole_process_group_including_a_grandchild(child, executors):
@@ -312,6 +368,7 @@ def test_the_real_worker_trains_the_run_and_reports_progress(federation, executo
 
 @pytest.mark.e2e
 def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
+    """Also hardening issue 18 (degraded): the real worker's /proc/PID/environ does not hold its key."""
     server, site, mmar = federation
     config = mmar / "config" / "config_train.json"
     train = json.loads(config.read_text())
@@ -325,6 +382,7 @@ def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
         worker_log = site / "run_1" / "logs" / "worker.log"
         assert time.monotonic() < deadline and executor.is_training(), worker_log.read_text()
         time.sleep(0.1)
+    _key_nowhere(executor._launch.authkey, [pid])
     started = time.monotonic()
     executor.abort_train(None)
     assert time.monotonic() - started < 10

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -68,6 +69,16 @@ def test_two_ranks_train_like_one_process_register_once_abort_cleanly_and_report
         while len(workers_of(ws)) < 3 and time.monotonic() < deadline:  # torchrun and its two ranks
             time.sleep(0.2)
         assert len(workers_of(ws)) == 3, [p.cmdline() for p in workers_of(ws)]
+        # Hardening issue 18 (degraded): no environment /proc shows holds the per-launch key (a 64-hex value), and
+        # the private file the ranks read it from is gone once they connected.
+        for worker in workers_of(ws):
+            env = worker.environ()
+            assert not [k for k, v in env.items() if re.fullmatch(r"[0-9a-f]{64}", v)], worker.cmdline()
+            key_file = Path(env.get("FEDLEARN_PARENT_KEY_FROM", "/"))
+            deadline = time.monotonic() + 60
+            while key_file.is_file() and time.monotonic() < deadline:  # until both ranks have connected
+                time.sleep(0.2)
+            assert not key_file.is_file()
         status = replies(ok_json(ws, "status", "site-1"))["site-1"]
         assert status["ranks"] == 2
         ok_json(ws, "--yes", "abort", "server")

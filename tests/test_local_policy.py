@@ -90,3 +90,14 @@ def test_a_broken_file_refuses_every_command_naming_the_fault(tmp_path, content,
     assert says in policy.error
     refusal = policy.refusal(ALICE, "status")
     assert refusal is not None and says in refusal and "authorization.json" in refusal
+
+
+def test_a_rule_denying_shell_denies_logs_and_logs_may_be_denied_alone(tmp_path):
+    """Hardening issue 18 item 4: a site's veto of shell did not cover logs, and naming logs made the file invalid."""
+    write(tmp_path, [{"name": "no-shell-from-outside", "deny": ["shell"], "except_orgs": ["hospital-a"]}])
+    policy = LocalPolicy(tmp_path)
+    assert policy.refusal(BOB, "logs") == "refused by local/authorization.json rule 'no-shell-from-outside'"
+    assert policy.refusal(ALICE, "logs") is None
+    write(tmp_path, [{"name": "no-logs", "deny": ["logs"]}])
+    assert policy.refusal(BOB, "logs") == "refused by local/authorization.json rule 'no-logs'"
+    assert policy.error is None and policy.refusal(BOB, "shell") is None

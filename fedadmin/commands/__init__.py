@@ -65,15 +65,19 @@ class Result(Protocol):
     def __rich__(self) -> Any: ...
 
 
-def emit(options: ConsoleOptions, result: Result) -> None:
-    """Print result as one JSON object (command, ok, fields) under --json, else through Rich; exit 1 if not ok."""
+def emit(options: ConsoleOptions, result: Result, whole_lines: bool = False) -> None:
+    """Print result as one JSON object (command, ok, fields) under --json, else through Rich; exit 1 if not ok.
+
+    The human output shows every remote string escaped (fedadmin.render.shown); JSON carries them exactly.
+    whole_lines: long lines are printed whole, never wrapped or cut at the terminal's width (log lines).
+    """
     ok = bool(getattr(result, "ok", True))
     if options.json:
         click.echo(json.dumps({"command": result.command, "ok": ok, **result.to_json()}))
     else:
-        from rich.console import Console  # only the human output pays for importing Rich
+        from fedadmin import render  # only the human output pays for importing Rich
 
-        Console().print(result)
+        render.show(result, **({"soft_wrap": True, "highlight": False} if whole_lines else {}))
     if not ok:
         raise click.exceptions.Exit(EXIT_FAILED)
 
@@ -92,7 +96,9 @@ class CommandFailed(click.ClickException):
         if self.as_json:
             click.echo(json.dumps(_failure_json(self.command, self.message)), file=file)
         else:
-            click.echo(f"Error: {self.message}", err=file is None, file=file)
+            from fedcommon.escape import for_terminal  # the message may quote a site's or the server's words
+
+            click.echo(f"Error: {for_terminal(self.message)}", err=file is None, file=file)
 
 
 def _failure_json(command: str, message: str) -> dict[str, Any]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import EXIT_FAILED, ConsoleOptions, connect, emit
+from fedadmin.commands import ConsoleOptions, connect, emit
 from fedcommon.commands import GROUP_TARGETS, TARGET_RE
 from fedcommon.logs import LEVELS, MAX_LINES
 from fedcommon.outcome import CommandOutcome, TargetReply
@@ -25,19 +24,12 @@ def _level_style(line: str) -> str:
     return next((style for key, style in _LEVEL_STYLES.items() if key in head), "")
 
 
-# Control characters (ESC above all) would reach the operator's terminal: shown as escapes instead.
-_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-
-
-def _visible(line: str) -> str:
-    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
-
-
 def _log_lines(lines: list[str]) -> Any:
+    """The lines, each styled by its level; they come escaped (fedadmin.render.shown) from the result."""
     from rich.console import Group
     from rich.text import Text
 
-    return Group(*(Text(_visible(line), style=_level_style(line)) for line in lines))
+    return Group(*(Text(line, style=_level_style(line)) for line in lines))
 
 
 @dataclass(frozen=True)
@@ -113,21 +105,9 @@ def logs(options: ConsoleOptions, target: str, run_number: int | None, lines: in
     with connect(options) as conn:
         result = LogsResult(conn.execute("logs", [target], args), target, level)
         if not follow or not result.ok and not result.reply.data.get("missing"):
-            _emit(options, result)
+            emit(options, result, whole_lines=True)
             return
         _follow(options, conn, result, args)
-
-
-def _emit(options: ConsoleOptions, result: LogsResult) -> None:
-    """Like `emit`, but log lines are printed whole, never wrapped or cut at the terminal's width."""
-    if options.json:
-        emit(options, result)
-        return
-    from rich.console import Console
-
-    Console(soft_wrap=True, highlight=False).print(result)
-    if not result.ok:
-        raise click.exceptions.Exit(EXIT_FAILED)
 
 
 def _follow(options: ConsoleOptions, conn, first: LogsResult, args: dict[str, Any]) -> None:
@@ -166,20 +146,22 @@ def _follow(options: ConsoleOptions, conn, first: LogsResult, args: dict[str, An
 
 class _RichLines:
     def __init__(self, target: str):
-        from rich.console import Console
+        from fedadmin import render
 
-        self.out = Console(soft_wrap=True, highlight=False)
-        self.err = Console(stderr=True, highlight=False)
+        self.out = render.terminal(soft_wrap=True, highlight=False)
+        self.err = render.terminal(stderr=True, highlight=False)
+        self.shown = render.shown
         self.target = target
 
     def show(self, result: LogsResult) -> None:
+        result = self.shown(result)
         if result.reply.data.get("missing"):
             self.note(f"{self.target} has no {result.reply.data.get('file')} yet; waiting for it")
             return
         self.out.print(_log_lines(result.reply.data.get("lines") or []))
 
     def note(self, text: str) -> None:
-        self.err.print(text, style="yellow", markup=False)
+        self.err.print(self.shown(text), style="yellow")
 
 
 class _JsonLines:

@@ -182,9 +182,7 @@ class _Rounds:
 def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float,
         keep: bool) -> None:
     """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it (unless --keep)."""
-    from rich.console import Console
-
-    from fedadmin import local_federation
+    from fedadmin import local_federation, render
     from fedadmin.commands.poc.start import start_federation
     from fedadmin.connection import AdminConnection
     from fedadmin.upload import check_mmar, upload_mmar
@@ -194,10 +192,10 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     check_mmar(mmar)
     workspace = workspace.resolve()
     fresh_workspace(workspace)
-    console = Console(quiet=options.json, highlight=False)
+    console = render.terminal(quiet=options.json, highlight=False)
 
     def say(text: str) -> None:
-        console.print(text, markup=False)
+        console.print(render.shown(text))  # round lines carry the sites' metric names
 
     prepare_poc(workspace, clients, "127.0.0.1", _free_port(), _free_port(), "poc", False)
     say(f"poc: kits for server, site-1..site-{clients} and admin in {workspace}")
