@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import click
@@ -38,10 +39,12 @@ COMMANDS = {
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object per command instead of tables.")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask before destructive commands.")
 @click.option(
-    "--timeout",
+    "--reply-timeout",
+    "timeout",
     type=click.FloatRange(min=0, min_open=True),
     default=None,
-    help="Seconds the server waits for the sites' replies.  [default: the server's setting, see set-timeout]",
+    help="Seconds the server waits for the sites' replies to a command.  [default: the server's setting, see "
+    "set-timeout] (`wait --timeout` is how long wait follows a run)",
 )
 @click.option("--debug", is_flag=True, help="Log details and show tracebacks on errors.")
 @click.version_option(__version__, prog_name="fedadmin", message="%(prog)s %(version)s")
@@ -54,6 +57,7 @@ def main(ctx: click.Context, kit: Path | None, as_json: bool, yes: bool, timeout
     """
     if debug:
         logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
+        os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     ctx.obj = ConsoleOptions(kit=kit, json=as_json, yes=yes, timeout=timeout, debug=debug)
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+# gRPC's core writes its own lines (a failed handshake, a dropped connection) to stderr; the console says what went
+# wrong itself. `fedadmin --debug` lets them through.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 
 from fedcommon.admin_serde import outcome_from_wire

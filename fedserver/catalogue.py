@@ -243,7 +243,7 @@ def _run_validation_request(fed: Federation, args: Args) -> Args:
     training = fed.training_run()
     if training is not None:
         # A validating site registers like a training one: it would hold up the training run's rounds.
-        raise AdminError(f"run {training.run_number} is training; validate --run waits until it ends")
+        raise AdminError(f"run {training.run_number} is training; validate --start waits until it ends")
     fed.cross_site(number)  # refuses a run that does not exist or has not completed
     return {"run_number": number}
 

@@ -58,11 +58,20 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
+    try:
+        kit = load_kit(workspace)
+    except KitError as e:
+        click.echo(f"fedserver: {e}", err=True)
+        sys.exit(3)
+    if kit.role != "server":
+        kind = "a site" if kit.role == "client" else "an admin"
+        click.echo(f"fedserver: {kit.folder} holds the kit of {kit.name} ({kind}), not the server's: "
+                   "`fedserver start` needs the server's participant folder", err=True)
+        sys.exit(3)
     make_private(workspace)
     configure_logging(workspace / "log.txt", debug)
     _raise_open_file_limit()
     try:
-        kit = load_kit(workspace)
         server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port)
         if mmar is not None:
             # The run exists before the port opens, so an early site never sees "no run yet".

@@ -539,7 +539,7 @@ def test_validation_on_demand_is_refused_while_a_run_trains_and_never_reaches_th
     _start_training(federation)
     site = federation.agent("site-1", lambda msg: ("_ok", {}))
     reply = federation.execute("run-validation", ["site-1"], args={"run_number": 1})
-    assert not reply.ok and reply.replies[0].error == "run 1 is training; validate --run waits until it ends"
+    assert not reply.ok and reply.replies[0].error == "run 1 is training; validate --start waits until it ends"
     assert site.topics() == []
 
 

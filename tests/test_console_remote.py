@@ -237,7 +237,7 @@ def test_commands_send_the_contract_names_targets_and_arguments(ws, fake, argv, 
 
 
 def test_timeout_option_is_sent_to_the_server(ws, fake):
-    assert fedadmin("--timeout", "7", "--json", "status", kit=ws / "admin").returncode == 0
+    assert fedadmin("--reply-timeout", "7", "--json", "status", kit=ws / "admin").returncode == 0
     assert fake.requests[0].timeout == 7
 
 
@@ -351,10 +351,14 @@ def test_a_site_kit_is_refused_as_an_admin_kit_with_exit_3(ws, fake):
     assert fake.requests == []
 
 
-def test_a_missing_kit_folder_exits_3(tmp_path):
+def test_a_missing_kit_folder_is_a_usage_error(tmp_path):
+    """Issue 19 item 7: a missing kit folder exited 3 ("cannot connect"), where it is a usage error (2)."""
     result = fedadmin("--json", "status", kit=tmp_path / "nowhere")
-    assert result.returncode == 3
+    assert result.returncode == 2
     assert "no such folder" in one_json(result)["error"]
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert fedadmin("--json", "status", kit=empty).returncode == 3  # a folder that is no kit: it cannot connect
 
 
 def test_permission_denied_by_the_server_exits_3(ws, fake):
@@ -373,7 +377,7 @@ def test_a_port_that_never_completes_the_handshake_exits_3(tmp_path):
     with socket.socket() as listener:  # accepts TCP connections (backlog), never speaks TLS
         listener.bind(("127.0.0.1", kit.admin_port))
         listener.listen(8)
-        result = fedadmin("--timeout", "0.5", "status", kit=ws / "admin")
+        result = fedadmin("--reply-timeout", "0.5", "status", kit=ws / "admin")
     assert result.returncode == 3, result.stdout + result.stderr
     assert f"cannot connect to the server's admin port at {kit.admin_target}" in result.stderr
 
@@ -384,7 +388,7 @@ def test_a_server_that_answers_too_late_exits_1(ws, fake):
         return reply(request)
 
     fake.handlers["status"] = slow
-    result = fedadmin("--timeout", "0.5", "status", "server", kit=ws / "admin")
+    result = fedadmin("--reply-timeout", "0.5", "status", "server", kit=ws / "admin")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "no answer from the server's admin port" in result.stderr
 

@@ -70,7 +70,7 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         deadline = time.monotonic() + 60
         while not _sites_connected(ws) and time.monotonic() < deadline:  # the agents come back by themselves
             time.sleep(0.5)
-        assert _matrix(ws, "--run-number", "1")["results"] == out["results"]
+        assert _matrix(ws, "--run", "1")["results"] == out["results"]
 
         # Run 2: no validation after training, and site-2 keeps its model to itself; validation starts on demand.
         plain = copy_mmar(tmp_path / "plain", server={"num_rounds": 2})
@@ -81,7 +81,7 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         ok_json(ws, "start", "all")
         ok_json(ws, "wait", "--timeout", "240", timeout=300)
         assert _matrix(ws)["results"] == {}
-        started = replies(ok_json(ws, "validate", "--run"))
+        started = replies(ok_json(ws, "validate", "--start"))
         assert set(started) == set(SITES) and started["site-1"]["run_number"] == 2
         out = _wait_matrix(ws, 4)
         assert out["declined"] == ["site-2"] and out["owners"] == ["site-1", "server"]

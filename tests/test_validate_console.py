@@ -196,11 +196,11 @@ def test_a_failed_reply_exits_1_with_the_error_in_the_table(server):
         (["-r", "2"], ("validate", ["server"], {"run_number": 2})),
         (["hospital-a"], ("validate", ["server"], {"site": "hospital-a"})),
         (
-            ["--run-number", "3", "hospital-a", "server"],
+            ["--run", "3", "hospital-a", "server"],
             ("validate", ["server"], {"run_number": 3, "site": "hospital-a", "owner": "server"}),
         ),
-        (["--run"], ("run-validation", ["client"], {})),
-        (["--run", "-r", "4", "hospital-a", "hospital-b", "hospital-c"],
+        (["--start"], ("run-validation", ["client"], {})),
+        (["--start", "-r", "4", "hospital-a", "hospital-b", "hospital-c"],
          ("run-validation", ["hospital-a", "hospital-b", "hospital-c"], {"run_number": 4})),
     ],
 )
@@ -216,7 +216,7 @@ def test_run_prints_each_sites_reply_and_fails_if_one_failed(server):
         TargetReply("hospital-a", True, {"run_number": 1, "pid": 1234}),
         TargetReply("hospital-b", False, error="run 1 is not deployed"),
     ])
-    result = fedadmin("--json", "validate", "--run")
+    result = fedadmin("--json", "validate", "--start")
     assert result.exit_code == 1
     report = json.loads(result.stdout)
     assert report["replies"] == [
@@ -233,9 +233,9 @@ def test_run_prints_each_sites_reply_and_fails_if_one_failed(server):
     [
         (["a", "b", "c"], "at most SITE and OWNER"),
         (["-r", "0"], "0 is not in the range"),
-        (["--run-number", "-1"], "-1 is not in the range"),
+        (["--run", "-1"], "-1 is not in the range"),
         (["no/such/site"], "is not a site name"),
-        (["--run", "site-1", "bad/target"], "is not a target"),
+        (["--start", "site-1", "bad/target"], "is not a target"),
     ],
 )
 def test_usage_errors_exit_2_without_contacting_the_server(server, argv, message):
@@ -253,6 +253,6 @@ def test_usage_error_under_json_prints_one_json_failure(server):
     assert "at most SITE and OWNER" in report["error"]
 
 
-def test_run_accepts_more_than_two_targets_and_goes_on_to_connect():
-    result = fedadmin("validate", "--run", "site-1", "site-2", "site-3")
-    assert result.exit_code == 3, result.output  # the kit does not exist: a connection failure, not usage
+def test_start_accepts_more_than_two_targets_and_goes_on_to_connect(tmp_path):
+    result = CliRunner().invoke(main, ["--kit", str(tmp_path), "validate", "--start", "site-1", "site-2", "site-3"])
+    assert result.exit_code == 3, result.output  # the folder is no kit: a connection failure, not usage

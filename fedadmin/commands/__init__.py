@@ -48,7 +48,7 @@ class ConsoleOptions:
         args = ["--kit", str(self.kit)] if self.kit is not None else []
         args += ["--json"] if self.json else []
         args += ["--yes"] if self.yes else []
-        args += ["--timeout", repr(self.timeout)] if self.timeout is not None else []
+        args += ["--reply-timeout", repr(self.timeout)] if self.timeout is not None else []
         return args + (["--debug"] if self.debug else [])
 
 
@@ -129,9 +129,50 @@ class ConsoleGroup(click.Group):
             self.add_command(getattr(importlib.import_module(module), attribute), cmd_name)
         return super().get_command(ctx, cmd_name)
 
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if ctx.parent is None:
+            args = self._global_options_first(ctx, args)
+        return super().parse_args(ctx, args)
+
+    def _global_options_first(self, ctx: click.Context, args: list[str]) -> list[str]:
+        """`fedadmin abort all --yes` as `fedadmin --yes abort all`: global options given after the command move
+        before it, unless the command has an option of that name or passes its arguments on (shell)."""
+        i = 0
+        while i < len(args) and args[i].startswith("-") and args[i] != "--":
+            i += 1 + (0 if "=" in args[i] else GLOBAL_OPTIONS.get(args[i], 0))
+        if i >= len(args) or not any(a.split("=", 1)[0] in GLOBAL_OPTIONS for a in args[i + 1:]):
+            return args
+        command = self.get_command(ctx, args[i])
+        if command is None or command.context_settings.get("ignore_unknown_options"):
+            return args
+        own = _option_names(ctx, command)
+        moved: list[str] = []
+        rest: list[str] = []
+        j = i + 1
+        while j < len(args):
+            name = args[j].split("=", 1)[0]
+            if args[j] == "--":
+                rest += args[j:]
+                break
+            if name in GLOBAL_OPTIONS and name not in own:
+                take = 1 + (0 if "=" in args[j] else GLOBAL_OPTIONS[name])
+                moved += args[j:j + take]
+                j += take
+            else:
+                rest.append(args[j])
+                j += 1
+        return [*args[:i], *moved, args[i], *rest]
+
     def resolve_command(
         self, ctx: click.Context, args: list[str]
     ) -> tuple[str | None, click.Command | None, list[str]]:
+        typed = click.utils.make_str(args[0]) if args else ""
+        if typed and not typed.startswith("-") and self.get_command(ctx, typed) is None:
+            import difflib
+
+            close = difflib.get_close_matches(typed, self.list_commands(ctx), n=3, cutoff=0.6)
+            hint = f" Did you mean {' or '.join(close)}?" if close else ""
+            ctx.fail(f"No such command {typed!r}.{hint} `{ctx.command_path} --help` lists them.")
         name, command, rest = super().resolve_command(ctx, args)
         if command is not None:
             ctx.meta.setdefault(_PATH_KEY, []).append(command.name)
@@ -167,6 +208,21 @@ class ConsoleGroup(click.Group):
             code = getattr(exc, "exit_code", EXIT_FAILED)
             code = code if isinstance(code, int) else EXIT_FAILED
             raise CommandFailed(command_path(ctx), str(exc) or type(exc).__name__, options.json, code) from exc
+
+
+# The root's options, and how many values each takes: accepted after the command too.
+GLOBAL_OPTIONS = {"--kit": 1, "--json": 0, "--yes": 0, "-y": 0, "--reply-timeout": 1, "--debug": 0}
+
+
+def _option_names(ctx: click.Context, command: click.Command) -> set[str]:
+    """Every option name `command` declares, and for a group its subcommands' too."""
+    names = {opt for param in command.params for opt in (*param.opts, *param.secondary_opts)}
+    if isinstance(command, click.Group):
+        for sub in command.list_commands(ctx):
+            found = command.get_command(ctx, sub)
+            if found is not None:
+                names |= _option_names(ctx, found)
+    return names
 
 
 def command_path(ctx: click.Context) -> str:
@@ -206,6 +262,10 @@ def connect(options: ConsoleOptions) -> AdminConnection:
     """A connection to the server's admin port with the --kit (or FEDADMIN_KIT) admin kit."""
     if options.kit is None:
         raise click.UsageError("no admin kit: pass --kit DIR (the admin's participant folder) or set FEDADMIN_KIT")
+    if not options.kit.is_dir():
+        # A mistyped folder is a usage error (exit 2), not a server that cannot be reached (exit 3).
+        raise click.UsageError(f"admin kit {options.kit}: no such folder (--kit or FEDADMIN_KIT names the admin's "
+                               "participant folder, the one holding startup/)")
     from fedadmin.connection import AdminConnection
 
     return AdminConnection(options.kit, options.timeout)

@@ -61,14 +61,15 @@ class ValidationResult(ServerAnswer):
 @click.command("validate")
 @click.argument("names", nargs=-1, metavar="[SITE [OWNER] | TARGET...]")
 @click.option(
-    "--run-number",
+    "--run",
     "-r",
+    "run_number",
     type=click.IntRange(min=1),
     default=None,
-    help="The run to show or validate.  [default: the server's current run]",
+    help="The run to show or validate (as in logs and metrics).  [default: the server's current run]",
 )
 @click.option(
-    "--run",
+    "--start",
     "start",
     is_flag=True,
     help="Start cross-site validation at the TARGETs (client or site names; default: client).",
@@ -81,9 +82,9 @@ def validate(ctx: click.Context, names: tuple[str, ...], run_number: int | None,
     server). A cell shows accuracy if measured, else a loss, else the first metric; — means not
     validated yet. SITE shows that site's row; SITE OWNER one cell with all its metrics.
 
-    With --run, start validation of a run already trained at the TARGETs (default: client) instead.
+    With --start, start validation of a run already trained at the TARGETs (default: client) instead.
 
-    After `--run`, follow with `fedadmin validate` to see the matrix fill.
+    After `--start`, follow with `fedadmin validate` to see the matrix fill.
     """
     options: ConsoleOptions = ctx.obj
     param = next(p for p in ctx.command.params if p.name == "names")
@@ -94,7 +95,7 @@ def validate(ctx: click.Context, names: tuple[str, ...], run_number: int | None,
         return
     if len(names) > 2:
         raise click.UsageError(
-            f"validate takes at most SITE and OWNER, got {len(names)} names; to start validation at sites use --run",
+            f"validate takes at most SITE and OWNER, got {len(names)} names; to start validation at sites use --start",
             ctx=ctx,
         )
     for name in names:

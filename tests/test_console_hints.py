@@ -1,0 +1,88 @@
+"""What a new operator trips over at the console (issue 19 items 7 and 8): hints that work, names that agree."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from conftest import ROOT, prepare_workspace, python_env
+
+
+def fedadmin(*args: str, kit: Path | None = None) -> subprocess.CompletedProcess[str]:
+    env = {**python_env(), "COLUMNS": "200"}
+    env.pop("FEDADMIN_KIT", None)
+    kit_args = ["--kit", str(kit)] if kit is not None else []
+    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *kit_args, *args], cwd=ROOT, env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+
+
+def test_a_mistyped_command_gets_a_suggestion():
+    """Item 7: mistyped commands got no suggestion (the lazy loader hid them from Click)."""
+    done = fedadmin("stauts")
+    assert done.returncode == 2 and "No such command 'stauts'. Did you mean status" in done.stderr
+    done = fedadmin("poc", "strat")
+    assert done.returncode == 2 and "Did you mean start" in done.stderr
+
+
+def test_the_yes_hint_works_as_written_after_the_command(tmp_path):
+    """Item 7: "pass --yes to proceed" led to `abort all --yes` → "No such option '--yes'"; global options are
+    accepted after the command too."""
+    refused = fedadmin("abort", "all", kit=tmp_path)
+    assert refused.returncode == 2 and "pass --yes to proceed" in refused.stderr
+    done = fedadmin("abort", "all", "--yes", kit=tmp_path)  # confirmed: it goes on to connect (the folder is no kit)
+    assert done.returncode == 3 and "No such option" not in done.stderr, done.stderr
+    late = fedadmin("status", "--json", kit=tmp_path)
+    assert late.returncode == 3 and json.loads(late.stdout)["ok"] is False
+
+
+def test_a_commands_own_option_and_a_shell_commands_flags_stay_where_they_are(tmp_path):
+    from fedadmin.cli import main
+
+    ctx = main.make_context("fedadmin", ["status"], resilient_parsing=True)
+    moved = main._global_options_first(ctx, ["shell", "site-1", "grep", "--json", "x", "log.txt"])
+    assert moved == ["shell", "site-1", "grep", "--json", "x", "log.txt"]
+    moved = main._global_options_first(ctx, ["wait", "--timeout", "5", "--reply-timeout", "3", "--json"])
+    assert moved == ["--reply-timeout", "3", "--json", "wait", "--timeout", "5"]
+
+
+def test_a_missing_kit_is_a_usage_error_and_grpcs_own_lines_stay_off_stderr(tmp_path):
+    """Item 7: a missing kit folder exited 3; gRPC's own handshake log lines reached the console's stderr."""
+    from fedcommon.kit import load_kit
+    from fedserver.server import FederationServer
+
+    missing = fedadmin("status", kit=tmp_path / "nowhere")
+    assert missing.returncode == 2 and "no such folder" in missing.stderr
+    ours = prepare_workspace(tmp_path / "ours", clients=1)
+    other = prepare_workspace(tmp_path / "other", clients=1)  # another project's CA: the handshake fails
+    admin_port = load_kit(ours / "admin").admin_port
+    server = FederationServer(other / "server", load_kit(other / "server"), fl_port=0, admin_port=admin_port)
+    server.start()
+    try:
+        done = fedadmin("status", kit=ours / "admin")
+    finally:
+        server.stop(0)
+    assert done.returncode == 3 and "TLS handshake failed" in done.stderr
+    assert [line for line in done.stderr.splitlines() if re.match(r"[IWEF]\d{4} ", line)] == [], done.stderr
+
+
+def test_fedserver_on_a_sites_kit_says_it_is_a_site_kit(tmp_path):
+    """Item 7: `fedserver start` on a site's kit blamed a missing CRL."""
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    done = subprocess.run([sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "site-1")],
+                          cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert "holds the kit of site-1 (a site), not the server's" in done.stderr and "CRL" not in done.stderr
+
+
+def test_one_spelling_for_a_run_and_distinct_names_for_the_two_timeouts():
+    """Item 8: `--run N` in logs and metrics but `--run-number N` in validate (where --run was a flag); the global
+    `--timeout` and `wait --timeout` meant different things."""
+    for command in ("logs", "metrics", "validate"):
+        assert re.search(r"--run\b.*INTEGER", fedadmin(command, "--help").stdout), command
+    assert "--start" in fedadmin("validate", "--help").stdout
+    top = fedadmin("--help").stdout
+    assert "--reply-timeout" in top and not re.search(r"^\s+--timeout\b", top, re.M)
+    assert re.search(r"--timeout\b", fedadmin("wait", "--help").stdout)
