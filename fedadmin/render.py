@@ -293,7 +293,10 @@ def validation_view(data: dict[str, Any], metric: str | None) -> RenderableType:
     ]
     if data.get("declined"):
         notes.append(f"did not share their model: {value_text(data['declined'])}")
-    if data.get("pending_owners"):
+    if data.get("enabled") is False and not results:
+        notes.append(f"cross-site validation was not turned on for run {value_text(data.get('run_number'))} "
+                     "(cross_site_validate in config_fed_client.json): start it with `fedadmin validate --start`")
+    elif data.get("pending_owners"):
         notes.append(f"models not arrived yet: {value_text(data['pending_owners'])}")
     heading = Text(f"{title} ({metric})" if metric else title, style="bold")
     return Group(heading, table, *(Text(n, style="dim") for n in notes))

@@ -13,12 +13,27 @@ from fedadmin.connection import AdminConnection, Uploaded
 
 
 def check_mmar(mmar: Path) -> None:
-    """Refuse (exit 2) what cannot be an MMAR: a folder without config/, or a file that is not a zip."""
+    """Refuse (exit 2) what is not a valid MMAR, every problem named once, before anything is uploaded: the
+    server and each site would otherwise refuse it once each."""
+    from fedcommon.mmar import MMARError, load_mmar
+
     if mmar.is_dir():
         if not (mmar / "config").is_dir():
             raise click.BadParameter(f"{mmar} has no config/ folder, so it is not an MMAR", param_hint="'MMAR'")
-    elif not zipfile.is_zipfile(mmar):
+        try:
+            load_mmar(mmar)
+        except MMARError as e:
+            raise click.UsageError(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}") from None
+        return
+    if not zipfile.is_zipfile(mmar):
         raise click.BadParameter(f"{mmar} is neither an MMAR folder nor a .zip", param_hint="'MMAR'")
+    from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
+
+    with tempfile.TemporaryDirectory(prefix="fedadmin-check-") as tmp:
+        try:
+            extract_zip_safely(mmar, Path(tmp) / "mmar", check=load_mmar)
+        except (MMARError, UnsafeArchiveError) as e:
+            raise click.UsageError(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}") from None
 
 
 def upload_mmar(conn: AdminConnection, mmar: Path, show_progress: bool) -> Uploaded:

@@ -142,7 +142,8 @@ def _abort(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
 
 def _validate(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     number = args.get("run_number") or _current_run(fed)
-    data = {**fed.cross_site(number).matrix(), "run_status": fed.run_status(number)}
+    data = {**fed.cross_site(number).matrix(), "run_status": fed.run_status(number),
+            "enabled": _cross_site_enabled(fed, number)}
     site, owner = args.get("site"), args.get("owner")
     if site is not None and site not in data["validating_sites"]:
         raise AdminError(f"{site} did not take part in run {number}; "
@@ -156,6 +157,17 @@ def _validate(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]
             raise AdminError(f"{site} has not validated {owner}'s model of run {number} yet")
         data["cell"] = {"site": site, "owner": owner, "metrics": metrics}
     return data
+
+
+def _cross_site_enabled(fed: Federation, number: int) -> bool:
+    """Whether run N's MMAR turns cross-site validation on (config_fed_client.json `cross_site_validate`)."""
+    from fedcommon.mmar import MMARError, load_mmar
+    from fedcommon.run_folder import RunFolder
+
+    try:
+        return load_mmar(RunFolder.of(fed.workspace, number).mmar).client.cross_site_validate
+    except (MMARError, OSError):
+        return False
 
 
 def _sites_only(name: str) -> Callable[[Federation, Args, Gathered], dict[str, Any]]:

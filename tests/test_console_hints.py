@@ -86,3 +86,41 @@ def test_one_spelling_for_a_run_and_distinct_names_for_the_two_timeouts():
     top = fedadmin("--help").stdout
     assert "--reply-timeout" in top and not re.search(r"^\s+--timeout\b", top, re.M)
     assert re.search(r"--timeout\b", fedadmin("wait", "--help").stdout)
+
+
+def test_deploy_checks_the_mmar_before_uploading_and_names_each_problem_once(tmp_path):
+    """Item 7: `deploy` printed each problem once per target; it checks the MMAR locally first."""
+    import zipfile
+
+    from conftest import copy_mmar
+
+    bad = copy_mmar(tmp_path / "bad", server={"num_rounds": -1, "min_num_clients": "two"})
+    for mmar in (bad, _zipped(bad, tmp_path / "bad.zip", zipfile)):
+        done = fedadmin("deploy", str(mmar), "server", "site-1", "site-2", kit=tmp_path)  # no kit: never connects
+        assert done.returncode == 2, done.stderr
+        assert "nothing was uploaded" in done.stderr
+        assert done.stderr.count("num_rounds") == 1 and done.stderr.count("min_num_clients") == 1, done.stderr
+
+
+def _zipped(folder: Path, archive: Path, zipfile) -> Path:
+    with zipfile.ZipFile(archive, "w") as z:
+        for path in folder.rglob("*"):
+            z.write(path, path.relative_to(folder))
+    return archive
+
+
+def test_validate_on_a_run_without_cross_site_validation_says_how_to_start_it():
+    """Item 7: `validate` on a run without cross-site validation said the models "have not arrived yet"."""
+    from rich.console import Console
+
+    from fedadmin.commands.validate import ValidationResult
+    from fedadmin.render import shown
+    from fedcommon.outcome import CommandOutcome, TargetReply
+
+    data = {"run_number": 1, "run_status": "completed", "owners": [], "validating_sites": ["site-1"],
+            "results": {}, "pending_owners": ["site-1", "server"], "enabled": False}
+    console = Console(width=200, record=True, color_system=None)
+    console.print(shown(ValidationResult(CommandOutcome("validate", True, [TargetReply("server", True, data)]))))
+    text = console.export_text()
+    assert "cross-site validation was not turned on for run 1" in text and "fedadmin validate --start" in text
+    assert "not arrived yet" not in text
