@@ -418,11 +418,10 @@ def test_destructive_command_with_yes_proceeds(ws, fake):
 
 
 def make_mmar(folder: Path) -> Path:
-    (folder / "config").mkdir(parents=True)
-    (folder / "custom").mkdir()
-    (folder / "config" / "config_fed_client.json").write_text('{"x": 1}')
-    (folder / "custom" / "trainer.py").write_text("print('hi')\n" * 1000)
-    return folder
+    """A valid MMAR folder (the console checks an MMAR before it uploads it)."""
+    from conftest import copy_mmar
+
+    return copy_mmar(folder)
 
 
 def test_deploy_of_a_folder_uploads_a_zip_whose_sha256_matches_then_deploys_it(ws, fake):
@@ -442,9 +441,12 @@ def test_deploy_of_a_folder_uploads_a_zip_whose_sha256_matches_then_deploys_it(w
 
 
 def make_zip(archive: Path) -> Path:
-    with zipfile.ZipFile(archive, "w") as z:
-        z.writestr("config/config_fed_client.json", "{}")
-    return archive
+    """A valid MMAR as a zip (the console checks an MMAR before it uploads it)."""
+    from conftest import DIGITS
+
+    from fedcommon.safe_zip import zip_folder
+
+    return zip_folder(DIGITS, archive)
 
 
 def test_deploy_of_a_zip_uploads_it_unchanged(ws, fake):
