@@ -72,7 +72,9 @@ class AdminHub:
             spec.verify(self._server, args)
         wait = self._timeout(timeout)
         names = self._resolve(command, declared.targets, targets)
-        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs())
+        needs = spec.needs(self._server, args) if spec.needs else []
+        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs(),
+                          needs)
         connected = set(self._sites.connected_sites())
         results = {n: TargetReply(n, False, error=self._sites.not_connected(n))
                    for n in names if n != SERVER and n not in connected}
