@@ -32,7 +32,7 @@ def archive_code(zip_path: Path) -> list[str]:
     """
     from fedcommon.safe_zip import archive_files
 
-    return sorted(f for f in archive_files(zip_path) if f.split("/", 1)[0] == CUSTOM_DIR)
+    return sorted(f for f in archive_files(zip_path) if f.startswith(f"{CUSTOM_DIR}/"))
 
 
 def shown(files: list[str], most: int = 3) -> str:

@@ -77,19 +77,19 @@ def load_code_policy(workspace: Path) -> CodePolicy:
     policy = CodePolicy(run_as, allow, str(path))
     if os.geteuid() == 0:
         try:
-            _user_ids(policy)
+            _user_ids(run_as)
         except CodeRefused as e:
             raise CodePolicyError(f"{path}: run_as: {e}") from None
     return policy
 
 
-def _user_ids(policy: CodePolicy) -> tuple[int, int]:
+def _user_ids(name: str) -> tuple[int, int]:
     try:
-        entry = pwd.getpwnam(policy.run_as)
+        entry = pwd.getpwnam(name)
     except KeyError:
-        raise CodeRefused(f"no user {policy.run_as!r} on this host (run_as of {policy.source})") from None
+        raise CodeRefused(f"no user {name!r} on this host") from None
     if entry.pw_uid == 0:
-        raise CodeRefused(f"run_as of {policy.source} names {policy.run_as!r}, a root user; name an unprivileged one")
+        raise CodeRefused(f"{name!r} is root (uid 0): name an unprivileged user")
     return entry.pw_uid, entry.pw_gid
 
 
@@ -154,9 +154,9 @@ def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, in
             f"root), so it would run with the server's identity: deploy that MMAR to sites only, or allow it with "
             f'{{"allow_as_server_user": true}} in the server\'s {POLICY_FILE.as_posix()}')
     try:
-        return _user_ids(policy)
+        return _user_ids(policy.run_as)
     except CodeRefused as e:
-        raise CodeRefused(f"{what} brings code ({shown(code)}): {e}") from None
+        raise CodeRefused(f"{what} brings code ({shown(code)}), and run_as of {policy.source}: {e}") from None
 
 
 def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
