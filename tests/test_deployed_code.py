@@ -287,3 +287,38 @@ def test_a_bad_custom_code_json_stops_the_server_from_starting_naming_the_key(tm
     with pytest.raises(ServerError) as e:
         FederationServer(ws, load_kit(ws), fl_port=0, admin_port=0)
     assert "custom_code.json" in str(e.value) and says in str(e.value), str(e.value)
+
+
+def test_a_sites_custom_code_key_refuses_code_naming_the_key_and_is_re_read_when_it_changes(tmp_path):
+    """Issue 18 item 1: a site's local/authorization.json may say "custom_code": false (alone or beside its rules);
+    then every MMAR that brings code is refused, naming the key and the files; a bad value refuses everything."""
+    from fedclient.local_policy import LocalPolicy
+
+    (tmp_path / "local").mkdir()
+    path = tmp_path / "local" / "authorization.json"
+    policy = LocalPolicy(tmp_path)
+    assert policy.code_refusal(["custom/model.py"]) is None
+    path.write_text(json.dumps({"custom_code": False}))
+    refusal = policy.code_refusal(["custom/a.py", "custom/b.py", "custom/c.py", "custom/d.py"])
+    assert refusal == ('refused by local/authorization.json "custom_code": false: this site runs no deployed code, '
+                       "and the MMAR brings custom/a.py, custom/b.py, custom/c.py and 1 more")
+    assert policy.code_refusal([]) is None
+    assert policy.refusal(AdminIdentity("a", "lead", "org-a"), "deploy") is None
+    path.write_text(json.dumps({"rules": [], "custom_code": "no"}))
+    os.utime(path, ns=(1, 1))
+    assert "custom_code: must be true or false" in policy.code_refusal([])
+    assert "custom_code: must be true or false" in policy.refusal(AdminIdentity("a", "lead", "org-a"), "status")
+    path.write_text(json.dumps({"rules": [{"name": "n", "deny": ["shell"]}], "custom_code": True}))
+    assert policy.code_refusal(["custom/model.py"]) is None
+
+
+def test_the_readme_says_what_deploying_code_means_and_how_to_restrict_it():
+    """Issue 18 item 1: the README's security section says that deploying to a participant runs code there, and
+    names each way to restrict it: the server's code right, a site's custom_code key, the server's run_as."""
+    from conftest import ROOT
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    assert "Deploying an MMAR to a participant means running its code there." in text
+    for knob in ("`code`", '{"custom_code": false}', "`run_as`", "local/custom_code.json",
+                 '{"allow_as_server_user": true}'):
+        assert knob in text, knob

@@ -8,9 +8,11 @@ the code's own tables, so remapping a command's right in the code turns this red
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,7 +87,7 @@ def test_the_docs_role_table_parses_and_names_every_command_the_server_declares(
     rights, scopes = doc_rights(text), doc_scopes(text)
     assert set(rights) == set(COMMANDS), "the docs' Rights line and the declared commands differ"
     assert set(scopes) == set(ROLES)
-    assert all(set(s) == {"view", "train", "operate", "shell"} for s in scopes.values()), scopes
+    assert all(set(s) == {"view", "train", "operate", "shell", "code"} for s in scopes.values()), scopes
     assert rights["logs"] == {"shell"} and rights["abort"] == {"train", "operate"}
 
 
@@ -196,3 +198,32 @@ def test_every_role_command_and_target_is_allowed_or_refused_as_the_docs_role_ta
                     assert not lost, f"{case}: the federation was disturbed: {lost}"
     assert checked >= 4 * 30, checked
     assert not wrong, f"{len(wrong)} of {checked} cases differ from {DOC.name}:\n" + "\n".join(wrong)
+
+
+def test_deploying_code_needs_train_and_code_on_every_target_as_the_docs_role_table_says(fed):
+    """Issue 18 item 1: a deploy whose archive brings code (a file under custom/) is allowed only where the docs'
+    table gives the role both train and code: a lead to its own org's sites, never to the server."""
+    scopes = doc_scopes(DOC.read_text())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("mmar/config/config_fed_server.json", "{}")
+        zf.writestr("mmar/custom/model.py", "import os\n")
+    data = buf.getvalue()
+    header = apb.BlobHeader(name="code.zip", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    fed.stub("project_admin@org-a").Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]),
+                                           timeout=30)
+    wrong = []
+    for role in ROLES:
+        stub = fed.stub(f"{role}@org-a")
+        for where, targets in (("own", [OWN]), ("other", [OTHER]), ("server", ["server"])):
+            request = apb.CommandRequest(command="deploy", targets=targets, timeout=10,
+                                         args_json=json.dumps({"blob_id": header.sha256}))
+            reply = stub.Execute(request, timeout=60)
+            refused = not reply.ok and SERVER_POLICY in reply.error
+            expected = allowed(scopes, {"train"}, role, where) and allowed(scopes, {"code"}, role, where)
+            if refused == expected:
+                wrong.append(f"{role} deploy code to {where}: docs say {'allowed' if expected else 'refused'}; "
+                             f"server: {reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}")
+            elif refused and f"rule {role}." not in reply.error:
+                wrong.append(f"{role} deploy code to {where}: the refusal does not name the rule: {reply.error}")
+    assert not wrong, "\n".join(wrong)
