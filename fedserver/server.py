@@ -460,7 +460,12 @@ class FederationServer:
                     if box.user is not None and any(w in detail for w in ("Permission", "ModuleNotFound")):
                         detail += f" (the MMAR's code runs as user {box.user!r}: it reads only what that user may)"
                     raise ServerError(f"building the initial model failed: {detail}")
-                take_output(box.out, out)
+                try:
+                    take_output(box.out, out)
+                except CodeRefused as e:
+                    raise ServerError(f"building the initial model failed: {e}") from None
+                if box.user is not None:
+                    log.info("%s: the initial model was built from the MMAR's code as user %r", what, box.user)
             load_model(out)  # refuses what is not a readable model file, whatever the child wrote
         except CodeRefused as e:
             raise ServerError(f"start refused: {e}") from None
