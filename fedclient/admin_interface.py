@@ -165,6 +165,9 @@ class ClientAdminInterface:
                 raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
             if not validate:
                 self._refuse_finished(number)
+            refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
+            if refused is not None:
+                raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
             self._run_ended = None
             try:
                 pid = launch(TrainArgs(self.workspace, number, self.debug, validate=validate), mmar)

@@ -180,6 +180,25 @@ def test_a_site_whose_local_policy_refuses_custom_code_refuses_it_from_anyone_an
     assert any(e["command"] == "deploy" and not e["ok"] and "custom_code" in e.get("error", "") for e in audit)
 
 
+@pytest.mark.e2e
+def test_code_deployed_before_a_site_refused_custom_code_is_not_started_there(fed):
+    """Issue 18 item 1: a site that turns "custom_code" off refuses custom code entirely: a run it had already
+    installed does not start, and the refusal names the key and the files."""
+    blob = fed.upload(_mmar_zip(DIGITS))
+    assert fed.execute("root@consortium", "deploy", [OWN], {"blob_id": blob}).ok
+    local = fed.out / OWN / "local" / "authorization.json"
+    local.parent.mkdir(exist_ok=True)
+    local.write_text(json.dumps({"custom_code": False}))
+    try:
+        reply = fed.execute("root@consortium", "start", [OWN], {})
+        (site,) = reply.replies
+        assert not site.ok and "start refused" in site.error and "custom_code" in site.error, site
+        assert "custom/model.py" in site.error
+    finally:
+        local.unlink()
+        fed.execute("root@consortium", "abort", [OWN], {})
+
+
 # ---- the server: custom code runs as nobody, or not at all ----------------------------------------
 
 SPY = '''
