@@ -7,29 +7,23 @@ with a scrubbed environment, unable to read the server's key or append to its au
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
 import pwd
 import shutil
 import tempfile
-import time
 import zipfile
-from dataclasses import dataclass
 from pathlib import Path
 
-import grpc
 import pytest
-from conftest import DIGITS, copy_mmar, free_port, prepare_workspace
-from test_hostile import fedadmin, project_yaml, provision
+from conftest import DIGITS, copy_mmar, prepare_workspace
+from provisioned import ProvisionedFederation, running
 
 from fedcommon.admin_defs import AdminIdentity
 from fedcommon.deployed_code import archive_code, custom_code
-from fedcommon.kit import channel_credentials, load_kit
+from fedcommon.kit import load_kit
 from fedcommon.safe_zip import extract_zip_safely
-from fedcommon.wire import admin_pb2 as apb
-from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedserver import untrusted_code
 from fedserver.authorization import DEFAULT_POLICY, Need, Policy, Refused
 from fedserver.errors import ServerError
@@ -100,50 +94,13 @@ def test_the_code_right_is_needed_besides_train_and_a_lead_has_it_on_its_own_org
 # ---- a provisioned federation: the code right and a site's refusal ----------------------------------
 
 
-@dataclass
-class Federation:
-    out: Path
-
-    def stub(self, admin: str) -> admin_grpc.AdminServiceStub:
-        kit = load_kit(self.out / admin)
-        return admin_grpc.AdminServiceStub(grpc.secure_channel(kit.admin_target, channel_credentials(kit)))
-
-    def upload(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        header = apb.BlobHeader(name="mmar.zip", size=len(data), sha256=sha)
-        self.stub("root@consortium").Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]),
-                                            timeout=30)
-        return sha
-
-    def execute(self, admin: str, command: str, targets: list[str], args: dict) -> apb.CommandReply:
-        request = apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args), timeout=20)
-        return self.stub(admin).Execute(request, timeout=60)
-
-
 @pytest.fixture(scope="module")
-def fed(tmp_path_factory) -> Federation:
-    root = tmp_path_factory.mktemp("code")
-    yml = root / "project.yml"
-    yml.write_text(project_yaml("code", free_port(), free_port(), SITES, ADMINS))
-    out = root / "out"
-    provision(yml, out)
-    (out / OTHER / "local").mkdir(exist_ok=True)
-    (out / OTHER / "local" / "authorization.json").write_text(json.dumps({"custom_code": False}))
-    started = fedadmin("poc", "start", "--workspace", str(out), timeout=180)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        fed = Federation(out)
-        deadline = time.monotonic() + 60
-        while True:
-            reply = fed.execute("root@consortium", "status", ["server"], {})
-            if set(SITES) <= set(json.loads(reply.replies[0].data_json)["connected_sites"]):
-                break
-            assert time.monotonic() < deadline, f"the sites never connected: {reply}"
-            time.sleep(0.5)
+def fed(tmp_path_factory) -> ProvisionedFederation:
+    with running(tmp_path_factory.mktemp("code"), "code", SITES, ADMINS, "root@consortium",
+                 {OTHER: {"custom_code": False}}) as out:
+        fed = ProvisionedFederation(out)
         assert fed.execute("root@consortium", "set-run", ["server"], {"run_number": 1}).ok
         yield fed
-    finally:
-        fedadmin("poc", "stop", "--workspace", str(out), timeout=120)
 
 
 @pytest.mark.e2e
@@ -151,7 +108,7 @@ def test_a_lead_may_not_deploy_code_to_the_server_nor_another_orgs_site_but_may_
     """Issue 18 item 1: deploying an MMAR whose custom/ holds code is the code right: a lead's deploy of it to the
     server or to another org's site is refused by the server (naming the rule and the file); to its own org's
     site it goes through, and so does the project admin's to the server."""
-    blob = fed.upload(_mmar_zip(DIGITS, top="digits/"))
+    blob = fed.upload("root@consortium", _mmar_zip(DIGITS, top="digits/"))
     for targets in (["server"], [OTHER], [OWN, "server"]):
         reply = fed.execute("lea@org-a", "deploy", targets, {"blob_id": blob})
         assert not reply.ok and not reply.replies, reply
@@ -170,7 +127,7 @@ def test_a_lead_may_not_deploy_code_to_the_server_nor_another_orgs_site_but_may_
 def test_a_site_whose_local_policy_refuses_custom_code_refuses_it_from_anyone_and_audits_it(fed):
     """Issue 18 item 1: a site's local/authorization.json "custom_code": false refuses an MMAR that brings code,
     even from a project admin, naming the file and the key; the site audits the refusal and installs nothing."""
-    blob = fed.upload(_mmar_zip(DIGITS))
+    blob = fed.upload("root@consortium", _mmar_zip(DIGITS))
     reply = fed.execute("root@consortium", "deploy", [OTHER], {"blob_id": blob})
     assert not reply.ok
     (site,) = reply.replies
@@ -184,7 +141,7 @@ def test_a_site_whose_local_policy_refuses_custom_code_refuses_it_from_anyone_an
 def test_code_deployed_before_a_site_refused_custom_code_is_not_started_there(fed):
     """Issue 18 item 1: a site that turns "custom_code" off refuses custom code entirely: a run it had already
     installed does not start, and the refusal names the key and the files."""
-    blob = fed.upload(_mmar_zip(DIGITS))
+    blob = fed.upload("root@consortium", _mmar_zip(DIGITS))
     assert fed.execute("root@consortium", "deploy", [OWN], {"blob_id": blob}).ok
     local = fed.out / OWN / "local" / "authorization.json"
     local.parent.mkdir(exist_ok=True)

@@ -13,16 +13,13 @@ import json
 import re
 import time
 import zipfile
-from dataclasses import dataclass
-from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ROOT, free_port
-from test_hostile import fedadmin, project_yaml, provision
+from conftest import ROOT
+from provisioned import ProvisionedFederation, running
 
 from fedcommon.commands import COMMANDS, Targets
-from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.wire import admin_pb2 as apb
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 
@@ -99,14 +96,7 @@ def allowed(scopes: dict[str, dict[str, str]], rights: set[str], role: str, wher
 # ---- the federation ------------------------------------------------------------------------------
 
 
-@dataclass
-class Federation:
-    out: Path
-
-    def stub(self, admin: str) -> admin_grpc.AdminServiceStub:
-        kit = load_kit(self.out / admin)
-        return admin_grpc.AdminServiceStub(grpc.secure_channel(kit.admin_target, channel_credentials(kit)))
-
+class Federation(ProvisionedFederation):
     def hold_off_restarts(self) -> None:
         """Five restarts just now: an allowed `restart server` is refused by the restart guard, not obeyed."""
         (self.out / "server" / "restarts.json").write_text(json.dumps([time.time()] * 5))
@@ -114,30 +104,9 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> Federation:
-    root = tmp_path_factory.mktemp("roles")
-    yml = root / "project.yml"
-    yml.write_text(project_yaml("roles", free_port(), free_port(), SITES, ADMINS))
-    out = root / "out"
-    provision(yml, out)
-    for site in SITES:
-        (out / site / "local").mkdir(exist_ok=True)
-        (out / site / "local" / "authorization.json").write_text(json.dumps(SITE_VETO))
-    started = fedadmin("poc", "start", "--workspace", str(out), timeout=180)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        fed = Federation(out)
-        stub = fed.stub("project_admin@org-a")
-        deadline = time.monotonic() + 60
-        while True:
-            reply = stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=30,
-                                 wait_for_ready=True)
-            if set(SITES) <= set(json.loads(reply.replies[0].data_json)["connected_sites"]):
-                break
-            assert time.monotonic() < deadline, f"the sites never connected: {reply}"
-            time.sleep(0.5)
-        yield fed
-    finally:
-        fedadmin("poc", "stop", "--workspace", str(out), timeout=120)
+    with running(tmp_path_factory.mktemp("roles"), "roles", SITES, ADMINS, "project_admin@org-a",
+                 dict.fromkeys(SITES, SITE_VETO)) as out:
+        yield Federation(out)
 
 
 def _cases(command: str) -> list[tuple[str, list[str], dict]]:
@@ -208,16 +177,13 @@ def test_deploying_code_needs_train_and_code_on_every_target_as_the_docs_role_ta
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("mmar/config/config_fed_server.json", "{}")
         zf.writestr("mmar/custom/model.py", "import os\n")
-    data = buf.getvalue()
-    header = apb.BlobHeader(name="code.zip", size=len(data), sha256=hashlib.sha256(data).hexdigest())
-    fed.stub("project_admin@org-a").Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]),
-                                           timeout=30)
+    blob = fed.upload("project_admin@org-a", buf.getvalue())
     wrong = []
     for role in ROLES:
         stub = fed.stub(f"{role}@org-a")
         for where, targets in (("own", [OWN]), ("other", [OTHER]), ("server", ["server"])):
             request = apb.CommandRequest(command="deploy", targets=targets, timeout=10,
-                                         args_json=json.dumps({"blob_id": header.sha256}))
+                                         args_json=json.dumps({"blob_id": blob}))
             reply = stub.Execute(request, timeout=60)
             refused = not reply.ok and SERVER_POLICY in reply.error
             expected = allowed(scopes, {"train"}, role, where) and allowed(scopes, {"code"}, role, where)
