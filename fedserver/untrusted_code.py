@@ -131,8 +131,9 @@ def code_sandbox(mmar_dir: Path, policy: CodePolicy, what: str) -> Iterator[Sand
         mmar = Path(mmar_dir)
         argv: list[str] = []
         if code:
+            _refuse_links(Path(mmar_dir), what)
             mmar = scratch / "mmar"
-            shutil.copytree(mmar_dir, mmar, symlinks=True)  # a link stays a link: followed as the child's user
+            shutil.copytree(mmar_dir, mmar)
         if ids is not None:
             uid, gid = ids
             for path in (scratch, *scratch.rglob("*")):
@@ -142,6 +143,15 @@ def code_sandbox(mmar_dir: Path, policy: CodePolicy, what: str) -> Iterator[Sand
         yield Sandbox(mmar, scratch / "initial_model.fl", argv, scrubbed_env(scratch), scratch, user)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _refuse_links(mmar_dir: Path, what: str) -> None:
+    """A deployed MMAR holds its own files (archives cannot carry links): a link would be read with the server's
+    rights while the child still has them, or handed to the child's user."""
+    for path in (mmar_dir, *mmar_dir.rglob("*")):
+        if path.is_symlink():
+            raise CodeRefused(f"{what}: {path.relative_to(mmar_dir).as_posix() or '.'} is a symbolic link; "
+                              "a deployed MMAR holds its own files only")
 
 
 def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, int] | None:

@@ -298,3 +298,16 @@ def test_the_readme_says_what_deploying_code_means_and_how_to_restrict_it():
     for knob in ("`code`", '{"custom_code": false}', "`run_as`", "local/custom_code.json",
                  '{"allow_as_server_user": true}'):
         assert knob in text, knob
+
+
+def test_the_server_hands_no_link_of_a_deployed_mmar_to_the_code_it_runs(tmp_path):
+    """Issue 18 item 1: the copy the server's code child works on holds the MMAR's own files only: a symbolic link
+    (to the server's key, say) is refused, never read with the server's rights nor handed to the child's user."""
+    mmar = copy_mmar(tmp_path / "mmar")
+    (mmar / "resources").mkdir(exist_ok=True)
+    (tmp_path / "server-key.pem").write_text("secret")
+    (mmar / "resources" / "key.pem").symlink_to(tmp_path / "server-key.pem")
+    policy = untrusted_code.CodePolicy(allow_as_server_user=True)
+    with pytest.raises(untrusted_code.CodeRefused, match=r"run 1: resources/key\.pem is a symbolic link"):
+        with untrusted_code.code_sandbox(mmar, policy, "run 1"):
+            pass
