@@ -15,9 +15,11 @@ from pathlib import Path
 from typing import Any
 
 from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
+from fedclient.local_policy import LocalPolicy
 from fedcommon import commands, run_folder
 from fedcommon.admin_defs import Message
 from fedcommon.commands import ClientStatus, Topic, get_status_message
+from fedcommon.deployed_code import custom_code
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +35,8 @@ class RequestRefused(Exception):
 class ClientAdminInterface:
     """The site's side of every admin command; the processors' app_ctx. One training at a time, in a worker process."""
 
-    def __init__(self, client, client_name: str, sender, args, rank: int, workers: int = 5):
+    def __init__(self, client, client_name: str, sender, args, rank: int, workers: int = 5,
+                 policy: LocalPolicy | None = None):
         self.client = client
         self.client_name = client_name
         self.sender = sender
@@ -41,6 +44,8 @@ class ClientAdminInterface:
         self.rank = rank
         self.workers = workers
         self.workspace = Path(args.workspace).resolve()
+        # The site's own policy: whether it runs deployed code at all (local/authorization.json "custom_code").
+        self.policy = policy if policy is not None else LocalPolicy(self.workspace)
         self.debug = bool(getattr(args, "debug", False))
         self.client_executor = ProcessExecutor(on_event=self._on_training_event)
         self.exit_requested = threading.Event()
@@ -104,7 +109,7 @@ class ClientAdminInterface:
                 self._refuse_deploy_while_training(number)
                 self._refuse_finished(number)
                 try:
-                    extract_zip_safely(archive, target, check=load_mmar)
+                    extract_zip_safely(archive, target, check=lambda root: self._check_deployed(root, load_mmar))
                 except UnsafeArchiveError as e:
                     raise RequestRefused(f"deploy refused: {e}") from None
                 except MMARError as e:
@@ -115,6 +120,13 @@ class ClientAdminInterface:
             archive.unlink(missing_ok=True)
         log.info("run %d deployed to %s", number, target)
         return {"run_number": number, "path": str(target)}
+
+    def _check_deployed(self, root: Path, load_mmar: Callable[[Path], object]) -> None:
+        """Refuse what this site will not install: code its local policy refuses, an MMAR that is not valid."""
+        refused = self.policy.code_refusal(custom_code(root))
+        if refused is not None:
+            raise RequestRefused(f"deploy refused: {refused}")
+        load_mmar(root)
 
     def _refuse_deploy_while_training(self, number: int) -> None:
         if self._training_run() == number:
@@ -152,6 +164,9 @@ class ClientAdminInterface:
                 raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
             if not validate:
                 self._refuse_finished(number)
+            refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
+            if refused is not None:
+                raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
             self._run_ended = None
             try:
                 pid = launch(TrainArgs(self.workspace, number, self.debug, validate=validate), mmar)

@@ -68,9 +68,9 @@ def start(workspace: Path, debug: bool) -> None:
     sender = AdminMessageSender(kit.name, root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
                                 private_key=str(startup / "key.pem"), server_args={"target": kit.fl_target},
                                 secure=True)
-    interface = ClientAdminInterface(kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug),
-                                     rank=0)
     policy = LocalPolicy(workspace)
+    interface = ClientAdminInterface(kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug),
+                                     rank=0, policy=policy)
     if policy.error:
         click.echo(f"fedclient: {policy.error}; every command will be refused until it is fixed", err=True)
     agent = FedAdminAgent(kit.name, sender, interface, workers=interface.workers,

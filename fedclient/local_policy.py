@@ -1,6 +1,7 @@
 """A site's own veto: local/authorization.json rules that refuse commands aimed at this site (DESIGN §10).
 
-The file is {"rules": [RULE, ...]}; a RULE is
+The file is {"rules": [RULE, ...], "custom_code": false}; "custom_code": false (default true) refuses every MMAR
+that brings code (files under custom/), from anyone: deploying an MMAR to a site runs its code there. A RULE is
   {"name": "no-shell-from-outside", "deny": ["shell"], "except_orgs": ["hospital-a"]}
 with "deny" a list of admin commands (or "*"), and optional conditions on the sending admin, all of
 which must hold for the rule to apply: "admins", "roles", "orgs" (the admin is one of them) and
@@ -18,12 +19,15 @@ from pathlib import Path
 
 from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
 from fedcommon.commands import COMMANDS, SITE_COMMAND_ALIASES, SITE_COMMANDS
+from fedcommon.deployed_code import shown
 
 log = logging.getLogger(__name__)
 
 POLICY_FILE = Path("local") / "authorization.json"
 _CONDITIONS = ("admins", "roles", "orgs", "except_admins", "except_orgs")
 _RULE_KEYS = ("name", "deny", *_CONDITIONS)
+_TOP_KEYS = ("rules", "custom_code")
+CUSTOM_CODE_KEY = "custom_code"
 _UNREAD = object()
 
 
@@ -54,10 +58,13 @@ class Rule:
 
 def parse_rules(data: object, path: Path) -> list[Rule]:
     """The rules of a parsed policy file; raise LocalPolicyError naming the file and key of the first fault."""
-    if not isinstance(data, dict) or set(data) != {"rules"} or not isinstance(data["rules"], list):
-        raise LocalPolicyError(f'{path}: expected {{"rules": [...]}}')
+    if (not isinstance(data, dict) or not data or set(data) - set(_TOP_KEYS)
+            or not isinstance(data.get("rules", []), list)):
+        raise LocalPolicyError(f'{path}: expected {{"rules": [...]}}, "custom_code": false optional beside it')
+    if not isinstance(data.get("custom_code", True), bool):
+        raise LocalPolicyError(f"{path}: custom_code: must be true or false, got {data['custom_code']!r}")
     rules = []
-    for i, raw in enumerate(data["rules"]):
+    for i, raw in enumerate(data.get("rules", [])):
         where = f"{path}: rules[{i}]"
         if not isinstance(raw, dict):
             raise LocalPolicyError(f"{where}: must be an object")
@@ -102,6 +109,7 @@ class LocalPolicy:
         self._lock = threading.Lock()
         self._stamp: object = _UNREAD
         self._rules: list[Rule] = []
+        self._custom_code = True
         self._error: str | None = None
         self._reload()
 
@@ -117,22 +125,24 @@ class LocalPolicy:
         except FileNotFoundError:
             stamp = None
         except OSError as e:
-            self._stamp, self._rules = _UNREAD, []
+            self._stamp, self._rules, self._custom_code = _UNREAD, [], False
             self._error = f"{self.path}: cannot be read ({e.strerror})"
             return
         if stamp == self._stamp:
             return
         self._stamp = stamp
         if stamp is None:
-            self._rules, self._error = [], None
+            self._rules, self._custom_code, self._error = [], True, None
             return
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self._rules, self._error = parse_rules(data, self.path), None
-            log.info("%s: %d rule(s) in force", self.path, len(self._rules))
+            self._custom_code = data.get(CUSTOM_CODE_KEY, True)
+            log.info("%s: %d rule(s) in force%s", self.path, len(self._rules),
+                     "" if self._custom_code else "; custom code refused")
         except (OSError, UnicodeDecodeError, ValueError) as e:
             reason = str(e) if isinstance(e, LocalPolicyError) else f"{self.path}: cannot be read as JSON: {e}"
-            self._rules, self._error = [], reason
+            self._rules, self._custom_code, self._error = [], False, reason
             log.error("%s; every command is refused until it is fixed", reason)
 
     def refusal(self, admin: AdminIdentity, command: str) -> str | None:
@@ -144,4 +154,15 @@ class LocalPolicy:
             for rule in self._rules:
                 if rule.applies(admin, command):
                     return f"refused by {POLICY_FILE.as_posix()} rule {rule.name!r}"
+        return None
+
+    def code_refusal(self, code: list[str]) -> str | None:
+        """Why this site refuses an MMAR that brings the files `code` (under custom/), naming the key; or None."""
+        with self._lock:
+            self._reload()
+            if self._error is not None:
+                return f"refused: {self._error} (every command is refused until it is fixed)"
+            if code and not self._custom_code:
+                return (f'refused by {POLICY_FILE.as_posix()} "{CUSTOM_CODE_KEY}": false: this site runs no deployed '
+                        f"code, and the MMAR brings {shown(code)}")
         return None

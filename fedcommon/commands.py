@@ -78,7 +78,10 @@ class Right:
     TRAIN = "train"
     OPERATE = "operate"
     SHELL = "shell"
-    ALL = (VIEW, TRAIN, OPERATE, SHELL)
+    # Deploying an MMAR that brings code (files under custom/) needs this besides the command's own right: such an
+    # archive runs its sender's code at every participant it reaches (NVFlare's byoc).
+    CODE = "code"
+    ALL = (VIEW, TRAIN, OPERATE, SHELL, CODE)
 
 
 class Targets:

@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedcommon.atomic import atomic_write_bytes
+from fedcommon.deployed_code import SERVER_CODE_POLICY
 from fedcommon.pki import (
     ADMIN_ROLES,
     CA_VALID_DAYS,
@@ -713,4 +714,10 @@ def prepare_poc(
     )
     spec = Project(project, host, fl_port, admin_port, participants, source="poc prepare")
     _provision(spec, workspace, (), (), replace=True)
+    # A POC is one user on one machine: the server may run deployed code (the MMAR's initial model) as that user
+    # when it cannot change to another (it does not run as root). A real federation decides this itself.
+    code_policy = workspace / DEFAULT_SERVER_NAME / SERVER_CODE_POLICY
+    if not code_policy.exists():
+        code_policy.parent.mkdir(mode=0o700, exist_ok=True)
+        code_policy.write_text(json.dumps({"allow_as_server_user": True}, indent=2) + "\n")
     return [p.name for p in participants]

@@ -48,6 +48,29 @@ def extract_zip_safely(zip_path: Path, dest: Path, max_total_bytes: int = 4 << 3
     return dest
 
 
+def archive_files(zip_path: Path) -> list[str]:
+    """The files extract_zip_safely would install, as paths from the folder it installs (its single top-level
+    folder stripped the same way); raises UnsafeArchiveError or zipfile.BadZipFile for an archive it refuses."""
+    zip_path = Path(zip_path)
+    with zipfile.ZipFile(zip_path) as archive:
+        entries = _checked_entries(archive, zip_path.name, 1 << 62, float("inf"), 100_000)
+    folders: set[str] = set()
+    files: list[str] = []
+    for info, rel in entries:
+        parts = rel.split("/")
+        folders.update("/".join(parts[:i]) for i in range(1, len(parts)))
+        if info.is_dir() or stat.S_IFMT(info.external_attr >> 16) == stat.S_IFDIR:
+            folders.add(rel)
+        else:
+            files.append(rel)
+    # As _content_root does on the extracted tree: config/ at the top, or else one top-level folder and nothing else.
+    tops = {rel.split("/", 1)[0] for rel in (*files, *folders)}
+    if "config" not in folders and len(tops) == 1 and next(iter(tops)) in folders:
+        top = next(iter(tops)) + "/"
+        files = [f[len(top):] for f in files]
+    return sorted(files)
+
+
 def _checked_entries(archive: zipfile.ZipFile, shown: str, max_total_bytes: int, max_ratio: float,
                      max_entries: int) -> list[tuple[zipfile.ZipInfo, str]]:
     """(entry, normalised relative path) for every entry to extract; raise on the first broken rule."""

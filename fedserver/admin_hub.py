@@ -99,7 +99,9 @@ class AdminHub:
             spec.verify(self._server, args)
         wait = self._timeout(timeout, caller.role)
         names = self._resolve(command, declared.targets, targets)
-        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs())
+        needs = spec.needs(self._server, args) if spec.needs else []
+        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs(),
+                          needs)
         if not (declared.polled or declared.rights == (Right.VIEW,)):
             # Written before the command acts, so a command that changes something is on record even if what
             # follows fails; its outcome is the second entry.

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
 from fedcommon.commands import COMMANDS, SERVER, Right
@@ -16,14 +17,24 @@ SCOPES = ("any", "own_org", "none")
 # A command is allowed when any one of its rights allows it on every target (its declaration names them).
 COMMAND_RIGHTS: dict[str, tuple[str, ...]] = {name: c.rights for name, c in COMMANDS.items()}
 
-# member looks; lead runs training and reads its own org's sites; org_admin operates its own org's
-# sites; project_admin does everything. "own_org" never covers the server, which belongs to no org.
+# member looks; lead runs training and reads its own org's sites; org_admin operates its own org's sites;
+# project_admin does everything. "own_org" never covers the server, which belongs to no org. `code` (deploying an
+# MMAR with custom/ code) is needed besides train: a lead deploys code to its own org's sites only.
 DEFAULT_POLICY: dict[str, dict[str, str]] = {
-    "project_admin": {"view": "any", "train": "any", "operate": "any", "shell": "any"},
-    "org_admin": {"view": "any", "train": "none", "operate": "own_org", "shell": "own_org"},
-    "lead": {"view": "any", "train": "any", "operate": "none", "shell": "own_org"},
-    "member": {"view": "any", "train": "none", "operate": "none", "shell": "none"},
+    "project_admin": {"view": "any", "train": "any", "operate": "any", "shell": "any", "code": "any"},
+    "org_admin": {"view": "any", "train": "none", "operate": "own_org", "shell": "own_org", "code": "none"},
+    "lead": {"view": "any", "train": "any", "operate": "none", "shell": "own_org", "code": "own_org"},
+    "member": {"view": "any", "train": "none", "operate": "none", "shell": "none", "code": "none"},
 }
+# What an extra right lets a caller do, as its refusal says it ("may not deploy code to the server").
+_EXTRA_ACTS = {Right.CODE: "deploy code"}
+
+
+class Need(NamedTuple):
+    """A right that a command's arguments need besides one of the command's own, and why (it names the files)."""
+
+    right: str
+    why: str
 
 
 class PolicyError(ValueError):
@@ -55,9 +66,31 @@ class Policy:
             raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} "
                           f"(rule {rule})")
 
-    def check(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
-        """Refuse (Refused, naming the rule) unless one right of the command covers every target."""
+    def check(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str],
+              also: Sequence[Need] = ()) -> None:
+        """Refuse (Refused, naming the rule) unless one right of the command covers every target, and so does
+        each right its arguments need besides (`also`: code, for a deploy that brings code)."""
         self.precheck(caller, command)
+        self._check_any(caller, command, targets, site_orgs)
+        for need in also:
+            self._check_extra(caller, need, targets, site_orgs)
+
+    def _check_extra(self, caller: AdminIdentity, need: Need, targets: list[str], site_orgs: Mapping[str, str]) -> None:
+        scope = self.scope(caller.role, need.right)
+        if scope == "any":
+            return
+        act = _EXTRA_ACTS.get(need.right, f"use right {need.right!r}")
+        rule = f"rule {caller.role}.{need.right}"
+        if scope == "none":
+            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} "
+                          f"({rule} = none): {need.why}")
+        outside = _outside(caller, targets, site_orgs)
+        if outside:
+            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} to "
+                          f"{_shown(outside, site_orgs)} ({rule} = own_org allows only sites of org {caller.org!r}): "
+                          f"{need.why}")
+
+    def _check_any(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
         reasons = []
         for right in COMMAND_RIGHTS.get(command, ()):
             scope = self.scope(caller.role, right)
@@ -65,18 +98,26 @@ class Policy:
                 return
             if scope == "none":
                 continue
-            outside = [t for t in targets if t == SERVER or site_orgs.get(t) != caller.org]
+            outside = _outside(caller, targets, site_orgs)
             if not outside:
                 return
-            shown = ", ".join(
-                "the server" if t == SERVER
-                else f"{t} (org {site_orgs[t]})" if t in site_orgs else f"{t} (org unknown: not connected)"
-                for t in outside
-            )
             reasons.append(f"rule {caller.role}.{right} = own_org allows only sites of org {caller.org!r}, "
-                           f"not {shown}")
+                           f"not {_shown(outside, site_orgs)}")
         raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} here: "
                       + "; ".join(reasons))
+
+
+def _outside(caller: AdminIdentity, targets: list[str], site_orgs: Mapping[str, str]) -> list[str]:
+    """The targets an own_org scope does not cover: the server, and sites of another (or an unknown) org."""
+    return [t for t in targets if t == SERVER or site_orgs.get(t) != caller.org]
+
+
+def _shown(targets: list[str], site_orgs: Mapping[str, str]) -> str:
+    return ", ".join(
+        "the server" if t == SERVER
+        else f"{t} (org {site_orgs[t]})" if t in site_orgs else f"{t} (org unknown: not connected)"
+        for t in targets
+    )
 
 
 def load_policy(workspace: Path) -> Policy:

@@ -6,17 +6,20 @@ here holds only what the server adds to it. Every declared command the server ex
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedcommon.commands import COMMANDS
+from fedcommon.commands import COMMANDS, Right
+from fedcommon.deployed_code import archive_code, shown
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
 from fedcommon.outcome import TargetReply
 from fedcommon.restart_guard import RestartRefused, check_restart
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
+from fedserver.authorization import Need
 from fedserver.blob_store import BlobError, BlobStore
 from fedserver.errors import AdminError
 from fedserver.mailbox import SiteMailbox
@@ -73,6 +76,7 @@ class ServerCommand:
     verify: a check of the arguments only the server can make, before any target is resolved.
     after_sites: the server acts once the sites have answered (act sees their replies).
     touches: what the policy checks the caller's rights on, when not the targets (a site named in the args).
+    needs: rights these arguments need besides one of the command's own (code, for a deploy that brings code).
     sites_first: addressed to the server while a run trains, it goes to every connected site as well.
     ends_session: a site that answered ok has stopped training: its training-plane session is over now.
     disconnects: a site that answered ok is no longer connected.
@@ -83,6 +87,7 @@ class ServerCommand:
     verify: Callable[[Federation, Args], None] | None = None
     after_sites: bool = False
     touches: Callable[[Args], list[str]] | None = None
+    needs: Callable[[Federation, Args], list[Need]] | None = None
     sites_first: bool = False
     ends_session: bool = False
     disconnects: bool = False
@@ -121,6 +126,19 @@ def _uploaded(fed: Federation, args: Args) -> None:
         fed.blobs.get(args["blob_id"])
     except BlobError as e:
         raise AdminError(str(e)) from None
+
+
+def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
+    """An archive that brings code (files under custom/) needs the code right on every target it goes to."""
+    from fedcommon.safe_zip import UnsafeArchiveError
+
+    blob = fed.blobs.get(args["blob_id"])
+    try:
+        code = archive_code(blob.path)
+    except (UnsafeArchiveError, zipfile.BadZipFile, OSError) as e:
+        # Every participant refuses it too, each saying why; whoever may deploy code hears that from them.
+        return [Need(Right.CODE, f"what the archive brings cannot be told ({e})")]
+    return [Need(Right.CODE, f"the archive brings code ({shown(code)})")] if code else []
 
 
 def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
@@ -267,7 +285,7 @@ def _as_given(fed: Federation, args: Args) -> Args:
 CATALOGUE: dict[str, ServerCommand] = {
     "status": ServerCommand(act=_status),
     "set-run": ServerCommand(act=_set_run),
-    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded),
+    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded, needs=_deploy_needs),
     "start": ServerCommand(act=_start, site_args=_start_request),
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
     "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),

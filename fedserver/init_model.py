@@ -6,15 +6,24 @@ import argparse
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from fedcommon.mmar import MMAR
 
 
 def build_initial_model(mmar_dir: Path, out: Path) -> None:
     """Write the initial global model named by config_fed_server.json to `out` (a .fl file)."""
-    from fedcommon.components import build_component
     from fedcommon.mmar import load_mmar
+
+    build_from(load_mmar(mmar_dir), out)
+
+
+def build_from(mmar: MMAR, out: Path) -> None:
+    """Write the initial global model of a loaded MMAR to `out`; this is where its custom code is imported."""
+    from fedcommon.components import build_component
     from fedcommon.model_file import load_model, save_model
 
-    mmar = load_mmar(mmar_dir)
     cfg = mmar.server
     if cfg.initial_model_file is not None:
         load_model(cfg.initial_model_file)  # refuses a file that is not a readable model
@@ -37,18 +46,25 @@ def main() -> None:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--run-as", help="UID:GID to become before the MMAR's code is imported (server as root)")
     args = parser.parse_args()
-    if args.run_as:
-        # Everything of fedlearn's and torch's is imported while the child may still read the installation;
-        # then it becomes the unprivileged user for good, and only then imports the archive's code.
-        import torch  # noqa: F401
-
-        import fedcommon.components  # noqa: F401
-        import fedcommon.torch_state  # noqa: F401
-        from fedserver.untrusted_code import drop_privileges
-
-        drop_privileges(args.run_as)
     try:
-        build_initial_model(args.mmar, args.out)
+        from fedcommon.mmar import load_mmar
+
+        # The MMAR is read (its code parsed, never run) and everything of fedlearn's, numpy's and torch's that
+        # building needs is imported while the child may still read the installation; then it becomes the
+        # unprivileged user for good, and only then imports the archive's code, which can import only what that
+        # user can read.
+        mmar = load_mmar(args.mmar)
+        if args.run_as:
+            import numpy  # noqa: F401
+            import torch  # noqa: F401
+
+            import fedcommon.components  # noqa: F401
+            import fedcommon.model_file  # noqa: F401
+            import fedcommon.torch_state  # noqa: F401
+            from fedserver.untrusted_code import drop_privileges
+
+            drop_privileges(args.run_as)
+        build_from(mmar, args.out)
     except Exception as e:  # the parent shows the last line to the operator
         print(f"{type(e).__name__}: {e}", file=sys.stderr)
         sys.exit(1)

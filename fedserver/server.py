@@ -7,7 +7,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -26,7 +25,7 @@ from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials
 from fedcommon.mmar import MMARError, load_mmar
-from fedcommon.model_file import ModelFileError
+from fedcommon.model_file import ModelFileError, load_model
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
@@ -45,6 +44,14 @@ from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
+from fedserver.untrusted_code import (
+    CodePolicyError,
+    CodeRefused,
+    code_sandbox,
+    load_code_policy,
+    run_child,
+    take_output,
+)
 
 log = logging.getLogger(__name__)
 
@@ -102,7 +109,8 @@ class FederationServer:
         try:
             self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
             policy = load_policy(self.workspace)
-        except (RevocationError, PolicyError) as e:
+            self.code_policy = load_code_policy(self.workspace)
+        except (RevocationError, PolicyError, CodePolicyError) as e:
             raise ServerError(str(e)) from None
         self.mailbox = SiteMailbox()
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
@@ -410,7 +418,7 @@ class FederationServer:
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
             try:
-                self._build_initial_model(mmar.root, building)
+                self._build_initial_model(mmar.root, building, f"run {number}")
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
@@ -437,16 +445,33 @@ class FederationServer:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
 
-    @staticmethod
-    def _build_initial_model(mmar_dir: Path, out: Path) -> None:
-        # In a child process: the MMAR's custom code and torch stay out of the long-lived server.
-        proc = subprocess.run(
-            [sys.executable, "-m", "fedserver.init_model", "--mmar", str(mmar_dir), "--out", str(out)],
-            capture_output=True, text=True, timeout=INIT_MODEL_TIMEOUT_S,
-        )
-        if proc.returncode != 0:
-            detail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise ServerError(f"building the initial model failed: {detail}")
+    def _build_initial_model(self, mmar_dir: Path, out: Path, what: str) -> None:
+        """Write the run's initial model to `out`, built in a child: the MMAR's custom code and torch stay out of
+        the long-lived server, and that code never runs as the server's user unless local/custom_code.json says."""
+        try:
+            with code_sandbox(mmar_dir, self.code_policy, what) as box:
+                try:
+                    proc = run_child(box, "fedserver.init_model", ["--mmar", str(box.mmar), "--out", str(box.out)],
+                                     INIT_MODEL_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    raise ServerError(f"building the initial model of {what} took over {INIT_MODEL_TIMEOUT_S}s "
+                                      "and was stopped") from None
+                if proc.returncode != 0:
+                    detail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+                    if box.user is not None and any(w in detail for w in ("Permission", "ModuleNotFound")):
+                        detail += f" (the MMAR's code runs as user {box.user!r}: it reads only what that user may)"
+                    raise ServerError(f"building the initial model failed: {detail}")
+                try:
+                    take_output(box.out, out)
+                except CodeRefused as e:
+                    raise ServerError(f"building the initial model failed: {e}") from None
+                if box.user is not None:
+                    log.info("%s: the initial model was built from the MMAR's code as user %r", what, box.user)
+            load_model(out)  # refuses what is not a readable model file, whatever the child wrote
+        except CodeRefused as e:
+            raise ServerError(f"start refused: {e}") from None
+        except ModelFileError as e:
+            raise ServerError(f"building the initial model failed: its output is not a model file: {e}") from None
 
     def abort_training(self) -> int:
         """Abort the training run; returns its number."""

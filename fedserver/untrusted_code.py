@@ -1,10 +1,10 @@
-"""Code from a deployed archive, run on the server: never with the server's identity (DESIGN §10, byoc).
+"""Code from a deployed archive, run on the server: never with the server's identity (DESIGN §10, the code right).
 
-An MMAR whose custom/ holds files brings code. On the server that code runs only in a child process that
-works on a copy of the MMAR outside the server's workspace, with a scrubbed environment, and that gives up the
-server's user before it imports the code: to `run_as` (nobody by default) when the server runs as root. A
-server that cannot change user refuses such code unless its own local/custom_code.json allows it to run
-as the server's user (a proof-of-concept on one machine, where every participant is one user anyway).
+An MMAR whose custom/ holds files brings code. On the server that code runs only in a child process that works on
+a copy of the MMAR outside the server's (private) workspace, with a scrubbed environment, and that gives up the
+server's user before it imports the code: to `run_as` (nobody by default) when the server runs as root. A server
+that cannot change user refuses such code unless its own local/custom_code.json allows it to run as the server's
+user (a proof-of-concept on one machine, where every participant is one user anyway).
 """
 
 from __future__ import annotations
@@ -14,16 +14,27 @@ import json
 import os
 import pwd
 import shutil
+import signal
+import stat
+import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-POLICY_FILE = Path("local") / "custom_code.json"
-CUSTOM_DIR = "custom"
+from fedcommon.deployed_code import SERVER_CODE_POLICY as POLICY_FILE
+from fedcommon.deployed_code import custom_code, shown
+
+DEFAULT_RUN_AS = "nobody"
+_KEYS = ("run_as", "allow_as_server_user")
 # What the child keeps of the server's environment: how to find Python and the installed packages, nothing else.
 _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES")
+_COPY_CHUNK = 1 << 20
+
+
+class CodePolicyError(ValueError):
+    """A local/custom_code.json the server cannot use; the message names the file and the key."""
 
 
 class CodeRefused(Exception):
@@ -34,58 +45,75 @@ class CodeRefused(Exception):
 class CodePolicy:
     """The server's own rules for deployed code (local/custom_code.json)."""
 
-    run_as: str = "nobody"
+    run_as: str = DEFAULT_RUN_AS
     allow_as_server_user: bool = False
     source: str = "the server's default"
 
 
 def load_code_policy(workspace: Path) -> CodePolicy:
-    """`workspace`/local/custom_code.json ({"run_as": USER, "allow_as_server_user": bool}), or the defaults."""
+    """`workspace`/local/custom_code.json ({"run_as": USER, "allow_as_server_user": bool}), or the defaults.
+
+    CodePolicyError names the key of the first fault; a server that runs as root checks run_as names an
+    unprivileged user of this host.
+    """
     path = Path(workspace) / POLICY_FILE
     if not path.exists():
         return CodePolicy()
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise CodeRefused(f"{path}: cannot be read as JSON: {e}") from None
+        raise CodePolicyError(f"{path}: cannot be read as JSON: {e}") from None
     if not isinstance(data, dict):
-        raise CodeRefused(f"{path}: expected a JSON object")
-    unknown = sorted(set(data) - {"run_as", "allow_as_server_user"})
+        raise CodePolicyError(f'{path}: expected {{"run_as": USER, "allow_as_server_user": true|false}}')
+    unknown = sorted(set(data) - set(_KEYS))
     if unknown:
-        raise CodeRefused(f"{path}: unknown key {unknown[0]!r} (known: run_as, allow_as_server_user)")
-    run_as = data.get("run_as", "nobody")
+        raise CodePolicyError(f"{path}: {unknown[0]}: unknown key (known: {', '.join(_KEYS)})")
+    run_as = data.get("run_as", DEFAULT_RUN_AS)
     allow = data.get("allow_as_server_user", False)
     if not isinstance(run_as, str) or not run_as:
-        raise CodeRefused(f"{path}: run_as must be a user name, got {run_as!r}")
+        raise CodePolicyError(f"{path}: run_as: must be a user name, got {run_as!r}")
     if not isinstance(allow, bool):
-        raise CodeRefused(f"{path}: allow_as_server_user must be true or false, got {allow!r}")
-    return CodePolicy(run_as, allow, str(path))
+        raise CodePolicyError(f"{path}: allow_as_server_user: must be true or false, got {allow!r}")
+    policy = CodePolicy(run_as, allow, str(path))
+    if os.geteuid() == 0:
+        try:
+            _user_ids(run_as)
+        except CodeRefused as e:
+            raise CodePolicyError(f"{path}: run_as: {e}") from None
+    return policy
 
 
-def custom_code(mmar_dir: Path) -> list[str]:
-    """The files under the MMAR's custom/ (relative paths, sorted): what it would run; [] when it brings none."""
-    custom = Path(mmar_dir) / CUSTOM_DIR
-    if not custom.is_dir():
-        return []
-    return sorted(str(p.relative_to(mmar_dir)) for p in custom.rglob("*")
-                  if (p.is_file() or p.is_symlink()) and "__pycache__" not in p.parts)
+def _user_ids(name: str) -> tuple[int, int]:
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        raise CodeRefused(f"no user {name!r} on this host") from None
+    if entry.pw_uid == 0:
+        raise CodeRefused(f"{name!r} is root (uid 0): name an unprivileged user")
+    return entry.pw_uid, entry.pw_gid
 
 
 @dataclass(frozen=True)
 class Sandbox:
-    """Where and how the child runs: its copy of the MMAR, its output file, extra arguments and environment."""
+    """Where and how the child runs: the MMAR it reads, the file it writes, its extra arguments and environment.
+
+    user: whom the child runs as when it is not the server's user (for messages), else None.
+    """
 
     mmar: Path
     out: Path
     argv: list[str]
     env: dict[str, str]
     cwd: Path
+    user: str | None
 
 
 def scrubbed_env(home: Path) -> dict[str, str]:
-    """The environment a child that runs deployed code gets: no secret, token or kit path of the server's."""
+    """The environment of a child that may run deployed code: nothing of the server's but how to find Python."""
     env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
-    env.update(HOME=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1")
+    # PYTHONSAFEPATH: the child's folder is not put on sys.path (Python 3.11+), so nothing there shadows a module.
+    env.update(HOME=str(home), TMPDIR=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1",
+               PYTHONSAFEPATH="1")
     return env
 
 
@@ -93,48 +121,82 @@ def scrubbed_env(home: Path) -> dict[str, str]:
 def code_sandbox(mmar_dir: Path, policy: CodePolicy, what: str) -> Iterator[Sandbox]:
     """A sandbox for a child that may import the MMAR's custom code; CodeRefused when the policy allows none.
 
-    `what` names the run in refusals ("run 3"). The sandbox folder is removed afterwards.
+    `what` names the run in refusals ("run 3"). The sandbox folder, outside the server's workspace, is removed
+    afterwards. An MMAR without custom code is read where it is, by a child of the server's user.
     """
     code = custom_code(mmar_dir)
-    if not code:  # nothing of the archive's runs: the child works on the deployed folder itself
-        home = Path(mmar_dir)
-        yield Sandbox(Path(mmar_dir), Path(mmar_dir).parent / ".initial-model.out", [], scrubbed_env(home), home)
-        return
-    ids = _target_ids(policy, what, code)
+    ids = _target_ids(policy, what, code) if code else None
     scratch = Path(tempfile.mkdtemp(prefix="fedlearn-code-"))
     try:
-        copy = scratch / "mmar"
-        shutil.copytree(mmar_dir, copy, symlinks=False, ignore=shutil.ignore_patterns("__pycache__"))
+        mmar = Path(mmar_dir)
         argv: list[str] = []
+        if code:
+            _refuse_links(Path(mmar_dir), what)
+            mmar = scratch / "mmar"
+            shutil.copytree(mmar_dir, mmar)
         if ids is not None:
             uid, gid = ids
             for path in (scratch, *scratch.rglob("*")):
                 os.chown(path, uid, gid, follow_symlinks=False)
             argv = ["--run-as", f"{uid}:{gid}"]
-        yield Sandbox(copy, scratch / "initial_model.fl", argv, scrubbed_env(scratch), copy)
+        user = policy.run_as if ids is not None else None
+        yield Sandbox(mmar, scratch / "initial_model.fl", argv, scrubbed_env(scratch), scratch, user)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
+def _refuse_links(mmar_dir: Path, what: str) -> None:
+    """A deployed MMAR holds its own files (archives cannot carry links): a link would be read with the server's
+    rights while the child still has them, or handed to the child's user."""
+    for path in (mmar_dir, *mmar_dir.rglob("*")):
+        if path.is_symlink():
+            raise CodeRefused(f"{what}: {path.relative_to(mmar_dir).as_posix() or '.'} is a symbolic link; "
+                              "a deployed MMAR holds its own files only")
+
+
 def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, int] | None:
     """(uid, gid) to drop to, or None to run as the server's user (allowed only by the policy)."""
-    shown = ", ".join(code[:3]) + (f" and {len(code) - 3} more" if len(code) > 3 else "")
     if os.geteuid() != 0:
         if policy.allow_as_server_user:
             return None
         raise CodeRefused(
-            f"{what} brings code ({shown}) and this server cannot run it as another user (it does not run as "
-            f"root), so it would run with the server's identity: deploy the MMAR to sites only, or allow it "
-            f'with {{"allow_as_server_user": true}} in the server\'s {POLICY_FILE}')
+            f"{what} brings code ({shown(code)}) and this server cannot run it as another user (it does not run as "
+            f"root), so it would run with the server's identity: deploy that MMAR to sites only, or allow it with "
+            f'{{"allow_as_server_user": true}} in the server\'s {POLICY_FILE.as_posix()}')
     try:
-        entry = pwd.getpwnam(policy.run_as)
-    except KeyError:
-        raise CodeRefused(f"{what} brings code ({shown}): run_as user {policy.run_as!r} of {policy.source} does not "
-                          "exist on this host") from None
-    if entry.pw_uid == 0:
-        raise CodeRefused(f"{what} brings code ({shown}): run_as of {policy.source} names root; name an "
-                          "unprivileged user")
-    return entry.pw_uid, entry.pw_gid
+        return _user_ids(policy.run_as)
+    except CodeRefused as e:
+        raise CodeRefused(f"{what} brings code ({shown(code)}), and run_as of {policy.source}: {e}") from None
+
+
+def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run `python -m module args` in the sandbox, in a process group of its own that is killed when it ends."""
+    proc = subprocess.Popen([sys.executable, "-m", module, *args, *box.argv], env=box.env, cwd=box.cwd,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        # Whatever the child left behind in its group (it may have started processes) ends with it.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def take_output(path: Path, dest: Path) -> None:
+    """Copy the child's output file to `dest`: a regular file only (never a link, a pipe or a device it placed)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError as e:
+        raise CodeRefused(f"the child wrote no output file ({e.strerror})") from None
+    with os.fdopen(fd, "rb") as src:
+        if not stat.S_ISREG(os.fstat(src.fileno()).st_mode):
+            raise CodeRefused("the child's output is not a regular file")
+        with open(dest, "wb") as out:
+            shutil.copyfileobj(src, out, _COPY_CHUNK)
 
 
 def drop_privileges(run_as: str) -> None:

@@ -8,19 +8,18 @@ the code's own tables, so remapping a command's right in the code turns this red
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import re
 import time
-from dataclasses import dataclass
-from pathlib import Path
+import zipfile
 
 import grpc
 import pytest
-from conftest import ROOT, free_port
-from test_hostile import fedadmin, project_yaml, provision
+from conftest import ROOT
+from provisioned import ProvisionedFederation, running
 
 from fedcommon.commands import COMMANDS, Targets
-from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.wire import admin_pb2 as apb
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 
@@ -85,7 +84,7 @@ def test_the_docs_role_table_parses_and_names_every_command_the_server_declares(
     rights, scopes = doc_rights(text), doc_scopes(text)
     assert set(rights) == set(COMMANDS), "the docs' Rights line and the declared commands differ"
     assert set(scopes) == set(ROLES)
-    assert all(set(s) == {"view", "train", "operate", "shell"} for s in scopes.values()), scopes
+    assert all(set(s) == {"view", "train", "operate", "shell", "code"} for s in scopes.values()), scopes
     assert rights["logs"] == {"shell"} and rights["abort"] == {"train", "operate"}
 
 
@@ -97,14 +96,7 @@ def allowed(scopes: dict[str, dict[str, str]], rights: set[str], role: str, wher
 # ---- the federation ------------------------------------------------------------------------------
 
 
-@dataclass
-class Federation:
-    out: Path
-
-    def stub(self, admin: str) -> admin_grpc.AdminServiceStub:
-        kit = load_kit(self.out / admin)
-        return admin_grpc.AdminServiceStub(grpc.secure_channel(kit.admin_target, channel_credentials(kit)))
-
+class Federation(ProvisionedFederation):
     def hold_off_restarts(self) -> None:
         """Five restarts just now: an allowed `restart server` is refused by the restart guard, not obeyed."""
         (self.out / "server" / "restarts.json").write_text(json.dumps([time.time()] * 5))
@@ -112,30 +104,9 @@ class Federation:
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> Federation:
-    root = tmp_path_factory.mktemp("roles")
-    yml = root / "project.yml"
-    yml.write_text(project_yaml("roles", free_port(), free_port(), SITES, ADMINS))
-    out = root / "out"
-    provision(yml, out)
-    for site in SITES:
-        (out / site / "local").mkdir(exist_ok=True)
-        (out / site / "local" / "authorization.json").write_text(json.dumps(SITE_VETO))
-    started = fedadmin("poc", "start", "--workspace", str(out), timeout=180)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        fed = Federation(out)
-        stub = fed.stub("project_admin@org-a")
-        deadline = time.monotonic() + 60
-        while True:
-            reply = stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=30,
-                                 wait_for_ready=True)
-            if set(SITES) <= set(json.loads(reply.replies[0].data_json)["connected_sites"]):
-                break
-            assert time.monotonic() < deadline, f"the sites never connected: {reply}"
-            time.sleep(0.5)
-        yield fed
-    finally:
-        fedadmin("poc", "stop", "--workspace", str(out), timeout=120)
+    with running(tmp_path_factory.mktemp("roles"), "roles", SITES, ADMINS, "project_admin@org-a",
+                 dict.fromkeys(SITES, SITE_VETO)) as out:
+        yield Federation(out)
 
 
 def _cases(command: str) -> list[tuple[str, list[str], dict]]:
@@ -196,3 +167,29 @@ def test_every_role_command_and_target_is_allowed_or_refused_as_the_docs_role_ta
                     assert not lost, f"{case}: the federation was disturbed: {lost}"
     assert checked >= 4 * 30, checked
     assert not wrong, f"{len(wrong)} of {checked} cases differ from {DOC.name}:\n" + "\n".join(wrong)
+
+
+def test_deploying_code_needs_train_and_code_on_every_target_as_the_docs_role_table_says(fed):
+    """Issue 18 item 1: a deploy whose archive brings code (a file under custom/) is allowed only where the docs'
+    table gives the role both train and code: a lead to its own org's sites, never to the server."""
+    scopes = doc_scopes(DOC.read_text())
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("mmar/config/config_fed_server.json", "{}")
+        zf.writestr("mmar/custom/model.py", "import os\n")
+    blob = fed.upload("project_admin@org-a", buf.getvalue())
+    wrong = []
+    for role in ROLES:
+        stub = fed.stub(f"{role}@org-a")
+        for where, targets in (("own", [OWN]), ("other", [OTHER]), ("server", ["server"])):
+            request = apb.CommandRequest(command="deploy", targets=targets, timeout=10,
+                                         args_json=json.dumps({"blob_id": blob}))
+            reply = stub.Execute(request, timeout=60)
+            refused = not reply.ok and SERVER_POLICY in reply.error
+            expected = allowed(scopes, {"train"}, role, where) and allowed(scopes, {"code"}, role, where)
+            if refused == expected:
+                wrong.append(f"{role} deploy code to {where}: docs say {'allowed' if expected else 'refused'}; "
+                             f"server: {reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}")
+            elif refused and f"rule {role}." not in reply.error:
+                wrong.append(f"{role} deploy code to {where}: the refusal does not name the rule: {reply.error}")
+    assert not wrong, "\n".join(wrong)
