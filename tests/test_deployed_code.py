@@ -119,7 +119,7 @@ def test_a_lead_may_not_deploy_code_to_the_server_nor_another_orgs_site_but_may_
     server = fed.execute("root@consortium", "deploy", ["server"], {"blob_id": blob})
     assert server.ok, server
     audit = [json.loads(line) for line in (fed.out / "server" / "audit.log").read_text().splitlines()]
-    refused = [e for e in audit if e.get("admin") == "lea@org-a" and e.get("command") == "deploy" and not e["ok"]]
+    refused = [e for e in audit if e.get("admin") == "lea@org-a" and e.get("command") == "deploy" and e["ok"] is False]
     assert len(refused) == 3 and all("rule lead.code" in e["error"] for e in refused)
 
 
@@ -134,7 +134,7 @@ def test_a_site_whose_local_policy_refuses_custom_code_refuses_it_from_anyone_an
     assert not site.ok and "custom_code" in site.error and "custom/model.py" in site.error, site
     assert not (fed.out / OTHER / "run_1" / "mmar").exists()
     audit = [json.loads(line) for line in (fed.out / OTHER / "audit.log").read_text().splitlines()]
-    assert any(e["command"] == "deploy" and not e["ok"] and "custom_code" in e.get("error", "") for e in audit)
+    assert any(e["command"] == "deploy" and e["ok"] is False and "custom_code" in e.get("error", "") for e in audit)
 
 
 @pytest.mark.e2e
