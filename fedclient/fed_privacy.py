@@ -1,7 +1,8 @@
 """Outbound privacy filters on a model update Δ (seed: fed_learn.client.fed_privacy): sparsify, clip, add noise.
 
 All three filters work on d = Δ / S, where S is the number of local steps behind the update
-(train_ctx["local_steps"], 1 when absent), upload 0 for what they drop and multiply the rest back by S.
+(train_ctx["local_steps"], or train_ctx.local_steps of a training-context object; 1 when absent), upload 0
+for what they drop and multiply the rest back by S.
 They act on every non-scalar floating-point tensor of the update, taken as one vector of n coordinates;
 0-d tensors and non-float tensors (integer counters, flags) are passed through unchanged, so no filter
 protects them: leave them out of the update (exclude_vars) when they are sensitive.
@@ -309,13 +310,13 @@ def _upload_count(fraction: float, n: int) -> int:
 
 
 def _local_steps(train_ctx: Any) -> float:
-    """S from train_ctx (a Mapping, or anything with .get(key) such as FLContext); 1 when not given."""
-    if train_ctx is None:
-        return 1.0
+    """S from train_ctx: its "local_steps" item (a Mapping, or anything with .get(key) such as FLContext), or its
+    local_steps attribute (a training-context object); 1 when it has neither or is None."""
     get = getattr(train_ctx, "get", None)
-    if not callable(get):
-        raise TypeError(f"train_ctx must be a Mapping or have .get(key), got {type(train_ctx).__name__}")
-    steps = get(FLContextKey.LOCAL_STEPS)
+    if callable(get):
+        steps = get(FLContextKey.LOCAL_STEPS)
+    else:
+        steps = getattr(train_ctx, FLContextKey.LOCAL_STEPS, None)
     if steps is None:
         return 1.0
     if (isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not math.isfinite(steps)
