@@ -21,7 +21,7 @@ import numpy as np
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.model_meta import FLContextKey
 
-__all__ = ["LaplacianProtocol", "PercentileProtocol", "PrivacyProtocol", "SVTProtocol"]
+__all__ = ["LaplacianProtocol", "PercentileProtocol", "PrivacyProtocol", "SVTProtocol", "privacy_from_params"]
 
 # Coordinates per step of the vectorised passes: big enough that per-step overhead vanishes, small enough
 # that the temporaries stay in cache and the extra memory stays a small fraction of the model.
@@ -198,6 +198,29 @@ class SVTProtocol(PrivacyProtocol):
             q = np.minimum(np.abs(part.d(lo, hi, unsure).astype(np.float64)), self.gamma)
             accepted[unsure] = u < _p_at_least(threshold - q, b2)
         return accepted
+
+
+def privacy_from_params(params: Any) -> Any:
+    """The filter that privacy_params names: None; a filter object (with apply); or, as in config_fed_client.json,
+    {"name": "SVTProtocol", "args": {...}} for a built-in protocol. Raises ValueError saying what is wrong."""
+    if params is None or (callable(getattr(params, "apply", None)) and not isinstance(params, Mapping)):
+        return params
+    if not isinstance(params, Mapping):
+        raise ValueError(f"privacy_params must be None, a PrivacyProtocol or {{'name': ..., 'args': {{...}}}}, "
+                         f"got {type(params).__name__}")
+    protocols = {cls.__name__: cls for cls in (LaplacianProtocol, PercentileProtocol, SVTProtocol)}
+    unknown = sorted(set(params) - {"name", "args"})
+    if unknown:
+        raise ValueError(f"privacy_params: unknown key(s) {', '.join(map(repr, unknown))}; give 'name' and 'args'")
+    name, args = params.get("name"), params.get("args") or {}
+    if name not in protocols:
+        raise ValueError(f"privacy_params: 'name' must be one of {', '.join(protocols)}, got {name!r}")
+    if not isinstance(args, Mapping):
+        raise ValueError(f"privacy_params: 'args' must be a dict of {name}'s parameters, got {type(args).__name__}")
+    try:
+        return protocols[name](**args)
+    except TypeError as e:
+        raise ValueError(f"privacy_params: {name}: {e}") from None
 
 
 class _Part:
