@@ -63,12 +63,12 @@ class ClientAdminInterface:
 
     def training_status(self) -> str:
         """The training status in words ("training started", ...)."""
-        return get_status_message(self.client_executor.check_status(self.client))
+        return self.client_executor.check_status(self.client)
 
     def client_status(self) -> dict[str, Any]:
         """The contract's site status: status words and code, run number, latest progress (and error)."""
         executor = self.client_executor
-        code = executor.check_status(self.client)
+        code = executor.status
         data: dict[str, Any] = {"status": get_status_message(code), "status_code": code,
                                 "run_number": executor.run_number, "progress": dict(executor.progress)}
         if executor.ranks > 1:
