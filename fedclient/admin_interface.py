@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -51,6 +52,17 @@ class ClientAdminInterface:
 
     def set_agent(self, admin_agent) -> None:
         """The seed's hook for the FedAdminAgent that serves this interface; the interface needs nothing of it."""
+
+    def remove_custom_path(self) -> list[str]:
+        """Take the runs' custom/ folders off this process's sys.path; returns those removed.
+
+        The seed's clean-up after training in process. Here a run's custom code is put on the worker's PYTHONPATH,
+        and components built in process restore sys.path, so this finds nothing unless something else added one.
+        """
+        runs = self.workspace.resolve()
+        custom = [p for p in sys.path if p and _is_custom_dir(Path(p), runs)]
+        sys.path[:] = [p for p in sys.path if p not in custom]
+        return custom
 
     def run_dir(self, run_number: int) -> Path:
         """Where run N lives on this site."""
@@ -272,6 +284,13 @@ class ClientAdminInterface:
             atomic_write_json(run_folder.RunFolder.of(self.workspace, ended["run_number"]).completed, ended)
         except OSError as e:
             log.error("cannot record that run %s completed: %s", ended["run_number"], e)
+
+
+def _is_custom_dir(path: Path, workspace: Path) -> bool:
+    """Whether path is the custom/ folder of a run's deployed MMAR in workspace."""
+    path = path.resolve()
+    run = path.parent.parent
+    return run.parent == workspace and run_folder.RunFolder(run).mmar / "custom" == path
 
 
 class ResultForwarder:
