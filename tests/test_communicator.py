@@ -7,7 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, free_port, prepare_workspace
+from conftest import free_port, start_training_run
 
 from fedclient.communicator import (
     ClientState,
@@ -20,7 +20,6 @@ from fedclient.model_manager import ClientModelManager
 from fedclient.worker import kit_ssl_args
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import load_kit
-from fedcommon.model_file import save_model
 from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.provision import prepare_poc
 from fedcommon.wire import training_pb2 as pb
@@ -235,18 +234,9 @@ W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 @pytest.fixture
 def federation(tmp_path):
     """A running in-process server (run 1, 2 rounds) and site-1's ssl_args and server entries."""
-    from fedserver.server import FederationServer
-
-    ws = prepare_workspace(tmp_path / "ws", clients=2)
-    mmar = copy_mmar(tmp_path / "mmar", server={
-        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 2,
-        "wait_after_min_clients": 30, "heart_beat_timeout": 30,
-    })
-    save_model(mmar / "models" / "initial.fl", W0)
-    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
-    server.start_run(mmar)
-    port = server.start()
-    yield kit_ssl_args(load_kit(ws / "site-1")), {TASK: {"name": TASK, "target": f"127.0.0.1:{port}"}}
+    server, ws = start_training_run(tmp_path, W0, min_num_clients=2, num_rounds=2, wait_after_min_clients=30,
+                                    heart_beat_timeout=30)
+    yield kit_ssl_args(load_kit(ws / "site-1")), {TASK: {"name": TASK, "target": f"127.0.0.1:{server.fl_port}"}}
     server.stop(0)
 
 
