@@ -111,8 +111,8 @@ class Communicator:
                                                  "ssl_args={'ssl_root_cert': ..., 'ssl_cert': ..., "
                                                  "'ssl_private_key': ...}"))
         if not ssl_args:
-            raise ValueError("Communicator: the server accepts only mutual TLS: secure_train must be True and ssl_args "
-                             "must name ssl_root_cert, ssl_cert and ssl_private_key (fedclient.worker.kit_ssl_args)")
+            raise ValueError("Communicator: the server accepts only mutual TLS: ssl_args must name ssl_root_cert, "
+                             "ssl_cert and ssl_private_key (fedclient.worker.kit_ssl_args(kit) names the kit's)")
         self.model_manager = model_manager
         self.ssl_args = ssl_args
         self.secure_train = secure_train

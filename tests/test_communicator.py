@@ -63,7 +63,7 @@ def test_kit_ssl_args_name_the_three_files_of_the_kit(ssl_args):
 
 @pytest.mark.parametrize("args", [None, {}], ids=["no-ssl-args", "empty-ssl-args"])
 def test_communicator_refuses_anything_but_mutual_tls(ssl_args, args):
-    with pytest.raises(ValueError, match="only mutual TLS: secure_train must be True"):
+    with pytest.raises(ValueError, match="only mutual TLS: ssl_args must name ssl_root_cert, ssl_cert and"):
         Communicator(None, ssl_args=args, secure_train=True)
 
 
