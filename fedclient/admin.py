@@ -18,7 +18,7 @@ from typing import Any
 
 import grpc
 
-from fedclient.communicator import server_target
+from fedclient.communicator import mutual_tls_required, server_target
 from fedclient.local_policy import LocalPolicy
 from fedcommon.admin_defs import AdminIdentity, Message, MsgHeader, ReturnCode, body_text, error_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
@@ -285,14 +285,20 @@ class BlobFetchError(Exception):
 
 
 class AdminMessageSender(Sender):
-    """The agent plane over gRPC (service SiteAgent on fl_port) with mutual TLS; only rank 0 talks to the server."""
+    """The agent plane over gRPC (service SiteAgent on fl_port) with mutual TLS.
+
+    With is_multi_gpu, only rank 0 talks to the server: the other ranks retrieve nothing and send nothing.
+    """
 
     def __init__(self, client_name: str, root_cert: str | None = None, ssl_cert: str | None = None,
                  private_key: str | None = None, server_args=None, secure: bool = False,
                  is_multi_gpu: bool = False, rank: int = 0):
         if not secure:
-            raise ValueError("AdminMessageSender: the server accepts only mutual TLS; pass secure=True "
-                             "with root_cert, ssl_cert and private_key")
+            raise ValueError(mutual_tls_required("AdminMessageSender", "secure",
+                                                 "root_cert=..., ssl_cert=..., private_key=..."))
+        if rank != 0 and not is_multi_gpu:
+            raise ValueError(f"AdminMessageSender: rank {rank} without is_multi_gpu=True: only a multi-GPU site has "
+                             f"ranks other than 0 (rank 0 talks to the server, the others send nothing)")
         credentials = tls_channel_credentials({"root_cert": root_cert, "ssl_cert": ssl_cert,
                                                "private_key": private_key}, "AdminMessageSender (mutual TLS)")
         if server_args is None:
@@ -303,12 +309,14 @@ class AdminMessageSender(Sender):
         self.task_name = entry.get("name", "admin") if isinstance(entry, dict) else "admin"
         self.is_multi_gpu = is_multi_gpu
         self.rank = rank
+        self._silent = is_multi_gpu and rank != 0
         options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
         self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.SiteAgentStub(self._channel)
         self._ready = threading.Event()
-        self._channel.subscribe(self._on_connectivity, try_to_connect=True)
+        if not self._silent:
+            self._channel.subscribe(self._on_connectivity, try_to_connect=True)
         self._failing: str | None = None
 
     def _on_connectivity(self, state: grpc.ChannelConnectivity) -> None:
@@ -332,7 +340,7 @@ class AdminMessageSender(Sender):
     def retrieve_client_requests(self, taskname: str, wait_seconds: float = LONG_POLL_S,
                                  replies: list[Message] = ()) -> list[Message]:
         """Long-poll the server for this site's requests, delivering `replies` with the call (raises grpc.RpcError)."""
-        if self.rank != 0:
+        if self._silent:
             return []
         request = pb.RetrieveRequest(wait_seconds=wait_seconds, replies=[message_to_wire(m) for m in replies])
         reply = self._stub.Retrieve(request, timeout=RETRIEVE_DEADLINE_S)
@@ -361,7 +369,7 @@ class AdminMessageSender(Sender):
 
     def send_client_reply(self, message: Message, taskname: str) -> bool:
         """Send a reply to a request (raises grpc.RpcError); False when the server did not take it."""
-        if self.rank != 0:
+        if self._silent:
             return True
         ack = self._stub.SendReply(message_to_wire(message), timeout=SEND_DEADLINE_S)
         if not ack.ok:
@@ -375,7 +383,7 @@ class AdminMessageSender(Sender):
 
     def send_result(self, message: Message) -> None:
         """Send a progress or training_ended result; failures are logged, never raised."""
-        if self.rank != 0:
+        if self._silent:
             return
 
         def call() -> bool:

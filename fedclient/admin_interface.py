@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -57,6 +58,17 @@ class ClientAdminInterface:
     def set_agent(self, admin_agent) -> None:
         """The seed's hook for the FedAdminAgent that serves this interface; the interface needs nothing of it."""
 
+    def remove_custom_path(self) -> list[str]:
+        """Take the runs' custom/ folders off this process's sys.path; returns those removed.
+
+        The seed's clean-up after training in process. Here a run's custom code is put on the worker's PYTHONPATH,
+        and components built in process restore sys.path, so this finds nothing unless something else added one.
+        """
+        runs = self.workspace.resolve()
+        custom = [p for p in sys.path if p and _is_custom_dir(Path(p), runs)]
+        sys.path[:] = [p for p in sys.path if p not in custom]
+        return custom
+
     def run_dir(self, run_number: int) -> Path:
         """Where run N lives on this site."""
         return run_folder.run_dir(self.workspace, run_number)
@@ -68,12 +80,12 @@ class ClientAdminInterface:
 
     def training_status(self) -> str:
         """The training status in words ("training started", ...)."""
-        return get_status_message(self.client_executor.check_status(self.client))
+        return self.client_executor.check_status(self.client)
 
     def client_status(self) -> dict[str, Any]:
         """The contract's site status: status words and code, run number, latest progress (and error)."""
         executor = self.client_executor
-        code = executor.check_status(self.client)
+        code = executor.status
         data: dict[str, Any] = {"status": get_status_message(code), "status_code": code,
                                 "run_number": executor.run_number, "progress": dict(executor.progress)}
         if executor.ranks > 1:
@@ -286,6 +298,13 @@ class ClientAdminInterface:
             atomic_write_json(run_folder.RunFolder.of(self.workspace, ended["run_number"]).completed, ended)
         except OSError as e:
             log.error("cannot record that run %s completed: %s", ended["run_number"], e)
+
+
+def _is_custom_dir(path: Path, workspace: Path) -> bool:
+    """Whether path is the custom/ folder of a run's deployed MMAR in workspace."""
+    path = path.resolve()
+    run = path.parent.parent
+    return run.parent == workspace and run_folder.RunFolder(run).mmar / "custom" == path
 
 
 class ResultForwarder:

@@ -81,9 +81,9 @@ class ClientExecutor:
         """Start training on gpu_number GPUs (one rank each); only a process executor can."""
         raise TrainingError(f"{type(self).__name__} trains in one process; multi-GPU needs the process executor")
 
-    def check_status(self, client) -> int:
-        """The training's ClientStatus code."""
-        return self.status
+    def check_status(self, client) -> str:
+        """The training's status message, as the seed documents ("training started", ...); its code is `status`."""
+        return get_status_message(self.status)
 
     def is_training(self) -> bool:
         """Whether a training is starting or running."""
@@ -364,7 +364,11 @@ class ProcessExecutor(ClientExecutor):
 
 
 class ThreadExecutor(ClientExecutor):
-    """Runs the training in this process on `executor` (for debugging: no isolation, abort after the current step)."""
+    """Runs the training in this process on `executor` (for debugging: no isolation, abort after the current step).
+
+    The client trained is the FederatedClient given to start_train, else the one given here; without one (None,
+    or the site's kit), one is built from the site's kit.
+    """
 
     def __init__(self, client, executor: Executor, on_event: EventHandler | None = None):
         super().__init__(on_event)
@@ -374,19 +378,29 @@ class ThreadExecutor(ClientExecutor):
         self._future: Future | None = None
 
     def start_train(self, client, args: TrainArgs, mmar_root: Path) -> int:
-        """Build the site's FederatedClient and trainer for run args.run_number and train on the executor."""
+        """Train run args.run_number of the MMAR at mmar_root with the client (see above) on the executor."""
+        given = next((c for c in (client, self.client) if hasattr(c, "admin_run")), None)
         with self._lock:
             if self.is_training():
                 raise TrainingError(f"run {self.run_number} is already training")
             self._reset(args.run_number)
             try:
                 self.training = SiteTraining(Path(args.workspace), Path(mmar_root), args.run_number,
-                                             on_event=self._handle, validate_only=args.validate)
+                                             on_event=self._handle, validate_only=args.validate, client=given)
             except WorkerSetupError as e:
                 self.status, self.error = ClientStatus.TRAINING_EXCEPTION, str(e)
                 raise TrainingError(str(e)) from None
             self._future = self.executor.submit(self._train, self.training)
         return os.getpid()
+
+    def start_mgpu_train(self, client, args: TrainArgs, mmar_root: Path, gpu_number: int) -> int:
+        """Train on one GPU as start_train; more than one needs one process per rank, which threads cannot give."""
+        if isinstance(gpu_number, bool) or not isinstance(gpu_number, int) or gpu_number < 1:
+            raise TrainingError(f"the number of GPUs must be a whole number >= 1, got {gpu_number!r}")
+        if gpu_number > 1:
+            raise TrainingError(f"ThreadExecutor trains in this process, on one GPU; {gpu_number} GPUs need one "
+                                f"process per rank: use the ProcessExecutor (torchrun)")
+        return self.start_train(client, args, mmar_root)
 
     def _train(self, training) -> None:
         code = 0

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -37,6 +38,29 @@ class CommunicationError(Exception):
 
 class RegistrationRequired(CommunicationError):
     """The server no longer knows this site's token: register again."""
+
+
+def mutual_tls_required(who: str, flag: str, files: str) -> str:
+    """Why `flag`=False (the seed's default) is refused, and what to pass instead."""
+    return (f"{who}: {flag}=False (plaintext) is not supported: the server accepts only mutual TLS, because the "
+            f"site's certificate is its identity and its session token and model updates must not travel in the "
+            f"clear. Pass {flag}=True and {files}, the files of the site's startup kit "
+            f"(<workspace>/startup/rootCA.pem, cert.pem and key.pem)")
+
+
+@dataclass
+class ClientState:
+    """The site's meta data for calls to a task's server (seed: the ClientState message): who, where, which session.
+
+    `meta` is free for client_state_processors to add to; the token authenticates the calls made with this state.
+    """
+
+    task_name: str
+    token: str | None
+    client_name: str = ""
+    run_number: int = 0
+    round: int | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -82,9 +106,13 @@ class Communicator:
                  retry_timeout: float = 30, pre_processors: list | None = None,
                  post_processors: list | None = None, client_state_processors: list | None = None,
                  compression: grpc.Compression | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        if not secure_train or not ssl_args:
-            raise ValueError("the server accepts only mutual TLS: secure_train must be True and ssl_args "
-                             "must name ssl_root_cert, ssl_cert and ssl_private_key")
+        if not secure_train:
+            raise ValueError(mutual_tls_required("Communicator", "secure_train",
+                                                 "ssl_args={'ssl_root_cert': ..., 'ssl_cert': ..., "
+                                                 "'ssl_private_key': ...}"))
+        if not ssl_args:
+            raise ValueError("Communicator: the server accepts only mutual TLS: ssl_args must name ssl_root_cert, "
+                             "ssl_cert and ssl_private_key (fedclient.worker.kit_ssl_args(kit) names the kit's)")
         self.model_manager = model_manager
         self.ssl_args = ssl_args
         self.secure_train = secure_train
@@ -97,11 +125,16 @@ class Communicator:
         files = {key: ssl_args.get(key) for key in ("ssl_root_cert", "ssl_cert", "ssl_private_key")}
         self._credentials = tls_channel_credentials(files, "ssl_args")
         self._channels: dict[str, grpc.Channel] = {}
+        self._session_runs: dict[str, int] = {}  # token -> the run its server last named
 
     # ---- channels -------------------------------------------------------------------------------
 
     def set_up_channel(self, channel_dict: dict[str, Any], token: str | None = None) -> grpc.Channel:
-        """A mutual-TLS channel to the server entry `channel_dict` (one per target, reused)."""
+        """A mutual-TLS channel to the server entry `channel_dict` (one per target, reused).
+
+        With `token`, every call on the returned channel carries it (unless the call names a token itself);
+        close the channel with close().
+        """
         target = server_target(channel_dict)
         channel = self._channels.get(target)
         if channel is None:
@@ -111,7 +144,7 @@ class Communicator:
             ]
             channel = grpc.secure_channel(target, self._credentials, options=options, compression=self.compression)
             self._channels[target] = channel
-        return channel
+        return channel if token is None else grpc.intercept_channel(channel, _TokenInterceptor(token))
 
     def close(self) -> None:
         for channel in self._channels.values():
@@ -159,25 +192,62 @@ class Communicator:
     def _metadata(token: str | None) -> tuple[tuple[str, str], ...]:
         return ((TOKEN_KEY, token),) if token else ()
 
+    def _note_run(self, token: str | None, run_number: int) -> None:
+        if token and run_number:
+            self._session_runs[token] = run_number
+
+    def _run_number(self, run_number: int | None, state: ClientState, action: str) -> int:
+        if run_number is not None:
+            return run_number
+        if not state.run_number:
+            raise ValueError(f"{action}: no run_number given and the session names no run: register first "
+                             f"(the server names its run) or pass run_number=N")
+        return state.run_number
+
     # ---- calls ----------------------------------------------------------------------------------
+
+    def get_client_state(self, task_name: str, token: str | None, app_ctx=None, *,
+                         client_name: str | None = None) -> ClientState:
+        """The site's meta data for calls to the task's server, passed through each client_state_processor.
+
+        A processor is called as processor(state, app_ctx) and returns the state to use. The run number and
+        round come from app_ctx (a Mapping or an object with those attributes), else from the session.
+        """
+        run = _context_value(app_ctx, "run_number")
+        state = ClientState(
+            task_name, token,
+            client_name=client_name or str(_context_value(app_ctx, "client_name") or ""),
+            run_number=int(run) if run else self._session_runs.get(token or "", 0),
+            round=_context_value(app_ctx, "round"),
+        )
+        for processor in self.client_state_processors:
+            state = processor(state, app_ctx)
+            if not isinstance(state, ClientState):
+                raise TypeError(f"client_state_processor {getattr(processor, '__name__', processor)!r} returned "
+                                f"{type(state).__name__}; it must return the ClientState it was given (or a new one)")
+        return state
 
     def client_registration(self, uid: str, servers: dict, task_name: str) -> pb.RegisterReply:
         """Register site `uid` with the task's server; the reply carries the session token."""
         stub = self._stub(servers, task_name)
-        return self._call(servers, task_name, "register",
-                          lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S))
+        reply = self._call(servers, task_name, "register",
+                           lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S))
+        self._note_run(reply.token, reply.run_number)
+        return reply
 
     def getModel(self, servers: dict, task_name: str, token: str, app_ctx=None,
                  wait_seconds: float = LONG_POLL_S) -> RemoteModel:
         """Fetch the global model for the next round (long-poll: returns status "wait" when there is none)."""
+        state = self.get_client_state(task_name, token, app_ctx)
         stub = self._stub(servers, task_name)
 
         def fetch() -> RemoteModel:
             stream = stub.GetModel(pb.GetModelRequest(wait_seconds=wait_seconds),
-                                   metadata=self._metadata(token), timeout=wait_seconds + TRANSFER_DEADLINE_S)
+                                   metadata=self._metadata(state.token), timeout=wait_seconds + TRANSFER_DEADLINE_S)
             return self._read_model_stream(stream)
 
         remote = self._call(servers, task_name, "get model", fetch)
+        self._note_run(state.token, remote.run_number)
         for processor in self.post_processors:
             remote.tensors = processor(remote.tensors, app_ctx)
         return remote
@@ -200,8 +270,9 @@ class Communicator:
     def submitUpdate(self, servers: dict, task_name: str, token: str, fl_ctx: FLContext, app_ctx,
                      uid: str) -> pb.SubmitReply:
         """Send this round's update (delta_w) with its weight and the metrics of the global model."""
+        state = self.get_client_state(task_name, token, app_ctx, client_name=uid)
         contribution = DataAssembler.get_contribution_data(
-            self.model_manager, task_name, {"client_name": uid}, self.pre_processors, fl_ctx, app_ctx
+            self.model_manager, task_name, state, self.pre_processors, fl_ctx, app_ctx
         )
         header = pb.ModelHeader(
             run_number=int(fl_ctx.get_prop(FLContextKey.RUN_NUMBER, 0)),
@@ -220,16 +291,18 @@ class Communicator:
             yield from encode_tensors(contribution, self.chunk_bytes)
 
         return self._call(servers, task_name, "submit update",
-                          lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(token),
+                          lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(state.token),
                                                     timeout=TRANSFER_DEADLINE_S))
 
     # ---- cross-site validation ----------------------------------------------------------------------
 
     def submit_best_local_model(self, uid: str, servers: dict, task_name: str, token: str, disable: bool = False,
-                                *, run_number: int) -> pb.SubmitReply:
-        """Share this site's best local model of run `run_number`; with `disable`, say it is not shared."""
-        tensors, metrics = DataAssembler.get_best_local_model(self.model_manager, task_name, {"client_name": uid},
-                                                              disable)
+                                *, run_number: int | None = None) -> pb.SubmitReply:
+        """Share this site's best local model of run `run_number` (default: the session's run); with `disable`,
+        say it is not shared."""
+        state = self.get_client_state(task_name, token, client_name=uid)
+        run_number = self._run_number(run_number, state, "submit best model")
+        tensors, metrics = DataAssembler.get_best_local_model(self.model_manager, task_name, state, disable)
         header = pb.ModelHeader(run_number=run_number, kind="not_participating" if disable else "best_model",
                                 num_tensors=len(tensors), metrics=metrics)
         stub = self._stub(servers, task_name)
@@ -239,19 +312,22 @@ class Communicator:
             yield from encode_tensors(tensors, self.chunk_bytes)
 
         return self._call(servers, task_name, "submit best model",
-                          lambda: stub.SubmitBestModel(chunks(), metadata=self._metadata(token),
+                          lambda: stub.SubmitBestModel(chunks(), metadata=self._metadata(state.token),
                                                        timeout=TRANSFER_DEADLINE_S))
 
-    def get_validation_models(self, uid: str, servers: dict, task_name: str, token: str, *, run_number: int,
-                              validated: set[str] | None = None, wait_seconds: float = LONG_POLL_S
-                              ) -> ValidationModel:
-        """The next model of run `run_number` this site has not validated (long-poll: "wait" while none is ready)."""
+    def get_validation_models(self, uid: str, servers: dict, task_name: str, token: str, *,
+                              run_number: int | None = None, validated: set[str] | None = None,
+                              wait_seconds: float = LONG_POLL_S) -> ValidationModel:
+        """The next model of run `run_number` (default: the session's run) this site has not validated
+        (long-poll: "wait" while none is ready)."""
+        state = self.get_client_state(task_name, token, client_name=uid)
+        run_number = self._run_number(run_number, state, "get validation models")
         stub = self._stub(servers, task_name)
         request = pb.ValidationModelsRequest(run_number=run_number, validated=sorted(validated or ()),
                                              wait_seconds=wait_seconds)
 
         def fetch() -> ValidationModel:
-            stream = stub.GetValidationModels(request, metadata=self._metadata(token),
+            stream = stub.GetValidationModels(request, metadata=self._metadata(state.token),
                                               timeout=wait_seconds + TRANSFER_DEADLINE_S)
             first = next(stream, None)
             if first is None or first.WhichOneof("part") != "header":
@@ -269,23 +345,29 @@ class Communicator:
 
     def submit_cross_site_validation_results(self, uid: str, servers: dict, task_name: str, token: str,
                                              client_names: list[str], client_metrics: list[dict[str, float]],
-                                             *, run_number: int) -> pb.Ack:
-        """Report this site's metrics of each named owner's model (client_names[i] scored client_metrics[i])."""
+                                             *, run_number: int | None = None) -> pb.Ack:
+        """Report this site's metrics of each named owner's model (client_names[i] scored client_metrics[i])
+        in run `run_number` (default: the session's run)."""
         if len(client_names) != len(client_metrics):
             raise ValueError("client_names and client_metrics must have the same length")
+        state = self.get_client_state(task_name, token, client_name=uid)
+        run_number = self._run_number(run_number, state, "submit validation results")
         request = pb.ValidationResults(run_number=run_number, results=[
             pb.ValidationResult(model_owner=name, metrics=metrics)
             for name, metrics in zip(client_names, client_metrics, strict=True)])
         stub = self._stub(servers, task_name)
         return self._call(servers, task_name, "submit validation results",
-                          lambda: stub.SubmitValidationResults(request, metadata=self._metadata(token),
+                          lambda: stub.SubmitValidationResults(request, metadata=self._metadata(state.token),
                                                                timeout=SHORT_DEADLINE_S))
 
     def send_heartbeat(self, servers: dict, task_name: str, token: str) -> pb.HeartbeatReply:
         stub = self._stub(servers, task_name)
-        return self._call(servers, task_name, "heartbeat",
-                          lambda: stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata(token),
-                                                 timeout=SHORT_DEADLINE_S))
+        reply = self._call(servers, task_name, "heartbeat",
+                           lambda: stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata(token),
+                                                  timeout=SHORT_DEADLINE_S))
+        if reply.known:
+            self._note_run(token, reply.run_number)
+        return reply
 
     def report_metrics(self, servers: dict, task_name: str, token: str, round_number: int,
                        metrics: dict[str, float]) -> pb.Ack:
@@ -298,7 +380,51 @@ class Communicator:
 
     def quit_remote(self, servers: dict, task_name: str, token: str) -> pb.Ack:
         """Tell the server this site leaves; no retries (the server drops silent sites anyway)."""
+        state = self.get_client_state(task_name, token)
         stub = self._stub(servers, task_name)
+        self._session_runs.pop(token or "", None)
         return self._call(servers, task_name, "quit",
-                          lambda: stub.Quit(pb.QuitRequest(reason="done"), metadata=self._metadata(token),
+                          lambda: stub.Quit(pb.QuitRequest(reason="done"), metadata=self._metadata(state.token),
                                             timeout=SHORT_DEADLINE_S), retry=False)
+
+
+def _context_value(app_ctx: Any, name: str) -> Any:
+    """app_ctx[name] of a Mapping, or the attribute of another object; None when it has neither."""
+    if app_ctx is None:
+        return None
+    if isinstance(app_ctx, Mapping):
+        return app_ctx.get(name)
+    return getattr(app_ctx, name, None)
+
+
+class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
+                                                           "wait_for_ready", "compression")),
+                   grpc.ClientCallDetails):
+    pass
+
+
+class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds the session token to each call that does not carry one (set_up_channel's `token`)."""
+
+    def __init__(self, token: str):
+        self._token = token
+
+    def _with_token(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = list(details.metadata or ())
+        if not any(key == TOKEN_KEY for key, _ in metadata):
+            metadata.append((TOKEN_KEY, self._token))
+        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
+                            details.wait_for_ready, details.compression)
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._with_token(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._with_token(client_call_details), request_iterator)

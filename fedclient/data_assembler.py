@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import numpy as np
 
-from fedcommon.model_meta import FLContext
+from fedcommon.model_meta import FLContext, FLContextKey
 
 
 class DataAssembler:
     """Assembles outgoing model data."""
 
     @staticmethod
-    def get_contribution_data(model_manager, task_name: str, client_state: dict,
+    def get_contribution_data(model_manager, task_name: str, client_state: Any,
                               pre_processors: list[Callable] | None, fl_ctx: FLContext,
                               app_ctx=None) -> Mapping[str, np.ndarray]:
         """The update (delta_w, privacy filter applied) passed through each pre_processor(tensors, fl_ctx).
 
+        fl_ctx carries client_state (FLContextKey.CLIENT_STATE) to the privacy filter and the processors.
         Without processors it may be a Mapping whose differences are computed as they are read.
         """
+        fl_ctx.set_prop(FLContextKey.CLIENT_STATE, client_state)
         tensors = model_manager.read_current_model(task_name, "delta_w", train_ctx=fl_ctx)
         if pre_processors:
             tensors = dict(tensors)  # a processor gets a dict, as the seed's API promises
@@ -28,7 +31,7 @@ class DataAssembler:
         return tensors
 
     @staticmethod
-    def get_best_local_model(model_manager, task_name: str, client_state: dict, disable: bool = False
+    def get_best_local_model(model_manager, task_name: str, client_state: Any, disable: bool = False
                              ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The best local model's tensors and metrics; empty when `disable` (the site does not share it)."""
         if disable:

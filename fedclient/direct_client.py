@@ -18,6 +18,9 @@ class _Weights:
     def __init__(self) -> None:
         self.weights: dict[str, np.ndarray] = {}
 
+    def num_local_iterations(self) -> int:
+        return 1  # the site's loop counts its own steps: train_context.local_steps
+
 
 class _DictReaderWriter:
     # The working weights are handed out and taken back without copies: a model may be GiBs.
@@ -31,8 +34,16 @@ class _DictReaderWriter:
         return True
 
 
+# The options connect_to_server, pull_models_from_server and push_models_to_server read; train_options sets defaults.
+OPTIONS = ("heart_beat", "wait", "weight", "metrics")
+
+
 class DirectFederatedClient(FederatedClientBase):
-    """Federated client for a training loop of the site's own: connect, pull, push, close."""
+    """Federated client for a training loop of the site's own: connect, pull, push, close.
+
+    train_context: the loop's training context, given to the privacy filter as its train_ctx (its local_steps
+    attribute or item is S). train_options: defaults for the options of the calls below (OPTIONS).
+    """
 
     def __init__(self, client_id, client_args, secure_train, server_args=None, exclude_vars=None, privacy=None,
                  retry_timeout=30, train_context=None, model_reader_writer=None, pre_processors=None,
@@ -44,7 +55,7 @@ class DirectFederatedClient(FederatedClientBase):
                          client_state_processors=client_state_processors, req_processors=req_processors,
                          handlers=handlers)
         self.train_context = train_context
-        self.train_options = dict(train_options or {})
+        self.train_options = self._checked_options(train_options, "train_options")
         self._state = _Weights()
         self.model_manager.set_fitter(self._state)
         self._last = None
@@ -53,9 +64,21 @@ class DirectFederatedClient(FederatedClientBase):
     def task_name(self) -> str:
         return next(iter(self.servers))
 
+    @staticmethod
+    def _checked_options(options: dict | None, what: str) -> dict:
+        unknown = sorted(set(options or {}) - set(OPTIONS))
+        if unknown:
+            raise ValueError(f"DirectFederatedClient: {what}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                             f"known: {', '.join(OPTIONS)}")
+        return dict(options or {})
+
+    def _options(self, options: dict | None) -> dict:
+        """train_options overridden by this call's options."""
+        return {**self.train_options, **self._checked_options(options, "options")}
+
     def connect_to_server(self, options: dict | None = None) -> None:
         """Register (and start heartbeats unless options says heart_beat False). Main thread only."""
-        options = {"heart_beat": True} if options is None else options
+        options = self._options(options)
         self.register()
         if options.get("heart_beat", True):
             self.start_heartbeat()
@@ -69,7 +92,7 @@ class DirectFederatedClient(FederatedClientBase):
 
         Waits (long-polls) while the server has nothing new for this site, unless options["wait"] is False.
         """
-        wait = (options or {}).get("wait", True)
+        wait = self._options(options).get("wait", True)
         while True:
             remote = self.pull_models()[self.task_name]
             if remote.status != "wait" or not wait:
@@ -85,12 +108,13 @@ class DirectFederatedClient(FederatedClientBase):
         """
         if self._last is None or self._last.status != "train":
             raise RuntimeError("push_models_to_server before a round's model was pulled")
-        options = options or {}
+        options = self._options(options)
         self.model_manager.update_current_model(model_data)
         fl_ctx = FLContext({
             FLContextKey.RUN_NUMBER: self._last.run_number, FLContextKey.ROUND: self._last.round,
             FLContextKey.WEIGHT: float(options.get("weight", 1.0)),
             FLContextKey.METRICS: dict(options.get("metrics", {})),
+            FLContextKey.TRAIN_CONTEXT: self.train_context,
         })
         return self.push_remote_model(self.task_name, fl_ctx)
 

@@ -9,7 +9,13 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fedclient.client_status import ClientStatus
-from fedclient.communicator import Communicator, RegistrationRequired, RemoteModel, ValidationModel
+from fedclient.communicator import (
+    Communicator,
+    RegistrationRequired,
+    RemoteModel,
+    ValidationModel,
+    mutual_tls_required,
+)
 from fedclient.model_manager import ClientModelManager
 from fedcommon.model_meta import FLContext
 
@@ -45,6 +51,18 @@ class FederatedClientBase:
                  exclude_vars=None, privacy=None, retry_timeout: float = 30, cross_site_validate: bool = False,
                  model_reader_writer=None, model_validator=None, pre_processors=None, post_processors=None,
                  client_state_processors=None, req_processors=None, handlers=None, compression=None):
+        owner = type(self).__name__
+        if not secure_train:
+            raise ValueError(mutual_tls_required(owner, "secure_train", "client_args={'ssl_root_cert': ..., "
+                                                 "'ssl_cert': ..., 'ssl_private_key': ...} (kit_ssl_args(kit))"))
+        if req_processors:
+            raise ValueError(f"{owner}: req_processors is not supported: admin requests reach the site's agent, not "
+                             f"the training client (which runs in a worker process); register a RequestProcessor "
+                             f"with FedAdminAgent.register_processor instead")
+        if handlers:
+            raise ValueError(f"{owner}: handlers is not supported: the seed documents no handler interface; "
+                             f"FederatedClient's on_progress=callable receives the round, epoch, end and "
+                             f"validation events")
         self.client_name = client_id
         self.uid = client_id
         self.client_args = client_args
@@ -57,8 +75,8 @@ class FederatedClientBase:
         self.on_validation: Callable[[dict[str, Any]], None] | None = None
         self._validation_run: int | None = None  # fixed for a validation: heartbeats may report a newer run
         self._stop = threading.Event()
-        self.req_processors = list(req_processors or [])
-        self.handlers = list(handlers or [])
+        self.req_processors: list = []
+        self.handlers: list = []
         self.model_manager = ClientModelManager(
             task_names=list(self.servers), exclude_vars=exclude_vars, privacy=privacy,
             model_reader_writer=model_reader_writer, model_validator=model_validator,

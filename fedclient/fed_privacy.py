@@ -1,7 +1,8 @@
 """Outbound privacy filters on a model update Δ (seed: fed_learn.client.fed_privacy): sparsify, clip, add noise.
 
 All three filters work on d = Δ / S, where S is the number of local steps behind the update
-(train_ctx["local_steps"], 1 when absent), upload 0 for what they drop and multiply the rest back by S.
+(train_ctx["local_steps"], or train_ctx.local_steps of a training-context object; 1 when absent), upload 0
+for what they drop and multiply the rest back by S.
 They act on every non-scalar floating-point tensor of the update, taken as one vector of n coordinates;
 0-d tensors and non-float tensors (integer counters, flags) are passed through unchanged, so no filter
 protects them: leave them out of the update (exclude_vars) when they are sensitive.
@@ -20,7 +21,7 @@ import numpy as np
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.model_meta import FLContextKey
 
-__all__ = ["LaplacianProtocol", "PercentileProtocol", "PrivacyProtocol", "SVTProtocol"]
+__all__ = ["LaplacianProtocol", "PercentileProtocol", "PrivacyProtocol", "SVTProtocol", "privacy_from_params"]
 
 # Coordinates per step of the vectorised passes: big enough that per-step overhead vanishes, small enough
 # that the temporaries stay in cache and the extra memory stays a small fraction of the model.
@@ -199,6 +200,29 @@ class SVTProtocol(PrivacyProtocol):
         return accepted
 
 
+def privacy_from_params(params: Any) -> Any:
+    """The filter that privacy_params names: None; a filter object (with apply); or, as in config_fed_client.json,
+    {"name": "SVTProtocol", "args": {...}} for a built-in protocol. Raises ValueError saying what is wrong."""
+    if params is None or (callable(getattr(params, "apply", None)) and not isinstance(params, Mapping)):
+        return params
+    if not isinstance(params, Mapping):
+        raise ValueError(f"privacy_params must be None, a PrivacyProtocol or {{'name': ..., 'args': {{...}}}}, "
+                         f"got {type(params).__name__}")
+    protocols = {cls.__name__: cls for cls in (LaplacianProtocol, PercentileProtocol, SVTProtocol)}
+    unknown = sorted(set(params) - {"name", "args"})
+    if unknown:
+        raise ValueError(f"privacy_params: unknown key(s) {', '.join(map(repr, unknown))}; give 'name' and 'args'")
+    name, args = params.get("name"), params.get("args") or {}
+    if name not in protocols:
+        raise ValueError(f"privacy_params: 'name' must be one of {', '.join(protocols)}, got {name!r}")
+    if not isinstance(args, Mapping):
+        raise ValueError(f"privacy_params: 'args' must be a dict of {name}'s parameters, got {type(args).__name__}")
+    try:
+        return protocols[name](**args)
+    except TypeError as e:
+        raise ValueError(f"privacy_params: {name}: {e}") from None
+
+
 class _Part:
     """One non-scalar float tensor of the update: its input as a flat vector and its flat output."""
 
@@ -309,13 +333,13 @@ def _upload_count(fraction: float, n: int) -> int:
 
 
 def _local_steps(train_ctx: Any) -> float:
-    """S from train_ctx (a Mapping, or anything with .get(key) such as FLContext); 1 when not given."""
-    if train_ctx is None:
-        return 1.0
+    """S from train_ctx: its "local_steps" item (a Mapping, or anything with .get(key) such as FLContext), or its
+    local_steps attribute (a training-context object); 1 when it has neither or is None."""
     get = getattr(train_ctx, "get", None)
-    if not callable(get):
-        raise TypeError(f"train_ctx must be a Mapping or have .get(key), got {type(train_ctx).__name__}")
-    steps = get(FLContextKey.LOCAL_STEPS)
+    if callable(get):
+        steps = get(FLContextKey.LOCAL_STEPS)
+    else:
+        steps = getattr(train_ctx, FLContextKey.LOCAL_STEPS, None)
     if steps is None:
         return 1.0
     if (isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not math.isfinite(steps)

@@ -26,12 +26,16 @@ class ClientModelManager:
     def __init__(self, task_names=None, exclude_vars=None, privacy=None,
                  model_reader_writer: ModelProcessor | None = None,
                  model_validator: ModelValidator | None = None, visualizer=None):
+        if visualizer is not None:
+            raise ValueError("ClientModelManager: visualizer is not supported: the seed documents no visualizer "
+                             "interface; a site's per-round metrics are in run_N/logs/worker.log and `fedadmin "
+                             "status`")
         self.task_names = list(task_names or [])
         self.exclude_vars: tuple[str, ...] | str = exclude_vars or ()
         self.privacy = privacy
         self.model_reader_writer = model_reader_writer or ModelProcessor()
         self.model_validator = model_validator or ModelValidator()
-        self.visualizer = visualizer
+        self.visualizer = None
         self._fitter = None
         self._global: dict[str, dict[str, np.ndarray]] = {}
         self._meta: dict[str, dict[str, Any]] = {}
@@ -104,6 +108,8 @@ class ClientModelManager:
     def read_current_model(self, task_name: str, type_str: str = "delta_w", train_ctx=None) -> Mapping:
         """What to send the server: the update (local minus global) or, with type_str "model", the weights.
 
+        train_ctx (an FLContext, a Mapping, or a training-context object) goes to the privacy filter.
+
         Without a privacy filter the update is computed a variable at a time as it is read (a Mapping, not a
         dict): keep the local and global models unchanged until it is sent.
         """
@@ -122,10 +128,14 @@ class ClientModelManager:
         if self.privacy is None:
             return _LazyDelta(local, base, names)
         delta = {name: _difference(local[name], base[name]) for name in names}
-        ctx = train_ctx if isinstance(train_ctx, FLContext) else FLContext(dict(train_ctx or {}))
-        if ctx.get_prop(FLContextKey.LOCAL_STEPS) is None:
-            ctx.set_prop(FLContextKey.LOCAL_STEPS, self.num_local_iterations())
-        delta = self.privacy.apply(delta, ctx)
+        ctx = _fl_context(train_ctx)
+        # The filter's train_ctx: the site's own training context when there is one (its step count is its own).
+        filter_ctx = ctx.get_prop(FLContextKey.TRAIN_CONTEXT)
+        if filter_ctx is None:
+            if ctx.get_prop(FLContextKey.LOCAL_STEPS) is None:
+                ctx.set_prop(FLContextKey.LOCAL_STEPS, self.num_local_iterations())
+            filter_ctx = ctx
+        delta = self.privacy.apply(delta, filter_ctx)
         # What was applied travels with the update, so the server can account for it.
         ctx.set_prop(FLContextKey.PRIVACY_PROTOCOL, type(self.privacy).__name__)
         ctx.set_prop(FLContextKey.PRIVACY_EPSILON, getattr(self.privacy, "last_epsilon", None) or 0.0)
@@ -174,10 +184,18 @@ class ClientModelManager:
                        ) -> dict[str, float]:
         """Metrics of the model `checkpoint` (name -> array) on local data; the local model is left as it was.
 
+        cross_site_val_configer validates instead of the manager's model_validator: an object with
+        validate(fitter) -> metrics (a ModelValidator), or None.
         Raises ValueError naming the variable when `checkpoint` does not fit the local model.
         """
+        validator = self.model_validator
+        if cross_site_val_configer is not None:
+            if not callable(getattr(cross_site_val_configer, "validate", None)):
+                raise TypeError(f"cross_site_val_configer must have validate(fitter) -> metrics (a ModelValidator), "
+                                f"got {type(cross_site_val_configer).__name__}")
+            validator = cross_site_val_configer
         if checkpoint is None:
-            return self.validate()
+            return validator.validate(self._require_fitter())
         fitter = self._require_fitter()
         saved = self.model_reader_writer.extract_model(fitter)
         missing = sorted(set(saved) - set(checkpoint))
@@ -185,7 +203,7 @@ class ClientModelManager:
             raise ValueError(f"the model lacks {len(missing)} variable(s) of the local model, e.g. {missing[0]!r}")
         try:
             self.model_reader_writer.apply_model(fitter, checkpoint)
-            return self.model_validator.validate(fitter)
+            return validator.validate(fitter)
         finally:
             self.model_reader_writer.apply_model(fitter, saved)
 
@@ -194,6 +212,15 @@ class ClientModelManager:
         self._global.clear()
         self._best = self._best_path = None
         self._fitter = None
+
+
+def _fl_context(train_ctx) -> FLContext:
+    """train_ctx as an FLContext; a training-context object of the site's own rides in it as TRAIN_CONTEXT."""
+    if isinstance(train_ctx, FLContext):
+        return train_ctx
+    if train_ctx is None or isinstance(train_ctx, Mapping):
+        return FLContext(dict(train_ctx or {}))
+    return FLContext({FLContextKey.TRAIN_CONTEXT: train_ctx})
 
 
 class _LazyDelta(Mapping[str, np.ndarray]):

@@ -38,11 +38,15 @@ def kit_ssl_args(kit) -> dict[str, str]:
 
 
 class SiteTraining:
-    """One site's training of one MMAR: built from the kit and the MMAR, run with run(), stopped with abort()."""
+    """One site's training of one MMAR: built from the kit and the MMAR, run with run(), stopped with abort().
+
+    `client`: a FederatedClient to train (ThreadExecutor's) instead of one built from the kit; it keeps its servers,
+    TLS and filters, and takes the MMAR's trainer and cross-site settings.
+    """
 
     def __init__(self, workspace: Path, mmar_path: Path, run_number: int | None = None,
                  on_event: Callable[[dict[str, Any]], None] | None = None, validate_only: bool = False,
-                 ranks: RankInfo | None = None):
+                 ranks: RankInfo | None = None, client=None):
         from fedcommon.components import ComponentError, build_component
         from fedcommon.kit import KitError, load_kit
         from fedcommon.mmar import MMARError, load_mmar
@@ -64,13 +68,22 @@ class SiteTraining:
         self.run_number = run_number
         self.on_event = on_event
         self._stop = threading.Event()
-        self.client = FederatedClient(
+        self.client = client if client is not None else FederatedClient(
             self.kit.name, kit_ssl_args(self.kit), True,
             server_args=[{"name": self.mmar.client.task_name, "target": self.kit.fl_target}],
             exclude_vars=self.mmar.client.exclude_vars, privacy=privacy,
             retry_timeout=self.mmar.client.retry_timeout, weight_by=self.mmar.client.weight_by,
             on_progress=on_event,
         )
+        if client is not None and on_event is not None:
+            own = client.on_progress
+
+            def progress(event: dict[str, Any]) -> None:
+                if own is not None:
+                    own(event)
+                on_event(event)
+
+            client.on_progress = progress
         self.client.cross_site_validate = self.mmar.client.cross_site_validate
         self.client.is_participating = self.mmar.client.is_participating
         self.client.cross_site_validation_timeout = self.mmar.client.cross_site_validation_timeout

@@ -17,6 +17,8 @@ class FLContextKey:
     LOCAL_STEPS = "local_steps"  # S: local iterations behind this update (privacy filters divide by it)
     PRIVACY_PROTOCOL = "privacy_protocol"  # the filter applied to the update, set by the model manager
     PRIVACY_EPSILON = "privacy_epsilon"  # the epsilon that filtering spent
+    CLIENT_STATE = "client_state"  # the site's ClientState for the call (after its client_state_processors)
+    TRAIN_CONTEXT = "train_context"  # the site's own training context, handed to the privacy filter as train_ctx
 
 
 class FLContext:

@@ -92,6 +92,22 @@ def copy_mmar(dst: Path, server: dict | None = None, client: dict | None = None,
     return dst
 
 
+def start_training_run(tmp_path: Path, initial_model: dict, clients: int = 2, **server_config):
+    """An in-process server on a free fl_port training run 1 of a digits copy from `initial_model` (config keys
+    replaced by server_config); returns (server, POC workspace). Stop it with server.stop(0)."""
+    from fedcommon.kit import load_kit
+    from fedcommon.model_file import save_model
+    from fedserver.server import FederationServer
+
+    ws = prepare_workspace(tmp_path / "ws", clients)
+    mmar = copy_mmar(tmp_path / "mmar", server={"initial_model": {"file": "models/initial.fl"}, **server_config})
+    save_model(mmar / "models" / "initial.fl", initial_model)
+    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
+    server.start_run(mmar)
+    server.start()
+    return server, ws
+
+
 def python_env() -> dict[str, str]:
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

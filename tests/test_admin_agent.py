@@ -561,9 +561,30 @@ def test_progress_is_forwarded_at_most_every_half_second_and_the_end_is_reported
                                             "error": ""}
 
 
-def test_the_admin_message_sender_refuses_plaintext(tmp_path):
-    with pytest.raises(ValueError, match="only mutual TLS"):
+def test_the_admin_message_sender_refuses_plaintext_saying_why_and_what_to_pass(tmp_path):
+    with pytest.raises(ValueError) as err:
         AdminMessageSender("site-1", server_args={"target": "127.0.0.1:1"}, secure=False)
+    message = str(err.value)
+    assert "secure=False (plaintext) is not supported: the server accepts only mutual TLS, because" in message
+    assert "Pass secure=True and root_cert=..., ssl_cert=..., private_key=..." in message
+
+
+def _kit_sender(tmp_path, **kwargs) -> AdminMessageSender:
+    startup = prepare_workspace(tmp_path / "ws", clients=1) / "site-1" / "startup"
+    return AdminMessageSender("site-1", root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
+                              private_key=str(startup / "key.pem"), server_args={"target": "127.0.0.1:1"},
+                              secure=True, **kwargs)
+
+
+def test_a_rank_other_than_0_is_silent_with_is_multi_gpu_and_refused_without_saying_why(tmp_path):
+    with pytest.raises(ValueError, match="rank 2 without is_multi_gpu=True: only a multi-GPU site has ranks"):
+        _kit_sender(tmp_path, rank=2)
+    silent = _kit_sender(tmp_path / "again", is_multi_gpu=True, rank=1)
+    try:  # nothing listens on 127.0.0.1:1, and rank 1 does not try
+        assert silent.retrieve_client_requests("admin", wait_seconds=0) == []
+        assert silent.send_client_reply(Message("check_status", b"{}"), "admin") is True
+    finally:
+        silent.close()
 
 
 # ---- over real gRPC with mutual TLS -----------------------------------------------------------------------

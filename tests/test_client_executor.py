@@ -156,7 +156,7 @@ def test_progress_messages_arrive_and_a_clean_exit_is_training_stopped(child, ex
     events: list[dict] = []
     executor = _executor(executors, events)
     executor.start_train(None, TrainArgs(workspace, 1), make_mmar("train"))
-    assert executor.check_status(None) in (ClientStatus.TRAINING_STARTING, ClientStatus.TRAINING_STARTED)
+    assert executor.check_status(None) in ("training starting", "training started")
     assert executor.wait_process_complete(None, timeout=30) == ClientStatus.TRAINING_STOPPED
     kinds = [e["kind"] for e in events]
     assert kinds.count("epoch") == 5 and "end" in kinds and kinds[-1] == "exit"
@@ -249,7 +249,7 @@ def test_abort_kills_whole_process_group_including_a_grandchild(child, executors
     assert time.monotonic() - started < 8
     assert _gone(pid) and _gone(info["grandchild"])
     assert group_members(pid) == []
-    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+    assert executor.status == ClientStatus.TRAINING_STOPPED
 
 
 def test_the_abort_message_stops_an_obedient_worker_without_signals(child, executors, monkeypatch):
@@ -261,7 +261,7 @@ def test_the_abort_message_stops_an_obedient_worker_without_signals(child, execu
     _child_info(workspace)
     executor.abort_train(None)
     assert executor.exit_code == 0
-    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+    assert executor.status == ClientStatus.TRAINING_STOPPED
 
 
 def test_a_crash_is_a_training_exception_with_the_workers_error_and_leaves_no_process(child, executors):
@@ -387,7 +387,7 @@ def test_abort_of_the_real_worker_leaves_no_process(federation, executors):
     executor.abort_train(None)
     assert time.monotonic() - started < 10
     assert _gone(pid) and group_members(pid) == []
-    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+    assert executor.status == ClientStatus.TRAINING_STOPPED
 
 
 @pytest.mark.e2e
@@ -399,5 +399,48 @@ def test_the_thread_executor_trains_the_run_in_this_process(federation):
         assert executor.start_train(None, TrainArgs(site, 1), mmar) == os.getpid()
         assert executor.wait_training_process_finish(None, timeout=180)
     assert done.is_set()
-    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED, executor.error
+    assert executor.status == ClientStatus.TRAINING_STOPPED, executor.error
     assert executor.progress["epoch"] == 2 and "accuracy" in executor.progress["metrics"]
+
+
+@pytest.mark.e2e
+def test_the_thread_executor_trains_the_federated_client_it_was_given(federation):
+    from fedclient.fed_client import FederatedClient
+    from fedclient.worker import kit_ssl_args
+    from fedcommon.kit import load_kit
+
+    server, site, mmar = federation
+    kit = load_kit(site)
+    own_events: list[dict] = []
+    client = FederatedClient(kit.name, kit_ssl_args(kit), True,
+                             server_args=[{"name": "digits", "target": kit.fl_target}],
+                             on_progress=own_events.append)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        executor = ThreadExecutor(client, pool)
+        assert executor.start_train(None, TrainArgs(site, 1), mmar) == os.getpid()
+        assert executor.check_status(client) in ("training starting", "training started")
+        assert executor.wait_training_process_finish(None, timeout=180)
+    assert executor.check_status(client) == "training stopped", executor.error
+    assert client.status == ClientStatus.TRAINING_STOPPED and client.final_metrics
+    assert [e["kind"] for e in own_events].count("end") == 1 and executor.progress["epoch"] == 2
+
+
+def test_check_status_is_the_status_message_the_seed_documents():
+    executor = ProcessExecutor()
+    assert executor.check_status(None) == "training not started"
+    executor.status = ClientStatus.TRAINING_EXCEPTION
+    assert executor.check_status(None) == "training exception"
+
+
+def test_the_thread_executor_starts_one_gpu_as_start_train_and_refuses_more_saying_why(tmp_path):
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        executor = ThreadExecutor(None, pool)
+        with pytest.raises(TrainingError, match="ThreadExecutor trains in this process, on one GPU; 2 GPUs need one "
+                                                "process per rank: use the ProcessExecutor"):
+            executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 2)
+        with pytest.raises(TrainingError, match="must be a whole number >= 1, got 0"):
+            executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 0)
+        # One GPU goes the way of start_train: here it stops at the workspace, which holds no startup kit.
+        with pytest.raises(TrainingError) as err:
+            executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 1)
+        assert "GPU" not in str(err.value) and executor.status == ClientStatus.TRAINING_EXCEPTION

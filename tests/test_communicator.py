@@ -5,14 +5,24 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 import pytest
-from conftest import free_port
+from conftest import free_port, start_training_run
 
-from fedclient.communicator import CommunicationError, Communicator, RegistrationRequired, server_target
+from fedclient.communicator import (
+    ClientState,
+    CommunicationError,
+    Communicator,
+    RegistrationRequired,
+    server_target,
+)
 from fedclient.model_manager import ClientModelManager
 from fedclient.worker import kit_ssl_args
+from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import load_kit
+from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.provision import prepare_poc
+from fedcommon.wire import training_pb2 as pb
 
 SERVICE = "fl.example.org:8002"
 
@@ -51,11 +61,18 @@ def test_kit_ssl_args_name_the_three_files_of_the_kit(ssl_args):
     assert ssl_args["ssl_private_key"].endswith("key.pem")
 
 
-@pytest.mark.parametrize("secure_train, args", [(False, "kit"), (True, None), (True, {})],
-                         ids=["not-secure", "no-ssl-args", "empty-ssl-args"])
-def test_communicator_refuses_anything_but_mutual_tls(ssl_args, secure_train, args):
-    with pytest.raises(ValueError, match="only mutual TLS: secure_train must be True"):
-        Communicator(None, ssl_args=ssl_args if args == "kit" else args, secure_train=secure_train)
+@pytest.mark.parametrize("args", [None, {}], ids=["no-ssl-args", "empty-ssl-args"])
+def test_communicator_refuses_anything_but_mutual_tls(ssl_args, args):
+    with pytest.raises(ValueError, match="only mutual TLS: ssl_args must name ssl_root_cert, ssl_cert and"):
+        Communicator(None, ssl_args=args, secure_train=True)
+
+
+def test_the_seeds_default_secure_train_false_is_refused_saying_why_and_what_to_pass(ssl_args):
+    with pytest.raises(ValueError) as err:
+        Communicator(None, ssl_args=ssl_args)
+    message = str(err.value)
+    assert "secure_train=False (plaintext) is not supported: the server accepts only mutual TLS, because" in message
+    assert "Pass secure_train=True and ssl_args=" in message and "<workspace>/startup/rootCA.pem" in message
 
 
 @pytest.mark.parametrize("missing", ["ssl_root_cert", "ssl_cert", "ssl_private_key"])
@@ -171,3 +188,146 @@ def test_unreachable_server_raises_communication_error_within_seconds(ssl_args):
     assert not isinstance(err.value, RegistrationRequired)
     assert f"register: server 127.0.0.1:{port} not reachable" in str(err.value)
     assert 1.0 <= elapsed < 8.0, f"gave up after {elapsed:.1f}s"
+
+
+# ---- the client state (seed: get_client_state, client_state_processors) ---------------------------------------
+
+
+def test_client_state_names_the_task_token_site_and_run_from_the_app_context(ssl_args):
+    c = Communicator(None, ssl_args=ssl_args, secure_train=True)
+    state = c.get_client_state("t", "tok", {"client_name": "site-1", "run_number": 3, "round": 2})
+    assert state == ClientState("t", "tok", client_name="site-1", run_number=3, round=2)
+    assert c.get_client_state("t", "tok") == ClientState("t", "tok")
+
+
+def test_client_state_processors_each_get_the_state_and_the_app_context_in_order(ssl_args):
+    seen = []
+
+    def tag(name):
+        def processor(state, app_ctx):
+            seen.append((name, dict(state.meta), app_ctx))
+            state.meta[name] = True
+            return state
+        return processor
+
+    c = Communicator(None, ssl_args=ssl_args, secure_train=True, client_state_processors=[tag("a"), tag("b")])
+    ctx = {"client_name": "site-1"}
+    assert c.get_client_state("t", "tok", ctx).meta == {"a": True, "b": True}
+    assert seen == [("a", {}, ctx), ("b", {"a": True}, ctx)]
+
+
+def test_a_client_state_processor_that_returns_no_state_is_named(ssl_args):
+    def forgetful(state, app_ctx):
+        state.meta["x"] = 1
+
+    c = Communicator(None, ssl_args=ssl_args, secure_train=True, client_state_processors=[forgetful])
+    with pytest.raises(TypeError, match="client_state_processor 'forgetful' returned NoneType"):
+        c.get_client_state("t", "tok")
+
+
+# ---- against a real server --------------------------------------------------------------------------------
+
+TASK = "digits"
+W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+
+
+@pytest.fixture
+def federation(tmp_path):
+    """A running in-process server (run 1, 2 rounds) and site-1's ssl_args and server entries."""
+    server, ws = start_training_run(tmp_path, W0, min_num_clients=2, num_rounds=2, wait_after_min_clients=30,
+                                    heart_beat_timeout=30)
+    yield kit_ssl_args(load_kit(ws / "site-1")), {TASK: {"name": TASK, "target": f"127.0.0.1:{server.fl_port}"}}
+    server.stop(0)
+
+
+class _ZeroUpdate:
+    """A model manager whose update is W0-shaped zeros, and that records the context it was read with."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def read_current_model(self, task_name, type_str="delta_w", train_ctx=None):
+        self.contexts.append(train_ctx)
+        return {k: np.zeros_like(v) for k, v in W0.items()}
+
+
+def test_a_channel_set_up_with_the_token_authenticates_calls_that_carry_none(federation):
+    ssl, servers = federation
+    c = Communicator(None, ssl_args=ssl, secure_train=True)
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        bare = TrainingStub(c.set_up_channel(servers[TASK]))
+        assert not bare.Heartbeat(pb.HeartbeatRequest(), timeout=10).known
+        with_token = TrainingStub(c.set_up_channel(servers[TASK], token=token))
+        reply = with_token.Heartbeat(pb.HeartbeatRequest(), timeout=10)
+        assert reply.known and reply.run_number == 1
+    finally:
+        c.close()
+
+
+def test_the_client_state_goes_with_the_update_and_its_token_authenticates_it(federation):
+    ssl, servers = federation
+    seen = []
+
+    def pre_processor(tensors, fl_ctx):
+        seen.append(fl_ctx.get_prop(FLContextKey.CLIENT_STATE))
+        return tensors
+
+    def label(state, app_ctx):
+        state.meta["scanner"] = "ct-7"
+        return state
+
+    manager = _ZeroUpdate()
+    c = Communicator(manager, ssl_args=ssl, secure_train=True, pre_processors=[pre_processor],
+                     client_state_processors=[label])
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        assert c.getModel(servers, TASK, token, None, wait_seconds=1).status == "train"
+        ctx = FLContext({FLContextKey.RUN_NUMBER: 1, FLContextKey.ROUND: 0})
+        reply = c.submitUpdate(servers, TASK, token, ctx, {"round": 0}, "site-1")
+        assert reply.accepted, reply.reason
+        [state] = seen
+        assert state == ClientState(TASK, token, client_name="site-1", run_number=1, round=0,
+                                    meta={"scanner": "ct-7"})
+    finally:
+        c.close()
+
+
+def test_a_client_state_processor_that_changes_the_token_changes_what_authenticates(federation):
+    ssl, servers = federation
+
+    def wrong_token(state, app_ctx):
+        state.token = "not-a-token"
+        return state
+
+    c = Communicator(_ZeroUpdate(), ssl_args=ssl, secure_train=True, client_state_processors=[wrong_token])
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        with pytest.raises(RegistrationRequired):
+            c.getModel(servers, TASK, token, None, wait_seconds=1)
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("call", ["get_validation_models", "submit_best_local_model",
+                                  "submit_cross_site_validation_results"])
+def test_cross_site_calls_in_seed_style_take_the_run_from_the_session(federation, call):
+    ssl, servers = federation
+    c = Communicator(ClientModelManager(), ssl_args=ssl, secure_train=True)
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        args = {"get_validation_models": ("site-1", servers, TASK, token),
+                "submit_best_local_model": ("site-1", servers, TASK, token, True),
+                "submit_cross_site_validation_results": ("site-1", servers, TASK, token, ["site-2"],
+                                                         [{"accuracy": 0.5}])}[call]
+        # Run 1 is still training: the server's refusal names the run the session asked about.
+        with pytest.raises(CommunicationError, match="FAILED_PRECONDITION: run 1 is still training"):
+            getattr(c, call)(*args)
+    finally:
+        c.close()
+
+
+def test_cross_site_calls_without_a_run_number_or_a_session_say_what_to_pass(ssl_args):
+    c = Communicator(ClientModelManager(), ssl_args=ssl_args, secure_train=True)
+    with pytest.raises(ValueError, match="get validation models: no run_number given and the session names no run"):
+        c.get_validation_models("site-1", {TASK: {"target": SERVICE}}, TASK, "unknown-token")

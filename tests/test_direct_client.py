@@ -57,9 +57,9 @@ def federation(tmp_path, request):
         server.stop(0)
 
 
-def _direct(federation, ws, target, site: str) -> DirectFederatedClient:
+def _direct(federation, ws, target, site: str, **kwargs) -> DirectFederatedClient:
     client = DirectFederatedClient(site, kit_ssl_args(load_kit(ws / site)), True,
-                                   server_args=[{"name": TASK, "target": target}], retry_timeout=5)
+                                   server_args=[{"name": TASK, "target": target}], retry_timeout=5, **kwargs)
     federation.clients.append(client)
     return client
 
@@ -155,3 +155,97 @@ def test_test_client_login_returns_a_token_the_server_accepts(federation):
     kit = load_kit(ws / "site-2")
     fingerprint = identity_of(x509.load_pem_x509_certificate(kit.cert_pem)).fingerprint
     assert server.registry.authenticate(token, "site-2", fingerprint).name == "site-2"
+
+
+def test_train_options_are_the_defaults_of_every_calls_options(federation):
+    server, ws, target = federation(num_rounds=2)
+    c1 = _direct(federation, ws, target, "site-1", train_options={"heart_beat": False, "weight": N1})
+    c2 = _direct(federation, ws, target, "site-2", train_options={"heart_beat": False, "weight": N2})
+    for client, delta in ((c1, D1), (c2, D2)):
+        client.connect_to_server()
+        assert client._heartbeat_thread is None
+        pulled = client.pull_models_from_server()
+        reply = client.push_models_to_server({k: pulled["model"][k] + delta[k] for k in W0})
+        assert reply.accepted, reply.reason
+    _assert_model(c1.pull_models_from_server()["model"], _expected())
+
+
+def test_an_unknown_train_option_is_refused_naming_it(federation):
+    server, ws, target = federation(num_rounds=1)
+    with pytest.raises(ValueError, match="train_options: unknown option\\(s\\) 'heartbeat'; known: heart_beat"):
+        _direct(federation, ws, target, "site-1", train_options={"heartbeat": False})
+
+
+class _TrainingContext:
+    """The site's own training context: an object with attributes, as a training loop keeps one."""
+
+    local_steps = 4
+
+
+class _RecordingFilter:
+    def __init__(self):
+        self.contexts = []
+
+    def apply(self, model_diff, train_ctx=None):
+        self.contexts.append(train_ctx)
+        return dict(model_diff)
+
+
+def test_the_train_context_is_the_privacy_filters_train_ctx(federation):
+    server, ws, target = federation(num_rounds=1)
+    train_context, privacy = _TrainingContext(), _RecordingFilter()
+    c1 = _direct(federation, ws, target, "site-1", train_context=train_context, privacy=privacy)
+    c1.connect_to_server({"heart_beat": False})
+    _train_and_push(c1, D1, N1)
+    assert privacy.contexts == [train_context]
+
+
+class _ParamFitter:
+    """A fitter whose torch model holds W0's variables by name."""
+
+    def __init__(self):
+        import torch
+
+        self.model = torch.nn.ParameterDict({k: torch.nn.Parameter(torch.zeros(v.shape)) for k, v in W0.items()})
+
+    def num_local_iterations(self) -> int:
+        return 1
+
+
+def test_test_client_builds_its_privacy_filter_from_privacy_params_and_submits_filtered(federation):
+    import torch
+
+    from fedclient.fed_privacy import PercentileProtocol
+    from fedcommon.model_meta import FLContext, FLContextKey
+
+    server, ws, target = federation(num_rounds=1)
+    params = {"name": "PercentileProtocol", "args": {"percentile": 50, "gamma": 0.4}}
+    client = TestFederatedClient("site-1", kit_ssl_args(load_kit(ws / "site-1")), True,
+                                 server_args=[{"name": TASK, "target": target}], privacy_params=params)
+    federation.clients.append(client)
+    assert isinstance(client.model_manager.privacy, PercentileProtocol)
+    assert client.model_manager.privacy.percentile == 50 and client.model_manager.privacy.gamma == 0.4
+    fitter = _ParamFitter()
+    client.model_manager.set_fitter(fitter)
+    client.client_login(TASK)
+    assert client.pull_models()[TASK].status == "train"
+    with torch.no_grad():
+        for k, p in fitter.model.items():
+            p.add_(torch.from_numpy(D1[k]))
+    ctx = FLContext({FLContextKey.RUN_NUMBER: 1, FLContextKey.ROUND: 0})
+    reply = client.push_remote_model(TASK, ctx)
+    assert reply.accepted, reply.reason
+    assert ctx.get_prop(FLContextKey.PRIVACY_PROTOCOL) == "PercentileProtocol"
+
+
+@pytest.mark.parametrize(("params", "message"), [
+    ({"name": "GaussianProtocol"}, "'name' must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
+    ({"name": "SVTProtocol", "args": {"eps": 1}}, "SVTProtocol: .*unexpected keyword argument 'eps'"),
+    ({"dp_type": "svt"}, "unknown key\\(s\\) 'dp_type'"),
+    ("svt", "must be None, a PrivacyProtocol or"),
+])
+def test_test_client_refuses_privacy_params_it_cannot_build_saying_why(federation, params, message):
+    server, ws, target = federation(num_rounds=1)
+    with pytest.raises(ValueError, match=message):
+        TestFederatedClient("site-1", kit_ssl_args(load_kit(ws / "site-1")), True,
+                            server_args=[{"name": TASK, "target": target}], privacy_params=params)

@@ -114,8 +114,17 @@ class _Ctx:
         return self.steps if key == "local_steps" else default
 
 
-@pytest.mark.parametrize("ctx", [lambda s: {"local_steps": s}, lambda s: FLContext({"local_steps": s}), _Ctx],
-                         ids=["dict", "FLContext", "object-with-get"])
+class _TrainingContext:
+    """A training-context object (the seed's "TLT training context"): attributes, neither a Mapping nor .get."""
+
+    def __init__(self, steps):
+        self.local_steps = steps
+        self.epoch = 2
+
+
+@pytest.mark.parametrize("ctx", [lambda s: {"local_steps": s}, lambda s: FLContext({"local_steps": s}), _Ctx,
+                                 _TrainingContext],
+                         ids=["dict", "FLContext", "object-with-get", "training-context-object"])
 @pytest.mark.parametrize("name", FACTORIES)
 def test_filter_acts_on_delta_over_local_steps_and_multiplies_back(name, ctx):
     steps = 4.0
@@ -145,9 +154,19 @@ def test_bad_local_steps_are_refused(name, steps):
         FACTORIES[name]().apply(model(), {"local_steps": steps})
 
 
-def test_train_ctx_without_get_is_refused():
-    with pytest.raises(TypeError, match="train_ctx must be a Mapping or have .get"):
-        SVTProtocol().apply(model(), 3)
+@pytest.mark.parametrize("name", FACTORIES)
+def test_a_training_context_object_without_local_steps_is_accepted_as_one_step(name):
+    m = model()
+    expected = FACTORIES[name](seed=4).apply(m)
+    out = FACTORIES[name](seed=4).apply(m, object())
+    for k in m:
+        np.testing.assert_array_equal(out[k], expected[k])
+
+
+@pytest.mark.parametrize("steps", [0, float("nan"), "3"])
+def test_bad_local_steps_of_a_training_context_object_are_refused(steps):
+    with pytest.raises(ValueError, match=r"'local_steps' must be a number > 0, got"):
+        SVTProtocol().apply(model(), _TrainingContext(steps))
 
 
 @pytest.mark.parametrize("name", RANDOM)

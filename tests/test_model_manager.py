@@ -228,6 +228,63 @@ def test_the_filter_sees_the_local_steps_and_what_it_spent_travels_in_the_contex
     assert ctx.get_prop("privacy_protocol") == "Spend" and ctx.get_prop("privacy_epsilon") == 0.5
 
 
+class _Record:
+    """A privacy filter that records the train_ctx it was given and sends the update as it is."""
+
+    def __init__(self):
+        self.contexts = []
+
+    def apply(self, delta, ctx):
+        self.contexts.append(ctx)
+        return dict(delta)
+
+
+class _TrainingContext:
+    """A training-context object of the site's own: attributes only, neither a Mapping nor an FLContext."""
+
+    local_steps = 5
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["given-directly", "in-the-fl-context"])
+def test_a_training_context_object_reaches_the_privacy_filter_as_its_train_ctx(wrapped):
+    fitter = TinyFitter()
+    privacy = _Record()
+    mm = _manager(fitter, privacy=privacy)
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    train_ctx = _TrainingContext()
+    ctx = FLContext({"train_context": train_ctx}) if wrapped else train_ctx
+    mm.read_current_model(TASK, "delta_w", train_ctx=ctx)
+    assert privacy.contexts == [train_ctx]
+    if wrapped:
+        assert ctx.get_prop("privacy_protocol") == "_Record"
+
+
+def test_a_visualizer_is_refused_saying_why():
+    with pytest.raises(ValueError, match="visualizer is not supported: the seed documents no visualizer"):
+        ClientModelManager(task_names=[TASK], visualizer=object())
+
+
+def test_validate_model_validates_with_the_cross_site_val_configer_given():
+    class Scored:
+        def validate(self, fitter):
+            return {"dice": float(fitter.model[0].bias.detach().sum())}
+
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    checkpoint = _global_model(fitter, offset=2.0)
+    before = _module_arrays(fitter)
+    metrics = mm.validate_model(Scored(), checkpoint)
+    assert metrics == {"dice": float(checkpoint["0.bias"].sum())}
+    for name, arr in _module_arrays(fitter).items():
+        np.testing.assert_array_equal(arr, before[name], err_msg=name)
+    assert mm.validate_model(None, checkpoint) == _ACCURACY
+
+
+def test_validate_model_refuses_a_cross_site_val_configer_that_cannot_validate():
+    with pytest.raises(TypeError, match=r"cross_site_val_configer must have validate\(fitter\)"):
+        _manager(TinyFitter()).validate_model({"config": "config_validation.json"}, None)
+
+
 def test_privacy_filter_does_not_touch_type_model():
     class Refuse:
         def apply(self, delta, ctx):
