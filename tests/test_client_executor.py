@@ -234,7 +234,7 @@ def test_torchrun_ranks_read_the_key_from_a_private_file_that_is_gone_once_they_
     assert {r["pid"] for r in ranks} <= set(launch)
     _key_nowhere(executor._launch.authkey, launch)
     executor.abort_train(None)
-    assert executor.check_status(None) == ClientStatus.TRAINING_STOPPED
+    assert executor.status == ClientStatus.TRAINING_STOPPED
 
 
 def test_abort_kills_whole_process_group_including_a_grandchild(child, executors):
