@@ -54,7 +54,6 @@ def site_failure(outcome: CommandOutcome, site: TargetReply) -> str | None:
     return f"{EXCEPTION_STATUS}: {detail}" if detail else EXCEPTION_STATUS
 
 
-
 def training_sites(outcome: CommandOutcome) -> list[str]:
     """The sites whose own reply says they are starting or training the current run."""
     number = run_number(outcome)
