@@ -1,7 +1,9 @@
 """Start and stop the processes of a local POC federation; their PIDs are recorded in <workspace>/poc.json.
 
 Each participant runs in its own session (so its process group can be signalled as a whole), writes its
-log to <folder>/log.txt itself, and its stdout/stderr go to <folder>/console.txt.
+log to <folder>/log.txt itself, and its stdout/stderr go to <folder>/console.txt. Each participant process also
+records itself in <folder>/pid.json (fedcommon.pid_file), so one started by hand (a server restarted after a
+crash) is stopped too.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from pathlib import Path
 import psutil
 
 from fedcommon.atomic import atomic_write_json
+from fedcommon.pid_file import PID_FILE, live_process, read_pid_file
 
 RECORD = "poc.json"
 STARTUP_CONFIG = Path("startup") / "fed.json"
@@ -139,8 +142,26 @@ def recorded_process(record: ProcessRecord) -> psutil.Process | None:
 
 
 def running(workspace: Path) -> list[ProcessRecord]:
-    """The recorded processes that still run."""
-    return [r for r in read_records(workspace) if recorded_process(r) is not None]
+    """The recorded processes that still run, and the participants' own (pid.json) that poc.json does not name."""
+    records = [r for r in read_records(workspace) if recorded_process(r) is not None]
+    known = {r.pid for r in records}
+    return records + [r for r in self_recorded(workspace) if r.pid not in known]
+
+
+def self_recorded(workspace: Path) -> list[ProcessRecord]:
+    """The server and site processes that run from workspace by their own pid.json, however they were started."""
+    try:
+        found = [p for p in participants(workspace) if p.role in ("server", "client")]
+    except FederationError:
+        return []
+    records = []
+    for participant in found:
+        own = read_pid_file(participant.folder)
+        if own is not None and live_process(own) is not None:
+            folder = participant.folder
+            records.append(ProcessRecord(folder.name, own.pid, own.create_time, list(own.cmdline),
+                                         str(folder / "log.txt"), str(folder / "console.txt")))
+    return records
 
 
 def _gone(proc: psutil.Process) -> bool:
@@ -184,10 +205,11 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
 
 
 def stop(workspace: Path, grace: float = STOP_GRACE) -> list[Stopped]:
-    """SIGTERM every recorded process group, wait up to grace, SIGKILL what is left; verify none is left.
+    """SIGTERM every recorded process group and every participant process its pid.json names, wait up to grace,
+    SIGKILL what is left; verify none is left.
 
     The processes' descendants are collected first, so a child in a group of its own (a training
-    worker) is killed too if its parent did not stop it. Removes poc.json once nothing is left.
+    worker) is killed too if its parent did not stop it. Removes poc.json (and stale pid files) once nothing is left.
     """
     records = read_records(workspace)
     tracked: dict[int, psutil.Process] = {}
@@ -203,6 +225,18 @@ def stop(workspace: Path, grace: float = STOP_GRACE) -> list[Stopped]:
             tracked[proc.pid] = proc
         if leader is not None or members:
             _signal_group(record.pid, signal.SIGTERM)
+    # A participant started otherwise (by hand, after a crash) shares its starter's process group: it is signalled
+    # alone, and its descendants are tracked to be killed one by one if it leaves them behind.
+    own = [r for r in self_recorded(workspace) if r.pid not in tracked]
+    for record in own:
+        proc = recorded_process(record)
+        if proc is None:
+            continue
+        leaders[record.pid] = proc
+        with contextlib.suppress(psutil.Error):
+            for member in [proc, *proc.children(recursive=True)]:
+                tracked[member.pid] = member
+            proc.terminate()
     alive = _wait_gone(list(tracked.values()), grace)
     killed = set()
     if alive:
@@ -221,10 +255,21 @@ def stop(workspace: Path, grace: float = STOP_GRACE) -> list[Stopped]:
         raise FederationError(f"processes still running after SIGKILL: {shown}; {workspace / RECORD} is kept")
     with contextlib.suppress(FileNotFoundError):
         (workspace / RECORD).unlink()
+    _remove_stale_pid_files(workspace)
     return [
         Stopped(r.name, r.pid, "not running" if r.pid not in leaders else "killed" if r.pid in killed else "stopped")
-        for r in records
+        for r in records + own
     ]
+
+
+def _remove_stale_pid_files(workspace: Path) -> None:
+    """Remove the participants' pid files that name no running process (one killed could not remove its own)."""
+    with contextlib.suppress(FederationError):
+        for participant in participants(workspace):
+            own = read_pid_file(participant.folder)
+            if own is not None and live_process(own) is None:
+                with contextlib.suppress(FileNotFoundError):
+                    (participant.folder / PID_FILE).unlink()
 
 
 def _require_roles() -> None:

@@ -15,7 +15,7 @@ from rich.console import Console, Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from fedadmin.run_state import TRAINING_CODES, site_failure, site_progress
+from fedadmin.run_state import TRAINING_CODES, awaited, failed_run_message, site_failure, site_progress
 from fedcommon.commands import ClientStatus
 from fedcommon.escape import for_terminal
 from fedcommon.outcome import CommandOutcome, TargetReply
@@ -152,12 +152,24 @@ def server_line(server: TargetReply | None) -> Text:
     return Text(text)
 
 
+def run_note(outcome: CommandOutcome) -> Text | None:
+    """What the operator must know of the run beyond the rows: every site failed, or what it waits for."""
+    failed = failed_run_message(outcome)
+    if failed:
+        return Text(failed, style="bold red")
+    waiting = awaited(outcome)
+    return Text(f"waiting: {waiting}", style="yellow") if waiting else None
+
+
 def status_view(outcome: CommandOutcome) -> RenderableType:
     """The server's run, rounds and sites, then one row per site with its status and training progress."""
     parts: list[RenderableType] = [*_refusal(outcome)]
     server = outcome.server
     if server is not None:
         parts.append(server_line(server))
+        note = run_note(outcome)
+        if note is not None:
+            parts.append(note)
         if server.ok:
             parts.append(Text(f"registered sites: {value_text(server.data.get('registered_sites'))}"))
             parts.append(Text(f"connected sites:  {value_text(server.data.get('connected_sites'))}"))
@@ -193,6 +205,8 @@ def sites_table(outcome: CommandOutcome) -> Table:
 def progress_lines(outcome: CommandOutcome) -> list[str]:
     """The same as status_view, one plain line per participant (for logs and pipes)."""
     lines = [str(server_line(outcome.server))] if outcome.server is not None else []
+    note = run_note(outcome) if outcome.server is not None else None
+    lines += [str(note)] if note is not None else []
     for r in outcome.sites:
         if not r.ok:
             lines.append(f"{r.target}: {r.error or 'failed'}")

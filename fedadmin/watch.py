@@ -7,7 +7,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fedadmin.run_state import TRAINING_CODES, run_number, run_status, site_failure
+from fedadmin.run_state import (
+    failed_run_message,
+    run_number,
+    run_status,
+    site_failure,
+    traceback_hint,
+    training_sites,
+)
 from fedcommon.outcome import CommandOutcome, TargetReply
 
 POLL_INTERVAL = 1.0
@@ -24,26 +31,28 @@ class RunEnd:
 
 
 def run_end(outcome: CommandOutcome) -> RunEnd | None:
-    """The end of the current run as a status outcome shows it, or None while it goes on."""
+    """The end of the current run as a status outcome shows it, or None while it goes on.
+
+    A run completed at the server ends once no site that replied is still starting or training it (its workers
+    send their final metrics and leave); a run whose every site failed ends although the server still trains it.
+    """
     run = run_number(outcome)
     status = run_status(outcome)
     if status == "completed":
-        return RunEnd(True, f"run {run} completed")
+        return None if training_sites(outcome) else RunEnd(True, f"run {run} completed")
     if status == "aborted":
         return RunEnd(False, f"run {run} was aborted")
+    lost = failed_run_message(outcome)
+    if lost:
+        return RunEnd(False, lost)
     server = outcome.server
     ended = (server.data.get("training_ended") or {}) if server is not None and server.ok else {}
     names = [s.target for s in outcome.sites] + [n for n in ended if outcome.reply(n) is None]
     for name in names:
         failure = site_failure(outcome, outcome.reply(name) or TargetReply(name, False))
         if failure:
-            return RunEnd(False, f"{name}: {failure} in run {run}")
+            return RunEnd(False, f"{name}: {failure} in run {run}{traceback_hint(name, run, failure)}")
     return None
-
-
-def sites_idle(outcome: CommandOutcome) -> bool:
-    """True when no site that replied is still starting or training."""
-    return all(not s.ok or s.data.get("status_code") not in TRAINING_CODES for s in outcome.sites)
 
 
 def display_mode(as_json: bool) -> str:

@@ -48,6 +48,7 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.local_policy import LocalPolicy
     from fedcommon.kit import KitError, load_kit
     from fedcommon.logs import configure_logging
+    from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
 
     try:
@@ -83,6 +84,7 @@ def start(workspace: Path, debug: bool) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     agent.start()
+    write_pid_file(workspace)  # `fedadmin poc stop` finds this agent however it was started
     log.info("%s: connecting to the server at %s", kit.name, kit.fl_target)
     announced = False
     while not stop.is_set() and not interface.exit_requested.is_set():
@@ -97,6 +99,7 @@ def start(workspace: Path, debug: bool) -> None:
     log.info("%s", "restarting" if restart else "shutting down")
     interface.close()
     agent.shutdown()
+    remove_pid_file(workspace)
     if restart:
         argv = [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace),
                 *(["--debug"] if debug else [])]

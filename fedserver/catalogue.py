@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedcommon.commands import COMMANDS, Right
+from fedcommon.commands import COMMANDS, ClientStatus, Right, get_status_message
 from fedcommon.deployed_code import archive_code, shown
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
 from fedcommon.outcome import TargetReply
@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 
 Args = dict[str, Any]
 Gathered = dict[str, TargetReply | None]  # each site's reply, None when it did not answer in time
+_EXCEPTION = get_status_message(ClientStatus.TRAINING_EXCEPTION)
 
 
 class Federation(Protocol):
@@ -110,9 +111,19 @@ def _answered(gathered: Gathered) -> list[str]:
 
 def _status(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     data = fed.run_report()
-    data["registered_sites"] = sorted(fed.registry.names())
+    registered = sorted(fed.registry.names())
+    data["registered_sites"] = registered
     data["connected_sites"] = fed.mailbox.connected_sites()
     data.update(fed.mailbox.site_results())
+    # A site's training of the current run ended in an exception when that is the latest it reported (a site that
+    # trains again reports progress, which replaces it).
+    failed = {site: str(ended.get("error") or ended.get("status"))
+              for site, ended in data["training_ended"].items()
+              if ended.get("run_number") == data["run_number"] and ended.get("status") == _EXCEPTION}
+    data["failed_sites"] = failed
+    # Nothing advances a training run whose sites all failed: a failed worker leaves the training plane, so no
+    # registered site is left; the run stays "training" until an operator aborts it.
+    data["stalled"] = data["run_status"] == "training" and bool(failed) and not registered
     return data
 
 

@@ -53,6 +53,7 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
+    from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedserver.errors import ServerError
     from fedserver.server import FederationServer
@@ -88,6 +89,7 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
+    write_pid_file(workspace)  # `fedadmin poc stop` finds this server however it was started
     host = server.bind_host
     metrics = f" metrics http://{metrics_host}:{metrics_bound}/metrics" if metrics_bound is not None else ""
     click.echo(f"fedserver ready on {host}:{bound} admin {host}:{server.admin_port}{metrics}")
@@ -97,6 +99,7 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     restart = server.exit_requested.is_set() and server.restart_requested
     log.info("restarting" if restart else "shutting down")
     server.stop()
+    remove_pid_file(workspace)
     if restart:
         # The same ports, without --mmar: the new process picks up the run state from the workspace.
         argv = [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace),

@@ -297,7 +297,7 @@ class FederationServer:
         return self.run_record(run_number).status(summary)
 
     def run_report(self) -> dict[str, Any]:
-        """The current run for `status`: number, status and rounds."""
+        """The current run for `status`: number, status, rounds, and how many sites it needs (while it is live)."""
         number = self._run_number
         run = self.run
         live = run if run is not None and run.run_number == number else None
@@ -317,6 +317,7 @@ class FederationServer:
             "start_round": snapshot.get("start_round"),
             "num_rounds": snapshot.get("num_rounds"),
             "last_global_metrics": last,
+            "min_num_clients": live.config.min_num_clients if live is not None else None,
         }
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:

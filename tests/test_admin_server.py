@@ -268,6 +268,31 @@ def test_progress_and_training_ended_reports_show_in_server_status(federation):
     assert server["training_ended"] == {}
 
 
+def test_status_names_the_failed_sites_of_the_run_says_when_every_one_failed_and_what_it_needs(federation):
+    """Issue 19 items 4 and 5: the server's status carries the run's min_num_clients and the sites whose training
+    of it ended in an exception; a training run that every site left that way is `stalled` (nothing advances it)."""
+    _start_training(federation)
+    server = _data(federation.server_reply("status"))
+    assert (server["min_num_clients"], server["failed_sites"], server["stalled"]) == (2, {}, False)
+    stub = admin_grpc.SiteAgentStub(
+        grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
+    )
+    earlier = {"run_number": 7, "status": "training exception", "exit_code": 1, "error": "an older run's failure"}
+    assert stub.SendResult(apb.AdminMessage(topic="training_ended", body=json.dumps(earlier).encode()), timeout=5).ok
+    server = _data(federation.server_reply("status"))
+    assert (server["failed_sites"], server["stalled"]) == ({}, False)
+    for site in ("site-1", "site-2"):
+        stub = admin_grpc.SiteAgentStub(
+            grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / site)))
+        )
+        ended = {"run_number": 1, "status": "training exception", "exit_code": 1, "error": f"{site}: out of memory"}
+        assert stub.SendResult(apb.AdminMessage(topic="training_ended", body=json.dumps(ended).encode()),
+                               timeout=5).ok
+    server = _data(federation.server_reply("status"))
+    assert server["run_status"] == "training" and server["stalled"] is True
+    assert server["failed_sites"] == {"site-1": "site-1: out of memory", "site-2": "site-2: out of memory"}
+
+
 # ---- who may call what --------------------------------------------------------------------------
 
 

@@ -232,3 +232,64 @@ def test_poc_run_prints_each_round_once_as_the_servers_metrics_show_it_closed():
     server.rounds = [*server.rounds, {"round": 1, "contributors": ["site-1"], "duration_s": 1.0, "sites": {}}]
     rounds.show_new(server, lines.append)
     assert lines[4:] == ["round 1: contributors site-1 (1.0s); global model as each site measured it:"]
+
+
+@pytest.mark.e2e
+def test_poc_stop_stops_a_server_restarted_by_hand_after_a_crash(tmp_path):
+    """Issue 19 item 6: the server crashes (SIGKILL) and is restarted by hand with `fedserver start`; `poc stop`
+    stops that server too, by the pid file it wrote itself, and the site `poc start` launched."""
+    from conftest import server_process
+
+    from fedcommon.pid_file import read_pid_file
+
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    started = fedadmin("poc", "start", "--workspace", str(ws))
+    assert started.returncode == 0, started.stdout + started.stderr
+    try:
+        recorded = {r.name: r for r in local_federation.read_records(ws)}
+        for name in ("server", "site-1"):  # each participant records itself
+            assert read_pid_file(ws / name).pid == recorded[name].pid
+        crashed = psutil.Process(recorded["server"].pid)
+        crashed.kill()  # ours: poc start launched it for this test
+        deadline = time.monotonic() + 30
+        while alive(crashed.pid):
+            assert time.monotonic() < deadline, "the killed server is still there"
+            time.sleep(0.1)
+        with server_process(ws / "server") as by_hand:
+            assert read_pid_file(ws / "server").pid == by_hand.pid
+            result = fedadmin("--json", "poc", "stop", "--workspace", str(ws), "--grace", "20")
+            assert result.returncode == 0, result.stdout + result.stderr
+            assert by_hand.wait(30) == 0  # SIGTERM: a clean exit
+        outcomes = {(p["name"], p["pid"]): p["outcome"] for p in json.loads(result.stdout)["processes"]}
+        assert outcomes == {("server", crashed.pid): "not running", ("site-1", recorded["site-1"].pid): "stopped",
+                            ("server", by_hand.pid): "stopped"}
+        assert not alive(recorded["site-1"].pid)
+        assert not (ws / "server" / "pid.json").exists() and not (ws / "site-1" / "pid.json").exists()
+    finally:
+        if (ws / "poc.json").exists():
+            local_federation.stop(ws, grace=5)
+
+
+def test_poc_stop_never_signals_a_process_that_a_stale_pid_file_names(ws):
+    """Issue 19 item 6: a participant's pid file left behind names a pid now used by another program (another start
+    time), or a live process with another command line: `poc stop` leaves that process alone and clears the stale
+    files."""
+    stranger = subprocess.Popen(SLEEPER)
+    try:
+        proc = psutil.Process(stranger.pid)
+        reused = {"pid": stranger.pid, "create_time": proc.create_time() - 100, "cmdline": proc.cmdline()}
+        (ws / "server" / "pid.json").write_text(json.dumps(reused))
+        other = [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "site-1")]
+        (ws / "site-1" / "pid.json").write_text(json.dumps({**reused, "create_time": proc.create_time(),
+                                                             "cmdline": other}))
+        nothing = fedadmin("poc", "stop", "--workspace", str(ws))
+        assert nothing.returncode == 1 and "poc.json is missing" in nothing.stderr
+        launch_detached(ws, {"site-2": SLEEPER})
+        result = fedadmin("--json", "poc", "stop", "--workspace", str(ws), "--grace", "5")
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert [p["name"] for p in json.loads(result.stdout)["processes"]] == ["site-2"]
+        assert alive(stranger.pid)
+        assert not (ws / "server" / "pid.json").exists() and not (ws / "site-1" / "pid.json").exists()
+    finally:
+        stranger.kill()
+        stranger.wait(10)

@@ -467,26 +467,48 @@ def test_deploy_refuses_a_folder_that_is_no_mmar(ws, fake, tmp_path):
 # ---- wait and watch ------------------------------------------------------------------------------
 
 
-def status_sequence(*server_states: dict, site: dict | None = None) -> Handler:
-    """Status replies that step through server_states (the last one repeats)."""
+SiteState = dict | Callable[[str], dict] | None
+STOPPED = {"status": "training stopped", "status_code": 3, "run_number": 1, "progress": {}}
+
+
+def status_sequence(*server_states: dict, site: SiteState = None, sites: list[SiteState] | None = None) -> Handler:
+    """Status replies that step through server_states (the last one repeats); every site answers `site`, or at
+    step n `sites[n]` (the last one repeats); a site state may be a function of the site's name."""
     calls = iter(range(10**6))
 
     def handler(request, context):
         n = next(calls)
         state = server_states[min(n, len(server_states) - 1)]
-        return reply(request, lambda t: {**SERVER_STATUS, **state} if t == "server" else (site or SITE_STATUS))
+        own = sites[min(n, len(sites) - 1)] if sites else site
+        mine = (lambda t: own(t)) if callable(own) else (lambda t: own or SITE_STATUS)
+        return reply(request, lambda t: {**SERVER_STATUS, **state} if t == "server" else mine(t))
 
     return handler
 
 
 def test_wait_exits_0_when_the_run_completes(ws, fake):
-    fake.handlers["status"] = status_sequence({}, {}, {"run_status": "completed"})
+    fake.handlers["status"] = status_sequence({}, {}, {"run_status": "completed"}, sites=[None, None, STOPPED])
     result = fedadmin("--json", "wait", "--timeout", "30", kit=ws / "admin")
     assert result.returncode == 0, result.stdout + result.stderr
     report = one_json(result)
     assert (report["command"], report["ok"], report["run_status"]) == ("wait", True, "completed")
     assert report["result"] == "run 1 completed"
     assert len(fake.requests) == 3
+
+
+def test_wait_returns_once_every_site_is_done_with_the_completed_run(ws, fake):
+    """Issue 19 item 3: the server's run completed while both sites still show "training started" (their workers
+    report final metrics and leave): wait returns only once no site trains the run, so a script's next command
+    sees a finished federation."""
+    completed = {"run_status": "completed"}
+    fake.handlers["status"] = status_sequence(completed, sites=[None, None, None, STOPPED])
+    result = fedadmin("--json", "wait", "--timeout", "60", kit=ws / "admin")
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = one_json(result)
+    assert report["result"] == "run 1 completed"
+    assert len(fake.requests) == 4
+    sites = {r["target"]: r["status"] for r in report["replies"] if r["target"] != "server"}
+    assert sites == {"site-1": "training stopped", "site-2": "training stopped"}
 
 
 def test_wait_exits_1_when_the_run_is_aborted(ws, fake):
@@ -509,7 +531,73 @@ def test_wait_exits_1_when_the_server_recorded_a_sites_training_exception(ws, fa
     fake.handlers["status"] = status_sequence({}, {"training_ended": ended})
     result = fedadmin("--json", "wait", kit=ws / "admin")
     assert result.returncode == 1
-    assert one_json(result)["result"] == "site-2: training exception: CUDA OOM in run 1"
+    assert one_json(result)["result"] == ("site-2: training exception: CUDA OOM in run 1; "
+                                          "traceback: `fedadmin logs site-2 --run 1 --level error`")
+
+
+FAILED = {"status": "training exception", "status_code": 4, "run_number": 1, "progress": {},
+          "error": "config_train.json: trainer: no module named 'trainerx'"}
+EVERY_SITE_FAILED = {"stalled": True, "failed_sites": {s: FAILED["error"] for s in SITES}}
+
+
+def test_wait_says_a_run_whose_every_site_failed_is_lost_with_each_error_and_the_commands(ws, fake):
+    """Issue 19 item 4: every site of the run failed while the server still counts it as training: wait exits 1
+    naming each site's error, the command that shows its traceback, and how to end the run."""
+    fake.handlers["status"] = status_sequence(EVERY_SITE_FAILED, site=FAILED)
+    result = fedadmin("--json", "wait", "--timeout", "60", kit=ws / "admin")
+    assert result.returncode == 1, result.stdout + result.stderr
+    said = one_json(result)["result"]
+    assert said.startswith("run 1 failed at every site that started it: site-1: config_train.json: trainer: "), said
+    for site in SITES:
+        assert f"`fedadmin logs {site} --run 1 --level error`" in said
+    assert said.endswith("the server still counts it as training: end it with `fedadmin abort server`")
+
+
+def test_status_says_a_run_whose_every_site_failed_is_lost(ws, fake):
+    """Issue 19 item 4: status shows it too, under the server's "training" line; a site still starting the run
+    (a worker not registered yet) means it is not lost."""
+    fake.handlers["status"] = status_sequence(EVERY_SITE_FAILED, site=FAILED)
+    result = fedadmin("status", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == "server: run 1 training, round 1 of rounds 0..2"
+    assert lines[1].startswith("run 1 failed at every site that started it: site-1:"), result.stdout
+
+    starting = {**FAILED, "status": "training starting", "status_code": 1}
+    fake.handlers["status"] = status_sequence(EVERY_SITE_FAILED, site=lambda t: starting if t == "site-2" else FAILED)
+    result = fedadmin("status", kit=ws / "admin")
+    assert "failed at every site" not in result.stdout
+
+
+def test_wait_and_status_name_a_server_that_has_not_started_the_run(ws, fake):
+    """Issue 19 item 5: `start-mgpu 2 site-1` with the server not started leaves the site "training starting":
+    status and wait say the server has not started the run, and how to start it."""
+    starting = {"status": "training starting", "status_code": 1, "run_number": 1, "progress": {}}
+    deployed = {"run_status": "deployed", "current_round": None, "num_rounds": None, "start_round": None}
+    fake.handlers["status"] = status_sequence(deployed, site=starting)
+    result = fedadmin("--json", "wait", "--timeout", "2", kit=ws / "admin")
+    assert result.returncode == 1
+    report = one_json(result)
+    assert report["awaiting"] == "server has not started run 1: fedadmin start server"
+    assert report["result"] == f"gave up after 2s: the run is deployed; {report['awaiting']}"
+    shown = fedadmin("status", kit=ws / "admin")
+    assert "waiting: server has not started run 1: fedadmin start server" in shown.stdout.splitlines()
+
+
+def test_wait_and_status_name_the_sites_a_run_needs_beyond_those_started(ws, fake):
+    """Issue 19 item 5: the server trains a run that needs min_num_clients=2 and one site started it: status and
+    wait say so and name the site to start."""
+    starting = {"status": "training starting", "status_code": 1, "run_number": 1, "progress": {}}
+    idle = {"status": "training not started", "status_code": 0, "run_number": None, "progress": {}}
+    fake.handlers["status"] = status_sequence({"min_num_clients": 2},
+                                              site=lambda t: starting if t == "site-1" else idle)
+    result = fedadmin("--json", "wait", "--timeout", "2", kit=ws / "admin")
+    assert result.returncode == 1
+    expected = "run 1 needs min_num_clients=2, 1 site started: fedadmin start site-2"
+    assert one_json(result)["awaiting"] == expected
+    assert one_json(result)["result"].endswith(expected)
+    shown = fedadmin("status", kit=ws / "admin")
+    assert f"waiting: {expected}" in shown.stdout.splitlines()
 
 
 def test_status_shows_the_progress_the_server_kept_when_a_site_reply_has_none(ws, fake):

@@ -90,6 +90,8 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
     status = replies(ok_json(ws, "status"))
     assert status["server"]["run_status"] == "completed"
     assert status["site-1"]["run_number"] == 1
+    # Issue 19 item 3: wait returned once the run was finished everywhere, not only at the server.
+    assert {status[s]["status"] for s in ("site-1", "site-2")} == {"training stopped"}, status
     summary = json.loads((ws / "server" / "run_1" / "summary.json").read_text())
     assert [r["contributors"] for r in summary["rounds"]] == [["site-1", "site-2"]] * 2
 
@@ -202,3 +204,64 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
     except psutil.NoSuchProcess:
         pass  # already gone
 
+
+
+BROKEN_TRAINER = """
+from trainer import DigitsTrainer
+
+
+class BrokenTrainer(DigitsTrainer):
+    \"\"\"Fails in its first local phase, at every site.\"\"\"
+
+    def train(self, progress=None):
+        raise RuntimeError("the data volume is not mounted")
+"""
+
+
+def test_wait_and_status_say_what_a_run_waits_for_and_when_every_site_failed(federation, tmp_path):
+    """Issue 19 items 5 and 4, through real processes: a site started before the server, then a run that needs
+    min_num_clients=2 with one site started: status and wait name what is awaited; then a run whose every site failed
+    in training: the server says it is stalled, wait exits 1 at once saying so, status shows it."""
+    ws = federation
+    mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 1, "min_num_clients": 2})
+    ok_json(ws, "set-run", "1")
+    ok_json(ws, "deploy", str(mmar), "all")
+    ok_json(ws, "start", "site-1")
+    waited = fedadmin(ws, "--json", "wait", "--timeout", "3")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    assert json.loads(waited.stdout)["awaiting"] == "server has not started run 1: fedadmin start server"
+    assert "waiting: server has not started run 1: fedadmin start server" in fedadmin(ws, "status").stdout
+
+    ok_json(ws, "start", "server")
+    waited = fedadmin(ws, "--json", "wait", "--timeout", "3")
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    expected = "run 1 needs min_num_clients=2, 1 site started: fedadmin start site-2"
+    assert json.loads(waited.stdout)["awaiting"] == expected
+    assert json.loads(waited.stdout)["result"] == f"gave up after 3s: the run is training; {expected}"
+    ok_json(ws, "--yes", "abort", "server")
+
+    broken = copy_mmar(tmp_path / "broken", server={"num_rounds": 1, "min_num_clients": 2})
+    (broken / "custom" / "broken.py").write_text(BROKEN_TRAINER)
+    train = json.loads((broken / "config" / "config_train.json").read_text())
+    train["trainer"]["path"] = "broken.BrokenTrainer"
+    (broken / "config" / "config_train.json").write_text(json.dumps(train))
+    ok_json(ws, "set-run", "2")
+    ok_json(ws, "deploy", str(broken), "all")
+    ok_json(ws, "start", "all")
+    waited = fedadmin(ws, "--json", "wait", "--timeout", "240", timeout=300)
+    assert waited.returncode == 1, waited.stdout + waited.stderr
+    said = json.loads(waited.stdout)["result"]
+    assert "the data volume is not mounted" in said and "`fedadmin logs site-" in said, said
+    deadline = time.monotonic() + 120
+    while not (server := replies(ok_json(ws, "status", "server"))["server"])["stalled"]:
+        assert time.monotonic() < deadline, f"the run never counted as stalled: {server}"
+        time.sleep(0.5)
+    assert server["run_status"] == "training" and sorted(server["failed_sites"]) == ["site-1", "site-2"]
+    waited = fedadmin(ws, "--json", "wait", "--timeout", "60")
+    assert waited.returncode == 1
+    said = json.loads(waited.stdout)["result"]
+    assert said.startswith("run 2 failed at every site that started it: site-1: training failed: "), said
+    assert "`fedadmin logs site-2 --run 2 --level error`" in said
+    assert said.endswith("end it with `fedadmin abort server`")
+    shown = fedadmin(ws, "status")
+    assert "run 2 failed at every site that started it" in shown.stdout, shown.stdout

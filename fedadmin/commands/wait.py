@@ -22,12 +22,13 @@ class WaitResult:
     command: str = "wait"
 
     def to_json(self) -> dict[str, Any]:
-        from fedadmin.run_state import run_number, run_status
+        from fedadmin.run_state import awaited, run_number, run_status
 
         return {
             "result": self.message,
             "run_number": run_number(self.outcome),
             "run_status": run_status(self.outcome),
+            "awaiting": awaited(self.outcome),
             "replies": [r.to_json() for r in self.outcome.replies],
         }
 
@@ -47,8 +48,9 @@ class WaitResult:
 )
 @click.pass_obj
 def wait(options: ConsoleOptions, limit: float | None) -> None:
-    """Show live progress until the server's run completes (exit 0), is aborted or a site fails (exit 1)."""
-    from fedadmin.run_state import run_status
+    """Show live progress until the server's run completes and its sites are done (exit 0), is aborted or a site
+    fails (exit 1); the view says what the run waits for (a server that has not started it, too few sites)."""
+    from fedadmin.run_state import awaited, run_status
     from fedadmin.watch import display_mode, follow, run_end
 
     deadline = None if limit is None else time.monotonic() + limit
@@ -65,4 +67,5 @@ def wait(options: ConsoleOptions, limit: float | None) -> None:
         emit(options, WaitResult(outcome, end.ok, end.message))
     else:
         message = f"gave up after {limit:g}s: the run is {run_status(outcome) or 'unknown'}"
-        emit(options, WaitResult(outcome, False, message))
+        waiting = awaited(outcome)
+        emit(options, WaitResult(outcome, False, f"{message}; {waiting}" if waiting else message))

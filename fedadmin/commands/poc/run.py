@@ -185,8 +185,9 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     from fedadmin import local_federation, render
     from fedadmin.commands.poc.start import start_federation
     from fedadmin.connection import AdminConnection
+    from fedadmin.run_state import run_status
     from fedadmin.upload import check_mmar, upload_mmar
-    from fedadmin.watch import display_mode, follow, run_end, sites_idle
+    from fedadmin.watch import RunEnd, display_mode, follow, run_end
     from fedcommon.provision import prepare_poc
 
     check_mmar(mmar)
@@ -217,14 +218,14 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                 return conn.execute("status", ["all"])
 
             outcome, _ = follow(
-                poll, lambda o: run_end(o) is not None, mode=mode, on_poll=lambda _o, note: rounds.show_new(conn, note),
-                hint="Ctrl-C stops the run and the federation",
+                poll, lambda o: run_end(o) is not None or run_status(o) == "completed", mode=mode,
+                on_poll=lambda _o, note: rounds.show_new(conn, note), hint="Ctrl-C stops the run and the federation",
             )
-            end = run_end(outcome)
-            assert end is not None
-            if end.ok:
-                # Sites send their metrics on the final model as their workers end.
-                follow(poll, sites_idle, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT)
+            if run_end(outcome) is None:
+                # Completed at the server: sites send their metrics on the final model as their workers end.
+                outcome, _ = follow(poll, lambda o: run_end(o) is not None, mode="quiet",
+                                    deadline=time.monotonic() + SETTLE_TIMEOUT)
+            end = run_end(outcome) or RunEnd(True, f"run {RUN_NUMBER} completed")
             rounds.show_new(conn, say)
         finished = True
     finally:

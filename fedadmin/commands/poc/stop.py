@@ -1,4 +1,5 @@
-"""`fedadmin poc stop`: stop every process `poc start` recorded, and check that none is left."""
+"""`fedadmin poc stop`: stop every process of a POC workspace (recorded by `poc start` or by itself), check none is
+left."""
 
 from __future__ import annotations
 
@@ -57,11 +58,13 @@ class PocStopped:
 )
 @click.pass_obj
 def stop(options: ConsoleOptions, workspace: Path, grace: float) -> None:
-    """SIGTERM the recorded process groups, SIGKILL what is left after a grace period, verify none is left."""
+    """SIGTERM the recorded process groups and every participant process that recorded itself (one restarted by
+    hand included), SIGKILL what is left after a grace period, verify none is left."""
     from fedadmin import local_federation
     from fedadmin.local_federation import RECORD, FederationError
 
     workspace = workspace.resolve()
-    if not (workspace / RECORD).exists():
-        raise FederationError(f"no POC federation is recorded in {workspace} ({RECORD} is missing)")
+    if not (workspace / RECORD).exists() and not local_federation.self_recorded(workspace):
+        raise FederationError(f"no POC federation is recorded in {workspace} ({RECORD} is missing, and no "
+                              "participant's pid.json names a running process)")
     emit(options, PocStopped(workspace, local_federation.stop(workspace, grace)))
