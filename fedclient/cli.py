@@ -46,19 +46,15 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.admin_commands import site_processors
     from fedclient.admin_interface import ClientAdminInterface
     from fedclient.local_policy import LocalPolicy
-    from fedcommon.kit import KitError, load_kit
+    from fedcommon.kit import KitError, load_participant_kit
     from fedcommon.logs import configure_logging
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
 
     try:
-        kit = load_kit(workspace)
+        kit = load_participant_kit(workspace, "client", "fedclient start")
     except KitError as e:
         click.echo(f"fedclient: {e}", err=True)
-        sys.exit(3)
-    if kit.role != "client":
-        click.echo(f"fedclient: {kit.folder} holds the kit of {kit.name} ({kit.role}); "
-                   "`fedclient start` needs a site's kit", err=True)
         sys.exit(3)
     workspace = kit.folder
     make_private(workspace)

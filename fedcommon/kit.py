@@ -275,3 +275,19 @@ def channel_credentials(kit: Kit) -> grpc.ChannelCredentials:
     return grpc.ssl_channel_credentials(
         root_certificates=kit.ca_pem, private_key=kit.key_pem, certificate_chain=kit.cert_pem
     )
+
+
+_KIT_OF = {"server": "the server", "client": "a site", "admin": "an admin"}
+
+
+def load_participant_kit(folder: Path, role: str, command: str) -> Kit:
+    """The kit in `folder`, which must be of `role` ("server" or "client"); KitError names what it holds instead.
+
+    `command` is what needs it ("fedserver start"), for the message.
+    """
+    kit = load_kit(folder)
+    if kit.role != role:
+        raise KitError(f"{kit.folder} holds the kit of {kit.name} ({_KIT_OF.get(kit.role, kit.role)}), not "
+                       f"{'the server' if role == 'server' else 'a site'}'s: `{command}` needs "
+                       f"{'the server' if role == 'server' else 'a site'}'s kit")
+    return kit

@@ -51,7 +51,7 @@ def _raise_open_file_limit() -> None:
 def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None, admin_port: int | None,
           metrics_port: int | None, metrics_host: str, debug: bool) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
-    from fedcommon.kit import KitError, load_kit
+    from fedcommon.kit import KitError, load_participant_kit
     from fedcommon.mmar import MMARError
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
@@ -60,14 +60,9 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     from fedserver.telemetry import ExporterError
 
     try:
-        kit = load_kit(workspace)
+        kit = load_participant_kit(workspace, "server", "fedserver start")
     except KitError as e:
         click.echo(f"fedserver: {e}", err=True)
-        sys.exit(3)
-    if kit.role != "server":
-        kind = "a site" if kit.role == "client" else "an admin"
-        click.echo(f"fedserver: {kit.folder} holds the kit of {kit.name} ({kind}), not the server's: "
-                   "`fedserver start` needs the server's participant folder", err=True)
         sys.exit(3)
     make_private(workspace)
     configure_logging(workspace / "log.txt", debug)

@@ -62,6 +62,16 @@ def _fetch(stub, md):
     return list(stub.GetModel(pb.GetModelRequest(wait_seconds=0.5), metadata=md, timeout=10))
 
 
+def _three_sites_with_the_model(ws, target):
+    """site-1..3 registered, each having fetched the round's model: (stub, metadata) per site."""
+    sites = []
+    for site in ("site-1", "site-2", "site-3"):
+        stub, md, _ = _register(ws, site, target)
+        _fetch(stub, md)
+        sites.append((stub, md))
+    return sites
+
+
 def _summary(server):
     return json.loads((server.run.run_dir / "summary.json").read_text())
 
@@ -164,11 +174,7 @@ BAD_UPDATES = [
 
 def test_bad_contributions_are_refused_and_the_round_goes_on_with_the_others(federation):
     server, ws, target = federation
-    stub1, md1, _ = _register(ws, "site-1", target)
-    stub2, md2, _ = _register(ws, "site-2", target)
-    stub3, md3, _ = _register(ws, "site-3", target)
-    for stub, md in ((stub1, md1), (stub2, md2), (stub3, md3)):
-        _fetch(stub, md)
+    (stub1, md1), (stub2, md2), (stub3, md3) = _three_sites_with_the_model(ws, target)
     for update, reason in BAD_UPDATES:
         reply = _submit(stub3, md3, update)
         assert not reply.accepted
@@ -255,11 +261,7 @@ def test_a_huge_claimed_weight_cannot_turn_the_global_model_into_nan(federation)
     """Hardening item 3: an all-1.0 update claiming weight 1e39 (finite) overflowed the float32 sum, the next
     global model was NaN and every honest update after it was refused; 1e30 replaced the model outright."""
     server, ws, target = federation
-    stub1, md1, _ = _register(ws, "site-1", target)
-    stub2, md2, _ = _register(ws, "site-2", target)
-    stub3, md3, _ = _register(ws, "site-3", target)
-    for stub, md in ((stub1, md1), (stub2, md2), (stub3, md3)):
-        _fetch(stub, md)
+    (stub1, md1), (stub2, md2), (stub3, md3) = _three_sites_with_the_model(ws, target)
     ones = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32)}
     for weight in (1e39, 1e30):
         reply = _submit(stub3, md3, ones, weight=weight)
