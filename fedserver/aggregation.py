@@ -406,7 +406,8 @@ def step_variable(aggregator: Aggregator, label: str, name: str, x: np.ndarray, 
     acc = accumulator_dtype(x.dtype)
     _check_array(label, name, "update", delta, x.shape, acc)
     try:
-        new = aggregator.step(name, x.astype(acc, copy=False), delta, state)
+        with np.errstate(over="ignore", invalid="ignore"):  # a non-finite result is refused below, by name
+            new = aggregator.step(name, x.astype(acc, copy=False), delta, state)
     except AggregateError:
         raise
     except Exception as e:
@@ -416,7 +417,8 @@ def step_variable(aggregator: Aggregator, label: str, name: str, x: np.ndarray, 
         _check_array(label, name, f"state {slot!r}", state.get(slot), x.shape, acc)
     if not is_float(x.dtype):
         return np.rint(new).astype(x.dtype)
-    new = new.astype(x.dtype, copy=False)
+    with np.errstate(over="ignore"):
+        new = new.astype(x.dtype, copy=False)
     if new.size and not (np.isfinite(new.max()) and np.isfinite(new.min())):
         raise AggregateError(f"variable {name!r} of the aggregate is not finite")
     return new
