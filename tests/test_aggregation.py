@@ -118,7 +118,8 @@ def test_fedtrimmedavg_drops_floor_beta_n_from_each_end():
 
 
 def _krum_updates(rows, weights):
-    return [({"a": np.array(a, np.float32), "b": np.array(b, np.float32)}, w) for (a, b), w in zip(rows, weights, strict=True)]
+    return [({"a": np.array(a, np.float32), "b": np.array(b, np.float32)}, w)
+            for (a, b), w in zip(rows, weights, strict=True)]
 
 
 # Round 1: squared distances over both variables: d12=1, d13=2, d14=300, d23=3, d24=281, d34=302; with f = 0 each
