@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 
 State = dict[str, Any]  # "slot/variable" -> np.ndarray, plus JSON scalars ("aggregator", "rounds")
 # The needs-all family reads updates in blocks of about this many bytes (all contributions together).
-BLOCK_BYTES = 16 << 20
+BLOCK_BYTES = 4 << 20
 DEFAULT_MAX_WEIGHT = 1e9  # config_fed_server.json's max_contribution_weight default
 
 
@@ -109,27 +109,34 @@ class FedOpt(Aggregator):
         return np.full(shape, self.tau ** 2, dtype) if slot == "v" else np.zeros(shape, dtype)
 
     def second_moment(self, v: np.ndarray, square: np.ndarray) -> None:
+        """Update v in place from the mean's square (which it may overwrite)."""
         raise NotImplementedError
 
     def step(self, name, x, delta, state):
+        # In place where it can be: beyond x, m and v, two variable-sized buffers (Yogi: three).
         m, v = state["m"], state["v"]
+        square = np.square(delta)
         np.multiply(m, self.beta_1, out=m)
-        m += (1.0 - self.beta_1) * delta
-        self.second_moment(v, np.square(delta, out=delta))
-        denominator = np.sqrt(v, out=delta)
-        denominator += self.tau
-        return np.add(x, self.eta * m / denominator, out=delta)
+        m += np.multiply(delta, 1.0 - self.beta_1, out=delta)
+        self.second_moment(v, square)
+        step = np.sqrt(v, out=square)
+        step += self.tau
+        np.divide(m, step, out=step)
+        step *= self.eta
+        return np.add(x, step, out=step)
 
 
 class FedAdam(FedOpt):
     def second_moment(self, v, square):
         np.multiply(v, self.beta_2, out=v)
-        v += (1.0 - self.beta_2) * square
+        v += np.multiply(square, 1.0 - self.beta_2, out=square)
 
 
 class FedYogi(FedOpt):
     def second_moment(self, v, square):
-        v -= (1.0 - self.beta_2) * square * np.sign(v - square)
+        sign = np.sign(np.subtract(v, square))
+        np.multiply(square, 1.0 - self.beta_2, out=square)
+        v -= np.multiply(square, sign, out=square)
 
 
 class FedAdagrad(FedOpt):
@@ -443,7 +450,7 @@ def variable_state(aggregator: Aggregator, state: Mapping[str, Any] | None, name
     out = {}
     for slot in aggregator.state_slots:
         held = None if state is None else state.get(f"{slot}/{name}")
-        out[slot] = (np.array(held, dtype=acc) if held is not None
+        out[slot] = (np.array(held, dtype=acc, copy=True) if held is not None
                      else aggregator.init_state(slot, x.shape, acc))
     return out
 
@@ -484,11 +491,39 @@ class StateFiles:
         path = self.path(round_number)
         return load_state(path) if path.exists() else None
 
+    @contextlib.contextmanager
+    def open(self, round_number: int) -> Iterator[Mapping[str, Any] | None]:
+        """Like `load`, but each array is read from disk only when asked for (one variable at a time)."""
+        path = self.path(round_number)
+        if not path.exists():
+            yield None
+            return
+        with open(path, "rb") as f:
+            yield _StateFile(f, read_index(f, path))
+
     def prune(self, keep_round: int) -> None:
         """Delete the states of other rounds."""
         for path in self.folder.glob("aggregator_state_*.fl"):
             if path != self.path(keep_round):
                 path.unlink(missing_ok=True)
+
+
+class _StateFile(Mapping):
+    """A saved state read lazily: scalars from the file's metadata, arrays from disk on access."""
+
+    def __init__(self, f, index: ModelIndex) -> None:
+        self._f, self._entries, self._meta = f, index.by_name(), index.meta
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self._entries:
+            return read_tensor(self._f, self._entries[key])
+        return self._meta[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter([*self._meta, *self._entries])
+
+    def __len__(self) -> int:
+        return len(self._meta) + len(self._entries)
 
 
 # ---- one round, on the server's files -----------------------------------------------------------------------------
@@ -503,9 +538,9 @@ def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str
     update of a variable or None (excluded, or nobody sent it: the variable and its state are kept). The new state
     is saved (states.path(round_number + 1)) before the model is replaced. AggregateError: nothing is replaced.
     """
-    old_state = states.load(round_number) if aggregator.state_slots else None
-    check_state(old_state, label)
-    with open(model_path, "rb") as src:
+    with states.open(round_number) as old_state, open(model_path, "rb") as src:
+        if aggregator.state_slots:
+            check_state(old_state, label)
         index = read_index(src, model_path)
         slots = [(f"{slot}/{e.name}", accumulator_dtype(e.dtype), e.shape)
                  for e in index.entries if e.name not in excluded for slot in aggregator.state_slots]
