@@ -26,6 +26,7 @@ import numpy as np
 
 from fedcommon.algorithms import (
     AGGREGATORS,
+    SCAFFOLD_CONTROL_PREFIX,
     SCAFFOLD_DELTA_PREFIX,
     AggregatorChoice,
     parse_aggregator,
@@ -531,12 +532,14 @@ class _StateFile(Mapping):
 
 def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str], np.ndarray | None],
                      model_path: Path, states: StateFiles, round_number: int, meta: dict,
-                     excluded: frozenset[str] = frozenset()) -> None:
+                     excluded: frozenset[str] = frozenset(), control: UpdateAccumulator | None = None,
+                     control_fraction: float = 1.0) -> None:
     """Replace the global model of `round_number` at `model_path` with the next one, and save its state.
 
     Variable by variable (O(largest variable) beyond what `delta_of` holds): `delta_of(name)` is the round's
     update of a variable or None (excluded, or nobody sent it: the variable and its state are kept). The new state
     is saved (states.path(round_number + 1)) before the model is replaced. AggregateError: nothing is replaced.
+    SCAFFOLD: `control` sums the round's delta c_i (see control_accumulator); the server's c is kept in the state.
     """
     with states.open(round_number) as old_state, open(model_path, "rb") as src:
         if aggregator.state_slots:
@@ -544,6 +547,9 @@ def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str
         index = read_index(src, model_path)
         slots = [(f"{slot}/{e.name}", accumulator_dtype(e.dtype), e.shape)
                  for e in index.entries if e.name not in excluded for slot in aggregator.state_slots]
+        if control is not None:
+            slots += [(f"{CONTROL_SLOT}/{e.name}", accumulator_dtype(e.dtype), e.shape)
+                      for e in index.entries if e.name in control.specs]
         with atomic_writer(model_path) as dst:
             writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
             with atomic_writer(states.path(round_number + 1)) as state_dst:  # renamed first: see StateFiles
@@ -559,6 +565,10 @@ def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str
                     if entry.name not in excluded:
                         for slot in aggregator.state_slots:
                             state_writer.write(f"{slot}/{entry.name}", var_state[slot])
+                    if control is not None and entry.name in control.specs:
+                        c = control_step(entry.name, old_control(old_state, entry.name, entry.dtype, entry.shape),
+                                         control.take_mean(entry.name), control_fraction)
+                        state_writer.write(f"{CONTROL_SLOT}/{entry.name}", c)
                 writer.check_complete()
                 state_writer.check_complete()
     states.prune(round_number + 1)
@@ -587,8 +597,8 @@ def store_deltas(aggregator: Aggregator, store: UpdateStore) -> Callable[[str], 
 def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.ndarray],
               contributions: Sequence[tuple[Mapping[str, np.ndarray], float]], state: State | None,
               *, excluded: frozenset[str] | set[str] = frozenset(), max_weight: float = DEFAULT_MAX_WEIGHT,
-              search_paths: Sequence[Path] = (), workdir: str | os.PathLike | None = None
-              ) -> tuple[dict[str, np.ndarray], State]:
+              search_paths: Sequence[Path] = (), workdir: str | os.PathLike | None = None,
+              scaffold: bool = False, num_sites: int | None = None) -> tuple[dict[str, np.ndarray], State]:
     """One round: the next global model and the aggregator's state, as the server computes them.
 
     spec: config_fed_server.json's "aggregator" dict; contributions: (update, weight) with weight = aggregation
@@ -596,6 +606,8 @@ def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.nd
     max_weight: the run's max_contribution_weight x its largest aggregation weight (weights are divided by it, as
     on the server). Updates are checked as the server checks them (ContributionError); a round that cannot be
     aggregated raises AggregateError. Needs-all aggregators keep the updates under `workdir` (a temp folder).
+    scaffold: each update also carries its site's delta c_i (split_scaffold); the server's c is updated in the state
+    ("scaffold_c/<variable>"), with |S|/N = len(contributions) / num_sites (None: every site took part).
     """
     choice = check_spec(spec)
     aggregator = build_aggregator(choice, search_paths)
@@ -603,9 +615,13 @@ def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.nd
     excluded = frozenset(excluded)
     specs = {name: VarSpec(np.asarray(a).dtype, np.asarray(a).shape) for name, a in global_model.items()}
     checker = UpdateAccumulator(specs, excluded, max_weight)
+    control = control_accumulator(specs, excluded) if scaffold else None
     updates = []
     for k, (update, weight) in enumerate(contributions):
         try:
+            if control is not None:
+                update, delta_c = split_scaffold(dict(update), specs, excluded)
+                control.add({name: _read_only(a) for name, a in delta_c.items()}, 1.0)
             for name, arr in update.items():
                 checker.check_tensor(TensorSpec(name, arr.dtype, arr.shape))
                 UpdateAccumulator.check_finite(name, arr)
@@ -634,6 +650,10 @@ def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.nd
                                                                       var_state)
             if name not in excluded:
                 new_state.update({f"{slot}/{name}": var_state[slot] for slot in aggregator.state_slots})
+            if control is not None and name in control.specs:
+                fraction = 1.0 if num_sites is None else len(contributions) / num_sites
+                new_state[f"{CONTROL_SLOT}/{name}"] = control_step(
+                    name, old_control(state, name, x.dtype, x.shape), control.take_mean(name), fraction)
     return new_model, new_state
 
 
@@ -676,18 +696,53 @@ def split_scaffold(update: dict[str, np.ndarray], specs: Mapping[str, VarSpec], 
     return model, control
 
 
+CONTROL_SLOT = "scaffold_c"  # the server's control variate c, per variable, in the aggregator's state
+
+
+def control_accumulator(specs: Mapping[str, VarSpec], excluded: frozenset[str] = frozenset()) -> UpdateAccumulator:
+    """Sums a round's delta c_i, each with weight 1 (the paper's mean is unweighted): over the model's floating
+    variables that are aggregated."""
+    floating = {n: s for n, s in specs.items() if is_float(s.dtype) and n not in excluded}
+    return UpdateAccumulator(floating, max_weight=1.0)
+
+
+def old_control(state: Mapping[str, Any] | None, name: str, dtype: np.dtype, shape: tuple[int, ...]) -> np.ndarray:
+    """The server's c of a variable before this round (zeros at first), in its accumulator dtype."""
+    held = None if state is None else state.get(f"{CONTROL_SLOT}/{name}")
+    acc = accumulator_dtype(dtype)
+    return np.zeros(shape, acc) if held is None else np.array(held, dtype=acc, copy=True)
+
+
+def control_step(name: str, c: np.ndarray, mean_delta: np.ndarray | None, fraction: float) -> np.ndarray:
+    """c + (|S|/N) * mean of the sites' delta c_i (Karimireddy et al. 2020, Algorithm 1, line 17), |S|/N =
+    `fraction`; c unchanged when no site sent one."""
+    if mean_delta is None:
+        return c
+    c += fraction * mean_delta
+    if c.size and not (np.isfinite(c.max()) and np.isfinite(c.min())):
+        raise AggregateError(f"SCAFFOLD control variate of {name!r} is not finite")
+    return c
+
+
+def control_tensors(states: StateFiles, round_number: int, model: ModelIndex,
+                    excluded: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
+    """The server's c to send with the global model of `round_number`, in each variable's dtype and named for the
+    wire (SCAFFOLD_CONTROL_PREFIX + name), one variable at a time; zeros before the first round."""
+    with states.open(round_number) as state:
+        for entry in model.entries:
+            if is_float(entry.dtype) and entry.name not in excluded:
+                c = old_control(state, entry.name, entry.dtype, entry.shape)
+                yield SCAFFOLD_CONTROL_PREFIX + entry.name, c.astype(entry.dtype, copy=False)
+
+
 def scaffold_control_update(c: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
                             num_sites: int | None = None) -> dict[str, np.ndarray]:
-    """The server's new control variate: c <- c + (|S|/N) * mean of the sites' delta c_i (Karimireddy et al. 2020,
-    Algorithm 1, line 17); N = num_sites (all sites of the federation), |S| = len(deltas); N None: every site took
-    part (|S|/N = 1). The mean is unweighted, as in the paper."""
-    if not deltas:
-        return {k: np.array(v) for k, v in c.items()}
+    """The server's new c from the sites' delta c_i, as the server computes it (see control_step); N = num_sites
+    (all sites of the federation), |S| = len(deltas); N None: every site took part (|S|/N = 1)."""
+    specs = {n: VarSpec(v.dtype, v.shape) for n, v in c.items()}
+    control = control_accumulator(specs)
+    for delta in deltas:
+        control.add({n: _read_only(a) for n, a in delta.items()}, 1.0)
     fraction = 1.0 if num_sites is None else len(deltas) / num_sites
-    out = {}
-    for name, value in c.items():
-        acc = accumulator_dtype(value.dtype)
-        held = [d[name].astype(acc) for d in deltas if name in d]
-        new = value.astype(acc) + fraction * np.mean(held, axis=0, dtype=acc) if held else value.astype(acc)
-        out[name] = new.astype(value.dtype)
-    return out
+    return {n: control_step(n, np.array(v, dtype=accumulator_dtype(v.dtype), copy=True), control.take_mean(n),
+                            fraction).astype(v.dtype) for n, v in c.items()}

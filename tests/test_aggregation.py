@@ -17,6 +17,8 @@ from fedserver.aggregation import (
     aggregate,
     build_aggregator,
     check_spec,
+    control_accumulator,
+    control_tensors,
     load_state,
     save_state,
     scaffold_control_update,
@@ -394,3 +396,53 @@ def test_scaffold_server_control_variate_two_rounds():
     c = scaffold_control_update(c, [{"w": np.array([4, -2], np.float32)}], 2)
     np.testing.assert_array_equal(c["w"], [4, 0])
     assert c["w"].dtype == np.float32
+
+
+def _scaffold_rounds():
+    # Round 1, both of 2 sites: model mean [2.5, 3] (weights 1, 3), c = 0 + ([1, 2] + [3, 0]) / 2 = [2, 1].
+    # Round 2, one site of 2: model mean [0, 2], c = [2, 1] + 1/2 * [4, -2] = [4, 0]. "n" (an integer) has no c.
+    def contribution(w, n, dc, weight):
+        return ({"w": np.array(w, np.float32), "n": np.array(n), "scaffold.delta_c:w": np.array(dc, np.float32)},
+                weight)
+
+    return ([contribution([1, 0], 2, [1, 2], 1.0), contribution([3, 4], 2, [3, 0], 3.0)],
+            [contribution([0, 2], 1, [4, -2], 1.0)])
+
+
+def test_scaffold_rounds_update_the_server_control_variate_in_the_state():
+    model = {"w": np.array([1, 2], np.float32), "n": np.array(10)}
+    round_1, round_2 = _scaffold_rounds()
+    x1, state = aggregate({"name": "FedAvg"}, model, round_1, None, scaffold=True, num_sites=2)
+    np.testing.assert_array_equal(x1["w"], [3.5, 5.0])
+    assert x1["n"] == 12
+    np.testing.assert_array_equal(state["scaffold_c/w"], [2, 1])
+    assert "scaffold_c/n" not in state
+    x2, state = aggregate({"name": "FedAvg"}, x1, round_2, state, scaffold=True, num_sites=2)
+    np.testing.assert_array_equal(x2["w"], [3.5, 7.0])
+    np.testing.assert_array_equal(state["scaffold_c/w"], [4, 0])
+    with pytest.raises(ContributionError, match=r"contribution 0: SCAFFOLD delta c missing for 1 variable"):
+        aggregate({"name": "FedAvg"}, model, [({"w": np.ones(2, np.float32)}, 1.0)], None, scaffold=True)
+
+
+def test_scaffold_on_the_server_files_path_equals_aggregate(tmp_path):
+    model = {"w": np.array([1, 2], np.float32), "n": np.array(10)}
+    specs = {k: VarSpec(v.dtype, v.shape) for k, v in model.items()}
+    path, states = tmp_path / "global.fl", StateFiles(tmp_path)
+    save_model(path, model)
+    with open(path, "rb") as f:
+        index = read_index(f)
+    sent = dict(control_tensors(states, 0, index))
+    assert list(sent) == ["scaffold.c:w"]
+    np.testing.assert_array_equal(sent["scaffold.c:w"], [0, 0])
+    for number, contributions in enumerate(_scaffold_rounds()):
+        acc, control = UpdateAccumulator(specs), control_accumulator(specs)
+        for update, weight in contributions:
+            update, delta_c = split_scaffold(dict(update), specs)
+            acc.add(update, weight)
+            control.add(delta_c, 1.0)
+        write_next_model(build_aggregator(check_spec({"name": "FedAvg"})), "FedAvg", acc.take_mean, path, states,
+                         number, {}, control=control, control_fraction=len(contributions) / 2)
+    np.testing.assert_array_equal(load_model(path)[0]["w"], [3.5, 7.0])
+    sent = dict(control_tensors(states, 2, index))
+    np.testing.assert_array_equal(sent["scaffold.c:w"], [4, 0])
+    assert sent["scaffold.c:w"].dtype == np.float32
