@@ -351,7 +351,7 @@ class UpdateStore:
 
     def variable(self, name: str) -> VariableUpdates:
         """Every contribution's update of `name` (memory-mapped), with its weight."""
-        arrays, owners = [], []
+        arrays, owners, offsets = [], [], {}
         for k, index in enumerate(self._indexes):
             entry = index.by_name().get(name)
             if entry is None:
@@ -359,10 +359,10 @@ class UpdateStore:
             whole = self._map(k)
             arrays.append(whole[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).reshape(entry.shape))
             owners.append(k)
+            offsets[k] = entry.offset
         owners = np.array(owners, dtype=np.int64)
-        base = {k: index.by_name()[name].offset for k, index in enumerate(self._indexes) if name in index.by_name()}
-        return VariableUpdates(arrays, self.weights[owners] if len(owners) else np.zeros(0), owners,
-                               lambda k, start, length: self._release(k, base[k] + start, length))
+        return VariableUpdates(arrays, self.weights[owners], owners,
+                               lambda k, start, length: self._release(k, offsets[k] + start, length))
 
     def squared_distances(self) -> np.ndarray:
         """D[i, j]: the squared L2 distance between updates i and j over every variable both carry (float64)."""
