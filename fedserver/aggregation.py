@@ -342,6 +342,11 @@ class UpdateStore:
         return np.array([float(index.meta["weight"]) for index in self._indexes])
 
     @property
+    def files(self) -> list[Path]:
+        """The contributions' model files, in the order they came."""
+        return list(self._files)
+
+    @property
     def sites(self) -> list[str]:
         return [str(index.meta.get("site", "")) for index in self._indexes]
 
