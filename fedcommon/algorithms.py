@@ -72,8 +72,9 @@ def _positive(name: str, default: float) -> Arg:
 
 
 # Reddi et al., "Adaptive Federated Optimization" (ICLR 2021), Algorithm 2; their experiments tune the adaptivity
-# tau around 1e-3 and the server rate eta around 1e-2. FedAdagrad has no beta_2 (its v only accumulates).
-_FEDOPT = (_positive("eta", 0.01), _unit("beta_1", 0.9), _unit("beta_2", 0.99), _positive("tau", 1e-3))
+# tau around 1e-3 and the server rate eta over 1e-3..1: with eta 0.1 FedAdam brings the digits example to 0.9
+# accuracy in 3 rounds (0.01 needs more than 5). FedAdagrad has no beta_2 (its v only accumulates).
+_FEDOPT = (_positive("eta", 0.1), _unit("beta_1", 0.9), _unit("beta_2", 0.99), _positive("tau", 1e-3))
 
 AGGREGATORS: dict[str, AggregatorDecl] = {
     d.name: d
