@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from fedcommon.algorithms import FEDPROX_ARGS, AggregatorChoice, check_args, parse_aggregator
 from fedcommon.safe_regex import UnsafePattern, compile_safe
 
 SERVER_CONFIG = "config/config_fed_server.json"
@@ -71,6 +72,8 @@ class ServerConfig:
     persist_open_round: bool = True
     # The largest weight (samples or iterations) a site may claim for one contribution.
     max_contribution_weight: float = 1e9
+    # How a round's updates become the next global model (fedcommon.algorithms.AGGREGATORS, or a custom class).
+    aggregator: AggregatorChoice = field(default_factory=AggregatorChoice)
 
 
 @dataclass(frozen=True)
@@ -88,6 +91,9 @@ class ClientConfig:
     # and how long it waits for models that have not arrived.
     is_participating: bool = True
     cross_site_validation_timeout: float = 600.0
+    # Site-side algorithms: FedProx's proximal weight mu (None: off), and SCAFFOLD's control variates.
+    fedprox_mu: float | None = None
+    scaffold: bool = False
 
 
 @dataclass(frozen=True)
@@ -406,6 +412,33 @@ def _privacy(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
     return check
 
 
+def _aggregator(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
+    """{"name": BUILTIN, "args": {...}}, or a custom aggregator {"path": "module.Class", "args": {...}} in custom/."""
+    component = _component(custom_dir)
+
+    def check(value: Any, key: str, report: Report) -> Any:
+        choice, problems = parse_aggregator(value)
+        for sub, message in problems:
+            report(f"{key}.{sub}" if sub else key, message)
+        if choice is None:
+            return _BAD
+        if choice.path is not None and component({"path": choice.path, "args": choice.args}, key, report) is _BAD:
+            return _BAD
+        return choice
+
+    return check
+
+
+def _fedprox(value: Any, key: str, report: Report) -> Any:
+    """{"mu": number > 0}: FedProx's proximal term at every site; null turns it off."""
+    if value is None:
+        return None
+    args, problems = check_args(value, FEDPROX_ARGS, "fedprox")
+    for sub, message in problems:
+        report(f"{key}.{sub}" if sub else key, message)
+    return _BAD if problems else args["mu"]
+
+
 def _initial_model(root: Path, custom_dir: Path) -> Callable[[Any, str, Report], Any]:
     component = _component(custom_dir)
 
@@ -572,6 +605,7 @@ def _server_config(reader: _Reader, root: Path, custom_dir: Path) -> ServerConfi
         "aggregation_weights": reader.take("aggregation_weights", _aggregation_weights, {}),
         "persist_open_round": reader.take("persist_open_round", _boolean, True),
         "max_contribution_weight": reader.take("max_contribution_weight", _number(0, exclusive=True), 1e9),
+        "aggregator": reader.take("aggregator", _aggregator(custom_dir), AggregatorChoice()),
     }
     initial = reader.take("initial_model", _initial_model(root, custom_dir))
     low, high = values["min_num_clients"], values["max_num_clients"]
@@ -602,6 +636,8 @@ def _client_config(reader: _Reader, custom_dir: Path) -> ClientConfig | None:
         "is_participating": reader.take("is_participating", _boolean, True),
         "cross_site_validation_timeout": reader.take("cross_site_validation_timeout", _number(0, exclusive=True),
                                                      600.0),
+        "fedprox_mu": reader.take("fedprox", _fedprox, None),
+        "scaffold": reader.take("scaffold", _boolean, False),
     }
     return ClientConfig(**values) if reader.finish() else None
 

@@ -28,6 +28,15 @@ class ContributionError(ValueError):
     """A contribution that is refused; the message says why."""
 
 
+def check_weight(weight: float, max_weight: float) -> None:
+    """Refuse an aggregation weight that is not a positive number of at most `max_weight`."""
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
+        raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
+    if weight > max_weight:
+        raise ContributionError(f"aggregation weight {weight:g} is more than max_contribution_weight "
+                                f"{max_weight:g} (config_fed_server.json)")
+
+
 class AggregateError(ValueError):
     """A round's aggregate that is not finite: nothing is written, the last good model stays."""
 
@@ -85,11 +94,7 @@ class UpdateAccumulator:
 
         The update's values must have passed check_finite; the weight is checked here.
         """
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
-            raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
-        if weight > self.max_weight:
-            raise ContributionError(f"aggregation weight {weight:g} is more than max_contribution_weight "
-                                    f"{self.max_weight:g} (config_fed_server.json)")
+        check_weight(weight, self.max_weight)
         if self._count >= MAX_CONTRIBUTORS:
             raise ContributionError(f"the round already sums {MAX_CONTRIBUTORS} contributions")
         self._count += 1
@@ -149,6 +154,11 @@ class UpdateAccumulator:
         self._sums = sums
         self._weights = {n: float(weights[n]) for n in sums}
 
+    def take_mean(self, name: str) -> np.ndarray | None:
+        """The weighted mean of variable `name`'s updates (its sum, divided in place), or None; once per name."""
+        total = self._sums.pop(name, None)
+        return None if total is None else np.divide(total, self._weights[name], out=total)
+
     def apply_to(self, current: ModelIndex, source, writer: ModelFileWriter) -> None:
         """Write current + sums / weights for each variable into `writer`, one tensor at a time.
 
@@ -156,9 +166,8 @@ class UpdateAccumulator:
         """
         for entry in current.entries:
             w = read_tensor(source, entry)
-            total = self._sums.pop(entry.name, None)
-            if total is not None:
-                step = np.divide(total, self._weights[entry.name], out=total)  # in place: no temporaries
+            step = self.take_mean(entry.name)
+            if step is not None:
                 if w.dtype == step.dtype:
                     np.add(w, step, out=w)
                 elif is_float(entry.dtype):
