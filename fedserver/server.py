@@ -85,6 +85,17 @@ REVOCATION_CHECK_S = 1.0
 
 
 
+def _refuse_unwired_algorithms(number: int, mmar) -> None:
+    """The algorithms of issue 20 are built (fedserver.aggregation, fedclient.site_algorithms) but the rounds do
+    not run them yet: a run that asks for one is refused rather than silently trained with FedAvg."""
+    asked = [f"aggregator {mmar.server.aggregator.label}"] if mmar.server.aggregator.label != "FedAvg" else []
+    asked += ["fedprox"] if mmar.client.fedprox_mu is not None else []
+    asked += ["scaffold"] if mmar.client.scaffold else []
+    if asked:
+        raise ServerError(f"run {number} asks for {', '.join(asked)}; this server's rounds run FedAvg only so far "
+                          "(the other algorithms are not wired into the rounds yet): use the default aggregator")
+
+
 class FederationServer:
     """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
@@ -415,6 +426,7 @@ class FederationServer:
             self.refuse_finished(number)
             folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
+            _refuse_unwired_algorithms(number, mmar)
             models = folder.models
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
