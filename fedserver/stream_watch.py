@@ -16,6 +16,8 @@ from typing import Any
 
 import grpc
 
+from fedcommon.chunk_wire import DataChunk
+
 log = logging.getLogger(__name__)
 
 # A peer that sends nothing for this long is gone or hostile (a 1 GiB model arrives in 4 MiB chunks).
@@ -65,7 +67,8 @@ class WatchedStream:
             self.waiting_since = 0.0
             raise
         waited, received = self.progress
-        self.progress = (waited + time.monotonic() - began, received + chunk.ByteSize())
+        size = len(chunk.data) if isinstance(chunk, DataChunk) else chunk.ByteSize()
+        self.progress = (waited + time.monotonic() - began, received + size)
         self.waiting_since = 0.0
         return chunk
 
