@@ -36,6 +36,10 @@ class StreamDeadlines:
     window_s: float = RATE_WINDOW_S
 
 
+class StreamStopped(Exception):
+    """The request stream ended because it was cancelled, not because the peer finished it."""
+
+
 class WatchedStream:
     """A request iterator whose waits are timed; `stopped` says why the server cancelled it (None: it did not)."""
 
@@ -60,6 +64,11 @@ class WatchedStream:
             chunk = next(self._chunks)
         except StopIteration:
             self.waiting_since = 0.0
+            # grpcio may show a cancelled call as a stream that ended: a cut-off stream must not pass for a whole one.
+            if self.stopped is not None:
+                raise StreamStopped(self.stopped) from None
+            if not self._context.is_active():
+                raise StreamStopped("the peer cancelled the call") from None
             if self._at_end is not None:
                 self._at_end(self)  # may refuse the stream's end (a certificate revoked meanwhile)
             raise
