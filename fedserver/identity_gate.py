@@ -4,11 +4,13 @@ revocation re-checked before its end is accepted)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 
@@ -92,13 +94,17 @@ class IdentityGate(grpc.ServerInterceptor):
                     f"{peer.describe()} may not use the {self._port_name}: it serves {wanted} certificates only")
         return None
 
+    def _privileged(self, peer: PeerIdentity) -> bool:
+        role = self._limits.privileged_role if self._limits is not None else None
+        return role is not None and peer.role == role
+
     def _admit(self, peer: PeerIdentity) -> tuple[grpc.StatusCode, str] | None:
         """Count one more call of `peer` in flight, or say why it is over its share (nothing counted then)."""
         limits = self._limits
         if limits is None:
             return None
         key = (peer.kind, peer.name)
-        privileged = limits.privileged_role is not None and peer.role == limits.privileged_role
+        privileged = self._privileged(peer)
         with self._lock:
             held = self._in_flight.get(key, 0)
             if held >= limits.per_caller:
@@ -116,18 +122,20 @@ class IdentityGate(grpc.ServerInterceptor):
 
     def _release(self, peer: PeerIdentity) -> None:
         key = (peer.kind, peer.name)
-        limits = self._limits
+        privileged = self._privileged(peer)
         with self._lock:
             left = self._in_flight.get(key, 0) - 1
             if left > 0:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
-            if limits is not None and not (limits.privileged_role is not None and peer.role == limits.privileged_role):
+            if not privileged:
                 self._unprivileged -= 1
 
-    def _enter(self, method: str, context: grpc.ServicerContext) -> PeerIdentity | None:
-        """The admitted caller (None when this gate counts nothing); aborts the call when it is refused."""
+    @contextlib.contextmanager
+    def _admitted(self, method: str, context: grpc.ServicerContext, request: Any, streamed: bool) -> Iterator[Any]:
+        """The call's request (a stream under the watchdog) while the call counts as in flight; a refused call is
+        aborted."""
         peer = peer_identity(context)
         refused = self.refusal(peer)
         if refused is not None:
@@ -136,12 +144,18 @@ class IdentityGate(grpc.ServerInterceptor):
         refused = self._admit(peer)
         if refused is not None:
             self._refuse(peer, method, *refused, context)
-        return peer if self._limits is not None else None
+        watched = self._watched(request, peer, method, context) if streamed else None
+        try:
+            yield request if watched is None else watched
+        finally:
+            if watched is not None:
+                self._watchdog.release(watched)
+            if self._limits is not None:
+                self._release(peer)
 
-    def _watched(self, chunks, peer: PeerIdentity | None, method: str, context: grpc.ServicerContext):
+    def _watched(self, chunks: Iterator[Any], peer: PeerIdentity, method: str,
+                 context: grpc.ServicerContext) -> WatchedStream:
         """The request stream under the watchdog; its end is accepted only while the caller is still allowed."""
-        peer = peer or peer_identity(context)
-        short = method.rsplit("/", 1)[-1]
 
         def at_end(stream: WatchedStream) -> None:
             refused = self.refusal(peer)
@@ -153,7 +167,7 @@ class IdentityGate(grpc.ServerInterceptor):
             refused = self.refusal(peer)
             return refused[1] if refused is not None else None
 
-        what = f"{peer.name if peer else '?'}'s {short} on the {self._port_name}"
+        what = f"{peer.name}'s {method.rsplit('/', 1)[-1]} on the {self._port_name}"
         return self._watchdog.watch(chunks, context, what, at_end, recheck)
 
     def _refuse(self, peer: PeerIdentity | None, method: str, code: grpc.StatusCode, reason: str,
@@ -177,37 +191,19 @@ class IdentityGate(grpc.ServerInterceptor):
             return None
         method = handler_call_details.method
         gate = self
-        streamed_request = handler.request_streaming and self._watchdog is not None
+        streamed = handler.request_streaming and self._watchdog is not None
 
         def checked(behaviour):
-            def run(request_or_iterator, context):
-                peer = gate._enter(method, context)
-                watched = None
-                try:
-                    if streamed_request:
-                        request_or_iterator = watched = gate._watched(request_or_iterator, peer, method, context)
-                    return behaviour(request_or_iterator, context)
-                finally:
-                    if watched is not None:
-                        gate._watchdog.release(watched)
-                    if peer is not None:
-                        gate._release(peer)
+            def run(request, context):
+                with gate._admitted(method, context, request, streamed) as request:
+                    return behaviour(request, context)
             return run
 
         def checked_stream(behaviour):
             # A response stream holds its thread until its generator ends: it counts as in flight until then.
-            def run(request_or_iterator, context):
-                peer = gate._enter(method, context)
-                watched = None
-                try:
-                    if streamed_request:
-                        request_or_iterator = watched = gate._watched(request_or_iterator, peer, method, context)
-                    yield from behaviour(request_or_iterator, context)
-                finally:
-                    if watched is not None:
-                        gate._watchdog.release(watched)
-                    if peer is not None:
-                        gate._release(peer)
+            def run(request, context):
+                with gate._admitted(method, context, request, streamed) as request:
+                    yield from behaviour(request, context)
             return run
 
         if handler.unary_unary:
