@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -78,10 +79,13 @@ ADMIN_GRPC_OPTIONS = [
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.max_connection_idle_ms", 120_000),
-    # gRPC has no per-peer connection cap; this bounds all of them, so a flood of connections to the admin port
-    # cannot take the descriptors the training plane and the run's files need.
-    ("grpc.max_allowed_incoming_connections", 1024),
 ]
+# grpcio has no per-peer connection cap (its listener accepts every connection; a per-source cap needs the host's
+# firewall, e.g. iptables connlimit, or a proxy in front). What it has is a cap per port, set from the descriptor
+# limit so that a flood of connections to one port cannot take the descriptors the other port and the run's files
+# need: the admin port gets at most ADMIN_CONNECTIONS, and RESERVED_DESCRIPTORS stay outside both.
+ADMIN_CONNECTIONS = 256
+RESERVED_DESCRIPTORS = 256
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 INIT_MODEL_TIMEOUT_S = 600
 STATE_FILE = "state.json"
@@ -95,6 +99,15 @@ ADMIN_RESERVED_WORKERS = 4
 FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
 
+
+
+def connection_caps() -> tuple[int, int]:
+    """(fl_port, admin_port) caps on open connections, within this process's descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    admin = min(ADMIN_CONNECTIONS, max(16, soft // 8))
+    return max(64, soft - admin - RESERVED_DESCRIPTORS), admin
 
 
 class FederationServer:
@@ -149,17 +162,19 @@ class FederationServer:
     def start(self) -> int:
         """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
         creds = server_credentials(self.kit)
+        fl_connections, admin_connections = connection_caps()
         # Past max_workers a call is refused with RESOURCE_EXHAUSTED (the site retries) instead of queueing
         # behind long-polls that hold every thread for up to 20 s.
         fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
-                         options=GRPC_OPTIONS,
+                         options=[*GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", fl_connections)],
                          interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
                          maximum_concurrent_rpcs=self._max_workers)
         add_training_servicer(TrainingService(self), fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-                            options=ADMIN_GRPC_OPTIONS,
+                            options=[*ADMIN_GRPC_OPTIONS,
+                                     ("grpc.max_allowed_incoming_connections", admin_connections)],
                             interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)])
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")

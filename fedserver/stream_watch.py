@@ -103,7 +103,7 @@ class StreamWatchdog:
         self.deadlines = deadlines
         self._streams: set[WatchedStream] = set()
         self._lock = threading.Lock()
-        self._wake = threading.Event()
+        self._closed = threading.Event()
         self._thread: threading.Thread | None = None
         self._tick = max(0.05, min(1.0, deadlines.idle_s / 4, deadlines.window_s / 4))
 
@@ -131,10 +131,10 @@ class StreamWatchdog:
 
     def close(self) -> None:
         """Stop the watchdog's thread (the server is stopping)."""
-        self._wake.set()
+        self._closed.set()
 
     def _run(self) -> None:
-        while not self._wake.wait(self._tick):
+        while not self._closed.wait(self._tick):
             with self._lock:
                 streams = list(self._streams)
             now = time.monotonic()

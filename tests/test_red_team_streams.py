@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import select
 import shutil
 import socket
 import threading
@@ -527,3 +528,24 @@ def test_an_idle_unauthenticated_connection_is_dropped_after_the_handshake_timeo
         with conn:
             assert conn.recv(1) == b"", "the server closes the connection"
     assert time.monotonic() - started < 60
+
+
+def test_connections_past_the_admin_ports_cap_are_closed_at_once(serve, monkeypatch):
+    """Hardening 18 degraded: idle unauthenticated connections had no cap. grpcio offers no per-peer cap; the admin
+    port's connections are capped (ADMIN_CONNECTIONS, here 4) so a flood cannot take the process's descriptors:
+    connections past the cap are closed at once, not after the handshake timeout."""
+    import fedserver.server
+
+    monkeypatch.setattr(fedserver.server, "ADMIN_CONNECTIONS", 4)
+    fed = serve()
+    conns = [socket.create_connection(("127.0.0.1", fed.server.admin_port), timeout=60) for _ in range(8)]
+    opened = time.monotonic()
+    closed: set[socket.socket] = set()
+    try:
+        while time.monotonic() - opened < 5:  # well under the 10 s handshake timeout
+            readable, _, _ = select.select([c for c in conns if c not in closed], [], [], 0.2)
+            closed.update(c for c in readable if c.recv(1) == b"")
+    finally:
+        for conn in conns:
+            conn.close()
+    assert len(closed) >= 4
