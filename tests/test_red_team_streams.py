@@ -276,11 +276,11 @@ def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
 # ---- item 8: one site stalls every contribution -------------------------------------------------------------
 
 
-def _training(serve, tmp_path: Path, **kwargs) -> Served:
+def _training(serve, tmp_path: Path, num_rounds: int = 2, **kwargs) -> Served:
     """A server training run 1 (two sites needed), so contributions are taken."""
     fed = serve(**kwargs)
     mmar = copy_mmar(tmp_path / "mmar", server={
-        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 2,
+        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": num_rounds,
         "wait_after_min_clients": 30, "heart_beat_timeout": 60,
     })
     save_model(mmar / "models" / "initial.fl", W0)
@@ -377,6 +377,33 @@ def test_a_site_revoked_while_its_update_streams_is_not_counted(serve, tmp_path)
     if code == grpc.StatusCode.PERMISSION_DENIED:
         assert "revoked" in future.exception().details()
     assert "hospital-a" not in fed.server.run.status()["contributors"]
+
+
+def test_a_stalled_best_model_upload_is_cancelled_and_the_site_can_share_again(serve, tmp_path):
+    """Hardening 18 item 8 (every stream has an idle deadline): a SubmitBestModel that sent a header and 64 bytes and
+    then nothing kept its site "uploading" (and a thread) until it ended. It is cancelled at its idle deadline, and
+    the site's next, whole upload is accepted."""
+    fed = _training(serve, tmp_path, num_rounds=1, stream_deadlines=StreamDeadlines(idle_s=1.0))
+    sites = {site: _register(fed, site) for site in ("hospital-a", "hospital-b")}
+    for stub, md in sites.values():
+        assert stub.SubmitUpdate(iter([_update_header(), *encode_tensors(W0)]), metadata=md, timeout=SLOW).accepted
+    _wait_until("run 1 is completed", lambda: fed.server.run_status(1) == "completed")
+    stub, md = sites["hospital-a"]
+    best = tpb.ModelChunk(header=tpb.ModelHeader(run_number=1, kind="best_model", num_tensors=len(W0)))
+    release = threading.Event()
+
+    def stalled():
+        yield best
+        yield from list(encode_tensors(W0, chunk_bytes=64))[:2]
+        release.wait(120)
+
+    try:
+        held = stub.SubmitBestModel.future(stalled(), metadata=md, timeout=120)
+        assert _code(held) == grpc.StatusCode.CANCELLED
+    finally:
+        release.set()
+    reply = stub.SubmitBestModel(iter([best, *encode_tensors(W0)]), metadata=md, timeout=SLOW)
+    assert reply.accepted, reply.reason
 
 
 # ---- item 9: one site exhausts fl_port ----------------------------------------------------------------------
