@@ -301,13 +301,24 @@ def _update_header(round_number: int = 0) -> tpb.ModelChunk:
                                                  num_tensors=len(W0)))
 
 
+def _slot_goes_to_the_honest_site(fed: Served, hostile: Iterator[tpb.ModelChunk]) -> None:
+    """hospital-a sends `hostile` and takes the upload slot; hospital-b's whole update is accepted all the same,
+    and hospital-a's call is cancelled."""
+    hostile_site, md1 = _register(fed, "hospital-a")
+    honest, md2 = _register(fed, "hospital-b")
+    held = hostile_site.SubmitUpdate.future(hostile, metadata=md1, timeout=120)
+    _wait_until("hospital-a claimed the round", lambda: "hospital-a" in fed.server.run._round.receiving)
+    time.sleep(0.5)  # it takes the free upload slot right after its claim
+    reply = honest.SubmitUpdate(iter([_update_header(), *encode_tensors(W0)]), metadata=md2, timeout=SLOW)
+    assert reply.accepted, reply.reason
+    assert _code(held) == grpc.StatusCode.CANCELLED
+
+
 def test_a_stalled_upload_loses_the_upload_slot_and_another_sites_update_is_accepted(serve, tmp_path):
     """Hardening 18 item 8: a site sent a header and 64 bytes and held its SubmitUpdate open; the single upload slot
     blocked every other site's valid update until it ended. Now the stalled stream is cancelled at its idle
     deadline, so the slot is freed and the other site's update is accepted."""
     fed = _training(serve, tmp_path, stream_deadlines=StreamDeadlines(idle_s=1.0))
-    stalling, md1 = _register(fed, "hospital-a")
-    honest, md2 = _register(fed, "hospital-b")
     release = threading.Event()
 
     def stalled():
@@ -316,12 +327,7 @@ def test_a_stalled_upload_loses_the_upload_slot_and_another_sites_update_is_acce
         release.wait(120)
 
     try:
-        held = stalling.SubmitUpdate.future(stalled(), metadata=md1, timeout=120)
-        _wait_until("the stalled upload claimed the round", lambda: "hospital-a" in fed.server.run._round.receiving)
-        time.sleep(0.5)  # it takes the free upload slot right after its claim
-        reply = honest.SubmitUpdate(iter([_update_header(), *encode_tensors(W0)]), metadata=md2, timeout=SLOW)
-        assert reply.accepted, reply.reason
-        assert _code(held) == grpc.StatusCode.CANCELLED
+        _slot_goes_to_the_honest_site(fed, stalled())
     finally:
         release.set()
 
@@ -332,8 +338,6 @@ def test_an_update_that_trickles_below_the_minimum_rate_is_cancelled(serve, tmp_
     other site's update is accepted."""
     fed = _training(serve, tmp_path, stream_deadlines=StreamDeadlines(idle_s=10.0, min_bytes_per_s=64 << 10,
                                                                       window_s=1.0))
-    trickling, md1 = _register(fed, "hospital-a")
-    honest, md2 = _register(fed, "hospital-b")
     stop = threading.Event()
 
     def trickle():
@@ -344,12 +348,7 @@ def test_an_update_that_trickles_below_the_minimum_rate_is_cancelled(serve, tmp_
             yield chunk
 
     try:
-        held = trickling.SubmitUpdate.future(trickle(), metadata=md1, timeout=120)
-        _wait_until("the trickle claimed the round", lambda: "hospital-a" in fed.server.run._round.receiving)
-        time.sleep(0.5)  # it takes the free upload slot right after its claim
-        reply = honest.SubmitUpdate(iter([_update_header(), *encode_tensors(W0)]), metadata=md2, timeout=SLOW)
-        assert reply.accepted, reply.reason
-        assert _code(held) == grpc.StatusCode.CANCELLED
+        _slot_goes_to_the_honest_site(fed, trickle())
     finally:
         stop.set()
 
@@ -369,7 +368,7 @@ def test_a_site_revoked_while_its_update_streams_is_not_counted(serve, tmp_path)
         yield from chunks[1:]
 
     future = stub.SubmitUpdate.future(update(), metadata=md, timeout=SLOW)
-    time.sleep(0.5)
+    _wait_until("the update is streaming", lambda: "hospital-a" in fed.server.run._round.receiving)
     fed.revoke("hospital-a")
     go_on.set()
     code = _code(future)
@@ -398,7 +397,7 @@ def test_a_stalled_best_model_upload_is_cancelled_and_the_site_can_share_again(s
         release.wait(120)
 
     try:
-        held = stub.SubmitBestModel.future(stalled(), metadata=md, timeout=120)
+        held = stub.SubmitBestModel.future(stalled(), metadata=md, timeout=60)
         assert _code(held) == grpc.StatusCode.CANCELLED
     finally:
         release.set()
