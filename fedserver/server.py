@@ -75,9 +75,11 @@ ADMIN_GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", ADMIN_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.server_handshake_timeout_ms", 10_000),
-    # A console whose machine or network died stops holding its calls (and their threads) within 40 s.
+    # A console whose machine or network died has its calls cancelled within 40 s (a handler that watches
+    # context.is_active() then frees its thread; a request stream's wait raises at once).
     ("grpc.keepalive_time_ms", 30_000),
     ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # a command waiting on sites sends no data for minutes
     ("grpc.max_connection_idle_ms", 120_000),
 ]
 # grpcio has no per-peer connection cap (its listener accepts every connection; a per-source cap needs the host's
