@@ -123,6 +123,8 @@ class AdminHub:
         if spec.sites_first and on_server and self._server.training_run() is not None:
             extra = sorted(connected - set(live))
             self.policy.check(caller, command, names + extra, self._sites.site_orgs())
+        if spec.sending is not None:
+            spec.sending(self._server, args, live + extra + ([SERVER] if on_server else []))
         waiters = self._sites.send(live + extra, declared.topic, headers, body) if declared.topic else []
         deadline = time.monotonic() + wait
         if on_server and not spec.after_sites:

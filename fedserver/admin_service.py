@@ -15,6 +15,7 @@ from fedserver.admin_hub import AdminHub
 from fedserver.authorization import Refused
 from fedserver.blob_store import BlobError, BlobStore
 from fedserver.identity_gate import require_peer
+from fedserver.stream_watch import stop_reason
 
 log = logging.getLogger(__name__)
 
@@ -51,5 +52,11 @@ class AdminService(pb_grpc.AdminServiceServicer):
         except BlobError as e:
             self._hub.audit.record(caller, "upload", [], False, error=str(e))
             context.abort(e.status, str(e))
+        except BaseException as e:
+            # Cancelled by the console, stalled past its deadline, or refused at its end (revoked meanwhile).
+            why = stop_reason(request_iterator) or (str(e) if not isinstance(e, grpc.RpcError) else "")
+            self._hub.audit.record(caller, "upload", [], False,
+                                   error=f"upload broke off: {why or 'the console cancelled it or went away'}")
+            raise
         self._hub.audit.record(caller, "upload", [], True, {"blob_id": blob.blob_id, "size": blob.size})
         return pb.UploadReply(blob_id=blob.blob_id, size=blob.size, sha256=blob.blob_id)

@@ -91,11 +91,12 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         return tpb.Ack(ok=True)
 
     def FetchBlob(self, request: pb.BlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
-        """Stream an uploaded blob: its header, then 1 MiB chunks."""
+        """Stream a blob deployed to the calling site: its header, then 1 MiB chunks."""
         site = self._site(context)
         try:
-            self._blobs.get(request.blob_id)
+            self._blobs.check_fetch(site, request.blob_id)
         except BlobError as e:
             context.abort(e.status, str(e))
         log.info("%s fetches blob %s", site, request.blob_id)
         yield from self._blobs.iter_chunks(request.blob_id)
+        self._blobs.taken(site, request.blob_id)

@@ -1,4 +1,5 @@
-"""Files operators upload (deployed MMAR zips): checked by size and sha256, kept as <sha256>.zip."""
+"""Files operators upload (deployed MMAR zips): checked by size, sha256 and zip signature, kept as <sha256>.zip
+until the targets it was deployed to have taken it (or a timeout), and fetchable by those targets only."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import hashlib
 import logging
 import os
 import tempfile
+import threading
+import time
+import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -19,7 +23,13 @@ from fedcommon.wire import admin_pb2 as pb
 log = logging.getLogger(__name__)
 
 MAX_BLOB_BYTES = 2 << 30
+# Everything kept and being uploaded at once; an upload past it is refused before its data is sent.
+MAX_TOTAL_BYTES = 8 << 30
+# An upload not deployed within this long is deleted; a target has this long after the deploy to fetch it.
+BLOB_TTL_S = 3600.0
 CHUNK_BYTES = 1 << 20
+# A zip starts with a local file header, or (an empty archive) with the end of central directory.
+_ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 class BlobError(Exception):
@@ -51,6 +61,16 @@ class BlobInfo:
     path: Path
 
 
+@dataclass
+class _Kept:
+    """What the store remembers of a stored blob: when it expires, and who may still take it."""
+
+    size: int
+    expires: float
+    takers: set[str] = field(default_factory=set)  # deploy targets that have not taken it yet ("server" too)
+    deployed: bool = False
+
+
 def check_blob_id(value: str) -> str:
     """The id if it is a lowercase sha256 hex digest, else BlobError (ids become file names)."""
     try:
@@ -60,11 +80,32 @@ def check_blob_id(value: str) -> str:
 
 
 class BlobStore:
-    """Uploads under one folder; each is written to a .part file and renamed once size and sha256 match."""
+    """Uploads under one folder; each is written to a .part file and renamed once size, sha256 and zip match.
 
-    def __init__(self, root: Path, max_bytes: int = MAX_BLOB_BYTES):
+    A blob lives until every target of its deploy took it (a site by fetching it whole, the server by deploying
+    it), or ttl_s after its upload or its last deploy; all blobs, kept and arriving, stay under max_total_bytes.
+    """
+
+    def __init__(self, root: Path, max_bytes: int = MAX_BLOB_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES,
+                 ttl_s: float = BLOB_TTL_S):
         self.root = Path(root)
         self.max_bytes = max_bytes
+        self.max_total_bytes = max_total_bytes
+        self.ttl_s = ttl_s
+        self._lock = threading.Lock()
+        self._kept: dict[str, _Kept] = {}
+        self._arriving = 0  # bytes announced by uploads in progress
+        self._adopt()
+
+    def _adopt(self) -> None:
+        """Uploads left by an earlier server: broken ones are removed, whole ones kept for ttl_s from now."""
+        if not self.root.is_dir():
+            return
+        for path in self.root.iterdir():
+            if path.name.endswith(".part"):
+                path.unlink(missing_ok=True)
+            elif path.suffix == ".zip" and path.is_file():
+                self._kept[path.stem] = _Kept(path.stat().st_size, time.monotonic() + self.ttl_s)
 
     def receive(self, chunks: Iterable[pb.BlobChunk]) -> BlobInfo:
         """Store a stream of one BlobHeader then data chunks; raise BlobError naming what differed."""
@@ -79,11 +120,30 @@ class BlobStore:
             raise BlobError(
                 "resource_exhausted", f"upload {header.name!r} is {header.size} bytes; the limit is {self.max_bytes}"
             )
+        self._reserve(header.name, header.size)
+        try:
+            return self._store(it, header, expected_sha)
+        finally:
+            with self._lock:
+                self._arriving -= header.size
+
+    def _reserve(self, name: str, size: int) -> None:
+        self.sweep()
+        with self._lock:
+            held = sum(k.size for k in self._kept.values()) + self._arriving
+            if held + size > self.max_total_bytes:
+                raise BlobError("resource_exhausted",
+                                f"upload {name!r} ({size} bytes) does not fit: {held} bytes of uploads are kept or "
+                                f"arriving, the limit is {self.max_total_bytes}; retry once a deploy has taken them")
+            self._arriving += size
+
+    def _store(self, it: Iterator[pb.BlobChunk], header: pb.BlobHeader, expected_sha: str) -> BlobInfo:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{expected_sha}.", suffix=".part", dir=self.root)
         try:
             digest = hashlib.sha256()
             size = 0
+            start = b""
             with os.fdopen(fd, "wb") as f:
                 for chunk in it:
                     if chunk.WhichOneof("part") != "data":
@@ -94,6 +154,9 @@ class BlobStore:
                             "invalid_argument",
                             f"upload {header.name!r} carries more than the {header.size} bytes its header announced",
                         )
+                    if len(start) < 4:
+                        start = (start + chunk.data)[:4]
+                        _check_zip_start(header.name, start, size == header.size)
                     digest.update(chunk.data)
                     f.write(chunk.data)
                 f.flush()
@@ -108,14 +171,69 @@ class BlobStore:
                     "invalid_argument",
                     f"upload {header.name!r}: sha256 {actual} differs from the header's {expected_sha}",
                 )
+            _check_zip_start(header.name, start, True)
+            if not zipfile.is_zipfile(tmp):
+                raise BlobError("invalid_argument", f"upload {header.name!r} is not a zip archive (an MMAR is one)")
             final = self.root / f"{expected_sha}.zip"
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
             raise
+        with self._lock:
+            kept = self._kept.setdefault(expected_sha, _Kept(size, 0.0))
+            kept.expires = max(kept.expires, time.monotonic() + self.ttl_s)
         log.info("stored upload %s (%d bytes) as %s", header.name, size, final.name)
         return BlobInfo(expected_sha, size, final)
+
+    # ---- who may take a blob, and when it goes ---------------------------------------------------
+
+    def grant(self, blob_id: str, takers: Iterable[str]) -> None:
+        """A deploy sends `blob_id` to `takers` (sites, and "server" when it deploys it too): only they may fetch
+        it, and it is deleted once each has taken it (or ttl_s from now)."""
+        with self._lock:
+            kept = self._kept.get(blob_id)
+            if kept is None:
+                return
+            kept.takers.update(takers)
+            kept.deployed = True
+            kept.expires = time.monotonic() + self.ttl_s
+            if not kept.takers:
+                self._delete(blob_id)
+
+    def check_fetch(self, site: str, blob_id: str) -> BlobInfo:
+        """The blob if a deploy sent it to `site` and `site` has not taken it yet; else BlobError not_found."""
+        check_blob_id(blob_id)
+        with self._lock:
+            kept = self._kept.get(blob_id)
+            allowed = kept is not None and site in kept.takers
+        if not allowed:
+            raise BlobError("not_found", f"no blob {blob_id} is deployed to {site}")
+        return self.get(blob_id)
+
+    def taken(self, taker: str, blob_id: str) -> None:
+        """`taker` has the blob (fetched it whole, or deployed it); the last taker's take deletes it."""
+        with self._lock:
+            kept = self._kept.get(blob_id)
+            if kept is None:
+                return
+            kept.takers.discard(taker)
+            if kept.deployed and not kept.takers:
+                self._delete(blob_id)
+
+    def sweep(self) -> None:
+        """Delete the blobs whose time is up (never deployed, or some target never took it)."""
+        now = time.monotonic()
+        with self._lock:
+            for blob_id in [b for b, k in self._kept.items() if k.expires <= now]:
+                self._delete(blob_id)
+
+    def _delete(self, blob_id: str) -> None:
+        """Call with the lock held. A site still reading the file keeps its open copy."""
+        self._kept.pop(blob_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.root / f"{blob_id}.zip")
+        log.info("upload %s deleted", blob_id)
 
     def get(self, blob_id: str) -> BlobInfo:
         """The stored blob `blob_id`, or BlobError not_found."""
@@ -134,3 +252,13 @@ class BlobStore:
             yield pb.BlobChunk(header=pb.BlobHeader(name=info.path.name, size=size, sha256=blob_id))
             while data := f.read(chunk_bytes):
                 yield pb.BlobChunk(data=data)
+
+
+def _check_zip_start(name: str, start: bytes, complete: bool) -> None:
+    """Refuse an upload as soon as its first bytes show it is not a zip (complete: no more bytes will come)."""
+    if len(start) < 4 and not complete:
+        if not any(sig.startswith(start) for sig in _ZIP_SIGNATURES):
+            raise BlobError("invalid_argument", f"upload {name!r} is not a zip archive (an MMAR is one)")
+        return
+    if start[:4] not in _ZIP_SIGNATURES:
+        raise BlobError("invalid_argument", f"upload {name!r} is not a zip archive (an MMAR is one)")

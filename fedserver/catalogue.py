@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from fedcommon.commands import COMMANDS, ClientStatus, Right, get_status_message
+from fedcommon.commands import COMMANDS, SERVER, ClientStatus, Right, get_status_message
 from fedcommon.deployed_code import archive_code, shown
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
 from fedcommon.outcome import TargetReply
@@ -81,6 +81,7 @@ class ServerCommand:
     sites_first: addressed to the server while a run trains, it goes to every connected site as well.
     ends_session: a site that answered ok has stopped training: its training-plane session is over now.
     disconnects: a site that answered ok is no longer connected.
+    sending: told the targets (sites, and the server when it is one) just before their requests are queued.
     """
 
     act: Callable[[Federation, Args, Gathered], dict[str, Any]]
@@ -92,6 +93,7 @@ class ServerCommand:
     sites_first: bool = False
     ends_session: bool = False
     disconnects: bool = False
+    sending: Callable[[Federation, Args, list[str]], None] | None = None
 
 
 def _current_run(fed: Federation) -> int:
@@ -155,7 +157,10 @@ def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
 def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     number = _current_run(fed)
     blob = fed.blobs.get(args["blob_id"])
-    return {"run_number": number, "path": str(fed.deploy(blob.path, number))}
+    try:
+        return {"run_number": number, "path": str(fed.deploy(blob.path, number))}
+    finally:
+        fed.blobs.taken(SERVER, blob.blob_id)
 
 
 def _start(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
@@ -267,6 +272,10 @@ def _deploy_request(fed: Federation, args: Args) -> Args:
     return {"run_number": number, "blob_id": blob.blob_id, "sha256": blob.blob_id, "size": blob.size}
 
 
+def _deploy_to(fed: Federation, args: Args, targets: list[str]) -> None:
+    fed.blobs.grant(args["blob_id"], targets)  # only the deploy's targets may fetch the blob
+
+
 def _start_request(fed: Federation, args: Args) -> Args:
     # The server's rule for what may start holds for every target: a run the server ended (completed or aborted)
     # starts nowhere, whether or not the server is among the targets.
@@ -296,7 +305,8 @@ def _as_given(fed: Federation, args: Args) -> Args:
 CATALOGUE: dict[str, ServerCommand] = {
     "status": ServerCommand(act=_status),
     "set-run": ServerCommand(act=_set_run),
-    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded, needs=_deploy_needs),
+    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded, needs=_deploy_needs,
+                            sending=_deploy_to),
     "start": ServerCommand(act=_start, site_args=_start_request),
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
     "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),

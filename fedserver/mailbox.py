@@ -19,6 +19,8 @@ from fedcommon.outcome import TargetReply
 log = logging.getLogger(__name__)
 
 GATHER_CHECK_S = 0.5  # how often a command waiting for sites' replies checks that its caller is still there
+# A site's agent holds one long-poll; a second covers a reconnect whose old call the server has not seen end.
+LONG_POLLS_PER_SITE = 2
 
 
 @dataclass
@@ -27,6 +29,8 @@ class _Agent:
     # not every site's (with a thousand sites, notify_all on a shared condition costs a thousand wake-ups).
     wakeup: threading.Condition
     polls: int = 0  # Retrieve calls in flight
+    held: deque[int] = field(default_factory=deque)  # tickets of the long-polls held, oldest first
+    tickets: int = 0
     last_poll: float = -math.inf
     org: str | None = None  # from the site's certificate
     serial: int | None = None  # of the certificate its last Retrieve came with
@@ -47,7 +51,8 @@ class Waiter:
 class SiteMailbox:
     """Queues requests per site, hands them to the site's Retrieve long-poll, and matches the replies."""
 
-    def __init__(self) -> None:
+    def __init__(self, long_polls_per_site: int = LONG_POLLS_PER_SITE) -> None:
+        self._long_polls_per_site = long_polls_per_site
         self._lock = threading.RLock()
         self._agents: dict[str, _Agent] = {}
         self._waiting: dict[str, Waiter] = {}
@@ -63,17 +68,23 @@ class SiteMailbox:
 
         `org` is the organisation in the site's certificate, which org-scoped rights are checked against;
         `serial` the certificate's serial, which a revocation is matched against (see revoked_sites).
+        At most `long_polls_per_site` are held per site: a newer one makes the oldest return empty at once.
         """
         deadline = time.monotonic() + wait
         with self._lock:
             agent = self._agent(site)
             agent.polls += 1
+            ticket = agent.tickets = agent.tickets + 1
+            agent.held.append(ticket)
+            if len(agent.held) > self._long_polls_per_site:
+                agent.held.popleft()
+                agent.wakeup.notify_all()
             if org is not None:
                 agent.org = org
             if serial is not None:
                 agent.serial = serial
             try:
-                while not self._closed and not agent.gone and active():
+                while not self._closed and not agent.gone and active() and ticket in agent.held:
                     if agent.queue:
                         out = list(agent.queue)
                         agent.queue.clear()
@@ -86,6 +97,8 @@ class SiteMailbox:
             finally:
                 agent.polls -= 1
                 agent.last_poll = time.monotonic()
+                if ticket in agent.held:
+                    agent.held.remove(ticket)
 
     def _agent(self, site: str) -> _Agent:
         """`site`'s record, created on first sight; call with the lock held."""

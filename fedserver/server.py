@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import resource
 import shutil
 import subprocess
 import tempfile
@@ -29,6 +30,7 @@ from fedcommon.model_file import ModelFileError, load_model
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
+from fedserver import identity_gate
 from fedserver.admin_hub import AdminHub
 from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
@@ -37,11 +39,12 @@ from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.errors import ServerError
-from fedserver.identity_gate import IdentityGate
+from fedserver.identity_gate import CallLimits, IdentityGate
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
+from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
 from fedserver.untrusted_code import (
@@ -65,18 +68,40 @@ GRPC_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),
     ("grpc.http2.bdp_probe", 0),
+    # A TCP connection that has not finished its TLS handshake in 10 s is dropped (gRPC's default is 120 s).
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    # Calls past this many on one connection wait at the caller, not in a server thread; the identity gate's
+    # per-site limit (far lower) refuses the rest with a reason.
+    ("grpc.max_concurrent_streams", 256),
+    # A connection with no call for 5 minutes is closed (a site always holds a long-poll while it is up).
+    ("grpc.max_connection_idle_ms", 300_000),
 ]
 # Operators send commands and 1 MiB upload chunks: anything far larger on the admin port is hostile.
 ADMIN_MAX_MESSAGE_BYTES = 8 << 20
 ADMIN_GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", ADMIN_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.server_handshake_timeout_ms", 10_000),
+    # A console whose machine or network died has its calls cancelled within 40 s (a handler that watches
+    # context.is_active() then frees its thread; a request stream's wait raises at once).
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.keepalive_timeout_ms", 10_000),
+    ("grpc.http2.max_pings_without_data", 0),  # a command waiting on sites sends no data for minutes
+    ("grpc.max_connection_idle_ms", 120_000),
 ]
+# grpcio has no per-peer connection cap (its listener accepts every connection; a per-source cap needs the host's
+# firewall, e.g. iptables connlimit, or a proxy in front). What it has is a cap per port, set from the descriptor
+# limit so that a flood of connections to one port cannot take the descriptors the other port and the run's files
+# need: the admin port gets at most ADMIN_CONNECTIONS, and RESERVED_DESCRIPTORS stay outside both.
+ADMIN_CONNECTIONS = 256
+RESERVED_DESCRIPTORS = 256
 DEFAULT_HEARTBEAT_TIMEOUT = 60.0
 INIT_MODEL_TIMEOUT_S = 600
 STATE_FILE = "state.json"
 UPLOADS_DIR = "uploads"
 ADMIN_WORKERS = 16
+# Admin threads that only project admins may take: no group of leads or members can lock them out.
+ADMIN_RESERVED_WORKERS = 4
 # Each site holds up to two long-polls on fl_port (its agent's Retrieve, its worker's GetModel), and the sync
 # gRPC server gives every call in flight a thread; threads are created only when needed, so a high cap costs
 # nothing until sites connect (an idle thread blocked on a condition uses no CPU and ~100 KiB of memory).
@@ -96,11 +121,24 @@ def _refuse_unwired_algorithms(number: int, mmar) -> None:
                           "(the other algorithms are not wired into the rounds yet): use the default aggregator")
 
 
+def connection_caps() -> tuple[int, int]:
+    """(fl_port, admin_port) caps on open connections, within this process's descriptor limit."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    admin = min(ADMIN_CONNECTIONS, max(16, soft // 8))
+    return max(64, soft - admin - RESERVED_DESCRIPTORS), admin
+
+
 class FederationServer:
     """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
     def __init__(self, workspace: Path, kit: Kit, bind_host: str | None = None, fl_port: int | None = None,
-                 max_workers: int = FL_WORKERS, tick_seconds: float = 0.25, admin_port: int | None = None):
+                 max_workers: int = FL_WORKERS, tick_seconds: float = 0.25, admin_port: int | None = None,
+                 stream_deadlines: StreamDeadlines | None = None, fl_limits: CallLimits | None = None,
+                 admin_limits: CallLimits | None = None):
+        """stream_deadlines, fl_limits, admin_limits: how long a request stream may stall and how many calls one
+        caller may hold on each port (defaults: the modules' constants, read now)."""
         self.workspace = Path(workspace)
         self.kit = kit
         self.bind_host = bind_host or kit.server_host
@@ -132,6 +170,11 @@ class FederationServer:
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
         self._max_workers = max_workers
         self._tick_seconds = tick_seconds
+        self._watchdog = StreamWatchdog(stream_deadlines or StreamDeadlines())
+        self._fl_limits = fl_limits or CallLimits(identity_gate.CALLS_PER_SITE)
+        self._admin_limits = admin_limits or CallLimits(identity_gate.CALLS_PER_ADMIN,
+                                                        total=ADMIN_WORKERS - ADMIN_RESERVED_WORKERS,
+                                                        privileged_role="project_admin")
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
         self._admin_grpc: grpc.Server | None = None
@@ -140,16 +183,20 @@ class FederationServer:
     def start(self) -> int:
         """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
         creds = server_credentials(self.kit)
+        fl_connections, admin_connections = connection_caps()
         # Past max_workers a call is refused with RESOURCE_EXHAUSTED (the site retries) instead of queueing
         # behind long-polls that hold every thread for up to 20 s.
         fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
-                         options=GRPC_OPTIONS, interceptors=[self._gate("fl_port", ("client",))],
+                         options=[*GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", fl_connections)],
+                         interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
                          maximum_concurrent_rpcs=self._max_workers)
         add_training_servicer(TrainingService(self), fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-                            options=ADMIN_GRPC_OPTIONS, interceptors=[self._gate("admin_port", ("admin",))])
+                            options=[*ADMIN_GRPC_OPTIONS,
+                                     ("grpc.max_allowed_incoming_connections", admin_connections)],
+                            interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)])
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
@@ -178,7 +225,7 @@ class FederationServer:
             gauges["round"] = run.current_round
         return gauges
 
-    def _gate(self, port_name: str, kinds: tuple[str, ...]) -> IdentityGate:
+    def _gate(self, port_name: str, kinds: tuple[str, ...], limits: CallLimits) -> IdentityGate:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
             self.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
                                            peer.org if peer else "", port_name, method, reason)
@@ -189,7 +236,7 @@ class FederationServer:
                 if peer.kind == "client":
                     self.mailbox.shut_out(peer.name, reason)
 
-        return IdentityGate(port_name, kinds, self.revocations, record)
+        return IdentityGate(port_name, kinds, self.revocations, record, limits, self._watchdog)
 
     def _bind(self, server: grpc.Server, port: int, creds: grpc.ServerCredentials, what: str) -> int:
         address = f"{self.bind_host}:{port}"
@@ -208,6 +255,7 @@ class FederationServer:
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
             event.wait()
+        self._watchdog.close()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
         if self._exporter is not None:
@@ -580,6 +628,7 @@ class FederationServer:
                 if time.monotonic() - last_revocation_check >= REVOCATION_CHECK_S:
                     last_revocation_check = time.monotonic()
                     self._shut_out_revoked()
+                    self.blobs.sweep()
                 dropped = self.registry.drop_silent(self.heartbeat_timeout())
                 if self.run is not None:
                     self.run.tick(self.registry.names(), dropped)

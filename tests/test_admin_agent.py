@@ -663,10 +663,11 @@ def test_deploy_and_start_through_the_server_reach_the_site(plane, tmp_path):
 
 def test_a_fetch_with_a_wrong_size_is_refused(plane, tmp_path):
     server, admin, interface, sender = plane
-    data = b"not much"
+    data = b"PK\x05\x06" + bytes(18)  # an empty zip archive: 22 bytes
     sha = hashlib.sha256(data).hexdigest()
     header = apb.BlobHeader(name="x.zip", size=len(data), sha256=sha)
     admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
+    server.blobs.grant(sha, ["site-1"])  # what a deploy to site-1 does
     with pytest.raises(BlobFetchError, match="the deploy request announced 9"):
         sender.fetch_blob(sha, tmp_path / "x.zip", sha, 9)
     assert not (tmp_path / "x.zip").exists() and not (tmp_path / "x.zip.part").exists()

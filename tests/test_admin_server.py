@@ -394,13 +394,21 @@ def test_the_hub_names_the_sites_whose_long_poll_came_with_a_revoked_certificate
 # ---- uploads and blobs --------------------------------------------------------------------------
 
 
-def test_an_upload_is_stored_under_its_sha256_and_a_site_can_fetch_it(federation):
-    data = bytes(range(256)) * 9000  # a little over 2 MiB: several chunks
+def _stored_zip(payload: bytes) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr("payload.bin", payload)
+    return buf.getvalue()
+
+
+def test_an_upload_is_stored_under_its_sha256_and_a_site_it_was_deployed_to_can_fetch_it(federation):
+    data = _stored_zip(bytes(range(256)) * 9000)  # a little over 2 MiB: several chunks
     reply = federation.upload(data)
     digest = hashlib.sha256(data).hexdigest()
     assert (reply.blob_id, reply.size, reply.sha256) == (digest, len(data), digest)
     uploads = federation.ws / "server" / "uploads"
     assert [p.name for p in uploads.iterdir()] == [f"{digest}.zip"]
+    federation.server.blobs.grant(digest, ["site-1"])  # what a deploy to site-1 does
 
     site = admin_grpc.SiteAgentStub(
         grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-1")))
@@ -416,7 +424,7 @@ def test_an_upload_is_stored_under_its_sha256_and_a_site_can_fetch_it(federation
 
 def test_an_upload_with_a_wrong_sha256_is_invalid_and_leaves_nothing(federation):
     with pytest.raises(grpc.RpcError) as err:
-        federation.upload(b"the real content", sha256=hashlib.sha256(b"something else").hexdigest())
+        federation.upload(b"PK\x03\x04 the real content", sha256=hashlib.sha256(b"something else").hexdigest())
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "sha256" in err.value.details() and "differs" in err.value.details()
     assert list((federation.ws / "server" / "uploads").iterdir()) == []
