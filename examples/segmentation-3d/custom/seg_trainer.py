@@ -27,7 +27,7 @@ except ImportError as e:  # a plain `pip install fedlearn[site]` has no MONAI
 from monai.data import CacheDataset, ThreadDataLoader
 from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
-from monai.metrics import DiceMetric
+from monai.metrics import compute_dice
 from monai.transforms import (
     Compose,
     EnsureChannelFirstd,
@@ -87,6 +87,7 @@ class SegmentationTrainer:
         amp: bool = True,
         channels_last: bool = True,
         cache_on_device: bool = True,
+        cpu_threads: int = 0,
         datalist: str | None = None,
         data_dir: str | None = None,
         seed: int = 0,
@@ -110,6 +111,9 @@ class SegmentationTrainer:
                        "num_train": num_train, "amp": self.amp}
         if gpu:
             torch.backends.cudnn.benchmark = True
+        elif cpu_threads > 0:
+            # Sites sharing a few cores run many times faster with one thread each than with oversubscribed pools.
+            torch.set_num_threads(cpu_threads)
 
         workspace = Path(run_dir).resolve().parent
         if datalist is None:
@@ -231,8 +235,9 @@ class SegmentationTrainer:
     def _validate(self) -> dict[str, float]:
         was_training = self.model.training
         self.model.eval()
-        dice = DiceMetric(include_background=True, reduction="mean")
-        loss_sum = 0.0
+        # compute_dice per volume, not DiceMetric: its aggregate() all-gathers across ranks, and only rank 0
+        # validates (the others would never join the collective).
+        dice_sum, loss_sum = 0.0, 0.0
         with torch.no_grad(), self._autocast():
             for item in self._val_set:
                 image = item["image"][None].to(self.device).to(memory_format=self._memory_format)
@@ -240,9 +245,12 @@ class SegmentationTrainer:
                 logits = sliding_window_inference(image, self.roi_size, self.sw_batch_size, self.model,
                                                   overlap=0.25).float()
                 loss_sum += self._loss(logits, label).item()
-                dice(y_pred=(torch.sigmoid(logits) > 0.5).float(), y=label)
+                pred = (torch.sigmoid(logits) > 0.5).float()
+                # ignore_empty=False: a volume without foreground scores 1 if the model leaves it empty, else 0.
+                dice_sum += float(compute_dice(pred, label, include_background=True, ignore_empty=False).mean())
         self.model.train(was_training)
-        return {"dice": float(dice.aggregate().item()), "loss": loss_sum / len(self._val_set)}
+        count = len(self._val_set)
+        return {"dice": dice_sum / count, "loss": loss_sum / count}
 
     def num_local_iterations(self) -> int:
         """Optimizer steps taken by the last train() (0 before any)."""
