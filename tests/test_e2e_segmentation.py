@@ -58,7 +58,7 @@ def test_two_sites_train_on_their_nifti_volumes_to_dice_0_7_and_cross_validate(t
         curve = [_mean_dice(r["metrics"]) for r in summary["rounds"]] + [_mean_dice(summary["final_metrics"])]
         print(f"\nsegmentation-3d, 2 sites, {len(summary['rounds'])} rounds in {seconds:.1f} s; mean Dice per "
               f"round: {', '.join(f'{d:.3f}' for d in curve)}")
-        assert all(later > earlier for earlier, later in zip(curve, curve[1:])), curve
+        assert all(curve[i + 1] > curve[i] for i in range(len(curve) - 1)), curve
         assert curve[-1] >= 0.7, curve
 
         for site in SITES:  # the volumes went through the real loading path: NIfTI files named by a datalist
