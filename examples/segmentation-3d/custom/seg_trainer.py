@@ -197,9 +197,10 @@ class SegmentationTrainer:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         started = time.perf_counter()
-        steps, images, loss_sum, count = 0, 0, 0.0, 0
+        steps, images, mean_loss = 0, 0, 0.0
         for epoch in range(1, self.epochs_per_round + 1):
-            loss_sum, count = 0.0, 0
+            # Summed on the device: reading each step's loss would wait for the GPU every step.
+            loss_sum, count = torch.zeros((), device=self.device), 0
             for batch in self._loader:
                 image = batch["image"].to(self.device, non_blocking=True).to(memory_format=self._memory_format)
                 label = batch["label"].to(self.device, non_blocking=True)
@@ -211,17 +212,18 @@ class SegmentationTrainer:
                 self._scaler.update()
                 steps += 1
                 images += len(image)
-                loss_sum += loss.item() * len(image)
+                loss_sum += loss.detach().float() * len(image)
                 count += len(image)
+            mean_loss = loss_sum.item() / count
             if progress is not None:
-                progress(epoch, loss_sum / count)
+                progress(epoch, mean_loss)
         seconds = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
         log.info("%s rank %d: trained %d crops of %s in %.2f s: %.1f images/s, peak GPU memory %.0f MiB",
                  self.site_name, self.rank, images, "x".join(map(str, self.roi_size)), seconds, images / seconds,
                  peak)
         self._steps = steps
-        return {"loss": loss_sum / count, "steps": steps}
+        return {"loss": mean_loss, "steps": steps}
 
     def validate(self) -> dict[str, float]:
         """Mean Dice (foreground, thresholded at 0.5) and mean Dice+CE loss on this site's held-out volumes."""
