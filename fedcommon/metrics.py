@@ -8,8 +8,6 @@ from typing import Any
 
 MAX_METRICS = 64
 MAX_METRIC_NAME = 100
-# Scores where higher is better that rank models before any loss, in this order (segmentation reports "dice").
-RANKING_SCORES = ("accuracy", "dice")
 
 
 class MetricsError(ValueError):
@@ -17,10 +15,9 @@ class MetricsError(ValueError):
 
 
 def primary_metric(metrics: Mapping[str, float]) -> str:
-    """The metric that ranks models: "accuracy", else "dice", else the first "...loss", else the first one."""
-    score = next((name for name in RANKING_SCORES if name in metrics), None)
-    if score is not None:
-        return score
+    """The metric that ranks models: "accuracy", else the first "...loss", else the first one."""
+    if "accuracy" in metrics:
+        return "accuracy"
     losses = [k for k in metrics if k.endswith("loss")]
     return losses[0] if losses else next(iter(metrics))
 

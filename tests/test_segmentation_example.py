@@ -17,7 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from fedcommon.components import ComponentError, build_component  # noqa: E402
-from fedcommon.metrics import primary_metric  # noqa: E402
+from fedcommon.metrics import metric_score, primary_metric  # noqa: E402
 from fedcommon.mmar import Component, load_mmar  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation-3d"
@@ -85,8 +85,8 @@ def test_sites_differ_in_intensity_and_voxel_spacing(tmp_path):
     # Spacingd resamples site-2's 1.25 mm volumes to 1 mm: 16 voxels become 20.
     assert one._val_set[0]["image"].shape == (1, 16, 16, 16) and two._val_set[0]["image"].shape == (1, 20, 20, 20)
     metrics = one.validate()
-    assert set(metrics) == {"dice", "loss"} and 0.0 <= metrics["dice"] <= 1.0
-    assert primary_metric(metrics) == "dice"
+    assert set(metrics) == {"dice"} and 0.0 <= metrics["dice"] <= 1.0
+    assert primary_metric(metrics) == "dice" and metric_score(metrics) == metrics["dice"], "higher is better"
 
 
 def test_a_missing_image_is_named_with_the_site_and_nothing_starts(tmp_path):

@@ -226,7 +226,10 @@ class SegmentationTrainer:
         return {"loss": mean_loss, "steps": steps}
 
     def validate(self) -> dict[str, float]:
-        """Mean Dice (foreground, thresholded at 0.5) and mean Dice+CE loss on this site's held-out volumes."""
+        """{"dice": mean Dice of the foreground (thresholded at 0.5) over this site's held-out volumes}.
+
+        Dice alone: with no "accuracy" a reported "...loss" would rank models instead (fedcommon.metrics).
+        """
         if self._val_set is None:
             raise RuntimeError(f"{self.site_name}: rank {self.rank} keeps no held-out volumes; rank 0 validates")
         try:
@@ -239,20 +242,18 @@ class SegmentationTrainer:
         self.model.eval()
         # compute_dice per volume, not DiceMetric: its aggregate() all-gathers across ranks, and only rank 0
         # validates (the others would never join the collective).
-        dice_sum, loss_sum = 0.0, 0.0
+        dice_sum = 0.0
         with torch.no_grad(), self._autocast():
             for item in self._val_set:
                 image = item["image"][None].to(self.device).to(memory_format=self._memory_format)
                 label = item["label"][None].to(self.device)
                 logits = sliding_window_inference(image, self.roi_size, self.sw_batch_size, self.model,
                                                   overlap=0.25).float()
-                loss_sum += self._loss(logits, label).item()
                 pred = (torch.sigmoid(logits) > 0.5).float()
                 # ignore_empty=False: a volume without foreground scores 1 if the model leaves it empty, else 0.
                 dice_sum += float(compute_dice(pred, label, include_background=True, ignore_empty=False).mean())
         self.model.train(was_training)
-        count = len(self._val_set)
-        return {"dice": dice_sum / count, "loss": loss_sum / count}
+        return {"dice": dice_sum / len(self._val_set)}
 
     def num_local_iterations(self) -> int:
         """Optimizer steps taken by the last train() (0 before any)."""
