@@ -65,6 +65,15 @@ def out_of_memory_hint(site: str, phase: str, knobs: dict) -> str:
             f"{lower}{amp}")
 
 
+def _out_of_memory(e: BaseException | None) -> bool:
+    """Whether `e` or an exception it was raised from is torch's CUDA out-of-memory error."""
+    while e is not None:
+        if isinstance(e, torch.cuda.OutOfMemoryError):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 class SegmentationTrainer:
     """Trains and validates a 3D UNet (Dice + cross-entropy) on one site's volumes; reports mean Dice."""
 
@@ -173,9 +182,9 @@ class SegmentationTrainer:
     def _cache(self, entries: list[dict[str, str]], transform: Compose, phase: str) -> CacheDataset:
         try:
             return CacheDataset(entries, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
-        except torch.cuda.OutOfMemoryError as e:
-            raise GpuMemoryError(out_of_memory_hint(self.site_name, phase, self._knobs)) from e
         except Exception as e:
+            if _out_of_memory(e):  # MONAI wraps a transform's error in its own RuntimeError
+                raise GpuMemoryError(out_of_memory_hint(self.site_name, phase, self._knobs)) from e
             # The headers were fine: find the file whose data is not, and name it.
             raise find_unreadable(entries, self.site_name) or DataError(
                 f"{self.site_name}: loading the volumes failed: {e}") from e
@@ -187,8 +196,10 @@ class SegmentationTrainer:
         """One local phase of epochs_per_round epochs; progress(epoch from 1, mean loss) after each."""
         try:
             return self._train(progress)
-        except torch.cuda.OutOfMemoryError as e:
-            raise GpuMemoryError(out_of_memory_hint(self.site_name, "training", self._knobs)) from e
+        except Exception as e:
+            if _out_of_memory(e):  # also when a GPU transform's error comes wrapped by MONAI
+                raise GpuMemoryError(out_of_memory_hint(self.site_name, "training", self._knobs)) from e
+            raise
 
     def _train(self, progress: Callable[[int, float], None] | None) -> dict:
         self.model.train()
@@ -234,8 +245,10 @@ class SegmentationTrainer:
             raise RuntimeError(f"{self.site_name}: rank {self.rank} keeps no held-out volumes; rank 0 validates")
         try:
             return self._validate()
-        except torch.cuda.OutOfMemoryError as e:
-            raise GpuMemoryError(out_of_memory_hint(self.site_name, "validating", self._knobs)) from e
+        except Exception as e:
+            if _out_of_memory(e):  # also when a GPU transform's error comes wrapped by MONAI
+                raise GpuMemoryError(out_of_memory_hint(self.site_name, "validating", self._knobs)) from e
+            raise
 
     def _validate(self) -> dict[str, float]:
         was_training = self.model.training
