@@ -161,7 +161,7 @@ def test_out_of_gpu_memory_says_which_knob_to_lower(tmp_path, monkeypatch):
 
     monkeypatch.setattr(sys.modules[module], "CacheDataset", wrapped)
     with pytest.raises(RuntimeError, match=r"while caching .*set cache_on_device to false"):
-        trainer._cache([], None, "caching")
+        trainer._cache([], None)
     hint = sys.modules[module].out_of_memory_hint
     assert "set cache_on_device to false" in hint("site-1", "caching", {"num_train": 200, "amp": True})
     assert "turn amp on" in hint("site-1", "training", {"batch_size": 4, "amp": False})

@@ -9,6 +9,7 @@ On CUDA it trains with AMP (autocast + GradScaler), channels-last weights and cu
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -161,11 +162,11 @@ class SegmentationTrainer:
             RandRotate90d(keys=KEYS, prob=0.5, spatial_axes=(0, 1)),
         ]
         train_transform = Compose(deterministic + augment).set_random_state(seed=seed * 1000 + self.rank)
-        self._train_set = self._cache(shard, train_transform, "caching")
+        self._train_set = self._cache(shard, train_transform)
         self._loader = ThreadDataLoader(self._train_set, batch_size=batch_size, shuffle=True, num_workers=0,
                                         generator=torch.Generator().manual_seed(seed * 1000 + self.rank))
         # Only rank 0 validates: the other ranks keep no held-out volumes.
-        self._val_set = self._cache(val_entries, Compose(deterministic), "caching") if self.rank == 0 else None
+        self._val_set = self._cache(val_entries, Compose(deterministic)) if self.rank == 0 else None
 
         torch.manual_seed(seed)
         self.model = SegmentationUNet(channels=channels, num_res_units=num_res_units).to(self.device)
@@ -179,12 +180,14 @@ class SegmentationTrainer:
         self._scaler = torch.amp.GradScaler("cuda", enabled=self.amp)
         self._steps = 0
 
-    def _cache(self, entries: list[dict[str, str]], transform: Compose, phase: str) -> CacheDataset:
+    def _cache(self, entries: list[dict[str, str]], transform: Compose) -> CacheDataset:
+        """The volumes after the deterministic transforms, loaded once by a few threads (ranks share the cores)."""
+        threads = max(1, min(8, (os.cpu_count() or 1) // self.world_size))
         try:
-            return CacheDataset(entries, transform=transform, cache_rate=1.0, num_workers=0, progress=False)
+            return CacheDataset(entries, transform=transform, cache_rate=1.0, num_workers=threads, progress=False)
         except Exception as e:
             if _out_of_memory(e):  # MONAI wraps a transform's error in its own RuntimeError
-                raise GpuMemoryError(out_of_memory_hint(self.site_name, phase, self._knobs)) from e
+                raise GpuMemoryError(out_of_memory_hint(self.site_name, "caching", self._knobs)) from e
             # The headers were fine: find the file whose data is not, and name it.
             raise find_unreadable(entries, self.site_name) or DataError(
                 f"{self.site_name}: loading the volumes failed: {e}") from e
