@@ -8,17 +8,16 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+
+from fedcommon.components import ComponentError, build_component
+from fedcommon.metrics import metric_score, primary_metric
+from fedcommon.mmar import Component, load_mmar
 
 pytest.importorskip("monai", reason="the segmentation example needs MONAI: pip install 'fedlearn[examples]'")
 nib = pytest.importorskip("nibabel", reason="the segmentation example needs nibabel: pip install 'fedlearn[examples]'")
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from fedcommon.components import ComponentError, build_component  # noqa: E402
-from fedcommon.metrics import metric_score, primary_metric  # noqa: E402
-from fedcommon.mmar import Component, load_mmar  # noqa: E402
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation-3d"
 TINY = {"volume_size": 16, "num_train": 2, "num_val": 1, "channels": [4, 8], "epochs_per_round": 1,

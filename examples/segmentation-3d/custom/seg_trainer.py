@@ -220,7 +220,9 @@ class SegmentationTrainer:
                 label = batch["label"].to(self.device, non_blocking=True)
                 optimizer.zero_grad(set_to_none=True)
                 with self._autocast():
-                    loss = self._loss(self._net(image), label)
+                    logits = self._net(image)
+                # The loss in float32: Dice sums over a whole crop, beyond what float16 holds.
+                loss = self._loss(logits.float(), label)
                 self._scaler.scale(loss).backward()
                 self._scaler.step(optimizer)
                 self._scaler.update()
