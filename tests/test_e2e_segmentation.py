@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 from conftest import ROOT, copy_mmar, prepare_workspace
-from test_e2e_admin import fedadmin, ok_json
+from test_e2e_admin import fedadmin, ok_json, replies
 
 pytest.importorskip("monai", reason="the segmentation example needs MONAI: pip install 'fedlearn[examples]'")
 pytest.importorskip("nibabel", reason="the segmentation example needs nibabel: pip install 'fedlearn[examples]'")
@@ -102,5 +102,22 @@ def test_a_site_trains_the_segmentation_as_two_gloo_ranks_under_start_mgpu(tmp_p
               f"{', '.join(f'{d:.3f}' for d in curve)}")
         first, final = curve[0], curve[-1]
         assert final > first + 0.3, (first, final)
+
+        # A datalist naming a missing volume stops the site before it trains; the operator reads which file.
+        (datalist,) = (ws / "site-1" / "data" / "segmentation-3d").glob("*/datalist.json")
+        entries = json.loads(datalist.read_text())
+        entries["training"][1]["image"] = "images/gone.nii.gz"
+        (datalist.parent / "broken.json").write_text(json.dumps(entries))
+        broken = copy_mmar(tmp_path / "broken", src=SEGMENTATION, server={"min_num_clients": 1}, train_args={
+            "datalist": str((datalist.parent / "broken.json").relative_to(ws / "site-1"))})
+        ok_json(ws, "set-run", "2")
+        ok_json(ws, "deploy", str(broken), "all")
+        ok_json(ws, "start", "all")
+        deadline = time.monotonic() + 60
+        while (status := replies(ok_json(ws, "status", "site-1"))["site-1"])["status"] != "training exception":
+            assert time.monotonic() < deadline, status
+            time.sleep(0.5)
+        assert "site-1: image file " in status["error"] and "images/gone.nii.gz does not exist; nothing was started" \
+            in status["error"], status["error"]
     finally:
         fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
