@@ -132,6 +132,7 @@ def test_a_site_without_volume_settings_is_named_with_the_known_ones(tmp_path):
     with pytest.raises(ComponentError, match=r"site 'site-9' has no entry in the trainer's 'sites' \(known: site-1, "
                                              r"site-2\)"):
         make_trainer("site-9", tmp_path)
+    assert set(load_mmar(EXAMPLE).train.trainer.args["sites"]) == {"site-1", "site-2", "hospital-a", "hospital-b"}
 
 
 def test_out_of_gpu_memory_says_which_knob_to_lower(tmp_path, monkeypatch):
