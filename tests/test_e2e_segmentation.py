@@ -77,6 +77,9 @@ def test_two_sites_train_on_their_nifti_volumes_to_dice_0_7_and_cross_validate(t
         matrix = _wait_matrix(ws, 6)
         assert {site: set(row) for site, row in matrix["results"].items()} == {s: {*SITES, "server"} for s in SITES}
         dice = [cell["dice"] for row in matrix["results"].values() for cell in row.values()]
+        print("cross-site Dice (row: the validating site): " + "; ".join(
+            f"{site}: " + ", ".join(f"{owner} {cell['dice']:.3f}" for owner, cell in sorted(row.items()))
+            for site, row in sorted(matrix["results"].items())))
         assert all(0.6 <= d <= 1.0 for d in dice), matrix["results"]
     finally:
         fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
