@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	# Pinned here, not in pyproject.toml: torch 2.13.0 is the CPU wheel on this registry (an unpinned torch pulls
 	# CUDA), and the generated wire code must match grpcio-tools exactly (tests/test_wire_drift.py).
 	$(BIN)/pip install -q torch==2.13.0 grpcio-tools==1.85.1
+	# `examples` brings MONAI and nibabel (examples/segmentation-3d); after the pin, so they keep this torch.
 	$(BIN)/pip install -q -e '.[server,site,test,examples]'
 	touch $(STAMP)
 
