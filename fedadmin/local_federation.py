@@ -272,6 +272,18 @@ def _remove_stale_pid_files(workspace: Path) -> None:
                     (participant.folder / PID_FILE).unlink()
 
 
+def free_port(avoid: set[int | None] = frozenset()) -> int:
+    """A TCP port free on 127.0.0.1 now, not one of `avoid`."""
+    import socket
+
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in avoid:
+            return port
+
+
 def _require_roles() -> None:
     """A POC runs the server and the sites here: refuse with the install line when their extras are missing."""
     import importlib.util

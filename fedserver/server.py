@@ -59,6 +59,9 @@ from fedserver.untrusted_code import (
 log = logging.getLogger(__name__)
 
 GRPC_OPTIONS = [
+    # gRPC sets SO_REUSEPORT by default: a second server on the same port would listen too, and calls would go to
+    # either at random. One port, one server: a port in use is refused at start.
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     # Sites hold long-polls of up to 60 s: a ping every 30 s (answered in 10 s, or the connection and its calls
@@ -79,6 +82,7 @@ GRPC_OPTIONS = [
 # Operators send commands and 1 MiB upload chunks: anything far larger on the admin port is hostile.
 ADMIN_MAX_MESSAGE_BYTES = 8 << 20
 ADMIN_GRPC_OPTIONS = [
+    ("grpc.so_reuseport", 0),
     ("grpc.max_receive_message_length", ADMIN_MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", 64 << 20),
     ("grpc.server_handshake_timeout_ms", 10_000),
@@ -128,6 +132,27 @@ def connection_caps() -> tuple[int, int]:
         soft = 1 << 20
     admin = min(ADMIN_CONNECTIONS, max(16, soft // 8))
     return max(64, soft - admin - RESERVED_DESCRIPTORS), admin
+
+
+def _port_holder(port: int) -> str:
+    """Who holds `port`, as far as this host tells ("in use by pid 812: fedserver start ..."), or why it may fail."""
+    import psutil
+
+    try:
+        holders = [c.pid for c in psutil.net_connections(kind="tcp")
+                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+    except (psutil.Error, OSError):
+        holders = []
+    if not holders:
+        return "the port is in use, or the address is not one of this host's"
+    pid = holders[0]
+    if pid is None:
+        return f"port {port} is in use by a process of another user"
+    try:
+        shown = " ".join(psutil.Process(pid).cmdline())[:200] or psutil.Process(pid).name()
+    except psutil.Error:
+        shown = "a process that has exited since"
+    return f"port {port} is in use by pid {pid} ({shown})"
 
 
 class FederationServer:
@@ -245,7 +270,7 @@ class FederationServer:
         except RuntimeError:
             bound = 0
         if bound == 0:
-            raise ServerError(f"cannot listen on {address} for {what} (in use, or not a local address)")
+            raise ServerError(f"cannot listen on {address} for {what}: {_port_holder(port)}")
         return bound
 
     def stop(self, grace: float = 2.0) -> None:

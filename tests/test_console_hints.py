@@ -124,3 +124,43 @@ def test_validate_on_a_run_without_cross_site_validation_says_how_to_start_it():
     text = console.export_text()
     assert "cross-site validation was not turned on for run 1" in text and "fedadmin validate --start" in text
     assert "not arrived yet" not in text
+
+
+def test_a_second_server_on_a_port_in_use_is_refused_naming_what_holds_it(tmp_path):
+    """Item 1: two federations shared a port silently (gRPC's SO_REUSEPORT let both servers listen, and admin
+    commands then hit either at random). A server refuses a port in use and names what holds it."""
+    import pytest
+
+    from fedcommon.kit import load_kit
+    from fedserver.errors import ServerError
+    from fedserver.server import FederationServer
+
+    first_ws = prepare_workspace(tmp_path / "first", clients=1)
+    second_ws = prepare_workspace(tmp_path / "second", clients=1)
+    first = FederationServer(first_ws / "server", load_kit(first_ws / "server"), fl_port=0, admin_port=0)
+    first.start()
+    try:
+        second = FederationServer(second_ws / "server", load_kit(second_ws / "server"), fl_port=0,
+                                  admin_port=first.admin_port)
+        with pytest.raises(ServerError) as e:
+            second.start()
+        second.stop(0)
+    finally:
+        first.stop(0)
+    import os
+
+    assert f"port {first.admin_port} is in use by pid {os.getpid()}" in str(e.value)
+
+
+def test_poc_prepare_picks_free_ports_and_says_which(tmp_path):
+    """Item 1: a second `poc prepare` on the default ports while the first ran reported "Every site is
+    connected"; prepare now takes ports free at the time, different for each workspace, and says which."""
+    ports = []
+    for name in ("one", "two"):
+        done = fedadmin("--json", "poc", "prepare", "--workspace", str(tmp_path / name), "--clients", "1")
+        assert done.returncode == 0, done.stderr
+        server = json.loads(done.stdout)["server"]
+        ports += [server["fl_port"], server["admin_port"]]
+    assert len(set(ports)) == 4 and 8002 not in ports
+    shown = fedadmin("poc", "prepare", "--workspace", str(tmp_path / "three"), "--clients", "1")
+    assert re.search(r"FL port \d+, admin port \d+", shown.stdout)

@@ -44,13 +44,14 @@ def test_poc_prepare_creates_loadable_kits_and_reports_them_as_json(tmp_path):
     assert report["workspace"] == str(ws.resolve())
     assert report["participants"] == PARTICIPANTS
     assert (ws / "ca" / "rootCA.key").is_file()
+    server = report["server"]  # ports free when prepared (issue 19 item 1), the same in every kit
     for name in PARTICIPANTS:
         kit = load_kit(ws / name)
         assert (kit.name, kit.project, kit.fl_target, kit.admin_target) == (
             name,
             "trial",
-            "127.0.0.1:8002",
-            "127.0.0.1:8003",
+            f"127.0.0.1:{server['fl_port']}",
+            f"127.0.0.1:{server['admin_port']}",
         )
     assert load_kit(ws / "admin").admin_role == "project_admin"
 

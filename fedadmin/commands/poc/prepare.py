@@ -67,8 +67,10 @@ class PocPrepared:
 @click.option(
     "--host", default="127.0.0.1", show_default=True, help="Address the sites use to reach the server."
 )
-@click.option("--fl-port", default=8002, show_default=True, type=_PORT, help="Server port for sites.")
-@click.option("--admin-port", default=8003, show_default=True, type=_PORT, help="Server port for operators.")
+@click.option("--fl-port", default=None, type=_PORT,
+              help="Server port for sites.  [default: a port free now, shown in the output]")
+@click.option("--admin-port", default=None, type=_PORT,
+              help="Server port for operators.  [default: a port free now, shown in the output]")
 @click.option(
     "--project", default="poc", show_default=True, help="Project name, written into every certificate."
 )
@@ -79,14 +81,22 @@ def prepare(
     workspace: Path,
     clients: int,
     host: str,
-    fl_port: int,
-    admin_port: int,
+    fl_port: int | None,
+    admin_port: int | None,
     project: str,
     force: bool,
 ) -> None:
-    """Issue a CA and startup kits for server, site-1..site-N and admin."""
+    """Issue a CA and startup kits for server, site-1..site-N and admin.
+
+    Without --fl-port and --admin-port, two ports free on this machine now are chosen (a second POC beside a
+    running one gets ports of its own; the server refuses a port in use).
+    """
+    from fedadmin.local_federation import free_port
     from fedcommon import pki  # cryptography loads only for the commands that need it
     from fedcommon import provision as provisioning
+
+    fl_port = fl_port or free_port(avoid={admin_port})
+    admin_port = admin_port or free_port(avoid={fl_port})
 
     if fl_port == admin_port:
         raise click.BadParameter(

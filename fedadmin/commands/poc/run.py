@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import shutil
 import signal
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -87,10 +86,6 @@ def _program() -> str:
     return "fedadmin" if shutil.which("fedadmin") else typed
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def fresh_workspace(workspace: Path) -> None:
@@ -198,7 +193,8 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     def say(text: str) -> None:
         console.print(render.shown(text))  # round lines carry the sites' metric names
 
-    prepare_poc(workspace, clients, "127.0.0.1", _free_port(), _free_port(), "poc", False)
+    fl_port = local_federation.free_port()
+    prepare_poc(workspace, clients, "127.0.0.1", fl_port, local_federation.free_port(avoid={fl_port}), "poc", False)
     say(f"poc: kits for server, site-1..site-{clients} and admin in {workspace}")
     rounds = _Rounds()
     mode = display_mode(options.json)
