@@ -61,7 +61,9 @@ def main() -> None:
             import fedcommon.components  # noqa: F401
             import fedcommon.model_file  # noqa: F401
             import fedcommon.torch_state  # noqa: F401
-            from fedserver.untrusted_code import drop_privileges
+            from fedserver.untrusted_code import drop_privileges, import_installed_dependencies
+
+            import_installed_dependencies(mmar.custom_dir)
 
             drop_privileges(args.run_as)
         build_from(mmar, args.out)

@@ -212,3 +212,50 @@ def drop_privileges(run_as: str) -> None:
         return
     print("could not give up the server's user", file=sys.stderr)
     sys.exit(1)
+
+
+def installed_imports(custom_dir: Path) -> list[str]:
+    """The modules the code in `custom_dir` imports by absolute name that are installed on this host (found on
+    sys.path without `custom_dir`, so never one of the archive's own), read from its source, never run."""
+    import ast
+    import importlib.util
+
+    names: list[str] = []
+    for source in sorted(Path(custom_dir).rglob("*.py")):
+        try:
+            tree = ast.parse(source.read_bytes(), filename=str(source))
+        except (SyntaxError, ValueError, OSError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.append(node.module)
+    own = {p.stem for p in Path(custom_dir).glob("*.py")} | {p.name for p in Path(custom_dir).iterdir() if p.is_dir()}
+    installed = []
+    for name in dict.fromkeys(names):
+        if name.split(".")[0] in own:
+            continue
+        try:
+            found = importlib.util.find_spec(name.split(".")[0]) is not None
+        except (ImportError, ValueError):
+            found = False
+        if found:
+            installed.append(name)
+    return installed
+
+
+def import_installed_dependencies(custom_dir: Path) -> None:
+    """Import, before the child changes user, the installed packages the archive's code imports.
+
+    They are this host's installation, not the archive's; imported now, they work after the change of user even
+    where that user cannot read the installation (a Python under a private home folder), including the standard
+    library modules they pull in. A module that fails to import is left for the archive's code to report.
+    """
+    import importlib
+
+    for name in installed_imports(custom_dir):
+        try:
+            importlib.import_module(name)
+        except Exception:  # noqa: BLE001 - reported by the archive's own import, after the change of user
+            continue

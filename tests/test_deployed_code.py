@@ -116,7 +116,9 @@ def test_a_lead_may_not_deploy_code_to_the_server_nor_another_orgs_site_but_may_
         assert "rule lead.code = own_org" in reply.error and "custom/model.py" in reply.error
     own = fed.execute("lea@org-a", "deploy", [OWN], {"blob_id": blob})
     assert own.ok, own
-    server = fed.execute("root@consortium", "deploy", ["server"], {"blob_id": blob})
+    # A blob is deleted once every target of its deploy took it: the next deploy uploads again, as the console does.
+    again = fed.upload("root@consortium", _mmar_zip(DIGITS, top="digits/"))
+    server = fed.execute("root@consortium", "deploy", ["server"], {"blob_id": again})
     assert server.ok, server
     audit = [json.loads(line) for line in (fed.out / "server" / "audit.log").read_text().splitlines()]
     refused = [e for e in audit if e.get("admin") == "lea@org-a" and e.get("command") == "deploy" and e["ok"] is False]
@@ -311,3 +313,17 @@ def test_the_server_hands_no_link_of_a_deployed_mmar_to_the_code_it_runs(tmp_pat
     with pytest.raises(untrusted_code.CodeRefused, match=r"run 1: resources/key\.pem is a symbolic link"):
         with untrusted_code.code_sandbox(mmar, policy, "run 1"):
             pass
+
+
+def test_the_installed_packages_an_archives_code_imports_are_named_from_its_source_never_its_own(tmp_path):
+    """Issue 18 item 1: the server's code child imports, before it changes user, the installed packages the
+    archive's code imports (a Python under a private home folder stays usable), never a module of the archive."""
+    from fedserver.untrusted_code import installed_imports
+
+    custom = tmp_path / "custom"
+    (custom / "helpers").mkdir(parents=True)
+    (custom / "net.py").write_text("import json\nimport numpy as np\nfrom helpers import x\nimport net2\n"
+                                   "from . import sibling\nfrom email.mime import text\nimport no_such_pkg_xyz\n")
+    (custom / "net2.py").write_text("import collections.abc\n")
+    (custom / "json.py").write_text("")  # the archive's own json shadows nothing: it is never imported early
+    assert installed_imports(custom) == ["numpy", "email.mime", "collections.abc"]
