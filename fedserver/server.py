@@ -86,14 +86,19 @@ REVOCATION_CHECK_S = 1.0
 
 
 def _refuse_unwired_algorithms(number: int, mmar) -> None:
-    """The algorithms of issue 20 are built (fedserver.aggregation, fedclient.site_algorithms) but the rounds do
-    not run them yet: a run that asks for one is refused rather than silently trained with FedAvg."""
-    asked = [f"aggregator {mmar.server.aggregator.label}"] if mmar.server.aggregator.label != "FedAvg" else []
-    asked += ["fedprox"] if mmar.client.fedprox_mu is not None else []
+    """The site algorithms of issue 20 are built (fedclient.site_algorithms) but the sites do not run them yet: a
+    run that asks for one is refused rather than silently trained without it."""
+    asked = ["fedprox"] if mmar.client.fedprox_mu is not None else []
     asked += ["scaffold"] if mmar.client.scaffold else []
     if asked:
-        raise ServerError(f"run {number} asks for {', '.join(asked)}; this server's rounds run FedAvg only so far "
-                          "(the other algorithms are not wired into the rounds yet): use the default aggregator")
+        raise ServerError(f"run {number} asks for {', '.join(asked)}; this server's sites do not run site "
+                          "algorithms yet: remove them from config_fed_client.json")
+
+
+def _refuse_unsupported_algorithms(number: int, mmar) -> None:
+    if mmar.client.scaffold and mmar.server.aggregator.name is None:
+        raise ServerError(f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
+                          "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json")
 
 
 class FederationServer:
@@ -404,7 +409,9 @@ class FederationServer:
             return
         run_dir = record.folder.root
         try:
-            run = FederatedRun(number, run_dir, load_mmar(record.folder.mmar).server, resume=True)
+            mmar = load_mmar(record.folder.mmar)
+            run = FederatedRun(number, run_dir, mmar.server, resume=True, client=mmar.client,
+                               code_policy=self.code_policy)
         except (OSError, MMARError, ModelFileError, RunStateError) as e:
             raise ServerError(f"run {number} was training when the server stopped and cannot be resumed: {e}; "
                               f"delete-run {number} (or move {run_dir} away) to start afresh") from None
@@ -427,6 +434,7 @@ class FederationServer:
             folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
             _refuse_unwired_algorithms(number, mmar)
+            _refuse_unsupported_algorithms(number, mmar)
             models = folder.models
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
@@ -435,7 +443,7 @@ class FederationServer:
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
-            run = FederatedRun(number, folder.root, mmar.server)
+            run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()

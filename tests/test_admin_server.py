@@ -768,12 +768,12 @@ def test_a_run_the_server_ended_starts_at_no_site(federation):
 
 
 def test_a_run_asking_for_an_algorithm_the_rounds_do_not_run_yet_is_refused(tmp_path):
-    """Until issue 20's algorithms are wired into the rounds, asking for one is refused, never run as FedAvg."""
+    """Until the site algorithms of issue 20 are wired into the sites, asking for one is refused, never ignored."""
     ws = prepare_workspace(tmp_path / "ws", clients=1)
-    mmar = copy_mmar(tmp_path / "mmar", server={"aggregator": {"name": "FedAdam"}})
+    mmar = copy_mmar(tmp_path / "mmar", client={"fedprox": {"mu": 0.01}})
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
     try:
-        with pytest.raises(Exception, match="asks for aggregator FedAdam; this server's rounds run FedAvg only"):
+        with pytest.raises(Exception, match="asks for fedprox; this server's sites do not run site algorithms"):
             server.start_run(mmar, 1)
     finally:
         server.stop(0)
