@@ -136,7 +136,8 @@ class SiteTraining:
 
     def _follow(self, sync) -> None:
         """A rank other than 0: build the trainer and train each phase rank 0 starts; never talks to the server."""
-        sync.follow(self._build_fitter(run_folder.run_dir(self.workspace, self.run_number)))
+        run_dir = run_folder.run_dir(self.workspace, self.run_number)
+        sync.follow(self._build_fitter(run_dir), self._site_algorithms(run_dir))
 
     def _train(self, sync) -> None:
         from fedclient.client_status import ClientStatus
@@ -156,12 +157,22 @@ class SiteTraining:
             fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
             client.ranks = sync
+            client.site_algorithms = self._site_algorithms(run_dir)
         except BaseException:
             client.close()
             raise
         if self.on_event is not None:
             self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": client.run_number})
         client.admin_run(fitter)
+
+    def _site_algorithms(self, run_dir: Path):
+        """FedProx / SCAFFOLD as config_fed_client.json says, or None when it turns on neither."""
+        from fedclient.site_algorithms import SiteAlgorithms
+
+        algorithms = SiteAlgorithms.from_config(self.mmar.client, run_dir)
+        if algorithms.active:
+            log.info("%s: run %s: site algorithms %s", self.kit.name, run_dir.name, ", ".join(algorithms.names))
+        return algorithms if algorithms.active else None
 
     def _build_fitter(self, run_dir: Path):
         """The MMAR's trainer for run_dir, built after seeding torch with config_train.json's seed."""

@@ -41,7 +41,15 @@ from fedserver.identity_gate import IdentityGate
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
-from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
+from fedserver.run_record import (
+    UNREAD,
+    RecordMissing,
+    RunRecord,
+    RunRecordError,
+    last_recorded_metrics,
+    metrics_answer,
+    recorded_algorithms,
+)
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
 from fedserver.untrusted_code import (
@@ -84,18 +92,8 @@ FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
 
 
-
-def _refuse_unwired_algorithms(number: int, mmar) -> None:
-    """The site algorithms of issue 20 are built (fedclient.site_algorithms) but the sites do not run them yet: a
-    run that asks for one is refused rather than silently trained without it."""
-    asked = ["fedprox"] if mmar.client.fedprox_mu is not None else []
-    asked += ["scaffold"] if mmar.client.scaffold else []
-    if asked:
-        raise ServerError(f"run {number} asks for {', '.join(asked)}; this server's sites do not run site "
-                          "algorithms yet: remove them from config_fed_client.json")
-
-
 def _refuse_unsupported_algorithms(number: int, mmar) -> None:
+    """Combinations of issue 20's algorithms that the rounds cannot run (see README, "Algorithms")."""
     if mmar.client.scaffold and mmar.server.aggregator.name is None:
         raise ServerError(f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
                           "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json")
@@ -320,12 +318,14 @@ class FederationServer:
         if live is not None:
             snapshot = live.status()
             status, last = live.phase.value, snapshot.get("last_global_metrics")
+            algorithms = {"aggregator": snapshot["aggregator"], "site_algorithms": snapshot["site_algorithms"]}
         elif number is not None:  # a run that is not live: its summary, read once
             snapshot, summary = {}, self.run_record(number).read()
             status = self.run_status(number, summary)
             last = last_recorded_metrics(summary) if summary is not None else None
+            algorithms = recorded_algorithms(summary) if summary is not None else {}
         else:
-            snapshot, status, last = {}, "none", None
+            snapshot, status, last, algorithms = {}, "none", None, {}
         return {
             "run_number": number,
             "run_status": status,
@@ -334,6 +334,8 @@ class FederationServer:
             "num_rounds": snapshot.get("num_rounds"),
             "last_global_metrics": last,
             "min_num_clients": live.config.min_num_clients if live is not None else None,
+            "aggregator": algorithms.get("aggregator"),
+            "site_algorithms": algorithms.get("site_algorithms"),
         }
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
@@ -433,7 +435,6 @@ class FederationServer:
             self.refuse_finished(number)
             folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
-            _refuse_unwired_algorithms(number, mmar)
             _refuse_unsupported_algorithms(number, mmar)
             models = folder.models
             models.mkdir(exist_ok=True)
