@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +14,10 @@ import pytest
 from fedcommon.algorithms import SCAFFOLD_CONTROL_PREFIX, SCAFFOLD_DELTA_PREFIX
 from fedcommon.mmar import ClientConfig, ServerConfig
 from fedcommon.model_file import load_model, save_model
+from fedcommon.run_folder import RunFolder
 from fedserver.aggregation import aggregate, check_spec
 from fedserver.aggregator import ContributionError
-from fedserver.run import GLOBAL_MODEL, FederatedRun
+from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
 
 W0 = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 4, "b": np.array([1.0, -1.0, 0.5], np.float32)}
 
@@ -129,3 +131,33 @@ def test_a_krum_round_with_too_few_contributions_is_refused_and_the_model_kept(t
     assert run.current_round == 0 and run.status()["contributors"] == []
     assert not any((tmp_path / "r" / "models" / "round_updates").glob("*.fl"))
     np.testing.assert_array_equal(load_model(run.model_path)[0]["w"], W0["w"])
+
+
+@pytest.mark.parametrize("name", ["Momentum", "Largest", "Poison"])
+def test_a_custom_aggregator_aggregates_the_rounds_in_the_sandboxed_child(tmp_path, name):
+    from test_aggregate_round import CUSTOM, EXAMPLE, _policy
+
+    run_dir = tmp_path / "r"
+    mmar = RunFolder(run_dir).mmar
+    shutil.copytree(EXAMPLE, mmar)
+    (mmar / "custom" / "my_aggregators.py").write_text(CUSTOM)
+    spec = {"path": f"my_aggregators.{name}", "args": {}}
+    config = _config(spec, num_rounds=2)
+    save_model(run_dir / "models" / GLOBAL_MODEL, W0)
+    run = FederatedRun(1, run_dir, config, code_policy=_policy())
+    for rnd in range(2):
+        for k, site in enumerate(("s1", "s2", "s3")):
+            _contribute(run, site, _update(rnd, k), weight=float(k + 1))
+    model = load_model(run.model_path)[0]
+    if name == "Poison":  # a non-finite aggregate: the round is refused, the model kept
+        assert run.current_round == 0 and run.phase is Phase.TRAINING
+        np.testing.assert_array_equal(model["w"], W0["w"])
+        return
+    expected, state = W0, None
+    for rnd in range(2):
+        contributions = [(_update(rnd, k), float(k + 1)) for k in range(3)]
+        expected, state = aggregate(spec, expected, contributions, state, search_paths=[mmar / "custom"])
+    assert run.phase is Phase.COMPLETED
+    for n in W0:
+        np.testing.assert_allclose(model[n], expected[n], rtol=1e-6, atol=1e-6)
+    assert json.loads(run.summary_path.read_text())["aggregator"] == spec
