@@ -17,6 +17,10 @@ from fedclient.distributed import RankInfo, rank_info
 from fedcommon import run_folder
 
 log = logging.getLogger("fedclient.worker")
+# SCAFFOLD's delta c_i is computed from the unfiltered local update (x - y) / (K * lr): sent beside a filtered
+# update it would give away what the privacy filter protects.
+SCAFFOLD_WITH_PRIVACY = ("config_fed_client.json: scaffold with a privacy filter is refused: SCAFFOLD's delta c_i "
+                         "carries the unfiltered local update; turn one of them off")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
 RUN_WAIT_POLL_S = 1.0
@@ -59,6 +63,8 @@ class SiteTraining:
         from fedclient.fed_client import FederatedClient
 
         privacy = None
+        if self.mmar.client.scaffold and self.mmar.client.privacy is not None:
+            raise WorkerSetupError(SCAFFOLD_WITH_PRIVACY)
         if self.mmar.client.privacy is not None:
             try:
                 privacy = build_component(self.mmar.client.privacy, [self.mmar.custom_dir])

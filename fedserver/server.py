@@ -97,6 +97,9 @@ def _refuse_unsupported_algorithms(number: int, mmar) -> None:
     if mmar.client.scaffold and mmar.server.aggregator.name is None:
         raise ServerError(f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
                           "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json")
+    if mmar.client.scaffold and mmar.client.privacy is not None:
+        raise ServerError(f"run {number}: SCAFFOLD with a privacy filter is refused: a site's delta c_i carries its "
+                          "unfiltered local update; turn one of them off in config_fed_client.json")
 
 
 class FederationServer:

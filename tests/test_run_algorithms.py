@@ -10,14 +10,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import copy_mmar, prepare_workspace
+from test_aggregate_round import CUSTOM, EXAMPLE, _policy
 
+from fedclient.worker import SiteTraining, WorkerSetupError
 from fedcommon.algorithms import SCAFFOLD_CONTROL_PREFIX, SCAFFOLD_DELTA_PREFIX
+from fedcommon.kit import load_kit
 from fedcommon.mmar import ClientConfig, ServerConfig
 from fedcommon.model_file import load_model, save_model
 from fedcommon.run_folder import RunFolder
 from fedserver.aggregation import aggregate, check_spec
 from fedserver.aggregator import ContributionError
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
+from fedserver.server import FederationServer
 
 W0 = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 4, "b": np.array([1.0, -1.0, 0.5], np.float32)}
 
@@ -135,8 +140,6 @@ def test_a_krum_round_with_too_few_contributions_is_refused_and_the_model_kept(t
 
 @pytest.mark.parametrize("name", ["Momentum", "Largest", "Poison"])
 def test_a_custom_aggregator_aggregates_the_rounds_in_the_sandboxed_child(tmp_path, name):
-    from test_aggregate_round import CUSTOM, EXAMPLE, _policy
-
     run_dir = tmp_path / "r"
     mmar = RunFolder(run_dir).mmar
     shutil.copytree(EXAMPLE, mmar)
@@ -161,3 +164,26 @@ def test_a_custom_aggregator_aggregates_the_rounds_in_the_sandboxed_child(tmp_pa
     for n in W0:
         np.testing.assert_allclose(model[n], expected[n], rtol=1e-6, atol=1e-6)
     assert json.loads(run.summary_path.read_text())["aggregator"] == spec
+
+
+@pytest.mark.parametrize(("server", "client", "why"), [
+    ({"aggregator": {"path": "my_aggregators.Momentum"}}, {"scaffold": True}, "SCAFFOLD with a custom aggregator"),
+    (None, {"scaffold": True, "privacy": {"name": "LaplacianProtocol"}}, "SCAFFOLD with a privacy filter"),
+])
+def test_a_run_combining_algorithms_the_rounds_cannot_run_is_refused_at_start(tmp_path, server, client, why):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    mmar = copy_mmar(tmp_path / "mmar", server=server, client=client)
+    (mmar / "custom" / "my_aggregators.py").write_text(CUSTOM)
+    fed = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
+    try:
+        with pytest.raises(Exception, match=why):
+            fed.start_run(mmar, 1)
+    finally:
+        fed.stop(0)
+
+
+def test_a_site_refuses_scaffold_with_a_privacy_filter(tmp_path):
+    ws = prepare_workspace(tmp_path / "ws", clients=1)
+    mmar = copy_mmar(tmp_path / "mmar", client={"scaffold": True, "privacy": {"name": "LaplacianProtocol"}})
+    with pytest.raises(WorkerSetupError, match="delta c_i carries the unfiltered local update"):
+        SiteTraining(ws / "site-1", mmar)
