@@ -420,8 +420,7 @@ def line_chart(points: list[tuple[int, float]], height: int = 8, width: int = 60
 def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]], metric: str | None,
                  png: Any = None, algorithms: str = "") -> RenderableType:
     """Per round: each site's value of `metric` for the global model it received, their mean; then a chart."""
-    status = f"{value_text(run_status)}, {algorithms}" if algorithms else value_text(run_status)
-    title = f"Run {value_text(run_number)} ({status}): {metric or 'no metrics'}"
+    title = f"Run {value_text(run_number)} ({value_text(run_status)}): {metric or 'no metrics'}"
     if not records:
         return Text(f"{title}: no round has closed yet", style="yellow")
     sites = sorted({s for r in records for s in (r.get("sites") or {})})
@@ -433,7 +432,8 @@ def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]]
     for r in records:
         cells = [value_text((r.get("sites") or {}).get(s, {}).get(metric)) for s in sites]
         table.add_row(str(r.get("round")), *cells, value_text((r.get("mean") or {}).get(metric)))
-    parts: list[RenderableType] = [table]
+    parts: list[RenderableType] = [Text(f"algorithms: {algorithms}")] if algorithms else []
+    parts.append(table)
     curve = [(r["round"], r["mean"][metric]) for r in records
              if isinstance(r.get("round"), int) and metric in (r.get("mean") or {})]
     if len(curve) > 1:
