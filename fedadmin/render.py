@@ -142,6 +142,8 @@ def server_line(server: TargetReply | None) -> Text:
         if isinstance(d.get("num_rounds"), int):
             first = d.get("start_round") or 0
             text += f" of rounds {first}..{first + d['num_rounds'] - 1}"
+    if d.get("aggregator"):
+        text += f", {algorithms_text(d.get('aggregator'), d.get('site_algorithms'))}"
     last = d.get("last_global_metrics")
     if isinstance(last, dict) and isinstance(last.get("mean"), dict) and last["mean"]:
         from fedcommon.metrics import primary_metric
@@ -150,6 +152,12 @@ def server_line(server: TargetReply | None) -> Text:
         which = "final global model" if last.get("round") == "final" else f"global model of round {last.get('round')}"
         text += f"; {which}: mean {name} {value_text(last['mean'][name])}"
     return Text(text)
+
+
+def algorithms_text(aggregator: Any, site_algorithms: Any) -> str:
+    """"FedAdam" or "FedAvg + SCAFFOLD": the run's aggregator and the site algorithms it turns on."""
+    names = [str(aggregator or "FedAvg"), *(str(s) for s in site_algorithms or [] if s)]
+    return " + ".join(names)
 
 
 def run_note(outcome: CommandOutcome) -> Text | None:
@@ -410,7 +418,7 @@ def line_chart(points: list[tuple[int, float]], height: int = 8, width: int = 60
 
 
 def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]], metric: str | None,
-                 png: Any = None) -> RenderableType:
+                 png: Any = None, algorithms: str = "") -> RenderableType:
     """Per round: each site's value of `metric` for the global model it received, their mean; then a chart."""
     title = f"Run {value_text(run_number)} ({value_text(run_status)}): {metric or 'no metrics'}"
     if not records:
@@ -424,7 +432,8 @@ def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]]
     for r in records:
         cells = [value_text((r.get("sites") or {}).get(s, {}).get(metric)) for s in sites]
         table.add_row(str(r.get("round")), *cells, value_text((r.get("mean") or {}).get(metric)))
-    parts: list[RenderableType] = [table]
+    parts: list[RenderableType] = [Text(f"algorithms: {algorithms}")] if algorithms else []
+    parts.append(table)
     curve = [(r["round"], r["mean"][metric]) for r in records
              if isinstance(r.get("round"), int) and metric in (r.get("mean") or {})]
     if len(curve) > 1:

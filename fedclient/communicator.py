@@ -274,6 +274,9 @@ class Communicator:
         contribution = DataAssembler.get_contribution_data(
             self.model_manager, task_name, state, self.pre_processors, fl_ctx, app_ctx
         )
+        extra = fl_ctx.get_prop(FLContextKey.EXTRA_TENSORS)
+        if extra:  # a site algorithm's tensors: not model variables, so past the privacy filter and processors
+            contribution = collections.ChainMap(dict(extra), contribution)
         header = pb.ModelHeader(
             run_number=int(fl_ctx.get_prop(FLContextKey.RUN_NUMBER, 0)),
             round=int(fl_ctx.get_prop(FLContextKey.ROUND, 0)),

@@ -82,10 +82,25 @@ class RankSync:
         for tensor in module.state_dict().values():
             dist.broadcast(tensor, src=0)
 
-    def begin_local_training(self, fitter) -> None:
-        """Rank 0: tell the other ranks to train, from the global model it holds."""
+    @staticmethod
+    def broadcast_site_state(module, algorithms) -> None:
+        """Give every rank rank 0's SCAFFOLD c and c_i for the round, in place (after `begin_round` on each rank);
+        FedProx needs nothing more: each rank takes its x from the model just broadcast."""
+        import torch.distributed as dist
+
+        scaffold = algorithms.scaffold if algorithms is not None else None
+        if scaffold is None:
+            return
+        for name in scaffold.variables(module):
+            dist.broadcast(scaffold.c[name], src=0)
+            dist.broadcast(scaffold.c_i[name], src=0)
+
+    def begin_local_training(self, fitter, algorithms=None) -> None:
+        """Rank 0: tell the other ranks to train, from the global model it holds (and its site algorithms' round
+        state, when it runs any: `begin_round` has been called)."""
         self._command(TRAIN)
         self.broadcast_model(fitter.model)
+        self.broadcast_site_state(fitter.model, algorithms)
 
     def end_local_training(self) -> None:
         """Every rank: wait until all have finished the phase."""
@@ -99,11 +114,17 @@ class RankSync:
             self._stopped = True
             self._command(STOP)
 
-    def follow(self, fitter) -> None:
-        """Ranks other than 0: train each phase rank 0 starts, until it says stop."""
+    def follow(self, fitter, algorithms=None) -> None:
+        """Ranks other than 0: train each phase rank 0 starts, until it says stop; `algorithms`: the site's
+        fedclient.site_algorithms.SiteAlgorithms, run on every rank with rank 0's state."""
         while self._command() == TRAIN:
             self.broadcast_model(fitter.model)
+            if algorithms is not None:
+                algorithms.begin_round(fitter.model, {})
+                self.broadcast_site_state(fitter.model, algorithms)
             fitter.train(None)
+            if algorithms is not None:
+                algorithms.end_round(fitter.model)  # only rank 0 sends (and keeps) the round's result
             self.end_local_training()
         log.info("rank %d: rank 0 ended the training", self.info.rank)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from fedclient.client_status import ClientStatus
 from fedclient.communicator import CommunicationError
 from fedclient.fed_client_base import CrossSiteValidationTimeout, FederatedClientBase
+from fedclient.site_algorithms import SiteAlgorithms
 from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.run_folder import RunFolder
 
@@ -42,6 +43,8 @@ class FederatedClient(FederatedClientBase):
         # Multi-GPU: rank 0's link to the site's other ranks (fedclient.distributed.RankSync); None on one process.
         self.ranks = None
         self._ranks_training = False
+        # FedProx / SCAFFOLD as config_fed_client.json turns them on (fedclient.site_algorithms); None: neither.
+        self.site_algorithms: SiteAlgorithms | None = None
 
     def abort(self) -> None:
         """Stop after the current step."""
@@ -90,24 +93,30 @@ class FederatedClient(FederatedClientBase):
             return False
         log.info("%s: round %d: global model %s; training", self.client_name, remote.round, _fmt(metrics))
         self._emit(kind="round", round=remote.round, metrics=metrics)
+        algorithms = self.site_algorithms
+        if algorithms is not None:
+            algorithms.begin_round(fitter.model, self.control.get(task, {}))
         if self.ranks is not None:
             self._ranks_training = True
-            self.ranks.begin_local_training(fitter)
+            self.ranks.begin_local_training(fitter, algorithms)
         result = self.model_manager.train(
             lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss))
         if self.ranks is not None:
             self.ranks.end_local_training()  # rank 0 submits what every rank agrees on
             self._ranks_training = False
+        extra = algorithms.end_round(fitter.model) if algorithms is not None else {}
         if self.cross_site_validate:
             # The best model this site shares is the locally trained one that scored best on its own data.
             self._keep_if_best_local()
         fl_ctx = FLContext({
             FLContextKey.RUN_NUMBER: remote.run_number, FLContextKey.ROUND: remote.round,
             FLContextKey.WEIGHT: self._weight(fitter), FLContextKey.METRICS: metrics,
-            FLContextKey.TASK_NAME: task,
+            FLContextKey.TASK_NAME: task, FLContextKey.EXTRA_TENSORS: extra,
         })
         reply = self.push_remote_model(task, fl_ctx)
         if reply.accepted:
+            if algorithms is not None:
+                algorithms.commit()  # a refused update leaves SCAFFOLD's c_i as it was
             log.info("%s: round %d: update accepted (local loss %.4f)", self.client_name, remote.round,
                      float(result.get("loss", float("nan"))) if isinstance(result, dict) else float("nan"))
         else:

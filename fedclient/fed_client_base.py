@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
+import numpy as np
+
 from fedclient.client_status import ClientStatus
 from fedclient.communicator import (
     Communicator,
@@ -17,6 +19,7 @@ from fedclient.communicator import (
     mutual_tls_required,
 )
 from fedclient.model_manager import ClientModelManager
+from fedclient.site_algorithms import split_control
 from fedcommon.model_meta import FLContext
 
 log = logging.getLogger(__name__)
@@ -92,6 +95,8 @@ class FederatedClientBase:
         self.status = ClientStatus.TRAINING_NOT_STARTED
         self.current_round: int | None = None
         self.remote_models: dict[str, RemoteModel] = {}
+        # SCAFFOLD's server control variate c that came with each task's global model (empty without SCAFFOLD).
+        self.control: dict[str, dict[str, np.ndarray]] = {}
         self._heartbeat_stop = threading.Event()
         self._heartbeat_thread: threading.Thread | None = None
         self._session_lock = threading.Lock()
@@ -140,6 +145,8 @@ class FederatedClientBase:
         """Fetch each task's model and load those that came into the local model."""
         remotes = {task: self.fetch_remote_model(task) for task in self.servers}
         with_model = {t: r for t, r in remotes.items() if r.status != "wait"}
+        for task, r in with_model.items():
+            r.tensors, self.control[task] = split_control(r.tensors)
         if with_model:
             self.model_manager.assign_current_model(
                 {t: r.tensors for t, r in with_model.items()},

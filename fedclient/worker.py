@@ -17,6 +17,10 @@ from fedclient.distributed import RankInfo, rank_info
 from fedcommon import run_folder
 
 log = logging.getLogger("fedclient.worker")
+# SCAFFOLD's delta c_i is computed from the unfiltered local update (x - y) / (K * lr): sent beside a filtered
+# update it would give away what the privacy filter protects.
+SCAFFOLD_WITH_PRIVACY = ("config_fed_client.json: scaffold with a privacy filter is refused: SCAFFOLD's delta c_i "
+                         "carries the unfiltered local update; turn one of them off")
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
 RUN_WAIT_POLL_S = 1.0
@@ -59,6 +63,8 @@ class SiteTraining:
         from fedclient.fed_client import FederatedClient
 
         privacy = None
+        if self.mmar.client.scaffold and self.mmar.client.privacy is not None:
+            raise WorkerSetupError(SCAFFOLD_WITH_PRIVACY)
         if self.mmar.client.privacy is not None:
             try:
                 privacy = build_component(self.mmar.client.privacy, [self.mmar.custom_dir])
@@ -136,7 +142,8 @@ class SiteTraining:
 
     def _follow(self, sync) -> None:
         """A rank other than 0: build the trainer and train each phase rank 0 starts; never talks to the server."""
-        sync.follow(self._build_fitter(run_folder.run_dir(self.workspace, self.run_number)))
+        run_dir = run_folder.run_dir(self.workspace, self.run_number)
+        sync.follow(self._build_fitter(run_dir), self._site_algorithms(run_dir))
 
     def _train(self, sync) -> None:
         from fedclient.client_status import ClientStatus
@@ -156,12 +163,22 @@ class SiteTraining:
             fitter = self._build_fitter(run_dir)
             update_client_properties(client, fitter)
             client.ranks = sync
+            client.site_algorithms = self._site_algorithms(run_dir)
         except BaseException:
             client.close()
             raise
         if self.on_event is not None:
             self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": client.run_number})
         client.admin_run(fitter)
+
+    def _site_algorithms(self, run_dir: Path):
+        """FedProx / SCAFFOLD as config_fed_client.json says, or None when it turns on neither."""
+        from fedclient.site_algorithms import SiteAlgorithms
+
+        algorithms = SiteAlgorithms.from_config(self.mmar.client, run_dir)
+        if algorithms.active:
+            log.info("%s: run %s: site algorithms %s", self.kit.name, run_dir.name, ", ".join(algorithms.names))
+        return algorithms if algorithms.active else None
 
     def _build_fitter(self, run_dir: Path):
         """The MMAR's trainer for run_dir, built after seeding torch with config_train.json's seed."""

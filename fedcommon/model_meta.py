@@ -19,6 +19,7 @@ class FLContextKey:
     PRIVACY_EPSILON = "privacy_epsilon"  # the epsilon that filtering spent
     CLIENT_STATE = "client_state"  # the site's ClientState for the call (after its client_state_processors)
     TRAIN_CONTEXT = "train_context"  # the site's own training context, handed to the privacy filter as train_ctx
+    EXTRA_TENSORS = "extra_tensors"  # sent beside the update, after the privacy filter (SCAFFOLD's delta c_i)
 
 
 class FLContext:

@@ -15,11 +15,24 @@ from typing import IO, Any
 
 import numpy as np
 
+from fedcommon.algorithms import SCAFFOLD_DELTA_PREFIX
 from fedcommon.atomic import atomic_writer
+from fedcommon.dtypes import is_float
 from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_score
-from fedcommon.mmar import ServerConfig, excluded
-from fedcommon.model_file import ModelFileWriter, ModelIndex, read_index
+from fedcommon.mmar import ClientConfig, ServerConfig, excluded
+from fedcommon.model_file import ModelIndex, read_index
 from fedcommon.tensor_codec import TensorSpec
+from fedserver.aggregate_round import aggregate_in_child
+from fedserver.aggregation import (
+    StateFiles,
+    UpdateStore,
+    build_aggregator,
+    control_accumulator,
+    control_tensors,
+    split_scaffold,
+    store_deltas,
+    write_next_model,
+)
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
 from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
 
@@ -30,6 +43,10 @@ GLOBAL_MODEL = "global_model.fl"
 BEST_GLOBAL_MODEL = "best_global_model.fl"
 # The open round's running sums and who they hold, rewritten after each contribution that leaves it open.
 OPEN_ROUND = "open_round.fl"
+# SCAFFOLD: the open round's sums of the sites' delta c_i, kept beside OPEN_ROUND.
+OPEN_ROUND_CONTROL = "open_round_control.fl"
+# The open round's updates, for the aggregators that need every update at once (and custom ones).
+ROUND_UPDATES = "round_updates"
 
 
 class RunStateError(Exception):
@@ -50,13 +67,16 @@ class Offer:
     round: int
     model: IO[bytes] | None = None  # open file of the global model to send; caller closes it
     index: ModelIndex | None = None
+    control: list[tuple[str, np.ndarray]] = field(default_factory=list)  # SCAFFOLD's c, sent after the model
 
 
 @dataclass
 class _RoundState:
     number: int
     opened_at: float
-    accumulator: UpdateAccumulator
+    accumulator: UpdateAccumulator | None  # streaming built-ins: the weighted sums
+    store: UpdateStore | None = None  # the other aggregators: every update, on disk
+    control: UpdateAccumulator | None = None  # SCAFFOLD: the sums of the sites' delta c_i
     contributors: dict[str, float] = field(default_factory=dict)  # site -> a_i * n_i
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
     privacy: dict[str, dict[str, Any]] = field(default_factory=dict)  # site -> {"protocol", "epsilon"}
@@ -69,9 +89,14 @@ class _RoundState:
 class FederatedRun:
     """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
 
-    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig, resume: bool = False):
+    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig, resume: bool = False, *,
+                 client: ClientConfig | None = None, code_policy: Any = None):
         """A new run whose initial model is in models/; with `resume`, the run summary.json and the global model
-        say where it stood (a server that stopped mid-run carries on at the round that was open)."""
+        say where it stood (a server that stopped mid-run carries on at the round that was open).
+
+        client: the MMAR's site config, for its site algorithms (SCAFFOLD's control variates travel through the
+        server); code_policy: the server's fedserver.untrusted_code policy, for a custom aggregator.
+        """
         self.run_number = run_number
         self.run_dir = run_dir
         self.config = config
@@ -80,6 +105,17 @@ class FederatedRun:
         self.model_path = models / GLOBAL_MODEL
         self.best_model_path = models / BEST_GLOBAL_MODEL
         self.open_round_path = models / OPEN_ROUND
+        self.open_control_path = models / OPEN_ROUND_CONTROL
+        self.updates_folder = models / ROUND_UPDATES
+        self.choice = config.aggregator
+        self._aggregator = build_aggregator(self.choice) if self.choice.name is not None else None
+        self._states = StateFiles(models)
+        self._code_policy = code_policy
+        self.scaffold = bool(client and client.scaffold)
+        self.fedprox_mu = client.fedprox_mu if client else None
+        if self.scaffold and self._aggregator is None:
+            raise RunStateError(f"run {run_number}: SCAFFOLD with a custom aggregator ({self.choice.label}) is not "
+                                "supported; use a built-in aggregator")
         self.summary_path = self.record.folder.summary
         self.state_path = self.record.folder.state
         self._cond = threading.Condition()
@@ -87,6 +123,9 @@ class FederatedRun:
             index = read_index(f, self.model_path)
         self._specs = {e.name: VarSpec(e.dtype, e.shape) for e in index.entries}
         self._excluded = frozenset(n for n in self._specs if excluded(n, config.exclude_vars))
+        # Weights enter the sums divided by the largest weight a contribution can have (see fedserver.aggregator).
+        self._largest = config.max_contribution_weight * max([1.0, *config.aggregation_weights.values()])
+        self._checker = UpdateAccumulator(self._specs, self._excluded, self._largest)
         self.phase = Phase.TRAINING
         self._rounds: list[dict[str, Any]] = []
         self._final_metrics: dict[str, dict[str, float]] = {}
@@ -97,7 +136,8 @@ class FederatedRun:
             self.phase, first = Phase.COMPLETED, self.end_round - 1
         self._round = self._new_round(first)
         if not (resume and self.phase is Phase.TRAINING and self._restore_open_round()):
-            self.open_round_path.unlink(missing_ok=True)
+            self._round = self._new_round(first)  # nothing half-restored stays
+            self._forget_open_round(self._round)
         self._write_summary()
 
     def _restore(self, index: ModelIndex) -> int:
@@ -138,7 +178,18 @@ class FederatedRun:
                 kept = (dict(meta.get("metrics") or {}), dict(meta.get("privacy") or {}),
                         list(meta.get("rejected") or []), list(meta.get("dropped") or []),
                         dict(meta.get("epsilon_total") or self._epsilon_spent))
-                r.accumulator.load(f, index)
+                if r.accumulator is not None:
+                    r.accumulator.load(f, index)
+                elif sorted(r.store.sites) != sorted(contributors):
+                    raise ValueError(f"the updates kept in {self.updates_folder} are of "
+                                     f"{', '.join(sorted(r.store.sites)) or 'no site'}")
+            if r.control is not None:
+                with open(self.open_control_path, "rb") as f:
+                    control = read_index(f, self.open_control_path)
+                    if control.meta.get("round") != r.number or control.meta.get("contributors") != sorted(
+                            contributors):
+                        raise ValueError(f"{self.open_control_path} does not hold the same contributions")
+                    r.control.load(f, control)
         except FileNotFoundError:
             return False
         except (OSError, ValueError, TypeError, AttributeError) as e:  # torn or foreign: the round starts empty
@@ -159,8 +210,14 @@ class FederatedRun:
                 "metrics": r.metrics, "privacy": r.privacy, "rejected": r.rejected, "dropped": r.dropped,
                 "epsilon_total": self._epsilon_spent}
         try:
+            # The control sums first: a snapshot of the round is only taken back with its own control sums.
+            if r.control is not None:
+                with atomic_writer(self.open_control_path) as f:
+                    r.control.save(f, {"run_number": self.run_number, "round": r.number,
+                                       "contributors": sorted(r.contributors)})
             with atomic_writer(self.open_round_path) as f:
-                r.accumulator.save(f, meta)
+                # The on-disk family's updates are in their UpdateStore already: the snapshot holds the metadata.
+                (r.accumulator or UpdateAccumulator(self._specs, self._excluded, self._largest)).save(f, meta)
         except OSError as e:  # the contribution stands; only a restart before the round closes would lose it
             log.warning("run %d round %d: could not keep the accepted contributions in %s: %s",
                         self.run_number, r.number, self.open_round_path, e)
@@ -193,7 +250,10 @@ class FederatedRun:
         # Opened under the lock: a later atomic rename cannot swap the model under a reader.
         f = open(self.model_path, "rb")
         try:
-            return Offer(phase, self._round.number, f, read_index(f, self.model_path))
+            index = read_index(f, self.model_path)
+            control = (list(control_tensors(self._states, self._round.number, index, self._excluded))
+                       if self.scaffold and phase == "train" else [])
+            return Offer(phase, self._round.number, f, index, control)
         except BaseException:
             f.close()
             raise
@@ -217,8 +277,17 @@ class FederatedRun:
             raise ContributionError(f"duplicate contribution: {site} already contributed to round {round_number}")
 
     def check_tensor(self, spec: TensorSpec) -> bool:
-        """Refuse a tensor that does not fit the global model; False when it is excluded from aggregation."""
-        return self._round.accumulator.check_tensor(spec)
+        """Refuse a tensor that does not fit the global model; False when it is excluded from aggregation.
+
+        With SCAFFOLD, a site's delta c_i of a floating variable that is aggregated comes beside its update.
+        """
+        if self.scaffold and spec.name.startswith(SCAFFOLD_DELTA_PREFIX):
+            name = spec.name[len(SCAFFOLD_DELTA_PREFIX):]
+            var = self._specs.get(name)
+            if var is None or name in self._excluded or not is_float(var.dtype):
+                raise ContributionError(f"{spec.name!r}: SCAFFOLD's delta c of a variable that is not aggregated")
+            return self._checker.check_tensor(TensorSpec(name, spec.dtype, spec.shape))
+        return self._checker.check_tensor(spec)
 
     def abandon_contribution(self, site: str, round_number: int, reason: str) -> None:
         """Release `site`'s claim after a refused or broken upload, and note why."""
@@ -266,11 +335,20 @@ class FederatedRun:
             raise ContributionError(f"weight {weight!r}: a contribution's weight must be a positive number of at "
                                     f"most max_contribution_weight {cap:g} (config_fed_server.json)")
         a = self.config.aggregation_weights.get(site, 1.0)
+        delta_c: dict[str, np.ndarray] = {}
+        if self.scaffold:
+            update, delta_c = split_scaffold(update, self._specs, self._excluded)
         with self._cond:
             if round_number == self._round.number:
                 self._round.receiving.discard(site)
             self._check_open(site, round_number)
-            self._round.accumulator.add(update, a * weight)
+            r = self._round
+            if r.accumulator is not None:
+                r.accumulator.add(update, a * weight)
+            else:
+                r.store.add(update, a * weight, site)
+            if r.control is not None:
+                r.control.add(delta_c, 1.0)
             self._round.contributors[site] = a * weight
             self._round.metrics[site] = dict(metrics)
             if privacy_protocol:
@@ -326,22 +404,19 @@ class FederatedRun:
             time.monotonic() - r.min_reached_at >= self.config.wait_after_min_clients
         )
         if n >= self.config.max_num_clients or not waiting_on or waited:
-            self._close_round()
+            self._close_round(len(active | set(r.contributors)))
 
-    def _close_round(self) -> None:
+    def _close_round(self, num_sites: int) -> None:
         r = self._round
         started = time.monotonic()
         self._keep_if_best(r)
         try:
-            with open(self.model_path, "rb") as src:
-                index = read_index(src, self.model_path)
-                meta = {"run_number": self.run_number, "round": r.number + 1}
-                with atomic_writer(self.model_path) as dst:
-                    writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
-                    r.accumulator.apply_to(index, src, writer)
+            self._aggregate(r, num_sites)
         except AggregateError as e:
             self._refuse_round(r, str(e))
             return
+        if r.store is not None:
+            r.store.clear()
         self._rounds.append(
             {
                 "round": r.number,
@@ -363,7 +438,27 @@ class FederatedRun:
             self._round = self._new_round(r.number + 1)
         self._write_summary()
         self.open_round_path.unlink(missing_ok=True)
+        self.open_control_path.unlink(missing_ok=True)
         self._cond.notify_all()
+
+    def _aggregate(self, r: _RoundState, num_sites: int) -> None:
+        """Replace the global model (and the aggregator's state) with the round's result; AggregateError: neither
+        is replaced."""
+        meta = {"run_number": self.run_number, "round": r.number + 1}
+        if self._aggregator is None:
+            aggregate_in_child(self.record.folder.mmar, self._code_policy, f"run {self.run_number}", self.choice,
+                               self.model_path, self._states, r.number, meta, self._excluded, r.store.folder,
+                               self._largest)
+            return
+        delta_of = r.accumulator.take_mean if r.accumulator is not None else store_deltas(self._aggregator, r.store)
+        try:
+            write_next_model(self._aggregator, self.choice.label, delta_of, self.model_path, self._states, r.number,
+                             meta, self._excluded, control=r.control,
+                             control_fraction=len(r.contributors) / max(1, num_sites))
+        except ValueError as e:  # an aggregator state that is not this run's
+            if isinstance(e, AggregateError):
+                raise
+            raise AggregateError(str(e)) from None
 
     def _keep_if_best(self, r: _RoundState) -> None:
         # The contributions' metrics score the global model the round started from, which is the file about
@@ -389,19 +484,33 @@ class FederatedRun:
         fresh.dropped = list(r.dropped)
         self._round = fresh
         self._write_summary()
-        self.open_round_path.unlink(missing_ok=True)
+        self._forget_open_round(fresh)
         self._cond.notify_all()
 
     def _new_round(self, number: int) -> _RoundState:
-        # Weights enter the sums divided by the largest weight a contribution can have (see fedserver.aggregator).
-        largest = self.config.max_contribution_weight * max([1.0, *self.config.aggregation_weights.values()])
-        return _RoundState(number, time.monotonic(), UpdateAccumulator(self._specs, self._excluded, largest))
+        streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
+        r = _RoundState(number, time.monotonic(),
+                        UpdateAccumulator(self._specs, self._excluded, self._largest) if streaming else None)
+        if not streaming:  # reopens the updates a stopped server kept; _forget_open_round clears them
+            r.store = UpdateStore(self.updates_folder, self._specs, self._excluded, self._largest)
+        if self.scaffold:
+            r.control = control_accumulator(self._specs, self._excluded)
+        return r
+
+    def _forget_open_round(self, r: _RoundState) -> None:
+        """The round `r` starts empty: no snapshot of an earlier one, no updates kept on disk."""
+        self.open_round_path.unlink(missing_ok=True)
+        self.open_control_path.unlink(missing_ok=True)
+        if r.store is not None:
+            r.store.clear()
 
     def _write_summary(self) -> None:
         self.record.write(
             {
                 "run_number": self.run_number,
                 "task_name": self.config.task_name,
+                "aggregator": self.choice.spec(),
+                "site_algorithms": self.site_algorithms,
                 "status": self.phase.value,
                 "start_round": self.config.start_round,
                 "num_rounds": self.config.num_rounds,
@@ -415,6 +524,12 @@ class FederatedRun:
             {"run_number": self.run_number, "status": self.phase.value, "next_round": self._next_round()},
         )
 
+    @property
+    def site_algorithms(self) -> list[str]:
+        """The site algorithms of the run, for operators: "FedProx(mu=0.01)", "SCAFFOLD"."""
+        out = [f"FedProx(mu={self.fedprox_mu:g})"] if self.fedprox_mu is not None else []
+        return out + (["SCAFFOLD"] if self.scaffold else [])
+
     def _next_round(self) -> int:
         return self._round.number + 1 if self.phase is Phase.COMPLETED else self._round.number
 
@@ -427,6 +542,8 @@ class FederatedRun:
                 "current_round": self._round.number,
                 "start_round": self.config.start_round,
                 "num_rounds": self.config.num_rounds,
+                "aggregator": self.choice.label,
+                "site_algorithms": self.site_algorithms,
                 "contributors": sorted(self._round.contributors),
                 "last_global_metrics": self._last_global_metrics(),
             }

@@ -88,8 +88,17 @@ def metrics_answer(run_number: int, status: str, summary: dict[str, Any]) -> dic
     """What `metrics` answers for a run: per round its record with each site's metrics and their mean; then the
     same for the final model, and the best global model."""
     rounds, final = metric_records(summary)
-    return {"run_number": run_number, "run_status": status, "rounds": rounds, "final": final,
-            "best_global": summary.get("best_global")}
+    return {"run_number": run_number, "run_status": status, **recorded_algorithms(summary), "rounds": rounds,
+            "final": final, "best_global": summary.get("best_global")}
+
+
+def recorded_algorithms(summary: dict[str, Any] | None) -> dict[str, Any]:
+    """{"aggregator": its label, "site_algorithms": [...]} as a run's summary records them (FedAvg before issue 20)."""
+    spec = (summary or {}).get("aggregator")
+    spec = spec if isinstance(spec, dict) else {}
+    label = spec.get("name") or spec.get("path") or "FedAvg"
+    sites = (summary or {}).get("site_algorithms")
+    return {"aggregator": str(label), "site_algorithms": [str(s) for s in sites] if isinstance(sites, list) else []}
 
 
 def metric_records(summary: dict[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:

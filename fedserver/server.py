@@ -43,7 +43,15 @@ from fedserver.identity_gate import CallLimits, IdentityGate
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
-from fedserver.run_record import UNREAD, RecordMissing, RunRecord, RunRecordError, last_recorded_metrics, metrics_answer
+from fedserver.run_record import (
+    UNREAD,
+    RecordMissing,
+    RunRecord,
+    RunRecordError,
+    last_recorded_metrics,
+    metrics_answer,
+    recorded_algorithms,
+)
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
@@ -113,16 +121,14 @@ FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
 
 
-
-def _refuse_unwired_algorithms(number: int, mmar) -> None:
-    """The algorithms of issue 20 are built (fedserver.aggregation, fedclient.site_algorithms) but the rounds do
-    not run them yet: a run that asks for one is refused rather than silently trained with FedAvg."""
-    asked = [f"aggregator {mmar.server.aggregator.label}"] if mmar.server.aggregator.label != "FedAvg" else []
-    asked += ["fedprox"] if mmar.client.fedprox_mu is not None else []
-    asked += ["scaffold"] if mmar.client.scaffold else []
-    if asked:
-        raise ServerError(f"run {number} asks for {', '.join(asked)}; this server's rounds run FedAvg only so far "
-                          "(the other algorithms are not wired into the rounds yet): use the default aggregator")
+def _refuse_unsupported_algorithms(number: int, mmar) -> None:
+    """Combinations of issue 20's algorithms that the rounds cannot run (see README, "Algorithms")."""
+    if mmar.client.scaffold and mmar.server.aggregator.name is None:
+        raise ServerError(f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
+                          "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json")
+    if mmar.client.scaffold and mmar.client.privacy is not None:
+        raise ServerError(f"run {number}: SCAFFOLD with a privacy filter is refused: a site's delta c_i carries its "
+                          "unfiltered local update; turn one of them off in config_fed_client.json")
 
 
 def connection_caps() -> tuple[int, int]:
@@ -388,12 +394,14 @@ class FederationServer:
         if live is not None:
             snapshot = live.status()
             status, last = live.phase.value, snapshot.get("last_global_metrics")
+            algorithms = {"aggregator": snapshot["aggregator"], "site_algorithms": snapshot["site_algorithms"]}
         elif number is not None:  # a run that is not live: its summary, read once
             snapshot, summary = {}, self.run_record(number).read()
             status = self.run_status(number, summary)
             last = last_recorded_metrics(summary) if summary is not None else None
+            algorithms = recorded_algorithms(summary) if summary is not None else {}
         else:
-            snapshot, status, last = {}, "none", None
+            snapshot, status, last, algorithms = {}, "none", None, {}
         return {
             "run_number": number,
             "run_status": status,
@@ -402,6 +410,8 @@ class FederationServer:
             "num_rounds": snapshot.get("num_rounds"),
             "last_global_metrics": last,
             "min_num_clients": live.config.min_num_clients if live is not None else None,
+            "aggregator": algorithms.get("aggregator"),
+            "site_algorithms": algorithms.get("site_algorithms"),
         }
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
@@ -477,7 +487,9 @@ class FederationServer:
             return
         run_dir = record.folder.root
         try:
-            run = FederatedRun(number, run_dir, load_mmar(record.folder.mmar).server, resume=True)
+            mmar = load_mmar(record.folder.mmar)
+            run = FederatedRun(number, run_dir, mmar.server, resume=True, client=mmar.client,
+                               code_policy=self.code_policy)
         except (OSError, MMARError, ModelFileError, RunStateError) as e:
             raise ServerError(f"run {number} was training when the server stopped and cannot be resumed: {e}; "
                               f"delete-run {number} (or move {run_dir} away) to start afresh") from None
@@ -499,7 +511,7 @@ class FederationServer:
             self.refuse_finished(number)
             folder = run_folder.RunFolder.of(self.workspace, number)
             mmar = load_mmar(folder.mmar)
-            _refuse_unwired_algorithms(number, mmar)
+            _refuse_unsupported_algorithms(number, mmar)
             models = folder.models
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
@@ -508,7 +520,7 @@ class FederationServer:
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
-            run = FederatedRun(number, folder.root, mmar.server)
+            run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()

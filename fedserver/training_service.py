@@ -14,7 +14,7 @@ from fedcommon.dtypes import DTypeError
 from fedcommon.identity import PeerIdentity
 from fedcommon.metrics import MetricsError
 from fedcommon.model_file import iter_model_chunks, read_index
-from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.aggregator import ContributionError, receive_tensors
@@ -124,9 +124,10 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         assert offer.model is not None and offer.index is not None
         with offer.model:
             header.status = pb.TRAIN if offer.phase == "train" else pb.END
-            header.num_tensors = len(offer.index.entries)
+            header.num_tensors = len(offer.index.entries) + len(offer.control)
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
+            yield from encode_tensors(offer.control, self._chunk_bytes)  # SCAFFOLD's c, when the run uses it
             self._server.telemetry.sent(sum(e.nbytes for e in offer.index.entries))
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:

@@ -773,15 +773,3 @@ def test_a_run_the_server_ended_starts_at_no_site(federation):
     mgpu = federation.execute("start-mgpu", ["site-1"], {"gpu_number": 2})
     assert not mgpu.ok and "has already run (aborted)" in mgpu.replies[0].error
     assert "start" not in site1.topics() and "start_mgpu" not in site1.topics()
-
-
-def test_a_run_asking_for_an_algorithm_the_rounds_do_not_run_yet_is_refused(tmp_path):
-    """Until issue 20's algorithms are wired into the rounds, asking for one is refused, never run as FedAvg."""
-    ws = prepare_workspace(tmp_path / "ws", clients=1)
-    mmar = copy_mmar(tmp_path / "mmar", server={"aggregator": {"name": "FedAdam"}})
-    server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
-    try:
-        with pytest.raises(Exception, match="asks for aggregator FedAdam; this server's rounds run FedAvg only"):
-            server.start_run(mmar, 1)
-    finally:
-        server.stop(0)

@@ -204,7 +204,8 @@ def test_check_tensor_refuses_unknown_variables_and_wrong_shape_or_dtype(tmp_pat
 def test_summary_and_state_record_each_round_until_completed(tmp_path):
     run = _run(tmp_path, start_round=3, num_rounds=2, aggregation_weights={"site-2": 0.5})
     assert _summary(run) == {
-        "run_number": 1, "task_name": "t", "status": "training", "start_round": 3, "num_rounds": 2,
+        "run_number": 1, "task_name": "t", "aggregator": {"name": "FedAvg", "args": {}}, "site_algorithms": [],
+        "status": "training", "start_round": 3, "num_rounds": 2,
         "current_round": 3, "rounds": [], "final_metrics": {}, "best_global": None, "privacy_epsilon_total": {},
     }
     assert _state(run) == {"run_number": 1, "status": "training", "next_round": 3}

@@ -65,6 +65,7 @@ class MetricsResult(ServerAnswer):
         if not self.ok:
             return self.failure_json()
         out = {"run_number": self.data.get("run_number"), "run_status": self.data.get("run_status"),
+               "aggregator": self.data.get("aggregator"), "site_algorithms": self.data.get("site_algorithms") or [],
                "metric": chosen_metric(self.data, self.metric), "records": self.records}
         if self.png is not None:
             out["png"] = str(self.png)
@@ -75,8 +76,10 @@ class MetricsResult(ServerAnswer):
 
         if not self.ok:
             return render.failure_line(self.command, self.error)
+        algorithms = render.algorithms_text(self.data.get("aggregator"), self.data.get("site_algorithms")) \
+            if self.data.get("aggregator") else ""
         return render.metrics_view(self.data.get("run_number"), self.data.get("run_status"), self.records,
-                                   chosen_metric(self.data, self.metric), self.png)
+                                   chosen_metric(self.data, self.metric), self.png, algorithms)
 
 
 @click.command("metrics")
