@@ -28,8 +28,15 @@ def free_port() -> int:
 
 def fedadmin(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, FEDADMIN_KIT=str(ws / "admin"), PYTHONPATH=str(ROOT))
-    result = subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], env=env, cwd=ROOT,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        env=env,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check and result.returncode != 0:
         raise SystemExit(f"fedadmin {' '.join(args)} failed: {result.stdout}{result.stderr}")
     return result
@@ -122,8 +129,11 @@ def main() -> None:
     finally:
         fedadmin(ws, "poc", "stop", "--workspace", str(ws), check=False)
         shutil.rmtree(tmp, ignore_errors=True)
-    targets = {"status_wall_s_median": ("<= 0.25 s", 0.25), "site_round_trip_ms_p50": ("<= 10 ms", 10.0),
-               "abort_until_no_training_process_s": ("<= 3 s", 3.0)}
+    targets = {
+        "status_wall_s_median": ("<= 0.25 s", 0.25),
+        "site_round_trip_ms_p50": ("<= 10 ms", 10.0),
+        "abort_until_no_training_process_s": ("<= 3 s", 3.0),
+    }
     if args.json:
         print(json.dumps(figures))
         return

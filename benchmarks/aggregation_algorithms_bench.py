@@ -100,16 +100,28 @@ def one(name: str, size_mib: float, tensor_mib: float, sites: int) -> dict:
                 del update
             t0 = time.perf_counter()
             delta_of = store_deltas(aggregator, sink) if aggregator.needs_all_updates else sink.take_mean
-            write_next_model(aggregator, choice.label, delta_of, model_path, StateFiles(folder), round_number,
-                             {"round": round_number + 1})
+            write_next_model(
+                aggregator,
+                choice.label,
+                delta_of,
+                model_path,
+                StateFiles(folder),
+                round_number,
+                {"round": round_number + 1},
+            )
             if aggregator.needs_all_updates:
                 sink.clear()
             spent += time.perf_counter() - t0
             times.append(spent)
             del sink, delta_of
     model_bytes = n * 4
-    return {"algorithm": name, "size_mib": size_mib, "sites": sites, "round_s": statistics.median(times),
-            "peak_rss_over_model": (rss.peak - base_rss) / model_bytes}
+    return {
+        "algorithm": name,
+        "size_mib": size_mib,
+        "sites": sites,
+        "round_s": statistics.median(times),
+        "peak_rss_over_model": (rss.peak - base_rss) / model_bytes,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -126,16 +138,33 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows = []
     for name in args.only or SPECS:
-        out = subprocess.run([sys.executable, __file__, "--one", name, "--size-mib", str(args.size_mib),
-                              "--tensor-mib", str(args.tensor_mib), "--sites", str(args.sites)],
-                             check=True, capture_output=True, text=True).stdout
+        out = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--one",
+                name,
+                "--size-mib",
+                str(args.size_mib),
+                "--tensor-mib",
+                str(args.tensor_mib),
+                "--sites",
+                str(args.sites),
+            ],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
         rows.append(json.loads(out))
         row = rows[-1]
         if args.json:
             print(json.dumps(row), flush=True)
         else:
-            print(f"{name:14s} {args.size_mib:g} MiB x {args.sites} sites: {row['round_s']:6.2f} s/round, "
-                  f"peak RSS {row['peak_rss_over_model']:.2f} x model", flush=True)
+            print(
+                f"{name:14s} {args.size_mib:g} MiB x {args.sites} sites: {row['round_s']:6.2f} s/round, "
+                f"peak RSS {row['peak_rss_over_model']:.2f} x model",
+                flush=True,
+            )
     return 0
 
 

@@ -46,10 +46,17 @@ def measure(size_mib: float, tensor_mib: float, repeat: int) -> dict:
         numpy_times.append(time.perf_counter() - t0)
     nbytes = n * 4
     ours_s, numpy_s = statistics.median(ours), statistics.median(numpy_times)
-    return {"size_mib": size_mib, "bytes": nbytes, "repeat": repeat,
-            "ours_s": ours_s, "numpy_s": numpy_s,
-            "ours_gb_s": nbytes / ours_s / 1e9, "numpy_gb_s": nbytes / numpy_s / 1e9,
-            "ratio": numpy_s / ours_s, "target_ratio": TARGET_RATIO}
+    return {
+        "size_mib": size_mib,
+        "bytes": nbytes,
+        "repeat": repeat,
+        "ours_s": ours_s,
+        "numpy_s": numpy_s,
+        "ours_gb_s": nbytes / ours_s / 1e9,
+        "numpy_gb_s": nbytes / numpy_s / 1e9,
+        "ratio": numpy_s / ours_s,
+        "target_ratio": TARGET_RATIO,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -64,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         verdict = "met" if result["ratio"] >= TARGET_RATIO else "MISSED"
-        print(f"aggregation of {args.size_mib:g} MiB: {result['ours_gb_s']:.2f} GB/s, numpy a += w*b "
-              f"{result['numpy_gb_s']:.2f} GB/s, ratio {result['ratio']:.2f} (target >= {TARGET_RATIO}: {verdict})")
+        print(
+            f"aggregation of {args.size_mib:g} MiB: {result['ours_gb_s']:.2f} GB/s, numpy a += w*b "
+            f"{result['numpy_gb_s']:.2f} GB/s, ratio {result['ratio']:.2f} (target >= {TARGET_RATIO}: {verdict})"
+        )
     return 0
 
 

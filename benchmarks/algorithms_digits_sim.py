@@ -30,8 +30,9 @@ def simulate(spec: dict, rounds: int, fedprox_mu: float | None, scaffold: bool) 
 
     with tempfile.TemporaryDirectory() as tmp:
         sites = [DigitsTrainer(f"site-{k}", tmp, num_sites=2, seed=k) for k in (1, 2)]
-        algorithms = [SiteAlgorithms(fedprox_mu, Path(tmp) / f"scaffold_{k}.fl" if scaffold else None)
-                      for k in range(len(sites))]
+        algorithms = [
+            SiteAlgorithms(fedprox_mu, Path(tmp) / f"scaffold_{k}.fl" if scaffold else None) for k in range(len(sites))
+        ]
         torch.manual_seed(0)
         x = state_dict_to_numpy(DigitsNet(hidden=64).state_dict())
         state, history = None, []

@@ -122,8 +122,9 @@ def emit(obj: dict) -> None:
 
 def run_site(args: argparse.Namespace) -> dict:
     kit = load_kit(args.workspace)
-    client = DirectFederatedClient(kit.name, kit_ssl_args(kit), True,
-                                   server_args=[{"name": args.task, "target": kit.fl_target}])
+    client = DirectFederatedClient(
+        kit.name, kit_ssl_args(kit), True, server_args=[{"name": args.task, "target": kit.fl_target}]
+    )
     phases = Phases()
     instrument(client, phases)
     try:

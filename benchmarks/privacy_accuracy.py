@@ -23,8 +23,10 @@ SETTINGS: list[tuple[str, dict | None]] = [
     ("PercentileProtocol percentile=90", {"name": "PercentileProtocol", "args": {"percentile": 90}}),
     ("LaplacianProtocol", {"name": "LaplacianProtocol"}),
     ("SVTProtocol", {"name": "SVTProtocol"}),
-    ("SVTProtocol fraction=0.5 epsilon=10 gamma=0.01", {"name": "SVTProtocol",
-                                                       "args": {"fraction": 0.5, "epsilon": 10.0, "gamma": 0.01}}),
+    (
+        "SVTProtocol fraction=0.5 epsilon=10 gamma=0.01",
+        {"name": "SVTProtocol", "args": {"fraction": 0.5, "epsilon": 10.0, "gamma": 0.01}},
+    ),
 ]
 
 
@@ -41,16 +43,33 @@ def run_one(privacy: dict | None, clients: int, scratch: Path) -> dict:
     ws = scratch / "ws"
     shutil.rmtree(ws, ignore_errors=True)
     done = subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", "--json", "poc", "run", str(mmar), "--clients", str(clients),
-         "--workspace", str(ws)],
-        cwd=ROOT, capture_output=True, text=True, timeout=900,
+        [
+            sys.executable,
+            "-m",
+            "fedadmin.cli",
+            "--json",
+            "poc",
+            "run",
+            str(mmar),
+            "--clients",
+            str(clients),
+            "--workspace",
+            str(ws),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
     )
     if done.returncode != 0:
         raise SystemExit(f"poc run failed:\n{done.stdout}\n{done.stderr}")
     out = json.loads(done.stdout)
     summary = json.loads(Path(out["summary"]).read_text())
-    return {"final": {s: m["accuracy"] for s, m in sorted(out["final_metrics"].items())},
-            "epsilon": summary.get("privacy_epsilon_total", {}), "rounds": len(summary["rounds"])}
+    return {
+        "final": {s: m["accuracy"] for s, m in sorted(out["final_metrics"].items())},
+        "epsilon": summary.get("privacy_epsilon_total", {}),
+        "rounds": len(summary["rounds"]),
+    }
 
 
 def main() -> None:

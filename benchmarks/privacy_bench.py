@@ -43,7 +43,7 @@ def build_update(params: int, steps: float):
     for i, size in enumerate(sizes):
         flat = np.empty(size, np.float32)
         for lo in range(0, size, 1 << 22):
-            chunk = flat[lo:lo + (1 << 22)]
+            chunk = flat[lo : lo + (1 << 22)]
             rng.standard_normal(out=chunk, dtype=np.float32)
             chunk *= np.float32(1e-3 * steps)
         update[f"layer{i}.weight"] = flat.reshape(-1, 1000) if size % 1000 == 0 else flat
@@ -68,14 +68,33 @@ def worker(name: str, params: int, repeat: int, steps: float) -> dict:
         released = sum(int(np.count_nonzero(v)) for v in out.values())
         del out
     peak_extra = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base_kib) * 1024
-    return {"protocol": name, "class": cls_name, "args": kwargs, "params": params, "local_steps": steps,
-            "model_bytes": model_bytes, "times_s": times, "best_s": min(times), "peak_extra_bytes": peak_extra,
-            "released_fraction": released / params}
+    return {
+        "protocol": name,
+        "class": cls_name,
+        "args": kwargs,
+        "params": params,
+        "local_steps": steps,
+        "model_bytes": model_bytes,
+        "times_s": times,
+        "best_s": min(times),
+        "peak_extra_bytes": peak_extra,
+        "released_fraction": released / params,
+    }
 
 
 def run(name: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--params", str(args.params), "--repeat", str(args.repeat),
-           "--local-steps", str(args.local_steps)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        name,
+        "--params",
+        str(args.params),
+        "--repeat",
+        str(args.repeat),
+        "--local-steps",
+        str(args.local_steps),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=args.timeout)
     if proc.returncode != 0:
         return {"protocol": name, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1:]}
@@ -84,19 +103,24 @@ def run(name: str, args: argparse.Namespace) -> dict:
 
 def table(results: list[dict]) -> str:
     mib = 1 << 20
-    rows = [("protocol", "best s", "runs s", "time <= 2 s", "peak extra MiB", "x model", "memory <= 2x",
-             "released")]
+    rows = [("protocol", "best s", "runs s", "time <= 2 s", "peak extra MiB", "x model", "memory <= 2x", "released")]
     for r in results:
         if "error" in r:
             rows.append((r["protocol"], "error:", " ".join(r["error"]), "", "", "", "", ""))
             continue
         ratio = r["peak_extra_bytes"] / r["model_bytes"]
-        rows.append((
-            r["protocol"], f"{r['best_s']:.2f}", " ".join(f"{t:.2f}" for t in r["times_s"]),
-            "met" if r["best_s"] <= TIME_TARGET_S else "missed",
-            f"{r['peak_extra_bytes'] / mib:.0f}", f"{ratio:.2f}", "met" if ratio <= MEMORY_TARGET_X else "missed",
-            f"{r['released_fraction']:.1%}",
-        ))
+        rows.append(
+            (
+                r["protocol"],
+                f"{r['best_s']:.2f}",
+                " ".join(f"{t:.2f}" for t in r["times_s"]),
+                "met" if r["best_s"] <= TIME_TARGET_S else "missed",
+                f"{r['peak_extra_bytes'] / mib:.0f}",
+                f"{ratio:.2f}",
+                "met" if ratio <= MEMORY_TARGET_X else "missed",
+                f"{r['released_fraction']:.1%}",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -119,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"results": results}, indent=2))
     else:
         model_mib = args.params * 4 / (1 << 20)
-        print(f"privacy filters: {args.params:,} float32 parameters ({model_mib:.0f} MiB) in 4 tensors, "
-              f"local_steps {args.local_steps:g}, best of {args.repeat}, one fresh process each")
+        print(
+            f"privacy filters: {args.params:,} float32 parameters ({model_mib:.0f} MiB) in 4 tensors, "
+            f"local_steps {args.local_steps:g}, best of {args.repeat}, one fresh process each"
+        )
         print(table(results))
     return 0
 

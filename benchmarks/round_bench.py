@@ -111,8 +111,11 @@ def write_mmar(root: Path, model_bytes: int, tensor_bytes: int) -> int:
     client = {"format_version": 1, "task_name": TASK, "exclude_vars": [], "weight_by": "uniform", "privacy": None}
     # The benchmark sites own their loop and never build the trainer; mmar.py still checks it exists.
     train = {"trainer": {"path": "bench.Nothing", "args": {}}, "seed": 0}
-    for name, data in (("config_fed_server.json", server), ("config_fed_client.json", client),
-                       ("config_train.json", train)):
+    for name, data in (
+        ("config_fed_server.json", server),
+        ("config_fed_client.json", client),
+        ("config_train.json", train),
+    ):
         (root / "config" / name).write_text(json.dumps(data, indent=2) + "\n")
     (root / "custom" / "bench.py").write_text('"""Benchmark trainer placeholder."""\n\n\nclass Nothing:\n    pass\n')
     return write_model(root / "models" / "initial.fl", model_bytes, tensor_bytes)
@@ -129,8 +132,14 @@ class Child:
         self.log_path = log_path
         self._log = open(log_path, "wb")
         self.proc = subprocess.Popen(
-            cmd, cwd=REPO, stdin=subprocess.PIPE if stdin else subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=self._log, text=True, bufsize=1, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            cmd,
+            cwd=REPO,
+            stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+            bufsize=1,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         self.lines: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, args=(self.proc.stdout,), daemon=True).start()
@@ -263,8 +272,11 @@ def bench_round(size_mib: float, work: Path, tensor_mib: float, timeout_s: float
         mmar = work / "mmar"
         out["num_tensors"] = write_mmar(mmar, model_bytes, int(tensor_mib * MIB) // 4 * 4)
 
-        server = Child("server", [sys.executable, "-m", "fedserver.cli", "start", "--workspace",
-                                  str(kits / "server"), "--mmar", str(mmar)], work / "server.stderr.txt")
+        server = Child(
+            "server",
+            [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server"), "--mmar", str(mmar)],
+            work / "server.stderr.txt",
+        )
         children.append(server)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
@@ -272,8 +284,14 @@ def bench_round(size_mib: float, work: Path, tensor_mib: float, timeout_s: float
 
         sites = []
         for name in SITES:
-            cmd = [sys.executable, str(REPO / "benchmarks" / "bench_site.py"), "--workspace", str(kits / name),
-                   "--task", TASK]
+            cmd = [
+                sys.executable,
+                str(REPO / "benchmarks" / "bench_site.py"),
+                "--workspace",
+                str(kits / name),
+                "--task",
+                TASK,
+            ]
             if profile:
                 cmd += ["--profile", str(work / f"{name}.prof")]
             site = Child(name, cmd, work / f"{name}.stderr.txt", stdin=True)
@@ -310,7 +328,8 @@ def bench_round(size_mib: float, work: Path, tensor_mib: float, timeout_s: float
         out["completed"] = out["status"] == "completed"
 
         out["round_wall_s"] = max(r["push_end"] for r in results.values()) - min(
-            r["pull_start"] for r in results.values())
+            r["pull_start"] for r in results.values()
+        )
         out["bytes_down"] = sum(r["bytes_down"] for r in results.values())
         out["bytes_up"] = sum(r["bytes_up"] for r in results.values())
         out["bytes_moved"] = out["bytes_down"] + out["bytes_up"]
@@ -365,32 +384,60 @@ def render(report: dict[str, Any]) -> str:
         f"loopback mutual TLS, {report['cpus']} CPUs; gRPC chunk {report['chunk']}",
         "",
     ]
-    head = ["model", "round wall", "server round*", "aggregate**", "moved (down+up)", "rate",
-            "server peak RSS", "site-1 peak RSS", "site-2 peak RSS", "completed"]
+    head = [
+        "model",
+        "round wall",
+        "server round*",
+        "aggregate**",
+        "moved (down+up)",
+        "rate",
+        "server peak RSS",
+        "site-1 peak RSS",
+        "site-2 peak RSS",
+        "completed",
+    ]
     rows = [head]
     for r in runs:
         v = r["verdict"]
         if r.get("round_wall_s") is None:
-            rows.append([run_label(r, rep), "-", "-", "-", "-", "-",
-                         mib(r.get("server_peak_rss_bytes")), "-", "-", f"no{mark(v['completes'], '')}"])
+            rows.append(
+                [
+                    run_label(r, rep),
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    "-",
+                    mib(r.get("server_peak_rss_bytes")),
+                    "-",
+                    "-",
+                    f"no{mark(v['completes'], '')}",
+                ]
+            )
             continue
         peak = r.get("server_peak_rss_bytes")
         x = f" = {peak / r['model_bytes']:.2f}x" if peak else ""
         sites = r.get("sites", {})
-        rows.append([
-            run_label(r, rep),
-            f"{r['round_wall_s']:.2f} s{mark(v['round_le_3s'], '<=3 s')}",
-            "-" if r.get("server_round_duration_s") is None else f"{r['server_round_duration_s']:.2f} s",
-            "-" if r.get("server_aggregate_s") is None else f"{r['server_aggregate_s']:.2f} s",
-            f"{mib(r['bytes_moved'])} ({r['bytes_down'] / MIB:,.0f} + {r['bytes_up'] / MIB:,.0f})",
-            f"{r['throughput_mib_s']:,.0f} MiB/s",
-            f"{mib(peak)}{x}{mark(v['server_rss_le_3x'], '<=3x')}",
-            *(mib(sites.get(s, {}).get("peak_rss_bytes")) for s in SITES),
-            ("yes" if r["completed"] else "no") + mark(v["completes"], "completes"),
-        ])
-    parts += [table(rows), "",
-              "*  server round: summary.json duration_s, from the round's opening (server start) to its close",
-              "** aggregate: the server's 'aggregated in' log figure (apply the sums + write the global model)", ""]
+        rows.append(
+            [
+                run_label(r, rep),
+                f"{r['round_wall_s']:.2f} s{mark(v['round_le_3s'], '<=3 s')}",
+                "-" if r.get("server_round_duration_s") is None else f"{r['server_round_duration_s']:.2f} s",
+                "-" if r.get("server_aggregate_s") is None else f"{r['server_aggregate_s']:.2f} s",
+                f"{mib(r['bytes_moved'])} ({r['bytes_down'] / MIB:,.0f} + {r['bytes_up'] / MIB:,.0f})",
+                f"{r['throughput_mib_s']:,.0f} MiB/s",
+                f"{mib(peak)}{x}{mark(v['server_rss_le_3x'], '<=3x')}",
+                *(mib(sites.get(s, {}).get("peak_rss_bytes")) for s in SITES),
+                ("yes" if r["completed"] else "no") + mark(v["completes"], "completes"),
+            ]
+        )
+    parts += [
+        table(rows),
+        "",
+        "*  server round: summary.json duration_s, from the round's opening (server start) to its close",
+        "** aggregate: the server's 'aggregated in' log figure (apply the sums + write the global model)",
+        "",
+    ]
 
     # where the time and memory go, per site
     cols = [(r, s) for r in runs for s in SITES if s in r.get("sites", {})]
@@ -403,10 +450,13 @@ def render(report: dict[str, Any]) -> str:
             rows.append([name, *(f"{r['sites'][s][key]:.3f}" for r, s in cols)])
         for n in names:
             rows.append([f"  {n}", *(f"{r['sites'][s]['phases_s'].get(n, 0.0):.3f}" for r, s in cols)])
-        rows.append(["  push: send + server (rest of push)",
-                     *(f"{push_rest(r['sites'][s]):.3f}" for r, s in cols)])
-        rows.append(["CPU during the round (user + system)",
-                     *(f"{r['sites'][s]['cpu_user_s']:.2f} + {r['sites'][s]['cpu_system_s']:.2f}" for r, s in cols)])
+        rows.append(["  push: send + server (rest of push)", *(f"{push_rest(r['sites'][s]):.3f}" for r, s in cols)])
+        rows.append(
+            [
+                "CPU during the round (user + system)",
+                *(f"{r['sites'][s]['cpu_user_s']:.2f} + {r['sites'][s]['cpu_system_s']:.2f}" for r, s in cols),
+            ]
+        )
         rows.append(["minor page faults during the round", *(f"{r['sites'][s]['minor_faults']:,}" for r, s in cols)])
         rows.append(["site RSS", *("" for _ in cols)])
         rows.append(["  at ready", *(mib(r["sites"][s].get("rss_at_ready_bytes")) for r, s in cols)])
@@ -418,22 +468,49 @@ def render(report: dict[str, Any]) -> str:
         rows.append(["  at ready", *(mib(r.get("server_rss_at_ready_bytes")) for r in runs)])
         rows.append(["  peak (VmHWM)", *(mib(r.get("server_peak_rss_bytes")) for r in runs)])
         rows.append(["  after the round", *(mib(r.get("server_rss_after_bytes")) for r in runs)])
-        rows.append(["CPU during the round (user + system)", *(
-            f"{r['server_cpu_user_s']:.2f} + {r['server_cpu_system_s']:.2f}" if "server_cpu_user_s" in r else "-"
-            for r in runs)])
+        rows.append(
+            [
+                "CPU during the round (user + system)",
+                *(
+                    f"{r['server_cpu_user_s']:.2f} + {r['server_cpu_system_s']:.2f}"
+                    if "server_cpu_user_s" in r
+                    else "-"
+                    for r in runs
+                ),
+            ]
+        )
         rows.append(["machine", *("" for _ in runs)])
-        rows.append(["  CPU busy during the round, all processes", *(
-            f"{r['machine_busy_s']:.2f} s" if "machine_busy_s" in r else "-" for r in runs)])
-        rows.append(["  of which other processes (noise)", *(
-            f"{r['other_processes_cpu_s']:.2f} s" if "other_processes_cpu_s" in r else "-" for r in runs)])
-        rows.append(["  CPU available (CPUs x round wall)", *(
-            f"{report['cpus'] * r['round_wall_s']:.2f} s" if r.get("round_wall_s") else "-" for r in runs)])
+        rows.append(
+            [
+                "  CPU busy during the round, all processes",
+                *(f"{r['machine_busy_s']:.2f} s" if "machine_busy_s" in r else "-" for r in runs),
+            ]
+        )
+        rows.append(
+            [
+                "  of which other processes (noise)",
+                *(f"{r['other_processes_cpu_s']:.2f} s" if "other_processes_cpu_s" in r else "-" for r in runs),
+            ]
+        )
+        rows.append(
+            [
+                "  CPU available (CPUs x round wall)",
+                *(f"{report['cpus'] * r['round_wall_s']:.2f} s" if r.get("round_wall_s") else "-" for r in runs),
+            ]
+        )
         parts += [table(rows), ""]
-        noisy = [run_label(r, rep) for r in runs if r.get("round_wall_s") and r.get("other_processes_cpu_s", 0)
-                 > NOISE_FRACTION * report["cpus"] * r["round_wall_s"]]
+        noisy = [
+            run_label(r, rep)
+            for r in runs
+            if r.get("round_wall_s")
+            and r.get("other_processes_cpu_s", 0) > NOISE_FRACTION * report["cpus"] * r["round_wall_s"]
+        ]
         if noisy:
-            parts += [f"WARNING: other processes used over {NOISE_FRACTION:.0%} of the CPU during "
-                      f"{', '.join(noisy)}: those figures are inflated; rerun on a quiet machine.", ""]
+            parts += [
+                f"WARNING: other processes used over {NOISE_FRACTION:.0%} of the CPU during "
+                f"{', '.join(noisy)}: those figures are inflated; rerun on a quiet machine.",
+                "",
+            ]
     for r in runs:
         if r.get("error"):
             parts.append(f"{run_label(r, rep)}: ERROR {r['error']}")
@@ -448,10 +525,20 @@ def push_rest(site: dict) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes-mib", type=float, nargs="+", default=[100, 1024], metavar="MIB",
-                        help="model sizes to run, in MiB (default: 100 1024)")
-    parser.add_argument("--chunk-mib", type=float, default=None,
-                        help="gRPC chunk size in MiB (recorded only: not passed on to the server or sites yet)")
+    parser.add_argument(
+        "--sizes-mib",
+        type=float,
+        nargs="+",
+        default=[100, 1024],
+        metavar="MIB",
+        help="model sizes to run, in MiB (default: 100 1024)",
+    )
+    parser.add_argument(
+        "--chunk-mib",
+        type=float,
+        default=None,
+        help="gRPC chunk size in MiB (recorded only: not passed on to the server or sites yet)",
+    )
     parser.add_argument("--tensor-mib", type=float, default=16, help="size of each tensor, in MiB (default: 16)")
     parser.add_argument("--repeat", type=int, default=1, help="rounds per size, each with fresh processes (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
@@ -480,8 +567,11 @@ def main(argv: list[str] | None = None) -> int:
                 r["workdir"] = str(work)
             runs.append(r)
             if not args.json:
-                print(f"{size:g} MiB run {attempt}/{args.repeat}: "
-                      + (f"error: {r['error']}" if r["error"] else f"round {r['round_wall_s']:.2f} s"), file=sys.stderr)
+                print(
+                    f"{size:g} MiB run {attempt}/{args.repeat}: "
+                    + (f"error: {r['error']}" if r["error"] else f"round {r['round_wall_s']:.2f} s"),
+                    file=sys.stderr,
+                )
 
     report = {
         "benchmark": "one federated round, 2 sites",
@@ -490,8 +580,11 @@ def main(argv: list[str] | None = None) -> int:
         "tensor_mib": args.tensor_mib,
         "chunk": "default 2 MiB" + (f" (--chunk-mib {args.chunk_mib:g} not passed on yet)" if args.chunk_mib else ""),
         "chunk_mib_requested": args.chunk_mib,
-        "targets": {"round_wall_s_100mib": ROUND_TARGET_S, "server_peak_rss_x_model": SERVER_RSS_TARGET_X,
-                    "completes": True},
+        "targets": {
+            "round_wall_s_100mib": ROUND_TARGET_S,
+            "server_peak_rss_x_model": SERVER_RSS_TARGET_X,
+            "completes": True,
+        },
         "runs": runs,
     }
     if args.json:

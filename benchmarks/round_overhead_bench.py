@@ -35,8 +35,9 @@ from fedcommon.wire import training_pb2 as pb  # noqa: E402
 TARGET_MS = 50.0
 
 
-def site_loop(ws: Path, site: str, target: str, rounds: int, submitted: dict, available: dict,
-              errors: list[str]) -> None:
+def site_loop(
+    ws: Path, site: str, target: str, rounds: int, submitted: dict, available: dict, errors: list[str]
+) -> None:
     channel = grpc.secure_channel(target, channel_credentials(load_kit(ws / site)))
     try:
         stub = TrainingStub(channel)
@@ -53,10 +54,12 @@ def site_loop(ws: Path, site: str, target: str, rounds: int, submitted: dict, av
             if head.status == pb.END:
                 return
             delta = {k: np.zeros_like(v) for k, v in tensors.items()}
-            header = pb.ModelHeader(run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0,
-                                    num_tensors=len(delta))
-            reply = stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *encode_tensors(delta)]), metadata=md,
-                                      timeout=30)
+            header = pb.ModelHeader(
+                run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0, num_tensors=len(delta)
+            )
+            reply = stub.SubmitUpdate(
+                iter([pb.ModelChunk(header=header), *encode_tensors(delta)]), metadata=md, timeout=30
+            )
             if not reply.accepted:
                 raise RuntimeError(f"{site}: round {head.round} refused: {reply.reason}")
             submitted.setdefault(head.round, {})[site] = time.perf_counter()
@@ -82,8 +85,11 @@ def measure(rounds: int, work: Path) -> dict:
     cfg = json.loads(cfg_path.read_text())
     cfg.update(num_rounds=rounds, wait_after_min_clients=30)
     cfg_path.write_text(json.dumps(cfg))
-    server = Child("server", [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "server"),
-                              "--mmar", str(mmar)], work / "server.stderr.txt")
+    server = Child(
+        "server",
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "server"), "--mmar", str(mmar)],
+        work / "server.stderr.txt",
+    )
     try:
         deadline = time.monotonic() + 120
         while "fedserver ready" not in server.next_line(deadline):
@@ -91,8 +97,12 @@ def measure(rounds: int, work: Path) -> dict:
         submitted: dict[int, dict[str, float]] = {}
         available: dict[int, dict[str, float]] = {}
         errors: list[str] = []
-        threads = [threading.Thread(target=site_loop, args=(ws, site, f"127.0.0.1:{fl_port}", rounds, submitted,
-                                                            available, errors)) for site in ("site-1", "site-2")]
+        threads = [
+            threading.Thread(
+                target=site_loop, args=(ws, site, f"127.0.0.1:{fl_port}", rounds, submitted, available, errors)
+            )
+            for site in ("site-1", "site-2")
+        ]
         for t in threads:
             t.start()
         for t in threads:
@@ -101,11 +111,20 @@ def measure(rounds: int, work: Path) -> dict:
             raise RuntimeError("; ".join(errors))
     finally:
         server.stop()
-    overheads = [max(available[r + 1].values()) - max(submitted[r].values())
-                 for r in range(1, rounds) if len(submitted.get(r, {})) == 2 and len(available.get(r + 1, {})) == 2]
+    overheads = [
+        max(available[r + 1].values()) - max(submitted[r].values())
+        for r in range(1, rounds)
+        if len(submitted.get(r, {})) == 2 and len(available.get(r + 1, {})) == 2
+    ]
     ms = sorted(o * 1000 for o in overheads)
-    return {"rounds": rounds, "measured": len(ms), "median_ms": statistics.median(ms),
-            "p90_ms": ms[int(0.9 * (len(ms) - 1))], "max_ms": ms[-1], "target_ms": TARGET_MS}
+    return {
+        "rounds": rounds,
+        "measured": len(ms),
+        "median_ms": statistics.median(ms),
+        "p90_ms": ms[int(0.9 * (len(ms) - 1))],
+        "max_ms": ms[-1],
+        "target_ms": TARGET_MS,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         verdict = "met" if result["median_ms"] <= TARGET_MS else "MISSED"
-        print(f"round overhead, tiny model, 2 sites: median {result['median_ms']:.1f} ms, p90 "
-              f"{result['p90_ms']:.1f} ms over {result['measured']} rounds (target <= {TARGET_MS:g} ms: {verdict})")
+        print(
+            f"round overhead, tiny model, 2 sites: median {result['median_ms']:.1f} ms, p90 "
+            f"{result['p90_ms']:.1f} ms over {result['measured']} rounds (target <= {TARGET_MS:g} ms: {verdict})"
+        )
     return 0
 
 

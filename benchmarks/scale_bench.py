@@ -55,8 +55,10 @@ from fedcommon.wire import training_pb2 as pb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LONG_POLL_S = 60.0  # as fedclient.admin: the real agent asks the server to hold Retrieve this long
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
 TARGETS = {"idle_cpu_pct": 5.0, "rss_mib": 1024.0, "status_client_s": 2.0, "round_s": 15.0}
 SIM_STATUS = {"status": "training not started", "status_code": 0, "run_number": None, "progress": {}}
 
@@ -72,8 +74,10 @@ class SimSite:
 
 
 def open_sites(kits: Path, names: list[str], target: str) -> list[SimSite]:
-    return [SimSite(n, grpc.aio.secure_channel(target, channel_credentials(load_kit(kits / n)), CHANNEL_OPTIONS))
-            for n in names]
+    return [
+        SimSite(n, grpc.aio.secure_channel(target, channel_credentials(load_kit(kits / n)), CHANNEL_OPTIONS))
+        for n in names
+    ]
 
 
 # ---- agents -----------------------------------------------------------------------------------------
@@ -96,8 +100,7 @@ async def agent_loop(site: SimSite, stop: asyncio.Event, polling: set[str]) -> N
     stub = apb_grpc.SiteAgentStub(site.channel)
     replies: list[apb.AdminMessage] = []
     while not stop.is_set():
-        call = stub.Retrieve(apb.RetrieveRequest(wait_seconds=LONG_POLL_S, replies=replies),
-                             timeout=LONG_POLL_S + 10)
+        call = stub.Retrieve(apb.RetrieveRequest(wait_seconds=LONG_POLL_S, replies=replies), timeout=LONG_POLL_S + 10)
         replies = []
         polling.add(site.name)
         try:
@@ -142,8 +145,15 @@ def one_shot_status(workspace: Path) -> tuple[float, int]:
     """`fedadmin --json status client` as an operator runs it: (wall seconds, ok replies)."""
     t0 = time.perf_counter()
     env = dict(os.environ, FEDADMIN_KIT=str(workspace / "admin"), PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "fedadmin.cli", "--json", "status", "client"], env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120, cwd=REPO)
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", "--json", "status", "client"],
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+    )
     took = time.perf_counter() - t0
     if proc.returncode != 0:
         raise RuntimeError(f"fedadmin status client exited {proc.returncode}: {proc.stderr.strip()[-500:]}")
@@ -153,9 +163,23 @@ def one_shot_status(workspace: Path) -> tuple[float, int]:
 
 def py_spy(pid: int, seconds: float, out: Path) -> subprocess.Popen:
     """Sample the server's Python stacks for `seconds` into `out` (collapsed stacks: one line per stack)."""
-    return subprocess.Popen(["py-spy", "record", "--pid", str(pid), "--duration", str(int(seconds)), "--format", "raw",
-                             "--output", str(out), "--nonblocking"], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    return subprocess.Popen(
+        [
+            "py-spy",
+            "record",
+            "--pid",
+            str(pid),
+            "--duration",
+            str(int(seconds)),
+            "--format",
+            "raw",
+            "--output",
+            str(out),
+            "--nonblocking",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
 
 
 async def bench_agents(n: int, work: Path, idle_s: float, repeat: int, profile: Path | None) -> dict[str, Any]:
@@ -165,8 +189,11 @@ async def bench_agents(n: int, work: Path, idle_s: float, repeat: int, profile: 
     t0 = time.monotonic()
     prepare_poc(kits, n, "127.0.0.1", fl_port, admin_port, "scale", False)
     out["provision_s"] = time.monotonic() - t0
-    server = Child("server", [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server")],
-                   work / f"server-agents-{n}.stderr.txt")
+    server = Child(
+        "server",
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server")],
+        work / f"server-agents-{n}.stderr.txt",
+    )
     sites: list[SimSite] = []
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
@@ -283,10 +310,10 @@ async def worker(site: SimSite, update: ZeroUpdate, rounds: dict[int, dict[str, 
             return
         update.build(headers)
         assert update.chunks is not None
-        header = pb.ModelHeader(run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0,
-                                num_tensors=len(headers))
-        reply = await stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *update.chunks]), metadata=md,
-                                        timeout=600)
+        header = pb.ModelHeader(
+            run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0, num_tensors=len(headers)
+        )
+        reply = await stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *update.chunks]), metadata=md, timeout=600)
         if not reply.accepted:
             raise RuntimeError(f"{site.name}: round {head.round} refused: {reply.reason}")
         rounds.setdefault(head.round, {})[site.name] = (got, time.perf_counter())
@@ -304,8 +331,11 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
     server_cfg = json.loads(config.read_text())
     server_cfg.update(min_num_clients=k, max_num_clients=k, num_rounds=num_rounds, heart_beat_timeout=600)
     config.write_text(json.dumps(server_cfg, indent=2))
-    server = Child("server", [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server"),
-                              "--mmar", str(mmar)], work / f"server-rounds-{k}.stderr.txt")
+    server = Child(
+        "server",
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server"), "--mmar", str(mmar)],
+        work / f"server-rounds-{k}.stderr.txt",
+    )
     sites: list[SimSite] = []
     try:
         deadline = time.monotonic() + 60
@@ -352,26 +382,50 @@ def render(report: dict[str, Any]) -> str:
             continue
         rss = a["server_rss_bytes"] / MIB
         rows += [
-            [f"{n} sites: server idle CPU", f"{a['idle_cpu_pct']:.2f} % of a core", "1",
-             f"<= {TARGETS['idle_cpu_pct']:g}", verdict(a["idle_cpu_pct"], TARGETS["idle_cpu_pct"])],
-            [f"{n} sites: server RSS (peak)", f"{rss:.0f} MiB ({a['server_peak_rss_bytes'] / MIB:.0f})", "1",
-             f"<= {TARGETS['rss_mib']:g}", verdict(a["server_peak_rss_bytes"] / MIB, TARGETS["rss_mib"])],
+            [
+                f"{n} sites: server idle CPU",
+                f"{a['idle_cpu_pct']:.2f} % of a core",
+                "1",
+                f"<= {TARGETS['idle_cpu_pct']:g}",
+                verdict(a["idle_cpu_pct"], TARGETS["idle_cpu_pct"]),
+            ],
+            [
+                f"{n} sites: server RSS (peak)",
+                f"{rss:.0f} MiB ({a['server_peak_rss_bytes'] / MIB:.0f})",
+                "1",
+                f"<= {TARGETS['rss_mib']:g}",
+                verdict(a["server_peak_rss_bytes"] / MIB, TARGETS["rss_mib"]),
+            ],
             [f"{n} sites: server threads", str(a["server_threads"]), "1", "", ""],
-            [f"{n} sites: `status client`, in one process", f"{statistics.median(a['status_client_s']):.3g} s",
-             str(len(a["status_client_s"])), f"<= {TARGETS['status_client_s']:g}",
-             verdict(statistics.median(a["status_client_s"]), TARGETS["status_client_s"])],
-            [f"{n} sites: one-shot `fedadmin --json status client`",
-             f"{statistics.median(a['one_shot_status_client_s']):.3g} s", str(len(a["one_shot_status_client_s"])),
-             f"<= {TARGETS['status_client_s']:g}",
-             verdict(statistics.median(a["one_shot_status_client_s"]), TARGETS["status_client_s"])],
+            [
+                f"{n} sites: `status client`, in one process",
+                f"{statistics.median(a['status_client_s']):.3g} s",
+                str(len(a["status_client_s"])),
+                f"<= {TARGETS['status_client_s']:g}",
+                verdict(statistics.median(a["status_client_s"]), TARGETS["status_client_s"]),
+            ],
+            [
+                f"{n} sites: one-shot `fedadmin --json status client`",
+                f"{statistics.median(a['one_shot_status_client_s']):.3g} s",
+                str(len(a["one_shot_status_client_s"])),
+                f"<= {TARGETS['status_client_s']:g}",
+                verdict(statistics.median(a["one_shot_status_client_s"]), TARGETS["status_client_s"]),
+            ],
         ]
     for r in report["rounds"]:
         label = f"{r['sites']} sites: {r['size_mib']:g} MiB round"
         if r.get("error"):
             rows.append([label, "failed", "", "", r["error"][:80]])
             continue
-        rows.append([label, f"{statistics.median(r['round_s']):.3g} s", str(len(r["round_s"])),
-                     f"<= {TARGETS['round_s']:g}", verdict(statistics.median(r["round_s"]), TARGETS["round_s"])])
+        rows.append(
+            [
+                label,
+                f"{statistics.median(r['round_s']):.3g} s",
+                str(len(r["round_s"])),
+                f"<= {TARGETS['round_s']:g}",
+                verdict(statistics.median(r["round_s"]), TARGETS["round_s"]),
+            ]
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
 
@@ -385,11 +439,13 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             report["agents"].append({"sites": n, "error": f"{type(e).__name__}: {e}"})
     if args.round_sites:
         try:
-            report["rounds"].append(await bench_rounds(args.round_sites, args.round_mib, args.rounds, work,
-                                                       args.timeout))
+            report["rounds"].append(
+                await bench_rounds(args.round_sites, args.round_mib, args.rounds, work, args.timeout)
+            )
         except Exception as e:
-            report["rounds"].append({"sites": args.round_sites, "size_mib": args.round_mib,
-                                     "error": f"{type(e).__name__}: {e}"})
+            report["rounds"].append(
+                {"sites": args.round_sites, "size_mib": args.round_mib, "error": f"{type(e).__name__}: {e}"}
+            )
     return report
 
 
@@ -405,8 +461,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--keep", action="store_true", help="keep the kits and the server logs (prints where)")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="folder for py-spy samples of the server (idle window, status client): needs py-spy")
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        default=None,
+        help="folder for py-spy samples of the server (idle window, status client): needs py-spy",
+    )
     args = parser.parse_args(argv)
     tmp = Path(tempfile.mkdtemp(prefix="scale-bench-", dir=args.workdir))
     try:

@@ -30,8 +30,13 @@ def run_json(script: str, *args: str, timeout: float = 3600, reports_failures: b
 
     With `reports_failures`, a benchmark that exits 1 but names what failed in its JSON is read too.
     """
-    proc = subprocess.run([sys.executable, str(HERE / script), *args, "--json"], stdout=subprocess.PIPE,
-                          text=True, timeout=timeout, cwd=HERE.parent)
+    proc = subprocess.run(
+        [sys.executable, str(HERE / script), *args, "--json"],
+        stdout=subprocess.PIPE,
+        text=True,
+        timeout=timeout,
+        cwd=HERE.parent,
+    )
     if proc.returncode != 0 and not (reports_failures and proc.returncode == 1 and proc.stdout.strip()):
         raise RuntimeError(f"{script} failed (exit {proc.returncode})")
     return json.loads(proc.stdout)
@@ -65,19 +70,41 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"host": platform.node(), "cpus": os.cpu_count(), "cpu": cpu, "memory_bytes": mem,
-            "python": platform.python_version(), "system": platform.platform()}
+    return {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "cpu": cpu,
+        "memory_bytes": mem,
+        "python": platform.python_version(),
+        "system": platform.platform(),
+    }
 
 
-def figure(name: str, runs: list[float], unit: str, target: float | None = None, higher_is_better: bool = False,
-           baseline: float | None = None, baseline_name: str = "") -> dict[str, Any]:
+def figure(
+    name: str,
+    runs: list[float],
+    unit: str,
+    target: float | None = None,
+    higher_is_better: bool = False,
+    baseline: float | None = None,
+    baseline_name: str = "",
+) -> dict[str, Any]:
     value = statistics.median(runs) if runs else None
     met = None
     if value is not None and target is not None:
         met = value >= target if higher_is_better else value <= target
-    return {"figure": name, "median": value, "unit": unit, "runs": runs, "target": target,
-            "higher_is_better": higher_is_better, "met": met, "baseline": baseline, "baseline_name": baseline_name,
-            "ratio_to_baseline": value / baseline if value is not None and baseline else None}
+    return {
+        "figure": name,
+        "median": value,
+        "unit": unit,
+        "runs": runs,
+        "target": target,
+        "higher_is_better": higher_is_better,
+        "met": met,
+        "baseline": baseline,
+        "baseline_name": baseline_name,
+        "ratio_to_baseline": value / baseline if value is not None and baseline else None,
+    }
 
 
 def not_measured(name: str, unit: str, target: float | None, why: str) -> dict[str, Any]:
@@ -92,22 +119,47 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         model = size * MiB
         copy = copy_seconds(int(model)) * 4  # a round moves the model 4 times: 2 downloads, 2 uploads
         target = {1024: 10.0}.get(int(size))
-        figures.append(figure(f"round {size:g} MiB, 2 sites: wall", [r["round_wall_s"] for r in runs], "s", target,
-                              baseline=copy, baseline_name="numpy copying the 4x model bytes it moves"))
-        figures.append(figure(f"round {size:g} MiB: throughput", [r["throughput_mib_s"] for r in runs], "MiB/s",
-                              higher_is_better=True))
-        figures.append(figure(f"round {size:g} MiB: server peak RSS / model",
-                              [r["server_peak_rss_bytes"] / model for r in runs if r.get("server_peak_rss_bytes")],
-                              "x", 2.5 if int(size) == 1024 else None))
+        figures.append(
+            figure(
+                f"round {size:g} MiB, 2 sites: wall",
+                [r["round_wall_s"] for r in runs],
+                "s",
+                target,
+                baseline=copy,
+                baseline_name="numpy copying the 4x model bytes it moves",
+            )
+        )
+        figures.append(
+            figure(
+                f"round {size:g} MiB: throughput", [r["throughput_mib_s"] for r in runs], "MiB/s", higher_is_better=True
+            )
+        )
+        figures.append(
+            figure(
+                f"round {size:g} MiB: server peak RSS / model",
+                [r["server_peak_rss_bytes"] / model for r in runs if r.get("server_peak_rss_bytes")],
+                "x",
+                2.5 if int(size) == 1024 else None,
+            )
+        )
         site_x = [max(s.get("peak_rss_bytes") or 0 for s in r["sites"].values()) / model for r in runs]
-        figures.append(figure(f"round {size:g} MiB: site peak RSS / model", site_x, "x",
-                              3.0 if int(size) == 1024 else None))
+        figures.append(
+            figure(f"round {size:g} MiB: site peak RSS / model", site_x, "x", 3.0 if int(size) == 1024 else None)
+        )
     aggregation = [run_json("aggregation_bench.py", "--repeat", "3") for _ in range(args.repeat)]
-    figures.append(figure("aggregation 256 MiB: throughput", [a["ours_gb_s"] for a in aggregation], "GB/s",
-                          higher_is_better=True, baseline=statistics.median(a["numpy_gb_s"] for a in aggregation),
-                          baseline_name="numpy a += w*b on the same arrays"))
-    figures.append(figure("aggregation: ours / numpy", [a["ratio"] for a in aggregation], "x", 0.5,
-                          higher_is_better=True))
+    figures.append(
+        figure(
+            "aggregation 256 MiB: throughput",
+            [a["ours_gb_s"] for a in aggregation],
+            "GB/s",
+            higher_is_better=True,
+            baseline=statistics.median(a["numpy_gb_s"] for a in aggregation),
+            baseline_name="numpy a += w*b on the same arrays",
+        )
+    )
+    figures.append(
+        figure("aggregation: ours / numpy", [a["ratio"] for a in aggregation], "x", 0.5, higher_is_better=True)
+    )
     overhead = [run_json("round_overhead_bench.py", "--rounds", "30") for _ in range(args.repeat)]
     figures.append(figure("round overhead, tiny model", [o["median_ms"] for o in overhead], "ms", 50.0))
     admin = run_json("admin_bench.py", "--repeat", str(max(5, args.repeat)))
@@ -119,34 +171,49 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def scale_figures(args: argparse.Namespace) -> list[dict[str, Any]]:
     """N simulated sites in one load-generator process (scale_bench.py); the last N carries the targets."""
-    scale = run_json("scale_bench.py", "--sites", *map(str, args.scale_sites), "--repeat", str(args.repeat),
-                     "--round-sites", "100", "--round-mib", "10", "--rounds", str(args.repeat + 1),
-                     reports_failures=True)
+    scale = run_json(
+        "scale_bench.py",
+        "--sites",
+        *map(str, args.scale_sites),
+        "--repeat",
+        str(args.repeat),
+        "--round-sites",
+        "100",
+        "--round-mib",
+        "10",
+        "--rounds",
+        str(args.repeat + 1),
+        reports_failures=True,
+    )
     figures = []
     largest = max(args.scale_sites)
     for a in scale["agents"]:
         n = a["sites"]
         target = (lambda t: t) if n == largest else (lambda t: None)
         if a.get("error"):
-            for name, unit, t in ((f"{n} sites: server idle CPU", "% of a core", 5.0),
-                                  (f"{n} sites: `status client`", "s", 2.0)):
+            for name, unit, t in (
+                (f"{n} sites: server idle CPU", "% of a core", 5.0),
+                (f"{n} sites: `status client`", "s", 2.0),
+            ):
                 figures.append(not_measured(name, unit, target(t), a["error"]))
             continue
         figures.append(figure(f"{n} sites: server idle CPU", [a["idle_cpu_pct"]], "% of a core", target(5.0)))
-        figures.append(figure(f"{n} sites: server peak RSS", [a["server_peak_rss_bytes"] / MiB], "MiB",
-                              target(1024.0)))
-        figures.append(figure(f"{n} sites: `status client`, in one process", a["status_client_s"], "s",
-                              target(2.0)))
-        figures.append(figure(f"{n} sites: one-shot `fedadmin --json status client`",
-                              a["one_shot_status_client_s"], "s", target(2.0)))
+        figures.append(figure(f"{n} sites: server peak RSS", [a["server_peak_rss_bytes"] / MiB], "MiB", target(1024.0)))
+        figures.append(figure(f"{n} sites: `status client`, in one process", a["status_client_s"], "s", target(2.0)))
+        figures.append(
+            figure(
+                f"{n} sites: one-shot `fedadmin --json status client`", a["one_shot_status_client_s"], "s", target(2.0)
+            )
+        )
     for r in scale["rounds"]:
         name = f"{r['sites']} sites: {r['size_mib']:g} MiB round"
         if r.get("error"):
             figures.append(not_measured(name, "s", 15.0, r["error"]))
             continue
         figures.append(figure(name, r["round_s"], "s", 15.0))
-        figures.append(figure(f"{name}: server peak RSS / model", [r["server_peak_rss_bytes"] / (r["size_mib"] * MiB)],
-                              "x"))
+        figures.append(
+            figure(f"{name}: server peak RSS / model", [r["server_peak_rss_bytes"] / (r["size_mib"] * MiB)], "x")
+        )
     return figures
 
 
@@ -168,18 +235,29 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mib", type=float, nargs="+", default=[10, 100, 1024])
     parser.add_argument("--repeat", type=int, default=3, help="runs per figure; medians are shown (default 3)")
-    parser.add_argument("--scale-sites", type=int, nargs="+", default=[100, 1000],
-                        help="simulated site counts for the scale figures (default 100 1000)")
+    parser.add_argument(
+        "--scale-sites",
+        type=int,
+        nargs="+",
+        default=[100, 1000],
+        help="simulated site counts for the scale figures (default 100 1000)",
+    )
     parser.add_argument("--out", type=Path, default=HERE / "results.json")
     args = parser.parse_args(argv)
     started = datetime.datetime.now(datetime.timezone.utc)
     figures = collect(args)
-    report = {"date": started.isoformat(timespec="seconds"), "machine": machine(), "repeat": args.repeat,
-              "figures": figures}
+    report = {
+        "date": started.isoformat(timespec="seconds"),
+        "machine": machine(),
+        "repeat": args.repeat,
+        "figures": figures,
+    }
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     info = report["machine"]
-    print(f"fedlearn benchmarks, {report['date']}, {info['cpus']} CPUs ({info['cpu']}), "
-          f"{(info['memory_bytes'] or 0) / 2**30:.0f} GiB")
+    print(
+        f"fedlearn benchmarks, {report['date']}, {info['cpus']} CPUs ({info['cpu']}), "
+        f"{(info['memory_bytes'] or 0) / 2**30:.0f} GiB"
+    )
     print(render(figures))
     print(f"written to {args.out}")
     return 0

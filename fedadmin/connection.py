@@ -158,7 +158,6 @@ class AdminConnection:
             return RemoteError(f"{what}: no answer from {where} within {deadline:.0f}s")
         return RemoteError(f"{what} refused by the server at {self.target}: {details}")
 
-
     def _connected(self) -> bool:
         """Whether the channel has (or gets within a moment) a TLS connection; only asked after a failure."""
         ready = grpc.channel_ready_future(self._channel)
@@ -194,4 +193,3 @@ def _load_admin_kit(folder: Path) -> Kit:
             "pass the admin's participant folder with --kit or FEDADMIN_KIT"
         )
     return kit
-

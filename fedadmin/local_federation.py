@@ -75,8 +75,14 @@ def participants(workspace: Path) -> list[Participant]:
         except (OSError, ValueError) as exc:
             raise FederationError(f"{folder / STARTUP_CONFIG}: unreadable ({exc})") from None
         admin_role = config.get("admin_role")
-        found.append(Participant(str(config.get("name", folder.name)), str(config.get("role")), folder,
-                                 admin_role if isinstance(admin_role, str) else None))
+        found.append(
+            Participant(
+                str(config.get("name", folder.name)),
+                str(config.get("role")),
+                folder,
+                admin_role if isinstance(admin_role, str) else None,
+            )
+        )
     order = {"server": 0, "client": 1, "admin": 2}
     found.sort(key=lambda p: (order.get(p.role, 3), _natural(p.name)))
     if not any(p.role == "server" for p in found) or not any(p.role == "client" for p in found):
@@ -159,8 +165,16 @@ def self_recorded(workspace: Path) -> list[ProcessRecord]:
         own = read_pid_file(participant.folder)
         if own is not None and live_process(own) is not None:
             folder = participant.folder
-            records.append(ProcessRecord(folder.name, own.pid, own.create_time, list(own.cmdline),
-                                         str(folder / "log.txt"), str(folder / "console.txt")))
+            records.append(
+                ProcessRecord(
+                    folder.name,
+                    own.pid,
+                    own.create_time,
+                    list(own.cmdline),
+                    str(folder / "log.txt"),
+                    str(folder / "console.txt"),
+                )
+            )
     return records
 
 
@@ -296,8 +310,10 @@ def _require_roles() -> None:
 
     missing = [m for m in ("numpy", "torch") if absent(m)]
     if missing:
-        raise FederationError(f"a POC federation runs the server and its sites on this machine, which needs "
-                              f"{' and '.join(missing)}: pip install 'fedlearn[server,site]'")
+        raise FederationError(
+            f"a POC federation runs the server and its sites on this machine, which needs "
+            f"{' and '.join(missing)}: pip install 'fedlearn[server,site]'"
+        )
 
 
 def start(

@@ -128,7 +128,7 @@ def _progress_cells(progress: dict[str, Any]) -> tuple[str, str, str, str]:
 
 
 def server_line(server: TargetReply | None) -> Text:
-    """"server: run 1 training, round 2 of rounds 0..4" from the server's status data."""
+    """ "server: run 1 training, round 2 of rounds 0..4" from the server's status data."""
     if server is None:
         return Text("server: not asked")
     if not server.ok:
@@ -155,7 +155,7 @@ def server_line(server: TargetReply | None) -> Text:
 
 
 def algorithms_text(aggregator: Any, site_algorithms: Any) -> str:
-    """"FedAdam" or "FedAvg + SCAFFOLD": the run's aggregator and the site algorithms it turns on."""
+    """ "FedAdam" or "FedAvg + SCAFFOLD": the run's aggregator and the site algorithms it turns on."""
     names = [str(aggregator or "FedAvg"), *(str(s) for s in site_algorithms or [] if s)]
     return " + ".join(names)
 
@@ -293,7 +293,7 @@ def shell_view(outcome: CommandOutcome) -> RenderableType:
 
 
 def failure_line(command: str, error: str) -> Text:
-    """"validate: run 7 does not exist" in red: a command that has nothing else to show."""
+    """ "validate: run 7 does not exist" in red: a command that has nothing else to show."""
     return Text(f"{command}: {error}", style="bold red")
 
 
@@ -316,8 +316,10 @@ def validation_view(data: dict[str, Any], metric: str | None) -> RenderableType:
     if data.get("declined"):
         notes.append(f"did not share their model: {value_text(data['declined'])}")
     if data.get("enabled") is False and not results:
-        notes.append(f"cross-site validation was not turned on for run {value_text(data.get('run_number'))} "
-                     "(cross_site_validate in config_fed_client.json): start it with `fedadmin validate --start`")
+        notes.append(
+            f"cross-site validation was not turned on for run {value_text(data.get('run_number'))} "
+            "(cross_site_validate in config_fed_client.json): start it with `fedadmin validate --start`"
+        )
     elif data.get("pending_owners"):
         notes.append(f"models not arrived yet: {value_text(data['pending_owners'])}")
     heading = Text(f"{title} ({metric})" if metric else title, style="bold")
@@ -363,8 +365,7 @@ def summary_view(record: dict[str, Any]) -> RenderableType:
     rounds = record.get("rounds") or []
     final = (record.get("final") or {}).get("sites") or {}
     names = sorted(
-        {k for r in rounds for m in (r.get("sites") or {}).values() for k in m}
-        | {k for m in final.values() for k in m}
+        {k for r in rounds for m in (r.get("sites") or {}).values() for k in m} | {k for m in final.values() for k in m}
     )
     table = Table(title=f"run {record.get('run_number')}: {record.get('run_status')}", title_justify="left")
     for col in ("round", "site", *names, "weight", "seconds"):
@@ -417,8 +418,14 @@ def line_chart(points: list[tuple[int, float]], height: int = 8, width: int = 60
     return Text("\n".join(lines))
 
 
-def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]], metric: str | None,
-                 png: Any = None, algorithms: str = "") -> RenderableType:
+def metrics_view(
+    run_number: Any,
+    run_status: Any,
+    records: list[dict[str, Any]],
+    metric: str | None,
+    png: Any = None,
+    algorithms: str = "",
+) -> RenderableType:
     """Per round: each site's value of `metric` for the global model it received, their mean; then a chart."""
     title = f"Run {value_text(run_number)} ({value_text(run_status)}): {metric or 'no metrics'}"
     if not records:
@@ -434,12 +441,20 @@ def metrics_view(run_number: Any, run_status: Any, records: list[dict[str, Any]]
         table.add_row(str(r.get("round")), *cells, value_text((r.get("mean") or {}).get(metric)))
     parts: list[RenderableType] = [Text(f"algorithms: {algorithms}")] if algorithms else []
     parts.append(table)
-    curve = [(r["round"], r["mean"][metric]) for r in records
-             if isinstance(r.get("round"), int) and metric in (r.get("mean") or {})]
+    curve = [
+        (r["round"], r["mean"][metric])
+        for r in records
+        if isinstance(r.get("round"), int) and metric in (r.get("mean") or {})
+    ]
     if len(curve) > 1:
         parts += [Text(f"mean {metric} by round", style="bold"), line_chart(curve)]
-    parts.append(Text("Each round's row scores the global model the sites received at its start; final: the model "
-                      "after the last round.", style="dim"))
+    parts.append(
+        Text(
+            "Each round's row scores the global model the sites received at its start; final: the model "
+            "after the last round.",
+            style="dim",
+        )
+    )
     if png is not None:
         parts.append(Text(f"learning curves written to {png}"))
     return Group(*parts)

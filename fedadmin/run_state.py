@@ -57,8 +57,11 @@ def site_failure(outcome: CommandOutcome, site: TargetReply) -> str | None:
 def training_sites(outcome: CommandOutcome) -> list[str]:
     """The sites whose own reply says they are starting or training the current run."""
     number = run_number(outcome)
-    return [s.target for s in outcome.sites
-            if s.ok and s.data.get("status_code") in TRAINING_CODES and s.data.get("run_number") == number]
+    return [
+        s.target
+        for s in outcome.sites
+        if s.ok and s.data.get("status_code") in TRAINING_CODES and s.data.get("run_number") == number
+    ]
 
 
 def stalled(outcome: CommandOutcome) -> dict[str, str] | None:
@@ -98,8 +101,10 @@ def awaited(outcome: CommandOutcome) -> str | None:
         needed = data["min_num_clients"]
         if len(started) < needed:
             idle = [s.target for s in outcome.sites if s.ok and s.target not in training]
-            text = (f"run {number} needs min_num_clients={needed}, {len(started)} site"
-                    f"{'' if len(started) == 1 else 's'} started")
+            text = (
+                f"run {number} needs min_num_clients={needed}, {len(started)} site"
+                f"{'' if len(started) == 1 else 's'} started"
+            )
             return text + (f": fedadmin start {' '.join(idle)}" if idle else "")
     if status == "completed" and training:
         return f"run {number} completed at the server; {', '.join(training)} still finishing"
@@ -107,11 +112,13 @@ def awaited(outcome: CommandOutcome) -> str | None:
 
 
 def failed_run_message(outcome: CommandOutcome) -> str | None:
-    """"run 1 failed at every site that started it: ..." with each site's error and next steps, or None."""
+    """ "run 1 failed at every site that started it: ..." with each site's error and next steps, or None."""
     lost = stalled(outcome)
     if not lost:
         return None
     run = run_number(outcome)
     errors = "; ".join(f"{site}: {error}{traceback_hint(site, run, error)}" for site, error in lost.items())
-    return (f"run {run} failed at every site that started it: {errors}; the server still counts it as training: "
-            "end it with `fedadmin abort server`")
+    return (
+        f"run {run} failed at every site that started it: {errors}; the server still counts it as training: "
+        "end it with `fedadmin abort server`"
+    )

@@ -56,7 +56,7 @@ def run_end(outcome: CommandOutcome) -> RunEnd | None:
 
 
 def display_mode(as_json: bool) -> str:
-    """"quiet" under --json, "live" on a terminal, "lines" (plain text) otherwise."""
+    """ "quiet" under --json, "live" on a terminal, "lines" (plain text) otherwise."""
     if as_json:
         return "quiet"
     return "live" if sys.stdout.isatty() else "lines"

@@ -89,9 +89,18 @@ class Sender:
 class FedAdminAgent:
     """Retrieves requests, runs them on a small pool (a slow one never blocks the others) and replies to each."""
 
-    def __init__(self, client_name: str, sender: Sender, app_ctx, req_poll_interval: float = 0.5,
-                 process_poll_interval: float = 0.1, *, workers: int = DEFAULT_WORKERS,
-                 audit_log: Path | None = None, policy: LocalPolicy | None = None):
+    def __init__(
+        self,
+        client_name: str,
+        sender: Sender,
+        app_ctx,
+        req_poll_interval: float = 0.5,
+        process_poll_interval: float = 0.1,
+        *,
+        workers: int = DEFAULT_WORKERS,
+        audit_log: Path | None = None,
+        policy: LocalPolicy | None = None,
+    ):
         self.client_name = client_name
         self.sender = sender
         self.app_ctx = app_ctx
@@ -242,8 +251,15 @@ class FedAdminAgent:
         except Exception:
             log.exception("sending the reply to %s (%s) failed", req.topic, req.id)
         level = logging.DEBUG if ok and req.topic in QUIET_TOPICS else logging.INFO
-        log.log(level, "request %s (%s): %s in %.2fs%s", req.topic, req.id, "ok" if ok else "error",
-                time.monotonic() - started, f": {error}" if error else "")
+        log.log(
+            level,
+            "request %s (%s): %s in %.2fs%s",
+            req.topic,
+            req.id,
+            "ok" if ok else "error",
+            time.monotonic() - started,
+            f": {error}" if error else "",
+        )
 
     def _process(self, req: Message) -> Message:
         if self.policy is not None:
@@ -267,9 +283,16 @@ class FedAdminAgent:
         if self._audit_writer is None:
             return
         sender = _sender(req)
-        entry: dict[str, Any] = {"admin": sender.name, "role": sender.role, "org": sender.org,
-                                 "command": req.get_header(MsgHeader.COMMAND) or req.topic, "site": self.client_name,
-                                 "topic": req.topic, "id": req.id, "ok": ok}
+        entry: dict[str, Any] = {
+            "admin": sender.name,
+            "role": sender.role,
+            "org": sender.org,
+            "command": req.get_header(MsgHeader.COMMAND) or req.topic,
+            "site": self.client_name,
+            "topic": req.topic,
+            "id": req.id,
+            "ok": ok,
+        }
         if req.get_header("run_number") is not None:
             entry["run_number"] = req.get_header("run_number")
         if req.topic == Topic.SHELL:
@@ -290,17 +313,30 @@ class AdminMessageSender(Sender):
     With is_multi_gpu, only rank 0 talks to the server: the other ranks retrieve nothing and send nothing.
     """
 
-    def __init__(self, client_name: str, root_cert: str | None = None, ssl_cert: str | None = None,
-                 private_key: str | None = None, server_args=None, secure: bool = False,
-                 is_multi_gpu: bool = False, rank: int = 0):
+    def __init__(
+        self,
+        client_name: str,
+        root_cert: str | None = None,
+        ssl_cert: str | None = None,
+        private_key: str | None = None,
+        server_args=None,
+        secure: bool = False,
+        is_multi_gpu: bool = False,
+        rank: int = 0,
+    ):
         if not secure:
-            raise ValueError(mutual_tls_required("AdminMessageSender", "secure",
-                                                 "root_cert=..., ssl_cert=..., private_key=..."))
+            raise ValueError(
+                mutual_tls_required("AdminMessageSender", "secure", "root_cert=..., ssl_cert=..., private_key=...")
+            )
         if rank != 0 and not is_multi_gpu:
-            raise ValueError(f"AdminMessageSender: rank {rank} without is_multi_gpu=True: only a multi-GPU site has "
-                             f"ranks other than 0 (rank 0 talks to the server, the others send nothing)")
-        credentials = tls_channel_credentials({"root_cert": root_cert, "ssl_cert": ssl_cert,
-                                               "private_key": private_key}, "AdminMessageSender (mutual TLS)")
+            raise ValueError(
+                f"AdminMessageSender: rank {rank} without is_multi_gpu=True: only a multi-GPU site has "
+                f"ranks other than 0 (rank 0 talks to the server, the others send nothing)"
+            )
+        credentials = tls_channel_credentials(
+            {"root_cert": root_cert, "ssl_cert": ssl_cert, "private_key": private_key},
+            "AdminMessageSender (mutual TLS)",
+        )
         if server_args is None:
             raise ValueError("AdminMessageSender: server_args must name the server: {'target': 'host:fl_port'}")
         entry = server_args[0] if isinstance(server_args, (list, tuple)) else server_args
@@ -310,8 +346,10 @@ class AdminMessageSender(Sender):
         self.is_multi_gpu = is_multi_gpu
         self.rank = rank
         self._silent = is_multi_gpu and rank != 0
-        options = [("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                   ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)]
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
         self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.SiteAgentStub(self._channel)
         self._ready = threading.Event()
@@ -337,8 +375,9 @@ class AdminMessageSender(Sender):
 
     # ---- the seed's calls ------------------------------------------------------------------------
 
-    def retrieve_client_requests(self, taskname: str, wait_seconds: float = LONG_POLL_S,
-                                 replies: list[Message] = ()) -> list[Message]:
+    def retrieve_client_requests(
+        self, taskname: str, wait_seconds: float = LONG_POLL_S, replies: list[Message] = ()
+    ) -> list[Message]:
         """Long-poll the server for this site's requests, delivering `replies` with the call (raises grpc.RpcError)."""
         if self._silent:
             return []
@@ -373,8 +412,7 @@ class AdminMessageSender(Sender):
             return True
         ack = self._stub.SendReply(message_to_wire(message), timeout=SEND_DEADLINE_S)
         if not ack.ok:
-            log.warning("%s: the server did not take the reply to %s: %s", taskname, message.get_ref_id(),
-                        ack.message)
+            log.warning("%s: the server did not take the reply to %s: %s", taskname, message.get_ref_id(), ack.message)
         return ack.ok
 
     def send_reply(self, message: Message) -> None:
@@ -431,11 +469,14 @@ class AdminMessageSender(Sender):
                 raise BlobFetchError(f"blob {blob_id}: the server's reply did not start with a header")
             header = first.header
             if header.size != expected_size:
-                raise BlobFetchError(f"blob {blob_id}: the server sends {header.size} bytes, "
-                                     f"the deploy request announced {expected_size}")
+                raise BlobFetchError(
+                    f"blob {blob_id}: the server sends {header.size} bytes, "
+                    f"the deploy request announced {expected_size}"
+                )
             if header.sha256.lower() != expected_sha256:
-                raise BlobFetchError(f"blob {blob_id}: the server announces sha256 {header.sha256}, "
-                                     f"the deploy request {expected_sha256}")
+                raise BlobFetchError(
+                    f"blob {blob_id}: the server announces sha256 {header.sha256}, the deploy request {expected_sha256}"
+                )
             with open(part, "wb") as out:
                 for chunk in stream:
                     if chunk.WhichOneof("part") != "data":
@@ -467,5 +508,8 @@ def retry_pause(failures: int, interval: float) -> float:
 
 def _sender(req: Message) -> AdminIdentity:
     """Who sent a request, as the server stated it (empty when it did not)."""
-    return AdminIdentity(req.get_header(MsgHeader.ADMIN) or "", req.get_header(MsgHeader.ADMIN_ROLE) or "",
-                        req.get_header(MsgHeader.ADMIN_ORG) or "")
+    return AdminIdentity(
+        req.get_header(MsgHeader.ADMIN) or "",
+        req.get_header(MsgHeader.ADMIN_ROLE) or "",
+        req.get_header(MsgHeader.ADMIN_ORG) or "",
+    )

@@ -138,7 +138,7 @@ class ShutdownClientProcessor(RequestProcessor):
 
 
 class ValidateRequestProcessor(RequestProcessor):
-    """validate: cross-site validation of a run already trained (`fedadmin validate --run`)."""
+    """validate: cross-site validation of a run already trained (`fedadmin validate --start`)."""
 
     def get_topics(self) -> list[str]:
         return [Topic.VALIDATE]
@@ -178,9 +178,17 @@ class LogsProcessor(RequestProcessor):
 def seed_processors() -> list[RequestProcessor]:
     """One instance of each of the seed's eleven processors."""
     return [
-        ClientStatusProcessor(), DeployProcessor(), StartClientProcessor(), StartClientMGpuProcessor(),
-        AbortClientProcessor(), DeleteRunNumberProcessor(), ShellCommandProcessor(), SysInfoProcessor(),
-        RestartClientProcessor(), ShutdownClientProcessor(), ValidateRequestProcessor(),
+        ClientStatusProcessor(),
+        DeployProcessor(),
+        StartClientProcessor(),
+        StartClientMGpuProcessor(),
+        AbortClientProcessor(),
+        DeleteRunNumberProcessor(),
+        ShellCommandProcessor(),
+        SysInfoProcessor(),
+        RestartClientProcessor(),
+        ShutdownClientProcessor(),
+        ValidateRequestProcessor(),
     ]
 
 

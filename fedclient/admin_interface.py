@@ -36,8 +36,9 @@ class RequestRefused(Exception):
 class ClientAdminInterface:
     """The site's side of every admin command; the processors' app_ctx. One training at a time, in a worker process."""
 
-    def __init__(self, client, client_name: str, sender, args, rank: int, workers: int = 5,
-                 policy: LocalPolicy | None = None):
+    def __init__(
+        self, client, client_name: str, sender, args, rank: int, workers: int = 5, policy: LocalPolicy | None = None
+    ):
         self.client = client
         self.client_name = client_name
         self.sender = sender
@@ -86,8 +87,12 @@ class ClientAdminInterface:
         """The contract's site status: status words and code, run number, latest progress (and error)."""
         executor = self.client_executor
         code = executor.status
-        data: dict[str, Any] = {"status": get_status_message(code), "status_code": code,
-                                "run_number": executor.run_number, "progress": dict(executor.progress)}
+        data: dict[str, Any] = {
+            "status": get_status_message(code),
+            "status_code": code,
+            "run_number": executor.run_number,
+            "progress": dict(executor.progress),
+        }
         if executor.ranks > 1:
             data["ranks"] = executor.ranks
         if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
@@ -195,14 +200,17 @@ class ClientAdminInterface:
         gpus = _checked(commands.count, gpu_number, "gpu_number")
         have, where = available_gpus()
         if have and gpus > have:
-            raise RequestRefused(f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); "
-                                 f"start-mgpu asked for {gpus}")
+            raise RequestRefused(
+                f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); start-mgpu asked for {gpus}"
+            )
         cpus = os.cpu_count() or 1
         if not have and gpus > cpus:
-            raise RequestRefused(f"{self.client_name} has no GPU ({where}) and {cpus} CPUs; start-mgpu {gpus} "
-                                 f"would run {gpus} CPU ranks")
-        data = self._start(number, lambda args, mmar: self.client_executor.start_mgpu_train(
-            self.client, args, mmar, gpus))
+            raise RequestRefused(
+                f"{self.client_name} has no GPU ({where}) and {cpus} CPUs; start-mgpu {gpus} would run {gpus} CPU ranks"
+            )
+        data = self._start(
+            number, lambda args, mmar: self.client_executor.start_mgpu_train(self.client, args, mmar, gpus)
+        )
         return {**data, "gpus": gpus, "backend": "nccl" if have else "gloo"}
 
     def abort_client(self) -> dict[str, Any]:
@@ -225,8 +233,9 @@ class ClientAdminInterface:
     def do_validate(self, req: Message) -> dict[str, Any]:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
         number = request_args(req, Topic.VALIDATE)["run_number"]
-        data = self._start(number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar),
-                           validate=True)
+        data = self._start(
+            number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar), validate=True
+        )
         return {**data, "validating": True}
 
     # ---- the agent's own life -------------------------------------------------------------------
@@ -284,9 +293,13 @@ class ClientAdminInterface:
         if kind == "end":
             self._run_ended = event.get("run_number")
         progress = self.client_executor.progress
-        report = {"run_number": event.get("run_number"), "round": progress.get("round"),
-                  "epoch": progress.get("epoch"), "loss": progress.get("loss"),
-                  "metrics": progress.get("metrics") or {}}
+        report = {
+            "run_number": event.get("run_number"),
+            "round": progress.get("round"),
+            "epoch": progress.get("epoch"),
+            "loss": progress.get("loss"),
+            "metrics": progress.get("metrics") or {},
+        }
         if "validation" in progress:
             report["validation"] = progress["validation"]
         self._results.progress(report)

@@ -24,10 +24,13 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The site's participant folder (holds startup/).")
-@click.option("--mmar", type=click.Path(exists=True, path_type=Path), required=True,
-              help="The MMAR to train (folder).")
+@click.option(
+    "--workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The site's participant folder (holds startup/).",
+)
+@click.option("--mmar", type=click.Path(exists=True, path_type=Path), required=True, help="The MMAR to train (folder).")
 @click.option("--debug", is_flag=True)
 def train(workspace: Path, mmar: Path, debug: bool) -> None:
     """Train this site in the foreground; exit 0 when the server ends the run."""
@@ -37,8 +40,12 @@ def train(workspace: Path, mmar: Path, debug: bool) -> None:
 
 
 @main.command()
-@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The site's participant folder (holds startup/).")
+@click.option(
+    "--workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The site's participant folder (holds startup/).",
+)
 @click.option("--debug", is_flag=True, help="Verbose logs.")
 def start(workspace: Path, debug: bool) -> None:
     """Run this site's admin agent until SIGTERM, SIGINT or an operator's shutdown or restart."""
@@ -62,16 +69,23 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.admin import AdminMessageSender
 
     startup = workspace / "startup"
-    sender = AdminMessageSender(kit.name, root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
-                                private_key=str(startup / "key.pem"), server_args={"target": kit.fl_target},
-                                secure=True)
+    sender = AdminMessageSender(
+        kit.name,
+        root_cert=str(startup / "rootCA.pem"),
+        ssl_cert=str(startup / "cert.pem"),
+        private_key=str(startup / "key.pem"),
+        server_args={"target": kit.fl_target},
+        secure=True,
+    )
     policy = LocalPolicy(workspace)
-    interface = ClientAdminInterface(kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug),
-                                     rank=0, policy=policy)
+    interface = ClientAdminInterface(
+        kit, kit.name, sender, argparse.Namespace(workspace=workspace, debug=debug), rank=0, policy=policy
+    )
     if policy.error:
         click.echo(f"fedclient: {policy.error}; every command will be refused until it is fixed", err=True)
-    agent = FedAdminAgent(kit.name, sender, interface, workers=interface.workers,
-                          audit_log=workspace / "audit.log", policy=policy)
+    agent = FedAdminAgent(
+        kit.name, sender, interface, workers=interface.workers, audit_log=workspace / "audit.log", policy=policy
+    )
     interface.set_agent(agent)
     for processor in site_processors():
         agent.register_processor(processor)
@@ -97,8 +111,15 @@ def start(workspace: Path, debug: bool) -> None:
     agent.shutdown()
     remove_pid_file(workspace)
     if restart:
-        argv = [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace),
-                *(["--debug"] if debug else [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedclient.cli",
+            "start",
+            "--workspace",
+            str(workspace),
+            *(["--debug"] if debug else []),
+        ]
         logging.shutdown()
         sys.stdout.flush()
         os.execv(sys.executable, argv)

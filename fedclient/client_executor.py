@@ -31,8 +31,15 @@ log = logging.getLogger(__name__)
 
 # The seed's names: listen_command (the worker's side) and update_client_properties (what the worker does to its
 # client) live beside the worker; they are importable from here as in fed_learn.client.client_executor.
-__all__ = ["ClientExecutor", "ProcessExecutor", "ThreadExecutor", "TrainArgs", "TrainingError", "listen_command",
-           "update_client_properties"]
+__all__ = [
+    "ClientExecutor",
+    "ProcessExecutor",
+    "ThreadExecutor",
+    "TrainArgs",
+    "TrainingError",
+    "listen_command",
+    "update_client_properties",
+]
 
 ABORT_GRACE_S = 3.0
 ABORT_MESSAGE_WAIT_S = 1.0
@@ -167,8 +174,13 @@ class _Launch:
 class ProcessExecutor(ClientExecutor):
     """Runs `python -m fedclient.worker` in its own process group and talks to it over an authenticated socket."""
 
-    def __init__(self, on_event: EventHandler | None = None, grace: float = ABORT_GRACE_S,
-                 python: str = sys.executable, worker_module: str = WORKER_MODULE):
+    def __init__(
+        self,
+        on_event: EventHandler | None = None,
+        grace: float = ABORT_GRACE_S,
+        python: str = sys.executable,
+        worker_module: str = WORKER_MODULE,
+    ):
         super().__init__(on_event)
         self.grace = grace
         self.python = python
@@ -187,8 +199,20 @@ class ProcessExecutor(ClientExecutor):
         """
         if isinstance(gpu_number, bool) or not isinstance(gpu_number, int) or gpu_number < 1:
             raise TrainingError(f"the number of GPUs must be a whole number >= 1, got {gpu_number!r}")
-        launcher = [self.python, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1",
-                    "--nproc-per-node", str(gpu_number), "--max-restarts", "0", "-m", self.worker_module]
+        launcher = [
+            self.python,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nnodes",
+            "1",
+            "--nproc-per-node",
+            str(gpu_number),
+            "--max-restarts",
+            "0",
+            "-m",
+            self.worker_module,
+        ]
         # torchrun starts its ranks with close_fds: they inherit no pipe, so they read the key from a private file.
         return self._start(launcher, args, mmar_root, gpu_number, key_by_file=True)
 
@@ -202,10 +226,19 @@ class ProcessExecutor(ClientExecutor):
             authkey = secrets.token_bytes(32)
             listener = Listener(("127.0.0.1", 0), authkey=authkey)
             host, port = listener.address
-            argv = [*launcher, "--workspace", str(workspace),
-                    "--mmar", str(Path(mmar_root).resolve()), "--run-number", str(args.run_number),
-                    "--parent", f"{host}:{port}", *(["--debug"] if args.debug else []),
-                    *(["--validate"] if args.validate else [])]
+            argv = [
+                *launcher,
+                "--workspace",
+                str(workspace),
+                "--mmar",
+                str(Path(mmar_root).resolve()),
+                "--run-number",
+                str(args.run_number),
+                "--parent",
+                f"{host}:{port}",
+                *(["--debug"] if args.debug else []),
+                *(["--validate"] if args.validate else []),
+            ]
             log_path = run_folder.RunFolder(run_dir).worker_log
             writer = None
             handoff = None
@@ -215,8 +248,13 @@ class ProcessExecutor(ClientExecutor):
                 writer = RotatingWriter(log_path)
                 handoff = KeyHandoff(authkey, by_file=key_by_file)
                 proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=run_dir,
-                    env={**self._child_env(Path(mmar_root)), **handoff.env}, pass_fds=handoff.pass_fds,
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    cwd=run_dir,
+                    env={**self._child_env(Path(mmar_root)), **handoff.env},
+                    pass_fds=handoff.pass_fds,
                     start_new_session=True,
                 )
             except OSError as e:
@@ -227,25 +265,44 @@ class ProcessExecutor(ClientExecutor):
                     handoff.close()
                 raise TrainingError(f"cannot start the training worker: {e}") from None
             handoff.launched()
-            pump = threading.Thread(target=pump_lines, args=(proc.stdout, writer), daemon=True,
-                                    name=f"worker-{proc.pid}-log")
+            pump = threading.Thread(
+                target=pump_lines, args=(proc.stdout, writer), daemon=True, name=f"worker-{proc.pid}-log"
+            )
             pump.start()
-            launch = _Launch(proc, listener, authkey, handoff, threading.Event(), threading.Event(), ranks,
-                             groups={proc.pid}, pump=pump)
+            launch = _Launch(
+                proc,
+                listener,
+                authkey,
+                handoff,
+                threading.Event(),
+                threading.Event(),
+                ranks,
+                groups={proc.pid},
+                pump=pump,
+            )
             self._launch = launch
             self.pid = proc.pid
             self._reset(args.run_number)
             self.ranks = ranks
-        log.info("run %d: training worker started (pid %d, %d rank%s, log %s)", args.run_number, proc.pid, ranks,
-                 "" if ranks == 1 else "s", log_path)
-        acceptor = threading.Thread(target=self._accept_workers, args=(launch,), name=f"worker-{proc.pid}-accept",
-                                    daemon=True)
+        log.info(
+            "run %d: training worker started (pid %d, %d rank%s, log %s)",
+            args.run_number,
+            proc.pid,
+            ranks,
+            "" if ranks == 1 else "s",
+            log_path,
+        )
+        acceptor = threading.Thread(
+            target=self._accept_workers, args=(launch,), name=f"worker-{proc.pid}-accept", daemon=True
+        )
         acceptor.start()
-        threading.Thread(target=self._watch, args=(launch, acceptor), name=f"worker-{proc.pid}-watch",
-                         daemon=True).start()
+        threading.Thread(
+            target=self._watch, args=(launch, acceptor), name=f"worker-{proc.pid}-watch", daemon=True
+        ).start()
         if ranks > 1:
-            threading.Thread(target=self._track_groups, args=(launch,), name=f"worker-{proc.pid}-groups",
-                             daemon=True).start()
+            threading.Thread(
+                target=self._track_groups, args=(launch,), name=f"worker-{proc.pid}-groups", daemon=True
+            ).start()
         return proc.pid
 
     @staticmethod
@@ -268,8 +325,12 @@ class ProcessExecutor(ClientExecutor):
             if launch.exited.is_set():  # our own knock after the worker died
                 conn.close()
                 return
-            reader = threading.Thread(target=self._read_events, args=(conn,), daemon=True,
-                                      name=f"worker-{launch.proc.pid}-events-{len(launch.conns)}")
+            reader = threading.Thread(
+                target=self._read_events,
+                args=(conn,),
+                daemon=True,
+                name=f"worker-{launch.proc.pid}-events-{len(launch.conns)}",
+            )
             with self._lock:
                 launch.conns.append(conn)
                 launch.readers.append(reader)
@@ -324,11 +385,21 @@ class ProcessExecutor(ClientExecutor):
             else:
                 self.status = ClientStatus.TRAINING_EXCEPTION
                 self.error = self.error or _describe_exit(code)
-            final = {"kind": "exit", "run_number": self.run_number, "status": self.status,
-                     "exit_code": code, "error": self.error if self.status == ClientStatus.TRAINING_EXCEPTION else ""}
+            final = {
+                "kind": "exit",
+                "run_number": self.run_number,
+                "status": self.status,
+                "exit_code": code,
+                "error": self.error if self.status == ClientStatus.TRAINING_EXCEPTION else "",
+            }
         launch.done.set()
-        log.info("run %s: training worker %d ended: %s (exit code %d)", self.run_number, pid,
-                 get_status_message(self.status), code)
+        log.info(
+            "run %s: training worker %d ended: %s (exit code %d)",
+            self.run_number,
+            pid,
+            get_status_message(self.status),
+            code,
+        )
         self._emit(final)
 
     def abort_train(self, client) -> None:
@@ -348,8 +419,11 @@ class ProcessExecutor(ClientExecutor):
         if not launch.exited.wait(ABORT_MESSAGE_WAIT_S):
             self._signal_launch(launch, signal.SIGTERM)
             if not launch.exited.wait(self.grace):
-                log.warning("run %s: the worker ignored SIGTERM for %gs; killing its process groups",
-                            self.run_number, self.grace)
+                log.warning(
+                    "run %s: the worker ignored SIGTERM for %gs; killing its process groups",
+                    self.run_number,
+                    self.grace,
+                )
                 self._signal_launch(launch, signal.SIGKILL)
         launch.done.wait(GROUP_EXIT_WAIT_S + 10)
 
@@ -385,8 +459,14 @@ class ThreadExecutor(ClientExecutor):
                 raise TrainingError(f"run {self.run_number} is already training")
             self._reset(args.run_number)
             try:
-                self.training = SiteTraining(Path(args.workspace), Path(mmar_root), args.run_number,
-                                             on_event=self._handle, validate_only=args.validate, client=given)
+                self.training = SiteTraining(
+                    Path(args.workspace),
+                    Path(mmar_root),
+                    args.run_number,
+                    on_event=self._handle,
+                    validate_only=args.validate,
+                    client=given,
+                )
             except WorkerSetupError as e:
                 self.status, self.error = ClientStatus.TRAINING_EXCEPTION, str(e)
                 raise TrainingError(str(e)) from None
@@ -398,8 +478,10 @@ class ThreadExecutor(ClientExecutor):
         if isinstance(gpu_number, bool) or not isinstance(gpu_number, int) or gpu_number < 1:
             raise TrainingError(f"the number of GPUs must be a whole number >= 1, got {gpu_number!r}")
         if gpu_number > 1:
-            raise TrainingError(f"ThreadExecutor trains in this process, on one GPU; {gpu_number} GPUs need one "
-                                f"process per rank: use the ProcessExecutor (torchrun)")
+            raise TrainingError(
+                f"ThreadExecutor trains in this process, on one GPU; {gpu_number} GPUs need one "
+                f"process per rank: use the ProcessExecutor (torchrun)"
+            )
         return self.start_train(client, args, mmar_root)
 
     def _train(self, training) -> None:
@@ -414,8 +496,13 @@ class ThreadExecutor(ClientExecutor):
         with self._lock:
             self.exit_code = code
             self.status = ClientStatus.TRAINING_EXCEPTION if code else ClientStatus.TRAINING_STOPPED
-            final = {"kind": "exit", "run_number": self.run_number, "status": self.status, "exit_code": code,
-                     "error": self.error if code else ""}
+            final = {
+                "kind": "exit",
+                "run_number": self.run_number,
+                "status": self.status,
+                "exit_code": code,
+                "error": self.error if code else "",
+            }
         self._emit(final)
 
     def abort_train(self, client) -> None:

@@ -42,10 +42,12 @@ class RegistrationRequired(CommunicationError):
 
 def mutual_tls_required(who: str, flag: str, files: str) -> str:
     """Why `flag`=False (the seed's default) is refused, and what to pass instead."""
-    return (f"{who}: {flag}=False (plaintext) is not supported: the server accepts only mutual TLS, because the "
-            f"site's certificate is its identity and its session token and model updates must not travel in the "
-            f"clear. Pass {flag}=True and {files}, the files of the site's startup kit "
-            f"(<workspace>/startup/rootCA.pem, cert.pem and key.pem)")
+    return (
+        f"{who}: {flag}=False (plaintext) is not supported: the server accepts only mutual TLS, because the "
+        f"site's certificate is its identity and its session token and model updates must not travel in the "
+        f"clear. Pass {flag}=True and {files}, the files of the site's startup kit "
+        f"(<workspace>/startup/rootCA.pem, cert.pem and key.pem)"
+    )
 
 
 @dataclass
@@ -102,17 +104,31 @@ def server_target(server: dict[str, Any]) -> str:
 class Communicator:
     """Makes the training-plane calls; retries transient failures for up to retry_timeout seconds."""
 
-    def __init__(self, model_manager, ssl_args: dict[str, str] | None = None, secure_train: bool = False,
-                 retry_timeout: float = 30, pre_processors: list | None = None,
-                 post_processors: list | None = None, client_state_processors: list | None = None,
-                 compression: grpc.Compression | None = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        model_manager,
+        ssl_args: dict[str, str] | None = None,
+        secure_train: bool = False,
+        retry_timeout: float = 30,
+        pre_processors: list | None = None,
+        post_processors: list | None = None,
+        client_state_processors: list | None = None,
+        compression: grpc.Compression | None = None,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    ):
         if not secure_train:
-            raise ValueError(mutual_tls_required("Communicator", "secure_train",
-                                                 "ssl_args={'ssl_root_cert': ..., 'ssl_cert': ..., "
-                                                 "'ssl_private_key': ...}"))
+            raise ValueError(
+                mutual_tls_required(
+                    "Communicator",
+                    "secure_train",
+                    "ssl_args={'ssl_root_cert': ..., 'ssl_cert': ..., 'ssl_private_key': ...}",
+                )
+            )
         if not ssl_args:
-            raise ValueError("Communicator: the server accepts only mutual TLS: ssl_args must name ssl_root_cert, "
-                             "ssl_cert and ssl_private_key (fedclient.worker.kit_ssl_args(kit) names the kit's)")
+            raise ValueError(
+                "Communicator: the server accepts only mutual TLS: ssl_args must name ssl_root_cert, "
+                "ssl_cert and ssl_private_key (fedclient.worker.kit_ssl_args(kit) names the kit's)"
+            )
         self.model_manager = model_manager
         self.ssl_args = ssl_args
         self.secure_train = secure_train
@@ -158,8 +174,15 @@ class Communicator:
 
     # ---- error handling -------------------------------------------------------------------------
 
-    def grpc_error_handler(self, service: str, grpc_error: grpc.RpcError, action: str, start_time: float,
-                           retry: bool, verbose: bool = False) -> None:
+    def grpc_error_handler(
+        self,
+        service: str,
+        grpc_error: grpc.RpcError,
+        action: str,
+        start_time: float,
+        retry: bool,
+        verbose: bool = False,
+    ) -> None:
         """Return when the call should be retried; raise a CommunicationError otherwise."""
         code = grpc_error.code() if hasattr(grpc_error, "code") else grpc.StatusCode.UNKNOWN
         details = grpc_error.details() if hasattr(grpc_error, "details") else str(grpc_error)
@@ -200,14 +223,17 @@ class Communicator:
         if run_number is not None:
             return run_number
         if not state.run_number:
-            raise ValueError(f"{action}: no run_number given and the session names no run: register first "
-                             f"(the server names its run) or pass run_number=N")
+            raise ValueError(
+                f"{action}: no run_number given and the session names no run: register first "
+                f"(the server names its run) or pass run_number=N"
+            )
         return state.run_number
 
     # ---- calls ----------------------------------------------------------------------------------
 
-    def get_client_state(self, task_name: str, token: str | None, app_ctx=None, *,
-                         client_name: str | None = None) -> ClientState:
+    def get_client_state(
+        self, task_name: str, token: str | None, app_ctx=None, *, client_name: str | None = None
+    ) -> ClientState:
         """The site's meta data for calls to the task's server, passed through each client_state_processor.
 
         A processor is called as processor(state, app_ctx) and returns the state to use. The run number and
@@ -215,7 +241,8 @@ class Communicator:
         """
         run = _context_value(app_ctx, "run_number")
         state = ClientState(
-            task_name, token,
+            task_name,
+            token,
             client_name=client_name or str(_context_value(app_ctx, "client_name") or ""),
             run_number=int(run) if run else self._session_runs.get(token or "", 0),
             round=_context_value(app_ctx, "round"),
@@ -223,27 +250,37 @@ class Communicator:
         for processor in self.client_state_processors:
             state = processor(state, app_ctx)
             if not isinstance(state, ClientState):
-                raise TypeError(f"client_state_processor {getattr(processor, '__name__', processor)!r} returned "
-                                f"{type(state).__name__}; it must return the ClientState it was given (or a new one)")
+                raise TypeError(
+                    f"client_state_processor {getattr(processor, '__name__', processor)!r} returned "
+                    f"{type(state).__name__}; it must return the ClientState it was given (or a new one)"
+                )
         return state
 
     def client_registration(self, uid: str, servers: dict, task_name: str) -> pb.RegisterReply:
         """Register site `uid` with the task's server; the reply carries the session token."""
         stub = self._stub(servers, task_name)
-        reply = self._call(servers, task_name, "register",
-                           lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S))
+        reply = self._call(
+            servers,
+            task_name,
+            "register",
+            lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S),
+        )
         self._note_run(reply.token, reply.run_number)
         return reply
 
-    def getModel(self, servers: dict, task_name: str, token: str, app_ctx=None,
-                 wait_seconds: float = LONG_POLL_S) -> RemoteModel:
+    def getModel(
+        self, servers: dict, task_name: str, token: str, app_ctx=None, wait_seconds: float = LONG_POLL_S
+    ) -> RemoteModel:
         """Fetch the global model for the next round (long-poll: returns status "wait" when there is none)."""
         state = self.get_client_state(task_name, token, app_ctx)
         stub = self._stub(servers, task_name)
 
         def fetch() -> RemoteModel:
-            stream = stub.GetModel(pb.GetModelRequest(wait_seconds=wait_seconds),
-                                   metadata=self._metadata(state.token), timeout=wait_seconds + TRANSFER_DEADLINE_S)
+            stream = stub.GetModel(
+                pb.GetModelRequest(wait_seconds=wait_seconds),
+                metadata=self._metadata(state.token),
+                timeout=wait_seconds + TRANSFER_DEADLINE_S,
+            )
             return self._read_model_stream(stream)
 
         remote = self._call(servers, task_name, "get model", fetch)
@@ -258,8 +295,9 @@ class Communicator:
         if first is None or first.WhichOneof("part") != "header":
             raise CommunicationError("get model: the server's reply did not start with a header")
         h = first.header
-        remote = RemoteModel(_STATUS_NAMES.get(h.status, "wait"), h.run_number, h.round, h.start_round,
-                             h.num_rounds, message=h.message)
+        remote = RemoteModel(
+            _STATUS_NAMES.get(h.status, "wait"), h.run_number, h.round, h.start_round, h.num_rounds, message=h.message
+        )
         remote.tensors = decode_tensors(stream)
         if remote.status != "wait" and len(remote.tensors) != h.num_tensors:
             raise CommunicationError(
@@ -267,8 +305,9 @@ class Communicator:
             )
         return remote
 
-    def submitUpdate(self, servers: dict, task_name: str, token: str, fl_ctx: FLContext, app_ctx,
-                     uid: str) -> pb.SubmitReply:
+    def submitUpdate(
+        self, servers: dict, task_name: str, token: str, fl_ctx: FLContext, app_ctx, uid: str
+    ) -> pb.SubmitReply:
         """Send this round's update (delta_w) with its weight and the metrics of the global model."""
         state = self.get_client_state(task_name, token, app_ctx, client_name=uid)
         contribution = DataAssembler.get_contribution_data(
@@ -293,45 +332,73 @@ class Communicator:
             yield pb.ModelChunk(header=header)
             yield from encode_tensors(contribution, self.chunk_bytes)
 
-        return self._call(servers, task_name, "submit update",
-                          lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(state.token),
-                                                    timeout=TRANSFER_DEADLINE_S))
+        return self._call(
+            servers,
+            task_name,
+            "submit update",
+            lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(state.token), timeout=TRANSFER_DEADLINE_S),
+        )
 
     # ---- cross-site validation ----------------------------------------------------------------------
 
-    def submit_best_local_model(self, uid: str, servers: dict, task_name: str, token: str, disable: bool = False,
-                                *, run_number: int | None = None) -> pb.SubmitReply:
+    def submit_best_local_model(
+        self,
+        uid: str,
+        servers: dict,
+        task_name: str,
+        token: str,
+        disable: bool = False,
+        *,
+        run_number: int | None = None,
+    ) -> pb.SubmitReply:
         """Share this site's best local model of run `run_number` (default: the session's run); with `disable`,
         say it is not shared."""
         state = self.get_client_state(task_name, token, client_name=uid)
         run_number = self._run_number(run_number, state, "submit best model")
         tensors, metrics = DataAssembler.get_best_local_model(self.model_manager, task_name, state, disable)
-        header = pb.ModelHeader(run_number=run_number, kind="not_participating" if disable else "best_model",
-                                num_tensors=len(tensors), metrics=metrics)
+        header = pb.ModelHeader(
+            run_number=run_number,
+            kind="not_participating" if disable else "best_model",
+            num_tensors=len(tensors),
+            metrics=metrics,
+        )
         stub = self._stub(servers, task_name)
 
         def chunks() -> Iterator[pb.ModelChunk]:
             yield pb.ModelChunk(header=header)
             yield from encode_tensors(tensors, self.chunk_bytes)
 
-        return self._call(servers, task_name, "submit best model",
-                          lambda: stub.SubmitBestModel(chunks(), metadata=self._metadata(state.token),
-                                                       timeout=TRANSFER_DEADLINE_S))
+        return self._call(
+            servers,
+            task_name,
+            "submit best model",
+            lambda: stub.SubmitBestModel(chunks(), metadata=self._metadata(state.token), timeout=TRANSFER_DEADLINE_S),
+        )
 
-    def get_validation_models(self, uid: str, servers: dict, task_name: str, token: str, *,
-                              run_number: int | None = None, validated: set[str] | None = None,
-                              wait_seconds: float = LONG_POLL_S) -> ValidationModel:
+    def get_validation_models(
+        self,
+        uid: str,
+        servers: dict,
+        task_name: str,
+        token: str,
+        *,
+        run_number: int | None = None,
+        validated: set[str] | None = None,
+        wait_seconds: float = LONG_POLL_S,
+    ) -> ValidationModel:
         """The next model of run `run_number` (default: the session's run) this site has not validated
         (long-poll: "wait" while none is ready)."""
         state = self.get_client_state(task_name, token, client_name=uid)
         run_number = self._run_number(run_number, state, "get validation models")
         stub = self._stub(servers, task_name)
-        request = pb.ValidationModelsRequest(run_number=run_number, validated=sorted(validated or ()),
-                                             wait_seconds=wait_seconds)
+        request = pb.ValidationModelsRequest(
+            run_number=run_number, validated=sorted(validated or ()), wait_seconds=wait_seconds
+        )
 
         def fetch() -> ValidationModel:
-            stream = stub.GetValidationModels(request, metadata=self._metadata(state.token),
-                                              timeout=wait_seconds + TRANSFER_DEADLINE_S)
+            stream = stub.GetValidationModels(
+                request, metadata=self._metadata(state.token), timeout=wait_seconds + TRANSFER_DEADLINE_S
+            )
             first = next(stream, None)
             if first is None or first.WhichOneof("part") != "header":
                 raise CommunicationError("get validation models: the server's reply did not start with a header")
@@ -340,55 +407,87 @@ class Communicator:
             model = ValidationModel(status, h.owner, metrics=dict(h.metrics), more=h.more_models, message=h.message)
             model.tensors = decode_tensors(stream)
             if status == "validate" and len(model.tensors) != h.num_tensors:
-                raise CommunicationError(f"get validation models: {h.owner}'s model announced {h.num_tensors} "
-                                         f"tensors but {len(model.tensors)} came")
+                raise CommunicationError(
+                    f"get validation models: {h.owner}'s model announced {h.num_tensors} "
+                    f"tensors but {len(model.tensors)} came"
+                )
             return model
 
         return self._call(servers, task_name, "get validation models", fetch)
 
-    def submit_cross_site_validation_results(self, uid: str, servers: dict, task_name: str, token: str,
-                                             client_names: list[str], client_metrics: list[dict[str, float]],
-                                             *, run_number: int | None = None) -> pb.Ack:
+    def submit_cross_site_validation_results(
+        self,
+        uid: str,
+        servers: dict,
+        task_name: str,
+        token: str,
+        client_names: list[str],
+        client_metrics: list[dict[str, float]],
+        *,
+        run_number: int | None = None,
+    ) -> pb.Ack:
         """Report this site's metrics of each named owner's model (client_names[i] scored client_metrics[i])
         in run `run_number` (default: the session's run)."""
         if len(client_names) != len(client_metrics):
             raise ValueError("client_names and client_metrics must have the same length")
         state = self.get_client_state(task_name, token, client_name=uid)
         run_number = self._run_number(run_number, state, "submit validation results")
-        request = pb.ValidationResults(run_number=run_number, results=[
-            pb.ValidationResult(model_owner=name, metrics=metrics)
-            for name, metrics in zip(client_names, client_metrics, strict=True)])
+        request = pb.ValidationResults(
+            run_number=run_number,
+            results=[
+                pb.ValidationResult(model_owner=name, metrics=metrics)
+                for name, metrics in zip(client_names, client_metrics, strict=True)
+            ],
+        )
         stub = self._stub(servers, task_name)
-        return self._call(servers, task_name, "submit validation results",
-                          lambda: stub.SubmitValidationResults(request, metadata=self._metadata(state.token),
-                                                               timeout=SHORT_DEADLINE_S))
+        return self._call(
+            servers,
+            task_name,
+            "submit validation results",
+            lambda: stub.SubmitValidationResults(
+                request, metadata=self._metadata(state.token), timeout=SHORT_DEADLINE_S
+            ),
+        )
 
     def send_heartbeat(self, servers: dict, task_name: str, token: str) -> pb.HeartbeatReply:
         stub = self._stub(servers, task_name)
-        reply = self._call(servers, task_name, "heartbeat",
-                           lambda: stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata(token),
-                                                  timeout=SHORT_DEADLINE_S))
+        reply = self._call(
+            servers,
+            task_name,
+            "heartbeat",
+            lambda: stub.Heartbeat(pb.HeartbeatRequest(), metadata=self._metadata(token), timeout=SHORT_DEADLINE_S),
+        )
         if reply.known:
             self._note_run(token, reply.run_number)
         return reply
 
-    def report_metrics(self, servers: dict, task_name: str, token: str, round_number: int,
-                       metrics: dict[str, float]) -> pb.Ack:
+    def report_metrics(
+        self, servers: dict, task_name: str, token: str, round_number: int, metrics: dict[str, float]
+    ) -> pb.Ack:
         """Report what this site measured on the run's final global model."""
         stub = self._stub(servers, task_name)
         request = pb.MetricsReport(round=round_number, metrics=metrics)
-        return self._call(servers, task_name, "report metrics",
-                          lambda: stub.ReportMetrics(request, metadata=self._metadata(token),
-                                                     timeout=SHORT_DEADLINE_S))
+        return self._call(
+            servers,
+            task_name,
+            "report metrics",
+            lambda: stub.ReportMetrics(request, metadata=self._metadata(token), timeout=SHORT_DEADLINE_S),
+        )
 
     def quit_remote(self, servers: dict, task_name: str, token: str) -> pb.Ack:
         """Tell the server this site leaves; no retries (the server drops silent sites anyway)."""
         state = self.get_client_state(task_name, token)
         stub = self._stub(servers, task_name)
         self._session_runs.pop(token or "", None)
-        return self._call(servers, task_name, "quit",
-                          lambda: stub.Quit(pb.QuitRequest(reason="done"), metadata=self._metadata(state.token),
-                                            timeout=SHORT_DEADLINE_S), retry=False)
+        return self._call(
+            servers,
+            task_name,
+            "quit",
+            lambda: stub.Quit(
+                pb.QuitRequest(reason="done"), metadata=self._metadata(state.token), timeout=SHORT_DEADLINE_S
+            ),
+            retry=False,
+        )
 
 
 def _context_value(app_ctx: Any, name: str) -> Any:
@@ -400,14 +499,21 @@ def _context_value(app_ctx: Any, name: str) -> Any:
     return getattr(app_ctx, name, None)
 
 
-class _CallDetails(collections.namedtuple("_CallDetails", ("method", "timeout", "metadata", "credentials",
-                                                           "wait_for_ready", "compression")),
-                   grpc.ClientCallDetails):
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")
+    ),
+    grpc.ClientCallDetails,
+):
     pass
 
 
-class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
-                        grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+class _TokenInterceptor(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
     """Adds the session token to each call that does not carry one (set_up_channel's `token`)."""
 
     def __init__(self, token: str):
@@ -417,8 +523,9 @@ class _TokenInterceptor(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClient
         metadata = list(details.metadata or ())
         if not any(key == TOKEN_KEY for key, _ in metadata):
             metadata.append((TOKEN_KEY, self._token))
-        return _CallDetails(details.method, details.timeout, metadata, details.credentials,
-                            details.wait_for_ready, details.compression)
+        return _CallDetails(
+            details.method, details.timeout, metadata, details.credentials, details.wait_for_ready, details.compression
+        )
 
     def intercept_unary_unary(self, continuation, client_call_details, request):
         return continuation(self._with_token(client_call_details), request)

@@ -14,9 +14,14 @@ class DataAssembler:
     """Assembles outgoing model data."""
 
     @staticmethod
-    def get_contribution_data(model_manager, task_name: str, client_state: Any,
-                              pre_processors: list[Callable] | None, fl_ctx: FLContext,
-                              app_ctx=None) -> Mapping[str, np.ndarray]:
+    def get_contribution_data(
+        model_manager,
+        task_name: str,
+        client_state: Any,
+        pre_processors: list[Callable] | None,
+        fl_ctx: FLContext,
+        app_ctx=None,
+    ) -> Mapping[str, np.ndarray]:
         """The update (delta_w, privacy filter applied) passed through each pre_processor(tensors, fl_ctx).
 
         fl_ctx carries client_state (FLContextKey.CLIENT_STATE) to the privacy filter and the processors.
@@ -31,8 +36,9 @@ class DataAssembler:
         return tensors
 
     @staticmethod
-    def get_best_local_model(model_manager, task_name: str, client_state: Any, disable: bool = False
-                             ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    def get_best_local_model(
+        model_manager, task_name: str, client_state: Any, disable: bool = False
+    ) -> tuple[dict[str, np.ndarray], dict[str, float]]:
         """The best local model's tensors and metrics; empty when `disable` (the site does not share it)."""
         if disable:
             return {}, {}

@@ -45,15 +45,39 @@ class DirectFederatedClient(FederatedClientBase):
     attribute or item is S). train_options: defaults for the options of the calls below (OPTIONS).
     """
 
-    def __init__(self, client_id, client_args, secure_train, server_args=None, exclude_vars=None, privacy=None,
-                 retry_timeout=30, train_context=None, model_reader_writer=None, pre_processors=None,
-                 post_processors=None, client_state_processors=None, req_processors=None, handlers=None,
-                 train_options=None):
-        super().__init__(client_id, client_args, secure_train, server_args, exclude_vars, privacy, retry_timeout,
-                         model_reader_writer=model_reader_writer or _DictReaderWriter(),
-                         pre_processors=pre_processors, post_processors=post_processors,
-                         client_state_processors=client_state_processors, req_processors=req_processors,
-                         handlers=handlers)
+    def __init__(
+        self,
+        client_id,
+        client_args,
+        secure_train,
+        server_args=None,
+        exclude_vars=None,
+        privacy=None,
+        retry_timeout=30,
+        train_context=None,
+        model_reader_writer=None,
+        pre_processors=None,
+        post_processors=None,
+        client_state_processors=None,
+        req_processors=None,
+        handlers=None,
+        train_options=None,
+    ):
+        super().__init__(
+            client_id,
+            client_args,
+            secure_train,
+            server_args,
+            exclude_vars,
+            privacy,
+            retry_timeout,
+            model_reader_writer=model_reader_writer or _DictReaderWriter(),
+            pre_processors=pre_processors,
+            post_processors=post_processors,
+            client_state_processors=client_state_processors,
+            req_processors=req_processors,
+            handlers=handlers,
+        )
         self.train_context = train_context
         self.train_options = self._checked_options(train_options, "train_options")
         self._state = _Weights()
@@ -68,8 +92,10 @@ class DirectFederatedClient(FederatedClientBase):
     def _checked_options(options: dict | None, what: str) -> dict:
         unknown = sorted(set(options or {}) - set(OPTIONS))
         if unknown:
-            raise ValueError(f"DirectFederatedClient: {what}: unknown option(s) {', '.join(map(repr, unknown))}; "
-                             f"known: {', '.join(OPTIONS)}")
+            raise ValueError(
+                f"DirectFederatedClient: {what}: unknown option(s) {', '.join(map(repr, unknown))}; "
+                f"known: {', '.join(OPTIONS)}"
+            )
         return dict(options or {})
 
     def _options(self, options: dict | None) -> dict:
@@ -110,12 +136,15 @@ class DirectFederatedClient(FederatedClientBase):
             raise RuntimeError("push_models_to_server before a round's model was pulled")
         options = self._options(options)
         self.model_manager.update_current_model(model_data)
-        fl_ctx = FLContext({
-            FLContextKey.RUN_NUMBER: self._last.run_number, FLContextKey.ROUND: self._last.round,
-            FLContextKey.WEIGHT: float(options.get("weight", 1.0)),
-            FLContextKey.METRICS: dict(options.get("metrics", {})),
-            FLContextKey.TRAIN_CONTEXT: self.train_context,
-        })
+        fl_ctx = FLContext(
+            {
+                FLContextKey.RUN_NUMBER: self._last.run_number,
+                FLContextKey.ROUND: self._last.round,
+                FLContextKey.WEIGHT: float(options.get("weight", 1.0)),
+                FLContextKey.METRICS: dict(options.get("metrics", {})),
+                FLContextKey.TRAIN_CONTEXT: self.train_context,
+            }
+        )
         return self.push_remote_model(self.task_name, fl_ctx)
 
     def close_connect(self) -> None:

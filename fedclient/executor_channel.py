@@ -42,8 +42,9 @@ def read_event(conn: Connection) -> dict[str, Any]:
     return event
 
 
-def serve_events(conn: Connection, handle: Callable[[dict[str, Any]], None], peer: str,
-                 keep_going: Callable[[], bool] | None = None) -> None:
+def serve_events(
+    conn: Connection, handle: Callable[[dict[str, Any]], None], peer: str, keep_going: Callable[[], bool] | None = None
+) -> None:
     """Pass each event from `conn` to `handle` until the peer is gone, or until keep_going(), asked between polls,
     says no; a malformed event is logged and skipped."""
     while True:
@@ -141,8 +142,9 @@ def listen_command(client, conn: Connection, parent_pid: int | None = None) -> s
     return "parent gone"
 
 
-def start_command_listener(client, conn: Connection, parent_pid: int | None = None,
-                           grace: float = 2.0) -> threading.Thread:
+def start_command_listener(
+    client, conn: Connection, parent_pid: int | None = None, grace: float = 2.0
+) -> threading.Thread:
     """Run listen_command in a thread; when the parent dies, give `client` `grace` seconds, then kill this group."""
 
     def run() -> None:

@@ -23,16 +23,47 @@ BEST_LOCAL_MODEL = "best_local_model.fl"
 class FederatedClient(FederatedClientBase):
     """Federated client-side implementation: pull, validate, train, push, until the server ends the run."""
 
-    def __init__(self, client_id, client_args, secure_train, server_args=None, exclude_vars=None, privacy=None,
-                 retry_timeout=30, cross_site_validate=False, model_reader_writer=None, model_validator=None,
-                 pre_processors=None, post_processors=None, client_state_processors=None, req_processors=None,
-                 handlers=None, compression=None, *, weight_by: str = "iterations",
-                 run_dir: Path | None = None,
-                 on_progress: Callable[[dict], None] | None = None):
-        super().__init__(client_id, client_args, secure_train, server_args, exclude_vars, privacy,
-                         retry_timeout, cross_site_validate, model_reader_writer, model_validator,
-                         pre_processors, post_processors, client_state_processors, req_processors,
-                         handlers, compression)
+    def __init__(
+        self,
+        client_id,
+        client_args,
+        secure_train,
+        server_args=None,
+        exclude_vars=None,
+        privacy=None,
+        retry_timeout=30,
+        cross_site_validate=False,
+        model_reader_writer=None,
+        model_validator=None,
+        pre_processors=None,
+        post_processors=None,
+        client_state_processors=None,
+        req_processors=None,
+        handlers=None,
+        compression=None,
+        *,
+        weight_by: str = "iterations",
+        run_dir: Path | None = None,
+        on_progress: Callable[[dict], None] | None = None,
+    ):
+        super().__init__(
+            client_id,
+            client_args,
+            secure_train,
+            server_args,
+            exclude_vars,
+            privacy,
+            retry_timeout,
+            cross_site_validate,
+            model_reader_writer,
+            model_validator,
+            pre_processors,
+            post_processors,
+            client_state_processors,
+            req_processors,
+            handlers,
+            compression,
+        )
         if weight_by not in WEIGHT_BY:
             raise ValueError(f"weight_by must be one of {', '.join(WEIGHT_BY)}, got {weight_by!r}")
         self.weight_by = weight_by
@@ -83,10 +114,10 @@ class FederatedClient(FederatedClientBase):
             self.model_manager.update_best_model(metrics, self.best_model_path)
         if remote.status == "end":
             self.final_metrics = metrics
-            log.info("%s: run %d ended; final global model: %s", self.client_name, remote.run_number,
-                     _fmt(metrics))
-            self._with_session(task, lambda: self.communicator.report_metrics(
-                self.servers, task, self.token, remote.round, metrics))
+            log.info("%s: run %d ended; final global model: %s", self.client_name, remote.run_number, _fmt(metrics))
+            self._with_session(
+                task, lambda: self.communicator.report_metrics(self.servers, task, self.token, remote.round, metrics)
+            )
             self._emit(kind="end", round=remote.round, metrics=metrics)
             if self.cross_site_validate:
                 self._validate_after_training()
@@ -100,7 +131,8 @@ class FederatedClient(FederatedClientBase):
             self._ranks_training = True
             self.ranks.begin_local_training(fitter, algorithms)
         result = self.model_manager.train(
-            lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss))
+            lambda epoch, loss: self._emit(kind="epoch", round=remote.round, epoch=epoch, loss=loss)
+        )
         if self.ranks is not None:
             self.ranks.end_local_training()  # rank 0 submits what every rank agrees on
             self._ranks_training = False
@@ -108,17 +140,26 @@ class FederatedClient(FederatedClientBase):
         if self.cross_site_validate:
             # The best model this site shares is the locally trained one that scored best on its own data.
             self._keep_if_best_local()
-        fl_ctx = FLContext({
-            FLContextKey.RUN_NUMBER: remote.run_number, FLContextKey.ROUND: remote.round,
-            FLContextKey.WEIGHT: self._weight(fitter), FLContextKey.METRICS: metrics,
-            FLContextKey.TASK_NAME: task, FLContextKey.EXTRA_TENSORS: extra,
-        })
+        fl_ctx = FLContext(
+            {
+                FLContextKey.RUN_NUMBER: remote.run_number,
+                FLContextKey.ROUND: remote.round,
+                FLContextKey.WEIGHT: self._weight(fitter),
+                FLContextKey.METRICS: metrics,
+                FLContextKey.TASK_NAME: task,
+                FLContextKey.EXTRA_TENSORS: extra,
+            }
+        )
         reply = self.push_remote_model(task, fl_ctx)
         if reply.accepted:
             if algorithms is not None:
                 algorithms.commit()  # a refused update leaves SCAFFOLD's c_i as it was
-            log.info("%s: round %d: update accepted (local loss %.4f)", self.client_name, remote.round,
-                     float(result.get("loss", float("nan"))) if isinstance(result, dict) else float("nan"))
+            log.info(
+                "%s: round %d: update accepted (local loss %.4f)",
+                self.client_name,
+                remote.round,
+                float(result.get("loss", float("nan"))) if isinstance(result, dict) else float("nan"),
+            )
         else:
             log.warning("%s: round %d: update refused: %s", self.client_name, remote.round, reply.reason)
         return True
@@ -179,8 +220,7 @@ class FederatedClient(FederatedClientBase):
 
     def run(self, fitter) -> threading.Thread:
         """Run the client-side as a thread; returns the started thread."""
-        thread = threading.Thread(target=self.admin_run, args=(fitter,), name=f"fl-{self.client_name}",
-                                  daemon=True)
+        thread = threading.Thread(target=self.admin_run, args=(fitter,), name=f"fl-{self.client_name}", daemon=True)
         thread.start()
         return thread
 

@@ -50,22 +50,46 @@ def servers_by_task(server_args) -> dict[str, dict[str, Any]]:
 class FederatedClientBase:
     """Federated client-side base: the tools used by FederatedClient and DirectFederatedClient."""
 
-    def __init__(self, client_id: str, client_args: dict, secure_train: bool, server_args=None,
-                 exclude_vars=None, privacy=None, retry_timeout: float = 30, cross_site_validate: bool = False,
-                 model_reader_writer=None, model_validator=None, pre_processors=None, post_processors=None,
-                 client_state_processors=None, req_processors=None, handlers=None, compression=None):
+    def __init__(
+        self,
+        client_id: str,
+        client_args: dict,
+        secure_train: bool,
+        server_args=None,
+        exclude_vars=None,
+        privacy=None,
+        retry_timeout: float = 30,
+        cross_site_validate: bool = False,
+        model_reader_writer=None,
+        model_validator=None,
+        pre_processors=None,
+        post_processors=None,
+        client_state_processors=None,
+        req_processors=None,
+        handlers=None,
+        compression=None,
+    ):
         owner = type(self).__name__
         if not secure_train:
-            raise ValueError(mutual_tls_required(owner, "secure_train", "client_args={'ssl_root_cert': ..., "
-                                                 "'ssl_cert': ..., 'ssl_private_key': ...} (kit_ssl_args(kit))"))
+            raise ValueError(
+                mutual_tls_required(
+                    owner,
+                    "secure_train",
+                    "client_args={'ssl_root_cert': ..., 'ssl_cert': ..., 'ssl_private_key': ...} (kit_ssl_args(kit))",
+                )
+            )
         if req_processors:
-            raise ValueError(f"{owner}: req_processors is not supported: admin requests reach the site's agent, not "
-                             f"the training client (which runs in a worker process); register a RequestProcessor "
-                             f"with FedAdminAgent.register_processor instead")
+            raise ValueError(
+                f"{owner}: req_processors is not supported: admin requests reach the site's agent, not "
+                f"the training client (which runs in a worker process); register a RequestProcessor "
+                f"with FedAdminAgent.register_processor instead"
+            )
         if handlers:
-            raise ValueError(f"{owner}: handlers is not supported: the seed documents no handler interface; "
-                             f"FederatedClient's on_progress=callable receives the round, epoch, end and "
-                             f"validation events")
+            raise ValueError(
+                f"{owner}: handlers is not supported: the seed documents no handler interface; "
+                f"FederatedClient's on_progress=callable receives the round, epoch, end and "
+                f"validation events"
+            )
         self.client_name = client_id
         self.uid = client_id
         self.client_args = client_args
@@ -81,13 +105,21 @@ class FederatedClientBase:
         self.req_processors: list = []
         self.handlers: list = []
         self.model_manager = ClientModelManager(
-            task_names=list(self.servers), exclude_vars=exclude_vars, privacy=privacy,
-            model_reader_writer=model_reader_writer, model_validator=model_validator,
+            task_names=list(self.servers),
+            exclude_vars=exclude_vars,
+            privacy=privacy,
+            model_reader_writer=model_reader_writer,
+            model_validator=model_validator,
         )
         self.communicator = Communicator(
-            self.model_manager, ssl_args=client_args, secure_train=secure_train, retry_timeout=retry_timeout,
-            pre_processors=pre_processors, post_processors=post_processors,
-            client_state_processors=client_state_processors, compression=compression,
+            self.model_manager,
+            ssl_args=client_args,
+            secure_train=secure_train,
+            retry_timeout=retry_timeout,
+            pre_processors=pre_processors,
+            post_processors=post_processors,
+            client_state_processors=client_state_processors,
+            compression=compression,
         )
         self.token: str | None = None
         self.run_number = 0
@@ -103,8 +135,12 @@ class FederatedClientBase:
 
     @property
     def app_context(self) -> dict[str, Any]:
-        return {"client_name": self.client_name, "run_number": self.run_number, "round": self.current_round,
-                "status": self.status}
+        return {
+            "client_name": self.client_name,
+            "run_number": self.run_number,
+            "round": self.current_round,
+            "status": self.status,
+        }
 
     # ---- session --------------------------------------------------------------------------------
 
@@ -138,8 +174,9 @@ class FederatedClientBase:
 
     def fetch_remote_model(self, task_name: str) -> RemoteModel:
         """The server's model for the next round (status "wait" when there is none yet)."""
-        return self._with_session(task_name, lambda: self.communicator.getModel(
-            self.servers, task_name, self.token, self.app_context))
+        return self._with_session(
+            task_name, lambda: self.communicator.getModel(self.servers, task_name, self.token, self.app_context)
+        )
 
     def pull_models(self) -> dict[str, RemoteModel]:
         """Fetch each task's model and load those that came into the local model."""
@@ -164,8 +201,12 @@ class FederatedClientBase:
     def push_remote_model(self, task_name: str, fl_ctx: FLContext | None = None):
         """Send this round's update to the task's server; returns its SubmitReply."""
         ctx = fl_ctx or FLContext()
-        return self._with_session(task_name, lambda: self.communicator.submitUpdate(
-            self.servers, task_name, self.token, ctx, self.app_context, self.uid))
+        return self._with_session(
+            task_name,
+            lambda: self.communicator.submitUpdate(
+                self.servers, task_name, self.token, ctx, self.app_context, self.uid
+            ),
+        )
 
     def push_models(self, fl_ctx: FLContext | None = None) -> dict[str, Any]:
         """Send the update to every server."""
@@ -175,28 +216,55 @@ class FederatedClientBase:
 
     def push_best_model(self, task_name: str):
         """Share the best local model with the task's server (or, when not participating, say it is not shared)."""
-        return self._with_session(task_name, lambda: self.communicator.submit_best_local_model(
-            self.uid, self.servers, task_name, self.token, disable=not self.is_participating,
-            run_number=self._validation_run or self.run_number))
+        return self._with_session(
+            task_name,
+            lambda: self.communicator.submit_best_local_model(
+                self.uid,
+                self.servers,
+                task_name,
+                self.token,
+                disable=not self.is_participating,
+                run_number=self._validation_run or self.run_number,
+            ),
+        )
 
     def push_best_models(self) -> dict[str, Any]:
         """push_best_model to every server."""
         return {task: self.push_best_model(task) for task in self.servers}
 
-    def get_validation_models(self, task_name: str, validated: set[str] | None = None,
-                              wait_seconds: float = VALIDATION_POLL_S) -> ValidationModel:
+    def get_validation_models(
+        self, task_name: str, validated: set[str] | None = None, wait_seconds: float = VALIDATION_POLL_S
+    ) -> ValidationModel:
         """The next model of this run this site has not validated ("wait" while none is ready, "end" when done)."""
-        return self._with_session(task_name, lambda: self.communicator.get_validation_models(
-            self.uid, self.servers, task_name, self.token, run_number=self._validation_run or self.run_number,
-            validated=validated, wait_seconds=wait_seconds))
+        return self._with_session(
+            task_name,
+            lambda: self.communicator.get_validation_models(
+                self.uid,
+                self.servers,
+                task_name,
+                self.token,
+                run_number=self._validation_run or self.run_number,
+                validated=validated,
+                wait_seconds=wait_seconds,
+            ),
+        )
 
     def submit_cross_site_validation_results(self, params: dict[str, dict[str, float]], task_name: str | None = None):
         """Report {model owner: metrics} to the task's server (the first server by default)."""
         task = task_name or next(iter(self.servers))
         names = list(params)
-        return self._with_session(task, lambda: self.communicator.submit_cross_site_validation_results(
-            self.uid, self.servers, task, self.token, names, [params[n] for n in names],
-            run_number=self._validation_run or self.run_number))
+        return self._with_session(
+            task,
+            lambda: self.communicator.submit_cross_site_validation_results(
+                self.uid,
+                self.servers,
+                task,
+                self.token,
+                names,
+                [params[n] for n in names],
+                run_number=self._validation_run or self.run_number,
+            ),
+        )
 
     def run_cross_site_validation(self, run_number: int | None = None) -> dict[str, dict[str, float]]:
         """Share the best local model, then validate every model offered and report each result.
@@ -213,8 +281,9 @@ class FederatedClientBase:
 
     def _cross_site_validation(self) -> dict[str, dict[str, float]]:
         for task, reply in self.push_best_models().items():
-            (log.info if reply.accepted else log.warning)("%s: best model for %s: %s", self.client_name, task,
-                                                          reply.reason or "shared")
+            (log.info if reply.accepted else log.warning)(
+                "%s: best model for %s: %s", self.client_name, task, reply.reason or "shared"
+            )
         results: dict[str, dict[str, float]] = {}
         deadline = time.monotonic() + self.cross_site_validation_timeout
         waiting = ""
@@ -225,7 +294,8 @@ class FederatedClientBase:
                 if left <= 0:
                     raise CrossSiteValidationTimeout(
                         f"cross-site validation of run {self._validation_run}: gave up after "
-                        f"{self.cross_site_validation_timeout:g}s {waiting or 'waiting for the server'}")
+                        f"{self.cross_site_validation_timeout:g}s {waiting or 'waiting for the server'}"
+                    )
                 offered = self.get_validation_models(task, validated, min(VALIDATION_POLL_S, left))
                 if offered.status == "end":
                     break
@@ -253,8 +323,12 @@ class FederatedClientBase:
             return None
         finally:
             offered.tensors = {}
-        log.info("%s: validated %s's model: %s", self.client_name, offered.owner,
-                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()))
+        log.info(
+            "%s: validated %s's model: %s",
+            self.client_name,
+            offered.owner,
+            ", ".join(f"{k}={v:.4f}" for k, v in metrics.items()),
+        )
         return metrics
 
     def _report_validation(self, **event: Any) -> None:

@@ -80,14 +80,14 @@ class PercentileProtocol(PrivacyProtocol):
         offset = 0
         for part in update.parts:
             for lo, hi in part.chunks():
-                np.abs(part.d(lo, hi), out=magnitudes[offset + lo:offset + hi])
+                np.abs(part.d(lo, hi), out=magnitudes[offset + lo : offset + hi])
             offset += part.size
         # numpy.percentile's "linear" method: the value at virtual index p/100 * (n - 1).
         index = self.percentile / 100 * (update.n - 1)
         below = math.floor(index)
         magnitudes.partition(below)
         low = magnitudes[below]
-        high = magnitudes[below + 1:].min() if below + 1 < update.n else low
+        high = magnitudes[below + 1 :].min() if below + 1 < update.n else low
         t = cdtype.type(index - below)
         diff = high - low
         return float(low + diff * t if t < 0.5 else high - diff * (1 - t))
@@ -106,8 +106,15 @@ class LaplacianProtocol(PrivacyProtocol):
 
     is_differentially_private = False
 
-    def __init__(self, fraction: float = 0.1, epsilon: float = 1000, gamma: float = 0.001, tau: float = 0.0001,
-                 *, seed: int | None = None):
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        epsilon: float = 1000,
+        gamma: float = 0.001,
+        tau: float = 0.0001,
+        *,
+        seed: int | None = None,
+    ):
         self.fraction = _param("fraction", fraction, "in (0, 1]", lambda v: 0 < v <= 1)
         self.epsilon = _param("epsilon", epsilon, "> 0", lambda v: v > 0)
         self.gamma = _param("gamma", gamma, "> 0", lambda v: v > 0)
@@ -119,8 +126,9 @@ class LaplacianProtocol(PrivacyProtocol):
     def apply(self, model_diff: dict[str, np.ndarray], train_ctx: Any = None) -> dict[str, np.ndarray]:
         update = _Update(model_diff, _local_steps(train_ctx))
         c = _upload_count(self.fraction, update.n)
-        masks = [np.abs(part.d(lo, hi)) >= part.cdtype.type(self.tau)
-                 for part in update.parts for lo, hi in part.chunks()]
+        masks = [
+            np.abs(part.d(lo, hi)) >= part.cdtype.type(self.tau) for part in update.parts for lo, hi in part.chunks()
+        ]
         _release(self._rng, update, masks, c, self.gamma, 2 * self.gamma * c / self.epsilon)
         self.last_epsilon = self.epsilon
         return update.out
@@ -148,8 +156,16 @@ class SVTProtocol(PrivacyProtocol):
 
     is_differentially_private = True
 
-    def __init__(self, fraction: float = 0.1, epsilon: float = 0.1, noise_var: float = 0.1, gamma: float = 1e-05,
-                 tau: float = 1e-06, *, seed: int | None = None):
+    def __init__(
+        self,
+        fraction: float = 0.1,
+        epsilon: float = 0.1,
+        noise_var: float = 0.1,
+        gamma: float = 1e-05,
+        tau: float = 1e-06,
+        *,
+        seed: int | None = None,
+    ):
         self.fraction = _param("fraction", fraction, "in (0, 1]", lambda v: 0 < v <= 1)
         self.epsilon = _param("epsilon", epsilon, "> 0", lambda v: v > 0)
         self.noise_var = _param("noise_var", noise_var, "> 0", lambda v: v > 0)
@@ -171,13 +187,15 @@ class SVTProtocol(PrivacyProtocol):
         threshold = self.tau + self._rng.laplace(0.0, b1)
         # q lies in [0, gamma], so its acceptance probability p(T - q) lies in [p(T), p(T - gamma)].
         bounds = float(_p_at_least(threshold, b2)), float(_p_at_least(threshold - self.gamma, b2))
-        masks = [self._accepted(part, lo, hi, threshold, b2, bounds)
-                 for part in update.parts for lo, hi in part.chunks()]
+        masks = [
+            self._accepted(part, lo, hi, threshold, b2, bounds) for part in update.parts for lo, hi in part.chunks()
+        ]
         _release(self._rng, update, masks, c, self.gamma, b3)
         return update.out
 
-    def _accepted(self, part: _Part, lo: int, hi: int, threshold: float, b2: float,
-                  bounds: tuple[float, float]) -> np.ndarray:
+    def _accepted(
+        self, part: _Part, lo: int, hi: int, threshold: float, b2: float, bounds: tuple[float, float]
+    ) -> np.ndarray:
         """Which of coordinates lo:hi pass the noisy test q + Lap(b2) >= T."""
         # Only the event q + Lap(b2) >= T is used, never the noise itself, and its probability is
         # p(T - q), p(t) = P(Lap(b2) >= t); so it is drawn as u < p(T - q), u ~ U[0, 1): the same mechanism,
@@ -206,8 +224,10 @@ def privacy_from_params(params: Any) -> Any:
     if params is None or (callable(getattr(params, "apply", None)) and not isinstance(params, Mapping)):
         return params
     if not isinstance(params, Mapping):
-        raise ValueError(f"privacy_params must be None, a PrivacyProtocol or {{'name': ..., 'args': {{...}}}}, "
-                         f"got {type(params).__name__}")
+        raise ValueError(
+            f"privacy_params must be None, a PrivacyProtocol or {{'name': ..., 'args': {{...}}}}, "
+            f"got {type(params).__name__}"
+        )
     protocols = {cls.__name__: cls for cls in (LaplacianProtocol, PercentileProtocol, SVTProtocol)}
     unknown = sorted(set(params) - {"name", "args"})
     if unknown:
@@ -268,8 +288,9 @@ class _Update:
         self.n = sum(part.size for part in self.parts)
 
 
-def _release(rng: np.random.Generator, update: _Update, masks: list[np.ndarray], c: int, gamma: float,
-             scale: float) -> None:
+def _release(
+    rng: np.random.Generator, update: _Update, masks: list[np.ndarray], c: int, gamma: float, scale: float
+) -> None:
     """Release up to c of the candidate coordinates (masks, one per chunk), chosen uniformly at random
     without replacement, as clip(clip(d, ±gamma) + Lap(scale), ±gamma)."""
     counts = np.array([np.count_nonzero(mask) for mask in masks], np.int64)
@@ -342,8 +363,7 @@ def _local_steps(train_ctx: Any) -> float:
         steps = getattr(train_ctx, FLContextKey.LOCAL_STEPS, None)
     if steps is None:
         return 1.0
-    if (isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not math.isfinite(steps)
-            or steps <= 0):
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Real) or not math.isfinite(steps) or steps <= 0:
         raise ValueError(f"train_ctx {FLContextKey.LOCAL_STEPS!r} must be a number > 0, got {steps!r}")
     return float(steps)
 

@@ -47,8 +47,13 @@ class Rule:
         """Whether this rule refuses `command` from `admin`."""
         if "*" not in self.deny and command not in self.deny:
             return False
-        values = {"admins": admin.name, "roles": admin.role, "orgs": admin.org,
-                  "except_admins": admin.name, "except_orgs": admin.org}
+        values = {
+            "admins": admin.name,
+            "roles": admin.role,
+            "orgs": admin.org,
+            "except_admins": admin.name,
+            "except_orgs": admin.org,
+        }
         for key, allowed in self.conditions.items():
             inside = values[key] in allowed
             if inside == key.startswith("except_"):
@@ -58,8 +63,12 @@ class Rule:
 
 def parse_rules(data: object, path: Path) -> list[Rule]:
     """The rules of a parsed policy file; raise LocalPolicyError naming the file and key of the first fault."""
-    if (not isinstance(data, dict) or not data or set(data) - set(_TOP_KEYS)
-            or not isinstance(data.get("rules", []), list)):
+    if (
+        not isinstance(data, dict)
+        or not data
+        or set(data) - set(_TOP_KEYS)
+        or not isinstance(data.get("rules", []), list)
+    ):
         raise LocalPolicyError(f'{path}: expected {{"rules": [...]}}, "custom_code": false optional beside it')
     if not isinstance(data.get("custom_code", True), bool):
         raise LocalPolicyError(f"{path}: custom_code: must be true or false, got {data['custom_code']!r}")
@@ -88,8 +97,10 @@ def parse_rules(data: object, path: Path) -> list[Rule]:
         for key, known in (("deny", (*SITE_COMMANDS, "*")), ("roles", ADMIN_ROLES)):
             for j, value in enumerate(raw.get(key, [])):
                 if value not in known:
-                    raise LocalPolicyError(f"{where}.{key}[{j}]: unknown {'command' if key == 'deny' else 'role'} "
-                                           f"{value!r} (one of {', '.join(known)})")
+                    raise LocalPolicyError(
+                        f"{where}.{key}[{j}]: unknown {'command' if key == 'deny' else 'role'} "
+                        f"{value!r} (one of {', '.join(known)})"
+                    )
         # An earlier name ("validate" for run-validation): a rule written with it keeps meaning what its owner meant.
         denied = frozenset(SITE_COMMAND_ALIASES.get(c, c) for c in lists.pop("deny"))
         denied |= {c.name for c in COMMANDS.values() if c.follows in denied}  # logs follows shell
@@ -138,8 +149,12 @@ class LocalPolicy:
             data = json.loads(self.path.read_text(encoding="utf-8"))
             self._rules, self._error = parse_rules(data, self.path), None
             self._custom_code = data.get(CUSTOM_CODE_KEY, True)
-            log.info("%s: %d rule(s) in force%s", self.path, len(self._rules),
-                     "" if self._custom_code else "; custom code refused")
+            log.info(
+                "%s: %d rule(s) in force%s",
+                self.path,
+                len(self._rules),
+                "" if self._custom_code else "; custom code refused",
+            )
         except (OSError, UnicodeDecodeError, ValueError) as e:
             reason = str(e) if isinstance(e, LocalPolicyError) else f"{self.path}: cannot be read as JSON: {e}"
             self._rules, self._custom_code, self._error = [], False, reason
@@ -163,6 +178,8 @@ class LocalPolicy:
             if self._error is not None:
                 return f"refused: {self._error} (every command is refused until it is fixed)"
             if code and not self._custom_code:
-                return (f'refused by {POLICY_FILE.as_posix()} "{CUSTOM_CODE_KEY}": false: this site runs no deployed '
-                        f"code, and the MMAR brings {shown(code)}")
+                return (
+                    f'refused by {POLICY_FILE.as_posix()} "{CUSTOM_CODE_KEY}": false: this site runs no deployed '
+                    f"code, and the MMAR brings {shown(code)}"
+                )
         return None

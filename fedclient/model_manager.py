@@ -23,13 +23,21 @@ log = logging.getLogger(__name__)
 class ClientModelManager:
     """Client-side model manager living on the site's machine."""
 
-    def __init__(self, task_names=None, exclude_vars=None, privacy=None,
-                 model_reader_writer: ModelProcessor | None = None,
-                 model_validator: ModelValidator | None = None, visualizer=None):
+    def __init__(
+        self,
+        task_names=None,
+        exclude_vars=None,
+        privacy=None,
+        model_reader_writer: ModelProcessor | None = None,
+        model_validator: ModelValidator | None = None,
+        visualizer=None,
+    ):
         if visualizer is not None:
-            raise ValueError("ClientModelManager: visualizer is not supported: the seed documents no visualizer "
-                             "interface; a site's per-round metrics are in run_N/logs/worker.log and `fedadmin "
-                             "status`")
+            raise ValueError(
+                "ClientModelManager: visualizer is not supported: the seed documents no visualizer "
+                "interface; a site's per-round metrics are in run_N/logs/worker.log and `fedadmin "
+                "status`"
+            )
         self.task_names = list(task_names or [])
         self.exclude_vars: tuple[str, ...] | str = exclude_vars or ()
         self.privacy = privacy
@@ -73,8 +81,9 @@ class ClientModelManager:
 
     # ---- global model ---------------------------------------------------------------------------
 
-    def assign_current_model(self, remote_models: Mapping[str, Mapping[str, np.ndarray]],
-                             meta: Mapping[str, Mapping[str, Any]] | None = None) -> bool:
+    def assign_current_model(
+        self, remote_models: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Mapping[str, Any]] | None = None
+    ) -> bool:
         """Keep each task's global model and load it into the local model; True if the local model changed."""
         changed = False
         for task, tensors in remote_models.items():
@@ -96,8 +105,10 @@ class ClientModelManager:
 
     def get_current_model_data(self, local_model_params: Mapping[str, np.ndarray] | None = None) -> dict:
         """The local model's variables (or `local_model_params` if given), excluded ones left out."""
-        params = local_model_params if local_model_params is not None else (
-            self.model_reader_writer.extract_model(self._require_fitter())
+        params = (
+            local_model_params
+            if local_model_params is not None
+            else (self.model_reader_writer.extract_model(self._require_fitter()))
         )
         return {k: v for k, v in params.items() if not excluded(k, self.exclude_vars)}
 
@@ -180,8 +191,9 @@ class ClientModelManager:
         """Drop the received global models (after the run's end: nothing is computed from them any more)."""
         self._global.clear()
 
-    def validate_model(self, cross_site_val_configer=None, checkpoint: Mapping[str, np.ndarray] | None = None
-                       ) -> dict[str, float]:
+    def validate_model(
+        self, cross_site_val_configer=None, checkpoint: Mapping[str, np.ndarray] | None = None
+    ) -> dict[str, float]:
         """Metrics of the model `checkpoint` (name -> array) on local data; the local model is left as it was.
 
         cross_site_val_configer validates instead of the manager's model_validator: an object with
@@ -191,8 +203,10 @@ class ClientModelManager:
         validator = self.model_validator
         if cross_site_val_configer is not None:
             if not callable(getattr(cross_site_val_configer, "validate", None)):
-                raise TypeError(f"cross_site_val_configer must have validate(fitter) -> metrics (a ModelValidator), "
-                                f"got {type(cross_site_val_configer).__name__}")
+                raise TypeError(
+                    f"cross_site_val_configer must have validate(fitter) -> metrics (a ModelValidator), "
+                    f"got {type(cross_site_val_configer).__name__}"
+                )
             validator = cross_site_val_configer
         if checkpoint is None:
             return validator.validate(self._require_fitter())
@@ -245,8 +259,9 @@ class _LazyDelta(Mapping[str, np.ndarray]):
 
 def _check_same(local: np.ndarray, base: np.ndarray) -> None:
     if local.shape != base.shape or local.dtype != base.dtype:
-        raise ValueError(f"local variable {local.dtype}{list(local.shape)} does not match the global "
-                         f"{base.dtype}{list(base.shape)}")
+        raise ValueError(
+            f"local variable {local.dtype}{list(local.shape)} does not match the global {base.dtype}{list(base.shape)}"
+        )
 
 
 def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
@@ -255,4 +270,3 @@ def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
         # half precision: subtract in float32, round once
         return (local.astype(np.float32) - base.astype(np.float32)).astype(local.dtype)
     return local - base
-

@@ -89,17 +89,18 @@ class Scaffold:
 
     def variables(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The model's variables that carry a control variate: every floating one not excluded."""
-        return {n: t for n, t in model.state_dict().items()
-                if t.is_floating_point() and not excluded(n, self.exclude_vars)}
+        return {
+            n: t for n, t in model.state_dict().items() if t.is_floating_point() and not excluded(n, self.exclude_vars)
+        }
 
     def start_round(self, model: nn.Module, c: Mapping[str, np.ndarray]) -> None:
         """Begin a round from the global model just loaded into `model` and the server's c (absent: zeros)."""
         variables = self.variables(model)
         self.x = {n: t.detach().clone() for n, t in variables.items()}
-        self.c = {n: numpy_to_tensor(c[n]).to(t.device) if n in c else torch.zeros_like(t)
-                  for n, t in variables.items()}
-        self.c_i = {n: self.c_i[n].to(t.device) if n in self.c_i else torch.zeros_like(t)
-                    for n, t in variables.items()}
+        self.c = {
+            n: numpy_to_tensor(c[n]).to(t.device) if n in c else torch.zeros_like(t) for n, t in variables.items()
+        }
+        self.c_i = {n: self.c_i[n].to(t.device) if n in self.c_i else torch.zeros_like(t) for n, t in variables.items()}
         self.lr_sum = dict.fromkeys(variables, 0.0)
         self._pending = None
 
@@ -138,7 +139,7 @@ def split_control(received: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndar
     model, control = {}, {}
     for name, arr in received.items():
         if name.startswith(SCAFFOLD_CONTROL_PREFIX):
-            control[name[len(SCAFFOLD_CONTROL_PREFIX):]] = arr
+            control[name[len(SCAFFOLD_CONTROL_PREFIX) :]] = arr
         else:
             model[name] = arr
     return model, control
@@ -159,8 +160,12 @@ def _effective_lrs(optimizer: torch.optim.Optimizer) -> dict[int, float]:
 class SiteAlgorithms:
     """The site algorithms of a run (FedProx, SCAFFOLD), applied to the trainer's model round by round."""
 
-    def __init__(self, fedprox_mu: float | None = None, scaffold_state: Path | None = None,
-                 exclude_vars: tuple[str, ...] | str = ()) -> None:
+    def __init__(
+        self,
+        fedprox_mu: float | None = None,
+        scaffold_state: Path | None = None,
+        exclude_vars: tuple[str, ...] | str = (),
+    ) -> None:
         self.fedprox = FedProx(fedprox_mu) if fedprox_mu is not None else None
         self.scaffold = Scaffold(scaffold_state, exclude_vars) if scaffold_state is not None else None
         self._hook = None

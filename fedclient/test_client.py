@@ -14,10 +14,25 @@ class TestFederatedClient(FederatedClient):
 
     __test__ = False  # not a pytest test class
 
-    def __init__(self, client_id, client_args, secure_train, server_args=None, exclude_vars=None,
-                 privacy_params=None, req_processors=None):
-        super().__init__(client_id, client_args, secure_train, server_args, exclude_vars,
-                         privacy=privacy_from_params(privacy_params), req_processors=req_processors)
+    def __init__(
+        self,
+        client_id,
+        client_args,
+        secure_train,
+        server_args=None,
+        exclude_vars=None,
+        privacy_params=None,
+        req_processors=None,
+    ):
+        super().__init__(
+            client_id,
+            client_args,
+            secure_train,
+            server_args,
+            exclude_vars,
+            privacy=privacy_from_params(privacy_params),
+            req_processors=req_processors,
+        )
 
     def client_login(self, task_name: str) -> str:
         """Register with the task's server and return the session token."""

@@ -19,8 +19,10 @@ from fedcommon import run_folder
 log = logging.getLogger("fedclient.worker")
 # SCAFFOLD's delta c_i is computed from the unfiltered local update (x - y) / (K * lr): sent beside a filtered
 # update it would give away what the privacy filter protects.
-SCAFFOLD_WITH_PRIVACY = ("config_fed_client.json: scaffold with a privacy filter is refused: SCAFFOLD's delta c_i "
-                         "carries the unfiltered local update; turn one of them off")
+SCAFFOLD_WITH_PRIVACY = (
+    "config_fed_client.json: scaffold with a privacy filter is refused: SCAFFOLD's delta c_i "
+    "carries the unfiltered local update; turn one of them off"
+)
 
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG = 0, 1, 3
 RUN_WAIT_POLL_S = 1.0
@@ -37,8 +39,11 @@ class WorkerSetupError(Exception):
 def kit_ssl_args(kit) -> dict[str, str]:
     """The seed's ssl_* client arguments for a startup kit."""
     startup = kit.folder / "startup"
-    return {"ssl_root_cert": str(startup / "rootCA.pem"), "ssl_cert": str(startup / "cert.pem"),
-            "ssl_private_key": str(startup / "key.pem")}
+    return {
+        "ssl_root_cert": str(startup / "rootCA.pem"),
+        "ssl_cert": str(startup / "cert.pem"),
+        "ssl_private_key": str(startup / "key.pem"),
+    }
 
 
 class SiteTraining:
@@ -48,9 +53,16 @@ class SiteTraining:
     TLS and filters, and takes the MMAR's trainer and cross-site settings.
     """
 
-    def __init__(self, workspace: Path, mmar_path: Path, run_number: int | None = None,
-                 on_event: Callable[[dict[str, Any]], None] | None = None, validate_only: bool = False,
-                 ranks: RankInfo | None = None, client=None):
+    def __init__(
+        self,
+        workspace: Path,
+        mmar_path: Path,
+        run_number: int | None = None,
+        on_event: Callable[[dict[str, Any]], None] | None = None,
+        validate_only: bool = False,
+        ranks: RankInfo | None = None,
+        client=None,
+    ):
         from fedcommon.components import ComponentError, build_component
         from fedcommon.kit import KitError, load_kit
         from fedcommon.mmar import MMARError, load_mmar
@@ -74,12 +86,20 @@ class SiteTraining:
         self.run_number = run_number
         self.on_event = on_event
         self._stop = threading.Event()
-        self.client = client if client is not None else FederatedClient(
-            self.kit.name, kit_ssl_args(self.kit), True,
-            server_args=[{"name": self.mmar.client.task_name, "target": self.kit.fl_target}],
-            exclude_vars=self.mmar.client.exclude_vars, privacy=privacy,
-            retry_timeout=self.mmar.client.retry_timeout, weight_by=self.mmar.client.weight_by,
-            on_progress=on_event,
+        self.client = (
+            client
+            if client is not None
+            else FederatedClient(
+                self.kit.name,
+                kit_ssl_args(self.kit),
+                True,
+                server_args=[{"name": self.mmar.client.task_name, "target": self.kit.fl_target}],
+                exclude_vars=self.mmar.client.exclude_vars,
+                privacy=privacy,
+                retry_timeout=self.mmar.client.retry_timeout,
+                weight_by=self.mmar.client.weight_by,
+                on_progress=on_event,
+            )
         )
         if client is not None and on_event is not None:
             own = client.on_progress
@@ -133,8 +153,13 @@ class SiteTraining:
                 # Before leaving the group, which makes the other ranks fail too: the cause is reported first.
                 from fedclient.client_status import ClientStatus
 
-                self.on_event({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
-                               "error": failure_message(e, self.validate_only, self.kit.name, self.run_number)})
+                self.on_event(
+                    {
+                        "kind": "status",
+                        "status": ClientStatus.TRAINING_EXCEPTION,
+                        "error": failure_message(e, self.validate_only, self.kit.name, self.run_number),
+                    }
+                )
             raise
         finally:
             if sync is not None:
@@ -188,8 +213,9 @@ class SiteTraining:
 
         torch.manual_seed(self.mmar.train.seed)
         try:
-            return build_component(self.mmar.train.trainer, [self.mmar.custom_dir], site_name=self.kit.name,
-                                   run_dir=str(run_dir))
+            return build_component(
+                self.mmar.train.trainer, [self.mmar.custom_dir], site_name=self.kit.name, run_dir=str(run_dir)
+            )
         except ComponentError as e:
             raise WorkerSetupError(f"config_train.json: trainer: {e}") from None
 
@@ -204,16 +230,24 @@ class SiteTraining:
         try:
             update_client_properties(client, self._build_fitter(run_dir))
             if client.is_participating and not client.model_manager.load_best_model(client.best_model_path):
-                log.warning("%s: run %d left no best local model (%s); validating the others only",
-                            self.kit.name, number, client.best_model_path)
+                log.warning(
+                    "%s: run %d left no best local model (%s); validating the others only",
+                    self.kit.name,
+                    number,
+                    client.best_model_path,
+                )
                 client.is_participating = False
             client.register()
             client.start_heartbeat()
             if self.on_event is not None:
                 self.on_event({"kind": "status", "status": ClientStatus.TRAINING_STARTED, "run_number": number})
             results = client.run_cross_site_validation(number)
-            log.info("%s: cross-site validation of run %d: validated %s", self.kit.name, number,
-                     ", ".join(sorted(results)) or "nothing new")
+            log.info(
+                "%s: cross-site validation of run %d: validated %s",
+                self.kit.name,
+                number,
+                ", ".join(sorted(results)) or "nothing new",
+            )
         finally:
             client.close()
 
@@ -222,8 +256,11 @@ class SiteTraining:
         told = False
         while not self.aborted and (client.run_number == 0 if wanted is None else client.run_number != wanted):
             if not told:
-                log.info("waiting for the server to start run %s (the server's run: %s)", wanted or "",
-                         client.run_number or "none")
+                log.info(
+                    "waiting for the server to start run %s (the server's run: %s)",
+                    wanted or "",
+                    client.run_number or "none",
+                )
                 told = True
             self._stop.wait(RUN_WAIT_POLL_S)
             client.heartbeat()
@@ -247,7 +284,7 @@ def failure_message(e: Exception, validating: bool = False, site: str = "SITE", 
 
 
 def _raised_where(e: BaseException) -> str:
-    """"ValueError at trainer.py:42, in train": the exception's type and the last frame of its traceback."""
+    """ "ValueError at trainer.py:42, in train": the exception's type and the last frame of its traceback."""
     frames = traceback.extract_tb(e.__traceback__)
     if not frames:
         return type(e).__name__
@@ -255,8 +292,14 @@ def _raised_where(e: BaseException) -> str:
     return f"{type(e).__name__} at {Path(last.filename).name}:{last.lineno}, in {last.name}"
 
 
-def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number: int | None = None,
-               parent: str | None = None, validate_only: bool = False) -> int:
+def run_worker(
+    workspace: Path,
+    mmar_path: Path,
+    debug: bool = False,
+    run_number: int | None = None,
+    parent: str | None = None,
+    validate_only: bool = False,
+) -> int:
     """Train this site in the run the server offers (or run `run_number`) until it ends; returns the exit code.
 
     With `parent` (HOST:PORT of the agent that started it) the worker reports status and progress there,
@@ -273,8 +316,9 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         print(f"fedclient.worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
     # Under an agent, stderr goes through the agent to run_N/logs/worker.log; standalone, the site's log.txt.
-    configure_logging(None if parent else workspace / "log.txt", debug,
-                      f"rank {ranks.rank}" if ranks.distributed else "")
+    configure_logging(
+        None if parent else workspace / "log.txt", debug, f"rank {ranks.rank}" if ranks.distributed else ""
+    )
     conn = None
     if parent:
         try:
@@ -300,14 +344,16 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
 
     report({"kind": "status", "status": ClientStatus.TRAINING_STARTING})
     try:
-        training = SiteTraining(workspace, mmar_path, run_number, on_event=report, validate_only=validate_only,
-                                ranks=ranks)
+        training = SiteTraining(
+            workspace, mmar_path, run_number, on_event=report, validate_only=validate_only, ranks=ranks
+        )
     except WorkerSetupError as e:
         log.error("%s", e)
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
         return EXIT_CONFIG
     if conn is not None:
         start_command_listener(training, conn, parent_pid)
+
     def on_sigterm(*_) -> None:
         training.abort()
         raise TrainingAborted  # interrupts a long local training phase at once
@@ -327,8 +373,13 @@ def run_worker(workspace: Path, mmar_path: Path, debug: bool = False, run_number
         return EXIT_CONFIG
     except Exception as e:
         log.error("training failed: %s", e, exc_info=True)  # the traceback is what `fedadmin logs` shows
-        report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION,
-                "error": failure_message(e, validate_only, training.kit.name, run_number)})
+        report(
+            {
+                "kind": "status",
+                "status": ClientStatus.TRAINING_EXCEPTION,
+                "error": failure_message(e, validate_only, training.kit.name, run_number),
+            }
+        )
         return EXIT_FAILED
     name, number = training.kit.name, training.client.run_number
     log.info("%s: run %s %s", name, number or run_number, "aborted" if training.aborted else "finished")
@@ -339,12 +390,19 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workspace", type=Path, required=True, help="the site's participant folder")
     parser.add_argument("--mmar", type=Path, required=True)
-    parser.add_argument("--run-number", type=int, default=None,
-                        help="train only this run (its folder is <workspace>/run_N)")
-    parser.add_argument("--parent", default=None,
-                        help="HOST:PORT of the agent that started this worker (its key: see FEDLEARN_PARENT_KEY_FROM)")
-    parser.add_argument("--validate", action="store_true",
-                        help="cross-site validation of run --run-number, already trained, instead of training")
+    parser.add_argument(
+        "--run-number", type=int, default=None, help="train only this run (its folder is <workspace>/run_N)"
+    )
+    parser.add_argument(
+        "--parent",
+        default=None,
+        help="HOST:PORT of the agent that started this worker (its key: see FEDLEARN_PARENT_KEY_FROM)",
+    )
+    parser.add_argument(
+        "--validate",
+        action="store_true",
+        help="cross-site validation of run --run-number, already trained, instead of training",
+    )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.run_number is not None and args.run_number < 1:

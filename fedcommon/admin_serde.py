@@ -26,10 +26,16 @@ def message_to_wire(msg: Message) -> pb.AdminMessage:
 def outcome_to_wire(outcome: CommandOutcome) -> pb.CommandReply:
     """The wire CommandReply; a reply's data that came off the wire travels on as it came."""
     return pb.CommandReply(
-        command=outcome.command, ok=outcome.ok, error=outcome.error,
+        command=outcome.command,
+        ok=outcome.ok,
+        error=outcome.error,
         replies=[
-            pb.TargetReply(target=r.target, ok=r.ok, error=r.error,
-                           data_json=(r.data_json if r.data_json is not None else json.dumps(r.data)) if r.ok else "")
+            pb.TargetReply(
+                target=r.target,
+                ok=r.ok,
+                error=r.error,
+                data_json=(r.data_json if r.data_json is not None else json.dumps(r.data)) if r.ok else "",
+            )
             for r in outcome.replies
         ],
     )

@@ -45,7 +45,8 @@ class Arg:
     def problem(self, value: Any) -> str | None:
         """Why `value` is not a valid value of this argument, or None."""
         ok = not isinstance(value, bool) and (
-            isinstance(value, int) if self.integer else isinstance(value, (int, float)) and math.isfinite(value))
+            isinstance(value, int) if self.integer else isinstance(value, (int, float)) and math.isfinite(value)
+        )
         if ok and self.low is not None:
             ok = value > self.low if self.low_open else value >= self.low
         if ok and self.high is not None:
@@ -80,20 +81,35 @@ AGGREGATORS: dict[str, AggregatorDecl] = {
     d.name: d
     for d in (
         AggregatorDecl("FedAvg", "x <- x + weighted mean of the updates (the default)"),
-        AggregatorDecl("FedAvgM", "server momentum: m <- server_momentum*m + mean; x <- x + server_lr*m",
-                       (_positive("server_lr", 1.0), _unit("server_momentum", 0.9))),
+        AggregatorDecl(
+            "FedAvgM",
+            "server momentum: m <- server_momentum*m + mean; x <- x + server_lr*m",
+            (_positive("server_lr", 1.0), _unit("server_momentum", 0.9)),
+        ),
         AggregatorDecl("FedAdam", "Reddi et al. 2021, Adam on the server", _FEDOPT),
         AggregatorDecl("FedYogi", "Reddi et al. 2021, Yogi on the server", _FEDOPT),
-        AggregatorDecl("FedAdagrad", "Reddi et al. 2021, Adagrad on the server",
-                       tuple(a for a in _FEDOPT if a.name != "beta_2")),
+        AggregatorDecl(
+            "FedAdagrad", "Reddi et al. 2021, Adagrad on the server", tuple(a for a in _FEDOPT if a.name != "beta_2")
+        ),
         AggregatorDecl("FedMedian", "coordinate-wise median of the updates", needs_all_updates=True),
-        AggregatorDecl("FedTrimmedAvg", "coordinate-wise mean without the beta*n smallest and largest",
-                       (Arg("beta", 0.1, low=0.0, high=0.5, high_open=True),), needs_all_updates=True),
-        AggregatorDecl("Krum", "Blanchard et al. 2017: the update closest to its n-f-2 nearest others",
-                       (Arg("num_malicious", 0, low=0, integer=True),), needs_all_updates=True),
-        AggregatorDecl("MultiKrum", "Blanchard et al. 2017: weighted mean of the num_selected best Krum scores",
-                       (Arg("num_malicious", 0, low=0, integer=True), Arg("num_selected", None, low=1, integer=True)),
-                       needs_all_updates=True),
+        AggregatorDecl(
+            "FedTrimmedAvg",
+            "coordinate-wise mean without the beta*n smallest and largest",
+            (Arg("beta", 0.1, low=0.0, high=0.5, high_open=True),),
+            needs_all_updates=True,
+        ),
+        AggregatorDecl(
+            "Krum",
+            "Blanchard et al. 2017: the update closest to its n-f-2 nearest others",
+            (Arg("num_malicious", 0, low=0, integer=True),),
+            needs_all_updates=True,
+        ),
+        AggregatorDecl(
+            "MultiKrum",
+            "Blanchard et al. 2017: weighted mean of the num_selected best Krum scores",
+            (Arg("num_malicious", 0, low=0, integer=True), Arg("num_selected", None, low=1, integer=True)),
+            needs_all_updates=True,
+        ),
     )
 }
 DEFAULT_AGGREGATOR = "FedAvg"
@@ -137,8 +153,11 @@ def check_args(args: Any, declared: tuple[Arg, ...], what: str) -> tuple[dict, l
         return {}, [("", f"must be an object of arguments of {what}, got {type(args).__name__}")]
     valid = [a.name for a in declared]
     listed = ", ".join(valid) if valid else "none"
-    problems = [(str(k), f"unknown argument of {what}; valid: {listed}" + _suggest(str(k), valid))
-                for k in args if k not in valid]
+    problems = [
+        (str(k), f"unknown argument of {what}; valid: {listed}" + _suggest(str(k), valid))
+        for k in args
+        if k not in valid
+    ]
     out = {}
     for arg in declared:
         if arg.name not in args:

@@ -63,12 +63,22 @@ class JsonLinesLog:
 
     def append(self, entry: dict[str, Any]) -> None:
         """Write `entry` (bounded) with a leading UTC "time" field as one line; never raises."""
-        stamped = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
-                   **bounded(entry)}
+        stamped = {
+            "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds"),
+            **bounded(entry),
+        }
         line = (json.dumps(stamped) + "\n").encode("utf-8")
         if len(line) > MAX_ENTRY_BYTES:
-            line = (json.dumps({"time": stamped["time"], "entry_cut": line[:MAX_ENTRY_BYTES // 2].decode(
-                "utf-8", errors="replace"), "length": len(line)}) + "\n").encode("utf-8")
+            line = (
+                json.dumps(
+                    {
+                        "time": stamped["time"],
+                        "entry_cut": line[: MAX_ENTRY_BYTES // 2].decode("utf-8", errors="replace"),
+                        "length": len(line),
+                    }
+                )
+                + "\n"
+            ).encode("utf-8")
         try:
             with self._lock:
                 fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
@@ -82,6 +92,7 @@ class JsonLinesLog:
                     os.close(fd)
         except OSError as e:
             log.error("cannot append to the audit log %s: %s", self.path, e)
+
 
 class RefusalLimiter:
     """At most `burst` audited refusals per caller, refilled at `per_second`; the rest are counted, and the count

@@ -83,17 +83,25 @@ class TrainingStub(pb_grpc.FederatedTrainingStub):
     def __init__(self, channel: Any) -> None:  # a grpc.Channel or a grpc.aio.Channel
         super().__init__(channel)
         self.GetModel = channel.unary_stream(
-            f"/{SERVICE}/GetModel", request_serializer=pb.GetModelRequest.SerializeToString,
-            response_deserializer=chunk_from_bytes)
+            f"/{SERVICE}/GetModel",
+            request_serializer=pb.GetModelRequest.SerializeToString,
+            response_deserializer=chunk_from_bytes,
+        )
         self.GetValidationModels = channel.unary_stream(
-            f"/{SERVICE}/GetValidationModels", request_serializer=pb.ValidationModelsRequest.SerializeToString,
-            response_deserializer=chunk_from_bytes)
+            f"/{SERVICE}/GetValidationModels",
+            request_serializer=pb.ValidationModelsRequest.SerializeToString,
+            response_deserializer=chunk_from_bytes,
+        )
         self.SubmitUpdate = channel.stream_unary(
-            f"/{SERVICE}/SubmitUpdate", request_serializer=chunk_to_bytes,
-            response_deserializer=pb.SubmitReply.FromString)
+            f"/{SERVICE}/SubmitUpdate",
+            request_serializer=chunk_to_bytes,
+            response_deserializer=pb.SubmitReply.FromString,
+        )
         self.SubmitBestModel = channel.stream_unary(
-            f"/{SERVICE}/SubmitBestModel", request_serializer=chunk_to_bytes,
-            response_deserializer=pb.SubmitReply.FromString)
+            f"/{SERVICE}/SubmitBestModel",
+            request_serializer=chunk_to_bytes,
+            response_deserializer=pb.SubmitReply.FromString,
+        )
 
 
 class _Handlers:
@@ -118,9 +126,11 @@ def add_training_servicer(servicer: pb_grpc.FederatedTrainingServicer, server: g
         h = handlers[name]
         if h.unary_stream:
             handlers[name] = grpc.unary_stream_rpc_method_handler(
-                h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=chunk_to_bytes)
+                h.unary_stream, request_deserializer=h.request_deserializer, response_serializer=chunk_to_bytes
+            )
         else:
             handlers[name] = grpc.stream_unary_rpc_method_handler(
-                h.stream_unary, request_deserializer=chunk_from_bytes, response_serializer=h.response_serializer)
+                h.stream_unary, request_deserializer=chunk_from_bytes, response_serializer=h.response_serializer
+            )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     server.add_registered_method_handlers(SERVICE, handlers)

@@ -21,9 +21,7 @@ class ComponentError(ValueError):
     """A component that cannot be built; the message names its path and what failed."""
 
 
-def build_component(
-    component: Component, search_paths: Sequence[Path] = (), **extra_kwargs: object
-) -> object:
+def build_component(component: Component, search_paths: Sequence[Path] = (), **extra_kwargs: object) -> object:
     """Import the component's module with `search_paths` first on sys.path; return Class(**args, **extra).
 
     The module and the class must come from the search folders or fedlearn's packages: a deployed
@@ -35,9 +33,7 @@ def build_component(
         raise ComponentError(f"component {path!r}: path must be 'module.Class'")
     clash = sorted(component.args.keys() & extra_kwargs.keys())
     if clash:
-        raise ComponentError(
-            f"component {path!r}: args {clash} are set by the caller and must not be configured"
-        )
+        raise ComponentError(f"component {path!r}: args {clash} are set by the caller and must not be configured")
     kwargs = {**component.args, **extra_kwargs}
     linked = [str(p) for p in search_paths if Path(os.fspath(p)).is_symlink()]
     if linked:
@@ -145,9 +141,7 @@ def _find_class(path: str, module_name: str, class_name: str, folders: list[str]
     except ModuleNotFoundError as e:
         if e.name is not None and (module_name == e.name or module_name.startswith(e.name + ".")):
             where = f"in {', '.join(folders)} or " if folders else "in "
-            raise ComponentError(
-                f"component {path!r}: module {e.name!r} not found {where}fedlearn's packages"
-            ) from e
+            raise ComponentError(f"component {path!r}: module {e.name!r} not found {where}fedlearn's packages") from e
         raise ComponentError(f"component {path!r}: importing module {module_name!r} failed: {e}") from e
     except Exception as e:
         raise ComponentError(

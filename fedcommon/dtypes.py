@@ -8,7 +8,15 @@ import numpy as np
 _BY_NAME: dict[str, np.dtype] = {
     name: np.dtype(name)
     for name in (
-        "float16", "float32", "float64", "int8", "int16", "int32", "int64", "uint8", "bool",
+        "float16",
+        "float32",
+        "float64",
+        "int8",
+        "int16",
+        "int32",
+        "int64",
+        "uint8",
+        "bool",
     )
 }
 _BY_NAME["bfloat16"] = np.dtype(ml_dtypes.bfloat16)

@@ -104,9 +104,7 @@ def _load_config(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError:
         raise KitError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise KitError(
-            f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})"
-        ) from None
+        raise KitError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     if not isinstance(config, dict):
         raise KitError(f"{path}: expected a JSON object at the top level")
     out: dict[str, Any] = {key: _get(config, key, str, path) for key in ("name", "role", "project")}
@@ -124,9 +122,7 @@ def _load_config(path: Path) -> dict[str, Any]:
     if out["role"] == "admin":
         admin_role = _get(config, "admin_role", str, path)
         if admin_role not in ADMIN_ROLES:
-            raise KitError(
-                f"{path}: key 'admin_role' must be one of {', '.join(ADMIN_ROLES)}, got {admin_role!r}"
-            )
+            raise KitError(f"{path}: key 'admin_role' must be one of {', '.join(ADMIN_ROLES)}, got {admin_role!r}")
         out["admin_role"] = admin_role
     return out
 
@@ -149,9 +145,7 @@ def _subject(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str | None:
 def _check_validity(cert: x509.Certificate, path: Path) -> None:
     now = datetime.datetime.now(datetime.timezone.utc)
     if now < cert.not_valid_before_utc:
-        raise KitError(
-            f"{path}: certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC"
-        )
+        raise KitError(f"{path}: certificate is not valid before {cert.not_valid_before_utc:%Y-%m-%d %H:%M} UTC")
     if now > cert.not_valid_after_utc:
         raise KitError(f"{path}: certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
 
@@ -177,8 +171,9 @@ def load_kit(folder: str | os.PathLike, check_certificates: bool = True) -> Kit:
     config = _load_config(config_path)
     if not check_certificates:
         config["org"] = config["org"] or ""
-        return Kit(folder=participant, cert_pem=_read(cert_path), key_pem=_read(key_path), ca_pem=_read(ca_path),
-                   **config)
+        return Kit(
+            folder=participant, cert_pem=_read(cert_path), key_pem=_read(key_path), ca_pem=_read(ca_path), **config
+        )
     from cryptography import x509
     from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
     from cryptography.hazmat.primitives import serialization
@@ -214,9 +209,7 @@ def load_kit(folder: str | os.PathLike, check_certificates: bool = True) -> Kit:
 
     common_name = _subject(cert, NameOID.COMMON_NAME)
     if common_name != config["name"]:
-        raise KitError(
-            f"{cert_path}: certificate is for {common_name!r} but {config_path} names {config['name']!r}"
-        )
+        raise KitError(f"{cert_path}: certificate is for {common_name!r} but {config_path} names {config['name']!r}")
     cert_role = _subject(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
     if config["admin_role"] is not None:
         if cert_role != config["admin_role"]:
@@ -244,9 +237,7 @@ def load_kit(folder: str | os.PathLike, check_certificates: bool = True) -> Kit:
 def server_credentials(kit: Kit) -> grpc.ServerCredentials:
     """Mutual-TLS server credentials from the server's kit: clients must present a cert from its CA."""
     if kit.role != "server":
-        raise KitError(
-            f"{kit.folder}: server credentials need the server's kit, this is {kit.name!r} ({kit.role})"
-        )
+        raise KitError(f"{kit.folder}: server credentials need the server's kit, this is {kit.name!r} ({kit.role})")
     return grpc.ssl_server_credentials(
         [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
     )
@@ -287,7 +278,9 @@ def load_participant_kit(folder: Path, role: str, command: str) -> Kit:
     """
     kit = load_kit(folder)
     if kit.role != role:
-        raise KitError(f"{kit.folder} holds the kit of {kit.name} ({_KIT_OF.get(kit.role, kit.role)}), not "
-                       f"{'the server' if role == 'server' else 'a site'}'s: `{command}` needs "
-                       f"{'the server' if role == 'server' else 'a site'}'s kit")
+        raise KitError(
+            f"{kit.folder} holds the kit of {kit.name} ({_KIT_OF.get(kit.role, kit.role)}), not "
+            f"{'the server' if role == 'server' else 'a site'}'s: `{command}` needs "
+            f"{'the server' if role == 'server' else 'a site'}'s kit"
+        )
     return kit

@@ -53,8 +53,7 @@ def configure_logging(log_file: Path | None = None, debug: bool = False, tag: st
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if log_file is not None:
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES,
-                                                             backupCount=LOG_BACKUPS))
+        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS))
     for h in handlers:
         h.setFormatter(OneLineFormatter(FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else FORMAT))
         root.addHandler(h)
@@ -122,8 +121,9 @@ def pump_lines(stream: IO[bytes], writer: RotatingWriter) -> None:
                 writer.write(line)
             except (OSError, ValueError) as e:
                 failed = True
-                logging.getLogger(__name__).error("cannot write %s (%s): the worker's output is dropped from now on",
-                                                  writer.path, e)
+                logging.getLogger(__name__).error(
+                    "cannot write %s (%s): the worker's output is dropped from now on", writer.path, e
+                )
     except (OSError, ValueError):
         pass
     finally:
@@ -152,8 +152,10 @@ class LogQuery:
         """Check a request's arguments; anything naming a file or path is refused, the reader picks the file."""
         unknown = sorted(set(args) - {"lines", "level", "cursor", "run_number"})
         if unknown:
-            raise LogRequestError(f"logs takes no {', '.join(map(repr, unknown))}: the participant chooses its "
-                                  "own log files (arguments: run_number, lines, level, cursor)")
+            raise LogRequestError(
+                f"logs takes no {', '.join(map(repr, unknown))}: the participant chooses its "
+                "own log files (arguments: run_number, lines, level, cursor)"
+            )
         lines = args.get("lines", 50)
         if isinstance(lines, bool) or not isinstance(lines, int) or not 1 <= lines <= MAX_LINES:
             raise LogRequestError(f"lines must be a whole number from 1 to {MAX_LINES}, got {lines!r}")
@@ -162,9 +164,15 @@ class LogQuery:
             raise LogRequestError(f"level must be one of {', '.join(LEVELS)}, got {level!r}")
         cursor = args.get("cursor")
         if cursor is not None:
-            ok = isinstance(cursor, dict) and set(cursor) <= {"inode", "offset", "keep"} and all(
-                isinstance(cursor.get(k), int) and not isinstance(cursor.get(k), bool) and 0 <= cursor[k] < 2**63
-                for k in ("inode", "offset")) and cursor["offset"] <= MAX_LOG_BYTES
+            ok = (
+                isinstance(cursor, dict)
+                and set(cursor) <= {"inode", "offset", "keep"}
+                and all(
+                    isinstance(cursor.get(k), int) and not isinstance(cursor.get(k), bool) and 0 <= cursor[k] < 2**63
+                    for k in ("inode", "offset")
+                )
+                and cursor["offset"] <= MAX_LOG_BYTES
+            )
             if not ok:
                 raise LogRequestError(f"cursor must be what an earlier logs reply returned, got {cursor!r}")
             cursor = {"inode": cursor["inode"], "offset": cursor["offset"], "keep": int(bool(cursor.get("keep")))}
@@ -271,7 +279,7 @@ def _last_bytes(f: IO[bytes], limit: int) -> bytes:
         return f.read(limit)
     f.seek(size - limit)
     data = f.read(limit)
-    return data[data.find(b"\n") + 1:]
+    return data[data.find(b"\n") + 1 :]
 
 
 def read_log(path: Path, query: LogQuery) -> dict[str, Any]:
@@ -307,8 +315,7 @@ def _tail(path: Path, count: int, minimum: int) -> dict[str, Any]:
                 chunks.append(_last_bytes(older, MAX_LOG_BYTES))
         kept, keep = _records(b"".join(reversed(chunks)).splitlines(keepends=True), minimum <= _INFO, minimum)
         lines, truncated = _fit(kept, count)
-        return {"lines": lines, "cursor": _cursor(f, cursor_offset, keep),
-                "truncated": truncated or len(kept) > count}
+        return {"lines": lines, "cursor": _cursor(f, cursor_offset, keep), "truncated": truncated or len(kept) > count}
 
 
 def _cursor(f: IO[bytes], offset: int, keep: bool) -> dict[str, int]:

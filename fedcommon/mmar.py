@@ -157,8 +157,7 @@ def load_mmar(root: str | os.PathLike) -> MMAR:
     valid = all(isinstance(task, str) and task.strip() for task in (server_task, client_task))
     if valid and server_task != client_task:
         problems.append(
-            f"{CLIENT_CONFIG}: key 'task_name': {client_task!r} differs from "
-            f"{SERVER_CONFIG} task_name {server_task!r}"
+            f"{CLIENT_CONFIG}: key 'task_name': {client_task!r} differs from {SERVER_CONFIG} task_name {server_task!r}"
         )
     if problems:
         raise MMARError("\n".join(problem.translate(_ONE_LINE) for problem in problems))
@@ -403,8 +402,11 @@ def _privacy(custom_dir: Path) -> Callable[[Any, str, Report], Any]:
                 return _BAD
             name = value["name"]
             if name not in PRIVACY_PROTOCOLS:
-                report(f"{key}.name", f"must be one of {', '.join(PRIVACY_PROTOCOLS)}, got {_describe(name)}"
-                       + _suggestion(str(name), set(PRIVACY_PROTOCOLS)))
+                report(
+                    f"{key}.name",
+                    f"must be one of {', '.join(PRIVACY_PROTOCOLS)}, got {_describe(name)}"
+                    + _suggestion(str(name), set(PRIVACY_PROTOCOLS)),
+                )
                 return _BAD
             value = {"path": f"{PRIVACY_MODULE}.{name}", **{k: v for k, v in value.items() if k != "name"}}
         return component(value, key, report)
@@ -634,8 +636,9 @@ def _client_config(reader: _Reader, custom_dir: Path) -> ClientConfig | None:
         "privacy": reader.take("privacy", _privacy(custom_dir), None),
         "cross_site_validate": reader.take("cross_site_validate", _boolean, False),
         "is_participating": reader.take("is_participating", _boolean, True),
-        "cross_site_validation_timeout": reader.take("cross_site_validation_timeout", _number(0, exclusive=True),
-                                                     600.0),
+        "cross_site_validation_timeout": reader.take(
+            "cross_site_validation_timeout", _number(0, exclusive=True), 600.0
+        ),
         "fedprox_mu": reader.take("fedprox", _fedprox, None),
         "scaffold": reader.take("scaffold", _boolean, False),
     }

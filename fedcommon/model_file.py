@@ -81,8 +81,9 @@ class ModelFileWriter:
     def __init__(self, f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]):
         self._f = f
         head, offsets = _layout(specs, meta)
-        self._slots = {name: (dtype, tuple(shape), off)
-                       for (name, dtype, shape), off in zip(specs, offsets, strict=True)}
+        self._slots = {
+            name: (dtype, tuple(shape), off) for (name, dtype, shape), off in zip(specs, offsets, strict=True)
+        }
         self._order = [name for name, _, _ in specs]
         self._written: set[str] = set()
         f.write(head)
@@ -117,7 +118,8 @@ class ModelFileWriter:
         if missing:
             shown = ", ".join(repr(n) for n in missing[:5]) + (" ..." if len(missing) > 5 else "")
             raise ModelFileError(
-                f"model file incomplete: {len(missing)} of {len(self._order)} tensors missing ({shown})")
+                f"model file incomplete: {len(missing)} of {len(self._order)} tensors missing ({shown})"
+            )
 
 
 def save_model(
@@ -198,4 +200,3 @@ def iter_model_chunks(
                 raise ModelFileError(f"tensor {e.name!r}: file ended early")
             yield DataChunk(view[:n])
             left -= n
-

@@ -66,7 +66,7 @@ class CommandOutcome:
         return "" if server.ok else server.error or "failed"
 
     def failures(self) -> list[str]:
-        """"target: error" for every failed target, the whole command's refusal first."""
+        """ "target: error" for every failed target, the whole command's refusal first."""
         out = [self.error] if self.error else []
         return out + [f"{r.target}: {r.error or 'failed'}" for r in self.replies if not r.ok]
 

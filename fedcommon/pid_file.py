@@ -33,8 +33,10 @@ def write_pid_file(workspace: Path) -> PidRecord:
     """Record this process as the one serving `workspace` (atomically; it replaces an earlier one's)."""
     me = psutil.Process()
     record = PidRecord(me.pid, me.create_time(), tuple(me.cmdline()))
-    atomic_write_json(Path(workspace) / PID_FILE,
-                      {"pid": record.pid, "create_time": record.create_time, "cmdline": list(record.cmdline)})
+    atomic_write_json(
+        Path(workspace) / PID_FILE,
+        {"pid": record.pid, "create_time": record.create_time, "cmdline": list(record.cmdline)},
+    )
     return record
 
 
@@ -53,8 +55,14 @@ def read_pid_file(workspace: Path) -> PidRecord | None:
         pid, create_time, cmdline = data["pid"], data["create_time"], data["cmdline"]
     except (OSError, ValueError, TypeError, KeyError):
         return None
-    if (not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0 or not isinstance(create_time, (int, float))
-            or not isinstance(cmdline, list) or not all(isinstance(a, str) for a in cmdline)):
+    if (
+        not isinstance(pid, int)
+        or isinstance(pid, bool)
+        or pid <= 0
+        or not isinstance(create_time, (int, float))
+        or not isinstance(cmdline, list)
+        or not all(isinstance(a, str) for a in cmdline)
+    ):
         return None
     return PidRecord(pid, float(create_time), tuple(cmdline))
 

@@ -76,9 +76,7 @@ def check_host(host: str) -> str:
             ) from None
         return host
     if address.is_unspecified:
-        raise PkiError(
-            f"server host {host!r} is a bind-all address: give the address sites connect to, e.g. 127.0.0.1"
-        )
+        raise PkiError(f"server host {host!r} is a bind-all address: give the address sites connect to, e.g. 127.0.0.1")
     return host
 
 
@@ -94,9 +92,7 @@ def new_private_key() -> ec.EllipticCurvePrivateKey:
     return ec.generate_private_key(ec.SECP256R1())
 
 
-def create_ca(
-    project: str, valid_days: int = CA_VALID_DAYS
-) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def create_ca(project: str, valid_days: int = CA_VALID_DAYS) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """Return a self-signed root CA (CA=true, path length 0) for project, valid for valid_days."""
     check_project(project)
     key = new_private_key()
@@ -225,9 +221,7 @@ def issue_cert(
         )
         .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False
-        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
     )
     if role == "server":
         builder = builder.add_extension(x509.SubjectAlternativeName(_server_alt_names(host)), critical=False)

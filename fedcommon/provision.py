@@ -228,8 +228,10 @@ def _read_yaml(path: Path) -> Any:
                     key = (key_node.tag, key_node.value)
                     if key in seen:
                         raise yaml.constructor.ConstructorError(
-                            "while reading a mapping", node.start_mark,
-                            f"found the key {key_node.value!r} twice", key_node.start_mark,
+                            "while reading a mapping",
+                            node.start_mark,
+                            f"found the key {key_node.value!r} twice",
+                            key_node.start_mark,
                         )
                     seen.add(key)
             return super().construct_mapping(node, deep=deep)
@@ -507,9 +509,7 @@ def _plan(
                 f"issued; use --reissue {p.name} to issue a new one (the old one is revoked)"
             )
         elif not (kit / "cert.pem").is_file():
-            problems.append(
-                f"{p.name}: kit {kit} is missing; use --reissue {p.name} to issue a new one"
-            )
+            problems.append(f"{p.name}: kit {kit} is missing; use --reissue {p.name} to issue a new one")
         else:
             statuses[p.name] = "kept"
 
@@ -649,13 +649,26 @@ def _provision(
         status = "revoked" if record.revoked else statuses.get(name, "kept")
         rows.append(
             ProvisionedParticipant(
-                name, record.kind, record.org, record.role, status, record.serial, record.not_after,
-                out / name / STARTUP_DIR, name in listed,
+                name,
+                record.kind,
+                record.org,
+                record.role,
+                status,
+                record.serial,
+                record.not_after,
+                out / name / STARTUP_DIR,
+                name in listed,
             )
         )
     return Provisioned(
-        out, project.name, project.host, project.fl_port, project.admin_port, project.server.name,
-        tuple(rows), tuple(sorted(new_state.revoked_serials())),
+        out,
+        project.name,
+        project.host,
+        project.fl_port,
+        project.admin_port,
+        project.server.name,
+        tuple(rows),
+        tuple(sorted(new_state.revoked_serials())),
     )
 
 

@@ -34,7 +34,8 @@ def check_restart(workspace: Path, now: float | None = None, limit: int = LIMIT,
         again = time.strftime("%H:%M:%S", time.localtime(min(recent) + window))
         raise RestartRefused(
             f"restart refused: {len(recent)} restarts in the last {window / 60:g} min, a restart loop? "
-            f"Look at log.txt (fedadmin logs); a restart is allowed again after {again}")
+            f"Look at log.txt (fedadmin logs); a restart is allowed again after {again}"
+        )
     try:
         atomic_write_json(path, [*recent, now])
     except OSError:  # a workspace that cannot be written: the restart goes ahead, uncounted

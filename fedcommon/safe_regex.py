@@ -144,8 +144,10 @@ class SafePattern:
                 raise UnsafePattern(f"{self.pattern!r}: {str(arg).lower()} is not supported (use ^, $, \\A or \\Z)")
             s = self._add(_State("assert", at=arg, out=[-1]))
             return s, [(s, 0)]
-        raise UnsafePattern(f"{self.pattern!r}: {str(op).lower()} is not supported by the linear-time matcher "
-                            "(back-references, look-arounds, atomic groups and conditionals cannot be)")
+        raise UnsafePattern(
+            f"{self.pattern!r}: {str(op).lower()} is not supported by the linear-time matcher "
+            "(back-references, look-arounds, atomic groups and conditionals cannot be)"
+        )
 
     def _repeat(self, low: int, high: int | None, body: list) -> tuple[int, list[tuple[int, int]]]:
         # Greedy and lazy repeats match the same set of texts: for `search` the difference does not show.

@@ -93,7 +93,7 @@ def _parse(command: str, args: list[str]) -> _Parsed:
     while i < len(args):
         arg = args[i]
         if arg == "--":
-            operands.extend(args[i + 1:])
+            operands.extend(args[i + 1 :])
             break
         if not arg.startswith("-") or arg == "-":
             operands.append(arg)
@@ -149,7 +149,12 @@ def _is_secret(path: Path) -> bool:
 def _execute(argv: list[str], cwd: Path, command: str, timeout: float, max_output: int) -> ShellResult:
     env = {"PATH": os.environ.get("PATH", os.defpath), "LC_ALL": "C"}
     proc = subprocess.Popen(
-        argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        argv,
+        cwd=cwd,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     assert proc.stdout is not None
@@ -230,7 +235,7 @@ def _hide_base64_runs(lines: list[str], hide: list[bool]) -> None:
             run.append(content)
             continue
         if any(_looks_like_key_line(c) for c in run):
-            hide[i - len(run):i] = [True] * len(run)
+            hide[i - len(run) : i] = [True] * len(run)
         run = []
 
 

@@ -25,8 +25,14 @@ class UnsafeArchiveError(ValueError):
     """An archive refused before extraction; the message names the entry and the rule it broke."""
 
 
-def extract_zip_safely(zip_path: Path, dest: Path, max_total_bytes: int = 4 << 30, max_ratio: float = 200.0,
-                       max_entries: int = 100_000, check: Callable[[Path], object] | None = None) -> Path:
+def extract_zip_safely(
+    zip_path: Path,
+    dest: Path,
+    max_total_bytes: int = 4 << 30,
+    max_ratio: float = 200.0,
+    max_entries: int = 100_000,
+    check: Callable[[Path], object] | None = None,
+) -> Path:
     """Check every entry, extract beside `dest`, run `check` on the tree, then swap it into place; returns dest.
 
     A single top-level folder is stripped when config/ is not at the top. Refusals raise UnsafeArchiveError
@@ -67,12 +73,13 @@ def archive_files(zip_path: Path) -> list[str]:
     tops = {rel.split("/", 1)[0] for rel in (*files, *folders)}
     if "config" not in folders and len(tops) == 1 and next(iter(tops)) in folders:
         top = next(iter(tops)) + "/"
-        files = [f[len(top):] for f in files]
+        files = [f[len(top) :] for f in files]
     return sorted(files)
 
 
-def _checked_entries(archive: zipfile.ZipFile, shown: str, max_total_bytes: int, max_ratio: float,
-                     max_entries: int) -> list[tuple[zipfile.ZipInfo, str]]:
+def _checked_entries(
+    archive: zipfile.ZipFile, shown: str, max_total_bytes: int, max_ratio: float, max_entries: int
+) -> list[tuple[zipfile.ZipInfo, str]]:
     """(entry, normalised relative path) for every entry to extract; raise on the first broken rule."""
     infos = archive.infolist()
     if len(infos) > max_entries:
@@ -150,18 +157,19 @@ def _refuse_overlaps(archive: zipfile.ZipFile, shown: str) -> None:
         if len(header) < 30 or header[:4] != b"PK\x03\x04":
             raise UnsafeArchiveError(f"{shown}: entry {info.filename!r}: no local header where the directory says")
         name_len, extra_len = struct.unpack("<HH", header[26:30])
-        spans.append((info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size,
-                      info.filename))
+        spans.append(
+            (info.header_offset, info.header_offset + 30 + name_len + extra_len + info.compress_size, info.filename)
+        )
     spans.sort()
     for (_start, end, name), following in zip(spans, [*spans[1:], (end_of_data, end_of_data, None)], strict=True):
         if end > following[0]:
             what = f"entry {following[2]!r}" if following[2] is not None else "the central directory"
-            raise UnsafeArchiveError(f"{shown}: entry {name!r} overlaps {what} (entries sharing their data: "
-                                     "a zip bomb?)")
+            raise UnsafeArchiveError(
+                f"{shown}: entry {name!r} overlaps {what} (entries sharing their data: a zip bomb?)"
+            )
 
 
-def _extract(archive: zipfile.ZipFile, entries: list[tuple[zipfile.ZipInfo, str]], staging: Path,
-             shown: str) -> None:
+def _extract(archive: zipfile.ZipFile, entries: list[tuple[zipfile.ZipInfo, str]], staging: Path, shown: str) -> None:
     root = os.path.realpath(staging)
     for info, rel in entries:
         target = staging / rel

@@ -56,7 +56,10 @@ def gpu_info() -> list[dict[str, Any]]:
     try:
         proc = subprocess.run(
             [exe, f"--query-gpu={_GPU_QUERY}", "--format=csv,noheader,nounits"],
-            capture_output=True, text=True, timeout=NVIDIA_SMI_TIMEOUT_S, stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=NVIDIA_SMI_TIMEOUT_S,
+            stdin=subprocess.DEVNULL,
         )
     except (subprocess.TimeoutExpired, OSError) as e:
         log.warning("nvidia-smi failed: %s", e)
@@ -77,13 +80,15 @@ def parse_gpu_csv(text: str) -> list[dict[str, Any]]:
         # A GPU name may itself contain commas: the four numbers are the first and the last three fields.
         index, total, used, util = (f.strip() for f in (raw[0], *raw[-3:]))
         name = ",".join(raw[1:-3]).strip()
-        gpus.append({
-            "index": _number(index),
-            "name": name,
-            "memory_total_mib": _number(total),
-            "memory_used_mib": _number(used),
-            "utilization_percent": _number(util),
-        })
+        gpus.append(
+            {
+                "index": _number(index),
+                "name": name,
+                "memory_total_mib": _number(total),
+                "memory_used_mib": _number(used),
+                "utilization_percent": _number(util),
+            }
+        )
     return gpus
 
 

@@ -43,8 +43,9 @@ def as_wire_array(arr: np.ndarray) -> np.ndarray:
     return arr if arr.flags.c_contiguous else arr.copy(order="C")
 
 
-def encode_tensor(name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES
-                  ) -> Iterator[pb.ModelChunk | DataChunk]:
+def encode_tensor(
+    name: str, arr: np.ndarray, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> Iterator[pb.ModelChunk | DataChunk]:
     """One tensor as a TensorHeader chunk followed by its data chunks (views of the array: keep it unchanged
     until they are sent)."""
     arr = as_wire_array(arr)

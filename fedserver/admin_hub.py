@@ -47,8 +47,15 @@ class AdminHub:
         self.audit = audit
         self._refusals = RefusalLimiter()
 
-    def execute(self, caller: AdminIdentity, command: str, targets: list[str], args_json: str,
-                timeout: float, active: Callable[[], bool] = lambda: True) -> CommandOutcome:
+    def execute(
+        self,
+        caller: AdminIdentity,
+        command: str,
+        targets: list[str],
+        args_json: str,
+        timeout: float,
+        active: Callable[[], bool] = lambda: True,
+    ) -> CommandOutcome:
         """Run one operator command on its targets, if the policy allows it; every command is audited.
 
         `active` tells whether the caller is still there: a command waiting for sites stops when it is not.
@@ -75,17 +82,38 @@ class AdminHub:
             audited, suppressed = self._refusals.admit(caller.name)
             if not audited:
                 return outcome
-        self.audit.record(caller, command, [r.target for r in outcome.replies] or list(targets), outcome.ok, args,
-                          outcome.error, suppressed_refusals=suppressed)
+        self.audit.record(
+            caller,
+            command,
+            [r.target for r in outcome.replies] or list(targets),
+            outcome.ok,
+            args,
+            outcome.error,
+            suppressed_refusals=suppressed,
+        )
         # Commands that consoles poll (status --watch, wait, logs --follow) would fill the log: debug level when ok.
         level = logging.DEBUG if outcome.ok and known and COMMANDS[command].polled else logging.INFO
-        log.log(level, "admin %s (%s): %s %s -> %s (%.2fs)", caller.name, caller.role, command,
-                ",".join(targets[:MAX_LOGGED_TARGETS]) or "-", "ok" if outcome.ok else outcome.error or "failed",
-                time.monotonic() - started)
+        log.log(
+            level,
+            "admin %s (%s): %s %s -> %s (%.2fs)",
+            caller.name,
+            caller.role,
+            command,
+            ",".join(targets[:MAX_LOGGED_TARGETS]) or "-",
+            "ok" if outcome.ok else outcome.error or "failed",
+            time.monotonic() - started,
+        )
         return outcome
 
-    def _execute(self, caller: AdminIdentity, command: str, targets: list[str], args: dict[str, Any],
-                 timeout: float, active: Callable[[], bool]) -> CommandOutcome:
+    def _execute(
+        self,
+        caller: AdminIdentity,
+        command: str,
+        targets: list[str],
+        args: dict[str, Any],
+        timeout: float,
+        active: Callable[[], bool],
+    ) -> CommandOutcome:
         spec = server_side(command)
         if spec is None:
             raise AdminError(f"unknown command {command[:100]!r}")
@@ -100,15 +128,19 @@ class AdminHub:
         wait = self._timeout(timeout, caller.role)
         names = self._resolve(command, declared.targets, targets)
         needs = spec.needs(self._server, args) if spec.needs else []
-        self.policy.check(caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs(),
-                          needs)
+        self.policy.check(
+            caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs(), needs
+        )
         if not (declared.polled or declared.rights == (Right.VIEW,)):
             # Written before the command acts, so a command that changes something is on record even if what
             # follows fails; its outcome is the second entry.
             self.audit.record(caller, command, names, None, args, phase="intent")
         connected = set(self._sites.connected_sites())
-        results = {n: TargetReply(n, False, error=self._sites.not_connected(n))
-                   for n in names if n != SERVER and n not in connected}
+        results = {
+            n: TargetReply(n, False, error=self._sites.not_connected(n))
+            for n in names
+            if n != SERVER and n not in connected
+        }
         live = [n for n in names if n != SERVER and n in connected]
         on_server = SERVER in names
         try:
@@ -117,8 +149,13 @@ class AdminHub:
             # A precondition every target shares, e.g. no run number, or a run that has already run.
             replies = [results.get(n) or TargetReply(n, False, error=str(e)) for n in names]
             return CommandOutcome(command, False, replies)
-        headers = {**headers, MsgHeader.ADMIN: caller.name, MsgHeader.ADMIN_ROLE: caller.role,
-                   MsgHeader.ADMIN_ORG: caller.org, MsgHeader.COMMAND: command}
+        headers = {
+            **headers,
+            MsgHeader.ADMIN: caller.name,
+            MsgHeader.ADMIN_ROLE: caller.role,
+            MsgHeader.ADMIN_ORG: caller.org,
+            MsgHeader.COMMAND: command,
+        }
         extra: list[str] = []
         if spec.sites_first and on_server and self._server.training_run() is not None:
             extra = sorted(connected - set(live))

@@ -35,8 +35,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
     def Execute(self, request: pb.CommandRequest, context: grpc.ServicerContext) -> pb.CommandReply:
         """Run one command on its targets; one reply per target."""
         caller = self._caller(context)
-        outcome = self._hub.execute(caller, request.command, list(request.targets), request.args_json,
-                                    request.timeout, context.is_active)
+        outcome = self._hub.execute(
+            caller, request.command, list(request.targets), request.args_json, request.timeout, context.is_active
+        )
         return outcome_to_wire(outcome)
 
     def Upload(self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext) -> pb.UploadReply:
@@ -55,8 +56,9 @@ class AdminService(pb_grpc.AdminServiceServicer):
         except BaseException as e:
             # Cancelled by the console, stalled past its deadline, or refused at its end (revoked meanwhile).
             why = stop_reason(request_iterator) or (str(e) if not isinstance(e, grpc.RpcError) else "")
-            self._hub.audit.record(caller, "upload", [], False,
-                                   error=f"upload broke off: {why or 'the console cancelled it or went away'}")
+            self._hub.audit.record(
+                caller, "upload", [], False, error=f"upload broke off: {why or 'the console cancelled it or went away'}"
+            )
             raise
         self._hub.audit.record(caller, "upload", [], True, {"blob_id": blob.blob_id, "size": blob.size})
         return pb.UploadReply(blob_id=blob.blob_id, size=blob.size, sha256=blob.blob_id)

@@ -42,8 +42,14 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         logged, suppressed = self._log_limit.admit(site)
         if logged:
             extra = f"; {dropped} more past the {MAX_REPLIES_PER_CALL} one call may carry" if dropped > 0 else ""
-            log.info("%d replies from %s not taken (first: %s)%s%s", len(reasons), site,
-                     reasons[0] if reasons else "-", extra, _suppressed(suppressed))
+            log.info(
+                "%d replies from %s not taken (first: %s)%s%s",
+                len(reasons),
+                site,
+                reasons[0] if reasons else "-",
+                extra,
+                _suppressed(suppressed),
+            )
 
     @staticmethod
     def _peer(context: grpc.ServicerContext) -> PeerIdentity:
@@ -60,8 +66,9 @@ class SiteAgentService(pb_grpc.SiteAgentServicer):
         # Replies that came with this call rather than by SendReply: at most MAX_REPLIES_PER_CALL are looked at,
         # and what was not taken is one log line per call at most (rate-limited per site), so no site can flood
         # the server's log and rotate its history away.
-        refused = [self._mailbox.post_reply(site, message_from_wire(wire))
-                   for wire in request.replies[:MAX_REPLIES_PER_CALL]]
+        refused = [
+            self._mailbox.post_reply(site, message_from_wire(wire)) for wire in request.replies[:MAX_REPLIES_PER_CALL]
+        ]
         self._not_taken(site, [r for r in refused if r], len(request.replies) - MAX_REPLIES_PER_CALL)
         wait = wait_seconds(request.wait_seconds, LONG_POLL_S)
         context.add_callback(lambda: self._mailbox.wake(site))  # a site that hangs up frees its long-poll at once

@@ -61,13 +61,25 @@ def run_round(mmar_dir: Path, work: Path) -> None:
             update, _ = load_model(path)
             accumulator.add({k: np.asarray(v) for k, v in update.items()}, float(weight))
         delta_of = accumulator.take_mean
-    write_next_model(aggregator, choice.label, delta_of, work / WORK_GLOBAL, StateFiles(work), job["round"],
-                     job["meta"], excluded)
+    write_next_model(
+        aggregator, choice.label, delta_of, work / WORK_GLOBAL, StateFiles(work), job["round"], job["meta"], excluded
+    )
 
 
-def aggregate_in_child(mmar_dir: Path, policy: CodePolicy, what: str, choice: AggregatorChoice, model_path: Path,
-                       states: StateFiles, round_number: int, meta: dict, excluded: frozenset[str],
-                       store_folder: Path, max_weight: float, timeout: float = 3600.0) -> None:
+def aggregate_in_child(
+    mmar_dir: Path,
+    policy: CodePolicy,
+    what: str,
+    choice: AggregatorChoice,
+    model_path: Path,
+    states: StateFiles,
+    round_number: int,
+    meta: dict,
+    excluded: frozenset[str],
+    store_folder: Path,
+    max_weight: float,
+    timeout: float = 3600.0,
+) -> None:
     """Replace the global model of `round_number` (and the aggregator's state) with the round's aggregate by the
     custom aggregator `choice`, computed in a sandboxed child from the updates in `store_folder` (an UpdateStore's).
 
@@ -75,33 +87,80 @@ def aggregate_in_child(mmar_dir: Path, policy: CodePolicy, what: str, choice: Ag
     `what` names the run in refusals ("run 3").
     """
     try:
-        with code_sandbox(mmar_dir, policy, what) as sandbox, tempfile.TemporaryDirectory(
-                prefix="fedlearn-round-") as tmp:
-            _run_child(sandbox, Path(tmp), choice, model_path, states, round_number, meta, excluded, store_folder,
-                       max_weight, timeout)
+        with (
+            code_sandbox(mmar_dir, policy, what) as sandbox,
+            tempfile.TemporaryDirectory(prefix="fedlearn-round-") as tmp,
+        ):
+            _run_child(
+                sandbox,
+                Path(tmp),
+                choice,
+                model_path,
+                states,
+                round_number,
+                meta,
+                excluded,
+                store_folder,
+                max_weight,
+                timeout,
+            )
     except CodeRefused as e:
         raise AggregateError(f"custom aggregator {choice.path}: {e}") from None
 
 
-def _run_child(sandbox: Sandbox, work: Path, choice: AggregatorChoice, model_path: Path, states: StateFiles,
-               round_number: int, meta: dict, excluded: frozenset[str], store_folder: Path, max_weight: float,
-               timeout: float) -> None:
+def _run_child(
+    sandbox: Sandbox,
+    work: Path,
+    choice: AggregatorChoice,
+    model_path: Path,
+    states: StateFiles,
+    round_number: int,
+    meta: dict,
+    excluded: frozenset[str],
+    store_folder: Path,
+    max_weight: float,
+    timeout: float,
+) -> None:
     shutil.copyfile(model_path, work / WORK_GLOBAL)
     old_state = states.path(round_number)
     if old_state.exists():
         shutil.copyfile(old_state, work / old_state.name)
     shutil.copytree(store_folder, work / WORK_UPDATES)
-    (work / WORK_JOB).write_text(json.dumps({"path": choice.path, "args": choice.args, "round": round_number,
-                                              "meta": meta, "excluded": sorted(excluded),
-                                              "max_weight": max_weight}))
+    (work / WORK_JOB).write_text(
+        json.dumps(
+            {
+                "path": choice.path,
+                "args": choice.args,
+                "round": round_number,
+                "meta": meta,
+                "excluded": sorted(excluded),
+                "max_weight": max_weight,
+            }
+        )
+    )
     if sandbox.argv:  # ["--run-as", "uid:gid"]: the child runs as that user and the work folder is its
         uid, gid = (int(v) for v in sandbox.argv[-1].split(":"))
         for p in (work, *work.rglob("*")):
             os.chown(p, uid, gid, follow_symlinks=False)
     try:
-        done = subprocess.run([sys.executable, "-m", "fedserver.aggregate_round", "--mmar", str(sandbox.mmar),
-                               "--work", str(work), *sandbox.argv], env=sandbox.env, cwd=sandbox.cwd,
-                              capture_output=True, text=True, timeout=timeout, check=False)
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fedserver.aggregate_round",
+                "--mmar",
+                str(sandbox.mmar),
+                "--work",
+                str(work),
+                *sandbox.argv,
+            ],
+            env=sandbox.env,
+            cwd=sandbox.cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
     except subprocess.TimeoutExpired:
         raise AggregateError(f"custom aggregator {choice.path} took more than {timeout:g} s") from None
     if done.returncode != 0:

@@ -107,7 +107,7 @@ class FedOpt(Aggregator):
         self.eta, self.beta_1, self.beta_2, self.tau = eta, beta_1, beta_2, tau
 
     def init_state(self, slot, shape, dtype):
-        return np.full(shape, self.tau ** 2, dtype) if slot == "v" else np.zeros(shape, dtype)
+        return np.full(shape, self.tau**2, dtype) if slot == "v" else np.zeros(shape, dtype)
 
     def second_moment(self, v: np.ndarray, square: np.ndarray) -> None:
         """Update v in place from the mean's square (which it may overwrite)."""
@@ -168,7 +168,7 @@ class FedTrimmedAvg(Aggregator):
     def combine(self, name, updates):
         n = len(updates.arrays)
         k = math.floor(self.beta * n)
-        return updates.per_block(lambda block: np.sort(block, axis=0)[k:n - k].mean(axis=0, dtype=block.dtype))
+        return updates.per_block(lambda block: np.sort(block, axis=0)[k : n - k].mean(axis=0, dtype=block.dtype))
 
 
 class MultiKrum(Aggregator):
@@ -188,18 +188,25 @@ class MultiKrum(Aggregator):
     def prepare(self, updates):
         n = len(updates)
         if n <= 2 * self.f + 2:
-            raise AggregateError(f"{type(self).__name__} with num_malicious={self.f} needs more than "
-                                 f"{2 * self.f + 2} contributions, the round has {n}")
+            raise AggregateError(
+                f"{type(self).__name__} with num_malicious={self.f} needs more than "
+                f"{2 * self.f + 2} contributions, the round has {n}"
+            )
         if self.m > n:
-            raise AggregateError(f"{type(self).__name__}: num_selected={self.m} is more than the round's "
-                                 f"{n} contributions")
+            raise AggregateError(
+                f"{type(self).__name__}: num_selected={self.m} is more than the round's {n} contributions"
+            )
         distances = updates.squared_distances()
         nearest = n - self.f - 2
         scores = [float(np.sort(np.delete(distances[i], i))[:nearest].sum()) for i in range(n)]
-        self.selected = np.argsort(scores, kind="stable")[:self.m]
+        self.selected = np.argsort(scores, kind="stable")[: self.m]
         self.scores = scores
-        log.info("%s scores %s; selected contributions %s", type(self).__name__,
-                 [f"{s:.4g}" for s in scores], self.selected.tolist())
+        log.info(
+            "%s scores %s; selected contributions %s",
+            type(self).__name__,
+            [f"{s:.4g}" for s in scores],
+            self.selected.tolist(),
+        )
 
     def combine(self, name, updates):
         return weighted_mean(updates, self.selected)
@@ -247,8 +254,9 @@ def check_spec(spec: Mapping | AggregatorChoice) -> AggregatorChoice:
 class VariableUpdates:
     """One variable's update from each contribution that carries it: memory-mapped arrays and their weights."""
 
-    def __init__(self, arrays: list[np.memmap], weights: np.ndarray, owners: np.ndarray,
-                 release: Callable[[int, int, int], None]) -> None:
+    def __init__(
+        self, arrays: list[np.memmap], weights: np.ndarray, owners: np.ndarray, release: Callable[[int, int, int], None]
+    ) -> None:
         self.arrays = arrays
         self.weights = weights
         self.owners = owners  # the contributions' numbers in the UpdateStore
@@ -303,8 +311,13 @@ class UpdateStore:
     restart, so the round's contributions are not lost. Weights are checked as by UpdateAccumulator.
     """
 
-    def __init__(self, folder: Path, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset(),
-                 max_weight: float = DEFAULT_MAX_WEIGHT) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        specs: dict[str, VarSpec],
+        excluded: frozenset[str] = frozenset(),
+        max_weight: float = DEFAULT_MAX_WEIGHT,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.specs = specs
@@ -362,12 +375,13 @@ class UpdateStore:
             if entry is None:
                 continue
             whole = self._map(k)
-            arrays.append(whole[entry.offset:entry.offset + entry.nbytes].view(entry.dtype).reshape(entry.shape))
+            arrays.append(whole[entry.offset : entry.offset + entry.nbytes].view(entry.dtype).reshape(entry.shape))
             owners.append(k)
             offsets[k] = entry.offset
         owners = np.array(owners, dtype=np.int64)
-        return VariableUpdates(arrays, self.weights[owners], owners,
-                               lambda k, start, length: self._release(k, offsets[k] + start, length))
+        return VariableUpdates(
+            arrays, self.weights[owners], owners, lambda k, start, length: self._release(k, offsets[k] + start, length)
+        )
 
     def squared_distances(self) -> np.ndarray:
         """D[i, j]: the squared L2 distance between updates i and j over every variable both carry (float64)."""
@@ -409,8 +423,9 @@ class UpdateStore:
 # ---- one variable's step, and the state ----------------------------------------------------------------------
 
 
-def step_variable(aggregator: Aggregator, label: str, name: str, x: np.ndarray, delta: np.ndarray,
-                  state: dict[str, np.ndarray]) -> np.ndarray:
+def step_variable(
+    aggregator: Aggregator, label: str, name: str, x: np.ndarray, delta: np.ndarray, state: dict[str, np.ndarray]
+) -> np.ndarray:
     """The variable's new value in its own dtype (integers rounded); AggregateError for what must not be written.
 
     `x` may be overwritten. The result, and each state array, must be finite, of the variable's shape and of its
@@ -441,23 +456,27 @@ def _check_array(label: str, name: str, what: str, arr: Any, shape: tuple[int, .
     if not isinstance(arr, np.ndarray):
         raise AggregateError(f"aggregator {label}: variable {name!r}: {what} is {type(arr).__name__}, not an array")
     if arr.shape != shape or arr.dtype != dtype:
-        raise AggregateError(f"aggregator {label}: variable {name!r}: {what} is {arr.dtype.name}{list(arr.shape)}, "
-                             f"expected {dtype.name}{list(shape)}")
+        raise AggregateError(
+            f"aggregator {label}: variable {name!r}: {what} is {arr.dtype.name}{list(arr.shape)}, "
+            f"expected {dtype.name}{list(shape)}"
+        )
     if arr.size and not (np.isfinite(arr.max()) and np.isfinite(arr.min())):
         if what == "new value":
             raise AggregateError(f"variable {name!r} of the aggregate is not finite (aggregator {label})")
         raise AggregateError(f"aggregator {label}: variable {name!r}: {what} holds NaN or Inf")
 
 
-def variable_state(aggregator: Aggregator, state: Mapping[str, Any] | None, name: str, x: np.ndarray
-                   ) -> dict[str, np.ndarray]:
+def variable_state(
+    aggregator: Aggregator, state: Mapping[str, Any] | None, name: str, x: np.ndarray
+) -> dict[str, np.ndarray]:
     """Variable `name`'s state arrays from a state dict, or their initial values (a fresh copy either way)."""
     acc = accumulator_dtype(x.dtype)
     out = {}
     for slot in aggregator.state_slots:
         held = None if state is None else state.get(f"{slot}/{name}")
-        out[slot] = (np.array(held, dtype=acc, copy=True) if held is not None
-                     else aggregator.init_state(slot, x.shape, acc))
+        out[slot] = (
+            np.array(held, dtype=acc, copy=True) if held is not None else aggregator.init_state(slot, x.shape, acc)
+        )
     return out
 
 
@@ -535,10 +554,18 @@ class _StateFile(Mapping):
 # ---- one round, on the server's files -----------------------------------------------------------------------------
 
 
-def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str], np.ndarray | None],
-                     model_path: Path, states: StateFiles, round_number: int, meta: dict,
-                     excluded: frozenset[str] = frozenset(), control: UpdateAccumulator | None = None,
-                     control_fraction: float = 1.0) -> None:
+def write_next_model(
+    aggregator: Aggregator,
+    label: str,
+    delta_of: Callable[[str], np.ndarray | None],
+    model_path: Path,
+    states: StateFiles,
+    round_number: int,
+    meta: dict,
+    excluded: frozenset[str] = frozenset(),
+    control: UpdateAccumulator | None = None,
+    control_fraction: float = 1.0,
+) -> None:
     """Replace the global model of `round_number` at `model_path` with the next one, and save its state.
 
     Variable by variable (O(largest variable) beyond what `delta_of` holds): `delta_of(name)` is the round's
@@ -550,11 +577,18 @@ def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str
         if aggregator.state_slots:
             check_state(old_state, label)
         index = read_index(src, model_path)
-        slots = [(f"{slot}/{e.name}", accumulator_dtype(e.dtype), e.shape)
-                 for e in index.entries if e.name not in excluded for slot in aggregator.state_slots]
+        slots = [
+            (f"{slot}/{e.name}", accumulator_dtype(e.dtype), e.shape)
+            for e in index.entries
+            if e.name not in excluded
+            for slot in aggregator.state_slots
+        ]
         if control is not None:
-            slots += [(f"{CONTROL_SLOT}/{e.name}", accumulator_dtype(e.dtype), e.shape)
-                      for e in index.entries if e.name in control.specs]
+            slots += [
+                (f"{CONTROL_SLOT}/{e.name}", accumulator_dtype(e.dtype), e.shape)
+                for e in index.entries
+                if e.name in control.specs
+            ]
         with atomic_writer(model_path) as dst:
             writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
             with atomic_writer(states.path(round_number + 1)) as state_dst:  # renamed first: see StateFiles
@@ -571,8 +605,12 @@ def write_next_model(aggregator: Aggregator, label: str, delta_of: Callable[[str
                         for slot in aggregator.state_slots:
                             state_writer.write(f"{slot}/{entry.name}", var_state[slot])
                     if control is not None and entry.name in control.specs:
-                        c = control_step(entry.name, old_control(old_state, entry.name, entry.dtype, entry.shape),
-                                         control.take_mean(entry.name), control_fraction)
+                        c = control_step(
+                            entry.name,
+                            old_control(old_state, entry.name, entry.dtype, entry.shape),
+                            control.take_mean(entry.name),
+                            control_fraction,
+                        )
                         state_writer.write(f"{CONTROL_SLOT}/{entry.name}", c)
                 writer.check_complete()
                 state_writer.check_complete()
@@ -599,11 +637,19 @@ def store_deltas(aggregator: Aggregator, store: UpdateStore) -> Callable[[str], 
 # ---- the offline form -----------------------------------------------------------------------------------------
 
 
-def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.ndarray],
-              contributions: Sequence[tuple[Mapping[str, np.ndarray], float]], state: State | None,
-              *, excluded: frozenset[str] | set[str] = frozenset(), max_weight: float = DEFAULT_MAX_WEIGHT,
-              search_paths: Sequence[Path] = (), workdir: str | os.PathLike | None = None,
-              scaffold: bool = False, num_sites: int | None = None) -> tuple[dict[str, np.ndarray], State]:
+def aggregate(
+    spec: Mapping | AggregatorChoice,
+    global_model: Mapping[str, np.ndarray],
+    contributions: Sequence[tuple[Mapping[str, np.ndarray], float]],
+    state: State | None,
+    *,
+    excluded: frozenset[str] | set[str] = frozenset(),
+    max_weight: float = DEFAULT_MAX_WEIGHT,
+    search_paths: Sequence[Path] = (),
+    workdir: str | os.PathLike | None = None,
+    scaffold: bool = False,
+    num_sites: int | None = None,
+) -> tuple[dict[str, np.ndarray], State]:
     """One round: the next global model and the aggregator's state, as the server computes them.
 
     spec: config_fed_server.json's "aggregator" dict; contributions: (update, weight) with weight = aggregation
@@ -651,14 +697,14 @@ def aggregate(spec: Mapping | AggregatorChoice, global_model: Mapping[str, np.nd
             x = np.array(value, copy=True)
             var_state = variable_state(aggregator, state, name, x)
             delta = None if name in excluded else delta_of(name)
-            new_model[name] = x if delta is None else step_variable(aggregator, choice.label, name, x, delta,
-                                                                      var_state)
+            new_model[name] = x if delta is None else step_variable(aggregator, choice.label, name, x, delta, var_state)
             if name not in excluded:
                 new_state.update({f"{slot}/{name}": var_state[slot] for slot in aggregator.state_slots})
             if control is not None and name in control.specs:
                 fraction = 1.0 if num_sites is None else len(contributions) / num_sites
                 new_state[f"{CONTROL_SLOT}/{name}"] = control_step(
-                    name, old_control(state, name, x.dtype, x.shape), control.take_mean(name), fraction)
+                    name, old_control(state, name, x.dtype, x.shape), control.take_mean(name), fraction
+                )
     return new_model, new_state
 
 
@@ -671,8 +717,9 @@ def _read_only(arr: np.ndarray) -> np.ndarray:
 # ---- SCAFFOLD on the server ------------------------------------------------------------------------------------
 
 
-def split_scaffold(update: dict[str, np.ndarray], specs: Mapping[str, VarSpec], excluded: frozenset[str] = frozenset()
-                   ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+def split_scaffold(
+    update: dict[str, np.ndarray], specs: Mapping[str, VarSpec], excluded: frozenset[str] = frozenset()
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """A SCAFFOLD contribution split into its model update and its delta c_i (Karimireddy et al. 2020, Alg. 1).
 
     ContributionError (the contribution is refused, the others proceed) when a delta c_i is missing for a variable
@@ -681,7 +728,7 @@ def split_scaffold(update: dict[str, np.ndarray], specs: Mapping[str, VarSpec], 
     model, control = {}, {}
     for name, arr in update.items():
         if name.startswith(SCAFFOLD_DELTA_PREFIX):
-            control[name[len(SCAFFOLD_DELTA_PREFIX):]] = arr
+            control[name[len(SCAFFOLD_DELTA_PREFIX) :]] = arr
         else:
             model[name] = arr
     for name, arr in control.items():
@@ -691,8 +738,10 @@ def split_scaffold(update: dict[str, np.ndarray], specs: Mapping[str, VarSpec], 
         if not is_float(spec.dtype):
             raise ContributionError(f"SCAFFOLD delta c for {name!r}, an integer variable (it has no control variate)")
         if arr.dtype != spec.dtype or arr.shape != spec.shape:
-            raise ContributionError(f"SCAFFOLD delta c for {name!r}: {arr.dtype.name}{list(arr.shape)}, the model has "
-                                    f"{spec.dtype.name}{list(spec.shape)}")
+            raise ContributionError(
+                f"SCAFFOLD delta c for {name!r}: {arr.dtype.name}{list(arr.shape)}, the model has "
+                f"{spec.dtype.name}{list(spec.shape)}"
+            )
         UpdateAccumulator.check_finite(f"{SCAFFOLD_DELTA_PREFIX}{name}", arr)
     missing = [n for n in model if n in specs and n not in excluded and is_float(specs[n].dtype) and n not in control]
     if missing:
@@ -729,8 +778,9 @@ def control_step(name: str, c: np.ndarray, mean_delta: np.ndarray | None, fracti
     return c
 
 
-def control_tensors(states: StateFiles, round_number: int, model: ModelIndex,
-                    excluded: frozenset[str] = frozenset()) -> Iterator[tuple[str, np.ndarray]]:
+def control_tensors(
+    states: StateFiles, round_number: int, model: ModelIndex, excluded: frozenset[str] = frozenset()
+) -> Iterator[tuple[str, np.ndarray]]:
     """The server's c to send with the global model of `round_number`, in each variable's dtype and named for the
     wire (SCAFFOLD_CONTROL_PREFIX + name), one variable at a time; zeros before the first round."""
     with states.open(round_number) as state:
@@ -740,8 +790,9 @@ def control_tensors(states: StateFiles, round_number: int, model: ModelIndex,
                 yield SCAFFOLD_CONTROL_PREFIX + entry.name, c.astype(entry.dtype, copy=False)
 
 
-def scaffold_control_update(c: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]],
-                            num_sites: int | None = None) -> dict[str, np.ndarray]:
+def scaffold_control_update(
+    c: Mapping[str, np.ndarray], deltas: Sequence[Mapping[str, np.ndarray]], num_sites: int | None = None
+) -> dict[str, np.ndarray]:
     """The server's new c from the sites' delta c_i, as the server computes it (see control_step); N = num_sites
     (all sites of the federation), |S| = len(deltas); N None: every site took part (|S|/N = 1)."""
     specs = {n: VarSpec(v.dtype, v.shape) for n, v in c.items()}
@@ -749,5 +800,9 @@ def scaffold_control_update(c: Mapping[str, np.ndarray], deltas: Sequence[Mappin
     for delta in deltas:
         control.add({n: _read_only(a) for n, a in delta.items()}, 1.0)
     fraction = 1.0 if num_sites is None else len(deltas) / num_sites
-    return {n: control_step(n, np.array(v, dtype=accumulator_dtype(v.dtype), copy=True), control.take_mean(n),
-                            fraction).astype(v.dtype) for n, v in c.items()}
+    return {
+        n: control_step(
+            n, np.array(v, dtype=accumulator_dtype(v.dtype), copy=True), control.take_mean(n), fraction
+        ).astype(v.dtype)
+        for n, v in c.items()
+    }

@@ -33,8 +33,10 @@ def check_weight(weight: float, max_weight: float) -> None:
     if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not np.isfinite(weight) or weight <= 0:
         raise ContributionError(f"aggregation weight must be a positive number, got {weight}")
     if weight > max_weight:
-        raise ContributionError(f"aggregation weight {weight:g} is more than max_contribution_weight "
-                                f"{max_weight:g} (config_fed_server.json)")
+        raise ContributionError(
+            f"aggregation weight {weight:g} is more than max_contribution_weight "
+            f"{max_weight:g} (config_fed_server.json)"
+        )
 
 
 class AggregateError(ValueError):
@@ -52,8 +54,7 @@ class VarSpec:
 class UpdateAccumulator:
     """Running weighted sums of updates per variable; memory O(model), never O(clients x model)."""
 
-    def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset(),
-                 max_weight: float = 1e9):
+    def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset(), max_weight: float = 1e9):
         self.specs = specs
         self.excluded = excluded
         self.max_weight = max_weight
@@ -86,8 +87,9 @@ class UpdateAccumulator:
             raise ContributionError(f"variable {name!r} holds NaN or Inf")
         bound = value_bound(arr.dtype)
         if max(high, -low) > bound:
-            raise ContributionError(f"variable {name!r} holds {max(high, -low):.3g}, beyond the {bound:.3g} "
-                                    "an update's value may have")
+            raise ContributionError(
+                f"variable {name!r} holds {max(high, -low):.3g}, beyond the {bound:.3g} an update's value may have"
+            )
 
     def add(self, update: dict[str, np.ndarray], weight: float) -> None:
         """Add weight * update to the sums; empties `update` (its arrays may be reused in place).
@@ -145,8 +147,9 @@ class UpdateAccumulator:
             if spec is None or entry.name in self.excluded:
                 raise ValueError(f"variable {entry.name!r} is not aggregated in this model")
             if entry.shape != spec.shape or entry.dtype != accumulator_dtype(spec.dtype):
-                raise ValueError(f"variable {entry.name!r}: the sum does not fit the model's {spec.dtype.name} "
-                                 f"{list(spec.shape)}")
+                raise ValueError(
+                    f"variable {entry.name!r}: the sum does not fit the model's {spec.dtype.name} {list(spec.shape)}"
+                )
             w = weights.get(entry.name)
             if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0 or not np.isfinite(w):
                 raise ValueError(f"variable {entry.name!r}: weight {w!r}")
@@ -180,8 +183,9 @@ class UpdateAccumulator:
         writer.check_complete()
 
 
-def receive_tensors(chunks: Iterable[pb.ModelChunk], check: Callable[[TensorSpec], None], what: str
-                    ) -> Iterator[tuple[str, np.ndarray]]:
+def receive_tensors(
+    chunks: Iterable[pb.ModelChunk], check: Callable[[TensorSpec], None], what: str
+) -> Iterator[tuple[str, np.ndarray]]:
     """The tensors of an upload, one at a time: `check` sees each header first, NaN/Inf are refused.
 
     Raises ContributionError for a variable sent twice, a second header, or an upload that ends mid-tensor.

@@ -63,11 +63,18 @@ class Policy:
             return  # an unknown command is refused by the hub, naming the command
         if all(self.scope(caller.role, r) == "none" for r in rights):
             rule = " and ".join(f"{caller.role}.{r} = none" for r in rights)
-            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} "
-                          f"(rule {rule})")
+            raise Refused(
+                f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} (rule {rule})"
+            )
 
-    def check(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str],
-              also: Sequence[Need] = ()) -> None:
+    def check(
+        self,
+        caller: AdminIdentity,
+        command: str,
+        targets: list[str],
+        site_orgs: Mapping[str, str],
+        also: Sequence[Need] = (),
+    ) -> None:
         """Refuse (Refused, naming the rule) unless one right of the command covers every target, and so does
         each right its arguments need besides (`also`: code, for a deploy that brings code)."""
         self.precheck(caller, command)
@@ -82,13 +89,16 @@ class Policy:
         act = _EXTRA_ACTS.get(need.right, f"use right {need.right!r}")
         rule = f"rule {caller.role}.{need.right}"
         if scope == "none":
-            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} "
-                          f"({rule} = none): {need.why}")
+            raise Refused(
+                f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} ({rule} = none): {need.why}"
+            )
         outside = _outside(caller, targets, site_orgs)
         if outside:
-            raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} to "
-                          f"{_shown(outside, site_orgs)} ({rule} = own_org allows only sites of org {caller.org!r}): "
-                          f"{need.why}")
+            raise Refused(
+                f"refused by {self.source}: {caller.role} {caller.name!r} may not {act} to "
+                f"{_shown(outside, site_orgs)} ({rule} = own_org allows only sites of org {caller.org!r}): "
+                f"{need.why}"
+            )
 
     def _check_any(self, caller: AdminIdentity, command: str, targets: list[str], site_orgs: Mapping[str, str]) -> None:
         reasons = []
@@ -101,10 +111,14 @@ class Policy:
             outside = _outside(caller, targets, site_orgs)
             if not outside:
                 return
-            reasons.append(f"rule {caller.role}.{right} = own_org allows only sites of org {caller.org!r}, "
-                           f"not {_shown(outside, site_orgs)}")
-        raise Refused(f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} here: "
-                      + "; ".join(reasons))
+            reasons.append(
+                f"rule {caller.role}.{right} = own_org allows only sites of org {caller.org!r}, "
+                f"not {_shown(outside, site_orgs)}"
+            )
+        raise Refused(
+            f"refused by {self.source}: {caller.role} {caller.name!r} may not run {command!r} here: "
+            + "; ".join(reasons)
+        )
 
 
 def _outside(caller: AdminIdentity, targets: list[str], site_orgs: Mapping[str, str]) -> list[str]:
@@ -114,8 +128,11 @@ def _outside(caller: AdminIdentity, targets: list[str], site_orgs: Mapping[str, 
 
 def _shown(targets: list[str], site_orgs: Mapping[str, str]) -> str:
     return ", ".join(
-        "the server" if t == SERVER
-        else f"{t} (org {site_orgs[t]})" if t in site_orgs else f"{t} (org unknown: not connected)"
+        "the server"
+        if t == SERVER
+        else f"{t} (org {site_orgs[t]})"
+        if t in site_orgs
+        else f"{t} (org unknown: not connected)"
         for t in targets
     )
 
@@ -133,8 +150,11 @@ def load_policy(workspace: Path) -> Policy:
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise PolicyError(f"{path}: cannot be read as JSON: {e}") from None
     if not isinstance(data, dict) or set(data) - {"roles"}:
-        raise PolicyError(f'{path}: expected {{"roles": {{ROLE: {{RIGHT: SCOPE}}}}}}, got keys {sorted(data)}'
-                          if isinstance(data, dict) else f"{path}: expected a JSON object")
+        raise PolicyError(
+            f'{path}: expected {{"roles": {{ROLE: {{RIGHT: SCOPE}}}}}}, got keys {sorted(data)}'
+            if isinstance(data, dict)
+            else f"{path}: expected a JSON object"
+        )
     roles = data.get("roles", {})
     if not isinstance(roles, dict):
         raise PolicyError(f"{path}: key 'roles' must be an object")
@@ -148,7 +168,8 @@ def load_policy(workspace: Path) -> Policy:
             if right not in RIGHTS:
                 raise PolicyError(f"{path}: roles.{role}.{right}: unknown right (one of {', '.join(RIGHTS)})")
             if scope not in SCOPES:
-                raise PolicyError(f"{path}: roles.{role}.{right}: scope must be one of {', '.join(SCOPES)}, "
-                                  f"got {scope!r}")
+                raise PolicyError(
+                    f"{path}: roles.{role}.{right}: scope must be one of {', '.join(SCOPES)}, got {scope!r}"
+                )
             rules[role][right] = scope
     return Policy(rules, source=f"server policy {path}")

@@ -86,8 +86,13 @@ class BlobStore:
     it), or ttl_s after its upload or its last deploy; all blobs, kept and arriving, stay under max_total_bytes.
     """
 
-    def __init__(self, root: Path, max_bytes: int = MAX_BLOB_BYTES, max_total_bytes: int = MAX_TOTAL_BYTES,
-                 ttl_s: float = BLOB_TTL_S):
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int = MAX_BLOB_BYTES,
+        max_total_bytes: int = MAX_TOTAL_BYTES,
+        ttl_s: float = BLOB_TTL_S,
+    ):
         self.root = Path(root)
         self.max_bytes = max_bytes
         self.max_total_bytes = max_total_bytes
@@ -132,9 +137,11 @@ class BlobStore:
         with self._lock:
             held = sum(k.size for k in self._kept.values()) + self._arriving
             if held + size > self.max_total_bytes:
-                raise BlobError("resource_exhausted",
-                                f"upload {name!r} ({size} bytes) does not fit: {held} bytes of uploads are kept or "
-                                f"arriving, the limit is {self.max_total_bytes}; retry once a deploy has taken them")
+                raise BlobError(
+                    "resource_exhausted",
+                    f"upload {name!r} ({size} bytes) does not fit: {held} bytes of uploads are kept or "
+                    f"arriving, the limit is {self.max_total_bytes}; retry once a deploy has taken them",
+                )
             self._arriving += size
 
     def _store(self, it: Iterator[pb.BlobChunk], header: pb.BlobHeader, expected_sha: str) -> BlobInfo:

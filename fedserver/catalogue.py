@@ -119,9 +119,11 @@ def _status(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     data.update(fed.mailbox.site_results())
     # A site's training of the current run ended in an exception when that is the latest it reported (a site that
     # trains again reports progress, which replaces it).
-    failed = {site: str(ended.get("error") or ended.get("status"))
-              for site, ended in data["training_ended"].items()
-              if ended.get("run_number") == data["run_number"] and ended.get("status") == _EXCEPTION}
+    failed = {
+        site: str(ended.get("error") or ended.get("status"))
+        for site, ended in data["training_ended"].items()
+        if ended.get("run_number") == data["run_number"] and ended.get("status") == _EXCEPTION
+    }
     data["failed_sites"] = failed
     # Nothing advances a training run whose sites all failed: a failed worker leaves the training plane, so no
     # registered site is left; the run stays "training" until an operator aborts it.
@@ -176,12 +178,16 @@ def _abort(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
 
 def _validate(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     number = args.get("run_number") or _current_run(fed)
-    data = {**fed.cross_site(number).matrix(), "run_status": fed.run_status(number),
-            "enabled": _cross_site_enabled(fed, number)}
+    data = {
+        **fed.cross_site(number).matrix(),
+        "run_status": fed.run_status(number),
+        "enabled": _cross_site_enabled(fed, number),
+    }
     site, owner = args.get("site"), args.get("owner")
     if site is not None and site not in data["validating_sites"]:
-        raise AdminError(f"{site} did not take part in run {number}; "
-                         f"its sites are {', '.join(data['validating_sites']) or 'none'}")
+        raise AdminError(
+            f"{site} did not take part in run {number}; its sites are {', '.join(data['validating_sites']) or 'none'}"
+        )
     if owner is not None:
         if owner not in data["owners"]:
             shown = ", ".join(data["owners"]) or "none yet"
@@ -253,8 +259,9 @@ def _metrics(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
 
 def _logs(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     if args.get("run_number") is not None:
-        raise AdminError(f"the server keeps one log ({PROCESS_LOG}), not one per run: drop the run number "
-                         "(a site keeps one per run)")
+        raise AdminError(
+            f"the server keeps one log ({PROCESS_LOG}), not one per run: drop the run number (a site keeps one per run)"
+        )
     return {"file": PROCESS_LOG, **read_log(fed.workspace / PROCESS_LOG, LogQuery.from_args(args))}
 
 
@@ -305,8 +312,9 @@ def _as_given(fed: Federation, args: Args) -> Args:
 CATALOGUE: dict[str, ServerCommand] = {
     "status": ServerCommand(act=_status),
     "set-run": ServerCommand(act=_set_run),
-    "deploy": ServerCommand(act=_deploy, site_args=_deploy_request, verify=_uploaded, needs=_deploy_needs,
-                            sending=_deploy_to),
+    "deploy": ServerCommand(
+        act=_deploy, site_args=_deploy_request, verify=_uploaded, needs=_deploy_needs, sending=_deploy_to
+    ),
     "start": ServerCommand(act=_start, site_args=_start_request),
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
     "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),

@@ -36,20 +36,44 @@ def _raise_open_file_limit() -> None:
 
 
 @main.command()
-@click.option("--workspace", type=click.Path(file_okay=False, path_type=Path), required=True,
-              help="The server's participant folder (holds startup/).")
-@click.option("--mmar", type=click.Path(exists=True, path_type=Path), default=None,
-              help="Deploy and start this MMAR as run --run-number at once.")
+@click.option(
+    "--workspace",
+    type=click.Path(file_okay=False, path_type=Path),
+    required=True,
+    help="The server's participant folder (holds startup/).",
+)
+@click.option(
+    "--mmar",
+    type=click.Path(exists=True, path_type=Path),
+    default=None,
+    help="Deploy and start this MMAR as run --run-number at once.",
+)
 @click.option("--run-number", type=click.IntRange(min=1), default=1, show_default=True)
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override fl_port from the kit.")
 @click.option("--admin-port", type=click.IntRange(0, 65535), default=None, help="Override admin_port from the kit.")
-@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
-              help="Serve Prometheus metrics over HTTP on this port (0: a free one; needs prometheus-client).")
-@click.option("--metrics-host", default="127.0.0.1", show_default=True,
-              help="Where the metrics port listens; plain HTTP, so keep it local unless a proxy guards it.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve Prometheus metrics over HTTP on this port (0: a free one; needs prometheus-client).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Where the metrics port listens; plain HTTP, so keep it local unless a proxy guards it.",
+)
 @click.option("--debug", is_flag=True, help="Verbose logs.")
-def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None, admin_port: int | None,
-          metrics_port: int | None, metrics_host: str, debug: bool) -> None:
+def start(
+    workspace: Path,
+    mmar: Path | None,
+    run_number: int,
+    port: int | None,
+    admin_port: int | None,
+    metrics_port: int | None,
+    metrics_host: str,
+    debug: bool,
+) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
     from fedcommon.kit import KitError, load_participant_kit
     from fedcommon.mmar import MMARError
@@ -97,9 +121,20 @@ def start(workspace: Path, mmar: Path | None, run_number: int, port: int | None,
     remove_pid_file(workspace)
     if restart:
         # The same ports, without --mmar: the new process picks up the run state from the workspace.
-        argv = [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace),
-                "--port", str(bound), "--admin-port", str(server.admin_port), *(["--debug"] if debug else []),
-                *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else [])]
+        argv = [
+            sys.executable,
+            "-m",
+            "fedserver.cli",
+            "start",
+            "--workspace",
+            str(workspace),
+            "--port",
+            str(bound),
+            "--admin-port",
+            str(server.admin_port),
+            *(["--debug"] if debug else []),
+            *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else []),
+        ]
         logging.shutdown()
         sys.stdout.flush()
         os.execv(sys.executable, argv)

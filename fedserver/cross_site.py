@@ -55,8 +55,13 @@ class ValidationOffer:
 class CrossSiteValidation:
     """One run's cross-site validation; thread-safe; every change is persisted before it is acknowledged."""
 
-    def __init__(self, run_number: int, run_dir: Path, active_sites: Callable[[], set[str]] = set,
-                 grace_s: float = FINAL_METRICS_GRACE_S):
+    def __init__(
+        self,
+        run_number: int,
+        run_dir: Path,
+        active_sites: Callable[[], set[str]] = set,
+        grace_s: float = FINAL_METRICS_GRACE_S,
+    ):
         self.run_number = run_number
         self.run_dir = run_dir
         self._record = RunRecord(run_dir, run_number)
@@ -94,17 +99,24 @@ class CrossSiteValidation:
             raise CrossSiteError(str(e)) from None
 
     def _load(self) -> dict[str, Any]:
-        empty = {"run_number": self.run_number, "owners": {}, "declined": [], "refused": {}, "offered": {},
-                 "results": {}}
+        empty = {
+            "run_number": self.run_number,
+            "owners": {},
+            "declined": [],
+            "refused": {},
+            "offered": {},
+            "results": {},
+        }
         try:
             state = json.loads(self.path.read_text())
         except FileNotFoundError:
             return empty
         except (OSError, ValueError) as e:
             raise CrossSiteError(f"{self.path}: unreadable ({e}); fix or remove it") from None
-        if not isinstance(state, dict) or not all(isinstance(state.get(k), t) for k, t in
-                                                  (("owners", dict), ("declined", list), ("offered", dict),
-                                                   ("results", dict))):
+        if not isinstance(state, dict) or not all(
+            isinstance(state.get(k), t)
+            for k, t in (("owners", dict), ("declined", list), ("offered", dict), ("results", dict))
+        ):
             raise CrossSiteError(f"{self.path}: not a cross-site validation record; fix or remove it")
         return {**empty, **state}
 
@@ -129,8 +141,10 @@ class CrossSiteValidation:
 
     def _require_participant(self, site: str) -> None:
         if site not in self.participants:
-            raise CrossSiteError(f"{site} did not take part in run {self.run_number}; "
-                                 f"its participants are {', '.join(self.participants) or 'none'}")
+            raise CrossSiteError(
+                f"{site} did not take part in run {self.run_number}; "
+                f"its participants are {', '.join(self.participants) or 'none'}"
+            )
 
     def decline(self, site: str) -> str:
         """`site` validates the others but does not share its model; returns what was recorded."""
@@ -139,16 +153,18 @@ class CrossSiteValidation:
             if site in self._state["owners"]:
                 return f"{site} already shared its best model for run {self.run_number}; it stays offered"
             if site in self._receiving:
-                raise CrossSiteError(f"{site} is uploading its best model for run {self.run_number}; "
-                                     "it cannot decline now")
+                raise CrossSiteError(
+                    f"{site} is uploading its best model for run {self.run_number}; it cannot decline now"
+                )
             if site not in self._state["declined"]:
                 self._state["declined"].append(site)
                 self._save()
                 self._cond.notify_all()
             return f"{site} does not share its model for run {self.run_number}"
 
-    def submit_best_model(self, site: str, metrics: Mapping[str, float], chunks: Iterator[pb.ModelChunk],
-                          num_tensors: int) -> str:
+    def submit_best_model(
+        self, site: str, metrics: Mapping[str, float], chunks: Iterator[pb.ModelChunk], num_tensors: int
+    ) -> str:
         """Store `site`'s best local model from its tensor chunks; it must match the global model exactly.
 
         Returns what was recorded. A refused or broken upload leaves nothing behind.
@@ -172,10 +188,14 @@ class CrossSiteValidation:
             try:
                 if num_tensors != len(self._specs):
                     raise ContributionError(
-                        f"best model announces {num_tensors} variables; the global model has {len(self._specs)}")
+                        f"best model announces {num_tensors} variables; the global model has {len(self._specs)}"
+                    )
                 with atomic_writer(self.models / f"{site}.fl") as f:
-                    writer = ModelFileWriter(f, [(e.name, e.dtype, e.shape) for e in self._index.entries],
-                                             {"owner": site, "run_number": self.run_number, "metrics": own})
+                    writer = ModelFileWriter(
+                        f,
+                        [(e.name, e.dtype, e.shape) for e in self._index.entries],
+                        {"owner": site, "run_number": self.run_number, "metrics": own},
+                    )
                     for name, arr in receive_tensors(chunks, self._check_spec, "a best model"):
                         writer.write(name, arr)
                     writer.check_complete()
@@ -203,8 +223,10 @@ class CrossSiteValidation:
         if expected is None:
             raise ContributionError(f"variable {spec.name!r} is not in the global model")
         if (spec.dtype, spec.shape) != expected:
-            raise ContributionError(f"variable {spec.name!r} is {spec.dtype}{list(spec.shape)}; the global model has "
-                                    f"{expected[0]}{list(expected[1])}")
+            raise ContributionError(
+                f"variable {spec.name!r} is {spec.dtype}{list(spec.shape)}; the global model has "
+                f"{expected[0]}{list(expected[1])}"
+            )
 
     def next_model(self, site: str, validated: set[str], wait_seconds: float) -> ValidationOffer:
         """A model `site` has not validated yet; holds up to `wait_seconds` while the rest is still to come."""
@@ -225,19 +247,26 @@ class CrossSiteValidation:
                     if owner not in offered:
                         offered.append(owner)
                         self._save()
-                    return ValidationOffer("model", owner, self.models / f"{owner}.fl",
-                                           more=len(ready) > 1 or bool(pending))
+                    return ValidationOffer(
+                        "model", owner, self.models / f"{owner}.fl", more=len(ready) > 1 or bool(pending)
+                    )
                 if not pending:
                     return ValidationOffer("end", message=f"{site} has validated every model of run {self.run_number}")
                 absent = self._given_up(site, pending)
                 if absent:
-                    return ValidationOffer("end", message=(
-                        f"{', '.join(absent)} did not share a model and {'is' if len(absent) == 1 else 'are'} not "
-                        f"connected; `fedadmin validate --run` later includes {'it' if len(absent) == 1 else 'them'}"))
+                    return ValidationOffer(
+                        "end",
+                        message=(
+                            f"{', '.join(absent)} did not share a model and {'is' if len(absent) == 1 else 'are'} not "
+                            f"connected; `fedadmin validate --start` later includes "
+                            f"{'it' if len(absent) == 1 else 'them'}"
+                        ),
+                    )
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    return ValidationOffer("wait", more=True,
-                                           message=f"waiting for the best models of {', '.join(pending)}")
+                    return ValidationOffer(
+                        "wait", more=True, message=f"waiting for the best models of {', '.join(pending)}"
+                    )
                 self._cond.wait(min(left, 1.0))  # the server's model may become ready without a notify
 
     def _given_up(self, site: str, pending: list[str]) -> list[str]:
@@ -259,8 +288,9 @@ class CrossSiteValidation:
             checked = {}
             for owner, metrics in results.items():
                 if owner not in offered:
-                    raise CrossSiteError(f"results for {owner!r}'s model, which was never offered to {site} "
-                                         f"in run {self.run_number}")
+                    raise CrossSiteError(
+                        f"results for {owner!r}'s model, which was never offered to {site} in run {self.run_number}"
+                    )
                 try:
                     checked[owner] = check_metrics(metrics, f"{site}'s result for {owner}")
                 except MetricsError as e:
@@ -298,8 +328,11 @@ class CrossSiteValidation:
         final_score = mean_score(final)
         source = self._run_models / GLOBAL_MODEL
         chosen = {"model": "final", "score": final_score}
-        if best and (final_score is None or best["score"] > final_score) and \
-                (self._run_models / BEST_GLOBAL_MODEL).exists():
+        if (
+            best
+            and (final_score is None or best["score"] > final_score)
+            and (self._run_models / BEST_GLOBAL_MODEL).exists()
+        ):
             source = self._run_models / BEST_GLOBAL_MODEL
             chosen = {"model": f"round {best['round']}", "score": best["score"]}
         self._writable()
@@ -310,8 +343,9 @@ class CrossSiteValidation:
         os.replace(tmp, target)
         self._state["owners"][SERVER_OWNER] = chosen
         self._save()
-        log.info("run %d: the server offers its %s global model for cross-site validation", self.run_number,
-                 chosen["model"])
+        log.info(
+            "run %d: the server offers its %s global model for cross-site validation", self.run_number, chosen["model"]
+        )
 
     # ---- what operators see ---------------------------------------------------------------------
 

@@ -55,16 +55,25 @@ def require_peer(context: grpc.ServicerContext, kind: str, plane: str) -> PeerId
     if peer is None or peer.kind != kind or not peer.name or (kind == "admin" and peer.role is None):
         shown = peer.describe() if peer else "a caller without a certificate"
         what = _CERTIFICATE[kind]
-        context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                      f"{shown} is not {what} certificate; the {plane} takes {what.split()[-1]} certificates only")
+        context.abort(
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"{shown} is not {what} certificate; the {plane} takes {what.split()[-1]} certificates only",
+        )
     return peer
 
 
 class IdentityGate(grpc.ServerInterceptor):
     """Refuses, before any servicer runs, callers whose certificate is revoked or of a kind this port does not serve."""
 
-    def __init__(self, port_name: str, kinds: tuple[str, ...], revocations: RevocationList,
-                 record: RefusalRecorder, limits: CallLimits | None = None, watchdog: StreamWatchdog | None = None):
+    def __init__(
+        self,
+        port_name: str,
+        kinds: tuple[str, ...],
+        revocations: RevocationList,
+        record: RefusalRecorder,
+        limits: CallLimits | None = None,
+        watchdog: StreamWatchdog | None = None,
+    ):
         self._port_name = port_name
         self._kinds = kinds
         self._revocations = revocations
@@ -86,12 +95,16 @@ class IdentityGate(grpc.ServerInterceptor):
         if peer is None:
             return grpc.StatusCode.UNAUTHENTICATED, "no client certificate: connect with a startup kit"
         if self._revocations.is_revoked(peer.serial):
-            return (grpc.StatusCode.PERMISSION_DENIED,
-                    f"the certificate of {peer.name!r} (serial {peer.serial:x}) is revoked")
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"the certificate of {peer.name!r} (serial {peer.serial:x}) is revoked",
+            )
         if peer.kind not in self._kinds:
             wanted = " or ".join("site" if k == "client" else k for k in self._kinds)
-            return (grpc.StatusCode.PERMISSION_DENIED,
-                    f"{peer.describe()} may not use the {self._port_name}: it serves {wanted} certificates only")
+            return (
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{peer.describe()} may not use the {self._port_name}: it serves {wanted} certificates only",
+            )
         return None
 
     def _privileged(self, peer: PeerIdentity) -> bool:
@@ -108,13 +121,17 @@ class IdentityGate(grpc.ServerInterceptor):
         with self._lock:
             held = self._in_flight.get(key, 0)
             if held >= limits.per_caller:
-                return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"{peer.name} already has {held} calls in flight on the {self._port_name}; the limit is "
-                        f"{limits.per_caller} per {_CALLER.get(peer.kind, 'caller')}: retry once one has ended")
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"{peer.name} already has {held} calls in flight on the {self._port_name}; the limit is "
+                    f"{limits.per_caller} per {_CALLER.get(peer.kind, 'caller')}: retry once one has ended",
+                )
             if not privileged and limits.total is not None and self._unprivileged >= limits.total:
-                return (grpc.StatusCode.RESOURCE_EXHAUSTED,
-                        f"the {self._port_name} is busy: {self._unprivileged} calls in flight, the limit is "
-                        f"{limits.total} for callers other than {limits.privileged_role}; retry shortly")
+                return (
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the {self._port_name} is busy: {self._unprivileged} calls in flight, the limit is "
+                    f"{limits.total} for callers other than {limits.privileged_role}; retry shortly",
+                )
             self._in_flight[key] = held + 1
             if not privileged:
                 self._unprivileged += 1
@@ -153,8 +170,9 @@ class IdentityGate(grpc.ServerInterceptor):
             if self._limits is not None:
                 self._release(peer)
 
-    def _watched(self, chunks: Iterator[Any], peer: PeerIdentity, method: str,
-                 context: grpc.ServicerContext) -> WatchedStream:
+    def _watched(
+        self, chunks: Iterator[Any], peer: PeerIdentity, method: str, context: grpc.ServicerContext
+    ) -> WatchedStream:
         """The request stream under the watchdog; its end is accepted only while the caller is still allowed."""
 
         def at_end(stream: WatchedStream) -> None:
@@ -170,8 +188,9 @@ class IdentityGate(grpc.ServerInterceptor):
         what = f"{peer.name}'s {method.rsplit('/', 1)[-1]} on the {self._port_name}"
         return self._watchdog.watch(chunks, context, what, at_end, recheck)
 
-    def _refuse(self, peer: PeerIdentity | None, method: str, code: grpc.StatusCode, reason: str,
-                context: grpc.ServicerContext) -> None:
+    def _refuse(
+        self, peer: PeerIdentity | None, method: str, code: grpc.StatusCode, reason: str, context: grpc.ServicerContext
+    ) -> None:
         key = (peer.fingerprint if peer else "-", reason)
         now = time.monotonic()
         with self._lock:
@@ -197,6 +216,7 @@ class IdentityGate(grpc.ServerInterceptor):
             def run(request, context):
                 with gate._admitted(method, context, request, streamed) as request:
                     return behaviour(request, context)
+
             return run
 
         def checked_stream(behaviour):
@@ -204,6 +224,7 @@ class IdentityGate(grpc.ServerInterceptor):
             def run(request, context):
                 with gate._admitted(method, context, request, streamed) as request:
                     yield from behaviour(request, context)
+
             return run
 
         if handler.unary_unary:
@@ -214,5 +235,8 @@ class IdentityGate(grpc.ServerInterceptor):
             factory, behaviour = grpc.stream_unary_rpc_method_handler, checked(handler.stream_unary)
         else:
             factory, behaviour = grpc.stream_stream_rpc_method_handler, checked_stream(handler.stream_stream)
-        return factory(behaviour, request_deserializer=handler.request_deserializer,
-                       response_serializer=handler.response_serializer)
+        return factory(
+            behaviour,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -62,8 +62,14 @@ class SiteMailbox:
 
     # ---- what a site's agent calls ----------------------------------------------------------------
 
-    def retrieve(self, site: str, wait: float, active: Callable[[], bool] = lambda: True,
-                 org: str | None = None, serial: int | None = None) -> list[Message]:
+    def retrieve(
+        self,
+        site: str,
+        wait: float,
+        active: Callable[[], bool] = lambda: True,
+        org: str | None = None,
+        serial: int | None = None,
+    ) -> list[Message]:
         """Hold until requests for `site` are queued, `wait` seconds pass or the caller goes away.
 
         `org` is the organisation in the site's certificate, which org-scoped rights are checked against;
@@ -144,8 +150,14 @@ class SiteMailbox:
             if progress:
                 self._ended.pop(site, None)  # training again
         if not progress:
-            log.info("%s: run %s ended: %s (exit code %s) %s", site, data.get("run_number"), data.get("status"),
-                     data.get("exit_code"), data.get("error") or "")
+            log.info(
+                "%s: run %s ended: %s (exit code %s) %s",
+                site,
+                data.get("run_number"),
+                data.get("status"),
+                data.get("exit_code"),
+                data.get("error") or "",
+            )
         return None
 
     # ---- what the server knows of its sites -------------------------------------------------------
@@ -166,8 +178,9 @@ class SiteMailbox:
         if last is None:
             known = ", ".join(self.known_sites()) or "none yet"
             return f"{site} is not connected: no site of that name has connected to this server (known sites: {known})"
-        return (f"{site} is not connected: its last long-poll ended {last:.0f}s ago "
-                "(the site is reconnecting, or stopped)")
+        return (
+            f"{site} is not connected: its last long-poll ended {last:.0f}s ago (the site is reconnecting, or stopped)"
+        )
 
     def known_sites(self) -> list[str]:
         """Every site whose agent has reached this server since it started (and was not dropped)."""
@@ -187,8 +200,10 @@ class SiteMailbox:
     def site_results(self) -> dict[str, dict[str, Any]]:
         """The latest progress and training_ended report per site."""
         with self._lock:
-            return {"site_progress": dict(sorted(self._progress.items())),
-                    "training_ended": dict(sorted(self._ended.items()))}
+            return {
+                "site_progress": dict(sorted(self._progress.items())),
+                "training_ended": dict(sorted(self._ended.items())),
+            }
 
     def forget(self, site: str) -> None:
         """Drop what is kept about `site`'s training (remove-client)."""
@@ -212,8 +227,9 @@ class SiteMailbox:
                 waiters.append(waiter)
         return waiters
 
-    def gather(self, waiters: list[Waiter], deadline: float,
-               active: Callable[[], bool] = lambda: True) -> dict[str, TargetReply | None]:
+    def gather(
+        self, waiters: list[Waiter], deadline: float, active: Callable[[], bool] = lambda: True
+    ) -> dict[str, TargetReply | None]:
         """Wait for the replies until `deadline` (monotonic) or until `active()` turns false (the caller went
         away: what it waits for is dropped now, not when its timeout ends); a site that did not reply maps to None."""
         for waiter in waiters:

@@ -36,8 +36,7 @@ class ClientRegistry:
         self._by_token: dict[str, SiteSession] = {}
         self._by_name: dict[str, SiteSession] = {}
 
-    def register(self, name: str, cert_name: str | None, max_sites: int | None,
-                 cert_fingerprint: str) -> SiteSession:
+    def register(self, name: str, cert_name: str | None, max_sites: int | None, cert_fingerprint: str) -> SiteSession:
         """Open a session for `name`, which must be the caller's certificate name; replaces an older one.
 
         The token is bound to the certificate (its fingerprint), so even another certificate issued

@@ -89,8 +89,16 @@ class _RoundState:
 class FederatedRun:
     """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
 
-    def __init__(self, run_number: int, run_dir: Path, config: ServerConfig, resume: bool = False, *,
-                 client: ClientConfig | None = None, code_policy: Any = None):
+    def __init__(
+        self,
+        run_number: int,
+        run_dir: Path,
+        config: ServerConfig,
+        resume: bool = False,
+        *,
+        client: ClientConfig | None = None,
+        code_policy: Any = None,
+    ):
         """A new run whose initial model is in models/; with `resume`, the run summary.json and the global model
         say where it stood (a server that stopped mid-run carries on at the round that was open).
 
@@ -114,8 +122,10 @@ class FederatedRun:
         self.scaffold = bool(client and client.scaffold)
         self.fedprox_mu = client.fedprox_mu if client else None
         if self.scaffold and self._aggregator is None:
-            raise RunStateError(f"run {run_number}: SCAFFOLD with a custom aggregator ({self.choice.label}) is not "
-                                "supported; use a built-in aggregator")
+            raise RunStateError(
+                f"run {run_number}: SCAFFOLD with a custom aggregator ({self.choice.label}) is not "
+                "supported; use a built-in aggregator"
+            )
         self.summary_path = self.record.folder.summary
         self.state_path = self.record.folder.state
         self._cond = threading.Condition()
@@ -160,8 +170,13 @@ class FederatedRun:
         if not isinstance(model_round, int) or isinstance(model_round, bool) or model_round < self.config.start_round:
             raise RunStateError(f"{self.model_path}: its round {model_round!r} is not one of run {self.run_number}")
         if model_round - 1 >= self.config.start_round and model_round - 1 not in recorded:
-            self._rounds.append({"round": model_round - 1, "recovered": True,
-                                 "note": "closed as the server stopped; its record was not written"})
+            self._rounds.append(
+                {
+                    "round": model_round - 1,
+                    "recovered": True,
+                    "note": "closed as the server stopped; its record was not written",
+                }
+            )
         self._rounds = [r for r in self._rounds if isinstance(r.get("round"), int) and r["round"] < model_round]
         return model_round
 
@@ -175,52 +190,81 @@ class FederatedRun:
                 if meta.get("run_number") != self.run_number or meta.get("round") != r.number:
                     return False
                 contributors = {str(k): float(v) for k, v in (meta.get("contributors") or {}).items()}
-                kept = (dict(meta.get("metrics") or {}), dict(meta.get("privacy") or {}),
-                        list(meta.get("rejected") or []), list(meta.get("dropped") or []),
-                        dict(meta.get("epsilon_total") or self._epsilon_spent))
+                kept = (
+                    dict(meta.get("metrics") or {}),
+                    dict(meta.get("privacy") or {}),
+                    list(meta.get("rejected") or []),
+                    list(meta.get("dropped") or []),
+                    dict(meta.get("epsilon_total") or self._epsilon_spent),
+                )
                 if r.accumulator is not None:
                     r.accumulator.load(f, index)
                 elif sorted(r.store.sites) != sorted(contributors):
-                    raise ValueError(f"the updates kept in {self.updates_folder} are of "
-                                     f"{', '.join(sorted(r.store.sites)) or 'no site'}")
+                    raise ValueError(
+                        f"the updates kept in {self.updates_folder} are of "
+                        f"{', '.join(sorted(r.store.sites)) or 'no site'}"
+                    )
             if r.control is not None:
                 with open(self.open_control_path, "rb") as f:
                     control = read_index(f, self.open_control_path)
                     if control.meta.get("round") != r.number or control.meta.get("contributors") != sorted(
-                            contributors):
+                        contributors
+                    ):
                         raise ValueError(f"{self.open_control_path} does not hold the same contributions")
                     r.control.load(f, control)
         except FileNotFoundError:
             return False
         except (OSError, ValueError, TypeError, AttributeError) as e:  # torn or foreign: the round starts empty
-            log.warning("run %d round %d: the accepted contributions in %s are not usable (%s); the round "
-                        "starts empty", self.run_number, r.number, self.open_round_path, e)
+            log.warning(
+                "run %d round %d: the accepted contributions in %s are not usable (%s); the round starts empty",
+                self.run_number,
+                r.number,
+                self.open_round_path,
+                e,
+            )
             return False
         r.contributors = contributors
         r.metrics, r.privacy, r.rejected, r.dropped, self._epsilon_spent = kept
         if len(r.contributors) >= self.config.min_num_clients:
             r.min_reached_at = time.monotonic()
-        log.info("run %d round %d: resumed with the contributions of %s", self.run_number, r.number,
-                 ", ".join(sorted(r.contributors)))
+        log.info(
+            "run %d round %d: resumed with the contributions of %s",
+            self.run_number,
+            r.number,
+            ", ".join(sorted(r.contributors)),
+        )
         return True
 
     def _save_open_round(self) -> None:
         r = self._round
-        meta = {"run_number": self.run_number, "round": r.number, "contributors": r.contributors,
-                "metrics": r.metrics, "privacy": r.privacy, "rejected": r.rejected, "dropped": r.dropped,
-                "epsilon_total": self._epsilon_spent}
+        meta = {
+            "run_number": self.run_number,
+            "round": r.number,
+            "contributors": r.contributors,
+            "metrics": r.metrics,
+            "privacy": r.privacy,
+            "rejected": r.rejected,
+            "dropped": r.dropped,
+            "epsilon_total": self._epsilon_spent,
+        }
         try:
             # The control sums first: a snapshot of the round is only taken back with its own control sums.
             if r.control is not None:
                 with atomic_writer(self.open_control_path) as f:
-                    r.control.save(f, {"run_number": self.run_number, "round": r.number,
-                                       "contributors": sorted(r.contributors)})
+                    r.control.save(
+                        f, {"run_number": self.run_number, "round": r.number, "contributors": sorted(r.contributors)}
+                    )
             with atomic_writer(self.open_round_path) as f:
                 # The on-disk family's updates are in their UpdateStore already: the snapshot holds the metadata.
                 (r.accumulator or UpdateAccumulator(self._specs, self._excluded, self._largest)).save(f, meta)
         except OSError as e:  # the contribution stands; only a restart before the round closes would lose it
-            log.warning("run %d round %d: could not keep the accepted contributions in %s: %s",
-                        self.run_number, r.number, self.open_round_path, e)
+            log.warning(
+                "run %d round %d: could not keep the accepted contributions in %s: %s",
+                self.run_number,
+                r.number,
+                self.open_round_path,
+                e,
+            )
 
     # ---- what sites see -------------------------------------------------------------------------
 
@@ -251,8 +295,11 @@ class FederatedRun:
         f = open(self.model_path, "rb")
         try:
             index = read_index(f, self.model_path)
-            control = (list(control_tensors(self._states, self._round.number, index, self._excluded))
-                       if self.scaffold and phase == "train" else [])
+            control = (
+                list(control_tensors(self._states, self._round.number, index, self._excluded))
+                if self.scaffold and phase == "train"
+                else []
+            )
             return Offer(phase, self._round.number, f, index, control)
         except BaseException:
             f.close()
@@ -282,7 +329,7 @@ class FederatedRun:
         With SCAFFOLD, a site's delta c_i of a floating variable that is aggregated comes beside its update.
         """
         if self.scaffold and spec.name.startswith(SCAFFOLD_DELTA_PREFIX):
-            name = spec.name[len(SCAFFOLD_DELTA_PREFIX):]
+            name = spec.name[len(SCAFFOLD_DELTA_PREFIX) :]
             var = self._specs.get(name)
             if var is None or name in self._excluded or not is_float(var.dtype):
                 raise ContributionError(f"{spec.name!r}: SCAFFOLD's delta c of a variable that is not aggregated")
@@ -330,10 +377,16 @@ class FederatedRun:
             except MetricsError as e:
                 raise ContributionError(str(e)) from None
         cap = self.config.max_contribution_weight
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight) or (
-                not 0 < weight <= cap):
-            raise ContributionError(f"weight {weight!r}: a contribution's weight must be a positive number of at "
-                                    f"most max_contribution_weight {cap:g} (config_fed_server.json)")
+        if (
+            isinstance(weight, bool)
+            or not isinstance(weight, (int, float))
+            or not math.isfinite(weight)
+            or (not 0 < weight <= cap)
+        ):
+            raise ContributionError(
+                f"weight {weight!r}: a contribution's weight must be a positive number of at "
+                f"most max_contribution_weight {cap:g} (config_fed_server.json)"
+            )
         a = self.config.aggregation_weights.get(site, 1.0)
         delta_c: dict[str, np.ndarray] = {}
         if self.scaffold:
@@ -357,11 +410,16 @@ class FederatedRun:
             n = len(self._round.contributors)
             if n >= self.config.min_num_clients and self._round.min_reached_at is None:
                 self._round.min_reached_at = time.monotonic()
-            log.info("run %d round %d: accepted %s (weight %g), %d contribution(s)",
-                     self.run_number, round_number, site, a * weight, n)
+            log.info(
+                "run %d round %d: accepted %s (weight %g), %d contribution(s)",
+                self.run_number,
+                round_number,
+                site,
+                a * weight,
+                n,
+            )
             self._maybe_close(active_sites())
-            if self.config.persist_open_round and self._round.number == round_number and (
-                    self.phase is Phase.TRAINING):
+            if self.config.persist_open_round and self._round.number == round_number and (self.phase is Phase.TRAINING):
                 self._save_open_round()
             self._cond.notify_all()
 
@@ -429,8 +487,13 @@ class FederatedRun:
                 "duration_s": round(time.monotonic() - r.opened_at, 3),
             }
         )
-        log.info("run %d round %d closed with %s (aggregated in %.2fs)", self.run_number, r.number,
-                 ", ".join(sorted(r.contributors)), time.monotonic() - started)
+        log.info(
+            "run %d round %d closed with %s (aggregated in %.2fs)",
+            self.run_number,
+            r.number,
+            ", ".join(sorted(r.contributors)),
+            time.monotonic() - started,
+        )
         if r.number + 1 >= self.end_round:
             self.phase = Phase.COMPLETED
             log.info("run %d completed after round %d", self.run_number, r.number)
@@ -446,15 +509,34 @@ class FederatedRun:
         is replaced."""
         meta = {"run_number": self.run_number, "round": r.number + 1}
         if self._aggregator is None:
-            aggregate_in_child(self.record.folder.mmar, self._code_policy, f"run {self.run_number}", self.choice,
-                               self.model_path, self._states, r.number, meta, self._excluded, r.store.folder,
-                               self._largest)
+            aggregate_in_child(
+                self.record.folder.mmar,
+                self._code_policy,
+                f"run {self.run_number}",
+                self.choice,
+                self.model_path,
+                self._states,
+                r.number,
+                meta,
+                self._excluded,
+                r.store.folder,
+                self._largest,
+            )
             return
         delta_of = r.accumulator.take_mean if r.accumulator is not None else store_deltas(self._aggregator, r.store)
         try:
-            write_next_model(self._aggregator, self.choice.label, delta_of, self.model_path, self._states, r.number,
-                             meta, self._excluded, control=r.control,
-                             control_fraction=len(r.contributors) / max(1, num_sites))
+            write_next_model(
+                self._aggregator,
+                self.choice.label,
+                delta_of,
+                self.model_path,
+                self._states,
+                r.number,
+                meta,
+                self._excluded,
+                control=r.control,
+                control_fraction=len(r.contributors) / max(1, num_sites),
+            )
         except ValueError as e:  # an aggregator state that is not this run's
             if isinstance(e, AggregateError):
                 raise
@@ -476,11 +558,21 @@ class FederatedRun:
         """No non-finite model is ever written: the round's contributions are refused by name, the last good
         model stays, and the round opens again."""
         names = sorted(r.contributors)
-        log.error("run %d round %d: %s; refused the contributions of %s, the global model is kept",
-                  self.run_number, r.number, why, ", ".join(names))
+        log.error(
+            "run %d round %d: %s; refused the contributions of %s, the global model is kept",
+            self.run_number,
+            r.number,
+            why,
+            ", ".join(names),
+        )
         fresh = self._new_round(r.number)
-        fresh.rejected = [*r.rejected, *({"site": s, "reason": f"refused with the round: {why}; the model the "
-                                          "round started from is kept"} for s in names)]
+        fresh.rejected = [
+            *r.rejected,
+            *(
+                {"site": s, "reason": f"refused with the round: {why}; the model the round started from is kept"}
+                for s in names
+            ),
+        ]
         fresh.dropped = list(r.dropped)
         self._round = fresh
         self._write_summary()
@@ -489,8 +581,11 @@ class FederatedRun:
 
     def _new_round(self, number: int) -> _RoundState:
         streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
-        r = _RoundState(number, time.monotonic(),
-                        UpdateAccumulator(self._specs, self._excluded, self._largest) if streaming else None)
+        r = _RoundState(
+            number,
+            time.monotonic(),
+            UpdateAccumulator(self._specs, self._excluded, self._largest) if streaming else None,
+        )
         if not streaming:  # reopens the updates a stopped server kept; _forget_open_round clears them
             r.store = UpdateStore(self.updates_folder, self._specs, self._excluded, self._largest)
         if self.scaffold:

@@ -65,7 +65,7 @@ class RunRecord:
         atomic_write_json(self.folder.state, state)
 
     def status(self, summary: Any = UNREAD) -> str:
-        """"none", "deployed", "completed" or "aborted", for a run that no live run holds.
+        """ "none", "deployed", "completed" or "aborted", for a run that no live run holds.
 
         summary: the run's summary when the caller has read it already (None: there is none).
         """
@@ -88,8 +88,14 @@ def metrics_answer(run_number: int, status: str, summary: dict[str, Any]) -> dic
     """What `metrics` answers for a run: per round its record with each site's metrics and their mean; then the
     same for the final model, and the best global model."""
     rounds, final = metric_records(summary)
-    return {"run_number": run_number, "run_status": status, **recorded_algorithms(summary), "rounds": rounds,
-            "final": final, "best_global": summary.get("best_global")}
+    return {
+        "run_number": run_number,
+        "run_status": status,
+        **recorded_algorithms(summary),
+        "rounds": rounds,
+        "final": final,
+        "best_global": summary.get("best_global"),
+    }
 
 
 def recorded_algorithms(summary: dict[str, Any] | None) -> dict[str, Any]:

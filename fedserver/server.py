@@ -124,11 +124,15 @@ REVOCATION_CHECK_S = 1.0
 def _refuse_unsupported_algorithms(number: int, mmar) -> None:
     """Combinations of issue 20's algorithms that the rounds cannot run (see README, "Algorithms")."""
     if mmar.client.scaffold and mmar.server.aggregator.name is None:
-        raise ServerError(f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
-                          "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json")
+        raise ServerError(
+            f"run {number}: SCAFFOLD with a custom aggregator ({mmar.server.aggregator.label}) is "
+            "not supported: use a built-in aggregator, or turn scaffold off in config_fed_client.json"
+        )
     if mmar.client.scaffold and mmar.client.privacy is not None:
-        raise ServerError(f"run {number}: SCAFFOLD with a privacy filter is refused: a site's delta c_i carries its "
-                          "unfiltered local update; turn one of them off in config_fed_client.json")
+        raise ServerError(
+            f"run {number}: SCAFFOLD with a privacy filter is refused: a site's delta c_i carries its "
+            "unfiltered local update; turn one of them off in config_fed_client.json"
+        )
 
 
 def connection_caps() -> tuple[int, int]:
@@ -145,8 +149,11 @@ def _port_holder(port: int) -> str:
     import psutil
 
     try:
-        holders = [c.pid for c in psutil.net_connections(kind="tcp")
-                   if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port]
+        holders = [
+            c.pid
+            for c in psutil.net_connections(kind="tcp")
+            if c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port
+        ]
     except (psutil.Error, OSError):
         holders = []
     if not holders:
@@ -164,10 +171,19 @@ def _port_holder(port: int) -> str:
 class FederationServer:
     """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
 
-    def __init__(self, workspace: Path, kit: Kit, bind_host: str | None = None, fl_port: int | None = None,
-                 max_workers: int = FL_WORKERS, tick_seconds: float = 0.25, admin_port: int | None = None,
-                 stream_deadlines: StreamDeadlines | None = None, fl_limits: CallLimits | None = None,
-                 admin_limits: CallLimits | None = None):
+    def __init__(
+        self,
+        workspace: Path,
+        kit: Kit,
+        bind_host: str | None = None,
+        fl_port: int | None = None,
+        max_workers: int = FL_WORKERS,
+        tick_seconds: float = 0.25,
+        admin_port: int | None = None,
+        stream_deadlines: StreamDeadlines | None = None,
+        fl_limits: CallLimits | None = None,
+        admin_limits: CallLimits | None = None,
+    ):
         """stream_deadlines, fl_limits, admin_limits: how long a request stream may stall and how many calls one
         caller may hold on each port (defaults: the modules' constants, read now)."""
         self.workspace = Path(workspace)
@@ -203,9 +219,9 @@ class FederationServer:
         self._tick_seconds = tick_seconds
         self._watchdog = StreamWatchdog(stream_deadlines or StreamDeadlines())
         self._fl_limits = fl_limits or CallLimits(identity_gate.CALLS_PER_SITE)
-        self._admin_limits = admin_limits or CallLimits(identity_gate.CALLS_PER_ADMIN,
-                                                        total=ADMIN_WORKERS - ADMIN_RESERVED_WORKERS,
-                                                        privileged_role="project_admin")
+        self._admin_limits = admin_limits or CallLimits(
+            identity_gate.CALLS_PER_ADMIN, total=ADMIN_WORKERS - ADMIN_RESERVED_WORKERS, privileged_role="project_admin"
+        )
         self._stop = threading.Event()
         self._grpc: grpc.Server | None = None
         self._admin_grpc: grpc.Server | None = None
@@ -217,17 +233,20 @@ class FederationServer:
         fl_connections, admin_connections = connection_caps()
         # Past max_workers a call is refused with RESOURCE_EXHAUSTED (the site retries) instead of queueing
         # behind long-polls that hold every thread for up to 20 s.
-        fl = grpc.server(futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
-                         options=[*GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", fl_connections)],
-                         interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
-                         maximum_concurrent_rpcs=self._max_workers)
+        fl = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="fl"),
+            options=[*GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", fl_connections)],
+            interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
+            maximum_concurrent_rpcs=self._max_workers,
+        )
         add_training_servicer(TrainingService(self), fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
-        admin = grpc.server(futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
-                            options=[*ADMIN_GRPC_OPTIONS,
-                                     ("grpc.max_allowed_incoming_connections", admin_connections)],
-                            interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)])
+        admin = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=ADMIN_WORKERS, thread_name_prefix="admin"),
+            options=[*ADMIN_GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", admin_connections)],
+            interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)],
+        )
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
@@ -236,8 +255,13 @@ class FederationServer:
         self._admin_grpc, self.admin_port = admin, admin_port
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
         self._ticker.start()
-        log.info("training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
-                 self.bind_host, port, self.bind_host, admin_port)
+        log.info(
+            "training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
+            self.bind_host,
+            port,
+            self.bind_host,
+            admin_port,
+        )
         return port
 
     def serve_metrics(self, host: str, port: int) -> int:
@@ -249,17 +273,26 @@ class FederationServer:
     def _gauges(self) -> dict[str, float]:
         run = self.run
         training = run is not None and run.phase is Phase.TRAINING
-        gauges = {"registered_sites": len(self.registry.names()),
-                  "connected_sites": len(self.mailbox.connected_sites()),
-                  "run_number": self._run_number or 0, "training": int(training)}
+        gauges = {
+            "registered_sites": len(self.registry.names()),
+            "connected_sites": len(self.mailbox.connected_sites()),
+            "run_number": self._run_number or 0,
+            "training": int(training),
+        }
         if training:
             gauges["round"] = run.current_round
         return gauges
 
     def _gate(self, port_name: str, kinds: tuple[str, ...], limits: CallLimits) -> IdentityGate:
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
-            self.audit.record_refused_peer(peer.name if peer else "", peer.kind if peer else "",
-                                           peer.org if peer else "", port_name, method, reason)
+            self.audit.record_refused_peer(
+                peer.name if peer else "",
+                peer.kind if peer else "",
+                peer.org if peer else "",
+                port_name,
+                method,
+                reason,
+            )
             if peer is not None and self.revocations.is_revoked(peer.serial):
                 # A revoked site must not hold a place in the run until heart_beat_timeout, nor count as
                 # connected (commands would wait for its reply until their timeout).
@@ -354,12 +387,14 @@ class FederationServer:
         try:
             return (None if number is None else checked_run_number(number)), seconds(timeout)
         except ArgumentError:
-            raise ServerError(f"{path}: expected {{\"run_number\": N or null, \"admin_timeout\": seconds}}; "
-                              "fix or remove it") from None
+            raise ServerError(
+                f'{path}: expected {{"run_number": N or null, "admin_timeout": seconds}}; fix or remove it'
+            ) from None
 
     def _save_state(self) -> None:
-        atomic_write_json(self.workspace / STATE_FILE,
-                          {"run_number": self._run_number, "admin_timeout": self.admin_timeout})
+        atomic_write_json(
+            self.workspace / STATE_FILE, {"run_number": self._run_number, "admin_timeout": self.admin_timeout}
+        )
 
     # ---- runs -----------------------------------------------------------------------------------
 
@@ -377,7 +412,7 @@ class FederationServer:
         return run if run is not None and run.phase is Phase.TRAINING else None
 
     def run_status(self, run_number: int, summary: Any = UNREAD) -> str:
-        """"none", "deployed", "training", "completed" or "aborted".
+        """ "none", "deployed", "training", "completed" or "aborted".
 
         summary: the run's summary.json when the caller has read it already (None: there is none).
         """
@@ -488,14 +523,23 @@ class FederationServer:
         run_dir = record.folder.root
         try:
             mmar = load_mmar(record.folder.mmar)
-            run = FederatedRun(number, run_dir, mmar.server, resume=True, client=mmar.client,
-                               code_policy=self.code_policy)
+            run = FederatedRun(
+                number, run_dir, mmar.server, resume=True, client=mmar.client, code_policy=self.code_policy
+            )
         except (OSError, MMARError, ModelFileError, RunStateError) as e:
-            raise ServerError(f"run {number} was training when the server stopped and cannot be resumed: {e}; "
-                              f"delete-run {number} (or move {run_dir} away) to start afresh") from None
+            raise ServerError(
+                f"run {number} was training when the server stopped and cannot be resumed: {e}; "
+                f"delete-run {number} (or move {run_dir} away) to start afresh"
+            ) from None
         self.run = run
-        log.info("run %d resumed at round %d of %d..%d (%d round(s) were complete)", number, run.current_round,
-                 run.config.start_round, run.end_round - 1, run.current_round - run.config.start_round)
+        log.info(
+            "run %d resumed at round %d of %d..%d (%d round(s) were complete)",
+            number,
+            run.current_round,
+            run.config.start_round,
+            run.end_round - 1,
+            run.current_round - run.config.start_round,
+        )
 
     def start_training(self, run_number: int | None = None) -> FederatedRun:
         """Build run N's initial model and open its first round; refused when not deployed or already training."""
@@ -524,8 +568,14 @@ class FederationServer:
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()
-        log.info("run %d started: task %s, rounds %d..%d, min %d site(s)", number, run.config.task_name,
-                 run.config.start_round, run.end_round - 1, run.config.min_num_clients)
+        log.info(
+            "run %d started: task %s, rounds %d..%d, min %d site(s)",
+            number,
+            run.config.task_name,
+            run.config.start_round,
+            run.end_round - 1,
+            run.config.min_num_clients,
+        )
         return run
 
     def start_run(self, mmar_source: Path, run_number: int = 1) -> FederatedRun:
@@ -549,11 +599,16 @@ class FederationServer:
         try:
             with code_sandbox(mmar_dir, self.code_policy, what) as box:
                 try:
-                    proc = run_child(box, "fedserver.init_model", ["--mmar", str(box.mmar), "--out", str(box.out)],
-                                     INIT_MODEL_TIMEOUT_S)
+                    proc = run_child(
+                        box,
+                        "fedserver.init_model",
+                        ["--mmar", str(box.mmar), "--out", str(box.out)],
+                        INIT_MODEL_TIMEOUT_S,
+                    )
                 except subprocess.TimeoutExpired:
-                    raise ServerError(f"building the initial model of {what} took over {INIT_MODEL_TIMEOUT_S}s "
-                                      "and was stopped") from None
+                    raise ServerError(
+                        f"building the initial model of {what} took over {INIT_MODEL_TIMEOUT_S}s and was stopped"
+                    ) from None
                 if proc.returncode != 0:
                     detail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
                     if box.user is not None and any(w in detail for w in ("Permission", "ModuleNotFound")):
@@ -586,8 +641,9 @@ class FederationServer:
         with self._admin_lock:
             active = self.training_run()
             try:
-                trash = run_folder.set_aside(self.workspace, run_number,
-                                             active.run_number if active is not None else None)
+                trash = run_folder.set_aside(
+                    self.workspace, run_number, active.run_number if active is not None else None
+                )
             except run_folder.RunFolderError as e:
                 raise ServerError(str(e)) from None
             with self._cross_site_lock:
@@ -611,8 +667,11 @@ class FederationServer:
             if status == "none":
                 raise CrossSiteError(f"run {run_number} does not exist")
             if status != Phase.COMPLETED.value:
-                detail = {"deployed": "has not been trained yet", "training": "is still training",
-                          "aborted": "was aborted"}.get(status, f"is {status}")
+                detail = {
+                    "deployed": "has not been trained yet",
+                    "training": "is still training",
+                    "aborted": "was aborted",
+                }.get(status, f"is {status}")
                 raise CrossSiteError(f"run {run_number} {detail}; cross-site validation needs a completed run")
             try:
                 store = CrossSiteValidation(run_number, self.run_dir(run_number), self.registry.names)

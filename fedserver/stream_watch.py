@@ -43,8 +43,14 @@ class StreamStopped(Exception):
 class WatchedStream:
     """A request iterator whose waits are timed; `stopped` says why the server cancelled it (None: it did not)."""
 
-    def __init__(self, chunks: Iterator[Any], context: grpc.ServicerContext, what: str,
-                 at_end: Callable[[WatchedStream], None] | None, recheck: Callable[[], str | None] | None):
+    def __init__(
+        self,
+        chunks: Iterator[Any],
+        context: grpc.ServicerContext,
+        what: str,
+        at_end: Callable[[WatchedStream], None] | None,
+        recheck: Callable[[], str | None] | None,
+    ):
         self._chunks = chunks
         self._context = context
         self.what = what
@@ -107,9 +113,14 @@ class StreamWatchdog:
         self._thread: threading.Thread | None = None
         self._tick = max(0.05, min(1.0, deadlines.idle_s / 4, deadlines.window_s / 4))
 
-    def watch(self, chunks: Iterator[Any], context: grpc.ServicerContext, what: str,
-              at_end: Callable[[WatchedStream], None] | None = None,
-              recheck: Callable[[], str | None] | None = None) -> WatchedStream:
+    def watch(
+        self,
+        chunks: Iterator[Any],
+        context: grpc.ServicerContext,
+        what: str,
+        at_end: Callable[[WatchedStream], None] | None = None,
+        recheck: Callable[[], str | None] | None = None,
+    ) -> WatchedStream:
         """`chunks` under watch until `release` is called with it.
 
         at_end: runs when the peer closes the stream, before the handler sees the end; it may refuse the end by
@@ -168,7 +179,9 @@ class StreamWatchdog:
         if span >= d.window_s:
             got = received - window_received
             if got < d.min_bytes_per_s * span:
-                return (f"the peer sent {got} bytes in {span:.0f}s of waiting; the minimum rate is "
-                        f"{d.min_bytes_per_s:g} bytes/s")
+                return (
+                    f"the peer sent {got} bytes in {span:.0f}s of waiting; the minimum rate is "
+                    f"{d.min_bytes_per_s:g} bytes/s"
+                )
             stream.window = (waited, received)
         return None

@@ -59,9 +59,12 @@ class Telemetry:
         """Every figure at one instant."""
         with self._lock:
             commands = {k: _Command(v.count, v.failed, v.seconds) for k, v in self.commands.items()}
-            counts = {"bytes_received": self.bytes_received, "bytes_sent": self.bytes_sent,
-                      "contributions_accepted": self.contributions_accepted,
-                      "contributions_refused": self.contributions_refused}
+            counts = {
+                "bytes_received": self.bytes_received,
+                "bytes_sent": self.bytes_sent,
+                "contributions_accepted": self.contributions_accepted,
+                "contributions_refused": self.contributions_refused,
+            }
         return {**counts, "commands": commands, "gauges": self.gauges()}
 
 
@@ -88,10 +91,12 @@ def _families(telemetry: Telemetry) -> Iterator[Any]:
     ):
         key = name.removeprefix("training_")
         yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=snap[key])
-    latency = SummaryMetricFamily(f"{PREFIX}_admin_command_seconds", "Admin commands: how many and how long.",
-                                  labels=["command"])
-    failed = CounterMetricFamily(f"{PREFIX}_admin_commands_failed", "Admin commands that failed or were refused.",
-                                 labels=["command"])
+    latency = SummaryMetricFamily(
+        f"{PREFIX}_admin_command_seconds", "Admin commands: how many and how long.", labels=["command"]
+    )
+    failed = CounterMetricFamily(
+        f"{PREFIX}_admin_commands_failed", "Admin commands that failed or were refused.", labels=["command"]
+    )
     for command, c in sorted(snap["commands"].items()):
         latency.add_metric([command], count_value=c.count, sum_value=c.seconds)
         failed.add_metric([command], c.failed)

@@ -52,8 +52,7 @@ class TrainingHost(Protocol):
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and current run."""
 
-    def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1,
-                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._server = server
         # Each upload in flight holds one model-sized buffer: this bounds server memory.
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
@@ -113,8 +112,11 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             return
         offer = run.offer(session.name, wait)
         header = pb.ModelHeader(
-            run_number=run.run_number, round=offer.round, start_round=run.config.start_round,
-            num_rounds=run.config.num_rounds, kind="model",
+            run_number=run.run_number,
+            round=offer.round,
+            start_round=run.config.start_round,
+            num_rounds=run.config.num_rounds,
+            kind="model",
         )
         if offer.phase == "wait":
             header.status = pb.WAIT
@@ -141,7 +143,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             return self._refuse(session.name, head.round, "no run is active")
         if head.run_number != run.run_number:
             return self._refuse(
-                session.name, head.round,
+                session.name,
+                head.round,
                 f"contribution is for run {head.run_number}, the active run is {run.run_number}",
             )
         if head.kind != "delta_w":
@@ -154,8 +157,14 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             with self._upload_slots:
                 update = self._receive(request_iterator, run, head.num_tensors)
             run.commit_contribution(
-                session.name, head.round, update, head.weight, dict(head.metrics), self._server.active_sites,
-                head.privacy_protocol, head.privacy_epsilon,
+                session.name,
+                head.round,
+                update,
+                head.weight,
+                dict(head.metrics),
+                self._server.active_sites,
+                head.privacy_protocol,
+                head.privacy_epsilon,
             )
         except (ContributionError, CodecError, DTypeError) as e:
             run.abandon_contribution(session.name, head.round, str(e))
@@ -214,8 +223,9 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
             raise  # unreachable: abort raises
 
-    def SubmitBestModel(self, request_iterator: Iterator[pb.ModelChunk],
-                        context: grpc.ServicerContext) -> pb.SubmitReply:
+    def SubmitBestModel(
+        self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext
+    ) -> pb.SubmitReply:
         session = self._session(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -227,8 +237,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                 message = store.decline(session.name)
             elif head.kind == "best_model":
                 # Streamed to disk a tensor at a time: no model-sized buffer, so no upload slot is taken.
-                message = store.submit_best_model(session.name, dict(head.metrics), request_iterator,
-                                                  head.num_tensors)
+                message = store.submit_best_model(session.name, dict(head.metrics), request_iterator, head.num_tensors)
             else:
                 raise CrossSiteError(f"kind must be 'best_model' or 'not_participating', got {head.kind!r}")
         except (CrossSiteError, OSError) as e:
@@ -236,8 +245,9 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             return pb.SubmitReply(accepted=False, reason=str(e))
         return pb.SubmitReply(accepted=True, reason=message)
 
-    def GetValidationModels(self, request: pb.ValidationModelsRequest,
-                            context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
+    def GetValidationModels(
+        self, request: pb.ValidationModelsRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.ModelChunk]:
         session = self._session(context)
         store = self._cross_site(request.run_number, context)
         wait = wait_seconds(request.wait_seconds, MAX_LONG_POLL_S)
@@ -254,8 +264,9 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             index = read_index(f, offer.path)
             header.status, header.kind, header.owner = pb.VALIDATE, "best_model", offer.owner
             header.num_tensors = len(index.entries)
-            header.metrics.update({k: v for k, v in index.meta.get("metrics", {}).items()
-                                   if isinstance(v, (int, float))})
+            header.metrics.update(
+                {k: v for k, v in index.meta.get("metrics", {}).items() if isinstance(v, (int, float))}
+            )
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(f, index, self._chunk_bytes)
             self._server.telemetry.sent(sum(e.nbytes for e in index.entries))

@@ -112,8 +112,7 @@ def scrubbed_env(home: Path) -> dict[str, str]:
     """The environment of a child that may run deployed code: nothing of the server's but how to find Python."""
     env = {k: v for k, v in os.environ.items() if k in _KEPT_ENV}
     # PYTHONSAFEPATH: the child's folder is not put on sys.path (Python 3.11+), so nothing there shadows a module.
-    env.update(HOME=str(home), TMPDIR=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1",
-               PYTHONSAFEPATH="1")
+    env.update(HOME=str(home), TMPDIR=str(home), PYTHONDONTWRITEBYTECODE="1", PYTHONNOUSERSITE="1", PYTHONSAFEPATH="1")
     return env
 
 
@@ -150,8 +149,10 @@ def _refuse_links(mmar_dir: Path, what: str) -> None:
     rights while the child still has them, or handed to the child's user."""
     for path in (mmar_dir, *mmar_dir.rglob("*")):
         if path.is_symlink():
-            raise CodeRefused(f"{what}: {path.relative_to(mmar_dir).as_posix() or '.'} is a symbolic link; "
-                              "a deployed MMAR holds its own files only")
+            raise CodeRefused(
+                f"{what}: {path.relative_to(mmar_dir).as_posix() or '.'} is a symbolic link; "
+                "a deployed MMAR holds its own files only"
+            )
 
 
 def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, int] | None:
@@ -162,7 +163,8 @@ def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, in
         raise CodeRefused(
             f"{what} brings code ({shown(code)}) and this server cannot run it as another user (it does not run as "
             f"root), so it would run with the server's identity: deploy that MMAR to sites only, or allow it with "
-            f'{{"allow_as_server_user": true}} in the server\'s {POLICY_FILE.as_posix()}')
+            f'{{"allow_as_server_user": true}} in the server\'s {POLICY_FILE.as_posix()}'
+        )
     try:
         return _user_ids(policy.run_as)
     except CodeRefused as e:
@@ -171,9 +173,16 @@ def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, in
 
 def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
     """Run `python -m module args` in the sandbox, in a process group of its own that is killed when it ends."""
-    proc = subprocess.Popen([sys.executable, "-m", module, *args, *box.argv], env=box.env, cwd=box.cwd,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, *args, *box.argv],
+        env=box.env,
+        cwd=box.cwd,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, err = proc.communicate(timeout=timeout)
     finally:

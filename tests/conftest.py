@@ -48,8 +48,11 @@ def no_orphans(monkeypatch) -> Iterator[None]:
     yield
     left = reap_leftovers(tag, ORPHAN_GRACE_S)
     if left:
-        pytest.fail("processes left behind by this test (now killed):\n"
-                    + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())), pytrace=False)
+        pytest.fail(
+            "processes left behind by this test (now killed):\n"
+            + "\n".join(f"  {pid}: {cmd}" for pid, cmd in sorted(left.items())),
+            pytrace=False,
+        )
 
 
 _HANDED_OUT: set[int] = set()
@@ -74,8 +77,13 @@ def prepare_workspace(path: Path, clients: int = 2) -> Path:
     return path
 
 
-def copy_mmar(dst: Path, server: dict | None = None, client: dict | None = None, train_args: dict | None = None,
-              src: Path = DIGITS) -> Path:
+def copy_mmar(
+    dst: Path,
+    server: dict | None = None,
+    client: dict | None = None,
+    train_args: dict | None = None,
+    src: Path = DIGITS,
+) -> Path:
     """A copy of an MMAR with some config keys replaced."""
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
     for name, changes in (("config_fed_server.json", server), ("config_fed_client.json", client)):
@@ -131,7 +139,11 @@ def server_process(workspace: Path, *args: str, timeout: float = 60) -> Iterator
     """`fedserver start` as a real process; yields once it listens; always stopped afterwards."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(workspace), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
     )
     lines: list[str] = []
     ready = threading.Event()
@@ -162,7 +174,11 @@ def start_site(workspace: Path, mmar: Path) -> subprocess.Popen:
     """`fedclient train` for one site, as a real process."""
     return subprocess.Popen(
         [sys.executable, "-m", "fedclient.cli", "train", "--workspace", str(workspace), "--mmar", str(mmar)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=python_env(), cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
     )
 
 

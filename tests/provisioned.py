@@ -35,15 +35,22 @@ class ProvisionedFederation:
         self.stub(admin).Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
         return header.sha256
 
-    def execute(self, admin: str, command: str, targets: list[str], args: dict,
-                timeout: float = 10) -> apb.CommandReply:
+    def execute(
+        self, admin: str, command: str, targets: list[str], args: dict, timeout: float = 10
+    ) -> apb.CommandReply:
         request = apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args), timeout=timeout)
         return self.stub(admin).Execute(request, timeout=60)
 
 
 @contextlib.contextmanager
-def running(root: Path, project: str, sites: dict[str, str], admins: dict[str, tuple[str, str]], admin: str,
-            local_policies: dict[str, dict] | None = None) -> Iterator[Path]:
+def running(
+    root: Path,
+    project: str,
+    sites: dict[str, str],
+    admins: dict[str, tuple[str, str]],
+    admin: str,
+    local_policies: dict[str, dict] | None = None,
+) -> Iterator[Path]:
     """Provision `project` under root/out, give each named site its local/authorization.json, start the server and
     every site, and yield root/out once `admin` sees every site connected; everything is stopped afterwards."""
     yml = root / "project.yml"
@@ -59,8 +66,9 @@ def running(root: Path, project: str, sites: dict[str, str], admins: dict[str, t
         fed = ProvisionedFederation(out)
         deadline = time.monotonic() + 60
         while True:
-            reply = fed.stub(admin).Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=30,
-                                            wait_for_ready=True)
+            reply = fed.stub(admin).Execute(
+                apb.CommandRequest(command="status", targets=["server"]), timeout=30, wait_for_ready=True
+            )
             if set(sites) <= set(json.loads(reply.replies[0].data_json)["connected_sites"]):
                 break
             assert time.monotonic() < deadline, f"the sites never connected: {reply}"

@@ -83,8 +83,15 @@ def console_with(tmp_path: Path, declarations: list[str], modules: dict[str, str
 
 
 def run(script: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, str(script), *args], cwd=ROOT, env={**python_env(), "COLUMNS": "200"},
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, str(script), *args],
+        cwd=ROOT,
+        env={**python_env(), "COLUMNS": "200"},
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_the_docs_ping_is_listed_and_run_from_its_declaration_and_module(tmp_path, ws, fake):

@@ -139,8 +139,9 @@ class FakeExecutor(ClientExecutor):
 
     def finish(self, exit_code: int) -> None:
         self.status = ClientStatus.TRAINING_STOPPED if exit_code == 0 else ClientStatus.TRAINING_EXCEPTION
-        self._emit({"kind": "exit", "run_number": self.run_number, "status": self.status, "exit_code": exit_code,
-                    "error": ""})
+        self._emit(
+            {"kind": "exit", "run_number": self.run_number, "status": self.status, "exit_code": exit_code, "error": ""}
+        )
 
     def wait_training_process_finish(self, client, timeout=None) -> bool:
         return True
@@ -302,15 +303,22 @@ def test_the_audit_names_the_admin_role_org_and_command_the_server_stated(site):
     sender.ask("sys_info", {"admin": "bob", "admin_role": "lead", "admin_org": "org-b", "command": "sysinfo"})
     entry = json.loads((interface.workspace / "audit.log").read_text().splitlines()[-1])
     assert {k: entry[k] for k in ("admin", "role", "org", "command", "site", "topic", "ok")} == {
-        "admin": "bob", "role": "lead", "org": "org-b", "command": "sysinfo", "site": "site-1", "topic": "sys_info",
-        "ok": True}
+        "admin": "bob",
+        "role": "lead",
+        "org": "org-b",
+        "command": "sysinfo",
+        "site": "site-1",
+        "topic": "sys_info",
+        "ok": True,
+    }
 
 
 def test_the_sites_local_policy_refuses_before_the_processor_runs_and_is_audited(site):
     sender, interface, agent, _ = site
     (interface.workspace / "local").mkdir()
-    (interface.workspace / "local" / "authorization.json").write_text(json.dumps(
-        {"rules": [{"name": "no-shell-from-b", "deny": ["shell"], "orgs": ["org-b"]}]}))
+    (interface.workspace / "local" / "authorization.json").write_text(
+        json.dumps({"rules": [{"name": "no-shell-from-b", "deny": ["shell"], "orgs": ["org-b"]}]})
+    )
     agent.policy = LocalPolicy(interface.workspace)
     agent.start()
     from_b = {"admin": "bob", "admin_role": "lead", "admin_org": "org-b", "command": "shell"}
@@ -454,15 +462,20 @@ def test_logs_reads_the_agents_log_or_a_runs_worker_log_and_never_a_path(site):
     (ws / "run_2" / "logs").mkdir(parents=True)
     (ws / "run_2" / "logs" / "worker.log").write_text(
         "2026-11-29 10:00:00,000 INFO w: starting\n2026-11-29 10:00:01,000 ERROR w: training failed: boom\n"
-        "Traceback (most recent call last):\nValueError: boom\n")
+        "Traceback (most recent call last):\nValueError: boom\n"
+    )
     agent.start()
     ok, data = sender.ask("logs", body=json.dumps({"lines": 2}))
     assert ok and data["file"] == "log.txt" and [line[-6:] for line in data["lines"]] == ["line 3", "line 4"]
     ok, data = sender.ask("logs", body=json.dumps({"run_number": 2, "level": "error"}))
     assert ok and data["file"] == "run_2/logs/worker.log" and data["lines"][-1] == "ValueError: boom"
     assert len(data["lines"]) == 3
-    for body, reason in (({"path": "startup/key.pem"}, "logs takes no 'path'"), ({"run_number": 7}, "no run 7"),
-                         ({"run_number": "../startup"}, "run_number must be"), ([1], "JSON object")):
+    for body, reason in (
+        ({"path": "startup/key.pem"}, "logs takes no 'path'"),
+        ({"run_number": 7}, "no run 7"),
+        ({"run_number": "../startup"}, "run_number must be"),
+        ([1], "JSON object"),
+    ):
         ok, error = sender.ask("logs", body=json.dumps(body))
         assert not ok and reason in error, error
 
@@ -480,8 +493,9 @@ def test_start_mgpu_refuses_more_ranks_than_gpus_or_cpus_and_bad_counts(site, tm
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 3})
-    assert not ok and error == ("site-1 has no GPU (CUDA_VISIBLE_DEVICES='') and 2 CPUs; "
-                                "start-mgpu 3 would run 3 CPU ranks")
+    assert not ok and error == (
+        "site-1 has no GPU (CUDA_VISIBLE_DEVICES='') and 2 CPUs; start-mgpu 3 would run 3 CPU ranks"
+    )
     assert executor.status == ClientStatus.TRAINING_NOT_STARTED
 
 
@@ -557,8 +571,7 @@ def test_progress_is_forwarded_at_most_every_half_second_and_the_end_is_reported
     assert 1 <= len(progress) <= elapsed / 0.5 + 1
     assert progress[-1] == {"run_number": 1, "round": 2, "epoch": 20, "loss": 0.05, "metrics": {"accuracy": 0.9}}
     assert results[-1].topic == "training_ended"
-    assert json.loads(results[-1].body) == {"run_number": 1, "status": "training stopped", "exit_code": 0,
-                                            "error": ""}
+    assert json.loads(results[-1].body) == {"run_number": 1, "status": "training stopped", "exit_code": 0, "error": ""}
 
 
 def test_the_admin_message_sender_refuses_plaintext_saying_why_and_what_to_pass(tmp_path):
@@ -571,9 +584,15 @@ def test_the_admin_message_sender_refuses_plaintext_saying_why_and_what_to_pass(
 
 def _kit_sender(tmp_path, **kwargs) -> AdminMessageSender:
     startup = prepare_workspace(tmp_path / "ws", clients=1) / "site-1" / "startup"
-    return AdminMessageSender("site-1", root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
-                              private_key=str(startup / "key.pem"), server_args={"target": "127.0.0.1:1"},
-                              secure=True, **kwargs)
+    return AdminMessageSender(
+        "site-1",
+        root_cert=str(startup / "rootCA.pem"),
+        ssl_cert=str(startup / "cert.pem"),
+        private_key=str(startup / "key.pem"),
+        server_args={"target": "127.0.0.1:1"},
+        secure=True,
+        **kwargs,
+    )
 
 
 def test_a_rank_other_than_0_is_silent_with_is_multi_gpu_and_refused_without_saying_why(tmp_path):
@@ -599,9 +618,14 @@ def plane(tmp_path):
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
     server.start()
     startup = ws / "site-1" / "startup"
-    sender = AdminMessageSender("site-1", root_cert=str(startup / "rootCA.pem"), ssl_cert=str(startup / "cert.pem"),
-                                private_key=str(startup / "key.pem"),
-                                server_args={"target": f"127.0.0.1:{server.fl_port}"}, secure=True)
+    sender = AdminMessageSender(
+        "site-1",
+        root_cert=str(startup / "rootCA.pem"),
+        ssl_cert=str(startup / "cert.pem"),
+        private_key=str(startup / "key.pem"),
+        server_args={"target": f"127.0.0.1:{server.fl_port}"},
+        secure=True,
+    )
     interface = ClientAdminInterface(None, "site-1", sender, argparse.Namespace(workspace=ws / "site-1"), 0)
     interface.client_executor = FakeExecutor(on_event=interface._on_training_event)
     agent = FedAdminAgent("site-1", sender, interface)
@@ -609,7 +633,8 @@ def plane(tmp_path):
         agent.register_processor(processor)
     agent.start()
     admin = admin_grpc.AdminServiceStub(
-        grpc.secure_channel(f"127.0.0.1:{server.admin_port}", channel_credentials(load_kit(ws / "admin"))))
+        grpc.secure_channel(f"127.0.0.1:{server.admin_port}", channel_credentials(load_kit(ws / "admin")))
+    )
     deadline = time.monotonic() + 10
     while "site-1" not in server.mailbox.connected_sites():
         assert time.monotonic() < deadline, "site-1 never connected"
@@ -621,8 +646,9 @@ def plane(tmp_path):
 
 
 def _execute(admin, command: str, targets: list[str], args: dict | None = None) -> apb.CommandReply:
-    return admin.Execute(apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args or {}),
-                                            timeout=10), timeout=30)
+    return admin.Execute(
+        apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args or {}), timeout=10), timeout=30
+    )
 
 
 def test_a_request_reaches_an_idle_site_at_once_over_the_long_poll(plane):
@@ -677,8 +703,14 @@ def test_a_fetch_with_a_wrong_size_is_refused(plane, tmp_path):
 
 
 def _agent_process(workspace: Path) -> tuple[subprocess.Popen, list[str]]:
-    proc = subprocess.Popen([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace)],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=python_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(workspace)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+    )
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     return proc, lines
@@ -695,8 +727,9 @@ def _wait_for(predicate, timeout: float, what: str) -> None:
 def test_fedclient_start_serves_requests_restarts_and_shuts_down_on_command(tmp_path, processes):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     with server_process(ws / "server"):
-        admin = admin_grpc.AdminServiceStub(grpc.secure_channel(
-            load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin"))))
+        admin = admin_grpc.AdminServiceStub(
+            grpc.secure_channel(load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin")))
+        )
         proc, lines = _agent_process(ws / "site-1")
         processes.append(proc)
         _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
@@ -722,12 +755,24 @@ def test_fedclient_start_exits_cleanly_on_sigterm_and_refuses_a_server_kit(tmp_p
         _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
         proc.terminate()
         assert proc.wait(20) == 0
-    refused = subprocess.run([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "server")],
-                             capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "server")],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert refused.returncode == 3 and "needs a site's kit" in refused.stderr
     shutil.rmtree(ws / "site-1" / "startup")
-    refused = subprocess.run([sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "site-1")],
-                             capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60)
+    refused = subprocess.run(
+        [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "site-1")],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert refused.returncode == 3 and "startup" in refused.stderr
 
 
@@ -736,11 +781,15 @@ def test_sigterm_during_training_aborts_it_and_leaves_no_process(tmp_path, proce
     from fedclient.process_group import group_members
 
     ws = prepare_workspace(tmp_path / "ws", clients=1)
-    slow = copy_mmar(tmp_path / "slow", server={"min_num_clients": 1, "num_rounds": 1},
-                     train_args={"num_sites": 1, "epochs_per_round": 100000})
+    slow = copy_mmar(
+        tmp_path / "slow",
+        server={"min_num_clients": 1, "num_rounds": 1},
+        train_args={"num_sites": 1, "epochs_per_round": 100000},
+    )
     with server_process(ws / "server"):
-        admin = admin_grpc.AdminServiceStub(grpc.secure_channel(
-            load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin"))))
+        admin = admin_grpc.AdminServiceStub(
+            grpc.secure_channel(load_kit(ws / "admin").admin_target, channel_credentials(load_kit(ws / "admin")))
+        )
         proc, lines = _agent_process(ws / "site-1")
         processes.append(proc)
         _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")

@@ -62,8 +62,9 @@ class FakeAgent:
                 code, body = answer
                 text = body if isinstance(body, str) else json.dumps(body)
                 self.stub.SendReply(
-                    apb.AdminMessage(topic="reply", body=text.encode(),
-                                     headers={"_refMsgId": msg.id, "_rtnCode": code}),
+                    apb.AdminMessage(
+                        topic="reply", body=text.encode(), headers={"_refMsgId": msg.id, "_rtnCode": code}
+                    ),
                     timeout=5,
                 )
 
@@ -80,10 +81,15 @@ class FakeAgent:
 def federation(tmp_path):
     """A running in-process server (no run yet), its POC workspace and an MMAR with a ready initial model."""
     ws = prepare_workspace(tmp_path / "ws", clients=3)
-    mmar = copy_mmar(tmp_path / "mmar", server={
-        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 2,
-        "heart_beat_timeout": 30,
-    })
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={
+            "initial_model": {"file": "models/initial.fl"},
+            "min_num_clients": 2,
+            "num_rounds": 2,
+            "heart_beat_timeout": 30,
+        },
+    )
     save_model(mmar / "models" / "initial.fl", {"w": np.zeros((2, 3), np.float32)})
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
     server.start()
@@ -115,11 +121,13 @@ class Federation:
             time.sleep(0.02)
         return agent
 
-    def execute(self, command: str, targets: list[str] | None = None, args: dict | None = None,
-                timeout: float = 0) -> apb.CommandReply:
+    def execute(
+        self, command: str, targets: list[str] | None = None, args: dict | None = None, timeout: float = 0
+    ) -> apb.CommandReply:
         return self._admin.Execute(
-            apb.CommandRequest(command=command, targets=targets or [], args_json=json.dumps(args or {}),
-                               timeout=timeout),
+            apb.CommandRequest(
+                command=command, targets=targets or [], args_json=json.dumps(args or {}), timeout=timeout
+            ),
             timeout=30,
         )
 
@@ -131,7 +139,7 @@ class Federation:
     def upload(self, data: bytes, sha256: str | None = None, name: str = "mmar.zip") -> apb.UploadReply:
         header = apb.BlobHeader(name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest())
         chunks = [apb.BlobChunk(header=header)]
-        chunks += [apb.BlobChunk(data=data[i:i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
+        chunks += [apb.BlobChunk(data=data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
         return self._admin.Upload(iter(chunks), timeout=30)
 
 
@@ -215,8 +223,11 @@ def test_an_unknown_target_is_reported_as_unknown_with_the_known_sites(federatio
     assert not reply.ok
     assert [(r.target, r.ok, r.error) for r in reply.replies] == [
         ("site-1", True, ""),
-        ("site-9", False, "site-9 is not connected: no site of that name has connected to this server "
-                          "(known sites: site-1)"),
+        (
+            "site-9",
+            False,
+            "site-9 is not connected: no site of that name has connected to this server (known sites: site-1)",
+        ),
     ]
 
 
@@ -240,16 +251,16 @@ def test_a_site_cannot_answer_a_request_sent_to_another_site(federation):
         grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / "site-2")))
     )
     outcome: dict = {}
-    runner = threading.Thread(target=lambda: outcome.update(reply=federation.execute("status", ["site-1"],
-                                                                                       timeout=1)))
+    runner = threading.Thread(target=lambda: outcome.update(reply=federation.execute("status", ["site-1"], timeout=1)))
     runner.start()
     deadline = time.monotonic() + 5
     while not federation.agents[0].received:
         assert time.monotonic() < deadline
         time.sleep(0.02)
     request = federation.agents[0].received[0]
-    ack = impostor.SendReply(apb.AdminMessage(topic="reply", body=b"{}",
-                                              headers={"_refMsgId": request.id, "_rtnCode": "_ok"}), timeout=5)
+    ack = impostor.SendReply(
+        apb.AdminMessage(topic="reply", body=b"{}", headers={"_refMsgId": request.id, "_rtnCode": "_ok"}), timeout=5
+    )
     runner.join(10)
     assert not ack.ok and "was sent to site-1, not to site-2" in ack.message
     assert outcome["reply"].replies[0].error == "no reply within 1s"
@@ -286,8 +297,7 @@ def test_status_names_the_failed_sites_of_the_run_says_when_every_one_failed_and
             grpc.secure_channel(federation.fl_target, channel_credentials(load_kit(federation.ws / site)))
         )
         ended = {"run_number": 1, "status": "training exception", "exit_code": 1, "error": f"{site}: out of memory"}
-        assert stub.SendResult(apb.AdminMessage(topic="training_ended", body=json.dumps(ended).encode()),
-                               timeout=5).ok
+        assert stub.SendResult(apb.AdminMessage(topic="training_ended", body=json.dumps(ended).encode()), timeout=5).ok
     server = _data(federation.server_reply("status"))
     assert server["run_status"] == "training" and server["stalled"] is True
     assert server["failed_sites"] == {"site-1": "site-1: out of memory", "site-2": "site-2: out of memory"}
@@ -304,7 +314,8 @@ def test_a_site_certificate_is_refused_by_the_admin_service(federation):
         stub.Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=5)
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.value.details() == (
-        "'site-1' (site of test) may not use the admin_port: it serves admin certificates only")
+        "'site-1' (site of test) may not use the admin_port: it serves admin certificates only"
+    )
 
 
 def test_an_admin_certificate_is_refused_by_the_site_agent_service(federation):
@@ -361,8 +372,9 @@ def test_a_reply_carried_by_the_next_retrieve_answers_the_command(federation):
     def agent() -> None:
         request = stub.Retrieve(apb.RetrieveRequest(wait_seconds=15), timeout=30).requests[0]
         reply = ok_reply(json.dumps({"status": "carried"}), message_from_wire(request)).set_ref_id(request.id)
-        answered["next"] = stub.Retrieve(apb.RetrieveRequest(wait_seconds=0, replies=[message_to_wire(reply)]),
-                                         timeout=5)
+        answered["next"] = stub.Retrieve(
+            apb.RetrieveRequest(wait_seconds=0, replies=[message_to_wire(reply)]), timeout=5
+        )
 
     thread = threading.Thread(target=agent)
     thread.start()
@@ -379,8 +391,9 @@ def test_a_site_that_went_away_is_reported_with_how_long_ago_it_was_last_heard(f
     hub._agents["site-3"].last_poll -= 100  # as if its last long-poll ended 100 s ago
     reply = federation.execute("status", ["site-3"], timeout=1)
     assert not reply.replies[0].ok
-    assert reply.replies[0].error == ("site-3 is not connected: its last long-poll ended 100s ago "
-                                      "(the site is reconnecting, or stopped)")
+    assert reply.replies[0].error == (
+        "site-3 is not connected: its last long-poll ended 100s ago (the site is reconnecting, or stopped)"
+    )
 
 
 def test_the_hub_names_the_sites_whose_long_poll_came_with_a_revoked_certificate(federation):
@@ -466,10 +479,16 @@ def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites
     assert reply.ok, reply
     assert _data(reply.replies[0]) == {"run_number": 3, "path": str(federation.ws / "server" / "run_3" / "mmar")}
     assert (federation.ws / "server" / "run_3" / "mmar" / "config" / "config_fed_server.json").is_file()
-    assert dict(site.received[0].headers) == {"run_number": "3", "blob_id": blob, "sha256": blob,
-                                              "size": str(len(data)), "admin": "admin",
-                                              "admin_role": "project_admin", "admin_org": "test",
-                                              "command": "deploy"}
+    assert dict(site.received[0].headers) == {
+        "run_number": "3",
+        "blob_id": blob,
+        "sha256": blob,
+        "size": str(len(data)),
+        "admin": "admin",
+        "admin_role": "project_admin",
+        "admin_org": "test",
+        "command": "deploy",
+    }
     assert _data(federation.server_reply("status"))["run_status"] == "deployed"
 
 
@@ -653,7 +672,9 @@ def test_every_admin_command_is_audited(federation):
     entries = [json.loads(line) for line in (federation.ws / "server" / "audit.log").read_text().splitlines()]
     # A command that changes something is on record before it acts (hardening item 2), then with its outcome.
     assert [(e["command"], e["ok"], e.get("phase")) for e in entries[:2]] == [
-        ("set-run", None, "intent"), ("set-run", True, None)]
+        ("set-run", None, "intent"),
+        ("set-run", True, None),
+    ]
     lines = [e for e in entries if e.get("phase") != "intent"]
     assert [(e["admin"], e["command"], e["targets"], e["ok"]) for e in lines] == [
         ("admin", "set-run", ["server"], True),
@@ -670,12 +691,21 @@ def test_every_admin_command_is_audited(federation):
 def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_path):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     port, admin_port, metrics_port = free_port(), free_port(), free_port()
-    with server_process(ws / "server", "--port", str(port), "--admin-port", str(admin_port),
-                        "--metrics-port", str(metrics_port)) as proc:
+    with server_process(
+        ws / "server", "--port", str(port), "--admin-port", str(admin_port), "--metrics-port", str(metrics_port)
+    ) as proc:
         ready = next(line for line in proc.output_lines if line.startswith("fedserver ready"))
         metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"
-        assert ready.split() == ["fedserver", "ready", "on", f"127.0.0.1:{port}", "admin", f"127.0.0.1:{admin_port}",
-                                 "metrics", metrics_url]
+        assert ready.split() == [
+            "fedserver",
+            "ready",
+            "on",
+            f"127.0.0.1:{port}",
+            "admin",
+            f"127.0.0.1:{admin_port}",
+            "metrics",
+            metrics_url,
+        ]
         admin = admin_grpc.AdminServiceStub(
             grpc.secure_channel(f"127.0.0.1:{admin_port}", channel_credentials(load_kit(ws / "admin")))
         )
@@ -687,9 +717,15 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
         assert execute("set-run", {"run_number": 5}).ok
         assert not execute("set-run", {"run_number": 0}).ok
         samples = scrape(metrics_url)
-        for name in ("fedlearn_registered_sites", "fedlearn_connected_sites", "fedlearn_training",
-                     "fedlearn_training_bytes_received_total", "fedlearn_training_bytes_sent_total",
-                     "fedlearn_contributions_accepted_total", "fedlearn_contributions_refused_total"):
+        for name in (
+            "fedlearn_registered_sites",
+            "fedlearn_connected_sites",
+            "fedlearn_training",
+            "fedlearn_training_bytes_received_total",
+            "fedlearn_training_bytes_sent_total",
+            "fedlearn_contributions_accepted_total",
+            "fedlearn_contributions_refused_total",
+        ):
             assert name in samples, sorted(samples)
         assert samples["fedlearn_run_number"] == 5
         assert samples['fedlearn_admin_command_seconds_count{command="set-run"}'] == 2
@@ -707,8 +743,11 @@ def test_the_cli_serves_both_ports_and_restarts_and_shuts_down_on_command(tmp_pa
 
 
 def test_logs_and_metrics_refuse_what_they_cannot_serve(federation):
-    for args, reason in (({"file": "/etc/passwd"}, "logs takes no 'file'"), ({"lines": -5}, "lines must be"),
-                         ({"cursor": {"path": "startup/key.pem"}}, "cursor must be")):
+    for args, reason in (
+        ({"file": "/etc/passwd"}, "logs takes no 'file'"),
+        ({"lines": -5}, "lines must be"),
+        ({"cursor": {"path": "startup/key.pem"}}, "cursor must be"),
+    ):
         refused = federation.execute("logs", ["server"], args)
         assert not refused.ok and reason in refused.error and not refused.replies
     assert "not one per run" in federation.server_reply("logs", {"run_number": 1}).error

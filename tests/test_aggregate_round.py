@@ -38,10 +38,16 @@ CUSTOM = textwrap.dedent('''
             return x * np.nan
 ''')
 MODEL = {"w": np.array([1.0, 2.0], np.float32), "n": np.array([10, 20])}
-ROUNDS = [[({"w": np.array([1, 0], np.float32), "n": np.array([2, 2])}, 1.0),
-           ({"w": np.array([3, 4], np.float32), "n": np.array([4, 4])}, 3.0)],
-          [({"w": np.array([0, 2], np.float32), "n": np.array([1, 1])}, 2.0),
-           ({"w": np.array([2, -2], np.float32), "n": np.array([1, 1])}, 1.0)]]
+ROUNDS = [
+    [
+        ({"w": np.array([1, 0], np.float32), "n": np.array([2, 2])}, 1.0),
+        ({"w": np.array([3, 4], np.float32), "n": np.array([4, 4])}, 3.0),
+    ],
+    [
+        ({"w": np.array([0, 2], np.float32), "n": np.array([1, 1])}, 2.0),
+        ({"w": np.array([2, -2], np.float32), "n": np.array([1, 1])}, 1.0),
+    ],
+]
 
 
 @pytest.fixture
@@ -66,8 +72,20 @@ def _server_rounds(mmar: Path, tmp_path: Path, choice: AggregatorChoice) -> dict
         store = UpdateStore(run / "updates", specs)
         for update, weight in contributions:
             store.add({k: v.copy() for k, v in update.items()}, weight)
-        aggregate_in_child(mmar, _policy(), "run 1", choice, model_path, states, number, {"round": number + 1},
-                           frozenset(), run / "updates", 1e9, timeout=120)
+        aggregate_in_child(
+            mmar,
+            _policy(),
+            "run 1",
+            choice,
+            model_path,
+            states,
+            number,
+            {"round": number + 1},
+            frozenset(),
+            run / "updates",
+            1e9,
+            timeout=120,
+        )
         store.clear()
     return load_model(model_path)[0]
 
@@ -85,8 +103,11 @@ def test_a_custom_aggregator_in_the_child_equals_aggregate(mmar, tmp_path, name)
 
 def test_a_custom_aggregator_that_writes_nan_fails_the_round_and_keeps_the_model(mmar, tmp_path):
     choice = AggregatorChoice(name=None, path="my_aggregators.Poison", args={})
-    with pytest.raises(AggregateError, match=r"custom aggregator my_aggregators.Poison: AggregateError: variable "
-                                             r"'w' of the aggregate is not finite"):
+    with pytest.raises(
+        AggregateError,
+        match=r"custom aggregator my_aggregators.Poison: AggregateError: variable "
+        r"'w' of the aggregate is not finite",
+    ):
         _server_rounds(mmar, tmp_path, choice)
     np.testing.assert_array_equal(load_model(tmp_path / "run" / "global.fl")[0]["w"], MODEL["w"])
     assert not list((tmp_path / "run").glob("aggregator_state_*"))

@@ -120,8 +120,10 @@ def test_fedtrimmedavg_drops_floor_beta_n_from_each_end():
 
 
 def _krum_updates(rows, weights):
-    return [({"a": np.array(a, np.float32), "b": np.array(b, np.float32)}, w)
-            for (a, b), w in zip(rows, weights, strict=True)]
+    return [
+        ({"a": np.array(a, np.float32), "b": np.array(b, np.float32)}, w)
+        for (a, b), w in zip(rows, weights, strict=True)
+    ]
 
 
 # Round 1: squared distances over both variables: d12=1, d13=2, d14=300, d23=3, d24=281, d34=302; with f = 0 each
@@ -133,8 +135,9 @@ ZERO_AB = {"a": np.zeros(2, np.float32), "b": np.zeros(1, np.float32)}
 
 
 def test_krum_takes_the_update_with_the_lowest_score():
-    x1, x2, _ = two_rounds({"name": "Krum"}, ZERO_AB, _krum_updates(KRUM_1, [1, 1, 1, 1]),
-                           _krum_updates(KRUM_2, [1, 1, 1, 1]))
+    x1, x2, _ = two_rounds(
+        {"name": "Krum"}, ZERO_AB, _krum_updates(KRUM_1, [1, 1, 1, 1]), _krum_updates(KRUM_2, [1, 1, 1, 1])
+    )
     np.testing.assert_array_equal(x1["a"], [1, 1])
     np.testing.assert_array_equal(x1["b"], [1])
     np.testing.assert_array_equal(x2["a"], [2, 2])
@@ -161,11 +164,25 @@ def test_krum_refuses_a_round_of_at_most_2f_plus_2_contributions():
 
 def test_fedavg_equals_the_update_accumulator_exactly(tmp_path):
     rng = np.random.default_rng(3)
-    model = {"f32": rng.standard_normal((5, 4)).astype(np.float32), "f16": rng.standard_normal(7).astype(np.float16),
-             "bf16": rng.standard_normal(3).astype(ml_dtypes.bfloat16), "i64": np.arange(4, dtype=np.int64),
-             "f64": rng.standard_normal(6)}
-    updates = [({k: rng.standard_normal(v.shape).astype(v.dtype) if v.dtype.kind != "i" else
-                 rng.integers(-5, 5, v.shape).astype(v.dtype) for k, v in model.items()}, w) for w in (30.0, 7.0, 12.0)]
+    model = {
+        "f32": rng.standard_normal((5, 4)).astype(np.float32),
+        "f16": rng.standard_normal(7).astype(np.float16),
+        "bf16": rng.standard_normal(3).astype(ml_dtypes.bfloat16),
+        "i64": np.arange(4, dtype=np.int64),
+        "f64": rng.standard_normal(6),
+    }
+    updates = [
+        (
+            {
+                k: rng.standard_normal(v.shape).astype(v.dtype)
+                if v.dtype.kind != "i"
+                else rng.integers(-5, 5, v.shape).astype(v.dtype)
+                for k, v in model.items()
+            },
+            w,
+        )
+        for w in (30.0, 7.0, 12.0)
+    ]
     new, _ = aggregate({"name": "FedAvg"}, model, updates, None, max_weight=100.0)
 
     acc = UpdateAccumulator({k: VarSpec(v.dtype, v.shape) for k, v in model.items()}, max_weight=100.0)
@@ -204,10 +221,16 @@ def test_server_files_path_equals_aggregate_and_survives_a_restart(tmp_path):
     spec = {"name": "FedYogi", "args": FEDOPT_ARGS}
     model = {"w": np.array([1.0, 2.0]), "steps": np.array([10, 20], np.int64), "frozen": np.ones(2, np.float32)}
     excluded = frozenset({"frozen"})
-    rounds = [[({"w": np.array([1.0, 0.0]), "steps": np.array([1, 1], np.int64)}, 1.0),
-               ({"w": np.array([3.0, 4.0]), "steps": np.array([3, 2], np.int64)}, 3.0)],
-              [({"w": np.array([0.0, 2.0]), "steps": np.array([2, 0], np.int64)}, 1.0),
-               ({"w": np.array([2.0, -2.0]), "steps": np.array([0, 0], np.int64)}, 1.0)]]
+    rounds = [
+        [
+            ({"w": np.array([1.0, 0.0]), "steps": np.array([1, 1], np.int64)}, 1.0),
+            ({"w": np.array([3.0, 4.0]), "steps": np.array([3, 2], np.int64)}, 3.0),
+        ],
+        [
+            ({"w": np.array([0.0, 2.0]), "steps": np.array([2, 0], np.int64)}, 1.0),
+            ({"w": np.array([2.0, -2.0]), "steps": np.array([0, 0], np.int64)}, 1.0),
+        ],
+    ]
     x, state = model, None
     for contributions in rounds:
         x, state = aggregate(spec, x, contributions, state, excluded=excluded)
@@ -219,8 +242,9 @@ def test_server_files_path_equals_aggregate_and_survives_a_restart(tmp_path):
         acc = UpdateAccumulator({k: VarSpec(v.dtype, v.shape) for k, v in model.items()}, excluded)
         for update, weight in contributions:
             acc.add({k: v.copy() for k, v in update.items()}, weight)
-        write_next_model(aggregator, "FedYogi", acc.take_mean, path, StateFiles(tmp_path), number,
-                         {"round": number + 1}, excluded)
+        write_next_model(
+            aggregator, "FedYogi", acc.take_mean, path, StateFiles(tmp_path), number, {"round": number + 1}, excluded
+        )
     on_disk, meta = load_model(path)
     assert meta == {"round": 2}
     for name in model:
@@ -236,8 +260,15 @@ def test_a_failed_round_replaces_neither_model_nor_state(tmp_path):
     save_model(path, {"w": np.full(2, 3e38, np.float32)})
     before = path.read_bytes()
     with pytest.raises(AggregateError, match="'w' of the aggregate is not finite"):
-        write_next_model(build_aggregator(check_spec({"name": "FedAvgM"})), "FedAvgM",
-                         lambda name: np.full(2, 3e38, np.float32), path, StateFiles(tmp_path), 0, {})
+        write_next_model(
+            build_aggregator(check_spec({"name": "FedAvgM"})),
+            "FedAvgM",
+            lambda name: np.full(2, 3e38, np.float32),
+            path,
+            StateFiles(tmp_path),
+            0,
+            {},
+        )
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("aggregator_state_*")) and not list(tmp_path.glob(".*tmp"))
 
@@ -268,28 +299,36 @@ def test_the_needs_all_family_reads_large_variables_in_blocks(monkeypatch):
     stacked = np.stack([u["w"] for u, _ in updates])
     new, _ = aggregate({"name": "FedMedian"}, {"w": np.zeros(1000, np.float32)}, updates, None)
     np.testing.assert_array_equal(new["w"], np.median(stacked, axis=0))
-    new, _ = aggregate({"name": "FedTrimmedAvg", "args": {"beta": 0.2}}, {"w": np.zeros(1000, np.float32)}, updates,
-                       None)
+    new, _ = aggregate(
+        {"name": "FedTrimmedAvg", "args": {"beta": 0.2}}, {"w": np.zeros(1000, np.float32)}, updates, None
+    )
     np.testing.assert_allclose(new["w"], np.sort(stacked, axis=0)[1:4].mean(axis=0), rtol=1e-6)
 
 
 def test_excluded_variables_are_left_as_they_are():
     model = {"w": np.zeros(2), "frozen": np.ones(2)}
     for spec in ({"name": "FedAdam"}, {"name": "FedMedian"}):
-        new, state = aggregate(spec, model, [({"w": np.ones(2), "frozen": np.full(2, 9.0)}, 1.0)] * 3, None,
-                               excluded={"frozen"})
+        new, state = aggregate(
+            spec, model, [({"w": np.ones(2), "frozen": np.full(2, 9.0)}, 1.0)] * 3, None, excluded={"frozen"}
+        )
         np.testing.assert_array_equal(new["frozen"], [1, 1])
         assert not any(k.endswith("/frozen") for k in state)
 
 
-@pytest.mark.parametrize(("spec", "message"), [
-    ({"name": "FedAvgg"}, r"unknown aggregator 'FedAvgg'; valid: FedAvg, FedAvgM, .* \(did you mean 'FedAvg'\?\)"),
-    ({"name": "FedAdam", "args": {"lr": 1}}, r"aggregator.args.lr: unknown argument of FedAdam; valid: eta, beta_1, "
-                                              r"beta_2, tau"),
-    ({"name": "FedTrimmedAvg", "args": {"beta": 0.5}}, r"args.beta: must be a number >= 0 and < 0.5, got 0.5"),
-    ({"name": "MultiKrum"}, r"args.num_selected: required by MultiKrum \(an integer >= 1\)"),
-    ({"name": "FedAdam", "args": {"beta_1": 1.0}}, r"args.beta_1: must be a number >= 0 and < 1"),
-])
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"name": "FedAvgg"}, r"unknown aggregator 'FedAvgg'; valid: FedAvg, FedAvgM, .* \(did you mean 'FedAvg'\?\)"),
+        (
+            {"name": "FedAdam", "args": {"lr": 1}},
+            r"aggregator.args.lr: unknown argument of FedAdam; valid: eta, beta_1, "
+            r"beta_2, tau",
+        ),
+        ({"name": "FedTrimmedAvg", "args": {"beta": 0.5}}, r"args.beta: must be a number >= 0 and < 0.5, got 0.5"),
+        ({"name": "MultiKrum"}, r"args.num_selected: required by MultiKrum \(an integer >= 1\)"),
+        ({"name": "FedAdam", "args": {"beta_1": 1.0}}, r"args.beta_1: must be a number >= 0 and < 1"),
+    ],
+)
 def test_bad_specs_name_the_key_and_the_valid_values(spec, message):
     with pytest.raises(ValueError, match=message):
         aggregate(spec, X0, ROUND_1, None)
@@ -336,17 +375,21 @@ def custom(tmp_path):
 
 
 def test_a_custom_aggregator_runs_with_its_args(custom):
-    new, _ = aggregate({"path": "my_aggregators.Halve", "args": {"factor": 2.0}}, X0, ROUND_1, None,
-                       search_paths=custom)
+    new, _ = aggregate(
+        {"path": "my_aggregators.Halve", "args": {"factor": 2.0}}, X0, ROUND_1, None, search_paths=custom
+    )
     np.testing.assert_allclose(new["w"], [6.0, 8.0])
 
 
-@pytest.mark.parametrize(("how", "message"), [
-    ("raise", r"aggregator my_aggregators.Broken failed on variable 'w': RuntimeError: lost my way"),
-    ("nan", r"variable 'w' of the aggregate is not finite \(aggregator my_aggregators.Broken\)"),
-    ("shape", r"variable 'w': new value is float64\[3\], expected float64\[2\]"),
-    ("dtype", r"variable 'w': new value is float16\[2\], expected float64\[2\]"),
-])
+@pytest.mark.parametrize(
+    ("how", "message"),
+    [
+        ("raise", r"aggregator my_aggregators.Broken failed on variable 'w': RuntimeError: lost my way"),
+        ("nan", r"variable 'w' of the aggregate is not finite \(aggregator my_aggregators.Broken\)"),
+        ("shape", r"variable 'w': new value is float64\[3\], expected float64\[2\]"),
+        ("dtype", r"variable 'w': new value is float16\[2\], expected float64\[2\]"),
+    ],
+)
 def test_a_failing_custom_aggregator_fails_the_round_with_the_reason(custom, tmp_path, how, message):
     spec = {"path": "my_aggregators.Broken", "args": {"how": how}}
     with pytest.raises(AggregateError, match=message):
@@ -354,8 +397,15 @@ def test_a_failing_custom_aggregator_fails_the_round_with_the_reason(custom, tmp
     path = tmp_path / "global.fl"
     save_model(path, X0)
     with pytest.raises(AggregateError, match=message):
-        write_next_model(build_aggregator(check_spec(spec), custom), "my_aggregators.Broken",
-                         lambda name: np.ones(2), path, StateFiles(tmp_path), 0, {})
+        write_next_model(
+            build_aggregator(check_spec(spec), custom),
+            "my_aggregators.Broken",
+            lambda name: np.ones(2),
+            path,
+            StateFiles(tmp_path),
+            0,
+            {},
+        )
     np.testing.assert_array_equal(load_model(path)[0]["w"], X0["w"])
 
 
@@ -375,13 +425,18 @@ def test_scaffold_contribution_splits_into_update_and_delta_c():
     np.testing.assert_array_equal(control["w"], [0.5, 0.5])
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    ({}, r"SCAFFOLD delta c missing for 1 variable\(s\): 'w'"),
-    ({"scaffold.delta_c:w": np.ones(3, np.float32)}, r"delta c for 'w': float32\[3\], the model has float32\[2\]"),
-    ({"scaffold.delta_c:w": np.array([np.inf, 0], np.float32)}, r"'scaffold.delta_c:w' holds NaN or Inf"),
-    ({"scaffold.delta_c:w": np.ones(2, np.float32), "scaffold.delta_c:z": np.ones(2, np.float32)},
-     r"delta c for 'z', which is not aggregated"),
-])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({}, r"SCAFFOLD delta c missing for 1 variable\(s\): 'w'"),
+        ({"scaffold.delta_c:w": np.ones(3, np.float32)}, r"delta c for 'w': float32\[3\], the model has float32\[2\]"),
+        ({"scaffold.delta_c:w": np.array([np.inf, 0], np.float32)}, r"'scaffold.delta_c:w' holds NaN or Inf"),
+        (
+            {"scaffold.delta_c:w": np.ones(2, np.float32), "scaffold.delta_c:z": np.ones(2, np.float32)},
+            r"delta c for 'z', which is not aggregated",
+        ),
+    ],
+)
 def test_malformed_scaffold_deltas_refuse_that_contribution(extra, message):
     with pytest.raises(ContributionError, match=message):
         split_scaffold({"w": np.ones(2, np.float32), **extra}, SPECS)
@@ -402,11 +457,15 @@ def _scaffold_rounds():
     # Round 1, both of 2 sites: model mean [2.5, 3] (weights 1, 3), c = 0 + ([1, 2] + [3, 0]) / 2 = [2, 1].
     # Round 2, one site of 2: model mean [0, 2], c = [2, 1] + 1/2 * [4, -2] = [4, 0]. "n" (an integer) has no c.
     def contribution(w, n, dc, weight):
-        return ({"w": np.array(w, np.float32), "n": np.array(n), "scaffold.delta_c:w": np.array(dc, np.float32)},
-                weight)
+        return (
+            {"w": np.array(w, np.float32), "n": np.array(n), "scaffold.delta_c:w": np.array(dc, np.float32)},
+            weight,
+        )
 
-    return ([contribution([1, 0], 2, [1, 2], 1.0), contribution([3, 4], 2, [3, 0], 3.0)],
-            [contribution([0, 2], 1, [4, -2], 1.0)])
+    return (
+        [contribution([1, 0], 2, [1, 2], 1.0), contribution([3, 4], 2, [3, 0], 3.0)],
+        [contribution([0, 2], 1, [4, -2], 1.0)],
+    )
 
 
 def test_scaffold_rounds_update_the_server_control_variate_in_the_state():
@@ -440,8 +499,17 @@ def test_scaffold_on_the_server_files_path_equals_aggregate(tmp_path):
             update, delta_c = split_scaffold(dict(update), specs)
             acc.add(update, weight)
             control.add(delta_c, 1.0)
-        write_next_model(build_aggregator(check_spec({"name": "FedAvg"})), "FedAvg", acc.take_mean, path, states,
-                         number, {}, control=control, control_fraction=len(contributions) / 2)
+        write_next_model(
+            build_aggregator(check_spec({"name": "FedAvg"})),
+            "FedAvg",
+            acc.take_mean,
+            path,
+            states,
+            number,
+            {},
+            control=control,
+            control_fraction=len(contributions) / 2,
+        )
     np.testing.assert_array_equal(load_model(path)[0]["w"], [3.5, 7.0])
     sent = dict(control_tensors(states, 2, index))
     np.testing.assert_array_equal(sent["scaffold.c:w"], [4, 0])

@@ -25,8 +25,13 @@ def test_an_entry_nested_as_deep_as_a_caller_likes_is_written_bounded(tmp_path):
 
 def test_huge_strings_and_collections_are_cut_and_an_entry_stays_bounded(tmp_path):
     log = JsonLinesLog(tmp_path / "audit.log")
-    log.append({"admin": "x" * 100_000, "targets": [f"site-{i}" for i in range(300_000)],
-                "args": {str(i): "y" * 4000 for i in range(1000)}})
+    log.append(
+        {
+            "admin": "x" * 100_000,
+            "targets": [f"site-{i}" for i in range(300_000)],
+            "args": {str(i): "y" * 4000 for i in range(1000)},
+        }
+    )
     line = (tmp_path / "audit.log").read_bytes()
     assert len(line) <= MAX_ENTRY_BYTES + 200
     (entry,) = _entries(tmp_path / "audit.log")

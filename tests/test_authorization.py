@@ -23,8 +23,22 @@ def test_every_role_may_view_everything(role, command):
     POLICY.check(caller(role), command, ["server", "hospital-a", "hospital-b"], ORGS)
 
 
-@pytest.mark.parametrize("command", ["start", "deploy", "set-run", "abort", "shell", "restart", "shutdown",
-                                     "delete-run", "remove-client", "set-timeout", "upload"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "start",
+        "deploy",
+        "set-run",
+        "abort",
+        "shell",
+        "restart",
+        "shutdown",
+        "delete-run",
+        "remove-client",
+        "set-timeout",
+        "upload",
+    ],
+)
 def test_a_member_may_not_act_and_the_refusal_names_the_rule(command):
     with pytest.raises(Refused) as e:
         POLICY.check(caller("member"), command, ["hospital-a"], ORGS)
@@ -84,13 +98,16 @@ def test_the_policy_file_overrides_only_what_it_names(tmp_path):
     assert load_policy(tmp_path / "none").rules == DEFAULT_POLICY
 
 
-@pytest.mark.parametrize("content, says", [
-    ("{", "cannot be read as JSON"),
-    ('{"role": {}}', "expected"),
-    ('{"roles": {"boss": {}}}', "roles.boss: unknown role"),
-    ('{"roles": {"lead": {"fly": "any"}}}', "roles.lead.fly: unknown right"),
-    ('{"roles": {"lead": {"shell": "some"}}}', "roles.lead.shell: scope must be one of"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("{", "cannot be read as JSON"),
+        ('{"role": {}}', "expected"),
+        ('{"roles": {"boss": {}}}', "roles.boss: unknown role"),
+        ('{"roles": {"lead": {"fly": "any"}}}', "roles.lead.fly: unknown right"),
+        ('{"roles": {"lead": {"shell": "some"}}}', "roles.lead.shell: scope must be one of"),
+    ],
+)
 def test_a_bad_policy_file_is_refused_naming_file_and_key(tmp_path, content, says):
     (tmp_path / "local").mkdir()
     (tmp_path / "local" / "authorization.json").write_text(content)

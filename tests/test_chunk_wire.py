@@ -25,8 +25,10 @@ def test_a_data_chunk_is_encoded_exactly_as_protobuf_encodes_it(size):
 
 
 def test_header_and_tensor_chunks_are_parsed_by_protobuf():
-    for chunk in (pb.ModelChunk(header=pb.ModelHeader(status=pb.TRAIN, round=3, kind="model", num_tensors=2)),
-                  pb.ModelChunk(tensor=pb.TensorHeader(name="w", dtype="float32", shape=[2, 3], nbytes=24))):
+    for chunk in (
+        pb.ModelChunk(header=pb.ModelHeader(status=pb.TRAIN, round=3, kind="model", num_tensors=2)),
+        pb.ModelChunk(tensor=pb.TensorHeader(name="w", dtype="float32", shape=[2, 3], nbytes=24)),
+    ):
         parsed = chunk_from_bytes(chunk.SerializeToString())
         assert isinstance(parsed, pb.ModelChunk) and parsed == chunk
         assert chunk_to_bytes(parsed) == chunk.SerializeToString()

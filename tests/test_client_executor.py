@@ -82,7 +82,7 @@ while True:
     time.sleep(1)
 '''
 
-PARENT = '''
+PARENT = """
 import sys, time
 from pathlib import Path
 from fedclient.client_executor import ProcessExecutor, TrainArgs
@@ -90,7 +90,7 @@ from fedclient.client_executor import ProcessExecutor, TrainArgs
 executor = ProcessExecutor(worker_module="child_worker")
 print(executor.start_train(None, TrainArgs(Path(sys.argv[1]), 1), Path(sys.argv[2])), flush=True)
 time.sleep(600)
-'''
+"""
 
 
 @pytest.fixture
@@ -122,8 +122,9 @@ def executors():
 
 
 def _executor(executors, events=None, grace: float = 3.0) -> ProcessExecutor:
-    executor = ProcessExecutor(on_event=None if events is None else events.append, grace=grace,
-                               worker_module="child_worker")
+    executor = ProcessExecutor(
+        on_event=None if events is None else events.append, grace=grace, worker_module="child_worker"
+    )
     executors.append(executor)
     return executor
 
@@ -162,8 +163,13 @@ def test_progress_messages_arrive_and_a_clean_exit_is_training_stopped(child, ex
     assert kinds.count("epoch") == 5 and "end" in kinds and kinds[-1] == "exit"
     assert all(e["run_number"] == 1 for e in events)
     assert executor.progress == {"round": 0, "epoch": 5, "loss": 0.2, "metrics": {"accuracy": 0.9}}
-    assert events[-1] == {"kind": "exit", "run_number": 1, "status": ClientStatus.TRAINING_STOPPED,
-                          "exit_code": 0, "error": ""}
+    assert events[-1] == {
+        "kind": "exit",
+        "run_number": 1,
+        "status": ClientStatus.TRAINING_STOPPED,
+        "exit_code": 0,
+        "error": "",
+    }
     info = _child_info(workspace)
     assert info["pythonpath"].split(os.pathsep)[0] == str((workspace / "run_1" / "mmar" / "custom").resolve())
     assert info["cwd"] == str((workspace / "run_1").resolve())
@@ -301,8 +307,12 @@ def test_start_is_refused_while_training(child, executors):
 def test_the_worker_and_its_children_exit_when_the_parent_dies(child, tmp_path):
     workspace, make_mmar = child
     mmar = make_mmar("hang")
-    parent = subprocess.Popen([sys.executable, "-c", PARENT, str(workspace), str(mmar)], stdout=subprocess.PIPE,
-                              text=True, env=dict(os.environ))
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(workspace), str(mmar)],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
     worker_pid = None
     try:
         worker_pid = int(parent.stdout.readline())
@@ -330,8 +340,11 @@ def federation(tmp_path):
     from fedserver.server import FederationServer
 
     ws = prepare_workspace(tmp_path / "ws", clients=1)
-    mmar = copy_mmar(tmp_path / "mmar", server={"min_num_clients": 1, "num_rounds": 1, "wait_after_min_clients": 0},
-                     train_args={"num_sites": 1, "epochs_per_round": 2})
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={"min_num_clients": 1, "num_rounds": 1, "wait_after_min_clients": 0},
+        train_args={"num_sites": 1, "epochs_per_round": 2},
+    )
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
     server.start_run(mmar)
     server.start()
@@ -356,8 +369,9 @@ def test_the_real_worker_trains_the_run_and_reports_progress(federation, executo
     executor = ProcessExecutor(on_event=events.append)
     executors.append(executor)
     executor.start_train(None, TrainArgs(site, 1), mmar)
-    assert executor.wait_process_complete(None, timeout=180) == ClientStatus.TRAINING_STOPPED, \
-        (site / "run_1" / "logs" / "worker.log").read_text()
+    assert executor.wait_process_complete(None, timeout=180) == ClientStatus.TRAINING_STOPPED, (
+        site / "run_1" / "logs" / "worker.log"
+    ).read_text()
     kinds = [e["kind"] for e in events]
     assert {"status", "round", "epoch", "end"} <= set(kinds) and kinds[-1] == "exit"
     assert executor.progress["epoch"] == 2 and "accuracy" in executor.progress["metrics"]
@@ -412,9 +426,13 @@ def test_the_thread_executor_trains_the_federated_client_it_was_given(federation
     server, site, mmar = federation
     kit = load_kit(site)
     own_events: list[dict] = []
-    client = FederatedClient(kit.name, kit_ssl_args(kit), True,
-                             server_args=[{"name": "digits", "target": kit.fl_target}],
-                             on_progress=own_events.append)
+    client = FederatedClient(
+        kit.name,
+        kit_ssl_args(kit),
+        True,
+        server_args=[{"name": "digits", "target": kit.fl_target}],
+        on_progress=own_events.append,
+    )
     with ThreadPoolExecutor(max_workers=1) as pool:
         executor = ThreadExecutor(client, pool)
         assert executor.start_train(None, TrainArgs(site, 1), mmar) == os.getpid()
@@ -435,8 +453,11 @@ def test_check_status_is_the_status_message_the_seed_documents():
 def test_the_thread_executor_starts_one_gpu_as_start_train_and_refuses_more_saying_why(tmp_path):
     with ThreadPoolExecutor(max_workers=1) as pool:
         executor = ThreadExecutor(None, pool)
-        with pytest.raises(TrainingError, match="ThreadExecutor trains in this process, on one GPU; 2 GPUs need one "
-                                                "process per rank: use the ProcessExecutor"):
+        with pytest.raises(
+            TrainingError,
+            match="ThreadExecutor trains in this process, on one GPU; 2 GPUs need one "
+            "process per rank: use the ProcessExecutor",
+        ):
             executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 2)
         with pytest.raises(TrainingError, match="must be a whole number >= 1, got 0"):
             executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 0)

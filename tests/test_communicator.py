@@ -115,8 +115,9 @@ def test_unauthenticated_asks_to_register_again(comm):
         comm.grpc_error_handler(SERVICE, err, "submit update", time.monotonic(), True)
 
 
-@pytest.mark.parametrize("code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT,
-                                  grpc.StatusCode.RESOURCE_EXHAUSTED])
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED]
+)
 def test_refusals_raise_at_once_within_retry_timeout(comm, code):
     with pytest.raises(CommunicationError) as err:
         comm.grpc_error_handler(SERVICE, FakeRpcError(code, "not yours"), "register", time.monotonic(), True)
@@ -208,6 +209,7 @@ def test_client_state_processors_each_get_the_state_and_the_app_context_in_order
             seen.append((name, dict(state.meta), app_ctx))
             state.meta[name] = True
             return state
+
         return processor
 
     c = Communicator(None, ssl_args=ssl_args, secure_train=True, client_state_processors=[tag("a"), tag("b")])
@@ -234,8 +236,9 @@ W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
 @pytest.fixture
 def federation(tmp_path):
     """A running in-process server (run 1, 2 rounds) and site-1's ssl_args and server entries."""
-    server, ws = start_training_run(tmp_path, W0, min_num_clients=2, num_rounds=2, wait_after_min_clients=30,
-                                    heart_beat_timeout=30)
+    server, ws = start_training_run(
+        tmp_path, W0, min_num_clients=2, num_rounds=2, wait_after_min_clients=30, heart_beat_timeout=30
+    )
     yield kit_ssl_args(load_kit(ws / "site-1")), {TASK: {"name": TASK, "target": f"127.0.0.1:{server.fl_port}"}}
     server.stop(0)
 
@@ -278,8 +281,9 @@ def test_the_client_state_goes_with_the_update_and_its_token_authenticates_it(fe
         return state
 
     manager = _ZeroUpdate()
-    c = Communicator(manager, ssl_args=ssl, secure_train=True, pre_processors=[pre_processor],
-                     client_state_processors=[label])
+    c = Communicator(
+        manager, ssl_args=ssl, secure_train=True, pre_processors=[pre_processor], client_state_processors=[label]
+    )
     try:
         token = c.client_registration("site-1", servers, TASK).token
         assert c.getModel(servers, TASK, token, None, wait_seconds=1).status == "train"
@@ -287,8 +291,7 @@ def test_the_client_state_goes_with_the_update_and_its_token_authenticates_it(fe
         reply = c.submitUpdate(servers, TASK, token, ctx, {"round": 0}, "site-1")
         assert reply.accepted, reply.reason
         [state] = seen
-        assert state == ClientState(TASK, token, client_name="site-1", run_number=1, round=0,
-                                    meta={"scanner": "ct-7"})
+        assert state == ClientState(TASK, token, client_name="site-1", run_number=1, round=0, meta={"scanner": "ct-7"})
     finally:
         c.close()
 
@@ -309,17 +312,19 @@ def test_a_client_state_processor_that_changes_the_token_changes_what_authentica
         c.close()
 
 
-@pytest.mark.parametrize("call", ["get_validation_models", "submit_best_local_model",
-                                  "submit_cross_site_validation_results"])
+@pytest.mark.parametrize(
+    "call", ["get_validation_models", "submit_best_local_model", "submit_cross_site_validation_results"]
+)
 def test_cross_site_calls_in_seed_style_take_the_run_from_the_session(federation, call):
     ssl, servers = federation
     c = Communicator(ClientModelManager(), ssl_args=ssl, secure_train=True)
     try:
         token = c.client_registration("site-1", servers, TASK).token
-        args = {"get_validation_models": ("site-1", servers, TASK, token),
-                "submit_best_local_model": ("site-1", servers, TASK, token, True),
-                "submit_cross_site_validation_results": ("site-1", servers, TASK, token, ["site-2"],
-                                                         [{"accuracy": 0.5}])}[call]
+        args = {
+            "get_validation_models": ("site-1", servers, TASK, token),
+            "submit_best_local_model": ("site-1", servers, TASK, token, True),
+            "submit_cross_site_validation_results": ("site-1", servers, TASK, token, ["site-2"], [{"accuracy": 0.5}]),
+        }[call]
         # Run 1 is still training: the server's refusal names the run the session asked about.
         with pytest.raises(CommunicationError, match="FAILED_PRECONDITION: run 1 is still training"):
             getattr(c, call)(*args)

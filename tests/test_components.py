@@ -57,16 +57,12 @@ def test_sys_path_is_restored_after_success_and_failure(site: Path) -> None:
 
 
 def test_missing_module_is_named(site: Path) -> None:
-    with pytest.raises(
-        ComponentError, match=r"component 'fedtest_nothing\.Net': module 'fedtest_nothing' not found"
-    ):
+    with pytest.raises(ComponentError, match=r"component 'fedtest_nothing\.Net': module 'fedtest_nothing' not found"):
         build_component(Component("fedtest_nothing.Net", {}), [site])
 
 
 def test_missing_class_is_named(site: Path) -> None:
-    with pytest.raises(
-        ComponentError, match=r"module 'fedtest_widgets' \(.*fedtest_widgets\.py\) has no 'Gadget'"
-    ):
+    with pytest.raises(ComponentError, match=r"module 'fedtest_widgets' \(.*fedtest_widgets\.py\) has no 'Gadget'"):
         build_component(Component("fedtest_widgets.Gadget", {}), [site])
 
 
@@ -99,9 +95,7 @@ def test_args_the_caller_sets_must_not_be_configured(site: Path) -> None:
 
 
 def test_constructor_failure_is_wrapped_with_its_cause(site: Path) -> None:
-    with pytest.raises(
-        ComponentError, match=r"'fedtest_widgets\.Fragile': constructor raised RuntimeError: disk full"
-    ):
+    with pytest.raises(ComponentError, match=r"'fedtest_widgets\.Fragile': constructor raised RuntimeError: disk full"):
         build_component(Component("fedtest_widgets.Fragile", {}), [site])
 
 
@@ -111,17 +105,13 @@ def test_failing_import_inside_the_module_is_not_mistaken_for_a_missing_module(s
     with pytest.raises(ComponentError) as info:
         build_component(Component("fedtest_broken.Thing", {}), [site])
 
-    assert "importing module 'fedtest_broken' failed: No module named 'fedtest_absent_dependency'" in str(
-        info.value
-    )
+    assert "importing module 'fedtest_broken' failed: No module named 'fedtest_absent_dependency'" in str(info.value)
 
 
 def test_module_raising_on_import_is_reported(site: Path) -> None:
     (site / "fedtest_raises.py").write_text("raise ImportError('needs a GPU')\n")
 
-    with pytest.raises(
-        ComponentError, match=r"importing module 'fedtest_raises' raised ImportError: needs a GPU"
-    ):
+    with pytest.raises(ComponentError, match=r"importing module 'fedtest_raises' raised ImportError: needs a GPU"):
         build_component(Component("fedtest_raises.Thing", {}), [site])
 
 

@@ -16,13 +16,24 @@ def _render(renderable) -> str:
     return console.export_text()
 
 
-SUMMARY = {"aggregator": {"name": "FedAdam", "args": {"eta": 0.1}}, "site_algorithms": ["FedProx(mu=0.01)"],
-           "rounds": [{"round": 0, "metrics": {"site-1": {"accuracy": 0.5}}}], "final_metrics": {}}
+SUMMARY = {
+    "aggregator": {"name": "FedAdam", "args": {"eta": 0.1}},
+    "site_algorithms": ["FedProx(mu=0.01)"],
+    "rounds": [{"round": 0, "metrics": {"site-1": {"accuracy": 0.5}}}],
+    "final_metrics": {},
+}
 
 
 def test_status_names_the_aggregator_and_the_site_algorithms():
-    data = {"run_number": 1, "run_status": "training", "current_round": 2, "start_round": 0, "num_rounds": 3,
-            "aggregator": "FedAvg", "site_algorithms": ["SCAFFOLD"]}
+    data = {
+        "run_number": 1,
+        "run_status": "training",
+        "current_round": 2,
+        "start_round": 0,
+        "num_rounds": 3,
+        "aggregator": "FedAvg",
+        "site_algorithms": ["SCAFFOLD"],
+    }
     assert str(server_line(TargetReply("server", True, data))).endswith(", FedAvg + SCAFFOLD")
 
 

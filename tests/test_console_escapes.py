@@ -43,26 +43,52 @@ def _server(command: str, data: dict[str, Any]) -> CommandOutcome:
 
 def _results() -> dict[str, Any]:
     metrics = {PAYLOAD: 0.5}
-    status = CommandOutcome("status", False, [
-        TargetReply("server", True, {"run_number": 1, "run_status": PAYLOAD, "registered_sites": [PAYLOAD]}),
-        TargetReply("site-1", True, {"status": "training started", "status_code": 2, "run_number": 1,
-                                     "progress": {"round": 1, "epoch": 2, "loss": 0.5, "metrics": metrics}}),
-        TargetReply("site-2", False, error=PAYLOAD)], error=PAYLOAD)
-    matrix = {"run_number": 1, "run_status": "completed", "validating_sites": ["site-1"], "owners": [PAYLOAD],
-              "results": {"site-1": {PAYLOAD: metrics}}, "declined": [PAYLOAD]}
-    rounds = {"run_number": 1, "run_status": "training",
-              "rounds": [{"round": r, "sites": {"site-1": metrics}, "mean": metrics} for r in (0, 1)]}
+    status = CommandOutcome(
+        "status",
+        False,
+        [
+            TargetReply("server", True, {"run_number": 1, "run_status": PAYLOAD, "registered_sites": [PAYLOAD]}),
+            TargetReply(
+                "site-1",
+                True,
+                {
+                    "status": "training started",
+                    "status_code": 2,
+                    "run_number": 1,
+                    "progress": {"round": 1, "epoch": 2, "loss": 0.5, "metrics": metrics},
+                },
+            ),
+            TargetReply("site-2", False, error=PAYLOAD),
+        ],
+        error=PAYLOAD,
+    )
+    matrix = {
+        "run_number": 1,
+        "run_status": "completed",
+        "validating_sites": ["site-1"],
+        "owners": [PAYLOAD],
+        "results": {"site-1": {PAYLOAD: metrics}},
+        "declined": [PAYLOAD],
+    }
+    rounds = {
+        "run_number": 1,
+        "run_status": "training",
+        "rounds": [{"round": r, "sites": {"site-1": metrics}, "mean": metrics} for r in (0, 1)],
+    }
     logs = _server("logs", {"file": PAYLOAD, "lines": [f"2026-12-06 01:00:00,000 ERROR x: {PAYLOAD}"]})
     return {
         "status": StatusResult(status),
-        "shell": ShellResult(CommandOutcome("shell", True, [TargetReply("site-1", True, {"exit_code": 0,
-                                                                                         "stdout": PAYLOAD})])),
-        "sysinfo": SysinfoResult(CommandOutcome("sysinfo", True, [TargetReply("site-1", True, {"hostname": PAYLOAD,
-                                                                                               "gpus": []})])),
+        "shell": ShellResult(
+            CommandOutcome("shell", True, [TargetReply("site-1", True, {"exit_code": 0, "stdout": PAYLOAD})])
+        ),
+        "sysinfo": SysinfoResult(
+            CommandOutcome("sysinfo", True, [TargetReply("site-1", True, {"hostname": PAYLOAD, "gpus": []})])
+        ),
         "replies": RepliesResult(CommandOutcome("deploy", True, [TargetReply("site-1", True, {PAYLOAD: PAYLOAD})])),
         "validate": ValidationResult(_server("validate", matrix)),
-        "validate cell": ValidationResult(_server("validate", {"run_number": 1, "cell": {
-            "site": "site-1", "owner": PAYLOAD, "metrics": metrics}})),
+        "validate cell": ValidationResult(
+            _server("validate", {"run_number": 1, "cell": {"site": "site-1", "owner": PAYLOAD, "metrics": metrics}})
+        ),
         "metrics": MetricsResult(_server("metrics", rounds)),
         "logs": LogsResult(logs, "server", None),
         "wait": WaitResult(status, False, f"site-2: {PAYLOAD} in run 1"),
@@ -97,14 +123,29 @@ def test_shown_escapes_keys_and_values_and_leaves_the_result_json_exact():
 def _hostile(request: admin_pb2.CommandRequest, context) -> admin_pb2.CommandReply:
     metrics = {PAYLOAD: 0.5}
     data = {
-        "status": lambda t: {"run_number": 1, "run_status": "training"} if t == "server" else {
-            "status": "training started", "status_code": 2, "run_number": 1,
-            "progress": {"round": 1, "epoch": 1, "loss": 0.5, "metrics": metrics}},
+        "status": lambda t: (
+            {"run_number": 1, "run_status": "training"}
+            if t == "server"
+            else {
+                "status": "training started",
+                "status_code": 2,
+                "run_number": 1,
+                "progress": {"round": 1, "epoch": 1, "loss": 0.5, "metrics": metrics},
+            }
+        ),
         "shell": lambda t: {"exit_code": 0, "stdout": PAYLOAD},
-        "validate": lambda t: {"run_number": 1, "run_status": "completed", "validating_sites": ["site-1"],
-                               "owners": ["site-1"], "results": {"site-1": {"site-1": metrics}}},
-        "metrics": lambda t: {"run_number": 1, "run_status": "training",
-                              "rounds": [{"round": 0, "sites": {"site-1": metrics}, "mean": metrics}]},
+        "validate": lambda t: {
+            "run_number": 1,
+            "run_status": "completed",
+            "validating_sites": ["site-1"],
+            "owners": ["site-1"],
+            "results": {"site-1": {"site-1": metrics}},
+        },
+        "metrics": lambda t: {
+            "run_number": 1,
+            "run_status": "training",
+            "rounds": [{"round": 0, "sites": {"site-1": metrics}, "mean": metrics}],
+        },
     }[request.command]
     return reply(request, data, {"site-2": PAYLOAD})
 
@@ -114,13 +155,27 @@ def _on_a_terminal(workspace, *args: str) -> subprocess.CompletedProcess[str]:
     env = {**python_env(), "TERM": "xterm-256color", "FORCE_COLOR": "1", "COLUMNS": "250"}
     for name in ("FEDADMIN_KIT", "NO_COLOR"):
         env.pop(name, None)
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", "--kit", str(workspace / "admin"), *args], cwd=ROOT,
-                          env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", "--kit", str(workspace / "admin"), *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    ("status",), ("shell", "site-1", "cat", "notes.txt"), ("validate",), ("metrics",), ("--json", "status"),
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ("status",),
+        ("shell", "site-1", "cat", "notes.txt"),
+        ("validate",),
+        ("metrics",),
+        ("--json", "status"),
+    ],
+)
 def test_the_console_on_a_terminal_shows_no_escape_sequence_a_reply_carries(ws, fake, argv):  # noqa: F811
     """Hardening issue 18 item 5: status, shell cat, validate and metrics through the real console process."""
     for command in ("status", "shell", "validate", "metrics"):
@@ -143,4 +198,3 @@ def test_an_error_from_the_server_is_shown_escaped(ws, fake):  # noqa: F811
     done = _on_a_terminal(ws, "sysinfo")
     assert done.returncode == 1, done.stderr
     assert not [s for s in SEQUENCES if s in done.stdout + done.stderr] and "\\x1b]0;owned" in done.stderr
-

@@ -15,8 +15,15 @@ def fedadmin(*args: str, kit: Path | None = None) -> subprocess.CompletedProcess
     env = {**python_env(), "COLUMNS": "200"}
     env.pop("FEDADMIN_KIT", None)
     kit_args = ["--kit", str(kit)] if kit is not None else []
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *kit_args, *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *kit_args, *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_a_mistyped_command_gets_a_suggestion():
@@ -71,8 +78,14 @@ def test_a_missing_kit_is_a_usage_error_and_grpcs_own_lines_stay_off_stderr(tmp_
 def test_fedserver_on_a_sites_kit_says_it_is_a_site_kit(tmp_path):
     """Item 7: `fedserver start` on a site's kit blamed a missing CRL."""
     ws = prepare_workspace(tmp_path / "ws", clients=1)
-    done = subprocess.run([sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "site-1")],
-                          cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=60)
+    done = subprocess.run(
+        [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "site-1")],
+        cwd=ROOT,
+        env=python_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert done.returncode == 3
     assert "holds the kit of site-1 (a site), not the server's" in done.stderr and "CRL" not in done.stderr
 
@@ -117,8 +130,15 @@ def test_validate_on_a_run_without_cross_site_validation_says_how_to_start_it():
     from fedadmin.render import shown
     from fedcommon.outcome import CommandOutcome, TargetReply
 
-    data = {"run_number": 1, "run_status": "completed", "owners": [], "validating_sites": ["site-1"],
-            "results": {}, "pending_owners": ["site-1", "server"], "enabled": False}
+    data = {
+        "run_number": 1,
+        "run_status": "completed",
+        "owners": [],
+        "validating_sites": ["site-1"],
+        "results": {},
+        "pending_owners": ["site-1", "server"],
+        "enabled": False,
+    }
     console = Console(width=200, record=True, color_system=None)
     console.print(shown(ValidationResult(CommandOutcome("validate", True, [TargetReply("server", True, data)]))))
     text = console.export_text()
@@ -140,8 +160,9 @@ def test_a_second_server_on_a_port_in_use_is_refused_naming_what_holds_it(tmp_pa
     first = FederationServer(first_ws / "server", load_kit(first_ws / "server"), fl_port=0, admin_port=0)
     first.start()
     try:
-        second = FederationServer(second_ws / "server", load_kit(second_ws / "server"), fl_port=0,
-                                  admin_port=first.admin_port)
+        second = FederationServer(
+            second_ws / "server", load_kit(second_ws / "server"), fl_port=0, admin_port=first.admin_port
+        )
         with pytest.raises(ServerError) as e:
             second.start()
         second.stop(0)

@@ -41,8 +41,15 @@ STUBBORN = [
 def fedadmin(*args: str) -> subprocess.CompletedProcess[str]:
     env = python_env()
     env.pop("FEDADMIN_KIT", None)
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def launch_detached(ws: Path, argv_by_name: dict[str, list[str]]) -> None:
@@ -51,8 +58,13 @@ def launch_detached(ws: Path, argv_by_name: dict[str, list[str]]) -> None:
         "import json, sys\nfrom pathlib import Path\nfrom fedadmin.local_federation import launch\n"
         "for name, argv in json.loads(sys.argv[2]).items():\n    launch(Path(sys.argv[1]), name, argv)\n"
     )
-    subprocess.run([sys.executable, "-c", code, str(ws), json.dumps(argv_by_name)], cwd=ROOT, env=python_env(),
-                   check=True, timeout=60)
+    subprocess.run(
+        [sys.executable, "-c", code, str(ws), json.dumps(argv_by_name)],
+        cwd=ROOT,
+        env=python_env(),
+        check=True,
+        timeout=60,
+    )
 
 
 def alive(pid: int) -> bool:
@@ -221,13 +233,23 @@ def test_poc_run_prints_each_round_once_as_the_servers_metrics_show_it_closed():
     server, lines, rounds = _MetricsServer(), [], _Rounds()
     rounds.show_new(server, lines.append)
     assert lines == [] and rounds.record == {}
-    server.rounds = [{"round": 0, "contributors": ["site-1", "site-2"], "duration_s": 2.0,
-                      "sites": {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.75}},
-                      "rejected": [{"site": "site-3", "reason": "stale"}]}]
+    server.rounds = [
+        {
+            "round": 0,
+            "contributors": ["site-1", "site-2"],
+            "duration_s": 2.0,
+            "sites": {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.75}},
+            "rejected": [{"site": "site-3", "reason": "stale"}],
+        }
+    ]
     rounds.show_new(server, lines.append)
     rounds.show_new(server, lines.append)
-    assert lines == ["round 0: contributors site-1, site-2 (2.0s); global model as each site measured it:",
-                     "    site-1: accuracy=0.5000", "    site-2: accuracy=0.7500", "    refused site-3: stale"]
+    assert lines == [
+        "round 0: contributors site-1, site-2 (2.0s); global model as each site measured it:",
+        "    site-1: accuracy=0.5000",
+        "    site-2: accuracy=0.7500",
+        "    refused site-3: stale",
+    ]
     assert server.asked[-1] == ("metrics", ["server"], {"run_number": 1})
     server.rounds = [*server.rounds, {"round": 1, "contributors": ["site-1"], "duration_s": 1.0, "sites": {}}]
     rounds.show_new(server, lines.append)
@@ -261,8 +283,11 @@ def test_poc_stop_stops_a_server_restarted_by_hand_after_a_crash(tmp_path):
             assert result.returncode == 0, result.stdout + result.stderr
             assert by_hand.wait(30) == 0  # SIGTERM: a clean exit
         outcomes = {(p["name"], p["pid"]): p["outcome"] for p in json.loads(result.stdout)["processes"]}
-        assert outcomes == {("server", crashed.pid): "not running", ("site-1", recorded["site-1"].pid): "stopped",
-                            ("server", by_hand.pid): "stopped"}
+        assert outcomes == {
+            ("server", crashed.pid): "not running",
+            ("site-1", recorded["site-1"].pid): "stopped",
+            ("server", by_hand.pid): "stopped",
+        }
         assert not alive(recorded["site-1"].pid)
         assert not (ws / "server" / "pid.json").exists() and not (ws / "site-1" / "pid.json").exists()
     finally:
@@ -280,8 +305,9 @@ def test_poc_stop_never_signals_a_process_that_a_stale_pid_file_names(ws):
         reused = {"pid": stranger.pid, "create_time": proc.create_time() - 100, "cmdline": proc.cmdline()}
         (ws / "server" / "pid.json").write_text(json.dumps(reused))
         other = [sys.executable, "-m", "fedclient.cli", "start", "--workspace", str(ws / "site-1")]
-        (ws / "site-1" / "pid.json").write_text(json.dumps({**reused, "create_time": proc.create_time(),
-                                                             "cmdline": other}))
+        (ws / "site-1" / "pid.json").write_text(
+            json.dumps({**reused, "create_time": proc.create_time(), "cmdline": other})
+        )
         nothing = fedadmin("poc", "stop", "--workspace", str(ws))
         assert nothing.returncode == 1 and "poc.json is missing" in nothing.stderr
         launch_detached(ws, {"site-2": SLEEPER})

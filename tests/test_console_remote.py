@@ -51,8 +51,9 @@ def expand(targets: list[str]) -> list[str]:
     return out
 
 
-def reply(request: admin_pb2.CommandRequest, data: Callable[[str], dict] | None = None,
-          errors: dict[str, str] | None = None) -> admin_pb2.CommandReply:
+def reply(
+    request: admin_pb2.CommandRequest, data: Callable[[str], dict] | None = None, errors: dict[str, str] | None = None
+) -> admin_pb2.CommandReply:
     """One TargetReply per target: errors[target] fails it, an unknown site is "not connected"."""
     errors = dict(errors or {})
     replies = []
@@ -131,7 +132,12 @@ def fedadmin(*args: str, kit: Path | None = None, timeout: float = 60) -> subpro
     kit_args = ["--kit", str(kit)] if kit is not None else []
     return subprocess.run(
         [sys.executable, "-m", "fedadmin.cli", *kit_args, *args],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -162,8 +168,15 @@ def test_status_json_has_one_reply_per_target_and_exits_0(ws, fake):
 
 def test_kit_can_come_from_the_environment(ws, fake):
     env = {**python_env(), "FEDADMIN_KIT": str(ws / "admin")}
-    result = subprocess.run([sys.executable, "-m", "fedadmin.cli", "--json", "status", "site-1"], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", "--json", "status", "site-1"],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     assert [r["target"] for r in one_json(result)["replies"]] == ["site-1"]
 
@@ -197,8 +210,9 @@ def test_a_named_target_the_server_leaves_out_counts_as_no_reply(ws, fake):
 
 
 def test_a_refused_command_is_reported_with_exit_1(ws, fake):
-    fake.handlers["sysinfo"] = lambda req, ctx: admin_pb2.CommandReply(command="sysinfo", ok=False,
-                                                                        error="unknown command 'sysinfo'")
+    fake.handlers["sysinfo"] = lambda req, ctx: admin_pb2.CommandReply(
+        command="sysinfo", ok=False, error="unknown command 'sysinfo'"
+    )
     result = fedadmin("--json", "sysinfo", kit=ws / "admin")
     assert result.returncode == 1
     report = one_json(result)
@@ -242,11 +256,23 @@ def test_timeout_option_is_sent_to_the_server(ws, fake):
 
 
 def test_sysinfo_table_shows_resources_per_target(ws, fake):
-    info = {"hostname": "h1", "platform": "Linux", "python": "3.12", "torch": None, "cpu_count": 16,
-            "cpu_percent": 3.0, "load_avg": [0.1, 0.2, 0.3], "memory_total": 2 << 30, "memory_available": 1 << 30,
-            "disk_total": 8 << 30, "disk_free": 4 << 30, "training_status": "not started",
-            "gpus": [{"index": 0, "name": "H200", "memory_total_mib": 143771, "memory_used_mib": 10,
-                      "utilization_percent": 0}]}
+    info = {
+        "hostname": "h1",
+        "platform": "Linux",
+        "python": "3.12",
+        "torch": None,
+        "cpu_count": 16,
+        "cpu_percent": 3.0,
+        "load_avg": [0.1, 0.2, 0.3],
+        "memory_total": 2 << 30,
+        "memory_available": 1 << 30,
+        "disk_total": 8 << 30,
+        "disk_free": 4 << 30,
+        "training_status": "not started",
+        "gpus": [
+            {"index": 0, "name": "H200", "memory_total_mib": 143771, "memory_used_mib": 10, "utilization_percent": 0}
+        ],
+    }
     fake.handlers["sysinfo"] = lambda req, ctx: reply(req, lambda t: info)
     result = fedadmin("sysinfo", kit=ws / "admin")
     assert result.returncode == 0, result.stderr
@@ -428,7 +454,7 @@ def test_deploy_of_a_folder_uploads_a_zip_whose_sha256_matches_then_deploys_it(w
     mmar = make_mmar(ws.parent / "mmar")
     result = fedadmin("--json", "deploy", str(mmar), "all", kit=ws / "admin")
     assert result.returncode == 0, result.stdout + result.stderr
-    (header, data), = fake.uploads
+    ((header, data),) = fake.uploads
     digest = hashlib.sha256(data).hexdigest()
     assert (header.sha256, header.size, header.name) == (digest, len(data), "mmar.zip")
     names = set(zipfile.ZipFile(io.BytesIO(data)).namelist())
@@ -531,12 +557,18 @@ def test_wait_exits_1_when_the_server_recorded_a_sites_training_exception(ws, fa
     fake.handlers["status"] = status_sequence({}, {"training_ended": ended})
     result = fedadmin("--json", "wait", kit=ws / "admin")
     assert result.returncode == 1
-    assert one_json(result)["result"] == ("site-2: training exception: CUDA OOM in run 1; "
-                                          "traceback: `fedadmin logs site-2 --run 1 --level error`")
+    assert one_json(result)["result"] == (
+        "site-2: training exception: CUDA OOM in run 1; traceback: `fedadmin logs site-2 --run 1 --level error`"
+    )
 
 
-FAILED = {"status": "training exception", "status_code": 4, "run_number": 1, "progress": {},
-          "error": "config_train.json: trainer: no module named 'trainerx'"}
+FAILED = {
+    "status": "training exception",
+    "status_code": 4,
+    "run_number": 1,
+    "progress": {},
+    "error": "config_train.json: trainer: no module named 'trainerx'",
+}
 EVERY_SITE_FAILED = {"stalled": True, "failed_sites": {s: FAILED["error"] for s in SITES}}
 
 
@@ -589,8 +621,9 @@ def test_wait_and_status_name_the_sites_a_run_needs_beyond_those_started(ws, fak
     wait say so and name the site to start."""
     starting = {"status": "training starting", "status_code": 1, "run_number": 1, "progress": {}}
     idle = {"status": "training not started", "status_code": 0, "run_number": None, "progress": {}}
-    fake.handlers["status"] = status_sequence({"min_num_clients": 2},
-                                              site=lambda t: starting if t == "site-1" else idle)
+    fake.handlers["status"] = status_sequence(
+        {"min_num_clients": 2}, site=lambda t: starting if t == "site-1" else idle
+    )
     result = fedadmin("--json", "wait", "--timeout", "2", kit=ws / "admin")
     assert result.returncode == 1
     expected = "run 1 needs min_num_clients=2, 1 site started: fedadmin start site-2"
@@ -623,7 +656,12 @@ def test_watch_prints_progress_lines_when_stdout_is_not_a_terminal(ws, fake):
     env.pop("FEDADMIN_KIT", None)
     proc = subprocess.Popen(
         [sys.executable, "-m", "fedadmin.cli", "--kit", str(ws / "admin"), "status", "--watch"],
-        cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 30
     while len(fake.requests) < 3 and time.monotonic() < deadline:
@@ -677,8 +715,9 @@ def test_status_imports_neither_numpy_nor_torch(ws, fake):
         f"code = main(['--kit', {str(ws / 'admin')!r}, '--json', 'status'], standalone_mode=False)\n"
         "print([m for m in ('numpy', 'torch') if m in sys.modules], code)\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=60, check=True
+    )
     lines = out.stdout.strip().splitlines()
     assert json.loads(lines[0])["ok"] is True
     assert lines[-1] == "[] None"
@@ -693,8 +732,9 @@ def test_metrics_and_logs_import_neither_numpy_torch_nor_the_optional_extras(ws,
         f"    main(['--kit', {str(ws / 'admin')!r}, '--json', *args], standalone_mode=False)\n"
         f"print([m for m in {heavy!r} if m in sys.modules])\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=python_env(), capture_output=True, text=True, timeout=60, check=True
+    )
     lines = out.stdout.strip().splitlines()
     assert [json.loads(line)["command"] for line in lines[:-1]] == ["metrics", "logs"]
     assert lines[-1] == "[]"

@@ -54,8 +54,12 @@ def _train(run: FederatedRun, round_scores: tuple[float, ...]) -> None:
             run.commit_contribution(site, r, _update(k + 1), 1.0, {"accuracy": score}, lambda: set(SITES))
 
 
-def _completed_run(run_dir: Path, round_scores: tuple[float, ...] = (0.5, 0.6),
-                   final: dict[str, float] | None = None, run_number: int = 1) -> Path:
+def _completed_run(
+    run_dir: Path,
+    round_scores: tuple[float, ...] = (0.5, 0.6),
+    final: dict[str, float] | None = None,
+    run_number: int = 1,
+) -> Path:
     """A run of SITES driven through FederatedRun's API to completion; `final`: site -> final accuracy."""
     save_model(run_dir / "models" / GLOBAL_MODEL, W0)
     run = FederatedRun(run_number, run_dir, _config(num_rounds=len(round_scores)))
@@ -76,8 +80,9 @@ def _store(run_dir: Path, **kwargs) -> CrossSiteValidation:
     return CrossSiteValidation(1, run_dir, **kwargs)
 
 
-def _share(store: CrossSiteValidation, site: str, tensors: dict[str, np.ndarray],
-           metrics: dict[str, float] = GOOD) -> str:
+def _share(
+    store: CrossSiteValidation, site: str, tensors: dict[str, np.ndarray], metrics: dict[str, float] = GOOD
+) -> str:
     return store.submit_best_model(site, metrics, encode_tensors(tensors), len(tensors))
 
 
@@ -115,25 +120,41 @@ _INF_W = np.full((2, 3), np.inf, np.float32)
 
 BAD_MODELS = {
     # id: (chunks, announced variables, what the refusal must say)
-    "wrong-name": (_chunks(("w", W0["w"]), ("b", W0["b"]), ("evil", W0["steps"])), 3,
-                   "variable 'evil' is not in the global model"),
-    "wrong-shape": (_chunks(("w", W0["w"].reshape(3, 2)), ("b", W0["b"]), ("steps", W0["steps"])), 3,
-                    "variable 'w' is float32[3, 2]; the global model has float32[2, 3]"),
-    "wrong-dtype": (_chunks(("w", W0["w"]), ("b", W0["b"].astype(np.float64)), ("steps", W0["steps"])), 3,
-                    "variable 'b' is float64[3]; the global model has float32[3]"),
-    "unsupported-dtype": ([pb.ModelChunk(tensor=pb.TensorHeader(name="w", dtype="object", shape=[2, 3], nbytes=48))],
-                          3, "unsupported dtype 'object'"),
+    "wrong-name": (
+        _chunks(("w", W0["w"]), ("b", W0["b"]), ("evil", W0["steps"])),
+        3,
+        "variable 'evil' is not in the global model",
+    ),
+    "wrong-shape": (
+        _chunks(("w", W0["w"].reshape(3, 2)), ("b", W0["b"]), ("steps", W0["steps"])),
+        3,
+        "variable 'w' is float32[3, 2]; the global model has float32[2, 3]",
+    ),
+    "wrong-dtype": (
+        _chunks(("w", W0["w"]), ("b", W0["b"].astype(np.float64)), ("steps", W0["steps"])),
+        3,
+        "variable 'b' is float64[3]; the global model has float32[3]",
+    ),
+    "unsupported-dtype": (
+        [pb.ModelChunk(tensor=pb.TensorHeader(name="w", dtype="object", shape=[2, 3], nbytes=48))],
+        3,
+        "unsupported dtype 'object'",
+    ),
     "missing-variable": (_chunks(("w", W0["w"]), ("b", W0["b"])), 3, "1 of 3 tensors missing ('steps')"),
-    "fewer-variables-announced": (_chunks(("w", W0["w"]), ("b", W0["b"])), 2,
-                                  "announces 2 variables; the global model has 3"),
+    "fewer-variables-announced": (
+        _chunks(("w", W0["w"]), ("b", W0["b"])),
+        2,
+        "announces 2 variables; the global model has 3",
+    ),
     "duplicate-variable": (_chunks(("w", W0["w"]), ("w", W0["w"]), ("b", W0["b"])), 3, "variable 'w' appears twice"),
-    "nan-values": (_chunks(("w", W0["w"]), ("b", _NAN_B), ("steps", W0["steps"])), 3,
-                   "variable 'b' holds NaN or Inf"),
-    "inf-values": (_chunks(("w", _INF_W), ("b", W0["b"]), ("steps", W0["steps"])), 3,
-                   "variable 'w' holds NaN or Inf"),
+    "nan-values": (_chunks(("w", W0["w"]), ("b", _NAN_B), ("steps", W0["steps"])), 3, "variable 'b' holds NaN or Inf"),
+    "inf-values": (_chunks(("w", _INF_W), ("b", W0["b"]), ("steps", W0["steps"])), 3, "variable 'w' holds NaN or Inf"),
     "ends-mid-tensor": (_cut_mid_tensor(), 3, "best model ended early: tensor 'w' has 12 of 24 bytes"),
-    "second-header": ([*_chunks(("w", W0["w"])), pb.ModelChunk(header=pb.ModelHeader())], 3,
-                      "a second header inside a best model"),
+    "second-header": (
+        [*_chunks(("w", W0["w"])), pb.ModelChunk(header=pb.ModelHeader())],
+        3,
+        "a second header inside a best model",
+    ),
 }
 
 
@@ -172,11 +193,14 @@ def test_an_upload_whose_stream_breaks_off_leaves_nothing(run_dir):
     _assert_same_model(store.models / "site-1.fl", _plus(1))
 
 
-@pytest.mark.parametrize("metrics, problem", [
-    ({"accuracy": math.nan}, "metric 'accuracy' must be a finite number"),
-    ({"accuracy": math.inf}, "metric 'accuracy' must be a finite number"),
-    ({"accuracy": "high"}, "metric 'accuracy' must be a finite number"),
-])
+@pytest.mark.parametrize(
+    "metrics, problem",
+    [
+        ({"accuracy": math.nan}, "metric 'accuracy' must be a finite number"),
+        ({"accuracy": math.inf}, "metric 'accuracy' must be a finite number"),
+        ({"accuracy": "high"}, "metric 'accuracy' must be a finite number"),
+    ],
+)
 def test_a_best_model_with_non_finite_metrics_is_refused(run_dir, metrics, problem):
     store = _store(run_dir)
     with pytest.raises(CrossSiteError, match=problem):
@@ -229,8 +253,11 @@ def test_a_deleted_run_refuses_every_call_and_is_not_written_back(run_dir):
     _share(store, "site-1", _plus(1))
     store.close()
     shutil.rmtree(run_dir)
-    for call in (lambda: store.next_model("site-1", set(), 0), lambda: _share(store, "site-2", _plus(2)),
-                 lambda: store.decline("site-2")):
+    for call in (
+        lambda: store.next_model("site-1", set(), 0),
+        lambda: _share(store, "site-2", _plus(2)),
+        lambda: store.decline("site-2"),
+    ):
         with pytest.raises(CrossSiteError, match="run 1 was deleted"):
             call()
     assert not run_dir.exists()
@@ -278,8 +305,9 @@ def test_a_batch_with_one_bad_result_records_nothing_and_loses_nothing(run_dir):
     assert store.matrix()["results"] == expected
     assert json.loads(store.path.read_text())["results"] == expected
     assert store.record_results("site-1", {"site-2": {"accuracy": 0.7}, "server": {"accuracy": 0.9}}) == 2
-    assert store.matrix()["results"] == {"site-1": {"server": {"accuracy": 0.9}, "site-1": {"accuracy": 0.8},
-                                                    "site-2": {"accuracy": 0.7}}}
+    assert store.matrix()["results"] == {
+        "site-1": {"server": {"accuracy": 0.9}, "site-1": {"accuracy": 0.8}, "site-2": {"accuracy": 0.7}}
+    }
 
 
 @pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, True, "0.9"])
@@ -414,11 +442,15 @@ def test_a_pending_site_that_is_not_connected_is_given_up_after_the_grace(run_di
 # ---- the server's own model ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("round_scores, final, expected, chosen", [
-    ((0.5, 0.6), 0.9, _plus(3), {"model": "final", "score": 0.9}),
-    ((0.9, 0.5), 0.6, W0, {"model": "round 0", "score": 0.9}),
-    ((0.5, 0.9), 0.6, _plus(1), {"model": "round 1", "score": 0.9}),
-], ids=["final-scored-best", "initial-model-scored-best", "round-1-start-scored-best"])
+@pytest.mark.parametrize(
+    "round_scores, final, expected, chosen",
+    [
+        ((0.5, 0.6), 0.9, _plus(3), {"model": "final", "score": 0.9}),
+        ((0.9, 0.5), 0.6, W0, {"model": "round 0", "score": 0.9}),
+        ((0.5, 0.9), 0.6, _plus(1), {"model": "round 1", "score": 0.9}),
+    ],
+    ids=["final-scored-best", "initial-model-scored-best", "round-1-start-scored-best"],
+)
 def test_the_server_offers_the_global_model_its_sites_scored_best(tmp_path, round_scores, final, expected, chosen):
     run_dir = _completed_run(tmp_path / "run_1", round_scores, dict.fromkeys(SITES, final))
     store = _store(run_dir)
@@ -532,8 +564,14 @@ def workspace(tmp_path) -> Path:
 
 
 def _mmar(tmp_path: Path, **server) -> Path:
-    config = {"initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 1,
-              "wait_after_min_clients": 30, "heart_beat_timeout": 30, **server}
+    config = {
+        "initial_model": {"file": "models/initial.fl"},
+        "min_num_clients": 2,
+        "num_rounds": 1,
+        "wait_after_min_clients": 30,
+        "heart_beat_timeout": 30,
+        **server,
+    }
     mmar = copy_mmar(tmp_path / "mmar", server=config)
     save_model(mmar / "models" / "initial.fl", W0)
     return mmar
@@ -646,26 +684,29 @@ def trained_federation(workspace, tmp_path) -> Iterator[tuple[FederationServer, 
         server.stop(0)
 
 
-def _join(workspace: Path, servers: dict, site: str, comms: list[Communicator]
-          ) -> tuple[Communicator, ClientModelManager, str]:
+def _join(
+    workspace: Path, servers: dict, site: str, comms: list[Communicator]
+) -> tuple[Communicator, ClientModelManager, str]:
     mm = ClientModelManager()
     comm = Communicator(mm, ssl_args=kit_ssl_args(load_kit(workspace / site)), secure_train=True, retry_timeout=5)
     comms.append(comm)
     return comm, mm, comm.client_registration(site, servers, TASK).token
 
 
-def _contribute_over_grpc(comm: Communicator, servers: dict, token: str, update: dict[str, np.ndarray],
-                          metrics: dict[str, float]) -> None:
-    header = pb.ModelHeader(run_number=1, round=0, kind="delta_w", weight=1.0, metrics=metrics,
-                            num_tensors=len(update))
+def _contribute_over_grpc(
+    comm: Communicator, servers: dict, token: str, update: dict[str, np.ndarray], metrics: dict[str, float]
+) -> None:
+    header = pb.ModelHeader(run_number=1, round=0, kind="delta_w", weight=1.0, metrics=metrics, num_tensors=len(update))
     stub = TrainingStub(comm.set_up_channel(servers[TASK]))
-    reply = stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *encode_tensors(update)]),
-                              metadata=(("fl-token", token),), timeout=10)
+    reply = stub.SubmitUpdate(
+        iter([pb.ModelChunk(header=header), *encode_tensors(update)]), metadata=(("fl-token", token),), timeout=10
+    )
     assert reply.accepted, reply.reason
 
 
-def test_sites_share_fetch_and_score_models_over_mutual_tls_and_the_server_keeps_the_matrix(trained_federation,
-                                                                                            tmp_path):
+def test_sites_share_fetch_and_score_models_over_mutual_tls_and_the_server_keeps_the_matrix(
+    trained_federation, tmp_path
+):
     server, ws, servers, comms = trained_federation
     comm1, mm1, token1 = _join(ws, servers, "site-1", comms)
     comm2, _, token2 = _join(ws, servers, "site-2", comms)
@@ -696,21 +737,25 @@ def test_sites_share_fetch_and_score_models_over_mutual_tls_and_the_server_keeps
     assert (first.status, first.owner, first.more, first.metrics) == ("validate", "site-1", True, {"accuracy": 0.75})
     for name, arr in best.items():
         np.testing.assert_array_equal(first.tensors[name], arr, err_msg=name)
-    second = comm1.get_validation_models("site-1", servers, TASK, token1, run_number=1, validated={"site-1"},
-                                         wait_seconds=0)
+    second = comm1.get_validation_models(
+        "site-1", servers, TASK, token1, run_number=1, validated={"site-1"}, wait_seconds=0
+    )
     assert (second.status, second.owner, second.more) == ("validate", "server", False)
     final = load_model(server.run_dir(1) / "models" / GLOBAL_MODEL)[0]
     for name, arr in final.items():
         np.testing.assert_array_equal(second.tensors[name], arr, err_msg=name)
-    done = comm1.get_validation_models("site-1", servers, TASK, token1, run_number=1,
-                                       validated={"site-1", "server"}, wait_seconds=0)
+    done = comm1.get_validation_models(
+        "site-1", servers, TASK, token1, run_number=1, validated={"site-1", "server"}, wait_seconds=0
+    )
     assert done.status == "end"
 
-    ack = comm1.submit_cross_site_validation_results("site-1", servers, TASK, token1, ["site-1", "server"],
-                                                     [{"accuracy": 0.7}, {"accuracy": 0.85}], run_number=1)
+    ack = comm1.submit_cross_site_validation_results(
+        "site-1", servers, TASK, token1, ["site-1", "server"], [{"accuracy": 0.7}, {"accuracy": 0.85}], run_number=1
+    )
     assert ack.ok and ack.message == "2 result(s) recorded"
-    ack = comm2.submit_cross_site_validation_results("site-2", servers, TASK, token2, ["site-1"],
-                                                     [{"accuracy": 0.6}], run_number=1)
+    ack = comm2.submit_cross_site_validation_results(
+        "site-2", servers, TASK, token2, ["site-1"], [{"accuracy": 0.6}], run_number=1
+    )
     assert not ack.ok
     assert ack.message == "results for 'site-1''s model, which was never offered to site-2 in run 1"
 

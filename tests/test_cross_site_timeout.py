@@ -15,8 +15,11 @@ def test_a_participant_that_never_shares_ends_the_wait_at_the_timeout_naming_it(
     # site-1 validates and waits at most 7 s; site-2 trains but never shares its best model nor declines.
     # The server gives up on a missing participant only 30 s after it left, so only the site's own timeout
     # can end site-1's wait this soon, with that message.
-    waiting = copy_mmar(tmp_path / "waiting", server={"num_rounds": 1},
-                        client={"cross_site_validate": True, "cross_site_validation_timeout": 7})
+    waiting = copy_mmar(
+        tmp_path / "waiting",
+        server={"num_rounds": 1},
+        client={"cross_site_validate": True, "cross_site_validation_timeout": 7},
+    )
     silent = copy_mmar(tmp_path / "silent", server={"num_rounds": 1}, client={"cross_site_validate": False})
     with server_process(ws / "server", "--mmar", str(waiting)):
         site1, site2 = start_site(ws / "site-1", waiting), start_site(ws / "site-2", silent)

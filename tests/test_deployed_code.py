@@ -48,21 +48,29 @@ def _zip(entries: dict[str, bytes | None]) -> bytes:
 
 
 def _mmar_zip(folder: Path, top: str = "") -> bytes:
-    return _zip({f"{top}{p.relative_to(folder).as_posix()}": p.read_bytes()
-                 for p in sorted(folder.rglob("*")) if p.is_file() and "__pycache__" not in p.parts})
+    return _zip(
+        {
+            f"{top}{p.relative_to(folder).as_posix()}": p.read_bytes()
+            for p in sorted(folder.rglob("*"))
+            if p.is_file() and "__pycache__" not in p.parts
+        }
+    )
 
 
 # ---- what counts as code -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("entries", [
-    {"config/a.json": b"{}", "custom/model.py": b"x = 1"},
-    {"top/config/a.json": b"{}", "top/custom/pkg/__init__.py": b"", "top/custom/": None},
-    {"top/": None, "top/custom/__pycache__/__init__.py": b"", "__MACOSX/top/custom/._x.py": b""},
-    {"config/a.json": b"{}", "docs/custom/readme.txt": b"not code: not the MMAR's custom/"},
-    {"a/custom/x.py": b"", "b/config/a.json": b"{}"},
-    {"custom": b"a file named custom", "config/a.json": b"{}"},
-])
+@pytest.mark.parametrize(
+    "entries",
+    [
+        {"config/a.json": b"{}", "custom/model.py": b"x = 1"},
+        {"top/config/a.json": b"{}", "top/custom/pkg/__init__.py": b"", "top/custom/": None},
+        {"top/": None, "top/custom/__pycache__/__init__.py": b"", "__MACOSX/top/custom/._x.py": b""},
+        {"config/a.json": b"{}", "docs/custom/readme.txt": b"not code: not the MMAR's custom/"},
+        {"a/custom/x.py": b"", "b/config/a.json": b"{}"},
+        {"custom": b"a file named custom", "config/a.json": b"{}"},
+    ],
+)
 def test_the_server_tells_code_in_an_archive_exactly_as_extraction_places_it(tmp_path, entries):
     """Issue 18 item 1: the server's listing of an upload's custom/ files matches what every participant installs,
     so no layout (a top folder, folder entries, __pycache__, __MACOSX) lets code pass as code-free."""
@@ -82,8 +90,10 @@ def test_the_code_right_is_needed_besides_train_and_a_lead_has_it_on_its_own_org
     policy.check(AdminIdentity("root@consortium", "project_admin", "consortium"), "deploy", ["server"], SITES, need)
     with pytest.raises(Refused) as e:
         policy.check(lead, "deploy", ["server"], SITES, need)
-    assert str(e.value) == ("refused by the server's default policy: lead 'lea@org-a' may not deploy code to the "
-                            "server (rule lead.code = own_org allows only sites of org 'org-a'): " + CODE)
+    assert str(e.value) == (
+        "refused by the server's default policy: lead 'lea@org-a' may not deploy code to the "
+        "server (rule lead.code = own_org allows only sites of org 'org-a'): " + CODE
+    )
     with pytest.raises(Refused, match=r"to hospital-b \(org org-b\) \(rule lead\.code = own_org"):
         policy.check(lead, "deploy", [OWN, OTHER], SITES, need)
     org_admin = Policy({**DEFAULT_POLICY, "org_admin": {**DEFAULT_POLICY["org_admin"], "train": "any"}})
@@ -96,8 +106,9 @@ def test_the_code_right_is_needed_besides_train_and_a_lead_has_it_on_its_own_org
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> ProvisionedFederation:
-    with running(tmp_path_factory.mktemp("code"), "code", SITES, ADMINS, "root@consortium",
-                 {OTHER: {"custom_code": False}}) as out:
+    with running(
+        tmp_path_factory.mktemp("code"), "code", SITES, ADMINS, "root@consortium", {OTHER: {"custom_code": False}}
+    ) as out:
         fed = ProvisionedFederation(out)
         assert fed.execute("root@consortium", "set-run", ["server"], {"run_number": 1}).ok
         yield fed
@@ -160,7 +171,7 @@ def test_code_deployed_before_a_site_refused_custom_code_is_not_started_there(fe
 
 # ---- the server: custom code runs as nobody, or not at all ----------------------------------------
 
-SPY = '''
+SPY = """
 import json, os
 import torch
 from torch import nn
@@ -182,13 +193,15 @@ class SpyNet(nn.Module):
     def __init__(self):
         super().__init__()
         self.w = nn.Linear(2, 2)
-'''
+"""
 
 
 def _spy_mmar(dst: Path, server_ws: Path, drop: Path) -> Path:
     mmar = copy_mmar(dst, server={"initial_model": {"path": "spy.SpyNet", "args": {}}})
-    constants = (f"KEY = {str(server_ws / 'startup' / 'key.pem')!r}\nAUDIT = {str(server_ws / 'audit.log')!r}\n"
-                 f"DROP = {str(drop)!r}\n")
+    constants = (
+        f"KEY = {str(server_ws / 'startup' / 'key.pem')!r}\nAUDIT = {str(server_ws / 'audit.log')!r}\n"
+        f"DROP = {str(drop)!r}\n"
+    )
     (mmar / "custom" / "spy.py").write_text(constants + SPY)
     return mmar
 
@@ -204,7 +217,8 @@ def drop_box() -> Path:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="only a server running as root can give its user up")
 def test_server_side_custom_code_runs_as_nobody_with_a_scrubbed_env_and_cannot_read_the_key_or_forge_audit(
-        tmp_path, drop_box, monkeypatch):
+    tmp_path, drop_box, monkeypatch
+):
     """Issue 18 item 1: when a server running as root builds a run's initial model, the MMAR's custom code runs in
     a child that has become nobody, with none of the server's environment and its cwd outside the workspace: it
     cannot read server/startup/key.pem nor append to server/audit.log, and the run still starts."""
@@ -227,8 +241,7 @@ def test_server_side_custom_code_runs_as_nobody_with_a_scrubbed_env_and_cannot_r
     server.abort_training()
 
 
-def test_a_server_that_cannot_change_user_refuses_custom_code_unless_its_local_config_allows_it(tmp_path,
-                                                                                                monkeypatch):
+def test_a_server_that_cannot_change_user_refuses_custom_code_unless_its_local_config_allows_it(tmp_path, monkeypatch):
     """Issue 18 item 1: a server that cannot drop privileges (not root) refuses to build a run's initial model from
     the MMAR's custom code, saying what to do, unless local/custom_code.json says allow_as_server_user."""
     ws = prepare_workspace(tmp_path / "ws", clients=2) / "server"
@@ -248,13 +261,16 @@ def test_a_server_that_cannot_change_user_refuses_custom_code_unless_its_local_c
     allowed.abort_training()
 
 
-@pytest.mark.parametrize(("content", "says"), [
-    ('{"run_as": "no-such-user-here"}', "run_as: no user 'no-such-user-here'"),
-    ('{"run_as": "root"}', "run_as: 'root' is root (uid 0)"),
-    ('{"allow_as_server_user": "yes"}', "allow_as_server_user: must be true or false"),
-    ('{"runas": "nobody"}', "runas: unknown key"),
-    ("[", "cannot be read as JSON"),
-])
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ('{"run_as": "no-such-user-here"}', "run_as: no user 'no-such-user-here'"),
+        ('{"run_as": "root"}', "run_as: 'root' is root (uid 0)"),
+        ('{"allow_as_server_user": "yes"}', "allow_as_server_user: must be true or false"),
+        ('{"runas": "nobody"}', "runas: unknown key"),
+        ("[", "cannot be read as JSON"),
+    ],
+)
 def test_a_bad_custom_code_json_stops_the_server_from_starting_naming_the_key(tmp_path, content, says):
     """Issue 18 item 1: the server's local/custom_code.json is read at start; a bad one stops the server, naming
     the file and the key, rather than running deployed code under rules its owner did not mean."""
@@ -278,8 +294,10 @@ def test_a_sites_custom_code_key_refuses_code_naming_the_key_and_is_re_read_when
     assert policy.code_refusal(["custom/model.py"]) is None
     path.write_text(json.dumps({"custom_code": False}))
     refusal = policy.code_refusal(["custom/a.py", "custom/b.py", "custom/c.py", "custom/d.py"])
-    assert refusal == ('refused by local/authorization.json "custom_code": false: this site runs no deployed code, '
-                       "and the MMAR brings custom/a.py, custom/b.py, custom/c.py and 1 more")
+    assert refusal == (
+        'refused by local/authorization.json "custom_code": false: this site runs no deployed code, '
+        "and the MMAR brings custom/a.py, custom/b.py, custom/c.py and 1 more"
+    )
     assert policy.code_refusal([]) is None
     assert policy.refusal(AdminIdentity("a", "lead", "org-a"), "deploy") is None
     path.write_text(json.dumps({"rules": [], "custom_code": "no"}))
@@ -297,8 +315,13 @@ def test_the_readme_says_what_deploying_code_means_and_how_to_restrict_it():
 
     text = " ".join((ROOT / "README.md").read_text().split())
     assert "Deploying an MMAR to a participant means running its code there." in text
-    for knob in ("`code`", '{"custom_code": false}', "`run_as`", "local/custom_code.json",
-                 '{"allow_as_server_user": true}'):
+    for knob in (
+        "`code`",
+        '{"custom_code": false}',
+        "`run_as`",
+        "local/custom_code.json",
+        '{"allow_as_server_user": true}',
+    ):
         assert knob in text, knob
 
 
@@ -322,8 +345,10 @@ def test_the_installed_packages_an_archives_code_imports_are_named_from_its_sour
 
     custom = tmp_path / "custom"
     (custom / "helpers").mkdir(parents=True)
-    (custom / "net.py").write_text("import json\nimport numpy as np\nfrom helpers import x\nimport net2\n"
-                                   "from . import sibling\nfrom email.mime import text\nimport no_such_pkg_xyz\n")
+    (custom / "net.py").write_text(
+        "import json\nimport numpy as np\nfrom helpers import x\nimport net2\n"
+        "from . import sibling\nfrom email.mime import text\nimport no_such_pkg_xyz\n"
+    )
     (custom / "net2.py").write_text("import collections.abc\n")
     (custom / "json.py").write_text("")  # the archive's own json shadows nothing: it is never imported early
     assert installed_imports(custom) == ["numpy", "email.mime", "collections.abc"]

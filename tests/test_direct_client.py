@@ -38,10 +38,17 @@ def federation(tmp_path, request):
 
     def start(num_rounds: int):
         ws = prepare_workspace(tmp_path / "ws", clients=2)
-        mmar = copy_mmar(tmp_path / "mmar", server={
-            "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": num_rounds,
-            "wait_after_min_clients": 30, "heart_beat_timeout": 30, "aggregation_weights": {"site-1": A1},
-        })
+        mmar = copy_mmar(
+            tmp_path / "mmar",
+            server={
+                "initial_model": {"file": "models/initial.fl"},
+                "min_num_clients": 2,
+                "num_rounds": num_rounds,
+                "wait_after_min_clients": 30,
+                "heart_beat_timeout": 30,
+                "aggregation_weights": {"site-1": A1},
+            },
+        )
         save_model(mmar / "models" / "initial.fl", W0)
         server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
         servers.append(server)
@@ -58,8 +65,14 @@ def federation(tmp_path, request):
 
 
 def _direct(federation, ws, target, site: str, **kwargs) -> DirectFederatedClient:
-    client = DirectFederatedClient(site, kit_ssl_args(load_kit(ws / site)), True,
-                                   server_args=[{"name": TASK, "target": target}], retry_timeout=5, **kwargs)
+    client = DirectFederatedClient(
+        site,
+        kit_ssl_args(load_kit(ws / site)),
+        True,
+        server_args=[{"name": TASK, "target": target}],
+        retry_timeout=5,
+        **kwargs,
+    )
     federation.clients.append(client)
     return client
 
@@ -146,8 +159,9 @@ def test_close_connect_removes_the_site_from_the_registry(federation):
 
 def test_test_client_login_returns_a_token_the_server_accepts(federation):
     server, ws, target = federation(num_rounds=1)
-    client = TestFederatedClient("site-2", kit_ssl_args(load_kit(ws / "site-2")), True,
-                                 server_args=[{"name": TASK, "target": target}])
+    client = TestFederatedClient(
+        "site-2", kit_ssl_args(load_kit(ws / "site-2")), True, server_args=[{"name": TASK, "target": target}]
+    )
     federation.clients.append(client)
     token = client.client_login(TASK)
     assert isinstance(token, str) and len(token) >= 32
@@ -220,8 +234,13 @@ def test_test_client_builds_its_privacy_filter_from_privacy_params_and_submits_f
 
     server, ws, target = federation(num_rounds=1)
     params = {"name": "PercentileProtocol", "args": {"percentile": 50, "gamma": 0.4}}
-    client = TestFederatedClient("site-1", kit_ssl_args(load_kit(ws / "site-1")), True,
-                                 server_args=[{"name": TASK, "target": target}], privacy_params=params)
+    client = TestFederatedClient(
+        "site-1",
+        kit_ssl_args(load_kit(ws / "site-1")),
+        True,
+        server_args=[{"name": TASK, "target": target}],
+        privacy_params=params,
+    )
     federation.clients.append(client)
     assert isinstance(client.model_manager.privacy, PercentileProtocol)
     assert client.model_manager.privacy.percentile == 50 and client.model_manager.privacy.gamma == 0.4
@@ -238,14 +257,22 @@ def test_test_client_builds_its_privacy_filter_from_privacy_params_and_submits_f
     assert ctx.get_prop(FLContextKey.PRIVACY_PROTOCOL) == "PercentileProtocol"
 
 
-@pytest.mark.parametrize(("params", "message"), [
-    ({"name": "GaussianProtocol"}, "'name' must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
-    ({"name": "SVTProtocol", "args": {"eps": 1}}, "SVTProtocol: .*unexpected keyword argument 'eps'"),
-    ({"dp_type": "svt"}, "unknown key\\(s\\) 'dp_type'"),
-    ("svt", "must be None, a PrivacyProtocol or"),
-])
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"name": "GaussianProtocol"}, "'name' must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
+        ({"name": "SVTProtocol", "args": {"eps": 1}}, "SVTProtocol: .*unexpected keyword argument 'eps'"),
+        ({"dp_type": "svt"}, "unknown key\\(s\\) 'dp_type'"),
+        ("svt", "must be None, a PrivacyProtocol or"),
+    ],
+)
 def test_test_client_refuses_privacy_params_it_cannot_build_saying_why(federation, params, message):
     server, ws, target = federation(num_rounds=1)
     with pytest.raises(ValueError, match=message):
-        TestFederatedClient("site-1", kit_ssl_args(load_kit(ws / "site-1")), True,
-                            server_args=[{"name": TASK, "target": target}], privacy_params=params)
+        TestFederatedClient(
+            "site-1",
+            kit_ssl_args(load_kit(ws / "site-1")),
+            True,
+            server_args=[{"name": TASK, "target": target}],
+            privacy_params=params,
+        )

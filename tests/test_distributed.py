@@ -17,8 +17,9 @@ def test_torchrun_variables_give_the_rank_and_the_world():
     assert info == RankInfo(1, 1, 2) and not info.is_main and info.distributed
 
 
-@pytest.mark.parametrize("env", [{"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "-1", "WORLD_SIZE": "2"},
-                                 {"WORLD_SIZE": "0"}, {"RANK": "one"}])
+@pytest.mark.parametrize(
+    "env", [{"RANK": "2", "WORLD_SIZE": "2"}, {"RANK": "-1", "WORLD_SIZE": "2"}, {"WORLD_SIZE": "0"}, {"RANK": "one"}]
+)
 def test_inconsistent_rank_variables_are_refused(env):
     with pytest.raises(ValueError, match="rank|whole numbers"):
         rank_info(env)

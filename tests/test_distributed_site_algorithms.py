@@ -31,8 +31,9 @@ class _Fitter:
 
 
 def _rank(rank: int, port: int, folder: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank)
+    )
     folder_path = Path(folder)
     sync = RankSync(RankInfo(rank, rank, 2))
     fitter = _Fitter()
@@ -52,8 +53,11 @@ def _rank(rank: int, port: int, folder: str) -> None:
         else:
             sync.follow(fitter, algorithms)
         scaffold = algorithms.scaffold
-        arrays = {f"{slot}/{n}": t.numpy() for slot, held in (("c", scaffold.c), ("c_i", scaffold.c_i))
-                  for n, t in held.items()}
+        arrays = {
+            f"{slot}/{n}": t.numpy()
+            for slot, held in (("c", scaffold.c), ("c_i", scaffold.c_i))
+            for n, t in held.items()
+        }
         arrays.update({f"w/{n}": t.detach().numpy() for n, t in fitter.model.state_dict().items()})
         np.savez(folder_path / f"rank_{rank}.npz", **arrays)
     finally:
@@ -62,11 +66,23 @@ def _rank(rank: int, port: int, folder: str) -> None:
 
 def test_every_rank_trains_with_rank_0s_global_model_and_scaffold_control_variates(tmp_path):
     model = torch.nn.Linear(3, 2)
-    save_model(tmp_path / "c_i_0.fl", {n: np.full(tuple(t.shape), -0.5, np.float32)
-                                      for n, t in model.state_dict().items()}, {"rounds": 1})
+    save_model(
+        tmp_path / "c_i_0.fl",
+        {n: np.full(tuple(t.shape), -0.5, np.float32) for n, t in model.state_dict().items()},
+        {"rounds": 1},
+    )
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, str(r), str(port), str(tmp_path)], env=python_env(), cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in (0, 1)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, __file__, str(r), str(port), str(tmp_path)],
+            env=python_env(),
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
     for p in procs:
         out = p.communicate(timeout=120)[0]
         assert p.returncode == 0, out

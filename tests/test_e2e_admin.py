@@ -21,8 +21,15 @@ pytestmark = pytest.mark.e2e
 def fedadmin(ws: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
     env = python_env()
     env["FEDADMIN_KIT"] = str(ws / "admin")
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def ok_json(ws: Path, *args: str, timeout: float = 300) -> dict:
@@ -119,8 +126,13 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
     assert no_run.returncode == 1 and "no run 9" in no_run.stdout
     # --follow: the lines appended after it started, as JSON lines, until Ctrl-C (exit 0).
     env = dict(python_env(), FEDADMIN_KIT=str(ws / "admin"))
-    follower = subprocess.Popen([sys.executable, "-m", "fedadmin.cli", "--json", "logs", "server", "-n", "1",
-                                 "--follow"], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "fedadmin.cli", "--json", "logs", "server", "-n", "1", "--follow"],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         first = json.loads(follower.stdout.readline())
         assert first["ok"] and len(first["lines"]) == 1
@@ -203,7 +215,6 @@ def test_operator_session_deploys_trains_inspects_aborts_and_shuts_down(federati
         psutil.Process(next(r.pid for r in read_records(ws) if r.name == "server")).wait(10)
     except psutil.NoSuchProcess:
         pass  # already gone
-
 
 
 BROKEN_TRAINER = """

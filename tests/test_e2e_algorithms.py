@@ -27,8 +27,9 @@ def test_the_digits_example_trains_to_accuracy_with_the_algorithm(tmp_path, proc
         for proc in sites:
             out = proc.communicate(timeout=240)[0]
             assert proc.returncode == 0, out
-        summary = wait_json(ws / "server" / "run_1" / "summary.json",
-                            lambda s: len(s["final_metrics"]) == 2, timeout=10)
+        summary = wait_json(
+            ws / "server" / "run_1" / "summary.json", lambda s: len(s["final_metrics"]) == 2, timeout=10
+        )
         server = replies(ok_json(ws, "status", "server"))["server"]
         metrics = ok_json(ws, "metrics")
     assert summary["status"] == "completed"

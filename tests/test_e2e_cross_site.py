@@ -56,8 +56,7 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         out = _wait_matrix(ws, 6)
         assert out["validating_sites"] == SITES
         assert out["owners"] == [*SITES, "server"]
-        assert {site: set(row) for site, row in out["results"].items()} == {
-            site: {*SITES, "server"} for site in SITES}
+        assert {site: set(row) for site, row in out["results"].items()} == {site: {*SITES, "server"} for site in SITES}
         accuracies = _accuracy_cells(out)
         assert len(accuracies) == 6 and all(0.6 <= a <= 1.0 for a in accuracies), accuracies
         cell = _matrix(ws, "site-2", "server")["cell"]
@@ -86,7 +85,8 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         out = _wait_matrix(ws, 4)
         assert out["declined"] == ["site-2"] and out["owners"] == ["site-1", "server"]
         assert {site: set(row) for site, row in out["results"].items()} == {
-            site: {"site-1", "server"} for site in SITES}
+            site: {"site-1", "server"} for site in SITES
+        }
         assert all(0.6 <= a <= 1.0 for a in _accuracy_cells(out))
         assert not (ws / "server" / "run_2" / "cross_site" / "models" / "site-2.fl").exists()
     finally:

@@ -62,8 +62,9 @@ def test_two_ranks_train_like_one_process_register_once_abort_cleanly_and_report
         two_ranks, one_process = _final_accuracy(ws, 1), _final_accuracy(ws, 2)
         assert two_ranks > 0.85 and abs(two_ranks - one_process) < 0.05, (two_ranks, one_process)
 
-        slow = copy_mmar(tmp_path / "slow", server={"num_rounds": 50, "min_num_clients": 1},
-                         train_args={"epochs_per_round": 100000})
+        slow = copy_mmar(
+            tmp_path / "slow", server={"num_rounds": 50, "min_num_clients": 1}, train_args={"epochs_per_round": 100000}
+        )
         _run(ws, 3, slow, "start-mgpu", "2", "site-1", "server")
         deadline = time.monotonic() + 90
         while len(workers_of(ws)) < 3 and time.monotonic() < deadline:  # torchrun and its two ranks

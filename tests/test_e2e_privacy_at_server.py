@@ -19,9 +19,11 @@ GAMMA = 1e-6  # per local step: below the kept |Δ/S|, so every value that leave
 def test_the_update_the_server_received_is_sparse_and_clipped_by_the_percentile_protocol(tmp_path, processes):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     # One site, one round, FedAvg: the new global model is w0 + Δ, so w1 - w0 is the update the server received.
-    mmar = copy_mmar(tmp_path / "mmar", server={"min_num_clients": 1, "num_rounds": 1},
-                     client={"privacy": {"name": "PercentileProtocol",
-                                         "args": {"percentile": PERCENTILE, "gamma": GAMMA}}})
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={"min_num_clients": 1, "num_rounds": 1},
+        client={"privacy": {"name": "PercentileProtocol", "args": {"percentile": PERCENTILE, "gamma": GAMMA}}},
+    )
     models = ws / "server" / "run_1" / "models"
     with server_process(ws / "server", "--mmar", str(mmar)):
         shutil.copyfile(models / "global_model.fl", tmp_path / "w0.fl")  # before any site has joined

@@ -56,8 +56,10 @@ def test_two_sites_train_on_their_nifti_volumes_to_dice_0_7_and_cross_validate(t
         assert summary["status"] == "completed"
         # Each round's row scores the global model the sites received at its start; "final" the last one.
         curve = [_mean_dice(r["metrics"]) for r in summary["rounds"]] + [_mean_dice(summary["final_metrics"])]
-        print(f"\nsegmentation-3d, 2 sites, {len(summary['rounds'])} rounds in {seconds:.1f} s; mean Dice per "
-              f"round: {', '.join(f'{d:.3f}' for d in curve)}")
+        print(
+            f"\nsegmentation-3d, 2 sites, {len(summary['rounds'])} rounds in {seconds:.1f} s; mean Dice per "
+            f"round: {', '.join(f'{d:.3f}' for d in curve)}"
+        )
         assert all(curve[i + 1] > curve[i] for i in range(len(curve) - 1)), curve
         assert curve[-1] >= 0.7, curve
 
@@ -65,8 +67,10 @@ def test_two_sites_train_on_their_nifti_volumes_to_dice_0_7_and_cross_validate(t
             (datalist,) = (ws / site / "data" / "segmentation-3d").glob("*/datalist.json")
             entries = json.loads(datalist.read_text())
             assert entries["training"] and entries["validation"]
-            assert all((datalist.parent / e["image"]).is_file() and e["image"].endswith(".nii.gz")
-                       for e in entries["training"] + entries["validation"])
+            assert all(
+                (datalist.parent / e["image"]).is_file() and e["image"].endswith(".nii.gz")
+                for e in entries["training"] + entries["validation"]
+            )
 
         metrics = ok_json(ws, "metrics")
         assert metrics["metric"] == "dice"
@@ -77,9 +81,13 @@ def test_two_sites_train_on_their_nifti_volumes_to_dice_0_7_and_cross_validate(t
         matrix = _wait_matrix(ws, 6)
         assert {site: set(row) for site, row in matrix["results"].items()} == {s: {*SITES, "server"} for s in SITES}
         dice = [cell["dice"] for row in matrix["results"].values() for cell in row.values()]
-        print("cross-site Dice (row: the validating site): " + "; ".join(
-            f"{site}: " + ", ".join(f"{owner} {cell['dice']:.3f}" for owner, cell in sorted(row.items()))
-            for site, row in sorted(matrix["results"].items())))
+        print(
+            "cross-site Dice (row: the validating site): "
+            + "; ".join(
+                f"{site}: " + ", ".join(f"{owner} {cell['dice']:.3f}" for owner, cell in sorted(row.items()))
+                for site, row in sorted(matrix["results"].items())
+            )
+        )
         assert all(0.6 <= d <= 1.0 for d in dice), matrix["results"]
     finally:
         fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
@@ -90,8 +98,12 @@ def test_a_site_trains_the_segmentation_as_two_gloo_ranks_under_start_mgpu(tmp_p
     started = fedadmin(ws, "poc", "start", "--workspace", str(ws), timeout=120)
     assert started.returncode == 0, started.stdout + started.stderr
     try:
-        mmar = copy_mmar(tmp_path / "seg", src=SEGMENTATION, server={"num_rounds": 2, "min_num_clients": 1},
-                         client={"cross_site_validate": False})
+        mmar = copy_mmar(
+            tmp_path / "seg",
+            src=SEGMENTATION,
+            server={"num_rounds": 2, "min_num_clients": 1},
+            client={"cross_site_validate": False},
+        )
         seconds = _run(ws, 1, mmar, "start-mgpu", "2", "all")
         summary = _summary(ws, 1)
         assert summary["status"] == "completed"
@@ -101,8 +113,10 @@ def test_a_site_trains_the_segmentation_as_two_gloo_ranks_under_start_mgpu(tmp_p
         for rank in (0, 1):
             assert f"site-1 rank {rank}: trained 16 crops" in log, log[-3000:]
         curve = [r["metrics"]["site-1"]["dice"] for r in [*summary["rounds"], {"metrics": summary["final_metrics"]}]]
-        print(f"\nsegmentation-3d, 2 gloo ranks, 2 rounds in {seconds:.1f} s; Dice per round: "
-              f"{', '.join(f'{d:.3f}' for d in curve)}")
+        print(
+            f"\nsegmentation-3d, 2 gloo ranks, 2 rounds in {seconds:.1f} s; Dice per round: "
+            f"{', '.join(f'{d:.3f}' for d in curve)}"
+        )
         first, final = curve[0], curve[-1]
         assert final > first + 0.3, (first, final)
 
@@ -111,8 +125,12 @@ def test_a_site_trains_the_segmentation_as_two_gloo_ranks_under_start_mgpu(tmp_p
         entries = json.loads(datalist.read_text())
         entries["training"][1]["image"] = "images/gone.nii.gz"
         (datalist.parent / "broken.json").write_text(json.dumps(entries))
-        broken = copy_mmar(tmp_path / "broken", src=SEGMENTATION, server={"min_num_clients": 1}, train_args={
-            "datalist": str((datalist.parent / "broken.json").relative_to(ws / "site-1"))})
+        broken = copy_mmar(
+            tmp_path / "broken",
+            src=SEGMENTATION,
+            server={"min_num_clients": 1},
+            train_args={"datalist": str((datalist.parent / "broken.json").relative_to(ws / "site-1"))},
+        )
         ok_json(ws, "set-run", "2")
         ok_json(ws, "deploy", str(broken), "all")
         ok_json(ws, "start", "all")
@@ -120,7 +138,9 @@ def test_a_site_trains_the_segmentation_as_two_gloo_ranks_under_start_mgpu(tmp_p
         while (status := replies(ok_json(ws, "status", "site-1"))["site-1"])["status"] != "training exception":
             assert time.monotonic() < deadline, status
             time.sleep(0.5)
-        assert "site-1: image file " in status["error"] and "images/gone.nii.gz does not exist; nothing was started" \
-            in status["error"], status["error"]
+        assert (
+            "site-1: image file " in status["error"]
+            and "images/gone.nii.gz does not exist; nothing was started" in status["error"]
+        ), status["error"]
     finally:
         fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)

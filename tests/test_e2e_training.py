@@ -23,8 +23,9 @@ def test_two_sites_train_three_rounds_and_the_global_model_improves(tmp_path, pr
         outputs = [p.communicate(timeout=240)[0] for p in sites]
         for proc, out in zip(sites, outputs, strict=True):
             assert proc.returncode == 0, out
-        summary = wait_json(ws / "server" / "run_1" / "summary.json",
-                            lambda s: len(s["final_metrics"]) == 2, timeout=10)
+        summary = wait_json(
+            ws / "server" / "run_1" / "summary.json", lambda s: len(s["final_metrics"]) == 2, timeout=10
+        )
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     for record in summary["rounds"]:
@@ -61,8 +62,11 @@ def test_a_killed_site_is_dropped_from_the_round_and_rejoins_a_later_one(tmp_pat
         assert any("site site-3 dropped" in line for line in server.output_lines)
         back = start_site(ws / "site-3", fast)
         processes.append(back)
-        summary = wait_json(summary_path, lambda s: any("site-3" in r.get("contributors", []) for r in s["rounds"])
-                            or s["status"] != "training", timeout=180)
+        summary = wait_json(
+            summary_path,
+            lambda s: any("site-3" in r.get("contributors", []) for r in s["rounds"]) or s["status"] != "training",
+            timeout=180,
+        )
         if back.poll() is not None:
             raise AssertionError("site-3 did not come back:\n" + back.communicate()[0][-3000:])
         ok_json(ws, "--yes", "abort", "server")  # the sites leave at once, rather than train 30 rounds
@@ -110,7 +114,11 @@ def test_server_refuses_a_bad_mmar_naming_the_file_and_key(tmp_path):
     bad = copy_mmar(tmp_path / "bad", server={"num_rounds": "three"})
     proc = subprocess.run(
         [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(ws / "server"), "--mmar", str(bad)],
-        capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 1
     assert "config_fed_server.json" in proc.stderr and "num_rounds" in proc.stderr
@@ -122,7 +130,11 @@ def test_site_with_a_broken_kit_exits_3_naming_the_file(tmp_path):
     (ws / "site-1" / "startup" / "fed.json").write_text("{not json")
     proc = subprocess.run(
         [sys.executable, "-m", "fedclient.cli", "train", "--workspace", str(ws / "site-1"), "--mmar", str(DIGITS)],
-        capture_output=True, text=True, env=python_env(), cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        timeout=60,
     )
     assert proc.returncode == 3
     assert "fed.json" in proc.stderr
@@ -130,8 +142,11 @@ def test_site_with_a_broken_kit_exits_3_naming_the_file(tmp_path):
 
 
 def test_each_privacy_protocol_filters_a_sites_updates_through_a_whole_run(tmp_path, processes):
-    protocols = {"site-1": ("LaplacianProtocol", 1000.0), "site-2": ("PercentileProtocol", 0.0),
-                 "site-3": ("SVTProtocol", 0.1)}
+    protocols = {
+        "site-1": ("LaplacianProtocol", 1000.0),
+        "site-2": ("PercentileProtocol", 0.0),
+        "site-3": ("SVTProtocol", 0.1),
+    }
     ws = prepare_workspace(tmp_path / "ws", clients=3)
     server_cfg = {"min_num_clients": 3, "num_rounds": 2}
     three = {"num_sites": 3}
@@ -139,17 +154,20 @@ def test_each_privacy_protocol_filters_a_sites_updates_through_a_whole_run(tmp_p
     with server_process(ws / "server", "--mmar", str(server_mmar)):
         sites = []
         for site, (name, _) in protocols.items():
-            mmar = copy_mmar(tmp_path / f"{site}-mmar", server=server_cfg, client={"privacy": {"name": name}},
-                             train_args=three)
+            mmar = copy_mmar(
+                tmp_path / f"{site}-mmar", server=server_cfg, client={"privacy": {"name": name}}, train_args=three
+            )
             sites.append(start_site(ws / site, mmar))
         processes.extend(sites)
         for proc in sites:
             out = proc.communicate(timeout=240)[0]
             assert proc.returncode == 0, out
-        summary = wait_json(ws / "server" / "run_1" / "summary.json",
-                            lambda s: len(s["final_metrics"]) == 3, timeout=10)
+        summary = wait_json(
+            ws / "server" / "run_1" / "summary.json", lambda s: len(s["final_metrics"]) == 3, timeout=10
+        )
     assert summary["status"] == "completed"
     for record in summary["rounds"]:
-        assert record["privacy"] == {site: {"protocol": name, "epsilon": eps}
-                                     for site, (name, eps) in protocols.items()}
+        assert record["privacy"] == {
+            site: {"protocol": name, "epsilon": eps} for site, (name, eps) in protocols.items()
+        }
     assert summary["privacy_epsilon_total"] == {site: 2 * eps for site, (_, eps) in protocols.items()}

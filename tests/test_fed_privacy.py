@@ -122,9 +122,11 @@ class _TrainingContext:
         self.epoch = 2
 
 
-@pytest.mark.parametrize("ctx", [lambda s: {"local_steps": s}, lambda s: FLContext({"local_steps": s}), _Ctx,
-                                 _TrainingContext],
-                         ids=["dict", "FLContext", "object-with-get", "training-context-object"])
+@pytest.mark.parametrize(
+    "ctx",
+    [lambda s: {"local_steps": s}, lambda s: FLContext({"local_steps": s}), _Ctx, _TrainingContext],
+    ids=["dict", "FLContext", "object-with-get", "training-context-object"],
+)
 @pytest.mark.parametrize("name", FACTORIES)
 def test_filter_acts_on_delta_over_local_steps_and_multiplies_back(name, ctx):
     steps = 4.0
@@ -223,11 +225,14 @@ def test_every_protocol_is_a_privacy_protocol_with_a_dp_flag():
         PrivacyProtocol()
 
 
-@pytest.mark.parametrize(("protocol", "spent"), [
-    (SVTProtocol(epsilon=0.3), 0.3),
-    (LaplacianProtocol(epsilon=250), 250.0),
-    (PercentileProtocol(), None),
-])
+@pytest.mark.parametrize(
+    ("protocol", "spent"),
+    [
+        (SVTProtocol(epsilon=0.3), 0.3),
+        (LaplacianProtocol(epsilon=250), 250.0),
+        (PercentileProtocol(), None),
+    ],
+)
 def test_last_epsilon_is_what_the_call_spent(protocol, spent):
     assert protocol.last_epsilon is None
     protocol.apply(model())
@@ -237,26 +242,29 @@ def test_last_epsilon_is_what_the_call_spent(protocol, spent):
 # ---- parameters --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("cls", "param", "value", "allowed"), [
-    (LaplacianProtocol, "fraction", 0, "in (0, 1]"),
-    (LaplacianProtocol, "fraction", 1.5, "in (0, 1]"),
-    (SVTProtocol, "fraction", -0.1, "in (0, 1]"),
-    (SVTProtocol, "fraction", float("nan"), "in (0, 1]"),
-    (SVTProtocol, "fraction", True, "in (0, 1]"),
-    (LaplacianProtocol, "epsilon", 0, "> 0"),
-    (SVTProtocol, "epsilon", -1.0, "> 0"),
-    (SVTProtocol, "epsilon", float("inf"), "> 0"),
-    (LaplacianProtocol, "gamma", 0.0, "> 0"),
-    (SVTProtocol, "gamma", "0.1", "> 0"),
-    (PercentileProtocol, "gamma", -1e-3, "> 0"),
-    (LaplacianProtocol, "tau", -1e-9, ">= 0"),
-    (SVTProtocol, "tau", None, ">= 0"),
-    (SVTProtocol, "noise_var", 0, "> 0"),
-    (SVTProtocol, "noise_var", float("-inf"), "> 0"),
-    (PercentileProtocol, "percentile", -1, "in [0, 100]"),
-    (PercentileProtocol, "percentile", 100.5, "in [0, 100]"),
-    (PercentileProtocol, "percentile", False, "in [0, 100]"),
-])
+@pytest.mark.parametrize(
+    ("cls", "param", "value", "allowed"),
+    [
+        (LaplacianProtocol, "fraction", 0, "in (0, 1]"),
+        (LaplacianProtocol, "fraction", 1.5, "in (0, 1]"),
+        (SVTProtocol, "fraction", -0.1, "in (0, 1]"),
+        (SVTProtocol, "fraction", float("nan"), "in (0, 1]"),
+        (SVTProtocol, "fraction", True, "in (0, 1]"),
+        (LaplacianProtocol, "epsilon", 0, "> 0"),
+        (SVTProtocol, "epsilon", -1.0, "> 0"),
+        (SVTProtocol, "epsilon", float("inf"), "> 0"),
+        (LaplacianProtocol, "gamma", 0.0, "> 0"),
+        (SVTProtocol, "gamma", "0.1", "> 0"),
+        (PercentileProtocol, "gamma", -1e-3, "> 0"),
+        (LaplacianProtocol, "tau", -1e-9, ">= 0"),
+        (SVTProtocol, "tau", None, ">= 0"),
+        (SVTProtocol, "noise_var", 0, "> 0"),
+        (SVTProtocol, "noise_var", float("-inf"), "> 0"),
+        (PercentileProtocol, "percentile", -1, "in [0, 100]"),
+        (PercentileProtocol, "percentile", 100.5, "in [0, 100]"),
+        (PercentileProtocol, "percentile", False, "in [0, 100]"),
+    ],
+)
 def test_invalid_parameters_are_refused_naming_parameter_value_and_range(cls, param, value, allowed):
     with pytest.raises(ValueError) as info:
         cls(**{param: value})
@@ -283,8 +291,10 @@ def test_boundary_parameters_are_accepted_and_act_as_their_limits():
     assert np.count_nonzero(top) == 1 and np.abs(top).argmax() == np.abs(d).argmax()
 
 
-@pytest.mark.parametrize(("fraction", "n", "c"), [(0.1, 30, 3), (0.1, 25, 3), (0.3, 10, 3), (1.0, 7, 7),
-                                                  (1e-9, 5, 1), (0.1, 0, 0), (0.1, 100_000_000, 10_000_000)])
+@pytest.mark.parametrize(
+    ("fraction", "n", "c"),
+    [(0.1, 30, 3), (0.1, 25, 3), (0.3, 10, 3), (1.0, 7, 7), (1e-9, 5, 1), (0.1, 0, 0), (0.1, 100_000_000, 10_000_000)],
+)
 def test_upload_count_is_the_ceiling_of_fraction_times_n(fraction, n, c):
     assert fed_privacy._upload_count(fraction, n) == c
 
@@ -375,8 +385,11 @@ def test_svt_releases_exactly_c_when_many_coordinates_pass():
     assert np.count_nonzero(out) == math.ceil(0.05 * 50_000)
 
 
-@pytest.mark.parametrize(("noise_var", "expected_scale"), [(0.5, 0.5), (1e-6, 0.25)],
-                         ids=["noise_var-above-budget", "budget-above-noise_var"])
+@pytest.mark.parametrize(
+    ("noise_var", "expected_scale"),
+    [(0.5, 0.5), (1e-6, 0.25)],
+    ids=["noise_var-above-budget", "budget-above-noise_var"],
+)
 def test_svt_release_noise_is_laplace_with_the_documented_scale(noise_var, expected_scale):
     # b3 = max(noise_var, 2 * c * gamma / (epsilon / 4)); here the budget's part is 8 * c * gamma / epsilon = 0.25.
     n, fraction, gamma, epsilon = 100_000, 0.5, 1000.0, 1.6e9
@@ -391,12 +404,16 @@ def test_svt_release_noise_is_laplace_with_the_documented_scale(noise_var, expec
     assert protocol.last_epsilon == epsilon
 
 
-@pytest.mark.parametrize(("gamma", "magnitudes"), [
-    (0.01, (0.0, 5.0)),  # 16 random bits decide 99.8% of the coordinates
-    (0.2, (0.0, 0.1, 5.0)),  # they decide 96%, the rest get the exact test
-    (1.0, (0.0, 0.5, 5.0)),  # too few decided that way: the query noise is drawn for every coordinate
-    (1000.0, (0.0, 2.0)),
-], ids=["gamma-0.01", "gamma-0.2", "gamma-1", "gamma-1000"])
+@pytest.mark.parametrize(
+    ("gamma", "magnitudes"),
+    [
+        (0.01, (0.0, 5.0)),  # 16 random bits decide 99.8% of the coordinates
+        (0.2, (0.0, 0.1, 5.0)),  # they decide 96%, the rest get the exact test
+        (1.0, (0.0, 0.5, 5.0)),  # too few decided that way: the query noise is drawn for every coordinate
+        (1000.0, (0.0, 2.0)),
+    ],
+    ids=["gamma-0.01", "gamma-0.2", "gamma-1", "gamma-1000"],
+)
 def test_svt_accepts_each_coordinate_with_the_noisy_threshold_probability(gamma, magnitudes):
     # fraction 1 (c = n) releases every accepted coordinate, so the release rate is the acceptance rate.
     # epsilon is set so the query noise is b2 = 8 * c * gamma / epsilon = 1; the threshold noise
@@ -411,7 +428,7 @@ def test_svt_accepts_each_coordinate_with_the_noisy_threshold_probability(gamma,
         q = min(magnitude, gamma)
         t = 1 - q
         expected = 0.5 * math.exp(-t) if t >= 0 else 1 - 0.5 * math.exp(t)
-        rate = np.mean(out[group * per_group:(group + 1) * per_group] != 0)
+        rate = np.mean(out[group * per_group : (group + 1) * per_group] != 0)
         # Binomial sd <= sqrt(0.25 / 50,000) = 0.0022: 0.012 is over 5 sd.
         assert abs(rate - expected) < 0.012, (magnitude, rate, expected)
 

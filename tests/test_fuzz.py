@@ -165,8 +165,9 @@ def test_mutated_tensor_streams_assemble_or_raise_the_codecs_own_errors(arrays, 
 @settings(max_examples=100, deadline=None)
 @given(parts=st.lists(st.one_of(header_fields.map(lambda h: ("tensor", h)), st.binary(max_size=64)), max_size=8))
 def test_streams_of_random_headers_and_bytes_raise_only_codec_errors(parts):
-    chunks = [pb.ModelChunk(tensor=pb.TensorHeader(**p[1])) if isinstance(p, tuple) else pb.ModelChunk(data=p)
-              for p in parts]
+    chunks = [
+        pb.ModelChunk(tensor=pb.TensorHeader(**p[1])) if isinstance(p, tuple) else pb.ModelChunk(data=p) for p in parts
+    ]
     assume(not _announces_huge_tensor(chunks))
 
     try:
@@ -181,17 +182,39 @@ def test_streams_of_random_headers_and_bytes_raise_only_codec_errors(parts):
 
 CONFIG_FILES = (SERVER_CONFIG, CLIENT_CONFIG, TRAIN_CONFIG, ENVIRONMENT)
 COMPONENT_PATHS = [
-    "trainer.DigitsTrainer", "model.DigitsNet", "model.Missing", "trainer.sub.Thing", "os.system",
-    "subprocess.Popen", "builtins.eval", "shutil.rmtree", "fedcommon.mmar.MMAR", "fedclient.nothing.X",
-    "fedcommon", "custom.model.DigitsNet", "..", "model.", ".model", "model..DigitsNet", "__pycache__.x",
-    "model.__class__", "fedcommon.wire.training_pb2.ModelChunk", "a" * 300 + ".B", "modèl.Net", "model.DigitsNet\0",
+    "trainer.DigitsTrainer",
+    "model.DigitsNet",
+    "model.Missing",
+    "trainer.sub.Thing",
+    "os.system",
+    "subprocess.Popen",
+    "builtins.eval",
+    "shutil.rmtree",
+    "fedcommon.mmar.MMAR",
+    "fedclient.nothing.X",
+    "fedcommon",
+    "custom.model.DigitsNet",
+    "..",
+    "model.",
+    ".model",
+    "model..DigitsNet",
+    "__pycache__.x",
+    "model.__class__",
+    "fedcommon.wire.training_pb2.ModelChunk",
+    "a" * 300 + ".B",
+    "modèl.Net",
+    "model.DigitsNet\0",
 ]
 
 MODEL_FILES = ["models/.gitkeep", "models/a\0b", "models", "../x", "/etc/passwd", "", "models/../../x", "C:\\x"]
 EDGE_VALUES = [10**400, -(10**400), 2**64, 2**63 - 1, 1e308, float("inf"), float("nan"), -0.0, 0, -1, True, "", " "]
 json_scalars = st.one_of(
-    st.sampled_from(EDGE_VALUES + COMPONENT_PATHS + MODEL_FILES), st.none(), st.booleans(), st.integers(),
-    st.floats(allow_nan=True), st.text(max_size=20),
+    st.sampled_from(EDGE_VALUES + COMPONENT_PATHS + MODEL_FILES),
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(allow_nan=True),
+    st.text(max_size=20),
 )
 json_values = st.recursive(
     json_scalars,
@@ -200,16 +223,37 @@ json_values = st.recursive(
 )
 components = st.fixed_dictionaries({"file": st.sampled_from(MODEL_FILES) | json_values}) | st.fixed_dictionaries(
     {"path": st.sampled_from(COMPONENT_PATHS) | json_scalars},
-    optional={"args": st.dictionaries(st.text(max_size=8), json_values, max_size=3) | json_values,
-              "extra": json_values, "file": json_values},
+    optional={
+        "args": st.dictionaries(st.text(max_size=8), json_values, max_size=3) | json_values,
+        "extra": json_values,
+        "file": json_values,
+    },
 )
 # Component keys first: hypothesis favours the first choices, and components are where code gets named.
 KEYS = {
-    SERVER_CONFIG: ["initial_model", "format_version", "task_name", "min_num_clients", "max_num_clients",
-                    "wait_after_min_clients", "start_round", "num_rounds", "heart_beat_timeout", "exclude_vars",
-                    "aggregation_weights"],
-    CLIENT_CONFIG: ["privacy", "format_version", "task_name", "exclude_vars", "weight_by", "retry_timeout",
-                    "heartbeat_interval", "cross_site_validate"],
+    SERVER_CONFIG: [
+        "initial_model",
+        "format_version",
+        "task_name",
+        "min_num_clients",
+        "max_num_clients",
+        "wait_after_min_clients",
+        "start_round",
+        "num_rounds",
+        "heart_beat_timeout",
+        "exclude_vars",
+        "aggregation_weights",
+    ],
+    CLIENT_CONFIG: [
+        "privacy",
+        "format_version",
+        "task_name",
+        "exclude_vars",
+        "weight_by",
+        "retry_timeout",
+        "heartbeat_interval",
+        "cross_site_validate",
+    ],
     TRAIN_CONFIG: ["trainer", "seed"],
     ENVIRONMENT: ["DATA_ROOT", "THREADS"],
 }
@@ -267,25 +311,110 @@ OUTSIDE_NAME = "OUTSIDENAME-91be"
 MARKERS = (KEY_SECRET, OUTSIDE_SECRET, OUTSIDE_NAME)
 
 SHELL_FLAGS = [
-    "-", "--", "-l", "-a", "-h", "-R", "-la", "-r", "-i", "-n", "-v", "-c", "-E", "-F", "-rv", "-f", "-e",
-    "--help", "--version", "--color=always", "--include=*.pem", "--exclude-dir=x", "-n5", "5", "+2", "-1",
+    "-",
+    "--",
+    "-l",
+    "-a",
+    "-h",
+    "-R",
+    "-la",
+    "-r",
+    "-i",
+    "-n",
+    "-v",
+    "-c",
+    "-E",
+    "-F",
+    "-rv",
+    "-f",
+    "-e",
+    "--help",
+    "--version",
+    "--color=always",
+    "--include=*.pem",
+    "--exclude-dir=x",
+    "-n5",
+    "5",
+    "+2",
+    "-1",
 ]
 SHELL_OPERANDS = [
-    ";", "|", "&&", "$(id)", "`id`", "$HOME", "~", "*", "..", "../..", ".", "/", "/etc", "/etc/passwd",
-    "{ws}", "{ws}/run_1/log.txt", "{ws}/startup/key.pem", "{outside}", "{outside}/secret.txt", "{ws}/../outside",
-    "run_1", "run_1/log.txt", "run_1/../startup", "run_1/kit", "run_1/kit/key.pem", "run_1/innocent.txt",
-    "run_1/escape.txt", "run_1/up", "run_1/up/outside", "startup", "startup/key.pem", "startup/fed.json",
-    "notes.key", "NOTES.KEY", "certs/site.pem", "certs", "readme.txt", "./readme.txt", "run_1//log.txt",
-    "SECRET", "line", "hello", ".*", "x\0y", "a" * 5000, "é", "日本語", "\n", " ", "",
+    ";",
+    "|",
+    "&&",
+    "$(id)",
+    "`id`",
+    "$HOME",
+    "~",
+    "*",
+    "..",
+    "../..",
+    ".",
+    "/",
+    "/etc",
+    "/etc/passwd",
+    "{ws}",
+    "{ws}/run_1/log.txt",
+    "{ws}/startup/key.pem",
+    "{outside}",
+    "{outside}/secret.txt",
+    "{ws}/../outside",
+    "run_1",
+    "run_1/log.txt",
+    "run_1/../startup",
+    "run_1/kit",
+    "run_1/kit/key.pem",
+    "run_1/innocent.txt",
+    "run_1/escape.txt",
+    "run_1/up",
+    "run_1/up/outside",
+    "startup",
+    "startup/key.pem",
+    "startup/fed.json",
+    "notes.key",
+    "NOTES.KEY",
+    "certs/site.pem",
+    "certs",
+    "readme.txt",
+    "./readme.txt",
+    "run_1//log.txt",
+    "SECRET",
+    "line",
+    "hello",
+    ".*",
+    "x\0y",
+    "a" * 5000,
+    "é",
+    "日本語",
+    "\n",
+    " ",
+    "",
 ]
 VALID_FLAGS = {
-    "ls": ["-l", "-a", "-h", "-R", "-la"], "cat": [], "head": ["-n5", "-n1"], "tail": ["-n1", "-n+2"],
+    "ls": ["-l", "-a", "-h", "-R", "-la"],
+    "cat": [],
+    "head": ["-n5", "-n1"],
+    "tail": ["-n1", "-n+2"],
     "grep": ["-r", "-i", "-n", "-v", "-c", "-E", "-F", "-rv", "-rn"],
 }
 PATTERNS = ["line", "hello", "SECRET", "KEY", ".*", "^", "-v", "$(id)", "secret|line", ""]
 # Inside, mostly readable: with the flags above they make commands that run, and show what they show.
-READABLE = ["run_1", "run_1/log.txt", "readme.txt", ".", "./readme.txt", "{ws}", "{ws}/run_1/log.txt", "certs",
-            "run_1/kit", "run_1/innocent.txt", "run_1/up", "nothing.txt", "run_1/../readme.txt", "-"]
+READABLE = [
+    "run_1",
+    "run_1/log.txt",
+    "readme.txt",
+    ".",
+    "./readme.txt",
+    "{ws}",
+    "{ws}/run_1/log.txt",
+    "certs",
+    "run_1/kit",
+    "run_1/innocent.txt",
+    "run_1/up",
+    "nothing.txt",
+    "run_1/../readme.txt",
+    "-",
+]
 OTHER_COMMANDS = ["rm", "sh", "find", "cp", "cat;rm", "/bin/cat", "ls ", "", "\0"]
 
 

@@ -43,8 +43,14 @@ ADMINS = {
 
 
 def project_yaml(name: str, fl_port: int, admin_port: int, sites: dict, admins: dict) -> str:
-    lines = [f"project: {name}", "server:", "  host: 127.0.0.1", f"  fl_port: {fl_port}",
-             f"  admin_port: {admin_port}", "sites:"]
+    lines = [
+        f"project: {name}",
+        "server:",
+        "  host: 127.0.0.1",
+        f"  fl_port: {fl_port}",
+        f"  admin_port: {admin_port}",
+        "sites:",
+    ]
     lines += [f"  - name: {site}\n    org: {org}" for site, org in sites.items()]
     lines.append("admins:")
     lines += [f"  - name: {admin}\n    org: {org}\n    role: {role}" for admin, (org, role) in admins.items()]
@@ -56,8 +62,15 @@ def fedadmin(*args: str, kit: Path | None = None, timeout: float = 120) -> subpr
     env.pop("FEDADMIN_KIT", None)
     if kit is not None:
         env["FEDADMIN_KIT"] = str(kit)
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env,
-                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def provision(yml: Path, out: Path, *extra: str) -> dict:
@@ -67,8 +80,11 @@ def provision(yml: Path, out: Path, *extra: str) -> dict:
 
 
 def tree_digest(folder: Path) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 @dataclass
@@ -136,8 +152,15 @@ def test_tls_without_a_client_certificate_is_refused_at_the_handshake(fed):
 def test_a_kit_from_another_project_is_refused_with_a_clear_message(fed, tmp_path):
     yml = tmp_path / "other.yml"
     kit = load_kit(fed.kit("server"))
-    yml.write_text(project_yaml("other", kit.fl_port, kit.admin_port, {"hospital-a": "org-a"},
-                                {"root@consortium": ("consortium", "project_admin")}))
+    yml.write_text(
+        project_yaml(
+            "other",
+            kit.fl_port,
+            kit.admin_port,
+            {"hospital-a": "org-a"},
+            {"root@consortium": ("consortium", "project_admin")},
+        )
+    )
     provision(yml, tmp_path / "other")
     done = fedadmin("status", kit=tmp_path / "other" / "root@consortium")
     assert done.returncode == 3
@@ -150,8 +173,16 @@ def _expired_admin_kit(fed: Federation, dest: Path) -> Path:
     ca_cert = x509.load_pem_x509_certificate((fed.out / "ca" / "rootCA.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((fed.out / "ca" / "rootCA.key").read_bytes(), None)
     long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
-    cert, key = issue_cert(ca_cert, ca_key, "root@consortium", "admin", admin_role="project_admin",
-                           org="consortium", not_before=long_ago, valid_days=1)
+    cert, key = issue_cert(
+        ca_cert,
+        ca_key,
+        "root@consortium",
+        "admin",
+        admin_role="project_admin",
+        org="consortium",
+        not_before=long_ago,
+        valid_days=1,
+    )
     startup = dest / "startup"
     startup.mkdir(parents=True)
     for name in ("rootCA.pem", "fed.json"):
@@ -178,8 +209,9 @@ def test_an_expired_certificate_is_refused_by_the_console_and_by_the_server(fed,
     assert done.returncode == 3 and "expired on" in done.stderr, done.stderr
     # Past the console's own check, straight at the server: the TLS layer refuses it.
     startup = kit_dir / "startup"
-    creds = grpc.ssl_channel_credentials((startup / "rootCA.pem").read_bytes(), (startup / "key.pem").read_bytes(),
-                                         (startup / "cert.pem").read_bytes())
+    creds = grpc.ssl_channel_credentials(
+        (startup / "rootCA.pem").read_bytes(), (startup / "key.pem").read_bytes(), (startup / "cert.pem").read_bytes()
+    )
     with _channel(fed, creds) as channel:
         with pytest.raises(grpc.RpcError) as e:
             admin_grpc.AdminServiceStub(channel).Execute(apb.CommandRequest(command="status"), timeout=5)
@@ -197,8 +229,7 @@ def test_a_site_certificate_cannot_use_the_admin_port_nor_an_admin_one_register_
     admin = load_kit(fed.kit("root@consortium"))
     with _channel(fed, channel_credentials(admin), fed.fl_target()) as channel:
         with pytest.raises(grpc.RpcError) as e:
-            TrainingStub(channel).Register(
-                tpb.RegisterRequest(client_name="root@consortium"), timeout=5)
+            TrainingStub(channel).Register(tpb.RegisterRequest(client_name="root@consortium"), timeout=5)
     assert e.value.code() is grpc.StatusCode.PERMISSION_DENIED
     assert "may not use the fl_port" in e.value.details()
     refused = [e for e in fed.audit() if e.get("event") == "refused_connection"]
@@ -242,8 +273,9 @@ def test_an_org_admin_reaches_its_own_orgs_sites_only(fed):
 def test_a_sites_local_policy_refuses_what_the_server_allowed_and_both_audit_it(fed):
     policy = fed.out / "hospital-b" / "local" / "authorization.json"
     policy.parent.mkdir(exist_ok=True)
-    policy.write_text(json.dumps({"rules": [
-        {"name": "no-shell-for-outsiders", "deny": ["shell"], "except_orgs": ["org-b"]}]}))
+    policy.write_text(
+        json.dumps({"rules": [{"name": "no-shell-for-outsiders", "deny": ["shell"], "except_orgs": ["org-b"]}]})
+    )
     try:
         error = _refusal(fed.run("root@consortium", "shell", "hospital-b", "ls"))
         assert "hospital-b: refused by local/authorization.json rule 'no-shell-for-outsiders'" in error
@@ -285,8 +317,11 @@ def test_a_revoked_admin_and_site_are_refused_at_once_and_no_other_kit_changes(f
     # next long-poll is refused.
     deadline = time.monotonic() + 15
     while time.monotonic() < deadline:
-        refused = {(e["peer"], e["port"]) for e in fed.audit() if e.get("event") == "refused_connection"
-                   and "revoked" in e["error"]}
+        refused = {
+            (e["peer"], e["port"])
+            for e in fed.audit()
+            if e.get("event") == "refused_connection" and "revoked" in e["error"]
+        }
         if ("hospital-c", "fl_port") in refused:
             break
         time.sleep(0.5)
@@ -307,17 +342,20 @@ def _shell(fed: Federation, *argv: str) -> tuple[int, dict]:
     return done.returncode, out
 
 
-@pytest.mark.parametrize("argv, says", [
-    (["cat", "log.txt; touch PWNED"], "shell syntax"),
-    (["cat", "log.txt|touch PWNED"], "shell syntax"),
-    (["cat", "$(touch PWNED)"], "shell syntax"),
-    (["cat", "`touch PWNED`"], "shell syntax"),
-    (["cat", "../server/startup/fed.json"], "outside the workspace"),
-    (["cat", "/etc/passwd"], "outside the workspace"),
-    (["cat", "startup/key.pem"], "cannot be read"),
-    (["ls", "-la", "--color=always"], "not allowed"),
-    (["grep", "-r", "PRIVATE", "/"], "outside the workspace"),
-])
+@pytest.mark.parametrize(
+    "argv, says",
+    [
+        (["cat", "log.txt; touch PWNED"], "shell syntax"),
+        (["cat", "log.txt|touch PWNED"], "shell syntax"),
+        (["cat", "$(touch PWNED)"], "shell syntax"),
+        (["cat", "`touch PWNED`"], "shell syntax"),
+        (["cat", "../server/startup/fed.json"], "outside the workspace"),
+        (["cat", "/etc/passwd"], "outside the workspace"),
+        (["cat", "startup/key.pem"], "cannot be read"),
+        (["ls", "-la", "--color=always"], "not allowed"),
+        (["grep", "-r", "PRIVATE", "/"], "outside the workspace"),
+    ],
+)
 def test_hostile_shell_arguments_are_refused_naming_the_reason(fed, argv, says):
     code, out = _shell(fed, *argv)
     assert code == 1 and says in json.dumps(out), out
@@ -370,8 +408,11 @@ def test_an_oversized_message_and_malformed_protobuf_are_refused_and_the_server_
 
 def test_private_keys_never_reach_a_log_or_the_audit(fed):
     fed.assert_alive()
-    texts = [p.read_text(errors="replace") for p in fed.out.rglob("*")
-             if p.is_file() and p.name in ("log.txt", "console.txt", "audit.log")]
+    texts = [
+        p.read_text(errors="replace")
+        for p in fed.out.rglob("*")
+        if p.is_file() and p.name in ("log.txt", "console.txt", "audit.log")
+    ]
     assert texts
     assert not any("PRIVATE KEY" in t for t in texts)
     for key in fed.out.rglob("key.pem"):

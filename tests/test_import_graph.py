@@ -48,7 +48,9 @@ def import_graph() -> dict[str, set[str]]:
     for module, path in modules.items():
         tree = ast.parse(path.read_text(encoding="utf-8"))
         graph[module] = {
-            dep for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+            dep
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
             for dep in _imported(module, path, node, modules)
         }
     return graph
@@ -106,5 +108,9 @@ def test_packages_import_only_fedcommon_sideways():
 def test_the_checker_finds_a_cycle_and_a_sideways_import():
     graph = {"fedserver.a": {"fedserver.b"}, "fedserver.b": {"fedserver.a"}, "fedserver.c": set()}
     assert cycles(graph) == [["fedserver.a", "fedserver.b"]]
-    assert _imported("fedserver.x", ROOT / "fedserver" / "x.py", ast.parse("from fedclient import admin").body[0],
-                     {"fedclient.admin": Path("a"), "fedserver.x": Path("b")}) == ["fedclient.admin"]
+    assert _imported(
+        "fedserver.x",
+        ROOT / "fedserver" / "x.py",
+        ast.parse("from fedclient import admin").body[0],
+        {"fedclient.admin": Path("a"), "fedserver.x": Path("b")},
+    ) == ["fedclient.admin"]

@@ -22,8 +22,14 @@ main(sys.argv[1:], prog_name="fedadmin")
 
 
 def _console(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-c", _BLOCKED_RUN, *args], capture_output=True, text=True,
-                          env=python_env(), cwd=ROOT, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-c", _BLOCKED_RUN, *args],
+        capture_output=True,
+        text=True,
+        env=python_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
 
 
 def test_the_console_runs_without_numpy_or_torch():
@@ -56,8 +62,14 @@ def test_every_role_says_its_version():
     from fedcommon import __version__
 
     for role in ("fedadmin.cli", "fedserver.cli", "fedclient.cli"):
-        done = subprocess.run([sys.executable, "-m", role, "--version"], capture_output=True, text=True,
-                              env=python_env(), cwd=ROOT, timeout=60)
+        done = subprocess.run(
+            [sys.executable, "-m", role, "--version"],
+            capture_output=True,
+            text=True,
+            env=python_env(),
+            cwd=ROOT,
+            timeout=60,
+        )
         assert done.returncode == 0 and done.stdout.split() == [role.split(".")[0], __version__], done.stderr
 
 

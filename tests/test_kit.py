@@ -192,9 +192,7 @@ def serving(kit: Kit | None) -> Iterator[int]:
     """A real gRPC server on 127.0.0.1 (free port) with the kit's mutual-TLS credentials (None: plaintext)."""
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
     handler = grpc.unary_unary_rpc_method_handler(_who_am_i)
-    server.add_generic_rpc_handlers(
-        (grpc.method_handlers_generic_handler("fedlearn.test.Probe", {"WhoAmI": handler}),)
-    )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("fedlearn.test.Probe", {"WhoAmI": handler}),))
     if kit is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:

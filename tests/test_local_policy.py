@@ -39,7 +39,8 @@ def test_a_rule_refuses_its_commands_for_the_admins_it_names_and_says_which_rule
 def test_a_rule_naming_validate_still_refuses_validation_run_on_demand(tmp_path):
     write(tmp_path, [{"name": "no-validation", "deny": ["validate"]}])
     assert LocalPolicy(tmp_path).refusal(BOB, "run-validation") == (
-        "refused by local/authorization.json rule 'no-validation'")
+        "refused by local/authorization.json rule 'no-validation'"
+    )
 
 
 def test_all_conditions_of_a_rule_must_hold(tmp_path):
@@ -51,8 +52,10 @@ def test_all_conditions_of_a_rule_must_hold(tmp_path):
 
 
 def test_the_first_rule_that_applies_is_named(tmp_path):
-    write(tmp_path, [{"name": "only-alice", "deny": ["deploy"], "except_admins": ["alice"]},
-                     {"name": "never", "deny": ["deploy"]}])
+    write(
+        tmp_path,
+        [{"name": "only-alice", "deny": ["deploy"], "except_admins": ["alice"]}, {"name": "never", "deny": ["deploy"]}],
+    )
     policy = LocalPolicy(tmp_path)
     assert "'only-alice'" in policy.refusal(BOB, "deploy")
     assert "'never'" in policy.refusal(ALICE, "deploy")
@@ -73,17 +76,20 @@ def test_a_changed_file_takes_effect_without_a_restart(tmp_path):
     assert policy.refusal(BOB, "start") is None
 
 
-@pytest.mark.parametrize("content, says", [
-    ("{not json", "cannot be read as JSON"),
-    ('{"rule": []}', 'expected {"rules": [...]}'),
-    ('{"rules": [{"deny": ["shell"]}]}', "rules[0].name: required"),
-    ('{"rules": [{"name": "x"}]}', "rules[0].deny: required"),
-    ('{"rules": [{"name": "x", "deny": "shell"}]}', "rules[0].deny: must be a non-empty list"),
-    ('{"rules": [{"name": "x", "deny": ["shell"], "org": ["a"]}]}', "rules[0].org: unknown key"),
-    ('{"rules": [{"name": "x", "deny": ["shel"]}]}', "rules[0].deny[0]: unknown command 'shel'"),
-    ('{"rules": [{"name": "x", "deny": ["delete_run_number"]}]}', "rules[0].deny[0]: unknown command"),
-    ('{"rules": [{"name": "x", "deny": ["*"], "roles": ["Lead"]}]}', "rules[0].roles[0]: unknown role 'Lead'"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        ("{not json", "cannot be read as JSON"),
+        ('{"rule": []}', 'expected {"rules": [...]}'),
+        ('{"rules": [{"deny": ["shell"]}]}', "rules[0].name: required"),
+        ('{"rules": [{"name": "x"}]}', "rules[0].deny: required"),
+        ('{"rules": [{"name": "x", "deny": "shell"}]}', "rules[0].deny: must be a non-empty list"),
+        ('{"rules": [{"name": "x", "deny": ["shell"], "org": ["a"]}]}', "rules[0].org: unknown key"),
+        ('{"rules": [{"name": "x", "deny": ["shel"]}]}', "rules[0].deny[0]: unknown command 'shel'"),
+        ('{"rules": [{"name": "x", "deny": ["delete_run_number"]}]}', "rules[0].deny[0]: unknown command"),
+        ('{"rules": [{"name": "x", "deny": ["*"], "roles": ["Lead"]}]}', "rules[0].roles[0]: unknown role 'Lead'"),
+    ],
+)
 def test_a_broken_file_refuses_every_command_naming_the_fault(tmp_path, content, says):
     write(tmp_path, content)
     policy = LocalPolicy(tmp_path)

@@ -33,14 +33,26 @@ def test_the_last_lines_are_returned_and_an_unfinished_line_waits(tmp_path):
 
 def test_level_keeps_whole_records_with_their_traceback_and_a_bare_traceback_counts_as_an_error(tmp_path):
     log = tmp_path / "log.txt"
-    _write(log, _record("INFO", "starting"), _record("ERROR", "training failed"),
-           "Traceback (most recent call last):\n", '  File "train.py", line 3\n', "ValueError: bad data\n",
-           _record("WARNING", "slow"), _record("INFO", "done"),
-           "Traceback (most recent call last):\n", "RuntimeError: raw crash\n")
+    _write(
+        log,
+        _record("INFO", "starting"),
+        _record("ERROR", "training failed"),
+        "Traceback (most recent call last):\n",
+        '  File "train.py", line 3\n',
+        "ValueError: bad data\n",
+        _record("WARNING", "slow"),
+        _record("INFO", "done"),
+        "Traceback (most recent call last):\n",
+        "RuntimeError: raw crash\n",
+    )
     assert read_log(log, LogQuery(lines=50, level="error"))["lines"] == [
-        _record("ERROR", "training failed").rstrip("\n"), "Traceback (most recent call last):",
-        '  File "train.py", line 3', "ValueError: bad data", "Traceback (most recent call last):",
-        "RuntimeError: raw crash"]
+        _record("ERROR", "training failed").rstrip("\n"),
+        "Traceback (most recent call last):",
+        '  File "train.py", line 3',
+        "ValueError: bad data",
+        "Traceback (most recent call last):",
+        "RuntimeError: raw crash",
+    ]
     warnings = read_log(log, LogQuery(lines=50, level="warning"))["lines"]
     assert _record("WARNING", "slow").rstrip("\n") in warnings and not any("starting" in x for x in warnings)
     assert len(read_log(log, LogQuery(lines=50))["lines"]) == 9
@@ -51,8 +63,7 @@ def test_a_follow_cursor_carries_whether_the_record_it_stopped_in_was_kept(tmp_p
     _write(log, _record("ERROR", "boom"))
     first = read_log(log, LogQuery(level="error"))
     _write(log, "  a continuation of the error\n", _record("INFO", "chatter"), "  and of the info\n")
-    assert read_log(log, LogQuery(level="error", cursor=first["cursor"]))["lines"] == [
-        "  a continuation of the error"]
+    assert read_log(log, LogQuery(level="error", cursor=first["cursor"]))["lines"] == ["  a continuation of the error"]
 
 
 def test_following_goes_on_across_a_rotation_without_losing_or_repeating_lines(tmp_path):
@@ -105,18 +116,21 @@ def test_a_missing_log_is_reported_not_raised(tmp_path):
     assert read_log(tmp_path / "nothing.log", LogQuery())["missing"] is True
 
 
-@pytest.mark.parametrize("args, match", [
-    ({"path": "/etc/passwd"}, "logs takes no 'path'"),
-    ({"file": "../startup/key.pem"}, "logs takes no 'file'"),
-    ({"lines": 0}, "lines must be"),
-    ({"lines": "10"}, "lines must be"),
-    ({"lines": 10_001}, "lines must be"),
-    ({"level": "loud"}, "level must be one of"),
-    ({"cursor": {"inode": -1, "offset": 0}}, "cursor must be"),
-    ({"cursor": {"inode": 1, "offset": 0, "path": "x"}}, "cursor must be"),
-    ({"cursor": "start"}, "cursor must be"),
-    ({"cursor": {"inode": 1, "offset": 2**63}}, "cursor must be"),
-])
+@pytest.mark.parametrize(
+    "args, match",
+    [
+        ({"path": "/etc/passwd"}, "logs takes no 'path'"),
+        ({"file": "../startup/key.pem"}, "logs takes no 'file'"),
+        ({"lines": 0}, "lines must be"),
+        ({"lines": "10"}, "lines must be"),
+        ({"lines": 10_001}, "lines must be"),
+        ({"level": "loud"}, "level must be one of"),
+        ({"cursor": {"inode": -1, "offset": 0}}, "cursor must be"),
+        ({"cursor": {"inode": 1, "offset": 0, "path": "x"}}, "cursor must be"),
+        ({"cursor": "start"}, "cursor must be"),
+        ({"cursor": {"inode": 1, "offset": 2**63}}, "cursor must be"),
+    ],
+)
 def test_bad_arguments_are_refused_naming_them(args, match):
     with pytest.raises(LogRequestError, match=match):
         LogQuery.from_args(args)
@@ -167,8 +181,7 @@ def test_a_huge_newest_line_is_cut_not_hiding_the_lines_before_it(tmp_path):
 def test_lines_without_a_record_head_count_as_info(tmp_path):
     log = tmp_path / "worker.log"
     _write(log, "fedclient.worker: bad rank environment\n", "a print from the trainer\n")
-    assert read_log(log, LogQuery())["lines"] == ["fedclient.worker: bad rank environment",
-                                                   "a print from the trainer"]
+    assert read_log(log, LogQuery())["lines"] == ["fedclient.worker: bad rank environment", "a print from the trainer"]
     assert read_log(log, LogQuery(level="warning"))["lines"] == []
 
 
@@ -201,8 +214,9 @@ def test_the_output_pump_drains_the_pipe_when_the_file_cannot_be_written(tmp_pat
         def write(self, data: bytes) -> None:
             raise OSError(28, "No space left on device")
 
-    proc = subprocess.Popen([sys.executable, "-c", "for i in range(2000): print('line', i, flush=True)"],
-                            stdout=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "for i in range(2000): print('line', i, flush=True)"], stdout=subprocess.PIPE
+    )
     pump = threading.Thread(target=pump_lines, args=(proc.stdout, FullDisk(tmp_path / "w.log")))
     pump.start()
     assert proc.wait(30) == 0  # no broken pipe for the worker

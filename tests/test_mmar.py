@@ -166,8 +166,7 @@ def test_every_problem_of_every_file_is_listed_one_per_line(mmar: Path) -> None:
             f"{SERVER_CONFIG}: key 'num_rounds': must be an integer >= 1, got 0",
             f"{SERVER_CONFIG}: key 'heart_beat_timeout': must be a number > 0, got 0",
             f"{SERVER_CONFIG}: key 'start_round': must be an integer >= 0, got true",
-            f"{CLIENT_CONFIG}: key 'weight_by': must be one of 'iterations', 'samples', 'uniform', "
-            "got 'steps'",
+            f"{CLIENT_CONFIG}: key 'weight_by': must be one of 'iterations', 'samples', 'uniform', got 'steps'",
             f"{CLIENT_CONFIG}: key 'retry_timeout': must be a number > 0, got 'soon'",
             f"{TRAIN_CONFIG}: key 'seed': must be an integer >= 0, got -1",
         ]
@@ -305,8 +304,10 @@ def test_custom_package_folder_that_is_a_symlink_is_refused(mmar: Path, tmp_path
 
     (problem,) = problems_of(mmar)
 
-    assert problem == f"{TRAIN_CONFIG}: key 'trainer.path': custom/pkg is a symbolic link; " \
+    assert (
+        problem == f"{TRAIN_CONFIG}: key 'trainer.path': custom/pkg is a symbolic link; "
         "site code must be the MMAR's own files"
+    )
 
 
 def test_custom_folder_that_is_a_symlink_is_refused(mmar: Path, tmp_path: Path) -> None:
@@ -501,11 +502,14 @@ def test_a_built_in_privacy_protocol_is_named_by_name(mmar: Path) -> None:
     assert privacy == Component(path="fedclient.fed_privacy.SVTProtocol", args={"fraction": 0.2})
 
 
-@pytest.mark.parametrize("privacy, says", [
-    ({"name": "SVTProtocl"}, "'privacy.name': must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
-    ({"name": "SVTProtocol", "path": "x.Y"}, "either 'name'"),
-    ({"name": "SVTProtocol", "arg": {}}, "privacy.arg"),
-])
+@pytest.mark.parametrize(
+    "privacy, says",
+    [
+        ({"name": "SVTProtocl"}, "'privacy.name': must be one of LaplacianProtocol, PercentileProtocol, SVTProtocol"),
+        ({"name": "SVTProtocol", "path": "x.Y"}, "either 'name'"),
+        ({"name": "SVTProtocol", "arg": {}}, "privacy.arg"),
+    ],
+)
 def test_a_bad_privacy_setting_names_the_key(mmar: Path, privacy: dict, says: str) -> None:
     edit(mmar, CLIENT_CONFIG, lambda c: c.update(privacy=privacy))
     assert any("config_fed_client.json" in line and says in line for line in problems_of(mmar))

@@ -49,34 +49,73 @@ def test_site_algorithms_are_read(mmar):
     assert (client.fedprox_mu, client.scaffold) == (0.1, True)
 
 
-@pytest.mark.parametrize(("rel", "values", "expected"), [
-    (SERVER_CONFIG, {"aggregator": {"name": "FedMean"}},
-     "config/config_fed_server.json: key 'aggregator.name': unknown aggregator 'FedMean'; valid: FedAvg, FedAvgM, "
-     "FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum, MultiKrum (did you mean 'FedMedian'?)"),
-    (SERVER_CONFIG, {"aggregator": {"name": "FedAvgM", "args": {"momentum": 0.9}}},
-     "config/config_fed_server.json: key 'aggregator.args.momentum': unknown argument of FedAvgM; valid: server_lr, "
-     "server_momentum (did you mean 'server_momentum'?)"),
-    (SERVER_CONFIG, {"aggregator": {"name": "FedTrimmedAvg", "args": {"beta": 0.5}}},
-     "config/config_fed_server.json: key 'aggregator.args.beta': must be a number >= 0 and < 0.5, got 0.5"),
-    (SERVER_CONFIG, {"aggregator": {"name": "Krum", "args": {"num_malicious": -1}}},
-     "config/config_fed_server.json: key 'aggregator.args.num_malicious': must be an integer >= 0, got -1"),
-    (SERVER_CONFIG, {"aggregator": {"name": "MultiKrum", "args": {"num_selected": 0}}},
-     "config/config_fed_server.json: key 'aggregator.args.num_selected': must be an integer >= 1, got 0"),
-    (SERVER_CONFIG, {"aggregator": {"name": "FedYogi", "args": {"tau": 0}}},
-     "config/config_fed_server.json: key 'aggregator.args.tau': must be a number > 0, got 0"),
-    (SERVER_CONFIG, {"aggregator": {"name": "FedAdam", "path": "x.Y"}},
-     "config/config_fed_server.json: key 'aggregator': give either 'name' (one of FedAvg, FedAvgM, FedAdam, FedYogi, "
-     "FedAdagrad, FedMedian, FedTrimmedAvg, Krum, MultiKrum) or 'path' (a custom class)"),
-    (SERVER_CONFIG, {"aggregator": {"path": "nowhere.Agg"}},
-     "config/config_fed_server.json: key 'aggregator.path': 'nowhere.Agg' is outside the MMAR's custom/ and "
-     "fedlearn's packages (fedclient, fedcommon, fedserver)"),
-    (CLIENT_CONFIG, {"fedprox": {"mu": -1}},
-     "config/config_fed_client.json: key 'fedprox.mu': must be a number > 0, got -1"),
-    (CLIENT_CONFIG, {"fedprox": {"nu": 1}},
-     "config/config_fed_client.json: key 'fedprox.nu': unknown argument of fedprox; valid: mu"),
-    (CLIENT_CONFIG, {"scaffold": "yes"},
-     "config/config_fed_client.json: key 'scaffold': must be true or false, got 'yes'"),
-])
+@pytest.mark.parametrize(
+    ("rel", "values", "expected"),
+    [
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "FedMean"}},
+            "config/config_fed_server.json: key 'aggregator.name': unknown aggregator 'FedMean'; "
+            "valid: FedAvg, FedAvgM, "
+            "FedAdam, FedYogi, FedAdagrad, FedMedian, FedTrimmedAvg, Krum, MultiKrum (did you mean 'FedMedian'?)",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "FedAvgM", "args": {"momentum": 0.9}}},
+            "config/config_fed_server.json: key 'aggregator.args.momentum': unknown argument of FedAvgM; "
+            "valid: server_lr, "
+            "server_momentum (did you mean 'server_momentum'?)",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "FedTrimmedAvg", "args": {"beta": 0.5}}},
+            "config/config_fed_server.json: key 'aggregator.args.beta': must be a number >= 0 and < 0.5, got 0.5",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "Krum", "args": {"num_malicious": -1}}},
+            "config/config_fed_server.json: key 'aggregator.args.num_malicious': must be an integer >= 0, got -1",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "MultiKrum", "args": {"num_selected": 0}}},
+            "config/config_fed_server.json: key 'aggregator.args.num_selected': must be an integer >= 1, got 0",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "FedYogi", "args": {"tau": 0}}},
+            "config/config_fed_server.json: key 'aggregator.args.tau': must be a number > 0, got 0",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"name": "FedAdam", "path": "x.Y"}},
+            "config/config_fed_server.json: key 'aggregator': give either 'name' "
+            "(one of FedAvg, FedAvgM, FedAdam, FedYogi, "
+            "FedAdagrad, FedMedian, FedTrimmedAvg, Krum, MultiKrum) or 'path' (a custom class)",
+        ),
+        (
+            SERVER_CONFIG,
+            {"aggregator": {"path": "nowhere.Agg"}},
+            "config/config_fed_server.json: key 'aggregator.path': 'nowhere.Agg' is outside the MMAR's custom/ and "
+            "fedlearn's packages (fedclient, fedcommon, fedserver)",
+        ),
+        (
+            CLIENT_CONFIG,
+            {"fedprox": {"mu": -1}},
+            "config/config_fed_client.json: key 'fedprox.mu': must be a number > 0, got -1",
+        ),
+        (
+            CLIENT_CONFIG,
+            {"fedprox": {"nu": 1}},
+            "config/config_fed_client.json: key 'fedprox.nu': unknown argument of fedprox; valid: mu",
+        ),
+        (
+            CLIENT_CONFIG,
+            {"scaffold": "yes"},
+            "config/config_fed_client.json: key 'scaffold': must be true or false, got 'yes'",
+        ),
+    ],
+)
 def test_bad_algorithm_config_is_reported_with_file_and_key(mmar, rel, values, expected):
     _set(mmar, rel, **values)
     assert _problems(mmar) == [expected]

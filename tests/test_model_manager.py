@@ -142,8 +142,7 @@ def test_delta_w_of_float16_is_rounded_once_from_the_exact_difference():
     np.testing.assert_array_equal(d, expected)
 
 
-@pytest.mark.parametrize("exclude_vars", [["1.running_mean", "1.running_var"], r"^1\.running_"],
-                         ids=["list", "regex"])
+@pytest.mark.parametrize("exclude_vars", [["1.running_mean", "1.running_var"], r"^1\.running_"], ids=["list", "regex"])
 def test_excluded_variables_are_neither_loaded_nor_sent(exclude_vars):
     fitter = TinyFitter()
     mm = _manager(fitter, exclude_vars=exclude_vars)
@@ -204,7 +203,7 @@ def test_privacy_filter_result_is_what_is_sent():
     sent = mm.read_current_model(TASK, "delta_w", train_ctx=ctx)
     assert list(sent) == ["0.bias"]
     np.testing.assert_array_equal(sent["0.bias"], np.full(2, 0.125, np.float32))
-    (seen_delta, seen_ctx), = privacy.calls
+    ((seen_delta, seen_ctx),) = privacy.calls
     assert seen_ctx is ctx
     np.testing.assert_array_equal(seen_delta["0.bias"], np.full(2, 0.25, np.float32))
 
@@ -390,15 +389,19 @@ def test_validate_returns_the_fitters_metrics_as_floats():
     assert all(type(v) is float for v in metrics.values())
 
 
-@pytest.mark.parametrize("raw, message", [
-    ([0.5], "non-empty dict"),
-    ({}, "non-empty dict"),
-    (None, "non-empty dict"),
-    ({"accuracy": "high"}, "metric 'accuracy' is not a number"),
-    ({"accuracy": None}, "metric 'accuracy' is not a number"),
-    ({"loss": float("nan")}, "metric 'loss' is not finite"),
-    ({"loss": math.inf}, "metric 'loss' is not finite"),
-], ids=["list", "empty", "none", "string", "none-value", "nan", "inf"])
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        ([0.5], "non-empty dict"),
+        ({}, "non-empty dict"),
+        (None, "non-empty dict"),
+        ({"accuracy": "high"}, "metric 'accuracy' is not a number"),
+        ({"accuracy": None}, "metric 'accuracy' is not a number"),
+        ({"loss": float("nan")}, "metric 'loss' is not finite"),
+        ({"loss": math.inf}, "metric 'loss' is not finite"),
+    ],
+    ids=["list", "empty", "none", "string", "none-value", "nan", "inf"],
+)
 def test_validator_refuses_unusable_metrics(raw, message):
     with pytest.raises(ValueError, match=message):
         ModelValidator().validate(TinyFitter(metrics=raw))
@@ -410,8 +413,14 @@ def test_model_processor_extracts_copies_and_applies_minus_excluded():
     arrays = proc.extract_model(fitter)
     arrays["0.bias"][:] = 42.0
     assert not torch.equal(fitter.model[0].bias, torch.full((2,), 42.0))
-    assert proc.apply_model(fitter, {"0.bias": np.full(2, 3.0, np.float32),
-                                     "0.weight": np.full((2, 3), 3.0, np.float32)}, exclude_vars=r"bias") is True
+    assert (
+        proc.apply_model(
+            fitter,
+            {"0.bias": np.full(2, 3.0, np.float32), "0.weight": np.full((2, 3), 3.0, np.float32)},
+            exclude_vars=r"bias",
+        )
+        is True
+    )
     assert torch.equal(fitter.model[0].weight, torch.full((2, 3), 3.0))
     assert not torch.equal(fitter.model[0].bias, torch.full((2,), 3.0))
     assert proc.apply_model(fitter, {"0.weight": np.full((2, 3), 3.0, np.float32)}) is False

@@ -16,11 +16,20 @@ from fedcommon.outcome import CommandOutcome, TargetReply
 
 
 def _metrics_outcome(rounds: int = 3) -> CommandOutcome:
-    records = [{"round": r, "sites": {"site-1": {"accuracy": 0.5 + r / 10, "loss": 1.0 - r / 10},
-                                      "site-2": {"accuracy": 0.4 + r / 10}},
-                "mean": {"accuracy": 0.45 + r / 10, "loss": 1.0 - r / 10}} for r in range(rounds)]
-    data = {"run_number": 4, "run_status": "completed", "rounds": records,
-            "final": {"sites": {"site-1": {"accuracy": 0.9}}, "mean": {"accuracy": 0.9}}}
+    records = [
+        {
+            "round": r,
+            "sites": {"site-1": {"accuracy": 0.5 + r / 10, "loss": 1.0 - r / 10}, "site-2": {"accuracy": 0.4 + r / 10}},
+            "mean": {"accuracy": 0.45 + r / 10, "loss": 1.0 - r / 10},
+        }
+        for r in range(rounds)
+    ]
+    data = {
+        "run_number": 4,
+        "run_status": "completed",
+        "rounds": records,
+        "final": {"sites": {"site-1": {"accuracy": 0.9}}, "mean": {"accuracy": 0.9}},
+    }
     return CommandOutcome("metrics", True, [TargetReply("server", True, data)])
 
 
@@ -63,22 +72,37 @@ def test_the_chart_thins_long_runs_and_marks_the_extremes():
 
 
 def test_logs_result_shows_lines_and_names_the_file_or_the_failure():
-    ok = CommandOutcome("logs", True, [TargetReply("site-1", True, {
-        "file": "log.txt", "lines": ["2026-11-29 10:00:00,000 ERROR x: boom", "plain"], "truncated": True})])
+    ok = CommandOutcome(
+        "logs",
+        True,
+        [
+            TargetReply(
+                "site-1",
+                True,
+                {"file": "log.txt", "lines": ["2026-11-29 10:00:00,000 ERROR x: boom", "plain"], "truncated": True},
+            )
+        ],
+    )
     text = _render(LogsResult(ok, "site-1", "error"))
     assert "site-1: log.txt, last 2 lines at error or above (older lines left out)" in text and "boom" in text
     failed = CommandOutcome("logs", False, [TargetReply("site-9", False, error="site-9 is not connected")])
     result = LogsResult(failed, "site-9", None)
     assert not result.ok and result.to_json() == {"target": "site-9", "error": "site-9 is not connected"}
-    missing = CommandOutcome("logs", True, [TargetReply("site-1", True, {"file": "run_2/logs/worker.log",
-                                                                          "lines": [], "missing": True})])
+    missing = CommandOutcome(
+        "logs", True, [TargetReply("site-1", True, {"file": "run_2/logs/worker.log", "lines": [], "missing": True})]
+    )
     assert not LogsResult(missing, "site-1", None).ok
 
 
 def test_logs_arguments_that_are_paths_or_groups_are_usage_errors(tmp_path):
     runner = CliRunner()
-    for args in (["logs", "client"], ["logs", "../site-1"], ["logs", "site-1", "run_1/logs/worker.log"],
-                 ["logs", "site-1", "--run", "x"], ["logs", "site-1", "--level", "verbose"]):
+    for args in (
+        ["logs", "client"],
+        ["logs", "../site-1"],
+        ["logs", "site-1", "run_1/logs/worker.log"],
+        ["logs", "site-1", "--run", "x"],
+        ["logs", "site-1", "--level", "verbose"],
+    ):
         result = runner.invoke(main, ["--json", "--kit", str(tmp_path), *args])
         assert result.exit_code == 2, (args, result.output)
         assert json.loads(result.output.splitlines()[0])["ok"] is False
@@ -102,17 +126,34 @@ def test_metrics_png_without_matplotlib_is_a_usage_error_naming_the_extra(tmp_pa
 def test_the_status_line_shows_the_last_global_metric_of_a_live_or_finished_run():
     from fedadmin.render import server_line
 
-    live = {"run_number": 1, "run_status": "training", "current_round": 3, "start_round": 0, "num_rounds": 5,
-            "last_global_metrics": {"round": 2, "mean": {"accuracy": 0.8731, "loss": 0.3}}}
+    live = {
+        "run_number": 1,
+        "run_status": "training",
+        "current_round": 3,
+        "start_round": 0,
+        "num_rounds": 5,
+        "last_global_metrics": {"round": 2, "mean": {"accuracy": 0.8731, "loss": 0.3}},
+    }
     assert str(server_line(TargetReply("server", True, live))) == (
-        "server: run 1 training, round 3 of rounds 0..4; global model of round 2: mean accuracy 0.8731")
-    done = {"run_number": 1, "run_status": "completed", "last_global_metrics": {"round": "final",
-                                                                                "mean": {"loss": 0.25}}}
+        "server: run 1 training, round 3 of rounds 0..4; global model of round 2: mean accuracy 0.8731"
+    )
+    done = {
+        "run_number": 1,
+        "run_status": "completed",
+        "last_global_metrics": {"round": "final", "mean": {"loss": 0.25}},
+    }
     assert str(server_line(TargetReply("server", True, done))).endswith("final global model: mean loss 0.25")
 
 
 def test_control_characters_in_log_lines_never_reach_the_terminal():
-    ok = CommandOutcome("logs", True, [TargetReply("site-1", True, {
-        "file": "log.txt", "lines": ["evil \x1b]52;c;cGF5bG9hZA==\x07 title \x1b[2J bell\x07"]})])
+    ok = CommandOutcome(
+        "logs",
+        True,
+        [
+            TargetReply(
+                "site-1", True, {"file": "log.txt", "lines": ["evil \x1b]52;c;cGF5bG9hZA==\x07 title \x1b[2J bell\x07"]}
+            )
+        ],
+    )
     text = _render(render.shown(LogsResult(ok, "site-1", None)))  # as emit renders every result: escaped once
     assert "\x1b" not in text and "\x07" not in text and "\\x1b]52;c;" in text

@@ -14,8 +14,10 @@ def test_a_grandchild_left_by_a_dead_parent_is_found_and_killed():
     tag = new_tag()
     env = dict(os.environ, **{TAG_VAR: tag})
     # The parent starts a sleeper in a new session and exits: the sleeper is re-parented, an orphan.
-    code = ("import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
-            "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)")
+    code = (
+        "import subprocess, sys; p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)'], "
+        "start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); print(p.pid)"
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     orphan = int(out.stdout)
     try:
@@ -36,8 +38,9 @@ def test_a_grandchild_left_by_a_dead_parent_is_found_and_killed():
 
 def test_a_process_that_ends_within_the_grace_is_not_reported():
     tag = new_tag()
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(0.5)"],
-                            env=dict(os.environ, **{TAG_VAR: tag}))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(0.5)"], env=dict(os.environ, **{TAG_VAR: tag})
+    )
     try:
         assert reap_leftovers(tag, grace=10) == {}
     finally:

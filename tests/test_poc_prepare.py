@@ -34,9 +34,7 @@ def fedadmin(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_poc_prepare_creates_loadable_kits_and_reports_them_as_json(tmp_path):
     ws = tmp_path / "ws"
-    result = fedadmin(
-        "--json", "poc", "prepare", "--workspace", str(ws), "--clients", "2", "--project", "trial"
-    )
+    result = fedadmin("--json", "poc", "prepare", "--workspace", str(ws), "--clients", "2", "--project", "trial")
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["command"] == "poc prepare"

@@ -36,8 +36,15 @@ PROJECT: dict[str, Any] = {
         {"name": "carol@hospital-a", "org": "hospital-a", "role": "member"},
     ],
 }
-NAMES = ["server", "hospital-a", "hospital-b", "admin@consortium", "alice@hospital-a", "bob@hospital-b",
-         "carol@hospital-a"]
+NAMES = [
+    "server",
+    "hospital-a",
+    "hospital-b",
+    "admin@consortium",
+    "alice@hospital-a",
+    "bob@hospital-b",
+    "carol@hospital-a",
+]
 
 
 def project(**changes: Any) -> dict[str, Any]:
@@ -114,7 +121,10 @@ def test_provision_lays_out_the_ca_and_one_private_loadable_kit_per_participant(
         assert (startup / "rootCA.pem").read_bytes() == (out / "ca" / "rootCA.pem").read_bytes()
         kit = load_kit(out / name)
         assert (kit.name, kit.project, kit.fl_target, kit.admin_target) == (
-            name, "consortium", "127.0.0.1:8102", "127.0.0.1:8103",
+            name,
+            "consortium",
+            "127.0.0.1:8102",
+            "127.0.0.1:8103",
         )
     assert load_kit(out / "hospital-a").org == "hospital-a"
     assert load_kit(out / "bob@hospital-b").admin_role == "lead"
@@ -133,7 +143,9 @@ def test_state_records_every_certificate_issued(out):
         assert datetime.datetime.fromisoformat(row["not_after"]) == cert.not_valid_after_utc
         assert row["revoked"] is False
     assert (rows["alice@hospital-a"]["kind"], rows["alice@hospital-a"]["org"], rows["alice@hospital-a"]["role"]) == (
-        "admin", "hospital-a", "org_admin",
+        "admin",
+        "hospital-a",
+        "org_admin",
     )
 
 
@@ -221,20 +233,34 @@ def _refused(tmp_path: Path, out: Path, data: dict[str, Any], *fragments: str, r
 def test_changed_org_is_refused_naming_the_entry_and_reissue_and_nothing_is_written(tmp_path, out):
     sites = [{"name": "hospital-a", "org": "hospital-z"}, PROJECT["sites"][1]]
     extra = [*PROJECT["admins"], {"name": "dave@hospital-b", "org": "hospital-b", "role": "member"}]
-    _refused(tmp_path, out, project(sites=sites, admins=extra),
-             "sites[0] 'hospital-a'", "org from 'hospital-a' to 'hospital-z'", "--reissue hospital-a")
+    _refused(
+        tmp_path,
+        out,
+        project(sites=sites, admins=extra),
+        "sites[0] 'hospital-a'",
+        "org from 'hospital-a' to 'hospital-z'",
+        "--reissue hospital-a",
+    )
     assert not (out / "dave@hospital-b").exists()
 
 
 def test_changed_admin_role_is_refused_naming_the_entry(tmp_path, out):
     admins = copy.deepcopy(PROJECT["admins"])
     admins[3]["role"] = "lead"
-    _refused(tmp_path, out, project(admins=admins),
-             "admins[3] 'carol@hospital-a'", "role from 'member' to 'lead'", "--reissue carol@hospital-a")
+    _refused(
+        tmp_path,
+        out,
+        project(admins=admins),
+        "admins[3] 'carol@hospital-a'",
+        "role from 'member' to 'lead'",
+        "--reissue carol@hospital-a",
+    )
 
 
-@pytest.mark.parametrize(("key", "new", "old"), [("host", "10.0.0.5", "'127.0.0.1'"), ("fl_port", 9102, "8102"),
-                                                 ("admin_port", 9103, "8103")])
+@pytest.mark.parametrize(
+    ("key", "new", "old"),
+    [("host", "10.0.0.5", "'127.0.0.1'"), ("fl_port", 9102, "8102"), ("admin_port", 9103, "8103")],
+)
 def test_server_address_change_is_refused_naming_old_and_new(tmp_path, out, key, new, old):
     data = project()
     data["server"][key] = new
@@ -305,11 +331,15 @@ def test_every_problem_of_a_project_file_is_reported_with_file_and_key_before_an
         ("project: p\nserver: {host: 127.0.0.1, fl_port: 0, admin_port: 2}\n", "server.fl_port: must be a port"),
         ("project: p\nserver: {name: all, host: 127.0.0.1, fl_port: 1, admin_port: 2}\n", "server.name"),
         ("project: p q\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\n", "project: project name"),
-        ("project: p\ncert_lifetime_days: 0\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\n",
-         "cert_lifetime_days: must be a whole number of days"),
+        (
+            "project: p\ncert_lifetime_days: 0\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\n",
+            "cert_lifetime_days: must be a whole number of days",
+        ),
         ("project: p\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\nsites: {a: b}\n", "sites: must be a list"),
-        ("project: p\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\nsites: [{name: s, org: 'a b'}]\n",
-         "sites[0].org: organization"),
+        (
+            "project: p\nserver: {host: 127.0.0.1, fl_port: 1, admin_port: 2}\nsites: [{name: s, org: 'a b'}]\n",
+            "sites[0].org: organization",
+        ),
     ],
 )
 def test_project_file_problem_names_the_file_and_the_key(tmp_path, text, fragment):
@@ -407,7 +437,11 @@ def test_poc_workspace_is_a_provisioned_federation_that_provision_can_extend(tmp
     }
     result = provision(tmp_path, data)
     assert {p.name: p.status for p in result.participants} == {
-        "server": "kept", "site-1": "kept", "site-2": "kept", "admin": "kept", "site-3": "issued",
+        "server": "kept",
+        "site-1": "kept",
+        "site-2": "kept",
+        "admin": "kept",
+        "site-3": "issued",
     }
     assert {k: v for k, v in kit_files(ws).items() if k in before} == before
     assert load_kit(ws / "site-3").org == "trial"
@@ -441,8 +475,9 @@ def test_load_kit_refuses_an_expired_provisioned_certificate(out, tmp_path):
     ca_cert = x509.load_pem_x509_certificate((out / "ca" / "rootCA.pem").read_bytes())
     ca_key = serialization.load_pem_private_key((out / "ca" / "rootCA.key").read_bytes(), password=None)
     long_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=10)
-    cert, key = pki.issue_cert(ca_cert, ca_key, "hospital-a", "client", org="hospital-a", valid_days=1,
-                               not_before=long_ago)
+    cert, key = pki.issue_cert(
+        ca_cert, ca_key, "hospital-a", "client", org="hospital-a", valid_days=1, not_before=long_ago
+    )
     for name in ("cert.pem", "key.pem"):
         (site / "startup" / name).unlink()
     pki.write_pem_cert(site / "startup" / "cert.pem", cert)
@@ -458,8 +493,9 @@ def fedadmin(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
         "COLUMNS": "250",  # a table row per participant, names unbroken
     }
     env.pop("FEDADMIN_KIT", None)
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
+    )
 
 
 def test_cli_provisions_into_workspace_project_by_default_and_reports_json(tmp_path):
@@ -474,8 +510,15 @@ def test_cli_provisions_into_workspace_project_by_default_and_reports_json(tmp_p
     rows = {p["name"]: p for p in report["participants"]}
     assert list(rows) == NAMES
     assert rows["bob@hospital-b"] | {"serial": None, "expires": None} == {
-        "name": "bob@hospital-b", "kind": "admin", "org": "hospital-b", "role": "lead", "status": "issued",
-        "serial": None, "expires": None, "kit": str(out / "bob@hospital-b" / "startup"), "listed": True,
+        "name": "bob@hospital-b",
+        "kind": "admin",
+        "org": "hospital-b",
+        "role": "lead",
+        "status": "issued",
+        "serial": None,
+        "expires": None,
+        "kit": str(out / "bob@hospital-b" / "startup"),
+        "listed": True,
     }
     assert rows["bob@hospital-b"]["serial"] == f"{cert_of(out, 'bob@hospital-b').serial_number:x}"
 

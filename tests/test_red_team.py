@@ -54,9 +54,11 @@ def test_participant_workspaces_are_private_whatever_the_kits_folder_mode(fed):
     assert done.returncode in (0, 1), done.stderr
     for participant in ("server", "hospital-a", "hospital-b"):
         folder = fed.out / participant
-        shared = [f"{p.relative_to(fed.out)} {stat.filemode(p.lstat().st_mode)}"
-                  for p in (folder, *folder.rglob("*"))
-                  if not p.is_symlink() and os.lstat(p).st_mode & (stat.S_IRWXG | stat.S_IRWXO)]
+        shared = [
+            f"{p.relative_to(fed.out)} {stat.filemode(p.lstat().st_mode)}"
+            for p in (folder, *folder.rglob("*"))
+            if not p.is_symlink() and os.lstat(p).st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+        ]
         assert shared == [], f"{participant}: readable by others: {shared}"
     fed.assert_alive()
 
@@ -128,8 +130,9 @@ def test_replies_with_unknown_ids_cannot_wipe_the_servers_log_history(fed):
     lines_before = len(log.read_text(errors="replace").splitlines())
     site = load_kit(fed.kit("hospital-b"))
     replies = [message_to_wire(ok_reply("{}").set_ref_id(f"nope-{i}")) for i in range(20_000)]
-    with grpc.secure_channel(fed.fl_target(), channel_credentials(site),
-                             options=[("grpc.max_send_message_length", 64 << 20)]) as channel:
+    with grpc.secure_channel(
+        fed.fl_target(), channel_credentials(site), options=[("grpc.max_send_message_length", 64 << 20)]
+    ) as channel:
         agent = admin_grpc.SiteAgentStub(channel)
         for _ in range(5):
             agent.Retrieve(apb.RetrieveRequest(wait_seconds=0, replies=replies), timeout=60)
@@ -143,8 +146,9 @@ def test_a_command_naming_a_huge_number_of_targets_is_refused_at_once(fed):
     """Hardening (degraded): one Execute naming 300,000 targets cost 2.8 s of server CPU."""
     channel, stub = _admin_stub(fed)
     with channel:
-        reply = stub.Execute(apb.CommandRequest(command="status", targets=[f"s{i}" for i in range(300_000)]),
-                             timeout=30)
+        reply = stub.Execute(
+            apb.CommandRequest(command="status", targets=[f"s{i}" for i in range(300_000)]), timeout=30
+        )
     assert not reply.ok and "300000 targets; a command may name at most 1000" in reply.error
     fed.assert_alive()
 

@@ -58,11 +58,23 @@ def test_a_site_rule_that_denies_shell_to_outsiders_denies_them_its_logs(fed):
 
 def _on_a_terminal(fed: Federation, *args: str) -> subprocess.CompletedProcess[str]:
     """fedadmin's human output with Rich forced to a colour terminal, as an operator's xterm would get it."""
-    env = {**python_env(), "TERM": "xterm-256color", "FORCE_COLOR": "1", "COLUMNS": "200",
-           "FEDADMIN_KIT": str(fed.kit("root@consortium"))}
+    env = {
+        **python_env(),
+        "TERM": "xterm-256color",
+        "FORCE_COLOR": "1",
+        "COLUMNS": "200",
+        "FEDADMIN_KIT": str(fed.kit("root@consortium")),
+    }
     env.pop("NO_COLOR", None)
-    return subprocess.run([sys.executable, "-m", "fedadmin.cli", *args], cwd=ROOT, env=env, stdin=subprocess.DEVNULL,
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        cwd=ROOT,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_a_sites_files_and_their_names_cannot_drive_the_operators_terminal(fed):

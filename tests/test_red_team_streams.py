@@ -69,8 +69,9 @@ class Served:
 
     def channel(self, who: str, target: str) -> grpc.Channel:
         # A channel of its own (own connection): calls of different callers never share an HTTP/2 connection.
-        channel = grpc.secure_channel(target, channel_credentials(load_kit(self.kits / who)),
-                                      options=[("grpc.use_local_subchannel_pool", 1)])
+        channel = grpc.secure_channel(
+            target, channel_credentials(load_kit(self.kits / who)), options=[("grpc.use_local_subchannel_pool", 1)]
+        )
         self.channels.append(channel)
         return channel
 
@@ -175,13 +176,16 @@ def test_a_leads_stalled_uploads_cannot_lock_the_project_admin_out(serve):
         _wait_until("hospital-a is connected", lambda: "hospital-a" in fed.server.mailbox.connected_sites())
         stub = fed.admin(LEAD)
         uploads = [stub.Upload.future(_stalled_upload(data, release), timeout=120) for _ in range(16)]
-        refused = _wait_until("the lead's uploads past its share are refused",
-                              lambda: [u for u in uploads if u.done()] if sum(u.done() for u in uploads) >= 10
-                              else None)
+        refused = _wait_until(
+            "the lead's uploads past its share are refused",
+            lambda: [u for u in uploads if u.done()] if sum(u.done() for u in uploads) >= 10 else None,
+        )
         for upload in refused:
             assert _code(upload) == grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "bob@org-b already has 6 calls in flight on the admin_port; the limit is 6 per admin" in \
-                upload.exception().details()
+            assert (
+                "bob@org-b already has 6 calls in flight on the admin_port; the limit is 6 per admin"
+                in upload.exception().details()
+            )
         # An org admin waits on a silent site with its six calls: together they reach the threads kept back.
         status = apb.CommandRequest(command="status", targets=["hospital-a"], timeout=25)
         org_admin = fed.admin(ORG_ADMIN)
@@ -190,8 +194,10 @@ def test_a_leads_stalled_uploads_cannot_lock_the_project_admin_out(serve):
         with pytest.raises(grpc.RpcError) as err:
             fed.admin(MEMBER).Execute(status, timeout=SLOW)
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "the admin_port is busy: 12 calls in flight, the limit is 12 for callers other than project_admin" \
+        assert (
+            "the admin_port is busy: 12 calls in flight, the limit is 12 for callers other than project_admin"
             in err.value.details()
+        )
         reply = fed.admin(ROOT).Execute(apb.CommandRequest(command="status", targets=["server"]), timeout=SLOW)
         assert reply.ok, reply
     finally:
@@ -232,17 +238,25 @@ def test_an_upload_the_console_cancels_is_audited(serve):
         release = threading.Event()
         try:
             upload = stub.Upload.future(_stalled_upload(data, release, sent=100), timeout=SLOW)
-            _wait_until("the upload is in flight", lambda: (fed.ws / "uploads").is_dir() and any(
-                p.suffix == ".part" for p in (fed.ws / "uploads").iterdir()))
+            _wait_until(
+                "the upload is in flight",
+                lambda: (
+                    (fed.ws / "uploads").is_dir() and any(p.suffix == ".part" for p in (fed.ws / "uploads").iterdir())
+                ),
+            )
             upload.cancel()
         finally:
             release.set()
-        entries = _wait_until("the cancelled upload is audited", lambda n=attempt: [
-            e for e in fed.audit() if e.get("command") == "upload"][n:])
+        entries = _wait_until(
+            "the cancelled upload is audited",
+            lambda n=attempt: [e for e in fed.audit() if e.get("command") == "upload"][n:],
+        )
         assert entries[0]["admin"] == LEAD and entries[0]["ok"] is False
         assert "upload broke off" in entries[0]["error"] or "differs from the header's" in entries[0]["error"]
-        _wait_until("the partial upload is removed", lambda: not any(
-            p.suffix == ".part" for p in (fed.ws / "uploads").iterdir()))
+        _wait_until(
+            "the partial upload is removed",
+            lambda: not any(p.suffix == ".part" for p in (fed.ws / "uploads").iterdir()),
+        )
 
 
 def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
@@ -259,8 +273,10 @@ def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
         yield apb.BlobChunk(data=data[1024:])
 
     upload = fed.admin(LEAD).Upload.future(chunks(), timeout=SLOW)
-    _wait_until("the upload is in flight", lambda: (fed.ws / "uploads").is_dir()
-                and any(p.suffix == ".part" for p in (fed.ws / "uploads").iterdir()))
+    _wait_until(
+        "the upload is in flight",
+        lambda: (fed.ws / "uploads").is_dir() and any(p.suffix == ".part" for p in (fed.ws / "uploads").iterdir()),
+    )
     fed.revoke(LEAD)
     go_on.set()
     # Refused at its end (PERMISSION_DENIED, naming the revocation) or cancelled by the watchdog's check before.
@@ -268,8 +284,9 @@ def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
     if upload.exception().code() == grpc.StatusCode.PERMISSION_DENIED:
         assert "revoked" in upload.exception().details()
     assert not (fed.ws / "uploads" / f"{hashlib.sha256(data).hexdigest()}.zip").exists()
-    entry = _wait_until("the refused upload is audited",
-                        lambda: [e for e in fed.audit() if e.get("command") == "upload"])
+    entry = _wait_until(
+        "the refused upload is audited", lambda: [e for e in fed.audit() if e.get("command") == "upload"]
+    )
     assert entry[-1]["ok"] is False and "revoked" in entry[-1]["error"]
 
 
@@ -279,10 +296,16 @@ def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
 def _training(serve, tmp_path: Path, num_rounds: int = 2, **kwargs) -> Served:
     """A server training run 1 (two sites needed), so contributions are taken."""
     fed = serve(**kwargs)
-    mmar = copy_mmar(tmp_path / "mmar", server={
-        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": num_rounds,
-        "wait_after_min_clients": 30, "heart_beat_timeout": 60,
-    })
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={
+            "initial_model": {"file": "models/initial.fl"},
+            "min_num_clients": 2,
+            "num_rounds": num_rounds,
+            "wait_after_min_clients": 30,
+            "heart_beat_timeout": 60,
+        },
+    )
     save_model(mmar / "models" / "initial.fl", W0)
     fed.server.start_run(mmar)
     return fed
@@ -297,8 +320,9 @@ def _register(fed: Served, site: str) -> tuple[TrainingStub, tuple]:
 
 
 def _update_header(round_number: int = 0) -> tpb.ModelChunk:
-    return tpb.ModelChunk(header=tpb.ModelHeader(run_number=1, round=round_number, kind="delta_w", weight=1.0,
-                                                 num_tensors=len(W0)))
+    return tpb.ModelChunk(
+        header=tpb.ModelHeader(run_number=1, round=round_number, kind="delta_w", weight=1.0, num_tensors=len(W0))
+    )
 
 
 def _slot_goes_to_the_honest_site(fed: Served, hostile: Iterator[tpb.ModelChunk]) -> None:
@@ -336,8 +360,9 @@ def test_an_update_that_trickles_below_the_minimum_rate_is_cancelled(serve, tmp_
     """Hardening 18 item 8 (minimum rate): a site that sends a few bytes now and then, never idle for the deadline,
     held the upload slot for as long as it liked. Below the minimum rate over the window it is cancelled, and the
     other site's update is accepted."""
-    fed = _training(serve, tmp_path, stream_deadlines=StreamDeadlines(idle_s=10.0, min_bytes_per_s=64 << 10,
-                                                                      window_s=1.0))
+    fed = _training(
+        serve, tmp_path, stream_deadlines=StreamDeadlines(idle_s=10.0, min_bytes_per_s=64 << 10, window_s=1.0)
+    )
     stop = threading.Event()
 
     def trickle():
@@ -418,8 +443,9 @@ def test_a_sites_newest_long_poll_wins_and_the_oldest_returns_at_once(serve):
     for n in range(1, 4):
         polls.append(stub.Retrieve.future(apb.RetrieveRequest(wait_seconds=60), timeout=120))
         if n < 3:
-            _wait_until(f"{n} long-poll(s) are held",
-                        lambda n=n: getattr(mailbox._agents.get("hospital-a"), "polls", 0) >= n)
+            _wait_until(
+                f"{n} long-poll(s) are held", lambda n=n: getattr(mailbox._agents.get("hospital-a"), "polls", 0) >= n
+            )
     try:
         assert polls[0].result(timeout=SLOW).requests == []
         assert not polls[1].done() and not polls[2].done()
@@ -452,9 +478,14 @@ def test_one_site_cannot_take_more_than_its_share_of_fl_port_calls(serve):
     threads = [threading.Thread(target=first, args=(i,), daemon=True) for i in range(20)]
     for t in threads:
         t.start()
-    refused = _wait_until("the site's calls past its share are refused",
-                          lambda: [r for r in results if isinstance(r, grpc.RpcError)]
-                          if sum(isinstance(r, grpc.RpcError) for r in results) >= 12 else None)
+    refused = _wait_until(
+        "the site's calls past its share are refused",
+        lambda: (
+            [r for r in results if isinstance(r, grpc.RpcError)]
+            if sum(isinstance(r, grpc.RpcError) for r in results) >= 12
+            else None
+        ),
+    )
     for err in refused:
         assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "hospital-a already has 8 calls in flight on the fl_port; the limit is 8 per site" in err.details()
@@ -476,16 +507,23 @@ def test_a_blob_is_fetchable_only_by_the_sites_it_was_deployed_to_and_deleted_on
         _wait_until("hospital-a is connected", lambda: "hospital-a" in fed.server.mailbox.connected_sites())
         data = _zip(os.urandom(3 << 20))
         admin = fed.admin(ROOT)
-        blob = admin.Upload(iter([_header(data), apb.BlobChunk(data=data[:2 << 20]),
-                                  apb.BlobChunk(data=data[2 << 20:])]), timeout=SLOW).blob_id
-        assert admin.Execute(apb.CommandRequest(command="set-run", targets=["server"], args_json='{"run_number": 1}'),
-                             timeout=SLOW).ok
+        blob = admin.Upload(
+            iter([_header(data), apb.BlobChunk(data=data[: 2 << 20]), apb.BlobChunk(data=data[2 << 20 :])]),
+            timeout=SLOW,
+        ).blob_id
+        assert admin.Execute(
+            apb.CommandRequest(command="set-run", targets=["server"], args_json='{"run_number": 1}'), timeout=SLOW
+        ).ok
         outsider = fed.agent("hospital-b")
         with pytest.raises(grpc.RpcError) as err:  # uploaded, deployed nowhere yet
             list(outsider.FetchBlob(apb.BlobRequest(blob_id=blob), timeout=SLOW))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
-        admin.Execute(apb.CommandRequest(command="deploy", targets=["hospital-a"], args_json=f'{{"blob_id": "{blob}"}}',
-                                         timeout=1), timeout=SLOW)
+        admin.Execute(
+            apb.CommandRequest(
+                command="deploy", targets=["hospital-a"], args_json=f'{{"blob_id": "{blob}"}}', timeout=1
+            ),
+            timeout=SLOW,
+        )
         assert [m.topic for m in agent.received] == ["deploy"]
         with pytest.raises(grpc.RpcError) as err:
             list(outsider.FetchBlob(apb.BlobRequest(blob_id=blob), timeout=SLOW))
@@ -548,8 +586,10 @@ def test_an_idle_unauthenticated_connection_is_dropped_after_the_handshake_timeo
     drops it after its handshake timeout (10 s) on both ports."""
     fed = serve()
     started = time.monotonic()
-    conns = [socket.create_connection(("127.0.0.1", port), timeout=60)
-             for port in (fed.server.admin_port, fed.server.fl_port)]
+    conns = [
+        socket.create_connection(("127.0.0.1", port), timeout=60)
+        for port in (fed.server.admin_port, fed.server.fl_port)
+    ]
     for conn in conns:
         with conn:
             assert conn.recv(1) == b"", "the server closes the connection"

@@ -45,8 +45,11 @@ def test_tokens_differ_between_sites():
     assert first.token != reg.register("site-2", "site-2", None, fp("site-2")).token
 
 
-@pytest.mark.parametrize("name, cert_name", [("site-2", "site-1"), ("site-1", None), ("", "")],
-                         ids=["other-name", "no-certificate", "empty-name"])
+@pytest.mark.parametrize(
+    "name, cert_name",
+    [("site-2", "site-1"), ("site-1", None), ("", "")],
+    ids=["other-name", "no-certificate", "empty-name"],
+)
 def test_register_requires_the_name_of_the_certificate(name, cert_name):
     reg = ClientRegistry()
     with pytest.raises(RegistryError) as err:

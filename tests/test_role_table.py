@@ -32,8 +32,14 @@ ROLES = ("project_admin", "org_admin", "lead", "member")
 ADMINS = {f"{role}@org-a": ("org-a", role) for role in ROLES}
 # Every command that would change a site is vetoed by the sites' own policy, so an allowed one reaches the
 # site (the server's decision is visible in its reply) and changes nothing there.
-SITE_VETO = {"rules": [{"name": "role-table", "deny": ["shutdown", "restart", "abort", "delete-run", "start",
-                                                       "start-mgpu", "run-validation", "deploy"]}]}
+SITE_VETO = {
+    "rules": [
+        {
+            "name": "role-table",
+            "deny": ["shutdown", "restart", "abort", "delete-run", "start", "start-mgpu", "run-validation", "deploy"],
+        }
+    ]
+}
 # Valid arguments whose effect, when allowed, is harmless: an unknown blob, a run that does not exist, ...
 ARGS = {
     "set-run": {"run_number": 1},
@@ -69,7 +75,7 @@ def doc_scopes(text: str) -> dict[str, dict[str, str]]:
     assert start is not None, f"{DOC}: no role table"
     header = [c.strip() for c in lines[start].strip().strip("|").split("|")]
     scopes: dict[str, dict[str, str]] = {}
-    for line in lines[start + 1:]:
+    for line in lines[start + 1 :]:
         if not line.startswith("|"):
             break
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -104,8 +110,9 @@ class Federation(ProvisionedFederation):
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory) -> Federation:
-    with running(tmp_path_factory.mktemp("roles"), "roles", SITES, ADMINS, "project_admin@org-a",
-                 dict.fromkeys(SITES, SITE_VETO)) as out:
+    with running(
+        tmp_path_factory.mktemp("roles"), "roles", SITES, ADMINS, "project_admin@org-a", dict.fromkeys(SITES, SITE_VETO)
+    ) as out:
         yield Federation(out)
 
 
@@ -149,21 +156,23 @@ def test_every_role_command_and_target_is_allowed_or_refused_as_the_docs_role_ta
             for where, targets, args in _cases(command):
                 if command == "restart":
                     fed.hold_off_restarts()
-                request = apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args),
-                                             timeout=10)
+                request = apb.CommandRequest(command=command, targets=targets, args_json=json.dumps(args), timeout=10)
                 reply = stub.Execute(request, timeout=60)
                 refused = not reply.ok and SERVER_POLICY in reply.error
                 expected = allowed(scopes, rights[command], role, where)
                 checked += 1
                 case = f"{role} {command} {' '.join(targets)} {json.dumps(args)} ({where})"
                 if refused == expected:
-                    wrong.append(f"{case}: docs say {'allowed' if expected else 'refused'}; server: "
-                                 f"{reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}")
+                    wrong.append(
+                        f"{case}: docs say {'allowed' if expected else 'refused'}; server: "
+                        f"{reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}"
+                    )
                 elif refused and f"rule {role}." not in reply.error:
                     wrong.append(f"{case}: the refusal does not name the rule: {reply.error}")
                 elif not refused:
-                    lost = [r.error for r in reply.replies
-                            if "is not connected" in r.error or "no reply within" in r.error]
+                    lost = [
+                        r.error for r in reply.replies if "is not connected" in r.error or "no reply within" in r.error
+                    ]
                     assert not lost, f"{case}: the federation was disturbed: {lost}"
     assert checked >= 4 * 30, checked
     assert not wrong, f"{len(wrong)} of {checked} cases differ from {DOC.name}:\n" + "\n".join(wrong)
@@ -182,14 +191,17 @@ def test_deploying_code_needs_train_and_code_on_every_target_as_the_docs_role_ta
     for role in ROLES:
         stub = fed.stub(f"{role}@org-a")
         for where, targets in (("own", [OWN]), ("other", [OTHER]), ("server", ["server"])):
-            request = apb.CommandRequest(command="deploy", targets=targets, timeout=10,
-                                         args_json=json.dumps({"blob_id": blob}))
+            request = apb.CommandRequest(
+                command="deploy", targets=targets, timeout=10, args_json=json.dumps({"blob_id": blob})
+            )
             reply = stub.Execute(request, timeout=60)
             refused = not reply.ok and SERVER_POLICY in reply.error
             expected = allowed(scopes, {"train"}, role, where) and allowed(scopes, {"code"}, role, where)
             if refused == expected:
-                wrong.append(f"{role} deploy code to {where}: docs say {'allowed' if expected else 'refused'}; "
-                             f"server: {reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}")
+                wrong.append(
+                    f"{role} deploy code to {where}: docs say {'allowed' if expected else 'refused'}; "
+                    f"server: {reply.error or [(r.target, r.ok, r.error) for r in reply.replies]}"
+                )
             elif refused and f"rule {role}." not in reply.error:
                 wrong.append(f"{role} deploy code to {where}: the refusal does not name the rule: {reply.error}")
     assert not wrong, "\n".join(wrong)

@@ -29,9 +29,18 @@ W0 = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) / 4, "b": np.array([1.0,
 
 def _config(aggregator: dict, **changes) -> ServerConfig:
     base = ServerConfig(
-        task_name="t", min_num_clients=3, max_num_clients=3, wait_after_min_clients=30.0, start_round=0,
-        num_rounds=3, heart_beat_timeout=30.0, exclude_vars=(), aggregation_weights={},
-        initial_model=None, initial_model_file=None, aggregator=check_spec(aggregator),
+        task_name="t",
+        min_num_clients=3,
+        max_num_clients=3,
+        wait_after_min_clients=30.0,
+        start_round=0,
+        num_rounds=3,
+        heart_beat_timeout=30.0,
+        exclude_vars=(),
+        aggregation_weights={},
+        initial_model=None,
+        initial_model_file=None,
+        aggregator=check_spec(aggregator),
     )
     return dataclasses.replace(base, **changes)
 
@@ -39,9 +48,20 @@ def _config(aggregator: dict, **changes) -> ServerConfig:
 def _start(run_dir: Path, config: ServerConfig, resume: bool = False, scaffold: bool = False) -> FederatedRun:
     if not resume:
         save_model(run_dir / "models" / GLOBAL_MODEL, W0)
-    client = ClientConfig(task_name="t", exclude_vars=(), weight_by="iterations", retry_timeout=30.0,
-                          heartbeat_interval=None, privacy=None, cross_site_validate=False,
-                          scaffold=True) if scaffold else None
+    client = (
+        ClientConfig(
+            task_name="t",
+            exclude_vars=(),
+            weight_by="iterations",
+            retry_timeout=30.0,
+            heartbeat_interval=None,
+            privacy=None,
+            cross_site_validate=False,
+            scaffold=True,
+        )
+        if scaffold
+        else None
+    )
     return FederatedRun(1, run_dir, config, resume=resume, client=client)
 
 
@@ -56,12 +76,14 @@ def _update(round_number: int, k: int, scaffold: bool = False) -> dict[str, np.n
 def _contribute(run: FederatedRun, site: str, update: dict[str, np.ndarray], weight: float = 1.0) -> None:
     r = run.current_round
     run.begin_contribution(site, r)
-    run.commit_contribution(site, r, {k: np.array(v, copy=True) for k, v in update.items()}, weight, {},
-                            lambda: {"s1", "s2", "s3"})
+    run.commit_contribution(
+        site, r, {k: np.array(v, copy=True) for k, v in update.items()}, weight, {}, lambda: {"s1", "s2", "s3"}
+    )
 
 
-def _rounds(run_dir: Path, config: ServerConfig, restart_after: set[tuple[int, int]], scaffold: bool = False
-            ) -> FederatedRun:
+def _rounds(
+    run_dir: Path, config: ServerConfig, restart_after: set[tuple[int, int]], scaffold: bool = False
+) -> FederatedRun:
     """Three rounds of three sites; a fresh FederatedRun (resume=True) after each (round, contribution) listed."""
     run = _start(run_dir, config, scaffold=scaffold)
     for rnd in range(3):
@@ -80,8 +102,9 @@ def _expected(spec: dict, scaffold: bool = False) -> tuple[dict[str, np.ndarray]
     return model, state
 
 
-@pytest.mark.parametrize("spec", [{"name": "FedAdam", "args": {"eta": 0.1}}, {"name": "FedMedian"},
-                                  {"name": "FedAvgM"}])
+@pytest.mark.parametrize(
+    "spec", [{"name": "FedAdam", "args": {"eta": 0.1}}, {"name": "FedMedian"}, {"name": "FedAvgM"}]
+)
 def test_a_restarted_run_gives_the_model_of_an_uninterrupted_one_with_the_aggregator_state(tmp_path, spec):
     config = _config(spec, persist_open_round=True)
     choice = config.aggregator
@@ -114,8 +137,9 @@ def test_scaffold_rounds_update_the_server_control_variate_and_send_it_with_the_
         control = dict(offer.control)
         assert set(control) == {SCAFFOLD_CONTROL_PREFIX + n for n in W0}
         for name in W0:
-            np.testing.assert_allclose(control[SCAFFOLD_CONTROL_PREFIX + name], state[f"scaffold_c/{name}"],
-                                       rtol=1e-6, atol=1e-6)
+            np.testing.assert_allclose(
+                control[SCAFFOLD_CONTROL_PREFIX + name], state[f"scaffold_c/{name}"], rtol=1e-6, atol=1e-6
+            )
     assert json.loads(whole.summary_path.read_text())["site_algorithms"] == ["SCAFFOLD"]
 
 
@@ -166,10 +190,13 @@ def test_a_custom_aggregator_aggregates_the_rounds_in_the_sandboxed_child(tmp_pa
     assert json.loads(run.summary_path.read_text())["aggregator"] == spec
 
 
-@pytest.mark.parametrize(("server", "client", "why"), [
-    ({"aggregator": {"path": "my_aggregators.Momentum"}}, {"scaffold": True}, "SCAFFOLD with a custom aggregator"),
-    (None, {"scaffold": True, "privacy": {"name": "LaplacianProtocol"}}, "SCAFFOLD with a privacy filter"),
-])
+@pytest.mark.parametrize(
+    ("server", "client", "why"),
+    [
+        ({"aggregator": {"path": "my_aggregators.Momentum"}}, {"scaffold": True}, "SCAFFOLD with a custom aggregator"),
+        (None, {"scaffold": True, "privacy": {"name": "LaplacianProtocol"}}, "SCAFFOLD with a privacy filter"),
+    ],
+)
 def test_a_run_combining_algorithms_the_rounds_cannot_run_is_refused_at_start(tmp_path, server, client, why):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
     mmar = copy_mmar(tmp_path / "mmar", server=server, client=client)

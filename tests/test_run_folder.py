@@ -11,8 +11,11 @@ def test_the_layout_names_every_part_of_a_run_folder(tmp_path):
     folder = RunFolder.of(tmp_path, 3)
     assert folder.root == run_dir(tmp_path, 3) == tmp_path / "run_3"
     assert (folder.mmar, folder.models, folder.summary, folder.state) == (
-        tmp_path / "run_3" / "mmar", tmp_path / "run_3" / "models", tmp_path / "run_3" / "summary.json",
-        tmp_path / "run_3" / "state.json")
+        tmp_path / "run_3" / "mmar",
+        tmp_path / "run_3" / "models",
+        tmp_path / "run_3" / "summary.json",
+        tmp_path / "run_3" / "state.json",
+    )
     assert folder.worker_log == tmp_path / "run_3" / "logs" / "worker.log"
     assert folder.cross_site == tmp_path / "run_3" / "cross_site"
     assert folder.completed == tmp_path / "run_3" / "completed.json"

@@ -14,12 +14,23 @@ from fedserver.run_record import (
     metrics_answer,
 )
 
-ROUND0 = {"round": 0, "contributors": ["site-1", "site-2"], "weights": {"site-1": 1.0, "site-2": 3.0},
-          "metrics": {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.7, "note": "text"}}, "privacy": {},
-          "rejected": [{"site": "site-3", "reason": "stale"}], "dropped": [], "duration_s": 1.5}
-SUMMARY = {"run_number": 1, "status": "completed", "rounds": [ROUND0],
-           "final_metrics": {"site-1": {"accuracy": 0.8}, "site-2": {"accuracy": 0.9}},
-           "best_global": {"round": 0, "score": 0.6}}
+ROUND0 = {
+    "round": 0,
+    "contributors": ["site-1", "site-2"],
+    "weights": {"site-1": 1.0, "site-2": 3.0},
+    "metrics": {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.7, "note": "text"}},
+    "privacy": {},
+    "rejected": [{"site": "site-3", "reason": "stale"}],
+    "dropped": [],
+    "duration_s": 1.5,
+}
+SUMMARY = {
+    "run_number": 1,
+    "status": "completed",
+    "rounds": [ROUND0],
+    "final_metrics": {"site-1": {"accuracy": 0.8}, "site-2": {"accuracy": 0.9}},
+    "best_global": {"round": 0, "score": 0.6},
+}
 
 
 @pytest.fixture
@@ -49,13 +60,16 @@ def test_a_missing_summary_is_told_apart_from_an_unreadable_one(record):
     assert record.read() is None
 
 
-@pytest.mark.parametrize(("recorded", "deployed", "status"), [
-    (None, False, "none"),
-    (None, True, "deployed"),
-    ("completed", True, "completed"),
-    ("aborted", True, "aborted"),
-    ("training", True, "aborted"),  # it was training when an earlier server process stopped
-])
+@pytest.mark.parametrize(
+    ("recorded", "deployed", "status"),
+    [
+        (None, False, "none"),
+        (None, True, "deployed"),
+        ("completed", True, "completed"),
+        ("aborted", True, "aborted"),
+        ("training", True, "aborted"),  # it was training when an earlier server process stopped
+    ],
+)
 def test_status_of_a_run_no_live_run_holds(record, recorded, deployed, status):
     if deployed:
         record.folder.mmar.mkdir(parents=True)
@@ -78,8 +92,11 @@ def test_the_metrics_answer_gives_each_round_its_facts_site_metrics_and_mean(rec
     assert r["sites"] == {"site-1": {"accuracy": 0.5}, "site-2": {"accuracy": 0.7}}  # numbers only
     assert r["mean"]["accuracy"] == pytest.approx(0.6)
     assert answer["final"]["mean"]["accuracy"] == pytest.approx(0.85)
-    assert (answer["run_number"], answer["run_status"], answer["best_global"]) == (1, "completed",
-                                                                                     SUMMARY["best_global"])
+    assert (answer["run_number"], answer["run_status"], answer["best_global"]) == (
+        1,
+        "completed",
+        SUMMARY["best_global"],
+    )
 
 
 def test_the_metrics_answer_skips_records_that_are_not_rounds():

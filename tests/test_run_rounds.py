@@ -27,9 +27,17 @@ ONES = {"w": np.ones((2, 3), np.float32), "b": np.ones(3, np.float32), "steps": 
 
 def _config(**changes) -> ServerConfig:
     base = ServerConfig(
-        task_name="t", min_num_clients=2, max_num_clients=8, wait_after_min_clients=30.0, start_round=0,
-        num_rounds=2, heart_beat_timeout=30.0, exclude_vars=(), aggregation_weights={},
-        initial_model=None, initial_model_file=None,
+        task_name="t",
+        min_num_clients=2,
+        max_num_clients=8,
+        wait_after_min_clients=30.0,
+        start_round=0,
+        num_rounds=2,
+        heart_beat_timeout=30.0,
+        exclude_vars=(),
+        aggregation_weights={},
+        initial_model=None,
+        initial_model_file=None,
     )
     return dataclasses.replace(base, **changes)
 
@@ -41,17 +49,34 @@ def _run(tmp_path: Path, **changes) -> FederatedRun:
 
 
 def _scaled(k: float) -> dict[str, np.ndarray]:
-    return {"w": ONES["w"] * np.float32(k), "b": ONES["b"] * np.float32(k),
-            "steps": np.array(ONES["steps"] * int(k), np.int64)}
+    return {
+        "w": ONES["w"] * np.float32(k),
+        "b": ONES["b"] * np.float32(k),
+        "steps": np.array(ONES["steps"] * int(k), np.int64),
+    }
 
 
-def _contribute(run: FederatedRun, site: str, update: dict[str, np.ndarray], active: set[str],
-                weight: float = 1.0, metrics: dict | None = None, privacy: tuple[str, float] = ("", 0.0)) -> None:
+def _contribute(
+    run: FederatedRun,
+    site: str,
+    update: dict[str, np.ndarray],
+    active: set[str],
+    weight: float = 1.0,
+    metrics: dict | None = None,
+    privacy: tuple[str, float] = ("", 0.0),
+) -> None:
     """What the training service does for one accepted upload (the run consumes the arrays: pass copies)."""
     r = run.current_round
     run.begin_contribution(site, r)
-    run.commit_contribution(site, r, {k: np.array(v, copy=True) for k, v in update.items()}, weight,
-                            metrics or {}, lambda: set(active), *privacy)
+    run.commit_contribution(
+        site,
+        r,
+        {k: np.array(v, copy=True) for k, v in update.items()},
+        weight,
+        metrics or {},
+        lambda: set(active),
+        *privacy,
+    )
 
 
 def _model(run: FederatedRun) -> dict[str, np.ndarray]:
@@ -204,9 +229,18 @@ def test_check_tensor_refuses_unknown_variables_and_wrong_shape_or_dtype(tmp_pat
 def test_summary_and_state_record_each_round_until_completed(tmp_path):
     run = _run(tmp_path, start_round=3, num_rounds=2, aggregation_weights={"site-2": 0.5})
     assert _summary(run) == {
-        "run_number": 1, "task_name": "t", "aggregator": {"name": "FedAvg", "args": {}}, "site_algorithms": [],
-        "status": "training", "start_round": 3, "num_rounds": 2,
-        "current_round": 3, "rounds": [], "final_metrics": {}, "best_global": None, "privacy_epsilon_total": {},
+        "run_number": 1,
+        "task_name": "t",
+        "aggregator": {"name": "FedAvg", "args": {}},
+        "site_algorithms": [],
+        "status": "training",
+        "start_round": 3,
+        "num_rounds": 2,
+        "current_round": 3,
+        "rounds": [],
+        "final_metrics": {},
+        "best_global": None,
+        "privacy_epsilon_total": {},
     }
     assert _state(run) == {"run_number": 1, "status": "training", "next_round": 3}
 
@@ -260,8 +294,10 @@ def test_the_privacy_each_contribution_reports_is_recorded_per_round_and_totalle
         _contribute(run, "site-1", _scaled(1), ACTIVE2, privacy=("SVTProtocol", 0.1))
         _contribute(run, "site-2", _scaled(1), ACTIVE2, privacy=("PercentileProtocol", 0.0))
     summary = _summary(run)
-    assert summary["rounds"][0]["privacy"] == {"site-1": {"protocol": "SVTProtocol", "epsilon": 0.1},
-                                               "site-2": {"protocol": "PercentileProtocol", "epsilon": 0.0}}
+    assert summary["rounds"][0]["privacy"] == {
+        "site-1": {"protocol": "SVTProtocol", "epsilon": 0.1},
+        "site-2": {"protocol": "PercentileProtocol", "epsilon": 0.0},
+    }
     assert summary["privacy_epsilon_total"] == {"site-1": pytest.approx(0.2), "site-2": 0.0}
 
 
@@ -475,8 +511,9 @@ def test_a_resumed_run_keeps_the_contributions_the_open_round_had_accepted(tmp_p
     for r in (uninterrupted, run):
         _contribute(r, "site-1", ONES, ACTIVE2)
         _contribute(r, "site-2", ONES, ACTIVE2)
-        _contribute(r, "site-1", _scaled(3), ACTIVE2, weight=2.0, metrics={"accuracy": 0.5},
-                    privacy=("SVTProtocol", 0.25))
+        _contribute(
+            r, "site-1", _scaled(3), ACTIVE2, weight=2.0, metrics={"accuracy": 0.5}, privacy=("SVTProtocol", 0.25)
+        )
     assert run.open_round_path.exists()
 
     resumed = FederatedRun(1, run.run_dir, _config(num_rounds=2), resume=True)
@@ -544,8 +581,11 @@ def test_a_round_whose_aggregate_is_not_finite_is_refused_by_name_and_the_model_
     """Hardening item 3: no non-finite global model is ever written; the round's contributions are refused by
     name, the last good model stays, and the round opens again for new contributions."""
     run_dir = tmp_path / "run_1"
-    near_max = {"w": np.full((2, 3), np.finfo(np.float32).max, np.float32), "b": np.zeros(3, np.float32),
-                "steps": np.array(1, np.int64)}
+    near_max = {
+        "w": np.full((2, 3), np.finfo(np.float32).max, np.float32),
+        "b": np.zeros(3, np.float32),
+        "steps": np.array(1, np.int64),
+    }
     save_model(run_dir / "models" / GLOBAL_MODEL, near_max)
     run = FederatedRun(1, run_dir, _config())
     big = {"w": np.full((2, 3), 3e32, np.float32), "b": np.ones(3, np.float32), "steps": np.array(1, np.int64)}

@@ -47,17 +47,20 @@ def test_a_catastrophic_pattern_answers_at_once():
     assert excluded("a" * 48, "^(a+)+$")
 
 
-@pytest.mark.parametrize(("pattern", "why"), [
-    (r"(a)\1", "groupref"),
-    ("(?=a)b", "assert"),
-    ("(?<!a)b", "assert_not"),
-    ("(?>a*)a", "atomic_group"),
-    ("(?i)a", "inline flags"),
-    (r"\bout", "at_boundary"),
-    ("a{100000}", "states"),
-    ("(", "invalid regular expression"),
-    ("a" * (MAX_PATTERN + 1), "characters long"),
-])
+@pytest.mark.parametrize(
+    ("pattern", "why"),
+    [
+        (r"(a)\1", "groupref"),
+        ("(?=a)b", "assert"),
+        ("(?<!a)b", "assert_not"),
+        ("(?>a*)a", "atomic_group"),
+        ("(?i)a", "inline flags"),
+        (r"\bout", "at_boundary"),
+        ("a{100000}", "states"),
+        ("(", "invalid regular expression"),
+        ("a" * (MAX_PATTERN + 1), "characters long"),
+    ],
+)
 def test_what_an_automaton_cannot_do_is_refused_by_name(pattern, why):
     with pytest.raises(UnsafePattern, match=re.escape(why)):
         compile_safe(pattern)

@@ -53,14 +53,17 @@ def test_commands_outside_the_whitelist_are_refused(ws, command):
         run_shell([command, "x"], ws)
 
 
-@pytest.mark.parametrize("argv, flag", [
-    (["ls", "--color=always"], "--color=always"),
-    (["ls", "-lX"], "-lX"),
-    (["cat", "-n", "run_1/log.txt"], "-n"),
-    (["tail", "-f", "run_1/log.txt"], "-f"),
-    (["grep", "--include=*.txt", "x"], "--include=*.txt"),
-    (["grep", "-f", "startup/key.pem", "run_1/log.txt"], "-f"),
-])
+@pytest.mark.parametrize(
+    "argv, flag",
+    [
+        (["ls", "--color=always"], "--color=always"),
+        (["ls", "-lX"], "-lX"),
+        (["cat", "-n", "run_1/log.txt"], "-n"),
+        (["tail", "-f", "run_1/log.txt"], "-f"),
+        (["grep", "--include=*.txt", "x"], "--include=*.txt"),
+        (["grep", "-f", "startup/key.pem", "run_1/log.txt"], "-f"),
+    ],
+)
 def test_flags_outside_each_commands_whitelist_are_refused(ws, argv, flag):
     with pytest.raises(ShellRefused, match=re.escape(f"flag '{flag}' is not allowed for {argv[0]}")):
         run_shell(argv, ws)
@@ -76,13 +79,16 @@ def test_pwd_takes_no_arguments(ws):
         run_shell(["pwd", ".."], ws)
 
 
-@pytest.mark.parametrize("argv, shown", [
-    (["cat", "../outside.txt"], "../outside.txt"),
-    (["ls", ".."], ".."),
-    (["ls", "/etc"], "/etc"),
-    (["grep", "-r", "secret", "run_1/../.."], "run_1/../.."),
-    (["head", "-n", "1", "/etc/passwd"], "/etc/passwd"),
-])
+@pytest.mark.parametrize(
+    "argv, shown",
+    [
+        (["cat", "../outside.txt"], "../outside.txt"),
+        (["ls", ".."], ".."),
+        (["ls", "/etc"], "/etc"),
+        (["grep", "-r", "secret", "run_1/../.."], "run_1/../.."),
+        (["head", "-n", "1", "/etc/passwd"], "/etc/passwd"),
+    ],
+)
 def test_paths_outside_the_workspace_are_refused(ws, argv, shown):
     with pytest.raises(ShellRefused, match=re.escape(f"shell: path '{shown}' is outside the workspace")):
         run_shell(argv, ws)
@@ -97,14 +103,17 @@ def test_a_symlink_that_escapes_the_workspace_is_refused(ws):
         run_shell(["ls", "run_1/up"], ws)
 
 
-@pytest.mark.parametrize("argv", [
-    ["cat", "startup/key.pem"],
-    ["cat", "startup/fed.json"],
-    ["head", "-n", "1", "notes.key"],
-    ["tail", "run_1/../startup/key.pem"],
-    ["grep", "secret", "startup/key.pem"],
-    ["grep", "-r", "secret", "startup"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cat", "startup/key.pem"],
+        ["cat", "startup/fed.json"],
+        ["head", "-n", "1", "notes.key"],
+        ["tail", "run_1/../startup/key.pem"],
+        ["grep", "secret", "startup/key.pem"],
+        ["grep", "-r", "secret", "startup"],
+    ],
+)
 def test_keys_certificates_and_startup_files_cannot_be_read(ws, argv):
     with pytest.raises(ShellRefused, match="is a key or certificate"):
         run_shell(argv, ws)
@@ -164,7 +173,7 @@ def private_key_pem() -> str:
 def _key_fragments(pem: str) -> list[str]:
     """Every 16-character piece of the key's body: none may appear in any output."""
     body = "".join(pem.strip().splitlines()[1:-1])
-    return [body[i:i + 16] for i in range(0, len(body) - 15, 8)]
+    return [body[i : i + 16] for i in range(0, len(body) - 15, 8)]
 
 
 def _assert_no_key_material(output: str, pem: str) -> None:
@@ -172,15 +181,18 @@ def _assert_no_key_material(output: str, pem: str) -> None:
     assert not leaked, f"key material in the output: {leaked[:3]}"
 
 
-@pytest.mark.parametrize("argv", [
-    ["cat", "notes.txt"],
-    ["grep", "-r", "PRIVATE", "."],
-    ["grep", "-rv", "nothing-matches-this", "."],
-    ["grep", "-v", "--", "-----", "notes.txt"],
-    ["head", "-n", "4", "notes.txt"],
-    ["tail", "-n", "4", "notes.txt"],
-    ["tail", "-n", "+4", "notes.txt"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["cat", "notes.txt"],
+        ["grep", "-r", "PRIVATE", "."],
+        ["grep", "-rv", "nothing-matches-this", "."],
+        ["grep", "-v", "--", "-----", "notes.txt"],
+        ["head", "-n", "4", "notes.txt"],
+        ["tail", "-n", "4", "notes.txt"],
+        ["tail", "-n", "+4", "notes.txt"],
+    ],
+)
 def test_a_private_key_copied_into_the_workspace_never_shows(ws, private_key_pem, argv):
     (ws / "notes.txt").write_text("before the key\n" + private_key_pem + "after the key\n")
 
@@ -218,8 +230,9 @@ def test_text_around_a_key_and_ordinary_output_are_kept(ws, private_key_pem):
     assert result.stdout == f"before\n[private key redacted]\nafter\nsha256 {digest}\n{digest}\nok\n"
 
 
-@pytest.mark.parametrize("path", ["log.txt; touch PWNED", "a|b", "$(touch PWNED)", "`touch PWNED`", "a && b",
-                                  "x > y", "a\nb"])
+@pytest.mark.parametrize(
+    "path", ["log.txt; touch PWNED", "a|b", "$(touch PWNED)", "`touch PWNED`", "a && b", "x > y", "a\nb"]
+)
 def test_a_path_holding_shell_syntax_is_refused_naming_it(ws, path):
     with pytest.raises(ShellRefused, match="holds shell syntax"):
         run_shell(["cat", path], ws)

@@ -15,8 +15,9 @@ from fedcommon.mmar import MMARError, load_mmar
 from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely, zip_folder
 
 
-def _zip(path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]],
-         compression: int = zipfile.ZIP_DEFLATED) -> Path:
+def _zip(
+    path: Path, entries: list[tuple[str | zipfile.ZipInfo, bytes]], compression: int = zipfile.ZIP_DEFLATED
+) -> Path:
     with zipfile.ZipFile(path, "w", compression=compression) as archive:
         for name, data in entries:
             archive.writestr(name, data)
@@ -124,8 +125,8 @@ def test_a_header_that_understates_the_size_is_caught_while_extracting(tmp_path)
     # Shrink the declared size (local and central header) of the last entry from 1000 to 10 bytes.
     old, new = (1000).to_bytes(4, "little"), (10).to_bytes(4, "little")
     for i in (data.rfind(b"PK\x03\x04") + 22, data.rfind(b"PK\x01\x02") + 24):
-        assert data[i:i + 4] == old
-        data[i:i + 4] = new
+        assert data[i : i + 4] == old
+        data[i : i + 4] = new
     archive.write_bytes(bytes(data))
     dest = tmp_path / "out" / "mmar"
     with pytest.raises((UnsafeArchiveError, zipfile.BadZipFile)):
@@ -162,8 +163,9 @@ def test_a_failing_check_leaves_the_existing_tree_in_place(tmp_path):
     dest = tmp_path / "out" / "mmar"
     extract_zip_safely(_zip(tmp_path / "a.zip", GOOD), dest)
     with pytest.raises(MMARError):
-        extract_zip_safely(_zip(tmp_path / "b.zip", [("config/config_train.json", b"{not json")]), dest,
-                           check=load_mmar)
+        extract_zip_safely(
+            _zip(tmp_path / "b.zip", [("config/config_train.json", b"{not json")]), dest, check=load_mmar
+        )
     assert (dest / "custom" / "model.py").exists()
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mmar"]
 
@@ -223,18 +225,20 @@ def _point_entry_at(archive: Path, index: int, offset: int) -> None:
     with zipfile.ZipFile(archive) as z:
         at = z.start_dir
     for _ in range(index):
-        assert data[at:at + 4] == b"PK\x01\x02"
-        name_len, extra_len, comment_len = struct.unpack("<HHH", data[at + 28:at + 34])
+        assert data[at : at + 4] == b"PK\x01\x02"
+        name_len, extra_len, comment_len = struct.unpack("<HHH", data[at + 28 : at + 34])
         at += 46 + name_len + extra_len + comment_len
-    data[at + 42:at + 46] = struct.pack("<I", offset)
+    data[at + 42 : at + 46] = struct.pack("<I", offset)
     archive.write_bytes(bytes(data))
 
 
 def test_entries_that_share_their_data_are_refused(tmp_path):
     """Hardening (degraded): overlapping entries sharing one deflate stream passed the 200:1 ratio check, and
     19.8 KB uploaded became 67 MB at a site."""
-    archive = _zip(tmp_path / "overlap.zip", [("config/a.bin", b"\0" * 4096), ("config/b.bin", b"\0" * 4096),
-                                              ("config/c.bin", b"\0" * 4096)])
+    archive = _zip(
+        tmp_path / "overlap.zip",
+        [("config/a.bin", b"\0" * 4096), ("config/b.bin", b"\0" * 4096), ("config/c.bin", b"\0" * 4096)],
+    )
     _point_entry_at(archive, 1, 0)
     _point_entry_at(archive, 2, 0)
     _assert_refused(tmp_path, archive, "overlaps", "zip bomb")
@@ -245,6 +249,6 @@ def test_an_entry_running_into_the_central_directory_is_refused(tmp_path):
     data = bytearray(archive.read_bytes())
     with zipfile.ZipFile(archive) as z:
         at = z.start_dir
-    data[at + 20:at + 24] = struct.pack("<I", 100_000)  # the directory's compressed size of the entry
+    data[at + 20 : at + 24] = struct.pack("<I", 100_000)  # the directory's compressed size of the entry
     archive.write_bytes(bytes(data))
     _assert_refused(tmp_path, archive, "overlaps the central directory")

@@ -20,10 +20,26 @@ pytest.importorskip("monai", reason="the segmentation example needs MONAI: pip i
 nib = pytest.importorskip("nibabel", reason="the segmentation example needs nibabel: pip install 'fedlearn[examples]'")
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "segmentation-3d"
-TINY = {"volume_size": 16, "num_train": 2, "num_val": 1, "channels": [4, 8], "epochs_per_round": 1,
-        "sw_batch_size": 1, "sites": {"site-1": {"num_objs": 3, "rad_min": 2, "rad_max": 5, "seed": 1},
-                                      "site-2": {"num_objs": 2, "rad_min": 3, "rad_max": 6, "noise_max": 0.5,
-                                                 "intensity_scale": 500.0, "spacing": 1.25, "seed": 2}}}
+TINY = {
+    "volume_size": 16,
+    "num_train": 2,
+    "num_val": 1,
+    "channels": [4, 8],
+    "epochs_per_round": 1,
+    "sw_batch_size": 1,
+    "sites": {
+        "site-1": {"num_objs": 3, "rad_min": 2, "rad_max": 5, "seed": 1},
+        "site-2": {
+            "num_objs": 2,
+            "rad_min": 3,
+            "rad_max": 6,
+            "noise_max": 0.5,
+            "intensity_scale": 500.0,
+            "spacing": 1.25,
+            "seed": 2,
+        },
+    },
+}
 
 
 def _volumes():
@@ -70,8 +86,9 @@ def test_a_sites_volumes_are_written_once_as_nifti_with_a_datalist_and_reused(tm
     image = nib.load(entries[0]["image"])
     assert image.shape == (16, 16, 16) and set(np.unique(nib.load(entries[0]["label"]).get_fdata())) <= {0, 1}
 
-    other = volumes.synthetic_datalist(tmp_path, "site-1", volumes.SiteVolumes(num_objs=3, rad_min=2, rad_max=5,
-                                                                               seed=2), 16, 2, 1)
+    other = volumes.synthetic_datalist(
+        tmp_path, "site-1", volumes.SiteVolumes(num_objs=3, rad_min=2, rad_max=5, seed=2), 16, 2, 1
+    )
     assert other.parent != first.parent, "changed knobs get volumes of their own"
 
 
@@ -91,8 +108,11 @@ def test_sites_differ_in_intensity_and_voxel_spacing(tmp_path):
 def test_a_missing_image_is_named_with_the_site_and_nothing_starts(tmp_path):
     entry = _pair(tmp_path / "images", "a")
     datalist = _datalist(tmp_path, [entry, {"image": "images/gone.nii.gz", "label": entry["label"]}])
-    with pytest.raises(ComponentError, match=r"site-1: image file .*images/gone\.nii\.gz does not exist; "
-                                             r"nothing was started"):
+    with pytest.raises(
+        ComponentError,
+        match=r"site-1: image file .*images/gone\.nii\.gz does not exist; "
+        r"nothing was started",
+    ):
         make_trainer("site-1", tmp_path, datalist=str(datalist))
 
 
@@ -114,8 +134,11 @@ def test_a_truncated_volume_is_named_when_its_data_cannot_be_read(tmp_path):
 
 def test_a_label_whose_shape_differs_from_its_image_is_refused(tmp_path):
     entry = _pair(tmp_path / "images", "a", label_shape=(16, 16, 12))
-    with pytest.raises(ComponentError, match=r"site-1: label .*a_seg\.nii\.gz has shape \(16, 16, 12\) but its image "
-                                             r".*a_img\.nii\.gz has \(16, 16, 16\)"):
+    with pytest.raises(
+        ComponentError,
+        match=r"site-1: label .*a_seg\.nii\.gz has shape \(16, 16, 12\) but its image "
+        r".*a_img\.nii\.gz has \(16, 16, 16\)",
+    ):
         make_trainer("site-1", tmp_path, datalist=str(_datalist(tmp_path, [entry])))
 
 
@@ -129,8 +152,11 @@ def test_an_empty_datalist_is_refused_naming_the_file_and_the_site(tmp_path):
 
 
 def test_a_site_without_volume_settings_is_named_with_the_known_ones(tmp_path):
-    with pytest.raises(ComponentError, match=r"site 'site-9' has no entry in the trainer's 'sites' \(known: site-1, "
-                                             r"site-2\)"):
+    with pytest.raises(
+        ComponentError,
+        match=r"site 'site-9' has no entry in the trainer's 'sites' \(known: site-1, "
+        r"site-2\)",
+    ):
         make_trainer("site-9", tmp_path)
     assert set(load_mmar(EXAMPLE).train.trainer.args["sites"]) == {"site-1", "site-2", "hospital-a", "hospital-b"}
 
@@ -144,8 +170,11 @@ def test_out_of_gpu_memory_says_which_knob_to_lower(tmp_path, monkeypatch):
 
     monkeypatch.setattr(trainer, "_train", no_memory)
     monkeypatch.setattr(trainer, "_validate", no_memory)
-    with pytest.raises(RuntimeError, match=r"site-1: out of GPU memory while training \(batch_size=2, num_samples=1, "
-                                           r"roi_size=16, .*lower batch_size first, then num_samples") as e:
+    with pytest.raises(
+        RuntimeError,
+        match=r"site-1: out of GPU memory while training \(batch_size=2, num_samples=1, "
+        r"roi_size=16, .*lower batch_size first, then num_samples",
+    ) as e:
         trainer.train()
     assert type(e.value).__name__ == "GpuMemoryError" and type(e.value).__module__ == module
     assert isinstance(e.value.__cause__, torch.cuda.OutOfMemoryError)

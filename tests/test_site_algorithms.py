@@ -136,9 +136,17 @@ def test_scaffold_sends_no_delta_c_for_excluded_variables(tmp_path: Path):
 
 
 def test_from_config_and_split_control(tmp_path: Path):
-    config = ClientConfig(task_name="t", exclude_vars=(), weight_by="samples", retry_timeout=1.0,
-                          heartbeat_interval=None, privacy=None, cross_site_validate=False, fedprox_mu=0.01,
-                          scaffold=True)
+    config = ClientConfig(
+        task_name="t",
+        exclude_vars=(),
+        weight_by="samples",
+        retry_timeout=1.0,
+        heartbeat_interval=None,
+        privacy=None,
+        cross_site_validate=False,
+        fedprox_mu=0.01,
+        scaffold=True,
+    )
     algorithms = SiteAlgorithms.from_config(config, tmp_path)
     assert algorithms.names == ["FedProx(mu=0.01)", "SCAFFOLD"]
     assert algorithms.scaffold.state_path == tmp_path / SCAFFOLD_STATE_FILE

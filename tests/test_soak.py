@@ -30,10 +30,16 @@ MAX_MORE_RSS = 24 << 20
 
 
 def _proc(pid: int) -> dict[str, int]:
-    status = {line.split(":")[0]: line.split()[1] for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-              if line.startswith(("Threads:", "VmRSS:"))}
-    return {"threads": int(status["Threads"]), "rss": int(status["VmRSS"]) * 1024,
-            "fds": len(list(Path(f"/proc/{pid}/fd").iterdir()))}
+    status = {
+        line.split(":")[0]: line.split()[1]
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        if line.startswith(("Threads:", "VmRSS:"))
+    }
+    return {
+        "threads": int(status["Threads"]),
+        "rss": int(status["VmRSS"]) * 1024,
+        "fds": len(list(Path(f"/proc/{pid}/fd").iterdir())),
+    }
 
 
 def _site(ws: Path, name: str, target: str, reached: dict[int, threading.Event], errors: list[str]) -> None:
@@ -53,10 +59,12 @@ def _site(ws: Path, name: str, target: str, reached: dict[int, threading.Event],
             if head.round in reached:
                 reached[head.round].set()
             update = {k: np.zeros_like(v) for k, v in model.items()}
-            header = pb.ModelHeader(run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0,
-                                    num_tensors=len(update))
-            reply = stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *encode_tensors(update)]), metadata=md,
-                                      timeout=60)
+            header = pb.ModelHeader(
+                run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0, num_tensors=len(update)
+            )
+            reply = stub.SubmitUpdate(
+                iter([pb.ModelChunk(header=header), *encode_tensors(update)]), metadata=md, timeout=60
+            )
             if not reply.accepted:
                 errors.append(f"{name} round {head.round}: {reply.reason}")
                 return
@@ -68,15 +76,19 @@ def _site(ws: Path, name: str, target: str, reached: dict[int, threading.Event],
 
 def test_many_short_rounds_and_commands_grow_no_threads_files_or_memory(tmp_path):
     ws = prepare_workspace(tmp_path / "ws", clients=2)
-    mmar = copy_mmar(tmp_path / "mmar", server={"min_num_clients": 2, "num_rounds": ROUNDS,
-                                                "initial_model": {"file": "models/initial.fl"}})
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={"min_num_clients": 2, "num_rounds": ROUNDS, "initial_model": {"file": "models/initial.fl"}},
+    )
     save_model(mmar / "models" / "initial.fl", {"w": np.zeros((512, 512), np.float32), "b": np.zeros(512, np.float32)})
     kit = load_kit(ws / "site-1")
     reached = {WARM: threading.Event(), ROUNDS - 1: threading.Event()}
     errors: list[str] = []
     with server_process(ws / "server", "--mmar", str(mmar)) as server:
-        sites = [threading.Thread(target=_site, args=(ws, f"site-{k}", kit.fl_target, reached, errors), daemon=True)
-                 for k in (1, 2)]
+        sites = [
+            threading.Thread(target=_site, args=(ws, f"site-{k}", kit.fl_target, reached, errors), daemon=True)
+            for k in (1, 2)
+        ]
         for t in sites:
             t.start()
         with AdminConnection(ws / "admin", timeout=10) as admin:
@@ -86,8 +98,7 @@ def test_many_short_rounds_and_commands_grow_no_threads_files_or_memory(tmp_path
                 assert admin.execute("status", ["server"]).ok
         for t in sites:
             t.join(60)
-        summary = wait_json(ws / "server" / "run_1" / "summary.json", lambda s: s["status"] == "completed",
-                            timeout=30)
+        summary = wait_json(ws / "server" / "run_1" / "summary.json", lambda s: s["status"] == "completed", timeout=30)
         after = _proc(server.pid)
     assert not errors, errors
     assert [r["round"] for r in summary["rounds"]] == list(range(ROUNDS))

@@ -12,8 +12,21 @@ import pytest
 from fedcommon import sysinfo
 from fedcommon.sysinfo import collect_sysinfo, parse_gpu_csv
 
-KEYS = {"hostname", "platform", "python", "torch", "cpu_count", "cpu_percent", "load_avg", "memory_total",
-        "memory_available", "disk_total", "disk_free", "gpus", "training_status"}
+KEYS = {
+    "hostname",
+    "platform",
+    "python",
+    "torch",
+    "cpu_count",
+    "cpu_percent",
+    "load_avg",
+    "memory_total",
+    "memory_available",
+    "disk_total",
+    "disk_free",
+    "gpus",
+    "training_status",
+}
 
 
 def _fake_nvidia_smi(folder, script: str, monkeypatch) -> None:
@@ -36,8 +49,9 @@ def test_sysinfo_has_exactly_the_contract_keys_with_sizes_in_bytes(tmp_path):
 
 
 def test_torch_is_not_imported_to_learn_its_version():
-    code = "import sys; from fedcommon.sysinfo import collect_sysinfo; collect_sysinfo('x'); " \
-           "print('torch' in sys.modules)"
+    code = (
+        "import sys; from fedcommon.sysinfo import collect_sysinfo; collect_sysinfo('x'); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -48,13 +62,24 @@ def test_no_nvidia_smi_means_no_gpus(tmp_path, monkeypatch):
 
 
 def test_gpus_come_from_nvidia_smi(tmp_path, monkeypatch):
-    _fake_nvidia_smi(tmp_path, "echo '0, NVIDIA H200, 143771, 512, 7'\necho '1, NVIDIA H200, 143771, [N/A], 0'",
-                     monkeypatch)
+    _fake_nvidia_smi(
+        tmp_path, "echo '0, NVIDIA H200, 143771, 512, 7'\necho '1, NVIDIA H200, 143771, [N/A], 0'", monkeypatch
+    )
     assert sysinfo.gpu_info() == [
-        {"index": 0, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": 512,
-         "utilization_percent": 7},
-        {"index": 1, "name": "NVIDIA H200", "memory_total_mib": 143771, "memory_used_mib": None,
-         "utilization_percent": 0},
+        {
+            "index": 0,
+            "name": "NVIDIA H200",
+            "memory_total_mib": 143771,
+            "memory_used_mib": 512,
+            "utilization_percent": 7,
+        },
+        {
+            "index": 1,
+            "name": "NVIDIA H200",
+            "memory_total_mib": 143771,
+            "memory_used_mib": None,
+            "utilization_percent": 0,
+        },
     ]
 
 
@@ -71,7 +96,9 @@ def test_a_hanging_nvidia_smi_is_given_up_on(tmp_path, monkeypatch):
     assert time.monotonic() - started < 5
 
 
-@pytest.mark.parametrize("line, name", [("2, Tesla V100-SXM2-16GB, 16160, 0, 0", "Tesla V100-SXM2-16GB"),
-                                        ("3, Odd, Name, 100, 1, 2", "Odd, Name")])
+@pytest.mark.parametrize(
+    "line, name",
+    [("2, Tesla V100-SXM2-16GB, 16160, 0, 0", "Tesla V100-SXM2-16GB"), ("3, Odd, Name, 100, 1, 2", "Odd, Name")],
+)
 def test_gpu_names_are_kept_whole(line, name):
     assert parse_gpu_csv(line)[0]["name"] == name

@@ -28,10 +28,16 @@ W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 def federation(tmp_path):
     """A running in-process server (run 1, 2 rounds, 2 sites needed) and the POC workspace."""
     ws = prepare_workspace(tmp_path / "ws", clients=3)
-    mmar = copy_mmar(tmp_path / "mmar", server={
-        "initial_model": {"file": "models/initial.fl"}, "min_num_clients": 2, "num_rounds": 2,
-        "wait_after_min_clients": 30, "heart_beat_timeout": 30,
-    })
+    mmar = copy_mmar(
+        tmp_path / "mmar",
+        server={
+            "initial_model": {"file": "models/initial.fl"},
+            "min_num_clients": 2,
+            "num_rounds": 2,
+            "wait_after_min_clients": 30,
+            "heart_beat_timeout": 30,
+        },
+    )
     save_model(mmar / "models" / "initial.fl", W0)
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
     server.start_run(mmar)
@@ -52,8 +58,13 @@ def _register(ws, site, target):
 
 
 def _submit(stub, md, tensors, round_number=0, weight=1.0, run_number=1, num_tensors=None, extra=()):
-    header = pb.ModelHeader(run_number=run_number, round=round_number, kind="delta_w", weight=weight,
-                            num_tensors=len(tensors) if num_tensors is None else num_tensors)
+    header = pb.ModelHeader(
+        run_number=run_number,
+        round=round_number,
+        kind="delta_w",
+        weight=weight,
+        num_tensors=len(tensors) if num_tensors is None else num_tensors,
+    )
     chunks = [pb.ModelChunk(header=header), *encode_tensors(tensors), *extra]
     return stub.SubmitUpdate(iter(chunks), metadata=md, timeout=10)
 

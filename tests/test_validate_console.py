@@ -200,8 +200,10 @@ def test_a_failed_reply_exits_1_with_the_error_in_the_table(server):
             ("validate", ["server"], {"run_number": 3, "site": "hospital-a", "owner": "server"}),
         ),
         (["--start"], ("run-validation", ["client"], {})),
-        (["--start", "-r", "4", "hospital-a", "hospital-b", "hospital-c"],
-         ("run-validation", ["hospital-a", "hospital-b", "hospital-c"], {"run_number": 4})),
+        (
+            ["--start", "-r", "4", "hospital-a", "hospital-b", "hospital-c"],
+            ("run-validation", ["hospital-a", "hospital-b", "hospital-c"], {"run_number": 4}),
+        ),
     ],
 )
 def test_validate_sends_the_command_targets_and_arguments(server, argv, call):
@@ -212,10 +214,14 @@ def test_validate_sends_the_command_targets_and_arguments(server, argv, call):
 
 
 def test_run_prints_each_sites_reply_and_fails_if_one_failed(server):
-    server.outcome = CommandOutcome("run-validation", False, [
-        TargetReply("hospital-a", True, {"run_number": 1, "pid": 1234}),
-        TargetReply("hospital-b", False, error="run 1 is not deployed"),
-    ])
+    server.outcome = CommandOutcome(
+        "run-validation",
+        False,
+        [
+            TargetReply("hospital-a", True, {"run_number": 1, "pid": 1234}),
+            TargetReply("hospital-b", False, error="run 1 is not deployed"),
+        ],
+    )
     result = fedadmin("--json", "validate", "--start")
     assert result.exit_code == 1
     report = json.loads(result.stdout)

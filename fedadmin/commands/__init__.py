@@ -140,7 +140,7 @@ class ConsoleGroup(click.Group):
         i = 0
         while i < len(args) and args[i].startswith("-") and args[i] != "--":
             i += 1 + (0 if "=" in args[i] else GLOBAL_OPTIONS.get(args[i], 0))
-        if i >= len(args) or not any(a.split("=", 1)[0] in GLOBAL_OPTIONS for a in args[i + 1:]):
+        if i >= len(args) or not any(a.split("=", 1)[0] in GLOBAL_OPTIONS for a in args[i + 1 :]):
             return args
         command = self.get_command(ctx, args[i])
         if command is None or command.context_settings.get("ignore_unknown_options"):
@@ -156,7 +156,7 @@ class ConsoleGroup(click.Group):
                 break
             if name in GLOBAL_OPTIONS and name not in own:
                 take = 1 + (0 if "=" in args[j] else GLOBAL_OPTIONS[name])
-                moved += args[j:j + take]
+                moved += args[j : j + take]
                 j += take
             else:
                 rest.append(args[j])
@@ -264,8 +264,10 @@ def connect(options: ConsoleOptions) -> AdminConnection:
         raise click.UsageError("no admin kit: pass --kit DIR (the admin's participant folder) or set FEDADMIN_KIT")
     if not options.kit.is_dir():
         # A mistyped folder is a usage error (exit 2), not a server that cannot be reached (exit 3).
-        raise click.UsageError(f"admin kit {options.kit}: no such folder (--kit or FEDADMIN_KIT names the admin's "
-                               "participant folder, the one holding startup/)")
+        raise click.UsageError(
+            f"admin kit {options.kit}: no such folder (--kit or FEDADMIN_KIT names the admin's "
+            "participant folder, the one holding startup/)"
+        )
     from fedadmin.connection import AdminConnection
 
     return AdminConnection(options.kit, options.timeout)

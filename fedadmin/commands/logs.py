@@ -54,9 +54,14 @@ class LogsResult:
         r = self.reply
         if self.outcome.error or not r.ok:
             return {"target": self.target, "error": self.outcome.error or r.error or "failed"}
-        return {"target": self.target, "file": r.data.get("file"), "lines": r.data.get("lines") or [],
-                "truncated": bool(r.data.get("truncated")), "missing": bool(r.data.get("missing")),
-                "cursor": r.data.get("cursor")}
+        return {
+            "target": self.target,
+            "file": r.data.get("file"),
+            "lines": r.data.get("lines") or [],
+            "truncated": bool(r.data.get("truncated")),
+            "missing": bool(r.data.get("missing")),
+            "cursor": r.data.get("cursor"),
+        }
 
     def __rich__(self) -> Any:
         from rich.console import Group
@@ -71,8 +76,10 @@ class LogsResult:
         lines = r.data.get("lines") or []
         what = f"last {len(lines)} line{'s' if len(lines) != 1 else ''}" if lines else "no lines"
         what += f" at {self.level} or above" if self.level else ""
-        header = Text(f"{self.target}: {name}, {what}" + (" (older lines left out)" if r.data.get("truncated")
-                                                             else ""), style="dim")
+        header = Text(
+            f"{self.target}: {name}, {what}" + (" (older lines left out)" if r.data.get("truncated") else ""),
+            style="dim",
+        )
         return Group(header, _log_lines(lines))
 
 
@@ -86,16 +93,30 @@ def _check_target(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 @click.command("logs")
 @click.argument("target", callback=_check_target)
-@click.option("--run", "run_number", type=click.IntRange(min=1),
-              help="A site's worker log of run N (default: the site agent's or server's own log).")
-@click.option("--lines", "-n", type=click.IntRange(1, MAX_LINES), default=50, show_default=True,
-              help="How many of the last lines to show.")
+@click.option(
+    "--run",
+    "run_number",
+    type=click.IntRange(min=1),
+    help="A site's worker log of run N (default: the site agent's or server's own log).",
+)
+@click.option(
+    "--lines",
+    "-n",
+    type=click.IntRange(1, MAX_LINES),
+    default=50,
+    show_default=True,
+    help="How many of the last lines to show.",
+)
 @click.option("--follow", "-f", is_flag=True, help="Keep showing new lines until Ctrl-C.")
-@click.option("--level", type=click.Choice(LEVELS, case_sensitive=False),
-              help="Only records at this level or above (a traceback goes with its record).")
+@click.option(
+    "--level",
+    type=click.Choice(LEVELS, case_sensitive=False),
+    help="Only records at this level or above (a traceback goes with its record).",
+)
 @click.pass_obj
-def logs(options: ConsoleOptions, target: str, run_number: int | None, lines: int, follow: bool,
-         level: str | None) -> None:
+def logs(
+    options: ConsoleOptions, target: str, run_number: int | None, lines: int, follow: bool, level: str | None
+) -> None:
     """Show the last lines of TARGET's log (server or a site); --follow streams new lines until Ctrl-C."""
     args: dict[str, Any] = {"lines": lines}
     if run_number is not None:

@@ -45,8 +45,11 @@ class MetricsResult(ServerAnswer):
             return failure
         if self.metric is not None and not any(self.metric in (r.get("mean") or {}) for r in self.records):
             return f"no site reported {self.metric!r} in run {self.data.get('run_number')}"
-        return "" if chosen_metric(self.data, self.metric) is not None or not self.records else \
-            "the sites reported no metrics"
+        return (
+            ""
+            if chosen_metric(self.data, self.metric) is not None or not self.records
+            else "the sites reported no metrics"
+        )
 
     @property
     def data(self) -> dict[str, Any]:
@@ -64,9 +67,14 @@ class MetricsResult(ServerAnswer):
     def to_json(self) -> dict[str, Any]:
         if not self.ok:
             return self.failure_json()
-        out = {"run_number": self.data.get("run_number"), "run_status": self.data.get("run_status"),
-               "aggregator": self.data.get("aggregator"), "site_algorithms": self.data.get("site_algorithms") or [],
-               "metric": chosen_metric(self.data, self.metric), "records": self.records}
+        out = {
+            "run_number": self.data.get("run_number"),
+            "run_status": self.data.get("run_status"),
+            "aggregator": self.data.get("aggregator"),
+            "site_algorithms": self.data.get("site_algorithms") or [],
+            "metric": chosen_metric(self.data, self.metric),
+            "records": self.records,
+        }
         if self.png is not None:
             out["png"] = str(self.png)
         return out
@@ -76,18 +84,37 @@ class MetricsResult(ServerAnswer):
 
         if not self.ok:
             return render.failure_line(self.command, self.error)
-        algorithms = render.algorithms_text(self.data.get("aggregator"), self.data.get("site_algorithms")) \
-            if self.data.get("aggregator") else ""
-        return render.metrics_view(self.data.get("run_number"), self.data.get("run_status"), self.records,
-                                   chosen_metric(self.data, self.metric), self.png, algorithms)
+        algorithms = (
+            render.algorithms_text(self.data.get("aggregator"), self.data.get("site_algorithms"))
+            if self.data.get("aggregator")
+            else ""
+        )
+        return render.metrics_view(
+            self.data.get("run_number"),
+            self.data.get("run_status"),
+            self.records,
+            chosen_metric(self.data, self.metric),
+            self.png,
+            algorithms,
+        )
 
 
 @click.command("metrics")
-@click.option("--run", "run_number", type=click.IntRange(min=1), default=None,
-              help="The run to show (default: the current run number).")
+@click.option(
+    "--run",
+    "run_number",
+    type=click.IntRange(min=1),
+    default=None,
+    help="The run to show (default: the current run number).",
+)
 @click.option("--metric", "-m", default=None, help="The metric to show (default: accuracy, else the first loss).")
-@click.option("--png", "png", type=click.Path(dir_okay=False, writable=True, path_type=Path), default=None,
-              help="Also write the learning curves (each site and the mean) to this PNG file (needs matplotlib).")
+@click.option(
+    "--png",
+    "png",
+    type=click.Path(dir_okay=False, writable=True, path_type=Path),
+    default=None,
+    help="Also write the learning curves (each site and the mean) to this PNG file (needs matplotlib).",
+)
 @click.pass_obj
 def metrics(options: ConsoleOptions, run_number: int | None, metric: str | None, png: Path | None) -> None:
     """Show per round the global model's metrics as each site measured them, their mean, and a chart of it."""
@@ -101,6 +128,7 @@ def metrics(options: ConsoleOptions, run_number: int | None, metric: str | None,
     if png is not None and result.ok:
         from fedadmin.plot import write_learning_curves
 
-        write_learning_curves(png, result.records, chosen_metric(result.data, metric) or "",
-                              f"run {result.data.get('run_number')}")
+        write_learning_curves(
+            png, result.records, chosen_metric(result.data, metric) or "", f"run {result.data.get('run_number')}"
+        )
     emit(options, result)

@@ -72,8 +72,7 @@ class ProjectProvisioned:
         unlisted = [p.name for p in r.participants if not p.listed and p.status != "revoked"]
         if unlisted:
             lines.append(
-                f"Not in the project file but still valid: {', '.join(unlisted)}; "
-                "--revoke them to shut them out."
+                f"Not in the project file but still valid: {', '.join(unlisted)}; --revoke them to shut them out."
             )
         return Group(*lines)
 

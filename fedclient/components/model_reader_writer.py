@@ -17,8 +17,9 @@ class ModelProcessor:
         """A numpy copy of every variable of the fitter's model, in state_dict order."""
         return state_dict_to_numpy(fitter.model.state_dict())
 
-    def apply_model(self, fitter, model_params: Mapping[str, np.ndarray],
-                    exclude_vars: tuple[str, ...] | str = ()) -> bool:
+    def apply_model(
+        self, fitter, model_params: Mapping[str, np.ndarray], exclude_vars: tuple[str, ...] | str = ()
+    ) -> bool:
         """Load `model_params` (minus excluded variables) into the fitter's model; True if anything changed."""
         keep = {k: v for k, v in model_params.items() if not excluded(k, exclude_vars)}
         return bool(load_numpy_into_module(fitter.model, keep))

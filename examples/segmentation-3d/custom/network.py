@@ -14,5 +14,11 @@ class SegmentationUNet(UNet):
         channels = tuple(int(c) for c in channels)
         if len(channels) < 2 or min(channels) < 1:
             raise ValueError(f"channels must list at least two positive widths, got {list(channels)}")
-        super().__init__(spatial_dims=3, in_channels=1, out_channels=1, channels=channels,
-                         strides=(2,) * (len(channels) - 1), num_res_units=num_res_units)
+        super().__init__(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=1,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=num_res_units,
+        )

@@ -58,12 +58,10 @@ def out_of_memory_hint(site: str, phase: str, knobs: dict) -> str:
     lower = {
         "training": "lower batch_size first, then num_samples (crops per volume) or roi_size, or channels",
         "validating": "lower sw_batch_size first, then roi_size (the sliding window)",
-        "caching": "set cache_on_device to false (volumes then stay in host memory), or lower num_train or "
-                   "volume_size",
+        "caching": "set cache_on_device to false (volumes then stay in host memory), or lower num_train or volume_size",
     }[phase]
     amp = "" if knobs.get("amp", True) else "; or turn amp on (half the activation memory)"
-    return (f"{site}: out of GPU memory while {phase} ({shown}): in config_train.json's trainer args, "
-            f"{lower}{amp}")
+    return f"{site}: out of GPU memory while {phase} ({shown}): in config_train.json's trainer args, {lower}{amp}"
 
 
 def _out_of_memory(e: BaseException | None) -> bool:
@@ -103,8 +101,9 @@ class SegmentationTrainer:
         seed: int = 0,
     ) -> None:
         if epochs_per_round < 1 or batch_size < 1 or num_samples < 1 or sw_batch_size < 1 or learning_rate <= 0:
-            raise ValueError("epochs_per_round, batch_size, num_samples and sw_batch_size must be >= 1 and "
-                             "learning_rate > 0")
+            raise ValueError(
+                "epochs_per_round, batch_size, num_samples and sw_batch_size must be >= 1 and learning_rate > 0"
+            )
         self.site_name = site_name
         self.epochs_per_round = epochs_per_round
         self.batch_size = batch_size
@@ -116,9 +115,16 @@ class SegmentationTrainer:
         gpu = dist.get_backend() == "nccl" if dist.is_initialized() else torch.cuda.is_available()
         self.device = torch.device("cuda", torch.cuda.current_device()) if gpu else torch.device("cpu")
         self.amp = bool(amp) and gpu
-        self._knobs = {"batch_size": batch_size, "num_samples": num_samples, "roi_size": self.roi_size[0],
-                       "sw_batch_size": sw_batch_size, "channels": list(channels), "volume_size": volume_size,
-                       "num_train": num_train, "amp": self.amp}
+        self._knobs = {
+            "batch_size": batch_size,
+            "num_samples": num_samples,
+            "roi_size": self.roi_size[0],
+            "sw_batch_size": sw_batch_size,
+            "channels": list(channels),
+            "volume_size": volume_size,
+            "num_train": num_train,
+            "amp": self.amp,
+        }
         if gpu:
             torch.backends.cudnn.benchmark = True
         elif cpu_threads > 0:
@@ -128,8 +134,9 @@ class SegmentationTrainer:
         workspace = Path(run_dir).resolve().parent
         if datalist is None:
             if site_name not in sites:
-                raise DataError(f"site {site_name!r} has no entry in the trainer's 'sites' "
-                                f"(known: {', '.join(sorted(sites))})")
+                raise DataError(
+                    f"site {site_name!r} has no entry in the trainer's 'sites' (known: {', '.join(sorted(sites))})"
+                )
             knobs = SiteVolumes.from_args(site_name, sites[site_name])
             root = workspace / (data_dir or "data/segmentation-3d")
             datalist_path = synthetic_datalist(root, site_name, knobs, volume_size, num_train, num_val)
@@ -141,8 +148,10 @@ class SegmentationTrainer:
         self._num_train = len(train_entries)
         per_rank = len(train_entries) // self.world_size
         if per_rank < 1:
-            raise DataError(f"{site_name}: {len(train_entries)} training volumes cannot be shared by "
-                            f"{self.world_size} ranks; raise num_train")
+            raise DataError(
+                f"{site_name}: {len(train_entries)} training volumes cannot be shared by "
+                f"{self.world_size} ranks; raise num_train"
+            )
         shard = train_entries[self.rank :: self.world_size][:per_rank]
 
         cache_device = self.device if cache_on_device else torch.device("cpu")
@@ -155,16 +164,29 @@ class SegmentationTrainer:
             EnsureTyped(keys=KEYS, device=cache_device, track_meta=False),
         ]
         augment = [
-            RandCropByPosNegLabeld(keys=KEYS, label_key="label", spatial_size=self.roi_size, pos=1, neg=1,
-                                   num_samples=num_samples, image_key="image", image_threshold=0),
+            RandCropByPosNegLabeld(
+                keys=KEYS,
+                label_key="label",
+                spatial_size=self.roi_size,
+                pos=1,
+                neg=1,
+                num_samples=num_samples,
+                image_key="image",
+                image_threshold=0,
+            ),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=0),
             RandFlipd(keys=KEYS, prob=0.5, spatial_axis=1),
             RandRotate90d(keys=KEYS, prob=0.5, spatial_axes=(0, 1)),
         ]
         train_transform = Compose(deterministic + augment).set_random_state(seed=seed * 1000 + self.rank)
         self._train_set = self._cache(shard, train_transform)
-        self._loader = ThreadDataLoader(self._train_set, batch_size=batch_size, shuffle=True, num_workers=0,
-                                        generator=torch.Generator().manual_seed(seed * 1000 + self.rank))
+        self._loader = ThreadDataLoader(
+            self._train_set,
+            batch_size=batch_size,
+            shuffle=True,
+            num_workers=0,
+            generator=torch.Generator().manual_seed(seed * 1000 + self.rank),
+        )
         # Only rank 0 validates: the other ranks keep no held-out volumes.
         self._val_set = self._cache(val_entries, Compose(deterministic)) if self.rank == 0 else None
 
@@ -190,7 +212,8 @@ class SegmentationTrainer:
                 raise GpuMemoryError(out_of_memory_hint(self.site_name, "caching", self._knobs)) from e
             # The headers were fine: find the file whose data is not, and name it.
             raise find_unreadable(entries, self.site_name) or DataError(
-                f"{self.site_name}: loading the volumes failed: {e}") from e
+                f"{self.site_name}: loading the volumes failed: {e}"
+            ) from e
 
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.float16, enabled=self.amp)
@@ -235,9 +258,16 @@ class SegmentationTrainer:
                 progress(epoch, mean_loss)
         seconds = time.perf_counter() - started
         peak = torch.cuda.max_memory_allocated(self.device) / 2**20 if self.device.type == "cuda" else 0.0
-        log.info("%s rank %d: trained %d crops of %s in %.2f s: %.1f images/s, peak GPU memory %.0f MiB",
-                 self.site_name, self.rank, images, "x".join(map(str, self.roi_size)), seconds, images / seconds,
-                 peak)
+        log.info(
+            "%s rank %d: trained %d crops of %s in %.2f s: %.1f images/s, peak GPU memory %.0f MiB",
+            self.site_name,
+            self.rank,
+            images,
+            "x".join(map(str, self.roi_size)),
+            seconds,
+            images / seconds,
+            peak,
+        )
         self._steps = steps
         return {"loss": mean_loss, "steps": steps}
 
@@ -265,8 +295,9 @@ class SegmentationTrainer:
             for item in self._val_set:
                 image = item["image"][None].to(self.device).to(memory_format=self._memory_format)
                 label = item["label"][None].to(self.device)
-                logits = sliding_window_inference(image, self.roi_size, self.sw_batch_size, self.model,
-                                                  overlap=0.25).float()
+                logits = sliding_window_inference(
+                    image, self.roi_size, self.sw_batch_size, self.model, overlap=0.25
+                ).float()
                 pred = (torch.sigmoid(logits) > 0.5).float()
                 # ignore_empty=False: a volume without foreground scores 1 if the model leaves it empty, else 0.
                 dice_sum += float(compute_dice(pred, label, include_background=True, ignore_empty=False).mean())

@@ -55,8 +55,10 @@ def synthetic_datalist(root: Path, site: str, knobs: SiteVolumes, size: int, num
     once and never read a half-written one.
     """
     if 2 * knobs.rad_max >= size or not 1 <= knobs.rad_min < knobs.rad_max:
-        raise DataError(f"{site}: object radius must satisfy 1 <= rad_min < rad_max < volume_size/2, got "
-                        f"rad_min={knobs.rad_min} rad_max={knobs.rad_max} volume_size={size}")
+        raise DataError(
+            f"{site}: object radius must satisfy 1 <= rad_min < rad_max < volume_size/2, got "
+            f"rad_min={knobs.rad_min} rad_max={knobs.rad_max} volume_size={size}"
+        )
     if num_train < 1 or num_val < 1:
         raise DataError(f"{site}: num_train and num_val must be >= 1, got {num_train} and {num_val}")
     recipe = {"site": site, "size": size, "num_train": num_train, "num_val": num_val, **asdict(knobs)}
@@ -76,17 +78,22 @@ def synthetic_datalist(root: Path, site: str, knobs: SiteVolumes, size: int, num
 def _write_volumes(folder: Path, recipe: dict, knobs: SiteVolumes, size: int, num_train: int, num_val: int) -> None:
     scratch = Path(tempfile.mkdtemp(prefix=".writing-", dir=folder.parent))
     try:
-        names = {"training": [f"train_{i:04d}" for i in range(num_train)],
-                 "validation": [f"val_{i:04d}" for i in range(num_val)]}
+        names = {
+            "training": [f"train_{i:04d}" for i in range(num_train)],
+            "validation": [f"val_{i:04d}" for i in range(num_val)],
+        }
         jobs = [(name, knobs.seed * 1_000_003 + i) for i, name in enumerate(names["training"] + names["validation"])]
         (scratch / "images").mkdir()
         (scratch / "labels").mkdir()
         with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1)) as pool:
             list(pool.map(lambda job: _write_pair(scratch, job[0], job[1], knobs, size), jobs))
-        entries = {split: [{"image": f"images/{n}.nii.gz", "label": f"labels/{n}.nii.gz"} for n in names[split]]
-                   for split in SPLITS}
-        (scratch / DATALIST).write_text(json.dumps({"name": "synthetic spheres", "recipe": recipe, **entries},
-                                                   indent=1))
+        entries = {
+            split: [{"image": f"images/{n}.nii.gz", "label": f"labels/{n}.nii.gz"} for n in names[split]]
+            for split in SPLITS
+        }
+        (scratch / DATALIST).write_text(
+            json.dumps({"name": "synthetic spheres", "recipe": recipe, **entries}, indent=1)
+        )
         if folder.exists():  # a half-written folder of a process that died: never read, replaced
             shutil.rmtree(folder)
         os.rename(scratch, folder)
@@ -98,12 +105,22 @@ def _write_pair(folder: Path, name: str, seed: int, knobs: SiteVolumes, size: in
     import nibabel as nib
     from monai.data.synthetic import create_test_image_3d
 
-    image, label = create_test_image_3d(size, size, size, num_objs=knobs.num_objs, rad_max=knobs.rad_max,
-                                        rad_min=knobs.rad_min, noise_max=knobs.noise_max, num_seg_classes=1,
-                                        random_state=np.random.RandomState(seed))
+    image, label = create_test_image_3d(
+        size,
+        size,
+        size,
+        num_objs=knobs.num_objs,
+        rad_max=knobs.rad_max,
+        rad_min=knobs.rad_min,
+        noise_max=knobs.noise_max,
+        num_seg_classes=1,
+        random_state=np.random.RandomState(seed),
+    )
     affine = np.diag([knobs.spacing, knobs.spacing, knobs.spacing, 1.0])
-    nib.save(nib.Nifti1Image((image * knobs.intensity_scale).astype(np.float32), affine),
-             folder / "images" / f"{name}.nii.gz")
+    nib.save(
+        nib.Nifti1Image((image * knobs.intensity_scale).astype(np.float32), affine),
+        folder / "images" / f"{name}.nii.gz",
+    )
     nib.save(nib.Nifti1Image(label.astype(np.uint8), affine), folder / "labels" / f"{name}.nii.gz")
 
 
@@ -120,10 +137,17 @@ def load_datalist(path: Path, site: str, split: str) -> list[dict[str, str]]:
         raise DataError(f"{site}: datalist {path} is not readable JSON: {e}") from None
     entries = raw.get(split) if isinstance(raw, dict) else None
     if not isinstance(entries, list) or not entries:
-        raise DataError(f"{site}: datalist {path} has no {split!r} volumes (an empty or missing list); "
-                        "nothing was started")
-    bad = next((i for i, e in enumerate(entries)
-                if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("image", "label"))), None)
+        raise DataError(
+            f"{site}: datalist {path} has no {split!r} volumes (an empty or missing list); nothing was started"
+        )
+    bad = next(
+        (
+            i
+            for i, e in enumerate(entries)
+            if not isinstance(e, dict) or not all(isinstance(e.get(k), str) for k in ("image", "label"))
+        ),
+        None,
+    )
     if bad is not None:
         raise DataError(f"{site}: datalist {path}: {split}[{bad}] must name an 'image' and a 'label' file")
     return load_decathlon_datalist(str(path), is_segmentation=True, data_list_key=split, base_dir=str(path.parent))
@@ -145,11 +169,14 @@ def check_volumes(entries: list[dict[str, str]], site: str) -> None:
             try:
                 shapes[key] = tuple(nib.load(file).shape[:3])
             except Exception as e:  # nibabel raises many kinds for a damaged header
-                raise DataError(f"{site}: {key} file {file} is not a readable NIfTI file ({e}); "
-                                "nothing was started") from None
+                raise DataError(
+                    f"{site}: {key} file {file} is not a readable NIfTI file ({e}); nothing was started"
+                ) from None
         if shapes["image"] != shapes["label"]:
-            raise DataError(f"{site}: label {entry['label']} has shape {shapes['label']} but its image "
-                            f"{entry['image']} has {shapes['image']}; nothing was started")
+            raise DataError(
+                f"{site}: label {entry['label']} has shape {shapes['label']} but its image "
+                f"{entry['image']} has {shapes['image']}; nothing was started"
+            )
 
 
 def find_unreadable(entries: list[dict[str, str]], site: str) -> DataError | None:
@@ -161,6 +188,7 @@ def find_unreadable(entries: list[dict[str, str]], site: str) -> DataError | Non
             try:
                 np.asanyarray(nib.load(entry[key]).dataobj)
             except Exception as e:
-                return DataError(f"{site}: {key} file {entry[key]} is corrupt ({type(e).__name__}: {e}); "
-                                 "nothing was started")
+                return DataError(
+                    f"{site}: {key} file {entry[key]} is corrupt ({type(e).__name__}: {e}); nothing was started"
+                )
     return None

@@ -61,19 +61,21 @@ class PocPrepared:
     type=click.Path(file_okay=False, path_type=Path),
     help="Folder to create the CA and one startup kit per participant in.",
 )
+@click.option("--clients", "-n", required=True, type=click.IntRange(min=1), help="Number of sites (site-1..site-N).")
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address the sites use to reach the server.")
 @click.option(
-    "--clients", "-n", required=True, type=click.IntRange(min=1), help="Number of sites (site-1..site-N)."
+    "--fl-port",
+    default=None,
+    type=_PORT,
+    help="Server port for sites.  [default: a port free now, shown in the output]",
 )
 @click.option(
-    "--host", default="127.0.0.1", show_default=True, help="Address the sites use to reach the server."
+    "--admin-port",
+    default=None,
+    type=_PORT,
+    help="Server port for operators.  [default: a port free now, shown in the output]",
 )
-@click.option("--fl-port", default=None, type=_PORT,
-              help="Server port for sites.  [default: a port free now, shown in the output]")
-@click.option("--admin-port", default=None, type=_PORT,
-              help="Server port for operators.  [default: a port free now, shown in the output]")
-@click.option(
-    "--project", default="poc", show_default=True, help="Project name, written into every certificate."
-)
+@click.option("--project", default="poc", show_default=True, help="Project name, written into every certificate.")
 @click.option("--force", is_flag=True, help="Replace the CA and startup kits already in the workspace.")
 @click.pass_obj
 def prepare(
@@ -99,9 +101,7 @@ def prepare(
     admin_port = admin_port or free_port(avoid={fl_port})
 
     if fl_port == admin_port:
-        raise click.BadParameter(
-            f"must differ from --fl-port (both are {fl_port})", param_hint="'--admin-port'"
-        )
+        raise click.BadParameter(f"must differ from --fl-port (both are {fl_port})", param_hint="'--admin-port'")
     for check, value, hint in (
         (pki.check_host, host, "'--host'"),
         (pki.check_project, project, "'--project'"),

@@ -70,10 +70,17 @@ class PocRunResult:
         prog = _program()
         look = [f"export FEDADMIN_KIT={ws}/admin"]
         look += [] if self.kept else [f"{prog} poc start --workspace {ws}"]
-        look += [f"{prog} metrics", f"{prog} logs site-1 --run {RUN_NUMBER}", f"{prog} logs server",
-                 f"{prog} poc stop --workspace {ws}"]
-        head = ("The federation is still running; to look around:" if self.kept else
-                f"To look around (`poc start` brings the same federation back, run {RUN_NUMBER} kept):")
+        look += [
+            f"{prog} metrics",
+            f"{prog} logs site-1 --run {RUN_NUMBER}",
+            f"{prog} logs server",
+            f"{prog} poc stop --workspace {ws}",
+        ]
+        head = (
+            "The federation is still running; to look around:"
+            if self.kept
+            else f"To look around (`poc start` brings the same federation back, run {RUN_NUMBER} kept):"
+        )
         parts.append(Text(head + "\n" + "\n".join(f"  {line}" for line in look), style="dim"))
         return Group(*parts)
 
@@ -84,8 +91,6 @@ def _program() -> str:
 
     typed = sys.argv[0] if sys.argv and sys.argv[0].endswith("fedadmin") else "fedadmin"
     return "fedadmin" if shutil.which("fedadmin") else typed
-
-
 
 
 def fresh_workspace(workspace: Path) -> None:
@@ -171,11 +176,13 @@ class _Rounds:
     show_default=True,
     help="Seconds to wait until every site is connected.",
 )
-@click.option("--keep", is_flag=True,
-              help="Leave the federation running at the end, to look around with fedadmin; `poc stop` ends it.")
+@click.option(
+    "--keep",
+    is_flag=True,
+    help="Leave the federation running at the end, to look around with fedadmin; `poc stop` ends it.",
+)
 @click.pass_obj
-def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float,
-        keep: bool) -> None:
+def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float, keep: bool) -> None:
     """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it (unless --keep)."""
     from fedadmin import local_federation, render
     from fedadmin.commands.poc.start import start_federation
@@ -214,13 +221,17 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                 return conn.execute("status", ["all"])
 
             outcome, _ = follow(
-                poll, lambda o: run_end(o) is not None or run_status(o) == "completed", mode=mode,
-                on_poll=lambda _o, note: rounds.show_new(conn, note), hint="Ctrl-C stops the run and the federation",
+                poll,
+                lambda o: run_end(o) is not None or run_status(o) == "completed",
+                mode=mode,
+                on_poll=lambda _o, note: rounds.show_new(conn, note),
+                hint="Ctrl-C stops the run and the federation",
             )
             if run_end(outcome) is None:
                 # Completed at the server: sites send their metrics on the final model as their workers end.
-                outcome, _ = follow(poll, lambda o: run_end(o) is not None, mode="quiet",
-                                    deadline=time.monotonic() + SETTLE_TIMEOUT)
+                outcome, _ = follow(
+                    poll, lambda o: run_end(o) is not None, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT
+                )
             end = run_end(outcome) or RunEnd(True, f"run {RUN_NUMBER} completed")
             rounds.show_new(conn, say)
         finished = True
@@ -233,5 +244,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
             say(f"poc: stopped {len(stopped)} processes")
     kept = keep and finished
     summary_path = RunFolder.of(workspace / "server", RUN_NUMBER).summary
-    emit(options, PocRunResult(workspace, end.ok, end.message, rounds.record, summary_path,
-                               [] if kept else stopped, kept))
+    emit(
+        options,
+        PocRunResult(workspace, end.ok, end.message, rounds.record, summary_path, [] if kept else stopped, kept),
+    )

@@ -65,6 +65,8 @@ def stop(options: ConsoleOptions, workspace: Path, grace: float) -> None:
 
     workspace = workspace.resolve()
     if not (workspace / RECORD).exists() and not local_federation.self_recorded(workspace):
-        raise FederationError(f"no POC federation is recorded in {workspace} ({RECORD} is missing, and no "
-                              "participant's pid.json names a running process)")
+        raise FederationError(
+            f"no POC federation is recorded in {workspace} ({RECORD} is missing, and no "
+            "participant's pid.json names a running process)"
+        )
     emit(options, PocStopped(workspace, local_federation.stop(workspace, grace)))
