@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CUSTOM_DIR = "custom"
+from fedcommon.mmar import CUSTOM_DIR
+
 # The server's own rules for running such code ({"run_as": USER, "allow_as_server_user": bool}), in its workspace.
 SERVER_CODE_POLICY = Path("local") / "custom_code.json"
 

@@ -23,6 +23,7 @@ import numpy as np
 
 from fedcommon.algorithms import AggregatorChoice
 from fedcommon.atomic import atomic_writer
+from fedcommon.mmar import CUSTOM_DIR
 from fedcommon.model_file import ModelIndex, load_model, read_index, read_tensor
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregation import (
@@ -202,7 +203,7 @@ def main() -> None:
     if args.run_as:
         # fedlearn's modules are already imported (above); the child becomes the unprivileged user for good, and
         # only then imports the archive's code.
-        drop_privileges(args.run_as)
+        drop_privileges(args.run_as, args.mmar / CUSTOM_DIR)
     try:
         run_round(args.mmar, args.work)
     except Exception as e:  # the parent shows the last line as the round's reason

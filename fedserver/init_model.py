@@ -61,11 +61,9 @@ def main() -> None:
             import fedcommon.components  # noqa: F401
             import fedcommon.model_file  # noqa: F401
             import fedcommon.torch_state  # noqa: F401
-            from fedserver.untrusted_code import drop_privileges, import_installed_dependencies
+            from fedserver.untrusted_code import drop_privileges
 
-            import_installed_dependencies(mmar.custom_dir)
-
-            drop_privileges(args.run_as)
+            drop_privileges(args.run_as, mmar.custom_dir)
         build_from(mmar, args.out)
     except Exception as e:  # the parent shows the last line to the operator
         print(f"{type(e).__name__}: {e}", file=sys.stderr)

@@ -208,8 +208,10 @@ def take_output(path: Path, dest: Path) -> None:
             shutil.copyfileobj(src, out, _COPY_CHUNK)
 
 
-def drop_privileges(run_as: str) -> None:
-    """In the child, before it imports deployed code: become uid:gid for good (no way back to root)."""
+def drop_privileges(run_as: str, custom_dir: Path) -> None:
+    """In the child, before it imports deployed code: import the installed packages that code names (while the
+    installation may still be read), then become uid:gid for good (no way back to root)."""
+    import_installed_dependencies(custom_dir)
     uid_text, _, gid_text = run_as.partition(":")
     uid, gid = int(uid_text), int(gid_text)
     os.setgroups([])

@@ -216,3 +216,31 @@ def scrape(url: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             samples[name] = float(value)
     return samples
+
+
+def run_fedadmin(
+    *args: str, kit: Path | None = None, env: dict[str, str | None] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """`python -m fedadmin.cli ARGS` with no terminal on stdin, so nothing can prompt.
+
+    kit: the admin kit as FEDADMIN_KIT (one inherited from the caller's environment is never used); env: variables
+    to set, or with None to remove (COLUMNS, FORCE_COLOR, NO_COLOR ...).
+    """
+    full = python_env()
+    full.pop("FEDADMIN_KIT", None)
+    if kit is not None:
+        full["FEDADMIN_KIT"] = str(kit)
+    for name, value in (env or {}).items():
+        if value is None:
+            full.pop(name, None)
+        else:
+            full[name] = value
+    return subprocess.run(
+        [sys.executable, "-m", "fedadmin.cli", *args],
+        cwd=ROOT,
+        env=full,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )

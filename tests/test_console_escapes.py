@@ -11,12 +11,11 @@ import io
 import json
 import re
 import subprocess
-import sys
 from typing import Any
 
 import grpc
 import pytest
-from conftest import ROOT, python_env
+from conftest import run_fedadmin
 from test_console_remote import fake, reply, ws  # noqa: F401  (fixtures)
 
 from fedadmin import render
@@ -152,18 +151,8 @@ def _hostile(request: admin_pb2.CommandRequest, context) -> admin_pb2.CommandRep
 
 def _on_a_terminal(workspace, *args: str) -> subprocess.CompletedProcess[str]:
     """fedadmin with Rich forced to a colour terminal, as an operator's xterm would run it."""
-    env = {**python_env(), "TERM": "xterm-256color", "FORCE_COLOR": "1", "COLUMNS": "250"}
-    for name in ("FEDADMIN_KIT", "NO_COLOR"):
-        env.pop(name, None)
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", "--kit", str(workspace / "admin"), *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    terminal = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "COLUMNS": "250", "NO_COLOR": None}
+    return run_fedadmin("--kit", str(workspace / "admin"), *args, env=terminal, timeout=60)
 
 
 @pytest.mark.parametrize(

@@ -8,22 +8,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import ROOT, prepare_workspace, python_env
+from conftest import ROOT, prepare_workspace, python_env, run_fedadmin
 
 
 def fedadmin(*args: str, kit: Path | None = None) -> subprocess.CompletedProcess[str]:
-    env = {**python_env(), "COLUMNS": "200"}
-    env.pop("FEDADMIN_KIT", None)
     kit_args = ["--kit", str(kit)] if kit is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *kit_args, *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
+    return run_fedadmin(*kit_args, *args, env={"COLUMNS": "200"}, timeout=60)
 
 
 def test_a_mistyped_command_gets_a_suggestion():

@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 import psutil
 import pytest
-from conftest import ROOT, copy_mmar, prepare_workspace, python_env
+from conftest import ROOT, copy_mmar, prepare_workspace, python_env, run_fedadmin
 
 from fedadmin import local_federation
 from fedadmin.commands.poc.run import MARKER, fresh_workspace
@@ -39,17 +39,7 @@ STUBBORN = [
 
 
 def fedadmin(*args: str) -> subprocess.CompletedProcess[str]:
-    env = python_env()
-    env.pop("FEDADMIN_KIT", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_fedadmin(*args)
 
 
 def launch_detached(ws: Path, argv_by_name: dict[str, list[str]]) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ROOT, prepare_workspace, python_env
+from conftest import ROOT, prepare_workspace, python_env, run_fedadmin
 
 from fedcommon.identity import peer_identity
 from fedcommon.kit import load_kit, server_credentials
@@ -126,19 +126,9 @@ def fake(ws) -> Iterator[FakeAdmin]:
 
 
 def fedadmin(*args: str, kit: Path | None = None, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """`python -m fedadmin.cli` with no terminal on stdin, so nothing can prompt."""
-    env = {**python_env(), "COLUMNS": "200"}
-    env.pop("FEDADMIN_KIT", None)
+    """`python -m fedadmin.cli` with no terminal on stdin, so nothing can prompt; the kit given as --kit."""
     kit_args = ["--kit", str(kit)] if kit is not None else []
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *kit_args, *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_fedadmin(*kit_args, *args, env={"COLUMNS": "200"}, timeout=timeout)
 
 
 def one_json(result: subprocess.CompletedProcess[str]) -> dict:

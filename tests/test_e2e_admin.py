@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
-from conftest import ROOT, copy_mmar, prepare_workspace, python_env
+from conftest import ROOT, copy_mmar, prepare_workspace, python_env, run_fedadmin
 
 from fedcommon.safe_zip import zip_folder
 
@@ -19,17 +19,7 @@ pytestmark = pytest.mark.e2e
 
 
 def fedadmin(ws: Path, *args: str, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = python_env()
-    env["FEDADMIN_KIT"] = str(ws / "admin")
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_fedadmin(*args, kit=ws / "admin", timeout=timeout)
 
 
 def ok_json(ws: Path, *args: str, timeout: float = 300) -> dict:

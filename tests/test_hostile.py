@@ -12,14 +12,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import pytest
-from conftest import ROOT, free_port, python_env
+from conftest import ROOT, free_port, run_fedadmin
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
@@ -58,19 +57,7 @@ def project_yaml(name: str, fl_port: int, admin_port: int, sites: dict, admins: 
 
 
 def fedadmin(*args: str, kit: Path | None = None, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    env = python_env()
-    env.pop("FEDADMIN_KIT", None)
-    if kit is not None:
-        env["FEDADMIN_KIT"] = str(kit)
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
+    return run_fedadmin(*args, kit=kit, timeout=timeout)
 
 
 def provision(yml: Path, out: Path, *extra: str) -> dict:

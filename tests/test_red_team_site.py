@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 
 import pytest
 import test_hostile
-from conftest import ROOT, python_env
+from conftest import run_fedadmin
 from test_hostile import Federation
 
 pytestmark = pytest.mark.e2e
@@ -58,23 +57,8 @@ def test_a_site_rule_that_denies_shell_to_outsiders_denies_them_its_logs(fed):
 
 def _on_a_terminal(fed: Federation, *args: str) -> subprocess.CompletedProcess[str]:
     """fedadmin's human output with Rich forced to a colour terminal, as an operator's xterm would get it."""
-    env = {
-        **python_env(),
-        "TERM": "xterm-256color",
-        "FORCE_COLOR": "1",
-        "COLUMNS": "200",
-        "FEDADMIN_KIT": str(fed.kit("root@consortium")),
-    }
-    env.pop("NO_COLOR", None)
-    return subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *args],
-        cwd=ROOT,
-        env=env,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    terminal = {"TERM": "xterm-256color", "FORCE_COLOR": "1", "COLUMNS": "200", "NO_COLOR": None}
+    return run_fedadmin(*args, kit=fed.kit("root@consortium"), env=terminal)
 
 
 def test_a_sites_files_and_their_names_cannot_drive_the_operators_terminal(fed):
