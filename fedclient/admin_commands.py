@@ -66,13 +66,18 @@ class StartClientMGpuProcessor(RequestProcessor):
 
 
 class AbortClientProcessor(RequestProcessor):
-    """abort: stop the training; no process of it is left."""
+    """abort: stop the training of the run in the optional run_number header, else of every run; no process of it
+    is left."""
 
     def get_topics(self) -> list[str]:
         return [Topic.ABORT]
 
     def process(self, req: Message, app_ctx) -> Message:
-        return _answer(req, app_ctx.abort_client)
+        def abort() -> dict[str, Any]:
+            number = request_args(req, Topic.ABORT).get("run_number")
+            return app_ctx.abort_client() if number is None else app_ctx.abort_run(number)
+
+        return _answer(req, abort)
 
 
 class DeleteRunNumberProcessor(RequestProcessor):
@@ -106,7 +111,7 @@ class ShellCommandProcessor(RequestProcessor):
 
 
 class SysInfoProcessor(RequestProcessor):
-    """sys_info: host, Python, torch, CPU, memory, disk, GPUs and the training status."""
+    """sys_info: host, Python, torch, CPU, memory, disk, GPUs, the training status and the site's resources."""
 
     def get_topics(self) -> list[str]:
         return [Topic.SYS_INFO]
@@ -114,7 +119,8 @@ class SysInfoProcessor(RequestProcessor):
     def process(self, req: Message, app_ctx) -> Message:
         from fedcommon.sysinfo import collect_sysinfo
 
-        return ok_reply(json.dumps(collect_sysinfo(app_ctx.training_status(), app_ctx.workspace)), req)
+        info = collect_sysinfo(app_ctx.training_status(), app_ctx.workspace, app_ctx.resources_report())
+        return ok_reply(json.dumps(info), req)
 
 
 class RestartClientProcessor(RequestProcessor):

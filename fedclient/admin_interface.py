@@ -1,4 +1,8 @@
-"""What a site does for each admin request: deploy, start, abort, status, delete a run, restart, shut down."""
+"""What a site does for each admin request: deploy, start, abort, status, delete a run, restart, shut down.
+
+A site trains several runs at once when its resources allow (fedclient.site_resources): each in a worker
+process group of its own, with its own executor, GPUs and run folder.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
+from fedclient.client_executor import ClientExecutor, EventHandler, ProcessExecutor, TrainArgs, TrainingError
 from fedclient.local_policy import LocalPolicy
+from fedclient.site_resources import Allocator, Capacity, ResourcesError, ResourcesShort, load_resources
 from fedcommon import commands, run_folder
 from fedcommon.admin_defs import Message
 from fedcommon.commands import ClientStatus, Topic, get_status_message
@@ -27,6 +32,7 @@ log = logging.getLogger(__name__)
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
 PROGRESS_INTERVAL_S = 0.5
 FINISHING_WAIT_S = 15.0
+KEPT_RUNS = 16  # ended runs whose executors (status, progress, error) status still shows
 
 
 class RequestRefused(Exception):
@@ -34,10 +40,19 @@ class RequestRefused(Exception):
 
 
 class ClientAdminInterface:
-    """The site's side of every admin command; the processors' app_ctx. One training at a time, in a worker process."""
+    """The site's side of every admin command; the processors' app_ctx. Each run trains in a worker process of its
+    own, as many at once as the site's resources allow."""
 
     def __init__(
-        self, client, client_name: str, sender, args, rank: int, workers: int = 5, policy: LocalPolicy | None = None
+        self,
+        client,
+        client_name: str,
+        sender,
+        args,
+        rank: int,
+        workers: int = 5,
+        policy: LocalPolicy | None = None,
+        executor_factory: Callable[[EventHandler], ClientExecutor] | None = None,
     ):
         self.client = client
         self.client_name = client_name
@@ -49,12 +64,28 @@ class ClientAdminInterface:
         # The site's own policy: whether it runs deployed code at all (local/authorization.json "custom_code").
         self.policy = policy if policy is not None else LocalPolicy(self.workspace)
         self.debug = bool(getattr(args, "debug", False))
-        self.client_executor = ProcessExecutor(on_event=self._on_training_event)
+        # Makes each run's executor (given the event handler); a run's executor is reused when it starts again.
+        self.executor_factory = executor_factory or (lambda on_event: ProcessExecutor(on_event=on_event))
+        self._executors: dict[int, ClientExecutor] = {}  # by run number, the most recently started last
+        self._latest = self.executor_factory(self._on_training_event)
+        self._spare: ClientExecutor | None = self._latest  # the next run's executor when it has none yet
+        self._allocator = Allocator(client_name)
         self.exit_requested = threading.Event()
         self.restart_requested = False
-        self._lock = threading.RLock()  # start, deploy's install and delete-run see one state
+        self._lock = threading.RLock()  # start, deploy's install, delete-run and the allocations see one state
         self._results = ResultForwarder(sender, PROGRESS_INTERVAL_S)
-        self._run_ended: int | None = None
+        self._ended: set[int] = set()  # runs the server has ended, whose workers are on their way out
+
+    @property
+    def client_executor(self) -> ClientExecutor:
+        """The executor of the run started last (the seed's attribute); before any start, the one the next uses."""
+        return self._latest
+
+    @client_executor.setter
+    def client_executor(self, executor: ClientExecutor) -> None:
+        # The seed lets its user put an executor here: the next run without one of its own trains on it.
+        self._latest = executor
+        self._spare = executor
 
     def set_agent(self, admin_agent) -> None:
         """The seed's hook for the FedAdminAgent that serves this interface; the interface needs nothing of it."""
@@ -74,8 +105,23 @@ class ClientAdminInterface:
         """Where run N lives on this site."""
         return run_folder.run_dir(self.workspace, run_number)
 
-    def _training_run(self) -> int | None:
-        return self.client_executor.run_number if self.client_executor.is_training() else None
+    def _training_runs(self) -> list[int]:
+        """The runs whose worker is starting or running."""
+        executors = [*self._executors.values(), self._latest]
+        return sorted({e.run_number for e in executors if e.is_training() and e.run_number is not None})
+
+    def _reap(self) -> None:
+        """Give back what runs hold once their processes are gone (an executor stops training only then)."""
+        for number in self._allocator.held():
+            executor = self._executors.get(number)
+            if executor is None or not executor.is_training():
+                self._allocator.release(number)
+
+    def _capacity(self) -> Capacity:
+        try:
+            return load_resources(self.workspace)
+        except ResourcesError as e:
+            raise RequestRefused(f"{self.client_name}: cannot start a run: {e}") from None
 
     # ---- status ---------------------------------------------------------------------------------
 
@@ -84,20 +130,28 @@ class ClientAdminInterface:
         return self.client_executor.check_status(self.client)
 
     def client_status(self) -> dict[str, Any]:
-        """The contract's site status: status words and code, run number, latest progress (and error)."""
-        executor = self.client_executor
-        code = executor.status
-        data: dict[str, Any] = {
-            "status": get_status_message(code),
-            "status_code": code,
-            "run_number": executor.run_number,
-            "progress": dict(executor.progress),
-        }
-        if executor.ranks > 1:
-            data["ranks"] = executor.ranks
-        if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
-            data["error"] = executor.error
-        return data
+        """The contract's site status: for the run started last its status words and code, run number, latest
+        progress (and error); under "runs" the same, with what each holds, for every run live or recently ended."""
+        with self._lock:
+            self._reap()
+            held = self._allocator.held()
+            runs = []
+            for number, executor in self._executors.items():
+                entry = _executor_status(executor)
+                if number in held:
+                    entry.update(held[number].shown())
+                runs.append(entry)
+            return {**_executor_status(self._latest), "runs": runs}
+
+    def resources_report(self) -> dict[str, Any]:
+        """The site's resources and what each run holds (sysinfo's "resources"), or {"error"} naming the file."""
+        try:
+            capacity = load_resources(self.workspace)
+        except ResourcesError as e:
+            return {"error": str(e)}
+        with self._lock:
+            self._reap()
+            return self._allocator.report(capacity).to_dict()
 
     # ---- runs -----------------------------------------------------------------------------------
 
@@ -146,7 +200,7 @@ class ClientAdminInterface:
         load_mmar(root)
 
     def _refuse_deploy_while_training(self, number: int) -> None:
-        if self._training_run() == number:
+        if number in self._training_runs():
             raise RequestRefused(f"run {number} is training; abort it before deploying again")
 
     def _refuse_finished(self, number: int) -> None:
@@ -157,39 +211,77 @@ class ClientAdminInterface:
     def start_client(self, run_number) -> dict[str, Any]:
         """Start training run N from run_N/mmar; refused when not deployed or already training."""
         number = _run_number(run_number)
-        return self._start(number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar))
+        return self._start(number, lambda executor, args, mmar: executor.start_train(self.client, args, mmar))
 
-    def _let_finishing_run_end(self) -> None:
-        active = self._training_run()
-        if active is not None and self._run_ended == active:
-            # The server has ended that run and its worker is on its way out: wait for it rather than refuse.
-            self.client_executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
-
-    def _start(self, number: int, launch, validate: bool = False) -> dict[str, Any]:
-        """Launch a worker for run N (training, or with `validate` cross-site validation of the finished run)."""
-        self._let_finishing_run_end()
+    def _let_finishing_runs_end(self) -> None:
         with self._lock:
-            active = self._training_run()
-            if active is not None and validate:
-                raise RequestRefused(f"run {active} is training; cross-site validation waits until it ends")
-            if active == number:
+            ended = sorted(self._ended)
+        for number in ended:
+            executor = self._executors.get(number)
+            if executor is not None and executor.is_training():
+                # The server has ended that run and its worker is on its way out: wait for it rather than refuse.
+                executor.wait_training_process_finish(self.client, FINISHING_WAIT_S)
+
+    def _start(
+        self, number: int, launch, validate: bool = False, ranks: int = 1, capacity: Capacity | None = None
+    ) -> dict[str, Any]:
+        """Launch a worker for run N (training, or with `validate` cross-site validation of the finished run) on
+        what the site can give `ranks` ranks; refused, naming what is in use, when that is not free."""
+        self._let_finishing_runs_end()
+        capacity = capacity or self._capacity()  # outside the lock: nvidia-smi may take seconds
+        with self._lock:
+            self._reap()
+            if number in self._training_runs():
+                if validate:
+                    raise RequestRefused(f"run {number} is training; cross-site validation waits until it ends")
                 raise RequestRefused(f"run {number} is already training")
-            if active is not None:
-                raise RequestRefused(f"run {active} is training; abort it first")
-            mmar = run_folder.RunFolder(self.run_dir(number)).mmar
-            if not (mmar / "config").is_dir():
-                raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
-            if not validate:
-                self._refuse_finished(number)
-            refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
-            if refused is not None:
-                raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
-            self._run_ended = None
             try:
-                pid = launch(TrainArgs(self.workspace, number, self.debug, validate=validate), mmar)
-            except TrainingError as e:
-                raise RequestRefused(str(e)) from None
+                allocation = self._allocator.reserve(capacity, number, ranks)
+            except ResourcesShort as e:
+                if e.sole_holder is None:
+                    raise RequestRefused(str(e)) from None
+                waits = "cross-site validation waits until it ends" if validate else "abort it first"
+                raise RequestRefused(f"run {e.sole_holder} is training; {waits}") from None
+            try:
+                mmar = self._launchable(number, validate)
+                executor = self._executor_for(number)
+                self._ended.discard(number)
+                args = TrainArgs(self.workspace, number, self.debug, validate=validate, env=allocation.worker_env())
+                try:
+                    pid = launch(executor, args, mmar)
+                except TrainingError as e:
+                    raise RequestRefused(str(e)) from None
+            except BaseException:
+                self._allocator.release(number)
+                raise
+        log.info("run %d started with %s", number, allocation.shown())
         return {"run_number": number, "pid": pid}
+
+    def _launchable(self, number: int, validate: bool) -> Path:
+        """Run N's deployed MMAR, refused when it is not deployed, has completed or brings code the site refuses."""
+        mmar = run_folder.RunFolder(self.run_dir(number)).mmar
+        if not (mmar / "config").is_dir():
+            raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
+        if not validate:
+            self._refuse_finished(number)
+        refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
+        if refused is not None:
+            raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
+        return mmar
+
+    def _executor_for(self, number: int) -> ClientExecutor:
+        """Run N's executor (its own from an earlier start, else the spare, else a new one), now the latest."""
+        executor = self._executors.pop(number, None)
+        if executor is None:
+            spare, self._spare = self._spare, None
+            idle = spare is not None and not spare.is_training() and spare not in self._executors.values()
+            executor = spare if idle else self.executor_factory(self._on_training_event)
+        self._executors[number] = executor
+        self._latest = executor
+        ended = [n for n, e in self._executors.items() if n != number and not e.is_training()]
+        for old in ended[: max(0, len(self._executors) - KEPT_RUNS)]:
+            del self._executors[old]
+        return executor
 
     def start_mgpu_client(self, run_number, gpu_number) -> dict[str, Any]:
         """Start training run N with one rank per GPU (torchrun); refused when the site has fewer GPUs.
@@ -198,7 +290,8 @@ class ClientAdminInterface:
         """
         number = _run_number(run_number)
         gpus = _checked(commands.count, gpu_number, "gpu_number")
-        have, where = available_gpus()
+        capacity = self._capacity()
+        have, where = len(capacity.gpus), capacity.gpus_from
         if have and gpus > have:
             raise RequestRefused(
                 f"{self.client_name} has {have} GPU{'s' if have != 1 else ''} ({where}); start-mgpu asked for {gpus}"
@@ -208,22 +301,54 @@ class ClientAdminInterface:
             raise RequestRefused(
                 f"{self.client_name} has no GPU ({where}) and {cpus} CPUs; start-mgpu {gpus} would run {gpus} CPU ranks"
             )
+        if not have and capacity.cpu_slots_declared and gpus > capacity.cpu_slots:
+            slots = f"{capacity.cpu_slots} CPU slot{'s' if capacity.cpu_slots != 1 else ''}"
+            raise RequestRefused(
+                f"{self.client_name} has no GPU ({where}) and {slots} (local/resources.json cpu_slots); "
+                f"start-mgpu asked for {gpus}"
+            )
         data = self._start(
-            number, lambda args, mmar: self.client_executor.start_mgpu_train(self.client, args, mmar, gpus)
+            number,
+            lambda executor, args, mmar: executor.start_mgpu_train(self.client, args, mmar, gpus),
+            ranks=gpus,
+            capacity=capacity,
         )
         return {**data, "gpus": gpus, "backend": "nccl" if have else "gloo"}
 
     def abort_client(self) -> dict[str, Any]:
-        """Abort the training (nothing of it is left afterwards); fine when nothing trains."""
-        self.client_executor.abort_train(self.client)
+        """Abort every run's training (nothing of it is left afterwards); fine when nothing trains."""
+        self._abort_all()
         return {"status": self.training_status()}
+
+    def abort_run(self, run_number: int) -> dict[str, Any]:
+        """Abort run N's training only (nothing of it is left afterwards); fine when it does not train."""
+        number = _run_number(run_number)
+        with self._lock:
+            executor = self._executors.get(number)
+        if executor is None:
+            return {"run_number": number, "status": get_status_message(ClientStatus.TRAINING_NOT_STARTED)}
+        executor.abort_train(self.client)
+        return {"run_number": number, "status": executor.check_status(self.client)}
+
+    def _abort_all(self, close: bool = False) -> None:
+        """Abort every run at once (each abort may wait its grace period), or with `close` close every executor."""
+        with self._lock:
+            executors = list(dict.fromkeys([*self._executors.values(), self._latest]))
+        stop = (lambda e: e.close()) if close else (lambda e: e.abort_train(self.client))
+        threads = [threading.Thread(target=stop, args=(e,), name="abort-run", daemon=True) for e in executors]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
 
     def delete_run_number(self, num) -> dict[str, Any]:
         """Delete run_N from this site; refused while it trains."""
         number = _run_number(num, missing="delete-run needs a run_number")
         with self._lock:
             try:
-                trash = run_folder.set_aside(self.workspace, number, self._training_run())
+                trash = run_folder.set_aside(
+                    self.workspace, number, number if number in self._training_runs() else None
+                )
             except run_folder.RunFolderError as e:
                 raise RequestRefused(str(e)) from None
         run_folder.remove(trash)
@@ -234,7 +359,7 @@ class ClientAdminInterface:
         """Cross-site validation of run N, already trained, in a worker process (ValidateRequestProcessor)."""
         number = request_args(req, Topic.VALIDATE)["run_number"]
         data = self._start(
-            number, lambda args, mmar: self.client_executor.start_train(self.client, args, mmar), validate=True
+            number, lambda executor, args, mmar: executor.start_train(self.client, args, mmar), validate=True
         )
         return {**data, "validating": True}
 
@@ -269,8 +394,8 @@ class ClientAdminInterface:
         return self.client_executor.wait_process_complete(self.client, timeout)
 
     def close(self) -> None:
-        """Abort any training (leaving no process) and send what is left to send."""
-        self.client_executor.close()
+        """Abort every run's training (leaving no process) and send what is left to send."""
+        self._abort_all(close=True)
         self._results.close()
 
     # ---- training events → server ---------------------------------------------------------------
@@ -284,15 +409,17 @@ class ClientAdminInterface:
                 "exit_code": event.get("exit_code"),
                 "error": event.get("error") or "",
             }
-            if event.get("exit_code") == 0 and self._run_ended == event.get("run_number"):
+            if event.get("exit_code") == 0 and event.get("run_number") in self._ended:
                 self._mark_completed(ended)
             self._results.ended(ended)
             return
         if kind not in ("progress", "round", "epoch", "end", "validation"):
             return
-        if kind == "end":
-            self._run_ended = event.get("run_number")
-        progress = self.client_executor.progress
+        number = event.get("run_number")
+        if kind == "end" and isinstance(number, int):
+            with self._lock:
+                self._ended.add(number)
+        progress = self._executors.get(number, self._latest).progress if isinstance(number, int) else {}
         report = {
             "run_number": event.get("run_number"),
             "round": progress.get("round"),
@@ -313,6 +440,22 @@ class ClientAdminInterface:
             log.error("cannot record that run %s completed: %s", ended["run_number"], e)
 
 
+def _executor_status(executor: ClientExecutor) -> dict[str, Any]:
+    """One executor's run: status words and code, run number, latest progress, ranks when several, error."""
+    code = executor.status
+    data: dict[str, Any] = {
+        "status": get_status_message(code),
+        "status_code": code,
+        "run_number": executor.run_number,
+        "progress": dict(executor.progress),
+    }
+    if executor.ranks > 1:
+        data["ranks"] = executor.ranks
+    if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
+        data["error"] = executor.error
+    return data
+
+
 def _is_custom_dir(path: Path, workspace: Path) -> bool:
     """Whether path is the custom/ folder of a run's deployed MMAR in workspace."""
     path = path.resolve()
@@ -321,13 +464,14 @@ def _is_custom_dir(path: Path, workspace: Path) -> bool:
 
 
 class ResultForwarder:
-    """Sends progress (the latest, at most every `interval` seconds) and training_ended to the server, in order."""
+    """Sends progress (each run's latest, at most every `interval` seconds) and training_ended to the server, in
+    order."""
 
     def __init__(self, sender, interval: float = PROGRESS_INTERVAL_S):
         self.sender = sender
         self.interval = interval
         self._cond = threading.Condition()
-        self._progress: dict[str, Any] | None = None
+        self._progress: dict[Any, dict[str, Any]] = {}  # by run number
         self._ended: list[dict[str, Any]] = []
         self._closed = False
         self._last = -float("inf")
@@ -335,9 +479,10 @@ class ResultForwarder:
         self._thread.start()
 
     def progress(self, data: dict[str, Any]) -> None:
-        """Queue a progress report; an unsent earlier one is replaced."""
+        """Queue a progress report; an unsent earlier one of the same run is replaced."""
         with self._cond:
-            self._progress = data
+            self._progress.pop(data.get("run_number"), None)  # the most recently reported run goes last
+            self._progress[data.get("run_number")] = data
             self._cond.notify()
 
     def ended(self, data: dict[str, Any]) -> None:
@@ -356,19 +501,20 @@ class ResultForwarder:
     def _run(self) -> None:
         while True:
             with self._cond:
-                while self._progress is None and not self._ended and not self._closed:
+                while not self._progress and not self._ended and not self._closed:
                     self._cond.wait()
-                if self._progress is None and not self._ended:
+                if not self._progress and not self._ended:
                     return
                 wait = self._last + self.interval - time.monotonic()
-                if self._progress is not None and wait > 0 and not self._closed:
+                if self._progress and wait > 0 and not self._closed:
                     self._cond.wait(wait)
                     continue
-                progress, self._progress = self._progress, None
+                progress, self._progress = list(self._progress.values()), {}
                 ended, self._ended = self._ended, []
-            if progress is not None:
+            if progress:
                 self._last = time.monotonic()
-                self._send("progress", progress)
+            for data in progress:
+                self._send("progress", data)
             for data in ended:
                 self._send("training_ended", data)
 
@@ -400,21 +546,3 @@ def _run_number(value: Any, missing: str = NO_RUN_NUMBER) -> int:
     if value is None:
         raise RequestRefused(missing)
     return _checked(commands.run_number, value)
-
-
-def available_gpus(environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """How many GPUs training here may use, and where that count comes from (CUDA_VISIBLE_DEVICES respected)."""
-    env = os.environ if environ is None else environ
-    visible = env.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        # CUDA stops at the first invalid entry ("-1" hides every GPU).
-        ids = []
-        for item in visible.split(","):
-            item = item.strip()
-            if not item or item.startswith("-"):
-                break
-            ids.append(item)
-        return len(ids), f"CUDA_VISIBLE_DEVICES={visible!r}"
-    from fedcommon.sysinfo import gpu_info
-
-    return len(gpu_info()), "nvidia-smi"

@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor, Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -65,6 +65,9 @@ class TrainArgs:
     run_number: int
     debug: bool = False
     validate: bool = False  # cross-site validation of the run, already trained, instead of training
+    # Set in the worker's environment for this launch: the GPUs the site gave the run (CUDA_VISIBLE_DEVICES).
+    # A ThreadExecutor trains in the agent's process, whose environment is not the run's to change.
+    env: Mapping[str, str] = field(default_factory=dict)
 
 
 class ClientExecutor:
@@ -253,7 +256,7 @@ class ProcessExecutor(ClientExecutor):
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
                     cwd=run_dir,
-                    env={**self._child_env(Path(mmar_root)), **handoff.env},
+                    env={**self._child_env(Path(mmar_root)), **args.env, **handoff.env},
                     pass_fds=handoff.pass_fds,
                     start_new_session=True,
                 )

@@ -355,6 +355,7 @@ _DECLARED = (
         Targets.REQUIRED,
         (Right.TRAIN, Right.OPERATE),
         Topic.ABORT,
+        site_args=(Arg("run_number", run_number, required=False, whole=True),),
     ),
     Command(
         "validate",

@@ -1,4 +1,4 @@
-"""A machine's vital signs for `sysinfo`: host, Python, torch version, CPU, memory, disk and GPUs."""
+"""A machine's vital signs for `sysinfo`: host, Python, torch, CPU, memory, disk, GPUs (and a site's resources)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import platform
 import shutil
 import socket
 import subprocess
+from collections.abc import Mapping
 from typing import Any
 
 import psutil
@@ -19,11 +20,17 @@ NVIDIA_SMI_TIMEOUT_S = 5.0
 _GPU_QUERY = "index,name,memory.total,memory.used,utilization.gpu"
 
 
-def collect_sysinfo(training_status: str, disk_path: str | os.PathLike = ".") -> dict[str, Any]:
-    """The contract's sysinfo object; sizes in bytes; the disk is the one holding `disk_path`."""
+def collect_sysinfo(
+    training_status: str, disk_path: str | os.PathLike = ".", resources: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The contract's sysinfo object; sizes in bytes; the disk is the one holding `disk_path`.
+
+    A site passes its `resources` (fedcommon.site_resources.SiteResources.to_dict(), or {"error"}): the server's
+    scheduler reads its capacity and what is free from there.
+    """
     memory = psutil.virtual_memory()
     disk = shutil.disk_usage(disk_path)
-    return {
+    info = {
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": platform.python_version(),
@@ -38,6 +45,9 @@ def collect_sysinfo(training_status: str, disk_path: str | os.PathLike = ".") ->
         "gpus": gpu_info(),
         "training_status": training_status,
     }
+    if resources is not None:
+        info["resources"] = dict(resources)
+    return info
 
 
 def _torch_version() -> str | None:

@@ -28,12 +28,14 @@ from fedclient.admin import (
     retry_pause,
 )
 from fedclient.admin_commands import seed_processors, site_processors
-from fedclient.admin_interface import ClientAdminInterface, available_gpus
+from fedclient.admin_interface import ClientAdminInterface
 from fedclient.client_executor import ClientExecutor
 from fedclient.client_status import ClientStatus
 from fedclient.local_policy import LocalPolicy
+from fedclient.site_resources import available_gpus
 from fedcommon.admin_defs import Message, ok_reply
 from fedcommon.kit import channel_credentials, load_kit
+from fedcommon.run_folder import RunFolder
 from fedcommon.safe_zip import zip_folder
 from fedcommon.wire import admin_pb2 as apb
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
@@ -123,6 +125,7 @@ class FakeExecutor(ClientExecutor):
             self._reset(args.run_number)
             self.status = ClientStatus.TRAINING_STARTED
         self.mmar_root = mmar_root
+        self.env = dict(args.env)
         return 4242
 
     def start_mgpu_train(self, client, args, mmar_root, gpu_number) -> int:
@@ -170,8 +173,12 @@ class RaisingProcessor(RequestProcessor):
 
 
 @pytest.fixture
-def site(tmp_path):
-    """(sender, interface, agent, executor) for site-1 in tmp_path/site-1, with the seed processors."""
+def site(tmp_path, monkeypatch):
+    """(sender, interface, agent, executor) for site-1 in tmp_path/site-1, with the seed processors.
+
+    The site sees no GPU unless a test says otherwise (the host's would change what a run is given).
+    """
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     workspace = tmp_path / "site-1"
     workspace.mkdir()
     sender = FakeSender()
@@ -366,7 +373,9 @@ def test_deploy_then_start_then_start_twice_is_refused(site, tmp_path):
     assert sender.ask("start", {"run_number": 1}) == (False, "run 1 is already training")
     assert _deploy(sender, DIGITS, 1, tmp_path) == (False, "run 1 is training; abort it before deploying again")
     ok, status = sender.ask("check_status")
+    runs = status.pop("runs")
     assert status == {"status": "training started", "status_code": 2, "run_number": 1, "progress": {}}
+    assert runs == [{**status, "cpu_slots": 1}]
 
 
 def test_delete_of_the_active_run_is_refused_and_of_an_idle_one_done(site, tmp_path):
@@ -515,6 +524,187 @@ def test_available_gpus_follow_cuda_visible_devices(visible, count):
     assert available_gpus({"CUDA_VISIBLE_DEVICES": visible}) == (count, f"CUDA_VISIBLE_DEVICES={visible!r}")
 
 
+# ---- several runs at once (issue 22) ------------------------------------------------------------------------
+
+
+def _declare(interface: ClientAdminInterface, resources: dict) -> None:
+    (interface.workspace / "local").mkdir(exist_ok=True)
+    (interface.workspace / "local" / "resources.json").write_text(json.dumps(resources))
+
+
+@pytest.fixture
+def runs(site, tmp_path):
+    """The site fixture with each run on an executor of its own, and runs 1, 2 and 3 deployed."""
+    sender, interface, agent, _ = site
+    made: dict[int, FakeExecutor] = {}
+
+    def factory(on_event):
+        executor = FakeExecutor(on_event=on_event)
+        made[len(made)] = executor
+        return executor
+
+    interface.executor_factory = factory
+    agent.start()
+    for run in (1, 2, 3):
+        assert _deploy(sender, DIGITS, run, tmp_path)[0]
+    return sender, interface
+
+
+def _runs_of(status: dict) -> dict[int, dict]:
+    return {entry["run_number"]: entry for entry in status["runs"]}
+
+
+def test_a_site_that_declares_nothing_trains_one_run_at_a_time_in_the_words_it_always_used(runs):
+    sender, interface = runs
+    assert sender.ask("start", {"run_number": 1})[0]
+    assert sender.ask("start", {"run_number": 2}) == (False, "run 1 is training; abort it first")
+    assert sender.ask("validate", {"run_number": 3}) == (
+        False,
+        "run 1 is training; cross-site validation waits until it ends",
+    )
+
+
+def test_with_two_cpu_slots_two_runs_train_and_a_third_is_refused_naming_what_is_in_use(runs):
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 2})
+    assert sender.ask("start", {"run_number": 1}) == (True, {"run_number": 1, "pid": 4242})
+    assert sender.ask("start", {"run_number": 2}) == (True, {"run_number": 2, "pid": 4242})
+    assert sender.ask("start", {"run_number": 3}) == (
+        False,
+        "site-1: 2 CPU slots, in use by run 1, run 2; run 3 needs 1 (local/resources.json cpu_slots)",
+    )
+    assert sender.ask("start", {"run_number": 2}) == (False, "run 2 is already training")
+    ok, status = sender.ask("check_status")
+    assert status["run_number"] == 2, "the top-level fields are the run started last"
+    assert {n: (e["status_code"], e["cpu_slots"]) for n, e in _runs_of(status).items()} == {1: (2, 1), 2: (2, 1)}
+    _declare(interface, {"cpu_slots": 1})
+    assert sender.ask("abort", {"run_number": 2}) == (True, {"run_number": 2, "status": "training stopped"})
+    assert sender.ask("start", {"run_number": 3}) == (
+        False,
+        "site-1: 1 CPU slot, in use by run 1; run 3 needs 1 (local/resources.json cpu_slots)",
+    )
+
+
+def test_abort_with_a_run_number_stops_that_run_only_and_without_one_every_run(runs):
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 3})
+    for run in (1, 2, 3):
+        assert sender.ask("start", {"run_number": run})[0]
+    assert sender.ask("abort", {"run_number": 2}) == (True, {"run_number": 2, "status": "training stopped"})
+    codes = {n: e["status_code"] for n, e in _runs_of(sender.ask("check_status")[1]).items()}
+    assert codes == {
+        1: ClientStatus.TRAINING_STARTED,
+        2: ClientStatus.TRAINING_STOPPED,
+        3: ClientStatus.TRAINING_STARTED,
+    }
+    assert sender.ask("start", {"run_number": 2})[0], "run 2's slot was given back"
+    assert sender.ask("abort", {"run_number": 9}) == (True, {"run_number": 9, "status": "training not started"})
+    ok, error = sender.ask("abort", {"run_number": "x"})
+    assert not ok and error.startswith("run_number must be a whole number >= 1")
+    assert sender.ask("abort") == (True, {"status": "training stopped"})
+    ok, status = sender.ask("check_status")
+    assert {e["status_code"] for e in status["runs"]} == {ClientStatus.TRAINING_STOPPED}
+    assert all("cpu_slots" not in e for e in status["runs"]), "nothing is held once every run is aborted"
+
+
+def test_delete_run_refuses_any_run_that_trains_and_deploy_only_the_run_that_trains(runs, tmp_path):
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 2})
+    for run in (1, 2):
+        assert sender.ask("start", {"run_number": run})[0]
+    for run in (1, 2):
+        assert sender.ask("delete_run_number", {"run_number": run}) == (False, f"run {run} is active; abort it first")
+        assert _deploy(sender, DIGITS, run, tmp_path) == (
+            False,
+            f"run {run} is training; abort it before deploying again",
+        )
+    assert _deploy(sender, DIGITS, 3, tmp_path)[0]
+    assert sender.ask("delete_run_number", {"run_number": 3})[0]
+
+
+def test_each_runs_progress_and_end_are_reported_as_that_runs(runs):
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 2})
+    assert sender.ask("start", {"run_number": 1})[0]
+    first = interface.client_executor
+    assert sender.ask("start", {"run_number": 2})[0]
+    second = interface.client_executor
+    assert first is not second
+    first.report(kind="epoch", round=0, epoch=3, loss=0.25)
+    second.report(kind="epoch", round=4, epoch=1, loss=0.5)
+    first.report(kind="end", round=1, metrics={"accuracy": 0.8})
+    first.finish(0)
+    results = sender.wait_results(lambda r: any(m.topic == "training_ended" for m in r))
+    progress = [json.loads(m.body) for m in results if m.topic == "progress"]
+    by_run = {p["run_number"]: p for p in progress}  # each run's latest: one run's never replaces another's
+    assert (by_run[2]["round"], by_run[2]["epoch"], by_run[2]["loss"]) == (4, 1, 0.5)
+    assert by_run[1]["epoch"] == 3 and by_run[1]["metrics"] == {"accuracy": 0.8}
+    ended = [json.loads(m.body) for m in results if m.topic == "training_ended"]
+    assert ended == [{"run_number": 1, "status": "training stopped", "exit_code": 0, "error": ""}]
+    assert RunFolder.of(interface.workspace, 1).completed.is_file()
+    assert not RunFolder.of(interface.workspace, 2).completed.exists()
+    runs_now = _runs_of(sender.ask("check_status")[1])
+    assert runs_now[1]["progress"]["epoch"] == 3 and runs_now[2]["progress"]["round"] == 4
+
+
+def test_start_and_start_mgpu_take_gpus_their_workers_see_and_status_and_sysinfo_show(runs, monkeypatch):
+    from fedcommon.site_resources import SiteResources
+
+    sender, interface = runs
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    ok, data = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
+    assert ok and data == {"run_number": 1, "pid": 4242, "gpus": 2, "backend": "nccl"}
+    assert interface.client_executor.env == {"CUDA_VISIBLE_DEVICES": "0,1"}
+    assert sender.ask("start", {"run_number": 2})[0]
+    assert interface.client_executor.env == {"CUDA_VISIBLE_DEVICES": "2"}
+    assert sender.ask("start", {"run_number": 3}) == (
+        False,
+        "site-1: 3 GPUs (0, 1, 2), in use by run 1 (0, 1), run 2 (2); run 3 needs 1 (CUDA_VISIBLE_DEVICES='0,1,2')",
+    )
+    runs_now = _runs_of(sender.ask("check_status")[1])
+    assert (runs_now[1]["gpus"], runs_now[1]["ranks"], runs_now[2]["gpus"]) == (["0", "1"], 2, ["2"])
+    ok, info = sender.ask("sys_info")
+    resources = SiteResources.from_sysinfo(info)
+    assert resources.gpu_ids == ["0", "1", "2"] and resources.free_gpus() == []
+    assert [g.in_use_by for g in resources.gpus] == [1, 1, 2]
+    assert sender.ask("abort", {"run_number": 1})[0]
+    ok, info = sender.ask("sys_info")
+    assert SiteResources.from_sysinfo(info).free_gpus() == ["0", "1"]
+
+
+def test_start_mgpu_on_declared_cpu_slots_takes_one_slot_per_rank(runs, monkeypatch):
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 2})
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    ok, error = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 3})
+    assert not ok and error == (
+        "site-1 has no GPU (CUDA_VISIBLE_DEVICES='') and 2 CPU slots (local/resources.json cpu_slots); "
+        "start-mgpu asked for 3"
+    )
+    ok, data = sender.ask("start_mgpu", {"run_number": 1, "gpu_number": 2})
+    assert ok and data["backend"] == "gloo"
+    assert interface.client_executor.env == {}, "no GPU: the worker's environment is the agent's"
+    assert sender.ask("start", {"run_number": 2}) == (
+        False,
+        "site-1: 2 CPU slots, in use by run 1 (2); run 2 needs 1 (local/resources.json cpu_slots)",
+    )
+    assert _runs_of(sender.ask("check_status")[1])[1]["cpu_slots"] == 2
+
+
+def test_a_bad_resources_file_refuses_starts_and_sysinfo_names_it(runs):
+    from fedcommon.site_resources import SiteResources, SiteResourcesError
+
+    sender, interface = runs
+    _declare(interface, {"cpu_slots": 2, "gpu": []})
+    ok, error = sender.ask("start", {"run_number": 1})
+    path = interface.workspace / "local" / "resources.json"
+    assert not ok and error == f"site-1: cannot start a run: {path}: gpu: unknown key (known: gpus, cpu_slots)"
+    ok, info = sender.ask("sys_info")
+    assert ok and info["resources"] == {"error": f"{path}: gpu: unknown key (known: gpus, cpu_slots)"}
+    with pytest.raises(SiteResourcesError, match="the site cannot read its own: .*gpu: unknown key"):
+        SiteResources.from_sysinfo(info)
+
+
 def test_validate_refuses_a_run_that_is_not_deployed_or_while_training(site):
     sender, _, agent, _ = site
     agent.start()
@@ -529,6 +719,7 @@ def test_sysinfo_reports_the_training_status(site):
     agent.start()
     ok, data = sender.ask("sys_info")
     assert ok and data["training_status"] == "training not started" and data["hostname"]
+    assert data["resources"] == {"gpus": [], "cpu_slots": 1, "cpu_slots_in_use": {}}
 
 
 def test_shutdown_and_restart_reply_first_and_ask_the_process_to_exit(site):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -18,6 +19,7 @@ import pytest
 from conftest import copy_mmar, prepare_workspace
 
 from fedclient import client_executor
+from fedclient.admin_interface import ClientAdminInterface, RequestRefused
 from fedclient.client_executor import ProcessExecutor, ThreadExecutor, TrainArgs, TrainingError
 from fedclient.client_status import ClientStatus
 from fedclient.executor_channel import KEY_SOURCE_ENV
@@ -49,7 +51,8 @@ args = parser.parse_args()
 mode = Path(args.mmar, "mode").read_text().strip()
 run_dir = Path(args.workspace) / f"run_{args.run_number}"
 info = {"pid": os.getpid(), "pgid": os.getpgrp(), "argv": sys.argv, "cwd": os.getcwd(),
-        "key_source": os.environ.get(KEY_SOURCE_ENV, ""), "pythonpath": os.environ.get("PYTHONPATH", "")}
+        "key_source": os.environ.get(KEY_SOURCE_ENV, ""), "pythonpath": os.environ.get("PYTHONPATH", ""),
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES")}
 conn = connect_parent(args.parent)
 info["key_left_in_env"] = KEY_SOURCE_ENV in os.environ
 client = Client()
@@ -129,8 +132,8 @@ def _executor(executors, events=None, grace: float = 3.0) -> ProcessExecutor:
     return executor
 
 
-def _child_info(workspace: Path, timeout: float = 30, name: str = "child.json") -> dict:
-    path = workspace / "run_1" / name
+def _child_info(workspace: Path, timeout: float = 30, name: str = "child.json", run: int = 1) -> dict:
+    path = workspace / f"run_{run}" / name
     deadline = time.monotonic() + timeout
     while not path.exists():
         assert time.monotonic() < deadline, "the child never started"
@@ -465,3 +468,103 @@ def test_the_thread_executor_starts_one_gpu_as_start_train_and_refuses_more_sayi
         with pytest.raises(TrainingError) as err:
             executor.start_mgpu_train(None, TrainArgs(tmp_path, 1), tmp_path, 1)
         assert "GPU" not in str(err.value) and executor.status == ClientStatus.TRAINING_EXCEPTION
+
+
+# ---- several runs at once on one site (issue 22) ----------------------------------------------------------
+
+
+class _Results:
+    """A sender of results that keeps them (the interface forwards progress and training_ended)."""
+
+    def __init__(self):
+        self.sent: list = []
+
+    def send_result(self, message) -> None:
+        self.sent.append(message)
+
+
+def _site_with_runs(workspace: Path, runs: tuple[int, ...], resources: dict) -> ClientAdminInterface:
+    """An interface for the site in `workspace` with `resources` declared and the test worker deployed as `runs`."""
+    (workspace / "local").mkdir(exist_ok=True)
+    (workspace / "local" / "resources.json").write_text(json.dumps(resources))
+    for run in runs:
+        mmar = workspace / f"run_{run}" / "mmar"
+        for folder in ("config", "custom"):
+            (mmar / folder).mkdir(parents=True, exist_ok=True)
+        (mmar / "mode").write_text("obedient")
+    return ClientAdminInterface(
+        None,
+        "site-1",
+        _Results(),
+        argparse.Namespace(workspace=workspace),
+        0,
+        executor_factory=lambda on_event: ProcessExecutor(on_event=on_event, grace=0.5, worker_module="child_worker"),
+    )
+
+
+def _by_run(status: dict) -> dict[int, dict]:
+    return {entry["run_number"]: entry for entry in status["runs"]}
+
+
+@pytest.mark.parametrize(
+    ("resources", "given"),
+    [
+        ({"cpu_slots": 2}, {1: "", 2: "", 3: ""}),
+        (
+            {"gpus": [{"id": "7", "memory_mib": 1024}, {"id": "GPU-5e1f", "memory_mib": 2048}]},
+            {1: "7", 2: "GPU-5e1f", 3: "7"},
+        ),
+    ],
+    ids=["cpu-slots", "gpus"],
+)
+def test_two_runs_train_at_once_each_with_its_own_gpus_and_aborting_one_leaves_the_other(
+    child, monkeypatch, resources, given
+):
+    workspace, _ = child
+    # The host shows no GPU: only what the site declares counts. A worker on CPU slots inherits this "".
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    interface = _site_with_runs(workspace, (1, 2, 3), resources)
+    pids: dict[int, int] = {}
+    try:
+        for run in (1, 2):
+            pids[run] = interface.start_client(run)["pid"]
+        info = {run: _child_info(workspace, run=run) for run in (1, 2)}
+        assert {run: i["cuda_visible_devices"] for run, i in info.items()} == {1: given[1], 2: given[2]}
+        assert group_members(pids[1]) == [pids[1]] and group_members(pids[2]) == [pids[2]]
+        held = {
+            run: entry.get("gpus", entry.get("cpu_slots")) for run, entry in _by_run(interface.client_status()).items()
+        }
+        assert held == ({1: [given[1]], 2: [given[2]]} if given[1] else {1: 1, 2: 1})
+
+        with pytest.raises(RequestRefused) as refused:
+            interface.start_client(3)
+        if given[1]:
+            assert str(refused.value) == (
+                "site-1: 2 GPUs (7, GPU-5e1f), in use by run 1 (7), run 2 (GPU-5e1f); "
+                "run 3 needs 1 (local/resources.json gpus)"
+            )
+        else:
+            assert str(refused.value) == (
+                "site-1: 2 CPU slots, in use by run 1, run 2; run 3 needs 1 (local/resources.json cpu_slots)"
+            )
+
+        assert interface.abort_run(1) == {"run_number": 1, "status": "training stopped"}
+        assert group_members(pids[1]) == []
+        runs = _by_run(interface.client_status())
+        assert runs[1]["status_code"] == ClientStatus.TRAINING_STOPPED and "gpus" not in runs[1]
+        assert runs[2]["status_code"] == ClientStatus.TRAINING_STARTED
+        assert group_members(pids[2]) == [pids[2]], "aborting run 1 leaves run 2 running"
+
+        pids[3] = interface.start_client(3)["pid"]  # on what run 1 gave back
+        assert _child_info(workspace, run=3)["cuda_visible_devices"] == given[3]
+        report = interface.resources_report()
+        if given[1]:
+            assert [(g["id"], g["in_use_by"]) for g in report["gpus"]] == [("7", 3), ("GPU-5e1f", 2)]
+        else:
+            assert report["cpu_slots_in_use"] == {"2": 1, "3": 1}
+    finally:
+        interface.close()
+    assert all(group_members(pid) == [] for pid in pids.values()), "close() leaves no process of any run"
+    assert interface.client_status()["runs"] and all(
+        entry["status_code"] == ClientStatus.TRAINING_STOPPED for entry in interface.client_status()["runs"]
+    )

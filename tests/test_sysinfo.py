@@ -102,3 +102,10 @@ def test_a_hanging_nvidia_smi_is_given_up_on(tmp_path, monkeypatch):
 )
 def test_gpu_names_are_kept_whole(line, name):
     assert parse_gpu_csv(line)[0]["name"] == name
+
+
+def test_a_sites_resources_ride_in_sysinfo_beside_the_contract_keys(tmp_path):
+    resources = {"gpus": [{"id": "0", "memory_mib": 81920, "in_use_by": 3}], "cpu_slots": 1, "cpu_slots_in_use": {}}
+    info = collect_sysinfo("training started", tmp_path, resources)
+    assert set(info) == KEYS | {"resources"}
+    assert info["resources"] == resources
