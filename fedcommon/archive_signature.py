@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from cryptography import x509
+
     from fedcommon.identity import PeerIdentity
 
 PURPOSE = "fedlearn-mmar-v1"
@@ -140,13 +142,7 @@ def sign_digest(sha256: str, size: int, key_pem: bytes, cert_pem: bytes) -> Arch
     return ArchiveSignature(signature, cert_pem)
 
 
-def sign_archive(path: str | os.PathLike, key_pem: bytes, cert_pem: bytes) -> ArchiveSignature:
-    """Sign the archive at path (its digest read from the file) by the admin's key."""
-    sha256, size = file_digest(path)
-    return sign_digest(sha256, size, key_pem, cert_pem)
-
-
-def _load_certificate(pem: bytes):
+def _load_certificate(pem: bytes) -> x509.Certificate:
     from cryptography import x509
 
     return x509.load_pem_x509_certificate(pem)
@@ -216,9 +212,10 @@ class ArchiveVerifier:
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):
+            # The name is the certificate's own claim, not vouched for by any CA of ours: shown cut short.
             raise SignatureError(
-                f"signer {signer.name!r} is not an admin of this project (its certificate is not issued by this "
-                "project's CA)",
+                f"signer {signer.name[:64]!r} is not an admin of this project (its certificate is not issued by "
+                "this project's CA)",
                 permission=True,
             ) from None
         if signer.kind != "admin":

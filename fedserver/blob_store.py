@@ -13,7 +13,7 @@ import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -157,7 +157,8 @@ class BlobStore:
                 self._arriving -= header.size
 
     @staticmethod
-    def _verify(name: str, check) -> None:
+    def _verify(name: str, check: Callable[[], object]) -> None:
+        """check(), its SignatureError refused as this upload's BlobError (PERMISSION_DENIED for a signer)."""
         try:
             check()
         except SignatureError as e:
