@@ -156,12 +156,14 @@ class ClientAdminInterface:
     # ---- runs -----------------------------------------------------------------------------------
 
     def deploy_mmar(self, data: Mapping[str, str]) -> dict[str, Any]:
-        """Fetch the deployed zip the request names, check and extract it into run_N/mmar."""
+        """Fetch the deployed zip the request names, verify its admin's signature against this site's own CA (and
+        CRL), check and extract it into run_N/mmar. An unsigned or untrusted archive is refused, always."""
         from fedcommon.mmar import MMARError, load_mmar
         from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
 
         checked = _checked(commands.BY_TOPIC[Topic.DEPLOY].check_site_args, data)
         number, blob_id, sha256, size = (checked[k] for k in ("run_number", "blob_id", "sha256", "size"))
+        check_signature = _signature_check(self.workspace, checked)  # an unsigned one is refused before a fetch
         self._refuse_deploy_while_training(number)
         self._refuse_finished(number)
         self.workspace.mkdir(parents=True, exist_ok=True)
@@ -175,6 +177,7 @@ class ClientAdminInterface:
                 self.sender.fetch_blob(blob_id, archive, sha256, size)
             except BlobFetchError as e:
                 raise RequestRefused(f"deploy refused: {e}") from None
+            signer = check_signature(archive)
             target = run_folder.RunFolder(self.run_dir(number)).mmar
             with self._lock:
                 self._refuse_deploy_while_training(number)
@@ -189,7 +192,7 @@ class ClientAdminInterface:
                     raise RequestRefused(f"deploy refused: not a readable zip file ({e})") from None
         finally:
             archive.unlink(missing_ok=True)
-        log.info("run %d deployed to %s", number, target)
+        log.info("run %d deployed to %s, signed by %s", number, target, signer)
         return {"run_number": number, "path": str(target)}
 
     def _check_deployed(self, root: Path, load_mmar: Callable[[Path], object]) -> None:
@@ -454,6 +457,28 @@ def _executor_status(executor: ClientExecutor) -> dict[str, Any]:
     if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
         data["error"] = executor.error
     return data
+
+
+def _signature_check(workspace: Path, args: Mapping[str, Any]) -> Callable[[Path], str]:
+    """The check of a deploy's fetched archive against the signature its request carries, by this site's own kit
+    (its CA, and its CRL when it has one); the check returns the signer. RequestRefused now when the request is
+    unsigned or its signer is not trusted here, and from the check when the signature does not match the file."""
+    from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier, SignatureError
+
+    try:
+        signature = ArchiveSignature.from_text(args.get("signature"), args.get("signer_certificate"))
+        verifier = ArchiveVerifier.of_startup(workspace / "startup")
+        verifier.check_signer(signature)
+    except SignatureError as e:
+        raise RequestRefused(f"deploy refused: {e}") from None
+
+    def check(archive: Path) -> str:
+        try:
+            return verifier.verify_file(archive, signature).describe()
+        except SignatureError as e:
+            raise RequestRefused(f"deploy refused: {e}") from None
+
+    return check
 
 
 def _is_custom_dir(path: Path, workspace: Path) -> bool:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcommon.admin_defs import body_text
+from fedcommon.archive_signature import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_TEXT
 
 # ---- the vocabulary the console, the server and the sites share -------------------------------------
 
@@ -180,6 +181,18 @@ def byte_size(value: Any, name: str = "size") -> int:
     return _whole(name, value, 0)
 
 
+def text_of_at_most(limit: int) -> Callable[[Any, str], str]:
+    """The check of a string of at most `limit` characters."""
+
+    def check(value: Any, name: str) -> str:
+        if not isinstance(value, str) or len(value) > limit:
+            got = f"{len(value)} characters" if isinstance(value, str) else repr(value)[:100]
+            raise ArgumentError(f"{name} must be text of at most {limit} characters, got {got}")
+        return value
+
+    return check
+
+
 def argv(value: Any, name: str = "argv") -> list[str]:
     """A command line as a non-empty list of strings (never a shell string)."""
     if not isinstance(value, list) or not value or not all(isinstance(a, str) for a in value):
@@ -334,7 +347,16 @@ _DECLARED = (
         (Right.TRAIN,),
         Topic.DEPLOY,
         args=(Arg("blob_id", blob_id),),
-        site_args=(_RUN, Arg("blob_id", blob_id), Arg("sha256", blob_id), Arg("size", byte_size, whole=True)),
+        # The archive's signature and its signer's certificate: optional here so that a site refuses a request
+        # without them in its own words ("deploy refused: unsigned archive"); it always refuses one.
+        site_args=(
+            _RUN,
+            Arg("blob_id", blob_id),
+            Arg("sha256", blob_id),
+            Arg("size", byte_size, whole=True),
+            Arg("signature", text_of_at_most(MAX_SIGNATURE_TEXT), required=False),
+            Arg("signer_certificate", text_of_at_most(MAX_CERTIFICATE_BYTES), required=False),
+        ),
     ),
     Command(
         "start", "start training the current run", Targets.REQUIRED, (Right.TRAIN,), Topic.START, site_args=(_RUN,)

@@ -41,7 +41,10 @@ class AdminService(pb_grpc.AdminServiceServicer):
         return outcome_to_wire(outcome)
 
     def Upload(self, request_iterator: Iterator[pb.BlobChunk], context: grpc.ServicerContext) -> pb.UploadReply:
-        """Store a BlobHeader and its data chunks; the id is the content's sha256."""
+        """Store a BlobHeader and its data chunks, signed by the caller; the id is the content's sha256.
+
+        An unsigned upload, or one whose signature or signer is not trusted, is refused and audited, and not kept.
+        """
         caller = self._caller(context)
         try:
             self._hub.policy.precheck(caller, "upload")
@@ -49,7 +52,7 @@ class AdminService(pb_grpc.AdminServiceServicer):
             self._hub.audit.record(caller, "upload", [], False, error=str(e))
             context.abort(grpc.StatusCode.PERMISSION_DENIED, str(e))
         try:
-            blob = self._blobs.receive(request_iterator)
+            blob = self._blobs.receive(request_iterator, caller.name)
         except BlobError as e:
             self._hub.audit.record(caller, "upload", [], False, error=str(e))
             context.abort(e.status, str(e))

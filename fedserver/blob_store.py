@@ -1,23 +1,28 @@
-"""Files operators upload (deployed MMAR zips): checked by size, sha256 and zip signature, kept as <sha256>.zip
-until the targets it was deployed to have taken it (or a timeout), and fetchable by those targets only."""
+"""Files operators upload (deployed MMAR zips): checked by size, sha256, zip magic and the uploading admin's
+signature, kept as <sha256>.zip (its signature beside it, <sha256>.sig) until the targets it was deployed to have
+taken it (or a timeout), and fetchable by those targets only."""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import tempfile
 import threading
 import time
 import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 
 from fedcommon import commands
+from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier, SignatureError
+from fedcommon.atomic import atomic_write_json
+from fedcommon.identity import PeerIdentity
 from fedcommon.wire import admin_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -28,12 +33,15 @@ MAX_TOTAL_BYTES = 8 << 30
 # An upload not deployed within this long is deleted; a target has this long after the deploy to fetch it.
 BLOB_TTL_S = 3600.0
 CHUNK_BYTES = 1 << 20
+SIGNATURE_SUFFIX = ".sig"
+_MAX_SIGNATURE_FILE = 32 << 10
 # A zip starts with a local file header, or (an empty archive) with the end of central directory.
 _ZIP_SIGNATURES = (b"PK\x03\x04", b"PK\x05\x06")
 
 
 class BlobError(Exception):
-    """An upload or fetch refused; `code` is "invalid_argument", "resource_exhausted" or "not_found"."""
+    """An upload or fetch refused; `code` is "invalid_argument", "permission_denied", "resource_exhausted" or
+    "not_found"."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
@@ -48,17 +56,19 @@ class BlobError(Exception):
 _STATUS = {
     "invalid_argument": grpc.StatusCode.INVALID_ARGUMENT,
     "not_found": grpc.StatusCode.NOT_FOUND,
+    "permission_denied": grpc.StatusCode.PERMISSION_DENIED,
     "resource_exhausted": grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 
 @dataclass(frozen=True)
 class BlobInfo:
-    """A stored blob: its id (= sha256 hex), size in bytes and path."""
+    """A stored blob: its id (= sha256 hex), size in bytes, path, and the signature of its latest uploader."""
 
     blob_id: str
     size: int
     path: Path
+    signature: ArchiveSignature | None = None
 
 
 @dataclass
@@ -80,7 +90,8 @@ def check_blob_id(value: str) -> str:
 
 
 class BlobStore:
-    """Uploads under one folder; each is written to a .part file and renamed once size, sha256 and zip match.
+    """Uploads under one folder; each is written to a .part file and renamed once size, sha256, zip and the
+    uploader's signature (checked by `verifier`) match.
 
     A blob lives until every target of its deploy took it (a site by fetching it whole, the server by deploying
     it), or ttl_s after its upload or its last deploy; all blobs, kept and arriving, stay under max_total_bytes.
@@ -89,11 +100,13 @@ class BlobStore:
     def __init__(
         self,
         root: Path,
+        verifier: ArchiveVerifier,
         max_bytes: int = MAX_BLOB_BYTES,
         max_total_bytes: int = MAX_TOTAL_BYTES,
         ttl_s: float = BLOB_TTL_S,
     ):
         self.root = Path(root)
+        self.verifier = verifier
         self.max_bytes = max_bytes
         self.max_total_bytes = max_total_bytes
         self.ttl_s = ttl_s
@@ -103,17 +116,24 @@ class BlobStore:
         self._adopt()
 
     def _adopt(self) -> None:
-        """Uploads left by an earlier server: broken ones are removed, whole ones kept for ttl_s from now."""
+        """Uploads left by an earlier server: broken or unsigned ones are removed, whole ones kept for ttl_s."""
         if not self.root.is_dir():
             return
         for path in self.root.iterdir():
-            if path.name.endswith(".part"):
+            if path.name.endswith((".part", ".tmp")):
                 path.unlink(missing_ok=True)
             elif path.suffix == ".zip" and path.is_file():
-                self._kept[path.stem] = _Kept(path.stat().st_size, time.monotonic() + self.ttl_s)
+                if self._signature(path.stem) is None:
+                    log.warning("upload %s has no signature beside it; deleted", path.name)
+                    self._remove_files(path.stem)
+                else:
+                    self._kept[path.stem] = _Kept(path.stat().st_size, time.monotonic() + self.ttl_s)
+            elif path.suffix == SIGNATURE_SUFFIX and not path.with_suffix(".zip").exists():
+                path.unlink(missing_ok=True)
 
-    def receive(self, chunks: Iterable[pb.BlobChunk]) -> BlobInfo:
-        """Store a stream of one BlobHeader then data chunks; raise BlobError naming what differed."""
+    def receive(self, chunks: Iterable[pb.BlobChunk], uploader: str) -> BlobInfo:
+        """Store a stream of one BlobHeader then data chunks, signed by the admin named `uploader`; raise BlobError
+        naming what differed (an unsigned or untrusted upload is refused at its header, before its data)."""
         it = iter(chunks)
         first = next(it, None)
         if first is None or first.WhichOneof("part") != "header":
@@ -125,12 +145,25 @@ class BlobStore:
             raise BlobError(
                 "resource_exhausted", f"upload {header.name!r} is {header.size} bytes; the limit is {self.max_bytes}"
             )
+        signature = None
+        if header.signature or header.signer_certificate:
+            signature = ArchiveSignature(header.signature, header.signer_certificate)
+        self._verify(header.name, lambda: self.verifier.check_signer(signature, uploader))
         self._reserve(header.name, header.size)
         try:
-            return self._store(it, header, expected_sha)
+            return self._store(it, header, expected_sha, signature, uploader)
         finally:
             with self._lock:
                 self._arriving -= header.size
+
+    @staticmethod
+    def _verify(name: str, check: Callable[[], object]) -> None:
+        """check(), its SignatureError refused as this upload's BlobError (PERMISSION_DENIED for a signer)."""
+        try:
+            check()
+        except SignatureError as e:
+            code = "permission_denied" if e.permission else "invalid_argument"
+            raise BlobError(code, f"upload {name!r} refused: {e}") from None
 
     def _reserve(self, name: str, size: int) -> None:
         self.sweep()
@@ -144,7 +177,14 @@ class BlobStore:
                 )
             self._arriving += size
 
-    def _store(self, it: Iterator[pb.BlobChunk], header: pb.BlobHeader, expected_sha: str) -> BlobInfo:
+    def _store(
+        self,
+        it: Iterator[pb.BlobChunk],
+        header: pb.BlobHeader,
+        expected_sha: str,
+        signature: ArchiveSignature | None,
+        uploader: str,
+    ) -> BlobInfo:
         self.root.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f"{expected_sha}.", suffix=".part", dir=self.root)
         try:
@@ -181,7 +221,11 @@ class BlobStore:
             _check_zip_start(header.name, start, True)
             if not zipfile.is_zipfile(tmp):
                 raise BlobError("invalid_argument", f"upload {header.name!r} is not a zip archive (an MMAR is one)")
+            # The digest is the one computed above from the bytes received, not the header's claim.
+            self._verify(header.name, lambda: self.verifier.verify_digest(signature, actual, size, uploader))
             final = self.root / f"{expected_sha}.zip"
+            # The signature is written first: a zip is never on disk without the signature it was accepted with.
+            atomic_write_json(self.root / f"{expected_sha}{SIGNATURE_SUFFIX}", signature.to_text())
             os.replace(tmp, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
@@ -238,18 +282,43 @@ class BlobStore:
     def _delete(self, blob_id: str) -> None:
         """Call with the lock held. A site still reading the file keeps its open copy."""
         self._kept.pop(blob_id, None)
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.root / f"{blob_id}.zip")
+        self._remove_files(blob_id)
         log.info("upload %s deleted", blob_id)
 
+    def _remove_files(self, blob_id: str) -> None:
+        for suffix in (".zip", SIGNATURE_SUFFIX):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.root / f"{blob_id}{suffix}")
+
+    def _signature(self, blob_id: str) -> ArchiveSignature | None:
+        """The signature kept beside blob_id, or None when there is none or it cannot be read (refused later)."""
+        path = self.root / f"{blob_id}{SIGNATURE_SUFFIX}"
+        try:
+            with open(path, "rb") as f:
+                record = json.loads(f.read(_MAX_SIGNATURE_FILE + 1)[:_MAX_SIGNATURE_FILE])
+            return ArchiveSignature.from_text(record.get("signature"), record.get("signer_certificate"))
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, AttributeError) as e:
+            log.error("%s: unreadable signature record (%s)", path, e)
+            return None
+
     def get(self, blob_id: str) -> BlobInfo:
-        """The stored blob `blob_id`, or BlobError not_found."""
+        """The stored blob `blob_id` with its signature, or BlobError not_found."""
         path = self.root / f"{check_blob_id(blob_id)}.zip"
         try:
             size = path.stat().st_size
         except FileNotFoundError:
             raise BlobError("not_found", f"blob {blob_id} is not uploaded (upload it first)") from None
-        return BlobInfo(blob_id, size, path)
+        return BlobInfo(blob_id, size, path, self._signature(blob_id))
+
+    def verify(self, blob_id: str) -> PeerIdentity:
+        """The signer of the stored blob, its signature checked again over the file as it is now (a revocation
+        since the upload counts); SignatureError says why it is refused."""
+        blob = self.get(blob_id)
+        signer = self.verifier.verify_file(blob.path, blob.signature)
+        log.info("upload %s: signed by %s", blob_id, signer.describe())
+        return signer
 
     def iter_chunks(self, blob_id: str, chunk_bytes: int = CHUNK_BYTES) -> Iterator[pb.BlobChunk]:
         """A BlobHeader, then the content in `chunk_bytes` pieces."""

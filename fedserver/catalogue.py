@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+from fedcommon.archive_signature import SignatureError
 from fedcommon.commands import COMMANDS, SERVER, ClientStatus, Right, get_status_message
 from fedcommon.deployed_code import archive_code, shown
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
@@ -160,6 +161,11 @@ def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     number = _current_run(fed)
     blob = fed.blobs.get(args["blob_id"])
     try:
+        # Checked again over the file, right before it is extracted: a signer revoked since the upload counts.
+        try:
+            fed.blobs.verify(blob.blob_id)
+        except SignatureError as e:
+            raise AdminError(f"deploy refused: {e}") from None
         return {"run_number": number, "path": str(fed.deploy(blob.path, number))}
     finally:
         fed.blobs.taken(SERVER, blob.blob_id)
@@ -276,7 +282,17 @@ def _set_timeout(fed: Federation, args: Args, gathered: Gathered) -> dict[str, A
 def _deploy_request(fed: Federation, args: Args) -> Args:
     blob = fed.blobs.get(args["blob_id"])
     number = _current_run(fed)
-    return {"run_number": number, "blob_id": blob.blob_id, "sha256": blob.blob_id, "size": blob.size}
+    try:  # no site is sent an archive whose signer the server no longer trusts; each site checks it all again
+        fed.blobs.verifier.check_signer(blob.signature)
+    except SignatureError as e:
+        raise AdminError(f"deploy refused: {e}") from None
+    return {
+        "run_number": number,
+        "blob_id": blob.blob_id,
+        "sha256": blob.blob_id,
+        "size": blob.size,
+        **blob.signature.to_text(),
+    }
 
 
 def _deploy_to(fed: Federation, args: Args, targets: list[str]) -> None:

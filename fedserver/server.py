@@ -19,6 +19,7 @@ from typing import Any
 import grpc
 
 from fedcommon import run_folder
+from fedcommon.archive_signature import ArchiveVerifier
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
@@ -201,13 +202,14 @@ class FederationServer:
         # Serialises changes of the run state (set-run, deploy, start, abort, delete-run) between operators.
         self._admin_lock = threading.RLock()
         self._run_number, self.admin_timeout = self._load_state()
-        self.blobs = BlobStore(self.workspace / UPLOADS_DIR)
         try:
             self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
         except (RevocationError, PolicyError, CodePolicyError) as e:
             raise ServerError(str(e)) from None
+        # Every upload and every deploy of one is checked for an admin's signature against the project CA and CRL.
+        self.blobs = BlobStore(self.workspace / UPLOADS_DIR, ArchiveVerifier(kit.ca_pem, self.revocations.is_revoked))
         self.mailbox = SiteMailbox()
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)

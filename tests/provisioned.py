@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import time
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from pathlib import Path
 
 import grpc
 from conftest import free_port
+from signing import signed_header
 from test_hostile import fedadmin, project_yaml, provision
 
 from fedcommon.kit import channel_credentials, load_kit
@@ -31,7 +31,7 @@ class ProvisionedFederation:
 
     def upload(self, admin: str, data: bytes) -> str:
         """Upload `data` as `admin`; returns its blob id."""
-        header = apb.BlobHeader(name="mmar.zip", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+        header = signed_header(self.out / admin, data)  # signed by the uploader's kit, as the console does
         self.stub(admin).Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
         return header.sha256
 

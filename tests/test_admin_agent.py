@@ -18,6 +18,7 @@ from pathlib import Path
 import grpc
 import pytest
 from conftest import DIGITS, ROOT, copy_mmar, prepare_workspace, python_env, server_process
+from signing import deploy_headers, signed_header
 
 from fedclient.admin import (
     AdminMessageSender,
@@ -174,13 +175,13 @@ class RaisingProcessor(RequestProcessor):
 
 @pytest.fixture
 def site(tmp_path, monkeypatch):
-    """(sender, interface, agent, executor) for site-1 in tmp_path/site-1, with the seed processors.
+    """(sender, interface, agent, executor) for site-1 of a POC workspace in tmp_path/ws (its kit: the project CA it
+    verifies deployed archives against), with the seed processors.
 
     The site sees no GPU unless a test says otherwise (the host's would change what a run is given).
     """
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
-    workspace = tmp_path / "site-1"
-    workspace.mkdir()
+    workspace = prepare_workspace(tmp_path / "ws", clients=1) / "site-1"
     sender = FakeSender()
     interface = ClientAdminInterface(None, "site-1", sender, argparse.Namespace(workspace=workspace, debug=False), 0)
     executor = FakeExecutor(on_event=interface._on_training_event)
@@ -194,12 +195,17 @@ def site(tmp_path, monkeypatch):
     interface.close()
 
 
+def _admin_kit(tmp_path: Path) -> Path:
+    """The POC admin's kit beside the `site` fixture's site: it signs what the tests deploy."""
+    return tmp_path / "ws" / "admin"
+
+
 def _deploy(sender: FakeSender, mmar: Path, run_number: int | None, tmp_path: Path) -> tuple[bool, dict | str]:
     archive = zip_folder(mmar, tmp_path / f"upload-{time.monotonic_ns()}.zip")
     data = archive.read_bytes()
     blob_id = hashlib.sha256(data).hexdigest()
     sender.blobs[blob_id] = data
-    headers = {"blob_id": blob_id, "sha256": blob_id, "size": len(data)}
+    headers = {"blob_id": blob_id, "sha256": blob_id, "size": len(data), **deploy_headers(_admin_kit(tmp_path), data)}
     if run_number is not None:
         headers["run_number"] = run_number
     return sender.ask("deploy", headers)
@@ -430,7 +436,8 @@ def test_deploy_of_a_hostile_zip_is_refused_and_writes_nothing(site, tmp_path):
     data = archive.read_bytes()
     blob_id = hashlib.sha256(data).hexdigest()
     sender.blobs[blob_id] = data
-    ok, error = sender.ask("deploy", {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)})
+    headers = {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)}
+    ok, error = sender.ask("deploy", {**headers, **deploy_headers(_admin_kit(tmp_path), data)})
     assert not ok and error.startswith("deploy refused:") and "'../../escape.txt'" in error
     assert not (interface.workspace / "run_1" / "mmar").exists()
     assert not list(interface.workspace.rglob("escape.txt")) and not (tmp_path / "escape.txt").exists()
@@ -443,6 +450,91 @@ def test_deploy_of_an_invalid_mmar_names_the_file_and_key(site, tmp_path):
     ok, error = _deploy(sender, bad, 1, tmp_path)
     assert not ok and "config_fed_server.json" in error and "num_rounds" in error
     assert not (interface.workspace / "run_1" / "mmar").exists()
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _audited_deploys(workspace: Path) -> list[dict]:
+    lines = (workspace / "audit.log").read_text().splitlines()
+    return [e for e in map(json.loads, lines) if e["topic"] == "deploy"]
+
+
+def test_a_site_refuses_an_unsigned_deploy_before_it_fetches_anything_and_audits_it(site, tmp_path):
+    """Signing (issue 22): a site extracts only what an admin of its project signed, whatever the server says; the
+    refusal is unconditional and named, and nothing is fetched or written."""
+    sender, interface, agent, _ = site
+    agent.start()
+    data = zip_folder(DIGITS, tmp_path / "digits.zip").read_bytes()
+    blob_id = hashlib.sha256(data).hexdigest()  # not in the sender's blobs: a fetch would fail with NOT_FOUND
+    ok, error = sender.ask("deploy", {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)})
+    assert not ok and error.startswith("deploy refused: unsigned archive"), error
+    (entry,) = _audited_deploys(interface.workspace)
+    assert entry["ok"] is False and "deploy refused: unsigned archive" in entry["error"]
+    assert not (interface.workspace / "run_1").exists()
+    assert not list(interface.workspace.glob(".deploy-*"))
+
+
+def test_a_site_refuses_a_tampered_archive_on_its_own_and_its_run_folder_stays_as_it_was(site, tmp_path):
+    """Signing (issue 22): the site hashes the file it fetched itself: an archive other than the one the admin signed
+    (a server that swapped it, say) is refused and audited, and the run deployed before is left as it was."""
+    sender, interface, agent, _ = site
+    agent.start()
+    assert _deploy(sender, DIGITS, 1, tmp_path)[0]
+    run = interface.workspace / "run_1"
+    before = _snapshot(run)
+    signed = zip_folder(copy_mmar(tmp_path / "signed", server={"num_rounds": 7}), tmp_path / "signed.zip")
+    swapped = zip_folder(copy_mmar(tmp_path / "swapped", server={"num_rounds": 9}), tmp_path / "swapped.zip")
+    data = swapped.read_bytes()
+    blob_id = hashlib.sha256(data).hexdigest()
+    sender.blobs[blob_id] = data
+    headers = {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)}
+    ok, error = sender.ask("deploy", {**headers, **deploy_headers(_admin_kit(tmp_path), signed.read_bytes())})
+    assert not ok and error.startswith("deploy refused: signature does not match the archive"), error
+    assert _snapshot(run) == before
+    assert not list(interface.workspace.glob(".deploy-*")), "the fetched zip is removed"
+    entry = _audited_deploys(interface.workspace)[-1]
+    assert entry["ok"] is False and "signature does not match the archive" in entry["error"]
+
+
+def test_a_site_refuses_a_signer_its_crl_revokes_a_sites_signature_and_another_projects(site, tmp_path):
+    """Signing (issue 22): the site checks the signer against its own CA and, when it has one, its own CRL."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    from fedcommon.archive_signature import sign_digest
+    from fedcommon.pki import create_ca, issue_cert, write_crl
+
+    sender, interface, agent, _ = site
+    agent.start()
+    data = zip_folder(DIGITS, tmp_path / "digits.zip").read_bytes()
+    blob_id = hashlib.sha256(data).hexdigest()
+    sender.blobs[blob_id] = data
+    headers = {"run_number": 1, "blob_id": blob_id, "sha256": blob_id, "size": len(data)}
+    site_kit = load_kit(interface.workspace)
+    as_site = sign_digest(blob_id, len(data), site_kit.key_pem, site_kit.cert_pem).to_text()
+    ok, error = sender.ask("deploy", {**headers, **as_site})
+    assert not ok and error == "deploy refused: signer 'site-1' (site of test) is not an admin of this project " + (
+        "(only an admin's certificate signs archives)"
+    )
+    other_ca, other_key = create_ca("test")
+    cert, key = issue_cert(other_ca, other_key, "admin", "admin", admin_role="project_admin")
+    pems = (
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+        cert.public_bytes(serialization.Encoding.PEM),
+    )
+    ok, error = sender.ask("deploy", {**headers, **sign_digest(blob_id, len(data), *pems).to_text()})
+    assert not ok and "not issued by this project's CA" in error
+    ws = tmp_path / "ws"
+    ca_cert = x509.load_pem_x509_certificate((ws / "ca" / "rootCA.pem").read_bytes())
+    ca_key = serialization.load_pem_private_key((ws / "ca" / "rootCA.key").read_bytes(), None)
+    admin_serial = x509.load_pem_x509_certificate(load_kit(ws / "admin").cert_pem).serial_number
+    write_crl(interface.workspace / "startup" / "crl.pem", ca_cert, ca_key, [admin_serial])
+    ok, error = sender.ask("deploy", {**headers, **deploy_headers(_admin_kit(tmp_path), data)})
+    assert not ok and error == "deploy refused: signer's certificate is revoked ('admin' (project_admin of test))"
+    assert [e["ok"] for e in _audited_deploys(interface.workspace)] == [False, False, False]
+    assert not (interface.workspace / "run_1").exists()
 
 
 def test_shell_outside_the_whitelist_is_refused(site):
@@ -858,8 +950,7 @@ def test_a_request_reaches_an_idle_site_at_once_over_the_long_poll(plane):
 def test_deploy_and_start_through_the_server_reach_the_site(plane, tmp_path):
     server, admin, interface, sender = plane
     archive = zip_folder(DIGITS, tmp_path / "digits.zip").read_bytes()
-    sha = hashlib.sha256(archive).hexdigest()
-    header = apb.BlobHeader(name="digits.zip", size=len(archive), sha256=sha)
+    header = signed_header(interface.workspace.parent / "admin", archive, "digits.zip")
     upload = admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=archive)]), timeout=30)
     reply = _execute(admin, "deploy", ["site-1"], {"blob_id": upload.blob_id})
     assert not reply.ok and reply.replies[0].error == "no run number set: run `fedadmin set-run N` first"
@@ -882,7 +973,7 @@ def test_a_fetch_with_a_wrong_size_is_refused(plane, tmp_path):
     server, admin, interface, sender = plane
     data = b"PK\x05\x06" + bytes(18)  # an empty zip archive: 22 bytes
     sha = hashlib.sha256(data).hexdigest()
-    header = apb.BlobHeader(name="x.zip", size=len(data), sha256=sha)
+    header = signed_header(interface.workspace.parent / "admin", data, "x.zip")
     admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
     server.blobs.grant(sha, ["site-1"])  # what a deploy to site-1 does
     with pytest.raises(BlobFetchError, match="the deploy request announced 9"):
@@ -985,7 +1076,7 @@ def test_sigterm_during_training_aborts_it_and_leaves_no_process(tmp_path, proce
         processes.append(proc)
         _wait_for(lambda: "fedclient agent site-1 started\n" in lines, 60, "the agent never said it started")
         archive = zip_folder(slow, tmp_path / "slow.zip").read_bytes()
-        header = apb.BlobHeader(name="slow.zip", size=len(archive), sha256=hashlib.sha256(archive).hexdigest())
+        header = signed_header(ws / "admin", archive, "slow.zip")
         upload = admin.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=archive)]), timeout=30)
         assert _execute(admin, "set-run", ["server"], {"run_number": 1}).ok
         assert _execute(admin, "deploy", ["all"], {"blob_id": upload.blob_id}).ok

@@ -15,9 +15,11 @@ import grpc
 import numpy as np
 import pytest
 from conftest import copy_mmar, free_port, prepare_workspace, scrape, server_process
+from signing import signed_header
 
 from fedcommon.admin_defs import ok_reply
 from fedcommon.admin_serde import message_from_wire, message_to_wire
+from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import save_model
@@ -137,7 +139,8 @@ class Federation:
         return reply.replies[0]
 
     def upload(self, data: bytes, sha256: str | None = None, name: str = "mmar.zip") -> apb.UploadReply:
-        header = apb.BlobHeader(name=name, size=len(data), sha256=sha256 or hashlib.sha256(data).hexdigest())
+        """Upload `data` as the POC admin, signed by its kit as the console does (sha256: a header claiming another)."""
+        header = signed_header(self.ws / "admin", data, name, sha256)
         chunks = [apb.BlobChunk(header=header)]
         chunks += [apb.BlobChunk(data=data[i : i + (1 << 20)]) for i in range(0, len(data), 1 << 20)]
         return self._admin.Upload(iter(chunks), timeout=30)
@@ -420,7 +423,7 @@ def test_an_upload_is_stored_under_its_sha256_and_a_site_it_was_deployed_to_can_
     digest = hashlib.sha256(data).hexdigest()
     assert (reply.blob_id, reply.size, reply.sha256) == (digest, len(data), digest)
     uploads = federation.ws / "server" / "uploads"
-    assert [p.name for p in uploads.iterdir()] == [f"{digest}.zip"]
+    assert sorted(p.name for p in uploads.iterdir()) == [f"{digest}.sig", f"{digest}.zip"]  # its signature beside it
     federation.server.blobs.grant(digest, ["site-1"])  # what a deploy to site-1 does
 
     site = admin_grpc.SiteAgentStub(
@@ -479,7 +482,13 @@ def test_deploy_puts_the_mmar_in_place_on_the_server_and_sends_the_blob_to_sites
     assert reply.ok, reply
     assert _data(reply.replies[0]) == {"run_number": 3, "path": str(federation.ws / "server" / "run_3" / "mmar")}
     assert (federation.ws / "server" / "run_3" / "mmar" / "config" / "config_fed_server.json").is_file()
-    assert dict(site.received[0].headers) == {
+    headers = dict(site.received[0].headers)
+    # The site is sent the uploader's signature and certificate, and checks them itself.
+    signature = ArchiveSignature.from_text(headers.pop("signature"), headers.pop("signer_certificate"))
+    assert signature.signer_certificate == load_kit(federation.ws / "admin").cert_pem
+    verifier = ArchiveVerifier(load_kit(federation.ws / "site-1").ca_pem)
+    assert verifier.verify_digest(signature, blob, len(data)).name == "admin"
+    assert headers == {
         "run_number": "3",
         "blob_id": blob,
         "sha256": blob,

@@ -472,6 +472,23 @@ def test_deploy_of_a_zip_uploads_it_unchanged(ws, fake):
     assert fake.uploads[0][1] == archive.read_bytes()
 
 
+def test_the_console_signs_what_it_uploads_with_its_admin_kit(ws, fake):
+    """Signing (issue 22): nothing for the operator to do; the upload carries the admin's signature over the bytes
+    sent and its certificate, which the project's CA verifies."""
+    from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier
+
+    archive = make_zip(ws.parent / "mmar.zip")
+    result = fedadmin("--json", "deploy", str(archive), "site-1", kit=ws / "admin")
+    assert result.returncode == 0, result.stderr
+    ((header, data),) = fake.uploads
+    signature = ArchiveSignature(header.signature, header.signer_certificate)
+    assert header.signer_certificate == load_kit(ws / "admin").cert_pem
+    verifier = ArchiveVerifier(load_kit(ws / "server").ca_pem)
+    assert verifier.verify_digest(signature, hashlib.sha256(data).hexdigest(), len(data), uploader="admin").name == (
+        "admin"
+    )
+
+
 def test_deploy_refuses_a_folder_that_is_no_mmar(ws, fake, tmp_path):
     (tmp_path / "empty").mkdir()
     result = fedadmin("deploy", str(tmp_path / "empty"), "all", kit=ws / "admin")

@@ -24,9 +24,11 @@ import pytest
 from conftest import copy_mmar, free_port
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from signing import signed_header
 from test_admin_server import FakeAgent
 from test_hostile import ADMINS, SITES, project_yaml, provision
 
+from fedcommon.archive_signature import ArchiveVerifier
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import save_model
@@ -129,13 +131,16 @@ def _zip(payload: bytes) -> bytes:
     return buf.getvalue()
 
 
-def _header(data: bytes, name: str = "mmar.zip") -> apb.BlobChunk:
-    return apb.BlobChunk(header=apb.BlobHeader(name=name, size=len(data), sha256=hashlib.sha256(data).hexdigest()))
+def _header(kits: Path, who: str, data: bytes, name: str = "mmar.zip") -> apb.BlobChunk:
+    """The header of an upload of `data` by admin `who`, signed by its kit (as the console sends it)."""
+    return apb.BlobChunk(header=signed_header(kits / who, data, name))
 
 
-def _stalled_upload(data: bytes, release: threading.Event, sent: int = 0) -> Iterator[apb.BlobChunk]:
-    """An upload that sends its header and `sent` bytes, then nothing until `release`."""
-    yield _header(data)
+def _stalled_upload(
+    kits: Path, who: str, data: bytes, release: threading.Event, sent: int = 0
+) -> Iterator[apb.BlobChunk]:
+    """An upload by `who` that sends its header and `sent` bytes, then nothing until `release`."""
+    yield _header(kits, who, data)
     if sent:
         yield apb.BlobChunk(data=data[:sent])
     release.wait(120)
@@ -175,7 +180,7 @@ def test_a_leads_stalled_uploads_cannot_lock_the_project_admin_out(serve):
     try:
         _wait_until("hospital-a is connected", lambda: "hospital-a" in fed.server.mailbox.connected_sites())
         stub = fed.admin(LEAD)
-        uploads = [stub.Upload.future(_stalled_upload(data, release), timeout=120) for _ in range(16)]
+        uploads = [stub.Upload.future(_stalled_upload(fed.kits, LEAD, data, release), timeout=120) for _ in range(16)]
         refused = _wait_until(
             "the lead's uploads past its share are refused",
             lambda: [u for u in uploads if u.done()] if sum(u.done() for u in uploads) >= 10 else None,
@@ -215,7 +220,7 @@ def test_a_stalled_upload_is_cancelled_at_its_idle_deadline_and_audited(serve):
     data = _zip(b"y" * 4096)
     release = threading.Event()
     try:
-        upload = fed.admin(LEAD).Upload.future(_stalled_upload(data, release, sent=64), timeout=SLOW)
+        upload = fed.admin(LEAD).Upload.future(_stalled_upload(fed.kits, LEAD, data, release, sent=64), timeout=SLOW)
         assert _code(upload) == grpc.StatusCode.CANCELLED
     finally:
         release.set()
@@ -237,7 +242,7 @@ def test_an_upload_the_console_cancels_is_audited(serve):
         data = _zip(bytes([attempt]) * 4096)
         release = threading.Event()
         try:
-            upload = stub.Upload.future(_stalled_upload(data, release, sent=100), timeout=SLOW)
+            upload = stub.Upload.future(_stalled_upload(fed.kits, LEAD, data, release, sent=100), timeout=SLOW)
             _wait_until(
                 "the upload is in flight",
                 lambda: (
@@ -267,7 +272,7 @@ def test_an_admin_revoked_mid_upload_does_not_complete_it(serve):
     go_on = threading.Event()
 
     def chunks():
-        yield _header(data)
+        yield _header(fed.kits, LEAD, data)
         yield apb.BlobChunk(data=data[:1024])
         go_on.wait(SLOW)
         yield apb.BlobChunk(data=data[1024:])
@@ -508,7 +513,13 @@ def test_a_blob_is_fetchable_only_by_the_sites_it_was_deployed_to_and_deleted_on
         data = _zip(os.urandom(3 << 20))
         admin = fed.admin(ROOT)
         blob = admin.Upload(
-            iter([_header(data), apb.BlobChunk(data=data[: 2 << 20]), apb.BlobChunk(data=data[2 << 20 :])]),
+            iter(
+                [
+                    _header(fed.kits, ROOT, data),
+                    apb.BlobChunk(data=data[: 2 << 20]),
+                    apb.BlobChunk(data=data[2 << 20 :]),
+                ]
+            ),
             timeout=SLOW,
         ).blob_id
         assert admin.Execute(
@@ -544,7 +555,7 @@ def test_a_non_zip_upload_is_refused_at_its_first_bytes(serve):
     data = b"MZ\x90\x00" + b"\x00" * (4 << 20)
 
     def chunks():
-        yield _header(data)
+        yield _header(fed.kits, LEAD, data)
         yield apb.BlobChunk(data=data[:1024])
         rest.wait(120)  # the rest would come only after this
         yield apb.BlobChunk(data=data[1024:])
@@ -558,24 +569,25 @@ def test_a_non_zip_upload_is_refused_at_its_first_bytes(serve):
     assert err.value.details() == "upload 'mmar.zip' is not a zip archive (an MMAR is one)"
 
 
-def test_uploads_are_bounded_in_total_and_one_never_deployed_expires(tmp_path):
+def test_uploads_are_bounded_in_total_and_one_never_deployed_expires(kits, tmp_path):
     """Hardening 18 degraded: uploads were never deleted and unbounded in total. Past the total an upload is refused
     before its data is sent; one never deployed is deleted after its time-to-live, which frees room again."""
     first, second = _zip(b"1" * 1000), _zip(b"2" * 1000)
-    store = BlobStore(tmp_path / "uploads", max_total_bytes=len(first) + len(second) // 2, ttl_s=0.5)
-    store.receive([_header(first), apb.BlobChunk(data=first)])
+    verifier = ArchiveVerifier(load_kit(kits / "server").ca_pem)
+    store = BlobStore(tmp_path / "uploads", verifier, max_total_bytes=len(first) + len(second) // 2, ttl_s=0.5)
+    store.receive([_header(kits, ROOT, first), apb.BlobChunk(data=first)], ROOT)
 
     def never_sent() -> Iterator[apb.BlobChunk]:
-        yield _header(second)
+        yield _header(kits, ROOT, second)
         raise AssertionError("the data was read although the upload does not fit")
 
     with pytest.raises(BlobError) as err:
-        store.receive(never_sent())
+        store.receive(never_sent(), ROOT)
     assert err.value.code == "resource_exhausted" and "does not fit" in str(err.value)
     time.sleep(0.6)
     store.sweep()
     assert list((tmp_path / "uploads").iterdir()) == []
-    assert store.receive([_header(second), apb.BlobChunk(data=second)]).size == len(second)
+    assert store.receive([_header(kits, ROOT, second), apb.BlobChunk(data=second)], ROOT).size == len(second)
 
 
 # ---- connections ---------------------------------------------------------------------------------------------

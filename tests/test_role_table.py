@@ -7,17 +7,18 @@ the code's own tables, so remapping a command's right in the code turns this red
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import re
 import time
 import zipfile
+from pathlib import Path
 
 import grpc
 import pytest
 from conftest import ROOT
 from provisioned import ProvisionedFederation, running
+from signing import signed_header
 
 from fedcommon.commands import COMMANDS, Targets
 from fedcommon.wire import admin_pb2 as apb
@@ -126,10 +127,10 @@ def _cases(command: str) -> list[tuple[str, list[str], dict]]:
     return [("own", [OWN], args), ("other", [OTHER], args), ("server", ["server"], args)]
 
 
-def _upload(stub: admin_grpc.AdminServiceStub, admin: str) -> tuple[bool, str]:
-    """(refused by the policy, what the server said) for a tiny Upload."""
+def _upload(stub: admin_grpc.AdminServiceStub, kits: Path, admin: str) -> tuple[bool, str]:
+    """(refused by the policy, what the server said) for a tiny Upload, signed by the admin's kit."""
     data = f"role table {admin}".encode()
-    header = apb.BlobHeader(name="x.zip", size=len(data), sha256=hashlib.sha256(data).hexdigest())
+    header = signed_header(kits / admin, data, "x.zip")
     try:
         stub.Upload(iter([apb.BlobChunk(header=header), apb.BlobChunk(data=data)]), timeout=30)
     except grpc.RpcError as e:
@@ -147,7 +148,7 @@ def test_every_role_command_and_target_is_allowed_or_refused_as_the_docs_role_ta
         stub = fed.stub(admin)
         for command in sorted(rights):
             if command == "upload":  # an RPC of its own, with no target: the server's right
-                refused, said = _upload(stub, admin)
+                refused, said = _upload(stub, fed.out, admin)
                 expected = allowed(scopes, rights[command], role, "server")
                 if refused == expected:
                     wrong.append(f"{role} upload: docs say {'allowed' if expected else 'refused'}; server: {said}")

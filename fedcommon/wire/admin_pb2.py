@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from fedcommon.wire import training_pb2 as fedcommon_dot_wire_dot_training__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ommon/wire/admin.proto\x12\x0b\x66\x65\x64learn.v1\x1a\x1d\x66\x65\x64\x63ommon/wire/training.proto\"\xa0\x01\n\x0c\x41\x64minMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x37\n\x07headers\x18\x04 \x03(\x0b\x32&.fedlearn.v1.AdminMessage.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0fRetrieveRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12*\n\x07replies\x18\x02 \x03(\x0b\x32\x19.fedlearn.v1.AdminMessage\"<\n\rRetrieveReply\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.fedlearn.v1.AdminMessage\"\x1e\n\x0b\x42lobRequest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\"N\n\tBlobChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedlearn.v1.BlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"8\n\nBlobHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"V\n\x0e\x43ommandRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"K\n\x0bTargetReply\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x11\n\tdata_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"e\n\x0c\x43ommandReply\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12)\n\x07replies\x18\x03 \x03(\x0b\x32\x18.fedlearn.v1.TargetReply\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"<\n\x0bUploadReply\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t2\x87\x02\n\tSiteAgent\x12\x44\n\x08Retrieve\x12\x1c.fedlearn.v1.RetrieveRequest\x1a\x1a.fedlearn.v1.RetrieveReply\x12\x38\n\tSendReply\x12\x19.fedlearn.v1.AdminMessage\x1a\x10.fedlearn.v1.Ack\x12\x39\n\nSendResult\x12\x19.fedlearn.v1.AdminMessage\x1a\x10.fedlearn.v1.Ack\x12?\n\tFetchBlob\x12\x18.fedlearn.v1.BlobRequest\x1a\x16.fedlearn.v1.BlobChunk0\x01\x32\x8f\x01\n\x0c\x41\x64minService\x12\x41\n\x07\x45xecute\x12\x1b.fedlearn.v1.CommandRequest\x1a\x19.fedlearn.v1.CommandReply\x12<\n\x06Upload\x12\x16.fedlearn.v1.BlobChunk\x1a\x18.fedlearn.v1.UploadReply(\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x66\x65\x64\x63ommon/wire/admin.proto\x12\x0b\x66\x65\x64learn.v1\x1a\x1d\x66\x65\x64\x63ommon/wire/training.proto\"\xa0\x01\n\x0c\x41\x64minMessage\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05topic\x18\x02 \x01(\t\x12\x0c\n\x04\x62ody\x18\x03 \x01(\x0c\x12\x37\n\x07headers\x18\x04 \x03(\x0b\x32&.fedlearn.v1.AdminMessage.HeadersEntry\x1a.\n\x0cHeadersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0fRetrieveRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12*\n\x07replies\x18\x02 \x03(\x0b\x32\x19.fedlearn.v1.AdminMessage\"<\n\rRetrieveReply\x12+\n\x08requests\x18\x01 \x03(\x0b\x32\x19.fedlearn.v1.AdminMessage\"\x1e\n\x0b\x42lobRequest\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\"N\n\tBlobChunk\x12)\n\x06header\x18\x01 \x01(\x0b\x32\x17.fedlearn.v1.BlobHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x02 \x01(\x0cH\x00\x42\x06\n\x04part\"g\n\nBlobHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\x12\x11\n\tsignature\x18\x04 \x01(\x0c\x12\x1a\n\x12signer_certificate\x18\x05 \x01(\x0c\"V\n\x0e\x43ommandRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\x0f\n\x07targets\x18\x02 \x03(\t\x12\x11\n\targs_json\x18\x03 \x01(\t\x12\x0f\n\x07timeout\x18\x04 \x01(\x01\"K\n\x0bTargetReply\x12\x0e\n\x06target\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12\x11\n\tdata_json\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"e\n\x0c\x43ommandReply\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\n\n\x02ok\x18\x02 \x01(\x08\x12)\n\x07replies\x18\x03 \x03(\x0b\x32\x18.fedlearn.v1.TargetReply\x12\r\n\x05\x65rror\x18\x04 \x01(\t\"<\n\x0bUploadReply\x12\x0f\n\x07\x62lob_id\x18\x01 \x01(\t\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t2\x87\x02\n\tSiteAgent\x12\x44\n\x08Retrieve\x12\x1c.fedlearn.v1.RetrieveRequest\x1a\x1a.fedlearn.v1.RetrieveReply\x12\x38\n\tSendReply\x12\x19.fedlearn.v1.AdminMessage\x1a\x10.fedlearn.v1.Ack\x12\x39\n\nSendResult\x12\x19.fedlearn.v1.AdminMessage\x1a\x10.fedlearn.v1.Ack\x12?\n\tFetchBlob\x12\x18.fedlearn.v1.BlobRequest\x1a\x16.fedlearn.v1.BlobChunk0\x01\x32\x8f\x01\n\x0c\x41\x64minService\x12\x41\n\x07\x45xecute\x12\x1b.fedlearn.v1.CommandRequest\x1a\x19.fedlearn.v1.CommandReply\x12<\n\x06Upload\x12\x16.fedlearn.v1.BlobChunk\x1a\x18.fedlearn.v1.UploadReply(\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,17 +47,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BLOBCHUNK']._serialized_start=416
   _globals['_BLOBCHUNK']._serialized_end=494
   _globals['_BLOBHEADER']._serialized_start=496
-  _globals['_BLOBHEADER']._serialized_end=552
-  _globals['_COMMANDREQUEST']._serialized_start=554
-  _globals['_COMMANDREQUEST']._serialized_end=640
-  _globals['_TARGETREPLY']._serialized_start=642
-  _globals['_TARGETREPLY']._serialized_end=717
-  _globals['_COMMANDREPLY']._serialized_start=719
-  _globals['_COMMANDREPLY']._serialized_end=820
-  _globals['_UPLOADREPLY']._serialized_start=822
-  _globals['_UPLOADREPLY']._serialized_end=882
-  _globals['_SITEAGENT']._serialized_start=885
-  _globals['_SITEAGENT']._serialized_end=1148
-  _globals['_ADMINSERVICE']._serialized_start=1151
-  _globals['_ADMINSERVICE']._serialized_end=1294
+  _globals['_BLOBHEADER']._serialized_end=599
+  _globals['_COMMANDREQUEST']._serialized_start=601
+  _globals['_COMMANDREQUEST']._serialized_end=687
+  _globals['_TARGETREPLY']._serialized_start=689
+  _globals['_TARGETREPLY']._serialized_end=764
+  _globals['_COMMANDREPLY']._serialized_start=766
+  _globals['_COMMANDREPLY']._serialized_end=867
+  _globals['_UPLOADREPLY']._serialized_start=869
+  _globals['_UPLOADREPLY']._serialized_end=929
+  _globals['_SITEAGENT']._serialized_start=932
+  _globals['_SITEAGENT']._serialized_end=1195
+  _globals['_ADMINSERVICE']._serialized_start=1198
+  _globals['_ADMINSERVICE']._serialized_end=1341
 # @@protoc_insertion_point(module_scope)
