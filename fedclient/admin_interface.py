@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
 PROGRESS_INTERVAL_S = 0.5
+MAX_EPOCH_POINTS = 500  # epoch points one progress report carries (a few KiB; the server takes 64 KiB)
 FINISHING_WAIT_S = 15.0
 
 
@@ -302,6 +303,8 @@ class ClientAdminInterface:
         }
         if "validation" in progress:
             report["validation"] = progress["validation"]
+        if kind == "epoch":  # the curve's point; the forwarder keeps the points of reports it replaces
+            report["epochs"] = [[event.get("round"), event.get("epoch"), event.get("loss")]]
         self._results.progress(report)
 
     def _mark_completed(self, ended: dict[str, Any]) -> None:
@@ -335,8 +338,11 @@ class ResultForwarder:
         self._thread.start()
 
     def progress(self, data: dict[str, Any]) -> None:
-        """Queue a progress report; an unsent earlier one is replaced."""
+        """Queue a progress report; an unsent earlier one is replaced, but for its epoch points ("epochs")."""
         with self._cond:
+            if self._progress is not None and self._progress.get("epochs"):
+                points = self._progress["epochs"] + data.get("epochs", [])
+                data = {**data, "epochs": points[-MAX_EPOCH_POINTS:]}
             self._progress = data
             self._cond.notify()
 

@@ -54,6 +54,7 @@ from fedserver.run_record import (
 )
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
+from fedserver.tracking import ExperimentTracker, TrackingConfigError
 from fedserver.training_service import TrainingService
 from fedserver.untrusted_code import (
     CodePolicyError,
@@ -206,9 +207,11 @@ class FederationServer:
             self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
-        except (RevocationError, PolicyError, CodePolicyError) as e:
+            self.tracking = ExperimentTracker.for_server(self.workspace)
+        except (RevocationError, PolicyError, CodePolicyError, TrackingConfigError) as e:
             raise ServerError(str(e)) from None
         self.mailbox = SiteMailbox()
+        self.mailbox.on_result = self.tracking.site_result
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
         self._resume()
@@ -320,6 +323,7 @@ class FederationServer:
         for event in events:
             event.wait()
         self._watchdog.close()
+        self.tracking.close()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
         if self._exporter is not None:
@@ -532,6 +536,7 @@ class FederationServer:
                 f"delete-run {number} (or move {run_dir} away) to start afresh"
             ) from None
         self.run = run
+        self.tracking.attach(run)
         log.info(
             "run %d resumed at round %d of %d..%d (%d round(s) were complete)",
             number,
@@ -565,6 +570,7 @@ class FederationServer:
             finally:
                 building.unlink(missing_ok=True)
             run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
+            self.tracking.attach(run)
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()
