@@ -36,7 +36,7 @@ $(VENV)/.docs-installed: $(STAMP)
 
 # The reference site: fails on a warning, a broken build or a dead internal link.
 docs: $(VENV)/.docs-installed
-	$(BIN)/mkdocs build --strict --site-dir site
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, python_env
 
 from fedserver.run_record import RunRecord
 from fedserver.tracking import ExperimentTracker, TrackingConfig, TrackingConfigError, load_config
@@ -160,3 +163,39 @@ def test_tracking_json_names_the_mlflow_uri_and_can_turn_event_files_off(tmp_pat
     config = {"tensorboard": False, "mlflow": {"tracking_uri": "http://mlflow:5000", "experiment": "digits"}}
     (tmp_path / "tracking.json").write_text(json.dumps(config))
     assert load_config(tmp_path) == TrackingConfig(False, "http://mlflow:5000", "digits")
+
+
+_TRACK_WITHOUT_TORCH = """
+import sys
+from pathlib import Path
+from fedserver.run_record import RunRecord
+from fedserver.tracking import ExperimentTracker, TrackingConfig
+
+class Run:
+    run_number, run_dir = 1, Path(sys.argv[1]) / "run_1"
+    run_dir.mkdir(parents=True)
+    record = RunRecord(run_dir, 1)
+
+tracker = ExperimentTracker(TrackingConfig(mlflow_uri=(Path(sys.argv[1]) / "mlruns").as_uri()), Path(sys.argv[1]))
+tracker.attach(Run)
+tracker.site_result("site-1", "progress", {"run_number": 1, "epochs": [[0, 1, 0.5]]})
+Run.record.write({"rounds": [{"round": 0, "contributors": ["site-1"], "metrics": {"site-1": {"loss": 1.0}}}]}, {})
+assert tracker.flush()
+tracker.close()
+print(sorted(m for m in ("torch", "tensorflow") if m in sys.modules))
+"""
+
+
+def test_the_server_tracks_without_importing_torch_or_tensorflow(tmp_path):
+    pytest.importorskip("mlflow")
+    done = subprocess.run(
+        [sys.executable, "-c", _TRACK_WITHOUT_TORCH, str(tmp_path)],
+        env=python_env(),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "[]", done.stdout
+    assert scalars(tmp_path / "run_1" / "tensorboard" / "site-1")["train/loss"] == [(0, 0.5)]
