@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedcommon.atomic import atomic_write_json
 from fedcommon.bounded_json import JsonBoundsError, loads_object
 from fedcommon.metrics import mean_metrics
 
@@ -30,6 +31,8 @@ TENSORBOARD_DIR = "tensorboard"  # in run_N/
 GLOBAL_RUN = "global"
 DEFAULT_EXPERIMENT = "fedlearn"
 TRAIN_LOSS = "train/loss"
+CURVES_FILE = "curve_steps.json"  # in run_N/tensorboard/
+MLFLOW_RUN_FILE = "mlflow_run.json"  # in run_N/tensorboard/: the MLflow run this run logs to
 GLOBAL_MODEL_PREFIX = "global_model/"  # a site's metrics of the global model it received
 MAX_CONFIG_BYTES = 16 * 1024
 MAX_QUEUE = 10_000
@@ -93,6 +96,7 @@ class ExperimentTracker:
         self._lock = threading.Lock()
         self._run: _RunTracking | None = None  # only the tracking thread touches it
         self._dropped = False
+        self._closed = False
 
     @classmethod
     def for_server(cls, workspace: Path) -> ExperimentTracker:
@@ -121,15 +125,19 @@ class ExperimentTracker:
         return done.wait(timeout)
 
     def close(self, timeout: float = 10.0) -> None:
-        """Write what is queued, close the files and stop the thread."""
+        """Write what is queued, close the files and stop the thread; what comes later is not tracked."""
         with self._lock:
-            thread, self._thread = self._thread, None
+            thread, self._thread, self._closed = self._thread, None, True
         if thread is not None:
             self._queue.put(None)
             thread.join(timeout)
 
     def _put(self, item: tuple) -> None:
         with self._lock:
+            if self._closed:
+                if item[0] == "flush":
+                    item[1].set()
+                return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="experiment-tracking", daemon=True)
                 self._thread.start()
@@ -176,12 +184,13 @@ class _RunTracking:
         # A resumed run: the rounds it had closed were written by the process before.
         self._rounds_done = {r.get("round") for r in summary.get("rounds") or [] if isinstance(r, dict)}
         self._finals_done: set[str] = set(summary.get("final_metrics") or {})
-        self._final_mean_done = False
-        self._last_point: dict[str, tuple[int, int]] = {}
-        self._steps: dict[str, int] = {}
+        self._final_mean_done = _final_mean_due(summary)
+        # Per site: the next step of its curve and the last (round, epoch) written; kept across server restarts.
+        self._curves = _read_curves(self.folder / CURVES_FILE)
+        self._curves_changed = False
         self._ended = False
         self.tb = _TensorBoard.open(self.folder) if config.tensorboard else None
-        self.mlflow = _MLflow.open(config, workspace, number) if config.mlflow_uri else None
+        self.mlflow = _MLflow.open(config, workspace, number, self.folder) if config.mlflow_uri else None
 
     def summary(self, summary: dict[str, Any]) -> None:
         """Write the rounds closed and final metrics reported since the last summary."""
@@ -194,9 +203,7 @@ class _RunTracking:
         for site in sorted(set(filter(_site_ok, finals)) - self._finals_done):
             self._finals_done.add(site)
             self._scalars(site, end_step, _prefixed(finals[site]))
-        last = next((r for r in reversed(summary.get("rounds") or []) if isinstance(r, dict)), {})
-        everyone = set(last.get("contributors") or []) <= set(finals)
-        if finals and everyone and not self._final_mean_done:
+        if not self._final_mean_done and _final_mean_due(summary):
             self._final_mean_done = True
             self._scalars(GLOBAL_RUN, end_step, mean_metrics(finals))
         if summary.get("status") in _ENDED and not self._ended:
@@ -230,11 +237,11 @@ class _RunTracking:
             rnd, epoch, loss = point
             if not (_is_whole(rnd) and _is_whole(epoch) and _is_number(loss)):
                 continue
-            if (rnd, epoch) <= self._last_point.get(site, (-1, -1)):
+            step, last_round, last_epoch = self._curves.get(site, (0, -1, -1))
+            if (rnd, epoch) <= (last_round, last_epoch):
                 continue
-            self._last_point[site] = (rnd, epoch)
-            step = self._steps.get(site, 0)
-            self._steps[site] = step + 1
+            self._curves[site] = (step + 1, rnd, epoch)
+            self._curves_changed = True
             self._scalars(site, step, {TRAIN_LOSS: float(loss)})
         self.flush()
 
@@ -250,6 +257,13 @@ class _RunTracking:
     def flush(self) -> None:
         if self.tb is not None and not self.tb.flush():
             self.tb = None
+        if self._curves_changed:
+            self._curves_changed = False
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                atomic_write_json(self.folder / CURVES_FILE, {k: list(v) for k, v in sorted(self._curves.items())})
+            except OSError as e:
+                log.debug("cannot keep the curves' steps in %s: %s", self.folder, e)
 
     def close(self) -> None:
         if self.tb is not None:
@@ -320,7 +334,7 @@ class _MLflow:
         self._children: dict[str, str] = {}
 
     @classmethod
-    def open(cls, config: TrackingConfig, workspace: Path, number: int) -> _MLflow | None:
+    def open(cls, config: TrackingConfig, workspace: Path, number: int, folder: Path) -> _MLflow | None:
         uri = config.mlflow_uri
         try:
             if uri.startswith("file:"):
@@ -332,21 +346,29 @@ class _MLflow:
             log.warning("%s names an MLflow URI but mlflow is not installed (fedlearn[tracking])", TRACKING_FILE)
             return None
         key = f"{workspace.resolve()}#run_{number}"
+        kept = folder / MLFLOW_RUN_FILE  # goes with the run's folder: a run deleted and made again starts afresh
         try:
             client = MlflowClient(tracking_uri=uri)
-            found = client.get_experiment_by_name(config.mlflow_experiment)
-            experiment = found.experiment_id if found else client.create_experiment(config.mlflow_experiment)
-            runs = client.search_runs([experiment], filter_string=f"tags.`fedlearn.run` = '{_quoted(key)}'")
-            parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-            if parents:
-                parent = parents[0].info.run_id
+            parent = _kept_run(client, kept, uri)
+            if parent is not None:
+                experiment = parent.info.experiment_id
+                found = f"tags.`mlflow.parentRunId` = '{_quoted(parent.info.run_id)}'"
+                children = {
+                    r.data.tags["fedlearn.site"]: r.info.run_id
+                    for r in client.search_runs([experiment], filter_string=found)
+                    if "fedlearn.site" in r.data.tags
+                }
+                parent_id = parent.info.run_id
             else:
+                named = client.get_experiment_by_name(config.mlflow_experiment)
+                experiment = named.experiment_id if named else client.create_experiment(config.mlflow_experiment)
                 tags = {"fedlearn.run": key, "fedlearn.run_number": str(number)}
-                parent = client.create_run(experiment, tags=tags, run_name=f"run {number}").info.run_id
-            tracker = cls(client, Metric, parent, experiment, key)
-            for r in runs:
-                if r.data.tags.get("mlflow.parentRunId") == parent and "fedlearn.site" in r.data.tags:
-                    tracker._children[r.data.tags["fedlearn.site"]] = r.info.run_id
+                parent_id = client.create_run(experiment, tags=tags, run_name=f"run {number}").info.run_id
+                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                atomic_write_json(kept, {"tracking_uri": uri, "run_id": parent_id})
+                children = {}
+            tracker = cls(client, Metric, parent_id, experiment, key)
+            tracker._children.update(children)
             return tracker
         except Exception as e:
             log.warning("MLflow tracking at %s is off for run %d: %s", uri, number, e)
@@ -376,6 +398,45 @@ class _MLflow:
                 self.client.set_terminated(run_id, final)
         except Exception as e:
             log.warning("MLflow: cannot mark run %s %s: %s", self.key, final, e)
+
+
+def _kept_run(client: Any, path: Path, uri: str) -> Any:
+    """The MLflow run MLFLOW_RUN_FILE names for this URI, if it is still there and not deleted; else None."""
+    try:
+        kept = loads_object(path.read_bytes()[:MAX_CONFIG_BYTES], str(path), MAX_CONFIG_BYTES)
+    except (OSError, JsonBoundsError):
+        return None
+    if kept.get("tracking_uri") != uri or not isinstance(kept.get("run_id"), str):
+        return None
+    try:
+        run = client.get_run(kept["run_id"])
+    except Exception:  # gone from the store, or the store moved
+        return None
+    return run if run.info.lifecycle_stage == "active" else None
+
+
+def _final_mean_due(summary: dict[str, Any]) -> bool:
+    """Whether every site of the last round has reported its metrics of the final model."""
+    finals = summary.get("final_metrics") or {}
+    last = next((r for r in reversed(summary.get("rounds") or []) if isinstance(r, dict)), {})
+    return bool(finals) and set(last.get("contributors") or []) <= set(finals)
+
+
+def _read_curves(path: Path) -> dict[str, tuple[int, int, int]]:
+    """CURVES_FILE as {site: (next step, last round, last epoch)}; empty when missing or not as written."""
+    try:
+        data = loads_object(path.read_bytes()[: MAX_CONFIG_BYTES * 64 + 1], str(path), MAX_CONFIG_BYTES * 64)
+    except (OSError, JsonBoundsError):
+        return {}
+    return {
+        site: (v[0], v[1], v[2])
+        for site, v in data.items()
+        if _site_ok(site)
+        and isinstance(v, list)
+        and len(v) == 3
+        and _is_whole(v[0])
+        and all(isinstance(x, int) and not isinstance(x, bool) and -1 <= x < MAX_ROUND for x in v[1:])
+    }
 
 
 def _site_ok(site: Any) -> bool:

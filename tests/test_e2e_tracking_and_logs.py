@@ -63,7 +63,7 @@ def test_a_poc_run_is_tracked_and_each_role_logs_as_the_operator_configured(tmp_
 
     # Tracking: rounds 0 and 1 and the final model (step 2) globally; each site's epochs, two a round.
     board = ws / "server" / "run_1" / "tensorboard"
-    assert sorted(p.name for p in board.iterdir()) == ["global", "site-1", "site-2"]
+    assert sorted(p.name for p in board.iterdir() if p.is_dir()) == ["global", "site-1", "site-2"]
     glob = EventAccumulator(str(board / "global"))
     glob.Reload()
     assert [e.step for e in glob.Scalars("accuracy")] == [0, 1, 2]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -81,7 +82,7 @@ def test_rounds_curves_and_final_metrics_reach_tensorboard_and_one_mlflow_run_wi
         tracker.close()
 
     board = run.run_dir / "tensorboard"
-    assert sorted(p.name for p in board.iterdir()) == ["global", "site-1", "site-2"]
+    assert sorted(p.name for p in board.iterdir() if p.is_dir()) == ["global", "site-1", "site-2"]
     glob = scalars(board / "global")
     assert glob["accuracy"] == [(0, 0.6), (1, 0.85), (2, 0.95)]  # the mean per round, then of the final model
     assert glob["contributors"] == [(0, 2.0), (1, 2.0)]
@@ -104,23 +105,40 @@ def test_rounds_curves_and_final_metrics_reach_tensorboard_and_one_mlflow_run_wi
     assert [(m.step, m.value) for m in sorted(curve, key=lambda m: m.step)] == [(0, 2.0), (1, 1.5), (2, 1.0)]
 
 
-def test_a_resumed_run_goes_on_in_the_same_mlflow_run_without_writing_its_closed_rounds_again(tmp_path, monkeypatch):
+def test_a_resumed_run_goes_on_in_its_mlflow_run_and_curves_without_writing_anything_twice_a_new_one_does_not(
+    tmp_path, monkeypatch
+):
     uri = (tmp_path / "mlruns").as_uri()
     client = mlflow_client(uri, monkeypatch)
     run = _Run(tmp_path / "ws" / "run_1")
     first = _round(0, {"site-1": {"accuracy": 0.5}})
-    for rounds in ([first], [first, _round(1, {"site-1": {"accuracy": 0.6}})]):
-        tracker = ExperimentTracker(TrackingConfig(mlflow_uri=uri), tmp_path / "ws")
+    second = [first, _round(1, {"site-1": {"accuracy": 0.6}})]
+    for rounds, points in (([first], [(0, 1, 2.0), (0, 2, 1.5)]), (second, [(0, 2, 1.5), (1, 1, 1.0)])):
+        tracker = ExperimentTracker(TrackingConfig(mlflow_uri=uri), tmp_path / "ws")  # a server process each
         try:
             tracker.attach(run)
+            _train(tracker, "site-1", *points)
             run.record.write(_summary(rounds), {})
             assert tracker.flush()
         finally:
             tracker.close()
+    assert scalars(run.run_dir / "tensorboard" / "site-1")["train/loss"] == [(0, 2.0), (1, 1.5), (2, 1.0)]
     runs = client.search_runs([client.get_experiment_by_name("fedlearn").experiment_id])
     parent = next(r for r in runs if "mlflow.parentRunId" not in r.data.tags)
     assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 1
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "accuracy")] == [0, 1]
+
+    shutil.rmtree(run.run_dir)  # delete-run, then a new run 1
+    run = _Run(tmp_path / "ws" / "run_1")
+    tracker = ExperimentTracker(TrackingConfig(mlflow_uri=uri), tmp_path / "ws")
+    try:
+        tracker.attach(run)
+        run.record.write(_summary([first]), {})
+        assert tracker.flush()
+    finally:
+        tracker.close()
+    runs = client.search_runs([client.get_experiment_by_name("fedlearn").experiment_id])
+    assert len([r for r in runs if "mlflow.parentRunId" not in r.data.tags]) == 2
 
 
 def test_an_unusable_mlflow_uri_is_logged_once_and_the_event_files_are_still_written(tmp_path, caplog):
