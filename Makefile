@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_WS ?= workspace/demo
 
-.PHONY: test demo proto bench lint clean
+.PHONY: test demo proto bench lint docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml
 	# CUDA), and the generated wire code must match grpcio-tools exactly (tests/test_wire_drift.py).
 	$(BIN)/pip install -q torch==2.13.0 grpcio-tools==1.85.1
 	# `examples` brings MONAI and nibabel (examples/segmentation-3d); after the pin, so they keep this torch.
-	$(BIN)/pip install -q -e '.[server,site,test,examples]'
+	$(BIN)/pip install -q -e '.[server,site,test,examples,tracking]'
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -30,9 +30,17 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/suite.py
 	$(BIN)/python benchmarks/privacy_bench.py
 
+$(VENV)/.docs-installed: $(STAMP)
+	$(BIN)/pip install -q -e '.[docs]'
+	touch $@
+
+# The reference site: fails on a warning, a broken build or a dead internal link.
+docs: $(VENV)/.docs-installed
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --site-dir site
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
 clean:
-	rm -rf $(VENV) workspace bench-out
+	rm -rf $(VENV) workspace bench-out site

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import click
 from fedadmin.commands import ConsoleGroup, ConsoleOptions
 from fedcommon import __version__
 from fedcommon.commands import COMMANDS as DECLARED
+from fedcommon.logging_config import ENV_LEVEL, LoggingConfigError
 
 # The console's own commands; every other one is declared in fedcommon.commands (those with console=True).
 CONSOLE_ONLY = ("wait", "batch", "console", "poc", "provision")
@@ -55,9 +55,16 @@ def main(ctx: click.Context, kit: Path | None, as_json: bool, yes: bool, timeout
     TARGET is server, client (every connected site), all (the server and every site) or site names.
     Exit codes: 0 ok, 1 a target failed or did not reply, 2 usage, 3 cannot connect or authenticate.
     """
-    if debug:
-        logging.basicConfig(level=logging.DEBUG, format="%(levelname)s %(name)s: %(message)s")
-        os.environ.setdefault("GRPC_VERBOSITY", "INFO")
+    if debug or os.environ.get(ENV_LEVEL, "").strip():
+        # The console logs (to stderr) only when asked: --debug, or FEDLEARN_LOG_LEVEL (FEDLEARN_LOG_FORMAT=json).
+        from fedcommon.logs import configure_logging
+
+        try:
+            configure_logging(None, debug, role="admin")
+        except LoggingConfigError as e:
+            raise click.UsageError(str(e)) from None
+        if debug:  # not for FEDLEARN_LOG_LEVEL: `poc start` hands its environment to the participants
+            os.environ.setdefault("GRPC_VERBOSITY", "INFO")
     ctx.obj = ConsoleOptions(kit=kit, json=as_json, yes=yes, timeout=timeout, debug=debug)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,8 @@ from fedcommon.commands import command as declared
 from fedcommon.kit import Kit, KitError, channel_credentials, load_kit
 from fedcommon.outcome import CommandOutcome
 from fedcommon.wire import admin_pb2, admin_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
 # Seconds the server may take beyond the time it waits for the sites' replies.
@@ -92,10 +96,12 @@ class AdminConnection:
             command=command, targets=targets, args_json=json.dumps(args or {}), timeout=self.timeout or 0.0
         )
         deadline = (self.timeout if self.timeout is not None else UNKNOWN_SERVER_WAIT) + DEADLINE_MARGIN
+        started = time.monotonic()
         try:
             reply = self._stub.Execute(request, timeout=deadline)
         except grpc.RpcError as err:
             raise self._failure(err, command, deadline) from None
+        log.debug("%s %s at %s: answered in %.3fs", command, targets, self.target, time.monotonic() - started)
         return outcome_from_wire(reply, command).expecting(targets)
 
     def upload(self, path: Path, name: str, progress: Callable[[int], None] | None = None) -> Uploaded:

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 NO_RUN_NUMBER = "no run number set: run `fedadmin set-run N` first"
 PROGRESS_INTERVAL_S = 0.5
+MAX_EPOCH_POINTS = 500  # epoch points one progress report carries (a few KiB; the server takes 64 KiB)
 FINISHING_WAIT_S = 15.0
 KEPT_RUNS = 16  # ended runs whose executors (status, progress, error) status still shows
 
@@ -432,6 +433,8 @@ class ClientAdminInterface:
         }
         if "validation" in progress:
             report["validation"] = progress["validation"]
+        if kind == "epoch":  # the curve's point; the forwarder keeps the points of reports it replaces
+            report["epochs"] = [[event.get("round"), event.get("epoch"), event.get("loss")]]
         self._results.progress(report)
 
     def _mark_completed(self, ended: dict[str, Any]) -> None:
@@ -504,9 +507,13 @@ class ResultForwarder:
         self._thread.start()
 
     def progress(self, data: dict[str, Any]) -> None:
-        """Queue a progress report; an unsent earlier one of the same run is replaced."""
+        """Queue a progress report; an unsent earlier one of the same run is replaced, but for its epoch points
+        ("epochs")."""
         with self._cond:
-            self._progress.pop(data.get("run_number"), None)  # the most recently reported run goes last
+            earlier = self._progress.pop(data.get("run_number"), None)  # the most recently reported run goes last
+            if earlier is not None and earlier.get("epochs"):
+                points = earlier["epochs"] + data.get("epochs", [])
+                data = {**data, "epochs": points[-MAX_EPOCH_POINTS:]}
             self._progress[data.get("run_number")] = data
             self._cond.notify()
 

@@ -54,6 +54,7 @@ def start(workspace: Path, debug: bool) -> None:
     from fedclient.admin_interface import ClientAdminInterface
     from fedclient.local_policy import LocalPolicy
     from fedcommon.kit import KitError, load_participant_kit
+    from fedcommon.logging_config import LoggingConfigError
     from fedcommon.logs import configure_logging
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
@@ -65,7 +66,11 @@ def start(workspace: Path, debug: bool) -> None:
         sys.exit(3)
     workspace = kit.folder
     make_private(workspace)
-    configure_logging(workspace / "log.txt", debug)
+    try:
+        configure_logging(workspace / "log.txt", debug, role="site", name=kit.name, local=workspace / "local")
+    except LoggingConfigError as e:
+        click.echo(f"fedclient: {e}", err=True)
+        sys.exit(3)
     from fedclient.admin import AdminMessageSender
 
     startup = workspace / "startup"

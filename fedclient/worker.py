@@ -307,6 +307,7 @@ def run_worker(
     """
     from fedclient.client_status import ClientStatus
     from fedclient.executor_channel import connect_parent, send_event, start_command_listener
+    from fedcommon.logging_config import LoggingConfigError
     from fedcommon.logs import configure_logging
 
     parent_pid = os.getppid()
@@ -316,9 +317,18 @@ def run_worker(
         print(f"fedclient.worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
     # Under an agent, stderr goes through the agent to run_N/logs/worker.log; standalone, the site's log.txt.
-    configure_logging(
-        None if parent else workspace / "log.txt", debug, f"rank {ranks.rank}" if ranks.distributed else ""
-    )
+    try:
+        configure_logging(
+            None if parent else workspace / "log.txt",
+            debug,
+            f"rank {ranks.rank}" if ranks.distributed else "",
+            role="worker",
+            local=workspace / "local",
+            own_file_config=not parent,  # under an agent, stderr is the log: the agent writes worker.log
+        )
+    except LoggingConfigError as e:
+        print(f"fedclient.worker: {e}", file=sys.stderr)
+        return EXIT_CONFIG
     conn = None
     if parent:
         try:

@@ -4,6 +4,7 @@ behind `fedadmin logs` (the last lines of a log, filtered by level, and what was
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -12,6 +13,7 @@ import sys
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import IO, Any
 
@@ -28,8 +30,12 @@ WORKER_LOG = run_folder.WORKER_LOG  # in a run's logs/ folder
 
 LEVELS = ("debug", "info", "warning", "error", "critical")
 _LEVEL_RANK = {name.upper(): i for i, name in enumerate(LEVELS)}
-# The head of a record as FORMAT writes it: "2026-11-29 09:01:02,345 ERROR ..."; other lines continue a record.
-_RECORD_HEAD = re.compile(rb"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+# The head of a record as FORMAT writes it ("2026-11-29 09:01:02,345 ERROR ...") or JsonLinesFormatter does
+# ('{"ts": "...", "level": "ERROR", ...'); other lines continue a record.
+_RECORD_HEAD = re.compile(
+    rb"^(?:\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} |\{\"ts\": \"[^\"]*\", \"level\": \")"
+    rb"(DEBUG|INFO|WARNING|ERROR|CRITICAL)[ \"]"
+)
 # What the interpreter prints for an uncaught exception, outside logging: it starts an error record.
 _TRACEBACK_HEAD = b"Traceback (most recent call last):"
 _INFO = _LEVEL_RANK["INFO"]
@@ -42,21 +48,105 @@ MAX_LINE_CHARS = 16 * 1024  # a longer line is shown cut, with how much was left
 MAX_LOG_BYTES = 2 * LOG_MAX_BYTES  # read at most this much of one file (rotation keeps them far smaller)
 
 
-def configure_logging(log_file: Path | None = None, debug: bool = False, tag: str = "") -> None:
-    """Send records to stderr and, when given, to `log_file` (rotated); `tag` marks each line (e.g. "rank 1")."""
-    import logging.handlers  # here: the console imports this module for its constants only
+def configure_logging(
+    log_file: Path | None = None,
+    debug: bool = False,
+    tag: str = "",
+    *,
+    role: str = "",
+    name: str = "",
+    local: Path | None = None,
+    own_file_config: bool = True,
+) -> None:
+    """Send records to stderr and, when given, to `log_file` (rotated); `tag` marks each line (e.g. "rank 1").
 
+    The operator's settings apply (fedcommon.logging_config): FEDLEARN_LOG_LEVEL, FEDLEARN_LOG_FORMAT=json (JSON
+    lines naming `role` and the participant `name`), FEDLEARN_LOG_MAX_BYTES / _BACKUPS, or `local`/logging.json
+    in place of all of it (with own_file_config; otherwise only its root level counts). `debug` wins over levels.
+    LoggingConfigError names a bad setting.
+    """
+    import logging.config  # here: the console imports this module for its constants only
+    import logging.handlers
+
+    from fedcommon.logging_config import LoggingConfigError, read_settings, root_level
+
+    settings = read_settings(local)
     root = logging.getLogger()
-    root.setLevel(logging.DEBUG if debug else logging.INFO)
     for h in list(root.handlers):
         root.removeHandler(h)
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS))
-    for h in handlers:
-        h.setFormatter(OneLineFormatter(FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else FORMAT))
-        root.addHandler(h)
+        h.close()
+    if settings.file_config is not None and own_file_config:
+        config = _with_paths_under(settings.file_config, local.parent if local is not None else Path.cwd())
+        try:
+            logging.config.dictConfig(config)
+        except (ValueError, TypeError, AttributeError, ImportError, OSError) as e:
+            raise LoggingConfigError(f"{settings.file}: {e}") from None
+        for handler in _all_handlers():
+            handler.addFilter(_ESCAPE)  # whatever formatter the file names, remote text stays on its record
+    else:
+        handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+        if log_file is not None:
+            log_file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(
+                logging.handlers.RotatingFileHandler(
+                    log_file, maxBytes=settings.max_bytes or LOG_MAX_BYTES, backupCount=settings.backups or LOG_BACKUPS
+                )
+            )
+        if settings.json:
+            formatter: logging.Formatter = JsonLinesFormatter(role=role, name=name, tag=tag)
+        else:
+            formatter = OneLineFormatter(FORMAT.replace("%(name)s", f"[{tag}] %(name)s") if tag else FORMAT)
+        for h in handlers:
+            h.setFormatter(formatter)
+            root.addHandler(h)
+        root.setLevel(logging.INFO)
+        file_level = root_level(settings.file_config) if settings.file_config is not None else None
+        if file_level is not None:
+            root.setLevel(file_level)
+    if settings.level is not None:
+        root.setLevel(settings.level)
+    if debug:
+        root.setLevel(logging.DEBUG)
+    logging.getLogger(__name__).debug(
+        "logging at %s for %s, as %s",
+        logging.getLevelName(root.level).lower(),
+        role or "this process",
+        settings.file
+        if settings.file_config is not None and own_file_config
+        else "json lines"
+        if settings.json
+        else "text",
+    )
+
+
+def _with_paths_under(config: dict[str, Any], workspace: Path) -> dict[str, Any]:
+    """The config with each handler's relative `filename` taken from the participant's workspace, not the working
+    directory the process happened to start in; their folders are made."""
+    handlers = {}
+    for key, handler in (config.get("handlers") or {}).items():
+        if isinstance(handler, dict) and isinstance(handler.get("filename"), str):
+            path = workspace / handler["filename"]
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = {**handler, "filename": str(path)}
+        handlers[key] = handler
+    # Loggers made at import (each module's) keep working unless the file says otherwise.
+    return {"disable_existing_loggers": False, **config, "handlers": handlers}
+
+
+def _all_handlers() -> list[logging.Handler]:
+    loggers = [logging.getLogger(), *(logging.getLogger(n) for n in logging.root.manager.loggerDict)]
+    return list({id(h): h for lg in loggers for h in getattr(lg, "handlers", [])}.values())
+
+
+class _EscapeFilter(logging.Filter):
+    """Folds a record's arguments into its message, escaped as OneLineFormatter would."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = for_log(record.getMessage()), None
+        return True
+
+
+_ESCAPE = _EscapeFilter()
 
 
 class OneLineFormatter(logging.Formatter):
@@ -66,6 +156,32 @@ class OneLineFormatter(logging.Formatter):
     def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging's name
         record.message = for_log(record.message)
         return super().formatMessage(record)
+
+
+class JsonLinesFormatter(logging.Formatter):
+    """One JSON object a line, for log shippers: ts (UTC), level, logger, message, role, name, tag, exception."""
+
+    def __init__(self, role: str = "", name: str = "", tag: str = "") -> None:
+        super().__init__()
+        self.fields = {k: v for k, v in (("role", role), ("name", name), ("tag", tag)) if v}
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.fromtimestamp(record.created, timezone.utc)
+        # ts then level first, in this order: fedcommon.logs reads a line's level from its head.
+        out: dict[str, Any] = {
+            "ts": ts.strftime("%Y-%m-%dT%H:%M:%S.") + f"{int(record.msecs):03d}Z",
+            "level": record.levelname,
+            "logger": record.name,
+            "message": for_log(record.getMessage()),
+            **self.fields,
+        }
+        if record.exc_info:
+            record.exc_text = record.exc_text or self.formatException(record.exc_info)
+        if record.exc_text:
+            out["exception"] = record.exc_text
+        if record.stack_info:
+            out["stack"] = self.formatStack(record.stack_info)
+        return json.dumps(out, ensure_ascii=False)
 
 
 def rotate_files(path: Path, backups: int) -> None:

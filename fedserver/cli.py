@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from fedcommon import __version__
+from fedcommon.logging_config import LoggingConfigError
 from fedcommon.logs import configure_logging
 
 log = logging.getLogger("fedserver")
@@ -89,7 +90,11 @@ def start(
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)
     make_private(workspace)
-    configure_logging(workspace / "log.txt", debug)
+    try:
+        configure_logging(workspace / "log.txt", debug, role="server", name=kit.name, local=workspace / "local")
+    except LoggingConfigError as e:
+        click.echo(f"fedserver: {e}", err=True)
+        sys.exit(3)
     _raise_open_file_limit()
     try:
         server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port)

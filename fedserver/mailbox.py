@@ -58,6 +58,8 @@ class SiteMailbox:
         self._waiting: dict[str, Waiter] = {}
         self._progress: dict[str, dict[str, Any]] = {}
         self._ended: dict[str, dict[str, Any]] = {}
+        # Told each result kept: (site, topic, data); the server's experiment tracking (fedserver.tracking).
+        self.on_result: Callable[[str, str, dict[str, Any]], None] | None = None
         self._closed = False
 
     # ---- what a site's agent calls ----------------------------------------------------------------
@@ -149,6 +151,8 @@ class SiteMailbox:
             (self._progress if progress else self._ended)[site] = data
             if progress:
                 self._ended.pop(site, None)  # training again
+        if self.on_result is not None:
+            self.on_result(site, msg.topic, data)
         if not progress:
             log.info(
                 "%s: run %s ended: %s (exit code %s) %s",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,8 @@ class RunRecord:
     def __init__(self, root: Path, run_number: int):
         self.folder = RunFolder(Path(root))
         self.run_number = run_number
+        # Told each summary written, after the files are replaced (the server's experiment tracking).
+        self.on_write: Callable[[dict[str, Any]], None] | None = None
 
     @classmethod
     def of(cls, workspace: Path, run_number: int) -> RunRecord:
@@ -63,6 +66,8 @@ class RunRecord:
         """Replace summary.json, then state.json, each atomically."""
         atomic_write_json(self.folder.summary, summary)
         atomic_write_json(self.folder.state, state)
+        if self.on_write is not None:
+            self.on_write(summary)
 
     def status(self, summary: Any = UNREAD) -> str:
         """ "none", "deployed", "completed" or "aborted", for a run that no live run holds.

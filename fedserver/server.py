@@ -55,6 +55,7 @@ from fedserver.run_record import (
 )
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
+from fedserver.tracking import ExperimentTracker, TrackingConfigError
 from fedserver.training_service import TrainingService
 from fedserver.untrusted_code import (
     CodePolicyError,
@@ -206,11 +207,13 @@ class FederationServer:
             self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
-        except (RevocationError, PolicyError, CodePolicyError) as e:
+            self.tracking = ExperimentTracker.for_server(self.workspace)
+        except (RevocationError, PolicyError, CodePolicyError, TrackingConfigError) as e:
             raise ServerError(str(e)) from None
         # Every upload and every deploy of one is checked for an admin's signature against the project CA and CRL.
         self.blobs = BlobStore(self.workspace / UPLOADS_DIR, ArchiveVerifier(kit.ca_pem, self.revocations.is_revoked))
         self.mailbox = SiteMailbox()
+        self.mailbox.on_result = self.tracking.site_result
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
         self._resume()
@@ -322,6 +325,7 @@ class FederationServer:
         for event in events:
             event.wait()
         self._watchdog.close()
+        self.tracking.close()
         if self._ticker is not None:
             self._ticker.join(timeout=5)
         if self._exporter is not None:
@@ -534,6 +538,7 @@ class FederationServer:
                 f"delete-run {number} (or move {run_dir} away) to start afresh"
             ) from None
         self.run = run
+        self.tracking.attach(run)
         log.info(
             "run %d resumed at round %d of %d..%d (%d round(s) were complete)",
             number,
@@ -567,6 +572,7 @@ class FederationServer:
             finally:
                 building.unlink(missing_ok=True)
             run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
+            self.tracking.attach(run)
             with self._run_cond:
                 self.run = run
                 self._run_cond.notify_all()

@@ -246,7 +246,21 @@ def check_targets(ctx: click.Context, param: click.Parameter, value: tuple[str, 
 
 def targets_argument(required: bool) -> Callable[[F], F]:
     """The TARGET... argument: server, client (every site), all (server and every site) or site names."""
-    return click.argument("targets", nargs=-1, required=required, metavar="TARGET...", callback=check_targets)
+    return click.argument(
+        "targets",
+        nargs=-1,
+        required=required,
+        metavar="TARGET...",
+        callback=check_targets,
+        shell_complete=complete_targets,
+    )
+
+
+def complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[Any]:
+    """Shell completion of a target: server, client, all and the site names the last `status` saw."""
+    from fedadmin import completion  # only when the shell asks
+
+    return completion.complete_targets(ctx, param, incomplete)
 
 
 def confirm(options: ConsoleOptions, question: str) -> None:

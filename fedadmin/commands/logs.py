@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, connect, emit
+from fedadmin.commands import ConsoleOptions, complete_targets, connect, emit
 from fedcommon.commands import GROUP_TARGETS, TARGET_RE
 from fedcommon.logs import LEVELS, MAX_LINES
 from fedcommon.outcome import CommandOutcome, TargetReply
@@ -92,7 +92,7 @@ def _check_target(ctx: click.Context, param: click.Parameter, value: str) -> str
 
 
 @click.command("logs")
-@click.argument("target", callback=_check_target)
+@click.argument("target", callback=_check_target, shell_complete=complete_targets)
 @click.option(
     "--run",
     "run_number",

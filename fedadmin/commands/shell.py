@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit, run_remote
+from fedadmin.commands import ConsoleOptions, complete_targets, emit, run_remote
 from fedadmin.replies import RepliesResult
 from fedcommon.commands import GROUP_TARGETS
 
@@ -23,7 +23,7 @@ class ShellResult(RepliesResult):
 
 
 @click.command("shell", context_settings={"ignore_unknown_options": True})
-@click.argument("target")
+@click.argument("target", shell_complete=complete_targets)
 @click.argument("argv", metavar="CMD [ARGS]...", nargs=-1, required=True, type=click.UNPROCESSED)
 @click.pass_obj
 def shell(options: ConsoleOptions, target: str, argv: tuple[str, ...]) -> None:

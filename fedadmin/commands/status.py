@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from fedadmin.commands import ConsoleOptions, connect, emit, run_remote, targets_argument
+from fedadmin.completion import remember_sites
 from fedadmin.replies import RepliesResult
 
 
@@ -27,7 +28,13 @@ def status(options: ConsoleOptions, targets: tuple[str, ...], watch: bool) -> No
     """Show the server's run and each site's status and training progress (default target: all)."""
     targets = targets or ("all",)
     if not watch:
-        emit(options, StatusResult(run_remote(options, "status", targets)))
+        outcome = run_remote(options, "status", targets)
+        server = outcome.reply("server")
+        if server is not None and server.ok:  # the server's reply names every connected site: the whole federation
+            connected = server.data.get("connected_sites")
+            sites = [*(connected if isinstance(connected, list) else []), *(r.target for r in outcome.replies)]
+            remember_sites(options.kit, [s for s in sites if isinstance(s, str) and s != "server"])
+        emit(options, StatusResult(outcome))
         return
     if options.json:
         raise click.UsageError("--watch draws a live view; under --json run `status` repeatedly, or `wait`")
