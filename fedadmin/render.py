@@ -181,9 +181,40 @@ def status_view(outcome: CommandOutcome) -> RenderableType:
         if server.ok:
             parts.append(Text(f"registered sites: {value_text(server.data.get('registered_sites'))}"))
             parts.append(Text(f"connected sites:  {value_text(server.data.get('connected_sites'))}"))
+            runs = live_runs(server)
+            if len(runs) > 1:
+                parts.append(runs_table(runs))
     if outcome.sites:
         parts.append(sites_table(outcome))
     return Group(*parts)
+
+
+def live_runs(server: TargetReply) -> list[dict[str, Any]]:
+    """The server's live runs from its status data (several when it trains runs at once)."""
+    runs = server.data.get("runs")
+    return [r for r in runs if isinstance(r, dict)] if isinstance(runs, list) else []
+
+
+def _run_cells(run: dict[str, Any]) -> tuple[str, str, str, str]:
+    """(run, status, round, sites) of one live run."""
+    rounds = f" of {value_text(run.get('num_rounds'))}" if run.get("num_rounds") is not None else ""
+    return (
+        value_text(run.get("run_number")),
+        value_text(run.get("run_status")),
+        f"{value_text(run.get('current_round'))}{rounds}",
+        value_text(run.get("registered_sites")),
+    )
+
+
+def runs_table(runs: list[dict[str, Any]]) -> Table:
+    """One row per live run: its status, round and the sites registered in it."""
+    table = Table(title="live runs")
+    for name in ("run", "status", "round"):
+        table.add_column(name, no_wrap=True)
+    table.add_column("registered sites", overflow="fold")
+    for run in runs:
+        table.add_row(*(Text(cell) for cell in _run_cells(run)))
+    return table
 
 
 def sites_table(outcome: CommandOutcome) -> Table:
@@ -215,6 +246,9 @@ def progress_lines(outcome: CommandOutcome) -> list[str]:
     lines = [str(server_line(outcome.server))] if outcome.server is not None else []
     note = run_note(outcome) if outcome.server is not None else None
     lines += [str(note)] if note is not None else []
+    runs = live_runs(outcome.server) if outcome.server is not None and outcome.server.ok else []
+    if len(runs) > 1:
+        lines += ["run {}: {}, round {}, sites {}".format(*_run_cells(run)) for run in runs]
     for r in outcome.sites:
         if not r.ok:
             lines.append(f"{r.target}: {r.error or 'failed'}")

@@ -256,15 +256,12 @@ class Communicator:
                 )
         return state
 
-    def client_registration(self, uid: str, servers: dict, task_name: str) -> pb.RegisterReply:
-        """Register site `uid` with the task's server; the reply carries the session token."""
+    def client_registration(self, uid: str, servers: dict, task_name: str, run_number: int = 0) -> pb.RegisterReply:
+        """Register site `uid` for run `run_number` (0: the server's current run) with the task's server; the reply
+        carries the session token and the run."""
         stub = self._stub(servers, task_name)
-        reply = self._call(
-            servers,
-            task_name,
-            "register",
-            lambda: stub.Register(pb.RegisterRequest(client_name=uid), timeout=SHORT_DEADLINE_S),
-        )
+        request = pb.RegisterRequest(client_name=uid, run_number=run_number)
+        reply = self._call(servers, task_name, "register", lambda: stub.Register(request, timeout=SHORT_DEADLINE_S))
         self._note_run(reply.token, reply.run_number)
         return reply
 

@@ -123,6 +123,7 @@ class FederatedClientBase:
         )
         self.token: str | None = None
         self.run_number = 0
+        self.register_run = 0  # the run this client registers for; 0: the server's current run
         self.heartbeat_interval = 10.0
         self.status = ClientStatus.TRAINING_NOT_STARTED
         self.current_round: int | None = None
@@ -146,7 +147,7 @@ class FederatedClientBase:
 
     def client_register(self, task_name: str) -> str:
         """Register with the task's server; returns (and keeps) the session token."""
-        reply = self.communicator.client_registration(self.client_name, self.servers, task_name)
+        reply = self.communicator.client_registration(self.client_name, self.servers, task_name, self.register_run)
         with self._session_lock:
             self.token = reply.token
             self.run_number = reply.run_number

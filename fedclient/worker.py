@@ -110,6 +110,7 @@ class SiteTraining:
                 on_event(event)
 
             client.on_progress = progress
+        self.client.register_run = run_number or 0  # the server keeps this run's session apart from others
         self.client.cross_site_validate = self.mmar.client.cross_site_validate
         self.client.is_participating = self.mmar.client.is_participating
         self.client.cross_site_validation_timeout = self.mmar.client.cross_site_validation_timeout

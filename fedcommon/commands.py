@@ -342,11 +342,11 @@ _DECLARED = (
     ),
     Command(
         "deploy",
-        "install an uploaded MMAR as the current run",
+        "install an uploaded MMAR as the current run (or run_number)",
         Targets.REQUIRED,
         (Right.TRAIN,),
         Topic.DEPLOY,
-        args=(Arg("blob_id", blob_id),),
+        args=(Arg("blob_id", blob_id), _OPTIONAL_RUN),
         # The archive's signature and its signer's certificate: optional here so that a site refuses a request
         # without them in its own words ("deploy refused: unsigned archive"); it always refuses one.
         site_args=(
@@ -359,25 +359,32 @@ _DECLARED = (
         ),
     ),
     Command(
-        "start", "start training the current run", Targets.REQUIRED, (Right.TRAIN,), Topic.START, site_args=(_RUN,)
+        "start",
+        "start training the current run (or run_number)",
+        Targets.REQUIRED,
+        (Right.TRAIN,),
+        Topic.START,
+        args=(_OPTIONAL_RUN,),
+        site_args=(_RUN,),
     ),
     # A site bounds the ranks it is sent by its own GPUs (or CPUs), not by MAX_GPUS.
     Command(
         "start-mgpu",
-        "start training the current run with one rank per GPU",
+        "start training the current run (or run_number) with one rank per GPU",
         Targets.REQUIRED,
         (Right.TRAIN,),
         Topic.START_MGPU,
-        args=(Arg("gpu_number", gpu_number),),
+        args=(Arg("gpu_number", gpu_number), _OPTIONAL_RUN),
         site_args=(_RUN, Arg("gpu_number", count, whole=True)),
     ),
     Command(
         "abort",
-        "stop training; `abort server` aborts the sites first",
+        "stop training (the current run, or run_number); `abort server` aborts the sites first",
         Targets.REQUIRED,
         (Right.TRAIN, Right.OPERATE),
         Topic.ABORT,
-        site_args=(Arg("run_number", run_number, required=False, whole=True),),
+        args=(_OPTIONAL_RUN,),
+        site_args=(_OPTIONAL_RUN,),
     ),
     Command(
         "validate",

@@ -30,6 +30,16 @@ def run_dir(workspace: Path, run_number: int) -> Path:
     return Path(workspace) / f"{RUN_PREFIX}{run_number}"
 
 
+def run_numbers(workspace: Path) -> list[int]:
+    """The numbers of the runs that have a folder in `workspace`, ascending."""
+    numbers = []
+    for path in Path(workspace).glob(f"{RUN_PREFIX}*"):
+        suffix = path.name[len(RUN_PREFIX) :]
+        if suffix.isascii() and suffix.isdigit() and str(int(suffix)) == suffix and path.is_dir():
+            numbers.append(int(suffix))
+    return sorted(numbers)
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths inside one run's folder; nothing is read or created by naming them."""

@@ -173,7 +173,7 @@ class AdminHub:
         if spec.ends_session:
             # Its training was stopped: the session it held is over now, not after heart_beat_timeout.
             for site in stopped:
-                self._server.registry.remove(site)
+                self._server.registry.remove(site, args.get("run_number"))  # only that run's, when one is named
         if spec.disconnects:
             self._sites.drop(stopped)
         if on_server and spec.after_sites:

@@ -51,12 +51,15 @@ class Federation(Protocol):
     def set_run_number(self, run_number: int) -> None: ...
     def set_admin_timeout(self, seconds: float) -> None: ...
     def run_report(self) -> dict[str, Any]: ...
+    def run_sites(self, run_number: int) -> set[str]: ...
     def run_status(self, run_number: int) -> str: ...
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]: ...
     def deploy(self, source: Path, run_number: int | None = None) -> Path: ...
     def start_training(self, run_number: int | None = None) -> FederatedRun: ...
     def training_run(self) -> FederatedRun | None: ...
-    def abort_training(self) -> int: ...
+    def training_runs(self) -> list[FederatedRun]: ...
+    def run_to_abort(self, run_number: int | None) -> FederatedRun: ...
+    def abort_training(self, run_number: int | None = None) -> int: ...
     def delete_run(self, run_number: int) -> Path: ...
     def cross_site(self, run_number: int) -> CrossSiteValidation: ...
     def remove_site(self, name: str) -> None: ...
@@ -104,6 +107,12 @@ def _current_run(fed: Federation) -> int:
     return number
 
 
+def _named_run(fed: Federation, args: Args) -> int:
+    """The run a command names (run_number), else the current run."""
+    number = args.get("run_number")
+    return number if number is not None else _current_run(fed)
+
+
 def _answered(gathered: Gathered) -> list[str]:
     """The sites that answered ok, sorted."""
     return sorted(site for site, reply in gathered.items() if reply is not None and reply.ok)
@@ -118,17 +127,20 @@ def _status(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
     data["registered_sites"] = registered
     data["connected_sites"] = fed.mailbox.connected_sites()
     data.update(fed.mailbox.site_results())
-    # A site's training of the current run ended in an exception when that is the latest it reported (a site that
-    # trains again reports progress, which replaces it).
+    number = data["run_number"]
+    # A site's training of the current run ended in an exception when that is the latest it reported of that run (a
+    # site that trains it again reports progress, which replaces it); its reports of other runs do not count.
+    ended = fed.mailbox.ended_in_run(number) if number is not None else {}
     failed = {
-        site: str(ended.get("error") or ended.get("status"))
-        for site, ended in data["training_ended"].items()
-        if ended.get("run_number") == data["run_number"] and ended.get("status") == _EXCEPTION
+        site: str(report.get("error") or report.get("status"))
+        for site, report in ended.items()
+        if report.get("status") == _EXCEPTION
     }
     data["failed_sites"] = failed
     # Nothing advances a training run whose sites all failed: a failed worker leaves the training plane, so no
-    # registered site is left; the run stays "training" until an operator aborts it.
-    data["stalled"] = data["run_status"] == "training" and bool(failed) and not registered
+    # site is left registered in the run; it stays "training" until an operator aborts it.
+    in_run = fed.run_sites(number) if number is not None else set()
+    data["stalled"] = data["run_status"] == "training" and bool(failed) and not in_run
     return data
 
 
@@ -158,7 +170,7 @@ def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
 
 
 def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    number = _current_run(fed)
+    number = _named_run(fed, args)
     blob = fed.blobs.get(args["blob_id"])
     try:
         # Checked again over the file, right before it is extracted: a signer revoked since the upload counts.
@@ -172,13 +184,13 @@ def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
 
 
 def _start(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    number = _current_run(fed)
+    number = _named_run(fed, args)
     fed.start_training(number)
     return {"run_number": number}
 
 
 def _abort(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    number = fed.abort_training()
+    number = fed.abort_training(args.get("run_number"))
     return {"run_number": number, "aborted_sites": _answered(gathered)}
 
 
@@ -281,7 +293,7 @@ def _set_timeout(fed: Federation, args: Args, gathered: Gathered) -> dict[str, A
 
 def _deploy_request(fed: Federation, args: Args) -> Args:
     blob = fed.blobs.get(args["blob_id"])
-    number = _current_run(fed)
+    number = _named_run(fed, args)
     try:  # no site is sent an archive whose signer the server no longer trusts; each site checks it all again
         fed.blobs.verifier.check_signer(blob.signature)
     except SignatureError as e:
@@ -302,7 +314,7 @@ def _deploy_to(fed: Federation, args: Args, targets: list[str]) -> None:
 def _start_request(fed: Federation, args: Args) -> Args:
     # The server's rule for what may start holds for every target: a run the server ended (completed or aborted)
     # starts nowhere, whether or not the server is among the targets.
-    number = _current_run(fed)
+    number = _named_run(fed, args)
     fed.refuse_finished(number)
     return {"run_number": number}
 
@@ -325,6 +337,15 @@ def _as_given(fed: Federation, args: Args) -> Args:
     return args
 
 
+def _abort_request(fed: Federation, args: Args) -> Args:
+    number = args.get("run_number")
+    if number is None and len(fed.training_runs()) > 1:
+        # Sites train several runs too: they are told the one the server aborts (refused when it cannot tell).
+        number = fed.run_to_abort(None).run_number
+    # Without a run number a site aborts what it trains, as before several runs could train at once.
+    return {"run_number": number} if number is not None else {}
+
+
 CATALOGUE: dict[str, ServerCommand] = {
     "status": ServerCommand(act=_status),
     "set-run": ServerCommand(act=_set_run),
@@ -333,7 +354,7 @@ CATALOGUE: dict[str, ServerCommand] = {
     ),
     "start": ServerCommand(act=_start, site_args=_start_request),
     "start-mgpu": ServerCommand(act=_start, site_args=_start_mgpu_request),
-    "abort": ServerCommand(act=_abort, after_sites=True, sites_first=True, ends_session=True),
+    "abort": ServerCommand(act=_abort, site_args=_abort_request, after_sites=True, sites_first=True, ends_session=True),
     "validate": ServerCommand(act=_validate),
     "run-validation": ServerCommand(act=_sites_only("run-validation"), site_args=_run_validation_request),
     "sysinfo": ServerCommand(act=_sysinfo),

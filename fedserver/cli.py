@@ -64,6 +64,13 @@ def _raise_open_file_limit() -> None:
     show_default=True,
     help="Where the metrics port listens; plain HTTP, so keep it local unless a proxy guards it.",
 )
+@click.option(
+    "--max-runs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many runs may train at once (each names its run: deploy/start --run N).",
+)
 @click.option("--debug", is_flag=True, help="Verbose logs.")
 def start(
     workspace: Path,
@@ -73,6 +80,7 @@ def start(
     admin_port: int | None,
     metrics_port: int | None,
     metrics_host: str,
+    max_runs: int,
     debug: bool,
 ) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
@@ -97,7 +105,7 @@ def start(
         sys.exit(3)
     _raise_open_file_limit()
     try:
-        server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port)
+        server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port, max_runs=max_runs)
         if mmar is not None:
             # The run exists before the port opens, so an early site never sees "no run yet".
             server.start_run(mmar, run_number)
@@ -137,6 +145,8 @@ def start(
             str(bound),
             "--admin-port",
             str(server.admin_port),
+            "--max-runs",
+            str(max_runs),
             *(["--debug"] if debug else []),
             *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else []),
         ]

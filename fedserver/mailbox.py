@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 GATHER_CHECK_S = 0.5  # how often a command waiting for sites' replies checks that its caller is still there
 # A site's agent holds one long-poll; a second covers a reconnect whose old call the server has not seen end.
 LONG_POLLS_PER_SITE = 2
+# Runs whose training_ended report is kept per site: more than can train at once at one site.
+RUNS_KEPT_PER_SITE = 16
 
 
 @dataclass
@@ -60,6 +62,8 @@ class SiteMailbox:
         self._ended: dict[str, dict[str, Any]] = {}
         # Told each result kept: (site, topic, data); the server's experiment tracking (fedserver.tracking).
         self.on_result: Callable[[str, str, dict[str, Any]], None] | None = None
+        # Per site, the latest training_ended report of each run it reported on (several may train at once).
+        self._ended_by_run: dict[str, dict[int, dict[str, Any]]] = {}
         self._closed = False
 
     # ---- what a site's agent calls ----------------------------------------------------------------
@@ -147,10 +151,19 @@ class SiteMailbox:
         except JsonBoundsError as e:
             return str(e)
         progress = msg.topic == ResultTopic.PROGRESS
+        number = data.get("run_number")
+        number = number if isinstance(number, int) and not isinstance(number, bool) else None
         with self._lock:
             (self._progress if progress else self._ended)[site] = data
+            by_run = self._ended_by_run.setdefault(site, {})
             if progress:
                 self._ended.pop(site, None)  # training again
+                by_run.pop(number, None)
+            elif number is not None:
+                by_run.pop(number, None)
+                by_run[number] = data
+                while len(by_run) > RUNS_KEPT_PER_SITE:  # a site cannot grow this with made-up run numbers
+                    del by_run[next(iter(by_run))]
         if self.on_result is not None:
             self.on_result(site, msg.topic, data)
         if not progress:
@@ -209,11 +222,17 @@ class SiteMailbox:
                 "training_ended": dict(sorted(self._ended.items())),
             }
 
+    def ended_in_run(self, run_number: int) -> dict[str, dict[str, Any]]:
+        """Per site, the latest training_ended report it sent of run `run_number` (unless it trains that run again)."""
+        with self._lock:
+            return {site: runs[run_number] for site, runs in sorted(self._ended_by_run.items()) if run_number in runs}
+
     def forget(self, site: str) -> None:
         """Drop what is kept about `site`'s training (remove-client)."""
         with self._lock:
             self._progress.pop(site, None)
             self._ended.pop(site, None)
+            self._ended_by_run.pop(site, None)
 
     # ---- what a command does with the sites -------------------------------------------------------
 

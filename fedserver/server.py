@@ -1,4 +1,4 @@
-"""The federation server: fl_port (training plane + site agents) and admin_port (operators), the current run."""
+"""The federation server: fl_port (training plane + site agents) and admin_port (operators), its live runs."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import tempfile
 import threading
 import time
 import zipfile
+from collections.abc import Callable
 from concurrent import futures
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.errors import ServerError
 from fedserver.identity_gate import CallLimits, IdentityGate
 from fedserver.mailbox import SiteMailbox
-from fedserver.registry import ClientRegistry
+from fedserver.registry import UNBOUND, ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
 from fedserver.run_record import (
     UNREAD,
@@ -121,6 +122,13 @@ ADMIN_RESERVED_WORKERS = 4
 # nothing until sites connect (an idle thread blocked on a condition uses no CPU and ~100 KiB of memory).
 FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
+# What the job queue is told when a live run ends: (run number, "completed" or "aborted", a line on how).
+RunEndHook = Callable[[int, str, str], None]
+
+
+def _numbers(runs: list[FederatedRun]) -> str:
+    """ "3, 4": the runs' numbers, for messages."""
+    return ", ".join(str(r.run_number) for r in sorted(runs, key=lambda r: r.run_number))
 
 
 def _refuse_unsupported_algorithms(number: int, mmar) -> None:
@@ -171,7 +179,7 @@ def _port_holder(port: int) -> str:
 
 
 class FederationServer:
-    """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the active run."""
+    """Owns the gRPC servers, the registry of sites, the admin hub, the current run number and the live runs."""
 
     def __init__(
         self,
@@ -185,9 +193,13 @@ class FederationServer:
         stream_deadlines: StreamDeadlines | None = None,
         fl_limits: CallLimits | None = None,
         admin_limits: CallLimits | None = None,
+        max_runs: int = 1,
     ):
         """stream_deadlines, fl_limits, admin_limits: how long a request stream may stall and how many calls one
-        caller may hold on each port (defaults: the modules' constants, read now)."""
+        caller may hold on each port (defaults: the modules' constants, read now). max_runs: how many runs may
+        train at once."""
+        if max_runs < 1:
+            raise ServerError(f"max_runs must be at least 1, got {max_runs}")
         self.workspace = Path(workspace)
         self.kit = kit
         self.bind_host = bind_host or kit.server_host
@@ -196,8 +208,13 @@ class FederationServer:
         self.registry = ClientRegistry()
         self.telemetry = Telemetry(gauges=self._gauges)
         self._exporter = None
-        self.run: FederatedRun | None = None
+        self.max_runs = max_runs
+        # The live runs by number, in the order they started: a run stays after it ends until replaced or deleted.
+        self.runs: dict[int, FederatedRun] = {}
         self._run_cond = threading.Condition()
+        self._run_end_hooks: list[RunEndHook] = []
+        self._ended_told: set[int] = set()  # live runs whose end the hooks have been told of
+        self._hooks_lock = threading.Lock()
         self._cross_site: dict[int, CrossSiteValidation] = {}
         self._cross_site_lock = threading.Lock()
         # Serialises changes of the run state (set-run, deploy, start, abort, delete-run) between operators.
@@ -276,15 +293,14 @@ class FederationServer:
         return bound
 
     def _gauges(self) -> dict[str, float]:
-        run = self.run
-        training = run is not None and run.phase is Phase.TRAINING
+        run = self.training_run()
         gauges = {
             "registered_sites": len(self.registry.names()),
             "connected_sites": len(self.mailbox.connected_sites()),
             "run_number": self._run_number or 0,
-            "training": int(training),
+            "training": len(self.training_runs()),  # 0 or 1 unless max_runs > 1
         }
-        if training:
+        if run is not None:
             gauges["round"] = run.current_round
         return gauges
 
@@ -361,14 +377,14 @@ class FederationServer:
         return self._run_number
 
     def set_run_number(self, run_number: int) -> None:
-        """Make `run_number` current; refused while a run is training."""
+        """Make `run_number` current; refused while a run is training, unless several runs may train at once."""
         try:
             checked_run_number(run_number, "run number")
         except ArgumentError as e:
             raise ServerError(str(e)) from None
         with self._admin_lock:
             active = self.training_run()
-            if active is not None:
+            if active is not None and self.max_runs == 1:
                 raise ServerError(f"run {active.run_number} is training; abort it before setting another run number")
             self._run_number = run_number
             self._save_state()
@@ -412,26 +428,90 @@ class FederationServer:
         """Run `run_number`'s record (its folder, summary and state)."""
         return RunRecord.of(self.workspace, run_number)
 
+    @property
+    def run(self) -> FederatedRun | None:
+        """The current run: the set-run number's live run, else the live run started last; None when none is."""
+        current = self._set_run_live()
+        return current if current is not None else next(reversed(list(self.runs.values())), None)
+
+    def _set_run_live(self) -> FederatedRun | None:
+        """The set-run number's live run, if it is live."""
+        return self.runs.get(self._run_number) if self._run_number is not None else None
+
+    def training_runs(self) -> list[FederatedRun]:
+        """The runs training now, in the order they started."""
+        return [r for r in list(self.runs.values()) if r.phase is Phase.TRAINING]
+
     def training_run(self) -> FederatedRun | None:
-        """The run that is training now, if any."""
+        """A run training now: the current run when it trains, else the one started last; None when none trains."""
         run = self.run
-        return run if run is not None and run.phase is Phase.TRAINING else None
+        if run is not None and run.phase is Phase.TRAINING:
+            return run
+        training = self.training_runs()
+        return training[-1] if training else None
+
+    def run_sites(self, run_number: int) -> set[str]:
+        """The sites registered in run `run_number` now."""
+        return self.registry.run_names(run_number)
+
+    def on_run_end(self, callback: RunEndHook) -> None:
+        """Call `callback(run_number, phase, detail)` once when a live run completes or is aborted (outside the
+        server's locks; what it raises is logged)."""
+        with self._hooks_lock:
+            self._run_end_hooks.append(callback)
+
+    def notice_run_ends(self) -> None:
+        """Tell the run-end hooks of every live run that has ended since they were last told."""
+        ended = []
+        with self._hooks_lock:
+            for run in list(self.runs.values()):
+                if run.phase in (Phase.COMPLETED, Phase.ABORTED) and run.run_number not in self._ended_told:
+                    self._ended_told.add(run.run_number)
+                    ended.append(run)
+            hooks = list(self._run_end_hooks)
+        for run in ended:
+            snapshot = run.status()
+            if run.phase is Phase.COMPLETED:
+                detail = f"completed after round {snapshot['current_round']}"
+            else:
+                detail = f"aborted in round {snapshot['current_round']}"
+            for hook in hooks:
+                try:
+                    hook(run.run_number, run.phase.value, detail)
+                except Exception:
+                    log.exception("run %d: a run-end hook failed", run.run_number)
 
     def run_status(self, run_number: int, summary: Any = UNREAD) -> str:
         """ "none", "deployed", "training", "completed" or "aborted".
 
         summary: the run's summary.json when the caller has read it already (None: there is none).
         """
-        run = self.run
-        if run is not None and run.run_number == run_number:
+        run = self.runs.get(run_number)
+        if run is not None:
             return run.phase.value
         return self.run_record(run_number).status(summary)
 
+    def runs_report(self) -> list[dict[str, Any]]:
+        """One line per live run for `status`: its number, status, rounds and the sites registered in it."""
+        out = []
+        for number, run in sorted(self.runs.items()):
+            snapshot = run.status()
+            out.append(
+                {
+                    "run_number": number,
+                    "run_status": snapshot["status"],
+                    "current_round": snapshot["current_round"],
+                    "num_rounds": snapshot["num_rounds"],
+                    "registered_sites": sorted(self.run_sites(number)),
+                }
+            )
+        return out
+
     def run_report(self) -> dict[str, Any]:
-        """The current run for `status`: number, status, rounds, and how many sites it needs (while it is live)."""
+        """The current run for `status`: number, status, rounds, and how many sites it needs (while it is live);
+        `runs`: every live run."""
         number = self._run_number
-        run = self.run
-        live = run if run is not None and run.run_number == number else None
+        live = self.runs.get(number) if number is not None else None
         if live is not None:
             snapshot = live.status()
             status, last = live.phase.value, snapshot.get("last_global_metrics")
@@ -453,6 +533,7 @@ class FederationServer:
             "min_num_clients": live.config.min_num_clients if live is not None else None,
             "aggregator": algorithms.get("aggregator"),
             "site_algorithms": algorithms.get("site_algorithms"),
+            "runs": self.runs_report(),
         }
 
     def run_metrics(self, run_number: int | None = None) -> dict[str, Any]:
@@ -493,8 +574,7 @@ class FederationServer:
                 shutil.copytree(load_mmar(source).root, mmar_dir, symlinks=False)
             load_mmar(mmar_dir)  # validates everything before the run sees it
             with self._admin_lock:
-                active = self.training_run()
-                if active is not None and active.run_number == number:
+                if self.run_status(number) == Phase.TRAINING.value:
                     raise ServerError(f"run {number} is training; abort it before deploying again")
                 self.refuse_finished(number)
                 target = run_folder.RunFolder.of(self.workspace, number).mmar
@@ -519,13 +599,15 @@ class FederationServer:
             raise ServerError(f"deploy refused: {zip_path.name} is not a readable zip file ({e})") from None
 
     def _resume(self) -> None:
-        """Carry on the current run if the server stopped while it trained (at the round that was open)."""
-        number = self._run_number
-        if number is None:
-            return
-        record = self.run_record(number)
-        if not record.was_training():
-            return
+        """Carry on every run that trained when the server stopped (each at the round that was open); the current
+        run (set-run) last, so that it stays the current one."""
+        numbers = [n for n in run_folder.run_numbers(self.workspace) if n != self._run_number]
+        for number in [*numbers, *([self._run_number] if self._run_number is not None else [])]:
+            record = self.run_record(number)
+            if record.was_training():
+                self._resume_run(number, record)
+
+    def _resume_run(self, number: int, record: RunRecord) -> None:
         run_dir = record.folder.root
         try:
             mmar = load_mmar(record.folder.mmar)
@@ -537,7 +619,7 @@ class FederationServer:
                 f"run {number} was training when the server stopped and cannot be resumed: {e}; "
                 f"delete-run {number} (or move {run_dir} away) to start afresh"
             ) from None
-        self.run = run
+        self.runs[number] = run
         self.tracking.attach(run)
         log.info(
             "run %d resumed at round %d of %d..%d (%d round(s) were complete)",
@@ -549,14 +631,20 @@ class FederationServer:
         )
 
     def start_training(self, run_number: int | None = None) -> FederatedRun:
-        """Build run N's initial model and open its first round; refused when not deployed or already training."""
+        """Build run N's initial model and open its first round; refused when not deployed, already training, or
+        when `max_runs` runs train already."""
         number = self._require_run_number(run_number)
         with self._admin_lock:
-            active = self.training_run()
-            if active is not None:
-                if active.run_number == number:
-                    raise ServerError(f"run {number} is already training")
-                raise ServerError(f"run {active.run_number} is training; abort it first")
+            training = self.training_runs()
+            if any(r.run_number == number for r in training):
+                raise ServerError(f"run {number} is already training")
+            if len(training) >= self.max_runs:
+                if self.max_runs == 1:
+                    raise ServerError(f"run {training[0].run_number} is training; abort it first")
+                raise ServerError(
+                    f"runs {_numbers(training)} are training and this server trains at most {self.max_runs} "
+                    "at once; abort one first or wait for one to end"
+                )
             if self.run_status(number) == "none":
                 raise ServerError(f"run {number} is not deployed")
             self.refuse_finished(number)
@@ -574,8 +662,11 @@ class FederationServer:
             run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
             self.tracking.attach(run)
             with self._run_cond:
-                self.run = run
+                self.runs.pop(number, None)  # the restarted run is the newest
+                self.runs[number] = run
                 self._run_cond.notify_all()
+            with self._hooks_lock:
+                self._ended_told.discard(number)
         log.info(
             "run %d started: task %s, rounds %d..%d, min %d site(s)",
             number,
@@ -634,33 +725,49 @@ class FederationServer:
         except ModelFileError as e:
             raise ServerError(f"building the initial model failed: its output is not a model file: {e}") from None
 
-    def abort_training(self) -> int:
-        """Abort the training run; returns its number."""
+    def abort_training(self, run_number: int | None = None) -> int:
+        """Abort run `run_number` (None: the current run if it trains, else the only training run); returns its
+        number."""
         with self._admin_lock:
-            run = self.training_run()
-            if run is None:
-                raise ServerError("no run is training")
+            run = self.run_to_abort(run_number)
             run.abort()
         log.info("run %d aborted by an operator", run.run_number)
+        self.notice_run_ends()
         return run.run_number
+
+    def run_to_abort(self, run_number: int | None) -> FederatedRun:
+        """The run `abort` acts on: run `run_number`, else the current run if it trains, else the only training run;
+        ServerError when that run is not training, or several train and none is named."""
+        if run_number is not None:
+            run = self.runs.get(run_number)
+            if run is None or run.phase is not Phase.TRAINING:
+                raise ServerError(f"run {run_number} is not training ({self.run_status(run_number)})")
+            return run
+        training = self.training_runs()
+        current = self._set_run_live()
+        if current is not None and current.phase is Phase.TRAINING:
+            return current
+        if not training:
+            raise ServerError("no run is training")
+        if len(training) > 1:
+            raise ServerError(f"runs {_numbers(training)} are training: name one (--run N)")
+        return training[0]
 
     def delete_run(self, run_number: int) -> Path:
         """Delete run_N from disk; refused while it is training."""
+        self.notice_run_ends()  # a run that ended is told of before it goes
         with self._admin_lock:
-            active = self.training_run()
+            training = self.run_status(run_number) == Phase.TRAINING.value
             try:
-                trash = run_folder.set_aside(
-                    self.workspace, run_number, active.run_number if active is not None else None
-                )
+                trash = run_folder.set_aside(self.workspace, run_number, run_number if training else None)
             except run_folder.RunFolderError as e:
                 raise ServerError(str(e)) from None
             with self._cross_site_lock:
                 store = self._cross_site.pop(run_number, None)
             if store is not None:
                 store.close()  # a call still in flight must not write the deleted run back
-            if self.run is not None and self.run.run_number == run_number:
-                with self._run_cond:
-                    self.run = None
+            with self._run_cond:
+                self.runs.pop(run_number, None)
         run_folder.remove(trash)
         log.info("run %d deleted by an operator", run_number)
         return self.run_dir(run_number)
@@ -693,25 +800,59 @@ class FederationServer:
         if not self.registry.remove(name):
             raise ServerError(f"{name} is not registered")
 
-    def wait_for_run(self, timeout: float) -> FederatedRun | None:
-        """The run, waiting up to `timeout` seconds for one to start."""
+    def wait_for_run(self, timeout: float, run_number: int = UNBOUND) -> FederatedRun | None:
+        """Live run `run_number` (UNBOUND: the run a worker that names none joins), waiting up to `timeout` seconds
+        for it to start. ServerError when a worker that names no run cannot be told which one."""
+        find = (lambda: self.runs.get(run_number)) if run_number != UNBOUND else self.run_for_unnamed
         with self._run_cond:
-            if self.run is None:
-                self._run_cond.wait(timeout)
-            return self.run
+            self._run_cond.wait_for(lambda: find() is not None, timeout)
+            return find()
+
+    def run_for_unnamed(self) -> FederatedRun | None:
+        """The run a worker that names none (run number 0) joins: the current run if it trains, else the only
+        training run, else the current run (it may have ended); ServerError when several train."""
+        current = self._set_run_live()
+        if current is not None and current.phase is Phase.TRAINING:
+            return current
+        training = self.training_runs()
+        if len(training) > 1:
+            raise ServerError(
+                f"runs {_numbers(training)} are training and none is the current run: "
+                "the worker must name its run (--run-number N)"
+            )
+        return training[0] if training else self.run
+
+    def run_for_register(self, run_number: int) -> tuple[int, FederatedRun | None]:
+        """(the run number a new session joins, its live run if any) for a Register naming `run_number`.
+
+        0 (a worker that names none): see run_for_unnamed; (0, None) while no run is live. A named run may be live,
+        deployed and about to start (the server may still build its initial model), or completed (cross-site
+        validation); ServerError for one not deployed here or aborted.
+        """
+        if run_number == UNBOUND:
+            run = self.run_for_unnamed()
+            return (run.run_number, run) if run is not None else (UNBOUND, None)
+        status = self.run_status(run_number)
+        if status == "none":
+            raise ServerError(f"run {run_number} is not deployed on the server")
+        if status == Phase.ABORTED.value:
+            raise ServerError(f"run {run_number} was aborted; it takes no more sites")
+        return run_number, self.runs.get(run_number)
 
     # ---- liveness -------------------------------------------------------------------------------
 
-    def heartbeat_timeout(self) -> float:
-        """Seconds of silence after which a registered site is dropped."""
-        return self.run.config.heart_beat_timeout if self.run else DEFAULT_HEARTBEAT_TIMEOUT
+    def heartbeat_timeout(self, run_number: int = UNBOUND) -> float:
+        """Seconds of silence after which a site registered in run `run_number` is dropped (UNBOUND: in no run,
+        the current run's)."""
+        run = self.runs.get(run_number) if run_number != UNBOUND else self.run
+        return run.config.heart_beat_timeout if run is not None else DEFAULT_HEARTBEAT_TIMEOUT
 
-    def heartbeat_interval(self) -> float:
-        """How often sites should send heartbeats: a few per timeout."""
-        return max(0.5, min(30.0, self.heartbeat_timeout() / 4))
+    def heartbeat_interval(self, run_number: int = UNBOUND) -> float:
+        """How often sites in run `run_number` should send heartbeats: a few per timeout."""
+        return max(0.5, min(30.0, self.heartbeat_timeout(run_number) / 4))
 
     def active_sites(self) -> set[str]:
-        """Sites registered in the training plane."""
+        """Sites registered in the training plane, in any run."""
         return self.registry.names()
 
     def _shut_out_revoked(self) -> None:
@@ -733,8 +874,9 @@ class FederationServer:
                     last_revocation_check = time.monotonic()
                     self._shut_out_revoked()
                     self.blobs.sweep()
-                dropped = self.registry.drop_silent(self.heartbeat_timeout())
-                if self.run is not None:
-                    self.run.tick(self.registry.names(), dropped)
+                dropped = self.registry.drop_silent_by_run(self.heartbeat_timeout)
+                for number, run in list(self.runs.items()):
+                    run.tick(self.run_sites(number), dropped.get(number, []))
+                self.notice_run_ends()
             except Exception:
                 log.exception("round ticker failed; continuing")

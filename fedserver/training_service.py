@@ -1,4 +1,5 @@
-"""The training-plane gRPC service: register, heartbeat, model download, update upload, quit."""
+"""The training-plane gRPC service: register, heartbeat, model download, update upload, quit; each session's calls
+go to the run it registered in, so that runs training at once never mix."""
 
 from __future__ import annotations
 
@@ -19,8 +20,9 @@ from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver.aggregator import ContributionError, receive_tensors
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
+from fedserver.errors import ServerError
 from fedserver.identity_gate import require_peer
-from fedserver.registry import ClientRegistry, RegistryError, SiteSession
+from fedserver.registry import UNBOUND, ClientRegistry, RegistryError, SiteSession
 from fedserver.run import FederatedRun
 from fedserver.telemetry import Telemetry
 
@@ -41,16 +43,19 @@ class TrainingHost(Protocol):
 
     registry: ClientRegistry
     telemetry: Telemetry
-    run: FederatedRun | None
+    runs: dict[int, FederatedRun]
 
-    def heartbeat_interval(self) -> float: ...
-    def wait_for_run(self, timeout: float) -> FederatedRun | None: ...
-    def active_sites(self) -> set[str]: ...
+    def heartbeat_interval(self, run_number: int = UNBOUND) -> float: ...
+    def wait_for_run(self, timeout: float, run_number: int = UNBOUND) -> FederatedRun | None: ...
+    def run_for_unnamed(self) -> FederatedRun | None: ...
+    def run_for_register(self, run_number: int) -> tuple[int, FederatedRun | None]: ...
+    def run_sites(self, run_number: int) -> set[str]: ...
+    def notice_run_ends(self) -> None: ...
     def cross_site(self, run_number: int) -> CrossSiteValidation: ...
 
 
 class TrainingService(pb_grpc.FederatedTrainingServicer):
-    """Maps training-plane RPCs onto the server's registry and current run."""
+    """Maps training-plane RPCs onto the server's registry and each session's run."""
 
     def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._server = server
@@ -75,41 +80,69 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             raise  # unreachable: abort raises
 
     def Register(self, request: pb.RegisterRequest, context: grpc.ServicerContext) -> pb.RegisterReply:
-        run = self._server.run
         peer = self._peer(context)
         try:
+            number, run = self._server.run_for_register(request.run_number)
+        except ServerError as e:
+            log.warning("registration of %s refused: %s", peer.name, e)
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"registration refused: {e}")
+        try:
             session = self._server.registry.register(
-                request.client_name, peer.name, run.config.max_num_clients if run else None, peer.fingerprint
+                request.client_name,
+                peer.name,
+                run.config.max_num_clients if run else None,
+                peer.fingerprint,
+                number,
             )
         except RegistryError as e:
             log.warning("registration refused: %s", e)
             context.abort(_STATUS[e.code], str(e))
         return pb.RegisterReply(
             token=session.token,
-            run_number=run.run_number if run else 0,
-            heartbeat_interval=self._server.heartbeat_interval(),
+            run_number=number,
+            heartbeat_interval=self._server.heartbeat_interval(number),
             task_name=run.config.task_name if run else "",
         )
 
+    def _bind(self, session: SiteSession, run: FederatedRun | None) -> None:
+        """A session opened while no run was live joins `run`, the run it was then given."""
+        if session.run_number == UNBOUND and run is not None:
+            self._server.registry.bind(session, run.run_number)
+
+    def _run_of(self, session: SiteSession) -> FederatedRun | None:
+        """The live run of the session (one opened while no run was live joins the run it would be given now)."""
+        if session.run_number == UNBOUND:
+            try:
+                self._bind(session, self._server.run_for_unnamed())
+            except ServerError:
+                return None
+        return self._server.runs.get(session.run_number)
+
     def Heartbeat(self, request: pb.HeartbeatRequest, context: grpc.ServicerContext) -> pb.HeartbeatReply:
         try:
-            self._authenticate(context)
+            session = self._authenticate(context)
         except RegistryError as e:
             if e.code == "unauthenticated":
                 return pb.HeartbeatReply(known=False)
             context.abort(_STATUS[e.code], str(e))
-        run = self._server.run
+        run = self._run_of(session)  # no run when several train: GetModel tells the worker why
         return pb.HeartbeatReply(
-            known=True, run_number=run.run_number if run else 0, current_round=run.current_round if run else 0
+            known=True, run_number=session.run_number, current_round=run.current_round if run else 0
         )
 
     def GetModel(self, request: pb.GetModelRequest, context: grpc.ServicerContext) -> Iterator[pb.ModelChunk]:
         session = self._session(context)
         wait = wait_seconds(request.wait_seconds, MAX_LONG_POLL_S)
-        run = self._server.wait_for_run(wait)
+        try:
+            run = self._server.wait_for_run(wait, session.run_number)
+        except ServerError as e:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
         if run is None:
-            yield pb.ModelChunk(header=pb.ModelHeader(status=pb.WAIT, message="no run is deployed yet"))
+            number = session.run_number
+            message = f"run {number} has not started yet" if number else "no run is deployed yet"
+            yield pb.ModelChunk(header=pb.ModelHeader(status=pb.WAIT, message=message))
             return
+        self._bind(session, run)
         offer = run.offer(session.name, wait)
         header = pb.ModelHeader(
             run_number=run.run_number,
@@ -134,25 +167,25 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         session = self._session(context)
-        run = self._server.run
+        run = self._run_of(session)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
-            return self._refuse(session.name, 0, "a contribution must start with its header")
+            return self._refuse(session, 0, "a contribution must start with its header")
         head = first.header
         if run is None:
-            return self._refuse(session.name, head.round, "no run is active")
+            return self._refuse(session, head.round, "no run is active")
         if head.run_number != run.run_number:
             return self._refuse(
-                session.name,
+                session,
                 head.round,
                 f"contribution is for run {head.run_number}, the active run is {run.run_number}",
             )
         if head.kind != "delta_w":
-            return self._refuse(session.name, head.round, f"contribution kind must be 'delta_w', got {head.kind!r}")
+            return self._refuse(session, head.round, f"contribution kind must be 'delta_w', got {head.kind!r}")
         try:
             run.begin_contribution(session.name, head.round)
         except ContributionError as e:
-            return self._refuse(session.name, head.round, str(e))
+            return self._refuse(session, head.round, str(e))
         try:
             with self._upload_slots:
                 update = self._receive(request_iterator, run, head.num_tensors)
@@ -162,17 +195,18 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                 update,
                 head.weight,
                 dict(head.metrics),
-                self._server.active_sites,
+                lambda: self._server.run_sites(run.run_number),
                 head.privacy_protocol,
                 head.privacy_epsilon,
             )
         except (ContributionError, CodecError, DTypeError) as e:
             run.abandon_contribution(session.name, head.round, str(e))
-            return self._refuse(session.name, head.round, str(e), noted=True)
+            return self._refuse(session, head.round, str(e), noted=True)
         except BaseException:
             run.abandon_contribution(session.name, head.round, "upload broke off")
             raise
         self._server.telemetry.contribution(accepted=True)
+        self._server.notice_run_ends()  # this contribution may have closed the run's last round
         return pb.SubmitReply(accepted=True, round=head.round)
 
     def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
@@ -195,17 +229,17 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
         return update
 
-    def _refuse(self, site: str, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
-        log.warning("refused contribution from %s for round %d: %s", site, round_number, reason)
+    def _refuse(self, session: SiteSession, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
+        log.warning("refused contribution from %s for round %d: %s", session.name, round_number, reason)
         self._server.telemetry.contribution(accepted=False)
-        run = self._server.run
+        run = self._server.runs.get(session.run_number)
         if run is not None and not noted:
-            run.note_refusal(site, reason)
+            run.note_refusal(session.name, reason)
         return pb.SubmitReply(accepted=False, reason=reason, round=round_number)
 
     def ReportMetrics(self, request: pb.MetricsReport, context: grpc.ServicerContext) -> pb.Ack:
         session = self._session(context)
-        run = self._server.run
+        run = self._run_of(session)
         if run is None:
             return pb.Ack(ok=False, message="no run is active")
         try:
@@ -231,7 +265,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         if first is None or first.WhichOneof("part") != "header":
             return pb.SubmitReply(accepted=False, reason="a best model must start with its header")
         head = first.header
-        store = self._cross_site(head.run_number, context)
+        number = head.run_number or session.run_number
+        store = self._cross_site(number, context)
         try:
             if head.kind == "not_participating":
                 message = store.decline(session.name)
@@ -241,7 +276,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             else:
                 raise CrossSiteError(f"kind must be 'best_model' or 'not_participating', got {head.kind!r}")
         except (CrossSiteError, OSError) as e:
-            log.warning("refused the best model of %s for run %d: %s", session.name, head.run_number, e)
+            log.warning("refused the best model of %s for run %d: %s", session.name, number, e)
             return pb.SubmitReply(accepted=False, reason=str(e))
         return pb.SubmitReply(accepted=True, reason=message)
 
@@ -249,13 +284,14 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self, request: pb.ValidationModelsRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.ModelChunk]:
         session = self._session(context)
-        store = self._cross_site(request.run_number, context)
+        number = request.run_number or session.run_number
+        store = self._cross_site(number, context)
         wait = wait_seconds(request.wait_seconds, MAX_LONG_POLL_S)
         try:
             offer = store.next_model(session.name, set(request.validated), wait)
         except CrossSiteError as e:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
-        header = pb.ModelHeader(run_number=request.run_number, more_models=offer.more, message=offer.message)
+        header = pb.ModelHeader(run_number=number, more_models=offer.more, message=offer.message)
         if offer.status != "model":
             header.status = pb.WAIT if offer.status == "wait" else pb.END
             yield pb.ModelChunk(header=header)
@@ -273,7 +309,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
 
     def SubmitValidationResults(self, request: pb.ValidationResults, context: grpc.ServicerContext) -> pb.Ack:
         session = self._session(context)
-        store = self._cross_site(request.run_number, context)
+        number = request.run_number or session.run_number
+        store = self._cross_site(number, context)
         results: dict[str, dict[str, float]] = {}
         for result in request.results:
             if result.model_owner in results:
@@ -282,11 +319,11 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         try:
             n = store.record_results(session.name, results)
         except CrossSiteError as e:
-            log.warning("refused validation results of %s for run %d: %s", session.name, request.run_number, e)
+            log.warning("refused validation results of %s for run %d: %s", session.name, number, e)
             return pb.Ack(ok=False, message=str(e))
         return pb.Ack(ok=True, message=f"{n} result(s) recorded")
 
     def Quit(self, request: pb.QuitRequest, context: grpc.ServicerContext) -> pb.Ack:
         session = self._session(context)
-        self._server.registry.remove(session.name)
+        self._server.registry.remove(session.name, session.run_number)
         return pb.Ack(ok=True, message=f"{session.name} removed")

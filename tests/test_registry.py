@@ -7,7 +7,7 @@ import types
 import pytest
 
 import fedserver.registry as registry_module
-from fedserver.registry import ClientRegistry, RegistryError
+from fedserver.registry import UNBOUND, ClientRegistry, RegistryError
 
 
 def fp(cert_name: str) -> str:
@@ -190,3 +190,88 @@ def test_removing_a_certificate_ends_only_the_session_opened_with_it():
     with pytest.raises(RegistryError, match="register again"):
         reg.authenticate(revoked.token, "site-1", fp("site-1"))
     assert reg.remove_certificate("unknown") is None
+
+
+# ---- one session per (run, site): several runs train at once ------------------------------------------
+
+
+def test_a_site_holds_one_session_per_run_each_with_its_own_token():
+    reg = ClientRegistry()
+    in_3 = reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    in_4 = reg.register("site-1", "site-1", None, fp("site-1"), run_number=4)
+    assert in_3.token != in_4.token
+    assert reg.authenticate(in_3.token, "site-1", fp("site-1")).run_number == 3
+    assert reg.authenticate(in_4.token, "site-1", fp("site-1")).run_number == 4
+    assert reg.run_names(3) == {"site-1"} and reg.run_names(4) == {"site-1"}
+    assert reg.names() == {"site-1"}
+
+
+def test_re_registering_in_one_run_leaves_the_sites_session_in_another():
+    reg = ClientRegistry()
+    old = reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    other = reg.register("site-1", "site-1", None, fp("site-1"), run_number=4)
+    reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    with pytest.raises(RegistryError, match="register again"):
+        reg.authenticate(old.token, "site-1", fp("site-1"))
+    assert reg.authenticate(other.token, "site-1", fp("site-1")) is other
+
+
+def test_max_sites_caps_the_sites_of_one_run_only():
+    reg = ClientRegistry()
+    reg.register("site-1", "site-1", 1, fp("site-1"), run_number=3)
+    with pytest.raises(RegistryError, match="at most 1 sites") as err:
+        reg.register("site-2", "site-2", 1, fp("site-2"), run_number=3)
+    assert err.value.code == "resource_exhausted"
+    reg.register("site-2", "site-2", 1, fp("site-2"), run_number=4)
+    assert reg.run_names(3) == {"site-1"} and reg.run_names(4) == {"site-2"}
+
+
+def test_remove_with_a_run_ends_only_that_runs_session():
+    reg = ClientRegistry()
+    in_3 = reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    in_4 = reg.register("site-1", "site-1", None, fp("site-1"), run_number=4)
+    assert reg.remove("site-1", 3) is True
+    assert reg.remove("site-1", 3) is False
+    with pytest.raises(RegistryError, match="register again"):
+        reg.authenticate(in_3.token, "site-1", fp("site-1"))
+    assert reg.authenticate(in_4.token, "site-1", fp("site-1")) is in_4
+    assert reg.remove("site-1") is True  # no run: every session of the site
+    assert reg.names() == set()
+
+
+def test_removing_a_revoked_certificate_ends_the_sites_sessions_in_every_run():
+    reg = ClientRegistry()
+    reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    reg.register("site-1", "site-1", None, fp("site-1"), run_number=4)
+    reg.register("site-2", "site-2", None, fp("site-2"), run_number=4)
+    assert reg.remove_certificate(fp("site-1")) == "site-1"
+    assert reg.run_names(3) == set() and reg.run_names(4) == {"site-2"}
+
+
+def test_binding_an_unbound_session_moves_it_into_the_run():
+    reg = ClientRegistry()
+    unbound = reg.register("site-1", "site-1", None, fp("site-1"))
+    assert unbound.run_number == UNBOUND and reg.run_names(5) == set()
+    replaced = reg.register("site-1", "site-1", None, fp("site-1"), run_number=5)
+    reg.bind(unbound, 5)
+    assert unbound.run_number == 5 and reg.run_names(5) == {"site-1"} and reg.run_names(UNBOUND) == set()
+    assert reg.authenticate(unbound.token, "site-1", fp("site-1")) is unbound
+    with pytest.raises(RegistryError, match="register again"):
+        reg.authenticate(replaced.token, "site-1", fp("site-1"))
+    reg.bind(unbound, 6)  # a bound session stays in its run
+    assert unbound.run_number == 5
+
+
+def test_drop_silent_by_run_uses_each_runs_timeout_and_says_which_run_lost_which_site(clock):
+    reg = ClientRegistry()
+    reg.register("site-1", "site-1", None, fp("site-1"), run_number=3)
+    reg.register("site-1", "site-1", None, fp("site-1"), run_number=4)
+    reg.register("site-2", "site-2", None, fp("site-2"), run_number=4)
+    clock.now += 20
+    timeouts = {3: 10.0, 4: 60.0}
+    assert reg.drop_silent_by_run(timeouts.__getitem__) == {3: ["site-1"]}
+    assert reg.run_names(3) == set() and reg.run_names(4) == {"site-1", "site-2"}
+    clock.now += 41
+    dropped = reg.drop_silent_by_run(timeouts.__getitem__)
+    assert {run: sorted(sites) for run, sites in dropped.items()} == {4: ["site-1", "site-2"]}
+    assert reg.names() == set()

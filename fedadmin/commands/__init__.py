@@ -263,6 +263,22 @@ def complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str
     return completion.complete_targets(ctx, param, incomplete)
 
 
+def run_option(what: str, default: str = "the current run (set-run)") -> Callable[[F], F]:
+    """The --run N option of a command that acts on one run (passed as `run_number`, None when not given)."""
+    return click.option(
+        "--run",
+        "run_number",
+        type=click.IntRange(min=1),
+        default=None,
+        help=f"{what}  [default: {default}]",
+    )
+
+
+def with_run(args: dict[str, Any], run_number: int | None) -> dict[str, Any]:
+    """A command's arguments with run_number added when --run named one."""
+    return {**args, "run_number": run_number} if run_number is not None else args
+
+
 def confirm(options: ConsoleOptions, question: str) -> None:
     """Ask before a destructive command; --yes skips it; without a terminal, refuse (exit 2) rather than hang."""
     if options.yes:

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, emit_remote, run_option, targets_argument, with_run
 
 
 @click.command("start")
 @targets_argument(required=True)
+@run_option("Start this run.")
 @click.pass_obj
-def start(options: ConsoleOptions, targets: tuple[str, ...]) -> None:
-    """Start the current run at the targets (server, client, all or site names)."""
-    emit_remote(options, "start", targets)
+def start(options: ConsoleOptions, targets: tuple[str, ...], run_number: int | None) -> None:
+    """Start the current run (or --run N) at the targets (server, client, all or site names)."""
+    emit_remote(options, "start", targets, with_run({}, run_number))
