@@ -38,8 +38,10 @@ from fedserver.audit import AUDIT_FILE, AuditLog
 from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
+from fedserver.downloads import DOWNLOADS_DIR, Downloads
 from fedserver.errors import ServerError
 from fedserver.identity_gate import CallLimits, IdentityGate
+from fedserver.jobs import JobStore, load_max_jobs
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
@@ -52,6 +54,7 @@ from fedserver.run_record import (
     metrics_answer,
     recorded_algorithms,
 )
+from fedserver.scheduler import JobScheduler
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.training_service import TrainingService
@@ -206,12 +209,17 @@ class FederationServer:
             self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
-        except (RevocationError, PolicyError, CodePolicyError) as e:
+            max_jobs = load_max_jobs(self.workspace)
+        except (RevocationError, PolicyError, CodePolicyError, ValueError) as e:
             raise ServerError(str(e)) from None
+        self.max_runs = max_jobs
         self.mailbox = SiteMailbox()
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
+        self.downloads = Downloads(self.workspace / DOWNLOADS_DIR)
         self._resume()
+        # After the runs are resumed: a running job finds its run.
+        self.jobs = JobScheduler(self, JobStore(self.workspace), max_jobs)
         self.exit_requested = threading.Event()
         self.restart_requested = False
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
@@ -247,7 +255,7 @@ class FederationServer:
             options=[*ADMIN_GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", admin_connections)],
             interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)],
         )
-        admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
+        admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs, self.downloads), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
         admin.start()
@@ -255,6 +263,7 @@ class FederationServer:
         self._admin_grpc, self.admin_port = admin, admin_port
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
         self._ticker.start()
+        self.jobs.start()
         log.info(
             "training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
             self.bind_host,
@@ -315,6 +324,7 @@ class FederationServer:
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving: long-polls are released at once, other calls get `grace` seconds."""
         self._stop.set()
+        self.jobs.stop()
         self.mailbox.close()
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
@@ -511,6 +521,14 @@ class FederationServer:
             raise ServerError(f"deploy refused: {e}") from None
         except zipfile.BadZipFile as e:
             raise ServerError(f"deploy refused: {zip_path.name} is not a readable zip file ({e})") from None
+
+    def deploy_job_archive(self, archive: Path, run_number: int, job_folder: Path) -> Path:
+        """Deploy a job's stored archive as run N here (its signature is checked again before it is extracted)."""
+        return self.deploy(archive, run_number)
+
+    def blob_signature_files(self, blob) -> list[Path]:
+        """The files that keep an uploaded blob's signature, for a job to keep beside its archive."""
+        return []
 
     def _resume(self) -> None:
         """Carry on the current run if the server stopped while it trained (at the round that was open)."""
