@@ -219,9 +219,12 @@ def _artefacts(folder: RunFolder) -> list[tuple[Path, str]]:
         for path in sorted(folder.models.iterdir()):
             if path.is_file() and not path.name.startswith("."):
                 found.append((path, f"models/{path.name}"))
-    for path in (folder.summary, folder.cross_site):
-        if path.is_file():
-            found.append((path, path.name))
+    if folder.summary.is_file():
+        found.append((folder.summary, folder.summary.name))
+    if folder.cross_site.is_dir():
+        for path in sorted(folder.cross_site.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                found.append((path, f"cross_site/{path.name}"))
     return found
 
 
