@@ -9,7 +9,7 @@ import pytest
 
 from fedcommon.admin_defs import AdminIdentity
 from fedcommon.commands import COMMANDS, ArgumentError
-from fedcommon.site_resources import SiteResources
+from fedcommon.site_resources import Gpu, SiteResources
 from fedserver import jobs as jobs_module
 from fedserver.jobs import Job, JobError, JobState, JobStore, load_max_jobs
 from fedserver.scheduler import Capacity, JobScheduler, blocked
@@ -105,7 +105,8 @@ def test_removing_a_job_deletes_its_folder(tmp_path, archive):
 
 
 def _capacity(gpus=(), slots=1, gpus_used=(), slots_used=0) -> Capacity:
-    return Capacity(SiteResources(tuple(gpus), slots, frozenset(gpus_used), slots_used))
+    held = tuple(Gpu(g, 81920, 9 if g in gpus_used else None) for g in gpus)
+    return Capacity(SiteResources(held, slots, {9: slots_used} if slots_used else {}))
 
 
 def test_a_job_waits_for_a_free_place_among_max_jobs():
