@@ -165,6 +165,19 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     admin = run_json("admin_bench.py", "--repeat", str(max(5, args.repeat)))
     figures.append(figure("one-shot `fedadmin status`", [admin["status_wall_s_median"] * 1000], "ms", 200.0))
     figures.append(figure("command round trip in one process, p50", [admin["site_round_trip_ms_p50"]], "ms", 5.0))
+    jobs = run_json("jobs_bench.py", "--jobs", "20", reports_failures=True)
+    figures.append(
+        figure(
+            "20 jobs at once, max_jobs 2: completed, each once",
+            [float(jobs["all_completed_once"])],
+            "yes=1",
+            1.0,
+            higher_is_better=True,
+        )
+    )
+    figures.append(figure("job: submit to RUNNING, resources free", [jobs["submit_to_running_s_median"]], "s"))
+    figures.append(figure("job: time over the same run by hand", [jobs["overhead_per_job_s_median"]], "s"))
+    figures.append(figure("20 jobs: submit to all ended", [jobs["drain_s_median"]], "s"))
     figures += scale_figures(args)
     return figures
 

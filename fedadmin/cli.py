@@ -13,7 +13,7 @@ from fedcommon.commands import COMMANDS as DECLARED
 from fedcommon.logging_config import ENV_LEVEL, LoggingConfigError
 
 # The console's own commands; every other one is declared in fedcommon.commands (those with console=True).
-CONSOLE_ONLY = ("wait", "batch", "console", "poc", "provision")
+CONSOLE_ONLY = ("wait", "batch", "console", "poc", "provision", "job")
 
 
 def _module_of(name: str) -> str:

@@ -142,6 +142,31 @@ class AdminConnection:
             )
         return Uploaded(reply.blob_id or sha256, size, sha256)
 
+    def download(self, download_id: str, folder: Path) -> Path:
+        """Fetch an archive the server prepared for this admin and extract it into `folder` (new or empty)."""
+        import tempfile
+
+        from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
+
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise RemoteError(f"{folder} exists and is not an empty folder: nothing was downloaded")
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        deadline = UPLOAD_BASE_DEADLINE + (self.timeout or 0.0)
+        with tempfile.TemporaryDirectory(prefix=".download-", dir=folder.parent) as tmp:
+            archive = Path(tmp) / "download.zip"
+            try:
+                with open(archive, "wb") as f:
+                    for chunk in self._stub.Download(admin_pb2.BlobRequest(blob_id=download_id), timeout=deadline):
+                        if chunk.WhichOneof("part") == "data":
+                            f.write(chunk.data)
+            except grpc.RpcError as err:
+                raise self._failure(err, "download", deadline) from None
+            try:
+                extract_zip_safely(archive, folder)
+            except UnsafeArchiveError as e:
+                raise RemoteError(f"the server's download is not a safe archive: {e}") from None
+        return folder
+
     def _failure(self, err: grpc.RpcError, what: str, deadline: float) -> Exception:
         try:  # the kit's certificates were not checked up front: a broken kit is the likeliest cause
             load_kit(self.kit.folder)

@@ -200,6 +200,35 @@ def argv(value: Any, name: str = "argv") -> list[str]:
     return list(value)
 
 
+MAX_JOB_NAME = 100
+_JOB_NAME = re.compile(rf"[^\x00-\x1f\x7f]{{1,{MAX_JOB_NAME}}}")
+
+
+def job_name(value: Any, name: str = "name") -> str:
+    """A job's name as its submitter gave it: 1 to MAX_JOB_NAME characters, no control characters."""
+    if not isinstance(value, str) or not _JOB_NAME.fullmatch(value.strip()):
+        raise ArgumentError(f"{name} must be 1 to {MAX_JOB_NAME} characters without control characters, got {value!r}")
+    return value.strip()
+
+
+def site_names(value: Any, name: str = "sites") -> list[str]:
+    """Site names (not server, client or all), each once, at most MAX_TARGETS."""
+    if not isinstance(value, list) or not value or len(value) > MAX_TARGETS:
+        raise ArgumentError(f"{name} must be a list of 1 to {MAX_TARGETS} site names, got {str(value)[:100]}")
+    sites = []
+    for item in value:
+        if not isinstance(item, str) or not TARGET_RE.fullmatch(item) or item in GROUP_TARGETS:
+            raise ArgumentError(f"{name}: {str(item)[:100]!r} is not a site's name")
+        if item not in sites:
+            sites.append(item)
+    return sites
+
+
+def gpus_per_site(value: Any, name: str = "gpus") -> int:
+    """GPUs a job asks of each of its sites: 0 (none asked) to MAX_GPUS."""
+    return _whole(name, value, 0, MAX_GPUS)
+
+
 @dataclass(frozen=True)
 class Arg:
     """One argument: its name, its check, and whether it must be given."""
@@ -466,6 +495,55 @@ _DECLARED = (
         args=(Arg("seconds", seconds),),
     ),
 )
+
+_JOB = Arg("job_id", run_number, whole=True)
+
+# Jobs (issue 22): a job is a run the server schedules; `fedadmin job show|abort|clone|delete|download` is one console
+# group over the job-* commands. Whether a caller may act on another submitter's job is the server's check.
+_JOB_COMMANDS = (
+    Command(
+        "submit",
+        "queue an uploaded MMAR as a job; it starts when its sites are free",
+        Targets.SERVER,
+        (Right.TRAIN,),
+        args=(
+            Arg("blob_id", blob_id),
+            Arg("name", job_name, required=False),
+            Arg("sites", site_names, required=False),
+            Arg("gpus", gpus_per_site, required=False),
+        ),
+    ),
+    Command("jobs", "the jobs: queued, running and ended", Targets.SERVER, (Right.VIEW,), polled=True),
+    Command("job-show", "one job in detail", Targets.SERVER, (Right.VIEW,), args=(_JOB,), polled=True, console=False),
+    Command(
+        "job-abort",
+        "abort a queued or running job",
+        Targets.SERVER,
+        (Right.TRAIN, Right.OPERATE),
+        args=(_JOB,),
+        console=False,
+    ),
+    Command(
+        "job-clone",
+        "submit a job's archive again, as a new job",
+        Targets.SERVER,
+        (Right.TRAIN,),
+        args=(_JOB,),
+        console=False,
+    ),
+    Command(
+        "job-delete",
+        "delete an ended job and its run",
+        Targets.SERVER,
+        (Right.TRAIN, Right.OPERATE),
+        args=(_JOB,),
+        console=False,
+    ),
+    Command(
+        "job-download", "a job's results as one archive", Targets.SERVER, (Right.VIEW,), args=(_JOB,), console=False
+    ),
+)
+_DECLARED = _DECLARED + _JOB_COMMANDS
 
 COMMANDS: dict[str, Command] = {c.name: c for c in _DECLARED}
 # The earlier name of run-validation in site policies, kept so that existing local policies stay valid.

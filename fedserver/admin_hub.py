@@ -129,7 +129,7 @@ class AdminHub:
         names = self._resolve(command, declared.targets, targets)
         needs = spec.needs(self._server, args) if spec.needs else []
         self.policy.check(
-            caller, command, spec.touches(args) if spec.touches else names, self._sites.site_orgs(), needs
+            caller, command, spec.touches(self._server, args) if spec.touches else names, self._sites.site_orgs(), needs
         )
         if not (declared.polled or declared.rights == (Right.VIEW,)):
             # Written before the command acts, so a command that changes something is on record even if what
@@ -165,7 +165,7 @@ class AdminHub:
         waiters = self._sites.send(live + extra, declared.topic, headers, body) if declared.topic else []
         deadline = time.monotonic() + wait
         if on_server and not spec.after_sites:
-            results[SERVER] = self._on_server(command, spec, args, {})
+            results[SERVER] = self._on_server(command, spec, args, {}, caller)
         gathered = self._sites.gather(waiters, deadline, active)
         for site in live:
             results[site] = gathered[site] or TargetReply(site, False, error=f"no reply within {wait:g}s")
@@ -177,7 +177,7 @@ class AdminHub:
         if spec.disconnects:
             self._sites.drop(stopped)
         if on_server and spec.after_sites:
-            results[SERVER] = self._on_server(command, spec, args, gathered)
+            results[SERVER] = self._on_server(command, spec, args, gathered, caller)
         replies = [results[n] for n in names]
         return CommandOutcome(command, all(r.ok for r in replies), replies)
 
@@ -219,8 +219,12 @@ class AdminHub:
             raise AdminError("no site is connected")
         return names
 
-    def _on_server(self, command: str, spec: ServerCommand, args: dict[str, Any], gathered: Gathered) -> TargetReply:
+    def _on_server(
+        self, command: str, spec: ServerCommand, args: dict[str, Any], gathered: Gathered, caller: AdminIdentity
+    ) -> TargetReply:
         try:
+            if spec.with_caller:
+                return TargetReply(SERVER, True, spec.act(self._server, args, gathered, caller))
             return TargetReply(SERVER, True, spec.act(self._server, args, gathered))
         except (AdminError, ServerError, BlobError, CrossSiteError, ValueError, OSError) as e:
             log.warning("server: %s refused: %s", command, e)

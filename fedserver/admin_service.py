@@ -14,6 +14,7 @@ from fedcommon.wire import admin_pb2_grpc as pb_grpc
 from fedserver.admin_hub import AdminHub
 from fedserver.authorization import Refused
 from fedserver.blob_store import BlobError, BlobStore
+from fedserver.downloads import DownloadError, Downloads
 from fedserver.identity_gate import require_peer
 from fedserver.stream_watch import stop_reason
 
@@ -23,9 +24,10 @@ log = logging.getLogger(__name__)
 class AdminService(pb_grpc.AdminServiceServicer):
     """Serves operators; the caller's name, role and org come from its certificate (CN, OU, O) only."""
 
-    def __init__(self, hub: AdminHub, blobs: BlobStore):
+    def __init__(self, hub: AdminHub, blobs: BlobStore, downloads: Downloads | None = None):
         self._hub = hub
         self._blobs = blobs
+        self._downloads = downloads
 
     @staticmethod
     def _caller(context: grpc.ServicerContext) -> AdminIdentity:
@@ -65,3 +67,18 @@ class AdminService(pb_grpc.AdminServiceServicer):
             raise
         self._hub.audit.record(caller, "upload", [], True, {"blob_id": blob.blob_id, "size": blob.size})
         return pb.UploadReply(blob_id=blob.blob_id, size=blob.size, sha256=blob.blob_id)
+
+    def Download(self, request: pb.BlobRequest, context: grpc.ServicerContext) -> Iterator[pb.BlobChunk]:
+        """Stream an archive a command prepared for this caller (job download); it is gone afterwards."""
+        caller = self._caller(context)
+        if self._downloads is None:
+            context.abort(grpc.StatusCode.UNIMPLEMENTED, "this server prepares no downloads")
+        try:
+            chunks = self._downloads.fetch(caller, request.blob_id)
+            first = next(chunks)
+        except DownloadError as e:
+            self._hub.audit.record(caller, "download", [], False, error=str(e))
+            context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        self._hub.audit.record(caller, "download", [], True, {"name": first.header.name, "size": first.header.size})
+        yield first
+        yield from chunks

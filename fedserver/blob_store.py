@@ -9,6 +9,7 @@ import hashlib
 import json
 import logging
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -236,6 +237,33 @@ class BlobStore:
             kept.expires = max(kept.expires, time.monotonic() + self.ttl_s)
         log.info("stored upload %s (%d bytes) as %s", header.name, size, final.name)
         return BlobInfo(expected_sha, size, final)
+
+    def add(self, path: Path, blob_id: str, signature: ArchiveSignature) -> BlobInfo:
+        """Keep a file the server already holds (a job's archive, sha256 `blob_id`, signed by its submitter) as a
+        blob for its sites to fetch; the signature is written beside it first, as an upload's is."""
+        check_blob_id(blob_id)
+        self.root.mkdir(parents=True, exist_ok=True)
+        final = self.root / f"{blob_id}.zip"
+        atomic_write_json(self.root / f"{blob_id}{SIGNATURE_SUFFIX}", signature.to_text())
+        if not final.exists():
+            fd, tmp = tempfile.mkstemp(prefix=f"{blob_id}.", suffix=".part", dir=self.root)
+            os.close(fd)
+            try:
+                os.unlink(tmp)
+                try:
+                    os.link(path, tmp)
+                except OSError:
+                    shutil.copyfile(path, tmp)
+                os.replace(tmp, final)
+            except BaseException:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+                raise
+        size = final.stat().st_size
+        with self._lock:
+            kept = self._kept.setdefault(blob_id, _Kept(size, 0.0))
+            kept.expires = max(kept.expires, time.monotonic() + self.ttl_s)
+        return BlobInfo(blob_id, size, final, signature)
 
     # ---- who may take a blob, and when it goes ---------------------------------------------------
 

@@ -20,6 +20,7 @@ from fedcommon.outcome import TargetReply
 from fedcommon.restart_guard import RestartRefused, check_restart
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
+from fedserver import job_commands
 from fedserver.authorization import Need
 from fedserver.blob_store import BlobError, BlobStore
 from fedserver.errors import AdminError
@@ -85,6 +86,7 @@ class ServerCommand:
     sites_first: addressed to the server while a run trains, it goes to every connected site as well.
     ends_session: a site that answered ok has stopped training: its training-plane session is over now.
     disconnects: a site that answered ok is no longer connected.
+    with_caller: act(fed, args, gathered, caller): the server's action depends on who asks (a job's submitter).
     sending: told the targets (sites, and the server when it is one) just before their requests are queued.
     """
 
@@ -92,12 +94,13 @@ class ServerCommand:
     site_args: Callable[[Federation, Args], Args] = _no_site_args
     verify: Callable[[Federation, Args], None] | None = None
     after_sites: bool = False
-    touches: Callable[[Args], list[str]] | None = None
+    touches: Callable[[Federation, Args], list[str]] | None = None
     needs: Callable[[Federation, Args], list[Need]] | None = None
     sites_first: bool = False
     ends_session: bool = False
     disconnects: bool = False
     sending: Callable[[Federation, Args, list[str]], None] | None = None
+    with_caller: bool = False  # act is also given the caller (AdminIdentity): jobs remember their submitter
 
 
 def _current_run(fed: Federation) -> int:
@@ -157,12 +160,15 @@ def _uploaded(fed: Federation, args: Args) -> None:
 
 
 def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
+    return archive_needs(fed.blobs.get(args["blob_id"]).path)
+
+
+def archive_needs(path: Path) -> list[Need]:
     """An archive that brings code (files under custom/) needs the code right on every target it goes to."""
     from fedcommon.safe_zip import UnsafeArchiveError
 
-    blob = fed.blobs.get(args["blob_id"])
     try:
-        code = archive_code(blob.path)
+        code = archive_code(path)
     except (UnsafeArchiveError, zipfile.BadZipFile, OSError) as e:
         # Every participant refuses it too, each saying why; whoever may deploy code hears that from them.
         return [Need(Right.CODE, f"what the archive brings cannot be told ({e})")]
@@ -362,10 +368,24 @@ CATALOGUE: dict[str, ServerCommand] = {
     "delete-run": ServerCommand(act=_delete_run, site_args=_as_given),
     "restart": ServerCommand(act=_restart, after_sites=True),
     "shutdown": ServerCommand(act=_shutdown, after_sites=True, ends_session=True, disconnects=True),
-    "remove-client": ServerCommand(act=_remove_client, touches=lambda args: [args["site"]]),
+    "remove-client": ServerCommand(act=_remove_client, touches=lambda fed, args: [args["site"]]),
     "metrics": ServerCommand(act=_metrics),
     "logs": ServerCommand(act=_logs, site_args=_as_given),
     "set-timeout": ServerCommand(act=_set_timeout),
+    # Jobs (fedserver/job_commands.py): the server queues and runs them; sites see only the deploy and start.
+    "submit": ServerCommand(
+        act=job_commands.submit,
+        verify=_uploaded,
+        needs=_deploy_needs,
+        touches=job_commands.submit_touches,
+        with_caller=True,
+    ),
+    "jobs": ServerCommand(act=job_commands.jobs),
+    "job-show": ServerCommand(act=job_commands.show),
+    "job-abort": ServerCommand(act=job_commands.abort, with_caller=True),
+    "job-clone": ServerCommand(act=job_commands.clone, needs=job_commands.clone_needs, with_caller=True),
+    "job-delete": ServerCommand(act=job_commands.delete, with_caller=True),
+    "job-download": ServerCommand(act=job_commands.download, with_caller=True),
 }
 
 

@@ -65,11 +65,12 @@ def _raise_open_file_limit() -> None:
     help="Where the metrics port listens; plain HTTP, so keep it local unless a proxy guards it.",
 )
 @click.option(
-    "--max-runs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="How many runs may train at once (each names its run: deploy/start --run N).",
+    "--max-jobs",
+    "max_runs",
+    type=click.IntRange(min=1, max=64),
+    default=None,
+    help="How many runs (jobs, or runs started by hand with --run N) may train at once.  [default: max_jobs in "
+    "the workspace's local/jobs.json, else 1]",
 )
 @click.option("--debug", is_flag=True, help="Verbose logs.")
 def start(
@@ -80,7 +81,7 @@ def start(
     admin_port: int | None,
     metrics_port: int | None,
     metrics_host: str,
-    max_runs: int,
+    max_runs: int | None,
     debug: bool,
 ) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
@@ -145,8 +146,7 @@ def start(
             str(bound),
             "--admin-port",
             str(server.admin_port),
-            "--max-runs",
-            str(max_runs),
+            *(["--max-jobs", str(max_runs)] if max_runs is not None else []),
             *(["--debug"] if debug else []),
             *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else []),
         ]

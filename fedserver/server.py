@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from fedcommon import run_folder
-from fedcommon.archive_signature import ArchiveVerifier
+from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier, SignatureError
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
@@ -40,8 +40,10 @@ from fedserver.audit import AUDIT_FILE, AuditLog
 from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
+from fedserver.downloads import DOWNLOADS_DIR, Downloads
 from fedserver.errors import ServerError
 from fedserver.identity_gate import CallLimits, IdentityGate
+from fedserver.jobs import JobStore, load_max_jobs
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import UNBOUND, ClientRegistry
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase, RunStateError
@@ -54,6 +56,7 @@ from fedserver.run_record import (
     metrics_answer,
     recorded_algorithms,
 )
+from fedserver.scheduler import JobScheduler
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.tracking import ExperimentTracker, TrackingConfigError
@@ -193,12 +196,12 @@ class FederationServer:
         stream_deadlines: StreamDeadlines | None = None,
         fl_limits: CallLimits | None = None,
         admin_limits: CallLimits | None = None,
-        max_runs: int = 1,
+        max_runs: int | None = None,
     ):
         """stream_deadlines, fl_limits, admin_limits: how long a request stream may stall and how many calls one
-        caller may hold on each port (defaults: the modules' constants, read now). max_runs: how many runs may
-        train at once."""
-        if max_runs < 1:
+        caller may hold on each port (defaults: the modules' constants, read now). max_runs: how many runs (jobs
+        or runs by hand) may train at once; None: max_jobs in local/jobs.json, else 1."""
+        if max_runs is not None and max_runs < 1:
             raise ServerError(f"max_runs must be at least 1, got {max_runs}")
         self.workspace = Path(workspace)
         self.kit = kit
@@ -208,7 +211,6 @@ class FederationServer:
         self.registry = ClientRegistry()
         self.telemetry = Telemetry(gauges=self._gauges)
         self._exporter = None
-        self.max_runs = max_runs
         # The live runs by number, in the order they started: a run stays after it ends until replaced or deleted.
         self.runs: dict[int, FederatedRun] = {}
         self._run_cond = threading.Condition()
@@ -225,7 +227,8 @@ class FederationServer:
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
             self.tracking = ExperimentTracker.for_server(self.workspace)
-        except (RevocationError, PolicyError, CodePolicyError, TrackingConfigError) as e:
+            self.max_runs = load_max_jobs(self.workspace) if max_runs is None else max_runs
+        except (RevocationError, PolicyError, CodePolicyError, TrackingConfigError, ValueError) as e:
             raise ServerError(str(e)) from None
         # Every upload and every deploy of one is checked for an admin's signature against the project CA and CRL.
         self.blobs = BlobStore(self.workspace / UPLOADS_DIR, ArchiveVerifier(kit.ca_pem, self.revocations.is_revoked))
@@ -233,7 +236,10 @@ class FederationServer:
         self.mailbox.on_result = self.tracking.site_result
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
+        self.downloads = Downloads(self.workspace / DOWNLOADS_DIR)
         self._resume()
+        # After the runs are resumed: a running job finds its run.
+        self.jobs = JobScheduler(self, JobStore(self.workspace), self.max_runs)
         self.exit_requested = threading.Event()
         self.restart_requested = False
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
@@ -269,7 +275,7 @@ class FederationServer:
             options=[*ADMIN_GRPC_OPTIONS, ("grpc.max_allowed_incoming_connections", admin_connections)],
             interceptors=[self._gate("admin_port", ("admin",), self._admin_limits)],
         )
-        admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs), admin)
+        admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs, self.downloads), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
         fl.start()
         admin.start()
@@ -277,6 +283,7 @@ class FederationServer:
         self._admin_grpc, self.admin_port = admin, admin_port
         self._ticker = threading.Thread(target=self._tick_loop, name="round-ticker", daemon=True)
         self._ticker.start()
+        self.jobs.start()
         log.info(
             "training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
             self.bind_host,
@@ -336,6 +343,7 @@ class FederationServer:
     def stop(self, grace: float = 2.0) -> None:
         """Stop serving: long-polls are released at once, other calls get `grace` seconds."""
         self._stop.set()
+        self.jobs.stop()
         self.mailbox.close()
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
@@ -597,6 +605,15 @@ class FederationServer:
             raise ServerError(f"deploy refused: {e}") from None
         except zipfile.BadZipFile as e:
             raise ServerError(f"deploy refused: {zip_path.name} is not a readable zip file ({e})") from None
+
+    def deploy_job_archive(self, archive: Path, run_number: int, signature: ArchiveSignature | None) -> Path:
+        """Deploy a job's kept archive as run N here, its submitter's signature checked again over the file first
+        (a signer revoked while the job was queued counts)."""
+        try:
+            self.blobs.verifier.verify_file(archive, signature)
+        except SignatureError as e:
+            raise ServerError(f"deploy refused: {e}") from None
+        return self.deploy(archive, run_number)
 
     def _resume(self) -> None:
         """Carry on every run that trained when the server stopped (each at the round that was open); the current

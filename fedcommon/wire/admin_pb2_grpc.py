@@ -250,6 +250,11 @@ class AdminServiceStub:
                 request_serializer=fedcommon_dot_wire_dot_admin__pb2.BlobChunk.SerializeToString,
                 response_deserializer=fedcommon_dot_wire_dot_admin__pb2.UploadReply.FromString,
                 _registered_method=True)
+        self.Download = channel.unary_stream(
+                '/fedlearn.v1.AdminService/Download',
+                request_serializer=fedcommon_dot_wire_dot_admin__pb2.BlobRequest.SerializeToString,
+                response_deserializer=fedcommon_dot_wire_dot_admin__pb2.BlobChunk.FromString,
+                _registered_method=True)
 
 
 class AdminServiceServicer:
@@ -270,6 +275,13 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Download(self, request, context):
+        """Stream: one BlobHeader, then data chunks, of an archive a command prepared for this admin (job download).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -282,6 +294,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.Upload,
                     request_deserializer=fedcommon_dot_wire_dot_admin__pb2.BlobChunk.FromString,
                     response_serializer=fedcommon_dot_wire_dot_admin__pb2.UploadReply.SerializeToString,
+            ),
+            'Download': grpc.unary_stream_rpc_method_handler(
+                    servicer.Download,
+                    request_deserializer=fedcommon_dot_wire_dot_admin__pb2.BlobRequest.FromString,
+                    response_serializer=fedcommon_dot_wire_dot_admin__pb2.BlobChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -338,6 +355,33 @@ class AdminService:
             '/fedlearn.v1.AdminService/Upload',
             fedcommon_dot_wire_dot_admin__pb2.BlobChunk.SerializeToString,
             fedcommon_dot_wire_dot_admin__pb2.UploadReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Download(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fedlearn.v1.AdminService/Download',
+            fedcommon_dot_wire_dot_admin__pb2.BlobRequest.SerializeToString,
+            fedcommon_dot_wire_dot_admin__pb2.BlobChunk.FromString,
             options,
             channel_credentials,
             insecure,
