@@ -34,7 +34,7 @@ def tiny_mmar(dst: Path) -> Path:
         path.write_text(json.dumps(cfg))
     path = dst / "config" / "config_train.json"
     cfg = json.loads(path.read_text())
-    cfg["trainer"]["args"]["epochs"] = 1
+    cfg["trainer"]["args"]["epochs_per_round"] = 1
     path.write_text(json.dumps(cfg))
     return dst
 

@@ -44,6 +44,8 @@ class ClientRegistry:
         self._lock = threading.Lock()
         self._by_token: dict[str, SiteSession] = {}
         self._by_key: dict[tuple[int, str], SiteSession] = {}
+        # Every site that has had a session in a run, even one that has left it since (the job scheduler's view).
+        self._ever: dict[int, set[str]] = {}
 
     def register(
         self,
@@ -79,6 +81,7 @@ class ClientRegistry:
             session = SiteSession(name, secrets.token_urlsafe(32), now, now, cert_fingerprint, run_number)
             self._by_key[key] = session
             self._by_token[session.token] = session
+            self._ever.setdefault(run_number, set()).add(name)
         log.info("site %s registered%s", name, _in_run(run_number))
         return session
 
@@ -93,6 +96,7 @@ class ClientRegistry:
             del self._by_key[(UNBOUND, session.name)]
             session.run_number = run_number
             self._by_key[(run_number, session.name)] = session
+            self._ever.setdefault(run_number, set()).add(session.name)
         log.info("site %s takes part in run %d", session.name, run_number)
         return session
 
@@ -164,6 +168,11 @@ class ClientRegistry:
         """Sites with a session in any run."""
         with self._lock:
             return {n for _, n in self._by_key}
+
+    def ever_in_run(self, run_number: int) -> set[str]:
+        """Sites that have had a session in run `run_number` since this server started, gone or not."""
+        with self._lock:
+            return set(self._ever.get(run_number, ()))
 
     def run_names(self, run_number: int) -> set[str]:
         """Sites with a session in run `run_number`."""

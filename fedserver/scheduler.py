@@ -32,6 +32,9 @@ TICK_S = 1.0
 SYSINFO_WAIT_S = 10.0
 # How long a job's start waits for its sites to answer deploy (they fetch the archive) and start.
 DISPATCH_WAIT_S = 120.0
+# A job's site whose worker has not joined the run this long after the job started counts as gone once
+# heart_beat_timeout more has passed (a worker imports torch and its trainer before it registers).
+STARTUP_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -97,8 +100,9 @@ class JobScheduler:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.RLock()
-        self._seen: dict[int, set[str]] = {}  # sites that took part in a running job's run
         self._gone: dict[int, set[str]] = {}  # of those, the ones whose leaving was handled
+        self._leaving: dict[int, dict[str, float]] = {}  # sites out of a running job's run, and since when
+        self._started: dict[int, float] = {}  # when the scheduler began following each running job
         self._capacity: dict[str, tuple[float, Capacity]] = {}
         server.on_run_end(self._run_ended)
 
@@ -262,7 +266,6 @@ class JobScheduler:
             return
         self.store.update(number, state=JobState.RUNNING, reason="", started_at=time.time())
         self.store.note(number, f"started on {', '.join(job.sites)}")
-        self._seen[number] = set()
         self._gone[number] = set()
 
     def _deploy(self, job: Job) -> None:
@@ -333,7 +336,7 @@ class JobScheduler:
                     return
             self.store.update(number, state=JobState.RUNNING, reason="", started_at=time.time())
             self.store.note(number, "the server restarted while starting it; its run carried on")
-            self._seen[number], self._gone[number] = set(), set()
+            self._gone[number] = set()
         else:
             self.store.update(number, state=JobState.SUBMITTED, reason="the server restarted before it started")
 
@@ -353,15 +356,15 @@ class JobScheduler:
                 number, state=state, reason=detail if state != JobState.COMPLETED else "", ended_at=time.time()
             )
         self.store.note(number, f"run {phase}" + (f": {detail}" if detail else ""))
-        self._seen.pop(number, None)
-        self._gone.pop(number, None)
+        for state in (self._gone, self._leaving, self._started):
+            state.pop(number, None)
         self.wake()
 
     def _settle(self, job: Job) -> None:
         """A RUNNING job at server start: its run was resumed, or has ended, or is gone."""
         status = self._server.run_status(job.job_id)
         if status == "training":
-            self._seen[job.job_id], self._gone[job.job_id] = set(), set()
+            self._gone[job.job_id] = set()
         elif status in ("completed", "aborted"):
             state = JobState.COMPLETED if status == "completed" else JobState.ABORTED
             self.store.update(job.job_id, state=state, ended_at=time.time())
@@ -371,45 +374,60 @@ class JobScheduler:
             )
 
     def _follow_running(self) -> None:
+        now = time.monotonic()
         for job in self.store.live():
             if job.state != JobState.RUNNING:
                 continue
             number = job.job_id
+            run = self._server.runs.get(number)
+            if run is None:
+                continue
             ended = self._server.mailbox.ended_in_run(number)
-            seen, gone = self._seen.setdefault(number, set()), self._gone.setdefault(number, set())
+            gone = self._gone.setdefault(number, set())
+            absent = self._leaving.setdefault(number, {})
             present = self._server.run_sites(number) & set(job.sites)
-            seen |= present
+            joined = self._server.registry.ever_in_run(number)
+            started = self._started.setdefault(number, now)
             failed = {site for site in job.sites if (e := ended.get(site)) and e.get("exit_code") not in (0, None)}
-            left = ((seen - present) | failed) - gone
+            left = []
+            for site in sorted(set(job.sites) - gone):
+                if site in failed:
+                    left.append(site)
+                elif site in present:
+                    absent.pop(site, None)
+                else:
+                    # Out of the run since when: a site that never joined gets time to start its worker first.
+                    since = absent.setdefault(site, now if site in joined else started + STARTUP_GRACE_S)
+                    if now - since >= run.config.heart_beat_timeout:
+                        left.append(site)
             if not left:
                 continue
-            gone |= left
-            self._site_left(job, sorted(left), present - failed, ended)
+            gone |= set(left)
+            for site in left:
+                absent.pop(site, None)
+            self._site_left(job, left, present - failed, ended)
 
     def _site_left(self, job: Job, left: list[str], remaining: set[str], ended: Mapping[str, Any]) -> None:
         run = self._server.runs.get(job.job_id)
-        if run is None:
-            return
+        if run is None or run.phase.value != "training":
+            return  # its end is the run's end hook's to tell
         minimum = run.config.min_num_clients
-        why = "; ".join(
-            f"{site} ({ended[site].get('error') or 'its worker failed'})"
-            if site in ended
-            else f"{site} (no contact for heart_beat_timeout, {run.config.heart_beat_timeout:g}s)"
-            for site in left
-        )
+        why = "; ".join(_leaving_words(site, ended.get(site), run.config.heart_beat_timeout) for site in left)
         where = f"at round {run.current_round}"
+        count = f"{len(remaining)} site{'s' if len(remaining) != 1 else ''}"
         if len(remaining) >= minimum:
-            self.store.note(
-                job.job_id,
-                f"{why} left {where}; continuing with {len(remaining)} site{'s' if len(remaining) != 1 else ''} "
-                f"(min_num_clients {minimum})",
-            )
+            self.store.note(job.job_id, f"{why}, {where}; continuing with {count} (min_num_clients {minimum})")
             return
-        self._fail(
-            job,
-            f"{why} left {where}; {len(remaining)} site{'s' if len(remaining) != 1 else ''} remain, "
-            f"fewer than min_num_clients {minimum}",
-        )
+        remain = "remains" if len(remaining) == 1 else "remain"
+        self._fail(job, f"{why}, {where}; {count} {remain}, fewer than min_num_clients {minimum}")
+
+
+def _leaving_words(site: str, ended: Mapping[str, Any] | None, heart_beat_timeout: float) -> str:
+    """How a site left a job's run: its worker's own words when it reported its end, else what the server saw."""
+    if ended is not None:
+        error = ended.get("error") or ended.get("status") or "its worker ended"
+        return f"{site} left: {error} (exit code {ended.get('exit_code')})"
+    return f"{site} left: out of the run for heart_beat_timeout ({heart_beat_timeout:g}s), its end not reported"
 
 
 class JobStartError(Exception):
