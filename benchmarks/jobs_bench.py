@@ -50,13 +50,13 @@ def wait_jobs(ws: Path, ids: list[int], timeout: float) -> dict[int, dict]:
         time.sleep(0.5)
 
 
-def starts(ws: Path, participant: str) -> dict[int, int]:
-    """How many start intents each run number has in a participant's audit log."""
+def starts(ws: Path, site: str) -> dict[int, int]:
+    """How many starts of each run number succeeded at a site, as its audit log records them."""
     counts: dict[int, int] = {}
-    for line in (ws / participant / "audit.log").read_text().splitlines():
+    for line in (ws / site / "audit.log").read_text().splitlines():
         entry = json.loads(line)
-        if entry.get("command") in ("start", "start-mgpu") and entry.get("phase") == "intent":
-            number = (entry.get("args") or {}).get("run_number")
+        if entry.get("command") in ("start", "start-mgpu") and entry.get("ok") is True:
+            number = int(entry.get("run_number") or 0)
             counts[number] = counts.get(number, 0) + 1
     return counts
 

@@ -51,13 +51,17 @@ def final_accuracy(ws: Path, number: int) -> float:
 
 
 def starts_audited(ws: Path, participant: str, number: int) -> int:
-    """How many times `start` of run `number` was recorded as intended in a participant's audit log."""
+    """How many times a participant's audit log records a start of run `number`: the server's intents, a site's
+    starts that succeeded."""
     count = 0
     for line in (ws / participant / "audit.log").read_text().splitlines():
         entry = json.loads(line)
-        if entry.get("command") in ("start", "start-mgpu") and entry.get("phase") == "intent":
-            if (entry.get("args") or {}).get("run_number") == number:
-                count += 1
+        if entry.get("command") not in ("start", "start-mgpu"):
+            continue
+        if participant == "server":
+            count += entry.get("phase") == "intent" and (entry.get("args") or {}).get("run_number") == number
+        else:
+            count += entry.get("ok") is True and str(entry.get("run_number")) == str(number)
     return count
 
 
@@ -138,6 +142,10 @@ def test_a_server_killed_with_one_job_running_and_three_queued_loses_none_and_ru
     os.kill(read_pid_file(ws / "server").pid, signal.SIGKILL)
     server = next(p for p in participants(ws) if p.role == "server")
     launch(ws, "server", participant_argv(server))
+    deadline = time.monotonic() + 60
+    while fedadmin(ws, "--json", "jobs").returncode != 0:  # the new server takes a moment to listen
+        assert time.monotonic() < deadline, "the restarted server never answered"
+        time.sleep(0.5)
 
     jobs = wait_jobs(ws, ids, timeout=600)
     assert [jobs[i]["state"] for i in ids] == ["COMPLETED"] * 4, [jobs[i] for i in ids]
