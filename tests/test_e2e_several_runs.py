@@ -40,7 +40,7 @@ def _worker(site_ws: Path, mmar: Path, run_number: int) -> subprocess.Popen:
 
 
 def _server_runs(ws: Path) -> dict[int, dict]:
-    server = replies(ok_json(ws, "status", "server"))["server"]["data"]
+    server = replies(ok_json(ws, "status", "server"))["server"]
     return {r["run_number"]: r for r in server["runs"]}
 
 
@@ -48,7 +48,7 @@ def _deploy_and_start(ws: Path, mmar: Path, numbers: tuple[int, ...]) -> None:
     for n in numbers:
         assert replies(ok_json(ws, "deploy", str(mmar), "server", "--run", str(n)))["server"]["ok"]
     for n in numbers:
-        assert replies(ok_json(ws, "start", "server", "--run", str(n)))["server"]["data"]["run_number"] == n
+        assert replies(ok_json(ws, "start", "server", "--run", str(n)))["server"]["run_number"] == n
 
 
 @pytest.mark.timeout(900)
@@ -104,10 +104,10 @@ def test_abort_names_the_runs_until_one_is_named_and_the_other_run_trains_on(tmp
         assert unnamed.returncode != 0
         assert re.search(r"runs 1, 2 are training: name one \(--run N\)", unnamed.stdout), unnamed.stdout
         aborted = replies(ok_json(ws, "--yes", "abort", "server", "--run", "2"))["server"]
-        assert aborted["data"]["run_number"] == 2
+        assert aborted["run_number"] == 2
         runs = _server_runs(ws)
         assert {n: r["run_status"] for n, r in runs.items()} == {1: "training", 2: "aborted"}
-        assert replies(ok_json(ws, "start", "server", "--run", "3"))["server"]["data"]["run_number"] == 3
+        assert replies(ok_json(ws, "start", "server", "--run", "3"))["server"]["run_number"] == 3
         deadline = time.monotonic() + 30
         while set(_server_runs(ws)) != {1, 2, 3}:
             assert time.monotonic() < deadline

@@ -16,6 +16,7 @@ from fedcommon.kit import channel_credentials, load_kit
 from fedcommon.model_file import load_model, save_model
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
+from fedserver.catalogue import CATALOGUE
 from fedserver.errors import ServerError
 from fedserver.run import Phase
 from fedserver.server import FederationServer
@@ -194,7 +195,12 @@ def test_with_max_runs_1_a_second_start_keeps_todays_message(tmp_path):
 
 def test_abort_without_a_run_takes_the_current_one_and_names_the_runs_when_none_is(two_runs):
     server, ws, target, ended = two_runs
+    site_args = CATALOGUE["abort"].site_args
+    assert site_args(server, {}) == {"run_number": 1}, "the sites are told the run the server aborts"
+    assert site_args(server, {"run_number": 2}) == {"run_number": 2}
     server.set_run_number(7)
+    with pytest.raises(ServerError, match=r"runs 1, 2 are training: name one \(--run N\)"):
+        site_args(server, {})
     with pytest.raises(ServerError, match=r"runs 1, 2 are training: name one \(--run N\)"):
         server.abort_training()
     with pytest.raises(ServerError, match="run 5 is not training"):
@@ -275,3 +281,39 @@ def test_deleting_a_run_that_ended_takes_it_out_of_the_live_runs(two_runs):
     server.abort_training(2)
     server.delete_run(2)
     assert sorted(server.runs) == [1] and ended == [(2, "aborted", "aborted in round 0")]
+
+
+# ---- the console's view of several live runs ---------------------------------------------------------
+
+
+def _status_outcome(runs):
+    from fedcommon.outcome import CommandOutcome, TargetReply
+
+    server = {"run_number": 1, "run_status": "training", "current_round": 0, "num_rounds": 2, "runs": runs}
+    return CommandOutcome("status", True, [TargetReply("server", True, server)])
+
+
+def _rendered(outcome) -> str:
+    import io
+
+    from fedadmin import render
+
+    out = io.StringIO()
+    render.terminal(file=out, width=200).print(render.status_view(outcome))
+    return out.getvalue()
+
+
+def test_status_shows_a_table_of_the_live_runs_only_when_several_are():
+    from fedadmin import render
+
+    one = [{"run_number": 1, "run_status": "training", "current_round": 0, "num_rounds": 2, "registered_sites": []}]
+    several = [
+        *one,
+        {"run_number": 2, "run_status": "completed", "current_round": 2, "num_rounds": 2, "registered_sites": ["a"]},
+    ]
+    assert "live runs" not in _rendered(_status_outcome(one))
+    shown = _rendered(_status_outcome(several))
+    assert "live runs" in shown and "completed" in shown and "2 of 2" in shown
+    lines = render.progress_lines(_status_outcome(several))
+    assert "run 2: completed, round 2 of 2, sites a" in lines
+    assert not any(line.startswith("run 1:") for line in render.progress_lines(_status_outcome(one)))
