@@ -114,7 +114,11 @@ class SysInfoProcessor(RequestProcessor):
     def process(self, req: Message, app_ctx) -> Message:
         from fedcommon.sysinfo import collect_sysinfo
 
-        return ok_reply(json.dumps(collect_sysinfo(app_ctx.training_status(), app_ctx.workspace)), req)
+        info = collect_sysinfo(app_ctx.training_status(), app_ctx.workspace)
+        cluster = app_ctx.client_executor.cluster_info()
+        if cluster is not None:
+            info["cluster"] = cluster  # where training runs: the site's Slurm partition
+        return ok_reply(json.dumps(info), req)
 
 
 class RestartClientProcessor(RequestProcessor):

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclient.client_executor import ProcessExecutor, TrainArgs, TrainingError
+from fedclient.launchers import LauncherConfigError, make_executor
 from fedclient.local_policy import LocalPolicy
 from fedcommon import commands, run_folder
 from fedcommon.admin_defs import Message
@@ -49,12 +50,20 @@ class ClientAdminInterface:
         # The site's own policy: whether it runs deployed code at all (local/authorization.json "custom_code").
         self.policy = policy if policy is not None else LocalPolicy(self.workspace)
         self.debug = bool(getattr(args, "debug", False))
-        self.client_executor = ProcessExecutor(on_event=self._on_training_event)
+        # The site's local/launcher.json chooses where training runs; a broken one refuses every start.
+        self.launcher_error = ""
+        try:
+            self.client_executor = make_executor(self.workspace, self._on_training_event)
+        except LauncherConfigError as e:
+            self.launcher_error = str(e)
+            log.error("%s; every start will be refused until it is fixed", e)
+            self.client_executor = ProcessExecutor(on_event=self._on_training_event)
         self.exit_requested = threading.Event()
         self.restart_requested = False
         self._lock = threading.RLock()  # start, deploy's install and delete-run see one state
         self._results = ResultForwarder(sender, PROGRESS_INTERVAL_S)
         self._run_ended: int | None = None
+        self.client_executor.resume()
 
     def set_agent(self, admin_agent) -> None:
         """The seed's hook for the FedAdminAgent that serves this interface; the interface needs nothing of it."""
@@ -97,6 +106,7 @@ class ClientAdminInterface:
             data["ranks"] = executor.ranks
         if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
             data["error"] = executor.error
+        data.update(executor.status_detail())
         return data
 
     # ---- runs -----------------------------------------------------------------------------------
@@ -181,6 +191,8 @@ class ClientAdminInterface:
                 raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
             if not validate:
                 self._refuse_finished(number)
+            if self.launcher_error:
+                raise RequestRefused(f"start refused: {self.launcher_error}")
             refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
             if refused is not None:
                 raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
@@ -198,6 +210,10 @@ class ClientAdminInterface:
         """
         number = _run_number(run_number)
         gpus = _checked(commands.count, gpu_number, "gpu_number")
+        executor = self.client_executor
+        if not executor.runs_here:  # a cluster's launcher places the ranks and says what they can have
+            data = self._start(number, lambda args, mmar: executor.start_mgpu_train(self.client, args, mmar, gpus))
+            return {**data, "gpus": gpus, "backend": getattr(executor, "backend", "")}
         have, where = available_gpus()
         if have and gpus > have:
             raise RequestRefused(
@@ -215,7 +231,10 @@ class ClientAdminInterface:
 
     def abort_client(self) -> dict[str, Any]:
         """Abort the training (nothing of it is left afterwards); fine when nothing trains."""
-        self.client_executor.abort_train(self.client)
+        try:
+            self.client_executor.abort_train(self.client)
+        except TrainingError as e:
+            raise RequestRefused(f"abort failed: {e}") from None
         return {"status": self.training_status()}
 
     def delete_run_number(self, num) -> dict[str, Any]:
