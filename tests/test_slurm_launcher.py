@@ -134,6 +134,9 @@ def test_start_without_slurm_installed_is_refused_at_once_and_status_says_so(tmp
     assert "Slurm is not installed here" in str(e.value) and "sbatch" in str(e.value)
     assert executor.status == ClientStatus.TRAINING_EXCEPTION and "not installed" in executor.error
     assert "error" in executor.cluster_info()
+    no_conf = SlurmExecutor(SlurmConfig(slurm_conf=tmp_path / "missing.conf"), site)
+    with pytest.raises(TrainingError, match="missing.conf .local/launcher.json slurm.slurm_conf. is not a file"):
+        no_conf.start_train(None, TrainArgs(site, 1), mmar)
 
 
 @pytest.mark.slow
@@ -175,6 +178,11 @@ def test_a_failing_scancel_is_retried_and_reported_then_abort_leaves_no_job(tmp_
             executor.abort_train(None)
         assert f"scancel of Slurm job {job} failed 3 times" in str(e.value) and "controller" in str(e.value)
         assert executor.status_detail()["cancel_error"] == str(e.value)
+        deadline = time.monotonic() + 15  # the follower's own polls fail too, and the status says so
+        while not executor.status_detail()["detail"].startswith(f"cannot ask Slurm about job {job}: "):
+            assert time.monotonic() < deadline, executor.status_detail()
+            time.sleep(0.2)
+        assert executor.status == ClientStatus.TRAINING_STARTED
         assert slurm_cluster.job_field(job, "JobState") == "RUNNING"  # reported as failed: it was
         conf.write_text(good)
         executor.abort_train(None)

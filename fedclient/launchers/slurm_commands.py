@@ -78,16 +78,34 @@ class SlurmCommands:
         return job_id
 
     def job(self, job_id: str) -> JobState | None:
-        """The job's state from slurmctld (`scontrol show job`); None once Slurm no longer knows the job."""
+        """The job's state from slurmctld (`scontrol show job`), else from accounting (`sacct`) once slurmctld has
+        forgotten it; None when neither knows the job."""
         try:
             out = self._run("scontrol", ["show", "job", "--oneliner", _checked_id(job_id)])
         except SlurmError as e:
             if "Invalid job id" in str(e):
-                return None
+                return self._accounted(job_id)
             raise
         for line in out.splitlines():
             fields = parse_fields(line)
             if fields.get("JobId") == job_id:
+                return job_state(job_id, fields)
+        return self._accounted(job_id)
+
+    def _accounted(self, job_id: str) -> JobState | None:
+        """The job's end as Slurm's accounting kept it; None without accounting (sacct refuses) or record."""
+        try:
+            out = self._run(
+                "sacct",
+                ["--noheader", "--parsable2", "--allocations", "--jobs", job_id, "--format=JobID,State,ExitCode"],
+            )
+        except SlurmError:
+            return None
+        for line in out.splitlines():
+            parts = line.strip().split("|")
+            if len(parts) == 3 and parts[0] == job_id:
+                state = parts[1].split(" ", 1)[0]  # "CANCELLED by 0"
+                fields = {"JobState": state, "ExitCode": parts[2], "Reason": "from Slurm's accounting"}
                 return job_state(job_id, fields)
         return None
 
@@ -140,6 +158,9 @@ class SlurmCommands:
         return found
 
     def _run(self, name: str, args: list[str]) -> str:
+        if self.slurm_conf is not None and not self.slurm_conf.is_file():
+            # Slurm's commands would retry a missing slurm.conf for a minute before saying so.
+            raise SlurmUnavailable(f"{self.slurm_conf} (local/launcher.json slurm.slurm_conf) is not a file")
         argv = [self._exe(name), *args]
         try:
             proc = subprocess.run(
