@@ -288,8 +288,12 @@ class ClientAdminInterface:
         return self.client_executor.wait_process_complete(self.client, timeout)
 
     def close(self) -> None:
-        """Abort any training (leaving no process) and send what is left to send."""
-        self.client_executor.close()
+        """Abort any training (leaving no process) and send what is left to send; on a restart a cluster's job runs
+        on, and the restarted agent takes it up again."""
+        if self.restart_requested:
+            self.client_executor.detach()
+        else:
+            self.client_executor.close()
         self._results.close()
 
     # ---- training events → server ---------------------------------------------------------------

@@ -119,6 +119,10 @@ class ClientExecutor:
     def resume(self) -> None:
         """Take up a training a previous agent left running elsewhere (a cluster's job); nothing for a local one."""
 
+    def detach(self) -> None:
+        """Let go of the training as the agent restarts: a cluster's job runs on, to be resumed; a local one ends."""
+        self.close()
+
     def status_detail(self) -> dict[str, Any]:
         """Fields the launcher adds to the site's status (a Slurm job, its state and reason); none here."""
         return {}

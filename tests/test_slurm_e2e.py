@@ -202,7 +202,7 @@ def test_a_failing_worker_shows_failed_with_its_error(federation, slurm_cluster,
     _no_training_left(ws, slurm_cluster)
 
 
-def test_an_agent_killed_while_its_job_runs_takes_the_job_up_again_when_restarted(federation, slurm_cluster, tmp_path):
+def test_an_agent_killed_or_restarted_while_its_job_runs_takes_the_job_up_again(federation, slurm_cluster, tmp_path):
     ws = federation
     job = _start_endless_run(ws, 6, tmp_path)
     _wait_status(ws, lambda s: s["status"] == "training started", 90)
@@ -224,7 +224,16 @@ def test_an_agent_killed_while_its_job_runs_takes_the_job_up_again_when_restarte
     try:
         status = _wait_status(ws, lambda s: s["status"] == "training started" and s.get("slurm_job") == job, 60)
         assert status["run_number"] == 6, status
-        assert f"following Slurm job {job}, submitted before this agent started" in (site / "log.txt").read_text()
+        taken_up = f"following Slurm job {job}, submitted before this agent started"
+        assert (site / "log.txt").read_text().count(taken_up) == 1
+        # An operator's restart leaves the job running too, and the agent, started again, takes it up again.
+        ok_json(ws, "--yes", "restart", "site-1")
+        deadline = time.monotonic() + 60
+        while (site / "log.txt").read_text().count(taken_up) < 2:
+            assert time.monotonic() < deadline, "the agent did not take its job up after `restart`"
+            time.sleep(0.3)
+        assert slurm_cluster.job_field(job, "JobState") == "RUNNING"
+        _wait_status(ws, lambda s: s["status"] == "training started" and s.get("slurm_job") == job, 60)
         ok_json(ws, "--yes", "abort", "server")
         assert slurm_cluster.job_field(job, "JobState") == "CANCELLED"
         assert _status(ws)["status"] == "training stopped"

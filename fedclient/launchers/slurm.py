@@ -35,6 +35,7 @@ SCRIPT_FILE = "job.sh"
 CANCEL_TRIES = 3
 CANCEL_RETRY_S = 1.0
 ABORT_WAIT_S = 60.0
+COPY_STOP_WAIT_S = 10.0
 COPY_CHUNK = 1 << 20  # the most of the job's output copied per poll
 MAX_RECORD_BYTES = 64 * 1024
 MAX_RECORDS_SCANNED = 1000
@@ -59,6 +60,8 @@ class _Job:
     aborting: bool = False
     expired: str = ""  # why the agent cancelled it itself (pending too long)
     cancel_error: str = ""  # why the last cancel failed, until one succeeds
+    detached: bool = False  # the agent restarts: stop following, leave the job running
+    stopped: threading.Event = field(default_factory=threading.Event)  # the follower has returned
     state: str = "PENDING"
 
     @property
@@ -275,7 +278,7 @@ class SlurmExecutor(ClientExecutor):
     def _follow(self, job: _Job) -> None:
         writer = RotatingWriter(run_folder.RunFolder.of(self.workspace, job.run_number).worker_log)
         try:
-            while True:
+            while not job.detached:
                 self._copy(job, writer)
                 try:
                     state = self.slurm.job(job.job_id)
@@ -299,6 +302,7 @@ class SlurmExecutor(ClientExecutor):
             self._finish(job, JobState(job.job_id, "UNKNOWN", "the agent stopped following it", None, ""))
         finally:
             writer.close()
+            job.stopped.set()
 
     def _update(self, job: _Job, state: JobState) -> None:
         job.state = state.state
@@ -454,6 +458,15 @@ class SlurmExecutor(ClientExecutor):
         """Wait until Slurm says the job ended and its output was copied; False on timeout."""
         job = self._job
         return True if job is None else job.done.wait(timeout)
+
+    def detach(self) -> None:
+        """Stop following the job and leave it running: the restarted agent resumes it from its record."""
+        job = self._job
+        if job is not None and not job.done.is_set():
+            job.detached = True
+            job.wake.set()
+            job.stopped.wait(COPY_STOP_WAIT_S)  # the last copy is recorded before the agent goes
+            log.info("run %d: Slurm job %s left running for the restarted agent", job.run_number, job.job_id)
 
     def close(self) -> None:
         """Cancel any job (as ProcessExecutor leaves no process); a failed cancel is logged."""
