@@ -231,12 +231,14 @@ def sites_table(outcome: CommandOutcome) -> Table:
         style = "red" if code == ClientStatus.TRAINING_EXCEPTION else "green" if code in TRAINING_CODES else ""
         *cells, metrics = _progress_cells(site_progress(outcome, r))
         failure = site_failure(outcome, r)
+        # What the site's launcher says of a training that has no metrics yet ("queued in Slurm: Resources").
+        detail = r.data.get("detail") if code in TRAINING_CODES and isinstance(r.data.get("detail"), str) else ""
         table.add_row(
             Text(r.target),
             Text(value_text(r.data.get("status")), style=style),
             Text(value_text(r.data.get("run_number"))),
             *(Text(c) for c in cells),
-            Text(failure, style="red") if failure else Text(metrics),
+            Text(failure, style="red") if failure else Text(metrics or detail),
         )
     return table
 

@@ -120,6 +120,9 @@ class SysInfoProcessor(RequestProcessor):
         from fedcommon.sysinfo import collect_sysinfo
 
         info = collect_sysinfo(app_ctx.training_status(), app_ctx.workspace, app_ctx.resources_report())
+        cluster = app_ctx.client_executor.cluster_info()
+        if cluster is not None:
+            info["cluster"] = cluster  # where training runs: the site's Slurm partition
         return ok_reply(json.dumps(info), req)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fedclient.client_executor import ClientExecutor, EventHandler, ProcessExecutor, TrainArgs, TrainingError
+from fedclient.launchers import LauncherConfigError, load_launcher_config, make_executor
 from fedclient.local_policy import LocalPolicy
 from fedclient.site_resources import Allocator, Capacity, ResourcesError, ResourcesShort, load_resources
 from fedcommon import commands, run_folder
@@ -65,8 +66,19 @@ class ClientAdminInterface:
         # The site's own policy: whether it runs deployed code at all (local/authorization.json "custom_code").
         self.policy = policy if policy is not None else LocalPolicy(self.workspace)
         self.debug = bool(getattr(args, "debug", False))
+        # The site's local/launcher.json chooses where training runs (processes here, or Slurm); a broken one refuses
+        # every start, naming the file and key.
+        self.launcher_error = ""
+        if executor_factory is None:
+            try:
+                load_launcher_config(self.workspace)
+                executor_factory = lambda on_event: make_executor(self.workspace, on_event)  # noqa: E731
+            except LauncherConfigError as e:
+                self.launcher_error = str(e)
+                log.error("%s; every start will be refused until it is fixed", e)
+                executor_factory = lambda on_event: ProcessExecutor(on_event=on_event)  # noqa: E731
         # Makes each run's executor (given the event handler); a run's executor is reused when it starts again.
-        self.executor_factory = executor_factory or (lambda on_event: ProcessExecutor(on_event=on_event))
+        self.executor_factory = executor_factory
         self._executors: dict[int, ClientExecutor] = {}  # by run number, the most recently started last
         self._latest = self.executor_factory(self._on_training_event)
         self._spare: ClientExecutor | None = self._latest  # the next run's executor when it has none yet
@@ -76,6 +88,21 @@ class ClientAdminInterface:
         self._lock = threading.RLock()  # start, deploy's install, delete-run and the allocations see one state
         self._results = ResultForwarder(sender, PROGRESS_INTERVAL_S)
         self._ended: set[int] = set()  # runs the server has ended, whose workers are on their way out
+        self._resume_cluster_job()
+
+    def _resume_cluster_job(self) -> None:
+        """Take up again the cluster job (Slurm) an earlier agent left running: it is that run's executor now."""
+        executor = self._latest
+        executor.resume()
+        number = executor.run_number
+        if number is None or not executor.is_training():
+            return
+        self._executors[number] = executor
+        self._spare = None
+        try:
+            self._allocator.reserve(load_resources(self.workspace), number, max(1, executor.ranks))
+        except (ResourcesError, ResourcesShort) as e:
+            log.warning("run %d: taken up again, but what it holds here cannot be counted: %s", number, e)
 
     @property
     def client_executor(self) -> ClientExecutor:
@@ -268,6 +295,8 @@ class ClientAdminInterface:
             raise RequestRefused(f"run {number} is not deployed" + (f" at {self.client_name}" if validate else ""))
         if not validate:
             self._refuse_finished(number)
+        if self.launcher_error:
+            raise RequestRefused(f"start refused: {self.launcher_error}")
         refused = self.policy.code_refusal(custom_code(mmar))  # deployed before the site's policy said no
         if refused is not None:
             raise RequestRefused(f"{'validation' if validate else 'start'} refused: {refused}")
@@ -294,6 +323,12 @@ class ClientAdminInterface:
         """
         number = _run_number(run_number)
         gpus = _checked(commands.count, gpu_number, "gpu_number")
+        launcher = self._latest
+        if not launcher.runs_here:  # a cluster's launcher places the ranks and says what they can have
+            data = self._start(
+                number, lambda executor, args, mmar: executor.start_mgpu_train(self.client, args, mmar, gpus)
+            )
+            return {**data, "gpus": gpus, "backend": getattr(launcher, "backend", "")}
         capacity = self._capacity()
         have, where = len(capacity.gpus), capacity.gpus_from
         if have and gpus > have:
@@ -331,19 +366,38 @@ class ClientAdminInterface:
             executor = self._executors.get(number)
         if executor is None:
             return {"run_number": number, "status": get_status_message(ClientStatus.TRAINING_NOT_STARTED)}
-        executor.abort_train(self.client)
+        try:
+            executor.abort_train(self.client)
+        except TrainingError as e:  # a cluster that would not cancel its job (scancel retried and failed)
+            raise RequestRefused(f"abort failed: {e}") from None
         return {"run_number": number, "status": executor.check_status(self.client)}
 
     def _abort_all(self, close: bool = False) -> None:
-        """Abort every run at once (each abort may wait its grace period), or with `close` close every executor."""
+        """Abort every run at once (each abort may wait its grace period), or with `close` close every executor
+        (on a restart a cluster's jobs run on instead: the restarted agent takes them up again). RequestRefused
+        names the runs whose abort failed."""
         with self._lock:
             executors = list(dict.fromkeys([*self._executors.values(), self._latest]))
-        stop = (lambda e: e.close()) if close else (lambda e: e.abort_train(self.client))
+        failures: list[str] = []
+
+        def stop(executor: ClientExecutor) -> None:
+            try:
+                if not close:
+                    executor.abort_train(self.client)
+                elif self.restart_requested:
+                    executor.detach()
+                else:
+                    executor.close()
+            except TrainingError as e:
+                failures.append(f"run {executor.run_number}: {e}")
+
         threads = [threading.Thread(target=stop, args=(e,), name="abort-run", daemon=True) for e in executors]
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join()
+        if failures and not close:
+            raise RequestRefused(f"abort failed: {'; '.join(failures)}")
 
     def delete_run_number(self, num) -> dict[str, Any]:
         """Delete run_N from this site; refused while it trains."""
@@ -459,6 +513,7 @@ def _executor_status(executor: ClientExecutor) -> dict[str, Any]:
         data["ranks"] = executor.ranks
     if code == ClientStatus.TRAINING_EXCEPTION and executor.error:
         data["error"] = executor.error
+    data.update(executor.status_detail())  # a cluster job's state in the cluster's words ("queued in Slurm: ...")
     return data
 
 

@@ -73,6 +73,8 @@ class TrainArgs:
 class ClientExecutor:
     """Starts, watches and aborts a site's training; `on_event` gets each worker event and a final "exit"."""
 
+    runs_here = True  # False where the training runs elsewhere (a cluster's nodes): this host's GPUs do not count
+
     def __init__(self, on_event: EventHandler | None = None):
         self.on_event = on_event
         self._lock = threading.RLock()
@@ -116,6 +118,21 @@ class ClientExecutor:
         """Abort any training and release what the executor holds."""
         if self.is_training():
             self.abort_train(None)
+
+    def resume(self) -> None:
+        """Take up a training a previous agent left running elsewhere (a cluster's job); nothing for a local one."""
+
+    def detach(self) -> None:
+        """Let go of the training as the agent restarts: a cluster's job runs on, to be resumed; a local one ends."""
+        self.close()
+
+    def status_detail(self) -> dict[str, Any]:
+        """Fields the launcher adds to the site's status (a Slurm job, its state and reason); none here."""
+        return {}
+
+    def cluster_info(self) -> dict[str, Any] | None:
+        """What sysinfo reports of where training runs when that is not this host (a Slurm partition)."""
+        return None
 
     def _reset(self, run_number: int) -> None:
         self.ranks = 1

@@ -300,11 +300,13 @@ def run_worker(
     run_number: int | None = None,
     parent: str | None = None,
     validate_only: bool = False,
+    events: Path | None = None,
 ) -> int:
     """Train this site in the run the server offers (or run `run_number`) until it ends; returns the exit code.
 
     With `parent` (HOST:PORT of the agent that started it) the worker reports status and progress there,
-    obeys its abort, and exits when the agent goes away.
+    obeys its abort, and exits when the agent goes away. With `events` (a folder: a cluster job's) it appends them
+    to events-RANK.jsonl there instead, and outlives the agent; the cluster's cancel is its abort (SIGTERM).
     """
     from fedclient.client_status import ClientStatus
     from fedclient.executor_channel import connect_parent, send_event, start_command_listener
@@ -320,18 +322,20 @@ def run_worker(
     # Under an agent, stderr goes through the agent to run_N/logs/worker.log; standalone, the site's log.txt.
     try:
         configure_logging(
-            None if parent else workspace / "log.txt",
+            None if parent or events else workspace / "log.txt",
             debug,
             f"rank {ranks.rank}" if ranks.distributed else "",
             role="worker",
             local=workspace / "local",
-            own_file_config=not parent,  # under an agent, stderr is the log: the agent writes worker.log
+            own_file_config=not (parent or events),  # under an agent, stderr is the log: the agent writes worker.log
         )
     except LoggingConfigError as e:
         print(f"fedclient.worker: {e}", file=sys.stderr)
         return EXIT_CONFIG
-    conn = None
-    if parent:
+    conn: Any = None  # the agent's Connection, or an EventFile
+    if events is not None:
+        conn = EventFile(events / f"events-{ranks.rank}.jsonl")
+    elif parent:
         try:
             conn = connect_parent(parent)
         except Exception as e:  # bad address, refused, or authentication failed
@@ -362,7 +366,7 @@ def run_worker(
         log.error("%s", e)
         report({"kind": "status", "status": ClientStatus.TRAINING_EXCEPTION, "error": str(e)})
         return EXIT_CONFIG
-    if conn is not None:
+    if conn is not None and events is None:
         start_command_listener(training, conn, parent_pid)
 
     def on_sigterm(*_) -> None:
@@ -397,6 +401,21 @@ def run_worker(
     return EXIT_OK
 
 
+class EventFile:
+    """A cluster job's side of the channel: events appended as JSON lines to a file the agent follows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def send_bytes(self, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        try:
+            os.write(fd, data + b"\n")
+        finally:
+            os.close(fd)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--workspace", type=Path, required=True, help="the site's participant folder")
@@ -414,13 +433,20 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="cross-site validation of run --run-number, already trained, instead of training",
     )
+    parser.add_argument(
+        "--events", type=Path, default=None, help="folder to append events to (a cluster job's channel to the agent)"
+    )
     parser.add_argument("--debug", action="store_true")
     args = parser.parse_args(argv)
     if args.run_number is not None and args.run_number < 1:
         parser.error("--run-number must be >= 1")
     if args.validate and args.run_number is None:
         parser.error("--validate needs --run-number")
-    sys.exit(run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent, args.validate))
+    if args.events is not None and args.parent is not None:
+        parser.error("--events and --parent are two channels to the agent: give one")
+    sys.exit(
+        run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent, args.validate, args.events)
+    )
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import pytest
 from orphans import TAG_VAR, new_tag, reap_leftovers
+from slurm_cluster import SlurmCluster, SlurmSetupError, start_cluster
 
 ROOT = Path(__file__).resolve().parent.parent
 DIGITS = ROOT / "examples" / "digits"
@@ -244,3 +246,22 @@ def run_fedadmin(
         text=True,
         timeout=timeout,
     )
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> Iterator[SlurmCluster]:
+    """A real single-node Slurm (munged, slurmctld, slurmd) for the session; never skipped: it fails when it cannot
+    come up. Its daemons carry the session's tag and are stopped by their PIDs at the end."""
+    # Not under pytest's 0700 folders: munged wants every folder above its socket open to all.
+    root = Path(tempfile.mkdtemp(prefix="fedlearn-slurm-"))
+    root.chmod(0o711)
+    try:
+        cluster = start_cluster(root, {**os.environ, TAG_VAR: SESSION_TAG})
+    except SlurmSetupError as e:
+        shutil.rmtree(root, ignore_errors=True)
+        pytest.fail(str(e), pytrace=False)
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+        shutil.rmtree(root, ignore_errors=True)
