@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import zipfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import NamedTuple
 
 from fedcommon.admin_defs import ADMIN_ROLES, AdminIdentity
 from fedcommon.commands import COMMANDS, SERVER, Right
+from fedcommon.deployed_code import archive_code, shown
 
 POLICY_FILE = Path("local") / "authorization.json"
 RIGHTS = Right.ALL
@@ -173,3 +175,15 @@ def load_policy(workspace: Path) -> Policy:
                 )
             rules[role][right] = scope
     return Policy(rules, source=f"server policy {path}")
+
+
+def archive_needs(path: Path) -> list[Need]:
+    """An archive that brings code (files under custom/) needs the code right on every target it goes to."""
+    from fedcommon.safe_zip import UnsafeArchiveError
+
+    try:
+        code = archive_code(path)
+    except (UnsafeArchiveError, zipfile.BadZipFile, OSError) as e:
+        # Every participant refuses it too, each saying why; whoever may deploy code hears that from them.
+        return [Need(Right.CODE, f"what the archive brings cannot be told ({e})")]
+    return [Need(Right.CODE, f"the archive brings code ({shown(code)})")] if code else []

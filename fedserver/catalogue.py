@@ -6,22 +6,20 @@ here holds only what the server adds to it. Every declared command the server ex
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedcommon.archive_signature import SignatureError
-from fedcommon.commands import COMMANDS, SERVER, ClientStatus, Right, get_status_message
-from fedcommon.deployed_code import archive_code, shown
+from fedcommon.commands import COMMANDS, SERVER, ClientStatus, get_status_message
 from fedcommon.logs import PROCESS_LOG, LogQuery, read_log
 from fedcommon.outcome import TargetReply
 from fedcommon.restart_guard import RestartRefused, check_restart
 from fedcommon.safe_shell import run_shell
 from fedcommon.sysinfo import collect_sysinfo
 from fedserver import job_commands
-from fedserver.authorization import Need
+from fedserver.authorization import Need, archive_needs
 from fedserver.blob_store import BlobError, BlobStore
 from fedserver.errors import AdminError
 from fedserver.mailbox import SiteMailbox
@@ -161,18 +159,6 @@ def _uploaded(fed: Federation, args: Args) -> None:
 
 def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
     return archive_needs(fed.blobs.get(args["blob_id"]).path)
-
-
-def archive_needs(path: Path) -> list[Need]:
-    """An archive that brings code (files under custom/) needs the code right on every target it goes to."""
-    from fedcommon.safe_zip import UnsafeArchiveError
-
-    try:
-        code = archive_code(path)
-    except (UnsafeArchiveError, zipfile.BadZipFile, OSError) as e:
-        # Every participant refuses it too, each saying why; whoever may deploy code hears that from them.
-        return [Need(Right.CODE, f"what the archive brings cannot be told ({e})")]
-    return [Need(Right.CODE, f"the archive brings code ({shown(code)})")] if code else []
 
 
 def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:

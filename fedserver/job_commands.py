@@ -15,6 +15,7 @@ from fedcommon.admin_defs import AdminIdentity
 from fedcommon.archive_signature import SignatureError
 from fedcommon.commands import Right
 from fedcommon.run_folder import RunFolder
+from fedserver.authorization import archive_needs
 from fedserver.downloads import DownloadError
 from fedserver.errors import AdminError
 from fedserver.jobs import Job, JobError, JobState
@@ -165,8 +166,6 @@ def clone(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict[st
 
 def clone_needs(fed: Any, args: Args) -> list:
     """A clone brings the same code as the original: the code right, as its submit needed."""
-    from fedserver.catalogue import archive_needs
-
     try:
         job = _scheduler(fed).store.get(args["job_id"])
     except JobError:

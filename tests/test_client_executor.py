@@ -552,6 +552,10 @@ def test_two_runs_train_at_once_each_with_its_own_gpus_and_aborting_one_leaves_t
         assert group_members(pids[1]) == []
         runs = _by_run(interface.client_status())
         assert runs[1]["status_code"] == ClientStatus.TRAINING_STOPPED and "gpus" not in runs[1]
+        deadline = time.monotonic() + 30  # run 2's worker says it started once it is up (slow on a loaded host)
+        while runs[2]["status_code"] == ClientStatus.TRAINING_STARTING and time.monotonic() < deadline:
+            time.sleep(0.1)
+            runs = _by_run(interface.client_status())
         assert runs[2]["status_code"] == ClientStatus.TRAINING_STARTED
         assert group_members(pids[2]) == [pids[2]], "aborting run 1 leaves run 2 running"
 
