@@ -29,6 +29,7 @@ from fedserver.telemetry import Telemetry
 if TYPE_CHECKING:
     from fedserver.cross_site import CrossSiteValidation
     from fedserver.run import FederatedRun
+    from fedserver.scheduler import JobScheduler
 
 Args = dict[str, Any]
 Gathered = dict[str, TargetReply | None]  # each site's reply, None when it did not answer in time
@@ -44,6 +45,7 @@ class Federation(Protocol):
     mailbox: SiteMailbox
     telemetry: Telemetry
     admin_timeout: float
+    jobs: JobScheduler
 
     @property
     def run_number(self) -> int | None: ...
@@ -114,6 +116,14 @@ def _named_run(fed: Federation, args: Args) -> int:
     return number if number is not None else _current_run(fed)
 
 
+def _run_to_launch(fed: Federation, args: Args) -> int:
+    """The run a deploy or start acts on; refused when it is a job's run that its scheduler is not starting now
+    (a job's run is deployed and started only as the job, by the scheduler)."""
+    number = _named_run(fed, args)
+    fed.jobs.refuse_by_hand(number)
+    return number
+
+
 def _answered(gathered: Gathered) -> list[str]:
     """The sites that answered ok, sorted."""
     return sorted(site for site, reply in gathered.items() if reply is not None and reply.ok)
@@ -162,7 +172,7 @@ def _deploy_needs(fed: Federation, args: Args) -> list[Need]:
 
 
 def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    number = _named_run(fed, args)
+    number = _run_to_launch(fed, args)
     blob = fed.blobs.get(args["blob_id"])
     try:
         # Checked again over the file, right before it is extracted: a signer revoked since the upload counts.
@@ -176,7 +186,7 @@ def _deploy(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
 
 
 def _start(fed: Federation, args: Args, gathered: Gathered) -> dict[str, Any]:
-    number = _named_run(fed, args)
+    number = _run_to_launch(fed, args)
     fed.start_training(number)
     return {"run_number": number}
 
@@ -285,7 +295,7 @@ def _set_timeout(fed: Federation, args: Args, gathered: Gathered) -> dict[str, A
 
 def _deploy_request(fed: Federation, args: Args) -> Args:
     blob = fed.blobs.get(args["blob_id"])
-    number = _named_run(fed, args)
+    number = _run_to_launch(fed, args)
     try:  # no site is sent an archive whose signer the server no longer trusts; each site checks it all again
         fed.blobs.verifier.check_signer(blob.signature)
     except SignatureError as e:
@@ -306,7 +316,7 @@ def _deploy_to(fed: Federation, args: Args, targets: list[str]) -> None:
 def _start_request(fed: Federation, args: Args) -> Args:
     # The server's rule for what may start holds for every target: a run the server ended (completed or aborted)
     # starts nowhere, whether or not the server is among the targets.
-    number = _named_run(fed, args)
+    number = _run_to_launch(fed, args)
     fed.refuse_finished(number)
     return {"run_number": number}
 

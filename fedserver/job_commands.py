@@ -64,8 +64,24 @@ def _get(fed: Any, args: Args) -> Job:
 # ---- acts ---------------------------------------------------------------------------------------------
 
 
+def _valid_mmar(archive: Path) -> None:
+    """Refuse (AdminError, every problem named) an archive that is not a safe zip of a valid MMAR: nothing of it is
+    queued, and no site is ever sent it."""
+    import tempfile
+
+    from fedcommon.mmar import MMARError, load_mmar
+    from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
+
+    with tempfile.TemporaryDirectory(prefix=".submit-", dir=archive.parent) as tmp:
+        try:
+            extract_zip_safely(archive, Path(tmp) / "mmar", check=load_mmar)
+        except (UnsafeArchiveError, MMARError, zipfile.BadZipFile) as e:
+            raise AdminError(f"submit refused: not a valid MMAR:\n{e}") from None
+
+
 def submit(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict[str, Any]:
     blob = fed.blobs.get(args["blob_id"])
+    _valid_mmar(blob.path)
     sites = args.get("sites") or fed.mailbox.connected_sites()
     if not sites:
         raise AdminError("no site is connected: name the job's sites with --sites, or connect them first")

@@ -24,6 +24,7 @@ from fedcommon.archive_signature import ArchiveSignature
 from fedcommon.commands import Topic
 from fedcommon.outcome import CommandOutcome
 from fedcommon.site_resources import SiteResources
+from fedserver.errors import AdminError
 from fedserver.jobs import Job, JobError, JobState, JobStore
 
 log = logging.getLogger(__name__)
@@ -185,6 +186,15 @@ class JobScheduler:
         self.store.note(job_id, reason)
         self.wake()
         return self.store.get(job_id)
+
+    def refuse_by_hand(self, run_number: int) -> None:
+        """JobError (as AdminError) when run N is a job's and the scheduler is not the one starting it now."""
+        job = self.store.find(run_number)
+        if job is not None and job.state != JobState.STARTING:
+            raise AdminError(
+                f"run {run_number} is job {run_number} ({job.name!r}, submitted by {job.submitter}, {job.state}): "
+                f"the scheduler deploys and starts it; see `fedadmin job show {run_number}`"
+            )
 
     # ---- the queue ----------------------------------------------------------------------------------
 
