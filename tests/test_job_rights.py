@@ -152,3 +152,31 @@ def test_an_archive_that_is_not_an_mmar_is_refused_at_submit(server, project, tm
     refused = refusal(run(server, "alice@a.org", "submit", {"blob_id": blob, "sites": ["site-a"]}))
     assert refused.startswith("submit refused: not a valid MMAR")
     assert answer(run(server, "alice@a.org", "jobs"))["jobs"] == []
+
+
+@pytest.mark.e2e
+def test_a_site_refuses_jobs_from_an_organisation_its_local_policy_names(tmp_path, archive):
+    """site-b's own policy refuses deploys by admins of org p: a job of root@p.org fails there, saying so; the
+    server and site-a had taken it."""
+    import time
+
+    from provisioned import ProvisionedFederation, running
+
+    policy = {"rules": [{"name": "no-jobs-from-p", "deny": ["deploy"], "orgs": ["p"]}]}
+    sites = {"site-a": "a", "site-b": "b"}
+    with running(tmp_path, "p", sites, ADMINS, "root@p.org", {"site-b": policy}) as out:
+        fed = ProvisionedFederation(out)
+        blob = fed.upload("root@p.org", archive.read_bytes())
+        reply = fed.execute("root@p.org", "submit", ["server"], {"blob_id": blob, "sites": ["site-a", "site-b"]})
+        job = json.loads(reply.replies[0].data_json)["job_id"]
+        deadline = time.monotonic() + 120
+        while True:
+            shown = json.loads(fed.execute("root@p.org", "job-show", ["server"], {"job_id": job}).replies[0].data_json)
+            if shown["state"] in ("FAILED", "COMPLETED", "ABORTED"):
+                break
+            assert time.monotonic() < deadline, shown
+            time.sleep(0.5)
+    assert shown["state"] == "FAILED"
+    assert shown["reason"].startswith("deploy refused: site-b: ")
+    assert "no-jobs-from-p" in shown["errors"]["site-b"]
+    assert "site-a" not in shown["errors"]
