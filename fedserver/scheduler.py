@@ -104,6 +104,8 @@ class JobScheduler:
         self._gone: dict[int, set[str]] = {}  # of those, the ones whose leaving was handled
         self._leaving: dict[int, dict[str, float]] = {}  # sites out of a running job's run, and since when
         self._started: dict[int, float] = {}  # when the scheduler began following each running job
+        # Sites of a job the server was starting when it stopped, not yet told (again) to start its run.
+        self._restart_pending: dict[int, set[str]] = {}
         self._capacity: dict[str, tuple[float, Capacity]] = {}
         server.on_run_end(self._run_ended)
 
@@ -204,6 +206,11 @@ class JobScheduler:
             if self._stop.is_set():
                 return
             running = [j.job_id for j in self.store.live()] + self._hand_driven_runs()
+            if len(running) >= self.max_jobs:  # no site need be asked what it has
+                reason = blocked(job, connected, {}, running, self.max_jobs)
+                if job.state != JobState.WAITING or job.reason != reason:
+                    self.store.update(job.job_id, state=JobState.WAITING, reason=reason)
+                continue
             capacities = {
                 site: c
                 for site in job.sites
@@ -221,6 +228,8 @@ class JobScheduler:
                     self.store.update(job.job_id, state=JobState.WAITING, reason=reason)
                 continue
             self._start(job)
+            for site in job.sites:  # what they have left is asked again before the next job is placed there
+                self._capacity.pop(site, None)
 
     def _hand_driven_runs(self) -> list[int]:
         """Runs training that are no job's: they take a place among max_jobs too."""
@@ -338,12 +347,8 @@ class JobScheduler:
         are told to start again (one already training says so, which is fine); otherwise it starts from scratch."""
         number = job.job_id
         if self._trains(number):
-            try:
-                self._start_sites(job)
-            except JobStartError as e:
-                if not all("already training" in err for err in self.store.get(number).errors.values()):
-                    self._fail(job, str(e))
-                    return
+            # Its sites reconnect after this server started: each not yet in the run is sent start once it is back.
+            self._restart_pending[number] = set(job.sites)
             self.store.update(number, state=JobState.RUNNING, reason="", started_at=time.time())
             self.store.note(number, "the server restarted while starting it; its run carried on")
             self._gone[number] = set()
@@ -366,7 +371,7 @@ class JobScheduler:
                 number, state=state, reason=detail if state != JobState.COMPLETED else "", ended_at=time.time()
             )
         self.store.note(number, f"run {phase}" + (f": {detail}" if detail else ""))
-        for state in (self._gone, self._leaving, self._started):
+        for state in (self._gone, self._leaving, self._started, self._restart_pending):
             state.pop(number, None)
         self.wake()
 
@@ -392,6 +397,7 @@ class JobScheduler:
             run = self._server.runs.get(number)
             if run is None:
                 continue
+            self._start_again(job)
             ended = self._server.mailbox.ended_in_run(number)
             gone = self._gone.setdefault(number, set())
             absent = self._leaving.setdefault(number, {})
@@ -416,6 +422,25 @@ class JobScheduler:
             for site in left:
                 absent.pop(site, None)
             self._site_left(job, left, present - failed, ended)
+
+    def _start_again(self, job: Job) -> None:
+        """Send start to the job's sites that are connected again after a server restart and not in its run yet;
+        a site that already trains it says so, which counts as started."""
+        pending = self._restart_pending.get(job.job_id)
+        if not pending:
+            return
+        ready = sorted(pending & set(self._server.mailbox.connected_sites()) - self._server.run_sites(job.job_id))
+        pending -= set(self._server.run_sites(job.job_id))
+        if not ready:
+            return
+        pending -= set(ready)
+        args = {"run_number": job.job_id, **({"gpu_number": job.gpus} if job.gpus > 1 else {})}
+        outcome = self._server.hub.execute(
+            job.identity, "start-mgpu" if job.gpus > 1 else "start", ready, json.dumps(args), DISPATCH_WAIT_S
+        )
+        for reply in outcome.replies:
+            if not reply.ok and "already training" not in (reply.error or ""):
+                self.store.note(job.job_id, f"{reply.target}: start after the server restarted: {reply.error}")
 
     def _site_left(self, job: Job, left: list[str], remaining: set[str], ended: Mapping[str, Any]) -> None:
         run = self._server.runs.get(job.job_id)

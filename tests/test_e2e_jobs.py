@@ -191,3 +191,24 @@ def test_a_site_that_leaves_a_job_fails_it_when_too_few_remain(one_at_a_time, tm
     assert shown["state"] == "FAILED"
     assert shown["reason"].startswith("site-2 left: out of the run for heart_beat_timeout (5s)")
     assert shown["reason"].endswith("1 site remains, fewer than min_num_clients 2")
+
+
+def test_a_job_waits_for_a_free_cpu_slot_and_says_which_site_is_short(tmp_path):
+    ws = _federation(tmp_path, max_jobs=2, slots=1)
+    try:
+        mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 3}, train_args=TRAIN)
+        first, second = submit(ws, mmar), submit(ws, mmar)
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = {j["job_id"]: j for j in ok_json(ws, "jobs")["jobs"]}
+            if jobs[first]["state"] == "RUNNING" and jobs[second]["state"] == "WAITING":
+                break
+            assert jobs[second]["state"] in ("SUBMITTED", "WAITING"), jobs[second]
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.3)
+        assert jobs[second]["reason"] in ("site-1: all 1 CPU slot in use", "site-2: all 1 CPU slot in use")
+        ended = wait_jobs(ws, [first, second])
+        assert [ended[i]["state"] for i in (first, second)] == ["COMPLETED", "COMPLETED"]
+        assert ended[second]["started_at"] >= ended[first]["ended_at"] - 1.0
+    finally:
+        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
