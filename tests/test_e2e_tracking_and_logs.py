@@ -31,8 +31,6 @@ def json_records(path: Path, only_json: bool = True) -> list[dict]:
 
 
 def test_a_poc_run_is_tracked_and_each_role_logs_as_the_operator_configured(tmp_path, monkeypatch):
-    pytest.importorskip("tensorboard")
-    pytest.importorskip("mlflow")
     from mlflow.tracking import MlflowClient
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
