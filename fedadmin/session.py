@@ -29,21 +29,6 @@ from fedadmin.errors import (
     UsageError,
     raise_for,
 )
-from fedadmin.results import (
-    Deployed,
-    Downloaded,
-    Job,
-    JobList,
-    LogLines,
-    Metrics,
-    PocKits,
-    PocRunning,
-    Replies,
-    RunEnded,
-    ShellOutput,
-    Status,
-    Validation,
-)
 from fedcommon.commands import GROUP_TARGETS, TARGET_RE, ArgumentError
 from fedcommon.commands import command as declared
 from fedcommon.outcome import CommandOutcome
@@ -51,6 +36,21 @@ from fedcommon.outcome import CommandOutcome
 if TYPE_CHECKING:
     from fedadmin.connection import AdminConnection, Uploaded
     from fedadmin.local_federation import Stopped
+    from fedadmin.results import (
+        Deployed,
+        Downloaded,
+        Job,
+        JobList,
+        LogLines,
+        Metrics,
+        PocKits,
+        PocRunning,
+        Replies,
+        RunEnded,
+        ShellOutput,
+        Status,
+        Validation,
+    )
 
 KIT_ENV = "FEDADMIN_KIT"
 # What the shell command runs at a participant (the site checks again: argv only, whitelisted flags).
@@ -146,6 +146,8 @@ class Session:
 
     def status(self, targets: Targets = "all") -> Status:
         """The server's current run and each site's training status and progress."""
+        from fedadmin.results import Status
+
         outcome = self.execute("status", targets)
         status = Status.from_outcome(outcome)
         raise_for(outcome, status)
@@ -168,6 +170,8 @@ class Session:
         self, mmar: str | os.PathLike[str], targets: Targets, run_number: int | None = None, show_progress: bool = False
     ) -> Deployed:
         """Upload MMAR and deploy it to targets as the current run (or run_number)."""
+        from fedadmin.results import Deployed
+
         _targets(targets)
         uploaded = self.upload(mmar, show_progress)
         outcome = self.execute("deploy", targets, _with_run({"blob_id": uploaded.blob_id}, run_number))
@@ -195,6 +199,7 @@ class Session:
         Returns how it ended (ok only when completed); CommandTimeout (with the last Status) after timeout seconds.
         follow: how to poll, e.g. the console's live view (fedadmin.watch.follow); default quiet.
         """
+        from fedadmin.results import RunEnded, Status
         from fedadmin.watch import follow as watch_follow
         from fedadmin.watch import run_end
 
@@ -232,6 +237,8 @@ class Session:
     def shell(self, target: str, argv: Sequence[str] | str) -> ShellOutput:
         """Run a read-only command (ls, cat, head, tail, grep, pwd) in target's workspace; argv is split, never run
         by a shell."""
+        from fedadmin.results import ShellOutput
+
         words = shlex.split(argv) if isinstance(argv, str) else list(argv)
         if not words or words[0] not in SHELL_COMMANDS:
             first = repr(words[0]) if words else "nothing"
@@ -251,6 +258,8 @@ class Session:
         cursor: dict[str, int] | None = None,
     ) -> LogLines:
         """The last lines of target's log (a site's worker log of run_number); cursor: only lines after it."""
+        from fedadmin.results import LogLines
+
         _one_participant("logs", target)
         args: dict[str, Any] = {"lines": lines}
         if run_number is not None:
@@ -266,6 +275,8 @@ class Session:
 
     def metrics(self, run_number: int | None = None) -> Metrics:
         """A run's metrics per round and site, and their mean (default: the current run)."""
+        from fedadmin.results import Metrics
+
         outcome = self.execute("metrics", "server", _with_run({}, run_number))
         result = Metrics.from_outcome(outcome)
         raise_for(outcome, result)
@@ -273,6 +284,8 @@ class Session:
 
     def validate(self, run_number: int | None = None, site: str | None = None, owner: str | None = None) -> Validation:
         """The cross-site validation matrix (site: that site's row; site and owner: one cell with all metrics)."""
+        from fedadmin.results import Validation
+
         args = _with_run({}, run_number)
         args.update({k: v for k, v in (("site", site), ("owner", owner)) if v is not None})
         outcome = self.execute("validate", "server", args)
@@ -325,6 +338,8 @@ class Session:
 
     def jobs(self) -> JobList:
         """Every job: queued, running and ended."""
+        from fedadmin.results import JobList
+
         outcome = self.execute("jobs", "server")
         result = JobList.from_outcome(outcome)
         raise_for(outcome, result)
@@ -348,6 +363,8 @@ class Session:
 
     def job_download(self, job_id: int, out: str | os.PathLike[str]) -> Downloaded:
         """Fetch a job's models, summary, cross-site results and log tails into out/job-<id>/ (new or empty)."""
+        from fedadmin.results import Downloaded
+
         outcome = self._checked("job-download", "server", {"job_id": job_id})
         data = outcome.server.data if outcome.server is not None else {}
         folder = self._conn.download(str(data.get("download_id")), Path(out) / f"job-{job_id}")
@@ -381,6 +398,8 @@ class Session:
             time.sleep(interval)
 
     def _job(self, command: str, args: dict[str, Any]) -> Job:
+        from fedadmin.results import Job
+
         outcome = self.execute(command, "server", args)
         server = outcome.server
         job = Job.from_data(server.data if server is not None and server.ok else {}, outcome)
@@ -423,6 +442,7 @@ def poc_prepare(
     """Issue a CA and kits for server, site-1..site-<clients> and admin in workspace; ports not given are chosen
     free now (a second POC beside a running one gets its own)."""
     from fedadmin.local_federation import admin_kit, free_port
+    from fedadmin.results import PocKits
     from fedcommon import pki  # cryptography loads only here
     from fedcommon import provision as provisioning
 
@@ -448,6 +468,7 @@ def poc_start(workspace: str | os.PathLike[str], ready_timeout: float = 60.0) ->
     connected (FederationError naming what is not, after ready_timeout). Stop them with poc_stop, also after a
     failure."""
     from fedadmin import local_federation
+    from fedadmin.results import PocRunning
 
     folder = Path(workspace).resolve()
     kit = local_federation.admin_kit(folder)
