@@ -10,9 +10,10 @@ import sys
 import pytest
 from conftest import DIGITS, ROOT, copy_mmar, python_env, server_process
 
-from fedadmin.errors import CommandFailed, NotConnected, Refused, UsageError
+from fedadmin.errors import CommandFailed, CommandTimeout, NotConnected, Refused, UsageError, raise_for
 from fedadmin.results import Job, Metrics, Status
 from fedadmin.session import Session, poc_prepare, poc_start, poc_stop
+from fedcommon.outcome import CommandOutcome, TargetReply
 
 
 @pytest.fixture
@@ -99,6 +100,39 @@ def test_a_failure_at_the_server_raises_command_failed_with_the_outcome(lone_ser
     assert not isinstance(raised.value, Refused)
     assert "99" in str(raised.value)
     assert isinstance(raised.value.result, Job) and raised.value.outcome.command == "job-show"
+
+
+@pytest.mark.parametrize(
+    "error, policy",
+    [
+        ("site-1: refused by local/authorization.json rule 'no-shell'", True),
+        (
+            "site-1: refused: local/authorization.json: cannot be read (every command is refused until it is fixed)",
+            True,
+        ),
+        (
+            "job 3 was submitted by 'alice': lead 'bob' may abort only their own jobs (rule lead.operate = own_org)",
+            True,
+        ),
+        ("deploy refused: unsigned archive", False),
+        ("training exception: CUDA out of memory", False),
+    ],
+)
+def test_a_sites_policy_refusal_is_refused_and_other_failures_are_command_failed(error, policy):
+    outcome = CommandOutcome("shell", False, [TargetReply("server", True), TargetReply("site-1", False, error=error)])
+    with pytest.raises(CommandFailed) as raised:
+        raise_for(outcome)
+    assert isinstance(raised.value, Refused) is policy
+    assert error in str(raised.value) and raised.value.outcome is outcome
+    if policy:
+        assert raised.value.rule == f"site-1: {error}"
+
+
+def test_wait_gives_up_after_its_timeout_with_the_last_status(lone_server):
+    with Session(lone_server.admin_kit) as session, pytest.raises(CommandTimeout) as raised:
+        session.wait(timeout=1.5, interval=0.5)
+    assert str(raised.value).startswith("gave up after 1.5s: the run is none")
+    assert isinstance(raised.value.last, Status) and raised.value.last.run_status == "none"
 
 
 def test_a_closed_port_is_not_connected_naming_the_port(kits):
