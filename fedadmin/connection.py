@@ -16,6 +16,7 @@ from typing import Any
 os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 import grpc
 
+from fedadmin.errors import CommandTimeout, NotConnected, RemoteError
 from fedcommon.admin_serde import outcome_from_wire
 from fedcommon.commands import command as declared
 from fedcommon.kit import Kit, KitError, channel_credentials, load_kit
@@ -40,16 +41,8 @@ _RECONNECT = [
 ]
 
 
-class ConnectionFailed(Exception):
-    """The console cannot reach or authenticate to the server's admin port (exit 3)."""
-
-    exit_code = 3
-
-
-class RemoteError(Exception):
-    """The server refused a call or did not answer in time (exit 1)."""
-
-    exit_code = 1
+# The console's names for fedadmin.errors' NotConnected (exit 3) and RemoteError (exit 1).
+ConnectionFailed = NotConnected
 
 
 @dataclass(frozen=True)
@@ -187,7 +180,7 @@ class AdminConnection:
         if code is grpc.StatusCode.DEADLINE_EXCEEDED:
             if not self._connected():
                 return ConnectionFailed(f"cannot connect to {where}: no TLS connection within {deadline:.0f}s")
-            return RemoteError(f"{what}: no answer from {where} within {deadline:.0f}s")
+            return CommandTimeout(f"{what}: no answer from {where} within {deadline:.0f}s")
         return RemoteError(f"{what} refused by the server at {self.target}: {details}")
 
     def _connected(self) -> bool:

@@ -95,6 +95,14 @@ def _natural(name: str) -> tuple:
     return (head, int(tail), "") if tail.isdigit() else (name, 0, name)
 
 
+def admin_kit(workspace: Path) -> Path:
+    """The folder of the admin kit to operate a POC workspace with: a project_admin's if there is one."""
+    admins = [p for p in participants(workspace) if p.role == "admin"]
+    if not admins:
+        raise FederationError(f"{workspace} holds no admin kit: run `fedadmin poc prepare` first")
+    return next((p for p in admins if p.admin_role == "project_admin"), admins[0]).folder
+
+
 def participant_argv(participant: Participant) -> list[str]:
     """`fedserver start` or `fedclient start` for the participant's folder, with this Python."""
     module = "fedserver.cli" if participant.role == "server" else "fedclient.cli"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -12,28 +13,49 @@ import click
 from fedadmin.connection import AdminConnection, Uploaded
 
 
-def check_mmar(mmar: Path) -> None:
-    """Refuse (exit 2) what is not a valid MMAR, every problem named once, before anything is uploaded: the
-    server and each site would otherwise refuse it once each."""
+@dataclass(frozen=True)
+class MmarProblem:
+    """Why a path is not an MMAR to upload; `of_path`: the path itself is wrong (not its content)."""
+
+    message: str
+    of_path: bool
+
+
+def mmar_problem(mmar: Path) -> MmarProblem | None:
+    """What is wrong with an MMAR (a folder or .zip), every problem named once, or None; checked before anything is
+    uploaded: the server and each site would otherwise refuse it once each."""
     from fedcommon.mmar import MMARError, load_mmar
 
+    if not mmar.exists():
+        return MmarProblem(f"{mmar} does not exist", True)
     if mmar.is_dir():
         if not (mmar / "config").is_dir():
-            raise click.BadParameter(f"{mmar} has no config/ folder, so it is not an MMAR", param_hint="'MMAR'")
+            return MmarProblem(f"{mmar} has no config/ folder, so it is not an MMAR", True)
         try:
             load_mmar(mmar)
         except MMARError as e:
-            raise click.UsageError(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}") from None
-        return
+            return MmarProblem(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}", False)
+        return None
     if not zipfile.is_zipfile(mmar):
-        raise click.BadParameter(f"{mmar} is neither an MMAR folder nor a .zip", param_hint="'MMAR'")
+        return MmarProblem(f"{mmar} is neither an MMAR folder nor a .zip", True)
     from fedcommon.safe_zip import UnsafeArchiveError, extract_zip_safely
 
     with tempfile.TemporaryDirectory(prefix="fedadmin-check-") as tmp:
         try:
             extract_zip_safely(mmar, Path(tmp) / "mmar", check=load_mmar)
         except (MMARError, UnsafeArchiveError) as e:
-            raise click.UsageError(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}") from None
+            return MmarProblem(f"{mmar} is not a valid MMAR (nothing was uploaded):\n{e}", False)
+    return None
+
+
+def check_mmar(mmar: Path) -> None:
+    """Refuse (exit 2) what is not a valid MMAR, as the console's usage error about its MMAR argument."""
+    problem = mmar_problem(mmar)
+    if problem is None:
+        return
+    if problem.of_path:
+        raise click.BadParameter(problem.message, param_hint="'MMAR'")
+    raise click.UsageError(problem.message)
 
 
 def upload_mmar(conn: AdminConnection, mmar: Path, show_progress: bool) -> Uploaded:

@@ -1,5 +1,8 @@
 """What every fedadmin command shares: the global options, targets, confirmation, rendering and exit codes.
 
+Commands talk to the server only through the Python session API (fedadmin.session): `open_session`, and
+`run_remote`/`outcome_of`/`emit_replies` over it; they render what it returns.
+
 A command computes a result object with a `command` name, `ok`, `to_json()` and Rich's `__rich__()`,
 and hands it to `emit`, which prints it and exits 1 when it is not ok. Groups use `ConsoleGroup`, so
 any exception leaves as a one-line error (exit 1, or the exception's `exit_code`, e.g. 3 for a
@@ -22,7 +25,7 @@ from fedcommon.commands import TARGET_RE, ArgumentError
 from fedcommon.commands import command as declared
 
 if TYPE_CHECKING:
-    from fedadmin.connection import AdminConnection
+    from fedadmin.session import Session
     from fedcommon.outcome import CommandOutcome
 
 _PATH_KEY = "fedadmin.command_path"
@@ -274,11 +277,6 @@ def run_option(what: str, default: str = "the current run (set-run)") -> Callabl
     )
 
 
-def with_run(args: dict[str, Any], run_number: int | None) -> dict[str, Any]:
-    """A command's arguments with run_number added when --run named one."""
-    return {**args, "run_number": run_number} if run_number is not None else args
-
-
 def confirm(options: ConsoleOptions, question: str) -> None:
     """Ask before a destructive command; --yes skips it; without a terminal, refuse (exit 2) rather than hang."""
     if options.yes:
@@ -288,8 +286,8 @@ def confirm(options: ConsoleOptions, question: str) -> None:
     click.confirm(question, abort=True, err=True)
 
 
-def connect(options: ConsoleOptions) -> AdminConnection:
-    """A connection to the server's admin port with the --kit (or FEDADMIN_KIT) admin kit."""
+def open_session(options: ConsoleOptions) -> Session:
+    """A Session (fedadmin.session) with the --kit (or FEDADMIN_KIT) admin kit and --reply-timeout."""
     if options.kit is None:
         raise click.UsageError("no admin kit: pass --kit DIR (the admin's participant folder) or set FEDADMIN_KIT")
     if not options.kit.is_dir():
@@ -298,22 +296,34 @@ def connect(options: ConsoleOptions) -> AdminConnection:
             f"admin kit {options.kit}: no such folder (--kit or FEDADMIN_KIT names the admin's "
             "participant folder, the one holding startup/)"
         )
-    from fedadmin.connection import AdminConnection
+    from fedadmin.session import Session
 
-    return AdminConnection(options.kit, options.timeout)
+    return Session(options.kit, options.timeout)
 
 
 def run_remote(
     options: ConsoleOptions, command: str, targets: tuple[str, ...] | list[str], args: dict[str, Any] | None = None
 ) -> CommandOutcome:
-    """Execute one command on the server for targets; returns every target's reply.
+    """Execute one command on the server for targets (Session.execute); returns every target's reply.
 
     The arguments are checked with the command's declaration (fedcommon.commands) before anything else:
     one it refuses is a usage error (exit 2), and nothing is sent.
     """
     declared(command).check_args(args or {})
-    with connect(options) as conn:
-        return conn.execute(command, list(targets), args or {})
+    with open_session(options) as session:
+        return session.execute(command, list(targets), args or {})
+
+
+def outcome_of(options: ConsoleOptions, call: Callable[[Session], Any]) -> Any:
+    """What call(session) returns, or, when the command failed at a target or was refused, the result the failure
+    carries (rendered like any other: the console shows every target's reply and exits 1)."""
+    from fedadmin.errors import CommandFailed
+
+    with open_session(options) as session:
+        try:
+            return call(session)
+        except CommandFailed as failed:
+            return failed.result
 
 
 def emit_remote(
@@ -326,3 +336,10 @@ def emit_remote(
     from fedadmin.replies import RepliesResult
 
     emit(options, RepliesResult(run_remote(options, command, targets, args)))
+
+
+def emit_replies(options: ConsoleOptions, call: Callable[[Session], CommandOutcome]) -> None:
+    """Run a Session method that answers one reply per target and print them; exit 1 if any failed."""
+    from fedadmin.replies import RepliesResult
+
+    emit(options, RepliesResult(outcome_of(options, call)))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, confirm, emit_remote, run_option, targets_argument, with_run
+from fedadmin.commands import ConsoleOptions, confirm, emit_replies, run_option, targets_argument
 
 
 @click.command("abort")
@@ -15,4 +15,4 @@ def abort(options: ConsoleOptions, targets: tuple[str, ...], run_number: int | N
     """Abort the current run (or --run N) at the targets; `abort server` aborts the sites first."""
     what = f"run {run_number}" if run_number is not None else "training"
     confirm(options, f"Abort {what} at {', '.join(targets)}?")
-    emit_remote(options, "abort", targets, with_run({}, run_number))
+    emit_replies(options, lambda s: s.abort(targets, run_number))

@@ -21,16 +21,14 @@ def _site_names(options: ConsoleOptions) -> list[str]:
     """The sites the server knows, for completion; none when it cannot be asked."""
     if options.kit is None:
         return []
-    from fedadmin.connection import AdminConnection
+    from fedadmin.session import Session
 
     try:
-        with AdminConnection(options.kit, 3.0) as conn:
-            server = conn.execute("status", ["server"]).server
+        with Session(options.kit, 3.0) as session:
+            server = session.status("server").data
     except Exception:
         return []
-    if server is None or not server.ok:
-        return []
-    names = set(server.data.get("connected_sites") or []) | set(server.data.get("registered_sites") or [])
+    names = set(server.get("connected_sites") or []) | set(server.get("registered_sites") or [])
     return sorted(n for n in names if isinstance(n, str))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, confirm, emit_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, confirm, emit_replies, targets_argument
 
 
 @click.command("delete-run")
@@ -15,4 +15,4 @@ def delete_run(options: ConsoleOptions, run_number: int, targets: tuple[str, ...
     """Delete run N (its models, logs and results) at the targets (default: all); not the active run."""
     targets = targets or ("all",)
     confirm(options, f"Delete run {run_number} at {', '.join(targets)}? Its models and logs are lost.")
-    emit_remote(options, "delete-run", targets, {"run_number": run_number})
+    emit_replies(options, lambda s: s.delete_run(run_number, targets))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fedadmin.commands import ConsoleOptions, connect, emit, run_option, targets_argument, with_run
+from fedadmin.commands import ConsoleOptions, emit, outcome_of, run_option, targets_argument
 from fedadmin.replies import RepliesResult
 
 
@@ -17,11 +17,9 @@ from fedadmin.replies import RepliesResult
 @click.pass_obj
 def deploy(options: ConsoleOptions, mmar: Path, targets: tuple[str, ...], run_number: int | None) -> None:
     """Upload MMAR (a folder or a .zip) and deploy it to the targets as the current run (see set-run) or --run N."""
-    from fedadmin.upload import check_mmar, upload_mmar
+    from fedadmin.upload import check_mmar
 
-    check_mmar(mmar)
-    with connect(options) as conn:
-        uploaded = upload_mmar(conn, mmar, show_progress=not options.json)
-        outcome = conn.execute("deploy", list(targets), with_run({"blob_id": uploaded.blob_id}, run_number))
-    extra = {"mmar": str(mmar), "blob_id": uploaded.blob_id, "size": uploaded.size}
-    emit(options, RepliesResult(outcome, extra))
+    check_mmar(mmar)  # the console's own usage error, naming the MMAR argument
+    deployed = outcome_of(options, lambda s: s.deploy(mmar, targets, run_number, show_progress=not options.json))
+    extra = {"mmar": str(mmar), "blob_id": deployed.blob_id, "size": deployed.size}
+    emit(options, RepliesResult(deployed.outcome, extra))

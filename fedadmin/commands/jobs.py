@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit, run_remote
+from fedadmin.commands import ConsoleOptions, emit, outcome_of
 
 
 @click.command("jobs")
@@ -13,4 +13,4 @@ def jobs(options: ConsoleOptions) -> None:
     """List the jobs: id, name, submitter, state (WAITING says why), sites, submit/start/end times."""
     from fedadmin.job_results import JobAnswer
 
-    emit(options, JobAnswer(run_remote(options, "jobs", ["server"]), "jobs"))
+    emit(options, JobAnswer(outcome_of(options, lambda s: s.jobs()).outcome, "jobs"))

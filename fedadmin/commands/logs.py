@@ -5,15 +5,20 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, complete_targets, connect, emit
+from fedadmin.commands import ConsoleOptions, complete_targets, emit, open_session
 from fedcommon.commands import GROUP_TARGETS, TARGET_RE
 from fedcommon.logs import LEVELS, MAX_LINES
 from fedcommon.outcome import CommandOutcome, TargetReply
+
+if TYPE_CHECKING:
+    from fedadmin.session import Session
 
 FOLLOW_INTERVAL_S = 1.0
 _LEVEL_STYLES = {" CRITICAL ": "bold red", " ERROR ": "red", " WARNING ": "yellow", " DEBUG ": "dim"}
@@ -118,22 +123,31 @@ def logs(
     options: ConsoleOptions, target: str, run_number: int | None, lines: int, follow: bool, level: str | None
 ) -> None:
     """Show the last lines of TARGET's log (server or a site); --follow streams new lines until Ctrl-C."""
-    args: dict[str, Any] = {"lines": lines}
-    if run_number is not None:
-        args["run_number"] = run_number
-    if level:
-        args["level"] = level.lower()
-    with connect(options) as conn:
-        result = LogsResult(conn.execute("logs", [target], args), target, level)
+    with open_session(options) as session:
+        read = partial(_read, session, target, run_number, lines, level)
+        result = read()
         if not follow or not result.ok and not result.reply.data.get("missing"):
             emit(options, result, whole_lines=True)
             return
-        _follow(options, conn, result, args)
+        _follow(options, read, result)
 
 
-def _follow(options: ConsoleOptions, conn, first: LogsResult, args: dict[str, Any]) -> None:
+def _read(
+    session: Session, target: str, run_number: int | None, lines: int, level: str | None, cursor: Any = None
+) -> LogsResult:
+    """Session.logs as the console shows it, a target's failure included."""
+    from fedadmin.errors import CommandFailed
+
+    try:
+        got = session.logs(target, run_number, lines, level, cursor)
+    except CommandFailed as failed:
+        got = failed.result
+    return LogsResult(got.outcome, target, level)
+
+
+def _follow(options: ConsoleOptions, read: Callable[..., LogsResult], first: LogsResult) -> None:
     """Print the first lines, then what each poll brings, about once a second, until Ctrl-C."""
-    from fedadmin.connection import ConnectionFailed, RemoteError
+    from fedadmin.errors import NotConnected, RemoteError
 
     printer = _JsonLines(first.target) if options.json else _RichLines(first.target)
     printer.show(first)
@@ -142,10 +156,9 @@ def _follow(options: ConsoleOptions, conn, first: LogsResult, args: dict[str, An
     try:
         while True:
             time.sleep(FOLLOW_INTERVAL_S)
-            step = dict(args, cursor=cursor) if cursor else args
             try:
-                result = LogsResult(conn.execute("logs", [first.target], step), first.target, first.level)
-            except (ConnectionFailed, RemoteError) as e:  # the server went away: keep trying, say so once
+                result = read(cursor=cursor)
+            except (NotConnected, RemoteError) as e:  # the server went away: keep trying, say so once
                 result, problem = None, str(e)
             else:
                 problem = "" if result.ok or result.reply.data.get("missing") else result.to_json()["error"]

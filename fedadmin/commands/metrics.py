@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit, run_remote
+from fedadmin.commands import ConsoleOptions, emit, outcome_of
 from fedadmin.replies import ServerAnswer
 from fedcommon.outcome import CommandOutcome
 
@@ -123,8 +123,7 @@ def metrics(options: ConsoleOptions, run_number: int | None, metric: str | None,
             import matplotlib  # noqa: F401  (optional: only --png needs it)
         except ImportError:
             raise click.UsageError("--png needs matplotlib: pip install 'fedlearn[plot]'") from None
-    args = {"run_number": run_number} if run_number is not None else {}
-    result = MetricsResult(run_remote(options, "metrics", ["server"], args), metric, png)
+    result = MetricsResult(outcome_of(options, lambda s: s.metrics(run_number)).outcome, metric, png)
     if png is not None and result.ok:
         from fedadmin.plot import write_learning_curves
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, confirm, emit_remote
+from fedadmin.commands import ConsoleOptions, confirm, emit_replies
 
 
 @click.command("remove-client")
@@ -13,4 +13,4 @@ from fedadmin.commands import ConsoleOptions, confirm, emit_remote
 def remove_client(options: ConsoleOptions, site: str) -> None:
     """Remove SITE from the server's registered sites (it must register again to take part)."""
     confirm(options, f"Remove {site} from the federation?")
-    emit_remote(options, "remove-client", ["server"], {"site": site})
+    emit_replies(options, lambda s: s.remove_client(site))

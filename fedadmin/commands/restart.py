@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, confirm, emit_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, confirm, emit_replies, targets_argument
 
 
 @click.command("restart")
@@ -13,4 +13,4 @@ from fedadmin.commands import ConsoleOptions, confirm, emit_remote, targets_argu
 def restart(options: ConsoleOptions, targets: tuple[str, ...]) -> None:
     """Restart the targets' processes (training in progress there stops)."""
     confirm(options, f"Restart {', '.join(targets)}? Training in progress there stops.")
-    emit_remote(options, "restart", targets)
+    emit_replies(options, lambda s: s.restart(targets))

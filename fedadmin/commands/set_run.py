@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit_remote
+from fedadmin.commands import ConsoleOptions, emit_replies
 
 
 @click.command("set-run")
@@ -12,4 +12,4 @@ from fedadmin.commands import ConsoleOptions, emit_remote
 @click.pass_obj
 def set_run(options: ConsoleOptions, run_number: int) -> None:
     """Set the server's current run number (needed before deploy)."""
-    emit_remote(options, "set-run", ["server"], {"run_number": run_number})
+    emit_replies(options, lambda s: s.set_run(run_number))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit_remote
+from fedadmin.commands import ConsoleOptions, emit_replies
 
 
 @click.command("set-timeout")
@@ -12,4 +12,4 @@ from fedadmin.commands import ConsoleOptions, emit_remote
 @click.pass_obj
 def set_timeout(options: ConsoleOptions, seconds: float) -> None:
     """Set the seconds the server waits for the sites' replies to a command."""
-    emit_remote(options, "set-timeout", ["server"], {"seconds": seconds})
+    emit_replies(options, lambda s: s.set_timeout(seconds))

@@ -6,11 +6,10 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, complete_targets, emit, run_remote
+from fedadmin.commands import ConsoleOptions, complete_targets, emit, outcome_of
 from fedadmin.replies import RepliesResult
+from fedadmin.session import SHELL_COMMANDS as ALLOWED
 from fedcommon.commands import GROUP_TARGETS
-
-ALLOWED = ("ls", "cat", "head", "tail", "grep", "pwd")
 
 
 class ShellResult(RepliesResult):
@@ -32,4 +31,4 @@ def shell(options: ConsoleOptions, target: str, argv: tuple[str, ...]) -> None:
         raise click.UsageError(f"{argv[0]!r} is not allowed; shell runs only {', '.join(ALLOWED)}")
     if target in GROUP_TARGETS and target != "server":
         raise click.UsageError(f"shell runs at one participant: name a site or server, not {target!r}")
-    emit(options, ShellResult(run_remote(options, "shell", [target], {"argv": list(argv)})))
+    emit(options, ShellResult(outcome_of(options, lambda s: s.shell(target, list(argv))).outcome))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, confirm, emit_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, confirm, emit_replies, targets_argument
 
 
 @click.command("shutdown")
@@ -13,4 +13,4 @@ from fedadmin.commands import ConsoleOptions, confirm, emit_remote, targets_argu
 def shutdown(options: ConsoleOptions, targets: tuple[str, ...]) -> None:
     """Shut the targets down; the server refuses while sites are registered."""
     confirm(options, f"Shut down {', '.join(targets)}? They must be started again by hand.")
-    emit_remote(options, "shutdown", targets)
+    emit_replies(options, lambda s: s.shutdown(targets))

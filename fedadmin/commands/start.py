@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit_remote, run_option, targets_argument, with_run
+from fedadmin.commands import ConsoleOptions, emit_replies, run_option, targets_argument
 
 
 @click.command("start")
@@ -13,4 +13,4 @@ from fedadmin.commands import ConsoleOptions, emit_remote, run_option, targets_a
 @click.pass_obj
 def start(options: ConsoleOptions, targets: tuple[str, ...], run_number: int | None) -> None:
     """Start the current run (or --run N) at the targets (server, client, all or site names)."""
-    emit_remote(options, "start", targets, with_run({}, run_number))
+    emit_replies(options, lambda s: s.start(targets, run_number))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit_remote, run_option, targets_argument, with_run
+from fedadmin.commands import ConsoleOptions, emit_replies, run_option, targets_argument
 from fedcommon.commands import MAX_GPUS
 
 
@@ -19,4 +19,4 @@ def start_mgpu(options: ConsoleOptions, gpus: int, targets: tuple[str, ...], run
     `server` among the targets starts the server's side of the run, as `start` does. A site refuses
     when it has fewer GPUs than asked; a site without GPUs runs GPUS CPU ranks (gloo).
     """
-    emit_remote(options, "start-mgpu", targets or ("all",), with_run({"gpu_number": gpus}, run_number))
+    emit_replies(options, lambda s: s.start_mgpu(gpus, targets or ("all",), run_number))

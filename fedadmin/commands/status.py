@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, connect, emit, run_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, emit, open_session, run_remote, targets_argument
 from fedadmin.completion import remember_sites
 from fedadmin.replies import RepliesResult
 
@@ -40,8 +40,8 @@ def status(options: ConsoleOptions, targets: tuple[str, ...], watch: bool) -> No
         raise click.UsageError("--watch draws a live view; under --json run `status` repeatedly, or `wait`")
     from fedadmin.watch import display_mode, follow
 
-    with connect(options) as conn:
+    with open_session(options) as session:
         try:
-            follow(lambda: conn.execute("status", list(targets)), lambda _: False, mode=display_mode(False))
+            follow(lambda: session.execute("status", targets), lambda _: False, mode=display_mode(False))
         except KeyboardInterrupt:
             pass

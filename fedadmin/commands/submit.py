@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fedadmin.commands import ConsoleOptions, check_targets, connect, emit
+from fedadmin.commands import ConsoleOptions, check_targets, emit, outcome_of
 
 
 @click.command("submit")
@@ -26,15 +26,13 @@ from fedadmin.commands import ConsoleOptions, check_targets, connect, emit
 def submit(options: ConsoleOptions, mmar: Path, sites: tuple[str, ...], gpus: int, name: str | None) -> None:
     """Queue MMAR (a folder or a .zip) as a job: it starts when its sites are connected and free (see `jobs`)."""
     from fedadmin.job_results import JobAnswer
-    from fedadmin.upload import check_mmar, upload_mmar
+    from fedadmin.upload import check_mmar
     from fedcommon.commands import command as declared
 
     args = {"gpus": gpus, "name": name or mmar.resolve().name}
     if sites:
         args["sites"] = list(sites)
     declared("submit").check_args({**args, "blob_id": "0" * 64})  # a usage error before anything is uploaded
-    check_mmar(mmar)
-    with connect(options) as conn:
-        uploaded = upload_mmar(conn, mmar, show_progress=not options.json)
-        outcome = conn.execute("submit", ["server"], {**args, "blob_id": uploaded.blob_id})
-    emit(options, JobAnswer(outcome, "submit", {"mmar": str(mmar)}))
+    check_mmar(mmar)  # the console's own usage error, naming the MMAR argument
+    job = outcome_of(options, lambda s: s.submit(mmar, sites, gpus, args["name"], show_progress=not options.json))
+    emit(options, JobAnswer(job.outcome, "submit", {"mmar": str(mmar)}))

@@ -6,7 +6,7 @@ from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, emit, run_remote, targets_argument
+from fedadmin.commands import ConsoleOptions, emit, outcome_of, targets_argument
 from fedadmin.replies import RepliesResult
 
 
@@ -24,4 +24,4 @@ class SysinfoResult(RepliesResult):
 @click.pass_obj
 def sysinfo(options: ConsoleOptions, targets: tuple[str, ...]) -> None:
     """Show the resources of each target (default: all)."""
-    emit(options, SysinfoResult(run_remote(options, "sysinfo", targets or ("all",))))
+    emit(options, SysinfoResult(outcome_of(options, lambda s: s.sysinfo(targets or ("all",)))))

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Any
 
 import click
 
-from fedadmin.commands import ConsoleOptions, connect, emit
+from fedadmin.commands import ConsoleOptions, emit, open_session
 from fedcommon.outcome import CommandOutcome
 
 
@@ -56,48 +55,47 @@ def wait(options: ConsoleOptions, limit: float | None, job_id: int | None) -> No
     With --job, wait until that job ends: exit 0 when it completed, 1 when it failed or was aborted."""
     if job_id is not None:
         return _wait_job(options, job_id, limit)
-    from fedadmin.run_state import awaited, run_status
-    from fedadmin.watch import display_mode, follow, run_end
+    from fedadmin.errors import CommandTimeout
+    from fedadmin.results import Status
+    from fedadmin.watch import display_mode, follow
 
-    deadline = None if limit is None else time.monotonic() + limit
-    with connect(options) as conn:
-        outcome, ended = follow(
-            lambda: conn.execute("status", ["all"]),
-            lambda o: run_end(o) is not None,
-            mode=display_mode(options.json),
-            deadline=deadline,
-            hint="Ctrl-C stops waiting; the run goes on",
-        )
-    end = run_end(outcome)
-    if ended and end is not None:
-        emit(options, WaitResult(outcome, end.ok, end.message))
-    else:
-        message = f"gave up after {limit:g}s: the run is {run_status(outcome) or 'unknown'}"
-        waiting = awaited(outcome)
-        emit(options, WaitResult(outcome, False, f"{message}; {waiting}" if waiting else message))
+    mode = display_mode(options.json)
+
+    def shown(poll, stop, deadline):  # the live view on a terminal, changed lines otherwise, nothing under --json
+        return follow(poll, stop, mode=mode, deadline=deadline, hint="Ctrl-C stops waiting; the run goes on")
+
+    with open_session(options) as session:
+        try:
+            end = session.wait(limit, follow=shown)
+        except CommandTimeout as gave_up:
+            if not isinstance(gave_up.last, Status):
+                raise
+            emit(options, WaitResult(gave_up.last.outcome, False, str(gave_up)))
+            return
+    emit(options, WaitResult(end.status.outcome, end.ok, end.message))
 
 
 def _wait_job(options: ConsoleOptions, job_id: int, limit: float | None) -> None:
+    from fedadmin.errors import CommandFailed, CommandTimeout
     from fedadmin.job_results import JobAnswer, state_text
+    from fedadmin.results import Job
 
-    deadline = None if limit is None else time.monotonic() + limit
-    shown = ""
-    with connect(options) as conn:
-        while True:
-            answer = JobAnswer(conn.execute("job-show", ["server"], {"job_id": job_id}), "wait")
-            if not answer.ok:
-                emit(options, answer)
-            data = answer.server_data
-            line = f"job {job_id}: {state_text(data)}"
-            if line != shown and not options.json:
-                click.echo(line, err=True)
-                shown = line
-            if data.get("state") in ("COMPLETED", "FAILED", "ABORTED"):
-                break
-            if deadline is not None and time.monotonic() >= deadline:
-                emit(options, _JobWait(False, f"gave up after {limit:g}s: {line}", data))
-            time.sleep(POLL_S)
-    emit(options, _JobWait(data.get("state") == "COMPLETED", line, data))
+    def show(job: Job) -> None:
+        if not options.json:
+            click.echo(f"job {job_id}: {state_text(job.data)}", err=True)
+
+    with open_session(options) as session:
+        try:
+            job = session.wait_job(job_id, limit, interval=POLL_S, on_change=show)
+        except CommandFailed as failed:
+            emit(options, JobAnswer(failed.outcome, "wait"))
+            return
+        except CommandTimeout as gave_up:
+            if not isinstance(gave_up.last, Job):
+                raise
+            emit(options, _JobWait(False, str(gave_up), gave_up.last.data))
+            return
+    emit(options, _JobWait(job.completed, f"job {job_id}: {state_text(job.data)}", job.data))
 
 
 POLL_S = 1.0

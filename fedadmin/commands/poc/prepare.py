@@ -93,22 +93,16 @@ def prepare(
     Without --fl-port and --admin-port, two ports free on this machine now are chosen (a second POC beside a
     running one gets ports of its own; the server refuses a port in use).
     """
-    from fedadmin.local_federation import free_port
-    from fedcommon import pki  # cryptography loads only for the commands that need it
-    from fedcommon import provision as provisioning
+    from fedadmin.errors import UsageError
+    from fedadmin.session import poc_prepare
 
-    fl_port = fl_port or free_port(avoid={admin_port})
-    admin_port = admin_port or free_port(avoid={fl_port})
-
-    if fl_port == admin_port:
-        raise click.BadParameter(f"must differ from --fl-port (both are {fl_port})", param_hint="'--admin-port'")
-    for check, value, hint in (
-        (pki.check_host, host, "'--host'"),
-        (pki.check_project, project, "'--project'"),
-    ):
-        try:
-            check(value)
-        except pki.PkiError as exc:
-            raise click.BadParameter(str(exc), param_hint=hint) from None
-    participants = provisioning.prepare_poc(workspace, clients, host, fl_port, admin_port, project, force)
-    emit(options, PocPrepared(workspace.resolve(), project, host, fl_port, admin_port, participants))
+    try:
+        kits = poc_prepare(
+            workspace, clients, host=host, fl_port=fl_port, admin_port=admin_port, project=project, force=force
+        )
+    except UsageError as e:
+        raise (click.BadParameter(str(e), param_hint=f"'{e.param}'") if e.param else click.UsageError(str(e))) from None
+    emit(
+        options,
+        PocPrepared(kits.workspace, kits.project, kits.host, kits.fl_port, kits.admin_port, list(kits.participants)),
+    )

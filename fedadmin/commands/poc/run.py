@@ -185,10 +185,9 @@ class _Rounds:
 def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, ready_timeout: float, keep: bool) -> None:
     """Prepare a fresh local federation, train MMAR on it once, show the results, and stop it (unless --keep)."""
     from fedadmin import local_federation, render
-    from fedadmin.commands.poc.start import start_federation
-    from fedadmin.connection import AdminConnection
     from fedadmin.run_state import run_status
-    from fedadmin.upload import check_mmar, upload_mmar
+    from fedadmin.session import Session, poc_start
+    from fedadmin.upload import check_mmar
     from fedadmin.watch import RunEnd, display_mode, follow, run_end
     from fedcommon.provision import prepare_poc
 
@@ -207,24 +206,24 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
     mode = display_mode(options.json)
     finished = False
     try:
-        kit, _ = start_federation(workspace, ready_timeout)
+        kit = poc_start(workspace, ready_timeout).admin_kit
         say(f"poc: server and {clients} sites running, all connected; logs: {workspace}/*/log.txt")
-        with AdminConnection(kit, options.timeout) as conn:
-            _check(conn.execute("set-run", ["server"], {"run_number": RUN_NUMBER}), "set-run")
-            uploaded = upload_mmar(conn, mmar, show_progress=not options.json)
-            _check(conn.execute("deploy", ["all"], {"blob_id": uploaded.blob_id}), "deploy")
+        with Session(kit, options.timeout) as session:
+            _check(session.execute("set-run", ["server"], {"run_number": RUN_NUMBER}), "set-run")
+            uploaded = session.upload(mmar, show_progress=not options.json)
+            _check(session.execute("deploy", ["all"], {"blob_id": uploaded.blob_id}), "deploy")
             say(f"poc: run {RUN_NUMBER} deployed from {mmar} ({uploaded.size} bytes)")
-            _check(conn.execute("start", ["all"]), "start")
+            _check(session.execute("start", ["all"]), "start")
             say(f"poc: run {RUN_NUMBER} started")
 
             def poll() -> CommandOutcome:
-                return conn.execute("status", ["all"])
+                return session.execute("status", ["all"])
 
             outcome, _ = follow(
                 poll,
                 lambda o: run_end(o) is not None or run_status(o) == "completed",
                 mode=mode,
-                on_poll=lambda _o, note: rounds.show_new(conn, note),
+                on_poll=lambda _o, note: rounds.show_new(session, note),
                 hint="Ctrl-C stops the run and the federation",
             )
             if run_end(outcome) is None:
@@ -233,7 +232,7 @@ def run(options: ConsoleOptions, mmar: Path, clients: int, workspace: Path, read
                     poll, lambda o: run_end(o) is not None, mode="quiet", deadline=time.monotonic() + SETTLE_TIMEOUT
                 )
             end = run_end(outcome) or RunEnd(True, f"run {RUN_NUMBER} completed")
-            rounds.show_new(conn, say)
+            rounds.show_new(session, say)
         finished = True
     finally:
         if not (keep and finished):  # a failure or Ctrl-C stops it even with --keep

@@ -49,39 +49,6 @@ class PocStarted:
         )
 
 
-def admin_kit(workspace: Path) -> Path:
-    """The folder of the admin kit to operate a POC workspace with: a project_admin's if there is one."""
-    from fedadmin.local_federation import FederationError, participants
-
-    admins = [p for p in participants(workspace) if p.role == "admin"]
-    if not admins:
-        raise FederationError(f"{workspace} holds no admin kit: run `fedadmin poc prepare` first")
-    return next((p for p in admins if p.admin_role == "project_admin"), admins[0]).folder
-
-
-def start_federation(workspace: Path, timeout: float) -> tuple[Path, list[ProcessRecord]]:
-    """Start the federation in workspace; return (admin kit, processes) once every site is connected."""
-    from fedadmin import local_federation
-    from fedadmin.connection import AdminConnection, ConnectionFailed, RemoteError
-
-    workspace = workspace.resolve()
-    kit = admin_kit(workspace)
-    with AdminConnection(kit, timeout=5.0) as conn:
-
-        def not_ready(sites: list[str]) -> str | None:
-            try:
-                server = conn.execute("status", ["server"]).server
-            except (ConnectionFailed, RemoteError) as exc:
-                return f"the server's admin plane does not answer ({exc})"
-            if server is None or not server.ok:
-                return f"the server's status failed ({server.error if server is not None else 'no reply'})"
-            connected = set(server.data.get("connected_sites") or [])
-            missing = [s for s in sites if s not in connected]
-            return f"{', '.join(missing)} not connected to the server" if missing else None
-
-        return kit, local_federation.start(workspace, not_ready, timeout)
-
-
 @click.command("start")
 @click.option(
     "--workspace",
@@ -100,5 +67,7 @@ def start_federation(workspace: Path, timeout: float) -> tuple[Path, list[Proces
 @click.pass_obj
 def start(options: ConsoleOptions, workspace: Path, ready_timeout: float) -> None:
     """Start the server and every site in the background; return once all sites are connected."""
-    kit, records = start_federation(workspace, ready_timeout)
-    emit(options, PocStarted(workspace.resolve(), kit, records))
+    from fedadmin.session import poc_start
+
+    running = poc_start(workspace, ready_timeout)
+    emit(options, PocStarted(running.workspace, running.admin_kit, list(running.processes)))

@@ -60,13 +60,6 @@ class PocStopped:
 def stop(options: ConsoleOptions, workspace: Path, grace: float) -> None:
     """SIGTERM the recorded process groups and every participant process that recorded itself (one restarted by
     hand included), SIGKILL what is left after a grace period, verify none is left."""
-    from fedadmin import local_federation
-    from fedadmin.local_federation import RECORD, FederationError
+    from fedadmin.session import poc_stop
 
-    workspace = workspace.resolve()
-    if not (workspace / RECORD).exists() and not local_federation.self_recorded(workspace):
-        raise FederationError(
-            f"no POC federation is recorded in {workspace} ({RECORD} is missing, and no "
-            "participant's pid.json names a running process)"
-        )
-    emit(options, PocStopped(workspace, local_federation.stop(workspace, grace)))
+    emit(options, PocStopped(workspace.resolve(), poc_stop(workspace, grace)))
