@@ -1,4 +1,4 @@
-"""End to end: a real server process with --max-runs 2 trains two runs on the same two sites at the same time, driven
+"""End to end: a real server process with --max-jobs 2 trains two runs on the same two sites at the same time, driven
 by `fedadmin deploy/start/abort --run N`; each site's two runs are real worker processes naming their run."""
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def _deploy_and_start(ws: Path, mmar: Path, numbers: tuple[int, ...]) -> None:
 def test_two_runs_train_at_the_same_time_on_the_same_two_sites(tmp_path, processes):
     ws = prepare_workspace(tmp_path / "ws", clients=2)
     mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 2, "wait_after_min_clients": 60})
-    with server_process(ws / "server", "--max-runs", "2"):
+    with server_process(ws / "server", "--max-jobs", "2"):
         _deploy_and_start(ws, mmar, (1, 2))
         runs = _server_runs(ws)
         assert {n: r["run_status"] for n, r in runs.items()} == {1: "training", 2: "training"}
@@ -93,7 +93,7 @@ def test_two_runs_train_at_the_same_time_on_the_same_two_sites(tmp_path, process
 def test_abort_names_the_runs_until_one_is_named_and_the_other_run_trains_on(tmp_path):
     ws = prepare_workspace(tmp_path / "ws", clients=2)
     mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 2})
-    with server_process(ws / "server", "--max-runs", "2"):
+    with server_process(ws / "server", "--max-jobs", "2"):
         _deploy_and_start(ws, mmar, (1, 2))
         third = run_fedadmin("--json", "deploy", str(mmar), "server", "--run", "3", kit=ws / "admin")
         assert third.returncode == 0, third.stdout + third.stderr

@@ -51,6 +51,8 @@ ARGS = {
     "delete-run": {"run_number": 999},
     "logs": {"lines": 1},
     "set-timeout": {"seconds": 10},
+    "submit": {"blob_id": "0" * 64},
+    **{f"job-{act}": {"job_id": 999} for act in ("show", "abort", "clone", "delete", "download")},
 }
 SERVER_POLICY = "refused by the server's default policy"
 
