@@ -3,11 +3,13 @@ jobs submitted, queued, run concurrently, surviving a server killed with -9, dow
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -65,34 +67,34 @@ def starts_audited(ws: Path, participant: str, number: int) -> int:
     return count
 
 
-def _federation(tmp_path: Path, max_jobs: int, slots: int):
+@contextlib.contextmanager
+def federation(tmp_path: Path, max_jobs: int, slots: int) -> Iterator[Path]:
+    """A POC federation of 2 sites whose server runs `max_jobs` jobs at once and whose sites have `slots` CPU slots;
+    stopped afterwards, whatever happened."""
     ws = prepare_workspace(tmp_path / "ws", clients=2)
     (ws / "server" / "local").mkdir(exist_ok=True)
     (ws / "server" / "local" / "jobs.json").write_text(json.dumps({"max_jobs": max_jobs}))
     for site in ("site-1", "site-2"):
         (ws / site / "local").mkdir(exist_ok=True)
         (ws / site / "local" / "resources.json").write_text(json.dumps({"cpu_slots": slots}))
-    started = fedadmin(ws, "poc", "start", "--workspace", str(ws), timeout=120)
-    assert started.returncode == 0, started.stdout + started.stderr
-    return ws
+    try:
+        started = fedadmin(ws, "poc", "start", "--workspace", str(ws), timeout=120)
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield ws
+    finally:
+        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
 
 
 @pytest.fixture
 def concurrent(tmp_path):
-    ws = _federation(tmp_path, max_jobs=2, slots=2)
-    try:
+    with federation(tmp_path, max_jobs=2, slots=2) as ws:
         yield ws
-    finally:
-        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
 
 
 @pytest.fixture
 def one_at_a_time(tmp_path):
-    ws = _federation(tmp_path, max_jobs=1, slots=1)
-    try:
+    with federation(tmp_path, max_jobs=1, slots=1) as ws:
         yield ws
-    finally:
-        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
 
 
 def test_jobs_run_two_at_a_time_on_the_same_sites_and_a_queue_of_five_drains(concurrent, tmp_path):
@@ -194,8 +196,7 @@ def test_a_site_that_leaves_a_job_fails_it_when_too_few_remain(one_at_a_time, tm
 
 
 def test_a_job_waits_for_a_free_cpu_slot_and_says_which_site_is_short(tmp_path):
-    ws = _federation(tmp_path, max_jobs=2, slots=1)
-    try:
+    with federation(tmp_path, max_jobs=2, slots=1) as ws:
         mmar = copy_mmar(tmp_path / "mmar", server={"num_rounds": 3}, train_args=TRAIN)
         first, second = submit(ws, mmar), submit(ws, mmar)
         deadline = time.monotonic() + 120
@@ -210,5 +211,3 @@ def test_a_job_waits_for_a_free_cpu_slot_and_says_which_site_is_short(tmp_path):
         ended = wait_jobs(ws, [first, second])
         assert [ended[i]["state"] for i in (first, second)] == ["COMPLETED", "COMPLETED"]
         assert ended[second]["started_at"] >= ended[first]["ended_at"] - 1.0
-    finally:
-        fedadmin(ws, "poc", "stop", "--workspace", str(ws), timeout=120)
