@@ -3,14 +3,16 @@ admin kit, kept in the console's state folder; completing never connects to anyt
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-from click.shell_completion import CompletionItem
+
+if TYPE_CHECKING:
+    from click.shell_completion import CompletionItem
 
 from fedcommon.commands import TARGET_RE
 
@@ -30,7 +32,9 @@ def state_dir() -> Path:
 
 def sites_file(kit: Path) -> Path:
     """Where the site names seen with `kit` are kept (one file per admin kit, as each kit is one federation)."""
-    digest = hashlib.sha256(str(Path(kit).resolve()).encode()).hexdigest()[:16]
+    import zlib  # a name for the file, not a secret: crc32 costs `status` no import of OpenSSL's hashes
+
+    digest = f"{zlib.crc32(str(Path(kit).resolve()).encode()):08x}"
     return state_dir() / f"sites-{digest}.json"
 
 
@@ -38,9 +42,11 @@ def remember_sites(kit: Path | None, sites: Iterable[str]) -> None:
     """Keep the site names a `status` reply named; a state folder that cannot be written costs completion only."""
     if kit is None:
         return
+    names = sorted({s for s in sites if s not in KEYWORDS and TARGET_RE.fullmatch(s)})[:MAX_SITES]
+    if cached_sites(kit) == names:
+        return  # the usual case: nothing to write (and `status` pays for no atomic write's imports)
     from fedcommon.atomic import atomic_write_json
 
-    names = sorted({s for s in sites if s not in KEYWORDS and TARGET_RE.fullmatch(s)})[:MAX_SITES]
     try:
         state_dir().mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write_json(sites_file(kit), {"kit": str(Path(kit).resolve()), "sites": names})
@@ -65,6 +71,8 @@ def cached_sites(kit: Path | str | None) -> list[str]:
 
 def complete_targets(ctx: click.Context, param: click.Parameter, incomplete: str) -> list[CompletionItem]:
     """Click's shell_complete for TARGET...: the keywords and the kit's cached site names not given yet."""
+    from click.shell_completion import CompletionItem
+
     kit = ctx.find_root().params.get("kit") or os.environ.get("FEDADMIN_KIT")
     given = set(ctx.params.get(param.name or "") or ())
     words = [*KEYWORDS, *cached_sites(kit)]

@@ -16,17 +16,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+# The bounds live with the deploy command that carries a signature to the sites (fedcommon.commands).
+from fedcommon.commands import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES, MAX_SIGNATURE_TEXT
+
 if TYPE_CHECKING:
     from cryptography import x509
 
     from fedcommon.identity import PeerIdentity
 
 PURPOSE = "fedlearn-mmar-v1"
-# An ECDSA P-256 signature in DER is at most 72 bytes; room for larger curves, nothing more.
-MAX_SIGNATURE_BYTES = 256
-MAX_SIGNATURE_TEXT = 4 * -(-MAX_SIGNATURE_BYTES // 3)  # its base64
-# An admin certificate of this project is about 800 bytes of PEM.
-MAX_CERTIFICATE_BYTES = 8 << 10
 _HASH_CHUNK = 1 << 20
 _SHA256 = r"[0-9a-f]{64}"
 _PEM_CERT = r"-----BEGIN CERTIFICATE-----\r?\n[A-Za-z0-9+/=\r\n]+-----END CERTIFICATE-----\r?\n?"

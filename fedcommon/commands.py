@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedcommon.admin_defs import body_text
-from fedcommon.archive_signature import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_TEXT
 
 # ---- the vocabulary the console, the server and the sites share -------------------------------------
 
@@ -45,6 +44,11 @@ MAX_ARGS_BYTES = 256 << 10
 MAX_SITE_REPLY_BYTES = 8 << 20
 MAX_RESULT_BYTES = 64 << 10
 MAX_ERROR_CHARS = 16 << 10
+# A deployed archive's signature (fedcommon.archive_signature): an ECDSA P-256 signature in DER is at most 72 bytes
+# (room for larger curves, nothing more), travelling as base64; an admin certificate is about 800 bytes of PEM.
+MAX_SIGNATURE_BYTES = 256
+MAX_SIGNATURE_TEXT = 4 * -(-MAX_SIGNATURE_BYTES // 3)
+MAX_CERTIFICATE_BYTES = 8 << 10
 
 
 class Topic:

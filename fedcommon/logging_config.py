@@ -10,8 +10,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedcommon.bounded_json import JsonBoundsError, loads_object
-
 LOGGING_FILE = "logging.json"  # in the participant's local/
 MAX_CONFIG_BYTES = 64 * 1024
 ENV_LEVEL = "FEDLEARN_LOG_LEVEL"
@@ -88,6 +86,8 @@ def read_file_config(path: Path) -> dict[str, Any]:
         raise LoggingConfigError(f"{path}: cannot be read: {e.strerror or e}") from None
     if len(data) > MAX_CONFIG_BYTES:
         raise LoggingConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes; is it a logging configuration?")
+    from fedcommon.bounded_json import JsonBoundsError, loads_object  # only a participant with the file pays
+
     try:
         config = loads_object(data, str(path), MAX_CONFIG_BYTES)
     except JsonBoundsError as e:
