@@ -195,7 +195,8 @@ def delete(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict[s
     if job.state not in JobState.ENDED and job.state not in JobState.QUEUED:
         raise AdminError(f"job {job.job_id} is {job.state}; abort it first (fedadmin job abort {job.job_id})")
     scheduler = _scheduler(fed)
-    scheduler.abort(job.job_id, caller) if job.state in JobState.QUEUED else None
+    if job.state in JobState.QUEUED:
+        scheduler.abort(job.job_id, caller)  # no scheduler pass may start it while it is being deleted
     sites = {}
     if job.started_at is not None:
         outcome = fed.hub.execute(caller, "delete-run", list(job.sites), json.dumps({"run_number": job.job_id}), 0)

@@ -114,6 +114,17 @@ def test_only_its_submitter_or_an_operator_everywhere_may_abort_clone_or_delete_
     assert "no job" in refusal(run(server, "alice@a.org", "job-show", {"job_id": job}))
 
 
+def test_a_queued_job_is_deleted_without_starting(server, project, archive):
+    job = submitted(server, project, archive)
+    assert answer(run(server, "alice@a.org", "job-delete", {"job_id": job})) == {
+        "job_id": job,
+        "deleted": True,
+        "sites": {},
+    }
+    assert answer(run(server, "alice@a.org", "jobs"))["jobs"] == []
+    assert not (server.workspace / "jobs" / str(job)).exists()
+
+
 def test_a_job_with_custom_code_needs_the_code_right_on_its_sites(project, archive, tmp_path):
     server = make_server(project, tmp_path / "default-policy")
     blob = upload(server, project, "alice@a.org", archive)
