@@ -140,9 +140,15 @@ def _whole(name: str, value: Any, low: int, high: int | None = None) -> int:
     return value
 
 
+MAX_RUN_NUMBER = 999_999_999  # a run's folder name and a job's id stay short; sites report runs up to this
+
+
 def run_number(value: Any, name: str = "run_number") -> int:
-    """A run number: a whole number >= 1."""
-    return _whole(name, value, 1)
+    """A run number: a whole number from 1 to MAX_RUN_NUMBER."""
+    number = _whole(name, value, 1)
+    if number > MAX_RUN_NUMBER:
+        raise ArgumentError(f"{name} must be at most {MAX_RUN_NUMBER}, got {number}")
+    return number
 
 
 def count(value: Any, name: str = "count") -> int:

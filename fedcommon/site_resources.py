@@ -7,11 +7,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from fedcommon.commands import MAX_RUN_NUMBER  # one bound for every run number, here as on the wire
+
 GPU_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,95}")  # an index ("0") or a UUID ("GPU-3f2a…", "MIG-…")
 MAX_SITE_GPUS = 256
 MAX_CPU_SLOTS = 1024
 MAX_MEMORY_MIB = 1 << 24  # 16 TiB
-MAX_RUN_NUMBER = 10**9
 MAX_ERROR_CHARS = 500
 _KEYS = ("gpus", "cpu_slots", "cpu_slots_in_use")
 _GPU_KEYS = ("id", "memory_mib", "in_use_by")

@@ -73,6 +73,13 @@ class Downloads:
         download.size = download.path.stat().st_size
         download.ready = True
 
+    def discard(self, download: Download) -> None:
+        """Drop a download that could not be made, and its file."""
+        with self._lock:
+            self._waiting.pop(download.download_id, None)
+        with contextlib.suppress(FileNotFoundError):
+            download.path.unlink()
+
     def fetch(self, caller: AdminIdentity, download_id: str) -> Iterator[pb.BlobChunk]:
         """A BlobHeader and the content; the download is gone afterwards. DownloadError unless it is the caller's."""
         with self._lock:

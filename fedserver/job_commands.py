@@ -198,11 +198,10 @@ def delete(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict[s
     if job.state in JobState.QUEUED:
         scheduler.abort(job.job_id, caller)  # no scheduler pass may start it while it is being deleted
     sites = {}
-    if job.started_at is not None:
+    if fed.run_dir(job.job_id).exists():  # the server deploys a job first: its sites may hold the run only then
         outcome = fed.hub.execute(caller, "delete-run", list(job.sites), json.dumps({"run_number": job.job_id}), 0)
         sites = {r.target: "deleted" if r.ok else r.error for r in outcome.replies}
-        if fed.run_dir(job.job_id).exists():
-            fed.delete_run(job.job_id)
+        fed.delete_run(job.job_id)
     scheduler.store.remove(job.job_id)
     return {"job_id": job.job_id, "deleted": True, "sites": sites}
 
@@ -221,18 +220,22 @@ def download(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict
         download = fed.downloads.create(caller, f"job-{job.job_id}.zip")
     except DownloadError as e:
         raise AdminError(str(e)) from None
-    with zipfile.ZipFile(download.path, "w", zipfile.ZIP_DEFLATED) as z:
-        folder = RunFolder.of(fed.workspace, job.job_id)
-        names = []
-        for path, arcname in _artefacts(folder):
-            z.write(path, arcname)
-            names.append(arcname)
-        z.writestr("job.json", json.dumps(job.to_json(), indent=1))
-        names.append("job.json")
-        for site, text in logs.items():
-            z.writestr(f"logs/{site}-worker.log", text)
-            names.append(f"logs/{site}-worker.log")
-    fed.downloads.ready(download)
+    try:
+        with zipfile.ZipFile(download.path, "w", zipfile.ZIP_DEFLATED) as z:
+            folder = RunFolder.of(fed.workspace, job.job_id)
+            names = []
+            for path, arcname in _artefacts(folder):
+                z.write(path, arcname)
+                names.append(arcname)
+            z.writestr("job.json", json.dumps(job.to_json(), indent=1))
+            names.append("job.json")
+            for site, text in logs.items():
+                z.writestr(f"logs/{site}-worker.log", text)
+                names.append(f"logs/{site}-worker.log")
+        fed.downloads.ready(download)
+    except BaseException:
+        fed.downloads.discard(download)  # its place among the admin's waiting downloads is free again
+        raise
     return {"job_id": job.job_id, "download_id": download.download_id, "size": download.size, "files": names}
 
 

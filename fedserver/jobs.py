@@ -30,8 +30,12 @@ JOBS_DIR = "jobs"
 RECORD = "job.json"
 ARCHIVE = "mmar.zip"
 SIGNATURE = "signature.json"
-# A queue longer than this is refused at submit: each queued job keeps its archive on the server's disk.
+# A queue longer than this is refused at submit: each queued job keeps its archive on the server's disk. One
+# submitter may hold at most MAX_QUEUED_PER_SUBMITTER of those places and the queued archives MAX_QUEUED_BYTES.
 MAX_QUEUED = 256
+MAX_QUEUED_PER_SUBMITTER = 128
+MAX_QUEUED_BYTES = 32 << 30
+LAST_ID = "last_id"
 MAX_NOTES = 50
 MAX_RECORD_BYTES = 1 << 20
 
@@ -98,7 +102,7 @@ class Job:
         return cls(**values)
 
 
-_JOB_DIR = re.compile(r"[1-9][0-9]{0,9}")
+_JOB_DIR = re.compile(r"[1-9][0-9]{0,8}")  # up to fedcommon.commands.MAX_RUN_NUMBER
 
 
 class JobStore:
@@ -115,8 +119,11 @@ class JobStore:
         if not self.root.is_dir():
             return
         for folder in self.root.iterdir():
+            if folder.name.startswith(".deleting-"):  # a delete the server did not finish: finish it
+                shutil.rmtree(folder, ignore_errors=True)
+                continue
             if not _JOB_DIR.fullmatch(folder.name):
-                continue  # a half-deleted job (".deleting-7") or a file that is not a job's
+                continue  # a file that is not a job's
             path = folder / RECORD
             try:
                 if path.stat().st_size > MAX_RECORD_BYTES:
@@ -184,10 +191,25 @@ class JobStore:
         """Reserve the next run number for `job` and store it with a copy of `archive` and the submitter's signature
         of it; its job_id is ignored. Refused when the queue is full. Nothing is left of a job that failed to store."""
         with self._lock:
-            if len(self.queued()) >= MAX_QUEUED:
+            queued = self.queued()
+            if len(queued) >= MAX_QUEUED:
                 raise JobError(f"{MAX_QUEUED} jobs are queued, the most this server keeps; submit again later")
+            mine = [j for j in queued if j.submitter == job.submitter]
+            if len(mine) >= MAX_QUEUED_PER_SUBMITTER:
+                raise JobError(
+                    f"{job.submitter} has {len(mine)} jobs queued, the most one submitter may; submit again once "
+                    "some have started"
+                )
+            size = archive.stat().st_size
+            if sum(j.size for j in queued) + size > MAX_QUEUED_BYTES:
+                raise JobError(
+                    f"the queued jobs' archives and this one would take over {MAX_QUEUED_BYTES >> 30} GiB of the "
+                    "server's disk; submit again once some have started"
+                )
             self.root.mkdir(parents=True, exist_ok=True)
             number = self._next_number()
+            # Written first: a number is never handed out twice, even once its job is deleted.
+            atomic_write_json(self.root / LAST_ID, number)
             folder = self.root / str(number)
             folder.mkdir(mode=0o700)
             try:
@@ -203,8 +225,13 @@ class JobStore:
         return job
 
     def _next_number(self) -> int:
-        """One past every run number in use here: jobs', and the run folders' (hand-driven runs, deleted jobs)."""
+        """One past every run number used here: jobs' (deleted ones too) and the run folders' (hand-driven runs)."""
         used = set(self._jobs)
+        try:
+            last = json.loads((self.root / LAST_ID).read_text())
+            used.add(last if isinstance(last, int) and not isinstance(last, bool) else 0)
+        except (OSError, ValueError):
+            pass
         for path in self.workspace.glob(f"{RUN_PREFIX}*"):
             suffix = path.name[len(RUN_PREFIX) :]
             if suffix.isdigit():
@@ -223,6 +250,15 @@ class JobStore:
             atomic_write_json(self.folder(job_id) / RECORD, job.to_json())
             self._jobs[job_id] = job
             return job
+
+    def update_if(self, job_id: int, states: tuple[str, ...], **changes: Any) -> Job | None:
+        """Apply `changes` only while job `job_id` is in one of `states` (the scheduler's changes never overwrite an
+        abort made meanwhile); the job as changed, or None when it is gone or in another state."""
+        with self._lock:
+            job = self._jobs.get(job_id)
+            if job is None or job.state not in states:
+                return None
+            return self.update(job_id, **changes)
 
     def note(self, job_id: int, text: str) -> Job:
         """Add a line to job `job_id`'s notes (what happened to it, in order)."""

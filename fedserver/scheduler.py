@@ -118,6 +118,12 @@ class JobScheduler:
                 self._recover_starting(job)
             else:
                 self._settle(job)
+        for run in self._server.training_runs():
+            job = self.store.find(run.run_number)
+            if job is not None and job.state in JobState.ENDED:
+                # The server stopped between ending the job and stopping its run (which it resumed since).
+                log.warning("job %d ended (%s) but its run trains: aborting the run", job.job_id, job.state)
+                self._server.abort_training(run.run_number)
         self._thread = threading.Thread(target=self._loop, name="job-scheduler", daemon=True)
         self._thread.start()
 
@@ -186,13 +192,15 @@ class JobScheduler:
         if was_live:
             self._stop_run(job, caller)
         self.store.note(job_id, reason)
+        self._forget(job_id)
         self.wake()
         return self.store.get(job_id)
 
     def refuse_by_hand(self, run_number: int) -> None:
-        """JobError (as AdminError) when run N is a job's and the scheduler is not the one starting it now."""
+        """AdminError when run N is a job's and the call does not come from this scheduler's thread (which alone
+        deploys and starts a job's run, as its submitter)."""
         job = self.store.find(run_number)
-        if job is not None and job.state != JobState.STARTING:
+        if job is not None and threading.current_thread() is not self._thread:
             raise AdminError(
                 f"run {run_number} is job {run_number} ({job.name!r}, submitted by {job.submitter}, {job.state}): "
                 f"the scheduler deploys and starts it; see `fedadmin job show {run_number}`"
@@ -202,14 +210,15 @@ class JobScheduler:
 
     def _schedule(self) -> None:
         connected = set(self._server.mailbox.connected_sites())
-        for job in self.store.queued():
+        for queued in self.store.queued():
             if self._stop.is_set():
                 return
+            job = self.store.find(queued.job_id)  # as it is now: an abort may have come while this pass ran
+            if job is None or job.state not in JobState.QUEUED:
+                continue
             running = [j.job_id for j in self.store.live()] + self._hand_driven_runs()
             if len(running) >= self.max_jobs:  # no site need be asked what it has
-                reason = blocked(job, connected, {}, running, self.max_jobs)
-                if job.state != JobState.WAITING or job.reason != reason:
-                    self.store.update(job.job_id, state=JobState.WAITING, reason=reason)
+                self._wait(job, blocked(job, connected, {}, running, self.max_jobs))
                 continue
             capacities = {
                 site: c
@@ -224,16 +233,21 @@ class JobScheduler:
                 continue
             reason = blocked(job, connected, capacities, running, self.max_jobs)
             if reason is not None:
-                if job.state != JobState.WAITING or job.reason != reason:
-                    self.store.update(job.job_id, state=JobState.WAITING, reason=reason)
+                self._wait(job, reason)
                 continue
             self._start(job)
             for site in job.sites:  # what they have left is asked again before the next job is placed there
                 self._capacity.pop(site, None)
 
+    def _wait(self, job: Job, reason: str | None) -> None:
+        if job.state != JobState.WAITING or job.reason != reason:
+            self.store.update_if(job.job_id, JobState.QUEUED, state=JobState.WAITING, reason=reason or "")
+
     def _hand_driven_runs(self) -> list[int]:
-        """Runs training that are no job's: they take a place among max_jobs too."""
-        return [r.run_number for r in self._server.training_runs() if self.store.find(r.run_number) is None]
+        """Runs training that are no live job's (runs by hand, or an ended job's run not stopped yet): they take a
+        place among max_jobs too."""
+        live = {j.job_id for j in self.store.live()}
+        return [r.run_number for r in self._server.training_runs() if r.run_number not in live]
 
     def _site_capacity(self, site: str, caller: AdminIdentity, fresh: bool) -> Capacity | None:
         """What `site` reports it has (its sysinfo, asked as `caller`); None when it does not answer or is not
@@ -270,20 +284,31 @@ class JobScheduler:
 
     def _start(self, job: Job) -> None:
         number = job.job_id
-        job = self.store.update(number, state=JobState.STARTING, reason="deploying")
+        started = self.store.update_if(number, JobState.QUEUED, state=JobState.STARTING, reason="deploying")
+        if started is None:
+            return  # aborted or deleted since this pass read it
+        job = started
         log.info("job %d: starting on %s", number, ", ".join(job.sites))
         try:
             self._deploy(job)
-            self.store.update(number, reason="starting")
+            if self.store.update_if(number, (JobState.STARTING,), reason="starting") is None:
+                raise _Ended()
             self._server.start_training(number)
             self._start_sites(job)
-        except JobStartError as e:
-            self._fail(job, str(e))
+            running = self.store.update_if(
+                number, (JobState.STARTING,), state=JobState.RUNNING, reason="", started_at=time.time()
+            )
+            if running is None:
+                raise _Ended()
+        except _Ended:
+            # Aborted while it started (its abort could not stop what was not running yet): stop what runs now.
+            self._stop_run(self.store.find(number) or job, job.identity)
             return
-        except Exception as e:  # anything the server refuses (ServerError, MMARError, ...): the job fails, named
-            self._fail(job, f"{type(e).__name__}: {e}" if not str(e) else str(e))
+        except Exception as e:  # a site's refusal (JobStartError) or the server's (ServerError, MMARError, ...)
+            if self._stop.is_set():
+                return  # the server is stopping: it stays STARTING, and the next server carries it on
+            self._fail(job, str(e) or type(e).__name__)
             return
-        self.store.update(number, state=JobState.RUNNING, reason="", started_at=time.time())
         self.store.note(number, f"started on {', '.join(job.sites)}")
         self._gone[number] = set()
 
@@ -324,6 +349,7 @@ class JobScheduler:
             job = self.store.update(job.job_id, state=JobState.FAILED, reason=reason, ended_at=time.time())
         log.warning("job %d failed: %s", job.job_id, reason)
         self.store.note(job.job_id, f"failed: {reason}")
+        self._forget(job.job_id)
         if was_live:
             self._stop_run(job, job.identity)
 
@@ -332,7 +358,12 @@ class JobScheduler:
         number = job.job_id
         try:
             self._server.hub.execute(
-                caller, "abort", list(job.sites), json.dumps({"run_number": number}), DISPATCH_WAIT_S
+                caller,
+                "abort",
+                list(job.sites),
+                json.dumps({"run_number": number}),
+                DISPATCH_WAIT_S,
+                lambda: not self._stop.is_set(),
             )
         except Exception:
             log.exception("job %d: aborting it at its sites failed", number)
@@ -371,9 +402,13 @@ class JobScheduler:
                 number, state=state, reason=detail if state != JobState.COMPLETED else "", ended_at=time.time()
             )
         self.store.note(number, f"run {phase}" + (f": {detail}" if detail else ""))
+        self._forget(number)
+        self.wake()
+
+    def _forget(self, number: int) -> None:
+        """Drop what the scheduler kept to follow job `number`'s run (it has ended)."""
         for state in (self._gone, self._leaving, self._started, self._restart_pending):
             state.pop(number, None)
-        self.wake()
 
     def _settle(self, job: Job) -> None:
         """A RUNNING job at server start: its run was resumed, or has ended, or is gone."""
@@ -467,3 +502,7 @@ def _leaving_words(site: str, ended: Mapping[str, Any] | None, heart_beat_timeou
 
 class JobStartError(Exception):
     """A job's sites refused to deploy or start it; the message names each and why."""
+
+
+class _Ended(Exception):
+    """The job ended (aborted) while the scheduler was starting it."""

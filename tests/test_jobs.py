@@ -93,7 +93,7 @@ def test_a_full_queue_refuses_a_submit_and_keeps_nothing_of_it(tmp_path, archive
     store.add(_job(), archive, SIGNED)
     with pytest.raises(JobError, match="2 jobs are queued"):
         store.add(_job(), archive, SIGNED)
-    assert len(list((tmp_path / "jobs").iterdir())) == 2
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir() if p.is_dir()) == ["1", "2"]
 
 
 def test_unknown_job_is_named(tmp_path):
@@ -199,13 +199,19 @@ class _Server:
         return []
 
 
-def test_two_hundred_jobs_submitted_at_once_each_get_their_own_run_number(tmp_path, archive):
+def test_two_hundred_jobs_submitted_at_once_by_one_admin_queue_up_to_their_share(tmp_path, archive):
     scheduler = JobScheduler(_Server(), JobStore(tmp_path), max_jobs=2)
     ids: list[int] = []
+    refused: list[str] = []
     lock = threading.Lock()
 
     def submit():
-        job = scheduler.submit(ALICE, archive, "0" * 64, "digits", ["site-1"], 0, SIGNED)
+        try:
+            job = scheduler.submit(ALICE, archive, "0" * 64, "digits", ["site-1"], 0, SIGNED)
+        except JobError as e:
+            with lock:
+                refused.append(str(e))
+            return
         with lock:
             ids.append(job.job_id)
 
@@ -214,8 +220,26 @@ def test_two_hundred_jobs_submitted_at_once_each_get_their_own_run_number(tmp_pa
         t.start()
     for t in threads:
         t.join()
-    assert sorted(ids) == list(range(1, 201))
-    assert len(JobStore(tmp_path).queued()) == 200
+    share = jobs_module.MAX_QUEUED_PER_SUBMITTER
+    assert sorted(ids) == list(range(1, share + 1))
+    assert refused == [f"alice@a.org has {share} jobs queued, the most one submitter may; submit again once some "
+                       "have started"] * (200 - share)  # fmt: skip
+    assert len(JobStore(tmp_path).queued()) == share
+
+
+def test_a_deleted_jobs_number_is_never_handed_out_again(tmp_path, archive):
+    store = JobStore(tmp_path)
+    first = store.add(_job(), archive, SIGNED)
+    store.remove(first.job_id)
+    assert JobStore(tmp_path).add(_job(), archive, SIGNED).job_id == first.job_id + 1
+
+
+def test_a_change_for_a_job_in_another_state_is_not_made(tmp_path, archive):
+    store = JobStore(tmp_path)
+    job = store.add(_job(), archive, SIGNED)
+    store.update(job.job_id, state=JobState.ABORTED)
+    assert store.update_if(job.job_id, JobState.QUEUED, state=JobState.STARTING) is None
+    assert JobStore(tmp_path).get(job.job_id).state == JobState.ABORTED
 
 
 def test_aborting_a_queued_job_ends_it_and_a_second_abort_is_refused(tmp_path, archive):

@@ -82,7 +82,9 @@ def _wait_job(options: ConsoleOptions, job_id: int, limit: float | None) -> None
 
     def show(job: Job) -> None:
         if not options.json:
-            click.echo(f"job {job_id}: {state_text(job.data)}", err=True)
+            from fedcommon.escape import for_terminal  # the reason may quote a site's or a worker's own words
+
+            click.echo(for_terminal(f"job {job_id}: {state_text(job.data)}"), err=True)
 
     with open_session(options) as session:
         try:
