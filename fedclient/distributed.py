@@ -127,9 +127,14 @@ class RankSync:
                 algorithms.end_round(fitter.model)  # only rank 0 sends (and keeps) the round's result
             self.end_local_training()
         log.info("rank %d: rank 0 ended the training", self.info.rank)
+        self._stopped = True
 
     def close(self) -> None:
         import torch.distributed as dist
 
         if dist.is_initialized():
+            if self._stopped:
+                # Every rank reached the end: none leaves (rank 0 hosts the rendezvous store) while another still
+                # tears its group down, which gloo answers with "terminate called without an active exception".
+                dist.barrier()
             dist.destroy_process_group()

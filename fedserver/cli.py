@@ -150,6 +150,7 @@ def start(
             *(["--debug"] if debug else []),
             *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else []),
         ]
+        log.info("stopped; starting again")
         logging.shutdown()
         sys.stdout.flush()
         os.execv(sys.executable, argv)

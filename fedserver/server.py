@@ -125,6 +125,7 @@ ADMIN_RESERVED_WORKERS = 4
 # nothing until sites connect (an idle thread blocked on a condition uses no CPU and ~100 KiB of memory).
 FL_WORKERS = 4096
 REVOCATION_CHECK_S = 1.0
+STOP_WAIT_S = 10.0
 # What the job queue is told when a live run ends: (run number, "completed" or "aborted", a line on how).
 RunEndHook = Callable[[int, str, str], None]
 
@@ -347,7 +348,12 @@ class FederationServer:
         self.mailbox.close()
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
-            event.wait()
+            # Set once every handler has returned: one stuck in a wait that ignores cancellation must not keep a
+            # shutdown or a restart from happening.
+            if not event.wait(grace + STOP_WAIT_S):
+                log.warning(
+                    "stopping: RPC handlers still running after %.0fs; going on without them", grace + STOP_WAIT_S
+                )
         self._watchdog.close()
         self.tracking.close()
         if self._ticker is not None:
