@@ -22,6 +22,11 @@ def _sites_connected(ws: Path) -> bool:
     return set(SITES) <= set(json.loads(done.stdout)["replies"][0].get("connected_sites", []))
 
 
+def _servings(ws: Path) -> int:
+    """How many times a server process has started serving in this workspace (its log says so each time)."""
+    return (ws / "server" / "log.txt").read_text().count("training plane and site agents on")
+
+
 def _matrix(ws: Path, *args: str) -> dict:
     return ok_json(ws, "validate", *args)
 
@@ -65,8 +70,13 @@ def test_sites_validate_every_model_the_matrix_survives_a_restart_and_validation
         assert missing.returncode == 1 and "site-9" in missing.stdout
 
         # The matrix is on disk in the run folder: a restarted server shows it unchanged.
+        serving = _servings(ws)
         ok_json(ws, "--yes", "restart", "server")
         deadline = time.monotonic() + 60
+        # The old process answers for a moment after it acknowledged the restart: wait for the new one to serve.
+        while _servings(ws) == serving:
+            assert time.monotonic() < deadline, "the restarted server never served again"
+            time.sleep(0.2)
         while not _sites_connected(ws) and time.monotonic() < deadline:  # the agents come back by themselves
             time.sleep(0.5)
         assert _matrix(ws, "--run", "1")["results"] == out["results"]
