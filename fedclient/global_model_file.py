@@ -52,7 +52,7 @@ class GlobalModelFile(Mapping[str, np.ndarray]):
                 raise ValueError(f"global model variable {name!r}: {e}") from None
         f = tempfile.TemporaryFile(dir=directory, buffering=0)
         try:
-            self.direct = _set_direct(f.fileno(), True)
+            self.direct = _set_direct(f.fileno(), True)  # False where the file system refuses direct I/O
             self._entries: dict[str, TensorEntry] = {}
             bounce, pos = _aligned_empty(_BOUNCE_BYTES), 0
             for name, arr in arrays.items():
