@@ -99,7 +99,7 @@ def instrument(client: DirectFederatedClient, phases: Phases) -> None:
     mm = client.model_manager
     read_stream = comm_mod.Communicator._read_model_stream
     client.communicator._read_model_stream = phases.wrap("receive + decode stream", read_stream)
-    mm.assign_current_model = phases.wrap("assign_current_model (copy into weights)", mm.assign_current_model)
+    mm.assign_current_model = phases.wrap("assign_current_model (global to disk)", mm.assign_current_model)
     rw = mm.model_reader_writer
     rw.extract_model = phases.wrap("extract_model (copy of weights)", rw.extract_model)
     mm.update_current_model = phases.wrap("update_current_model (copy in)", mm.update_current_model)

@@ -17,7 +17,13 @@ from fedclient.data_assembler import DataAssembler
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import tls_channel_credentials
 from fedcommon.model_meta import FLContext, FLContextKey
-from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, decode_tensors, encode_tensors
+from fedcommon.tensor_codec import (
+    DEFAULT_CHUNK_BYTES,
+    MAX_MESSAGE_BYTES,
+    TensorSink,
+    decode_tensors,
+    encode_tensors,
+)
 from fedcommon.wire import training_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -278,7 +284,7 @@ class Communicator:
                 metadata=self._metadata(state.token),
                 timeout=wait_seconds + TRANSFER_DEADLINE_S,
             )
-            return self._read_model_stream(stream)
+            return self._read_model_stream(stream, self._global_model_sink(task_name))
 
         remote = self._call(servers, task_name, "get model", fetch)
         self._note_run(state.token, remote.run_number)
@@ -286,8 +292,14 @@ class Communicator:
             remote.tensors = processor(remote.tensors, app_ctx)
         return remote
 
+    def _global_model_sink(self, task_name: str) -> TensorSink | None:
+        """Where the model manager lets the download decode each variable (its local model's own arrays); None, for
+        fresh buffers, when it offers none or post_processors are to change the model before it is loaded."""
+        offer = getattr(self.model_manager, "global_model_sink", None)
+        return offer(task_name) if offer is not None and not self.post_processors else None
+
     @staticmethod
-    def _read_model_stream(stream: Iterator[pb.ModelChunk]) -> RemoteModel:
+    def _read_model_stream(stream: Iterator[pb.ModelChunk], sink: TensorSink | None = None) -> RemoteModel:
         first = next(stream, None)
         if first is None or first.WhichOneof("part") != "header":
             raise CommunicationError("get model: the server's reply did not start with a header")
@@ -295,7 +307,7 @@ class Communicator:
         remote = RemoteModel(
             _STATUS_NAMES.get(h.status, "wait"), h.run_number, h.round, h.start_round, h.num_rounds, message=h.message
         )
-        remote.tensors = decode_tensors(stream)
+        remote.tensors = decode_tensors(stream, sink)
         if remote.status != "wait" and len(remote.tensors) != h.num_tensors:
             raise CommunicationError(
                 f"get model: the server announced {h.num_tensors} tensors but sent {len(remote.tensors)}"

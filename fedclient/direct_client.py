@@ -23,14 +23,20 @@ class _Weights:
 
 
 class _DictReaderWriter:
-    # The working weights are handed out and taken back without copies: a model may be GiBs.
+    """The working weights are handed out and taken back without copies (a model may be GiBs): an array it is given
+    becomes a weight, and the next global model is decoded into the weights' arrays."""
+
     def extract_model(self, fitter: _Weights) -> dict[str, np.ndarray]:
+        return dict(fitter.weights)
+
+    def writable_model(self, fitter: _Weights) -> dict[str, np.ndarray]:
         return dict(fitter.weights)
 
     def apply_model(self, fitter: _Weights, model_params, exclude_vars=()) -> bool:
         for k, v in model_params.items():
             if fitter.weights.get(k) is not v:
-                fitter.weights[k] = np.array(v, copy=True)
+                owned = isinstance(v, np.ndarray) and v.flags.writeable and v.flags.c_contiguous
+                fitter.weights[k] = v if owned else np.array(v, copy=True)
         return True
 
 
@@ -117,6 +123,8 @@ class DirectFederatedClient(FederatedClientBase):
         """The next round's global model: {"status", "run_number", "round", "model": {name: ndarray}}.
 
         Waits (long-polls) while the server has nothing new for this site, unless options["wait"] is False.
+        The model's arrays are the client's working weights: the next pull writes the next global model into them
+        (copy what you keep). A pull that raises may have written part of it (model_manager.local_model_partial).
         """
         wait = self._options(options).get("wait", True)
         while True:

@@ -185,6 +185,8 @@ class FederatedClient(FederatedClientBase):
     def run_federated_steps(self, fitter) -> None:
         """Keep running federated steps until the run ends or abort() is called."""
         self.model_manager.set_fitter(fitter)
+        if self.run_dir is not None:  # the workspace's disk, not a temp folder that may live in memory
+            self.model_manager.global_model_dir = RunFolder(self.run_dir).models
         if self.token is None:
             self.register()
         self.start_heartbeat()

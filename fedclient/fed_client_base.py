@@ -191,7 +191,7 @@ class FederatedClientBase:
                 {t: {"run_number": r.run_number, "round": r.round} for t, r in with_model.items()},
             )
             for r in with_model.values():
-                r.tensors = {}  # the model manager keeps its own copy; free this one
+                r.tensors = {}  # the model manager keeps the global model on disk, the local model has its values
         self.remote_models = remotes
         return remotes
 

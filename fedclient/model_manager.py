@@ -11,17 +11,20 @@ import numpy as np
 
 from fedclient.components.model_reader_writer import ModelProcessor
 from fedclient.components.model_validator import ModelValidator
+from fedclient.global_model_file import GlobalModelFile
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.metrics import metric_score
 from fedcommon.mmar import excluded
-from fedcommon.model_file import load_model, read_index, save_model
+from fedcommon.model_file import TensorEntry, load_model, read_index, save_model
 from fedcommon.model_meta import FLContext, FLContextKey
+from fedcommon.tensor_codec import TensorSink, TensorSpec, fits
 
 log = logging.getLogger(__name__)
 
 
 class ClientModelManager:
-    """Client-side model manager living on the site's machine."""
+    """Client-side model manager living on the site's machine; the global model it received is kept on disk, not in
+    memory (global_model_dir), and loaded into the local model (straight from the download where it can be)."""
 
     def __init__(
         self,
@@ -45,7 +48,10 @@ class ClientModelManager:
         self.model_validator = model_validator or ModelValidator()
         self.visualizer = None
         self._fitter = None
-        self._global: dict[str, dict[str, np.ndarray]] = {}
+        # Where received global models are kept, in unnamed files (None: the system's temp folder).
+        self.global_model_dir: Path | None = None
+        self._global: dict[str, GlobalModelFile] = {}
+        self._lent: dict[str, str] = {}  # variable -> the task whose download wrote into it, until it is assigned
         self._meta: dict[str, dict[str, Any]] = {}
         self._best: dict[str, np.ndarray] | None = None
         self._best_path: Path | None = None
@@ -84,14 +90,75 @@ class ClientModelManager:
     def assign_current_model(
         self, remote_models: Mapping[str, Mapping[str, np.ndarray]], meta: Mapping[str, Mapping[str, Any]] | None = None
     ) -> bool:
-        """Keep each task's global model and load it into the local model; True if the local model changed."""
+        """Keep each task's global model (on disk) and load it into the local model; True if the local model changed.
+
+        A variable that was decoded straight into the local model (global_model_sink) counts as changed.
+        """
+        fitter = self._require_fitter()
         changed = False
         for task, tensors in remote_models.items():
             kept = {k: v for k, v in tensors.items() if not excluded(k, self.exclude_vars)}
-            self._global[task] = kept
+            self._keep_global(task, kept)
             self._meta[task] = dict((meta or {}).get(task, {}))
-            changed |= self.model_reader_writer.apply_model(self._require_fitter(), kept)
+            changed |= self.model_reader_writer.apply_model(fitter, kept)
+            for name in kept:
+                self._lent.pop(name, None)
         return changed
+
+    def _keep_global(self, task: str, tensors: Mapping[str, np.ndarray]) -> None:
+        old = self._global.pop(task, None)
+        if old is not None:  # before the new one is written: the disk holds one global model per task, not two
+            old.close()
+        try:
+            self._global[task] = GlobalModelFile(tensors, self.global_model_dir)
+        except OSError as e:
+            raise OSError(
+                f"cannot keep task {task!r}'s global model on disk in "
+                f"{self.global_model_dir or 'the temp folder'} (the update is computed from it): {e}"
+            ) from e
+
+    def global_model_sink(self, task_name: str) -> TensorSink | None:
+        """Where a download of the task's global model may decode each variable: straight into the local model's own
+        array (same name, dtype and shape, contiguous, writable, on the CPU; not excluded), else None (a fresh
+        buffer). None when the model reader-writer offers no arrays (it has no writable_model(fitter)).
+
+        A download that fails after writing into the local model leaves it partly overwritten: local_model_partial
+        says so until a global model is assigned again.
+        """
+        offer = getattr(self.model_reader_writer, "writable_model", None)
+        if offer is None or self._fitter is None:
+            return None
+        arrays = offer(self._fitter)
+        # An in-memory best model may share the working weights' arrays (a reader-writer that hands them out).
+        kept = {id(arr) for arr in (self._best or {}).values()}
+
+        def sink(spec: TensorSpec) -> np.ndarray | None:
+            arr = arrays.get(spec.name)
+            if (
+                not fits(arr, spec)
+                or id(arr) in kept
+                or excluded(spec.name, self.exclude_vars)
+                or self._lent.get(spec.name, task_name) != task_name  # another task's download wrote it first
+            ):
+                return None
+            self._lent[spec.name] = task_name
+            return arr
+
+        return sink
+
+    @property
+    def local_model_partial(self) -> bool:
+        """True when a download decoded into the local model and did not end in assign_current_model (it broke off
+        or failed a check): the local model then mixes the old local and the new global model; pull again."""
+        return bool(self._lent)
+
+    def _require_whole(self) -> None:
+        if self._lent:
+            first = next(iter(self._lent))
+            raise RuntimeError(
+                f"the local model is incomplete: a download of task {self._lent[first]!r}'s global model wrote into "
+                f"{len(self._lent)} variable(s) (e.g. {first!r}) and did not complete; pull the global model again"
+            )
 
     def model_vars(self, task_name: str) -> list[str]:
         """Variables of the task's global model, as last received."""
@@ -122,8 +189,10 @@ class ClientModelManager:
         train_ctx (an FLContext, a Mapping, or a training-context object) goes to the privacy filter.
 
         Without a privacy filter the update is computed a variable at a time as it is read (a Mapping, not a
-        dict): keep the local and global models unchanged until it is sent.
+        dict), against the global model read back from disk: keep the local model unchanged until it is sent.
+        Raises RuntimeError while local_model_partial.
         """
+        self._require_whole()
         local = self.get_current_model_data()
         if type_str == "model":
             return local
@@ -135,7 +204,7 @@ class ClientModelManager:
         # Purely local variables and flags (no meaningful difference) are never sent.
         names = [name for name, w in local.items() if name in base and w.dtype != np.bool_]
         for name in names:
-            _check_same(local[name], base[name])
+            _check_same(local[name], base.entry(name))
         if self.privacy is None:
             return _LazyDelta(local, base, names)
         delta = {name: _difference(local[name], base[name]) for name in names}
@@ -188,7 +257,9 @@ class ClientModelManager:
         return True
 
     def release_global_models(self) -> None:
-        """Drop the received global models (after the run's end: nothing is computed from them any more)."""
+        """Drop the received global models and their files (after the run's end: nothing is computed from them)."""
+        for stored in self._global.values():
+            stored.close()
         self._global.clear()
 
     def validate_model(
@@ -223,7 +294,7 @@ class ClientModelManager:
 
     def close(self) -> None:
         """Drop every model held."""
-        self._global.clear()
+        self.release_global_models()
         self._best = self._best_path = None
         self._fitter = None
 
@@ -239,9 +310,10 @@ def _fl_context(train_ctx) -> FLContext:
 
 class _LazyDelta(Mapping[str, np.ndarray]):
     """local - global for each variable, computed when it is read: streaming an update then holds one tensor's
-    difference at a time, not a whole model's (benchmarks/README.md: a site's peak memory)."""
+    difference at a time, not a whole model's (benchmarks/README.md: a site's peak memory); the global variable is
+    read from its file then, and the difference takes its place."""
 
-    def __init__(self, local: Mapping[str, np.ndarray], base: Mapping[str, np.ndarray], names: list[str]):
+    def __init__(self, local: Mapping[str, np.ndarray], base: GlobalModelFile, names: list[str]):
         self._local, self._base, self._names = local, base, names
         self._known = frozenset(names)
 
@@ -257,7 +329,7 @@ class _LazyDelta(Mapping[str, np.ndarray]):
         return len(self._names)
 
 
-def _check_same(local: np.ndarray, base: np.ndarray) -> None:
+def _check_same(local: np.ndarray, base: TensorEntry) -> None:
     if local.shape != base.shape or local.dtype != base.dtype:
         raise ValueError(
             f"local variable {local.dtype}{list(local.shape)} does not match the global {base.dtype}{list(base.shape)}"
@@ -265,8 +337,8 @@ def _check_same(local: np.ndarray, base: np.ndarray) -> None:
 
 
 def _difference(local: np.ndarray, base: np.ndarray) -> np.ndarray:
-    """local - base, for arrays that passed _check_same."""
+    """local - base, for arrays that passed _check_same; base (a fresh array read from disk) may be overwritten."""
     if is_float(local.dtype) and local.dtype != accumulator_dtype(local.dtype):
         # half precision: subtract in float32, round once
         return (local.astype(np.float32) - base.astype(np.float32)).astype(local.dtype)
-    return local - base
+    return np.subtract(local, base, out=base)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,6 +32,22 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         return math.prod(self.shape) * self.dtype.itemsize
+
+
+# Offers the array a tensor is to be decoded into (its bytes are overwritten as they arrive), or None for a fresh
+# buffer; an array that does not fit the tensor (fits()) is not used.
+TensorSink = Callable[[TensorSpec], np.ndarray | None]
+
+
+def fits(arr: object, spec: TensorSpec) -> bool:
+    """True when `arr` can take the tensor's bytes in place: spec's dtype and shape, C-contiguous, writable."""
+    return (
+        isinstance(arr, np.ndarray)
+        and arr.dtype == spec.dtype
+        and arr.shape == spec.shape
+        and arr.flags.c_contiguous
+        and arr.flags.writeable
+    )
 
 
 def as_wire_array(arr: np.ndarray) -> np.ndarray:
@@ -84,10 +100,16 @@ def spec_from_header(header: pb.TensorHeader) -> TensorSpec:
 
 
 class TensorAssembler:
-    """Rebuilds tensors from TensorHeader/data chunks into preallocated buffers, one tensor at a time."""
+    """Rebuilds tensors from TensorHeader/data chunks into preallocated buffers, one tensor at a time.
 
-    def __init__(self) -> None:
+    With a `sink`, a tensor goes straight into the array the sink offers for it (no buffer of its own, no copy);
+    a stream that breaks off leaves that array partly overwritten.
+    """
+
+    def __init__(self, sink: TensorSink | None = None) -> None:
+        self._sink = sink
         self._spec: TensorSpec | None = None
+        self._target: np.ndarray | None = None  # the sink's array the current tensor goes into
         self._buf: np.ndarray | None = None
         self._filled = 0
 
@@ -105,7 +127,11 @@ class TensorAssembler:
             )
         spec = spec or spec_from_header(header)
         self._spec, self._filled = spec, 0
-        self._buf = np.empty(spec.nbytes, dtype=np.uint8)
+        target = self._sink(spec) if self._sink is not None else None
+        if fits(target, spec):
+            self._target, self._buf = target, target.reshape(-1).view(np.uint8)
+        else:
+            self._buf = np.empty(spec.nbytes, dtype=np.uint8)
         return self._finish() if spec.nbytes == 0 else None
 
     def feed(self, data: bytes | memoryview) -> tuple[str, np.ndarray] | None:
@@ -121,9 +147,9 @@ class TensorAssembler:
 
     def _finish(self) -> tuple[str, np.ndarray]:
         assert self._spec is not None and self._buf is not None
-        arr = self._buf.view(self._spec.dtype).reshape(self._spec.shape)
+        arr = self._target if self._target is not None else self._buf.view(self._spec.dtype).reshape(self._spec.shape)
         name = self._spec.name
-        self._spec, self._buf, self._filled = None, None, 0
+        self._spec, self._target, self._buf, self._filled = None, None, None, 0
         return name, arr
 
     def pending_description(self) -> str:
@@ -133,10 +159,16 @@ class TensorAssembler:
         return f"tensor {self._spec.name!r} has {self._filled} of {self._spec.nbytes} bytes"
 
 
-def decode_tensors(chunks: Iterable[pb.ModelChunk | DataChunk]) -> dict[str, np.ndarray]:
-    """Tensors from a stream of TensorHeader/data chunks (header chunks are refused here)."""
+def decode_tensors(
+    chunks: Iterable[pb.ModelChunk | DataChunk], sink: TensorSink | None = None
+) -> dict[str, np.ndarray]:
+    """Tensors from a stream of TensorHeader/data chunks (header chunks are refused here).
+
+    With `sink`, each tensor is decoded into the array the sink offers for it (that array is returned as the
+    tensor); a stream that fails part-way leaves the arrays offered so far overwritten, some of them partly.
+    """
     out: dict[str, np.ndarray] = {}
-    asm = TensorAssembler()
+    asm = TensorAssembler(sink)
     for chunk in chunks:
         part = chunk.WhichOneof("part")
         if part == "tensor":

@@ -7,6 +7,7 @@ import time
 import grpc
 import numpy as np
 import pytest
+import torch
 from conftest import free_port, start_training_run
 
 from fedclient.communicator import (
@@ -336,3 +337,144 @@ def test_cross_site_calls_without_a_run_number_or_a_session_say_what_to_pass(ssl
     c = Communicator(ClientModelManager(), ssl_args=ssl_args, secure_train=True)
     with pytest.raises(ValueError, match="get validation models: no run_number given and the session names no run"):
         c.get_validation_models("site-1", {TASK: {"target": SERVICE}}, TASK, "unknown-token")
+
+
+# ---- the global model goes straight into the local model ---------------------------------------------------------
+
+
+class _Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.full((2, 3), 7.0))
+        self.b = torch.nn.Parameter(torch.full((2,), 7.0))
+
+
+class _Fitter:
+    def __init__(self):
+        self.model = _Net()
+
+    def num_local_iterations(self) -> int:
+        return 1
+
+
+def _torch_site(ssl, **kwargs) -> tuple[Communicator, ClientModelManager, _Fitter]:
+    mm = ClientModelManager(task_names=[TASK])
+    fitter = _Fitter()
+    mm.set_fitter(fitter)
+    return Communicator(mm, ssl_args=ssl, secure_train=True, **kwargs), mm, fitter
+
+
+def _own(fitter: _Fitter) -> dict[str, np.ndarray]:
+    return {"w": fitter.model.w.detach().numpy(), "b": fitter.model.b.detach().numpy()}
+
+
+def test_get_model_decodes_into_the_local_models_parameters(federation):
+    ssl, servers = federation
+    c, mm, fitter = _torch_site(ssl)
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        remote = c.getModel(servers, TASK, token, None, wait_seconds=1)
+        own = _own(fitter)
+        for name in W0:
+            assert np.shares_memory(remote.tensors[name], own[name]), name
+            np.testing.assert_array_equal(own[name], W0[name], err_msg=name)
+        assert mm.local_model_partial  # until pull_models assigns it
+        mm.assign_current_model({TASK: remote.tensors})
+        assert not mm.local_model_partial
+    finally:
+        c.close()
+
+
+def test_with_post_processors_the_download_goes_to_fresh_buffers_first(federation):
+    ssl, servers = federation
+    c, mm, fitter = _torch_site(ssl, post_processors=[lambda tensors, app_ctx: tensors])
+    try:
+        token = c.client_registration("site-1", servers, TASK).token
+        remote = c.getModel(servers, TASK, token, None, wait_seconds=1)
+        own = _own(fitter)
+        for name in W0:
+            assert not np.shares_memory(remote.tensors[name], own[name]), name
+            assert (own[name] == 7.0).all()  # untouched until assigned
+        assert not mm.local_model_partial
+    finally:
+        c.close()
+
+
+def _breaking_stub(monkeypatch, codes: list[grpc.StatusCode]) -> list[int]:
+    """GetModel streams that fail with codes[i] at the second tensor's header (the first one is written by then)."""
+    from fedclient import communicator as comm_mod
+
+    calls = []
+
+    class Breaking(TrainingStub):
+        def __init__(self, channel):
+            super().__init__(channel)
+            real = self.GetModel
+
+            def get_model(request, **kwargs):
+                stream = real(request, **kwargs)
+                calls.append(1)
+                if len(calls) > len(codes):
+                    return stream
+                code = codes[len(calls) - 1]
+
+                def broken():
+                    for chunk in stream:
+                        if chunk.WhichOneof("part") == "tensor" and chunk.tensor.name == "b":
+                            stream.cancel()
+                            raise FakeRpcError(code)
+                        yield chunk
+
+                return broken()
+
+            self.GetModel = get_model
+
+    monkeypatch.setattr(comm_mod, "TrainingStub", Breaking)
+    return calls
+
+
+def _session(ssl, servers, fitter=None):
+    from fedclient.fed_client_base import FederatedClientBase
+
+    client = FederatedClientBase("site-1", ssl, True, server_args=servers)
+    client.model_manager.set_fitter(fitter or _Fitter())
+    return client
+
+
+def test_a_download_that_breaks_off_is_retried_whole_and_leaves_the_local_model_the_global_one(federation, monkeypatch):
+    ssl, servers = federation
+    calls = _breaking_stub(monkeypatch, [grpc.StatusCode.UNAVAILABLE])
+    fitter = _Fitter()
+    client = _session(ssl, servers, fitter)
+    try:
+        assert client.pull_models()[TASK].status == "train"
+        assert len(calls) == 2
+        assert not client.model_manager.local_model_partial
+        for name, arr in _own(fitter).items():
+            np.testing.assert_array_equal(arr, W0[name], err_msg=name)
+        with torch.no_grad():
+            fitter.model.w.add_(0.5)
+        delta = client.model_manager.read_current_model(TASK)
+        np.testing.assert_array_equal(delta["w"], np.full((2, 3), 0.5, np.float32))
+    finally:
+        client.close()
+
+
+def test_a_download_that_fails_for_good_leaves_a_partial_model_named_as_such(federation, monkeypatch):
+    ssl, servers = federation
+    _breaking_stub(monkeypatch, [grpc.StatusCode.INTERNAL])
+    fitter = _Fitter()
+    client = _session(ssl, servers, fitter)
+    try:
+        with pytest.raises(CommunicationError, match="get model refused by .*INTERNAL"):
+            client.pull_models()
+        mm = client.model_manager
+        assert mm.local_model_partial
+        own = _own(fitter)
+        assert (own["w"] == 0).all() and (own["b"] == 7.0).all()  # w arrived, b did not: a mix
+        with pytest.raises(RuntimeError, match="local model is incomplete.*'w'"):
+            mm.read_current_model(TASK)
+        assert client.pull_models()[TASK].status == "train"  # pulled again: whole
+        assert not mm.local_model_partial and (own["b"] == 0).all()
+    finally:
+        client.close()

@@ -276,3 +276,19 @@ def test_test_client_refuses_privacy_params_it_cannot_build_saying_why(federatio
             server_args=[{"name": TASK, "target": target}],
             privacy_params=params,
         )
+
+
+def test_the_next_global_model_is_decoded_into_the_working_weights(federation):
+    server, ws, target = federation(num_rounds=2)
+    c1, c2 = _direct(federation, ws, target, "site-1"), _direct(federation, ws, target, "site-2")
+    for c in (c1, c2):
+        c.connect_to_server({"heart_beat": False})
+    weights = c1.pull_models_from_server()["model"]
+    for k in W0:
+        weights[k] += D1[k]  # trained in place, as a loop over its own arrays does
+    assert c1.push_models_to_server(weights, {"weight": N1}).accepted
+    _train_and_push(c2, D2, N2)
+    nxt = c1.pull_models_from_server()["model"]
+    assert all(nxt[k] is weights[k] for k in W0)  # no receive buffer, no copy: the same arrays
+    _assert_model(nxt, _expected())
+    assert not c1.model_manager.local_model_partial

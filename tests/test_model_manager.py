@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,8 +14,10 @@ import torch
 from fedclient.components.model_reader_writer import ModelProcessor
 from fedclient.components.model_validator import ModelValidator
 from fedclient.model_manager import ClientModelManager
+from fedclient.site_algorithms import SCAFFOLD_CONTROL_PREFIX
 from fedcommon.model_file import load_model
 from fedcommon.model_meta import FLContext
+from fedcommon.tensor_codec import CodecError, TensorSpec, decode_tensors, encode_tensors
 from fedcommon.torch_state import state_dict_to_numpy
 
 TASK = "task"
@@ -454,3 +459,150 @@ def test_an_update_without_a_privacy_filter_is_computed_a_variable_at_a_time_as_
     np.testing.assert_array_equal(first, again)
     with pytest.raises(KeyError):
         delta["not-a-variable"]
+
+
+# ---- the global model: decoded into the local model, kept on disk ------------------------------------------
+
+
+def _params(fitter: TinyFitter) -> dict[str, np.ndarray]:
+    """Numpy views of the module's own memory."""
+    return {k: v.numpy() for k, v in fitter.model.state_dict().items()}
+
+
+def _spec(name: str, arr: np.ndarray) -> TensorSpec:
+    return TensorSpec(name, arr.dtype, arr.shape)
+
+
+def _fds_in(folder: Path) -> list[int]:
+    """This process's open files that live in `folder` (named or not)."""
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{folder}/"):
+                fds.append(int(fd))
+        except OSError:
+            continue
+    return fds
+
+
+def test_a_download_decodes_straight_into_the_modules_own_memory():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    before = {k: v.data_ptr() for k, v in fitter.model.state_dict().items()}
+    glob = _global_model(fitter)
+    decoded = decode_tensors(encode_tensors(glob), sink=mm.global_model_sink(TASK))
+    own = _params(fitter)
+    for name, arr in decoded.items():
+        assert np.shares_memory(arr, own[name]), name  # no receive buffer of its own
+        np.testing.assert_array_equal(own[name], glob[name], err_msg=name)
+    assert mm.local_model_partial  # written, not yet assigned
+    assert mm.assign_current_model({TASK: decoded}) is True
+    assert not mm.local_model_partial
+    assert {k: v.data_ptr() for k, v in fitter.model.state_dict().items()} == before
+    for name, arr in _module_arrays(fitter).items():
+        np.testing.assert_array_equal(arr, glob[name], err_msg=name)
+
+
+def test_the_sink_declines_what_the_local_model_cannot_take_in_place():
+    fitter = TinyFitter()
+    mm = _manager(fitter, exclude_vars=r"bias")
+    sink = mm.global_model_sink(TASK)
+    weight = _params(fitter)["0.weight"]
+    assert sink(_spec("0.bias", np.zeros(2, np.float32))) is None  # excluded: the local value stays
+    assert sink(_spec("0.weight", np.zeros((3, 2), np.float32))) is None  # another shape
+    assert sink(_spec("0.weight", np.zeros((2, 3), np.float64))) is None  # another dtype
+    assert sink(_spec(SCAFFOLD_CONTROL_PREFIX + "0.weight", weight)) is None  # SCAFFOLD's c is not a variable
+    assert sink(_spec("not-a-variable", weight)) is None
+    assert not mm.local_model_partial
+    assert np.shares_memory(sink(_spec("0.weight", weight)), weight)
+
+
+def test_a_variable_one_tasks_download_wrote_is_not_offered_to_another_task():
+    fitter = TinyFitter()
+    mm = ClientModelManager(task_names=["a", "b"])
+    mm.set_fitter(fitter)
+    weight = _params(fitter)["0.weight"]
+    assert mm.global_model_sink("a")(_spec("0.weight", weight)) is not None
+    assert mm.global_model_sink("b")(_spec("0.weight", weight)) is None
+    assert mm.global_model_sink("a")(_spec("0.weight", weight)) is not None  # a retry of a's download
+
+
+def test_a_reader_writer_without_writable_arrays_gets_no_sink():
+    class Plain(ModelProcessor):
+        writable_model = None
+
+    assert _manager(TinyFitter(), model_reader_writer=Plain()).global_model_sink(TASK) is None
+    assert _manager().global_model_sink(TASK) is None  # no fitter yet
+
+
+def test_a_download_that_breaks_off_leaves_a_partial_local_model_that_refuses_an_update_until_pulled_again():
+    fitter, mm, glob = _trained_round()
+    nxt = _global_model(fitter, offset=2.0)
+    chunks = list(encode_tensors(nxt))
+    with pytest.raises(CodecError, match="stream ended early"):
+        decode_tensors(chunks[:-1], sink=mm.global_model_sink(TASK))
+    assert mm.local_model_partial
+    for type_str in ("delta_w", "model"):
+        with pytest.raises(RuntimeError, match=r"local model is incomplete: a download of task 'task'.*pull .* again"):
+            mm.read_current_model(TASK, type_str)
+    # the retry: the whole model again, then assigned
+    mm.assign_current_model({TASK: decode_tensors(encode_tensors(nxt), sink=mm.global_model_sink(TASK))})
+    assert not mm.local_model_partial
+    fitter.train(None)
+    np.testing.assert_array_equal(mm.read_current_model(TASK)["0.bias"], np.full(2, 0.25, np.float32))
+
+
+def test_a_failed_assign_leaves_the_local_model_partial():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    decoded = decode_tensors(encode_tensors(_global_model(fitter)), sink=mm.global_model_sink(TASK))
+    decoded["unknown"] = np.zeros(1, np.float32)
+    with pytest.raises(ValueError, match="'unknown' is not in the local model"):
+        mm.assign_current_model({TASK: decoded})
+    assert mm.local_model_partial
+
+
+def test_the_update_is_local_minus_the_global_model_read_back_from_disk():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter, offset=0.5)
+    kept = {k: v.copy() for k, v in glob.items()}
+    mm.assign_current_model({TASK: glob})
+    for arr in glob.values():  # what was in memory is gone: only the file can give the global model back
+        arr.fill(99)
+    fitter.train(None)
+    local = _module_arrays(fitter)
+    delta = mm.read_current_model(TASK, "delta_w")
+    for name in kept:
+        np.testing.assert_array_equal(delta[name], local[name] - kept[name], err_msg=name)
+
+
+def test_the_global_model_file_is_private_one_per_task_and_removed_when_released(tmp_path):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    mm.global_model_dir = tmp_path
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    [fd] = _fds_in(tmp_path)
+    assert stat.S_IMODE(os.fstat(fd).st_mode) == 0o600 and os.fstat(fd).st_nlink == 0
+    mm.assign_current_model({TASK: _global_model(fitter, offset=3.0)})
+    assert len(_fds_in(tmp_path)) == 1  # the next round's model replaced it
+    assert list(tmp_path.iterdir()) == []  # never a name in the folder
+    mm.release_global_models()
+    assert _fds_in(tmp_path) == [] and mm.model_vars(TASK) == []
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    mm.close()
+    assert _fds_in(tmp_path) == []
+
+
+def test_an_in_memory_best_model_is_never_decoded_over():
+    from fedclient.direct_client import _DictReaderWriter, _Weights
+
+    weights = _Weights()
+    weights.weights = {"w": np.ones(3, np.float32)}
+    mm = ClientModelManager(task_names=[TASK], model_reader_writer=_DictReaderWriter())
+    mm.set_fitter(weights)
+    sink = mm.global_model_sink(TASK)
+    assert sink(_spec("w", weights.weights["w"])) is weights.weights["w"]
+    mm.update_best_model({"accuracy": 0.9})  # kept in memory: the very arrays of the weights
+    assert mm.global_model_sink(TASK)(_spec("w", weights.weights["w"])) is None
+    np.testing.assert_array_equal(mm.get_best_model()["w"], np.ones(3, np.float32))

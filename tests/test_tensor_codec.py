@@ -83,3 +83,55 @@ def test_data_before_header_and_duplicate_names_are_refused():
     twice = list(encode_tensor("x", np.zeros(1, np.float32))) * 2
     with pytest.raises(CodecError, match="twice"):
         decode_tensors(twice)
+
+
+# ---- decoding into the receiver's own arrays (a sink) ---------------------------------------------------------
+
+
+def test_a_sink_array_that_fits_receives_the_tensor_in_place():
+    sent = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "s": np.array(7, np.int64)}
+    dest = {"w": np.zeros((3, 4), np.float32), "s": np.zeros((), np.int64)}
+    asked = []
+
+    def sink(spec):
+        asked.append((spec.name, spec.dtype, spec.shape))
+        return dest[spec.name]
+
+    got = decode_tensors(encode_tensors(sent, chunk_bytes=8), sink=sink)
+    assert asked == [("w", np.dtype(np.float32), (3, 4)), ("s", np.dtype(np.int64), ())]
+    for name in sent:
+        assert got[name] is dest[name]  # no buffer of its own, no copy
+        np.testing.assert_array_equal(dest[name], sent[name])
+
+
+@pytest.mark.parametrize(
+    "offered",
+    [
+        np.zeros((3, 4), np.float64),  # another dtype
+        np.zeros((4, 3), np.float32),  # another shape
+        np.zeros((4, 3), np.float32).T,  # not C-contiguous
+        np.frombuffer(bytes(48), np.float32).reshape(3, 4),  # read-only
+        np.zeros((3, 4), np.dtype(">f4")),  # big-endian: not the wire's bytes
+        [[0.0] * 4] * 3,  # not an array
+        None,  # nothing offered
+    ],
+    ids=["dtype", "shape", "strided", "read-only", "big-endian", "list", "none"],
+)
+def test_a_sink_array_that_does_not_fit_is_left_alone_and_a_fresh_buffer_is_used(offered):
+    sent = np.arange(12, dtype=np.float32).reshape(3, 4)
+    before = np.array(offered, copy=True) if offered is not None else None
+    got = decode_tensors(encode_tensors({"w": sent}), sink=lambda spec: offered)["w"]
+    np.testing.assert_array_equal(got, sent)
+    assert got.dtype == np.float32 and got.flags.writeable
+    if isinstance(offered, np.ndarray):
+        assert not np.shares_memory(got, offered)
+        np.testing.assert_array_equal(offered, before)
+
+
+def test_a_stream_that_breaks_off_leaves_the_sink_arrays_written_so_far():
+    dest = {"a": np.zeros(4, np.float32), "b": np.zeros(4, np.float32)}
+    chunks = list(encode_tensors({"a": np.ones(4, np.float32), "b": np.full(4, 2.0, np.float32)}, chunk_bytes=8))
+    with pytest.raises(CodecError, match="stream ended early: tensor 'b' has 8 of 16 bytes"):
+        decode_tensors(chunks[:-1], sink=lambda spec: dest[spec.name])
+    np.testing.assert_array_equal(dest["a"], np.ones(4, np.float32))
+    np.testing.assert_array_equal(dest["b"], [2.0, 2.0, 0.0, 0.0])  # what the caller must know about

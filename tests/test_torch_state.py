@@ -7,7 +7,13 @@ import numpy as np
 import pytest
 import torch
 
-from fedcommon.torch_state import load_numpy_into_module, numpy_to_tensor, state_dict_to_numpy, tensor_to_numpy
+from fedcommon.torch_state import (
+    load_numpy_into_module,
+    numpy_to_tensor,
+    state_dict_to_numpy,
+    tensor_to_numpy,
+    writable_view,
+)
 
 
 def _net(dtype: torch.dtype = torch.float32) -> torch.nn.Module:
@@ -163,3 +169,31 @@ def test_load_accepts_the_scalar_that_arithmetic_on_a_0d_counter_returns():
     counter = state_dict_to_numpy(net.state_dict())["1.num_batches_tracked"] + 2  # np.int64, not an ndarray
     assert load_numpy_into_module(net, {"1.num_batches_tracked": counter}) == ["1.num_batches_tracked"]
     assert int(net[1].num_batches_tracked) == 2
+
+
+def test_a_writable_view_is_the_tensors_own_memory_bfloat16_included():
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int64):
+        t = torch.zeros(2, 3, dtype=dtype)
+        view = writable_view(t)
+        assert view is not None and view.shape == (2, 3) and view.flags.writeable
+        view[1, 2] = 5
+        assert t[1, 2].item() == 5, dtype
+    assert writable_view(torch.zeros(2, 3, dtype=torch.bfloat16)).dtype == np.dtype(ml_dtypes.bfloat16)
+
+
+def test_no_writable_view_of_a_strided_sparse_or_unsupported_tensor():
+    assert writable_view(torch.zeros(3, 2).T) is None
+    assert writable_view(torch.zeros(3, 2).to_sparse()) is None
+    assert writable_view(torch.zeros(3, dtype=torch.complex64).conj()) is None
+    assert writable_view(torch.zeros(3, dtype=torch.float8_e4m3fn)) is None
+
+
+def test_loading_an_array_that_is_the_variables_own_memory_copies_nothing_and_counts_as_changed():
+    net = _net()
+    weight = net.state_dict()["0.weight"]
+    view = writable_view(weight)
+    view[:] = 0.5
+    other = net.state_dict()["0.bias"].numpy().copy() + 1
+    assert load_numpy_into_module(net, {"0.weight": view, "0.bias": other}) == ["0.weight", "0.bias"]
+    assert net[0].weight.data_ptr() == view.ctypes.data and bool((net[0].weight == 0.5).all())
+    np.testing.assert_array_equal(net[0].bias.detach().numpy(), other)
