@@ -34,7 +34,8 @@ KILL_WAIT = 5.0
 _SAME_START = 0.05  # seconds: a PID with another start time is another process
 # Start-up: every participant says on its ready pipe when it is ready (fedcommon.readiness); the pipes are waited on
 # in slices this long, between which the processes are checked. Then the console confirms with the server that every
-# site is connected, asking this often (a site's long-poll reaches the server milliseconds after it said ready).
+# site is connected, asking after 20 ms (a site's long-poll reaches the server milliseconds after it said ready), then
+# less often, up to the slice.
 LIVENESS_SLICE_S = 0.25
 CONFIRM_POLL_S = 0.02
 _LAST_WORDS = 300  # characters of a participant's last line of output quoted when it exits during start-up
@@ -388,6 +389,7 @@ def start(
             pipes[read_end] = record
         deadline = time.monotonic() + timeout
         missing: str | None = "no participant has said it is ready"
+        pause = CONFIRM_POLL_S
         while True:
             for record in records:
                 if recorded_process(record) is None:
@@ -409,7 +411,8 @@ def start(
                     f"logs: {', '.join(r.log for r in records)} (stdout/stderr beside them in console.txt){silent}"
                 )
             if not pipes:
-                time.sleep(CONFIRM_POLL_S)
+                time.sleep(pause)
+                pause = min(2 * pause, LIVENESS_SLICE_S)
     except BaseException:
         with contextlib.suppress(FederationError):
             stop(workspace, grace=5.0)
