@@ -30,10 +30,12 @@ sys.path.insert(0, str(ROOT))
 from admin_bench import fedadmin, free_port  # noqa: E402  (benchmarks/ is this script's folder)
 
 ROUNDS = 3
-# The digits trainer splits every class over num_sites shards and holds a fifth of each shard out: 60 shards is
-# the most that leaves each site both training and held-out samples (~20 and ~10).
+# The digits trainer splits every class over num_sites shards and holds a fifth of each shard out: with 60 shards a
+# site trains on 20 samples (2 per class) and validates on 9; more shards (up to 88) leave those 20 and shrink only
+# the held-out part, fewer add samples.
 NUM_SHARDS = 60
 SUMMARY_POLL_S = 0.005
+TARGET_S = 5.0  # issue 25: poc start to the run finished
 PHASES = ("poc_start", "deploy", "start", "first_round", "rest", "total", "wait", "federation_cpu", "console_cpu")
 
 
@@ -155,12 +157,16 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     medians = {f"{p}_s_median": statistics.median(r[p] for r in runs) for p in PHASES}
+    # On a shared machine the least disturbed repeat is the fastest one: shown beside the median.
+    fastest = {f"{p}_s_min": min(r[p] for r in runs) for p in PHASES}
     if args.json:
-        print(json.dumps({"runs": runs, **medians}))
+        print(json.dumps({"runs": runs, **medians, **fastest}))
         return 0
-    for name, value in medians.items():
-        verdict = f"  target <= 5 s: {'met' if value <= 5.0 else 'MISSED'}" if name == "total_s_median" else ""
-        print(f"{name:24s} {value:7.3f}{verdict}")
+    print(f"{'phase (s)':16s} {'median':>8s} {'min':>8s}")
+    for phase in PHASES:
+        median = medians[f"{phase}_s_median"]
+        verdict = f"  target <= 5 s: {'met' if median <= TARGET_S else 'MISSED'}" if phase == "total" else ""
+        print(f"{phase:16s} {median:8.3f} {fastest[f'{phase}_s_min']:8.3f}{verdict}")
     return 0
 
 
