@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -22,13 +23,23 @@ from pathlib import Path
 import psutil
 
 from fedcommon.atomic import atomic_write_json
+from fedcommon.escape import for_terminal
 from fedcommon.pid_file import PID_FILE, live_process, read_pid_file
+from fedcommon.readiness import READY_FD_ENV, READY_LINE
 
 RECORD = "poc.json"
 STARTUP_CONFIG = Path("startup") / "fed.json"
 STOP_GRACE = 15.0
 KILL_WAIT = 5.0
 _SAME_START = 0.05  # seconds: a PID with another start time is another process
+# Start-up: every participant says on its ready pipe when it is ready (fedcommon.readiness); the pipes are waited on
+# in slices this long, between which the processes are checked. Then the console confirms with the server that every
+# site is connected, asking after 20 ms (a site's long-poll reaches the server milliseconds after it said ready), then
+# less often, up to the slice.
+LIVENESS_SLICE_S = 0.25
+CONFIRM_POLL_S = 0.02
+_LAST_WORDS = 300  # characters of a participant's last line of output quoted when it exits during start-up
+_TAIL_BYTES = 1 << 16  # where that line is looked for: the end of its output
 
 
 class FederationError(Exception):
@@ -109,14 +120,26 @@ def participant_argv(participant: Participant) -> list[str]:
     return [sys.executable, "-m", module, "start", "--workspace", str(participant.folder)]
 
 
-def launch(workspace: Path, name: str, argv: list[str]) -> ProcessRecord:
-    """Start argv for participant `name` in its own session, output to <name>/console.txt; record it."""
+def launch(workspace: Path, name: str, argv: list[str], ready_fd: int | None = None) -> ProcessRecord:
+    """Start argv for participant `name` in its own session, output to <name>/console.txt; record it.
+
+    ready_fd: the write end of a pipe handed to the participant, on which it says when it is ready.
+    """
     folder = workspace / name
     console = folder / "console.txt"
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop(READY_FD_ENV, None)
+    if ready_fd is not None:
+        env[READY_FD_ENV] = str(ready_fd)
     with open(console, "ab") as out:
         proc = subprocess.Popen(
-            argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env=env
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env=env,
+            pass_fds=() if ready_fd is None else (ready_fd,),
         )
     try:
         create_time = psutil.Process(proc.pid).create_time()
@@ -330,10 +353,12 @@ def start(
     timeout: float,
     argv_for: Callable[[Participant], list[str]] = participant_argv,
 ) -> list[ProcessRecord]:
-    """Start the server and every site of workspace; return once ready(sites) says nothing is missing.
+    """Start the server and every site of workspace; return once each has said it is ready and ready(sites) says
+    nothing is missing.
 
     ready(sites) returns what is not ready yet in words ("site-2 not connected"), or None.
-    On a failure or timeout every started process is stopped and FederationError names the logs.
+    On a failure or timeout every started process is stopped and FederationError names the logs; a participant that
+    exits during start-up is named with the last line it printed.
     """
     workspace = workspace.resolve()
     _require_roles()
@@ -346,26 +371,80 @@ def start(
     found = [p for p in participants(workspace) if p.role in ("server", "client")]
     sites = [p.name for p in found if p.role == "client"]
     records: list[ProcessRecord] = []
+    pipes: dict[int, ProcessRecord] = {}  # read end -> the participant that has not said it is ready yet
+    offsets: dict[str, int] = {}  # participant -> where its output of this start begins in its console.txt
     try:
         for participant in found:
-            records.append(launch(workspace, participant.folder.name, argv_for(participant)))
+            console = workspace / participant.folder.name / "console.txt"
+            offsets[participant.folder.name] = console.stat().st_size if console.exists() else 0
+            read_end, write_end = os.pipe()
+            try:
+                record = launch(workspace, participant.folder.name, argv_for(participant), write_end)
+            except BaseException:
+                os.close(read_end)
+                raise
+            finally:
+                os.close(write_end)
+            records.append(record)
+            pipes[read_end] = record
         deadline = time.monotonic() + timeout
+        missing: str | None = "no participant has said it is ready"
+        pause = CONFIRM_POLL_S
         while True:
             for record in records:
                 if recorded_process(record) is None:
-                    raise FederationError(
-                        f"{record.name} exited during start-up; see {record.console} and {record.log}"
-                    )
-            missing = ready(sites)
-            if missing is None:
-                return records
+                    raise FederationError(_exited(record, offsets[record.name]))
+            if pipes:
+                _take_ready_lines(pipes, min(LIVENESS_SLICE_S, max(0.0, deadline - time.monotonic())))
+            else:
+                missing = ready(sites)
+                if missing is None:
+                    return records
             if time.monotonic() >= deadline:
+                if pipes:
+                    missing = ready(sites) or missing
+                silent = (
+                    f"; not ready by their own account: {', '.join(r.name for r in pipes.values())}" if pipes else ""
+                )
                 raise FederationError(
                     f"not ready within {timeout:g}s: {missing}; "
-                    f"logs: {', '.join(r.log for r in records)} (stdout/stderr beside them in console.txt)"
+                    f"logs: {', '.join(r.log for r in records)} (stdout/stderr beside them in console.txt){silent}"
                 )
-            time.sleep(0.25)
+            if not pipes:
+                time.sleep(pause)
+                pause = min(2 * pause, LIVENESS_SLICE_S)
     except BaseException:
         with contextlib.suppress(FederationError):
             stop(workspace, grace=5.0)
         raise
+    finally:
+        for read_end in pipes:
+            os.close(read_end)
+
+
+def _take_ready_lines(pipes: dict[int, ProcessRecord], timeout: float) -> None:
+    """Wait up to timeout for the participants' ready lines; drop each pipe that said it (or ended: its process is
+    checked by the caller)."""
+    readable, _, _ = select.select(list(pipes), [], [], timeout)
+    for read_end in readable:
+        try:
+            line = os.read(read_end, len(READY_LINE))
+        except OSError:
+            line = b""
+        if line == READY_LINE or not line:
+            os.close(read_end)
+            del pipes[read_end]
+
+
+def _exited(record: ProcessRecord, offset: int) -> str:
+    """Why start-up failed when `record`'s process ended: where to look, and the last line it printed."""
+    message = f"{record.name} exited during start-up; see {record.console} and {record.log}"
+    try:
+        with open(record.console, "rb") as out:
+            out.seek(max(offset, out.seek(0, os.SEEK_END) - _TAIL_BYTES))
+            lines = out.read(_TAIL_BYTES).decode("utf-8", "replace").strip().splitlines()
+    except OSError:
+        lines = []
+    if not lines:
+        return message
+    return f"{message}; it said: {for_terminal(lines[-1].strip()[:_LAST_WORDS])}"

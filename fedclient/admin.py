@@ -43,6 +43,11 @@ SHUTDOWN_WAIT_S = 10.0
 # long-poll instead of a SendReply call each; a slower request's reply is sent on its own when ready.
 PIGGYBACK_WAIT_S = 0.1
 MAX_RETRY_PAUSE_S = 2.0
+# While the server is unreachable (not started yet, restarting) the channel tries again after 100 ms, growing to
+# MAX_RETRY_PAUSE_S: gRPC's own first back-off (1 s, up to 120 s) would keep a site away from a server that is up.
+# The retrieve loop waits for that connection in slices this long, so a site long-polls as soon as the server listens.
+RECONNECT_BACKOFF_MS = (100, int(MAX_RETRY_PAUSE_S * 1000))
+RECONNECT_SLICE_S = 0.02
 MAX_MESSAGE_BYTES = 16 << 20
 # Polled every second while an operator follows a run: logged only at debug level when they succeed.
 QUIET_TOPICS = (Topic.CHECK_STATUS, Topic.SYS_INFO)
@@ -193,9 +198,21 @@ class FedAdminAgent:
             # the pause up to MAX_RETRY_PAUSE_S, with jitter so that sites do not all return in the same instant.
             if not requests and time.monotonic() - started < self.req_poll_interval:
                 failures += 1
-                self._stop.wait(retry_pause(failures, self.req_poll_interval) * random.uniform(0.5, 1.0))
+                self._pause(retry_pause(failures, self.req_poll_interval) * random.uniform(0.5, 1.0))
             else:
                 failures = 0
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before the next long-poll; one that failed while the server was unreachable goes again as soon as
+        the connection is up (a sender that can tell), not after the whole pause."""
+        connected = getattr(self.sender, "wait_connected", None)
+        if connected is None or connected(0):
+            self._stop.wait(seconds)
+            return
+        until = time.monotonic() + seconds
+        while not self._stop.is_set() and time.monotonic() < until:
+            if connected(RECONNECT_SLICE_S):
+                return
 
     def _batch_replies(self) -> list[Message]:
         """The replies to the batch just retrieved that are ready within PIGGYBACK_WAIT_S; later ones are sent."""
@@ -346,9 +363,13 @@ class AdminMessageSender(Sender):
         self.is_multi_gpu = is_multi_gpu
         self.rank = rank
         self._silent = is_multi_gpu and rank != 0
+        first, most = RECONNECT_BACKOFF_MS
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.initial_reconnect_backoff_ms", first),
+            ("grpc.min_reconnect_backoff_ms", first),
+            ("grpc.max_reconnect_backoff_ms", most),
         ]
         self._channel = grpc.secure_channel(self.target, credentials, options=options)
         self._stub = pb_grpc.SiteAgentStub(self._channel)

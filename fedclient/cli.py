@@ -58,6 +58,7 @@ def start(workspace: Path, debug: bool) -> None:
     from fedcommon.logs import configure_logging
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
+    from fedcommon.readiness import tell_ready
 
     try:
         kit = load_participant_kit(workspace, "client", "fedclient start")
@@ -107,6 +108,7 @@ def start(workspace: Path, debug: bool) -> None:
             log.info("%s: connected to the server at %s", kit.name, kit.fl_target)
             click.echo(f"fedclient agent {kit.name} started")
             sys.stdout.flush()
+            tell_ready()  # `fedadmin poc start` waits for this
             announced = True
         elif announced:
             stop.wait(0.2)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ml_dtypes
 import numpy as np
 
 _BY_NAME: dict[str, np.dtype] = {
@@ -19,7 +18,16 @@ _BY_NAME: dict[str, np.dtype] = {
         "bool",
     )
 }
-_BY_NAME["bfloat16"] = np.dtype(ml_dtypes.bfloat16)
+BFLOAT16 = "bfloat16"
+_SUPPORTED = ", ".join(sorted([*_BY_NAME, BFLOAT16]))
+
+
+def bfloat16() -> np.dtype:
+    """numpy's bfloat16 (ml_dtypes), imported on first use: importing ml_dtypes costs every process some 0.5 s of CPU,
+    and only a model with bfloat16 variables needs it (a bfloat16 array exists only once it is imported)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
 
 
 class DTypeError(ValueError):
@@ -28,17 +36,19 @@ class DTypeError(ValueError):
 
 def dtype_from_name(name: str) -> np.dtype:
     """The numpy dtype (little-endian) for a wire dtype name."""
+    if name == BFLOAT16:
+        return bfloat16()
     try:
         return _BY_NAME[name]
     except KeyError:
-        raise DTypeError(f"unsupported dtype {name!r} (supported: {', '.join(sorted(_BY_NAME))})") from None
+        raise DTypeError(f"unsupported dtype {name!r} (supported: {_SUPPORTED})") from None
 
 
 def dtype_name(dtype: np.dtype) -> str:
     """The wire name of a numpy dtype; raises DTypeError for dtypes not carried."""
     name = np.dtype(dtype).name
-    if name not in _BY_NAME:
-        raise DTypeError(f"unsupported dtype {name!r} (supported: {', '.join(sorted(_BY_NAME))})")
+    if name not in _BY_NAME and name != BFLOAT16:
+        raise DTypeError(f"unsupported dtype {name!r} (supported: {_SUPPORTED})")
     return name
 
 

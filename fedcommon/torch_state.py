@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-import ml_dtypes
 import numpy as np
 import torch
+
+from fedcommon.dtypes import BFLOAT16, bfloat16
 
 
 def tensor_to_numpy(t: torch.Tensor) -> np.ndarray:
     """A copy of `t` as a numpy array; bfloat16 keeps its bits."""
     t = t.detach().cpu().contiguous()
     if t.dtype == torch.bfloat16:
-        return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16).copy()
+        return t.view(torch.int16).numpy().view(bfloat16()).copy()
     return t.numpy().copy()
 
 
@@ -21,7 +22,7 @@ def numpy_to_tensor(arr: np.ndarray) -> torch.Tensor:
     """A torch tensor with the same values and dtype as `arr` (bfloat16 included)."""
     arr = np.asarray(arr)  # a numpy scalar (from arithmetic on a 0-d array) becomes a 0-d array
     arr = arr if arr.flags.c_contiguous else arr.copy(order="C")
-    if arr.dtype == np.dtype(ml_dtypes.bfloat16):
+    if arr.dtype.name == BFLOAT16:
         return torch.from_numpy(arr.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(arr.copy())
 

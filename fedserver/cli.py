@@ -89,6 +89,7 @@ def start(
     from fedcommon.mmar import MMARError
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
+    from fedcommon.readiness import tell_ready
     from fedserver.errors import ServerError
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
@@ -127,6 +128,7 @@ def start(
     metrics = f" metrics http://{metrics_host}:{metrics_bound}/metrics" if metrics_bound is not None else ""
     click.echo(f"fedserver ready on {host}:{bound} admin {host}:{server.admin_port}{metrics}")
     sys.stdout.flush()
+    tell_ready()  # `fedadmin poc start` waits for this, not for a poll to find the ports open
     while not stop.wait(0.2) and not server.exit_requested.is_set():
         pass
     restart = server.exit_requested.is_set() and server.restart_requested

@@ -56,12 +56,15 @@ def main() -> None:
         mmar = load_mmar(args.mmar)
         if args.run_as:
             import numpy  # noqa: F401
-            import torch  # noqa: F401
 
             import fedcommon.components  # noqa: F401
             import fedcommon.model_file  # noqa: F401
-            import fedcommon.torch_state  # noqa: F401
             from fedserver.untrusted_code import drop_privileges
+
+            if mmar.server.initial_model_file is None:  # a model file is copied: no torch (a second of CPU) needed
+                import torch  # noqa: F401
+
+                import fedcommon.torch_state  # noqa: F401
 
             drop_privileges(args.run_as, mmar.custom_dir)
         build_from(mmar, args.out)

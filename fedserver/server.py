@@ -43,6 +43,7 @@ from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.downloads import DOWNLOADS_DIR, Downloads
 from fedserver.errors import ServerError
 from fedserver.identity_gate import CallLimits, IdentityGate
+from fedserver.initial_models import InitialModels
 from fedserver.jobs import JobStore, load_max_jobs
 from fedserver.mailbox import SiteMailbox
 from fedserver.registry import UNBOUND, ClientRegistry
@@ -238,6 +239,7 @@ class FederationServer:
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
         self.downloads = Downloads(self.workspace / DOWNLOADS_DIR)
+        self._initial_models = InitialModels(self.workspace, self._build_initial_model)
         self._resume()
         # After the runs are resumed: a running job finds its run.
         self.jobs = JobScheduler(self, JobStore(self.workspace), self.max_runs)
@@ -345,6 +347,7 @@ class FederationServer:
         """Stop serving: long-polls are released at once, other calls get `grace` seconds."""
         self._stop.set()
         self.jobs.stop()
+        self._initial_models.close()
         self.mailbox.close()
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
@@ -594,8 +597,10 @@ class FederationServer:
                 target = run_folder.RunFolder.of(self.workspace, number).mmar
                 target.parent.mkdir(exist_ok=True)
                 if target.exists():
+                    self._initial_models.forget(number)  # built from the MMAR being replaced
                     target.rename(staging / "replaced")
                 mmar_dir.rename(target)
+                self._initial_models.begin(number, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         log.info("run %d deployed from %s", number, source.name)
@@ -678,7 +683,8 @@ class FederationServer:
             models.mkdir(exist_ok=True)
             building = models / f".{GLOBAL_MODEL}.building"
             try:
-                self._build_initial_model(mmar.root, building, f"run {number}")
+                if not self._initial_models.take(number, building):
+                    self._build_initial_model(mmar.root, building, f"run {number}")
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
@@ -715,9 +721,10 @@ class FederationServer:
                 shutil.rmtree(run_dir, ignore_errors=True)
                 raise
 
-    def _build_initial_model(self, mmar_dir: Path, out: Path, what: str) -> None:
+    def _build_initial_model(self, mmar_dir: Path, out: Path, what: str, cancel: threading.Event | None = None) -> None:
         """Write the run's initial model to `out`, built in a child: the MMAR's custom code and torch stay out of
-        the long-lived server, and that code never runs as the server's user unless local/custom_code.json says."""
+        the long-lived server, and that code never runs as the server's user unless local/custom_code.json says.
+        Setting `cancel` stops the child (a build begun at deploy that is no longer wanted)."""
         try:
             with code_sandbox(mmar_dir, self.code_policy, what) as box:
                 try:
@@ -726,8 +733,11 @@ class FederationServer:
                         "fedserver.init_model",
                         ["--mmar", str(box.mmar), "--out", str(box.out)],
                         INIT_MODEL_TIMEOUT_S,
+                        cancel,
                     )
                 except subprocess.TimeoutExpired:
+                    if cancel is not None and cancel.is_set():
+                        raise ServerError(f"building the initial model of {what} was stopped") from None
                     raise ServerError(
                         f"building the initial model of {what} took over {INIT_MODEL_TIMEOUT_S}s and was stopped"
                     ) from None
@@ -791,6 +801,7 @@ class FederationServer:
                 store.close()  # a call still in flight must not write the deleted run back
             with self._run_cond:
                 self.runs.pop(run_number, None)
+        self._initial_models.forget(run_number)
         run_folder.remove(trash)
         log.info("run %d deleted by an operator", run_number)
         return self.run_dir(run_number)

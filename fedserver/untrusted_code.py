@@ -19,6 +19,8 @@ import stat
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +33,7 @@ _KEYS = ("run_as", "allow_as_server_user")
 # What the child keeps of the server's environment: how to find Python and the installed packages, nothing else.
 _KEPT_ENV = ("PATH", "LANG", "LC_ALL", "PYTHONPATH", "VIRTUAL_ENV", "CUDA_VISIBLE_DEVICES")
 _COPY_CHUNK = 1 << 20
+_CANCEL_CHECK_S = 0.1
 
 
 class CodePolicyError(ValueError):
@@ -171,8 +174,13 @@ def _target_ids(policy: CodePolicy, what: str, code: list[str]) -> tuple[int, in
         raise CodeRefused(f"{what} brings code ({shown(code)}), and run_as of {policy.source}: {e}") from None
 
 
-def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run `python -m module args` in the sandbox, in a process group of its own that is killed when it ends."""
+def run_child(
+    box: Sandbox, module: str, args: list[str], timeout: float, cancel: threading.Event | None = None
+) -> subprocess.CompletedProcess:
+    """Run `python -m module args` in the sandbox, in a process group of its own that is killed when it ends.
+
+    subprocess.TimeoutExpired after `timeout` seconds, or as soon as `cancel` is set (the server stops).
+    """
     proc = subprocess.Popen(
         [sys.executable, "-m", module, *args, *box.argv],
         env=box.env,
@@ -184,7 +192,7 @@ def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> sub
         start_new_session=True,
     )
     try:
-        out, err = proc.communicate(timeout=timeout)
+        out, err = _communicate(proc, timeout, cancel)
     finally:
         # Whatever the child left behind in its group (it may have started processes) ends with it.
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -193,6 +201,18 @@ def run_child(box: Sandbox, module: str, args: list[str], timeout: float) -> sub
             proc.kill()
             proc.wait()
     return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def _communicate(proc: subprocess.Popen, timeout: float, cancel: threading.Event | None) -> tuple[str, str]:
+    if cancel is None:
+        return proc.communicate(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:  # retried after a timeout, communicate loses no output
+            return proc.communicate(timeout=min(_CANCEL_CHECK_S, max(0.0, deadline - time.monotonic())))
+        except subprocess.TimeoutExpired:
+            if cancel.is_set() or time.monotonic() >= deadline:
+                raise
 
 
 def take_output(path: Path, dest: Path) -> None:

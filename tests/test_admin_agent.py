@@ -282,19 +282,74 @@ class UnreachableSender(FakeSender):
         return []
 
 
-def test_an_agent_that_cannot_reach_the_server_backs_off_up_to_a_cap_and_keeps_trying(tmp_path):
-    sender = UnreachableSender()
-    agent = FedAdminAgent("site-1", sender, None, req_poll_interval=0.05)
+def long_poll_gaps(sender: UnreachableSender, req_poll_interval: float, seconds: float) -> list[float]:
+    """Run an agent on `sender` for `seconds`; the seconds between its long-polls."""
+    agent = FedAdminAgent("site-1", sender, None, req_poll_interval=req_poll_interval)
     agent.start()
     try:
-        time.sleep(4.0)
+        time.sleep(seconds)
     finally:
         agent.shutdown()
-    gaps = [b - a for a, b in zip(sender.calls, sender.calls[1:], strict=False)]
+    return [b - a for a, b in zip(sender.calls, sender.calls[1:], strict=False)]
+
+
+def test_an_agent_that_cannot_reach_the_server_backs_off_up_to_a_cap_and_keeps_trying(tmp_path):
+    sender = UnreachableSender()
+    gaps = long_poll_gaps(sender, 0.05, 4.0)
     # Constant 0.05 s retries would make ~80 calls; doubling pauses (with jitter) make about ten.
     assert 5 <= len(sender.calls) <= 20, sender.calls
     assert max(gaps) <= 2.0 + 0.5  # the documented cap (2 s), not whatever the code's constant says
     assert max(gaps[-3:]) > 4 * min(gaps[:3]), gaps
+
+
+class StartingServerSender(UnreachableSender):
+    """A server that starts listening at `up_at`: long-polls fail at once before; the connection is up after."""
+
+    def __init__(self, up_at: float):
+        super().__init__()
+        self.up_at = up_at
+
+    def wait_connected(self, timeout: float) -> bool:
+        left = self.up_at - time.monotonic()
+        if left > timeout:
+            time.sleep(timeout)
+            return False
+        time.sleep(max(0.0, left))
+        return True
+
+    def retrieve_requests(self) -> list[Message]:
+        if time.monotonic() < self.up_at:
+            return super().retrieve_requests()
+        self.calls.append(time.monotonic())
+        time.sleep(0.5)  # a long-poll held by the server
+        return []
+
+
+def test_an_agent_long_polls_as_soon_as_the_server_it_waited_for_listens():
+    sender = StartingServerSender(up_at=time.monotonic() + 1.0)
+    # Pauses of 2.5..5 s between failed long-polls, were the agent to sleep them out.
+    agent = FedAdminAgent("site-1", sender, None, req_poll_interval=5.0)
+    agent.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not any(t >= sender.up_at for t in sender.calls) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        agent.shutdown()
+    first_held = min(t for t in sender.calls if t >= sender.up_at)
+    assert first_held - sender.up_at < 0.3, sender.calls
+
+
+class RefusingSender(StartingServerSender):
+    """Connected, yet every long-poll fails at once (the server refuses it)."""
+
+    retrieve_requests = UnreachableSender.retrieve_requests
+
+
+def test_an_agent_whose_connection_is_up_sleeps_out_its_pause_after_a_failed_long_poll():
+    sender = RefusingSender(up_at=time.monotonic())
+    gaps = long_poll_gaps(sender, 0.4, 1.5)
+    assert 2 <= len(sender.calls) <= 6 and min(gaps) >= 0.2 * 0.9, sender.calls  # no busy loop on a live connection
 
 
 def test_every_request_is_audited_as_one_json_line(site):

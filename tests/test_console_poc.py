@@ -20,6 +20,18 @@ from fedadmin.commands.poc.run import MARKER, fresh_workspace
 from fedadmin.local_federation import FederationError, Participant
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
+
+
+def teller(after: float = 0.0, then: str = "time.sleep(600)") -> list[str]:
+    """A participant that says on its ready pipe, after `after` seconds, that it is ready, as fedserver and fedclient
+    do, then runs `then`."""
+    code = (
+        f"import os, sys, time\ntime.sleep({after})\nfd = int(os.environ['FEDLEARN_READY_FD'])\n"
+        f"os.write(fd, b'ready\\n')\nos.close(fd)\n{then}"
+    )
+    return [sys.executable, "-c", code]
+
+
 # Ignores SIGTERM and starts a child in a session of its own (as an agent starts a training worker),
 # which ignores SIGTERM too: only SIGKILL, to the parent and to the child found through it, ends both.
 STUBBORN = [
@@ -109,7 +121,7 @@ def test_start_returns_once_ready_and_refuses_to_start_twice(ws):
         calls.append(sites)
         return None if len(calls) >= 3 else "site-2 not connected"
 
-    records = local_federation.start(ws, ready, timeout=30, argv_for=lambda p: SLEEPER)
+    records = local_federation.start(ws, ready, timeout=30, argv_for=lambda p: teller())
     try:
         assert [r.name for r in records] == ["server", "site-1", "site-2"]
         assert calls[-1] == ["site-1", "site-2"]
@@ -132,6 +144,46 @@ def test_start_stops_everything_when_a_participant_exits_during_start_up(ws):
         local_federation.start(ws, lambda sites: "not yet", timeout=30, argv_for=argv_for)
     assert "log.txt" in str(info.value)
     assert "bad kit" in (ws / "site-2" / "console.txt").read_text()
+    assert not (ws / "poc.json").exists()
+
+
+def test_start_returns_only_once_every_participant_has_said_it_is_ready(ws):
+    asked: list[float] = []
+
+    def ready(sites: list[str]) -> str | None:
+        asked.append(time.monotonic())
+        return None
+
+    started = time.monotonic()
+    argv = {"server": teller(), "site-1": teller(), "site-2": teller(after=1.5)}
+    records = local_federation.start(ws, ready, timeout=30, argv_for=lambda p: argv[p.name])
+    try:
+        # The server is not asked before the slowest participant said it is ready, then at once.
+        assert asked and min(asked) - started >= 1.5
+        assert time.monotonic() - started < 1.5 + 2.0
+        assert all(alive(r.pid) for r in records)
+    finally:
+        local_federation.stop(ws, grace=5)
+
+
+def test_start_fails_with_the_participants_own_error_when_it_does_not_start(ws):
+    fine = teller()
+    argv = {
+        "server": fine,
+        "site-1": [
+            sys.executable,
+            "-c",
+            "import sys; print('starting'); print('fedclient: no such kit', file=sys.stderr); sys.exit(3)",
+        ],
+        "site-2": fine,
+    }
+    started = time.monotonic()
+    with pytest.raises(FederationError) as info:
+        local_federation.start(ws, lambda sites: None, timeout=30, argv_for=lambda p: argv[p.name])
+    message = str(info.value)
+    assert message.startswith("site-1 exited during start-up; see ")
+    assert message.endswith("it said: fedclient: no such kit")
+    assert time.monotonic() - started < 10  # its end was seen, not waited out
     assert not (ws / "poc.json").exists()
 
 
@@ -198,6 +250,25 @@ def test_poc_run_trains_an_mmar_reports_every_round_and_leaves_no_process(tmp_pa
         assert worker["ok"] and any("site-1: run 1 finished" in line for line in worker["lines"])
     finally:
         assert fedadmin("poc", "stop", "--workspace", str(ws)).returncode == 0
+
+
+@pytest.mark.e2e
+def test_poc_start_returns_with_every_site_connected_or_fails_with_the_sites_own_error(ws):
+    started = fedadmin("--json", "poc", "start", "--workspace", str(ws))
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        status = json.loads(fedadmin("--json", "--kit", str(ws / "admin"), "status", "server").stdout)
+        (server,) = status["replies"]
+        assert sorted(server["connected_sites"]) == ["site-1", "site-2"]  # no wait between start and use
+    finally:
+        assert fedadmin("poc", "stop", "--workspace", str(ws)).returncode == 0
+
+    (ws / "site-2" / "startup" / "cert.pem").unlink()
+    failed = fedadmin("poc", "start", "--workspace", str(ws))
+    assert failed.returncode != 0
+    said = " ".join(failed.stderr.split())
+    assert "site-2 exited during start-up" in said and "it said: fedclient: " in said and "cert.pem" in said, said
+    assert not (ws / "poc.json").exists()
 
 
 class _MetricsServer:

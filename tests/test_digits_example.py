@@ -133,3 +133,15 @@ def test_the_example_projects_hospitals_get_the_shards_the_config_maps_them_to(m
         np.testing.assert_array_equal(by_name.train_index, by_number.train_index)
     with pytest.raises(ComponentError, match="hospital-a, hospital-b"):
         make_trainer(mmar, "hospital-c", tmp_path)
+
+
+def test_the_digits_read_from_scikit_learns_file_are_load_digits_own(mmar: MMAR, tmp_path: Path) -> None:
+    trainer = make_trainer(mmar, "site-1", tmp_path)
+    module = __import__(type(trainer).__module__)
+    pixels, labels = module._digits()
+
+    reference = load_digits()
+    assert module._bundled_digits() is not None  # read from the file, not through load_digits
+    assert np.array_equal(labels, reference.target)
+    assert np.array_equal(pixels, (reference.data / 16.0).astype(np.float32))
+    assert pixels.dtype == np.float32 and labels.dtype == np.int64
