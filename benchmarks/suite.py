@@ -185,7 +185,12 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     figures.append(figure("job: time over the same run by hand", [jobs["overhead_per_job_s_median"]], "s"))
     figures.append(figure("20 jobs: submit to all ended", [jobs["drain_s_median"]], "s"))
     tiny = run_json("tiny_fed_bench.py", "--repeat", str(args.repeat))
-    figures.append(figure("2 sites x 3 rounds, tiny model: `poc start` to run finished", tiny["total_s"], "s", 5.0))
+    tiny_runs = tiny["runs"]
+    figures.append(
+        figure("2 sites x 3 rounds, tiny model: `poc start` to run finished", [r["total"] for r in tiny_runs], "s", 5.0)
+    )
+    for phase in ("poc_start", "deploy", "start", "first_round"):
+        figures.append(figure(f"  tiny federation: {phase.replace('_', ' ')}", [r[phase] for r in tiny_runs], "s"))
     figures += scale_figures(args)
     return figures
 
