@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -37,6 +38,10 @@ def split_target(target: str) -> str:
     return host[1:-1] if host.startswith("[") and host.endswith("]") else host
 
 
+class _Answered(Exception):
+    """The server replied before the upload's end."""
+
+
 class BulkConnection:
     """One redeemed ticket's connection; a context manager that closes it."""
 
@@ -67,11 +72,22 @@ class BulkConnection:
         return self._reader.chunks()
 
     def submit(self, header: pb.ModelHeader, chunks: Iterable[pb.ModelChunk | DataChunk]) -> pb.SubmitReply:
-        """Send an update (its header, then its tensors) and return the server's reply."""
+        """Send an update (its header, then its tensors) and return the server's reply, which may come before the
+        last tensor when the server refuses the update early (a stale round, an unknown variable)."""
         self._writer.message(bulk_wire.MODEL_HEADER, header)
-        self._writer.chunks(chunks)
-        self._writer.end()
+        try:
+            self._writer.chunks(self._until_answered(chunks))
+            self._writer.end()
+        except _Answered:
+            pass
         return self._reader.message(bulk_wire.REPLY)
+
+    def _until_answered(self, chunks: Iterable[pb.ModelChunk | DataChunk]) -> Iterator[pb.ModelChunk | DataChunk]:
+        for chunk in chunks:
+            # After the ticket's Ack the server sends nothing but the reply: readable means answered.
+            if self._conn.pending() or select.select([self._conn], [], [], 0)[0]:
+                raise _Answered
+            yield chunk
 
 
 class BulkClient:

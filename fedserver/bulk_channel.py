@@ -37,6 +37,8 @@ HANDSHAKE_S = 10.0
 OPEN_S = 10.0
 # A download's whole transfer; past it the connection is cut (the site's own transfer deadline is as long).
 TRANSFER_S = 900.0
+# A refused upload's remaining bytes are read and dropped for at most this long before the connection is closed.
+DRAIN_S = 30.0
 CONNECTIONS_PER_SITE = 4
 CONNECTIONS_TOTAL = 256
 
@@ -262,14 +264,15 @@ class BulkChannel:
     ) -> None:
         began = time.monotonic()
         writer.message(bulk_wire.ACK, pb.Ack(ok=True))
-        received = 0
+        received, ended = 0, False
 
         def chunks() -> Iterator[pb.ModelChunk | DataChunk]:
-            nonlocal received
+            nonlocal received, ended
             for chunk in reader.chunks():
                 if isinstance(chunk, DataChunk):
                     received += chunk.data.nbytes
                 yield chunk
+            ended = True
             # As on fl_port: the end of an upload is accepted only while the certificate is still good.
             reason = self._refusal(peer)
             if reason is not None:
@@ -284,6 +287,8 @@ class BulkChannel:
             _tell(writer, bulk_wire.REPLY, pb.SubmitReply(accepted=False, reason=str(e)))
             return
         writer.message(bulk_wire.REPLY, reply)
+        if not ended:
+            _drain(reader)
         if reply.accepted:
             self._service.bulk_done("upload", received)
             log.info(
@@ -317,6 +322,17 @@ class _Deadline:
                 yield chunk
 
         return self._writer.chunks(timed())
+
+
+def _drain(reader: FrameReader) -> None:
+    """Take what a refused upload still sends (up to its end, or DRAIN_S) so that the site reads the reply, which it
+    looks for between its chunks, instead of a reset connection."""
+    deadline = time.monotonic() + DRAIN_S
+    try:
+        while time.monotonic() < deadline and reader.frame()[0] != bulk_wire.END:
+            pass
+    except BulkError:
+        pass
 
 
 def _tell(writer: FrameWriter, kind: int, message: pb.Ack | pb.SubmitReply) -> None:

@@ -27,6 +27,7 @@ from fedcommon.kit import channel_credentials, client_ssl_context, load_kit
 from fedcommon.model_file import load_model, save_model
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
+from fedserver import bulk_channel
 from fedserver.bulk_tickets import TicketBook, TicketError
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
@@ -401,6 +402,55 @@ def test_an_expired_ticket_is_refused_and_the_round_completes(in_process):
     assert _push(c1, D1).accepted and _push(c2, D2).accepted
     _assert_model(load_model(server.run.model_path)[0], _expected(D1, D2))
     assert server.telemetry.bulk_uploads == 2 and server.telemetry.bulk_downloads == 2
+
+
+def test_an_update_refused_before_its_end_gets_its_reason_over_bulk(in_process, caplog):
+    c1 = in_process.connect("site-1")
+    assert _push(c1, D1).accepted
+    with caplog.at_level("WARNING", logger="fedclient"):
+        again = c1.push_models_to_server({k: W0[k] + D1[k] for k in W0}, {"weight": 1.0})
+    assert not again.accepted and "duplicate contribution: site-1 already contributed to round 0" in again.reason
+    # Answered on the bulk connection itself: no broken upload, no second try over gRPC.
+    assert not [r for r in caplog.records if "broke off" in r.getMessage()]
+    assert in_process.server.telemetry.contributions_refused == 1
+
+
+def test_a_ticket_of_a_session_that_ended_is_refused(in_process):
+    raw = RawSite(in_process.ws, "site-1", in_process.target)
+    try:
+        upload = raw.upload_ticket()
+        raw.stub.Quit(pb.QuitRequest(reason="done"), metadata=raw.metadata, timeout=10)
+        ack = _redeem(raw.context, upload.bulk_port, upload.ticket, "upload")
+        assert not ack.ok and "unknown or expired session token" in ack.message
+    finally:
+        raw.close()
+
+
+def test_a_site_gets_a_fair_share_of_bulk_connections(in_process):
+    raw = RawSite(in_process.ws, "site-1", in_process.target)
+    port = in_process.server.bulk_port
+    held = []
+    try:
+        for _ in range(bulk_channel.CONNECTIONS_PER_SITE):
+            conn = raw.context.wrap_socket(
+                socket.create_connection(("127.0.0.1", port), timeout=10), server_hostname="127.0.0.1"
+            )
+            held.append(conn)
+        deadline = time.monotonic() + 10
+        while in_process.server.bulk.connections() < len(held):
+            assert time.monotonic() < deadline, "the held connections were never counted"
+            time.sleep(0.02)
+        upload = raw.upload_ticket()
+        ack = _redeem(raw.context, upload.bulk_port, upload.ticket, "upload")
+        assert not ack.ok and f"site-1 already has {len(held)} bulk connections" in ack.message
+    finally:
+        for conn in held:
+            conn.close()
+        raw.close()
+    # Once they are closed, the site connects again.
+    c1, c2 = in_process.connect("site-1"), in_process.connect("site-2")
+    assert _push(c1, D1).accepted and _push(c2, D2).accepted
+    assert in_process.server.telemetry.bulk_uploads == 2
 
 
 # ---- units: tickets and frames --------------------------------------------------------------------------
