@@ -147,6 +147,9 @@ class Communicator:
         self._credentials = tls_channel_credentials(files, "ssl_args")
         # Tensor bytes go over the server's bulk channel when it offers one (docs/bulk-channel.md).
         self.bulk = BulkClient(client_ssl_context(files, "ssl_args"))
+        # Targets whose last model came over the bulk channel: their server finds the model large enough for it,
+        # so the update goes there too.
+        self._bulk_sized: set[str] = set()
         self._channels: dict[str, grpc.Channel] = {}
         self._session_runs: dict[str, int] = {}  # token -> the run its server last named
 
@@ -289,7 +292,10 @@ class Communicator:
             first = next(stream, None)
             head = first.header if first is not None and first.WhichOneof("part") == "header" else None
             if head is None or not head.bulk_ticket:
+                if head is not None and head.status != pb.WAIT:
+                    self._bulk_sized.discard(target)
                 return self._read_model_stream(itertools.chain([first] if first is not None else [], stream))
+            self._bulk_sized.add(target)
             try:
                 with self.bulk.open(target, head.bulk_port, head.bulk_ticket, "download") as connection:
                     remote = self._read_model_stream(itertools.chain([first], connection.chunks()))
@@ -349,7 +355,8 @@ class Communicator:
             privacy_epsilon=float(fl_ctx.get_prop(FLContextKey.PRIVACY_EPSILON, 0.0) or 0.0),
         )
         stub = self._stub(servers, task_name)
-        if self.bulk.usable(server_target(servers[task_name])):
+        target = server_target(servers[task_name])
+        if target in self._bulk_sized and self.bulk.usable(target):
             reply = self._submit_over_bulk(servers, task_name, stub, state.token, header, contribution)
             if reply is not None:
                 return reply

@@ -33,6 +33,9 @@ from fedserver.telemetry import Telemetry
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "fl-token"
+# Smaller models stay on the gRPC stream: a bulk transfer pays a TCP connect and a TLS handshake (a few ms), which
+# is about what gRPC takes to move a mebibyte.
+BULK_MIN_BYTES = 1 << 20
 MAX_LONG_POLL_S = 20.0
 
 _STATUS = {
@@ -67,10 +70,12 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._chunk_bytes = chunk_bytes
         self._bulk: tuple[int, TicketBook] | None = None  # (port, tickets) while the bulk channel serves
+        self._bulk_min_bytes = BULK_MIN_BYTES
 
-    def offer_bulk(self, port: int, tickets: TicketBook) -> None:
-        """Offer sites the bulk channel on `port`: GetModel with bulk and OpenUpload hand out `tickets`."""
-        self._bulk = (port, tickets)
+    def offer_bulk(self, port: int, tickets: TicketBook, min_bytes: int = BULK_MIN_BYTES) -> None:
+        """Offer sites the bulk channel on `port`: GetModel with bulk (for a model of `min_bytes` or more) and
+        OpenUpload hand out `tickets`."""
+        self._bulk, self._bulk_min_bytes = (port, tickets), min_bytes
 
     @property
     def registry(self) -> ClientRegistry:
@@ -173,7 +178,8 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         with offer.model:
             header.status = pb.TRAIN if offer.phase == "train" else pb.END
             header.num_tensors = len(offer.index.entries) + len(offer.control)
-            if request.bulk and self._bulk is not None:
+            nbytes = sum(e.nbytes for e in offer.index.entries)
+            if request.bulk and self._bulk is not None and nbytes >= self._bulk_min_bytes:
                 port, tickets = self._bulk
                 secret, ticket = tickets.issue(
                     "download", session.name, session.token, run.run_number, offer.round, self._model_sender(offer)
@@ -185,7 +191,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
             yield from encode_tensors(offer.control, self._chunk_bytes)  # SCAFFOLD's c, when the run uses it
-            self._server.telemetry.sent(sum(e.nbytes for e in offer.index.entries))
+            self._server.telemetry.sent(nbytes)
 
     @staticmethod
     def _model_sender(offer: Offer):

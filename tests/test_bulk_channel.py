@@ -415,6 +415,28 @@ def test_an_update_refused_before_its_end_gets_its_reason_over_bulk(in_process, 
     assert in_process.server.telemetry.contributions_refused == 1
 
 
+def test_a_model_under_the_bulk_threshold_stays_on_the_grpc_stream(tmp_path):
+    tiny = {"w": np.ones((4, 4), np.float32)}
+    server, ws = start_training_run(tmp_path, tiny, clients=2, min_num_clients=1, num_rounds=1)
+    client = None
+    try:
+        client = DirectFederatedClient(
+            "site-1",
+            kit_ssl_args(load_kit(ws / "site-1")),
+            True,
+            server_args=[{"name": TASK, "target": f"127.0.0.1:{server.fl_port}"}],
+        )
+        client.connect_to_server({"heart_beat": False})
+        pulled = client.pull_models_from_server()
+        assert client.push_models_to_server({"w": pulled["model"]["w"] + 1}, {"weight": 1.0}).accepted
+        assert server.telemetry.contributions_accepted == 1
+        assert server.telemetry.bulk_downloads == 0 and server.telemetry.bulk_uploads == 0
+    finally:
+        if client is not None:
+            client.close()
+        server.stop(0)
+
+
 def test_a_ticket_of_a_session_that_ended_is_refused(in_process):
     raw = RawSite(in_process.ws, "site-1", in_process.target)
     try:
