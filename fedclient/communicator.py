@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import random
 import time
@@ -13,9 +14,11 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
+from fedclient.bulk_client import BulkClient, BulkUnavailable
 from fedclient.data_assembler import DataAssembler
+from fedcommon.bulk_wire import BulkError
 from fedcommon.chunk_wire import TrainingStub
-from fedcommon.kit import tls_channel_credentials
+from fedcommon.kit import client_ssl_context, tls_channel_credentials
 from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
@@ -33,6 +36,8 @@ LONG_POLL_S = 20.0
 # Deadline for moving one model either way; large models on slow links need minutes.
 TRANSFER_DEADLINE_S = 900.0
 SHORT_DEADLINE_S = 30.0
+# After a bulk upload broke off: a moment for the server to see it and release the site's claim on the round.
+BULK_RETRY_PAUSE_S = 0.5
 _RETRYABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 T = TypeVar("T")
@@ -146,6 +151,11 @@ class Communicator:
         self.chunk_bytes = chunk_bytes
         files = {key: ssl_args.get(key) for key in ("ssl_root_cert", "ssl_cert", "ssl_private_key")}
         self._credentials = tls_channel_credentials(files, "ssl_args")
+        # Tensor bytes go over the server's bulk channel when it offers one (docs/bulk-channel.md).
+        self.bulk = BulkClient(client_ssl_context(files, "ssl_args"))
+        # Targets whose last model came over the bulk channel: their server finds the model large enough for it,
+        # so the update goes there too.
+        self._bulk_sized: set[str] = set()
         self._channels: dict[str, grpc.Channel] = {}
         self._session_runs: dict[str, int] = {}  # token -> the run its server last named
 
@@ -277,16 +287,41 @@ class Communicator:
         """Fetch the global model for the next round (long-poll: returns status "wait" when there is none)."""
         state = self.get_client_state(task_name, token, app_ctx)
         stub = self._stub(servers, task_name)
+        target = server_target(servers[task_name])
 
-        def fetch() -> RemoteModel:
+        def fetch(bulk: bool) -> RemoteModel:
             stream = stub.GetModel(
-                pb.GetModelRequest(wait_seconds=wait_seconds),
+                pb.GetModelRequest(wait_seconds=wait_seconds, bulk=bulk),
                 metadata=self._metadata(state.token),
                 timeout=wait_seconds + TRANSFER_DEADLINE_S,
             )
-            return self._read_model_stream(stream, self._global_model_sink(task_name))
+            first = next(stream, None)
+            head = first.header if first is not None and first.WhichOneof("part") == "header" else None
+            if head is None or not head.bulk_ticket:
+                if head is not None and head.status != pb.WAIT:
+                    self._bulk_sized.discard(target)
+                return self._read_model_stream(
+                    itertools.chain([first] if first is not None else [], stream), self._global_model_sink(task_name)
+                )
+            self._bulk_sized.add(target)
+            try:
+                with self.bulk.open(target, head.bulk_port, head.bulk_ticket, "download") as connection:
+                    remote = self._read_model_stream(
+                        itertools.chain([first], connection.chunks()), self._global_model_sink(task_name)
+                    )
+            except (BulkUnavailable, BulkError) as e:
+                stream.cancel()
+                if isinstance(e, BulkError):
+                    log.warning("get model: the bulk download broke off (%s); fetching over gRPC", e)
+                return fetch(False)
+            except BaseException:
+                stream.cancel()
+                raise
+            if next(stream, None) is not None:  # the call ends once the server has sent the tensors
+                raise CommunicationError("get model: the server sent chunks besides the bulk download")
+            return remote
 
-        remote = self._call(servers, task_name, "get model", fetch)
+        remote = self._call(servers, task_name, "get model", lambda: fetch(self.bulk.usable(target)))
         self._note_run(state.token, remote.run_number)
         for processor in self.post_processors:
             remote.tensors = processor(remote.tensors, app_ctx)
@@ -336,6 +371,11 @@ class Communicator:
             privacy_epsilon=float(fl_ctx.get_prop(FLContextKey.PRIVACY_EPSILON, 0.0) or 0.0),
         )
         stub = self._stub(servers, task_name)
+        target = server_target(servers[task_name])
+        if target in self._bulk_sized and self.bulk.usable(target):
+            reply = self._submit_over_bulk(servers, task_name, stub, state.token, header, contribution)
+            if reply is not None:
+                return reply
 
         def chunks() -> Iterator[pb.ModelChunk]:
             yield pb.ModelChunk(header=header)
@@ -347,6 +387,44 @@ class Communicator:
             "submit update",
             lambda: stub.SubmitUpdate(chunks(), metadata=self._metadata(state.token), timeout=TRANSFER_DEADLINE_S),
         )
+
+    def _submit_over_bulk(
+        self,
+        servers: dict,
+        task_name: str,
+        stub: TrainingStub,
+        token: str | None,
+        header: pb.ModelHeader,
+        contribution: Mapping[str, np.ndarray],
+    ) -> pb.SubmitReply | None:
+        """Send the update over the server's bulk channel; None when it has none or cannot be reached (then nothing
+        was sent: the caller uses SubmitUpdate) or when the upload broke off (the server dropped what came)."""
+        request = pb.OpenUploadRequest(run_number=header.run_number, round=header.round)
+        try:
+            ticket = self._call(
+                servers,
+                task_name,
+                "open upload",
+                lambda: stub.OpenUpload(request, metadata=self._metadata(token), timeout=SHORT_DEADLINE_S),
+            )
+        except RegistrationRequired:
+            raise
+        except CommunicationError as e:
+            log.debug("submit update: no bulk upload (%s)", e)
+            return None
+        if not ticket.bulk_port:
+            return None
+        try:
+            with self.bulk.open(
+                server_target(servers[task_name]), ticket.bulk_port, ticket.ticket, "upload"
+            ) as connection:
+                return connection.submit(header, encode_tensors(contribution, self.chunk_bytes))
+        except BulkUnavailable:
+            return None
+        except BulkError as e:
+            log.warning("submit update: the bulk upload broke off (%s); sending over gRPC", e)
+            time.sleep(BULK_RETRY_PAUSE_S)  # the server drops the broken upload's claim on the round first
+            return None
 
     # ---- cross-site validation ----------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import os
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,9 @@ class Kit:
     key_pem: bytes = field(repr=False)
     ca_pem: bytes = field(repr=False)
     admin_role: str | None = None
+    # The server's bulk channel for tensor bytes (fed.json "server.bulk_port"): 0 a free port it advertises to
+    # sites, a fixed port where a firewall needs one, -1 (or false) none.
+    bulk_port: int = 0
 
     @property
     def fl_target(self) -> str:
@@ -118,6 +122,7 @@ def _load_config(path: Path) -> dict[str, Any]:
         if not 1 <= port <= 65535:
             raise KitError(f"{path}: key 'server.{key}' must be a port number (1..65535), got {port}")
         out[key] = port
+    out["bulk_port"] = _bulk_port(server, path)
     out["admin_role"] = None
     if out["role"] == "admin":
         admin_role = _get(config, "admin_role", str, path)
@@ -125,6 +130,17 @@ def _load_config(path: Path) -> dict[str, Any]:
             raise KitError(f"{path}: key 'admin_role' must be one of {', '.join(ADMIN_ROLES)}, got {admin_role!r}")
         out["admin_role"] = admin_role
     return out
+
+
+def _bulk_port(server: dict[str, Any], path: Path) -> int:
+    value = server.get("bulk_port", 0)
+    if value is False:
+        return -1
+    if isinstance(value, bool) or not isinstance(value, int) or not -1 <= value <= 65535:
+        raise KitError(
+            f"{path}: key 'server.bulk_port' must be a port number, 0 (a free port) or -1 / false (off), got {value!r}"
+        )
+    return value
 
 
 def _load_cert(path: Path) -> tuple[bytes, x509.Certificate]:
@@ -241,6 +257,42 @@ def server_credentials(kit: Kit) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials(
         [(kit.key_pem, kit.cert_pem)], root_certificates=kit.ca_pem, require_client_auth=True
     )
+
+
+def _tls_context(purpose: int) -> ssl.SSLContext:
+    context = ssl.SSLContext(purpose)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def server_ssl_context(kit: Kit) -> ssl.SSLContext:
+    """The TLS settings of server_credentials for a socket of the server's own (the bulk channel): the kit's
+    certificate, and a client certificate from the kit's CA required."""
+    if kit.role != "server":
+        raise KitError(f"{kit.folder}: a server TLS context needs the server's kit, this is {kit.name!r} ({kit.role})")
+    context = _tls_context(ssl.PROTOCOL_TLS_SERVER)
+    context.load_verify_locations(cadata=kit.ca_pem.decode("ascii"))
+    startup = kit.folder / STARTUP_DIR
+    context.load_cert_chain(startup / CERT_FILE, startup / KEY_FILE)
+    return context
+
+
+def client_ssl_context(files: Mapping[str, str | os.PathLike | None], where: str) -> ssl.SSLContext:
+    """What tls_channel_credentials gives gRPC, for a socket of the participant's own: trust only the root
+    certificate (hostnames checked), present the participant's certificate. Same `files` and errors."""
+    names = list(files)
+    paths = [files[name] for name in names]
+    for name, path in zip(names, paths, strict=True):
+        if not path:
+            raise ValueError(f"{where} is missing {name!r}")
+    context = _tls_context(ssl.PROTOCOL_TLS_CLIENT)
+    try:
+        context.load_verify_locations(cafile=paths[0])
+        context.load_cert_chain(paths[1], paths[2])
+    except (OSError, ssl.SSLError) as e:
+        raise ValueError(f"{where}: cannot load the TLS files {', '.join(names)}: {e}") from None
+    return context
 
 
 def tls_channel_credentials(files: Mapping[str, str | os.PathLike | None], where: str) -> grpc.ChannelCredentials:

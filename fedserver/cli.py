@@ -53,6 +53,13 @@ def _raise_open_file_limit() -> None:
 @click.option("--port", type=click.IntRange(0, 65535), default=None, help="Override fl_port from the kit.")
 @click.option("--admin-port", type=click.IntRange(0, 65535), default=None, help="Override admin_port from the kit.")
 @click.option(
+    "--bulk-port",
+    type=click.IntRange(-1, 65535),
+    default=None,
+    help="The bulk channel's port for tensor bytes (0: a free one, -1: none).  [default: server.bulk_port in the "
+    "kit's fed.json, else 0]",
+)
+@click.option(
     "--metrics-port",
     type=click.IntRange(0, 65535),
     default=None,
@@ -79,6 +86,7 @@ def start(
     run_number: int,
     port: int | None,
     admin_port: int | None,
+    bulk_port: int | None,
     metrics_port: int | None,
     metrics_host: str,
     max_runs: int | None,
@@ -107,7 +115,9 @@ def start(
         sys.exit(3)
     _raise_open_file_limit()
     try:
-        server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port, max_runs=max_runs)
+        server = FederationServer(
+            workspace, kit, fl_port=port, admin_port=admin_port, max_runs=max_runs, bulk_port=bulk_port
+        )
         if mmar is not None:
             # The run exists before the port opens, so an early site never sees "no run yet".
             server.start_run(mmar, run_number)
@@ -149,6 +159,7 @@ def start(
             "--admin-port",
             str(server.admin_port),
             *(["--max-jobs", str(max_runs)] if max_runs is not None else []),
+            *(["--bulk-port", str(bulk_port)] if bulk_port is not None else []),
             *(["--debug"] if debug else []),
             *(["--metrics-port", str(metrics_bound), "--metrics-host", metrics_host] if metrics_bound else []),
         ]

@@ -34,6 +34,24 @@ CALLS_PER_SITE = 32
 CALLS_PER_ADMIN = 6
 
 
+class RepeatFilter:
+    """Says whether a refusal is fresh: the first of its (caller, reason) in a minute is logged and audited."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._recent: dict[tuple[str, str], float] = {}
+
+    def fresh(self, caller: str, reason: str) -> bool:
+        key, now = (caller, reason), time.monotonic()
+        with self._lock:
+            if now - self._recent.get(key, -_REPEAT_S) < _REPEAT_S:
+                return False
+            self._recent[key] = now
+            if len(self._recent) > 4096:
+                self._recent = {k: t for k, t in self._recent.items() if now - t < _REPEAT_S}
+            return True
+
+
 @dataclass(frozen=True)
 class CallLimits:
     """How many calls one caller may have in flight on a port, and how many all callers but `privileged_role` may.
@@ -80,7 +98,7 @@ class IdentityGate(grpc.ServerInterceptor):
         self._record = record
         self._limits = limits
         self._watchdog = watchdog
-        self._recent: dict[tuple[str, str], float] = {}
+        self._repeats = RepeatFilter()
         self._lock = threading.Lock()
         self._in_flight: dict[tuple[str, str], int] = {}  # (kind, name) -> calls admitted and not yet ended
         self._unprivileged = 0  # calls in flight of callers outside the privileged role
@@ -191,15 +209,7 @@ class IdentityGate(grpc.ServerInterceptor):
     def _refuse(
         self, peer: PeerIdentity | None, method: str, code: grpc.StatusCode, reason: str, context: grpc.ServicerContext
     ) -> None:
-        key = (peer.fingerprint if peer else "-", reason)
-        now = time.monotonic()
-        with self._lock:
-            fresh = now - self._recent.get(key, -_REPEAT_S) >= _REPEAT_S
-            if fresh:
-                self._recent[key] = now
-                if len(self._recent) > 4096:
-                    self._recent = {k: t for k, t in self._recent.items() if now - t < _REPEAT_S}
-        if fresh:
+        if self._repeats.fresh(peer.fingerprint if peer else "-", reason):
             log.warning("%s: refused %s: %s", self._port_name, method, reason)
             self._record(peer, method, reason)
         context.abort(code, reason)

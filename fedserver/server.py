@@ -26,7 +26,7 @@ from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
 from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
-from fedcommon.kit import Kit, server_credentials
+from fedcommon.kit import Kit, server_credentials, server_ssl_context
 from fedcommon.mmar import MMARError, load_mmar
 from fedcommon.model_file import ModelFileError, load_model
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
@@ -39,10 +39,12 @@ from fedserver.agent_service import SiteAgentService
 from fedserver.audit import AUDIT_FILE, AuditLog
 from fedserver.authorization import PolicyError, load_policy
 from fedserver.blob_store import BlobStore
+from fedserver.bulk_channel import BulkChannel
+from fedserver.bulk_tickets import TicketBook
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.downloads import DOWNLOADS_DIR, Downloads
 from fedserver.errors import ServerError
-from fedserver.identity_gate import CallLimits, IdentityGate
+from fedserver.identity_gate import CallLimits, IdentityGate, RefusalRecorder
 from fedserver.initial_models import InitialModels
 from fedserver.jobs import JobStore, load_max_jobs
 from fedserver.mailbox import SiteMailbox
@@ -199,8 +201,10 @@ class FederationServer:
         fl_limits: CallLimits | None = None,
         admin_limits: CallLimits | None = None,
         max_runs: int | None = None,
+        bulk_port: int | None = None,
     ):
-        """stream_deadlines, fl_limits, admin_limits: how long a request stream may stall and how many calls one
+        """bulk_port: the bulk channel's port (0: a free one, -1: none; None: the kit's). stream_deadlines, fl_limits,
+        admin_limits: how long a request stream may stall and how many calls one
         caller may hold on each port (defaults: the modules' constants, read now). max_runs: how many runs (jobs
         or runs by hand) may train at once; None: max_jobs in local/jobs.json, else 1."""
         if max_runs is not None and max_runs < 1:
@@ -210,6 +214,7 @@ class FederationServer:
         self.bind_host = bind_host or kit.server_host
         self.fl_port = kit.fl_port if fl_port is None else fl_port
         self.admin_port = kit.admin_port if admin_port is None else admin_port
+        self.bulk_port = kit.bulk_port if bulk_port is None else bulk_port
         self.registry = ClientRegistry()
         self.telemetry = Telemetry(gauges=self._gauges)
         self._exporter = None
@@ -257,6 +262,7 @@ class FederationServer:
         self._grpc: grpc.Server | None = None
         self._admin_grpc: grpc.Server | None = None
         self._ticker: threading.Thread | None = None
+        self.bulk: BulkChannel | None = None  # the bulk channel for tensor bytes, while it serves
 
     def start(self) -> int:
         """Start serving both ports; returns the bound fl_port (the bound admin port is in `admin_port`)."""
@@ -270,7 +276,8 @@ class FederationServer:
             interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
             maximum_concurrent_rpcs=self._max_workers,
         )
-        add_training_servicer(TrainingService(self), fl)
+        training = TrainingService(self)
+        add_training_servicer(training, fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
         admin = grpc.server(
@@ -280,6 +287,7 @@ class FederationServer:
         )
         admin_grpc.add_AdminServiceServicer_to_server(AdminService(self.hub, self.blobs, self.downloads), admin)
         admin_port = self._bind(admin, self.admin_port, creds, "admin_port")
+        self._start_bulk(training)
         fl.start()
         admin.start()
         self._grpc, self.fl_port = fl, port
@@ -288,13 +296,39 @@ class FederationServer:
         self._ticker.start()
         self.jobs.start()
         log.info(
-            "training plane and site agents on %s:%d, admin on %s:%d (mutual TLS)",
+            "training plane and site agents on %s:%d, admin on %s:%d, %s (mutual TLS)",
             self.bind_host,
             port,
             self.bind_host,
             admin_port,
+            f"bulk channel on {self.bind_host}:{self.bulk_port}" if self.bulk is not None else "no bulk channel",
         )
         return port
+
+    def _start_bulk(self, training: TrainingService) -> None:
+        """Serve the bulk channel for tensor bytes (docs/bulk-channel.md) unless bulk_port is -1."""
+        if self.bulk_port < 0:
+            return
+        record = self._refusal_recorder("bulk_port")
+        gate = IdentityGate("bulk_port", ("client",), self.revocations, record)
+
+        def refusal(peer: PeerIdentity) -> str | None:
+            refused = gate.refusal(peer)
+            return refused[1] if refused is not None else None
+
+        tickets = TicketBook()
+        channel = BulkChannel(
+            self.bind_host, self.bulk_port, server_ssl_context(self.kit), tickets, training, refusal, record
+        )
+        try:
+            self.bulk_port = channel.start()
+        except OSError as e:
+            raise ServerError(
+                f"cannot listen on {self.bind_host}:{self.bulk_port} for bulk_port: {e.strerror}; "
+                f"{_port_holder(self.bulk_port)}"
+            ) from None
+        self.bulk = channel
+        training.offer_bulk(self.bulk_port, tickets)
 
     def serve_metrics(self, host: str, port: int) -> int:
         """Expose the telemetry for Prometheus on http://host:port/metrics; returns the bound port."""
@@ -315,6 +349,12 @@ class FederationServer:
         return gauges
 
     def _gate(self, port_name: str, kinds: tuple[str, ...], limits: CallLimits) -> IdentityGate:
+        record = self._refusal_recorder(port_name)
+        return IdentityGate(port_name, kinds, self.revocations, record, limits, self._watchdog)
+
+    def _refusal_recorder(self, port_name: str) -> RefusalRecorder:
+        """Audits a refused caller of `port_name`; a revoked site's sessions and long-polls end at once."""
+
         def record(peer: PeerIdentity | None, method: str, reason: str) -> None:
             self.audit.record_refused_peer(
                 peer.name if peer else "",
@@ -331,7 +371,7 @@ class FederationServer:
                 if peer.kind == "client":
                     self.mailbox.shut_out(peer.name, reason)
 
-        return IdentityGate(port_name, kinds, self.revocations, record, limits, self._watchdog)
+        return record
 
     def _bind(self, server: grpc.Server, port: int, creds: grpc.ServerCredentials, what: str) -> int:
         address = f"{self.bind_host}:{port}"
@@ -349,6 +389,8 @@ class FederationServer:
         self.jobs.stop()
         self._initial_models.close()
         self.mailbox.close()
+        if self.bulk is not None:
+            self.bulk.stop()  # transfers in flight fail: their GetModel calls end before the gRPC servers stop
         events = [s.stop(grace) for s in (self._admin_grpc, self._grpc) if s is not None]
         for event in events:
             # Set once every handler has returned: one stuck in a wait that ignores cancellation must not keep a

@@ -29,6 +29,8 @@ class Telemetry:
     bytes_sent: int = 0
     contributions_accepted: int = 0
     contributions_refused: int = 0
+    bulk_downloads: int = 0  # models sent over the bulk channel
+    bulk_uploads: int = 0  # contributions accepted over the bulk channel
     commands: dict[str, _Command] = field(default_factory=dict)
     gauges: Callable[[], dict[str, float]] = lambda: {}
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -48,6 +50,13 @@ class Telemetry:
             else:
                 self.contributions_refused += 1
 
+    def bulk_transfer(self, op: str) -> None:
+        with self._lock:
+            if op == "download":
+                self.bulk_downloads += 1
+            else:
+                self.bulk_uploads += 1
+
     def command(self, name: str, ok: bool, seconds: float) -> None:
         with self._lock:
             c = self.commands.setdefault(name, _Command())
@@ -64,6 +73,8 @@ class Telemetry:
                 "bytes_sent": self.bytes_sent,
                 "contributions_accepted": self.contributions_accepted,
                 "contributions_refused": self.contributions_refused,
+                "bulk_downloads": self.bulk_downloads,
+                "bulk_uploads": self.bulk_uploads,
             }
         return {**counts, "commands": commands, "gauges": self.gauges()}
 
@@ -88,6 +99,8 @@ def _families(telemetry: Telemetry) -> Iterator[Any]:
         ("training_bytes_sent", "Tensor bytes sent to sites (global and validation models)."),
         ("contributions_accepted", "Contributions accepted into a round."),
         ("contributions_refused", "Contributions refused (stale, duplicate, malformed, ...)."),
+        ("bulk_downloads", "Global models sent over the bulk channel."),
+        ("bulk_uploads", "Contributions accepted over the bulk channel."),
     ):
         key = name.removeprefix("training_")
         yield CounterMetricFamily(f"{PREFIX}_{name}", help_text, value=snap[key])

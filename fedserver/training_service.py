@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
 import grpc
 
+from fedcommon import bulk_wire
 from fedcommon.commands import wait_seconds
 from fedcommon.dtypes import DTypeError
 from fedcommon.identity import PeerIdentity
@@ -18,17 +20,22 @@ from fedcommon.model_file import iter_model_chunks, read_index
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
+from fedserver import bulk_channel
 from fedserver.aggregator import ContributionError, receive_tensors
+from fedserver.bulk_tickets import Ticket, TicketBook
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.errors import ServerError
 from fedserver.identity_gate import require_peer
 from fedserver.registry import UNBOUND, ClientRegistry, RegistryError, SiteSession
-from fedserver.run import FederatedRun
+from fedserver.run import FederatedRun, Offer
 from fedserver.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "fl-token"
+# Smaller models stay on the gRPC stream: a bulk transfer pays a TCP connect and a TLS handshake (a few ms), which
+# is about what gRPC takes to move a mebibyte.
+BULK_MIN_BYTES = 1 << 20
 MAX_LONG_POLL_S = 20.0
 
 _STATUS = {
@@ -62,6 +69,17 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         # Each upload in flight holds one model-sized buffer: this bounds server memory.
         self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
         self._chunk_bytes = chunk_bytes
+        self._bulk: tuple[int, TicketBook] | None = None  # (port, tickets) while the bulk channel serves
+        self._bulk_min_bytes = BULK_MIN_BYTES
+
+    def offer_bulk(self, port: int, tickets: TicketBook, min_bytes: int = BULK_MIN_BYTES) -> None:
+        """Offer sites the bulk channel on `port`: GetModel with bulk (for a model of `min_bytes` or more) and
+        OpenUpload hand out `tickets`."""
+        self._bulk, self._bulk_min_bytes = (port, tickets), min_bytes
+
+    @property
+    def registry(self) -> ClientRegistry:
+        return self._server.registry
 
     @staticmethod
     def _peer(context: grpc.ServicerContext) -> PeerIdentity:
@@ -160,18 +178,87 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         with offer.model:
             header.status = pb.TRAIN if offer.phase == "train" else pb.END
             header.num_tensors = len(offer.index.entries) + len(offer.control)
+            nbytes = sum(e.nbytes for e in offer.index.entries)
+            if request.bulk and self._bulk is not None and nbytes >= self._bulk_min_bytes:
+                port, tickets = self._bulk
+                secret, ticket = tickets.issue(
+                    "download", session.name, session.token, run.run_number, offer.round, self._model_sender(offer)
+                )
+                header.bulk_port, header.bulk_ticket = port, secret
+                yield pb.ModelChunk(header=header)
+                self._await_bulk(ticket, tickets, context)
+                return
             yield pb.ModelChunk(header=header)
             yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
             yield from encode_tensors(offer.control, self._chunk_bytes)  # SCAFFOLD's c, when the run uses it
-            self._server.telemetry.sent(sum(e.nbytes for e in offer.index.entries))
+            self._server.telemetry.sent(nbytes)
+
+    @staticmethod
+    def _model_sender(offer: Offer):
+        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames."""
+
+        def send(writer) -> int:
+            assert offer.model is not None and offer.index is not None
+            sent = writer.chunks(iter_model_chunks(offer.model, offer.index, bulk_wire.CHUNK_BYTES))
+            return sent + writer.chunks(encode_tensors(offer.control, bulk_wire.CHUNK_BYTES))
+
+        return send
+
+    def _await_bulk(self, ticket: Ticket, tickets: TicketBook, context: grpc.ServicerContext) -> None:
+        """Hold the call (and the model file open) until the ticket's transfer has ended; a ticket not redeemed in
+        time, or whose site has gone, is withdrawn."""
+        # The bulk channel ends a redeemed ticket's transfer within its own deadlines; this bound is a backstop.
+        latest = ticket.expires + bulk_channel.TRANSFER_S + bulk_channel.HANDSHAKE_S + bulk_channel.OPEN_S
+        while not ticket.done.wait(0.25):
+            if ticket.redeemed:
+                if time.monotonic() > latest:
+                    context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the bulk download did not end in time")
+                continue
+            if not context.is_active():
+                tickets.withdraw(ticket, "withdrawn: the site ended its GetModel call")
+            elif time.monotonic() > ticket.expires:
+                tickets.withdraw(ticket, f"expired: not redeemed within {tickets.ttl_s:.0f}s")
+        if ticket.error is not None:
+            context.abort(grpc.StatusCode.ABORTED, f"bulk download of round {ticket.round}: {ticket.error}")
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         session = self._session(context)
-        run = self._run_of(session)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             return self._refuse(session, 0, "a contribution must start with its header")
-        head = first.header
+        return self.submit(session, first.header, request_iterator)
+
+    def OpenUpload(self, request: pb.OpenUploadRequest, context: grpc.ServicerContext) -> pb.OpenUploadReply:
+        session = self._session(context)
+        if self._bulk is None:
+            return pb.OpenUploadReply(message="this server has no bulk channel: use SubmitUpdate")
+        port, tickets = self._bulk
+        secret, _ = tickets.issue("upload", session.name, session.token, request.run_number, request.round)
+        return pb.OpenUploadReply(bulk_port=port, ticket=secret)
+
+    def submit_bulk(
+        self, ticket: Ticket, session: SiteSession, head: pb.ModelHeader, chunks: Iterator
+    ) -> pb.SubmitReply:
+        """A contribution that came over the bulk channel with `ticket`: it must be for the ticket's run and round."""
+        if (head.run_number, head.round) != (ticket.run_number, ticket.round):
+            return self._refuse(
+                session,
+                head.round,
+                f"the upload ticket is for run {ticket.run_number} round {ticket.round}, the contribution for "
+                f"run {head.run_number} round {head.round}",
+            )
+        return self.submit(session, head, chunks)
+
+    def bulk_done(self, op: str, nbytes: int) -> None:
+        """Count a transfer the bulk channel completed (an upload's bytes were counted as they came)."""
+        if op == "download":
+            self._server.telemetry.sent(nbytes)
+        self._server.telemetry.bulk_transfer(op)
+
+    def submit(self, session: SiteSession, head: pb.ModelHeader, chunks: Iterator) -> pb.SubmitReply:
+        """Receive, check and commit `session`'s contribution (`head`, then its tensor chunks): SubmitUpdate's body,
+        which the bulk channel's uploads run too."""
+        run = self._run_of(session)
         if run is None:
             return self._refuse(session, head.round, "no run is active")
         if head.run_number != run.run_number:
@@ -188,7 +275,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             return self._refuse(session, head.round, str(e))
         try:
             with self._upload_slots:
-                update = self._receive(request_iterator, run, head.num_tensors)
+                update = self._receive(chunks, run, head.num_tensors)
             run.commit_contribution(
                 session.name,
                 head.round,

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x63ommon/wire/training.proto\x12\x0b\x66\x65\x64learn.v1\":\n\x0fRegisterRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x12\n\nrun_number\x18\x02 \x01(\x05\"a\n\rRegisterReply\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x01\x12\x11\n\ttask_name\x18\x04 \x01(\t\"\x12\n\x10HeartbeatRequest\"J\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\x15\n\rcurrent_round\x18\x03 \x01(\x05\"\'\n\x0fGetModelRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\"\x86\x03\n\x0bModelHeader\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedlearn.v1.ModelStatus\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x13\n\x0bstart_round\x18\x04 \x01(\x05\x12\x12\n\nnum_rounds\x18\x05 \x01(\x05\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\x05\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x36\n\x07metrics\x18\t \x03(\x0b\x32%.fedlearn.v1.ModelHeader.MetricsEntry\x12\x0f\n\x07message\x18\n \x01(\t\x12\x18\n\x10privacy_protocol\x18\x0b \x01(\t\x12\x17\n\x0fprivacy_epsilon\x18\x0c \x01(\x01\x12\r\n\x05owner\x18\r \x01(\t\x12\x13\n\x0bmore_models\x18\x0e \x01(\x08\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"}\n\nModelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlearn.v1.ModelHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedlearn.v1.TensorHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\">\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"\x88\x01\n\rMetricsReport\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x38\n\x07metrics\x18\x02 \x03(\x0b\x32\'.fedlearn.v1.MetricsReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\x0bQuitRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x17ValidationModelsRequest\x12\x12\n\nrun_number\x18\x01 \x01(\x05\x12\x11\n\tvalidated\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10ValidationResult\x12\x13\n\x0bmodel_owner\x18\x01 \x01(\t\x12;\n\x07metrics\x18\x02 \x03(\x0b\x32*.fedlearn.v1.ValidationResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"W\n\x11ValidationResults\x12\x12\n\nrun_number\x18\x01 \x01(\x05\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.fedlearn.v1.ValidationResult*W\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x07\n\x03\x45ND\x10\x03\x12\x0c\n\x08VALIDATE\x10\x04\x32\x8c\x05\n\x11\x46\x65\x64\x65ratedTraining\x12\x44\n\x08Register\x12\x1c.fedlearn.v1.RegisterRequest\x1a\x1a.fedlearn.v1.RegisterReply\x12G\n\tHeartbeat\x12\x1d.fedlearn.v1.HeartbeatRequest\x1a\x1b.fedlearn.v1.HeartbeatReply\x12\x43\n\x08GetModel\x12\x1c.fedlearn.v1.GetModelRequest\x1a\x17.fedlearn.v1.ModelChunk0\x01\x12\x43\n\x0cSubmitUpdate\x12\x17.fedlearn.v1.ModelChunk\x1a\x18.fedlearn.v1.SubmitReply(\x01\x12=\n\rReportMetrics\x12\x1a.fedlearn.v1.MetricsReport\x1a\x10.fedlearn.v1.Ack\x12\x32\n\x04Quit\x12\x18.fedlearn.v1.QuitRequest\x1a\x10.fedlearn.v1.Ack\x12\x46\n\x0fSubmitBestModel\x12\x17.fedlearn.v1.ModelChunk\x1a\x18.fedlearn.v1.SubmitReply(\x01\x12V\n\x13GetValidationModels\x12$.fedlearn.v1.ValidationModelsRequest\x1a\x17.fedlearn.v1.ModelChunk0\x01\x12K\n\x17SubmitValidationResults\x12\x1e.fedlearn.v1.ValidationResults\x1a\x10.fedlearn.v1.Ackb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1d\x66\x65\x64\x63ommon/wire/training.proto\x12\x0b\x66\x65\x64learn.v1\":\n\x0fRegisterRequest\x12\x13\n\x0b\x63lient_name\x18\x01 \x01(\t\x12\x12\n\nrun_number\x18\x02 \x01(\x05\"a\n\rRegisterReply\x12\r\n\x05token\x18\x01 \x01(\t\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\x1a\n\x12heartbeat_interval\x18\x03 \x01(\x01\x12\x11\n\ttask_name\x18\x04 \x01(\t\"\x12\n\x10HeartbeatRequest\"J\n\x0eHeartbeatReply\x12\r\n\x05known\x18\x01 \x01(\x08\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\x15\n\rcurrent_round\x18\x03 \x01(\x05\"5\n\x0fGetModelRequest\x12\x14\n\x0cwait_seconds\x18\x01 \x01(\x01\x12\x0c\n\x04\x62ulk\x18\x02 \x01(\x08\"\xae\x03\n\x0bModelHeader\x12(\n\x06status\x18\x01 \x01(\x0e\x32\x18.fedlearn.v1.ModelStatus\x12\x12\n\nrun_number\x18\x02 \x01(\x05\x12\r\n\x05round\x18\x03 \x01(\x05\x12\x13\n\x0bstart_round\x18\x04 \x01(\x05\x12\x12\n\nnum_rounds\x18\x05 \x01(\x05\x12\x13\n\x0bnum_tensors\x18\x06 \x01(\x05\x12\x0c\n\x04kind\x18\x07 \x01(\t\x12\x0e\n\x06weight\x18\x08 \x01(\x01\x12\x36\n\x07metrics\x18\t \x03(\x0b\x32%.fedlearn.v1.ModelHeader.MetricsEntry\x12\x0f\n\x07message\x18\n \x01(\t\x12\x18\n\x10privacy_protocol\x18\x0b \x01(\t\x12\x17\n\x0fprivacy_epsilon\x18\x0c \x01(\x01\x12\r\n\x05owner\x18\r \x01(\t\x12\x13\n\x0bmore_models\x18\x0e \x01(\x08\x12\x11\n\tbulk_port\x18\x0f \x01(\x05\x12\x13\n\x0b\x62ulk_ticket\x18\x10 \x01(\t\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"J\n\x0cTensorHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06nbytes\x18\x04 \x01(\x04\"}\n\nModelChunk\x12*\n\x06header\x18\x01 \x01(\x0b\x32\x18.fedlearn.v1.ModelHeaderH\x00\x12+\n\x06tensor\x18\x02 \x01(\x0b\x32\x19.fedlearn.v1.TensorHeaderH\x00\x12\x0e\n\x04\x64\x61ta\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\">\n\x0bSubmitReply\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\r\n\x05round\x18\x03 \x01(\x05\"6\n\x11OpenUploadRequest\x12\x12\n\nrun_number\x18\x01 \x01(\x05\x12\r\n\x05round\x18\x02 \x01(\x05\"E\n\x0fOpenUploadReply\x12\x11\n\tbulk_port\x18\x01 \x01(\x05\x12\x0e\n\x06ticket\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\"&\n\x08\x42ulkOpen\x12\x0e\n\x06ticket\x18\x01 \x01(\t\x12\n\n\x02op\x18\x02 \x01(\t\"\x88\x01\n\rMetricsReport\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x38\n\x07metrics\x18\x02 \x03(\x0b\x32\'.fedlearn.v1.MetricsReport.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\x1d\n\x0bQuitRequest\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\"\n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\"V\n\x17ValidationModelsRequest\x12\x12\n\nrun_number\x18\x01 \x01(\x05\x12\x11\n\tvalidated\x18\x02 \x03(\t\x12\x14\n\x0cwait_seconds\x18\x03 \x01(\x01\"\x94\x01\n\x10ValidationResult\x12\x13\n\x0bmodel_owner\x18\x01 \x01(\t\x12;\n\x07metrics\x18\x02 \x03(\x0b\x32*.fedlearn.v1.ValidationResult.MetricsEntry\x1a.\n\x0cMetricsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"W\n\x11ValidationResults\x12\x12\n\nrun_number\x18\x01 \x01(\x05\x12.\n\x07results\x18\x02 \x03(\x0b\x32\x1d.fedlearn.v1.ValidationResult*W\n\x0bModelStatus\x12\x1c\n\x18MODEL_STATUS_UNSPECIFIED\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x08\n\x04WAIT\x10\x02\x12\x07\n\x03\x45ND\x10\x03\x12\x0c\n\x08VALIDATE\x10\x04\x32\xd8\x05\n\x11\x46\x65\x64\x65ratedTraining\x12\x44\n\x08Register\x12\x1c.fedlearn.v1.RegisterRequest\x1a\x1a.fedlearn.v1.RegisterReply\x12G\n\tHeartbeat\x12\x1d.fedlearn.v1.HeartbeatRequest\x1a\x1b.fedlearn.v1.HeartbeatReply\x12\x43\n\x08GetModel\x12\x1c.fedlearn.v1.GetModelRequest\x1a\x17.fedlearn.v1.ModelChunk0\x01\x12\x43\n\x0cSubmitUpdate\x12\x17.fedlearn.v1.ModelChunk\x1a\x18.fedlearn.v1.SubmitReply(\x01\x12J\n\nOpenUpload\x12\x1e.fedlearn.v1.OpenUploadRequest\x1a\x1c.fedlearn.v1.OpenUploadReply\x12=\n\rReportMetrics\x12\x1a.fedlearn.v1.MetricsReport\x1a\x10.fedlearn.v1.Ack\x12\x32\n\x04Quit\x12\x18.fedlearn.v1.QuitRequest\x1a\x10.fedlearn.v1.Ack\x12\x46\n\x0fSubmitBestModel\x12\x17.fedlearn.v1.ModelChunk\x1a\x18.fedlearn.v1.SubmitReply(\x01\x12V\n\x13GetValidationModels\x12$.fedlearn.v1.ValidationModelsRequest\x1a\x17.fedlearn.v1.ModelChunk0\x01\x12K\n\x17SubmitValidationResults\x12\x1e.fedlearn.v1.ValidationResults\x1a\x10.fedlearn.v1.Ackb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,8 +37,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICSREPORT_METRICSENTRY']._serialized_options = b'8\001'
   _globals['_VALIDATIONRESULT_METRICSENTRY']._loaded_options = None
   _globals['_VALIDATIONRESULT_METRICSENTRY']._serialized_options = b'8\001'
-  _globals['_MODELSTATUS']._serialized_start=1536
-  _globals['_MODELSTATUS']._serialized_end=1623
+  _globals['_MODELSTATUS']._serialized_start=1757
+  _globals['_MODELSTATUS']._serialized_end=1844
   _globals['_REGISTERREQUEST']._serialized_start=46
   _globals['_REGISTERREQUEST']._serialized_end=104
   _globals['_REGISTERREPLY']._serialized_start=106
@@ -48,33 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATREPLY']._serialized_start=225
   _globals['_HEARTBEATREPLY']._serialized_end=299
   _globals['_GETMODELREQUEST']._serialized_start=301
-  _globals['_GETMODELREQUEST']._serialized_end=340
-  _globals['_MODELHEADER']._serialized_start=343
-  _globals['_MODELHEADER']._serialized_end=733
-  _globals['_MODELHEADER_METRICSENTRY']._serialized_start=687
-  _globals['_MODELHEADER_METRICSENTRY']._serialized_end=733
-  _globals['_TENSORHEADER']._serialized_start=735
-  _globals['_TENSORHEADER']._serialized_end=809
-  _globals['_MODELCHUNK']._serialized_start=811
-  _globals['_MODELCHUNK']._serialized_end=936
-  _globals['_SUBMITREPLY']._serialized_start=938
-  _globals['_SUBMITREPLY']._serialized_end=1000
-  _globals['_METRICSREPORT']._serialized_start=1003
-  _globals['_METRICSREPORT']._serialized_end=1139
-  _globals['_METRICSREPORT_METRICSENTRY']._serialized_start=687
-  _globals['_METRICSREPORT_METRICSENTRY']._serialized_end=733
-  _globals['_QUITREQUEST']._serialized_start=1141
-  _globals['_QUITREQUEST']._serialized_end=1170
-  _globals['_ACK']._serialized_start=1172
-  _globals['_ACK']._serialized_end=1206
-  _globals['_VALIDATIONMODELSREQUEST']._serialized_start=1208
-  _globals['_VALIDATIONMODELSREQUEST']._serialized_end=1294
-  _globals['_VALIDATIONRESULT']._serialized_start=1297
-  _globals['_VALIDATIONRESULT']._serialized_end=1445
-  _globals['_VALIDATIONRESULT_METRICSENTRY']._serialized_start=687
-  _globals['_VALIDATIONRESULT_METRICSENTRY']._serialized_end=733
-  _globals['_VALIDATIONRESULTS']._serialized_start=1447
-  _globals['_VALIDATIONRESULTS']._serialized_end=1534
-  _globals['_FEDERATEDTRAINING']._serialized_start=1626
-  _globals['_FEDERATEDTRAINING']._serialized_end=2278
+  _globals['_GETMODELREQUEST']._serialized_end=354
+  _globals['_MODELHEADER']._serialized_start=357
+  _globals['_MODELHEADER']._serialized_end=787
+  _globals['_MODELHEADER_METRICSENTRY']._serialized_start=741
+  _globals['_MODELHEADER_METRICSENTRY']._serialized_end=787
+  _globals['_TENSORHEADER']._serialized_start=789
+  _globals['_TENSORHEADER']._serialized_end=863
+  _globals['_MODELCHUNK']._serialized_start=865
+  _globals['_MODELCHUNK']._serialized_end=990
+  _globals['_SUBMITREPLY']._serialized_start=992
+  _globals['_SUBMITREPLY']._serialized_end=1054
+  _globals['_OPENUPLOADREQUEST']._serialized_start=1056
+  _globals['_OPENUPLOADREQUEST']._serialized_end=1110
+  _globals['_OPENUPLOADREPLY']._serialized_start=1112
+  _globals['_OPENUPLOADREPLY']._serialized_end=1181
+  _globals['_BULKOPEN']._serialized_start=1183
+  _globals['_BULKOPEN']._serialized_end=1221
+  _globals['_METRICSREPORT']._serialized_start=1224
+  _globals['_METRICSREPORT']._serialized_end=1360
+  _globals['_METRICSREPORT_METRICSENTRY']._serialized_start=741
+  _globals['_METRICSREPORT_METRICSENTRY']._serialized_end=787
+  _globals['_QUITREQUEST']._serialized_start=1362
+  _globals['_QUITREQUEST']._serialized_end=1391
+  _globals['_ACK']._serialized_start=1393
+  _globals['_ACK']._serialized_end=1427
+  _globals['_VALIDATIONMODELSREQUEST']._serialized_start=1429
+  _globals['_VALIDATIONMODELSREQUEST']._serialized_end=1515
+  _globals['_VALIDATIONRESULT']._serialized_start=1518
+  _globals['_VALIDATIONRESULT']._serialized_end=1666
+  _globals['_VALIDATIONRESULT_METRICSENTRY']._serialized_start=741
+  _globals['_VALIDATIONRESULT_METRICSENTRY']._serialized_end=787
+  _globals['_VALIDATIONRESULTS']._serialized_start=1668
+  _globals['_VALIDATIONRESULTS']._serialized_end=1755
+  _globals['_FEDERATEDTRAINING']._serialized_start=1847
+  _globals['_FEDERATEDTRAINING']._serialized_end=2575
 # @@protoc_insertion_point(module_scope)

@@ -54,6 +54,11 @@ class FederatedTrainingStub:
                 request_serializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.SerializeToString,
                 response_deserializer=fedcommon_dot_wire_dot_training__pb2.SubmitReply.FromString,
                 _registered_method=True)
+        self.OpenUpload = channel.unary_unary(
+                '/fedlearn.v1.FederatedTraining/OpenUpload',
+                request_serializer=fedcommon_dot_wire_dot_training__pb2.OpenUploadRequest.SerializeToString,
+                response_deserializer=fedcommon_dot_wire_dot_training__pb2.OpenUploadReply.FromString,
+                _registered_method=True)
         self.ReportMetrics = channel.unary_unary(
                 '/fedlearn.v1.FederatedTraining/ReportMetrics',
                 request_serializer=fedcommon_dot_wire_dot_training__pb2.MetricsReport.SerializeToString,
@@ -107,6 +112,14 @@ class FederatedTrainingServicer:
 
     def SubmitUpdate(self, request_iterator, context):
         """Stream: one header (kind "delta_w"), then per tensor a TensorHeader and its data chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def OpenUpload(self, request, context):
+        """A one-time ticket to send this round's update over the bulk channel (docs/bulk-channel.md) instead of
+        SubmitUpdate; bulk_port 0 when the server has no bulk channel.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -171,6 +184,11 @@ def add_FederatedTrainingServicer_to_server(servicer, server):
                     servicer.SubmitUpdate,
                     request_deserializer=fedcommon_dot_wire_dot_training__pb2.ModelChunk.FromString,
                     response_serializer=fedcommon_dot_wire_dot_training__pb2.SubmitReply.SerializeToString,
+            ),
+            'OpenUpload': grpc.unary_unary_rpc_method_handler(
+                    servicer.OpenUpload,
+                    request_deserializer=fedcommon_dot_wire_dot_training__pb2.OpenUploadRequest.FromString,
+                    response_serializer=fedcommon_dot_wire_dot_training__pb2.OpenUploadReply.SerializeToString,
             ),
             'ReportMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportMetrics,
@@ -306,6 +324,33 @@ class FederatedTraining:
             '/fedlearn.v1.FederatedTraining/SubmitUpdate',
             fedcommon_dot_wire_dot_training__pb2.ModelChunk.SerializeToString,
             fedcommon_dot_wire_dot_training__pb2.SubmitReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def OpenUpload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fedlearn.v1.FederatedTraining/OpenUpload',
+            fedcommon_dot_wire_dot_training__pb2.OpenUploadRequest.SerializeToString,
+            fedcommon_dot_wire_dot_training__pb2.OpenUploadReply.FromString,
             options,
             channel_credentials,
             insecure,
