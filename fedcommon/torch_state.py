@@ -35,7 +35,7 @@ def writable_view(t: torch.Tensor) -> np.ndarray | None:
         return None
     try:
         if t.dtype == torch.bfloat16:
-            return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+            return t.view(torch.int16).numpy().view(bfloat16())
         return t.numpy()
     except (TypeError, RuntimeError):  # a dtype numpy has no equivalent for (complex32, float8, quantized)
         return None
