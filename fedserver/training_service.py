@@ -3,8 +3,9 @@ go to the run it registered in, so that runs training at once never mix."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
-import threading
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -18,18 +19,25 @@ from fedcommon.model_file import iter_model_chunks, read_index
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
-from fedserver.aggregator import ContributionError, receive_tensors
+from fedserver.aggregator import ContributionError
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.errors import ServerError
 from fedserver.identity_gate import require_peer
 from fedserver.registry import UNBOUND, ClientRegistry, RegistryError, SiteSession
 from fedserver.run import FederatedRun
+from fedserver.staged_upload import StagedUpload, stage_tensors
+from fedserver.stream_watch import StreamWatchdog
 from fedserver.telemetry import Telemetry
+from fedserver.transfer_slots import SlotTimeout, TransferSlots
 
 log = logging.getLogger(__name__)
 
 TOKEN_KEY = "fl-token"
 MAX_LONG_POLL_S = 20.0
+# Uploads stream into their own files (memory O(chunk)): several at once, one per site.
+MAX_CONCURRENT_UPLOADS = 4
+# Model downloads sending bytes at once: each holds a read buffer and a message in flight (2 chunks).
+DOWNLOAD_SLOTS = 8
 
 _STATUS = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
@@ -57,10 +65,20 @@ class TrainingHost(Protocol):
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and each session's run."""
 
-    def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        server: TrainingHost,
+        max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        download_slots: TransferSlots | None = None,
+        watchdog: StreamWatchdog | None = None,
+    ):
+        """download_slots: the server's (shared with any other path that sends models); watchdog: times the
+        downloads' sends (a stalled receiver loses its slot)."""
         self._server = server
-        # Each upload in flight holds one model-sized buffer: this bounds server memory.
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._upload_slots = TransferSlots(max_concurrent_uploads, 1, "upload")
+        self._download_slots = download_slots or TransferSlots(DOWNLOAD_SLOTS, 2, "download")
+        self._watchdog = watchdog
         self._chunk_bytes = chunk_bytes
 
     @staticmethod
@@ -161,9 +179,28 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             header.status = pb.TRAIN if offer.phase == "train" else pb.END
             header.num_tensors = len(offer.index.entries) + len(offer.control)
             yield pb.ModelChunk(header=header)
-            yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
-            yield from encode_tensors(offer.control, self._chunk_bytes)  # SCAFFOLD's c, when the run uses it
+            with self._download_slot(session.name, context):
+                yield from self._sends(
+                    context,
+                    f"{session.name}'s model download",
+                    iter_model_chunks(offer.model, offer.index, self._chunk_bytes),
+                    encode_tensors(offer.control, self._chunk_bytes),  # SCAFFOLD's c, when the run uses it
+                )
             self._server.telemetry.sent(sum(e.nbytes for e in offer.index.entries))
+
+    @contextlib.contextmanager
+    def _download_slot(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """One of the download slots while a model's bytes are sent; waits within the call's deadline."""
+        left = context.time_remaining()
+        try:
+            with self._download_slots.hold(site, None if left is None else max(0.0, left - 1.0), context.is_active):
+                yield
+        except SlotTimeout as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    def _sends(self, context: grpc.ServicerContext, what: str, *parts: Iterator) -> Iterator:
+        chunks = itertools.chain(*parts)
+        return chunks if self._watchdog is None else self._watchdog.watch_sends(chunks, context, what)
 
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         session = self._session(context)
@@ -187,7 +224,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         except ContributionError as e:
             return self._refuse(session, head.round, str(e))
         try:
-            with self._upload_slots:
+            with self._upload_slots.hold(session.name, alive=context.is_active):
                 update = self._receive(request_iterator, run, head.num_tensors)
             run.commit_contribution(
                 session.name,
@@ -209,25 +246,20 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self._server.notice_run_ends()  # this contribution may have closed the run's last round
         return pb.SubmitReply(accepted=True, round=head.round)
 
-    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
-        kept: set[str] = set()  # excluded variables are checked, then dropped
-
-        def check(spec) -> None:
-            if run.check_tensor(spec):
-                kept.add(spec.name)
-
-        update, received, size = {}, 0, 0
+    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> StagedUpload:
+        """The upload, staged in its own file as it arrives (deleted again when it breaks or is refused)."""
+        staged = run.stage_upload()
+        size = 0
         try:
-            for name, arr in receive_tensors(chunks, check, "a contribution"):
-                received += 1
-                size += arr.nbytes
-                if name in kept:
-                    update[name] = arr
+            received, size = stage_tensors(chunks, run.route_tensor, staged, "a contribution")
+            if received != num_tensors:
+                raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
+        except BaseException:
+            staged.discard()
+            raise
         finally:
             self._server.telemetry.received(size)
-        if received != num_tensors:
-            raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
-        return update
+        return staged
 
     def _refuse(self, session: SiteSession, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
         log.warning("refused contribution from %s for round %d: %s", session.name, round_number, reason)
