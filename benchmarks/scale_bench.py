@@ -198,7 +198,8 @@ async def bench_agents(n: int, work: Path, idle_s: float, repeat: int, profile: 
     stop = asyncio.Event()
     tasks: list[asyncio.Task] = []
     try:
-        deadline = time.monotonic() + 60
+        # Deploying and starting copy the initial model (twice): allow for a large one on a slow disk.
+        deadline = time.monotonic() + 60 + 30 * model_bytes / (1 << 30)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
         pid = server.proc.pid
@@ -338,7 +339,8 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
     )
     sites: list[SimSite] = []
     try:
-        deadline = time.monotonic() + 60
+        # Deploying and starting copy the initial model (twice): allow for a large one on a slow disk.
+        deadline = time.monotonic() + 60 + 30 * model_bytes / (1 << 30)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
         sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")

@@ -254,6 +254,9 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             received, size = stage_tensors(chunks, run.route_tensor, staged, "a contribution")
             if received != num_tensors:
                 raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
+        except OSError as e:  # the server's disk, not the site's upload: said without the server's paths
+            staged.discard()
+            raise ContributionError(f"the server could not stage the upload: {e.strerror or e}") from None
         except BaseException:
             staged.discard()
             raise
