@@ -90,6 +90,7 @@ def start(
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedserver.errors import ServerError
+    from fedserver.malloc_arenas import bound_malloc_arenas
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
@@ -105,6 +106,7 @@ def start(
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)
     _raise_open_file_limit()
+    bound_malloc_arenas()
     try:
         server = FederationServer(workspace, kit, fl_port=port, admin_port=admin_port, max_runs=max_runs)
         if mmar is not None:

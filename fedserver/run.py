@@ -102,7 +102,7 @@ class _RoundState:
 
 
 class FederatedRun:
-    """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
+    """Rounds of one run; thread-safe; the global model, the uploads being received and the sums live on disk."""
 
     def __init__(
         self,
