@@ -37,6 +37,13 @@ class Term:
     path: Path
     scale: float
     weights: dict[str, float]
+    _entries: dict[str, TensorEntry] | None = None
+
+    def entry(self, f, name: str) -> TensorEntry:
+        """Where variable `name` lies in the term's file (its index is read once: it may name thousands)."""
+        if self._entries is None:
+            self._entries = read_index(f, self.path).by_name()
+        return self._entries[name]
 
 
 class DiskSum:
@@ -113,7 +120,7 @@ class DiskSum:
         buf = np.empty(step // item, entry.dtype)
         files = [open(t.path, "rb") for t in carriers]
         try:
-            offsets = [read_index(f, t.path).by_name()[entry.name].offset for f, t in zip(files, carriers, strict=True)]
+            offsets = [t.entry(f, entry.name).offset for f, t in zip(files, carriers, strict=True)]
             for start in range(0, entry.nbytes, step):
                 n = min(step, entry.nbytes - start) // item
                 for k, (f, t) in enumerate(zip(files, carriers, strict=True)):
@@ -138,7 +145,7 @@ class DiskSum:
         out = np.empty(math.prod(spec.shape), dtype)
         first, rest = carriers[0], carriers[1:]
         with open(first.path, "rb") as f:  # read straight into the result: one copy less of the largest part
-            _pread_into(f, out, read_index(f, first.path).by_name()[name].offset)
+            _pread_into(f, out, first.entry(f, name).offset)
         if first.scale != 1.0:
             np.multiply(out, first.scale, out=out)
         if rest:
