@@ -55,6 +55,7 @@ from fedcommon.wire import training_pb2 as pb  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 LONG_POLL_S = 60.0  # as fedclient.admin: the real agent asks the server to hold Retrieve this long
+TRANSFER_S = 1800.0  # a model download or upload, up to several GiB on a busy machine (fedclient allows 900 s)
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -291,7 +292,7 @@ async def worker(site: SimSite, update: ZeroUpdate, rounds: dict[int, dict[str, 
     token = (await stub.Register(pb.RegisterRequest(client_name=site.name), timeout=120)).token
     md = (("fl-token", token),)
     while True:
-        call = stub.GetModel(pb.GetModelRequest(wait_seconds=LONG_POLL_S), metadata=md, timeout=600)
+        call = stub.GetModel(pb.GetModelRequest(wait_seconds=LONG_POLL_S), metadata=md, timeout=TRANSFER_S)
         head: pb.ModelHeader | None = None
         headers: list[pb.TensorHeader] = []
         got = 0.0
@@ -313,7 +314,9 @@ async def worker(site: SimSite, update: ZeroUpdate, rounds: dict[int, dict[str, 
         header = pb.ModelHeader(
             run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0, num_tensors=len(headers)
         )
-        reply = await stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *update.chunks]), metadata=md, timeout=600)
+        reply = await stub.SubmitUpdate(
+            iter([pb.ModelChunk(header=header), *update.chunks]), metadata=md, timeout=TRANSFER_S
+        )
         if not reply.accepted:
             raise RuntimeError(f"{site.name}: round {head.round} refused: {reply.reason}")
         rounds.setdefault(head.round, {})[site.name] = (got, time.perf_counter())
@@ -338,7 +341,8 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
     )
     sites: list[SimSite] = []
     try:
-        deadline = time.monotonic() + 60
+        # Deploying and starting copy the initial model (twice): allow for a large one on a slow disk.
+        deadline = time.monotonic() + 60 + 30 * model_bytes / (1 << 30)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
         sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")

@@ -135,6 +135,24 @@ def save_model(
         w.check_complete()
 
 
+def allocate_model_file(
+    f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]
+) -> ModelIndex:
+    """Write a model file's index and size it (sparse, zeros until written); returns where each tensor lies."""
+    head, offsets = _layout(specs, meta)
+    f.seek(0)
+    f.write(head)
+    f.flush()
+    entries = []
+    end = len(head)
+    for (name, dtype, shape), offset in zip(specs, offsets, strict=True):
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        entries.append(TensorEntry(name, np.dtype(dtype), tuple(shape), offset, nbytes))
+        end = offset + nbytes + _pad(nbytes)
+    os.ftruncate(f.fileno(), end)
+    return ModelIndex(tuple(entries), dict(meta))
+
+
 def read_index(f: IO[bytes], path: str | os.PathLike = "<model>") -> ModelIndex:
     """Read and check the index at the start of an open model file."""
     f.seek(0)

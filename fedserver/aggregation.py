@@ -38,6 +38,7 @@ from fedcommon.mmar import Component
 from fedcommon.model_file import ModelFileWriter, ModelIndex, load_model, read_index, read_tensor, save_model
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec, check_weight
+from fedserver.staged_upload import StagedUpload
 
 log = logging.getLogger(__name__)
 
@@ -346,6 +347,24 @@ class UpdateStore:
             arrays[name] = arr.astype(accumulator_dtype(arr.dtype), copy=False)
         path = self.folder / f"{len(self._files):06d}.fl"
         save_model(path, arrays, {"weight": float(weight), "site": site})
+        with open(path, "rb") as f:
+            self._indexes.append(read_index(f, path))
+        self._files.append(path)
+
+    def add_staged(self, staged: StagedUpload, weight: float, site: str = "") -> None:
+        """Write one staged upload's variables to disk atomically, a variable at a time (see add)."""
+        check_weight(weight, self.max_weight)
+        staged.close()
+        path = self.folder / f"{len(self._files):06d}.fl"
+        with open(staged.path, "rb") as src:
+            entries = [e for e in read_index(src, staged.path).entries if e.name in staged.received]
+            with atomic_writer(path) as dst:
+                writer = ModelFileWriter(
+                    dst, [(e.name, e.dtype, e.shape) for e in entries], {"weight": float(weight), "site": site}
+                )
+                for entry in entries:
+                    writer.write(entry.name, read_tensor(src, entry))
+                writer.check_complete()
         with open(path, "rb") as f:
             self._indexes.append(read_index(f, path))
         self._files.append(path)

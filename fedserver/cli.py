@@ -99,6 +99,7 @@ def start(
     from fedcommon.private import make_private
     from fedcommon.readiness import tell_ready
     from fedserver.errors import ServerError
+    from fedserver.malloc_arenas import bound_malloc_arenas
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
@@ -114,6 +115,7 @@ def start(
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)
     _raise_open_file_limit()
+    bound_malloc_arenas()
     try:
         server = FederationServer(
             workspace, kit, fl_port=port, admin_port=admin_port, max_runs=max_runs, bulk_port=bulk_port

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -16,7 +17,7 @@ from typing import IO, Any
 import numpy as np
 
 from fedcommon.algorithms import SCAFFOLD_DELTA_PREFIX
-from fedcommon.atomic import atomic_writer
+from fedcommon.atomic import atomic_write_json, atomic_writer
 from fedcommon.dtypes import is_float
 from fedcommon.metrics import MetricsError, check_metrics, mean_metrics, mean_score
 from fedcommon.mmar import ClientConfig, ServerConfig, excluded
@@ -34,19 +35,33 @@ from fedserver.aggregation import (
     write_next_model,
 )
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
+from fedserver.disk_sum import DiskSum, remove_term_files
 from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
+from fedserver.staged_upload import DROP, KEEP, STAGE, StagedUpload
 
 log = logging.getLogger(__name__)
 
 GLOBAL_MODEL = "global_model.fl"
 # The global model the sites scored best, as they measured it at the start of a round (DESIGN §9).
 BEST_GLOBAL_MODEL = "best_global_model.fl"
-# The open round's running sums and who they hold, rewritten after each contribution that leaves it open.
-OPEN_ROUND = "open_round.fl"
+# The open round's snapshot: who it holds and the files of its running sums (fedserver.disk_sum), rewritten
+# atomically after each contribution that leaves it open; the sums themselves are never rewritten for it.
+OPEN_ROUND = "open_round.json"
 # SCAFFOLD: the open round's sums of the sites' delta c_i, kept beside OPEN_ROUND.
 OPEN_ROUND_CONTROL = "open_round_control.fl"
 # The open round's updates, for the aggregators that need every update at once (and custom ones).
 ROUND_UPDATES = "round_updates"
+# Uploads being received, each in its own file until it is committed or refused.
+STAGING = "staging"
+BOOT_ID = Path("/proc/sys/kernel/random/boot_id")
+
+
+def boot_id() -> str:
+    """This boot of the machine: the open round's files are trusted after a restart only within the same boot."""
+    try:
+        return BOOT_ID.read_text().strip()
+    except OSError:
+        return ""
 
 
 class RunStateError(Exception):
@@ -74,7 +89,7 @@ class Offer:
 class _RoundState:
     number: int
     opened_at: float
-    accumulator: UpdateAccumulator | None  # streaming built-ins: the weighted sums
+    accumulator: DiskSum | None  # streaming built-ins: the weighted sums, on disk
     store: UpdateStore | None = None  # the other aggregators: every update, on disk
     control: UpdateAccumulator | None = None  # SCAFFOLD: the sums of the sites' delta c_i
     contributors: dict[str, float] = field(default_factory=dict)  # site -> a_i * n_i
@@ -87,7 +102,7 @@ class _RoundState:
 
 
 class FederatedRun:
-    """Rounds of one run; thread-safe; the global model lives on disk, sums in memory."""
+    """Rounds of one run; thread-safe; the global model, the uploads being received and the sums live on disk."""
 
     def __init__(
         self,
@@ -115,6 +130,9 @@ class FederatedRun:
         self.open_round_path = models / OPEN_ROUND
         self.open_control_path = models / OPEN_ROUND_CONTROL
         self.updates_folder = models / ROUND_UPDATES
+        self.staging_folder = models / STAGING
+        for stale in self.staging_folder.glob("upload-*.fl"):  # uploads a stopped server was receiving
+            stale.unlink(missing_ok=True)
         self.choice = config.aggregator
         self._aggregator = build_aggregator(self.choice) if self.choice.name is not None else None
         self._states = StateFiles(models)
@@ -184,26 +202,28 @@ class FederatedRun:
         """Take back the open round's accepted contributions, when the snapshot is of this round."""
         r = self._round
         try:
-            with open(self.open_round_path, "rb") as f:
-                index = read_index(f, self.open_round_path)
-                meta = index.meta
-                if meta.get("run_number") != self.run_number or meta.get("round") != r.number:
-                    return False
-                contributors = {str(k): float(v) for k, v in (meta.get("contributors") or {}).items()}
-                kept = (
-                    dict(meta.get("metrics") or {}),
-                    dict(meta.get("privacy") or {}),
-                    list(meta.get("rejected") or []),
-                    list(meta.get("dropped") or []),
-                    dict(meta.get("epsilon_total") or self._epsilon_spent),
+            meta = json.loads(self.open_round_path.read_text())
+            if meta.get("run_number") != self.run_number or meta.get("round") != r.number:
+                return False
+            # The sums are not fsynced (DESIGN §11 trade: a GiB fsync per contribution): after a reboot they may
+            # hold what the disk had, not what was written; within the same boot the page cache holds them.
+            if meta.get("boot_id") != boot_id():
+                raise ValueError("the machine restarted since they were written")
+            contributors = {str(k): float(v) for k, v in (meta.get("contributors") or {}).items()}
+            kept = (
+                dict(meta.get("metrics") or {}),
+                dict(meta.get("privacy") or {}),
+                list(meta.get("rejected") or []),
+                list(meta.get("dropped") or []),
+                dict(meta.get("epsilon_total") or self._epsilon_spent),
+            )
+            if r.accumulator is not None:
+                r.accumulator.restore(meta.get("terms"), len(contributors))
+                remove_term_files(self.open_round_path.parent, {t["file"] for t in meta["terms"]})
+            elif sorted(r.store.sites) != sorted(contributors):
+                raise ValueError(
+                    f"the updates kept in {self.updates_folder} are of {', '.join(sorted(r.store.sites)) or 'no site'}"
                 )
-                if r.accumulator is not None:
-                    r.accumulator.load(f, index)
-                elif sorted(r.store.sites) != sorted(contributors):
-                    raise ValueError(
-                        f"the updates kept in {self.updates_folder} are of "
-                        f"{', '.join(sorted(r.store.sites)) or 'no site'}"
-                    )
             if r.control is not None:
                 with open(self.open_control_path, "rb") as f:
                     control = read_index(f, self.open_control_path)
@@ -214,7 +234,7 @@ class FederatedRun:
                     r.control.load(f, control)
         except FileNotFoundError:
             return False
-        except (OSError, ValueError, TypeError, AttributeError) as e:  # torn or foreign: the round starts empty
+        except (OSError, ValueError, TypeError, AttributeError, KeyError) as e:  # torn or foreign: starts empty
             log.warning(
                 "run %d round %d: the accepted contributions in %s are not usable (%s); the round starts empty",
                 self.run_number,
@@ -246,6 +266,8 @@ class FederatedRun:
             "rejected": r.rejected,
             "dropped": r.dropped,
             "epsilon_total": self._epsilon_spent,
+            "boot_id": boot_id(),
+            "terms": r.accumulator.describe() if r.accumulator is not None else [],
         }
         try:
             # The control sums first: a snapshot of the round is only taken back with its own control sums.
@@ -254,9 +276,8 @@ class FederatedRun:
                     r.control.save(
                         f, {"run_number": self.run_number, "round": r.number, "contributors": sorted(r.contributors)}
                     )
-            with atomic_writer(self.open_round_path) as f:
-                # The on-disk family's updates are in their UpdateStore already: the snapshot holds the metadata.
-                (r.accumulator or UpdateAccumulator(self._specs, self._excluded, self._largest)).save(f, meta)
+            # The sums' files and the on-disk family's updates are on disk already: the snapshot names them.
+            atomic_write_json(self.open_round_path, meta)
         except OSError as e:  # the contribution stands; only a restart before the round closes would lose it
             log.warning(
                 "run %d round %d: could not keep the accepted contributions in %s: %s",
@@ -336,6 +357,17 @@ class FederatedRun:
             return self._checker.check_tensor(TensorSpec(name, spec.dtype, spec.shape))
         return self._checker.check_tensor(spec)
 
+    def route_tensor(self, spec: TensorSpec) -> str:
+        """Where an upload's tensor goes once checked (see check_tensor): STAGE, KEEP (SCAFFOLD's delta c) or DROP."""
+        kept = self.check_tensor(spec)
+        if self.scaffold and spec.name.startswith(SCAFFOLD_DELTA_PREFIX):
+            return KEEP
+        return STAGE if kept else DROP
+
+    def stage_upload(self) -> StagedUpload:
+        """A new staging file for one upload, under the run's models folder."""
+        return StagedUpload(self.staging_folder, self._specs, self._excluded)
+
     def abandon_contribution(self, site: str, round_number: int, reason: str) -> None:
         """Release `site`'s claim after a refused or broken upload, and note why."""
         with self._cond:
@@ -353,75 +385,95 @@ class FederatedRun:
         self,
         site: str,
         round_number: int,
-        update: dict[str, np.ndarray],
+        update: dict[str, np.ndarray] | StagedUpload,
         weight: float,
         metrics: dict[str, float],
         active_sites: Callable[[], set[str]],
         privacy_protocol: str = "",
         privacy_epsilon: float = 0.0,
     ) -> None:
-        """Add a complete, checked update to the open round's sums; may close the round.
+        """Add a complete, checked update (arrays, or a staged upload) to the open round's sums; may close the round.
 
+        A staged upload is taken (its file becomes part of the sums) or deleted, whatever happens.
         privacy_protocol / privacy_epsilon: the filter the site applied and the epsilon it spent, as the
         site reports them; recorded per round and totalled per site for the run.
         """
-        if not update:
-            raise ContributionError("contribution holds no variables")
-        if not math.isfinite(privacy_epsilon) or privacy_epsilon < 0:
-            raise ContributionError(f"privacy_epsilon must be a finite number >= 0, got {privacy_epsilon}")
-        if len(privacy_protocol) > 200:
-            raise ContributionError("privacy_protocol names more than 200 characters")
-        if metrics:
-            try:
-                metrics = check_metrics(metrics, f"{site}'s contribution")
-            except MetricsError as e:
-                raise ContributionError(str(e)) from None
-        cap = self.config.max_contribution_weight
-        if (
-            isinstance(weight, bool)
-            or not isinstance(weight, (int, float))
-            or not math.isfinite(weight)
-            or (not 0 < weight <= cap)
-        ):
-            raise ContributionError(
-                f"weight {weight!r}: a contribution's weight must be a positive number of at "
-                f"most max_contribution_weight {cap:g} (config_fed_server.json)"
-            )
-        a = self.config.aggregation_weights.get(site, 1.0)
-        delta_c: dict[str, np.ndarray] = {}
-        if self.scaffold:
-            update, delta_c = split_scaffold(update, self._specs, self._excluded)
-        with self._cond:
-            if round_number == self._round.number:
-                self._round.receiving.discard(site)
-            self._check_open(site, round_number)
-            r = self._round
-            if r.accumulator is not None:
-                r.accumulator.add(update, a * weight)
-            else:
-                r.store.add(update, a * weight, site)
-            if r.control is not None:
-                r.control.add(delta_c, 1.0)
-            self._round.contributors[site] = a * weight
-            self._round.metrics[site] = dict(metrics)
-            if privacy_protocol:
-                self._round.privacy[site] = {"protocol": privacy_protocol, "epsilon": privacy_epsilon}
-                self._epsilon_spent[site] = self._epsilon_spent.get(site, 0.0) + privacy_epsilon
-            n = len(self._round.contributors)
-            if n >= self.config.min_num_clients and self._round.min_reached_at is None:
-                self._round.min_reached_at = time.monotonic()
-            log.info(
-                "run %d round %d: accepted %s (weight %g), %d contribution(s)",
-                self.run_number,
-                round_number,
-                site,
-                a * weight,
-                n,
-            )
-            self._maybe_close(active_sites())
-            if self.config.persist_open_round and self._round.number == round_number and (self.phase is Phase.TRAINING):
-                self._save_open_round()
-            self._cond.notify_all()
+        staged = update if isinstance(update, StagedUpload) else None
+        if staged is None and self._round.accumulator is not None and update:
+            staged = update = StagedUpload.from_arrays(self.staging_folder, self._specs, self._excluded, update)
+        try:
+            if not (update.received or update.extra if isinstance(update, StagedUpload) else update):
+                raise ContributionError("contribution holds no variables")
+            if not math.isfinite(privacy_epsilon) or privacy_epsilon < 0:
+                raise ContributionError(f"privacy_epsilon must be a finite number >= 0, got {privacy_epsilon}")
+            if len(privacy_protocol) > 200:
+                raise ContributionError("privacy_protocol names more than 200 characters")
+            if metrics:
+                try:
+                    metrics = check_metrics(metrics, f"{site}'s contribution")
+                except MetricsError as e:
+                    raise ContributionError(str(e)) from None
+            cap = self.config.max_contribution_weight
+            if (
+                isinstance(weight, bool)
+                or not isinstance(weight, (int, float))
+                or not math.isfinite(weight)
+                or (not 0 < weight <= cap)
+            ):
+                raise ContributionError(
+                    f"weight {weight!r}: a contribution's weight must be a positive number of at "
+                    f"most max_contribution_weight {cap:g} (config_fed_server.json)"
+                )
+            a = self.config.aggregation_weights.get(site, 1.0)
+            delta_c: dict[str, np.ndarray] = {}
+            if isinstance(update, StagedUpload):
+                if self.scaffold:  # checked as split_scaffold checks it: the staged variables stand for themselves
+                    carried = {name: None for name in update.received}
+                    _, delta_c = split_scaffold({**carried, **update.extra}, self._specs, self._excluded)
+            elif self.scaffold:
+                update, delta_c = split_scaffold(update, self._specs, self._excluded)
+            with self._cond:
+                if round_number == self._round.number:
+                    self._round.receiving.discard(site)
+                self._check_open(site, round_number)
+                r = self._round
+                if r.accumulator is not None:
+                    r.accumulator.add(update, a * weight)
+                elif isinstance(update, StagedUpload):
+                    r.store.add_staged(update, a * weight, site)
+                else:
+                    r.store.add(update, a * weight, site)
+                if r.control is not None:
+                    r.control.add(delta_c, 1.0)
+                self._round.contributors[site] = a * weight
+                self._round.metrics[site] = dict(metrics)
+                if privacy_protocol:
+                    self._round.privacy[site] = {"protocol": privacy_protocol, "epsilon": privacy_epsilon}
+                    self._epsilon_spent[site] = self._epsilon_spent.get(site, 0.0) + privacy_epsilon
+                n = len(self._round.contributors)
+                if n >= self.config.min_num_clients and self._round.min_reached_at is None:
+                    self._round.min_reached_at = time.monotonic()
+                log.info(
+                    "run %d round %d: accepted %s (weight %g), %d contribution(s)",
+                    self.run_number,
+                    round_number,
+                    site,
+                    a * weight,
+                    n,
+                )
+                self._maybe_close(active_sites())
+                if (
+                    self.config.persist_open_round
+                    and self._round.number == round_number
+                    and (self.phase is Phase.TRAINING)
+                ):
+                    self._save_open_round()
+                if self._round.accumulator is not None:
+                    self._round.accumulator.drop_retired()
+                self._cond.notify_all()
+        finally:
+            if staged is not None:
+                staged.discard()
 
     def report_final_metrics(self, site: str, metrics: dict[str, float]) -> None:
         """Record what a site measured on the final global model; MetricsError for metrics that are not numbers."""
@@ -475,6 +527,8 @@ class FederatedRun:
             return
         if r.store is not None:
             r.store.clear()
+        if r.accumulator is not None:
+            r.accumulator.clear()
         self._rounds.append(
             {
                 "round": r.number,
@@ -581,12 +635,10 @@ class FederatedRun:
 
     def _new_round(self, number: int) -> _RoundState:
         streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
-        r = _RoundState(
-            number,
-            time.monotonic(),
-            UpdateAccumulator(self._specs, self._excluded, self._largest) if streaming else None,
-        )
-        if not streaming:  # reopens the updates a stopped server kept; _forget_open_round clears them
+        r = _RoundState(number, time.monotonic(), None)
+        if streaming:
+            r.accumulator = DiskSum(self.open_round_path.parent, self._specs, self._excluded, self._largest)
+        else:  # reopens the updates a stopped server kept; _forget_open_round clears them
             r.store = UpdateStore(self.updates_folder, self._specs, self._excluded, self._largest)
         if self.scaffold:
             r.control = control_accumulator(self._specs, self._excluded)
@@ -596,6 +648,7 @@ class FederatedRun:
         """The round `r` starts empty: no snapshot of an earlier one, no updates kept on disk."""
         self.open_round_path.unlink(missing_ok=True)
         self.open_control_path.unlink(missing_ok=True)
+        remove_term_files(self.open_round_path.parent)
         if r.store is not None:
             r.store.clear()
 

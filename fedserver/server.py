@@ -28,7 +28,7 @@ from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials, server_ssl_context
 from fedcommon.mmar import MMARError, load_mmar
-from fedcommon.model_file import ModelFileError, load_model
+from fedcommon.model_file import ModelFileError, read_index
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
@@ -63,7 +63,8 @@ from fedserver.scheduler import JobScheduler
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.tracking import ExperimentTracker, TrackingConfigError
-from fedserver.training_service import TrainingService
+from fedserver.training_service import DOWNLOAD_SLOTS, TrainingService
+from fedserver.transfer_slots import TransferSlots
 from fedserver.untrusted_code import (
     CodePolicyError,
     CodeRefused,
@@ -254,6 +255,8 @@ class FederationServer:
         self._max_workers = max_workers
         self._tick_seconds = tick_seconds
         self._watchdog = StreamWatchdog(stream_deadlines or StreamDeadlines())
+        # Model downloads that send bytes at once, whichever path sends them (gRPC stream or a side channel).
+        self.download_slots = TransferSlots(DOWNLOAD_SLOTS, 2, "download")
         self._fl_limits = fl_limits or CallLimits(identity_gate.CALLS_PER_SITE)
         self._admin_limits = admin_limits or CallLimits(
             identity_gate.CALLS_PER_ADMIN, total=ADMIN_WORKERS - ADMIN_RESERVED_WORKERS, privileged_role="project_admin"
@@ -276,7 +279,7 @@ class FederationServer:
             interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
             maximum_concurrent_rpcs=self._max_workers,
         )
-        training = TrainingService(self)
+        training = TrainingService(self, download_slots=self.download_slots, watchdog=self._watchdog)
         add_training_servicer(training, fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")
@@ -794,7 +797,10 @@ class FederationServer:
                     raise ServerError(f"building the initial model failed: {e}") from None
                 if box.user is not None:
                     log.info("%s: the initial model was built from the MMAR's code as user %r", what, box.user)
-            load_model(out)  # refuses what is not a readable model file, whatever the child wrote
+            # Refuses what is not a readable model file, whatever the child wrote: its index, and every tensor within
+            # the file (read_index checks that), without reading the model into memory.
+            with open(out, "rb") as f:
+                read_index(f, out)
         except CodeRefused as e:
             raise ServerError(f"start refused: {e}") from None
         except ModelFileError as e:

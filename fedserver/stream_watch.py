@@ -1,4 +1,5 @@
-"""Idle deadline and minimum rate for every request stream a client sends: a stalled stream is cancelled.
+"""Idle deadline and minimum rate for every request stream a client sends (and the model downloads it reads): a
+stalled stream is cancelled.
 
 One daemon thread per watchdog checks the streams in flight a few times a second; a stream pays two clock reads
 and three attribute writes per message, no lock. Only the time a handler spends waiting for the peer's next
@@ -128,12 +129,32 @@ class StreamWatchdog:
         recheck: asked on every check; a reason it returns cancels the stream (a certificate revoked meanwhile).
         """
         stream = WatchedStream(chunks, context, what, at_end, recheck)
+        self._add(stream)
+        return stream
+
+    def watch_sends(self, chunks: Iterator[Any], context: grpc.ServicerContext, what: str) -> Iterator[Any]:
+        """`chunks` passed on as a response stream, under the same deadlines: the time gRPC takes to send each one
+        (waiting for the peer to read) counts, so a receiver that stalls cannot hold its stream (and its download
+        slot) for longer than the idle deadline."""
+        stream = WatchedStream(iter(()), context, what, None, None)
+        self._add(stream)
+        try:
+            for chunk in chunks:
+                began = stream.waiting_since = time.monotonic()
+                yield chunk
+                waited, sent = stream.progress
+                size = len(chunk.data) if isinstance(chunk, DataChunk) else chunk.ByteSize()
+                stream.progress = (waited + time.monotonic() - began, sent + size)
+                stream.waiting_since = 0.0
+        finally:
+            self.release(stream)
+
+    def _add(self, stream: WatchedStream) -> None:
         with self._lock:
             self._streams.add(stream)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="stream-watchdog", daemon=True)
                 self._thread.start()
-        return stream
 
     def release(self, stream: WatchedStream) -> None:
         """The handler is done with `stream`."""

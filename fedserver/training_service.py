@@ -3,10 +3,11 @@ go to the run it registered in, so that runs training at once never mix."""
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
-import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 import grpc
@@ -21,14 +22,17 @@ from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, CodecError, encode_tenso
 from fedcommon.wire import training_pb2 as pb
 from fedcommon.wire import training_pb2_grpc as pb_grpc
 from fedserver import bulk_channel
-from fedserver.aggregator import ContributionError, receive_tensors
+from fedserver.aggregator import ContributionError
 from fedserver.bulk_tickets import Ticket, TicketBook
 from fedserver.cross_site import CrossSiteError, CrossSiteValidation
 from fedserver.errors import ServerError
 from fedserver.identity_gate import require_peer
 from fedserver.registry import UNBOUND, ClientRegistry, RegistryError, SiteSession
 from fedserver.run import FederatedRun, Offer
+from fedserver.staged_upload import StagedUpload, stage_tensors
+from fedserver.stream_watch import StreamWatchdog
 from fedserver.telemetry import Telemetry
+from fedserver.transfer_slots import SlotTimeout, TransferSlots
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +41,10 @@ TOKEN_KEY = "fl-token"
 # is about what gRPC takes to move a mebibyte.
 BULK_MIN_BYTES = 1 << 20
 MAX_LONG_POLL_S = 20.0
+# Uploads stream into their own files (memory O(chunk)): several at once, one per site.
+MAX_CONCURRENT_UPLOADS = 4
+# Model downloads sending bytes at once: each holds a read buffer and a message in flight (2 chunks).
+DOWNLOAD_SLOTS = 8
 
 _STATUS = {
     "unauthenticated": grpc.StatusCode.UNAUTHENTICATED,
@@ -64,10 +72,20 @@ class TrainingHost(Protocol):
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and each session's run."""
 
-    def __init__(self, server: TrainingHost, max_concurrent_uploads: int = 1, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+    def __init__(
+        self,
+        server: TrainingHost,
+        max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS,
+        chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+        download_slots: TransferSlots | None = None,
+        watchdog: StreamWatchdog | None = None,
+    ):
+        """download_slots: the server's (shared with any other path that sends models); watchdog: times the
+        downloads' sends (a stalled receiver loses its slot)."""
         self._server = server
-        # Each upload in flight holds one model-sized buffer: this bounds server memory.
-        self._upload_slots = threading.BoundedSemaphore(max_concurrent_uploads)
+        self._upload_slots = TransferSlots(max_concurrent_uploads, 1, "upload")
+        self._download_slots = download_slots or TransferSlots(DOWNLOAD_SLOTS, 2, "download")
+        self._watchdog = watchdog
         self._chunk_bytes = chunk_bytes
         self._bulk: tuple[int, TicketBook] | None = None  # (port, tickets) while the bulk channel serves
         self._bulk_min_bytes = BULK_MIN_BYTES
@@ -182,25 +200,36 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             if request.bulk and self._bulk is not None and nbytes >= self._bulk_min_bytes:
                 port, tickets = self._bulk
                 secret, ticket = tickets.issue(
-                    "download", session.name, session.token, run.run_number, offer.round, self._model_sender(offer)
+                    "download",
+                    session.name,
+                    session.token,
+                    run.run_number,
+                    offer.round,
+                    self._model_sender(session.name, offer),
                 )
                 header.bulk_port, header.bulk_ticket = port, secret
                 yield pb.ModelChunk(header=header)
                 self._await_bulk(ticket, tickets, context)
                 return
             yield pb.ModelChunk(header=header)
-            yield from iter_model_chunks(offer.model, offer.index, self._chunk_bytes)
-            yield from encode_tensors(offer.control, self._chunk_bytes)  # SCAFFOLD's c, when the run uses it
+            with self._download_slot(session.name, context):
+                yield from self._sends(
+                    context,
+                    f"{session.name}'s model download",
+                    iter_model_chunks(offer.model, offer.index, self._chunk_bytes),
+                    encode_tensors(offer.control, self._chunk_bytes),  # SCAFFOLD's c, when the run uses it
+                )
             self._server.telemetry.sent(nbytes)
 
-    @staticmethod
-    def _model_sender(offer: Offer):
-        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames."""
+    def _model_sender(self, site: str, offer: Offer):
+        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames, in one
+        of the download slots (the bulk channel's own deadlines bound the wait and the sends)."""
 
         def send(writer) -> int:
             assert offer.model is not None and offer.index is not None
-            sent = writer.chunks(iter_model_chunks(offer.model, offer.index, bulk_wire.CHUNK_BYTES))
-            return sent + writer.chunks(encode_tensors(offer.control, bulk_wire.CHUNK_BYTES))
+            with self._download_slots.hold(site, bulk_channel.TRANSFER_S):
+                sent = writer.chunks(iter_model_chunks(offer.model, offer.index, bulk_wire.CHUNK_BYTES))
+                return sent + writer.chunks(encode_tensors(offer.control, bulk_wire.CHUNK_BYTES))
 
         return send
 
@@ -221,12 +250,26 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         if ticket.error is not None:
             context.abort(grpc.StatusCode.ABORTED, f"bulk download of round {ticket.round}: {ticket.error}")
 
+    @contextlib.contextmanager
+    def _download_slot(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
+        """One of the download slots while a model's bytes are sent; waits within the call's deadline."""
+        left = context.time_remaining()
+        try:
+            with self._download_slots.hold(site, None if left is None else max(0.0, left - 1.0), context.is_active):
+                yield
+        except SlotTimeout as e:
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e))
+
+    def _sends(self, context: grpc.ServicerContext, what: str, *parts: Iterator) -> Iterator:
+        chunks = itertools.chain(*parts)
+        return chunks if self._watchdog is None else self._watchdog.watch_sends(chunks, context, what)
+
     def SubmitUpdate(self, request_iterator: Iterator[pb.ModelChunk], context: grpc.ServicerContext) -> pb.SubmitReply:
         session = self._session(context)
         first = next(request_iterator, None)
         if first is None or first.WhichOneof("part") != "header":
             return self._refuse(session, 0, "a contribution must start with its header")
-        return self.submit(session, first.header, request_iterator)
+        return self.submit(session, first.header, request_iterator, context.is_active)
 
     def OpenUpload(self, request: pb.OpenUploadRequest, context: grpc.ServicerContext) -> pb.OpenUploadReply:
         session = self._session(context)
@@ -255,9 +298,11 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             self._server.telemetry.sent(nbytes)
         self._server.telemetry.bulk_transfer(op)
 
-    def submit(self, session: SiteSession, head: pb.ModelHeader, chunks: Iterator) -> pb.SubmitReply:
+    def submit(
+        self, session: SiteSession, head: pb.ModelHeader, chunks: Iterator, alive: Callable[[], bool] | None = None
+    ) -> pb.SubmitReply:
         """Receive, check and commit `session`'s contribution (`head`, then its tensor chunks): SubmitUpdate's body,
-        which the bulk channel's uploads run too."""
+        which the bulk channel's uploads run too. alive: False once the caller has gone (stops waiting for a slot)."""
         run = self._run_of(session)
         if run is None:
             return self._refuse(session, head.round, "no run is active")
@@ -274,7 +319,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         except ContributionError as e:
             return self._refuse(session, head.round, str(e))
         try:
-            with self._upload_slots:
+            with self._upload_slots.hold(session.name, alive=alive):
                 update = self._receive(chunks, run, head.num_tensors)
             run.commit_contribution(
                 session.name,
@@ -296,25 +341,23 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self._server.notice_run_ends()  # this contribution may have closed the run's last round
         return pb.SubmitReply(accepted=True, round=head.round)
 
-    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> dict:
-        kept: set[str] = set()  # excluded variables are checked, then dropped
-
-        def check(spec) -> None:
-            if run.check_tensor(spec):
-                kept.add(spec.name)
-
-        update, received, size = {}, 0, 0
+    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> StagedUpload:
+        """The upload, staged in its own file as it arrives (deleted again when it breaks or is refused)."""
+        staged = run.stage_upload()
+        size = 0
         try:
-            for name, arr in receive_tensors(chunks, check, "a contribution"):
-                received += 1
-                size += arr.nbytes
-                if name in kept:
-                    update[name] = arr
+            received, size = stage_tensors(chunks, run.route_tensor, staged, "a contribution")
+            if received != num_tensors:
+                raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
+        except OSError as e:  # the server's disk, not the site's upload: said without the server's paths
+            staged.discard()
+            raise ContributionError(f"the server could not stage the upload: {e.strerror or e}") from None
+        except BaseException:
+            staged.discard()
+            raise
         finally:
             self._server.telemetry.received(size)
-        if received != num_tensors:
-            raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
-        return update
+        return staged
 
     def _refuse(self, session: SiteSession, round_number: int, reason: str, noted: bool = False) -> pb.SubmitReply:
         log.warning("refused contribution from %s for round %d: %s", session.name, round_number, reason)

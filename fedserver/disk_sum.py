@@ -1,0 +1,217 @@
+"""The open round's running weighted sum on disk: a few term files, summed block by block (DESIGN §7).
+
+A term is a model file in the accumulator dtypes and a scale: its values times the scale are its part of the sum.
+A contribution's staging file becomes a term as it is (renamed, scaled by its weight when read); when a round
+holds `max_terms` terms, the next contribution first folds them into one new file (scale 1). Memory stays
+O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped.
+
+The overflow reasoning of fedserver.aggregator holds: every value of a staged term is at most value_bound(), each
+scale is a weight divided by the largest weight (<= 1), and a round sums at most MAX_CONTRIBUTORS terms.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fedcommon.dtypes import accumulator_dtype
+from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
+from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
+from fedserver.staged_upload import StagedUpload
+
+BLOCK_BYTES = 4 << 20
+_TERM = re.compile(r"open_round\.(\d{1,9})\.fl")
+
+
+@dataclass
+class Term:
+    """One file of the sum: scale x its values; `weights`: the weight it adds, per variable it carries."""
+
+    path: Path
+    scale: float
+    weights: dict[str, float]
+    _entries: dict[str, TensorEntry] | None = None
+
+    def entry(self, f, name: str) -> TensorEntry:
+        """Where variable `name` lies in the term's file (its index is read once: it may name thousands)."""
+        if self._entries is None:
+            self._entries = read_index(f, self.path).by_name()
+        return self._entries[name]
+
+
+class DiskSum:
+    """Running weighted sums of a round's updates per variable, in files under `folder`."""
+
+    def __init__(
+        self,
+        folder: Path,
+        specs: dict[str, VarSpec],
+        excluded: frozenset[str] = frozenset(),
+        max_weight: float = 1e9,
+        max_terms: int = 2,
+    ):
+        self.folder = folder
+        self.specs = specs
+        self.excluded = excluded
+        self.max_weight = max_weight
+        self.max_terms = max(1, max_terms)
+        self.layout = [(n, accumulator_dtype(s.dtype), s.shape) for n, s in specs.items() if n not in excluded]
+        self._terms: list[Term] = []
+        self._retired: list[Path] = []  # folded terms: deleted once no snapshot names them (drop_retired)
+        self._count = 0
+        self._next = 0
+
+    @property
+    def empty(self) -> bool:
+        return not self._terms
+
+    def add(self, staged: StagedUpload, weight: float) -> None:
+        """Add weight x the staged update: its file becomes a term (taken from `staged`)."""
+        check_weight(weight, self.max_weight)
+        if self._count >= MAX_CONTRIBUTORS:
+            raise ContributionError(f"the round already sums {MAX_CONTRIBUTORS} contributions")
+        if len(self._terms) >= self.max_terms:
+            self._fold()
+        w = weight / self.max_weight  # <= 1: see MAX_CONTRIBUTORS
+        staged.close()
+        path = self._new_path()
+        os.replace(staged.path, path)
+        staged.taken = True
+        self._terms.append(Term(path, w, {n: w for n in staged.received}))
+        self._count += 1
+
+    def _new_path(self) -> Path:
+        self._next += 1
+        return self.folder / f"open_round.{self._next}.fl"
+
+    def _fold(self) -> None:
+        """Sum the terms into one new file of scale 1; the old files wait in `_retired`."""
+        path = self._new_path()
+        weights: dict[str, float] = {}
+        try:
+            with open(path, "w+b") as out:
+                os.fchmod(out.fileno(), 0o600)
+                index = allocate_model_file(out, self.layout, {"kind": "open round sum"})
+                for entry in index.entries:
+                    carriers = [t for t in self._terms if entry.name in t.weights]
+                    if not carriers:
+                        continue
+                    weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
+                    for start, block in self._blocks(entry, carriers):
+                        os.pwrite(out.fileno(), memoryview(block.view(np.uint8)), entry.offset + start)
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+        self._retired += [t.path for t in self._terms]
+        self._terms = [Term(path, 1.0, weights)]
+
+    def _blocks(self, entry: TensorEntry, carriers: list[Term]):
+        """(byte offset in the variable, sum of scale x values) for each block of variable `entry`."""
+        item = entry.dtype.itemsize
+        step = max(item, BLOCK_BYTES - BLOCK_BYTES % item)
+        total = np.empty(step // item, entry.dtype)
+        buf = np.empty(step // item, entry.dtype)
+        files = [open(t.path, "rb") for t in carriers]
+        try:
+            offsets = [t.entry(f, entry.name).offset for f, t in zip(files, carriers, strict=True)]
+            for start in range(0, entry.nbytes, step):
+                n = min(step, entry.nbytes - start) // item
+                for k, (f, t) in enumerate(zip(files, carriers, strict=True)):
+                    target = total[:n] if k == 0 else buf[:n]
+                    _pread_into(f, target, offsets[k] + start)
+                    if t.scale != 1.0:
+                        np.multiply(target, t.scale, out=target)
+                    if k:
+                        np.add(total[:n], target, out=total[:n])
+                yield start, total[:n]
+        finally:
+            for f in files:
+                f.close()
+
+    def take_mean(self, name: str) -> np.ndarray | None:
+        """The weighted mean of variable `name`'s updates, or None when no contribution carries it."""
+        carriers = [t for t in self._terms if name in t.weights]
+        if not carriers:
+            return None
+        spec = self.specs[name]
+        dtype = accumulator_dtype(spec.dtype)
+        out = np.empty(math.prod(spec.shape), dtype)
+        first, rest = carriers[0], carriers[1:]
+        with open(first.path, "rb") as f:  # read straight into the result: one copy less of the largest part
+            _pread_into(f, out, first.entry(f, name).offset)
+        if first.scale != 1.0:
+            np.multiply(out, first.scale, out=out)
+        if rest:
+            item = dtype.itemsize
+            for start, block in self._blocks(TensorEntry(name, dtype, spec.shape, 0, out.nbytes), rest):
+                part = out[start // item : start // item + block.size]
+                np.add(part, block, out=part)
+        np.divide(out, sum(t.weights[name] for t in carriers), out=out)
+        return out.reshape(spec.shape)
+
+    def describe(self) -> list[dict[str, Any]]:
+        """The terms, for the open round's snapshot (see restore)."""
+        return [{"file": t.path.name, "scale": t.scale, "weights": dict(t.weights)} for t in self._terms]
+
+    def restore(self, terms: Any, count: int) -> None:
+        """Take back the terms `describe` gave; ValueError when they or their files do not fit this model."""
+        if not isinstance(terms, list) or len(terms) > self.max_terms:
+            raise ValueError("the snapshot's terms are not a short list")
+        taken = []
+        for t in terms:
+            name = t.get("file") if isinstance(t, dict) else None
+            match = _TERM.fullmatch(name) if isinstance(name, str) else None
+            scale, weights = (t.get("scale"), t.get("weights")) if isinstance(t, dict) else (None, None)
+            if match is None or not _finite_weight(scale) or scale > 1 or not isinstance(weights, dict):
+                raise ValueError(f"a term of the snapshot is not one: {str(t)[:200]}")
+            if any(n not in self.specs or n in self.excluded or not _finite_weight(w) for n, w in weights.items()):
+                raise ValueError(f"{name}: its weights name variables that are not aggregated, or are not weights")
+            path = self.folder / name
+            with open(path, "rb") as f:
+                index = read_index(f, path)
+            if [(e.name, e.dtype, e.shape) for e in index.entries] != [(n, d, tuple(s)) for n, d, s in self.layout]:
+                raise ValueError(f"{path}: its variables are not this model's")
+            taken.append(Term(path, float(scale), {str(n): float(w) for n, w in weights.items()}))
+            self._next = max(self._next, int(match.group(1)))
+        self._terms, self._count = taken, count
+
+    def drop_retired(self) -> None:
+        """Delete the folded terms' files (no snapshot names them any more)."""
+        for path in self._retired:
+            path.unlink(missing_ok=True)
+        self._retired = []
+
+    def clear(self) -> None:
+        """Forget the sums and delete their files."""
+        self._retired += [t.path for t in self._terms]
+        self._terms, self._count = [], 0
+        self.drop_retired()
+
+
+def remove_term_files(folder: Path, keep: set[str] = frozenset()) -> None:
+    """Delete the sum files in `folder` that no snapshot names (`keep`: the names to keep)."""
+    with contextlib.suppress(FileNotFoundError):
+        for path in folder.iterdir():
+            if _TERM.fullmatch(path.name) and path.name not in keep:
+                path.unlink(missing_ok=True)
+
+
+def _finite_weight(w: Any) -> bool:
+    return not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w > 0
+
+
+def _pread_into(f, target: np.ndarray, offset: int) -> None:
+    view = memoryview(target.view(np.uint8))
+    f.seek(offset)
+    while view:
+        n = f.readinto(view)
+        if not n:
+            raise ValueError(f"{f.name}: ended early")
+        view = view[n:]
