@@ -258,7 +258,9 @@ def aggregate_seconds(log_path: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
-def bench_round(size_mib: float, work: Path, tensor_mib: float, timeout_s: float, profile: bool) -> dict[str, Any]:
+def bench_round(
+    size_mib: float, work: Path, tensor_mib: float, timeout_s: float, profile: bool, server_args: list[str]
+) -> dict[str, Any]:
     """Run one round on a model of `size_mib` MiB under `work`; returns the measurements (and "error")."""
     model_bytes = int(size_mib * MIB) // 4 * 4
     out: dict[str, Any] = {"size_mib": size_mib, "model_bytes": model_bytes, "completed": False, "error": None}
@@ -274,7 +276,10 @@ def bench_round(size_mib: float, work: Path, tensor_mib: float, timeout_s: float
 
         server = Child(
             "server",
-            [sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server"), "--mmar", str(mmar)],
+            [
+                *(sys.executable, "-m", "fedserver.cli", "start", "--workspace", str(kits / "server")),
+                *("--mmar", str(mmar), *server_args),
+            ],
             work / "server.stderr.txt",
         )
         children.append(server)
@@ -540,6 +545,9 @@ def main(argv: list[str] | None = None) -> int:
         help="gRPC chunk size in MiB (recorded only: not passed on to the server or sites yet)",
     )
     parser.add_argument("--tensor-mib", type=float, default=16, help="size of each tensor, in MiB (default: 16)")
+    parser.add_argument(
+        "--bulk-port", type=int, default=None, help="the server's --bulk-port (-1: no bulk channel, all over gRPC)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="rounds per size, each with fresh processes (default: 1)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     parser.add_argument("--workdir", type=Path, default=None, help="where the temp folders go (default: $TMPDIR)")
@@ -555,7 +563,8 @@ def main(argv: list[str] | None = None) -> int:
         for attempt in range(1, args.repeat + 1):
             work = Path(tempfile.mkdtemp(prefix=f"fedbench-{size:g}mib-", dir=args.workdir))
             try:
-                r = bench_round(size, work, args.tensor_mib, args.timeout, args.profile)
+                server_args = [] if args.bulk_port is None else ["--bulk-port", str(args.bulk_port)]
+                r = bench_round(size, work, args.tensor_mib, args.timeout, args.profile, server_args)
             finally:
                 if args.keep:
                     print(f"kept {work}", file=sys.stderr)
