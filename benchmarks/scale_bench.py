@@ -345,6 +345,7 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
         deadline = time.monotonic() + 60 + 30 * model_bytes / (1 << 30)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
+        out["server_ready_rss_bytes"] = proc_status(server.proc.pid, "VmRSS")
         sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")
         rounds: dict[int, dict[str, tuple[float, float]]] = {}
         update = ZeroUpdate()
@@ -362,6 +363,8 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
         # The first round also holds the sites' registration and connection set-up.
         out["round_s"] = out["round_walls_s"][1:] or out["round_walls_s"]
         out["server_peak_rss_bytes"] = proc_status(server.proc.pid, "VmHWM")
+        # The sites are still connected and registered, no transfer is in flight: what holding them costs.
+        out["server_rss_after_bytes"] = proc_status(server.proc.pid, "VmRSS")
         out["completed"] = out["status"] == "completed"
     finally:
         for s in sites:
