@@ -102,16 +102,28 @@ def copy_mmar(
     return dst
 
 
+def training_run_files(
+    tmp_path: Path, initial_model: dict, clients: int = 2, client: dict | None = None, **server_config
+) -> tuple[Path, Path]:
+    """A POC workspace (tmp_path/ws) and a digits copy (tmp_path/mmar) whose initial model is `initial_model`
+    (config_fed_server.json keys replaced by server_config, config_fed_client.json keys by `client`)."""
+    from fedcommon.model_file import save_model
+
+    ws = prepare_workspace(tmp_path / "ws", clients)
+    mmar = copy_mmar(
+        tmp_path / "mmar", server={"initial_model": {"file": "models/initial.fl"}, **server_config}, client=client
+    )
+    save_model(mmar / "models" / "initial.fl", initial_model)
+    return ws, mmar
+
+
 def start_training_run(tmp_path: Path, initial_model: dict, clients: int = 2, **server_config):
     """An in-process server on a free fl_port training run 1 of a digits copy from `initial_model` (config keys
     replaced by server_config); returns (server, POC workspace). Stop it with server.stop(0)."""
     from fedcommon.kit import load_kit
-    from fedcommon.model_file import save_model
     from fedserver.server import FederationServer
 
-    ws = prepare_workspace(tmp_path / "ws", clients)
-    mmar = copy_mmar(tmp_path / "mmar", server={"initial_model": {"file": "models/initial.fl"}, **server_config})
-    save_model(mmar / "models" / "initial.fl", initial_model)
+    ws, mmar = training_run_files(tmp_path, initial_model, clients, **server_config)
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
     server.start_run(mmar)
     server.start()

@@ -14,7 +14,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, free_port, prepare_workspace, scrape, server_process
+from conftest import free_port, prepare_workspace, scrape, server_process, training_run_files
 from signing import signed_header
 
 from fedcommon.admin_defs import ok_reply
@@ -22,7 +22,6 @@ from fedcommon.admin_serde import message_from_wire, message_to_wire
 from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
-from fedcommon.model_file import save_model
 from fedcommon.wire import admin_pb2 as apb
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
 from fedcommon.wire import training_pb2 as tpb
@@ -82,17 +81,9 @@ class FakeAgent:
 @pytest.fixture
 def federation(tmp_path):
     """A running in-process server (no run yet), its POC workspace and an MMAR with a ready initial model."""
-    ws = prepare_workspace(tmp_path / "ws", clients=3)
-    mmar = copy_mmar(
-        tmp_path / "mmar",
-        server={
-            "initial_model": {"file": "models/initial.fl"},
-            "min_num_clients": 2,
-            "num_rounds": 2,
-            "heart_beat_timeout": 30,
-        },
+    ws, mmar = training_run_files(
+        tmp_path, {"w": np.zeros((2, 3), np.float32)}, clients=3, min_num_clients=2, num_rounds=2, heart_beat_timeout=30
     )
-    save_model(mmar / "models" / "initial.fl", {"w": np.zeros((2, 3), np.float32)})
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0, admin_port=0)
     server.start()
     agents: list[FakeAgent] = []

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, prepare_workspace, server_process, start_training_run
+from conftest import server_process, start_training_run, training_run_files
 
 from fedclient.direct_client import DirectFederatedClient
 from fedclient.worker import kit_ssl_args
@@ -24,7 +24,7 @@ from fedcommon import bulk_wire
 from fedcommon.bulk_wire import BulkError, FrameReader, FrameWriter
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, client_ssl_context, load_kit
-from fedcommon.model_file import load_model, save_model
+from fedcommon.model_file import load_model
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedserver import bulk_channel
@@ -106,19 +106,16 @@ def federation(tmp_path) -> Iterator:
     contexts = []
 
     def start(*args: str) -> Federation:
-        ws = prepare_workspace(tmp_path / "ws", clients=3)
-        mmar = copy_mmar(
-            tmp_path / "mmar",
-            server={
-                "initial_model": {"file": "models/initial.fl"},
-                "min_num_clients": 2,
-                "num_rounds": 1,
-                "wait_after_min_clients": 0,
-                "heart_beat_timeout": 60,
-            },
+        ws, mmar = training_run_files(
+            tmp_path,
+            W0,
+            clients=3,
             client={"weight_by": "uniform"},
+            min_num_clients=2,
+            num_rounds=1,
+            wait_after_min_clients=0,
+            heart_beat_timeout=60,
         )
-        save_model(mmar / "models" / "initial.fl", W0)
         context = server_process(ws / "server", "--mmar", str(mmar), *args)
         proc = context.__enter__()
         contexts.append(context)

@@ -11,7 +11,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, prepare_workspace
+from conftest import training_run_files
 from test_run_rounds import _config as run_rounds_config
 
 from fedcommon.chunk_wire import TrainingStub
@@ -185,18 +185,9 @@ def test_transfer_slots_beyond_the_limit_wait_their_turn_and_a_site_holds_its_sh
 @pytest.fixture
 def federation(tmp_path):
     """A running in-process server: run 1, one round, 3 sites needed, a model of many chunks."""
-    ws = prepare_workspace(tmp_path / "ws", clients=3)
-    mmar = copy_mmar(
-        tmp_path / "mmar",
-        server={
-            "initial_model": {"file": "models/initial.fl"},
-            "min_num_clients": 3,
-            "num_rounds": 1,
-            "wait_after_min_clients": 30,
-            "heart_beat_timeout": 30,
-        },
+    ws, mmar = training_run_files(
+        tmp_path, BIG, clients=3, min_num_clients=3, num_rounds=1, wait_after_min_clients=30, heart_beat_timeout=30
     )
-    save_model(mmar / "models" / "initial.fl", BIG)
     server = FederationServer(
         ws / "server", load_kit(ws / "server"), fl_port=0, stream_deadlines=StreamDeadlines(idle_s=2, window_s=2)
     )

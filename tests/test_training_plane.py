@@ -9,13 +9,13 @@ import time
 import grpc
 import numpy as np
 import pytest
-from conftest import copy_mmar, prepare_workspace
+from conftest import prepare_workspace, training_run_files
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from fedcommon.chunk_wire import TrainingStub
 from fedcommon.kit import channel_credentials, load_kit
-from fedcommon.model_file import load_model, save_model
+from fedcommon.model_file import load_model
 from fedcommon.pki import issue_cert, write_crl
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
@@ -27,18 +27,9 @@ W0 = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(3, np.float32)}
 @pytest.fixture
 def federation(tmp_path):
     """A running in-process server (run 1, 2 rounds, 2 sites needed) and the POC workspace."""
-    ws = prepare_workspace(tmp_path / "ws", clients=3)
-    mmar = copy_mmar(
-        tmp_path / "mmar",
-        server={
-            "initial_model": {"file": "models/initial.fl"},
-            "min_num_clients": 2,
-            "num_rounds": 2,
-            "wait_after_min_clients": 30,
-            "heart_beat_timeout": 30,
-        },
+    ws, mmar = training_run_files(
+        tmp_path, W0, clients=3, min_num_clients=2, num_rounds=2, wait_after_min_clients=30, heart_beat_timeout=30
     )
-    save_model(mmar / "models" / "initial.fl", W0)
     server = FederationServer(ws / "server", load_kit(ws / "server"), fl_port=0)
     server.start_run(mmar)
     port = server.start()
