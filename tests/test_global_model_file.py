@@ -110,7 +110,7 @@ def test_sizes_that_are_not_whole_blocks_or_fit_no_single_write_read_back_exactl
 def test_where_direct_io_is_refused_at_open_the_file_is_written_through_the_page_cache(tmp_path, monkeypatch):
     from fedclient import global_model_file
 
-    monkeypatch.setattr(global_model_file, "_set_direct", lambda fd, on: False)
+    monkeypatch.setattr(global_model_file, "set_direct", lambda fd, on: False)
     stored = GlobalModelFile(MODEL, tmp_path)
     assert stored.direct is False
     for name, arr in MODEL.items():
