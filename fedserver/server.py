@@ -222,6 +222,7 @@ class FederationServer:
         # The live runs by number, in the order they started: a run stays after it ends until replaced or deleted.
         self.runs: dict[int, FederatedRun] = {}
         self._run_cond = threading.Condition()
+        self._starting: set[int] = set()  # runs start_training is making live (see there)
         self._run_end_hooks: list[RunEndHook] = []
         self._ended_told: set[int] = set()  # live runs whose end the hooks have been told of
         self._hooks_lock = threading.Lock()
@@ -551,6 +552,8 @@ class FederationServer:
         run = self.runs.get(run_number)
         if run is not None:
             return run.phase.value
+        if run_number in self._starting:
+            return "deployed"
         return self.run_record(run_number).status(summary)
 
     def runs_report(self) -> list[dict[str, Any]]:
@@ -733,12 +736,18 @@ class FederationServer:
                 os.replace(building, models / GLOBAL_MODEL)
             finally:
                 building.unlink(missing_ok=True)
-            run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
-            self.tracking.attach(run)
-            with self._run_cond:
-                self.runs.pop(number, None)  # the restarted run is the newest
-                self.runs[number] = run
-                self._run_cond.notify_all()
+            # FederatedRun writes summary.json ("training") before the run is live: until then the run counts as
+            # deployed, not as a training run without a live one (which reads as aborted and refuses sites).
+            self._starting.add(number)
+            try:
+                run = FederatedRun(number, folder.root, mmar.server, client=mmar.client, code_policy=self.code_policy)
+                self.tracking.attach(run)
+                with self._run_cond:
+                    self.runs.pop(number, None)  # the restarted run is the newest
+                    self.runs[number] = run
+                    self._run_cond.notify_all()
+            finally:
+                self._starting.discard(number)
             with self._hooks_lock:
                 self._ended_told.discard(number)
         log.info(

@@ -317,3 +317,23 @@ def test_status_shows_a_table_of_the_live_runs_only_when_several_are():
     lines = render.progress_lines(_status_outcome(several))
     assert "run 2: completed, round 2 of 2, sites a" in lines
     assert not any(line.startswith("run 1:") for line in render.progress_lines(_status_outcome(one)))
+
+
+def test_a_site_registering_while_its_run_is_made_live_is_taken_not_refused_as_aborted(two_runs, tmp_path, monkeypatch):
+    from fedserver import server as server_mod
+
+    server, ws, target, _ = two_runs
+    server.abort_training(2)
+    server.deploy(_mmar(tmp_path, "mmar-3"), 3)
+    seen = []
+    real = server_mod.FederatedRun
+
+    def built_then_registered(*args, **kwargs):
+        run = real(*args, **kwargs)  # summary.json says "training" now; the run is not live yet
+        seen.append((_summary(server, 3)["status"], server.run_for_register(3)[0]))
+        return run
+
+    monkeypatch.setattr(server_mod, "FederatedRun", built_then_registered)
+    server.start_training(3)
+    assert seen == [("training", 3)]
+    assert server.run_status(3) == "training"
