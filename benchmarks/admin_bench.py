@@ -55,18 +55,23 @@ def console_env(ws: Path) -> dict[str, str]:
     return env
 
 
-def floor_call(ws: Path) -> float:
-    """Wall seconds of one FLOOR process: the status call's fixed costs alone."""
-    t0 = time.perf_counter()
-    result = subprocess.run(
-        [sys.executable, "-c", FLOOR, str(ws / "admin")],
+def python(ws: Path, args: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python ARGS` as the console runs (console_env, from this tree's root, no terminal on stdin)."""
+    return subprocess.run(
+        [sys.executable, *args],
         env=console_env(ws),
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=60,
+        timeout=timeout,
     )
+
+
+def floor_call(ws: Path) -> float:
+    """Wall seconds of one FLOOR process: the status call's fixed costs alone."""
+    t0 = time.perf_counter()
+    result = python(ws, ["-c", FLOOR, str(ws / "admin")], timeout=60)
     wall = time.perf_counter() - t0
     if result.returncode != 0 or not result.stdout.strip().isdigit() or int(result.stdout) < 1:
         raise SystemExit(f"the floor's status call failed: {result.stdout}{result.stderr}")
@@ -74,15 +79,7 @@ def floor_call(ws: Path) -> float:
 
 
 def fedadmin(ws: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [sys.executable, "-m", "fedadmin.cli", *args],
-        env=console_env(ws),
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = python(ws, ["-m", "fedadmin.cli", *args], timeout=300)
     if check and result.returncode != 0:
         raise SystemExit(f"fedadmin {' '.join(args)} failed: {result.stdout}{result.stderr}")
     return result
