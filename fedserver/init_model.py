@@ -61,12 +61,16 @@ def main() -> None:
             import fedcommon.model_file  # noqa: F401
             from fedserver.untrusted_code import drop_privileges
 
-            if mmar.server.initial_model_file is None:  # a model file is copied: no torch (a second of CPU) needed
+            code: list[str] = []  # a model file is copied: no torch (a second of CPU) and none of the MMAR's code
+            if mmar.server.initial_model_file is None:
                 import torch  # noqa: F401
 
                 import fedcommon.torch_state  # noqa: F401
 
-            drop_privileges(args.run_as, mmar.custom_dir)
+                code = [mmar.server.initial_model.path.rpartition(".")[0]]
+            # Only what the model's module imports: the digits trainer's fallback to scikit-learn's loader, say, would
+            # cost this child a second of CPU, on the way to the run's first round.
+            drop_privileges(args.run_as, mmar.custom_dir, code)
         build_from(mmar, args.out)
     except Exception as e:  # the parent shows the last line to the operator
         print(f"{type(e).__name__}: {e}", file=sys.stderr)

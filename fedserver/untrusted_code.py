@@ -21,7 +21,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,10 +228,12 @@ def take_output(path: Path, dest: Path) -> None:
             shutil.copyfileobj(src, out, _COPY_CHUNK)
 
 
-def drop_privileges(run_as: str, custom_dir: Path) -> None:
+def drop_privileges(run_as: str, custom_dir: Path, modules: Sequence[str] | None = None) -> None:
     """In the child, before it imports deployed code: import the installed packages that code names (while the
-    installation may still be read), then become uid:gid for good (no way back to root)."""
-    import_installed_dependencies(custom_dir)
+    installation may still be read), then become uid:gid for good (no way back to root).
+
+    modules: the archive's modules the child imports (installed_imports); default every file of custom_dir."""
+    import_installed_dependencies(custom_dir, modules)
     uid_text, _, gid_text = run_as.partition(":")
     uid, gid = int(uid_text), int(gid_text)
     os.setgroups([])
@@ -245,24 +247,23 @@ def drop_privileges(run_as: str, custom_dir: Path) -> None:
     sys.exit(1)
 
 
-def installed_imports(custom_dir: Path) -> list[str]:
+def installed_imports(custom_dir: Path, modules: Sequence[str] | None = None) -> list[str]:
     """The modules the code in `custom_dir` imports by absolute name that are installed on this host (found on
-    sys.path without `custom_dir`, so never one of the archive's own), read from its source, never run."""
-    import ast
+    sys.path without `custom_dir`, so never one of the archive's own), read from its source, never run.
+
+    modules: the dotted names the child imports (a component's module): only their files, and those of the archive's
+    modules they import in turn, are read (a name that is not the archive's is itself one to import); default: every
+    file of custom_dir.
+    """
     import importlib.util
 
-    names: list[str] = []
-    for source in sorted(Path(custom_dir).rglob("*.py")):
-        try:
-            tree = ast.parse(source.read_bytes(), filename=str(source))
-        except (SyntaxError, ValueError, OSError):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Import):
-                names += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names.append(node.module)
-    own = {p.stem for p in Path(custom_dir).glob("*.py")} | {p.name for p in Path(custom_dir).iterdir() if p.is_dir()}
+    custom_dir = Path(custom_dir)
+    own = {p.stem for p in custom_dir.glob("*.py")} | {p.name for p in custom_dir.iterdir() if p.is_dir()}
+    if modules is None:
+        names = [name for source in sorted(custom_dir.rglob("*.py")) for name in _imports_of(source)[0]]
+    else:
+        names = [m for m in modules if m.split(".")[0] not in own]
+        names += [name for source in _sources_of(custom_dir, modules, own) for name in _imports_of(source)[0]]
     installed = []
     for name in dict.fromkeys(names):
         if name.split(".")[0] in own:
@@ -276,7 +277,59 @@ def installed_imports(custom_dir: Path) -> list[str]:
     return installed
 
 
-def import_installed_dependencies(custom_dir: Path) -> None:
+def _imports_of(source: Path) -> tuple[list[str], list[str], bool]:
+    """What a source file imports: absolute module names; the names `from X import y` may also mean (X.y, when y is
+    a submodule); and whether it imports relatively. Nothing of a file that does not parse."""
+    import ast
+
+    names: list[str] = []
+    members: list[str] = []
+    relative = False
+    try:
+        tree = ast.parse(source.read_bytes(), filename=str(source))
+    except (SyntaxError, ValueError, OSError):
+        return names, members, relative
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.append(node.module)
+            members += [f"{node.module}.{alias.name}" for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            relative = True
+    return names, members, relative
+
+
+def _sources_of(custom_dir: Path, modules: Sequence[str], own: set[str]) -> list[Path]:
+    """The archive's files that importing `modules` reads: theirs and, transitively, those of the archive's modules
+    they import (every module of a package that imports relatively)."""
+    queue = [f for name in modules if name.split(".")[0] in own for f in _module_files(custom_dir, name)]
+    found: list[Path] = []
+    while queue:
+        source = queue.pop()
+        if source in found:
+            continue
+        found.append(source)
+        names, members, relative = _imports_of(source)
+        queue += [
+            f for name in (*names, *members) if name.split(".")[0] in own for f in _module_files(custom_dir, name)
+        ]
+        if relative and source.parent != custom_dir:
+            queue += sorted(source.parent.rglob("*.py"))
+    return sorted(found)
+
+
+def _module_files(custom_dir: Path, name: str) -> list[Path]:
+    """The files importing `name` from custom_dir runs: each package's __init__.py on the way, and the module's."""
+    parts = name.split(".")
+    files = []
+    for depth in range(1, len(parts) + 1):
+        base = custom_dir.joinpath(*parts[:depth])
+        files += [p for p in (base.parent / f"{base.name}.py", base / "__init__.py") if p.is_file()]
+    return files
+
+
+def import_installed_dependencies(custom_dir: Path, modules: Sequence[str] | None = None) -> None:
     """Import, before the child changes user, the installed packages the archive's code imports.
 
     They are this host's installation, not the archive's; imported now, they work after the change of user even
@@ -285,7 +338,7 @@ def import_installed_dependencies(custom_dir: Path) -> None:
     """
     import importlib
 
-    for name in installed_imports(custom_dir):
+    for name in installed_imports(custom_dir, modules):
         try:
             importlib.import_module(name)
         except Exception:  # noqa: BLE001 - reported by the archive's own import, after the change of user

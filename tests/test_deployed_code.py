@@ -352,3 +352,23 @@ def test_the_installed_packages_an_archives_code_imports_are_named_from_its_sour
     (custom / "net2.py").write_text("import collections.abc\n")
     (custom / "json.py").write_text("")  # the archive's own json shadows nothing: it is never imported early
     assert installed_imports(custom) == ["numpy", "email.mime", "collections.abc"]
+
+
+def test_a_child_that_imports_one_module_imports_ahead_only_what_that_module_and_its_own_imports_name(tmp_path):
+    """Issue 25: the initial-model child imports ahead what the model's module needs, not what the trainer beside it
+    imports (the digits trainer's fallback to scikit-learn's loader cost that child a second of CPU)."""
+    from fedserver.untrusted_code import installed_imports
+
+    custom = tmp_path / "custom"
+    (custom / "layers").mkdir(parents=True)
+    (custom / "model.py").write_text("import json\nfrom layers import blocks\nimport torch_free_helper\n")
+    (custom / "torch_free_helper.py").write_text("import email.mime\n")
+    (custom / "layers" / "__init__.py").write_text("import numbers\n")
+    (custom / "layers" / "blocks.py").write_text("from . import norms\n")
+    (custom / "layers" / "norms.py").write_text("def f():\n    import decimal\n")
+    (custom / "trainer.py").write_text("import numpy\n\ndef load():\n    from sklearn.datasets import load_digits\n")
+    assert sorted(installed_imports(custom, ["model"])) == ["decimal", "email.mime", "json", "numbers"]
+    assert installed_imports(custom, ["fedcommon.model_file"]) == ["fedcommon.model_file"]
+    assert installed_imports(custom, []) == []
+    everything = installed_imports(custom)
+    assert "numpy" in everything and "json" in everything and "decimal" in everything

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 import tomllib
 from conftest import ROOT, python_env
 
@@ -81,3 +84,46 @@ def test_a_poc_without_the_roles_extras_says_what_to_install(tmp_path):
     done = _console("poc", "start", "--workspace", str(ws))
     assert done.returncode == 1, done.stdout + done.stderr
     assert "pip install 'fedlearn[server,site]'" in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.slow
+def test_an_editable_install_is_a_plain_path_entry_with_no_import_finder(tmp_path):
+    """Issue 25: setuptools' import finder for an editable install cost every Python start ~11 ms (a one-shot
+    `fedadmin status` included); with the packages' folder said to be the root, the install is one .pth line."""
+    project = tmp_path / "project"  # a copy: an install writes build/ and the egg-info beside pyproject.toml
+    for package in ("fedcommon", "fedserver", "fedclient", "fedadmin"):
+        shutil.copytree(ROOT / package, project / package, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, project / name)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
+    python = venv / "bin" / "python"
+    installed = subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", "--no-deps", "-e", str(project)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert installed.returncode == 0, installed.stderr
+    site = Path(
+        subprocess.run(
+            [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    )
+    assert not list(site.glob("__editable__*finder*")), sorted(p.name for p in site.iterdir())
+    (pth,) = site.glob("__editable__*fedlearn*.pth")
+    assert pth.read_text().split() == [str(project.resolve())]
+    env = {k: v for k, v in python_env().items() if k != "PYTHONPATH"}
+    where = subprocess.run(
+        [str(python), "-c", "import fedcommon, fedadmin; print(fedadmin.__file__)"],  # no dependencies installed
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+        timeout=60,
+    )
+    assert where.returncode == 0, where.stderr
+    assert where.stdout.strip() == str(project.resolve() / "fedadmin" / "__init__.py")
