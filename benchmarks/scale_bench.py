@@ -53,7 +53,7 @@ from fedcommon.admin_serde import message_from_wire, message_to_wire  # noqa: E4
 from fedcommon.chunk_wire import TrainingStub  # noqa: E402
 from fedcommon.kit import channel_credentials, load_kit  # noqa: E402
 from fedcommon.provision import prepare_poc  # noqa: E402
-from fedcommon.tensor_codec import MAX_MESSAGE_BYTES, encode_tensors, spec_from_header  # noqa: E402
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_tensors, spec_from_header  # noqa: E402
 from fedcommon.wire import admin_pb2 as apb  # noqa: E402
 from fedcommon.wire import admin_pb2_grpc as apb_grpc  # noqa: E402
 from fedcommon.wire import training_pb2 as pb  # noqa: E402
@@ -274,13 +274,14 @@ async def bench_agents(n: int, work: Path, idle_s: float, repeat: int, profile: 
 class ZeroUpdate:
     """The encoded chunks of a zero update for the model's variables, built once from the first download."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.chunks: list[pb.ModelChunk] | None = None
+        self.chunk_bytes = chunk_bytes
 
     def build(self, headers: list[pb.TensorHeader]) -> None:
         if self.chunks is None:
             zeros = [(h.name, np.zeros(spec_from_header(h).shape, spec_from_header(h).dtype)) for h in headers]
-            self.chunks = list(encode_tensors(zeros))
+            self.chunks = list(encode_tensors(zeros, self.chunk_bytes))
 
 
 async def worker(
@@ -336,8 +337,10 @@ async def sample_when_registered(registered: asyncio.Barrier, pid: int, timeline
     await registered.wait()
 
 
-async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, timeout_s: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"sites": k, "size_mib": size_mib, "rounds": num_rounds}
+async def bench_rounds(
+    k: int, size_mib: float, num_rounds: int, work: Path, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"sites": k, "size_mib": size_mib, "rounds": num_rounds, "upload_chunk_bytes": chunk_bytes}
     kits = work / f"rounds-{k}"
     fl_port, admin_port = free_ports(2)
     prepare_poc(kits, k, "127.0.0.1", fl_port, admin_port, "scale", False)
@@ -365,7 +368,7 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
         out["server_rss_timeline"] = timeline
         sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")
         rounds: dict[int, dict[str, tuple[float, float]]] = {}
-        update = ZeroUpdate()
+        update = ZeroUpdate(chunk_bytes)
         # Every site connected and registered, none has asked for a model yet: what their sessions cost.
         registered = asyncio.Barrier(k + 1)  # the sites and the sampler
 
@@ -478,7 +481,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.round_sites:
         try:
             report["rounds"].append(
-                await bench_rounds(args.round_sites, args.round_mib, args.rounds, work, args.timeout)
+                await bench_rounds(
+                    args.round_sites, args.round_mib, args.rounds, work, args.timeout, args.upload_chunk_kib << 10
+                )
             )
         except Exception as e:
             report["rounds"].append(
@@ -494,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="status client calls per count (default 3)")
     parser.add_argument("--round-sites", type=int, default=100, help="sites in the rounds (0: skip; default 100)")
     parser.add_argument("--round-mib", type=float, default=10.0, help="model size for the rounds (default 10)")
+    parser.add_argument(
+        "--upload-chunk-kib",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES >> 10,
+        help=f"size of the sites' upload messages (default {DEFAULT_CHUNK_BYTES >> 10}, as fedclient's)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3; the first is set-up)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the rounds")
     parser.add_argument("--workdir", type=Path, default=None)
