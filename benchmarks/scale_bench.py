@@ -13,7 +13,10 @@ to a real `fedserver.cli start` process on 127.0.0.1, and runs on one asyncio lo
   global model (`--round-mib` MiB), and submits a zero update of the same variables (the bytes are built once
   and shared by every simulated site; the server still receives, checks and sums each upload). The server
   runs `--rounds` rounds with min_num_clients K. Per round: from the first site holding the round's model to
-  the last site's upload accepted (the server closes the round inside that upload: aggregate, save).
+  the last site's upload accepted (the server closes the round inside that upload: aggregate, save). The server's
+  RSS, peak RSS and threads (`server_rss_timeline`): at ready, once every site has registered (before any asks for
+  the model), as each round closes, as the run ends and 5 s later (the sites still connected); and its CPU seconds
+  for the run. Compare with grpc_floor_bench.py: a bare grpcio server under the same connections and transfers.
 
 A benchmark, not a test: exit 1 only when something does not complete. Targets are printed, never asserted.
 """
@@ -31,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,6 +44,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import grpc  # noqa: E402
 import numpy as np  # noqa: E402
+from grpc_floor_bench import proc_status, sample  # noqa: E402
 from round_bench import MIB, Child, free_ports, write_mmar  # noqa: E402
 
 from fedadmin.connection import AdminConnection, ConnectionFailed  # noqa: E402
@@ -48,7 +53,7 @@ from fedcommon.admin_serde import message_from_wire, message_to_wire  # noqa: E4
 from fedcommon.chunk_wire import TrainingStub  # noqa: E402
 from fedcommon.kit import channel_credentials, load_kit  # noqa: E402
 from fedcommon.provision import prepare_poc  # noqa: E402
-from fedcommon.tensor_codec import MAX_MESSAGE_BYTES, encode_tensors, spec_from_header  # noqa: E402
+from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_tensors, spec_from_header  # noqa: E402
 from fedcommon.wire import admin_pb2 as apb  # noqa: E402
 from fedcommon.wire import admin_pb2_grpc as apb_grpc  # noqa: E402
 from fedcommon.wire import training_pb2 as pb  # noqa: E402
@@ -61,6 +66,7 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 TARGETS = {"idle_cpu_pct": 5.0, "rss_mib": 1024.0, "status_client_s": 2.0, "round_s": 15.0}
+SETTLE_S = 5.0  # after the run: how long the server is left idle before its memory is sampled again
 SIM_STATUS = {"status": "training not started", "status_code": 0, "run_number": None, "progress": {}}
 
 
@@ -116,15 +122,6 @@ async def agent_loop(site: SimSite, stop: asyncio.Event, polling: set[str]) -> N
             await asyncio.sleep(1 + random.random())
             continue
         replies = [answer(site, wire) for wire in reply.requests]
-
-
-def proc_status(pid: int, key: str) -> int | None:
-    """A /proc/PID/status field in bytes (kB fields) or as a count."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            value = line.split()[1]
-            return int(value) * 1024 if line.rstrip().endswith("kB") else int(value)
-    return None
 
 
 def status_client(admin_kit: Path, n: int, timeout: float) -> tuple[float, int, str]:
@@ -277,20 +274,28 @@ async def bench_agents(n: int, work: Path, idle_s: float, repeat: int, profile: 
 class ZeroUpdate:
     """The encoded chunks of a zero update for the model's variables, built once from the first download."""
 
-    def __init__(self) -> None:
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> None:
         self.chunks: list[pb.ModelChunk] | None = None
+        self.chunk_bytes = chunk_bytes
 
     def build(self, headers: list[pb.TensorHeader]) -> None:
         if self.chunks is None:
             zeros = [(h.name, np.zeros(spec_from_header(h).shape, spec_from_header(h).dtype)) for h in headers]
-            self.chunks = list(encode_tensors(zeros))
+            self.chunks = list(encode_tensors(zeros, self.chunk_bytes))
 
 
-async def worker(site: SimSite, update: ZeroUpdate, rounds: dict[int, dict[str, tuple[float, float]]]) -> None:
-    """Register, then take part in every round until the run ends."""
+async def worker(
+    site: SimSite,
+    update: ZeroUpdate,
+    rounds: dict[int, dict[str, tuple[float, float]]],
+    registered: asyncio.Barrier,
+    uploaded: Callable[[int, int], None],
+) -> None:
+    """Register, wait until every site has, then take part in every round until the run ends."""
     stub = TrainingStub(site.channel)
     token = (await stub.Register(pb.RegisterRequest(client_name=site.name), timeout=120)).token
     md = (("fl-token", token),)
+    await registered.wait()
     while True:
         call = stub.GetModel(pb.GetModelRequest(wait_seconds=LONG_POLL_S), metadata=md, timeout=TRANSFER_S)
         head: pb.ModelHeader | None = None
@@ -319,11 +324,23 @@ async def worker(site: SimSite, update: ZeroUpdate, rounds: dict[int, dict[str, 
         )
         if not reply.accepted:
             raise RuntimeError(f"{site.name}: round {head.round} refused: {reply.reason}")
-        rounds.setdefault(head.round, {})[site.name] = (got, time.perf_counter())
+        done = rounds.setdefault(head.round, {})
+        done[site.name] = (got, time.perf_counter())
+        uploaded(head.round, len(done))
 
 
-async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, timeout_s: float) -> dict[str, Any]:
-    out: dict[str, Any] = {"sites": k, "size_mib": size_mib, "rounds": num_rounds}
+async def sample_when_registered(registered: asyncio.Barrier, pid: int, timeline: list[dict[str, Any]]) -> None:
+    """One sample once every site has registered, before the first of them asks for a model."""
+    while registered.n_waiting < registered.parties - 1:
+        await asyncio.sleep(0.01)
+    timeline.append(sample(pid, "registered"))
+    await registered.wait()
+
+
+async def bench_rounds(
+    k: int, size_mib: float, num_rounds: int, work: Path, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+) -> dict[str, Any]:
+    out: dict[str, Any] = {"sites": k, "size_mib": size_mib, "rounds": num_rounds, "upload_chunk_bytes": chunk_bytes}
     kits = work / f"rounds-{k}"
     fl_port, admin_port = free_ports(2)
     prepare_poc(kits, k, "127.0.0.1", fl_port, admin_port, "scale", False)
@@ -345,13 +362,27 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
         deadline = time.monotonic() + 60 + 30 * model_bytes / (1 << 30)
         while not server.next_line(deadline).startswith("fedserver ready on"):
             pass
-        out["server_ready_rss_bytes"] = proc_status(server.proc.pid, "VmRSS")
+        pid = server.proc.pid
+        out["server_ready_rss_bytes"] = proc_status(pid, "VmRSS")
+        timeline = [sample(pid, "ready")]
+        out["server_rss_timeline"] = timeline
         sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")
         rounds: dict[int, dict[str, tuple[float, float]]] = {}
-        update = ZeroUpdate()
-        t0 = time.monotonic()
-        await asyncio.wait_for(asyncio.gather(*(worker(s, update, rounds) for s in sites)), timeout_s)
+        update = ZeroUpdate(chunk_bytes)
+        # Every site connected and registered, none has asked for a model yet: what their sessions cost.
+        registered = asyncio.Barrier(k + 1)  # the sites and the sampler
+
+        def uploaded(number: int, uploads: int) -> None:
+            if uploads == k:  # the server closed the round inside this upload
+                timeline.append(sample(pid, f"round {number} closed"))
+
+        t0, cpu0 = time.monotonic(), server.cpu_seconds()
+        workers = [worker(s, update, rounds, registered, uploaded) for s in sites]
+        await asyncio.wait_for(asyncio.gather(*workers, sample_when_registered(registered, pid, timeline)), timeout_s)
         out["run_s"] = time.monotonic() - t0
+        cpu1 = server.cpu_seconds()
+        if cpu0 is not None and cpu1 is not None:  # (user, system) CPU seconds of the server for the whole run
+            out["server_run_cpu_s"] = [cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]]
         summary = json.loads((kits / "server" / "run_1" / "summary.json").read_text())
         out["status"] = summary.get("status")
         walls = {}
@@ -365,6 +396,9 @@ async def bench_rounds(k: int, size_mib: float, num_rounds: int, work: Path, tim
         out["server_peak_rss_bytes"] = proc_status(server.proc.pid, "VmHWM")
         # The sites are still connected and registered, no transfer is in flight: what holding them costs.
         out["server_rss_after_bytes"] = proc_status(server.proc.pid, "VmRSS")
+        timeline.append(sample(pid, "run ended"))
+        await asyncio.sleep(SETTLE_S)
+        timeline.append(sample(pid, f"run ended + {SETTLE_S:g} s"))
         out["completed"] = out["status"] == "completed"
     finally:
         for s in sites:
@@ -447,7 +481,9 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     if args.round_sites:
         try:
             report["rounds"].append(
-                await bench_rounds(args.round_sites, args.round_mib, args.rounds, work, args.timeout)
+                await bench_rounds(
+                    args.round_sites, args.round_mib, args.rounds, work, args.timeout, args.upload_chunk_kib << 10
+                )
             )
         except Exception as e:
             report["rounds"].append(
@@ -463,6 +499,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3, help="status client calls per count (default 3)")
     parser.add_argument("--round-sites", type=int, default=100, help="sites in the rounds (0: skip; default 100)")
     parser.add_argument("--round-mib", type=float, default=10.0, help="model size for the rounds (default 10)")
+    parser.add_argument(
+        "--upload-chunk-kib",
+        type=int,
+        default=DEFAULT_CHUNK_BYTES >> 10,
+        help=f"size of the sites' upload messages (default {DEFAULT_CHUNK_BYTES >> 10}, as fedclient's)",
+    )
     parser.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3; the first is set-up)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the rounds")
     parser.add_argument("--workdir", type=Path, default=None)
