@@ -170,6 +170,13 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     figures.append(figure("round overhead, tiny model", [o["median_ms"] for o in overhead], "ms", 50.0))
     admin = run_json("admin_bench.py", "--repeat", str(max(5, args.repeat)))
     figures.append(figure("one-shot `fedadmin status`", [w * 1000 for w in admin["status_wall_s"]], "ms", 150.0))
+    figures.append(
+        figure(
+            "  its floor: python, grpc + click imports, one mTLS call",
+            [w * 1000 for w in admin["status_floor_s"]],
+            "ms",
+        )
+    )
     figures.append(figure("command round trip in one process, p50", [admin["site_round_trip_ms_p50"]], "ms", 5.0))
     jobs = run_json("jobs_bench.py", "--jobs", "20", reports_failures=True)
     figures.append(
