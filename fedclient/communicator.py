@@ -7,9 +7,9 @@ import itertools
 import logging
 import random
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import numpy as np
@@ -23,11 +23,13 @@ from fedcommon.model_meta import FLContext, FLContextKey
 from fedcommon.tensor_codec import (
     DEFAULT_CHUNK_BYTES,
     MAX_MESSAGE_BYTES,
-    TensorSink,
     decode_tensors,
     encode_tensors,
 )
 from fedcommon.wire import training_pb2 as pb
+
+if TYPE_CHECKING:
+    from fedclient.model_manager import GlobalModelDownload
 
 log = logging.getLogger(__name__)
 
@@ -301,24 +303,25 @@ class Communicator:
                 if head is not None and head.status != pb.WAIT:
                     self._bulk_sized.discard(target)
                 return self._read_model_stream(
-                    itertools.chain([first] if first is not None else [], stream), self._global_model_sink(task_name)
+                    itertools.chain([first] if first is not None else [], stream), self._global_download(task_name)
                 )
             self._bulk_sized.add(target)
+            download = self._global_download(task_name)
             try:
                 with self.bulk.open(target, head.bulk_port, head.bulk_ticket, "download") as connection:
-                    remote = self._read_model_stream(
-                        itertools.chain([first], connection.chunks()), self._global_model_sink(task_name)
-                    )
+                    remote = self._read_model_stream(itertools.chain([first], connection.chunks()), download)
+                if next(stream, None) is not None:  # the call ends once the server has sent the tensors
+                    raise CommunicationError("get model: the server sent chunks besides the bulk download")
             except (BulkUnavailable, BulkError) as e:
                 stream.cancel()
+                _abort(download)
                 if isinstance(e, BulkError):
                     log.warning("get model: the bulk download broke off (%s); fetching over gRPC", e)
                 return fetch(False)
             except BaseException:
                 stream.cancel()
+                _abort(download)
                 raise
-            if next(stream, None) is not None:  # the call ends once the server has sent the tensors
-                raise CommunicationError("get model: the server sent chunks besides the bulk download")
             return remote
 
         remote = self._call(servers, task_name, "get model", lambda: fetch(self.bulk.usable(target)))
@@ -327,26 +330,41 @@ class Communicator:
             remote.tensors = processor(remote.tensors, app_ctx)
         return remote
 
-    def _global_model_sink(self, task_name: str) -> TensorSink | None:
-        """Where the model manager lets the download decode each variable (its local model's own arrays); None, for
-        fresh buffers, when it offers none or post_processors are to change the model before it is loaded."""
-        offer = getattr(self.model_manager, "global_model_sink", None)
+    def _global_download(self, task_name: str) -> GlobalModelDownload | None:
+        """The model manager's download of the task's global model (it decodes into the local model's own arrays
+        and writes the global copy as the variables arrive); None, for fresh buffers, when it offers none or
+        post_processors are to change the model before it is loaded."""
+        offer = getattr(self.model_manager, "global_model_download", None)
         return offer(task_name) if offer is not None and not self.post_processors else None
 
     @staticmethod
-    def _read_model_stream(stream: Iterator[pb.ModelChunk], sink: TensorSink | None = None) -> RemoteModel:
-        first = next(stream, None)
-        if first is None or first.WhichOneof("part") != "header":
-            raise CommunicationError("get model: the server's reply did not start with a header")
-        h = first.header
-        remote = RemoteModel(
-            _STATUS_NAMES.get(h.status, "wait"), h.run_number, h.round, h.start_round, h.num_rounds, message=h.message
-        )
-        remote.tensors = decode_tensors(stream, sink)
-        if remote.status != "wait" and len(remote.tensors) != h.num_tensors:
-            raise CommunicationError(
-                f"get model: the server announced {h.num_tensors} tensors but sent {len(remote.tensors)}"
+    def _read_model_stream(stream: Iterator[pb.ModelChunk], download: GlobalModelDownload | None = None) -> RemoteModel:
+        try:
+            first = next(stream, None)
+            if first is None or first.WhichOneof("part") != "header":
+                raise CommunicationError("get model: the server's reply did not start with a header")
+            h = first.header
+            remote = RemoteModel(
+                _STATUS_NAMES.get(h.status, "wait"),
+                h.run_number,
+                h.round,
+                h.start_round,
+                h.num_rounds,
+                message=h.message,
             )
+            if download is None:
+                remote.tensors = decode_tensors(stream)
+            else:
+                remote.tensors = decode_tensors(stream, download.sink, download.on_tensor)
+            if remote.status != "wait" and len(remote.tensors) != h.num_tensors:
+                raise CommunicationError(
+                    f"get model: the server announced {h.num_tensors} tensors but sent {len(remote.tensors)}"
+                )
+        except BaseException:
+            _abort(download)
+            raise
+        if download is not None:
+            download.complete()
         return remote
 
     def submitUpdate(
@@ -379,7 +397,7 @@ class Communicator:
 
         def chunks() -> Iterator[pb.ModelChunk]:
             yield pb.ModelChunk(header=header)
-            yield from encode_tensors(contribution, self.chunk_bytes)
+            yield from encode_tensors(_in_order(contribution), self.chunk_bytes)
 
         return self._call(
             servers,
@@ -418,7 +436,7 @@ class Communicator:
             with self.bulk.open(
                 server_target(servers[task_name]), ticket.bulk_port, ticket.ticket, "upload"
             ) as connection:
-                return connection.submit(header, encode_tensors(contribution, self.chunk_bytes))
+                return connection.submit(header, encode_tensors(_in_order(contribution), self.chunk_bytes))
         except BulkUnavailable:
             return None
         except BulkError as e:
@@ -575,6 +593,18 @@ class Communicator:
             ),
             retry=False,
         )
+
+
+def _abort(download: GlobalModelDownload | None) -> None:
+    if download is not None:
+        download.abort()
+
+
+def _in_order(contribution: Mapping[str, np.ndarray]) -> Iterable[tuple[str, np.ndarray]]:
+    """The update's tensors in order: its stream() where it has one (the model manager's update reads ahead), each
+    tensor sent before the next is taken."""
+    stream = getattr(contribution, "stream", None)
+    return stream() if callable(stream) else contribution.items()
 
 
 def _context_value(app_ctx: Any, name: str) -> Any:

@@ -160,12 +160,16 @@ class TensorAssembler:
 
 
 def decode_tensors(
-    chunks: Iterable[pb.ModelChunk | DataChunk], sink: TensorSink | None = None
+    chunks: Iterable[pb.ModelChunk | DataChunk],
+    sink: TensorSink | None = None,
+    on_tensor: Callable[[str, np.ndarray], None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Tensors from a stream of TensorHeader/data chunks (header chunks are refused here).
 
     With `sink`, each tensor is decoded into the array the sink offers for it (that array is returned as the
     tensor); a stream that fails part-way leaves the arrays offered so far overwritten, some of them partly.
+    `on_tensor(name, array)` is told of each tensor as soon as it is whole and passed the checks (before the stream
+    ends); what it raises ends the decoding.
     """
     out: dict[str, np.ndarray] = {}
     asm = TensorAssembler(sink)
@@ -181,6 +185,8 @@ def decode_tensors(
             if done[0] in out:
                 raise CodecError(f"tensor {done[0]!r} appears twice")
             out[done[0]] = done[1]
+            if on_tensor is not None:
+                on_tensor(*done)
     if asm.in_tensor:
         raise CodecError(f"stream ended early: {asm.pending_description()}")
     return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -476,5 +477,29 @@ def test_a_download_that_fails_for_good_leaves_a_partial_model_named_as_such(fed
             mm.read_current_model(TASK)
         assert client.pull_models()[TASK].status == "train"  # pulled again: whole
         assert not mm.local_model_partial and (own["b"] == 0).all()
+    finally:
+        client.close()
+
+
+def test_a_pull_writes_the_global_copy_while_it_streams_so_assign_writes_nothing(federation, monkeypatch):
+    from fedclient import model_manager
+
+    ssl, servers = federation
+    fitter = _Fitter()
+    client = _session(ssl, servers, fitter)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("assign_current_model wrote the global copy again")
+
+    monkeypatch.setattr(model_manager, "GlobalModelFile", refuse)
+    try:
+        assert client.pull_models()[TASK].status == "train"
+        assert not client.model_manager.local_model_partial
+        assert not any(t.name == "global-model-writer" and t.is_alive() for t in threading.enumerate())
+        with torch.no_grad():
+            fitter.model.b.add_(0.25)
+        delta = client.model_manager.read_current_model(TASK)
+        np.testing.assert_array_equal(delta["b"], np.full(2, 0.25, np.float32))
+        np.testing.assert_array_equal(delta["w"], np.zeros((2, 3), np.float32))
     finally:
         client.close()

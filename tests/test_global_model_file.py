@@ -5,12 +5,14 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import threading
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from fedclient.global_model_file import GlobalModelFile
+from fedclient.global_model_file import GlobalModelFile, GlobalModelWriter
+from fedcommon.direct_io import BLOCK, aligned_empty
 
 MODEL = {
     "w": np.arange(12, dtype=np.float32).reshape(3, 4) / 8,
@@ -133,3 +135,90 @@ def test_where_direct_io_is_refused_on_write_it_is_turned_off_and_the_write_retr
     for name, arr in MODEL.items():
         np.testing.assert_array_equal(stored[name], arr, err_msg=name)
     stored.close()
+
+
+# ---- GlobalModelWriter: the file written by a thread as the variables arrive ------------------------------------
+
+
+def _writer_alive() -> bool:
+    return any(t.name == "global-model-writer" and t.is_alive() for t in threading.enumerate())
+
+
+def test_variables_added_one_by_one_read_back_exactly(tmp_path):
+    aligned = aligned_empty(3 * BLOCK + 5).view(np.uint8)  # a block-aligned buffer, as a download decodes into
+    aligned[:] = np.arange(aligned.size) % 251
+    model = {**MODEL, "aligned": aligned, "odd": np.arange(9 * 1024 * 1024 + 3, dtype=np.uint8)[1:]}
+    writer = GlobalModelWriter(tmp_path)
+    for name, arr in model.items():
+        writer.add(name, arr)
+    writer.close_input()
+    stored = writer.finish()
+    try:
+        assert list(stored) == list(model) and not _writer_alive()
+        for name, arr in model.items():
+            np.testing.assert_array_equal(stored[name], arr, err_msg=name)
+            assert stored[name].dtype == arr.dtype and stored[name].shape == arr.shape, name
+    finally:
+        stored.close()
+
+
+def test_an_aligned_array_goes_to_disk_from_its_own_memory(tmp_path, monkeypatch):
+    arr = aligned_empty(4 * BLOCK).view(np.float32)
+    arr[:] = 1.5
+    sources = []
+    real = os.pwrite
+
+    def pwrite(fd, data, offset):
+        sources.append(np.frombuffer(data, np.uint8).ctypes.data)
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    writer = GlobalModelWriter(tmp_path)
+    writer.add("w", arr)
+    stored = writer.finish()
+    assert sources == [arr.ctypes.data]  # no bounce copy
+    np.testing.assert_array_equal(stored["w"], arr)
+    stored.close()
+
+
+def test_a_write_that_fails_is_raised_naming_the_variable_and_the_thread_ends(tmp_path, monkeypatch):
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    writer = GlobalModelWriter(tmp_path)
+    writer.add("w", MODEL["w"])
+    with pytest.raises(OSError, match="variable 'w'.*No space left"):
+        writer.finish()
+    assert not _writer_alive()
+
+
+def test_an_aborted_writer_ends_its_thread_and_gives_the_file_back(tmp_path):
+    writer = GlobalModelWriter(tmp_path)
+    writer.add("w", MODEL["w"])
+    writer.abort()
+    assert not _writer_alive()
+    assert not any(os.readlink(f"/proc/self/fd/{fd}").startswith(f"{tmp_path}/") for fd in _open_fds())
+
+
+def test_a_writer_refuses_a_name_twice_and_a_dtype_without_a_wire_name(tmp_path):
+    writer = GlobalModelWriter(tmp_path)
+    try:
+        writer.add("w", MODEL["w"])
+        with pytest.raises(ValueError, match="'w' comes twice"):
+            writer.add("w", MODEL["w"])
+        with pytest.raises(ValueError, match="'z'"):
+            writer.add("z", np.zeros(2, np.complex64))
+    finally:
+        writer.abort()
+
+
+def _open_fds() -> list[str]:
+    fds = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            os.readlink(f"/proc/self/fd/{fd}")
+            fds.append(fd)
+        except OSError:
+            continue
+    return fds

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import math
 import os
 import stat
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +15,7 @@ import torch
 
 from fedclient.components.model_reader_writer import ModelProcessor
 from fedclient.components.model_validator import ModelValidator
-from fedclient.model_manager import ClientModelManager
+from fedclient.model_manager import READ_AHEAD_VARIABLES, ClientModelManager
 from fedclient.site_algorithms import SCAFFOLD_CONTROL_PREFIX
 from fedcommon.model_file import load_model
 from fedcommon.model_meta import FLContext
@@ -606,3 +608,200 @@ def test_an_in_memory_best_model_is_never_decoded_over():
     mm.update_best_model({"accuracy": 0.9})  # kept in memory: the very arrays of the weights
     assert mm.global_model_sink(TASK)(_spec("w", weights.weights["w"])) is None
     np.testing.assert_array_equal(mm.get_best_model()["w"], np.ones(3, np.float32))
+
+
+# ---- the global copy written while the download streams; the update read ahead -----------------------------------
+
+
+def _download(mm: ClientModelManager, model: dict[str, np.ndarray], cut: int = 0) -> dict[str, np.ndarray]:
+    """Decode `model` (less its last `cut` chunks) as the communicator does, through a download of the manager's."""
+    download = mm.global_model_download(TASK)
+    chunks = list(encode_tensors(model))
+    try:
+        decoded = decode_tensors(chunks[: len(chunks) - cut], download.sink, download.on_tensor)
+    except BaseException:
+        download.abort()
+        raise
+    download.complete()
+    return decoded
+
+
+def _no_copy_at_assign(monkeypatch) -> None:
+    from fedclient import model_manager
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("assign_current_model wrote the global copy again")
+
+    monkeypatch.setattr(model_manager, "GlobalModelFile", refuse)
+
+
+def _alive(thread_name: str) -> bool:
+    return any(t.name == thread_name and t.is_alive() for t in threading.enumerate())
+
+
+def _assert_update_after_training(fitter: TinyFitter, mm: ClientModelManager, glob: dict[str, np.ndarray]) -> None:
+    """Train once; the update must be the local model minus `glob`, variable by variable."""
+    fitter.train(None)
+    local = _module_arrays(fitter)
+    delta = mm.read_current_model(TASK)
+    assert set(delta) == {k for k in glob if local[k].dtype != np.bool_}
+    for name in delta:
+        np.testing.assert_array_equal(delta[name], local[name] - glob[name], err_msg=name)
+
+
+def test_the_global_copy_is_written_while_the_download_streams_and_assign_takes_it(monkeypatch):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter, offset=0.5)
+    expected = {k: v.copy() for k, v in glob.items()}
+    decoded = _download(mm, glob)
+    _no_copy_at_assign(monkeypatch)
+    assert mm.assign_current_model({TASK: decoded}) is True
+    assert not mm.local_model_partial and not _alive("global-model-writer")
+    assert mm.model_vars(TASK) == list(expected)
+    _assert_update_after_training(fitter, mm, expected)
+
+
+def test_excluded_variables_and_scaffolds_control_variate_are_not_written_to_the_global_copy(monkeypatch):
+    fitter = TinyFitter()
+    mm = _manager(fitter, exclude_vars=r"bias")
+    glob = _global_model(fitter)
+    control = {SCAFFOLD_CONTROL_PREFIX + "0.weight": np.ones((2, 3), np.float32)}
+    decoded = _download(mm, {**glob, **control})
+    writer = mm._downloads[TASK]._writer
+    assert set(writer) == {k for k in glob if "bias" not in k}
+    _no_copy_at_assign(monkeypatch)
+    mm.assign_current_model({TASK: {k: v for k, v in decoded.items() if k not in control}})
+    assert mm.model_vars(TASK) == [k for k in glob if "bias" not in k]
+
+
+def test_arrays_replaced_after_the_download_are_written_again_at_assign():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    decoded = _download(mm, _global_model(fitter))
+    changed = {k: v + 1 for k, v in decoded.items()}  # as a post-processing step would
+    mm.assign_current_model({TASK: changed})
+    _assert_update_after_training(fitter, mm, changed)
+
+
+def test_a_broken_download_drops_both_copies_and_refuses_the_update_until_a_pull_completes(tmp_path):
+    class Plain(ModelProcessor):  # no arrays offered: the local model stays whole, only the global copy is gone
+        writable_model = None
+
+    fitter = TinyFitter()
+    mm = _manager(fitter, model_reader_writer=Plain())
+    mm.global_model_dir = tmp_path
+    mm.assign_current_model({TASK: _global_model(fitter)})
+    assert len(_fds_in(tmp_path)) == 1
+    with pytest.raises(CodecError, match="stream ended early"):
+        _download(mm, _global_model(fitter, offset=2.0), cut=1)
+    assert _fds_in(tmp_path) == [] and not _alive("global-model-writer")  # one copy per task, and this one broke
+    assert mm.local_model_partial
+    with pytest.raises(RuntimeError, match=r"global model of task 'task' is incomplete.*pull .* again"):
+        mm.read_current_model(TASK)
+    nxt = _global_model(fitter, offset=2.0)
+    expected = {k: v.copy() for k, v in nxt.items()}
+    mm.assign_current_model({TASK: _download(mm, nxt)})
+    assert len(_fds_in(tmp_path)) == 1 and not mm.local_model_partial
+    _assert_update_after_training(fitter, mm, expected)
+    mm.close()
+    assert _fds_in(tmp_path) == []
+
+
+def test_a_variable_sent_twice_is_refused_and_nothing_is_kept():
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+    glob = _global_model(fitter)
+    first = next(iter(glob))
+    download = mm.global_model_download(TASK)
+    chunks = [*encode_tensors(glob), *encode_tensors({first: glob[first] + 5})]
+    with pytest.raises(CodecError, match="appears twice"):
+        decode_tensors(chunks, download.sink, download.on_tensor)
+    download.abort()
+    np.testing.assert_array_equal(_params(fitter)[first], glob[first])  # the repeat did not land in the model
+    assert mm.local_model_partial and not _alive("global-model-writer")
+
+
+def test_a_failed_write_of_the_global_copy_fails_the_pull_naming_the_variable(monkeypatch):
+    fitter = TinyFitter()
+    mm = _manager(fitter)
+
+    def full(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with pytest.raises(OSError, match=r"cannot keep task 'task'.*variable '0.weight'.*No space left"):
+        mm.assign_current_model({TASK: _download(mm, _global_model(fitter))})
+    assert mm.local_model_partial and not _alive("global-model-writer")
+    with pytest.raises(RuntimeError, match="incomplete"):
+        mm.read_current_model(TASK)
+
+
+def _big_round(n: int = 12, size: int = 20_000) -> tuple[ClientModelManager, dict, dict[str, np.ndarray]]:
+    """A manager of dict weights that received a global model of `n` float32 variables and then changed them."""
+    from fedclient.direct_client import _DictReaderWriter, _Weights
+
+    weights = _Weights()
+    rng = np.random.default_rng(5)
+    glob = {f"v{i}": rng.random(size + i, dtype=np.float32) for i in range(n)}
+    mm = ClientModelManager(task_names=[TASK], model_reader_writer=_DictReaderWriter())
+    mm.set_fitter(weights)
+    mm.assign_current_model({TASK: {k: v.copy() for k, v in glob.items()}})
+    for i, arr in enumerate(weights.weights.values()):
+        arr += i
+    expected = {k: weights.weights[k] - glob[k] for k in glob}
+    return mm, weights, expected
+
+
+def test_the_update_stream_reads_ahead_into_a_few_reused_buffers():
+    mm, _, expected = _big_round()
+    update = mm.read_current_model(TASK)
+    buffers = set()
+    got = []
+    for name, diff in update.stream():
+        np.testing.assert_array_equal(diff, expected[name], err_msg=name)  # valid until the next one is taken
+        buffers.add(diff.ctypes.data)
+        got.append(name)
+    assert got == list(expected)
+    assert len(buffers) <= READ_AHEAD_VARIABLES + 1  # the one being sent and those read ahead
+    assert not _alive("update-read-ahead")
+
+
+def test_read_ahead_stays_within_its_byte_budget(monkeypatch):
+    from fedclient import model_manager
+
+    monkeypatch.setattr(model_manager, "READ_AHEAD_BYTES", 1)  # no room beyond the variable being sent
+    mm, _, expected = _big_round()
+    buffers = set()
+    for name, diff in mm.read_current_model(TASK).stream():
+        np.testing.assert_array_equal(diff, expected[name], err_msg=name)
+        buffers.add(diff.ctypes.data)
+    assert len(buffers) == 1
+
+
+def test_an_update_stream_dropped_part_way_stops_its_thread():
+    mm, _, expected = _big_round()
+    stream = mm.read_current_model(TASK).stream()
+    name, diff = next(stream)
+    np.testing.assert_array_equal(diff, expected[name])
+    assert _alive("update-read-ahead")
+    stream.close()  # a transfer that broke off
+    assert not _alive("update-read-ahead")
+
+
+def test_a_read_ahead_that_fails_names_the_variable(monkeypatch):
+    mm, _, _ = _big_round()
+    reads = []
+
+    def preadv(fd, buffers, offset):
+        reads.append(offset)
+        if len(reads) > 2:
+            raise OSError(errno.EIO, "Input/output error")
+        return real(fd, buffers, offset)
+
+    real = os.preadv
+    monkeypatch.setattr(os, "preadv", preadv)
+    with pytest.raises(OSError, match="variable 'v2'.*Input/output error"):
+        for _ in mm.read_current_model(TASK).stream():
+            pass
+    assert not _alive("update-read-ahead")

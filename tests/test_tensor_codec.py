@@ -135,3 +135,24 @@ def test_a_stream_that_breaks_off_leaves_the_sink_arrays_written_so_far():
         decode_tensors(chunks[:-1], sink=lambda spec: dest[spec.name])
     np.testing.assert_array_equal(dest["a"], np.ones(4, np.float32))
     np.testing.assert_array_equal(dest["b"], [2.0, 2.0, 0.0, 0.0])  # what the caller must know about
+
+
+def test_on_tensor_hears_of_each_tensor_once_it_is_whole_and_checked():
+    model = {"a": np.arange(6, dtype=np.float32), "b": np.zeros(0, np.int8), "c": np.ones((2, 2), np.float64)}
+    chunks = list(encode_tensors(model, chunk_bytes=8))
+    heard: list[str] = []
+
+    def hear(name: str, arr: np.ndarray) -> None:
+        np.testing.assert_array_equal(arr, model[name])
+        heard.append(name)
+
+    decode_tensors(chunks, on_tensor=hear)
+    assert heard == ["a", "b", "c"]
+    heard.clear()
+    with pytest.raises(CodecError, match="stream ended early"):
+        decode_tensors(chunks[:-1], on_tensor=lambda name, arr: heard.append(name))
+    assert heard == ["a", "b"]  # c never came whole
+    heard.clear()
+    with pytest.raises(CodecError, match="'a' appears twice"):
+        decode_tensors([*chunks, *encode_tensors({"a": model["a"]})], on_tensor=lambda name, arr: heard.append(name))
+    assert heard == ["a", "b", "c"]  # not the repeat
