@@ -466,7 +466,11 @@ def test_a_site_gets_a_fair_share_of_bulk_connections(in_process):
         for conn in held:
             conn.close()
         raw.close()
-    # Once they are closed, the site connects again.
+    # Once they are closed (and the server has seen them close), the site connects again.
+    deadline = time.monotonic() + 10
+    while in_process.server.bulk.connections() > 0:
+        assert time.monotonic() < deadline, "the closed connections were never released"
+        time.sleep(0.02)
     c1, c2 = in_process.connect("site-1"), in_process.connect("site-2")
     assert _push(c1, D1).accepted and _push(c2, D2).accepted
     assert in_process.server.telemetry.bulk_uploads == 2
