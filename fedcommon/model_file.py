@@ -47,17 +47,23 @@ class ModelIndex:
         return {e.name: e for e in self.entries}
 
 
-def _pad(n: int) -> int:
-    return (-n) % _ALIGN
+def _pad(n: int, align: int = _ALIGN) -> int:
+    return (-n) % align
 
 
-def _layout(specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]) -> tuple[bytes, list[int]]:
-    """The header bytes (magic, length, JSON, padding) and each tensor's absolute offset."""
+def _layout(
+    specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any], align: int = _ALIGN
+) -> tuple[bytes, list[int]]:
+    """The header bytes (magic, length, JSON, padding) and each tensor's absolute offset, each a multiple of `align`.
+
+    An `align` beyond 64 pads the JSON with spaces so that the data starts at a multiple of it: readers that know
+    only 64-byte alignment read the file as it is.
+    """
     rel, pos = [], 0
     for _, dtype, shape in specs:
         rel.append(pos)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        pos += nbytes + _pad(nbytes)
+        pos += nbytes + _pad(nbytes, align)
     index = {
         "format": 1,
         "meta": dict(meta),
@@ -67,6 +73,8 @@ def _layout(specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[st
         ],
     }
     body = json.dumps(index, separators=(",", ":")).encode()
+    if align > _ALIGN:
+        body += b" " * _pad(16 + len(body), align)
     head = MAGIC + struct.pack("<Q", len(body)) + body
     head += b"\0" * _pad(len(head))
     return head, [len(head) + o for o in rel]
@@ -136,10 +144,13 @@ def save_model(
 
 
 def allocate_model_file(
-    f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any]
+    f: IO[bytes], specs: list[tuple[str, np.dtype, tuple[int, ...]]], meta: Mapping[str, Any], align: int = _ALIGN
 ) -> ModelIndex:
-    """Write a model file's index and size it (sparse, zeros until written); returns where each tensor lies."""
-    head, offsets = _layout(specs, meta)
+    """Write a model file's index and size it (sparse, zeros until written); returns where each tensor lies.
+
+    `align`: every tensor starts at a multiple of it (direct_io.BLOCK: each block belongs to one tensor).
+    """
+    head, offsets = _layout(specs, meta, align)
     f.seek(0)
     f.write(head)
     f.flush()
@@ -148,7 +159,7 @@ def allocate_model_file(
     for (name, dtype, shape), offset in zip(specs, offsets, strict=True):
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         entries.append(TensorEntry(name, np.dtype(dtype), tuple(shape), offset, nbytes))
-        end = offset + nbytes + _pad(nbytes)
+        end = offset + nbytes + _pad(nbytes, align)
     os.ftruncate(f.fileno(), end)
     return ModelIndex(tuple(entries), dict(meta))
 

@@ -3,7 +3,8 @@
 A term is a model file in the accumulator dtypes and a scale: its values times the scale are its part of the sum.
 A contribution's staging file becomes a term as it is (renamed, scaled by its weight when read); when a round
 holds `max_terms` terms, the next contribution first folds them into one new file (scale 1). Memory stays
-O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped.
+O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped, with direct I/O
+where the file system allows it (no page-cache pages per round), a thread reading the next block ahead.
 
 The overflow reasoning of fedserver.aggregator holds: every value of a staged term is at most value_bound(), each
 scale is a weight divided by the largest weight (<= 1), and a round sums at most MAX_CONTRIBUTORS terms.
@@ -15,12 +16,14 @@ import contextlib
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcommon.direct_io import BLOCK, DirectWriter, open_direct, read_ahead
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
@@ -39,10 +42,11 @@ class Term:
     weights: dict[str, float]
     _entries: dict[str, TensorEntry] | None = None
 
-    def entry(self, f, name: str) -> TensorEntry:
+    def entry(self, name: str) -> TensorEntry:
         """Where variable `name` lies in the term's file (its index is read once: it may name thousands)."""
         if self._entries is None:
-            self._entries = read_index(f, self.path).by_name()
+            with open(self.path, "rb") as f:
+                self._entries = read_index(f, self.path).by_name()
         return self._entries[name]
 
 
@@ -98,42 +102,55 @@ class DiskSum:
         try:
             with open(path, "w+b") as out:
                 os.fchmod(out.fileno(), 0o600)
-                index = allocate_model_file(out, self.layout, {"kind": "open round sum"})
-                for entry in index.entries:
-                    carriers = [t for t in self._terms if entry.name in t.weights]
-                    if not carriers:
-                        continue
-                    weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
-                    for start, block in self._blocks(entry, carriers):
-                        os.pwrite(out.fileno(), memoryview(block.view(np.uint8)), entry.offset + start)
+                index = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK)
+                writer = DirectWriter(out.fileno())
+                try:
+                    for entry in index.entries:
+                        carriers = [t for t in self._terms if entry.name in t.weights]
+                        if not carriers:
+                            continue
+                        weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
+                        for start, block in self._blocks(entry, carriers):
+                            writer.pwrite(block.view(np.uint8), entry.offset + start)
+                finally:
+                    writer.close()
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         self._retired += [t.path for t in self._terms]
         self._terms = [Term(path, 1.0, weights)]
 
-    def _blocks(self, entry: TensorEntry, carriers: list[Term]):
-        """(byte offset in the variable, sum of scale x values) for each block of variable `entry`."""
+    def _blocks(self, entry: TensorEntry, carriers: list[Term]) -> Iterator[tuple[int, np.ndarray]]:
+        """(byte offset in the variable, sum of scale x values) for each block of variable `entry`.
+
+        The next block of every carrier is read (direct I/O, a thread) while this one is summed.
+        """
         item = entry.dtype.itemsize
         step = max(item, BLOCK_BYTES - BLOCK_BYTES % item)
-        total = np.empty(step // item, entry.dtype)
-        buf = np.empty(step // item, entry.dtype)
-        files = [open(t.path, "rb") for t in carriers]
+        total, scaled = np.empty(step // item, entry.dtype), np.empty(step // item, entry.dtype)
+        fds: list[int] = []
         try:
-            offsets = [t.entry(f, entry.name).offset for f, t in zip(files, carriers, strict=True)]
-            for start in range(0, entry.nbytes, step):
+            for t in carriers:
+                fds.append(open_direct(t.path)[0])
+            offsets = [t.entry(entry.name).offset for t in carriers]
+            starts = range(0, entry.nbytes, step)
+            batches = (
+                [(fd, off + start, min(step, entry.nbytes - start)) for fd, off in zip(fds, offsets, strict=True)]
+                for start in starts
+            )
+            what = f"open round sum of variable {entry.name!r}"
+            for start, views in zip(starts, read_ahead(batches, step, what), strict=True):
                 n = min(step, entry.nbytes - start) // item
-                for k, (f, t) in enumerate(zip(files, carriers, strict=True)):
-                    target = total[:n] if k == 0 else buf[:n]
-                    _pread_into(f, target, offsets[k] + start)
-                    if t.scale != 1.0:
-                        np.multiply(target, t.scale, out=target)
-                    if k:
-                        np.add(total[:n], target, out=total[:n])
+                for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
+                    values = view.view(entry.dtype)
+                    if k == 0:
+                        np.multiply(values, t.scale, out=total[:n])
+                    else:
+                        np.add(total[:n], np.multiply(values, t.scale, out=scaled[:n]), out=total[:n])
                 yield start, total[:n]
         finally:
-            for f in files:
-                f.close()
+            for fd in fds:
+                os.close(fd)
 
     def take_mean(self, name: str) -> np.ndarray | None:
         """The weighted mean of variable `name`'s updates, or None when no contribution carries it."""
@@ -143,17 +160,10 @@ class DiskSum:
         spec = self.specs[name]
         dtype = accumulator_dtype(spec.dtype)
         out = np.empty(math.prod(spec.shape), dtype)
-        first, rest = carriers[0], carriers[1:]
-        with open(first.path, "rb") as f:  # read straight into the result: one copy less of the largest part
-            _pread_into(f, out, first.entry(f, name).offset)
-        if first.scale != 1.0:
-            np.multiply(out, first.scale, out=out)
-        if rest:
-            item = dtype.itemsize
-            for start, block in self._blocks(TensorEntry(name, dtype, spec.shape, 0, out.nbytes), rest):
-                part = out[start // item : start // item + block.size]
-                np.add(part, block, out=part)
-        np.divide(out, sum(t.weights[name] for t in carriers), out=out)
+        weight = sum(t.weights[name] for t in carriers)
+        item = dtype.itemsize
+        for start, block in self._blocks(TensorEntry(name, dtype, spec.shape, 0, out.nbytes), carriers):
+            np.divide(block, weight, out=out[start // item : start // item + block.size])
         return out.reshape(spec.shape)
 
     def describe(self) -> list[dict[str, Any]]:
@@ -205,13 +215,3 @@ def remove_term_files(folder: Path, keep: set[str] = frozenset()) -> None:
 
 def _finite_weight(w: Any) -> bool:
     return not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w > 0
-
-
-def _pread_into(f, target: np.ndarray, offset: int) -> None:
-    view = memoryview(target.view(np.uint8))
-    f.seek(offset)
-    while view:
-        n = f.readinto(view)
-        if not n:
-            raise ValueError(f"{f.name}: ended early")
-        view = view[n:]
