@@ -7,8 +7,10 @@ moves whole blocks between the disk and block-aligned memory: offsets, lengths a
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
+import mmap
 import os
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -103,35 +105,37 @@ def range_bytes(offset: int, nbytes: int) -> int:
     return round_up(offset % BLOCK + nbytes)
 
 
-def read_ahead(
-    batches: Iterable[Sequence[tuple[int, int, int]]], block_bytes: int, what: str
-) -> Iterator[list[np.ndarray]]:
-    """For each batch of (fd, offset, nbytes) ranges (each at most `block_bytes`), the ranges' bytes.
+class ReadAhead:
+    """Reads batches of (fd, offset, nbytes) ranges, each at most `block_bytes`, a thread reading the next batch
+    while the caller uses the current one (disk wait overlaps computing).
 
-    A thread reads the next batch while the caller uses the current one (disk wait overlaps computing); the views
-    yielded are valid until the next one is asked for. Memory: two buffers per range of a batch, reused.
+    Its two sets of block-aligned buffers are kept for the next `read`: memory touched once, not per call.
     """
-    size = round_up(block_bytes) + BLOCK
-    pools: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
 
-    def read(batch: Sequence[tuple[int, int, int]], pool: list[np.ndarray]) -> list[np.ndarray]:
+    def __init__(self, block_bytes: int):
+        self.block_bytes = block_bytes
+        self._pools: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+
+    def read(self, batches: Iterable[Sequence[tuple[int, int, int]]], what: str) -> Iterator[list[np.ndarray]]:
+        """Each batch's bytes, views valid until the next batch is asked for; OSError naming `what`."""
+        it = iter(batches)
+        first = next(it, None)
+        if first is None:
+            return
+        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
+            pending: Future | None = reader.submit(self._read, first, self._pools[0], what)
+            turn = 0
+            while pending is not None:
+                views = pending.result()
+                batch = next(it, None)
+                turn ^= 1
+                pending = None if batch is None else reader.submit(self._read, batch, self._pools[turn], what)
+                yield views
+
+    def _read(self, batch: Sequence[tuple[int, int, int]], pool: list[np.ndarray], what: str) -> list[np.ndarray]:
         while len(pool) < len(batch):
-            pool.append(aligned_empty(size))
+            pool.append(aligned_empty(round_up(self.block_bytes) + BLOCK))
         return [read_range(fd, buf, off, n, what) for (fd, off, n), buf in zip(batch, pool, strict=False)]
-
-    it = iter(batches)
-    first = next(it, None)
-    if first is None:
-        return
-    with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-        pending: Future | None = reader.submit(read, first, pools[0])
-        turn = 0
-        while pending is not None:
-            views = pending.result()
-            batch = next(it, None)
-            turn ^= 1
-            pending = None if batch is None else reader.submit(read, batch, pools[turn])
-            yield views
 
 
 class DirectWriter:
@@ -247,3 +251,33 @@ class DirectWriter:
         if self._pending is not None:
             pending, self._pending = self._pending, None
             pending.result()
+
+
+def reopen_direct(fd: int) -> tuple[int, bool]:
+    """A new descriptor of `fd`'s file with direct I/O on where allowed, leaving `fd` as it is; the caller closes it.
+
+    Where the file cannot be opened again (no /proc), a duplicate without direct I/O (its flags are `fd`'s too).
+    """
+    try:
+        return open_direct(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.dup(fd), False
+
+
+class _CacheStat(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_uint64) for n in ("cache", "dirty", "writeback", "evicted", "recently_evicted")]
+
+
+_CACHESTAT = 451  # cachestat(2), Linux 6.5: the same number on x86-64 and arm64
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def in_page_cache(fd: int, offset: int, nbytes: int) -> bool:
+    """Whether most of bytes [offset, offset + nbytes) of `fd`'s file are in the page cache (reading them from there
+    costs no disk time). Asked with cachestat(2), which reads nothing; where the system lacks it: False."""
+    span = (ctypes.c_uint64 * 2)(offset, nbytes)
+    stat = _CacheStat()
+    if _libc.syscall(_CACHESTAT, fd, ctypes.byref(span), ctypes.byref(stat), 0) != 0:
+        return False
+    pages = -(-(offset % mmap.PAGESIZE + nbytes) // mmap.PAGESIZE)
+    return 2 * stat.cache >= pages

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcommon.direct_io import BLOCK, DirectWriter, open_direct, read_ahead
+from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, open_direct
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
@@ -71,6 +71,7 @@ class DiskSum:
         self._retired: list[Path] = []  # folded terms: deleted once no snapshot names them (drop_retired)
         self._count = 0
         self._next = 0
+        self._buffers: tuple[ReadAhead, np.ndarray] | None = None  # kept between variables: see _scratch
 
     @property
     def empty(self) -> bool:
@@ -127,7 +128,8 @@ class DiskSum:
         """
         item = entry.dtype.itemsize
         step = max(item, BLOCK_BYTES - BLOCK_BYTES % item)
-        total, scaled = np.empty(step // item, entry.dtype), np.empty(step // item, entry.dtype)
+        ahead, scratch = self._scratch()
+        total, scaled = scratch[:step].view(entry.dtype), scratch[BLOCK_BYTES : BLOCK_BYTES + step].view(entry.dtype)
         fds: list[int] = []
         try:
             for t in carriers:
@@ -139,7 +141,7 @@ class DiskSum:
                 for start in starts
             )
             what = f"open round sum of variable {entry.name!r}"
-            for start, views in zip(starts, read_ahead(batches, step, what), strict=True):
+            for start, views in zip(starts, ahead.read(batches, what), strict=True):
                 n = min(step, entry.nbytes - start) // item
                 for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
                     values = view.view(entry.dtype)
@@ -151,6 +153,13 @@ class DiskSum:
         finally:
             for fd in fds:
                 os.close(fd)
+
+    def _scratch(self) -> tuple[ReadAhead, np.ndarray]:
+        """The read-ahead buffers and two blocks to sum in, allocated once: on this VM new memory costs a first touch
+        (~2 s per GiB), so a round's sums reuse theirs; clear() lets them go."""
+        if self._buffers is None:
+            self._buffers = (ReadAhead(BLOCK_BYTES), np.empty(2 * BLOCK_BYTES, np.uint8))
+        return self._buffers
 
     def take_mean(self, name: str) -> np.ndarray | None:
         """The weighted mean of variable `name`'s updates, or None when no contribution carries it."""
@@ -202,6 +211,7 @@ class DiskSum:
         """Forget the sums and delete their files."""
         self._retired += [t.path for t in self._terms]
         self._terms, self._count = [], 0
+        self._buffers = None
         self.drop_retired()
 
 

@@ -10,8 +10,17 @@ import pytest
 
 from fedcommon import direct_io
 from fedcommon.atomic import atomic_writer
-from fedcommon.direct_io import BLOCK, DirectWriter, open_direct, range_bytes, read_ahead, read_range
-from fedcommon.model_file import ModelFileWriter, load_model, read_index, save_model
+from fedcommon.chunk_wire import DataChunk
+from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, in_page_cache, open_direct, range_bytes, read_range
+from fedcommon.model_file import (
+    DIRECT_MIN_BYTES,
+    ModelFileWriter,
+    iter_model_chunks,
+    load_model,
+    read_index,
+    read_tensor,
+    save_model,
+)
 from fedcommon.tensor_codec import encode_tensors
 from fedserver.aggregator import VarSpec
 from fedserver.staged_upload import STAGE, StagedUpload, stage_tensors
@@ -128,11 +137,14 @@ def test_ranges_read_ahead_are_the_files_bytes_wherever_they_start(tmp_path):
     try:
         starts = list(range(100, 290000, 7 * BLOCK + 3))
         batches = [[(fd, s, min(7 * BLOCK + 3, 300000 - s)) for fd in fds] for s in starts]
-        got = [[v.tobytes() for v in views] for views in read_ahead(batches, 7 * BLOCK + 3, "test file")]
+        ahead = ReadAhead(7 * BLOCK + 3)
+        got = [[v.tobytes() for v in views] for views in ahead.read(batches, "test file")]
+        again = [[v.tobytes() for v in views] for views in ahead.read(batches[::-1], "test file")]
     finally:
         for fd in fds:
             os.close(fd)
     assert got == [[data[s : s + min(7 * BLOCK + 3, 300000 - s)] for data in content] for s in starts]
+    assert again == got[::-1]  # its buffers, reused, hold each new batch
 
 
 def test_a_range_past_the_end_of_the_file_is_refused_naming_it(tmp_path):
@@ -171,3 +183,34 @@ def test_where_direct_io_is_refused_an_upload_is_staged_through_the_page_cache(t
     np.testing.assert_array_equal(load_model(staged.path)[0]["a"], update["a"])
     staged.discard()
     assert not any(tmp_path.iterdir())
+
+
+def _evicted(path) -> None:
+    """Drop `path`'s pages from the page cache (written back first), as after a direct write."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def test_a_large_tensor_not_in_the_page_cache_is_read_and_streamed_without_filling_it(tmp_path):
+    model = {"big": np.linspace(-1, 1, 3 * DIRECT_MIN_BYTES // 4 + 5, dtype=np.float32), "small": np.arange(9.0)}
+    path = tmp_path / "m.fl"
+    save_model(path, model)
+    _evicted(path)
+    with open(path, "rb") as f:
+        index = read_index(f)
+        big = index.by_name()["big"]
+        if in_page_cache(f.fileno(), big.offset, big.nbytes):
+            pytest.skip("this file system keeps the pages cached after POSIX_FADV_DONTNEED")
+        np.testing.assert_array_equal(read_tensor(f, big), model["big"])
+        streamed = [bytes(c.data) for c in iter_model_chunks(f, index, chunk_bytes=1 << 20) if isinstance(c, DataChunk)]
+        reopened, _ = direct_io.reopen_direct(f.fileno())
+        direct = direct_io.set_direct(reopened, True)
+        os.close(reopened)
+        assert not direct or not in_page_cache(f.fileno(), big.offset, big.nbytes)
+    assert b"".join(streamed) == b"".join(model[n].tobytes() for n in ("big", "small"))
+    arrays, _ = load_model(path)
+    np.testing.assert_array_equal(arrays["big"], model["big"])
