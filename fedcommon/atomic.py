@@ -28,9 +28,12 @@ def atomic_writer(path: str | os.PathLike, mode: int = 0o600, direct: bool = Fal
 
             try:
                 writer = DirectWriter(fd)
-                yield writer  # type: ignore[misc]
-                writer.close()
-                os.fsync(fd)
+                try:
+                    yield writer  # type: ignore[misc]
+                    writer.close()
+                    os.fsync(fd)
+                finally:
+                    writer.abandon()  # no write of its thread may reach the fd once it is closed
             finally:
                 os.close(fd)
         else:

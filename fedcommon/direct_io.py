@@ -7,6 +7,7 @@ moves whole blocks between the disk and block-aligned memory: offsets, lengths a
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import errno
 import fcntl
@@ -211,7 +212,13 @@ class DirectWriter:
                 os.ftruncate(self.fd, self._end)
                 self._disk_end = self._end
         finally:
-            self._writer.shutdown(wait=True)
+            self.abandon()
+
+    def abandon(self) -> None:
+        """Stop the writing thread without flushing (a write in flight ends first): the fd may then be closed."""
+        with contextlib.suppress(OSError):
+            self._wait()
+        self._writer.shutdown(wait=True)
 
     def _start(self, offset: int) -> None:
         """Begin the current buffer at the block holding `offset`, with that block's earlier bytes from the file."""

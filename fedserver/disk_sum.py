@@ -113,8 +113,9 @@ class DiskSum:
                         weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
                         for start, block in self._blocks(entry, carriers):
                             writer.pwrite(block.view(np.uint8), entry.offset + start)
-                finally:
                     writer.close()
+                finally:
+                    writer.abandon()
         except BaseException:
             path.unlink(missing_ok=True)
             raise

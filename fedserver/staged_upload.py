@@ -101,6 +101,9 @@ class StagedUpload:
     def discard(self) -> None:
         """Close, and delete the file unless it was taken; safe to call more than once."""
         try:
+            if not self.taken and self._writer is not None:  # its buffered bytes are of no use: not written
+                self._writer.abandon()
+                self._writer = None
             self.close()
         finally:
             if not self.taken:
