@@ -11,8 +11,10 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import itertools
 import mmap
 import os
+from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -107,36 +109,37 @@ def range_bytes(offset: int, nbytes: int) -> int:
 
 
 class ReadAhead:
-    """Reads batches of (fd, offset, nbytes) ranges, each at most `block_bytes`, a thread reading the next batch
-    while the caller uses the current one (disk wait overlaps computing).
+    """Reads batches of (fd, offset, nbytes) ranges, each at most `block_bytes`: threads read the next `depth`
+    batches, their ranges side by side, while the caller uses the current one (disk wait overlaps computing, and
+    the disk has several reads to work on).
 
-    Its two sets of block-aligned buffers are kept for the next `read`: memory touched once, not per call.
+    Its depth + 1 sets of block-aligned buffers are kept for the next `read`: memory touched once, not per call.
     """
 
-    def __init__(self, block_bytes: int):
-        self.block_bytes = block_bytes
-        self._pools: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    def __init__(self, block_bytes: int, depth: int = 2):
+        self.block_bytes, self.depth = block_bytes, depth
+        self._pools: list[list[np.ndarray]] = [[] for _ in range(depth + 1)]
 
     def read(self, batches: Iterable[Sequence[tuple[int, int, int]]], what: str) -> Iterator[list[np.ndarray]]:
         """Each batch's bytes, views valid until the next batch is asked for; OSError naming `what`."""
         it = iter(batches)
-        first = next(it, None)
-        if first is None:
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as reader:
-            pending: Future | None = reader.submit(self._read, first, self._pools[0], what)
-            turn = 0
-            while pending is not None:
-                views = pending.result()
-                batch = next(it, None)
-                turn ^= 1
-                pending = None if batch is None else reader.submit(self._read, batch, self._pools[turn], what)
-                yield views
-
-    def _read(self, batch: Sequence[tuple[int, int, int]], pool: list[np.ndarray], what: str) -> list[np.ndarray]:
-        while len(pool) < len(batch):
-            pool.append(aligned_empty(round_up(self.block_bytes) + BLOCK))
-        return [read_range(fd, buf, off, n, what) for (fd, off, n), buf in zip(batch, pool, strict=False)]
+        in_flight: deque[list[Future]] = deque()
+        with ThreadPoolExecutor(self.depth, thread_name_prefix="read-ahead") as reader:
+            for turn in itertools.count():
+                while len(in_flight) < self.depth and (batch := next(it, None)) is not None:
+                    # the pool of the batch yielded last is free again once the caller asks for the next
+                    pool = self._pools[(turn + len(in_flight)) % len(self._pools)]
+                    while len(pool) < len(batch):
+                        pool.append(aligned_empty(round_up(self.block_bytes) + BLOCK))
+                    in_flight.append(
+                        [
+                            reader.submit(read_range, fd, buf, off, n, what)
+                            for (fd, off, n), buf in zip(batch, pool, strict=False)
+                        ]
+                    )
+                if not in_flight:
+                    return
+                yield [f.result() for f in in_flight.popleft()]
 
 
 class DirectWriter:
