@@ -16,6 +16,7 @@ import contextlib
 import math
 import os
 import re
+from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,8 @@ class DiskSum:
         self._count = 0
         self._next = 0
         self._buffers: tuple[ReadAhead, np.ndarray] | None = None  # kept between variables: see _scratch
+        self._stream: Iterator[tuple[str, int, np.ndarray]] | None = None  # take_mean's blocks, read ahead
+        self._head: tuple[str, int, np.ndarray] | None = None  # the stream's next block
 
     @property
     def empty(self) -> bool:
@@ -82,6 +85,7 @@ class DiskSum:
         check_weight(weight, self.max_weight)
         if self._count >= MAX_CONTRIBUTORS:
             raise ContributionError(f"the round already sums {MAX_CONTRIBUTORS} contributions")
+        self._end_stream()
         if len(self._terms) >= self.max_terms:
             self._fold()
         w = weight / self.max_weight  # <= 1: see MAX_CONTRIBUTORS
@@ -98,21 +102,22 @@ class DiskSum:
 
     def _fold(self) -> None:
         """Sum the terms into one new file of scale 1; the old files wait in `_retired`."""
+        self._end_stream()
         path = self._new_path()
-        weights: dict[str, float] = {}
+        weights = {
+            name: sum(t.weights[name] for t in self._terms if name in t.weights)
+            for name, _, _ in self.layout
+            if any(name in t.weights for t in self._terms)
+        }
         try:
             with open(path, "w+b") as out:
                 os.fchmod(out.fileno(), 0o600)
-                index = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK)
+                entries = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK).by_name()
                 writer = DirectWriter(out.fileno())
                 try:
-                    for entry in index.entries:
-                        carriers = [t for t in self._terms if entry.name in t.weights]
-                        if not carriers:
-                            continue
-                        weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
-                        for start, block in self._blocks(entry, carriers):
-                            writer.pwrite(block.view(np.uint8), entry.offset + start)
+                    with contextlib.closing(self._sums(list(weights))) as sums:
+                        for name, start, block in sums:
+                            writer.pwrite(block.view(np.uint8), entries[name].offset + start)
                     writer.close()
                 finally:
                     writer.abandon()
@@ -122,37 +127,46 @@ class DiskSum:
         self._retired += [t.path for t in self._terms]
         self._terms = [Term(path, 1.0, weights)]
 
-    def _blocks(self, entry: TensorEntry, carriers: list[Term]) -> Iterator[tuple[int, np.ndarray]]:
-        """(byte offset in the variable, sum of scale x values) for each block of variable `entry`.
+    def _sums(self, names: list[str]) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(variable, byte offset in it, sum of scale x values) for each block of each of `names` that a term
+        carries, in that order; the block is valid until the next is asked for.
 
-        The next block of every carrier is read (direct I/O, a thread) while this one is summed.
+        Threads read the next blocks ahead (direct I/O), across variables: while the caller works on one variable,
+        the next one's first blocks are read.
         """
-        item = entry.dtype.itemsize
-        step = max(item, BLOCK_BYTES - BLOCK_BYTES % item)
         ahead, scratch = self._scratch()
-        total, scaled = scratch[:step].view(entry.dtype), scratch[BLOCK_BYTES : BLOCK_BYTES + step].view(entry.dtype)
-        fds: list[int] = []
+        fds: dict[Path, int] = {}
+        tags: deque[tuple[str, np.dtype, list[Term], int, int]] = deque()
+
+        def batches() -> Iterator[list[tuple[int, int, int]]]:
+            for name in names:
+                carriers = [t for t in self._terms if name in t.weights]
+                dtype = accumulator_dtype(self.specs[name].dtype)
+                nbytes = math.prod(self.specs[name].shape) * dtype.itemsize
+                step = BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize
+                for t in carriers:
+                    if t.path not in fds:
+                        fds[t.path] = open_direct(t.path)[0]
+                offsets = [t.entry(name).offset for t in carriers]
+                for start in range(0, nbytes, step):
+                    n = min(step, nbytes - start)
+                    tags.append((name, dtype, carriers, start, n))
+                    yield [(fds[t.path], off + start, n) for t, off in zip(carriers, offsets, strict=True)]
+
         try:
-            for t in carriers:
-                fds.append(open_direct(t.path)[0])
-            offsets = [t.entry(entry.name).offset for t in carriers]
-            starts = range(0, entry.nbytes, step)
-            batches = (
-                [(fd, off + start, min(step, entry.nbytes - start)) for fd, off in zip(fds, offsets, strict=True)]
-                for start in starts
-            )
-            what = f"open round sum of variable {entry.name!r}"
-            for start, views in zip(starts, ahead.read(batches, what), strict=True):
-                n = min(step, entry.nbytes - start) // item
-                for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
-                    values = view.view(entry.dtype)
-                    if k == 0:
-                        np.multiply(values, t.scale, out=total[:n])
-                    else:
-                        np.add(total[:n], np.multiply(values, t.scale, out=scaled[:n]), out=total[:n])
-                yield start, total[:n]
+            with contextlib.closing(ahead.read(batches(), "the open round's sum files")) as reads:
+                for views in reads:
+                    name, dtype, carriers, start, n = tags.popleft()
+                    total, scaled = scratch[:n].view(dtype), scratch[BLOCK_BYTES : BLOCK_BYTES + n].view(dtype)
+                    for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
+                        values = view.view(dtype)
+                        if k == 0:
+                            np.multiply(values, t.scale, out=total)
+                        else:
+                            np.add(total, np.multiply(values, t.scale, out=scaled), out=total)
+                    yield name, start, total
         finally:
-            for fd in fds:
+            for fd in fds.values():
                 os.close(fd)
 
     def _scratch(self) -> tuple[ReadAhead, np.ndarray]:
@@ -163,7 +177,11 @@ class DiskSum:
         return self._buffers
 
     def take_mean(self, name: str) -> np.ndarray | None:
-        """The weighted mean of variable `name`'s updates, or None when no contribution carries it."""
+        """The weighted mean of variable `name`'s updates, or None when no contribution carries it.
+
+        Asked in layout order (as the round's close asks), each variable's blocks were read ahead while the caller
+        worked on the one before.
+        """
         carriers = [t for t in self._terms if name in t.weights]
         if not carriers:
             return None
@@ -171,10 +189,25 @@ class DiskSum:
         dtype = accumulator_dtype(spec.dtype)
         out = np.empty(math.prod(spec.shape), dtype)
         weight = sum(t.weights[name] for t in carriers)
+        if self._head is None or self._head[0] != name:  # not what the stream has next: start it at `name`
+            self._end_stream()
+            names = [n for n, _, _ in self.layout]
+            self._stream = self._sums(
+                [n for n in names[names.index(name) :] if any(n in t.weights for t in self._terms)]
+            )
+            self._head = next(self._stream, None)
         item = dtype.itemsize
-        for start, block in self._blocks(TensorEntry(name, dtype, spec.shape, 0, out.nbytes), carriers):
+        while self._head is not None and self._head[0] == name:
+            _, start, block = self._head
             np.divide(block, weight, out=out[start // item : start // item + block.size])
+            self._head = next(self._stream, None)
         return out.reshape(spec.shape)
+
+    def _end_stream(self) -> None:
+        """Stop the read-ahead of take_mean (the terms change, or the round ends)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._head = None, None
 
     def describe(self) -> list[dict[str, Any]]:
         """The terms, for the open round's snapshot (see restore)."""
@@ -200,6 +233,7 @@ class DiskSum:
                 raise ValueError(f"{path}: its variables are not this model's")
             taken.append(Term(path, float(scale), {str(n): float(w) for n, w in weights.items()}))
             self._next = max(self._next, int(match.group(1)))
+        self._end_stream()
         self._terms, self._count = taken, count
 
     def drop_retired(self) -> None:
@@ -211,6 +245,7 @@ class DiskSum:
     def clear(self) -> None:
         """Forget the sums and delete their files."""
         self._retired += [t.path for t in self._terms]
+        self._end_stream()
         self._terms, self._count = [], 0
         self._buffers = None
         self.drop_retired()
