@@ -4,7 +4,7 @@ A term is a model file in the accumulator dtypes and a scale: its values times t
 A contribution's staging file becomes a term as it is (renamed, scaled by its weight when read); when a round
 holds `max_terms` terms, the next contribution first folds them into one new file (scale 1). Memory stays
 O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped, with direct I/O
-where the file system allows it (no page-cache pages per round), a thread reading the next block ahead.
+where the file system allows it (no page-cache pages per round), threads reading the next blocks ahead.
 
 The overflow reasoning of fedserver.aggregator holds: every value of a staged term is at most value_bound(), each
 scale is a weight divided by the largest weight (<= 1), and a round sums at most MAX_CONTRIBUTORS terms.
