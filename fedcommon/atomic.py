@@ -12,17 +12,35 @@ from typing import IO, Any
 
 
 @contextlib.contextmanager
-def atomic_writer(path: str | os.PathLike, mode: int = 0o600) -> Iterator[IO[bytes]]:
-    """Yield a binary file that replaces `path` only if the block completes; readers see old or new."""
+def atomic_writer(path: str | os.PathLike, mode: int = 0o600, direct: bool = False) -> Iterator[IO[bytes]]:
+    """Yield a binary file that replaces `path` only if the block completes; readers see old or new.
+
+    direct: written in whole blocks with direct I/O where the file system allows it (write, seek and tell only), so
+    a model-sized file costs no page-cache pages and its fsync has little left to do.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+        if direct:
+            from fedcommon.direct_io import DirectWriter  # here: the console writes files too, without numpy
+
+            try:
+                writer = DirectWriter(fd)
+                try:
+                    yield writer  # type: ignore[misc]
+                    writer.close()
+                    os.fsync(fd)
+                finally:
+                    writer.abandon()  # no write of its thread may reach the fd once it is closed
+            finally:
+                os.close(fd)
+        else:
+            with os.fdopen(fd, "wb") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

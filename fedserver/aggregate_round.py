@@ -177,7 +177,7 @@ def _run_child(
     except (OSError, ValueError, ContributionError) as e:
         raise AggregateError(f"custom aggregator {choice.path} wrote an unusable result: {e}") from None
     for source, target in ((new_state, states.path(round_number + 1)), (new_model, model_path)):
-        with atomic_writer(target) as out, open(source, "rb") as src:  # the state first: see StateFiles
+        with atomic_writer(target, direct=True) as out, open(source, "rb") as src:  # the state first: StateFiles
             shutil.copyfileobj(src, out, 1 << 20)
     states.prune(round_number + 1)
 

@@ -608,9 +608,9 @@ def write_next_model(
                 for e in index.entries
                 if e.name in control.specs
             ]
-        with atomic_writer(model_path) as dst:
+        with atomic_writer(model_path, direct=True) as dst:
             writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
-            with atomic_writer(states.path(round_number + 1)) as state_dst:  # renamed first: see StateFiles
+            with atomic_writer(states.path(round_number + 1), direct=True) as state_dst:  # renamed first: StateFiles
                 scalars = {"aggregator": label, "rounds": int((old_state or {}).get("rounds", 0)) + 1}
                 state_writer = ModelFileWriter(state_dst, slots, scalars)
                 for entry in index.entries:

@@ -3,7 +3,8 @@
 A term is a model file in the accumulator dtypes and a scale: its values times the scale are its part of the sum.
 A contribution's staging file becomes a term as it is (renamed, scaled by its weight when read); when a round
 holds `max_terms` terms, the next contribution first folds them into one new file (scale 1). Memory stays
-O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped.
+O(block) whatever the model's size: the files are read and written with pread/pwrite, never mapped, with direct I/O
+where the file system allows it (no page-cache pages per round), threads reading the next blocks ahead.
 
 The overflow reasoning of fedserver.aggregator holds: every value of a staged term is at most value_bound(), each
 scale is a weight divided by the largest weight (<= 1), and a round sums at most MAX_CONTRIBUTORS terms.
@@ -15,12 +16,15 @@ import contextlib
 import math
 import os
 import re
+from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, open_direct
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
@@ -39,10 +43,11 @@ class Term:
     weights: dict[str, float]
     _entries: dict[str, TensorEntry] | None = None
 
-    def entry(self, f, name: str) -> TensorEntry:
+    def entry(self, name: str) -> TensorEntry:
         """Where variable `name` lies in the term's file (its index is read once: it may name thousands)."""
         if self._entries is None:
-            self._entries = read_index(f, self.path).by_name()
+            with open(self.path, "rb") as f:
+                self._entries = read_index(f, self.path).by_name()
         return self._entries[name]
 
 
@@ -67,6 +72,9 @@ class DiskSum:
         self._retired: list[Path] = []  # folded terms: deleted once no snapshot names them (drop_retired)
         self._count = 0
         self._next = 0
+        self._buffers: tuple[ReadAhead, np.ndarray] | None = None  # kept between variables: see _scratch
+        self._stream: Iterator[tuple[str, int, np.ndarray]] | None = None  # take_mean's blocks, read ahead
+        self._head: tuple[str, int, np.ndarray] | None = None  # the stream's next block
 
     @property
     def empty(self) -> bool:
@@ -77,6 +85,7 @@ class DiskSum:
         check_weight(weight, self.max_weight)
         if self._count >= MAX_CONTRIBUTORS:
             raise ContributionError(f"the round already sums {MAX_CONTRIBUTORS} contributions")
+        self._end_stream()
         if len(self._terms) >= self.max_terms:
             self._fold()
         w = weight / self.max_weight  # <= 1: see MAX_CONTRIBUTORS
@@ -93,68 +102,112 @@ class DiskSum:
 
     def _fold(self) -> None:
         """Sum the terms into one new file of scale 1; the old files wait in `_retired`."""
+        self._end_stream()
         path = self._new_path()
-        weights: dict[str, float] = {}
+        weights = {
+            name: sum(t.weights[name] for t in self._terms if name in t.weights)
+            for name, _, _ in self.layout
+            if any(name in t.weights for t in self._terms)
+        }
         try:
             with open(path, "w+b") as out:
                 os.fchmod(out.fileno(), 0o600)
-                index = allocate_model_file(out, self.layout, {"kind": "open round sum"})
-                for entry in index.entries:
-                    carriers = [t for t in self._terms if entry.name in t.weights]
-                    if not carriers:
-                        continue
-                    weights[entry.name] = sum(t.weights[entry.name] for t in carriers)
-                    for start, block in self._blocks(entry, carriers):
-                        os.pwrite(out.fileno(), memoryview(block.view(np.uint8)), entry.offset + start)
+                entries = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK).by_name()
+                writer = DirectWriter(out.fileno())
+                try:
+                    with contextlib.closing(self._sums(list(weights))) as sums:
+                        for name, start, block in sums:
+                            writer.pwrite(block.view(np.uint8), entries[name].offset + start)
+                    writer.close()
+                finally:
+                    writer.abandon()
         except BaseException:
             path.unlink(missing_ok=True)
             raise
         self._retired += [t.path for t in self._terms]
         self._terms = [Term(path, 1.0, weights)]
 
-    def _blocks(self, entry: TensorEntry, carriers: list[Term]):
-        """(byte offset in the variable, sum of scale x values) for each block of variable `entry`."""
-        item = entry.dtype.itemsize
-        step = max(item, BLOCK_BYTES - BLOCK_BYTES % item)
-        total = np.empty(step // item, entry.dtype)
-        buf = np.empty(step // item, entry.dtype)
-        files = [open(t.path, "rb") for t in carriers]
+    def _sums(self, names: list[str]) -> Iterator[tuple[str, int, np.ndarray]]:
+        """(variable, byte offset in it, sum of scale x values) for each block of each of `names` that a term
+        carries, in that order; the block is valid until the next is asked for.
+
+        Threads read the next blocks ahead (direct I/O), across variables: while the caller works on one variable,
+        the next one's first blocks are read.
+        """
+        ahead, scratch = self._scratch()
+        fds: dict[Path, int] = {}
+        tags: deque[tuple[str, np.dtype, list[Term], int, int]] = deque()
+
+        def batches() -> Iterator[list[tuple[int, int, int]]]:
+            for name in names:
+                carriers = [t for t in self._terms if name in t.weights]
+                dtype = accumulator_dtype(self.specs[name].dtype)
+                nbytes = math.prod(self.specs[name].shape) * dtype.itemsize
+                step = BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize
+                for t in carriers:
+                    if t.path not in fds:
+                        fds[t.path] = open_direct(t.path)[0]
+                offsets = [t.entry(name).offset for t in carriers]
+                for start in range(0, nbytes, step):
+                    n = min(step, nbytes - start)
+                    tags.append((name, dtype, carriers, start, n))
+                    yield [(fds[t.path], off + start, n) for t, off in zip(carriers, offsets, strict=True)]
+
         try:
-            offsets = [t.entry(f, entry.name).offset for f, t in zip(files, carriers, strict=True)]
-            for start in range(0, entry.nbytes, step):
-                n = min(step, entry.nbytes - start) // item
-                for k, (f, t) in enumerate(zip(files, carriers, strict=True)):
-                    target = total[:n] if k == 0 else buf[:n]
-                    _pread_into(f, target, offsets[k] + start)
-                    if t.scale != 1.0:
-                        np.multiply(target, t.scale, out=target)
-                    if k:
-                        np.add(total[:n], target, out=total[:n])
-                yield start, total[:n]
+            with contextlib.closing(ahead.read(batches(), "the open round's sum files")) as reads:
+                for views in reads:
+                    name, dtype, carriers, start, n = tags.popleft()
+                    total, scaled = scratch[:n].view(dtype), scratch[BLOCK_BYTES : BLOCK_BYTES + n].view(dtype)
+                    for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
+                        values = view.view(dtype)
+                        if k == 0:
+                            np.multiply(values, t.scale, out=total)
+                        else:
+                            np.add(total, np.multiply(values, t.scale, out=scaled), out=total)
+                    yield name, start, total
         finally:
-            for f in files:
-                f.close()
+            for fd in fds.values():
+                os.close(fd)
+
+    def _scratch(self) -> tuple[ReadAhead, np.ndarray]:
+        """The read-ahead buffers and two blocks to sum in, allocated once: on this VM new memory costs a first touch
+        (~2 s per GiB), so a round's sums reuse theirs; clear() lets them go."""
+        if self._buffers is None:
+            self._buffers = (ReadAhead(BLOCK_BYTES), np.empty(2 * BLOCK_BYTES, np.uint8))
+        return self._buffers
 
     def take_mean(self, name: str) -> np.ndarray | None:
-        """The weighted mean of variable `name`'s updates, or None when no contribution carries it."""
+        """The weighted mean of variable `name`'s updates, or None when no contribution carries it.
+
+        Asked in layout order (as the round's close asks), each variable's blocks were read ahead while the caller
+        worked on the one before.
+        """
         carriers = [t for t in self._terms if name in t.weights]
         if not carriers:
             return None
         spec = self.specs[name]
         dtype = accumulator_dtype(spec.dtype)
         out = np.empty(math.prod(spec.shape), dtype)
-        first, rest = carriers[0], carriers[1:]
-        with open(first.path, "rb") as f:  # read straight into the result: one copy less of the largest part
-            _pread_into(f, out, first.entry(f, name).offset)
-        if first.scale != 1.0:
-            np.multiply(out, first.scale, out=out)
-        if rest:
-            item = dtype.itemsize
-            for start, block in self._blocks(TensorEntry(name, dtype, spec.shape, 0, out.nbytes), rest):
-                part = out[start // item : start // item + block.size]
-                np.add(part, block, out=part)
-        np.divide(out, sum(t.weights[name] for t in carriers), out=out)
+        weight = sum(t.weights[name] for t in carriers)
+        if self._head is None or self._head[0] != name:  # not what the stream has next: start it at `name`
+            self._end_stream()
+            names = [n for n, _, _ in self.layout]
+            self._stream = self._sums(
+                [n for n in names[names.index(name) :] if any(n in t.weights for t in self._terms)]
+            )
+            self._head = next(self._stream, None)
+        item = dtype.itemsize
+        while self._head is not None and self._head[0] == name:
+            _, start, block = self._head
+            np.divide(block, weight, out=out[start // item : start // item + block.size])
+            self._head = next(self._stream, None)
         return out.reshape(spec.shape)
+
+    def _end_stream(self) -> None:
+        """Stop the read-ahead of take_mean (the terms change, or the round ends)."""
+        if self._stream is not None:
+            self._stream.close()
+        self._stream, self._head = None, None
 
     def describe(self) -> list[dict[str, Any]]:
         """The terms, for the open round's snapshot (see restore)."""
@@ -180,6 +233,7 @@ class DiskSum:
                 raise ValueError(f"{path}: its variables are not this model's")
             taken.append(Term(path, float(scale), {str(n): float(w) for n, w in weights.items()}))
             self._next = max(self._next, int(match.group(1)))
+        self._end_stream()
         self._terms, self._count = taken, count
 
     def drop_retired(self) -> None:
@@ -191,7 +245,9 @@ class DiskSum:
     def clear(self) -> None:
         """Forget the sums and delete their files."""
         self._retired += [t.path for t in self._terms]
+        self._end_stream()
         self._terms, self._count = [], 0
+        self._buffers = None
         self.drop_retired()
 
 
@@ -205,13 +261,3 @@ def remove_term_files(folder: Path, keep: set[str] = frozenset()) -> None:
 
 def _finite_weight(w: Any) -> bool:
     return not isinstance(w, bool) and isinstance(w, (int, float)) and math.isfinite(w) and w > 0
-
-
-def _pread_into(f, target: np.ndarray, offset: int) -> None:
-    view = memoryview(target.view(np.uint8))
-    f.seek(offset)
-    while view:
-        n = f.readinto(view)
-        if not n:
-            raise ValueError(f"{f.name}: ended early")
-        view = view[n:]

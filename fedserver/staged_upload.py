@@ -1,5 +1,6 @@
 """An upload written into its own staging file as it arrives, chunk by chunk, every check on the way: memory
-O(chunk), never O(model) (DESIGN §4)."""
+O(chunk), never O(model) (DESIGN §4). Written with direct I/O where the file system allows it, so a model-sized
+upload costs no page-cache pages (fedcommon.direct_io)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fedcommon.direct_io import BLOCK, DirectWriter
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import allocate_model_file
 from fedcommon.tensor_codec import CodecError, TensorAssembler, TensorSpec, spec_from_header
@@ -26,8 +28,8 @@ DROP = "drop"  # checked, then dropped (an excluded variable)
 class StagedUpload:
     """One contribution's aggregated variables in a model file laid out in their accumulator dtypes.
 
-    Every aggregated variable has its place (zeros until written); `received` names those the upload carried.
-    The owner either hands the file on (`taken`) or calls `discard`.
+    Every aggregated variable has its place (zeros until written, each starting at a block); `received` names
+    those the upload carried. The owner either hands the file on (`taken`) or calls `discard`.
     """
 
     def __init__(self, folder: Path, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
@@ -38,9 +40,13 @@ class StagedUpload:
         self.taken = False
         layout = [(n, accumulator_dtype(s.dtype), s.shape) for n, s in specs.items() if n not in excluded]
         self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        self._writer: DirectWriter | None = None
+        self.direct = False
         try:
             with open(os.dup(self._fd), "r+b") as f:
-                self.index = allocate_model_file(f, layout, {"kind": "staged upload"})
+                self.index = allocate_model_file(f, layout, {"kind": "staged upload"}, BLOCK)
+            self._writer = DirectWriter(self._fd)
+            self.direct = self._writer.direct  # False where the file system refuses direct I/O
         except BaseException:
             self.discard()
             raise
@@ -72,25 +78,37 @@ class StagedUpload:
             values = values.view(values.dtype.str.replace("u", "i"))
         if values.dtype != entry.dtype:
             values = values.astype(entry.dtype)
-        data = memoryview(np.ascontiguousarray(values).view(np.uint8))
-        offset = entry.offset + start * entry.dtype.itemsize
-        while data:
-            n = os.pwrite(self._fd, data, offset)
-            data, offset = data[n:], offset + n
+        if self._writer is None:
+            raise ValueError(f"{self.path.name}: written after close")
+        self._writer.pwrite(
+            np.ascontiguousarray(values).reshape(-1).view(np.uint8), entry.offset + start * entry.dtype.itemsize
+        )
         self.received.add(name)
 
     def close(self) -> None:
-        """Done writing (the file stays)."""
-        if self._fd >= 0:
+        """Done writing: what is buffered goes to the file (which stays)."""
+        if self._fd < 0:
+            return
+        writer, self._writer = self._writer, None
+        try:
+            if writer is not None:
+                writer.close()
+                self.direct = writer.direct
+        finally:
             os.close(self._fd)
             self._fd = -1
 
     def discard(self) -> None:
         """Close, and delete the file unless it was taken; safe to call more than once."""
-        self.close()
-        if not self.taken:
-            with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+        try:
+            if not self.taken and self._writer is not None:  # its buffered bytes are of no use: not written
+                self._writer.abandon()
+                self._writer = None
+            self.close()
+        finally:
+            if not self.taken:
+                with contextlib.suppress(FileNotFoundError):
+                    self.path.unlink()
 
 
 def stage_tensors(

@@ -105,6 +105,27 @@ def test_the_disk_sum_folds_terms_to_exactly_what_the_in_memory_sum_gives(tmp_pa
     assert not list(tmp_path.glob("open_round.*.fl"))
 
 
+def test_the_disk_sum_gives_the_same_means_whatever_order_they_are_asked_in(tmp_path):
+    rng = np.random.default_rng(4)
+    model = {n: np.zeros(s, np.float32) for n, s in (("a", (3 << 20) + 5), ("b", 0), ("c", 7), ("d", 1 << 20))}
+    specs = _specs(model)
+    in_memory, on_disk = UpdateAccumulator(specs), DiskSum(tmp_path, specs)
+    for k in range(2):
+        update = {n: rng.normal(size=a.shape).astype(np.float32) for n, a in model.items()}
+        on_disk.add(StagedUpload.from_arrays(tmp_path / "staging", specs, frozenset(), dict(update)), k + 1.5)
+        in_memory.add(update, k + 1.5)
+    expected = {n: in_memory.take_mean(n) for n in model}
+    for order in (
+        ["a", "b", "c", "d"],
+        ["d", "a", "c", "b"],
+        ["c", "d"],
+    ):  # in layout order, backwards, from the middle
+        for name in order:
+            np.testing.assert_array_equal(on_disk.take_mean(name), expected[name], err_msg=f"{name} in {order}")
+    on_disk.clear()
+    assert not list(tmp_path.glob("open_round.*.fl"))
+
+
 # ---- the open round, on disk, across a restart ------------------------------------------------------------------
 
 
