@@ -514,12 +514,12 @@ class _ReadAhead:
         need = round_up(nbytes)
         with self._room:
             while not self._stop:
-                fitting = [b for b in self._free if b.nbytes >= need]
+                # By position, never by value: list.remove would compare arrays element by element.
+                fitting = [i for i, b in enumerate(self._free) if b.nbytes >= need]
                 if self._ahead >= READ_AHEAD_VARIABLES:
                     pass
                 elif fitting:
-                    buf = min(fitting, key=lambda b: b.nbytes)
-                    self._free.remove(buf)
+                    buf = self._free.pop(min(fitting, key=lambda i: self._free[i].nbytes))
                     self._in_use += buf.nbytes
                     return buf
                 # One variable at a time (what reading without read-ahead holds) always has room.

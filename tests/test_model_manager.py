@@ -767,6 +767,27 @@ def test_the_update_stream_reads_ahead_into_a_few_reused_buffers():
     assert not _alive("update-read-ahead")
 
 
+def test_the_update_stream_reuses_buffers_of_mixed_sizes():
+    from fedclient.direct_client import _DictReaderWriter, _Weights
+
+    weights = _Weights()
+    rng = np.random.default_rng(6)
+    sizes = [16384, 4096, 64, 16384, 4096, 640, 10, 16384, 4096, 64]  # a small network's layers, weight then bias
+    glob = {f"v{i}": rng.random(n, dtype=np.float32) for i, n in enumerate(sizes)}
+    mm = ClientModelManager(task_names=[TASK], model_reader_writer=_DictReaderWriter())
+    mm.set_fitter(weights)
+    mm.assign_current_model({TASK: {k: v.copy() for k, v in glob.items()}})
+    for i, arr in enumerate(weights.weights.values()):
+        arr += i
+    for _ in range(3):  # each stream starts with no free buffer and reuses what earlier variables gave back
+        got = []
+        for name, diff in mm.read_current_model(TASK).stream():
+            np.testing.assert_allclose(diff, weights.weights[name] - glob[name], err_msg=name)
+            got.append(name)
+        assert got == list(glob)
+    assert not _alive("update-read-ahead")
+
+
 def test_read_ahead_stays_within_its_byte_budget(monkeypatch):
     from fedclient import model_manager
 
