@@ -273,6 +273,9 @@ class BulkChannel:
                     received += chunk.data.nbytes
                 yield chunk
             ended = True
+            # The commit may wait behind other sites' (a round's last one aggregates and saves): with a hundred
+            # uploads ending at once, their frame buffers would otherwise be most of the server's memory.
+            reader.release()
             # As on fl_port: the end of an upload is accepted only while the certificate is still good.
             reason = self._refusal(peer)
             if reason is not None:
