@@ -289,11 +289,12 @@ class BulkChannel:
             log.warning("%s: bulk upload for round %d broke off: %s", ticket.site, ticket.round, for_log(str(e)))
             _tell(writer, bulk_wire.REPLY, pb.SubmitReply(accepted=False, reason=str(e)))
             return
+        if reply.accepted:  # committed, whether or not the reply reaches the site: counted before it goes out
+            self._service.bulk_done("upload", received)
         writer.message(bulk_wire.REPLY, reply)
         if not ended:
             _drain(reader)
         if reply.accepted:
-            self._service.bulk_done("upload", received)
             log.info(
                 "%s: round %d's update received over the bulk channel (%d bytes in %.2fs)",
                 ticket.site,
