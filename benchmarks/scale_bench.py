@@ -11,12 +11,16 @@ to a real `fedserver.cli start` process on 127.0.0.1, and runs on one asyncio lo
   `fedadmin --json status client` an operator types).
 - workers (`--round-sites K`): each registers on the training plane, long-polls GetModel, receives the whole
   global model (`--round-mib` MiB), and submits a zero update of the same variables (the bytes are built once
-  and shared by every simulated site; the server still receives, checks and sums each upload). The server
+  and shared by every simulated site; the server still receives, checks and sums each upload). The tensor bytes
+  move as fedclient moves them (`--transport bulk`, the default): over the server's bulk channel when it offers a
+  ticket (fedclient's BulkClient, one thread per site's transfer), else, and with `--transport grpc` always, in
+  the GetModel / SubmitUpdate streams; the report counts the transfers each way (`transfers`). The server
   runs `--rounds` rounds with min_num_clients K. Per round: from the first site holding the round's model to
   the last site's upload accepted (the server closes the round inside that upload: aggregate, save). The server's
   RSS, peak RSS and threads (`server_rss_timeline`): at ready, once every site has registered (before any asks for
-  the model), as each round closes, as the run ends and 5 s later (the sites still connected); and its CPU seconds
-  for the run. Compare with grpc_floor_bench.py: a bare grpcio server under the same connections and transfers.
+  the model), as each round closes, the highest of its samples every 0.1 s through the rounds (where a peak lies),
+  as the run ends and 5 s later (the sites still connected); and its CPU seconds for the run. Compare with
+  grpc_floor_bench.py: a bare grpcio server under the same connections and transfers.
 
 A benchmark, not a test: exit 1 only when something does not complete. Targets are printed, never asserted.
 """
@@ -34,7 +38,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,10 +54,12 @@ from grpc_floor_bench import proc_status, sample  # noqa: E402
 from round_bench import MIB, Child, free_ports, write_mmar  # noqa: E402
 
 from fedadmin.connection import AdminConnection, ConnectionFailed  # noqa: E402
+from fedclient.bulk_client import BulkClient, BulkUnavailable  # noqa: E402
 from fedcommon.admin_defs import error_reply, ok_reply  # noqa: E402
 from fedcommon.admin_serde import message_from_wire, message_to_wire  # noqa: E402
+from fedcommon.bulk_wire import BulkError  # noqa: E402
 from fedcommon.chunk_wire import TrainingStub  # noqa: E402
-from fedcommon.kit import channel_credentials, load_kit  # noqa: E402
+from fedcommon.kit import CA_FILE, CERT_FILE, KEY_FILE, channel_credentials, client_ssl_context, load_kit  # noqa: E402
 from fedcommon.provision import prepare_poc  # noqa: E402
 from fedcommon.tensor_codec import DEFAULT_CHUNK_BYTES, MAX_MESSAGE_BYTES, encode_tensors, spec_from_header  # noqa: E402
 from fedcommon.wire import admin_pb2 as apb  # noqa: E402
@@ -68,23 +76,39 @@ CHANNEL_OPTIONS = [
 TARGETS = {"idle_cpu_pct": 5.0, "rss_mib": 1024.0, "status_client_s": 2.0, "round_s": 15.0}
 SETTLE_S = 5.0  # after the run: how long the server is left idle before its memory is sampled again
 SIM_STATUS = {"status": "training not started", "status_code": 0, "run_number": None, "progress": {}}
+TRANSPORTS = ("bulk", "grpc")  # bulk: as fedclient, the bulk channel when the server offers it; grpc: never
+OPEN_UPLOAD_S = 30.0
+BULK_RETRY_PAUSE_S = 1.0  # as fedclient: after a broken bulk upload, a moment for the server to drop its claim
 
 
 @dataclass
 class SimSite:
-    """One simulated site: its name and its own mutual-TLS channel."""
+    """One simulated site: its name, its own mutual-TLS channel and, for bulk transfers, fedclient's BulkClient."""
 
     name: str
     channel: grpc.aio.Channel
+    target: str = ""
+    bulk: BulkClient | None = None
     replies: int = 0  # requests answered
     errors: list[str] = field(default_factory=list)
 
 
-def open_sites(kits: Path, names: list[str], target: str) -> list[SimSite]:
-    return [
-        SimSite(n, grpc.aio.secure_channel(target, channel_credentials(load_kit(kits / n)), CHANNEL_OPTIONS))
-        for n in names
-    ]
+def open_sites(kits: Path, names: list[str], target: str, bulk: bool = False) -> list[SimSite]:
+    """The sites' channels; with `bulk`, each also gets a BulkClient with its own certificate, as a Communicator."""
+    sites = []
+    for n in names:
+        channel = grpc.aio.secure_channel(target, channel_credentials(load_kit(kits / n)), CHANNEL_OPTIONS)
+        client = None
+        if bulk:
+            startup = kits / n / "startup"
+            files = {
+                "ssl_root_cert": startup / CA_FILE,
+                "ssl_cert": startup / CERT_FILE,
+                "ssl_private_key": startup / KEY_FILE,
+            }
+            client = BulkClient(client_ssl_context(files, n))
+        sites.append(SimSite(n, channel, target, client))
+    return sites
 
 
 # ---- agents -----------------------------------------------------------------------------------------
@@ -284,12 +308,106 @@ class ZeroUpdate:
             self.chunks = list(encode_tensors(zeros, self.chunk_bytes))
 
 
+@dataclass
+class Transfers:
+    """What a worker needs to move tensor bytes: the transport asked for, the threads bulk transfers run in, and the
+    count of transfers by (direction, transport)."""
+
+    transport: str
+    pool: ThreadPoolExecutor | None = None
+    counts: Counter = field(default_factory=Counter)
+
+    def report(self) -> dict[str, Any]:
+        used = {t for (_, t) in self.counts}
+        return {
+            "transport": self.transport,
+            "transport_used": used.pop() if len(used) == 1 else ("mixed" if used else "none"),
+            "transfers": {f"{d}_{t}": n for (d, t), n in sorted(self.counts.items())},
+        }
+
+
+def bulk_download(site: SimSite, head: pb.ModelHeader) -> list[pb.TensorHeader]:
+    """Take the model over the bulk channel with fedclient's BulkClient; the tensors' headers (data is dropped)."""
+    assert site.bulk is not None
+    headers: list[pb.TensorHeader] = []
+    with site.bulk.open(site.target, head.bulk_port, head.bulk_ticket, "download") as connection:
+        for chunk in connection.chunks():
+            if chunk.WhichOneof("part") == "tensor":
+                headers.append(chunk.tensor)
+    return headers
+
+
+def bulk_upload(
+    site: SimSite, ticket: pb.OpenUploadReply, header: pb.ModelHeader, chunks: list[pb.ModelChunk]
+) -> pb.SubmitReply:
+    """Send the update over the bulk channel with fedclient's BulkClient, as Communicator._submit_over_bulk does."""
+    assert site.bulk is not None
+    with site.bulk.open(site.target, ticket.bulk_port, ticket.ticket, "upload") as connection:
+        return connection.submit(header, chunks)
+
+
+async def get_model(
+    site: SimSite, stub: TrainingStub, md: tuple, moves: Transfers, bulk: bool
+) -> tuple[pb.ModelHeader, list[pb.TensorHeader], float, bool]:
+    """Long-poll GetModel as fedclient's Communicator.getModel does: (header, tensor headers, when the header came,
+    whether the tensors came over the bulk channel). A bulk download that fails is asked again over gRPC."""
+    call = stub.GetModel(pb.GetModelRequest(wait_seconds=LONG_POLL_S, bulk=bulk), metadata=md, timeout=TRANSFER_S)
+    first = await call.read()
+    if first is grpc.aio.EOF or first.WhichOneof("part") != "header":
+        raise RuntimeError(f"{site.name}: GetModel without a header")
+    head, got = first.header, time.perf_counter()
+    headers: list[pb.TensorHeader] = []
+    if head.bulk_ticket:
+        try:
+            headers = await asyncio.get_running_loop().run_in_executor(moves.pool, bulk_download, site, head)
+        except (BulkUnavailable, BulkError) as e:
+            call.cancel()
+            site.errors.append(f"bulk download: {e}")
+            return await get_model(site, stub, md, moves, False)
+        if await call.read() is not grpc.aio.EOF:
+            raise RuntimeError(f"{site.name}: the server sent chunks besides the bulk download")
+        moves.counts["download", "bulk"] += 1
+        return head, headers, got, True
+    while (chunk := await call.read()) is not grpc.aio.EOF:
+        if chunk.WhichOneof("part") == "tensor":
+            headers.append(chunk.tensor)
+    if head.status != pb.WAIT:  # a model came (the last, with END, too)
+        moves.counts["download", "grpc"] += 1
+    return head, headers, got, False
+
+
+async def submit(
+    site: SimSite, stub: TrainingStub, md: tuple, moves: Transfers, header: pb.ModelHeader, chunks: list, bulk: bool
+) -> pb.SubmitReply:
+    """Send the update as Communicator.submitUpdate does: over the bulk channel when the model came over it and the
+    server gives a ticket, else (or when that fails) in a SubmitUpdate stream."""
+    if bulk:
+        request = pb.OpenUploadRequest(run_number=header.run_number, round=header.round)
+        ticket = await stub.OpenUpload(request, metadata=md, timeout=OPEN_UPLOAD_S)
+        if ticket.bulk_port:
+            loop = asyncio.get_running_loop()
+            try:
+                reply = await loop.run_in_executor(moves.pool, bulk_upload, site, ticket, header, chunks)
+            except BulkUnavailable as e:
+                site.errors.append(f"bulk upload: {e}")
+            except BulkError as e:
+                site.errors.append(f"bulk upload broke off: {e}")
+                await asyncio.sleep(BULK_RETRY_PAUSE_S)
+            else:
+                moves.counts["upload", "bulk"] += 1
+                return reply
+    reply = await stub.SubmitUpdate(iter([pb.ModelChunk(header=header), *chunks]), metadata=md, timeout=TRANSFER_S)
+    moves.counts["upload", "grpc"] += 1
+    return reply
+
+
 async def worker(
     site: SimSite,
     update: ZeroUpdate,
     rounds: dict[int, dict[str, tuple[float, float]]],
     registered: asyncio.Barrier,
     uploaded: Callable[[int, int], None],
+    moves: Transfers,
 ) -> None:
     """Register, wait until every site has, then take part in every round until the run ends."""
     stub = TrainingStub(site.channel)
@@ -297,19 +415,8 @@ async def worker(
     md = (("fl-token", token),)
     await registered.wait()
     while True:
-        call = stub.GetModel(pb.GetModelRequest(wait_seconds=LONG_POLL_S), metadata=md, timeout=TRANSFER_S)
-        head: pb.ModelHeader | None = None
-        headers: list[pb.TensorHeader] = []
-        got = 0.0
-        async for chunk in call:
-            part = chunk.WhichOneof("part")
-            if part == "header":
-                head = chunk.header
-                got = time.perf_counter()
-            elif part == "tensor":
-                headers.append(chunk.tensor)
-        if head is None:
-            raise RuntimeError(f"{site.name}: GetModel without a header")
+        asked = moves.transport == "bulk" and site.bulk is not None and site.bulk.usable(site.target)
+        head, headers, got, over_bulk = await get_model(site, stub, md, moves, asked)
         if head.status == pb.WAIT:
             continue
         if head.status == pb.END:
@@ -319,9 +426,7 @@ async def worker(
         header = pb.ModelHeader(
             run_number=head.run_number, round=head.round, kind="delta_w", weight=1.0, num_tensors=len(headers)
         )
-        reply = await stub.SubmitUpdate(
-            iter([pb.ModelChunk(header=header), *update.chunks]), metadata=md, timeout=TRANSFER_S
-        )
+        reply = await submit(site, stub, md, moves, header, update.chunks, over_bulk)
         if not reply.accepted:
             raise RuntimeError(f"{site.name}: round {head.round} refused: {reply.reason}")
         done = rounds.setdefault(head.round, {})
@@ -337,10 +442,32 @@ async def sample_when_registered(registered: asyncio.Barrier, pid: int, timeline
     await registered.wait()
 
 
+async def sample_highest(pid: int, stop: asyncio.Event, highest: dict[str, Any], every_s: float = 0.1) -> None:
+    """Sample the server until `stop`, keeping the sample of highest RSS: where a peak between the timeline's
+    moments lies."""
+    while not stop.is_set():
+        taken = await asyncio.to_thread(sample, pid, "highest sampled")
+        if taken["rss_bytes"] > highest.get("rss_bytes", 0):
+            highest.clear()
+            highest.update(taken)
+        try:
+            await asyncio.wait_for(stop.wait(), every_s)
+        except TimeoutError:
+            pass
+
+
 async def bench_rounds(
-    k: int, size_mib: float, num_rounds: int, work: Path, timeout_s: float, chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    k: int,
+    size_mib: float,
+    num_rounds: int,
+    work: Path,
+    timeout_s: float,
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+    transport: str = "bulk",
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"sites": k, "size_mib": size_mib, "rounds": num_rounds, "upload_chunk_bytes": chunk_bytes}
+    # A real site's transfer runs in its own thread: one per simulated site, so none waits for another's.
+    moves = Transfers(transport, ThreadPoolExecutor(k, "bulk-site") if transport == "bulk" else None)
     kits = work / f"rounds-{k}"
     fl_port, admin_port = free_ports(2)
     prepare_poc(kits, k, "127.0.0.1", fl_port, admin_port, "scale", False)
@@ -366,7 +493,7 @@ async def bench_rounds(
         out["server_ready_rss_bytes"] = proc_status(pid, "VmRSS")
         timeline = [sample(pid, "ready")]
         out["server_rss_timeline"] = timeline
-        sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}")
+        sites = open_sites(kits, [f"site-{i}" for i in range(1, k + 1)], f"127.0.0.1:{fl_port}", transport == "bulk")
         rounds: dict[int, dict[str, tuple[float, float]]] = {}
         update = ZeroUpdate(chunk_bytes)
         # Every site connected and registered, none has asked for a model yet: what their sessions cost.
@@ -377,8 +504,18 @@ async def bench_rounds(
                 timeline.append(sample(pid, f"round {number} closed"))
 
         t0, cpu0 = time.monotonic(), server.cpu_seconds()
-        workers = [worker(s, update, rounds, registered, uploaded) for s in sites]
-        await asyncio.wait_for(asyncio.gather(*workers, sample_when_registered(registered, pid, timeline)), timeout_s)
+        workers = [worker(s, update, rounds, registered, uploaded, moves) for s in sites]
+        watched, highest = asyncio.Event(), {}
+        watcher = asyncio.create_task(sample_highest(pid, watched, highest))
+        try:
+            await asyncio.wait_for(
+                asyncio.gather(*workers, sample_when_registered(registered, pid, timeline)), timeout_s
+            )
+        finally:
+            watched.set()
+            await watcher
+        if highest:
+            timeline.append(highest)
         out["run_s"] = time.monotonic() - t0
         cpu1 = server.cpu_seconds()
         if cpu0 is not None and cpu1 is not None:  # (user, system) CPU seconds of the server for the whole run
@@ -400,9 +537,14 @@ async def bench_rounds(
         await asyncio.sleep(SETTLE_S)
         timeline.append(sample(pid, f"run ended + {SETTLE_S:g} s"))
         out["completed"] = out["status"] == "completed"
+        out["site_errors"] = sum(len(s.errors) for s in sites)
+        out["first_site_error"] = next((s.errors[0] for s in sites if s.errors), "")
     finally:
+        out.update(moves.report())
         for s in sites:
             await s.channel.close(grace=None)
+        if moves.pool is not None:
+            moves.pool.shutdown(wait=False, cancel_futures=True)
         server.stop()
     return out
 
@@ -454,7 +596,7 @@ def render(report: dict[str, Any]) -> str:
             ],
         ]
     for r in report["rounds"]:
-        label = f"{r['sites']} sites: {r['size_mib']:g} MiB round"
+        label = f"{r['sites']} sites: {r['size_mib']:g} MiB round ({r.get('transport_used', '?')})"
         if r.get("error"):
             rows.append([label, "failed", "", "", r["error"][:80]])
             continue
@@ -482,7 +624,13 @@ async def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         try:
             report["rounds"].append(
                 await bench_rounds(
-                    args.round_sites, args.round_mib, args.rounds, work, args.timeout, args.upload_chunk_kib << 10
+                    args.round_sites,
+                    args.round_mib,
+                    args.rounds,
+                    work,
+                    args.timeout,
+                    args.upload_chunk_kib << 10,
+                    args.transport,
                 )
             )
         except Exception as e:
@@ -504,6 +652,13 @@ def main(argv: list[str] | None = None) -> int:
         type=int,
         default=DEFAULT_CHUNK_BYTES >> 10,
         help=f"size of the sites' upload messages (default {DEFAULT_CHUNK_BYTES >> 10}, as fedclient's)",
+    )
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        default="bulk",
+        help="how the rounds' tensor bytes move: bulk (default, as fedclient: the bulk channel when the server "
+        "offers it, else gRPC) or grpc (the GetModel / SubmitUpdate streams only)",
     )
     parser.add_argument("--rounds", type=int, default=3, help="rounds to run (default 3; the first is set-up)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed for the rounds")

@@ -117,6 +117,10 @@ class FrameReader:
         self._fill(payload)
         return kind, payload
 
+    def release(self) -> None:
+        """Free the data buffer (the next data frame makes a new one): nothing held while the peer waits for a reply."""
+        self._buf = bytearray()
+
     def message(self, kind: int) -> Message:
         """The next frame, which must be a protobuf message of `kind`."""
         got, payload = self.frame()

@@ -273,6 +273,9 @@ class BulkChannel:
                     received += chunk.data.nbytes
                 yield chunk
             ended = True
+            # The commit may wait behind other sites' (a round's last one aggregates and saves): with a hundred
+            # uploads ending at once, their frame buffers would otherwise be most of the server's memory.
+            reader.release()
             # As on fl_port: the end of an upload is accepted only while the certificate is still good.
             reason = self._refusal(peer)
             if reason is not None:
@@ -286,11 +289,12 @@ class BulkChannel:
             log.warning("%s: bulk upload for round %d broke off: %s", ticket.site, ticket.round, for_log(str(e)))
             _tell(writer, bulk_wire.REPLY, pb.SubmitReply(accepted=False, reason=str(e)))
             return
+        if reply.accepted:  # committed, whether or not the reply reaches the site: counted before it goes out
+            self._service.bulk_done("upload", received)
         writer.message(bulk_wire.REPLY, reply)
         if not ended:
             _drain(reader)
         if reply.accepted:
-            self._service.bulk_done("upload", received)
             log.info(
                 "%s: round %d's update received over the bulk channel (%d bytes in %.2fs)",
                 ticket.site,

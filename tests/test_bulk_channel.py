@@ -8,6 +8,7 @@ import socket
 import ssl
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,6 +30,7 @@ from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedserver import bulk_channel
 from fedserver.bulk_tickets import TicketBook, TicketError
+from fedserver.run import FederatedRun
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(120)]
 
@@ -410,6 +412,28 @@ def test_an_update_refused_before_its_end_gets_its_reason_over_bulk(in_process, 
     # Answered on the bulk connection itself: no broken upload, no second try over gRPC.
     assert not [r for r in caplog.records if "broke off" in r.getMessage()]
     assert in_process.server.telemetry.contributions_refused == 1
+
+
+def test_an_upload_holds_no_frame_buffer_while_its_contribution_is_committed(in_process, monkeypatch):
+    """A hundred uploads may end at once and wait to commit: none of them may still hold its data frame buffer."""
+    alive: list[int] = []  # sizes of the framing's allocations still held when a commit starts
+    commit = FederatedRun.commit_contribution
+
+    def observed(self, *args, **kwargs):
+        framing = tracemalloc.take_snapshot().filter_traces([tracemalloc.Filter(True, bulk_wire.__file__)])
+        alive.append(max((t.size for t in framing.traces), default=0))
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(FederatedRun, "commit_contribution", observed)
+    c1 = in_process.connect("site-1")
+    tracemalloc.start()
+    try:
+        assert _push(c1, D1).accepted
+    finally:
+        tracemalloc.stop()
+    assert in_process.server.telemetry.bulk_uploads == 1  # the update came over the bulk channel
+    # The upload's data frames were up to 2 MiB; what is left are message frames' bytes at most.
+    assert len(alive) == 1 and alive[0] <= bulk_wire.MAX_MESSAGE_BYTES, alive
 
 
 def test_a_model_under_the_bulk_threshold_stays_on_the_grpc_stream(tmp_path):
