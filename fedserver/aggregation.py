@@ -19,8 +19,9 @@ import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, BinaryIO, ClassVar
 
 import numpy as np
 
@@ -33,9 +34,20 @@ from fedcommon.algorithms import (
 )
 from fedcommon.atomic import atomic_writer
 from fedcommon.components import build_component
+from fedcommon.direct_io import aligned_empty, in_page_cache, range_bytes, read_range, reopen_direct
 from fedcommon.dtypes import accumulator_dtype, is_float
 from fedcommon.mmar import Component
-from fedcommon.model_file import ModelFileWriter, ModelIndex, load_model, read_index, read_tensor, save_model
+from fedcommon.model_file import (
+    DIRECT_MIN_BYTES,
+    ModelFileError,
+    ModelFileWriter,
+    ModelIndex,
+    TensorEntry,
+    load_model,
+    read_index,
+    read_tensor,
+    save_model,
+)
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec, check_weight
 from fedserver.staged_upload import StagedUpload
@@ -464,6 +476,8 @@ def step_variable(
         _check_array(label, name, f"state {slot!r}", state.get(slot), x.shape, acc)
     if not is_float(x.dtype):
         return np.rint(new).astype(x.dtype)
+    if new.dtype == x.dtype:  # checked finite above, as it is written
+        return new
     with np.errstate(over="ignore"):
         new = new.astype(x.dtype, copy=False)
     if new.size and not (np.isfinite(new.max()) and np.isfinite(new.min())):
@@ -592,7 +606,9 @@ def write_next_model(
     is saved (states.path(round_number + 1)) before the model is replaced. AggregateError: nothing is replaced.
     SCAFFOLD: `control` sums the round's delta c_i (see control_accumulator); the server's c is kept in the state.
     """
-    with states.open(round_number) as old_state, open(model_path, "rb") as src:
+    with contextlib.ExitStack() as stack:
+        old_state = stack.enter_context(states.open(round_number))
+        src = stack.enter_context(open(model_path, "rb"))
         if aggregator.state_slots:
             check_state(old_state, label)
         index = read_index(src, model_path)
@@ -613,8 +629,9 @@ def write_next_model(
             with atomic_writer(states.path(round_number + 1), direct=True) as state_dst:  # renamed first: StateFiles
                 scalars = {"aggregator": label, "rounds": int((old_state or {}).get("rounds", 0)) + 1}
                 state_writer = ModelFileWriter(state_dst, slots, scalars)
-                for entry in index.entries:
-                    x = read_tensor(src, entry)
+                # closed even when a step fails: the read in flight ends before the file does
+                tensors = stack.enter_context(contextlib.closing(tensors_ahead(src, index, model_path)))
+                for entry, x in tensors:
                     var_state = variable_state(aggregator, old_state, entry.name, x)
                     delta = None if entry.name in excluded else delta_of(entry.name)
                     if delta is not None:
@@ -634,6 +651,42 @@ def write_next_model(
                 writer.check_complete()
                 state_writer.check_complete()
     states.prune(round_number + 1)
+
+
+def tensors_ahead(src: BinaryIO, index: ModelIndex, path: Path) -> Iterator[tuple[TensorEntry, np.ndarray]]:
+    """Each tensor of the open model file `src`, writable; a thread reads the next while the caller works on this
+    one (the close's disk wait overlaps its computing). An array is valid until the next is asked for.
+
+    Two buffers, grown to the largest tensor, are reused: no fresh memory per variable. Large tensors that are not
+    in the page cache are read with direct I/O (as read_tensor).
+    """
+    fd = src.fileno()
+    direct_fd, direct = reopen_direct(fd)
+    buffers: list[np.ndarray] = [aligned_empty(0), aligned_empty(0)]
+
+    def read(k: int, entry: TensorEntry) -> np.ndarray:
+        need = range_bytes(entry.offset, entry.nbytes)
+        if buffers[k % 2].nbytes < need:
+            buffers[k % 2] = aligned_empty(need)
+        use_direct = direct and entry.nbytes >= DIRECT_MIN_BYTES and not in_page_cache(fd, entry.offset, entry.nbytes)
+        try:
+            raw = read_range(direct_fd if use_direct else fd, buffers[k % 2], entry.offset, entry.nbytes, str(path))
+        except OSError as e:
+            raise ModelFileError(f"tensor {entry.name!r}: {e}") from None
+        return raw.view(entry.dtype).reshape(entry.shape)
+
+    entries = index.entries
+    try:
+        # closed early (an error), it waits for the read in flight on leaving the executor
+        with ThreadPoolExecutor(1, thread_name_prefix="model-read-ahead") as reader:
+            pending = reader.submit(read, 0, entries[0]) if entries else None
+            for k, entry in enumerate(entries):
+                x = pending.result()
+                # the buffer of the tensor before this one is free: the caller is done with it
+                pending = reader.submit(read, k + 1, entries[k + 1]) if k + 1 < len(entries) else None
+                yield entry, x
+    finally:
+        os.close(direct_fd)
 
 
 def store_deltas(aggregator: Aggregator, store: UpdateStore) -> Callable[[str], np.ndarray | None]:

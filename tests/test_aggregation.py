@@ -2,13 +2,14 @@
 
 import io
 import math
+import os
 import textwrap
 
 import ml_dtypes
 import numpy as np
 import pytest
 
-from fedcommon.model_file import ModelFileWriter, load_model, read_index, save_model
+from fedcommon.model_file import DIRECT_MIN_BYTES, ModelFileError, ModelFileWriter, load_model, read_index, save_model
 from fedserver.aggregation import (
     AggregateError,
     ContributionError,
@@ -24,6 +25,7 @@ from fedserver.aggregation import (
     scaffold_control_update,
     split_scaffold,
     store_deltas,
+    tensors_ahead,
     write_next_model,
 )
 from fedserver.aggregator import UpdateAccumulator, VarSpec
@@ -271,6 +273,47 @@ def test_a_failed_round_replaces_neither_model_nor_state(tmp_path):
         )
     assert path.read_bytes() == before
     assert not list(tmp_path.glob("aggregator_state_*")) and not list(tmp_path.glob(".*tmp"))
+
+
+def _uncached_model(path, tensors):
+    save_model(path, tensors)
+    with open(path, "rb") as f:  # as the server's model, written with direct I/O: not in the page cache
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+
+
+def test_the_close_reads_each_model_tensor_ahead_into_two_reused_buffers(tmp_path):
+    rng = np.random.default_rng(7)
+    big = DIRECT_MIN_BYTES // 4 + 3  # float32 elements: a direct read whose length is not whole blocks
+    tensors = {
+        "a": rng.standard_normal(big).astype(np.float32),
+        "small": rng.integers(-9, 9, (3, 5), dtype=np.int64),
+        "b": rng.standard_normal((big // 7, 7)).astype(np.float32),
+        "half": rng.standard_normal(1001).astype(np.float16),
+        "c": rng.standard_normal(big).astype(np.float32),
+    }
+    path = tmp_path / "global.fl"
+    _uncached_model(path, tensors)
+    seen = []
+    with open(path, "rb") as f:
+        for entry, x in tensors_ahead(f, read_index(f, path), path):
+            np.testing.assert_array_equal(x, tensors[entry.name])  # the read of the next one has not touched it
+            assert x.dtype == tensors[entry.name].dtype and x.flags.writeable
+            x[...] = 0  # the caller may overwrite it (the step does)
+            seen.append((entry.name, x))
+    assert [name for name, _ in seen] == list(tensors)
+    assert np.shares_memory(seen[0][1], seen[2][1]) and np.shares_memory(seen[2][1], seen[4][1])
+    assert not np.shares_memory(seen[0][1], seen[1][1])
+
+
+def test_a_model_file_cut_short_fails_the_close_naming_the_tensor(tmp_path):
+    path = tmp_path / "global.fl"
+    _uncached_model(path, {"a": np.ones(DIRECT_MIN_BYTES, np.float32), "b": np.ones(DIRECT_MIN_BYTES, np.float32)})
+    with open(path, "rb") as f:
+        index = read_index(f, path)
+        os.truncate(path, index.by_name()["b"].offset + 100)
+        with pytest.raises(ModelFileError, match="tensor 'b'.*ends early"):
+            for _ in tensors_ahead(f, index, path):
+                pass
 
 
 def test_updates_of_the_needs_all_family_are_memory_mapped_from_disk(tmp_path):
