@@ -256,6 +256,14 @@ def scale_figures(args: argparse.Namespace) -> list[dict[str, Any]]:
                 10.0,
             )
         )
+        # The floor under it: the same server once the 100 sites have registered, before a byte of a model moves.
+        registered = [
+            s["rss_bytes"] / (r["size_mib"] * MiB)
+            for r in ok
+            for s in r.get("server_rss_timeline", [])
+            if s["at"] == "registered"
+        ]
+        figures.append(figure("  its floor: 100 sites registered, nothing moving", registered, "x"))
     return figures
 
 
