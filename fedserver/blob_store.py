@@ -80,6 +80,10 @@ class _Kept:
     expires: float
     takers: set[str] = field(default_factory=set)  # deploy targets that have not taken it yet ("server" too)
     deployed: bool = False
+    # Uses still to come: each upload (and each job archive added) is one, until a deploy grants it or a submit
+    # takes it. The same archive uploaded again while an earlier deploy of it is being fetched is not deleted under
+    # the new upload's command when that deploy's last target takes it.
+    holds: int = 0
 
 
 def check_blob_id(value: str) -> str:
@@ -235,6 +239,7 @@ class BlobStore:
         with self._lock:
             kept = self._kept.setdefault(expected_sha, _Kept(size, 0.0))
             kept.expires = max(kept.expires, time.monotonic() + self.ttl_s)
+            kept.holds += 1
         log.info("stored upload %s (%d bytes) as %s", header.name, size, final.name)
         return BlobInfo(expected_sha, size, final)
 
@@ -263,6 +268,7 @@ class BlobStore:
         with self._lock:
             kept = self._kept.setdefault(blob_id, _Kept(size, 0.0))
             kept.expires = max(kept.expires, time.monotonic() + self.ttl_s)
+            kept.holds += 1
         return BlobInfo(blob_id, size, final, signature)
 
     # ---- who may take a blob, and when it goes ---------------------------------------------------
@@ -276,8 +282,9 @@ class BlobStore:
                 return
             kept.takers.update(takers)
             kept.deployed = True
+            kept.holds = max(0, kept.holds - 1)
             kept.expires = time.monotonic() + self.ttl_s
-            if not kept.takers:
+            if not kept.takers and not kept.holds:
                 self._delete(blob_id)
 
     def check_fetch(self, site: str, blob_id: str) -> BlobInfo:
@@ -297,7 +304,17 @@ class BlobStore:
             if kept is None:
                 return
             kept.takers.discard(taker)
-            if kept.deployed and not kept.takers:
+            if kept.deployed and not kept.takers and not kept.holds:
+                self._delete(blob_id)
+
+    def used(self, blob_id: str) -> None:
+        """A command other than a deploy (a job's submit, which copied the archive) is done with its upload."""
+        with self._lock:
+            kept = self._kept.get(blob_id)
+            if kept is None:
+                return
+            kept.holds = max(0, kept.holds - 1)
+            if kept.deployed and not kept.takers and not kept.holds:
                 self._delete(blob_id)
 
     def sweep(self) -> None:

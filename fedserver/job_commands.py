@@ -94,7 +94,7 @@ def submit(fed: Any, args: Args, gathered: Any, caller: AdminIdentity) -> dict[s
     except JobError as e:
         raise AdminError(str(e)) from None
     finally:
-        fed.blobs.taken("server", blob.blob_id)
+        fed.blobs.used(blob.blob_id)
     return {**job_view(job, fed), "job_id": job.job_id}
 
 

@@ -627,3 +627,19 @@ def test_connections_past_the_admin_ports_cap_are_closed_at_once(serve, monkeypa
         for conn in conns:
             conn.close()
     assert len(closed) >= 4
+
+
+def test_the_same_archive_uploaded_again_outlives_the_earlier_deploy_of_it(kits, tmp_path):
+    """Found by `make bench` (jobs_bench): a job's submit failed with "No such file" when the last site of an earlier
+    deploy of the same archive took it between the new upload and the submit. The new upload is kept for its
+    command; once that is done and every target took it, it goes."""
+    data = _zip(b"same" * 250)
+    verifier = ArchiveVerifier(load_kit(kits / "server").ca_pem)
+    store = BlobStore(tmp_path / "uploads", verifier)
+    blob = store.receive([_header(kits, ROOT, data), apb.BlobChunk(data=data)], ROOT).blob_id
+    store.grant(blob, ["site-1"])  # an earlier deploy of it, still being fetched
+    assert store.receive([_header(kits, ROOT, data), apb.BlobChunk(data=data)], ROOT).blob_id == blob  # again
+    store.taken("site-1", blob)  # the earlier deploy's last target took it
+    assert store.get(blob).path.read_bytes() == data  # still there for the new upload's command
+    store.used(blob)  # that command (a submit) is done with it
+    assert list((tmp_path / "uploads").iterdir()) == []
