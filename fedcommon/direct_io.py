@@ -142,6 +142,12 @@ class ReadAhead:
                 yield [f.result() for f in in_flight.popleft()]
 
 
+def write_buffer_bytes(file_bytes: int) -> int:
+    """A DirectWriter's buffer for a file of `file_bytes`: an eighth of it, between 256 KiB and 4 MiB. A hundred small
+    uploads staged at once then hold what their size needs, while a model of a GiB is still written in 4 MiB pieces."""
+    return round_up(min(4 << 20, max(256 << 10, file_bytes // 8)))
+
+
 class DirectWriter:
     """Positional writes to `fd` combined in a block-aligned buffer and written whole blocks at a time, with direct
     I/O where the file system allows it; a thread writes one full buffer while the caller fills the other.

@@ -59,6 +59,9 @@ State = dict[str, Any]  # "slot/variable" -> np.ndarray, plus JSON scalars ("agg
 BLOCK_BYTES = 4 << 20
 DEFAULT_MAX_WEIGHT = 1e9  # config_fed_server.json's max_contribution_weight default
 
+# From this size on, the new global model is written with direct I/O (see write_next_model).
+DIRECT_MODEL_BYTES = 64 << 20
+
 
 class Aggregator:
     """One aggregation algorithm, applied variable by variable. Subclass it for a custom aggregator.
@@ -624,9 +627,12 @@ def write_next_model(
                 for e in index.entries
                 if e.name in control.specs
             ]
-        with atomic_writer(model_path, direct=True) as dst:
+        # A large model goes around the page cache (new page-cache pages cost a first touch, benchmarks/README.md); a
+        # small one stays in it, where the next round's downloads, a hundred of them maybe, read it for free.
+        direct = sum(e.nbytes for e in index.entries) >= DIRECT_MODEL_BYTES
+        with atomic_writer(model_path, direct=direct) as dst:
             writer = ModelFileWriter(dst, [(e.name, e.dtype, e.shape) for e in index.entries], meta)
-            with atomic_writer(states.path(round_number + 1), direct=True) as state_dst:  # renamed first: StateFiles
+            with atomic_writer(states.path(round_number + 1), direct=direct) as state_dst:  # renamed first: StateFiles
                 scalars = {"aggregator": label, "rounds": int((old_state or {}).get("rounds", 0)) + 1}
                 state_writer = ModelFileWriter(state_dst, slots, scalars)
                 # closed even when a step fails: the read in flight ends before the file does

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, open_direct
+from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, open_direct, write_buffer_bytes
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
@@ -113,7 +113,8 @@ class DiskSum:
             with open(path, "w+b") as out:
                 os.fchmod(out.fileno(), 0o600)
                 entries = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK).by_name()
-                writer = DirectWriter(out.fileno())
+                end = max((e.offset + e.nbytes for e in entries.values()), default=0)
+                writer = DirectWriter(out.fileno(), write_buffer_bytes(end))
                 try:
                     with contextlib.closing(self._sums(list(weights))) as sums:
                         for name, start, block in sums:

@@ -349,6 +349,9 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             received, size = stage_tensors(chunks, run.route_tensor, staged, "a contribution")
             if received != num_tensors:
                 raise ContributionError(f"contribution announced {num_tensors} variables but carried {received}")
+            # Written out now, inside the upload's slot: a hundred uploads may wait for their commit at once, and
+            # none may hold its write buffers (megabytes each) meanwhile.
+            staged.close()
         except OSError as e:  # the server's disk, not the site's upload: said without the server's paths
             staged.discard()
             raise ContributionError(f"the server could not stage the upload: {e.strerror or e}") from None

@@ -436,6 +436,31 @@ def test_an_upload_holds_no_frame_buffer_while_its_contribution_is_committed(in_
     assert len(alive) == 1 and alive[0] <= bulk_wire.MAX_MESSAGE_BYTES, alive
 
 
+def test_an_upload_holds_no_write_buffer_while_its_contribution_is_committed(in_process, monkeypatch):
+    """Its staging file is written out before it waits for the commit: none of its write buffers is held then."""
+    from fedserver import staged_upload
+
+    held: list[int] = []  # bytes still allocated on the staging's behalf when a commit starts
+    commit = FederatedRun.commit_contribution
+
+    def observed(self, *args, **kwargs):
+        staging = tracemalloc.take_snapshot().filter_traces(
+            [tracemalloc.Filter(True, staged_upload.__file__, all_frames=True)]
+        )
+        held.append(sum(t.size for t in staging.traces))
+        return commit(self, *args, **kwargs)
+
+    monkeypatch.setattr(FederatedRun, "commit_contribution", observed)
+    c1 = in_process.connect("site-1")
+    tracemalloc.start(8)  # frames enough to see the staging code under the buffers it allocated
+    try:
+        assert _push(c1, D1).accepted
+    finally:
+        tracemalloc.stop()
+    assert in_process.server.telemetry.bulk_uploads == 1
+    assert len(held) == 1 and held[0] < 64 * 1024, held  # small objects at most, no megabyte buffer
+
+
 def test_a_model_under_the_bulk_threshold_stays_on_the_grpc_stream(tmp_path):
     tiny = {"w": np.ones((4, 4), np.float32)}
     server, ws = start_training_run(tmp_path, tiny, clients=2, min_num_clients=1, num_rounds=1)
