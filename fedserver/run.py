@@ -391,8 +391,12 @@ class FederatedRun:
         active_sites: Callable[[], set[str]],
         privacy_protocol: str = "",
         privacy_epsilon: float = 0.0,
+        on_accepted: Callable[[], None] | None = None,
     ) -> None:
         """Add a complete, checked update (arrays, or a staged upload) to the open round's sums; may close the round.
+
+        on_accepted: called once the update is in the sums, before the round may close (so a counter of accepted
+        contributions is never behind the round a reader sees open).
 
         A staged upload is taken (its file becomes part of the sums) or deleted, whatever happens.
         privacy_protocol / privacy_epsilon: the filter the site applied and the epsilon it spent, as the
@@ -461,6 +465,8 @@ class FederatedRun:
                     a * weight,
                     n,
                 )
+                if on_accepted is not None:
+                    on_accepted()
                 self._maybe_close(active_sites())
                 if (
                     self.config.persist_open_round

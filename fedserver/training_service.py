@@ -330,6 +330,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                 lambda: self._server.run_sites(run.run_number),
                 head.privacy_protocol,
                 head.privacy_epsilon,
+                on_accepted=lambda: self._server.telemetry.contribution(accepted=True),
             )
         except (ContributionError, CodecError, DTypeError) as e:
             run.abandon_contribution(session.name, head.round, str(e))
@@ -337,7 +338,6 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         except BaseException:
             run.abandon_contribution(session.name, head.round, "upload broke off")
             raise
-        self._server.telemetry.contribution(accepted=True)
         self._server.notice_run_ends()  # this contribution may have closed the run's last round
         return pb.SubmitReply(accepted=True, round=head.round)
 
