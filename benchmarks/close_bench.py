@@ -19,14 +19,13 @@ from pathlib import Path
 import numpy as np
 
 from fedcommon.model_file import ModelFileWriter
-from fedserver import disk_sum
 from fedserver.aggregation import FedAvg, StateFiles, write_next_model
 from fedserver.aggregator import VarSpec
 from fedserver.disk_sum import DiskSum
 from fedserver.staged_upload import StagedUpload
 
 
-def build(folder: Path, model_bytes: int, tensor_bytes: int) -> tuple[Path, DiskSum]:
+def build(folder: Path, model_bytes: int, tensor_bytes: int, block_bytes: int | None) -> tuple[Path, DiskSum]:
     """A float32 model file and a DiskSum holding two staged uploads of the same layout."""
     n = tensor_bytes // 4
     specs = {f"layer{i:04d}.weight": VarSpec(np.dtype(np.float32), (n,)) for i in range(model_bytes // tensor_bytes)}
@@ -42,7 +41,7 @@ def build(folder: Path, model_bytes: int, tensor_bytes: int) -> tuple[Path, Disk
         os.fsync(f.fileno())
         # as on the server, whose model was written with direct I/O: not in the page cache
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    total = DiskSum(folder, specs, max_weight=10.0)
+    total = DiskSum(folder, specs, max_weight=10.0, block_bytes=block_bytes)
     for weight in (3.0, 5.0):
         staged = StagedUpload(folder / "staging", specs)
         for k in specs:
@@ -61,17 +60,17 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024, help="model size in MiB (default: 1024)")
     parser.add_argument("--tensor-mib", type=int, default=16, help="tensor size in MiB (default: 16)")
     parser.add_argument("--repeat", type=int, default=1)
-    parser.add_argument("--sum-block-mib", type=int, default=None, help="the sum's read block (default: disk_sum's)")
+    parser.add_argument(
+        "--sum-block-mib", type=int, default=None, help="the sum's read block (default: sized to the model)"
+    )
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of the last close here")
     args = parser.parse_args()
-    if args.sum_block_mib:
-        disk_sum.BLOCK_BYTES = args.sum_block_mib << 20
     results = []
     for _ in range(args.repeat):
         folder = Path(tempfile.mkdtemp(prefix="close-bench-", dir=args.workdir))
         try:
-            model, total = build(folder, args.mib << 20, args.tensor_mib << 20)
+            model, total = build(folder, args.mib << 20, args.tensor_mib << 20, (args.sum_block_mib or 0) << 20 or None)
             prof = cProfile.Profile() if args.profile else None
             t0, c0 = time.perf_counter(), cpu()
             if prof:

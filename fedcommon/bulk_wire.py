@@ -50,7 +50,8 @@ def _name(kind: int) -> str:
 
 
 class FrameReader:
-    """Reads frames from a socket; a data frame's payload is a view of one reused buffer, valid until the next read.
+    """Reads frames from a socket. A data frame's payload comes in pieces of at most `piece_bytes`, each a view of
+    one reused buffer, valid until the next read: the reader holds that much, whatever the size of the sender's frames.
 
     The socket's timeout is the idle deadline of each read; with `min_bytes_per_s`, a peer whose bytes arrive more
     slowly than that, over `window_s` seconds spent waiting for it, is cut off.
@@ -62,11 +63,14 @@ class FrameReader:
         max_data: int = MAX_DATA_BYTES,
         min_bytes_per_s: float = 0.0,
         window_s: float = 30.0,
+        piece_bytes: int = CHUNK_BYTES,
     ):
         self._sock = sock
         self._max_data = max_data
+        self._piece = max(1, piece_bytes)
         self._head = memoryview(bytearray(_HEAD.size))
         self._buf = bytearray()
+        self._data_left = 0  # bytes of the current data frame not yet read
         self._min_rate = min_bytes_per_s
         self._window_s = window_s
         self._waited = 0.0  # seconds spent in recv in the current rate window
@@ -98,7 +102,10 @@ class FrameReader:
             self._waited, self._window_bytes = 0.0, 0
 
     def frame(self) -> tuple[int, memoryview]:
-        """The next frame's kind and payload; BulkError for an unknown kind or a payload over its bound."""
+        """The next frame's kind and payload, or the next piece of a data frame's payload (as a data frame of its
+        own); BulkError for an unknown kind or a payload over its bound."""
+        if self._data_left:
+            return DATA, self._piece_of_data()
         self._fill(self._head)
         kind, length = _HEAD.unpack(self._head)
         if kind == DATA:
@@ -111,11 +118,22 @@ class FrameReader:
             raise BulkError(f"malformed frame: unknown kind {kind}")
         if length > limit:
             raise BulkError(f"a {_name(kind)} frame of {length} bytes; the limit is {limit}")
+        if kind == DATA:
+            self._data_left = length
+            return DATA, self._piece_of_data()
+        return kind, self._payload(length)
+
+    def _piece_of_data(self) -> memoryview:
+        n = min(self._data_left, self._piece)
+        self._data_left -= n
+        return self._payload(n)
+
+    def _payload(self, length: int) -> memoryview:
         if len(self._buf) < length:
             self._buf = bytearray(length)
         payload = memoryview(self._buf)[:length]
         self._fill(payload)
-        return kind, payload
+        return payload
 
     def release(self) -> None:
         """Free the data buffer (the next data frame makes a new one): nothing held while the peer waits for a reply."""

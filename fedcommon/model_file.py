@@ -253,7 +253,7 @@ def iter_model_chunks(
     (gRPC serializes each chunk before it asks for the next one). A large tensor that is not in the page cache is
     read with direct I/O, the next chunk read ahead by a thread while this one is sent.
     """
-    buf = bytearray(chunk_bytes)
+    buf = bytearray(min(chunk_bytes, max((e.nbytes for e in index.entries), default=0)))  # a small model: its size
     view = memoryview(buf)
     ahead = ReadAhead(chunk_bytes)
     for e in index.entries:

@@ -39,6 +39,9 @@ OPEN_S = 10.0
 TRANSFER_S = 900.0
 # A refused upload's remaining bytes are read and dropped for at most this long before the connection is closed.
 DRAIN_S = 30.0
+# An upload's data is read and staged in pieces of this, whatever the size of the site's frames: the uploads in
+# their slots hold a few of them, not megabytes each.
+READ_PIECE_BYTES = 256 << 10
 CONNECTIONS_PER_SITE = 4
 CONNECTIONS_TOTAL = 256
 
@@ -214,7 +217,12 @@ class BulkChannel:
     def _transfer(self, conn: ssl.SSLSocket, peer: PeerIdentity, writer: FrameWriter) -> None:
         deadlines = self._limits.deadlines
         conn.settimeout(OPEN_S)
-        reader = FrameReader(conn, min_bytes_per_s=deadlines.min_bytes_per_s, window_s=deadlines.window_s)
+        reader = FrameReader(
+            conn,
+            min_bytes_per_s=deadlines.min_bytes_per_s,
+            window_s=deadlines.window_s,
+            piece_bytes=READ_PIECE_BYTES,
+        )
         try:
             opening = reader.message(bulk_wire.OPEN)
         except BulkError as e:

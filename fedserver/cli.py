@@ -93,13 +93,15 @@ def start(
     debug: bool,
 ) -> None:
     """Serve the training, agent and admin planes until SIGINT, SIGTERM or an operator's shutdown."""
+    from fedserver.malloc_arenas import bound_malloc_arenas, restart_without_thread_caches
+
+    restart_without_thread_caches()  # before any thread or import that the restart would repeat
     from fedcommon.kit import KitError, load_participant_kit
     from fedcommon.mmar import MMARError
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedcommon.readiness import tell_ready
     from fedserver.errors import ServerError
-    from fedserver.malloc_arenas import bound_malloc_arenas
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 

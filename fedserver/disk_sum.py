@@ -24,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, open_direct, write_buffer_bytes
+from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, io_block_bytes, open_direct
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
 from fedserver.staged_upload import StagedUpload
 
-BLOCK_BYTES = 4 << 20
 _TERM = re.compile(r"open_round\.(\d{1,9})\.fl")
 
 
@@ -61,13 +60,17 @@ class DiskSum:
         excluded: frozenset[str] = frozenset(),
         max_weight: float = 1e9,
         max_terms: int = 2,
+        block_bytes: int | None = None,
     ):
+        """block_bytes: what one read of a term takes (default: sized to the model, fedcommon.direct_io)."""
         self.folder = folder
         self.specs = specs
         self.excluded = excluded
         self.max_weight = max_weight
         self.max_terms = max(1, max_terms)
         self.layout = [(n, accumulator_dtype(s.dtype), s.shape) for n, s in specs.items() if n not in excluded]
+        total = sum(math.prod(shape) * dtype.itemsize for _, dtype, shape in self.layout)
+        self.block_bytes = block_bytes or io_block_bytes(total)
         self._terms: list[Term] = []
         self._retired: list[Path] = []  # folded terms: deleted once no snapshot names them (drop_retired)
         self._count = 0
@@ -114,7 +117,7 @@ class DiskSum:
                 os.fchmod(out.fileno(), 0o600)
                 entries = allocate_model_file(out, self.layout, {"kind": "open round sum"}, BLOCK).by_name()
                 end = max((e.offset + e.nbytes for e in entries.values()), default=0)
-                writer = DirectWriter(out.fileno(), write_buffer_bytes(end))
+                writer = DirectWriter(out.fileno(), io_block_bytes(end))
                 try:
                     with contextlib.closing(self._sums(list(weights))) as sums:
                         for name, start, block in sums:
@@ -136,6 +139,7 @@ class DiskSum:
         the next one's first blocks are read.
         """
         ahead, scratch = self._scratch()
+        block = self.block_bytes
         fds: dict[Path, int] = {}
         tags: deque[tuple[str, np.dtype, list[Term], int, int]] = deque()
 
@@ -144,7 +148,7 @@ class DiskSum:
                 carriers = [t for t in self._terms if name in t.weights]
                 dtype = accumulator_dtype(self.specs[name].dtype)
                 nbytes = math.prod(self.specs[name].shape) * dtype.itemsize
-                step = BLOCK_BYTES - BLOCK_BYTES % dtype.itemsize
+                step = block - block % dtype.itemsize
                 for t in carriers:
                     if t.path not in fds:
                         fds[t.path] = open_direct(t.path)[0]
@@ -158,7 +162,7 @@ class DiskSum:
             with contextlib.closing(ahead.read(batches(), "the open round's sum files")) as reads:
                 for views in reads:
                     name, dtype, carriers, start, n = tags.popleft()
-                    total, scaled = scratch[:n].view(dtype), scratch[BLOCK_BYTES : BLOCK_BYTES + n].view(dtype)
+                    total, scaled = scratch[:n].view(dtype), scratch[block : block + n].view(dtype)
                     for k, (view, t) in enumerate(zip(views, carriers, strict=True)):
                         values = view.view(dtype)
                         if k == 0:
@@ -174,7 +178,7 @@ class DiskSum:
         """The read-ahead buffers and two blocks to sum in, allocated once: on this VM new memory costs a first touch
         (~2 s per GiB), so a round's sums reuse theirs; clear() lets them go."""
         if self._buffers is None:
-            self._buffers = (ReadAhead(BLOCK_BYTES), np.empty(2 * BLOCK_BYTES, np.uint8))
+            self._buffers = (ReadAhead(self.block_bytes), np.empty(2 * self.block_bytes, np.uint8))
         return self._buffers
 
     def take_mean(self, name: str) -> np.ndarray | None:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedcommon.direct_io import BLOCK, DirectWriter, write_buffer_bytes
+from fedcommon.direct_io import BLOCK, DirectWriter, io_block_bytes
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import allocate_model_file
 from fedcommon.tensor_codec import CodecError, TensorAssembler, TensorSpec, spec_from_header
@@ -46,7 +46,7 @@ class StagedUpload:
             with open(os.dup(self._fd), "r+b") as f:
                 self.index = allocate_model_file(f, layout, {"kind": "staged upload"}, BLOCK)
             end = max((e.offset + e.nbytes for e in self.index.entries), default=0)
-            self._writer = DirectWriter(self._fd, write_buffer_bytes(end))
+            self._writer = DirectWriter(self._fd, io_block_bytes(end))
             self.direct = self._writer.direct  # False where the file system refuses direct I/O
         except BaseException:
             self.discard()

@@ -69,6 +69,12 @@ class TrainingHost(Protocol):
     def cross_site(self, run_number: int) -> CrossSiteValidation: ...
 
 
+def send_chunk_bytes(model_bytes: int, most: int) -> int:
+    """The pieces a download of a `model_bytes` model is sent in: a sixty-fourth of it, between 64 KiB and `most`.
+    Eight downloads of a 10 MiB model at once then hold 160 KiB each; a model of 64 MiB and more goes in `most`."""
+    return min(most, max(64 << 10, model_bytes // 64))
+
+
 class TrainingService(pb_grpc.FederatedTrainingServicer):
     """Maps training-plane RPCs onto the server's registry and each session's run."""
 
@@ -199,37 +205,43 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             nbytes = sum(e.nbytes for e in offer.index.entries)
             if request.bulk and self._bulk is not None and nbytes >= self._bulk_min_bytes:
                 port, tickets = self._bulk
-                secret, ticket = tickets.issue(
-                    "download",
-                    session.name,
-                    session.token,
-                    run.run_number,
-                    offer.round,
-                    self._model_sender(session.name, offer),
-                )
-                header.bulk_port, header.bulk_ticket = port, secret
-                yield pb.ModelChunk(header=header)
-                self._await_bulk(ticket, tickets, context)
+                # The slot is taken before the ticket is issued and held until its transfer ends: a site connects to
+                # the bulk channel only when its bytes can move, so a hundred sites waiting for the model hold no
+                # connection, thread or TLS state there meanwhile.
+                with self._download_slot(session.name, context):
+                    secret, ticket = tickets.issue(
+                        "download",
+                        session.name,
+                        session.token,
+                        run.run_number,
+                        offer.round,
+                        self._model_sender(offer),
+                    )
+                    header.bulk_port, header.bulk_ticket = port, secret
+                    yield pb.ModelChunk(header=header)
+                    self._await_bulk(ticket, tickets, context)
                 return
             yield pb.ModelChunk(header=header)
+            chunk = send_chunk_bytes(nbytes, self._chunk_bytes)
             with self._download_slot(session.name, context):
                 yield from self._sends(
                     context,
                     f"{session.name}'s model download",
-                    iter_model_chunks(offer.model, offer.index, self._chunk_bytes),
-                    encode_tensors(offer.control, self._chunk_bytes),  # SCAFFOLD's c, when the run uses it
+                    iter_model_chunks(offer.model, offer.index, chunk),
+                    encode_tensors(offer.control, chunk),  # SCAFFOLD's c, when the run uses it
                 )
             self._server.telemetry.sent(nbytes)
 
-    def _model_sender(self, site: str, offer: Offer):
-        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames, in one
-        of the download slots (the bulk channel's own deadlines bound the wait and the sends)."""
+    @staticmethod
+    def _model_sender(offer: Offer):
+        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames (the
+        GetModel call that issued the ticket holds a download slot for it)."""
 
         def send(writer) -> int:
             assert offer.model is not None and offer.index is not None
-            with self._download_slots.hold(site, bulk_channel.TRANSFER_S):
-                sent = writer.chunks(iter_model_chunks(offer.model, offer.index, bulk_wire.CHUNK_BYTES))
-                return sent + writer.chunks(encode_tensors(offer.control, bulk_wire.CHUNK_BYTES))
+            chunk = send_chunk_bytes(sum(e.nbytes for e in offer.index.entries), bulk_wire.CHUNK_BYTES)
+            sent = writer.chunks(iter_model_chunks(offer.model, offer.index, chunk))
+            return sent + writer.chunks(encode_tensors(offer.control, chunk))
 
         return send
 

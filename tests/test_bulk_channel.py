@@ -436,6 +436,31 @@ def test_an_upload_holds_no_frame_buffer_while_its_contribution_is_committed(in_
     assert len(alive) == 1 and alive[0] <= bulk_wire.MAX_MESSAGE_BYTES, alive
 
 
+def test_the_server_reads_an_uploads_data_in_pieces_smaller_than_the_sites_frames(in_process, monkeypatch):
+    """The site frames 2 MiB of data at a time; the server holds a quarter-MiB piece of it at a time."""
+    from fedcommon.chunk_wire import DataChunk
+    from fedserver.training_service import TrainingService
+
+    largest: list[int] = []
+    submit = TrainingService.submit_bulk
+
+    def observed(self, ticket, session, head, chunks):
+        def watched():
+            for chunk in chunks:
+                if isinstance(chunk, DataChunk):
+                    largest.append(chunk.data.nbytes)
+                yield chunk
+
+        return submit(self, ticket, session, head, watched())
+
+    monkeypatch.setattr(TrainingService, "submit_bulk", observed)
+    c1, c2 = in_process.connect("site-1"), in_process.connect("site-2")
+    assert _push(c1, D1).accepted and _push(c2, D2).accepted
+    _assert_model(load_model(in_process.server.run.model_path)[0], _expected(D1, D2))
+    assert in_process.server.telemetry.bulk_uploads == 2
+    assert max(largest) == bulk_channel.READ_PIECE_BYTES < W0["w"].nbytes
+
+
 def test_an_upload_holds_no_write_buffer_while_its_contribution_is_committed(in_process, monkeypatch):
     """Its staging file is written out before it waits for the commit: none of its write buffers is held then."""
     from fedserver import staged_upload
@@ -549,6 +574,26 @@ def test_a_site_holds_a_bounded_number_of_open_tickets():
             book.redeem(secret, "upload", "site-1")
     for secret, ticket in issued[2:]:
         assert book.redeem(secret, "upload", "site-1") is ticket
+
+
+def test_a_data_frame_is_read_in_pieces_whatever_size_the_sender_framed_it():
+    a, b = socket.socketpair()
+    payload = np.random.default_rng(5).integers(0, 256, (3 << 20) + 7, np.uint8).tobytes()
+    try:
+        writer, reader = FrameWriter(a), FrameReader(b, piece_bytes=1 << 20)
+        sender = threading.Thread(target=lambda: (writer.data(payload), writer.message(bulk_wire.ACK, pb.Ack(ok=True))))
+        sender.start()
+        pieces = []
+        while len(b"".join(pieces)) < len(payload):
+            kind, data = reader.frame()
+            assert kind == bulk_wire.DATA and data.nbytes <= 1 << 20
+            pieces.append(bytes(data))
+        assert b"".join(pieces) == payload and len(pieces) == 4
+        assert reader.message(bulk_wire.ACK).ok  # the frame after the pieces is read as itself
+        sender.join(10)
+    finally:
+        a.close()
+        b.close()
 
 
 def test_frames_round_trip_and_a_cut_off_stream_is_named():

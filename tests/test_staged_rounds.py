@@ -83,12 +83,13 @@ def test_a_refused_upload_leaves_no_staging_file_behind(tmp_path, chunks, error,
 # ---- the sum on disk ------------------------------------------------------------------------------------------
 
 
-def test_the_disk_sum_folds_terms_to_exactly_what_the_in_memory_sum_gives(tmp_path):
+@pytest.mark.parametrize("block_bytes", [None, 4096], ids=["sized to the model", "a variable in three blocks"])
+def test_the_disk_sum_folds_terms_to_exactly_what_the_in_memory_sum_gives(tmp_path, block_bytes):
     rng = np.random.default_rng(3)
     model = {"a": np.zeros((300, 7), np.float32), "i": np.zeros(4, np.int32), "x": np.zeros(3, np.float32)}
     specs = _specs(model)
     in_memory = UpdateAccumulator(specs, frozenset({"x"}), 100.0)
-    on_disk = DiskSum(tmp_path, specs, frozenset({"x"}), 100.0)
+    on_disk = DiskSum(tmp_path, specs, frozenset({"x"}), 100.0, block_bytes=block_bytes)
     for k in range(7):
         update = {"a": rng.normal(size=(300, 7)).astype(np.float32), "i": rng.integers(-5, 5, 4).astype(np.int32)}
         if k == 3:
