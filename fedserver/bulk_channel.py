@@ -242,10 +242,13 @@ class BulkChannel:
             _tell(writer, bulk_wire.ACK, pb.Ack(ok=False, message=f"bulk {op} refused: {e}"))
             return
         conn.settimeout(deadlines.idle_s)
-        if op == "download":
-            self._download(ticket, writer)
-        else:
-            self._upload(ticket, session, peer, reader, writer)
+        try:
+            if op == "download":
+                self._download(ticket, writer)
+            else:
+                self._upload(ticket, session, peer, reader, writer)
+        finally:
+            ticket.close()  # an upload's slot, if one was kept and the upload did not take it
 
     def _download(self, ticket: Ticket, writer: FrameWriter) -> None:
         assert ticket.serve is not None

@@ -28,7 +28,8 @@ class Ticket:
     """What a ticket lets its holder do: `op` ("download" or "upload") for `site`'s session `token` in a round.
 
     A download carries `serve`, which sends the tensors over the redeeming connection's writer and returns the
-    bytes sent; `done` is set when the transfer has ended, with `error` saying why when it failed.
+    bytes sent; `done` is set when the transfer has ended, with `error` saying why when it failed. An upload may
+    carry `release`, which frees the upload slot kept for it: called once, by close(), when the ticket is used up.
     """
 
     op: str
@@ -41,10 +42,18 @@ class Ticket:
     done: threading.Event = field(default_factory=threading.Event)
     redeemed: bool = False
     error: str | None = None
+    release: Callable[[], None] | None = None
 
     def finish(self, error: str | None = None) -> None:
         self.error = error
         self.done.set()
+        self.close()
+
+    def close(self) -> None:
+        """Free what was kept for the ticket's transfer (its upload slot); later calls do nothing."""
+        release, self.release = self.release, None
+        if release is not None:
+            release()
 
 
 def _key(secret: str) -> bytes:
@@ -63,11 +72,20 @@ class TicketBook:
         self._used: OrderedDict[bytes, str] = OrderedDict()  # digest -> what happened to it
 
     def issue(
-        self, op: str, site: str, token: str, run_number: int, round_number: int, serve: Callable | None = None
+        self,
+        op: str,
+        site: str,
+        token: str,
+        run_number: int,
+        round_number: int,
+        serve: Callable | None = None,
+        release: Callable[[], None] | None = None,
     ) -> tuple[str, Ticket]:
         """A new ticket and its secret (192 random bits)."""
         secret = secrets.token_urlsafe(24)
-        ticket = Ticket(op, site, token, run_number, round_number, time.monotonic() + self.ttl_s, serve)
+        ticket = Ticket(
+            op, site, token, run_number, round_number, time.monotonic() + self.ttl_s, serve, release=release
+        )
         with self._lock:
             self._sweep()
             mine = [k for k, t in self._open.items() if t.site == site]

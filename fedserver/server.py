@@ -63,7 +63,7 @@ from fedserver.scheduler import JobScheduler
 from fedserver.stream_watch import StreamDeadlines, StreamWatchdog
 from fedserver.telemetry import Telemetry, start_exporter
 from fedserver.tracking import ExperimentTracker, TrackingConfigError
-from fedserver.training_service import DOWNLOAD_SLOTS, TrainingService
+from fedserver.training_service import DOWNLOAD_SLOTS, MAX_CONCURRENT_UPLOADS, TrainingService
 from fedserver.transfer_slots import TransferSlots
 from fedserver.untrusted_code import (
     CodePolicyError,
@@ -258,6 +258,8 @@ class FederationServer:
         self._watchdog = StreamWatchdog(stream_deadlines or StreamDeadlines())
         # Model downloads that send bytes at once, whichever path sends them (gRPC stream or a side channel).
         self.download_slots = TransferSlots(DOWNLOAD_SLOTS, 2, "download")
+        # Uploads receiving bytes at once, one per site (a bulk upload's ticket keeps its slot: TrainingService).
+        self.upload_slots = TransferSlots(MAX_CONCURRENT_UPLOADS, 1, "upload")
         self._fl_limits = fl_limits or CallLimits(identity_gate.CALLS_PER_SITE)
         self._admin_limits = admin_limits or CallLimits(
             identity_gate.CALLS_PER_ADMIN, total=ADMIN_WORKERS - ADMIN_RESERVED_WORKERS, privileged_role="project_admin"
@@ -280,7 +282,9 @@ class FederationServer:
             interceptors=[self._gate("fl_port", ("client",), self._fl_limits)],
             maximum_concurrent_rpcs=self._max_workers,
         )
-        training = TrainingService(self, download_slots=self.download_slots, watchdog=self._watchdog)
+        training = TrainingService(
+            self, download_slots=self.download_slots, upload_slots=self.upload_slots, watchdog=self._watchdog
+        )
         add_training_servicer(training, fl)
         admin_grpc.add_SiteAgentServicer_to_server(SiteAgentService(self.mailbox, self.blobs), fl)
         port = self._bind(fl, self.fl_port, creds, "fl_port")

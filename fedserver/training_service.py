@@ -4,6 +4,7 @@ go to the run it registered in, so that runs training at once never mix."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -43,6 +44,8 @@ BULK_MIN_BYTES = 1 << 20
 MAX_LONG_POLL_S = 20.0
 # Uploads stream into their own files (memory O(chunk)): several at once, one per site.
 MAX_CONCURRENT_UPLOADS = 4
+# How long OpenUpload waits for an upload slot to keep for its ticket (within the site's own deadline, 30 s).
+OPEN_UPLOAD_WAIT_S = 20.0
 # Model downloads sending bytes at once: each holds a read buffer and a message in flight (2 chunks).
 DOWNLOAD_SLOTS = 8
 
@@ -81,15 +84,15 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
     def __init__(
         self,
         server: TrainingHost,
-        max_concurrent_uploads: int = MAX_CONCURRENT_UPLOADS,
         chunk_bytes: int = DEFAULT_CHUNK_BYTES,
         download_slots: TransferSlots | None = None,
+        upload_slots: TransferSlots | None = None,
         watchdog: StreamWatchdog | None = None,
     ):
-        """download_slots: the server's (shared with any other path that sends models); watchdog: times the
-        downloads' sends (a stalled receiver loses its slot)."""
+        """download_slots, upload_slots: the server's (shared with any other path that moves models); watchdog:
+        times the downloads' sends (a stalled receiver loses its slot)."""
         self._server = server
-        self._upload_slots = TransferSlots(max_concurrent_uploads, 1, "upload")
+        self._upload_slots = upload_slots or TransferSlots(MAX_CONCURRENT_UPLOADS, 1, "upload")
         self._download_slots = download_slots or TransferSlots(DOWNLOAD_SLOTS, 2, "download")
         self._watchdog = watchdog
         self._chunk_bytes = chunk_bytes
@@ -288,7 +291,24 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         if self._bulk is None:
             return pb.OpenUploadReply(message="this server has no bulk channel: use SubmitUpdate")
         port, tickets = self._bulk
-        secret, _ = tickets.issue("upload", session.name, session.token, request.run_number, request.round)
+        # An upload slot is kept for the ticket before it is issued, so the site connects when its bytes can move: a
+        # hundred sites that finish at once then wait here, in calls the server serves anyway, instead of each
+        # holding a bulk connection, its thread and its TLS state. Past the wait, the ticket comes without a slot
+        # and its connection waits for one, as a gRPC upload does.
+        left = context.time_remaining()
+        wait = OPEN_UPLOAD_WAIT_S if left is None else max(0.0, min(OPEN_UPLOAD_WAIT_S, left - 1.0))
+        try:
+            lease = self._upload_slots.lease(session.name, tickets.ttl_s, wait, context.is_active)
+        except SlotTimeout:
+            lease = None
+        secret, _ = tickets.issue(
+            "upload",
+            session.name,
+            session.token,
+            request.run_number,
+            request.round,
+            release=None if lease is None else functools.partial(self._upload_slots.release, lease),
+        )
         return pb.OpenUploadReply(bulk_port=port, ticket=secret)
 
     def submit_bulk(

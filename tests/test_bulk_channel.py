@@ -3,6 +3,7 @@ and frames that must be refused, and the fall back to the gRPC stream."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import socket
 import ssl
@@ -383,6 +384,64 @@ def test_an_unreachable_bulk_port_falls_back_to_grpc(in_process, caplog):
     warnings = [r.getMessage() for r in caplog.records if "bulk channel of" in r.getMessage()]
     # Told once per site, and the channel is then left alone (no connect per transfer).
     assert len(warnings) == 2 and all("using the gRPC stream" in w for w in warnings), warnings
+
+
+def test_a_download_ticket_is_issued_only_once_a_download_slot_is_kept_for_it(in_process):
+    server = in_process.server
+    slots = server.download_slots
+    raw = RawSite(in_process.ws, "site-1", in_process.target)
+    got: list = []
+    try:
+        with contextlib.ExitStack() as busy:
+            for k in range(slots.limit):
+                busy.enter_context(slots.hold(f"other-{k}"))
+            waiter = threading.Thread(target=lambda: got.append(raw.download_ticket()))
+            waiter.start()
+            waiter.join(1.0)
+            assert not got  # no ticket while every slot is busy: the site has nothing to connect with yet
+        waiter.join(20)
+        head, call = got[0]
+        assert head.bulk_ticket and slots.in_use == 1  # the GetModel call keeps its slot for the transfer
+        call.cancel()  # the site gives up: the ticket is withdrawn and the slot freed
+        deadline = time.monotonic() + 5
+        while slots.in_use and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert slots.in_use == 0
+    finally:
+        raw.close()
+
+
+def test_an_upload_ticket_keeps_its_upload_slot_so_its_site_never_waits_on_a_connection(in_process, monkeypatch):
+    from fedserver import training_service
+
+    server = in_process.server
+    slots = server.upload_slots
+    raw = RawSite(in_process.ws, "site-1", in_process.target)
+    try:
+        request = pb.OpenUploadRequest(run_number=1, round=0)
+        # Every slot busy: OpenUpload waits, then gives a ticket without a slot (its connection would wait, as before).
+        monkeypatch.setattr(training_service, "OPEN_UPLOAD_WAIT_S", 0.3)
+        with contextlib.ExitStack() as busy:
+            for k in range(slots.limit):
+                busy.enter_context(slots.hold(f"other-{k}"))
+            began = time.monotonic()
+            unkept = raw.stub.OpenUpload(request, metadata=raw.metadata, timeout=10)
+            assert unkept.ticket and time.monotonic() - began >= 0.3 and slots.in_use == slots.limit
+        # A slot free: the ticket comes with it kept, and giving the ticket up frees it.
+        kept = raw.stub.OpenUpload(request, metadata=raw.metadata, timeout=10)
+        assert kept.ticket and slots.in_use == 1
+        ack = _redeem(raw.context, kept.bulk_port, kept.ticket, "download")  # the wrong op: refused, used up
+        assert not ack.ok
+        deadline = time.monotonic() + 5
+        while slots.in_use and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert slots.in_use == 0
+    finally:
+        raw.close()
+    # A real upload takes its kept slot and frees it when done.
+    c1, c2 = in_process.connect("site-1"), in_process.connect("site-2")
+    assert _push(c1, D1).accepted and _push(c2, D2).accepted
+    assert server.telemetry.bulk_uploads == 2 and slots.in_use == 0
 
 
 def test_an_expired_ticket_is_refused_and_the_round_completes(in_process):

@@ -201,6 +201,44 @@ def test_transfer_slots_beyond_the_limit_wait_their_turn_and_a_site_holds_its_sh
     assert order == ["site-3"] and slots.in_use == 0
 
 
+def test_a_leased_slot_is_kept_for_its_holder_whose_next_hold_takes_it_without_waiting():
+    slots = TransferSlots(1, per_holder=1, what="upload")
+    slots.lease("site-1", keep_s=30)
+    assert slots.in_use == 1
+    with pytest.raises(SlotTimeout, match="upload slots stayed busy"):
+        with slots.hold("site-2", timeout=0.2):
+            pass
+    with slots.hold("site-1", timeout=0):  # no wait: the lease's slot becomes the hold's
+        assert slots.in_use == 1
+    assert slots.in_use == 0
+    with slots.hold("site-2", timeout=0):
+        pass
+
+
+def test_a_lease_nobody_takes_frees_its_slot_when_released_or_when_it_lapses():
+    slots = TransferSlots(1, per_holder=1, what="upload")
+    kept = slots.lease("site-1", keep_s=30)
+    assert slots.lease("site-1", keep_s=30, timeout=0) == kept  # asked again: the same lease, not a second slot
+    got = threading.Event()
+
+    def take() -> None:
+        with slots.hold("site-2", timeout=10):
+            got.set()
+
+    waiter = threading.Thread(target=take)
+    waiter.start()
+    assert not got.wait(0.3)
+    slots.release(kept)
+    assert got.wait(5)
+    waiter.join(10)
+    slots.release(kept)  # released twice, or after a hold took it: nothing happens
+    slots.lease("site-1", keep_s=0.2)
+    began = time.monotonic()
+    with slots.hold("site-2", timeout=10):  # waits for the lease to lapse
+        assert 0.1 < time.monotonic() - began < 5
+    assert slots.in_use == 0
+
+
 # ---- over gRPC with mutual TLS --------------------------------------------------------------------------------
 
 
