@@ -264,6 +264,17 @@ def scale_figures(args: argparse.Namespace) -> list[dict[str, Any]]:
             if s["at"] == "registered"
         ]
         figures.append(figure("  its floor: 100 sites registered, nothing moving", registered, "x"))
+        # After the rounds: the sites still connected, the server's threads for their calls kept, nothing in flight;
+        # and how much of that is code and libraries mapped from files (it depends on the page cache: README).
+        after = [r["server_rss_after_bytes"] / (r["size_mib"] * MiB) for r in ok if "server_rss_after_bytes" in r]
+        figures.append(figure("  after the rounds, nothing moving", after, "x"))
+        mapped = [
+            s["rss_by_kind"].get("files (code, libraries)", 0) / (r["size_mib"] * MiB)
+            for r in ok
+            for s in r.get("server_rss_timeline", [])
+            if s["at"] == "run ended" and "rss_by_kind" in s
+        ]
+        figures.append(figure("  of it, code and libraries mapped from files", mapped, "x"))
     return figures
 
 

@@ -386,6 +386,14 @@ def test_an_unreachable_bulk_port_falls_back_to_grpc(in_process, caplog):
     assert len(warnings) == 2 and all("using the gRPC stream" in w for w in warnings), warnings
 
 
+def _all_free(slots, timeout: float = 5) -> bool:
+    """Whether every slot of `slots` is free within `timeout` seconds (the server frees them on its own threads)."""
+    deadline = time.monotonic() + timeout
+    while slots.in_use and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return slots.in_use == 0
+
+
 def test_a_download_ticket_is_issued_only_once_a_download_slot_is_kept_for_it(in_process):
     server = in_process.server
     slots = server.download_slots
@@ -403,10 +411,7 @@ def test_a_download_ticket_is_issued_only_once_a_download_slot_is_kept_for_it(in
         head, call = got[0]
         assert head.bulk_ticket and slots.in_use == 1  # the GetModel call keeps its slot for the transfer
         call.cancel()  # the site gives up: the ticket is withdrawn and the slot freed
-        deadline = time.monotonic() + 5
-        while slots.in_use and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert slots.in_use == 0
+        assert _all_free(slots)
     finally:
         raw.close()
 
@@ -432,10 +437,7 @@ def test_an_upload_ticket_keeps_its_upload_slot_so_its_site_never_waits_on_a_con
         assert kept.ticket and slots.in_use == 1
         ack = _redeem(raw.context, kept.bulk_port, kept.ticket, "download")  # the wrong op: refused, used up
         assert not ack.ok
-        deadline = time.monotonic() + 5
-        while slots.in_use and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert slots.in_use == 0
+        assert _all_free(slots)
     finally:
         raw.close()
     # A real upload takes its kept slot and frees it when done.
