@@ -218,7 +218,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
                         session.token,
                         run.run_number,
                         offer.round,
-                        self._model_sender(offer),
+                        self._model_sender(offer, send_chunk_bytes(nbytes, bulk_wire.CHUNK_BYTES)),
                     )
                     header.bulk_port, header.bulk_ticket = port, secret
                     yield pb.ModelChunk(header=header)
@@ -236,13 +236,12 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             self._server.telemetry.sent(nbytes)
 
     @staticmethod
-    def _model_sender(offer: Offer):
-        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames (the
-        GetModel call that issued the ticket holds a download slot for it)."""
+    def _model_sender(offer: Offer, chunk: int):
+        """What a download ticket's connection runs: the offer's tensors, from its open file, as bulk frames of
+        `chunk` bytes (the GetModel call that issued the ticket holds a download slot for it)."""
 
         def send(writer) -> int:
             assert offer.model is not None and offer.index is not None
-            chunk = send_chunk_bytes(sum(e.nbytes for e in offer.index.entries), bulk_wire.CHUNK_BYTES)
             sent = writer.chunks(iter_model_chunks(offer.model, offer.index, chunk))
             return sent + writer.chunks(encode_tensors(offer.control, chunk))
 
