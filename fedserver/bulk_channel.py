@@ -315,11 +315,12 @@ class BulkChannel:
             )
 
     def _refuse(self, peer: PeerIdentity | None, who: str, what: str, reason: str) -> None:
-        """Log and audit a refusal, once a minute per caller and reason."""
+        """Audit and log a refusal, once a minute per caller and reason (audited first: whoever reads the log line
+        finds the audit entry written)."""
         if self._repeats.fresh(who, reason):
             shown = peer.name if peer is not None else who
-            log.warning("bulk channel: refused %s of %s: %s", what, for_log(shown), for_log(reason))
             self._record(peer, f"bulk {what}" if not what.startswith("bulk") else what, reason)
+            log.warning("bulk channel: refused %s of %s: %s", what, for_log(shown), for_log(reason))
 
 
 class _Deadline:
