@@ -205,7 +205,7 @@ class SiteTraining:
 
     def _prepare_run_dir(self, run_number: int) -> Path:
         run_dir = run_folder.run_dir(self.workspace, run_number)
-        run_folder.RunFolder(run_dir).models.mkdir(parents=True, exist_ok=True)
+        run_folder.RunFolder(run_dir).models.mkdir(parents=True, exist_ok=True)  # a site starting to train makes it
         return run_dir
 
     def _site_algorithms(self, run_dir: Path):
@@ -417,7 +417,7 @@ class EventFile:
 
     def __init__(self, path: Path):
         self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
+        run_folder.make_folders(path.parent)
 
     def send_bytes(self, data: bytes) -> None:
         fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
+from fedcommon.run_folder import make_folders
+
 
 @contextlib.contextmanager
 def atomic_writer(path: str | os.PathLike, mode: int = 0o600, direct: bool = False) -> Iterator[IO[bytes]]:
@@ -19,7 +21,7 @@ def atomic_writer(path: str | os.PathLike, mode: int = 0o600, direct: bool = Fal
     a model-sized file costs no page-cache pages and its fsync has little left to do.
     """
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
+    make_folders(target.parent)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
         os.fchmod(fd, mode)

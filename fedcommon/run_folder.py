@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import errno
+import re
 import secrets
 import shutil
 from dataclasses import dataclass
@@ -17,6 +19,7 @@ STATE_FILE = "state.json"  # server: where the run stands (status, next round)
 CROSS_SITE_DIR = "cross_site"  # server: shared models and the validation matrix
 COMPLETED_FILE = "completed.json"  # site: the worker saw the server end the run; finished results stay
 _DELETED_PREFIX = ".deleted-"
+_RUN_NAME = re.compile(r"run_[0-9]{1,18}")
 
 
 class RunFolderError(Exception):
@@ -38,6 +41,23 @@ def run_numbers(workspace: Path) -> list[int]:
         if suffix.isascii() and suffix.isdigit() and str(int(suffix)) == suffix and path.is_dir():
             numbers.append(int(suffix))
     return sorted(numbers)
+
+
+def make_folders(folder: Path, mode: int = 0o777) -> None:
+    """Make `folder` and its missing parents, but never a run folder: only deploying (or a site starting to train)
+    makes one. A late writer of a deleted run gets FileNotFoundError instead of bringing the run back."""
+    missing: list[Path] = []
+    path = Path(folder)
+    while not path.is_dir():
+        if _RUN_NAME.fullmatch(path.name):
+            raise FileNotFoundError(errno.ENOENT, f"run folder {path} does not exist (deleted?)", str(path))
+        missing.append(path)
+        if path.parent == path:
+            break
+        path = path.parent
+    # One level at a time, never with parents: a run folder renamed away meanwhile makes the next mkdir fail.
+    for path in reversed(missing):
+        path.mkdir(mode=mode, exist_ok=True)
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ from fedcommon.model_file import (
     read_tensor,
     save_model,
 )
+from fedcommon.run_folder import make_folders
 from fedcommon.tensor_codec import TensorSpec
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec, check_weight
 from fedserver.staged_upload import StagedUpload
@@ -335,7 +336,7 @@ class UpdateStore:
         max_weight: float = DEFAULT_MAX_WEIGHT,
     ) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        make_folders(self.folder)
         self.specs = specs
         self.excluded = excluded
         self.max_weight = max_weight

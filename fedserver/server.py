@@ -852,6 +852,8 @@ class FederationServer:
         self.notice_run_ends()  # a run that ended is told of before it goes
         with self._admin_lock:
             training = self.run_status(run_number) == Phase.TRAINING.value
+            if not training and not self.tracking.forget(run_number):
+                log.warning("run %d: experiment tracking is behind; its event files may be cut short", run_number)
             try:
                 trash = run_folder.set_aside(self.workspace, run_number, run_number if training else None)
             except run_folder.RunFolderError as e:

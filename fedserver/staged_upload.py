@@ -15,6 +15,7 @@ import numpy as np
 from fedcommon.direct_io import BLOCK, DirectWriter, io_block_bytes
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import allocate_model_file
+from fedcommon.run_folder import make_folders
 from fedcommon.tensor_codec import CodecError, TensorAssembler, TensorSpec, spec_from_header
 from fedcommon.wire import training_pb2 as pb
 from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
@@ -33,7 +34,7 @@ class StagedUpload:
     """
 
     def __init__(self, folder: Path, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
-        folder.mkdir(parents=True, exist_ok=True)
+        make_folders(folder)
         self.path = folder / f"upload-{secrets.token_hex(8)}.fl"
         self.received: set[str] = set()
         self.extra: dict[str, np.ndarray] = {}  # tensors kept in memory (SCAFFOLD's delta c)

@@ -23,6 +23,7 @@ from typing import Any
 from fedcommon.atomic import atomic_write_json
 from fedcommon.bounded_json import JsonBoundsError, loads_object
 from fedcommon.metrics import mean_metrics
+from fedcommon.run_folder import make_folders
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +114,13 @@ class ExperimentTracker:
             ("summary", number, run_dir, {**s, "rounds": list(s.get("rounds") or [])})
         )
 
+    def forget(self, run_number: int, timeout: float = 10.0) -> bool:
+        """Stop tracking run `run_number` (it is being deleted): write what is queued, close its files, and track
+        nothing that comes for it later. Waits until done, so its folder can go; False on timeout."""
+        done = threading.Event()
+        self._put(("forget", run_number, done))
+        return done.wait(timeout)
+
     def site_result(self, site: str, topic: str, data: dict[str, Any]) -> None:
         """A site's progress report as the mailbox took it (other topics are ignored)."""
         if topic == "progress":
@@ -135,8 +143,8 @@ class ExperimentTracker:
     def _put(self, item: tuple) -> None:
         with self._lock:
             if self._closed:
-                if item[0] == "flush":
-                    item[1].set()
+                if item[0] in ("flush", "forget"):
+                    item[-1].set()
                 return
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="experiment-tracking", daemon=True)
@@ -169,6 +177,11 @@ class ExperimentTracker:
             if self._run is not None:
                 self._run.close()
             self._run = _RunTracking(self.config, self.workspace, number, run_dir, summary)
+        elif kind == "forget":
+            if self._run is not None and self._run.number == item[1]:
+                self._run.close()
+                self._run = None
+            item[2].set()
         elif kind == "summary" and self._run is not None and item[1] == self._run.number:
             self._run.summary(item[3])
         elif kind == "progress" and self._run is not None:
@@ -260,7 +273,7 @@ class _RunTracking:
         if self._curves_changed:
             self._curves_changed = False
             try:
-                self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_folders(self.folder, 0o700)
                 atomic_write_json(self.folder / CURVES_FILE, {k: list(v) for k, v in sorted(self._curves.items())})
             except OSError as e:
                 log.debug("cannot keep the curves' steps in %s: %s", self.folder, e)
@@ -295,7 +308,7 @@ class _TensorBoard:
             writer = self._writers.get(who)
             if writer is None:
                 path = self.folder / who
-                path.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_folders(path, 0o700)
                 writer = self._writers[who] = self._make_writer(str(path))
             summary = self._summary(value=[self._summary.Value(tag=k, simple_value=v) for k, v in values.items()])
             writer.add_event(self._event(wall_time=time.time(), step=step, summary=summary))
@@ -364,7 +377,7 @@ class _MLflow:
                 experiment = named.experiment_id if named else client.create_experiment(config.mlflow_experiment)
                 tags = {"fedlearn.run": key, "fedlearn.run_number": str(number)}
                 parent_id = client.create_run(experiment, tags=tags, run_name=f"run {number}").info.run_id
-                folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+                make_folders(folder, 0o700)
                 atomic_write_json(kept, {"tracking_uri": uri, "run_id": parent_id})
                 children = {}
             tracker = cls(client, Metric, parent_id, experiment, key)

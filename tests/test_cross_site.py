@@ -61,6 +61,7 @@ def _completed_run(
     run_number: int = 1,
 ) -> Path:
     """A run of SITES driven through FederatedRun's API to completion; `final`: site -> final accuracy."""
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
     save_model(run_dir / "models" / GLOBAL_MODEL, W0)
     run = FederatedRun(run_number, run_dir, _config(num_rounds=len(round_scores)))
     _train(run, round_scores)
@@ -548,6 +549,7 @@ def test_an_unreadable_results_file_is_refused_with_what_to_do(run_dir):
 def test_the_store_refuses_a_run_that_never_trained_or_is_still_training(tmp_path):
     with pytest.raises(CrossSiteError, match="run 1 has no summary.json: it was never trained"):
         CrossSiteValidation(1, tmp_path / "run_1")
+    (tmp_path / "run_2" / "models").mkdir(parents=True)  # as deploying makes it
     save_model(tmp_path / "run_2" / "models" / GLOBAL_MODEL, W0)
     run = FederatedRun(2, tmp_path / "run_2", _config())
     _train(run, (0.5,))
@@ -620,6 +622,7 @@ def test_the_server_serves_a_completed_run_until_it_is_deleted(idle_server):
 
 
 def test_a_contribution_with_nan_metrics_never_makes_its_round_the_best_global_model(tmp_path):
+    (tmp_path / "run_1" / "models").mkdir(parents=True)  # as deploying makes it
     save_model(tmp_path / "run_1" / "models" / GLOBAL_MODEL, W0)
     run = FederatedRun(1, tmp_path / "run_1", _config())
     _train(run, (0.9,))

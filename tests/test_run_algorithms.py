@@ -47,6 +47,7 @@ def _config(aggregator: dict, **changes) -> ServerConfig:
 
 def _start(run_dir: Path, config: ServerConfig, resume: bool = False, scaffold: bool = False) -> FederatedRun:
     if not resume:
+        (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
         save_model(run_dir / "models" / GLOBAL_MODEL, W0)
     client = (
         ClientConfig(
@@ -170,6 +171,7 @@ def test_a_custom_aggregator_aggregates_the_rounds_in_the_sandboxed_child(tmp_pa
     (mmar / "custom" / "my_aggregators.py").write_text(CUSTOM)
     spec = {"path": f"my_aggregators.{name}", "args": {}}
     config = _config(spec, num_rounds=2)
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
     save_model(run_dir / "models" / GLOBAL_MODEL, W0)
     run = FederatedRun(1, run_dir, config, code_policy=_policy())
     for rnd in range(2):

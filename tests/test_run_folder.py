@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from fedcommon.run_folder import RunFolder, RunFolderError, remove, run_dir, set_aside
+from fedcommon.atomic import atomic_write_json
+from fedcommon.run_folder import RunFolder, RunFolderError, make_folders, remove, run_dir, set_aside
 
 
 def test_the_layout_names_every_part_of_a_run_folder(tmp_path):
@@ -70,3 +71,27 @@ def test_removing_a_run_that_was_a_link_removes_the_link_not_what_it_points_at(t
     run_dir(ws, 1).symlink_to(outside)
     remove(set_aside(ws, 1))
     assert list(ws.iterdir()) == [] and (outside / "keep.txt").read_text() == "kept"
+
+
+def test_make_folders_makes_what_is_missing_below_a_run_folder_but_never_the_run_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run_2 does not exist"):
+        make_folders(tmp_path / "ws" / "run_2" / "tensorboard" / "site-1")
+    assert not (tmp_path / "ws").exists()
+    set_up = tmp_path / "ws" / "run_2"
+    set_up.mkdir(parents=True)
+    make_folders(set_up / "tensorboard" / "site-1", 0o700)
+    assert (set_up / "tensorboard" / "site-1").is_dir()
+    assert (set_up / "tensorboard").stat().st_mode & 0o777 == 0o700
+    make_folders(tmp_path / "other" / "logs")  # no run folder on the way: every level is made
+    assert (tmp_path / "other" / "logs").is_dir()
+
+
+def test_a_late_writer_of_a_deleted_run_fails_instead_of_bringing_the_run_back(tmp_path):
+    folder = RunFolder.of(tmp_path, 2)
+    folder.models.mkdir(parents=True)
+    remove(set_aside(tmp_path, 2))
+    with pytest.raises(FileNotFoundError, match="run_2 does not exist"):
+        make_folders(folder.root / "tensorboard")
+    with pytest.raises(FileNotFoundError, match="run_2 does not exist"):
+        atomic_write_json(folder.summary, {"status": "aborted"})
+    assert list(tmp_path.iterdir()) == []

@@ -35,6 +35,7 @@ SUMMARY = {
 
 @pytest.fixture
 def record(tmp_path):
+    (tmp_path / "run_1").mkdir()
     return RunRecord.of(tmp_path, 1)
 
 
@@ -49,7 +50,6 @@ def test_a_missing_summary_is_told_apart_from_an_unreadable_one(record):
     with pytest.raises(RecordMissing, match="^run 1 has no summary.json$"):
         record.load()
     assert record.read() is None
-    record.folder.root.mkdir()
     record.folder.summary.write_text("{torn")
     with pytest.raises(RunRecordError, match="summary.json cannot be read") as raised:
         record.load()

@@ -44,6 +44,7 @@ def _config(**changes) -> ServerConfig:
 
 def _run(tmp_path: Path, **changes) -> FederatedRun:
     run_dir = tmp_path / "run_1"
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
     save_model(run_dir / "models" / GLOBAL_MODEL, W0)
     return FederatedRun(1, run_dir, _config(**changes))
 
@@ -472,6 +473,7 @@ def test_abort_ends_offers_and_refuses_contributions(tmp_path):
 
 def test_unsigned_variable_averages_updates_that_went_down(tmp_path):
     run_dir = tmp_path / "run_1"
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
     save_model(run_dir / "models" / GLOBAL_MODEL, {"level": np.array([5], np.uint8)})
     run = FederatedRun(1, run_dir, _config())
     down = np.array([4], np.uint8) - np.array([5], np.uint8)  # what the site's local - global gives: 255
@@ -586,6 +588,7 @@ def test_a_round_whose_aggregate_is_not_finite_is_refused_by_name_and_the_model_
         "b": np.zeros(3, np.float32),
         "steps": np.array(1, np.int64),
     }
+    (run_dir / "models").mkdir(parents=True, exist_ok=True)  # as deploying makes it
     save_model(run_dir / "models" / GLOBAL_MODEL, near_max)
     run = FederatedRun(1, run_dir, _config())
     big = {"w": np.full((2, 3), 3e32, np.float32), "b": np.ones(3, np.float32), "steps": np.array(1, np.int64)}

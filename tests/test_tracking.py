@@ -158,6 +158,27 @@ def test_an_unusable_mlflow_uri_is_logged_once_and_the_event_files_are_still_wri
     assert scalars(run.run_dir / "tensorboard" / "global")["accuracy"] == [(0, 0.0), (1, 0.1), (2, 0.2)]
 
 
+def test_a_deleted_run_is_forgotten_and_its_late_reports_never_bring_its_folder_back(tmp_path):
+    run = _Run(tmp_path / "ws" / "run_1")
+    tracker = ExperimentTracker(TrackingConfig(), tmp_path / "ws")
+    try:
+        tracker.attach(run)
+        _train(tracker, "site-1", (0, 1, 2.0))
+        assert tracker.forget(1)  # returns once what was queued is written and the files are closed
+        assert scalars(run.run_dir / "tensorboard" / "site-1")["train/loss"] == [(0, 2.0)]
+        shutil.rmtree(run.run_dir)
+        _train(tracker, "site-1", (0, 2, 1.5))  # a site that still reports
+        _train(tracker, "site-2", (0, 1, 3.0))
+        assert tracker.flush()
+        assert not run.run_dir.exists()
+        run.run_dir.mkdir()  # deployed afresh: the deleted run's reports are not its
+        _train(tracker, "site-1", (0, 3, 1.0))
+        assert tracker.flush()
+        assert list(run.run_dir.iterdir()) == []
+    finally:
+        tracker.close()
+
+
 @pytest.mark.parametrize(
     "content, match",
     [
