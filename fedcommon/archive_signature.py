@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 # The bounds live with the deploy command that carries a signature to the sites (fedcommon.commands).
 from fedcommon.commands import MAX_CERTIFICATE_BYTES, MAX_SIGNATURE_BYTES, MAX_SIGNATURE_TEXT
@@ -146,6 +146,20 @@ def _load_certificate(pem: bytes) -> x509.Certificate:
     return x509.load_pem_x509_certificate(pem)
 
 
+class SignatureChecks(Protocol):
+    """What checks archive signatures: ArchiveVerifier, or the server's, which runs it in a child process."""
+
+    def check_signer(self, signature: ArchiveSignature | None, uploader: str | None = None) -> PeerIdentity: ...
+
+    def verify_digest(
+        self, signature: ArchiveSignature | None, sha256: str, size: int, uploader: str | None = None
+    ) -> PeerIdentity: ...
+
+    def verify_file(
+        self, path: str | os.PathLike, signature: ArchiveSignature | None, uploader: str | None = None
+    ) -> PeerIdentity: ...
+
+
 class ArchiveVerifier:
     """Checks archive signatures against one project CA and, when given, its revocation list.
 
@@ -193,7 +207,9 @@ class ArchiveVerifier:
 
         from cryptography import x509
         from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives.serialization import Encoding
 
+        from fedcommon.cert_fields import CertificateFieldError
         from fedcommon.identity import identity_of
 
         if signature is None:
@@ -206,7 +222,10 @@ class ArchiveVerifier:
         except (UnicodeDecodeError, ValueError) as e:
             raise SignatureError(f"the signer's certificate is not a PEM certificate ({e})") from None
         ca = x509.load_pem_x509_certificate(self._ca_pem)
-        signer = identity_of(cert)
+        try:
+            signer = identity_of(cert.public_bytes(Encoding.DER))
+        except CertificateFieldError as e:
+            raise SignatureError(f"the signer's certificate cannot be read ({e})") from None
         try:
             cert.verify_directly_issued_by(ca)
         except (ValueError, TypeError, InvalidSignature):

@@ -7,11 +7,9 @@ import hashlib
 from dataclasses import dataclass
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.x509.oid import NameOID
 
 from fedcommon.admin_defs import ADMIN_ROLES
+from fedcommon.cert_fields import CertificateFieldError, certificate_fields, pem_to_der
 
 # Every certificate this project issues carries its kind in the subject's OU: "server", "client"
 # (a site) or the admin role. The O is the participant's organisation.
@@ -36,39 +34,38 @@ class PeerIdentity:
         return f"{self.name!r} ({what}{f' of {self.org}' if self.org else ''})"
 
 
-def _attribute(cert: x509.Certificate, oid: x509.ObjectIdentifier) -> str:
-    values = cert.subject.get_attributes_for_oid(oid)
-    return str(values[0].value) if values else ""
-
-
-def identity_of(cert: x509.Certificate) -> PeerIdentity:
-    """The PeerIdentity a certificate states."""
-    unit = _attribute(cert, NameOID.ORGANIZATIONAL_UNIT_NAME)
+def identity_of(der: bytes) -> PeerIdentity:
+    """The PeerIdentity a DER certificate states; CertificateFieldError when it is not one."""
+    fields = certificate_fields(der)
+    unit = fields.unit or ""
     if unit in ADMIN_ROLES:
         kind, role = "admin", unit
     elif unit in (SERVER_OU, CLIENT_OU):
         kind, role = unit, None
     else:
         kind, role = "unknown", None
-    der = cert.public_bytes(serialization.Encoding.DER)
     return PeerIdentity(
-        name=_attribute(cert, NameOID.COMMON_NAME),
+        name=fields.common_name or "",
         kind=kind,
         role=role,
-        org=_attribute(cert, NameOID.ORGANIZATION_NAME),
-        serial=cert.serial_number,
+        org=fields.organization or "",
+        serial=fields.serial,
         fingerprint=hashlib.sha256(der).hexdigest(),
     )
 
 
 # Parsed once per certificate, not per call: every long-poll of every site passes through here.
 @functools.lru_cache(maxsize=1 << 16)
-def _identity_of_pem(pem: bytes) -> PeerIdentity:
-    return identity_of(x509.load_pem_x509_certificate(pem))
+def _identity_of_pem(pem: bytes) -> PeerIdentity | None:
+    try:
+        return identity_of(pem_to_der(pem))
+    except CertificateFieldError:
+        return None
 
 
 def peer_identity(context: grpc.ServicerContext) -> PeerIdentity | None:
-    """The identity in the caller's TLS client certificate, or None on a connection without one."""
+    """The identity in the caller's TLS client certificate (which the TLS handshake checked against the project CA),
+    or None on a connection without one."""
     values = context.auth_context().get("x509_pem_cert")
     if not values:
         return None

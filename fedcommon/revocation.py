@@ -5,9 +5,8 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
-
-from cryptography import x509
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +19,8 @@ class RevocationError(ValueError):
 
 def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
     """(CRL number, revoked serials) of a CRL file signed by the CA; raise RevocationError if not."""
+    from cryptography import x509  # here: the server runs this in a child (fedserver.crypto_child)
+
     try:
         data = Path(path).read_bytes()
     except OSError as e:
@@ -53,9 +54,10 @@ class RevocationList:
     revocation.
     """
 
-    def __init__(self, path: Path, ca_pem: bytes):
+    def __init__(self, path: Path, ca_pem: bytes, load: Callable[[Path, bytes], tuple[int, frozenset[int]]] = load_crl):
         self.path = Path(path)
         self._ca_pem = ca_pem
+        self._load = load  # load_crl, or the server's, which checks the signature in a child process
         self._lock = threading.Lock()
         try:
             self._stamp: tuple[int, int, int] | None = self._current_stamp()
@@ -66,7 +68,7 @@ class RevocationList:
                 f"{self.path}: missing; the server needs the project's revocation list: run `fedadmin provision` "
                 "(or `poc prepare`) again, or copy ca/crl.pem from the provisioning folder here"
             )
-        self._number, self._revoked = load_crl(self.path, ca_pem)
+        self._number, self._revoked = load(self.path, ca_pem)
 
     def _current_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -90,7 +92,7 @@ class RevocationList:
             problem = f"{self.path}: removed"
         if problem is None:
             try:
-                number, revoked = load_crl(self.path, self._ca_pem)
+                number, revoked = self._load(self.path, self._ca_pem)
             except RevocationError as e:
                 problem = str(e)
             else:

@@ -21,7 +21,7 @@ from pathlib import Path
 import grpc
 
 from fedcommon import commands
-from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier, SignatureError
+from fedcommon.archive_signature import ArchiveSignature, SignatureChecks, SignatureError
 from fedcommon.atomic import atomic_write_json
 from fedcommon.identity import PeerIdentity
 from fedcommon.wire import admin_pb2 as pb
@@ -105,7 +105,7 @@ class BlobStore:
     def __init__(
         self,
         root: Path,
-        verifier: ArchiveVerifier,
+        verifier: SignatureChecks,
         max_bytes: int = MAX_BLOB_BYTES,
         max_total_bytes: int = MAX_TOTAL_BYTES,
         ttl_s: float = BLOB_TTL_S,

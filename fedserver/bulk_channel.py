@@ -17,10 +17,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
-from cryptography import x509
-
 from fedcommon import bulk_wire
 from fedcommon.bulk_wire import BulkError, FrameReader, FrameWriter
+from fedcommon.cert_fields import CertificateFieldError
 from fedcommon.chunk_wire import DataChunk
 from fedcommon.escape import for_log
 from fedcommon.identity import PeerIdentity, identity_of
@@ -179,7 +178,11 @@ class BulkChannel:
             with self._lock:
                 self._open.discard(sock)
                 self._open.add(conn)
-            peer = identity_of(x509.load_der_x509_certificate(conn.getpeercert(binary_form=True)))
+            try:
+                peer = identity_of(conn.getpeercert(binary_form=True) or b"")
+            except CertificateFieldError as e:  # the handshake checked it against the CA; this is never expected
+                self._refuse(None, addr[0], "handshake", f"the peer's certificate cannot be read: {e}")
+                return
             writer = FrameWriter(conn)
             reason = self._refusal(peer)
             if reason is None:

@@ -96,17 +96,19 @@ def start(
     from fedserver.malloc_arenas import bound_malloc_arenas, restart_without_thread_caches
 
     restart_without_thread_caches()  # before any thread or import that the restart would repeat
-    from fedcommon.kit import KitError, load_participant_kit
+    from fedcommon.kit import KitError, load_kit
     from fedcommon.mmar import MMARError
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedcommon.readiness import tell_ready
+    from fedserver.crypto_child import checked_kit
     from fedserver.errors import ServerError
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
     try:
-        kit = load_participant_kit(workspace, "server", "fedserver start")
+        # Its certificates are checked in a child: this process never loads cryptography (fedserver.crypto_child).
+        kit = checked_kit(load_kit(workspace, check_certificates=False), "server", "fedserver start")
     except KitError as e:
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)

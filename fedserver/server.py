@@ -20,7 +20,7 @@ from typing import Any
 import grpc
 
 from fedcommon import run_folder
-from fedcommon.archive_signature import ArchiveSignature, ArchiveVerifier, SignatureError
+from fedcommon.archive_signature import ArchiveSignature, SignatureError
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
 from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
@@ -32,7 +32,7 @@ from fedcommon.model_file import ModelFileError, read_index
 from fedcommon.revocation import CRL_FILE, RevocationError, RevocationList
 from fedcommon.tensor_codec import MAX_MESSAGE_BYTES
 from fedcommon.wire import admin_pb2_grpc as admin_grpc
-from fedserver import identity_gate
+from fedserver import crypto_child, identity_gate
 from fedserver.admin_hub import AdminHub
 from fedserver.admin_service import AdminService
 from fedserver.agent_service import SiteAgentService
@@ -232,7 +232,7 @@ class FederationServer:
         self._admin_lock = threading.RLock()
         self._run_number, self.admin_timeout = self._load_state()
         try:
-            self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem)
+            self.revocations = RevocationList(kit.folder / "startup" / CRL_FILE, kit.ca_pem, crypto_child.load_crl)
             policy = load_policy(self.workspace)
             self.code_policy = load_code_policy(self.workspace)
             self.tracking = ExperimentTracker.for_server(self.workspace)
@@ -240,7 +240,8 @@ class FederationServer:
         except (RevocationError, PolicyError, CodePolicyError, TrackingConfigError, ValueError) as e:
             raise ServerError(str(e)) from None
         # Every upload and every deploy of one is checked for an admin's signature against the project CA and CRL.
-        self.blobs = BlobStore(self.workspace / UPLOADS_DIR, ArchiveVerifier(kit.ca_pem, self.revocations.is_revoked))
+        verifier = crypto_child.ChildArchiveVerifier(kit.ca_pem, self.revocations.revoked)
+        self.blobs = BlobStore(self.workspace / UPLOADS_DIR, verifier)
         self.mailbox = SiteMailbox()
         self.mailbox.on_result = self.tracking.site_result
         self.audit = AuditLog(self.workspace / AUDIT_FILE)

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from conftest import copy_mmar, prepare_workspace
-from cryptography import x509
 
 from fedclient.direct_client import DirectFederatedClient
 from fedclient.test_client import TestFederatedClient
 from fedclient.worker import kit_ssl_args
+from fedcommon.cert_fields import pem_to_der
 from fedcommon.identity import identity_of
 from fedcommon.kit import load_kit
 from fedcommon.model_file import load_model, save_model
@@ -167,7 +167,7 @@ def test_test_client_login_returns_a_token_the_server_accepts(federation):
     assert isinstance(token, str) and len(token) >= 32
     assert client.token == token
     kit = load_kit(ws / "site-2")
-    fingerprint = identity_of(x509.load_pem_x509_certificate(kit.cert_pem)).fingerprint
+    fingerprint = identity_of(pem_to_der(kit.cert_pem)).fingerprint
     assert server.registry.authenticate(token, "site-2", fingerprint).name == "site-2"
 
 
