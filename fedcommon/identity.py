@@ -5,11 +5,13 @@ from __future__ import annotations
 import functools
 import hashlib
 from dataclasses import dataclass
-
-import grpc
+from typing import TYPE_CHECKING
 
 from fedcommon.admin_defs import ADMIN_ROLES
 from fedcommon.cert_fields import CertificateFieldError, certificate_fields, pem_to_der
+
+if TYPE_CHECKING:
+    import grpc
 
 # Every certificate this project issues carries its kind in the subject's OU: "server", "client"
 # (a site) or the admin role. The O is the participant's organisation.

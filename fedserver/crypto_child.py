@@ -11,32 +11,33 @@ trusted because a check could not run.
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+# Only what the child needs at once is imported here: it starts for every check (kit imports grpc: the parent only).
 from fedcommon.archive_signature import ArchiveSignature, SignatureChecks, SignatureError, file_digest
 from fedcommon.bounded_json import JsonBoundsError, loads_object
 from fedcommon.identity import PeerIdentity
-from fedcommon.kit import Kit, KitError
 from fedcommon.revocation import RevocationError
+
+if TYPE_CHECKING:
+    from fedcommon.kit import Kit
 
 TIMEOUT_S = 60.0
 MAX_REQUEST_BYTES = 4 << 20
 MAX_ANSWER_BYTES = 64 << 20  # a CRL's serials, as decimal text
-_ERRORS: dict[str, type[Exception]] = {"kit": KitError, "crl": RevocationError, "signature": SignatureError}
+# CRLs the kit check's child checked as the server started: the server's first load of the same file, unchanged
+# since, takes that answer instead of starting another child.
+_checked_crls: dict[tuple[str, str, tuple[int, int, int]], tuple[int, frozenset[int]]] = {}
 
 
-class CheckFailed(Exception):
-    """The child could not run the check; the message says why (the caller refuses)."""
-
-
-def _ask(op: str, request: dict[str, Any]) -> dict[str, Any]:
-    """The child's answer to `op`; the check's own error (KitError, RevocationError, SignatureError) as it raised it."""
-    error = _ERRORS[op]
+def _ask(op: str, request: dict[str, Any], error: type[Exception]) -> dict[str, Any]:
+    """The child's answer to `op`; the check's own refusal raised as `error` (SignatureError keeps its kind)."""
     try:
         done = subprocess.run(
             [sys.executable, "-m", __name__],
@@ -55,30 +56,60 @@ def _ask(op: str, request: dict[str, Any]) -> dict[str, Any]:
         lines = done.stderr.decode(errors="replace").strip().splitlines()
         raise error(f"the {op} check failed in its own process ({lines[-1] if lines else f'exit {done.returncode}'})")
     if "error" in answer:
-        if op == "signature":
+        if error is SignatureError:
             raise SignatureError(str(answer["error"]), permission=answer.get("permission") is True)
         raise error(str(answer["error"]))
     return answer
 
 
 def checked_kit(kit: Kit, role: str, command: str) -> Kit:
-    """`kit` (loaded without its certificate checks) once a child has checked it as load_participant_kit does; the
-    org taken from the certificate when fed.json names none. KitError names what is wrong."""
-    answer = _ask("kit", {"folder": str(kit.folder), "role": role, "command": command})
+    """`kit` (loaded without its certificate checks) once a child has checked it as load_participant_kit does, and
+    its startup/crl.pem as load_crl does; the org taken from the certificate when fed.json names none. KitError
+    names what is wrong with the kit; a CRL's problem is left for the server's own load to report."""
+    from dataclasses import replace
+
+    from fedcommon.kit import KitError
+    from fedcommon.revocation import CRL_FILE
+
+    crl = kit.folder / "startup" / CRL_FILE
+    stamp = _stamp(crl)
+    answer = _ask("kit", {"folder": str(kit.folder), "role": role, "command": command, "crl": str(crl)}, KitError)
     org = answer.get("org")
     if not isinstance(org, str):
         raise KitError(f"{kit.folder}: the kit check gave no organization")
-    from dataclasses import replace
-
+    loaded = _crl_of(answer.get("crl"))
+    if loaded is not None and stamp is not None and stamp == _stamp(crl):
+        _checked_crls[(str(crl), hashlib.sha256(kit.ca_pem).hexdigest(), stamp)] = loaded
     return replace(kit, org=org)
 
 
 def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
     """fedcommon.revocation.load_crl, in a child: (CRL number, revoked serials); RevocationError if not trusted."""
-    answer = _ask("crl", {"path": str(path), "ca_pem": ca_pem.decode("ascii")})
+    stamp = _stamp(path)
+    if stamp is not None:
+        checked = _checked_crls.pop((str(path), hashlib.sha256(ca_pem).hexdigest(), stamp), None)
+        if checked is not None:
+            return checked
+    loaded = _crl_of(_ask("crl", {"path": str(path), "ca_pem": ca_pem.decode("ascii")}, RevocationError))
+    if loaded is None:
+        raise RevocationError(f"{path}: the CRL check gave no list")
+    return loaded
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def _crl_of(answer: Any) -> tuple[int, frozenset[int]] | None:
+    if not isinstance(answer, dict):
+        return None
     number, revoked = answer.get("number"), answer.get("revoked")
     if not isinstance(number, int) or not isinstance(revoked, list):
-        raise RevocationError(f"{path}: the CRL check gave no list")
+        return None
     return number, frozenset(int(s) for s in revoked)
 
 
@@ -119,7 +150,7 @@ class ChildArchiveVerifier(SignatureChecks):
         if signature is not None:
             request["signature"] = base64.b64encode(signature.signature).decode("ascii")
             request["certificate"] = signature.signer_certificate.decode("latin-1")
-        signer = _ask("signature", request).get("signer")
+        signer = _ask("signature", request, SignatureError).get("signer")
         if not isinstance(signer, dict):
             raise SignatureError("the signature check named no signer", permission=True)
         return PeerIdentity(**{**signer, "serial": int(signer["serial"])})
@@ -128,15 +159,19 @@ class ChildArchiveVerifier(SignatureChecks):
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
     op = request.get("op")
     if op == "kit":
-        from fedcommon.kit import load_participant_kit
+        from fedcommon.kit import KitError, load_participant_kit
 
-        kit = load_participant_kit(Path(request["folder"]), request["role"], request["command"])
-        return {"org": kit.org}
+        try:
+            kit = load_participant_kit(Path(request["folder"]), request["role"], request["command"])
+        except KitError as e:
+            return {"error": str(e)}
+        try:
+            crl = _crl_answer(Path(request["crl"]), kit.ca_pem)
+        except RevocationError:
+            crl = None  # the server's own load says what is wrong with it
+        return {"org": kit.org, "crl": crl}
     if op == "crl":
-        from fedcommon.revocation import load_crl as load
-
-        number, revoked = load(Path(request["path"]), request["ca_pem"].encode("ascii"))
-        return {"number": number, "revoked": [str(s) for s in sorted(revoked)]}
+        return _crl_answer(Path(request["path"]), request["ca_pem"].encode("ascii"))
     if op == "signature":
         from fedcommon.archive_signature import ArchiveVerifier
 
@@ -155,13 +190,20 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
     raise ValueError(f"unknown check {op!r}")
 
 
+def _crl_answer(path: Path, ca_pem: bytes) -> dict[str, Any]:
+    from fedcommon.revocation import load_crl as load
+
+    number, revoked = load(path, ca_pem)
+    return {"number": number, "revoked": [str(s) for s in sorted(revoked)]}
+
+
 def main() -> None:
     request = loads_object(sys.stdin.buffer.read(MAX_REQUEST_BYTES + 1), "the check's request", MAX_REQUEST_BYTES)
     try:
         answer = _answer(request)
     except SignatureError as e:
         answer = {"error": str(e), "permission": e.permission}
-    except (KitError, RevocationError) as e:
+    except RevocationError as e:
         answer = {"error": str(e)}
     sys.stdout.write(json.dumps(answer))
 

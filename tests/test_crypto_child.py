@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -54,6 +55,21 @@ def test_the_kit_check_in_a_child_is_load_participant_kits(ws, tmp_path):
     assert "not issued by the CA" in refused[1]
 
 
+def test_the_crl_the_kit_check_read_is_not_read_again_unless_it_changed(ws, monkeypatch):
+    monkeypatch.setattr(crypto_child, "_checked_crls", {})
+    kit = crypto_child.checked_kit(load_kit(ws / "server", check_certificates=False), "server", "fedserver start")
+    crl = ws / "server" / "startup" / "crl.pem"
+    monkeypatch.setattr(crypto_child.sys, "executable", "/bin/false")  # from here on, no child can check
+    st = os.stat(crl)
+    os.utime(crl, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))  # changed since the kit check
+    with pytest.raises(RevocationError, match="failed in its own process"):
+        crypto_child.load_crl(crl, kit.ca_pem)
+    os.utime(crl, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert crypto_child.load_crl(crl, kit.ca_pem) == load_crl(crl, kit.ca_pem)  # the kit check's answer
+    with pytest.raises(RevocationError, match="failed in its own process"):
+        crypto_child.load_crl(crl, kit.ca_pem)  # taken once: a reload checks again
+
+
 def test_the_crl_check_in_a_child_is_load_crls(ws, tmp_path):
     ca, key = _ca(ws)
     ca_pem = ca.public_bytes(serialization.Encoding.PEM)
@@ -100,6 +116,7 @@ def test_archive_signatures_checked_in_a_child_give_the_in_process_answers(ws, t
 
 
 def test_a_check_that_cannot_run_refuses(ws, monkeypatch):
+    monkeypatch.setattr(crypto_child, "_checked_crls", {})
     ca_pem = (ws / "server" / "startup" / "rootCA.pem").read_bytes()
     good = signature_of(ws / "admin", b"data")
     monkeypatch.setattr(crypto_child.sys, "executable", "/bin/false")
