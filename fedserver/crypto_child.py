@@ -16,6 +16,10 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +35,7 @@ if TYPE_CHECKING:
 TIMEOUT_S = 60.0
 MAX_REQUEST_BYTES = 4 << 20
 MAX_ANSWER_BYTES = 64 << 20  # a CRL's serials, as decimal text
+MAX_REMEMBERED = 1024  # signatures accepted lately (ChildArchiveVerifier)
 # CRLs the kit check's child checked as the server started: the server's first load of the same file, unchanged
 # since, takes that answer instead of starting another child.
 _checked_crls: dict[tuple[str, str, tuple[int, int, int]], tuple[int, frozenset[int]]] = {}
@@ -115,11 +120,20 @@ def _crl_of(answer: Any) -> tuple[int, frozenset[int]] | None:
 
 class ChildArchiveVerifier(SignatureChecks):
     """fedcommon.archive_signature.ArchiveVerifier's checks, each in a child; the revoked serials are the server's
-    own list at the time of the check."""
+    own list at the time of the check.
 
-    def __init__(self, ca_pem: bytes, revoked: Any) -> None:
+    A deploy checks one signature up to four times in a few seconds (an upload's header, its bytes, the deploy
+    request, the server's own deploy). A signature a child accepted is accepted again without a child only while
+    what can change since is unchanged: its signer not revoked, the signer's and CA's certificates valid now, and
+    the same uploader. Anything else goes to a child again, which gives the refusal in its own words.
+    """
+
+    def __init__(self, ca_pem: bytes, revoked: Callable[[], frozenset[int]], remember_s: float = 600.0) -> None:
         self._ca_pem = ca_pem
-        self._revoked = revoked  # () -> frozenset[int]
+        self._revoked = revoked
+        self._remember_s = remember_s
+        self._lock = threading.Lock()
+        self._accepted: dict[tuple, _Accepted] = {}
 
     def check_signer(self, signature: ArchiveSignature | None, uploader: str | None = None) -> PeerIdentity:
         return self._check(signature, uploader, None, None)
@@ -140,9 +154,18 @@ class ChildArchiveVerifier(SignatureChecks):
     def _check(
         self, signature: ArchiveSignature | None, uploader: str | None, sha256: str | None, size: int | None
     ) -> PeerIdentity:
+        revoked = self._revoked()
+        key = None if signature is None else (signature.signature, signature.signer_certificate, sha256, size)
+        with self._lock:
+            now = time.time()
+            for k in [k for k, v in self._accepted.items() if v.until < time.monotonic()]:
+                del self._accepted[k]
+            accepted = self._accepted.get(key) if key is not None else None
+            if accepted is not None and accepted.still(now, revoked, uploader):
+                return accepted.signer
         request: dict[str, Any] = {
             "ca_pem": self._ca_pem.decode("ascii"),
-            "revoked": [str(s) for s in self._revoked()],
+            "revoked": [str(s) for s in revoked],
             "uploader": uploader,
             "sha256": sha256,
             "size": size,
@@ -150,10 +173,36 @@ class ChildArchiveVerifier(SignatureChecks):
         if signature is not None:
             request["signature"] = base64.b64encode(signature.signature).decode("ascii")
             request["certificate"] = signature.signer_certificate.decode("latin-1")
-        signer = _ask("signature", request, SignatureError).get("signer")
-        if not isinstance(signer, dict):
+        answer = _ask("signature", request, SignatureError)
+        signer, valid = answer.get("signer"), answer.get("valid")
+        if not isinstance(signer, dict) or not isinstance(valid, list) or len(valid) != 2:
             raise SignatureError("the signature check named no signer", permission=True)
-        return PeerIdentity(**{**signer, "serial": int(signer["serial"])})
+        peer = PeerIdentity(**{**signer, "serial": int(signer["serial"])})
+        if key is not None:
+            accepted = _Accepted(peer, float(valid[0]), float(valid[1]), time.monotonic() + self._remember_s)
+            with self._lock:
+                if len(self._accepted) < MAX_REMEMBERED:
+                    self._accepted[key] = accepted
+                    if sha256 is not None:  # its bytes' check included its signer's
+                        self._accepted[key[:2] + (None, None)] = accepted
+        return peer
+
+
+@dataclass(frozen=True)
+class _Accepted:
+    """A signature a child accepted: its signer, and when the signer's and CA's certificates are both valid."""
+
+    signer: PeerIdentity
+    valid_from: float  # POSIX seconds
+    valid_to: float
+    until: float  # monotonic: forgotten then
+
+    def still(self, now: float, revoked: frozenset[int], uploader: str | None) -> bool:
+        return (
+            self.signer.serial not in revoked
+            and self.valid_from <= now <= self.valid_to
+            and (uploader is None or uploader == self.signer.name)
+        )
 
 
 def _answer(request: dict[str, Any]) -> dict[str, Any]:
@@ -186,8 +235,23 @@ def _answer(request: dict[str, Any]) -> dict[str, Any]:
             signer = verifier.check_signer(signature, request["uploader"])
         else:
             signer = verifier.verify_digest(signature, request["sha256"], request["size"], request["uploader"])
-        return {"signer": {**signer.__dict__, "serial": str(signer.serial)}}
+        return {
+            "signer": {**signer.__dict__, "serial": str(signer.serial)},
+            "valid": _valid(request["certificate"], request["ca_pem"]),
+        }
     raise ValueError(f"unknown check {op!r}")
+
+
+def _valid(certificate: str, ca_pem: str) -> list[float]:
+    """[from, to] in POSIX seconds: when the signer's certificate and the CA's are both valid."""
+    from cryptography import x509
+
+    signer = x509.load_pem_x509_certificate(certificate.encode("latin-1"))
+    ca = x509.load_pem_x509_certificate(ca_pem.encode("ascii"))
+    return [
+        max(signer.not_valid_before_utc, ca.not_valid_before_utc).timestamp(),
+        min(signer.not_valid_after_utc, ca.not_valid_after_utc).timestamp(),
+    ]
 
 
 def _crl_answer(path: Path, ca_pem: bytes) -> dict[str, Any]:

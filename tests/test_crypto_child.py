@@ -129,6 +129,36 @@ def test_a_check_that_cannot_run_refuses(ws, monkeypatch):
     assert kind is RevocationError and "could not run" in message
 
 
+def test_a_signature_accepted_lately_is_accepted_again_without_a_child_while_nothing_that_counts_changed(
+    ws, monkeypatch
+):
+    ca_pem = (ws / "server" / "startup" / "rootCA.pem").read_bytes()
+    data = b"an archive"
+    good = signature_of(ws / "admin", data)
+    admin = load_kit(ws / "admin")
+    serial = x509.load_pem_x509_certificate(admin.cert_pem).serial_number
+    digest = hashlib.sha256(data).hexdigest()
+    revoked: set[int] = set()
+    verifier = crypto_child.ChildArchiveVerifier(ca_pem, lambda: frozenset(revoked))
+    signer = verifier.verify_digest(good, digest, len(data), admin.name)  # a child checks it
+    monkeypatch.setattr(crypto_child.sys, "executable", "/bin/false")  # from here on, no child can check
+    assert verifier.verify_digest(good, digest, len(data)) == signer
+    assert verifier.check_signer(good, admin.name) == signer  # the bytes' check included the signer's
+    with pytest.raises(SignatureError, match="failed in its own process"):
+        verifier.verify_digest(good, digest, len(data) + 1)  # other bytes: checked again
+    later = time.time() + 20 * 365 * 86400
+    monkeypatch.setattr(crypto_child.time, "time", lambda: later)  # the certificates have expired by then
+    with pytest.raises(SignatureError, match="failed in its own process"):
+        verifier.check_signer(good)
+    monkeypatch.undo()  # children run again
+    with pytest.raises(SignatureError, match="not by the uploading admin") as other:
+        verifier.check_signer(good, "someone-else")  # refused in the child's own words
+    assert other.value.permission
+    revoked.add(serial)
+    with pytest.raises(SignatureError, match="revoked"):
+        verifier.verify_digest(good, digest, len(data))
+
+
 @pytest.mark.e2e
 def test_a_server_that_served_a_site_and_a_signed_deploy_never_loaded_cryptography(tmp_path, processes):
     ws = prepare_workspace(tmp_path / "ws", clients=1)
