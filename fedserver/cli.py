@@ -97,18 +97,25 @@ def start(
 
     restart_without_thread_caches()  # before any thread or import that the restart would repeat
     from fedcommon.kit import KitError, load_kit
+    from fedserver.crypto_child import KitCheck
+
+    try:
+        # Its certificates are checked in a child (this process never loads cryptography: fedserver.crypto_child),
+        # while this one imports the server.
+        check = KitCheck(load_kit(workspace, check_certificates=False), "server", "fedserver start")
+    except KitError as e:
+        click.echo(f"fedserver: {e}", err=True)
+        sys.exit(3)
     from fedcommon.mmar import MMARError
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedcommon.readiness import tell_ready
-    from fedserver.crypto_child import checked_kit
     from fedserver.errors import ServerError
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
 
     try:
-        # Its certificates are checked in a child: this process never loads cryptography (fedserver.crypto_child).
-        kit = checked_kit(load_kit(workspace, check_certificates=False), "server", "fedserver start")
+        kit = check.kit()
     except KitError as e:
         click.echo(f"fedserver: {e}", err=True)
         sys.exit(3)

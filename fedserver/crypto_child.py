@@ -35,57 +35,102 @@ if TYPE_CHECKING:
 TIMEOUT_S = 60.0
 MAX_REQUEST_BYTES = 4 << 20
 MAX_ANSWER_BYTES = 64 << 20  # a CRL's serials, as decimal text
+_PIPE_BYTES = 16 << 10  # a Linux pipe holds 64 KiB: writing this much never waits for a reader
 MAX_REMEMBERED = 1024  # signatures accepted lately (ChildArchiveVerifier)
 # CRLs the kit check's child checked as the server started: the server's first load of the same file, unchanged
 # since, takes that answer instead of starting another child.
 _checked_crls: dict[tuple[str, str, tuple[int, int, int]], tuple[int, frozenset[int]]] = {}
 
 
+class _Check:
+    """One check, running in its child from the moment it is made; answer() waits for it (TIMEOUT_S at most)."""
+
+    def __init__(self, op: str, request: dict[str, Any], error: type[Exception]) -> None:
+        self.op, self.error = op, error
+        data = json.dumps({"op": op, **request}).encode()
+        # A request this small goes into the pipe before the child starts, which then works on it at once while
+        # this process goes on; a larger one is written by answer().
+        self._input: bytes | None = None if len(data) <= _PIPE_BYTES else data
+        stdin: int = subprocess.PIPE
+        if self._input is None:
+            stdin, write_end = os.pipe()
+            try:
+                while data:
+                    data = data[os.write(write_end, data) :]
+            finally:
+                os.close(write_end)
+        try:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", __name__], stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+        except OSError as e:
+            raise error(f"the {op} check could not run in its own process: {e}") from None
+        finally:
+            if self._input is None:
+                os.close(stdin)
+
+    def answer(self) -> dict[str, Any]:
+        """The child's answer; the check's own refusal raised as `error` (SignatureError keeps its kind)."""
+        try:
+            out, err = self._proc.communicate(self._input, timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.communicate()
+            raise self.error(f"the {self.op} check did not answer within {TIMEOUT_S:g} s") from None
+        try:
+            answer = loads_object(out[: MAX_ANSWER_BYTES + 1], "the check's answer", MAX_ANSWER_BYTES)
+        except JsonBoundsError:
+            answer = {}
+        if self._proc.returncode != 0 or not answer:
+            lines = err.decode(errors="replace").strip().splitlines()
+            why = lines[-1] if lines else f"exit {self._proc.returncode}"
+            raise self.error(f"the {self.op} check failed in its own process ({why})")
+        if "error" in answer:
+            if self.error is SignatureError:
+                raise SignatureError(str(answer["error"]), permission=answer.get("permission") is True)
+            raise self.error(str(answer["error"]))
+        return answer
+
+
 def _ask(op: str, request: dict[str, Any], error: type[Exception]) -> dict[str, Any]:
-    """The child's answer to `op`; the check's own refusal raised as `error` (SignatureError keeps its kind)."""
-    try:
-        done = subprocess.run(
-            [sys.executable, "-m", __name__],
-            input=json.dumps({"op": op, **request}).encode(),
-            capture_output=True,
-            timeout=TIMEOUT_S,
-            check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise error(f"the {op} check could not run in its own process: {e}") from None
-    try:
-        answer = loads_object(done.stdout[: MAX_ANSWER_BYTES + 1], "the check's answer", MAX_ANSWER_BYTES)
-    except JsonBoundsError:
-        answer = {}
-    if done.returncode != 0 or not answer:
-        lines = done.stderr.decode(errors="replace").strip().splitlines()
-        raise error(f"the {op} check failed in its own process ({lines[-1] if lines else f'exit {done.returncode}'})")
-    if "error" in answer:
-        if error is SignatureError:
-            raise SignatureError(str(answer["error"]), permission=answer.get("permission") is True)
-        raise error(str(answer["error"]))
-    return answer
+    return _Check(op, request, error).answer()
+
+
+class KitCheck:
+    """The check of a kit (loaded without its certificate checks) as load_participant_kit makes it, and of its
+    startup/crl.pem as load_crl makes it, running in a child from the moment this is made: the server goes on
+    starting meanwhile, and opens no port before kit() has answered."""
+
+    def __init__(self, kit: Kit, role: str, command: str) -> None:
+        from fedcommon.kit import KitError
+        from fedcommon.revocation import CRL_FILE
+
+        self._kit = kit
+        self._crl = kit.folder / "startup" / CRL_FILE
+        self._stamp = _stamp(self._crl)
+        request = {"folder": str(kit.folder), "role": role, "command": command, "crl": str(self._crl)}
+        self._check = _Check("kit", request, KitError)
+
+    def kit(self) -> Kit:
+        """The kit, its org taken from the certificate when fed.json names none; KitError names what is wrong. A
+        CRL's problem is left for the server's own load to report."""
+        from dataclasses import replace
+
+        from fedcommon.kit import KitError
+
+        answer = self._check.answer()
+        org = answer.get("org")
+        if not isinstance(org, str):
+            raise KitError(f"{self._kit.folder}: the kit check gave no organization")
+        loaded = _crl_of(answer.get("crl"))
+        if loaded is not None and self._stamp is not None and self._stamp == _stamp(self._crl):
+            _checked_crls[(str(self._crl), hashlib.sha256(self._kit.ca_pem).hexdigest(), self._stamp)] = loaded
+        return replace(self._kit, org=org)
 
 
 def checked_kit(kit: Kit, role: str, command: str) -> Kit:
-    """`kit` (loaded without its certificate checks) once a child has checked it as load_participant_kit does, and
-    its startup/crl.pem as load_crl does; the org taken from the certificate when fed.json names none. KitError
-    names what is wrong with the kit; a CRL's problem is left for the server's own load to report."""
-    from dataclasses import replace
-
-    from fedcommon.kit import KitError
-    from fedcommon.revocation import CRL_FILE
-
-    crl = kit.folder / "startup" / CRL_FILE
-    stamp = _stamp(crl)
-    answer = _ask("kit", {"folder": str(kit.folder), "role": role, "command": command, "crl": str(crl)}, KitError)
-    org = answer.get("org")
-    if not isinstance(org, str):
-        raise KitError(f"{kit.folder}: the kit check gave no organization")
-    loaded = _crl_of(answer.get("crl"))
-    if loaded is not None and stamp is not None and stamp == _stamp(crl):
-        _checked_crls[(str(crl), hashlib.sha256(kit.ca_pem).hexdigest(), stamp)] = loaded
-    return replace(kit, org=org)
+    """KitCheck(kit, role, command).kit(): the kit once a child has checked it."""
+    return KitCheck(kit, role, command).kit()
 
 
 def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
