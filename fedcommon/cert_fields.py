@@ -1,6 +1,6 @@
 """The few fields of an X.509 certificate that name its holder (serial, subject CN, O, OU), read from DER without
 the cryptography package: the server reads them for every peer, and a server that never loads that library is
-16-19 MiB smaller (benchmarks/README.md, issue 25).
+10-12 MiB smaller (benchmarks/README.md, issue 25).
 
 Only what RFC 5280 §4.1 lays out before the subject is walked; every length is checked against what encloses it.
 """

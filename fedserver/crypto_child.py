@@ -1,6 +1,6 @@
 """The server's checks that need the cryptography package (its kit, the CRL's signature, archive signatures), each
 run in a short-lived child process: the long-running server never loads that library, which at 100 sites was
-16-19 MiB of its memory (benchmarks/README.md, issue 25). Peers' certificates are read without it
+10-12 MiB of its memory (benchmarks/README.md, issue 25). Peers' certificates are read without it
 (fedcommon.cert_fields).
 
 Each check is the same function a site or the console runs in its own process; the child gets a JSON request on
