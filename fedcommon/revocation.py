@@ -39,6 +39,15 @@ def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
     return number, frozenset(entry.serial_number for entry in crl)
 
 
+def file_stamp(path: Path) -> tuple[int, int, int] | None:
+    """(mtime_ns, size, inode) of the file, None when there is none: a CRL that changed has another stamp."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
 def load_revoked_serials(path: Path, ca_pem: bytes) -> frozenset[int]:
     """The serials a CRL file revokes, after checking it is signed by the CA; raise RevocationError if not."""
     return load_crl(path, ca_pem)[1]
@@ -60,7 +69,7 @@ class RevocationList:
         self._load = load  # load_crl, or the server's, which checks the signature in a child process
         self._lock = threading.Lock()
         try:
-            self._stamp: tuple[int, int, int] | None = self._current_stamp()
+            self._stamp: tuple[int, int, int] | None = file_stamp(self.path)
         except OSError as e:
             raise RevocationError(f"{self.path}: cannot read ({e.strerror})") from None
         if self._stamp is None:
@@ -70,16 +79,9 @@ class RevocationList:
             )
         self._number, self._revoked = load(self.path, ca_pem)
 
-    def _current_stamp(self) -> tuple[int, int, int] | None:
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            return None
-        return st.st_mtime_ns, st.st_size, st.st_ino
-
     def _reload(self) -> None:
         try:
-            stamp = self._current_stamp()
+            stamp = file_stamp(self.path)
         except OSError as e:
             stamp = (-1, -1, -1)
             problem: str | None = f"{self.path}: cannot read ({e.strerror})"

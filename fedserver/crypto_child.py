@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from fedcommon.archive_signature import ArchiveSignature, SignatureChecks, SignatureError, file_digest
 from fedcommon.bounded_json import JsonBoundsError, loads_object
 from fedcommon.identity import PeerIdentity
-from fedcommon.revocation import RevocationError
+from fedcommon.revocation import RevocationError, file_stamp
 
 if TYPE_CHECKING:
     from fedcommon.kit import Kit
@@ -92,10 +92,6 @@ class _Check:
         return answer
 
 
-def _ask(op: str, request: dict[str, Any], error: type[Exception]) -> dict[str, Any]:
-    return _Check(op, request, error).answer()
-
-
 class KitCheck:
     """The check of a kit (loaded without its certificate checks) as load_participant_kit makes it, and of its
     startup/crl.pem as load_crl makes it, running in a child from the moment this is made: the server goes on
@@ -107,7 +103,7 @@ class KitCheck:
 
         self._kit = kit
         self._crl = kit.folder / "startup" / CRL_FILE
-        self._stamp = _stamp(self._crl)
+        self._stamp = _safe_stamp(self._crl)
         request = {"folder": str(kit.folder), "role": role, "command": command, "crl": str(self._crl)}
         self._check = _Check("kit", request, KitError)
 
@@ -123,7 +119,7 @@ class KitCheck:
         if not isinstance(org, str):
             raise KitError(f"{self._kit.folder}: the kit check gave no organization")
         loaded = _crl_of(answer.get("crl"))
-        if loaded is not None and self._stamp is not None and self._stamp == _stamp(self._crl):
+        if loaded is not None and self._stamp is not None and self._stamp == _safe_stamp(self._crl):
             _checked_crls[(str(self._crl), hashlib.sha256(self._kit.ca_pem).hexdigest(), self._stamp)] = loaded
         return replace(self._kit, org=org)
 
@@ -135,23 +131,22 @@ def checked_kit(kit: Kit, role: str, command: str) -> Kit:
 
 def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
     """fedcommon.revocation.load_crl, in a child: (CRL number, revoked serials); RevocationError if not trusted."""
-    stamp = _stamp(path)
+    stamp = _safe_stamp(path)
     if stamp is not None:
         checked = _checked_crls.pop((str(path), hashlib.sha256(ca_pem).hexdigest(), stamp), None)
         if checked is not None:
             return checked
-    loaded = _crl_of(_ask("crl", {"path": str(path), "ca_pem": ca_pem.decode("ascii")}, RevocationError))
+    loaded = _crl_of(_Check("crl", {"path": str(path), "ca_pem": ca_pem.decode("ascii")}, RevocationError).answer())
     if loaded is None:
         raise RevocationError(f"{path}: the CRL check gave no list")
     return loaded
 
 
-def _stamp(path: Path) -> tuple[int, int, int] | None:
+def _safe_stamp(path: Path) -> tuple[int, int, int] | None:
     try:
-        st = os.stat(path)
-    except OSError:
+        return file_stamp(path)
+    except OSError:  # unreadable: no answer is kept for it, and the server's own load says why
         return None
-    return st.st_mtime_ns, st.st_size, st.st_ino
 
 
 def _crl_of(answer: Any) -> tuple[int, frozenset[int]] | None:
@@ -218,7 +213,7 @@ class ChildArchiveVerifier(SignatureChecks):
         if signature is not None:
             request["signature"] = base64.b64encode(signature.signature).decode("ascii")
             request["certificate"] = signature.signer_certificate.decode("latin-1")
-        answer = _ask("signature", request, SignatureError)
+        answer = _Check("signature", request, SignatureError).answer()
         signer, valid = answer.get("signer"), answer.get("valid")
         if not isinstance(signer, dict) or not isinstance(valid, list) or len(valid) != 2:
             raise SignatureError("the signature check named no signer", permission=True)
@@ -300,9 +295,9 @@ def _valid(certificate: str, ca_pem: str) -> list[float]:
 
 
 def _crl_answer(path: Path, ca_pem: bytes) -> dict[str, Any]:
-    from fedcommon.revocation import load_crl as load
+    from fedcommon import revocation
 
-    number, revoked = load(path, ca_pem)
+    number, revoked = revocation.load_crl(path, ca_pem)
     return {"number": number, "revoked": [str(s) for s in sorted(revoked)]}
 
 
