@@ -2,8 +2,10 @@
 
 Runs each benchmark of this folder in its own process (`--json`), takes medians over its runs, sets each
 figure beside its target, the figure measured before issue 25 (benchmarks/previous.json) and, where one fits,
-a baseline measured in this same run (numpy copying the bytes a round moves). Prints the table and writes it
-to benchmarks/results.json (or --out).
+a baseline measured in this same run (numpy copying the bytes a round moves). Under a timed target it prints the
+floor it stands on, measured in the same run: the 1 GiB round's bytes over bare mutual-TLS sockets and this disk's
+speed (round_floor_bench.py), the tiny federation's torch imports (tiny_fed_bench.py). Prints the table and writes
+it to benchmarks/results.json (or --out).
 """
 
 from __future__ import annotations
@@ -135,6 +137,8 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                 baseline_name="numpy copying the 4x model bytes it moves",
             )
         )
+        if target is not None:
+            figures += round_floor_figures(size, args.repeat)
         figures.append(
             figure(
                 f"round {size:g} MiB: throughput", [r["throughput_mib_s"] for r in runs], "MiB/s", higher_is_better=True
@@ -196,10 +200,29 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
     figures.append(
         figure("2 sites x 3 rounds, tiny model: `poc start` to run finished", [r["total"] for r in tiny_runs], "s", 5.0)
     )
+    figures.append(
+        figure(
+            "  its floor: torch's 3 imports (initial model, 2 workers), all at once",
+            [r["imports_floor"] for r in tiny_runs],
+            "s",
+        )
+    )
     for phase in ("poc_start", "deploy", "start", "first_round"):
         figures.append(figure(f"  tiny federation: {phase.replace('_', ' ')}", [r[phase] for r in tiny_runs], "s"))
     figures += scale_figures(args)
     return figures
+
+
+def round_floor_figures(size_mib: float, repeat: int) -> list[dict[str, Any]]:
+    """The floor under a timed round, measured beside it (round_floor_bench.py): the same bytes between three
+    processes over bare mutual-TLS sockets, summed in memory, and this disk's speed for a model-sized file."""
+    floor = run_json("round_floor_bench.py", "--size-mib", f"{size_mib:g}", "--repeat", str(repeat))
+    runs = floor["runs"]
+    return [
+        figure("  its floor: bare mutual-TLS sockets, sum in memory", [r["round_wall_s"] for r in runs], "s"),
+        figure(f"  this disk: {size_mib:g} MiB read direct", [r["disk_read_s"] for r in runs], "s"),
+        figure(f"  this disk: {size_mib:g} MiB written direct + fsync", [r["disk_write_s"] for r in runs], "s"),
+    ]
 
 
 def scale_figures(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -7,6 +7,11 @@ deploy); start (`start all` returning); first round (start returned -> round 0 i
 operator's `fedadmin wait` returned). The machine may be shared: CPU seconds say more than wall time there, so each
 repeat also gives the CPU the federation's processes used (server, agents and what they waited for: workers, the
 server's children) and the CPU of the console calls.
+
+Each repeat also measures a floor under the total, after the federation has stopped: the torch imports the run cannot
+do without, all started at once as if nothing else had to happen first (imports_floor). The federation imports torch
+three times: in the server's initial-model child, which runs the MMAR's model code, and in each site's worker, where
+torch.optim's first step also imports torch._dynamo.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import resource
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -36,7 +42,23 @@ ROUNDS = 3
 NUM_SHARDS = 60
 SUMMARY_POLL_S = 0.005
 TARGET_S = 5.0  # issue 25: poc start to the run finished
-PHASES = ("poc_start", "deploy", "start", "first_round", "rest", "total", "wait", "federation_cpu", "console_cpu")
+PHASES = (
+    "poc_start",
+    "deploy",
+    "start",
+    "first_round",
+    "rest",
+    "total",
+    "wait",
+    "federation_cpu",
+    "console_cpu",
+    "imports_floor",
+)
+FLOOR_IMPORTS = (
+    "import torch",  # the server's initial-model child
+    "import torch, torch._dynamo",  # site-1's worker
+    "import torch, torch._dynamo",  # site-2's worker
+)
 
 
 def tiny_mmar(dst: Path) -> Path:
@@ -101,6 +123,17 @@ def console_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def imports_floor() -> float:
+    """Seconds until the federation's torch imports (FLOOR_IMPORTS), each in a fresh Python, all started at once,
+    have all finished."""
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen([sys.executable, "-c", code]) for code in FLOOR_IMPORTS]
+    codes = [p.wait() for p in procs]
+    if any(codes):
+        raise SystemExit(f"the floor's imports failed: exit codes {codes}")
+    return time.perf_counter() - t0
+
+
 def measure_once(tmp: Path) -> dict[str, float]:
     from fedcommon.provision import prepare_poc
 
@@ -140,6 +173,7 @@ def measure_once(tmp: Path) -> dict[str, float]:
         "wait": t4 - t0,
         "federation_cpu": federation_cpu,
         "console_cpu": console_cpu_seconds() - console_before,
+        "imports_floor": imports_floor(),
     }
 
 
