@@ -206,6 +206,15 @@ class Child:
         tick = os.sysconf("SC_CLK_TCK")
         return int(fields[11]) / tick, int(fields[12]) / tick
 
+    def disk_bytes(self) -> tuple[int, int] | None:
+        """(read, written) bytes the process has made the storage under its files move so far (/proc/<pid>/io: page-
+        cache hits are not reads; direct I/O counts); None once it is gone."""
+        try:
+            fields = dict(line.split(": ") for line in Path(f"/proc/{self.proc.pid}/io").read_text().splitlines())
+            return int(fields["read_bytes"]), int(fields["write_bytes"]) - int(fields["cancelled_write_bytes"])
+        except (OSError, KeyError, ValueError):
+            return None
+
     def stop(self, grace: float = STOP_GRACE_S) -> None:
         """SIGTERM by PID, SIGKILL after `grace` seconds; idempotent."""
         if self.proc.poll() is None:
@@ -305,6 +314,7 @@ def bench_round(
         ready = {s.name: s.next_event(deadline) for s in sites}
         out["setup_s"] = time.monotonic() - t_setup
         cpu0, busy0 = server.cpu_seconds(), machine_busy_seconds()
+        disk0 = [c.disk_bytes() for c in children]
         for site in sites:  # the barrier: both are registered and idle
             site.send("go\n")
         results = {s.name: s.next_event(deadline) for s in sites}
@@ -317,6 +327,10 @@ def bench_round(
             time.sleep(0.1)
             summary = read_summary(summary_path)
         cpu1, busy1 = server.cpu_seconds(), machine_busy_seconds()
+        disk1 = [c.disk_bytes() for c in children]
+        if all(disk0) and all(disk1):  # the round's own disk I/O: server and sites
+            out["disk_read_bytes"] = sum(b[0] - a[0] for a, b in zip(disk0, disk1, strict=True))
+            out["disk_write_bytes"] = sum(b[1] - a[1] for a, b in zip(disk0, disk1, strict=True))
         if cpu0 and cpu1:
             out["server_cpu_user_s"], out["server_cpu_system_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         if busy0 is not None and busy1 is not None and cpu0 and cpu1:
@@ -480,6 +494,15 @@ def render(report: dict[str, Any]) -> str:
                     f"{r['server_cpu_user_s']:.2f} + {r['server_cpu_system_s']:.2f}"
                     if "server_cpu_user_s" in r
                     else "-"
+                    for r in runs
+                ),
+            ]
+        )
+        rows.append(
+            [
+                "disk read + written in the round, server and sites",
+                *(
+                    f"{mib(r['disk_read_bytes'])} + {mib(r['disk_write_bytes'])}" if "disk_read_bytes" in r else "-"
                     for r in runs
                 ),
             ]

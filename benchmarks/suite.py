@@ -139,6 +139,14 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
         )
         if target is not None:
             figures += round_floor_figures(size, args.repeat)
+            for what in ("read", "write"):
+                figures.append(
+                    figure(
+                        f"  its disk I/O, server and sites: {what}",
+                        [r[f"disk_{what}_bytes"] / 2**30 for r in runs if f"disk_{what}_bytes" in r],
+                        "GiB",
+                    )
+                )
         figures.append(
             figure(
                 f"round {size:g} MiB: throughput", [r["throughput_mib_s"] for r in runs], "MiB/s", higher_is_better=True
