@@ -331,6 +331,10 @@ def bench_round(
         if all(disk0) and all(disk1):  # the round's own disk I/O: server and sites
             out["disk_read_bytes"] = sum(b[0] - a[0] for a, b in zip(disk0, disk1, strict=True))
             out["disk_write_bytes"] = sum(b[1] - a[1] for a, b in zip(disk0, disk1, strict=True))
+            out["disk_bytes_by_process"] = {
+                c.name: {"read": b[0] - a[0], "write": b[1] - a[1]}
+                for c, a, b in zip(children, disk0, disk1, strict=True)
+            }
         if cpu0 and cpu1:
             out["server_cpu_user_s"], out["server_cpu_system_s"] = cpu1[0] - cpu0[0], cpu1[1] - cpu0[1]
         if busy0 is not None and busy1 is not None and cpu0 and cpu1:

@@ -36,6 +36,9 @@ DISPATCH_WAIT_S = 120.0
 # A job's site whose worker has not joined the run this long after the job started counts as gone once
 # heart_beat_timeout more has passed (a worker imports torch and its trainer before it registers).
 STARTUP_GRACE_S = 60.0
+# After its run completes, a job stays RUNNING until each of its connected sites reports its worker's end (the worker
+# validates the final model and reports it first), or this long at most.
+FINISH_GRACE_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,8 @@ class JobScheduler:
         self._started: dict[int, float] = {}  # when the scheduler began following each running job
         # Sites of a job the server was starting when it stopped, not yet told (again) to start its run.
         self._restart_pending: dict[int, set[str]] = {}
+        # Jobs whose run completed, and since when: they end once their sites' workers have (_finish).
+        self._finishing: dict[int, float] = {}
         self._capacity: dict[str, tuple[float, Capacity]] = {}
         server.on_run_end(self._run_ended)
 
@@ -392,22 +397,55 @@ class JobScheduler:
     # ---- following running jobs ---------------------------------------------------------------------
 
     def _run_ended(self, number: int, phase: str, detail: str) -> None:
-        """The server's run-end hook: a job's run that completed or was aborted ends the job."""
+        """The server's run-end hook: a job's run that was aborted ends the job; one that completed ends it once its
+        sites are done (_finish), so that what a job's end is waited for includes the final model's validation."""
         with self._lock:
             job = self.store.find(number)
             if job is None or job.state not in JobState.LIVE:
                 return
-            state = JobState.COMPLETED if phase == "completed" else JobState.ABORTED
-            self.store.update(
-                number, state=state, reason=detail if state != JobState.COMPLETED else "", ended_at=time.time()
-            )
+            if phase == "completed":
+                self._finishing[number] = time.monotonic()
+                self.store.update(number, reason="run completed; waiting for its sites to finish")
+            else:
+                self.store.update(number, state=JobState.ABORTED, reason=detail, ended_at=time.time())
         self.store.note(number, f"run {phase}" + (f": {detail}" if detail else ""))
+        if phase != "completed":
+            self._forget(number)
+        self.wake()
+
+    def _finish(self, job: Job, now: float) -> None:
+        """End a job whose run completed once each of its sites that is connected has reported its worker's end,
+        or once FINISH_GRACE_S has passed (the job's notes name the sites that did not report)."""
+        number = job.job_id
+        since = self._finishing.get(number)
+        if since is None:
+            return  # aborted meanwhile
+        ended = self._server.mailbox.ended_in_run(number)
+        connected = set(self._server.mailbox.connected_sites())
+        waiting = [site for site in job.sites if site not in ended and site in connected]
+        overdue = now - since >= FINISH_GRACE_S
+        if waiting and not overdue:
+            return
+        with self._lock:
+            done = self.store.update_if(
+                number, (JobState.RUNNING,), state=JobState.COMPLETED, reason="", ended_at=time.time()
+            )
+        if done is None:
+            return
+        if waiting:
+            whose = "its worker's end" if len(waiting) == 1 else "their workers' ends"
+            self.store.note(number, f"{', '.join(waiting)} did not report {whose} within {FINISH_GRACE_S:g}s")
+        told = self._gone.get(number, set())  # sites whose leaving the notes already give
+        for site in job.sites:
+            end = ended.get(site)
+            if site not in told and end is not None and end.get("exit_code") not in (0, None):
+                self.store.note(number, f"after the run completed, {_leaving_words(site, end, 0)}")
         self._forget(number)
         self.wake()
 
     def _forget(self, number: int) -> None:
         """Drop what the scheduler kept to follow job `number`'s run (it has ended)."""
-        for state in (self._gone, self._leaving, self._started, self._restart_pending):
+        for state in (self._gone, self._leaving, self._started, self._restart_pending, self._finishing):
             state.pop(number, None)
 
     def _settle(self, job: Job) -> None:
@@ -429,6 +467,9 @@ class JobScheduler:
             if job.state != JobState.RUNNING:
                 continue
             number = job.job_id
+            if number in self._finishing:
+                self._finish(job, now)
+                continue
             run = self._server.runs.get(number)
             if run is None:
                 continue

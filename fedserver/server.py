@@ -23,7 +23,7 @@ from fedcommon import run_folder
 from fedcommon.archive_signature import ArchiveSignature, SignatureError
 from fedcommon.atomic import atomic_write_json
 from fedcommon.chunk_wire import add_training_servicer
-from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, seconds
+from fedcommon.commands import DEFAULT_TIMEOUT_S, ArgumentError, ResultTopic, seconds
 from fedcommon.commands import run_number as checked_run_number
 from fedcommon.identity import PeerIdentity
 from fedcommon.kit import Kit, server_credentials, server_ssl_context
@@ -243,7 +243,6 @@ class FederationServer:
         verifier = crypto_child.ChildArchiveVerifier(kit.ca_pem, self.revocations.revoked)
         self.blobs = BlobStore(self.workspace / UPLOADS_DIR, verifier)
         self.mailbox = SiteMailbox()
-        self.mailbox.on_result = self.tracking.site_result
         self.audit = AuditLog(self.workspace / AUDIT_FILE)
         self.hub = AdminHub(self, policy, self.audit)
         self.downloads = Downloads(self.workspace / DOWNLOADS_DIR)
@@ -251,6 +250,7 @@ class FederationServer:
         self._resume()
         # After the runs are resumed: a running job finds its run.
         self.jobs = JobScheduler(self, JobStore(self.workspace), self.max_runs)
+        self.mailbox.on_result = self._site_result
         self.exit_requested = threading.Event()
         self.restart_requested = False
         # Each site holds up to two long-polls (agent Retrieve, worker GetModel): size the pool for that.
@@ -517,6 +517,12 @@ class FederationServer:
             return run
         training = self.training_runs()
         return training[-1] if training else None
+
+    def _site_result(self, site: str, topic: str, data: dict[str, Any]) -> None:
+        """A site's report as the mailbox took it: progress goes to tracking; a worker's end may end a job."""
+        self.tracking.site_result(site, topic, data)
+        if topic == ResultTopic.TRAINING_ENDED:
+            self.jobs.wake()
 
     def run_sites(self, run_number: int) -> set[str]:
         """The sites registered in run `run_number` now."""

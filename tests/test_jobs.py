@@ -12,6 +12,7 @@ from fedcommon.archive_signature import ArchiveSignature
 from fedcommon.commands import COMMANDS, ArgumentError
 from fedcommon.site_resources import Gpu, SiteResources
 from fedserver import jobs as jobs_module
+from fedserver import scheduler as scheduler_module
 from fedserver.jobs import Job, JobError, JobState, JobStore, load_max_jobs
 from fedserver.scheduler import Capacity, JobScheduler, blocked
 
@@ -249,3 +250,83 @@ def test_aborting_a_queued_job_ends_it_and_a_second_abort_is_refused(tmp_path, a
     assert aborted.state == JobState.ABORTED and aborted.reason == "aborted by alice@a.org"
     with pytest.raises(JobError, match="already ended \\(ABORTED\\)"):
         scheduler.abort(job.job_id, ALICE)
+
+
+class _FinishingMailbox:
+    """The sites a server hears from: connected ones, and the workers' end reports of each run."""
+
+    def __init__(self, connected):
+        self.connected = set(connected)
+        self.ended: dict[int, dict[str, dict]] = {}
+
+    def connected_sites(self):
+        return sorted(self.connected)
+
+    def ended_in_run(self, number):
+        return dict(self.ended.get(number, {}))
+
+
+class _FinishingServer(_Server):
+    def __init__(self, connected):
+        super().__init__()
+        self.mailbox = _FinishingMailbox(connected)
+
+
+def _running_job(tmp_path, archive, connected=("site-1", "site-2")):
+    server = _FinishingServer(connected)
+    scheduler = JobScheduler(server, JobStore(tmp_path), max_jobs=2)
+    job = scheduler.store.add(_job(), archive, SIGNED)
+    scheduler.store.update(job.job_id, state=JobState.RUNNING)
+    return server, scheduler, job.job_id
+
+
+def test_a_completed_runs_job_ends_once_its_sites_report_their_workers_end(tmp_path, archive):
+    server, scheduler, number = _running_job(tmp_path, archive)
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    scheduler._follow_running()
+    job = scheduler.store.get(number)
+    # The sites' workers still validate the final model: the job goes on, and says why.
+    assert job.state == JobState.RUNNING and job.reason == "run completed; waiting for its sites to finish"
+    server.mailbox.ended[number] = {"site-1": {"exit_code": 0, "status": "training stopped"}}
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.RUNNING
+    server.mailbox.ended[number]["site-2"] = {"exit_code": 3, "error": "validation crashed"}
+    scheduler._follow_running()
+    job = scheduler.store.get(number)
+    assert job.state == JobState.COMPLETED and job.reason == "" and job.ended_at
+    assert job.notes[-1].endswith("after the run completed, site-2 left: validation crashed (exit code 3)")
+
+
+def test_a_completed_runs_job_does_not_wait_for_a_site_that_is_not_connected(tmp_path, archive):
+    server, scheduler, number = _running_job(tmp_path, archive, connected=("site-1",))
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    server.mailbox.ended[number] = {"site-1": {"exit_code": 0}}
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.COMPLETED
+
+
+def test_a_completed_runs_job_ends_after_the_grace_when_a_site_never_reports(tmp_path, archive, monkeypatch):
+    server, scheduler, number = _running_job(tmp_path, archive)
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    server.mailbox.ended[number] = {"site-2": {"exit_code": 0}}
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.RUNNING
+    later = scheduler_module.time.monotonic() + scheduler_module.FINISH_GRACE_S
+    monkeypatch.setattr(scheduler_module.time, "monotonic", lambda: later)
+    scheduler._follow_running()
+    job = scheduler.store.get(number)
+    assert job.state == JobState.COMPLETED
+    assert job.notes[-1].endswith(f"site-1 did not report its worker's end within {scheduler_module.FINISH_GRACE_S:g}s")
+
+
+def test_an_aborted_run_ends_its_job_at_once_and_an_abort_while_finishing_wins(tmp_path, archive):
+    _server, scheduler, number = _running_job(tmp_path, archive)
+    scheduler._run_ended(number, "aborted", "aborted in round 1")
+    job = scheduler.store.get(number)
+    assert job.state == JobState.ABORTED and job.reason == "aborted in round 1"
+
+    _server, scheduler, number = _running_job(tmp_path / "second", archive)
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    assert scheduler.abort(number, ALICE).state == JobState.ABORTED
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.ABORTED
