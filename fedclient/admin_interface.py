@@ -593,7 +593,8 @@ class ResultForwarder:
                 if not self._progress and not self._ended:
                     return
                 wait = self._last + self.interval - time.monotonic()
-                if self._progress and wait > 0 and not self._closed:
+                # The interval spaces progress reports; a worker's end is what `wait` and a job wait for: not held.
+                if self._progress and wait > 0 and not self._closed and not self._ended:
                     self._cond.wait(wait)
                     continue
                 progress, self._progress = list(self._progress.values()), {}
