@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import atexit
 import logging
 import os
 import signal
@@ -12,7 +11,7 @@ import threading
 import traceback
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 from fedclient.distributed import RankInfo, rank_info
 from fedcommon import run_folder
@@ -465,26 +464,9 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--validate needs --run-number")
     if args.events is not None and args.parent is not None:
         parser.error("--events and --parent are two channels to the agent: give one")
-    exit_without_teardown(
+    sys.exit(
         run_worker(args.workspace, args.mmar, args.debug, args.run_number, args.parent, args.validate, args.events)
     )
-
-
-def exit_without_teardown(code: int) -> NoReturn:
-    """Leave as the interpreter would, without tearing down every module it imported: torch's teardown takes ~0.7 s
-    of CPU at each worker's end, and the agent, `fedadmin wait` and a job's end wait for it. The threads the
-    interpreter would wait for are joined, the exit handlers run (logging's flushes the logs), the streams flushed."""
-    current = threading.current_thread()
-    for thread in threading.enumerate():
-        if thread is not current and not thread.daemon:
-            thread.join()
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(code)
 
 
 if __name__ == "__main__":

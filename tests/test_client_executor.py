@@ -572,23 +572,3 @@ def test_two_runs_train_at_once_each_with_its_own_gpus_and_aborting_one_leaves_t
     assert interface.client_status()["runs"] and all(
         entry["status_code"] == ClientStatus.TRAINING_STOPPED for entry in interface.client_status()["runs"]
     )
-
-
-def test_the_worker_exits_without_teardown_yet_as_the_interpreter_would(tmp_path):
-    # What the interpreter does at exit, the worker's exit does too: its threads finish, the exit handlers run (the
-    # log's last line is flushed by logging's), the streams are flushed; and the status is the worker's.
-    log = tmp_path / "worker.log"
-    script = textwrap.dedent(f"""
-        import atexit, logging, sys, threading, time
-        from fedclient.worker import exit_without_teardown
-        logging.basicConfig(filename={str(log)!r}, level=logging.INFO)
-        atexit.register(lambda: sys.stdout.write("handler ran;"))
-        threading.Thread(target=lambda: (time.sleep(0.3), sys.stdout.write("thread finished;"))).start()
-        logging.getLogger("w").info("last words")
-        sys.stdout.write("buffered;")
-        exit_without_teardown(3)
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 3, proc.stderr
-    assert proc.stdout == "buffered;thread finished;handler ran;"
-    assert "last words" in log.read_text()
