@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,20 +58,38 @@ def send_all(conn: socket.socket, view: memoryview) -> None:
         conn.sendall(view[at : at + SEND_SLICE])
 
 
-def write_durably(path: Path, data: np.ndarray) -> None:
-    """The model to disk, fsynced: direct I/O where the file system takes it (the fastest way on this VM), else the
-    page cache. `data` must be page-aligned, as O_DIRECT needs (page_aligned)."""
-    view = memoryview(data).cast("B")
+def open_direct(path: Path, flags: int) -> tuple[int, bool]:
+    """A descriptor with direct I/O where the file system takes it, else through the page cache; and which."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o600)
+        return os.open(path, flags | os.O_DIRECT, 0o600), True
     except OSError:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        return os.open(path, flags, 0o600), False
+
+
+def write_durably(path: Path, data: np.ndarray) -> bool:
+    """The model to disk, fsynced: direct I/O where the file system takes it (the fastest way on this VM), else the
+    page cache; returns whether it was direct. `data` must be page-aligned, as O_DIRECT needs (page_aligned)."""
+    view = memoryview(data).cast("B")
+    fd, direct = open_direct(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     try:
         for at in range(0, len(view), WRITE_SLICE):
             os.write(fd, view[at : at + WRITE_SLICE])
         os.fsync(fd)
     finally:
         os.close(fd)
+    return direct
+
+
+def follow_parent() -> None:
+    """Exit when the benchmark that started this child is gone (killed on a timeout, say): nothing is left behind."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def page_aligned(count: int) -> np.ndarray:
@@ -78,20 +97,17 @@ def page_aligned(count: int) -> np.ndarray:
     return np.frombuffer(mmap.mmap(-1, count * 4), np.float32)
 
 
-def disk_seconds(folder: Path, nbytes: int) -> dict[str, float]:
+def disk_seconds(folder: Path, nbytes: int) -> dict[str, Any]:
     """This disk's own speed, as fedlearn's server uses it for model-sized files: a new file written direct and
-    fsynced, then read back direct."""
+    fsynced, then read back direct (disk_direct: false where the file system refused direct I/O)."""
     data = page_aligned(nbytes // 4)
     data.fill(1.0)
     path = folder / "disk.bin"
     t0 = time.perf_counter()
-    write_durably(path, data)
+    wrote_direct = write_durably(path, data)
     t1 = time.perf_counter()
     view = memoryview(data).cast("B")
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        fd = os.open(path, os.O_RDONLY)
+    fd, read_direct = open_direct(path, os.O_RDONLY)
     try:
         for at in range(0, len(view), WRITE_SLICE):
             os.preadv(fd, [view[at : at + WRITE_SLICE]], at)
@@ -99,10 +115,11 @@ def disk_seconds(folder: Path, nbytes: int) -> dict[str, float]:
         os.close(fd)
     t2 = time.perf_counter()
     path.unlink()
-    return {"disk_write_s": t1 - t0, "disk_read_s": t2 - t1}
+    return {"disk_write_s": t1 - t0, "disk_read_s": t2 - t1, "disk_direct": wrote_direct and read_direct}
 
 
 def serve(kit_folder: Path, nbytes: int, out_file: Path) -> int:
+    follow_parent()
     context = server_ssl_context(load_kit(kit_folder))
     model = page_aligned(nbytes // 4)
     model.fill(1.0)
@@ -155,12 +172,14 @@ def serve(kit_folder: Path, nbytes: int, out_file: Path) -> int:
 
 
 def site(kit_folder: Path, port: int, nbytes: int) -> int:
+    follow_parent()
     startup = kit_folder / "startup"
     files = {"ssl_root_cert": startup / CA_FILE, "ssl_cert": startup / CERT_FILE, "ssl_private_key": startup / KEY_FILE}
     context = client_ssl_context(files, kit_folder.name)
     with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as conn:
         print(json.dumps({"ready": True}), flush=True)
-        sys.stdin.readline()  # the barrier: every site connected
+        if sys.stdin.readline().strip() != "go":  # the barrier: every site connected
+            return 1
         pull_start = time.perf_counter()
         conn.sendall(b"P")
         weights = np.empty(nbytes // 4, np.float32)
@@ -212,19 +231,17 @@ def one_round(work: Path, size_mib: float) -> dict:
         for s in sites:
             s.stdin.write("go\n")
             s.stdin.flush()
-        try:
-            times = [read_json_line(s) for s in sites]
-        finally:
-            errors = read_json_line(server)["errors"]
+        times = [read_json_line(s) for s in sites]  # a site that failed raises; the server is then killed below
+        errors = read_json_line(server)["errors"]
         if errors:
             raise RuntimeError("the server: " + "; ".join(errors))
         start = min(t["pull_start"] for t in times)
         round_wall = max(t["push_end"] for t in times) - start
         pulls_done = max(t["pull_end"] for t in times) - start
     finally:
-        for child in children:  # each has ended or is about to; one that hangs is killed
+        for child in children:  # each has ended or is about to, unless the round failed; one that hangs is killed
             try:
-                child.wait(timeout=30)
+                child.wait(timeout=30 if sys.exc_info()[0] is None else 1)
             except subprocess.TimeoutExpired:
                 child.kill()
                 child.wait()

@@ -128,7 +128,13 @@ def imports_floor() -> float:
     have all finished."""
     t0 = time.perf_counter()
     procs = [subprocess.Popen([sys.executable, "-c", code]) for code in FLOOR_IMPORTS]
-    codes = [p.wait() for p in procs]
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:  # only one that hung is still running
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     if any(codes):
         raise SystemExit(f"the floor's imports failed: exit codes {codes}")
     return time.perf_counter() - t0

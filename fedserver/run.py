@@ -488,6 +488,11 @@ class FederatedRun:
             self._final_metrics[site] = dict(metrics)
             self._write_summary()
 
+    def final_metrics_sites(self) -> set[str]:
+        """The sites that have reported their metrics of the final global model."""
+        with self._cond:
+            return set(self._final_metrics)
+
     def tick(self, active_sites: set[str], dropped: list[str] = ()) -> None:
         """Close the round when its wait has run out or dropped sites leave it complete.
 

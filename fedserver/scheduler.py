@@ -36,8 +36,8 @@ DISPATCH_WAIT_S = 120.0
 # A job's site whose worker has not joined the run this long after the job started counts as gone once
 # heart_beat_timeout more has passed (a worker imports torch and its trainer before it registers).
 STARTUP_GRACE_S = 60.0
-# After its run completes, a job stays RUNNING until each of its connected sites reports its worker's end (the worker
-# validates the final model and reports it first), or this long at most.
+# After its run completes, a job stays RUNNING until each of its sites that joined the run and is connected has
+# reported its metrics of the final model (before any cross-site validation) or its worker's end; this long at most.
 FINISH_GRACE_S = 120.0
 
 
@@ -409,20 +409,35 @@ class JobScheduler:
             else:
                 self.store.update(number, state=JobState.ABORTED, reason=detail, ended_at=time.time())
         self.store.note(number, f"run {phase}" + (f": {detail}" if detail else ""))
-        if phase != "completed":
+        if phase == "completed":
+            self.notice_sites_finished()  # they may all have reported already
+        else:
             self._forget(number)
         self.wake()
 
+    def notice_sites_finished(self) -> None:
+        """End each job whose run completed and whose sites are done (_finish); called when a site reports, from
+        any thread, so that a job's end does not wait for this scheduler's thread, which may be starting a job."""
+        now = time.monotonic()
+        for number in list(self._finishing):
+            job = self.store.find(number)
+            if job is not None and job.state == JobState.RUNNING:
+                self._finish(job, now)
+
     def _finish(self, job: Job, now: float) -> None:
-        """End a job whose run completed once each of its sites that is connected has reported its worker's end,
-        or once FINISH_GRACE_S has passed (the job's notes name the sites that did not report)."""
+        """End a job whose run completed once each of its sites that joined the run, has not left it and is
+        connected has reported its final metrics or its worker's end, or once FINISH_GRACE_S has passed (the
+        job's notes name the sites that did not report)."""
         number = job.job_id
         since = self._finishing.get(number)
         if since is None:
             return  # aborted meanwhile
         ended = self._server.mailbox.ended_in_run(number)
+        finished = set(ended) | self._server.final_metrics_sites(number)
         connected = set(self._server.mailbox.connected_sites())
-        waiting = [site for site in job.sites if site not in ended and site in connected]
+        joined = self._server.registry.ever_in_run(number)
+        left = self._gone.get(number, set())  # sites whose leaving the notes already give
+        waiting = [s for s in job.sites if s not in finished and s in connected and s in joined and s not in left]
         overdue = now - since >= FINISH_GRACE_S
         if waiting and not overdue:
             return
@@ -433,12 +448,11 @@ class JobScheduler:
         if done is None:
             return
         if waiting:
-            whose = "its worker's end" if len(waiting) == 1 else "their workers' ends"
+            whose = "its final metrics or its worker's end" if len(waiting) == 1 else "their final metrics or ends"
             self.store.note(number, f"{', '.join(waiting)} did not report {whose} within {FINISH_GRACE_S:g}s")
-        told = self._gone.get(number, set())  # sites whose leaving the notes already give
         for site in job.sites:
             end = ended.get(site)
-            if site not in told and end is not None and end.get("exit_code") not in (0, None):
+            if site not in left and end is not None and end.get("exit_code") not in (0, None):
                 self.store.note(number, f"after the run completed, {_leaving_words(site, end, 0)}")
         self._forget(number)
         self.wake()
@@ -455,7 +469,8 @@ class JobScheduler:
             self._gone[job.job_id] = set()
         elif status in ("completed", "aborted"):
             state = JobState.COMPLETED if status == "completed" else JobState.ABORTED
-            self.store.update(job.job_id, state=state, ended_at=time.time())
+            cleared = {"reason": ""} if state == JobState.COMPLETED else {}  # not "waiting for its sites to finish"
+            self.store.update(job.job_id, state=state, ended_at=time.time(), **cleared)
         else:
             self.store.update(
                 job.job_id, state=JobState.FAILED, reason=f"its run is {status} after a restart", ended_at=time.time()

@@ -522,7 +522,16 @@ class FederationServer:
         """A site's report as the mailbox took it: progress goes to tracking; a worker's end may end a job."""
         self.tracking.site_result(site, topic, data)
         if topic == ResultTopic.TRAINING_ENDED:
-            self.jobs.wake()
+            self.site_finished()
+
+    def site_finished(self) -> None:
+        """A site reported its final metrics or its worker's end: a job whose run completed may end now."""
+        self.jobs.notice_sites_finished()
+
+    def final_metrics_sites(self, run_number: int) -> set[str]:
+        """The sites that have reported their metrics of live run `run_number`'s final model."""
+        run = self.runs.get(run_number)
+        return run.final_metrics_sites() if run is not None else set()
 
     def run_sites(self, run_number: int) -> set[str]:
         """The sites registered in run `run_number` now."""

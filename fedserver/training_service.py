@@ -410,6 +410,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             run.report_final_metrics(session.name, dict(request.metrics))
         except MetricsError as e:
             return pb.Ack(ok=False, message=str(e))
+        self._server.site_finished()
         return pb.Ack(ok=True)
 
     # ---- cross-site validation (DESIGN §9) -----------------------------------------------------------

@@ -266,10 +266,23 @@ class _FinishingMailbox:
         return dict(self.ended.get(number, {}))
 
 
+class _Registry:
+    def __init__(self, joined):
+        self.joined = set(joined)
+
+    def ever_in_run(self, number):
+        return set(self.joined)
+
+
 class _FinishingServer(_Server):
     def __init__(self, connected):
         super().__init__()
         self.mailbox = _FinishingMailbox(connected)
+        self.registry = _Registry(("site-1", "site-2"))
+        self.final_metrics: dict[int, set[str]] = {}
+
+    def final_metrics_sites(self, number):
+        return set(self.final_metrics.get(number, set()))
 
 
 def _running_job(tmp_path, archive, connected=("site-1", "site-2")):
@@ -316,7 +329,43 @@ def test_a_completed_runs_job_ends_after_the_grace_when_a_site_never_reports(tmp
     scheduler._follow_running()
     job = scheduler.store.get(number)
     assert job.state == JobState.COMPLETED
-    assert job.notes[-1].endswith(f"site-1 did not report its worker's end within {scheduler_module.FINISH_GRACE_S:g}s")
+    grace = scheduler_module.FINISH_GRACE_S
+    assert job.notes[-1].endswith(f"site-1 did not report its final metrics or its worker's end within {grace:g}s")
+
+
+def test_a_completed_runs_job_ends_once_its_sites_report_their_final_metrics_from_the_reporting_thread(
+    tmp_path, archive
+):
+    # With cross-site validation a worker goes on after reporting its final metrics: those are what a job waits for,
+    # and the report ends the job at once, from the thread that took it, not at the scheduler's next pass.
+    server, scheduler, number = _running_job(tmp_path, archive)
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    server.final_metrics[number] = {"site-1"}
+    scheduler.notice_sites_finished()
+    assert scheduler.store.get(number).state == JobState.RUNNING
+    server.final_metrics[number].add("site-2")
+    reporter = threading.Thread(target=scheduler.notice_sites_finished)
+    reporter.start()
+    reporter.join()
+    assert scheduler.store.get(number).state == JobState.COMPLETED
+
+
+def test_a_completed_runs_job_does_not_wait_for_a_site_that_left_or_never_joined_the_run(tmp_path, archive):
+    server, scheduler, number = _running_job(tmp_path, archive)
+    server.registry.joined = {"site-1"}  # site-2 never joined the run
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.RUNNING  # site-1 still validates the final model
+    server.final_metrics[number] = {"site-1"}
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.COMPLETED
+
+    server, scheduler, number = _running_job(tmp_path / "second", archive)
+    scheduler._gone[number] = {"site-2"}  # left during the run; the notes already say so
+    scheduler._run_ended(number, "completed", "completed after round 2")
+    server.mailbox.ended[number] = {"site-1": {"exit_code": 0}}
+    scheduler._follow_running()
+    assert scheduler.store.get(number).state == JobState.COMPLETED
 
 
 def test_an_aborted_run_ends_its_job_at_once_and_an_abort_while_finishing_wins(tmp_path, archive):
