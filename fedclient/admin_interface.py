@@ -593,8 +593,7 @@ class ResultForwarder:
                 if not self._progress and not self._ended:
                     return
                 wait = self._last + self.interval - time.monotonic()
-                # The interval spaces progress reports; a worker's end is what `wait` and a job wait for: not held.
-                if self._progress and wait > 0 and not self._closed and not self._ended:
+                if self._progress and wait > 0 and not self._closed:
                     self._cond.wait(wait)
                     continue
                 progress, self._progress = list(self._progress.values()), {}

@@ -29,7 +29,7 @@ from fedclient.admin import (
     retry_pause,
 )
 from fedclient.admin_commands import seed_processors, site_processors
-from fedclient.admin_interface import ClientAdminInterface, ResultForwarder
+from fedclient.admin_interface import ClientAdminInterface
 from fedclient.client_executor import ClientExecutor
 from fedclient.client_status import ClientStatus
 from fedclient.local_policy import LocalPolicy
@@ -1157,28 +1157,3 @@ def test_the_agents_retry_pause_doubles_and_is_capped_at_two_seconds():
         assert max(pauses) <= 2.0, (interval, max(pauses))
         assert pauses == sorted(pauses)
     assert [retry_pause(k, 0.5) for k in (1, 2, 3, 4)] == [0.5, 1.0, 2.0, 2.0]
-
-
-class _RecordingSender:
-    def __init__(self):
-        self.sent: queue.Queue[tuple[str, dict]] = queue.Queue()
-
-    def send_result(self, message: Message) -> None:
-        self.sent.put((message.topic, json.loads(message.body)))
-
-
-def test_a_workers_end_is_sent_at_once_with_the_progress_before_it_not_after_the_progress_interval():
-    sender = _RecordingSender()
-    forwarder = ResultForwarder(sender, interval=60)
-    try:
-        forwarder.progress({"run_number": 1, "round": 0})
-        assert sender.sent.get(timeout=10) == ("progress", {"run_number": 1, "round": 0})
-        # Within the interval: progress waits for it, unless the worker's end comes; then both go now, in order.
-        forwarder.progress({"run_number": 1, "round": 1})
-        time.sleep(0.2)
-        assert sender.sent.empty()
-        forwarder.ended({"run_number": 1, "exit_code": 0})
-        assert sender.sent.get(timeout=10) == ("progress", {"run_number": 1, "round": 1})
-        assert sender.sent.get(timeout=10) == ("training_ended", {"run_number": 1, "exit_code": 0})
-    finally:
-        forwarder.close()
