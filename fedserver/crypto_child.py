@@ -124,11 +124,6 @@ class KitCheck:
         return replace(self._kit, org=org)
 
 
-def checked_kit(kit: Kit, role: str, command: str) -> Kit:
-    """KitCheck(kit, role, command).kit(): the kit once a child has checked it."""
-    return KitCheck(kit, role, command).kit()
-
-
 def load_crl(path: Path, ca_pem: bytes) -> tuple[int, frozenset[int]]:
     """fedcommon.revocation.load_crl, in a child: (CRL number, revoked serials); RevocationError if not trusted."""
     stamp = _safe_stamp(path)

@@ -109,7 +109,7 @@ class JobScheduler:
         self._started: dict[int, float] = {}  # when the scheduler began following each running job
         # Sites of a job the server was starting when it stopped, not yet told (again) to start its run.
         self._restart_pending: dict[int, set[str]] = {}
-        # Jobs whose run completed, and since when: they end once their sites' workers have (_finish).
+        # Jobs whose run completed, and since when: they end once their sites have reported (_finish).
         self._finishing: dict[int, float] = {}
         self._capacity: dict[str, tuple[float, Capacity]] = {}
         server.on_run_end(self._run_ended)

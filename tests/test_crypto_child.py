@@ -41,23 +41,23 @@ def _refusal(call) -> tuple[type, str, bool]:
 
 
 def test_the_kit_check_in_a_child_is_load_participant_kits(ws, tmp_path):
-    kit = crypto_child.checked_kit(load_kit(ws / "server", check_certificates=False), "server", "fedserver start")
+    kit = crypto_child.KitCheck(load_kit(ws / "server", check_certificates=False), "server", "fedserver start").kit()
     assert kit == load_participant_kit(ws / "server", "server", "fedserver start")
     site = load_kit(ws / "site-1", check_certificates=False)
-    refused = _refusal(lambda: crypto_child.checked_kit(site, "server", "fedserver start"))
+    refused = _refusal(lambda: crypto_child.KitCheck(site, "server", "fedserver start").kit())
     assert refused == _refusal(lambda: load_participant_kit(ws / "site-1", "server", "fedserver start"))
     assert refused[0] is KitError and "needs the server's kit" in refused[1]
     mixed = shutil.copytree(ws / "server", tmp_path / "server")
     shutil.copy(prepare_workspace(tmp_path / "other", clients=1) / "ca" / "rootCA.pem", mixed / "startup")
     kit = load_kit(mixed, check_certificates=False)
-    refused = _refusal(lambda: crypto_child.checked_kit(kit, "server", "fedserver start"))
+    refused = _refusal(lambda: crypto_child.KitCheck(kit, "server", "fedserver start").kit())
     assert refused == _refusal(lambda: load_participant_kit(mixed, "server", "fedserver start"))
     assert "not issued by the CA" in refused[1]
 
 
 def test_the_crl_the_kit_check_read_is_not_read_again_unless_it_changed(ws, monkeypatch):
     monkeypatch.setattr(crypto_child, "_checked_crls", {})
-    kit = crypto_child.checked_kit(load_kit(ws / "server", check_certificates=False), "server", "fedserver start")
+    kit = crypto_child.KitCheck(load_kit(ws / "server", check_certificates=False), "server", "fedserver start").kit()
     crl = ws / "server" / "startup" / "crl.pem"
     monkeypatch.setattr(crypto_child.sys, "executable", "/bin/false")  # from here on, no child can check
     st = os.stat(crl)

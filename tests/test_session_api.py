@@ -160,7 +160,7 @@ def test_a_notebook_style_script_runs_a_poc_federation_end_to_end(tmp_path):
             job = session.submit(mmar, name="ci")
             job = session.wait_job(job.job_id, timeout=280)
             assert job.completed, job.data
-            # A job ends once its sites' workers have ended, so the final model's validation is recorded by now.
+            # A job ends once its sites have reported their final metrics: the final validation is recorded by now.
             metrics = session.metrics(job.run_number)
             accuracy = metrics.final("accuracy")
             assert accuracy is not None and accuracy > 0.8, metrics.records
