@@ -1,6 +1,7 @@
 """The server's round close alone: a DiskSum of two staged uploads and write_next_model, timed (and profiled).
 
-Usage: PYTHONPATH=. python benchmarks/close_bench.py --mib 1024 [--repeat 2] [--profile out.prof]
+Usage: PYTHONPATH=. python benchmarks/close_bench.py --mib 1024 [--repeat 2] [--memory] [--profile out.prof]
+--memory: the uploads are mirrored into the round's sum in memory (fedserver.memory_sum), as "round_sum" keeps it.
 Each repeat builds fresh inputs (the model and two staged uploads on disk) outside the timed part.
 """
 
@@ -22,11 +23,14 @@ from fedcommon.model_file import ModelFileWriter
 from fedserver.aggregation import FedAvg, StateFiles, write_next_model
 from fedserver.aggregator import VarSpec
 from fedserver.disk_sum import DiskSum
+from fedserver.memory_sum import MemorySum
 from fedserver.staged_upload import StagedUpload
 
 
-def build(folder: Path, model_bytes: int, tensor_bytes: int, block_bytes: int | None) -> tuple[Path, DiskSum]:
-    """A float32 model file and a DiskSum holding two staged uploads of the same layout."""
+def build(
+    folder: Path, model_bytes: int, tensor_bytes: int, block_bytes: int | None, memory: bool = False
+) -> tuple[Path, DiskSum]:
+    """A float32 model file and a DiskSum holding two staged uploads of the same layout (mirrored in memory too)."""
     n = tensor_bytes // 4
     specs = {f"layer{i:04d}.weight": VarSpec(np.dtype(np.float32), (n,)) for i in range(model_bytes // tensor_bytes)}
     rng = np.random.default_rng(0)
@@ -41,9 +45,10 @@ def build(folder: Path, model_bytes: int, tensor_bytes: int, block_bytes: int | 
         os.fsync(f.fileno())
         # as on the server, whose model was written with direct I/O: not in the page cache
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
-    total = DiskSum(folder, specs, max_weight=10.0, block_bytes=block_bytes)
+    mirror = MemorySum(specs) if memory else None
+    total = DiskSum(folder, specs, max_weight=10.0, block_bytes=block_bytes, memory=mirror)
     for weight in (3.0, 5.0):
-        staged = StagedUpload(folder / "staging", specs)
+        staged = StagedUpload(folder / "staging", specs, mirror=mirror.writer(weight / 10.0) if mirror else None)
         for k in specs:
             staged.write(k, 0, block * (weight / 10))
         total.add(staged, weight)
@@ -63,6 +68,7 @@ def main() -> None:
     parser.add_argument(
         "--sum-block-mib", type=int, default=None, help="the sum's read block (default: sized to the model)"
     )
+    parser.add_argument("--memory", action="store_true", help="the round's sum mirrored in memory")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of the last close here")
     args = parser.parse_args()
@@ -70,7 +76,8 @@ def main() -> None:
     for _ in range(args.repeat):
         folder = Path(tempfile.mkdtemp(prefix="close-bench-", dir=args.workdir))
         try:
-            model, total = build(folder, args.mib << 20, args.tensor_mib << 20, (args.sum_block_mib or 0) << 20 or None)
+            block = (args.sum_block_mib or 0) << 20 or None
+            model, total = build(folder, args.mib << 20, args.tensor_mib << 20, block, args.memory)
             prof = cProfile.Profile() if args.profile else None
             t0, c0 = time.perf_counter(), cpu()
             if prof:
@@ -83,7 +90,7 @@ def main() -> None:
             total.clear()
         finally:
             shutil.rmtree(folder, ignore_errors=True)
-    print(json.dumps({"mib": args.mib, "closes": results}))
+    print(json.dumps({"mib": args.mib, "memory": args.memory, "closes": results}))
 
 
 if __name__ == "__main__":

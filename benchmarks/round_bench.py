@@ -267,6 +267,15 @@ def aggregate_seconds(log_path: Path) -> float | None:
     return float(found[-1]) if found else None
 
 
+def sum_read_from(log_path: Path) -> str | None:
+    """Where the server's close read the round's sum from ("memory" or "disk"), as its log says."""
+    try:
+        found = re.findall(r"its sum read from (\w+)", log_path.read_text(errors="replace"))
+    except OSError:
+        return None
+    return found[-1] if found else None
+
+
 def bench_round(
     size_mib: float, work: Path, tensor_mib: float, timeout_s: float, profile: bool, server_args: list[str]
 ) -> dict[str, Any]:
@@ -348,6 +357,7 @@ def bench_round(
         rounds = (summary or {}).get("rounds") or []
         out["server_round_duration_s"] = rounds[0].get("duration_s") if rounds else None
         out["server_aggregate_s"] = aggregate_seconds(kits / "server" / "log.txt")
+        out["server_sum_read_from"] = sum_read_from(kits / "server" / "log.txt")
         out["completed"] = out["status"] == "completed"
 
         out["round_wall_s"] = max(r["push_end"] for r in results.values()) - min(

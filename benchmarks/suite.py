@@ -138,6 +138,14 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
             )
         )
         if target is not None:
+            where = sorted({r.get("server_sum_read_from") or "?" for r in runs})
+            figures.append(
+                figure(
+                    f"  its close: aggregation + model write, sum from {'/'.join(where)}",
+                    [r["server_aggregate_s"] for r in runs if r.get("server_aggregate_s") is not None],
+                    "s",
+                )
+            )
             figures += round_floor_figures(size, args.repeat)
             for what in ("read", "write"):
                 figures.append(

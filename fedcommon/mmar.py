@@ -24,6 +24,7 @@ ENVIRONMENT = "config/environment.json"
 CUSTOM_DIR = "custom"
 FORMAT_VERSION = 1
 WEIGHT_BY = ("iterations", "samples", "uniform")
+ROUND_SUM = ("auto", "memory", "disk")  # config_fed_server.json "round_sum": see ServerConfig
 DEFAULT_MAX_NUM_CLIENTS = 100
 # Components come from the MMAR's custom/ or from these packages, never from any other installed module.
 FEDLEARN_PACKAGES = ("fedclient", "fedcommon", "fedserver")
@@ -72,6 +73,10 @@ class ServerConfig:
     persist_open_round: bool = True
     # The largest weight (samples or iterations) a site may claim for one contribution.
     max_contribution_weight: float = 1e9
+    # Where the close reads the open round's running sum (ROUND_SUM): "memory" keeps a model-sized copy of it,
+    # added to as uploads arrive, beside the files on disk; "auto" does so from 256 MiB up while it fits in a
+    # quarter of the memory available (fedserver.memory_sum).
+    round_sum: str = "auto"
     # How a round's updates become the next global model (fedcommon.algorithms.AGGREGATORS, or a custom class).
     aggregator: AggregatorChoice = field(default_factory=AggregatorChoice)
 
@@ -308,12 +313,15 @@ def _format_version(value: Any, key: str, report: Report) -> Any:
     return value
 
 
-def _weight_by(value: Any, key: str, report: Report) -> Any:
-    if not isinstance(value, str) or value not in WEIGHT_BY:
-        choices = ", ".join(repr(c) for c in WEIGHT_BY)
-        report(key, f"must be one of {choices}, got {_describe(value)}")
-        return _BAD
-    return value
+def _one_of(allowed: tuple[str, ...]) -> Callable[[Any, str, Report], Any]:
+    def check(value: Any, key: str, report: Report) -> Any:
+        if not isinstance(value, str) or value not in allowed:
+            choices = ", ".join(repr(c) for c in allowed)
+            report(key, f"must be one of {choices}, got {_describe(value)}")
+            return _BAD
+        return value
+
+    return check
 
 
 def _exclude_vars(value: Any, key: str, report: Report) -> Any:
@@ -607,6 +615,7 @@ def _server_config(reader: _Reader, root: Path, custom_dir: Path) -> ServerConfi
         "aggregation_weights": reader.take("aggregation_weights", _aggregation_weights, {}),
         "persist_open_round": reader.take("persist_open_round", _boolean, True),
         "max_contribution_weight": reader.take("max_contribution_weight", _number(0, exclusive=True), 1e9),
+        "round_sum": reader.take("round_sum", _one_of(ROUND_SUM), "auto"),
         "aggregator": reader.take("aggregator", _aggregator(custom_dir), AggregatorChoice()),
     }
     initial = reader.take("initial_model", _initial_model(root, custom_dir))
@@ -630,7 +639,7 @@ def _client_config(reader: _Reader, custom_dir: Path) -> ClientConfig | None:
     values = {
         "task_name": reader.take("task_name", _string),
         "exclude_vars": reader.take("exclude_vars", _exclude_vars, ()),
-        "weight_by": reader.take("weight_by", _weight_by, "iterations"),
+        "weight_by": reader.take("weight_by", _one_of(WEIGHT_BY), "iterations"),
         "retry_timeout": reader.take("retry_timeout", _number(0, exclusive=True), 30.0),
         "heartbeat_interval": reader.take("heartbeat_interval", _optional_number(0, exclusive=True), None),
         "privacy": reader.take("privacy", _privacy(custom_dir), None),

@@ -28,6 +28,7 @@ from fedcommon.direct_io import BLOCK, DirectWriter, ReadAhead, io_block_bytes, 
 from fedcommon.dtypes import accumulator_dtype
 from fedcommon.model_file import TensorEntry, allocate_model_file, read_index
 from fedserver.aggregator import MAX_CONTRIBUTORS, ContributionError, VarSpec, check_weight
+from fedserver.memory_sum import MemorySum
 from fedserver.staged_upload import StagedUpload
 
 _TERM = re.compile(r"open_round\.(\d{1,9})\.fl")
@@ -61,8 +62,10 @@ class DiskSum:
         max_weight: float = 1e9,
         max_terms: int = 2,
         block_bytes: int | None = None,
+        memory: MemorySum | None = None,
     ):
-        """block_bytes: what one read of a term takes (default: sized to the model, fedcommon.direct_io)."""
+        """block_bytes: what one read of a term takes (default: sized to the model, fedcommon.direct_io);
+        memory: the run's sum in memory, which this round's uploads mirror into (fedserver.memory_sum)."""
         self.folder = folder
         self.specs = specs
         self.excluded = excluded
@@ -78,10 +81,20 @@ class DiskSum:
         self._buffers: tuple[ReadAhead, np.ndarray] | None = None  # kept between variables: see _scratch
         self._stream: Iterator[tuple[str, int, np.ndarray]] | None = None  # take_mean's blocks, read ahead
         self._head: tuple[str, int, np.ndarray] | None = None  # the stream's next block
+        self.memory = memory
+        self._memory_holds: bool | None = None  # whether `memory` holds exactly the terms (asked once they are all in)
+        self._read_from_memory: set[str] = set()  # means already taken from `memory` (divided there in place)
+        if memory is not None:
+            memory.reset()
 
     @property
     def empty(self) -> bool:
         return not self._terms
+
+    @property
+    def read_from_memory(self) -> bool:
+        """Whether the means taken so far came from the memory mirror (no term read back)."""
+        return bool(self._read_from_memory)
 
     def add(self, staged: StagedUpload, weight: float) -> None:
         """Add weight x the staged update: its file becomes a term (taken from `staged`)."""
@@ -98,6 +111,9 @@ class DiskSum:
         staged.taken = True
         self._terms.append(Term(path, w, {n: w for n in staged.received}))
         self._count += 1
+        self._memory_holds = None
+        if self.memory is not None:
+            self.memory.commit(staged.mirror, w)
 
     def _new_path(self) -> Path:
         self._next += 1
@@ -185,15 +201,23 @@ class DiskSum:
         """The weighted mean of variable `name`'s updates, or None when no contribution carries it.
 
         Asked in layout order (as the round's close asks), each variable's blocks were read ahead while the caller
-        worked on the one before.
+        worked on the one before. Where the memory mirror holds exactly the round's terms, the mean is its sum divided
+        in place, and nothing is read.
         """
         carriers = [t for t in self._terms if name in t.weights]
         if not carriers:
             return None
         spec = self.specs[name]
         dtype = accumulator_dtype(spec.dtype)
-        out = np.empty(math.prod(spec.shape), dtype)
         weight = sum(t.weights[name] for t in carriers)
+        if self.memory is not None and name not in self._read_from_memory:
+            if self._memory_holds is None:
+                self._memory_holds = self.memory.seal(self._count)
+            if self._memory_holds:
+                self._read_from_memory.add(name)
+                sums = self.memory.view(name)
+                return np.divide(sums, weight, out=sums)
+        out = np.empty(math.prod(spec.shape), dtype)
         if self._head is None or self._head[0] != name:  # not what the stream has next: start it at `name`
             self._end_stream()
             names = [n for n, _, _ in self.layout]
@@ -240,6 +264,7 @@ class DiskSum:
             self._next = max(self._next, int(match.group(1)))
         self._end_stream()
         self._terms, self._count = taken, count
+        self._memory_holds = None
 
     def drop_retired(self) -> None:
         """Delete the folded terms' files (no snapshot names them any more)."""
@@ -253,6 +278,7 @@ class DiskSum:
         self._end_stream()
         self._terms, self._count = [], 0
         self._buffers = None
+        self.memory = None
         self.drop_retired()
 
 

@@ -36,6 +36,7 @@ from fedserver.aggregation import (
 )
 from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
 from fedserver.disk_sum import DiskSum, remove_term_files
+from fedserver.memory_sum import MemorySum, keep_in_memory, memory_available, sum_bytes
 from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
 from fedserver.staged_upload import DROP, KEEP, STAGE, StagedUpload
 
@@ -154,6 +155,7 @@ class FederatedRun:
         # Weights enter the sums divided by the largest weight a contribution can have (see fedserver.aggregator).
         self._largest = config.max_contribution_weight * max([1.0, *config.aggregation_weights.values()])
         self._checker = UpdateAccumulator(self._specs, self._excluded, self._largest)
+        self._memory_sum: MemorySum | None = None
         self.phase = Phase.TRAINING
         self._rounds: list[dict[str, Any]] = []
         self._final_metrics: dict[str, dict[str, float]] = {}
@@ -162,6 +164,11 @@ class FederatedRun:
         first = self._restore(index) if resume else config.start_round
         if first >= self.end_round:  # its last round closed as the server stopped
             self.phase, first = Phase.COMPLETED, self.end_round - 1
+        streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
+        nbytes = sum_bytes(self._specs, self._excluded)
+        if streaming and self.phase is Phase.TRAINING and keep_in_memory(config.round_sum, nbytes, memory_available()):
+            self._memory_sum = MemorySum(self._specs, self._excluded)
+            log.info("run %d: each round's sum is also kept in memory (%.0f MiB)", run_number, nbytes / (1 << 20))
         self._round = self._new_round(first)
         if not (resume and self.phase is Phase.TRAINING and self._restore_open_round()):
             self._round = self._new_round(first)  # nothing half-restored stays
@@ -364,9 +371,25 @@ class FederatedRun:
             return KEEP
         return STAGE if kept else DROP
 
-    def stage_upload(self) -> StagedUpload:
-        """A new staging file for one upload, under the run's models folder."""
-        return StagedUpload(self.staging_folder, self._specs, self._excluded)
+    def stage_upload(self, site: str = "", weight: float | None = None) -> StagedUpload:
+        """A new staging file for one upload, under the run's models folder; given the site and the weight its upload
+        claims, the upload also streams into the round's sum in memory, where the run keeps one."""
+        accumulator = self._round.accumulator
+        memory = accumulator.memory if accumulator is not None else None  # read once: a close or abort may clear it
+        mirror = None
+        if memory is not None and weight is not None and site:
+            valid = not isinstance(weight, bool) and math.isfinite(weight) and 0 < weight
+            if valid and weight <= self.config.max_contribution_weight:  # else refused in commit: nothing to mirror
+                a = self.config.aggregation_weights.get(site, 1.0)
+                try:
+                    mirror = memory.writer((a * weight) / self._largest)  # as DiskSum.add scales it
+                except (MemoryError, OSError) as e:  # the first writer allocates: the run goes on with the disk
+                    log.warning("run %d: the round sum stays on disk only: %s", self.run_number, e)
+                    with self._cond:
+                        self._memory_sum = None
+                        if self._round.accumulator is not None:
+                            self._round.accumulator.memory = None
+        return StagedUpload(self.staging_folder, self._specs, self._excluded, mirror)
 
     def abandon_contribution(self, site: str, round_number: int, reason: str) -> None:
         """Release `site`'s claim after a refused or broken upload, and note why."""
@@ -508,6 +531,9 @@ class FederatedRun:
         with self._cond:
             if self.phase is Phase.TRAINING:
                 self.phase = Phase.ABORTED
+                self._memory_sum = None
+                if self._round.accumulator is not None:
+                    self._round.accumulator.memory = None
                 self._write_summary()
                 self._cond.notify_all()
 
@@ -538,6 +564,7 @@ class FederatedRun:
             return
         if r.store is not None:
             r.store.clear()
+        from_memory = r.accumulator is not None and r.accumulator.read_from_memory
         if r.accumulator is not None:
             r.accumulator.clear()
         self._rounds.append(
@@ -553,14 +580,16 @@ class FederatedRun:
             }
         )
         log.info(
-            "run %d round %d closed with %s (aggregated in %.2fs)",
+            "run %d round %d closed with %s (aggregated in %.2fs, its sum read from %s)",
             self.run_number,
             r.number,
             ", ".join(sorted(r.contributors)),
             time.monotonic() - started,
+            "memory" if from_memory else "disk" if r.accumulator is not None else "the updates",
         )
         if r.number + 1 >= self.end_round:
             self.phase = Phase.COMPLETED
+            self._memory_sum = None  # the last round's sum: its memory goes back
             log.info("run %d completed after round %d", self.run_number, r.number)
         else:
             self._round = self._new_round(r.number + 1)
@@ -648,7 +677,9 @@ class FederatedRun:
         streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
         r = _RoundState(number, time.monotonic(), None)
         if streaming:
-            r.accumulator = DiskSum(self.open_round_path.parent, self._specs, self._excluded, self._largest)
+            r.accumulator = DiskSum(
+                self.open_round_path.parent, self._specs, self._excluded, self._largest, memory=self._memory_sum
+            )
         else:  # reopens the updates a stopped server kept; _forget_open_round clears them
             r.store = UpdateStore(self.updates_folder, self._specs, self._excluded, self._largest)
         if self.scaffold:

@@ -19,6 +19,7 @@ from fedcommon.run_folder import make_folders
 from fedcommon.tensor_codec import CodecError, TensorAssembler, TensorSpec, spec_from_header
 from fedcommon.wire import training_pb2 as pb
 from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
+from fedserver.memory_sum import SumWriter
 
 # What the receiver does with a tensor, as a route callback decides after checking its header.
 STAGE = "stage"  # an aggregated variable: into the staging file
@@ -33,8 +34,16 @@ class StagedUpload:
     those the upload carried. The owner either hands the file on (`taken`) or calls `discard`.
     """
 
-    def __init__(self, folder: Path, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
+    def __init__(
+        self,
+        folder: Path,
+        specs: dict[str, VarSpec],
+        excluded: frozenset[str] = frozenset(),
+        mirror: SumWriter | None = None,
+    ):
+        """mirror: where the values also go as they are written (the open round's sum in memory, if it has one)."""
         make_folders(folder)
+        self.mirror = mirror
         self.path = folder / f"upload-{secrets.token_hex(8)}.fl"
         self.received: set[str] = set()
         self.extra: dict[str, np.ndarray] = {}  # tensors kept in memory (SCAFFOLD's delta c)
@@ -82,9 +91,10 @@ class StagedUpload:
             values = values.astype(entry.dtype)
         if self._writer is None:
             raise ValueError(f"{self.path.name}: written after close")
-        self._writer.pwrite(
-            np.ascontiguousarray(values).reshape(-1).view(np.uint8), entry.offset + start * entry.dtype.itemsize
-        )
+        values = np.ascontiguousarray(values).reshape(-1)
+        self._writer.pwrite(values.view(np.uint8), entry.offset + start * entry.dtype.itemsize)
+        if self.mirror is not None:
+            self.mirror.add(name, start, values)
         self.received.add(name)
 
     def close(self) -> None:
@@ -103,6 +113,8 @@ class StagedUpload:
     def discard(self) -> None:
         """Close, and delete the file unless it was taken; safe to call more than once."""
         try:
+            if not self.taken and self.mirror is not None:
+                self.mirror.drop()
             if not self.taken and self._writer is not None:  # its buffered bytes are of no use: not written
                 self._writer.abandon()
                 self._writer = None

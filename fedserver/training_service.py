@@ -351,7 +351,7 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
             return self._refuse(session, head.round, str(e))
         try:
             with self._upload_slots.hold(session.name, alive=alive):
-                update = self._receive(chunks, run, head.num_tensors)
+                update = self._receive(chunks, run, head.num_tensors, session.name, head.weight)
             run.commit_contribution(
                 session.name,
                 head.round,
@@ -372,9 +372,12 @@ class TrainingService(pb_grpc.FederatedTrainingServicer):
         self._server.notice_run_ends()  # this contribution may have closed the run's last round
         return pb.SubmitReply(accepted=True, round=head.round)
 
-    def _receive(self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int) -> StagedUpload:
-        """The upload, staged in its own file as it arrives (deleted again when it breaks or is refused)."""
-        staged = run.stage_upload()
+    def _receive(
+        self, chunks: Iterator[pb.ModelChunk], run, num_tensors: int, site: str, weight: float
+    ) -> StagedUpload:
+        """The upload, staged in its own file as it arrives (deleted again when it breaks or is refused); what
+        `site` claims as its `weight` scales it in the round's sum in memory, where the run keeps one."""
+        staged = run.stage_upload(site, weight)
         size = 0
         try:
             received, size = stage_tensors(chunks, run.route_tensor, staged, "a contribution")
