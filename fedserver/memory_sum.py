@@ -19,10 +19,10 @@ import errno
 import math
 import mmap
 import threading
-from pathlib import Path
 
 import numpy as np
 
+from fedcommon.direct_io import round_up
 from fedcommon.dtypes import accumulator_dtype
 from fedserver.aggregator import VarSpec
 
@@ -30,35 +30,17 @@ from fedserver.aggregator import VarSpec
 # reading the terms back costs the close a fraction of a second, and a server of many small runs keeps its memory.
 AUTO_MIN_BYTES = 256 << 20
 AUTO_MEMORY_SHARE = 4
-ALIGN = 64
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python names it from 3.12 on
 
 
-def sum_bytes(specs: dict[str, VarSpec], excluded: frozenset[str]) -> int:
-    """The bytes a model's running sum takes: its aggregated variables in their accumulator dtypes."""
-    sizes = (math.prod(s.shape) * accumulator_dtype(s.dtype).itemsize for n, s in specs.items() if n not in excluded)
-    return sum(_aligned(n) for n in sizes)
-
-
-def memory_available(meminfo: Path = Path("/proc/meminfo")) -> int | None:
-    """MemAvailable in bytes, or None where the system does not say."""
-    try:
-        for line in meminfo.read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def keep_in_memory(choice: str, nbytes: int, available: int | None) -> bool:
+def keep_in_memory(choice: str, nbytes: int, available: int) -> bool:
     """Whether a run keeps its round sum in memory: config_fed_server.json's "round_sum" ("auto", "memory", "disk")
     for a sum of `nbytes`, with `available` bytes of memory free."""
     if choice == "memory":
         return True
     if choice == "disk" or nbytes < AUTO_MIN_BYTES:
         return False
-    return available is not None and nbytes <= available // AUTO_MEMORY_SHARE
+    return nbytes <= available // AUTO_MEMORY_SHARE
 
 
 def populated_zeros(nbytes: int) -> np.ndarray:
@@ -81,10 +63,6 @@ def populated_zeros(nbytes: int) -> np.ndarray:
     return np.frombuffer(area, np.uint8)
 
 
-def _aligned(n: int) -> int:
-    return -(-n // ALIGN) * ALIGN
-
-
 class MemorySum:
     """One model-sized buffer of running sums, one view per aggregated variable; thread-safe.
 
@@ -95,7 +73,7 @@ class MemorySum:
 
     def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
         self._layout = [(n, accumulator_dtype(s.dtype), s.shape) for n, s in specs.items() if n not in excluded]
-        self.nbytes = sum(_aligned(math.prod(shape) * dtype.itemsize) for _, dtype, shape in self._layout)
+        self.nbytes = sum(round_up(math.prod(shape) * dtype.itemsize) for _, dtype, shape in self._layout)
         self._buffer: np.ndarray | None = None  # allocated by the first writer: see _allocate
         self._views: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -115,7 +93,7 @@ class MemorySum:
         for name, dtype, shape in self._layout:
             size = math.prod(shape) * dtype.itemsize
             self._views[name] = self._buffer[end : end + size].view(dtype).reshape(shape)
-            end += _aligned(size)
+            end += round_up(size)
         self._clear()
 
     def _clear(self) -> None:

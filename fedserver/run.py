@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import numpy as np
+import psutil
 
 from fedcommon.algorithms import SCAFFOLD_DELTA_PREFIX
 from fedcommon.atomic import atomic_write_json, atomic_writer
@@ -34,9 +35,9 @@ from fedserver.aggregation import (
     store_deltas,
     write_next_model,
 )
-from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec
+from fedserver.aggregator import AggregateError, ContributionError, UpdateAccumulator, VarSpec, check_weight
 from fedserver.disk_sum import DiskSum, remove_term_files
-from fedserver.memory_sum import MemorySum, keep_in_memory, memory_available, sum_bytes
+from fedserver.memory_sum import MemorySum, keep_in_memory
 from fedserver.run_record import ABORTED, COMPLETED, TRAINING, RunRecord, RunRecordError
 from fedserver.staged_upload import DROP, KEEP, STAGE, StagedUpload
 
@@ -164,11 +165,11 @@ class FederatedRun:
         first = self._restore(index) if resume else config.start_round
         if first >= self.end_round:  # its last round closed as the server stopped
             self.phase, first = Phase.COMPLETED, self.end_round - 1
-        streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
-        nbytes = sum_bytes(self._specs, self._excluded)
-        if streaming and self.phase is Phase.TRAINING and keep_in_memory(config.round_sum, nbytes, memory_available()):
-            self._memory_sum = MemorySum(self._specs, self._excluded)
-            log.info("run %d: each round's sum is also kept in memory (%.0f MiB)", run_number, nbytes / (1 << 20))
+        memory = MemorySum(self._specs, self._excluded)  # nothing allocated before its first writer
+        wanted = keep_in_memory(config.round_sum, memory.nbytes, psutil.virtual_memory().available)
+        if wanted and self._streaming and self.phase is Phase.TRAINING:
+            self._memory_sum = memory
+            log.info("run %d: each round's sum is also kept in memory (%.0f MiB)", run_number, memory.nbytes / 2**20)
         self._round = self._new_round(first)
         if not (resume and self.phase is Phase.TRAINING and self._restore_open_round()):
             self._round = self._new_round(first)  # nothing half-restored stays
@@ -378,18 +379,24 @@ class FederatedRun:
         memory = accumulator.memory if accumulator is not None else None  # read once: a close or abort may clear it
         mirror = None
         if memory is not None and weight is not None and site:
-            valid = not isinstance(weight, bool) and math.isfinite(weight) and 0 < weight
-            if valid and weight <= self.config.max_contribution_weight:  # else refused in commit: nothing to mirror
-                a = self.config.aggregation_weights.get(site, 1.0)
-                try:
-                    mirror = memory.writer((a * weight) / self._largest)  # as DiskSum.add scales it
-                except (MemoryError, OSError) as e:  # the first writer allocates: the run goes on with the disk
-                    log.warning("run %d: the round sum stays on disk only: %s", self.run_number, e)
-                    with self._cond:
-                        self._memory_sum = None
-                        if self._round.accumulator is not None:
-                            self._round.accumulator.memory = None
+            try:
+                check_weight(weight, self.config.max_contribution_weight)
+            except ContributionError:  # refused in commit: nothing to mirror
+                return StagedUpload(self.staging_folder, self._specs, self._excluded)
+            a = self.config.aggregation_weights.get(site, 1.0)
+            try:
+                mirror = memory.writer((a * weight) / self._largest)  # as DiskSum.add scales it
+            except (MemoryError, OSError) as e:  # the first writer allocates: the run goes on with the disk
+                log.warning("run %d: the round sum stays on disk only: %s", self.run_number, e)
+                with self._cond:
+                    self._drop_memory_sum()
         return StagedUpload(self.staging_folder, self._specs, self._excluded, mirror)
+
+    def _drop_memory_sum(self) -> None:
+        """No more round sum in memory for this run (its memory goes back once no upload writes to it)."""
+        self._memory_sum = None
+        if self._round.accumulator is not None:
+            self._round.accumulator.memory = None
 
     def abandon_contribution(self, site: str, round_number: int, reason: str) -> None:
         """Release `site`'s claim after a refused or broken upload, and note why."""
@@ -531,9 +538,7 @@ class FederatedRun:
         with self._cond:
             if self.phase is Phase.TRAINING:
                 self.phase = Phase.ABORTED
-                self._memory_sum = None
-                if self._round.accumulator is not None:
-                    self._round.accumulator.memory = None
+                self._drop_memory_sum()
                 self._write_summary()
                 self._cond.notify_all()
 
@@ -673,10 +678,14 @@ class FederatedRun:
         self._forget_open_round(fresh)
         self._cond.notify_all()
 
+    @property
+    def _streaming(self) -> bool:
+        """A built-in aggregator that sums the updates as they come (else each update is kept)."""
+        return self._aggregator is not None and not self._aggregator.needs_all_updates
+
     def _new_round(self, number: int) -> _RoundState:
-        streaming = self._aggregator is not None and not self._aggregator.needs_all_updates
         r = _RoundState(number, time.monotonic(), None)
-        if streaming:
+        if self._streaming:
             r.accumulator = DiskSum(
                 self.open_round_path.parent, self._specs, self._excluded, self._largest, memory=self._memory_sum
             )
