@@ -1,5 +1,8 @@
 """One benchmark site: connect, wait for "go" on stdin, pull the global model, nudge it, push it back.
 
+With --local-model, the site first builds its own model, shaped as the run's initial model file says and written
+once, as a training loop builds its network before it first pulls; the pull then decodes into those arrays.
+
 Started by benchmarks/round_bench.py (not a test). Protocol on stdout, one JSON object per line:
   {"event": "ready", ...}   after registering with the server; then a line "go" on stdin starts the round
   {"event": "result", ...}  timings (time.time() stamps and per-phase seconds), bytes moved, peak RSS
@@ -33,6 +36,7 @@ from fedclient import communicator as comm_mod  # noqa: E402
 from fedclient.direct_client import DirectFederatedClient  # noqa: E402
 from fedclient.worker import kit_ssl_args  # noqa: E402
 from fedcommon.kit import load_kit  # noqa: E402
+from fedcommon.model_file import read_index  # noqa: E402
 
 MIB = 1024 * 1024
 
@@ -115,6 +119,18 @@ def perturb(model: dict[str, np.ndarray]) -> None:
             flat[0] += flat.dtype.type(1e-3 if np.issubdtype(flat.dtype, np.floating) else 1)
 
 
+def local_model(path: Path) -> dict[str, np.ndarray]:
+    """The site's own model before its first round, shaped as the run's initial model file says, every byte
+    written once (as a training loop builds and initialises its network before it first pulls)."""
+    with open(path, "rb") as f:
+        entries = read_index(f, path).entries
+    model = {}
+    for e in entries:
+        model[e.name] = np.empty(e.shape, e.dtype)
+        model[e.name].fill(0)
+    return model
+
+
 def emit(obj: dict) -> None:
     sys.stdout.write(json.dumps(obj) + "\n")
     sys.stdout.flush()
@@ -128,6 +144,9 @@ def run_site(args: argparse.Namespace) -> dict:
     phases = Phases()
     instrument(client, phases)
     try:
+        if args.local_model is not None:
+            # the seed API's way to hand the model manager the loop's weights: the pull decodes into these arrays
+            client.model_manager.update_current_model(local_model(args.local_model))
         client.connect_to_server()
         emit({"event": "ready", "site": kit.name, "rss_bytes": current_rss_bytes(), "peak_rss_bytes": peak_rss_bytes()})
         if not args.no_wait:
@@ -193,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default="bench", help="task name of the run (default: bench)")
     parser.add_argument("--no-wait", action="store_true", help="start the round at once, without waiting for 'go'")
     parser.add_argument("--profile", type=Path, default=None, help="write cProfile stats of the round here")
+    parser.add_argument(
+        "--local-model",
+        type=Path,
+        default=None,
+        help="build the site's own model from this model file's index before registering (else the first pull "
+        "decodes into fresh arrays)",
+    )
     args = parser.parse_args(argv)
     try:
         result = run_site(args)

@@ -2,9 +2,11 @@
 
 For each model size: fresh PoC kits and a synthetic MMAR in a temp folder, a real server
 (`python -m fedserver.cli start`) and two sites (benchmarks/bench_site.py, DirectFederatedClient) on
-loopback with mutual TLS. Both sites register, then start the round together: pull the global model,
-change it slightly, push the update. Measured: round wall time, bytes moved, peak RSS of the server and
-of each site, and per-phase timings inside the sites. Printed as a table; --json prints one JSON object.
+loopback with mutual TLS. Each site first builds its own model, as a training loop builds its network
+(--fresh-site-arrays: it holds none, and its pull decodes into arrays it allocates). Both sites register,
+then start the round together: pull the global model into their model, change it slightly, push the
+update. Measured: round wall time, bytes moved, peak RSS of the server and of each site, and per-phase
+timings inside the sites. Printed as a table; --json prints one JSON object.
 
 Targets (DESIGN.md §4, §13): a 100 MiB round in <= 3 s; peak server RSS <= 3x the model; 1 GiB completes.
 """
@@ -277,7 +279,13 @@ def sum_read_from(log_path: Path) -> str | None:
 
 
 def bench_round(
-    size_mib: float, work: Path, tensor_mib: float, timeout_s: float, profile: bool, server_args: list[str]
+    size_mib: float,
+    work: Path,
+    tensor_mib: float,
+    timeout_s: float,
+    profile: bool,
+    server_args: list[str],
+    held_model: bool = True,
 ) -> dict[str, Any]:
     """Run one round on a model of `size_mib` MiB under `work`; returns the measurements (and "error")."""
     model_bytes = int(size_mib * MIB) // 4 * 4
@@ -315,6 +323,8 @@ def bench_round(
                 "--task",
                 TASK,
             ]
+            if held_model:  # as a training loop holds its network before it first pulls
+                cmd += ["--local-model", str(mmar / "models" / "initial.fl")]
             if profile:
                 cmd += ["--profile", str(work / f"{name}.prof")]
             site = Child(name, cmd, work / f"{name}.stderr.txt", stdin=True)
@@ -591,6 +601,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="keep the temp folders (kits, MMAR, logs)")
     parser.add_argument("--profile", action="store_true", help="write cProfile stats of each site's round (--keep)")
     parser.add_argument("--timeout", type=float, default=1200, help="seconds allowed per size (default: 1200)")
+    parser.add_argument(
+        "--fresh-site-arrays",
+        action="store_true",
+        help="the sites hold no model before the round: the pull decodes into arrays it allocates (the benchmark "
+        "before 2026-12-07; by default each site builds its model first, as a training loop does)",
+    )
     args = parser.parse_args(argv)
     if args.workdir is not None:
         args.workdir.mkdir(parents=True, exist_ok=True)
@@ -601,7 +617,15 @@ def main(argv: list[str] | None = None) -> int:
             work = Path(tempfile.mkdtemp(prefix=f"fedbench-{size:g}mib-", dir=args.workdir))
             try:
                 server_args = [] if args.bulk_port is None else ["--bulk-port", str(args.bulk_port)]
-                r = bench_round(size, work, args.tensor_mib, args.timeout, args.profile, server_args)
+                r = bench_round(
+                    size,
+                    work,
+                    args.tensor_mib,
+                    args.timeout,
+                    args.profile,
+                    server_args,
+                    held_model=not args.fresh_site_arrays,
+                )
             finally:
                 if args.keep:
                     print(f"kept {work}", file=sys.stderr)
@@ -626,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         "tensor_mib": args.tensor_mib,
         "chunk": "default 2 MiB" + (f" (--chunk-mib {args.chunk_mib:g} not passed on yet)" if args.chunk_mib else ""),
         "chunk_mib_requested": args.chunk_mib,
+        "site_model": "fresh arrays" if args.fresh_site_arrays else "held before the round",
         "targets": {
             "round_wall_s_100mib": ROUND_TARGET_S,
             "server_peak_rss_x_model": SERVER_RSS_TARGET_X,

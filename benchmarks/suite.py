@@ -146,6 +146,14 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "s",
                 )
             )
+            fresh = run_json("round_bench.py", "--sizes-mib", f"{size:g}", "--fresh-site-arrays")
+            figures.append(
+                figure(
+                    "  the same, sites pulling into arrays they allocate (as until 2026-12-07), 1 run",
+                    [r["round_wall_s"] for r in fresh["runs"] if r.get("completed")],
+                    "s",
+                )
+            )
             figures += round_floor_figures(size, args.repeat)
             for what in ("read", "write"):
                 figures.append(

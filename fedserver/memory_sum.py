@@ -9,7 +9,7 @@ as the disk sum does and adds them in the order the chunks arrive (the disk sum:
 so with two contributions its means are the disk sum's bit for bit, and with more they differ at most by the
 rounding of a different order of addition.
 
-The buffer is allocated once per run, when the first upload starts, and reused round after round (see _allocate and
+The buffer is allocated once per run, when the run starts (prepare), and reused round after round (see prepare and
 populated_zeros for what its first touch costs).
 """
 
@@ -46,7 +46,8 @@ def keep_in_memory(choice: str, nbytes: int, available: int) -> bool:
 def populated_zeros(nbytes: int) -> np.ndarray:
     """`nbytes` zeroed bytes of anonymous memory, faulted in at once by the kernel (MADV_POPULATE_WRITE, Linux 5.14)
     in 4 KiB pages. Measured on this project's 2-core VM, a cold GiB took 0.46 s so, 0.8 s written by numpy in 4 KiB
-    pages, and 2.8-3.1 s in transparent huge pages, which numpy asks for on arrays of 4 MiB and more."""
+    pages, and 2.8-3.1 s in transparent huge pages, which numpy asks for on arrays of 4 MiB and more; 2.6 s so in a
+    round whose sites were touching new memory at the same time (see prepare)."""
     if nbytes == 0:
         return np.zeros(0, np.uint8)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -74,7 +75,9 @@ class MemorySum:
     def __init__(self, specs: dict[str, VarSpec], excluded: frozenset[str] = frozenset()):
         self._layout = [(n, accumulator_dtype(s.dtype), s.shape) for n, s in specs.items() if n not in excluded]
         self.nbytes = sum(round_up(math.prod(shape) * dtype.itemsize) for _, dtype, shape in self._layout)
-        self._buffer: np.ndarray | None = None  # allocated by the first writer: see _allocate
+        self._buffer: np.ndarray | None = None  # allocated by prepare's thread, else by the first writer
+        self._preparing: threading.Thread | None = None
+        self._prepare_error: BaseException | None = None
         self._views: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._generation = 0
@@ -84,17 +87,37 @@ class MemorySum:
         self._committed = 0
         self._live: set[SumWriter] = set()  # writers that added to this round and were neither taken nor dropped
 
-    def _allocate(self) -> None:
-        """The buffer, zeroed, faulted in by one call: when the first upload starts, after the sites took the memory
-        their downloads needed (on this project's VMs a page freed a few seconds ago is ~20x cheaper to touch than
-        one the host took back, and the sites' downloads should have those)."""
-        self._buffer = populated_zeros(self.nbytes)
+    def _install(self, buffer: np.ndarray) -> None:
+        """Take `buffer` (zeroed, nbytes long) as the sums' memory; called with the lock held."""
+        self._buffer = buffer
         end = 0
         for name, dtype, shape in self._layout:
             size = math.prod(shape) * dtype.itemsize
             self._views[name] = self._buffer[end : end + size].view(dtype).reshape(shape)
             end += round_up(size)
         self._clear()
+
+    def prepare(self) -> None:
+        """Allocate the buffer now, in a thread of its own, so that the first upload finds it ready.
+
+        The run calls this when it starts. Faulting in a GiB of memory the host has taken back costs this project's
+        2-core VM ~2.6 s of CPU: made at the first upload, that was 2.6 s during which the round's uploads waited;
+        made at the start, it overlaps the sites' own start (benchmarks/README.md, issue 25, seventh pass)."""
+        with self._lock:
+            if self._buffer is not None or self._preparing is not None:
+                return
+            self._preparing = threading.Thread(target=self._prepare, name="round-sum-memory", daemon=True)
+        self._preparing.start()
+
+    def _prepare(self) -> None:
+        try:
+            buffer = populated_zeros(self.nbytes)  # outside the lock: the round may open meanwhile
+        except (MemoryError, OSError) as e:
+            self._prepare_error = e  # raised to the first writer, whose upload then goes on with the disk
+            return
+        with self._lock:
+            if self._buffer is None:
+                self._install(buffer)
 
     def _clear(self) -> None:
         # -0.0, not 0.0: the identity of IEEE addition (-0.0 + x is x for every x, -0.0 included), so that a sum
@@ -113,9 +136,13 @@ class MemorySum:
 
     def writer(self, scale: float) -> SumWriter:
         """A writer for one upload of this round, which enters the sum as scale x its values."""
+        if self._preparing is not None:
+            self._preparing.join()
+            if self._prepare_error is not None:
+                raise self._prepare_error
         with self._lock:
-            if self._buffer is None:
-                self._allocate()
+            if self._buffer is None:  # no prepare: the first writer allocates
+                self._install(populated_zeros(self.nbytes))
             elif self._dirty:
                 self._clear()
             self._dirty = False

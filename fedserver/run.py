@@ -169,6 +169,7 @@ class FederatedRun:
         wanted = keep_in_memory(config.round_sum, memory.nbytes, psutil.virtual_memory().available)
         if wanted and self._streaming and self.phase is Phase.TRAINING:
             self._memory_sum = memory
+            memory.prepare()
             log.info("run %d: each round's sum is also kept in memory (%.0f MiB)", run_number, memory.nbytes / 2**20)
         self._round = self._new_round(first)
         if not (resume and self.phase is Phase.TRAINING and self._restore_open_round()):

@@ -241,6 +241,27 @@ def test_a_run_whose_sum_gets_no_memory_goes_on_with_the_sum_on_disk(tmp_path, m
     assert "the round sum stays on disk only: " in caplog.text and "Cannot allocate memory" in caplog.text
 
 
+def test_a_run_that_keeps_its_sum_in_memory_allocates_it_when_it_starts_not_at_its_first_upload(tmp_path, monkeypatch):
+    allocated: list[tuple[int, str]] = []
+    first_upload = threading.Event()
+    real = memory_sum.populated_zeros
+
+    def recording(nbytes):
+        allocated.append((nbytes, "before the first upload" if not first_upload.is_set() else "at an upload"))
+        return real(nbytes)
+
+    monkeypatch.setattr(memory_sum, "populated_zeros", recording)
+    run = _run(tmp_path / "memory", "memory")
+    memory = run._memory_sum
+    assert memory is not None
+    memory._preparing.join(timeout=30)
+    first_upload.set()
+    assert allocated == [(memory.nbytes, "before the first upload")]
+    runs = {"memory": run, "disk": _run(tmp_path / "disk", "disk")}
+    _three_rounds(runs, monkeypatch, reads_terms={"disk"})  # every close from the buffer allocated at the start
+    assert len(allocated) == 1
+
+
 # ---- over gRPC with mutual TLS ------------------------------------------------------------------------------------
 
 
