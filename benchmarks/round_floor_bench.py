@@ -1,15 +1,16 @@
 """The floor under round_bench's round: the same bytes over bare mutual-TLS sockets, with nothing of fedlearn.
 
 One server process and two site processes on loopback, with the PoC kits' certificates and the same TLS settings as
-fedlearn's bulk channel (`fedcommon.kit` contexts, Python's ssl). In the round, each site pulls the model, sends it
-back at once as its update, and the server adds each update into a running sum as it arrives, then adds the sum to
-the model and writes the model to a file and fsyncs it. The round's wall is timed as round_bench times it: the
-first site's pull starting to the last site's push acknowledged, after the model is durable.
+fedlearn's bulk channel (`fedcommon.kit` contexts, Python's ssl). In the round, each site pulls the model into the
+model it holds (touched before the round, as round_bench's sites build theirs) and sends it back at once as its
+update; the server adds each update into a running sum as it arrives, then adds the sum to the model and writes the
+model to a file and fsyncs it. The round's wall is timed as round_bench times it: the first site's pull starting to
+the last site's push acknowledged, after the model is durable.
 
 It is a lower bound, not a design: it checks nothing (no tokens, no tensor names, shapes or finiteness), keeps the
-model and the running sum in memory and touched before the round (fedlearn's server keeps neither in memory), has no
-protocol around the bytes, and its sites compute no update and keep no copy of the global model. Whatever it takes
-on a machine, fedlearn's round cannot take less there.
+model as well as the running sum in memory, touched before the round (fedlearn's server keeps only the sum there),
+has no protocol around the bytes, and its sites compute no update and keep no copy of the global model. Whatever it
+takes on a machine, fedlearn's round cannot take less there.
 """
 
 from __future__ import annotations
@@ -176,14 +177,15 @@ def site(kit_folder: Path, port: int, nbytes: int) -> int:
     startup = kit_folder / "startup"
     files = {"ssl_root_cert": startup / CA_FILE, "ssl_cert": startup / CERT_FILE, "ssl_private_key": startup / KEY_FILE}
     context = client_ssl_context(files, kit_folder.name)
+    weights = np.empty(nbytes // 4, np.float32)
+    weights.fill(0.0)  # the site's own model, built before the round as round_bench's sites build theirs
+    view = memoryview(weights).cast("B")
     with context.wrap_socket(socket.create_connection(("127.0.0.1", port)), server_hostname="127.0.0.1") as conn:
         print(json.dumps({"ready": True}), flush=True)
         if sys.stdin.readline().strip() != "go":  # the barrier: every site connected
             return 1
         pull_start = time.perf_counter()
         conn.sendall(b"P")
-        weights = np.empty(nbytes // 4, np.float32)
-        view = memoryview(weights).cast("B")
         recv_exact(conn, view)
         pull_end = time.perf_counter()
         send_all(conn, view)

@@ -81,7 +81,7 @@ class MemorySum:
         self._views: dict[str, np.ndarray] = {}
         self._lock = threading.Lock()
         self._generation = 0
-        self._dirty = False  # the buffer holds an earlier round's values
+        self._holds: int | None = None  # the generation whose values the buffer holds; None: cleared since
         self._sealed = False
         self._tainted = False
         self._committed = 0
@@ -129,7 +129,6 @@ class MemorySum:
         """A new round: nothing summed, writers of the last round add nothing more."""
         with self._lock:
             self._generation += 1
-            self._dirty = True
             self._sealed = self._tainted = False
             self._committed = 0
             self._live.clear()
@@ -143,9 +142,9 @@ class MemorySum:
         with self._lock:
             if self._buffer is None:  # no prepare: the first writer allocates
                 self._install(populated_zeros(self.nbytes))
-            elif self._dirty:
+            elif self._holds is not None and self._holds != self._generation:  # an earlier round's sums
                 self._clear()
-            self._dirty = False
+                self._holds = None
             return SumWriter(self, self._generation, scale)
 
     def _add(self, writer: SumWriter, name: str, start: int, scaled: np.ndarray) -> None:
@@ -155,6 +154,7 @@ class MemorySum:
                 return
             view = self._views[name].reshape(-1)[start : start + scaled.size]
             np.add(view, scaled, out=view)
+            self._holds = self._generation
             writer.added = True
             self._live.add(writer)
 

@@ -22,7 +22,7 @@ from fedcommon.tensor_codec import CodecError, encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedserver import run as run_module
 from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
-from fedserver.disk_sum import DiskSum
+from fedserver.disk_sum import DiskSum, remove_term_files
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
 from fedserver.server import FederationServer
 from fedserver.staged_upload import STAGE, StagedUpload, stage_tensors
@@ -125,6 +125,44 @@ def test_the_disk_sum_gives_the_same_means_whatever_order_they_are_asked_in(tmp_
             np.testing.assert_array_equal(on_disk.take_mean(name), expected[name], err_msg=f"{name} in {order}")
     on_disk.clear()
     assert not list(tmp_path.glob("open_round.*.fl"))
+
+
+def test_a_cleared_sum_leaves_its_file_names_free_at_once_and_its_files_are_deleted_behind_it(tmp_path, monkeypatch):
+    model = {"a": np.zeros((300, 7), np.float32)}
+    specs = _specs(model)
+    deletions_may_go = threading.Event()
+    real_unlink = Path.unlink
+
+    def held_unlink(path, missing_ok=False):
+        if path.parent == tmp_path:  # a sum file: deleting a model-sized one takes its time
+            deletions_may_go.wait(10)
+        return real_unlink(path, missing_ok=missing_ok)
+
+    monkeypatch.setattr(Path, "unlink", held_unlink)
+    total = DiskSum(tmp_path, specs)
+    for k in range(3):
+        total.add(StagedUpload.from_arrays(tmp_path / "staging", specs, frozenset(), {"a": model["a"] + k}), 1.0)
+    clearing = threading.Thread(target=total.clear)
+    clearing.start()
+    clearing.join(5)
+    try:
+        assert not clearing.is_alive(), "clear waited for the files' deletion"
+        assert not list(tmp_path.glob("open_round.*.fl"))
+        assert len(list(tmp_path.glob("retired.*.fl"))) == 4  # the two folded terms, their fold, the third term
+        again = DiskSum(tmp_path, specs)  # the next round's terms take the same names
+        again.add(StagedUpload.from_arrays(tmp_path / "staging", specs, frozenset(), {"a": model["a"] + 7}), 1.0)
+    finally:
+        deletions_may_go.set()
+    assert _until(lambda: not list(tmp_path.glob("retired.*")))
+    assert sorted(p.name for p in tmp_path.glob("open_round.*.fl")) == ["open_round.1.fl"]
+    np.testing.assert_array_equal(again.take_mean("a"), model["a"] + 7)
+
+
+def test_files_a_stopped_server_left_to_delete_are_deleted_with_the_unnamed_terms(tmp_path):
+    for name in ("retired.0123456789abcdef.fl", "open_round.3.fl", "open_round.4.fl", "retired.notours.fl"):
+        (tmp_path / name).write_bytes(b"x")
+    remove_term_files(tmp_path, keep={"open_round.4.fl"})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["open_round.4.fl", "retired.notours.fl"]
 
 
 # ---- the open round, on disk, across a restart ------------------------------------------------------------------
