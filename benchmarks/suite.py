@@ -146,10 +146,12 @@ def collect(args: argparse.Namespace) -> list[dict[str, Any]]:
                     "s",
                 )
             )
-            fresh = run_json("round_bench.py", "--sizes-mib", f"{size:g}", "--fresh-site-arrays")
+            fresh = run_json(
+                "round_bench.py", "--sizes-mib", f"{size:g}", "--repeat", str(args.repeat), "--fresh-site-arrays"
+            )
             figures.append(
                 figure(
-                    "  the same, sites pulling into arrays they allocate (as until 2026-12-07), 1 run",
+                    "  the same with sites pulling into arrays they allocate (the method until 2026-12-07)",
                     [r["round_wall_s"] for r in fresh["runs"] if r.get("completed")],
                     "s",
                 )

@@ -110,6 +110,7 @@ def start(
     from fedcommon.pid_file import remove_pid_file, write_pid_file
     from fedcommon.private import make_private
     from fedcommon.readiness import tell_ready
+    from fedserver.disk_sum import finish_deletions
     from fedserver.errors import ServerError
     from fedserver.server import FederationServer
     from fedserver.telemetry import ExporterError
@@ -157,6 +158,7 @@ def start(
     restart = server.exit_requested.is_set() and server.restart_requested
     log.info("restarting" if restart else "shutting down")
     server.stop()
+    finish_deletions()  # the closed rounds' sum files: os.execv would not wait for them
     remove_pid_file(workspace)
     if restart:
         # The same ports, without --mmar: the new process picks up the run state from the workspace.

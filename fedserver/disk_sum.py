@@ -54,8 +54,29 @@ class _Deleter:
             self._queue.put(path)
         with self._lock:
             if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="sum-file-deleter")
-                self._thread.start()
+                thread = threading.Thread(target=self._run, name="sum-file-deleter")
+                try:
+                    thread.start()
+                except RuntimeError:  # no thread to be had (the interpreter is ending): deleted here
+                    self._delete_queued()
+                    return
+                self._thread = thread
+
+    def finish(self, timeout: float) -> None:
+        """Wait, up to `timeout` seconds, until what was handed over is deleted (before the process replaces itself)."""
+        with self._lock:
+            thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+
+    def _delete_queued(self) -> None:
+        while True:
+            try:
+                path = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            with contextlib.suppress(OSError):
+                path.unlink()
 
     def _run(self) -> None:
         while True:
@@ -72,6 +93,11 @@ class _Deleter:
 
 
 _DELETER = _Deleter()
+
+
+def finish_deletions(timeout: float = 30.0) -> None:
+    """Wait until the sum files of closed rounds are deleted; os.execv does not wait for the thread that does it."""
+    _DELETER.finish(timeout)
 
 
 @dataclass

@@ -31,6 +31,9 @@ from fedserver.aggregator import VarSpec
 AUTO_MIN_BYTES = 256 << 20
 AUTO_MEMORY_SHARE = 4
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux's value; Python names it from 3.12 on
+# mmap.madvise holds the GIL: faulting in 16 MiB at a time lets the server's other threads run between the calls
+# (a cold GiB in one call held them all for 0.5-2.6 s on this project's VM).
+POPULATE_STEP = 16 << 20
 
 
 def keep_in_memory(choice: str, nbytes: int, available: int) -> bool:
@@ -44,23 +47,27 @@ def keep_in_memory(choice: str, nbytes: int, available: int) -> bool:
 
 
 def populated_zeros(nbytes: int) -> np.ndarray:
-    """`nbytes` zeroed bytes of anonymous memory, faulted in at once by the kernel (MADV_POPULATE_WRITE, Linux 5.14)
-    in 4 KiB pages. Measured on this project's 2-core VM, a cold GiB took 0.46 s so, 0.8 s written by numpy in 4 KiB
-    pages, and 2.8-3.1 s in transparent huge pages, which numpy asks for on arrays of 4 MiB and more; 2.6 s so in a
-    round whose sites were touching new memory at the same time (see prepare)."""
+    """`nbytes` zeroed bytes of anonymous memory, faulted in by the kernel in 4 KiB pages (MADV_POPULATE_WRITE, Linux
+    5.14, one call per POPULATE_STEP). Measured on this project's 2-core VM, a cold GiB took 0.46 s so, 0.8 s written
+    by numpy in 4 KiB pages, and 2.8-3.1 s in transparent huge pages, which numpy asks for on arrays of 4 MiB and more;
+    2.6 s so in a round whose sites were touching new memory at the same time (see prepare)."""
     if nbytes == 0:
         return np.zeros(0, np.uint8)
     area = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    for advice in (getattr(mmap, "MADV_NOHUGEPAGE", None), MADV_POPULATE_WRITE):
-        if advice is None:
-            continue
+    no_huge_pages = getattr(mmap, "MADV_NOHUGEPAGE", None)
+    steps = [(no_huge_pages, 0, nbytes)] if no_huge_pages is not None else []
+    steps += [
+        (MADV_POPULATE_WRITE, start, min(POPULATE_STEP, nbytes - start)) for start in range(0, nbytes, POPULATE_STEP)
+    ]
+    for advice, start, length in steps:
         try:
-            area.madvise(advice)
+            area.madvise(advice, start, length)
         except OSError as e:
             if e.errno in (errno.ENOMEM, errno.EFAULT):  # the memory is not there: said now, not by the OOM killer
                 area.close()
                 raise MemoryError(f"{nbytes} bytes for the round's sum: {e.strerror}") from None
-            # else an older kernel: the pages fault in as they are first written
+            if advice == MADV_POPULATE_WRITE:  # an older kernel: the pages fault in as they are first written
+                break
     return np.frombuffer(area, np.uint8)
 
 
@@ -106,8 +113,12 @@ class MemorySum:
         with self._lock:
             if self._buffer is not None or self._preparing is not None:
                 return
-            self._preparing = threading.Thread(target=self._prepare, name="round-sum-memory", daemon=True)
-        self._preparing.start()
+            thread = threading.Thread(target=self._prepare, name="round-sum-memory", daemon=True)
+            try:
+                thread.start()
+            except RuntimeError:  # no thread to be had: the first writer allocates, as without prepare
+                return
+            self._preparing = thread
 
     def _prepare(self) -> None:
         try:

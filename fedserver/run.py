@@ -165,7 +165,7 @@ class FederatedRun:
         first = self._restore(index) if resume else config.start_round
         if first >= self.end_round:  # its last round closed as the server stopped
             self.phase, first = Phase.COMPLETED, self.end_round - 1
-        memory = MemorySum(self._specs, self._excluded)  # nothing allocated before its first writer
+        memory = MemorySum(self._specs, self._excluded)  # nothing allocated before prepare
         wanted = keep_in_memory(config.round_sum, memory.nbytes, psutil.virtual_memory().available)
         if wanted and self._streaming and self.phase is Phase.TRAINING:
             self._memory_sum = memory
@@ -387,7 +387,7 @@ class FederatedRun:
             a = self.config.aggregation_weights.get(site, 1.0)
             try:
                 mirror = memory.writer((a * weight) / self._largest)  # as DiskSum.add scales it
-            except (MemoryError, OSError) as e:  # the first writer allocates: the run goes on with the disk
+            except (MemoryError, OSError) as e:  # the buffer could not be had: the run goes on with the disk
                 log.warning("run %d: the round sum stays on disk only: %s", self.run_number, e)
                 with self._cond:
                     self._drop_memory_sum()

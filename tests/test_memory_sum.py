@@ -242,12 +242,11 @@ def test_a_run_whose_sum_gets_no_memory_goes_on_with_the_sum_on_disk(tmp_path, m
 
 
 def test_a_run_that_keeps_its_sum_in_memory_allocates_it_when_it_starts_not_at_its_first_upload(tmp_path, monkeypatch):
-    allocated: list[tuple[int, str]] = []
-    first_upload = threading.Event()
+    allocated: list[int] = []
     real = memory_sum.populated_zeros
 
     def recording(nbytes):
-        allocated.append((nbytes, "before the first upload" if not first_upload.is_set() else "at an upload"))
+        allocated.append(nbytes)
         return real(nbytes)
 
     monkeypatch.setattr(memory_sum, "populated_zeros", recording)
@@ -255,11 +254,35 @@ def test_a_run_that_keeps_its_sum_in_memory_allocates_it_when_it_starts_not_at_i
     memory = run._memory_sum
     assert memory is not None
     memory._preparing.join(timeout=30)
-    first_upload.set()
-    assert allocated == [(memory.nbytes, "before the first upload")]
+    assert not memory._preparing.is_alive()
+    assert allocated == [memory.nbytes]  # before any upload
     runs = {"memory": run, "disk": _run(tmp_path / "disk", "disk")}
     _three_rounds(runs, monkeypatch, reads_terms={"disk"})  # every close from the buffer allocated at the start
-    assert len(allocated) == 1
+    assert allocated == [memory.nbytes]
+
+
+def test_the_buffer_is_cleared_once_when_made_and_then_once_a_round(tmp_path, monkeypatch):
+    clears = []
+    real = MemorySum._clear
+
+    def counting(self):
+        clears.append(self)
+        return real(self)
+
+    monkeypatch.setattr(MemorySum, "_clear", counting)
+    runs = {how: _run(tmp_path / how, how) for how in ("memory", "disk")}
+    runs["memory"]._memory_sum._preparing.join(timeout=30)
+    assert len(clears) == 1  # made: -0.0 everywhere
+    _three_rounds(runs, monkeypatch, reads_terms={"disk"})
+    assert len(clears) == 3  # not again at round 0's first upload; at rounds 1 and 2's, the last round's sums
+
+
+def test_populated_zeros_are_zeros_of_the_size_asked_whatever_the_steps():
+    nbytes = 2 * memory_sum.POPULATE_STEP + 4096 + 8
+    zeros = memory_sum.populated_zeros(nbytes)
+    assert zeros.nbytes == nbytes and zeros.dtype == np.uint8 and not zeros.any()
+    zeros[-1] = 1  # writable to its last byte
+    assert memory_sum.populated_zeros(0).nbytes == 0
 
 
 # ---- over gRPC with mutual TLS ------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from fedcommon.tensor_codec import CodecError, encode_tensors
 from fedcommon.wire import training_pb2 as pb
 from fedserver import run as run_module
 from fedserver.aggregator import ContributionError, UpdateAccumulator, VarSpec
-from fedserver.disk_sum import DiskSum, remove_term_files
+from fedserver.disk_sum import DiskSum, finish_deletions, remove_term_files
 from fedserver.run import GLOBAL_MODEL, FederatedRun, Phase
 from fedserver.server import FederationServer
 from fedserver.staged_upload import STAGE, StagedUpload, stage_tensors
@@ -153,7 +153,8 @@ def test_a_cleared_sum_leaves_its_file_names_free_at_once_and_its_files_are_dele
         again.add(StagedUpload.from_arrays(tmp_path / "staging", specs, frozenset(), {"a": model["a"] + 7}), 1.0)
     finally:
         deletions_may_go.set()
-    assert _until(lambda: not list(tmp_path.glob("retired.*")))
+    finish_deletions(10)
+    assert not list(tmp_path.glob("retired.*"))
     assert sorted(p.name for p in tmp_path.glob("open_round.*.fl")) == ["open_round.1.fl"]
     np.testing.assert_array_equal(again.take_mean("a"), model["a"] + 7)
 
