@@ -18,14 +18,14 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 import pytest
-from conftest import server_process, start_training_run, training_run_files
+from conftest import prepare_workspace, server_process, start_training_run, training_run_files
 
 from fedclient.direct_client import DirectFederatedClient
 from fedclient.worker import kit_ssl_args
 from fedcommon import bulk_wire
 from fedcommon.bulk_wire import BulkError, FrameReader, FrameWriter
 from fedcommon.chunk_wire import TrainingStub
-from fedcommon.kit import channel_credentials, client_ssl_context, load_kit
+from fedcommon.kit import channel_credentials, client_ssl_context, load_kit, server_ssl_context
 from fedcommon.model_file import load_model
 from fedcommon.tensor_codec import encode_tensors
 from fedcommon.wire import training_pb2 as pb
@@ -684,3 +684,44 @@ def test_frames_round_trip_and_a_cut_off_stream_is_named():
     finally:
         a.close()
         b.close()
+
+
+@contextmanager
+def _tls_pair(tmp_path: Path) -> Iterator[tuple[ssl.SSLSocket, ssl.SSLSocket]]:
+    """A site's and the server's ends of one mutual-TLS connection on 127.0.0.1, with a PoC kit's contexts."""
+    ws = prepare_workspace(tmp_path / "ws", 1)
+    server_context = server_ssl_context(load_kit(ws / "server"))
+    site_context = client_ssl_context(kit_ssl_args(load_kit(ws / "site-1")), "site-1")
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        accepted: list[ssl.SSLSocket] = []
+        acceptor = threading.Thread(
+            target=lambda: accepted.append(server_context.wrap_socket(listener.accept()[0], server_side=True))
+        )
+        acceptor.start()
+        site = site_context.wrap_socket(socket.create_connection(listener.getsockname()), server_hostname="127.0.0.1")
+        acceptor.join(10)
+    try:
+        yield site, accepted[0]
+    finally:
+        site.close()
+        accepted[0].close()
+
+
+def test_frames_cross_mutual_tls_whole_and_a_peer_gone_mid_frame_is_named(tmp_path):
+    payload = np.random.default_rng(6).integers(0, 256, (2 << 20) + 5, np.uint8).tobytes()
+    with _tls_pair(tmp_path) as (site, server):
+        server.settimeout(10)
+        writer, reader = FrameWriter(site), FrameReader(server, piece_bytes=1 << 20)
+        sender = threading.Thread(target=lambda: writer.data(payload))
+        sender.start()
+        got = b""
+        while len(got) < len(payload):
+            kind, data = reader.frame()
+            assert kind == bulk_wire.DATA
+            got += bytes(data)
+        sender.join(10)
+        assert got == payload  # every TLS record of it, read into the reader's buffer
+        site.sendall(bytes([bulk_wire.DATA]) + (10).to_bytes(4, "little") + b"abc")
+        site.shutdown(socket.SHUT_RDWR)  # the TCP connection ends with no TLS goodbye (read as an EOF error)
+        with pytest.raises(BulkError, match="the peer closed the connection mid-frame"):
+            reader.frame()
