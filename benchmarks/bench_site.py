@@ -124,11 +124,7 @@ def local_model(path: Path) -> dict[str, np.ndarray]:
     written once (as a training loop builds and initialises its network before it first pulls)."""
     with open(path, "rb") as f:
         entries = read_index(f, path).entries
-    model = {}
-    for e in entries:
-        model[e.name] = np.empty(e.shape, e.dtype)
-        model[e.name].fill(0)
-    return model
+    return {e.name: np.full(e.shape, 0, e.dtype) for e in entries}
 
 
 def emit(obj: dict) -> None:

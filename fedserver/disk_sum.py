@@ -69,10 +69,11 @@ class _Deleter:
         if thread is not None:
             thread.join(timeout)
 
-    def _delete_queued(self) -> None:
+    def _delete_queued(self, idle_s: float = 0.0) -> None:
+        """Delete what is queued; with `idle_s`, also what comes while the queue is never empty that long."""
         while True:
             try:
-                path = self._queue.get_nowait()
+                path = self._queue.get(timeout=idle_s) if idle_s else self._queue.get_nowait()
             except queue.Empty:
                 return
             with contextlib.suppress(OSError):
@@ -80,16 +81,11 @@ class _Deleter:
 
     def _run(self) -> None:
         while True:
-            try:
-                path = self._queue.get(timeout=1.0)
-            except queue.Empty:
-                with self._lock:
-                    if self._queue.empty():
-                        self._thread = None
-                        return
-                continue
-            with contextlib.suppress(OSError):
-                path.unlink()
+            self._delete_queued(idle_s=1.0)
+            with self._lock:
+                if self._queue.empty():
+                    self._thread = None
+                    return
 
 
 _DELETER = _Deleter()
